@@ -1,0 +1,89 @@
+"""Binary masks <-> COCO RLE, mask areas and mask boxes (numpy, no torch).
+
+RLEs are COCO's compressed form as ``pycocotools.mask`` produces it, with ``counts`` decoded to
+``str`` so that it fits JSON and Parquet: ``{"size": [H, W], "counts": "..."}`` (column-major,
+as COCO defines it). Boxes are XYXY with an exclusive right/bottom edge:
+``[x_first, y_first, x_last + 1, y_last + 1]``; an empty mask gives ``[0, 0, 0, 0]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+__all__ = [
+    "boxes_from_binary_masks",
+    "decode_rle",
+    "encode_masks",
+    "mask_areas",
+    "rle_area",
+]
+
+
+def _as_masks(masks: np.ndarray) -> np.ndarray:
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
+    return masks.astype(bool, copy=False)
+
+
+def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
+    """Encode ``(N, H, W)`` boolean masks as N COCO RLEs ``{"size": [H, W], "counts": str}``."""
+    masks = _as_masks(masks)
+    if masks.shape[0] == 0:
+        return []
+    fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))
+    encoded = mask_utils.encode(fortran)
+    return [
+        {"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
+        for r in encoded
+    ]
+
+
+def _to_coco_rle(rle: dict[str, Any]) -> dict[str, Any]:
+    size = [int(s) for s in rle["size"]]
+    counts = rle["counts"]
+    if isinstance(counts, list):  # uncompressed RLE (COCO's iscrowd annotations)
+        return mask_utils.frPyObjects({"size": size, "counts": counts}, size[0], size[1])
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    return {"size": size, "counts": counts}
+
+
+def decode_rle(rle: dict[str, Any]) -> np.ndarray:
+    """Decode one RLE (compressed ``str``/``bytes`` counts, or COCO's uncompressed list) into an
+    ``(H, W)`` boolean mask."""
+    return mask_utils.decode(_to_coco_rle(rle)).astype(bool)
+
+
+def rle_area(rle: dict[str, Any]) -> int:
+    """Number of foreground pixels of an RLE, without decoding it."""
+    return int(mask_utils.area(_to_coco_rle(rle)))
+
+
+def mask_areas(masks: np.ndarray) -> np.ndarray:
+    """``(N,)`` int64 foreground pixel counts of ``(N, H, W)`` masks."""
+    masks = _as_masks(masks)
+    return masks.reshape(masks.shape[0], -1).sum(axis=1, dtype=np.int64)
+
+
+def boxes_from_binary_masks(masks: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` float32 XYXY boxes ``[x_first, y_first, x_last + 1, y_last + 1]`` of ``(N, H, W)``
+    masks; all zeros for an empty mask, ``(0, 4)`` for ``N = 0``."""
+    masks = _as_masks(masks)
+    n, h, w = masks.shape
+    boxes = np.zeros((n, 4), np.float32)
+    if n == 0 or h == 0 or w == 0:
+        return boxes
+    cols = masks.any(axis=1)  # (N, W)
+    rows = masks.any(axis=2)  # (N, H)
+    nonempty = cols.any(axis=1)
+    x_first = cols.argmax(axis=1)
+    x_last = w - 1 - cols[:, ::-1].argmax(axis=1)
+    y_first = rows.argmax(axis=1)
+    y_last = h - 1 - rows[:, ::-1].argmax(axis=1)
+    stacked = np.stack([x_first, y_first, x_last + 1, y_last + 1], axis=1).astype(np.float32)
+    boxes[nonempty] = stacked[nonempty]
+    return boxes

@@ -1,0 +1,141 @@
+"""From user-facing settings to a ready ``OVSAMPredictor`` (shared by ``predict`` and the label job)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ovsam_ray.checkpoints import SHORT_NAMES, LoadedModel, load_ovsam
+from ovsam_ray.model.classifier import OpenVocabClassifier
+from ovsam_ray.model.predictor import OVSAMPredictor
+from ovsam_ray.model.presets import PRESETS, clip_tokenizer
+from ovsam_ray.vocabulary import (
+    TextEmbeddingCache,
+    Vocabulary,
+    class_text_embeddings,
+    load_class_embeddings,
+    load_vocabulary,
+)
+
+# The training vocabulary of each released clip2sam file decides which classes are "seen".
+TRAIN_VOCABS = {"coco": "coco_ov", "lvis": "lvis_v1"}
+
+
+@dataclass
+class ModelConfig:
+    """Which model, weights and vocabulary to run. CLI flags map one to one onto fields."""
+
+    preset: str = "ovsam_rn50x16"
+    weights: str | None = None
+    sam_checkpoint: str | None = None
+    clip_checkpoint: str | None = None
+    sam2clip_checkpoint: str | None = None
+    clip2sam_checkpoint: str | None = None
+    train_vocab: str = "coco"
+    vocab: str | None = None
+    class_embeddings: str | None = None
+    random_init: bool = False
+    topk: int = 5
+    text_cache: str | None = None
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        if not self.train_vocab.replace("_", "").isalnum():
+            raise ValueError(
+                f"train_vocab={self.train_vocab!r}: use 'coco', 'lvis' or the name our export was trained with"
+            )
+        if self.topk < 1:
+            raise ValueError(f"topk={self.topk} must be >= 1")
+        files = (self.sam_checkpoint, self.clip_checkpoint, self.sam2clip_checkpoint, self.clip2sam_checkpoint)
+        if not self.random_init and not self.weights and not all(files):
+            raise ValueError(
+                "no weights: pass weights=DIR|s3://prefix (standard file names), all four checkpoint "
+                "files, or random_init=True for an untrained smoke run"
+            )
+
+
+def _seen_from_names(vocab: Vocabulary, seen_names: list[str]) -> Vocabulary:
+    known = {n.lower().replace("_", " ") for n in seen_names}
+    seen = tuple(
+        any(s.lower().replace("_", " ") in known for s in (name, *syn))
+        for name, syn in zip(vocab.class_names, vocab.synonyms)
+    )
+    return dataclasses.replace(vocab, seen=seen)
+
+
+def resolve_vocabulary(cfg: ModelConfig, loaded: LoadedModel) -> Vocabulary:
+    """The vocabulary to label with, its seen flags set from the checkpoint's training vocabulary."""
+    meta_vocab = loaded.meta.get("vocabulary")
+    spec = cfg.vocab
+    if spec is None and meta_vocab is not None:
+        vocab = Vocabulary.from_json(meta_vocab)
+        return _seen_from_names(vocab, loaded.meta.get("seen_classes", list(vocab.class_names)))
+    if spec is None:
+        spec = TRAIN_VOCABS.get(cfg.train_vocab, "coco_ov")
+    if "seen_classes" in loaded.meta:
+        return _seen_from_names(load_vocabulary(spec), loaded.meta["seen_classes"])
+    if spec in TRAIN_VOCABS.values():
+        # Built-ins carry their own split (COCO-OV base/novel/excluded, LVIS f+c/r).
+        return load_vocabulary(spec)
+    return load_vocabulary(spec, seen=TRAIN_VOCABS.get(cfg.train_vocab))
+
+
+def _vocab_from_embeddings(cfg: ModelConfig, embeddings: torch.Tensor) -> Vocabulary:
+    if cfg.vocab is not None:
+        vocab = load_vocabulary(cfg.vocab)
+        if vocab.num_classes != embeddings.shape[0]:
+            raise ValueError(
+                f"{cfg.class_embeddings} has {embeddings.shape[0]} classes but vocab {cfg.vocab} {vocab.num_classes}"
+            )
+        return vocab
+    names = [f"class_{i}" for i in range(embeddings.shape[0])]
+    return Vocabulary.from_json({"name": "embeddings", "classes": [{"id": i, "name": n} for i, n in enumerate(names)]})
+
+
+def build_classifier(
+    cfg: ModelConfig, loaded: LoadedModel, device: str | torch.device = "cpu"
+) -> tuple[OpenVocabClassifier, Vocabulary]:
+    """Text embeddings for the vocabulary (from a file, the cache, or the CLIP text tower)."""
+    if cfg.class_embeddings:
+        text = load_class_embeddings(cfg.class_embeddings)
+        vocab = _vocab_from_embeddings(cfg, text)
+    else:
+        vocab = resolve_vocabulary(cfg, loaded)
+        cache = None if loaded.random_init else TextEmbeddingCache(cfg.text_cache)
+        text = class_text_embeddings(
+            vocab,
+            loaded.clip_model,
+            clip_tokenizer(cfg.preset),
+            clip_name=f"{cfg.preset}:{SHORT_NAMES[cfg.preset]}",
+            clip_weights_sha256=loaded.clip_sha256,
+            cache=cache,
+            device=device,
+        )
+    logit_scale = float(loaded.meta.get("logit_scale", 4.6052))
+    classifier = OpenVocabClassifier(
+        text_embeddings=text, seen=vocab.seen_tensor(), excluded=vocab.excluded_tensor(), logit_scale=logit_scale
+    )
+    return classifier, vocab
+
+
+def build_predictor(
+    cfg: ModelConfig, device: str | torch.device = "cpu"
+) -> tuple[OVSAMPredictor, Vocabulary, LoadedModel]:
+    """Load weights, embed the vocabulary and wrap both in a predictor on ``device``."""
+    loaded = load_ovsam(
+        cfg.preset,
+        weights=cfg.weights,
+        sam=cfg.sam_checkpoint,
+        clip=cfg.clip_checkpoint,
+        sam2clip=cfg.sam2clip_checkpoint,
+        clip2sam=cfg.clip2sam_checkpoint,
+        train_vocab=cfg.train_vocab,
+        random_init=cfg.random_init,
+        s3_endpoint=cfg.s3_endpoint,
+    )
+    classifier, vocab = build_classifier(cfg, loaded, device)
+    return OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk), vocab, loaded

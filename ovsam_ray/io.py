@@ -1,0 +1,226 @@
+"""Storage paths: local files and ``s3://`` URLs behind one fsspec code path.
+
+Every function takes a URL (a local path, ``file://...`` or ``s3://bucket/key``) and an optional
+``s3_endpoint`` (an S3-compatible server such as MinIO or moto). Without it the endpoint comes
+from the ``AWS_ENDPOINT_URL`` environment variable, else AWS itself. Credentials are never passed
+around here: botocore finds them in the usual places (environment, ``~/.aws``, instance roles).
+Anything that may end up in a log, an output or a run record goes through :func:`redact` /
+:func:`redact_config` first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from typing import IO, Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+__all__ = [
+    "atomic_write_bytes",
+    "exists",
+    "get_filesystem",
+    "is_remote",
+    "join",
+    "list_files",
+    "open_url",
+    "read_bytes",
+    "redact",
+    "redact_config",
+    "remove",
+    "to_url",
+]
+
+_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def _protocol(url: str) -> str:
+    match = _SCHEME_RE.match(url)
+    if not match:
+        return "file"
+    scheme = match.group(1).lower()
+    return "s3" if scheme in ("s3", "s3a") else scheme
+
+
+def is_remote(url: str) -> bool:
+    """True for anything that is not a local path (``s3://``, ``gs://``...)."""
+    return _protocol(url) != "file"
+
+
+def get_filesystem(url: str, *, s3_endpoint: str | None = None) -> tuple[AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` for ``url``; ``path`` is what the filesystem's methods take.
+
+    Local paths are made absolute. For ``s3://`` the endpoint is ``s3_endpoint`` or
+    ``$AWS_ENDPOINT_URL``; listings are not cached, because several processes write the same
+    output prefix and each must see the others' commit markers.
+    """
+    protocol = _protocol(url)
+    if protocol == "file":
+        path = url[len("file://"):] if url.startswith("file://") else url
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+    if protocol == "s3":
+        endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+        kwargs: dict[str, Any] = {"use_listings_cache": False}
+        if endpoint:
+            kwargs["endpoint_url"] = endpoint
+        path = _SCHEME_RE.sub("", url, count=1).rstrip("/")
+        return fsspec.filesystem("s3", **kwargs), path
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def to_url(fs: AbstractFileSystem, path: str) -> str:
+    """Turn a filesystem-internal ``path`` back into a URL the user would write."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    if protocol in ("s3", "s3a"):
+        return "s3://" + path
+    return fs.unstrip_protocol(path)
+
+
+def join(url: str, *names: str) -> str:
+    """Join URL/path components with ``/`` (object stores and POSIX paths agree on it)."""
+    out = url
+    for name in names:
+        out = out.rstrip("/") + "/" + name.lstrip("/")
+    return out
+
+
+def exists(url: str, *, s3_endpoint: str | None = None) -> bool:
+    """Whether a file (or directory / non-empty prefix) exists at ``url``."""
+    fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
+    return bool(fs.exists(path))
+
+
+def open_url(url: str, mode: str = "rb", *, s3_endpoint: str | None = None) -> IO[Any]:
+    """Open ``url`` with fsspec; the result is a seekable file object for reading."""
+    fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
+    return fs.open(path, mode)
+
+
+def read_bytes(url: str, *, s3_endpoint: str | None = None) -> bytes:
+    """The whole content of ``url``."""
+    fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
+    return fs.cat_file(path)
+
+
+def atomic_write_bytes(url: str, data: bytes, *, s3_endpoint: str | None = None) -> None:
+    """Write ``data`` to ``url`` so that readers see either nothing (or the old file) or all of it.
+
+    Local: the bytes go to a hidden temporary file in the same directory (``.<name>.tmp-<uuid>``,
+    so no ``*.parquet`` glob and no pyarrow dataset discovery picks it up), are fsynced, and the
+    file is renamed over the target with ``os.replace`` (atomic on POSIX within one filesystem).
+    S3: one PUT (or one multipart upload for large objects) from memory; S3 makes an object
+    visible only once the whole upload is complete, so no temporary object is needed.
+    """
+    fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
+    if is_remote(url):
+        fs.pipe_file(path, data)
+        return
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def list_files(
+    url: str, *, suffix: str | None = None, recursive: bool = False, s3_endpoint: str | None = None
+) -> list[str]:
+    """Sorted URLs of the files directly under ``url`` (all levels if ``recursive``).
+
+    ``suffix`` filters on the end of the name (``".tar"``). A missing directory gives ``[]``.
+    """
+    fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
+    if not fs.exists(path):
+        return []
+    if recursive:
+        paths = fs.find(path)
+    else:
+        paths = [e["name"] for e in fs.ls(path, detail=True) if e.get("type") == "file"]
+    if suffix is not None:
+        paths = [p for p in paths if p.endswith(suffix)]
+    return sorted(to_url(fs, p) for p in paths)
+
+
+def remove(url: str, *, s3_endpoint: str | None = None, missing_ok: bool = True) -> None:
+    """Delete one file; a missing file is fine unless ``missing_ok=False``."""
+    fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+# --- redaction -----------------------------------------------------------------------------------
+
+_REDACTED = "***"
+_SECRET_KEY_RE = re.compile(
+    r"(secret|password|passwd|token|credential|session|access_key|api_key|private_key|signature)",
+    re.IGNORECASE,
+)
+_TEXT_PATTERNS = (
+    # user:password@ in URLs
+    (re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@"), r"\g<pre>" + _REDACTED + "@"),
+    # presigned-URL and similar query parameters
+    (
+        re.compile(
+            r"(?P<pre>[?&](X-Amz-(Credential|Signature|Security-Token)|AWSAccessKeyId|Signature"
+            r"|x-amz-security-token|sig|token)=)[^&\s]+",
+            re.IGNORECASE,
+        ),
+        r"\g<pre>" + _REDACTED,
+    ),
+    # key=value / key: value with a secret-looking key name
+    (
+        re.compile(
+            r"(?P<pre>\b[\w-]*(secret|password|passwd|token|access_key_id|session)[\w-]*[\"']?\s*[=:]\s*[\"']?)"
+            r"[^\s\"',&}]+",
+            re.IGNORECASE,
+        ),
+        r"\g<pre>" + _REDACTED,
+    ),
+    # AWS access key ids
+    (re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"), _REDACTED),
+)
+_SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECURITY_TOKEN")
+
+
+def redact(text: str) -> str:
+    """Mask credentials in ``text``: URL userinfo, presigned-URL signatures, ``secret=...``-like
+    pairs, AWS access key ids, and the literal values of the AWS credential environment variables.
+    """
+    out = str(text)
+    for var in _SECRET_ENV_VARS:
+        value = os.environ.get(var)
+        if value and len(value) >= 4:
+            out = out.replace(value, _REDACTED)
+    for pattern, replacement in _TEXT_PATTERNS:
+        out = pattern.sub(replacement, out)
+    return out
+
+
+def redact_config(obj: Any) -> Any:
+    """A copy of a JSON-like structure with secret-looking keys masked and every string redacted."""
+    if isinstance(obj, Mapping):
+        return {
+            k: (_REDACTED if _SECRET_KEY_RE.search(str(k)) and v not in (None, "") else redact_config(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [redact_config(v) for v in obj]
+    if isinstance(obj, str):
+        return redact(obj)
+    return obj

@@ -1,0 +1,414 @@
+"""Class vocabularies, prompt templates and cached class text embeddings (DESIGN 2.6, 2.7, 2.9).
+
+A ``Vocabulary`` is what the open-vocabulary classifier scores: class names, the synonyms written
+into the prompt templates, and per class whether it was in the checkpoint's training vocabulary
+(``seen``, which picks the fusion exponent) or is left out by the evaluation protocol (``excluded``,
+logit -1000). Built-ins ship as package data; user vocabularies are .txt or .json files on any
+fsspec file system. Text embeddings are cached by (CLIP model, CLIP weights hash, vocabulary hash).
+"""
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import posixpath
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, NamedTuple
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from torch import Tensor, nn
+
+from ovsam_ray.model.text_embedding import Tokenizer, clean_class_name, embed_class_names
+
+__all__ = [
+    "BUILTIN_VOCABULARIES", "DEFAULT_CACHE_ROOT", "TextEmbeddingCache", "TextEmbeddingKey", "Vocabulary",
+    "class_text_embeddings", "load_class_embeddings", "load_templates", "load_vocabulary",
+]
+
+_log = logging.getLogger(__name__)
+
+BUILTIN_VOCABULARIES = ("coco_ov", "lvis_v1")
+DEFAULT_CACHE_ROOT = "~/.cache/ovsam_ray/text"
+_CACHE_FORMAT = "ovsam_ray.text_embeddings/1"
+
+# (seen, excluded) per protocol tag. COCO-OV (Zareian et al.): 48 base, 17 novel, 15 in neither split.
+# LVIS: the released OV-SAM LVIS model was trained without the rare classes.
+_SPLIT_FLAGS = {"base": (True, False), "novel": (False, False), "none": (False, True)}
+_FREQUENCY_FLAGS = {"f": (True, False), "c": (True, False), "r": (False, False)}
+_HASHED_FIELDS = ("class_names", "synonyms", "seen", "excluded", "class_ids")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """C classes and how the classifier treats each of them.
+
+    Attributes:
+        name: a label for logs and run records (not part of ``sha256``).
+        class_names: (C,) the names written into outputs.
+        synonyms: (C,) tuples of >= 1 prompt names each; their embeddings are the class's prototypes.
+        seen: (C,) True where the class was in the checkpoint's training vocabulary.
+        excluded: (C,) True where the protocol leaves the class out (logit -1000).
+        class_ids: (C,) the dataset's original ids (LVIS 1..1203, COCO-OV 0..79).
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    synonyms: tuple[tuple[str, ...], ...]
+    seen: tuple[bool, ...]
+    excluded: tuple[bool, ...]
+    class_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        # Lists from callers or JSON become tuples so that equal vocabularies compare and hash equal.
+        if any(isinstance(syns, str) for syns in self.synonyms):
+            raise TypeError("Vocabulary.synonyms needs one tuple of names per class: (('cat', 'kitty'),)")
+        set_field = functools.partial(object.__setattr__, self)
+        set_field("class_names", tuple(str(n) for n in self.class_names))
+        set_field("synonyms", tuple(tuple(str(s) for s in syns) for syns in self.synonyms))
+        set_field("seen", tuple(bool(s) for s in self.seen))
+        set_field("excluded", tuple(bool(e) for e in self.excluded))
+        set_field("class_ids", tuple(int(i) for i in self.class_ids))
+        self._validate()
+
+    def _validate(self) -> None:
+        n = len(self.class_names)
+        if n == 0:
+            raise ValueError(f"vocabulary {self.name!r} has no classes; give at least one class name")
+        lengths = {k: len(getattr(self, k)) for k in ("synonyms", "seen", "excluded", "class_ids")}
+        if any(v != n for v in lengths.values()):
+            raise ValueError(f"vocabulary {self.name!r}: {n} class names but field lengths {lengths}")
+        blank = [i for i, syns in enumerate(self.synonyms) if not syns or not all(s.strip() for s in syns)]
+        blank += [i for i, name in enumerate(self.class_names) if not name.strip()]
+        if blank:
+            raise ValueError(f"vocabulary {self.name!r}: classes at {sorted(set(blank))[:10]} have a blank "
+                             "name or no synonyms")
+        for field, values in (("class_ids", self.class_ids), ("class_names", self.class_names)):
+            dupes = sorted((v for v, k in Counter(values).items() if k > 1), key=str)
+            if dupes:
+                raise ValueError(f"vocabulary {self.name!r}: duplicate {field} {dupes[:10]}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def max_synonyms(self) -> int:
+        """S_max: the synonym axis of the class embedding tensor."""
+        return max(len(s) for s in self.synonyms)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Stable hex digest of everything that changes embeddings, logits or label ids (not ``name``)."""
+        return _sha256_json({f: getattr(self, f) for f in _HASHED_FIELDS})
+
+    def seen_tensor(self) -> Tensor:
+        """(C,) bool."""
+        return torch.tensor(self.seen, dtype=torch.bool)
+
+    def excluded_tensor(self) -> Tensor:
+        """(C,) bool."""
+        return torch.tensor(self.excluded, dtype=torch.bool)
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = zip(self.class_ids, self.class_names, self.synonyms, self.seen, self.excluded, strict=True)
+        keys = ("id", "name", "synonyms", "seen", "excluded")
+        classes = [dict(zip(keys, (i, n, list(s), sn, ex), strict=True)) for i, n, s, sn, ex in rows]
+        return {"name": self.name, "sha256": self.sha256, "classes": classes}
+
+    def to_json(self) -> str:
+        """JSON that ``from_json`` and ``load_vocabulary('<file>.json')`` read back unchanged."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | dict[str, Any], *, name: str = "vocabulary") -> "Vocabulary":
+        """Parse any JSON vocabulary format (see ``load_vocabulary``); ``name`` if the JSON has none."""
+        data = json.loads(text) if isinstance(text, str) else text
+        return _vocabulary_from_json_data(data, default_name=name)
+
+
+def _sha256_json(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _dedupe(names: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _protocol_flags(item: dict[str, Any], where: str) -> tuple[bool, bool]:
+    """(seen, excluded) of one JSON class: explicit flags, else COCO-OV split, else LVIS frequency."""
+    if "seen" in item or "excluded" in item:
+        return bool(item.get("seen", True)), bool(item.get("excluded", False))
+    for key, table in (("split", _SPLIT_FLAGS), ("frequency", _FREQUENCY_FLAGS)):
+        if key in item:
+            if item[key] not in table:
+                raise ValueError(f"{where}: unknown {key} {item[key]!r}; expected one of {sorted(table)}")
+            return table[item[key]]
+    return True, False
+
+
+def _class_from_json_item(item: Any, index: int, where: str) -> tuple[int, str, list[str], bool, bool]:
+    """(id, name, synonyms, seen, excluded) from a name, a list of synonyms, or a class dict."""
+    where = f"{where}: class #{index}"
+    if isinstance(item, str):
+        item = {"name": item}
+    elif isinstance(item, list):
+        if not item or not all(isinstance(s, str) for s in item):
+            raise ValueError(f"{where}: a list of synonyms must be non-empty strings, got {item!r}")
+        item = {"name": item[0], "synonyms": item}
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected a name, a list of synonyms or an object, got {item!r}")
+    synonyms = item.get("synonyms") or ([item["name"]] if item.get("name") else [])
+    if not isinstance(synonyms, list) or not all(isinstance(s, str) for s in synonyms):
+        raise ValueError(f"{where}: 'synonyms' must be a list of strings, got {synonyms!r}")
+    synonyms = _dedupe([s.strip() for s in synonyms])
+    name = item.get("name") or (synonyms[0] if synonyms else "")
+    if not isinstance(name, str) or not synonyms:
+        raise ValueError(f"{where}: needs a 'name' or 'synonyms', got {item!r}")
+    seen, excluded = _protocol_flags(item, where)
+    return int(item.get("id", index)), name.strip(), synonyms, seen, excluded
+
+
+def _vocabulary_from_rows(name: str, rows: list[tuple[int, str, list[str], bool, bool]]) -> Vocabulary:
+    if not rows:
+        raise ValueError(f"vocabulary {name!r} has no classes; give at least one class name")
+    ids, names, synonyms, seen, excluded = zip(*rows, strict=True)
+    return Vocabulary(name, names, synonyms, seen, excluded, ids)
+
+
+def _vocabulary_from_json_data(data: Any, *, default_name: str) -> Vocabulary:
+    name = default_name
+    items = data
+    if isinstance(data, dict):
+        if "classes" not in data:
+            raise ValueError(f"vocabulary {default_name!r}: a JSON object needs a 'classes' list")
+        name, items = str(data.get("name") or default_name), data["classes"]
+    if not isinstance(items, list):
+        kind = type(items).__name__
+        raise ValueError(f"vocabulary {default_name!r}: expected a list of classes, got {kind}")
+    return _vocabulary_from_rows(name, [_class_from_json_item(it, i, name) for i, it in enumerate(items)])
+
+
+def _vocabulary_from_txt(text: str, *, name: str) -> Vocabulary:
+    """One class per line, comma-separated synonyms (the first is the class name); '#' starts a comment."""
+    rows = []
+    for line in text.splitlines():
+        synonyms = _dedupe([s.strip() for s in line.split("#", 1)[0].split(",")])
+        if synonyms:
+            rows.append((len(rows), synonyms[0], synonyms, True, False))
+    return _vocabulary_from_rows(name, rows)
+
+
+def _names_per_class(vocab: Vocabulary) -> list[set[str]]:
+    """Per class, its name and synonyms as compared for ``seen`` matching (lower case, no underscores)."""
+    pairs = zip(vocab.class_names, vocab.synonyms, strict=True)
+    return [{clean_class_name(n) for n in (name, *synonyms)} for name, synonyms in pairs]
+
+
+def _read_resource(filename: str) -> Any:
+    resource = resources.files("ovsam_ray").joinpath("resources", "vocab", filename)
+    return json.loads(resource.read_text("utf-8"))
+
+
+def _read_text(url: str) -> str:
+    with fsspec.open(url, "rt", encoding="utf-8-sig") as f:
+        return f.read()
+
+
+def _load_spec(spec: str) -> Vocabulary:
+    if spec in BUILTIN_VOCABULARIES:
+        return _vocabulary_from_json_data(_read_resource(f"{spec}.json"), default_name=spec)
+    stem, ext = posixpath.splitext(posixpath.basename(spec.rstrip("/")))
+    if ext.lower() == ".txt":
+        return _vocabulary_from_txt(_read_text(spec), name=stem)
+    if ext.lower() == ".json":
+        try:
+            data = json.loads(_read_text(spec))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"vocabulary file {spec}: not valid JSON ({e})") from e
+        return _vocabulary_from_json_data(data, default_name=stem)
+    raise ValueError(
+        f"unknown vocabulary {spec!r}: use a built-in ({', '.join(BUILTIN_VOCABULARIES)}) or a local path or "
+        "fsspec URL (s3://...) of a .txt or .json vocabulary file"
+    )
+
+
+def _resolve_seen(vocab: Vocabulary, seen: str) -> tuple[bool, ...]:
+    if seen in ("all", "none"):
+        return (seen == "all",) * vocab.num_classes
+    try:
+        trained = _load_spec(seen)
+    except ValueError as e:
+        raise ValueError(f"seen={seen!r}: use 'all', 'none' or the vocabulary the checkpoint was trained on "
+                         f"({e})") from e
+    known = set().union(*(n for n, ok in zip(_names_per_class(trained), trained.seen, strict=True) if ok))
+    return tuple(bool(n & known) for n in _names_per_class(vocab))
+
+
+def load_vocabulary(spec: str, *, seen: str | None = None) -> Vocabulary:
+    """Load a built-in vocabulary or a vocabulary file.
+
+    Args:
+        spec: ``coco_ov`` (80 classes: base -> seen, novel -> unseen, the 15 others -> excluded),
+            ``lvis_v1`` (1203 classes: frequent/common -> seen, rare -> unseen), or a local path /
+            fsspec URL of a ``.txt`` file (one class per line, comma-separated synonyms with the
+            class name first, blank lines and ``#`` comments skipped) or a ``.json`` file (the
+            built-in format, ``Vocabulary.to_json`` output, a list of names, or a list of synonym
+            lists). File classes are seen and not excluded unless the JSON says otherwise.
+        seen: overrides the seen flags: ``all``, ``none``, a built-in vocabulary name, or a
+            .txt/.json file; with the latter two a class is seen when its name or a synonym matches
+            (case- and underscore-insensitive) a seen class of that vocabulary.
+
+    Raises:
+        ValueError: unknown spec, malformed file or an empty vocabulary.
+    """
+    vocab = _load_spec(spec)
+    if seen is not None:
+        vocab = dataclasses.replace(vocab, seen=_resolve_seen(vocab, seen))
+    return vocab
+
+
+def load_templates() -> list[str]:
+    """The 14 ViLD prompt templates, each with one ``{}`` for the class name."""
+    templates = list(_read_resource("templates_vild.json")["templates"])
+    if not templates or not all("{}" in t for t in templates):
+        raise ValueError(f"templates_vild.json: every template needs a '{{}}', got {templates}")
+    return templates
+
+
+def load_class_embeddings(path: str) -> Tensor:
+    """Read a class-embedding file in the reference OV-SAM format (``~/.cache/embd/<name>.pth``).
+
+    The file holds a (C, S, D) tensor, bare or as the only tensor of a dict, loaded with
+    ``weights_only=True``. Returns it as float32 (C, S, D); raises ValueError naming the file when
+    it is not 3-D or not L2-normalised along D.
+    """
+    try:
+        with fsspec.open(path, "rb") as f:
+            obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read class embeddings (torch.load, weights_only=True): {e}") from e
+    if isinstance(obj, dict):
+        tensors = [v for v in obj.values() if isinstance(v, Tensor)]
+        if len(tensors) != 1:
+            raise ValueError(f"{path}: expected a tensor or a dict with one tensor, got keys {list(obj)}")
+        obj = tensors[0]
+    if not isinstance(obj, Tensor) or obj.dim() != 3 or not obj.is_floating_point():
+        what = f"shape {tuple(obj.shape)} {obj.dtype}" if isinstance(obj, Tensor) else type(obj).__name__
+        raise ValueError(f"{path}: class embeddings must be a float (num_classes, num_synonyms, dim) tensor, "
+                         f"got {what}")
+    emb = obj.float().contiguous()
+    norms = emb.norm(dim=-1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+        raise ValueError(f"{path}: class embeddings must be L2-normalised along the last dim; norms range "
+                         f"{norms.min().item():.4g}..{norms.max().item():.4g}")
+    return emb
+
+
+class TextEmbeddingKey(NamedTuple):
+    """What class text embeddings depend on."""
+
+    clip_name: str
+    clip_weights_sha256: str
+    vocabulary_sha256: str
+    templates_sha256: str = ""
+
+    def digest(self) -> str:
+        return _sha256_json([_CACHE_FORMAT, *self])
+
+
+class TextEmbeddingCache:
+    """Class text embeddings on disk or object storage, one ``<key digest>.pt`` file per key.
+
+    Args:
+        root: a local directory or fsspec URL (``s3://bucket/prefix``); default ``~/.cache/ovsam_ray/text``.
+    """
+
+    def __init__(self, root: str | None = None) -> None:
+        root = root or DEFAULT_CACHE_ROOT
+        self.root = root if "://" in root else os.path.expanduser(root)
+        self._fs, self._dir = fsspec.core.url_to_fs(self.root)
+        self._local = isinstance(self._fs, LocalFileSystem)
+
+    def _file(self, key: TextEmbeddingKey) -> str:
+        return posixpath.join(self._dir, f"{key.digest()}.pt")
+
+    def path(self, key: TextEmbeddingKey) -> str:
+        """Where the entry for ``key`` lives (a local path or a URL)."""
+        return self._file(key) if self._local else self._fs.unstrip_protocol(self._file(key))
+
+    def get(self, key: TextEmbeddingKey) -> Tensor | None:
+        """(C, S, D) float32 embeddings, or None on a miss; an unreadable entry counts as a miss."""
+        try:
+            with self._fs.open(self._file(key), "rb") as f:
+                payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return None
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            _log.warning("ignoring unreadable text-embedding cache entry %s: %s", self.path(key), e)
+            return None
+        if not isinstance(payload, dict) or payload.get("key") != list(key):
+            _log.warning("ignoring text-embedding cache entry %s: it belongs to another key", self.path(key))
+            return None
+        embeddings = payload.get("embeddings")
+        return embeddings if isinstance(embeddings, Tensor) else None
+
+    def put(self, key: TextEmbeddingKey, embeddings: Tensor) -> None:
+        """Store (C, S, D) embeddings; readers never see a partial file."""
+        buffer = io.BytesIO()
+        torch.save({"key": list(key), "embeddings": embeddings.detach().cpu().contiguous()}, buffer)
+        path = self._file(key)
+        if not self._local:
+            self._fs.pipe_file(path, buffer.getvalue())  # an object-store PUT is atomic
+            return
+        os.makedirs(self._dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".tmp-", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer.getvalue())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+def class_text_embeddings(
+    vocab: Vocabulary,
+    clip_model: nn.Module,
+    tokenizer: Tokenizer,
+    *,
+    clip_name: str,
+    clip_weights_sha256: str,
+    cache: TextEmbeddingCache | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 512,
+) -> Tensor:
+    """(C, S_max, D) float32 CPU text embeddings of ``vocab``; read from ``cache`` when present there.
+
+    ``clip_name`` and ``clip_weights_sha256`` identify the text tower for the cache key; the
+    embeddings themselves come from ``embed_class_names`` with the 14 ViLD templates.
+    """
+    templates = load_templates()
+    key = TextEmbeddingKey(clip_name, clip_weights_sha256, vocab.sha256, _sha256_json(templates))
+    if cache is not None:
+        cached = cache.get(key)
+        if cached is not None and tuple(cached.shape[:2]) == (vocab.num_classes, vocab.max_synonyms):
+            return cached.float()
+    embeddings = embed_class_names(
+        clip_model, tokenizer, vocab.synonyms, templates, batch_size=batch_size, device=device
+    )
+    if cache is not None:
+        cache.put(key, embeddings)
+    return embeddings

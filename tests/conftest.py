@@ -1,0 +1,67 @@
+"""Shared fixtures: a local S3-compatible server (moto) and small synthetic shards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Start moto's S3 server on 127.0.0.1 and return its endpoint URL.
+
+    Dummy credentials go into the environment so botocore never looks further (no ~/.aws, no
+    instance metadata); tests pass the endpoint explicitly.
+    """
+    pytest.importorskip("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                            "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL")}
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+         "AWS_DEFAULT_REGION": "us-east-1"}
+    )
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the moto server; returns its name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def tmp_shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Three small synthetic shards (10 images of 64x48) in a session temp folder."""
+    from ovsam_ray.data.synthetic import generate_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    return generate_shards(str(root), num_images=10, images_per_shard=4, seed=7, image_size=(64, 48))

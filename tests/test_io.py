@@ -1,0 +1,126 @@
+"""ovsam_ray.io: one code path for local files and S3 (moto server), atomic writes, redaction."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ovsam_ray import io
+
+
+def test_get_filesystem_local_paths(tmp_path):
+    fs, path = io.get_filesystem(str(tmp_path / "a" / ".." / "b"))
+    assert path == str(tmp_path / "b")
+    assert "file" in fs.protocol
+    _, path = io.get_filesystem(f"file://{tmp_path}/x.tar")
+    assert path == f"{tmp_path}/x.tar"
+    assert not io.is_remote(str(tmp_path)) and io.is_remote("s3://bucket/x")
+
+
+def test_get_filesystem_s3_endpoint_from_argument_or_env(monkeypatch):
+    fs, path = io.get_filesystem("s3://bucket/prefix/", s3_endpoint="http://127.0.0.1:9")
+    assert path == "bucket/prefix"
+    assert fs.storage_options.get("endpoint_url") == "http://127.0.0.1:9"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:10")
+    fs, _ = io.get_filesystem("s3://bucket/x")
+    assert fs.storage_options.get("endpoint_url") == "http://127.0.0.1:10"
+
+
+def test_join_and_to_url():
+    assert io.join("s3://b/p/", "x.parquet") == "s3://b/p/x.parquet"
+    assert io.join("/data/out", "_committed", "/s.json") == "/data/out/_committed/s.json"
+    fs, path = io.get_filesystem("s3://b/p/x")
+    assert io.to_url(fs, path) == "s3://b/p/x"
+
+
+def test_atomic_write_local_replaces_and_leaves_no_temporaries(tmp_path):
+    url = str(tmp_path / "sub" / "f.bin")
+    io.atomic_write_bytes(url, b"one")
+    io.atomic_write_bytes(url, b"two")
+    assert io.read_bytes(url) == b"two"
+    with io.open_url(url) as f:
+        assert f.read() == b"two"
+    assert os.listdir(tmp_path / "sub") == ["f.bin"]
+
+
+def test_atomic_write_local_failure_keeps_old_content(tmp_path, monkeypatch):
+    url = str(tmp_path / "f.bin")
+    io.atomic_write_bytes(url, b"old")
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.atomic_write_bytes(url, b"new content")
+    assert io.read_bytes(url) == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_list_exists_remove_local(tmp_path):
+    for name in ("b.tar", "a.tar", "c.txt", "d/e.tar"):
+        io.atomic_write_bytes(str(tmp_path / name), b"x")
+    assert io.list_files(str(tmp_path), suffix=".tar") == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    assert io.list_files(str(tmp_path), suffix=".tar", recursive=True)[-1] == str(tmp_path / "d" / "e.tar")
+    assert io.list_files(str(tmp_path / "missing")) == []
+    assert io.exists(str(tmp_path / "a.tar"))
+    io.remove(str(tmp_path / "a.tar"))
+    io.remove(str(tmp_path / "a.tar"))  # missing is fine by default
+    with pytest.raises(FileNotFoundError):
+        io.remove(str(tmp_path / "a.tar"), missing_ok=False)
+    assert not io.exists(str(tmp_path / "a.tar"))
+
+
+def test_s3_roundtrip(s3_server, s3_bucket):
+    root = f"s3://{s3_bucket}/out"
+    io.atomic_write_bytes(io.join(root, "b.tar"), b"bb", s3_endpoint=s3_server)
+    io.atomic_write_bytes(io.join(root, "a.tar"), b"aa", s3_endpoint=s3_server)
+    io.atomic_write_bytes(io.join(root, "sub", "c.tar"), b"cc", s3_endpoint=s3_server)
+    assert io.list_files(root, s3_endpoint=s3_server) == [f"{root}/a.tar", f"{root}/b.tar"]
+    assert io.list_files(root + "/", recursive=True, s3_endpoint=s3_server)[-1] == f"{root}/sub/c.tar"
+    assert io.read_bytes(f"{root}/a.tar", s3_endpoint=s3_server) == b"aa"
+    with io.open_url(f"{root}/b.tar", s3_endpoint=s3_server) as f:
+        f.seek(1)
+        assert f.read() == b"b"
+    assert io.exists(f"{root}/a.tar", s3_endpoint=s3_server)
+    io.remove(f"{root}/a.tar", s3_endpoint=s3_server)
+    assert not io.exists(f"{root}/a.tar", s3_endpoint=s3_server)
+    assert io.list_files(f"s3://{s3_bucket}/nothing", s3_endpoint=s3_server) == []
+
+
+@pytest.mark.parametrize(
+    "text, secret",
+    [
+        ("s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI@host/bucket", "wJalrXUtnFEMI"),
+        ("https://b.s3.amazonaws.com/k?X-Amz-Signature=deadbeef&X-Amz-Credential=AK/x", "deadbeef"),
+        ("aws_secret_access_key=abc123xyz in config", "abc123xyz"),
+        ('{"aws_session_token": "tok-987"}', "tok-987"),
+        ("key id AKIAIOSFODNN7EXAMPLE used", "AKIAIOSFODNN7EXAMPLE"),
+        ("password: hunter22", "hunter22"),
+    ],
+)
+def test_redact_masks_credentials(text, secret):
+    out = io.redact(text)
+    assert secret not in out and "***" in out
+
+
+def test_redact_env_values_and_keeps_plain_text(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-42")
+    assert io.redact("failed with s3cr3t-value-42 somewhere") == "failed with *** somewhere"
+    assert io.redact("s3://bucket/shards/shard-000001.tar") == "s3://bucket/shards/shard-000001.tar"
+
+
+def test_redact_config_nested():
+    cfg = {
+        "output": "s3://user:pw@host/out",
+        "storage": {"aws_secret_access_key": "zzz", "endpoint": "http://127.0.0.1:9000", "token": None},
+        "list": ["password=abc", 3],
+        "batch_size": 8,
+    }
+    out = io.redact_config(cfg)
+    assert out["storage"]["aws_secret_access_key"] == "***"
+    assert out["storage"]["endpoint"] == "http://127.0.0.1:9000"
+    assert out["storage"]["token"] is None
+    assert "pw" not in out["output"] and out["list"] == ["password=***", 3] and out["batch_size"] == 8
+    assert cfg["storage"]["aws_secret_access_key"] == "zzz"  # input untouched
