@@ -96,37 +96,42 @@ def _vocab_from_embeddings(cfg: ModelConfig, embeddings: torch.Tensor) -> Vocabu
     return Vocabulary.from_json({"name": "embeddings", "classes": [{"id": i, "name": n} for i, n in enumerate(names)]})
 
 
-def build_classifier(
+def vocabulary_text(
     cfg: ModelConfig, loaded: LoadedModel, device: str | torch.device = "cpu"
-) -> tuple[OpenVocabClassifier, Vocabulary]:
-    """Text embeddings for the vocabulary (from a file, the cache, or the CLIP text tower)."""
+) -> tuple[torch.Tensor, Vocabulary]:
+    """(C, S, D) text embeddings and the vocabulary: from a file, the cache, or the CLIP text tower."""
     if cfg.class_embeddings:
         text = load_class_embeddings(cfg.class_embeddings)
-        vocab = _vocab_from_embeddings(cfg, text)
-    else:
-        vocab = resolve_vocabulary(cfg, loaded)
-        cache = None if loaded.random_init else TextEmbeddingCache(cfg.text_cache)
-        text = class_text_embeddings(
-            vocab,
-            loaded.clip_model,
-            clip_tokenizer(cfg.preset),
-            clip_name=f"{cfg.preset}:{SHORT_NAMES[cfg.preset]}",
-            clip_weights_sha256=loaded.clip_sha256,
-            cache=cache,
-            device=device,
-        )
-    logit_scale = float(loaded.meta.get("logit_scale", 4.6052))
-    classifier = OpenVocabClassifier(
-        text_embeddings=text, seen=vocab.seen_tensor(), excluded=vocab.excluded_tensor(), logit_scale=logit_scale
+        return text, _vocab_from_embeddings(cfg, text)
+    vocab = resolve_vocabulary(cfg, loaded)
+    cache = None if loaded.random_init else TextEmbeddingCache(cfg.text_cache)
+    text = class_text_embeddings(
+        vocab,
+        loaded.clip_model,
+        clip_tokenizer(cfg.preset),
+        clip_name=f"{cfg.preset}:{SHORT_NAMES[cfg.preset]}",
+        clip_weights_sha256=loaded.clip_sha256,
+        cache=cache,
+        device=device,
     )
-    return classifier, vocab
+    return text, vocab
 
 
-def build_predictor(
-    cfg: ModelConfig, device: str | torch.device = "cpu"
-) -> tuple[OVSAMPredictor, Vocabulary, LoadedModel]:
-    """Load weights, embed the vocabulary and wrap both in a predictor on ``device``."""
-    loaded = load_ovsam(
+def make_predictor(
+    cfg: ModelConfig, loaded: LoadedModel, text: torch.Tensor, vocab: Vocabulary, device: str | torch.device = "cpu"
+) -> OVSAMPredictor:
+    """Wrap a loaded model and a vocabulary's text embeddings in a predictor on ``device``."""
+    classifier = OpenVocabClassifier(
+        text_embeddings=text,
+        seen=vocab.seen_tensor(),
+        excluded=vocab.excluded_tensor(),
+        logit_scale=float(loaded.meta.get("logit_scale", 4.6052)),
+    )
+    return OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk)
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    return load_ovsam(
         cfg.preset,
         weights=cfg.weights,
         sam=cfg.sam_checkpoint,
@@ -137,5 +142,12 @@ def build_predictor(
         random_init=cfg.random_init,
         s3_endpoint=cfg.s3_endpoint,
     )
-    classifier, vocab = build_classifier(cfg, loaded, device)
-    return OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk), vocab, loaded
+
+
+def build_predictor(
+    cfg: ModelConfig, device: str | torch.device = "cpu"
+) -> tuple[OVSAMPredictor, Vocabulary, LoadedModel]:
+    """Load weights, embed the vocabulary and wrap both in a predictor on ``device``."""
+    loaded = load_model(cfg)
+    text, vocab = vocabulary_text(cfg, loaded, device)
+    return make_predictor(cfg, loaded, text, vocab, device), vocab, loaded

@@ -168,7 +168,8 @@ def remove(url: str, *, s3_endpoint: str | None = None, missing_ok: bool = True)
 
 _REDACTED = "***"
 _SECRET_KEY_RE = re.compile(
-    r"(secret|password|passwd|token|credential|session|access_key|api_key|private_key|signature)",
+    r"(secret|passw(or)?d|credential|access_key|api_key|private_key|signature|session_token"
+    r"|security_token|auth_token|(^|_)token$)",
     re.IGNORECASE,
 )
 _TEXT_PATTERNS = (
@@ -186,8 +187,8 @@ _TEXT_PATTERNS = (
     # key=value / key: value with a secret-looking key name
     (
         re.compile(
-            r"(?P<pre>\b[\w-]*(secret|password|passwd|token|access_key_id|session)[\w-]*[\"']?\s*[=:]\s*[\"']?)"
-            r"[^\s\"',&}]+",
+            r"(?P<pre>\b([\w-]*(secret|passw(or)?d|credential|access_key|api_key|private_key)[\w-]*"
+            r"|([\w-]*[_-])?token)[\"']?\s*[=:]\s*[\"']?)[^\s\"',&}]+",
             re.IGNORECASE,
         ),
         r"\g<pre>" + _REDACTED,
@@ -216,7 +217,7 @@ def redact_config(obj: Any) -> Any:
     """A copy of a JSON-like structure with secret-looking keys masked and every string redacted."""
     if isinstance(obj, Mapping):
         return {
-            k: (_REDACTED if _SECRET_KEY_RE.search(str(k)) and v not in (None, "") else redact_config(v))
+            k: (_REDACTED if _SECRET_KEY_RE.search(str(k)) and v is not None and v != "" else redact_config(v))
             for k, v in obj.items()
         }
     if isinstance(obj, (list, tuple)):

@@ -108,7 +108,8 @@ def test_redact_masks_credentials(text, secret):
 def test_redact_env_values_and_keeps_plain_text(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-42")
     assert io.redact("failed with s3cr3t-value-42 somewhere") == "failed with *** somewhere"
-    assert io.redact("s3://bucket/shards/shard-000001.tar") == "s3://bucket/shards/shard-000001.tar"
+    for plain in ("s3://bucket/shards/shard-000001.tar", "max_tokens=77 tokenizer: bpe", "key=000123"):
+        assert io.redact(plain) == plain
 
 
 def test_redact_config_nested():
@@ -117,10 +118,12 @@ def test_redact_config_nested():
         "storage": {"aws_secret_access_key": "zzz", "endpoint": "http://127.0.0.1:9000", "token": None},
         "list": ["password=abc", 3],
         "batch_size": 8,
+        "max_tokens": 77,
     }
     out = io.redact_config(cfg)
     assert out["storage"]["aws_secret_access_key"] == "***"
     assert out["storage"]["endpoint"] == "http://127.0.0.1:9000"
     assert out["storage"]["token"] is None
     assert "pw" not in out["output"] and out["list"] == ["password=***", 3] and out["batch_size"] == 8
+    assert out["max_tokens"] == 77
     assert cfg["storage"]["aws_secret_access_key"] == "zzz"  # input untouched

@@ -76,7 +76,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     except Exception as e:  # Pillow plugins raise SyntaxError, ValueError, struct.error, ...
         raise DecodeError(f"corrupt image: {type(e).__name__}: {e}") from None
     try:
-        im = ImageOps.exif_transpose(im) or im
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "corrupt EXIF" warnings, once per bad image, are noise
+            im = ImageOps.exif_transpose(im) or im
     except Exception:  # malformed EXIF: keep the stored orientation rather than lose the image
         pass
     try:

@@ -8,6 +8,9 @@ as COCO defines it). Boxes are XYXY with an exclusive right/bottom edge:
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,14 @@ __all__ = [
     "mask_areas",
     "rle_area",
 ]
+
+
+@contextmanager
+def _quiet_pycocotools() -> Iterator[None]:
+    # pycocotools' Cython arrays predate NumPy 2's __array__(copy=...) protocol and warn on every call
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        yield
 
 
 def _as_masks(masks: np.ndarray) -> np.ndarray:
@@ -55,18 +66,20 @@ def _to_coco_rle(rle: dict[str, Any]) -> dict[str, Any]:
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     """Decode one RLE (compressed ``str``/``bytes`` counts, or COCO's uncompressed list) into an
     ``(H, W)`` boolean mask."""
-    return mask_utils.decode(_to_coco_rle(rle)).astype(bool)
+    with _quiet_pycocotools():
+        return mask_utils.decode(_to_coco_rle(rle)).astype(bool)
 
 
 def rle_area(rle: dict[str, Any]) -> int:
     """Number of foreground pixels of an RLE, without decoding it."""
-    return int(mask_utils.area(_to_coco_rle(rle)))
+    with _quiet_pycocotools():
+        return int(mask_utils.area(_to_coco_rle(rle)))
 
 
 def mask_areas(masks: np.ndarray) -> np.ndarray:
     """``(N,)`` int64 foreground pixel counts of ``(N, H, W)`` masks."""
     masks = _as_masks(masks)
-    return masks.reshape(masks.shape[0], -1).sum(axis=1, dtype=np.int64)
+    return masks.sum(axis=(1, 2), dtype=np.int64)
 
 
 def boxes_from_binary_masks(masks: np.ndarray) -> np.ndarray:

@@ -78,17 +78,15 @@ def list_shards(spec: str | Iterable[str], *, s3_endpoint: str | None = None) ->
 def _resolve_piece(piece: str, *, s3_endpoint: str | None) -> list[str]:
     fs, path = io.get_filesystem(piece, s3_endpoint=s3_endpoint)
     if _GLOB_CHARS.search(path):
-        paths = [p for p in fs.glob(path) if fs.isfile(p)] if io.is_remote(piece) else _local_glob(path)
-        return [io.to_url(fs, p) for p in paths]
+        if not io.is_remote(piece):
+            return [p for p in _glob.glob(path, recursive=True) if os.path.isfile(p)]
+        matches = fs.glob(path, detail=True)  # one listing, no request per match
+        return [io.to_url(fs, p) for p, info in matches.items() if info.get("type") == "file"]
     if fs.isdir(path):
         return io.list_files(piece, suffix=".tar", recursive=True, s3_endpoint=s3_endpoint)
     if fs.isfile(path):
         return [io.to_url(fs, path)]
     return []
-
-
-def _local_glob(path: str) -> list[str]:
-    return [p for p in _glob.glob(path, recursive=True) if os.path.isfile(p)]
 
 
 def shard_name(url: str) -> str:
@@ -158,10 +156,8 @@ class _Group:
 
 
 def _image_exts(files: dict[str, bytes]) -> Iterator[str]:
-    for wanted in IMAGE_EXTENSIONS:
-        for ext in files:
-            if ext.rsplit(".", 1)[-1] == wanted:
-                yield ext
+    # only a plain "<key>.jpg"-style member is the image; "<key>.seg.png" is another field
+    return (ext for ext in IMAGE_EXTENSIONS if ext in files)
 
 
 def iter_shard_samples(url: str, *, s3_endpoint: str | None = None) -> Iterator[dict[str, Any]]:

@@ -23,25 +23,41 @@ def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def preprocess_image(image: torch.Tensor, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize, normalise and zero-pad one image for the model.
-
-    image: (H, W, 3) uint8 RGB (any device). Returns ((3, S, S) float32 normalised and padded
-    bottom/right, (h, w) the unpadded input size). Resizing is bilinear with antialiasing,
-    align_corners=False, as SAM's ``ResizeLongestSide.apply_image_torch``.
-    """
+def resize_image(image: torch.Tensor, long_side: int) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 with the longest side ``long_side``: bilinear with
+    antialiasing, align_corners=False (SAM's ``ResizeLongestSide.apply_image_torch``), rounded
+    back to uint8 as image pipelines do — so resizing on a CPU worker and on the model device agree."""
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {tuple(image.shape)}")
     height, width = int(image.shape[0]), int(image.shape[1])
-    h, w = resized_shape(height, width, image_size)
+    h, w = resized_shape(height, width, long_side)
+    if (h, w) == (height, width):
+        return image
     x = image.permute(2, 0, 1).unsqueeze(0).float()
-    if (h, w) != (height, width):
-        x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(PIXEL_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    x = F.pad(x, (0, image_size - w, 0, image_size - h))
-    return x[0], (h, w)
+    x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
+def normalize_pad(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(h, w, 3) uint8, already resized -> (3, S, S) float32 normalised with SAM's mean/std and
+    zero-padded bottom/right."""
+    h, w = int(image.shape[0]), int(image.shape[1])
+    if max(h, w) > image_size:
+        raise ValueError(f"image {h}x{w} is larger than the model input {image_size}; resize it first")
+    x = image.permute(2, 0, 1).float()
+    mean = torch.tensor(PIXEL_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=x.device).view(3, 1, 1)
+    return F.pad((x - mean) / std, (0, image_size - w, 0, image_size - h))
+
+
+def preprocess_image(image: torch.Tensor, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize, normalise and zero-pad one image for the model.
+
+    image: (H, W, 3) uint8 RGB (any device). Returns ((3, S, S) float32, (h, w) the unpadded
+    input size); ``resize_image`` then ``normalize_pad``.
+    """
+    resized = resize_image(image, image_size)
+    return normalize_pad(resized, image_size), (int(resized.shape[0]), int(resized.shape[1]))
 
 
 def scale_coords(coords: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> torch.Tensor:

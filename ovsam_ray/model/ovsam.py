@@ -49,9 +49,12 @@ class PromptBatch:
     def __len__(self) -> int:
         return int(self.image_index.shape[0])
 
+    @staticmethod
+    def fields() -> tuple[str, ...]:
+        return ("boxes", "points", "is_point", "image_index", "clip_boxes")
+
     def to(self, device: torch.device | str) -> PromptBatch:
-        fields = ("boxes", "points", "is_point", "image_index", "clip_boxes")
-        return PromptBatch(*(getattr(self, f).to(device) for f in fields))
+        return PromptBatch(*(getattr(self, f).to(device) for f in self.fields()))
 
 
 @dataclass

@@ -7,6 +7,7 @@ Inputs and outputs are in original-image pixels. Prompt order per image: boxes, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,11 +19,12 @@ from .functional import (
     clip_boxes,
     clip_points,
     labels_from_logits,
-    preprocess_image,
+    normalize_pad,
+    resize_image,
     scale_coords,
     upscale_mask_logits,
 )
-from .ovsam import OVSAM, ImageFeatures, PromptBatch
+from .ovsam import OVSAM, DecodeOutput, ImageFeatures, PromptBatch
 
 
 @dataclass
@@ -105,11 +107,15 @@ class OVSAMPredictor:
         device: str | torch.device = "cpu",
         topk: int = 5,
         fast: bool | None = None,
+        prompt_chunk: int = 128,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.classifier = classifier.to(self.device)
         self.topk = topk
+        # Prompts per decoder call: bounds memory (each prompt holds its own copy of the image
+        # embedding inside the two-way transformer).
+        self.prompt_chunk = prompt_chunk
         self.fast = (self.device.type == "cuda") if fast is None else fast
         if self.fast:
             self.model.backbone.to(memory_format=torch.channels_last)
@@ -120,22 +126,29 @@ class OVSAMPredictor:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def embed(self, images: list[np.ndarray]) -> EmbeddedImages:
-        """images: (H, W, 3) uint8 RGB (grayscale and RGBA are converted) -> features."""
+    def embed(
+        self, images: list[np.ndarray], original_sizes: list[tuple[int, int]] | None = None
+    ) -> EmbeddedImages:
+        """images: (H, W, 3) uint8 RGB (grayscale and RGBA are converted) -> features.
+
+        With ``original_sizes`` the images are already resized (``resize_image``, e.g. on a CPU
+        worker) and the sizes say which original (H, W) each came from.
+        """
         size = self.model.image_size
-        batch, input_sizes, original_sizes = [], [], []
-        for image in images:
+        batch, input_sizes, sizes = [], [], []
+        for i, image in enumerate(images):
             rgb = _as_rgb_tensor(image).to(self.device)
-            x, hw = preprocess_image(rgb, size)
-            batch.append(x)
-            input_sizes.append(hw)
-            original_sizes.append((int(rgb.shape[0]), int(rgb.shape[1])))
+            resized = rgb if original_sizes is not None else resize_image(rgb, size)
+            batch.append(normalize_pad(resized, size))
+            input_sizes.append((int(resized.shape[0]), int(resized.shape[1])))
+            own_size = (int(rgb.shape[0]), int(rgb.shape[1]))
+            sizes.append(tuple(original_sizes[i]) if original_sizes is not None else own_size)
         x = torch.stack(batch) if batch else torch.zeros((0, 3, size, size), device=self.device)
         if self.fast:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             features = self.model.embed(x)
-        return EmbeddedImages(features=features, original_sizes=original_sizes, input_sizes=input_sizes)
+        return EmbeddedImages(features=features, original_sizes=sizes, input_sizes=input_sizes)
 
     def _prompt_batch(self, embedded: EmbeddedImages, prompts: list[ImagePrompts]) -> PromptBatch:
         boxes, points, is_point, index, clip_bx = [], [], [], [], []
@@ -168,8 +181,7 @@ class OVSAMPredictor:
         batch = self._prompt_batch(embedded, prompts)
         if len(batch) == 0:
             return [self._empty_prediction(hw) for hw in embedded.original_sizes]
-        with self._autocast():
-            out = self.model.decode(embedded.features, batch)
+        out = self._decode_chunked(embedded, batch)
         low_res = out.low_res_logits.float()
         cls = self.classifier(out.region_embeddings.float(), out.clip_embeddings.float(), out.clip_valid)
         labels, topk_ids, topk_scores = labels_from_logits(cls.fused_logits, self.topk)
@@ -198,6 +210,17 @@ class OVSAMPredictor:
                 )
             )
         return results
+
+    def _decode_chunked(self, embedded: EmbeddedImages, batch: PromptBatch) -> DecodeOutput:
+        outputs = []
+        for start in range(0, len(batch), self.prompt_chunk):
+            part = PromptBatch(*(getattr(batch, f)[start : start + self.prompt_chunk] for f in PromptBatch.fields()))
+            with self._autocast():
+                outputs.append(self.model.decode(embedded.features, part))
+        if len(outputs) == 1:
+            return outputs[0]
+        names = [f.name for f in dataclasses.fields(DecodeOutput)]
+        return DecodeOutput(*(torch.cat([getattr(o, name) for o in outputs]) for name in names))
 
     def _empty_prediction(self, hw: tuple[int, int]) -> ImagePrediction:
         c1 = self.classifier.num_classes + 1

@@ -37,6 +37,16 @@ CLIP_ARCHS: dict[str, str | dict] = {
 }
 
 
+# Model input side per preset (the padded square the image is resized into).
+IMAGE_SIZES = {
+    "ovsam_rn50x16": 1024,
+    "ovsam_rn50x64": 1024,
+    "ovsam_convnext_large": 1024,
+    "ovsam_rn50_small": 1024,
+    "ovsam_tiny": 256,
+}
+
+
 def _tiny_clip() -> CLIP:
     cfg = TINY_CLIP_CONFIG
     model = CLIP(

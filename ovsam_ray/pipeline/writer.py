@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ovsam_ray import io
@@ -119,13 +120,14 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def _table_counts(table: pa.Table) -> dict[str, int]:
-    status = table.column("status").to_pylist()
-    num_instances = sum(len(x or []) for x in table.column("instances").to_pylist())
+    def count(mask: pa.ChunkedArray) -> int:
+        return int(pc.sum(mask).as_py() or 0)
+
     return {
         "num_rows": table.num_rows,
-        "num_ok": status.count("ok"),
-        "num_error": status.count("error"),
-        "num_instances": num_instances,
+        "num_ok": count(pc.equal(table["status"], "ok")),
+        "num_error": count(pc.equal(table["status"], "error")),
+        "num_instances": count(pc.list_value_length(table["instances"])),
     }
 
 
@@ -178,10 +180,9 @@ class ShardCommitter:
         ``num_error``, ``num_instances``, ``parquet_bytes``, ``sha256``, ``committed_at`` (UTC ISO)
         and ``stats`` (whatever the caller passes: timings, shard damage, warnings...).
         """
-        if not table.schema.equals(OUTPUT_SCHEMA, check_metadata=False):
-            raise ValueError("table does not have OUTPUT_SCHEMA; build it with rows_to_table()")
+        table = _conform(table)
         sink = pa.BufferOutputStream()
-        pq.write_table(table.replace_schema_metadata(OUTPUT_SCHEMA.metadata), sink, compression="zstd")
+        pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
         io.atomic_write_bytes(self.parquet_url(shard_name), data, s3_endpoint=self.s3_endpoint)
         marker = {
@@ -231,6 +232,17 @@ class ShardCommitter:
             io.remove(record_url, s3_endpoint=self.s3_endpoint)
             removed.append(record_url)
         return removed
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """``table`` with exactly OUTPUT_SCHEMA (same columns and types; nullability and metadata may
+    differ, as they do after a trip through Ray Data)."""
+    if table.schema.equals(OUTPUT_SCHEMA):
+        return table
+    try:
+        return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    except (KeyError, ValueError, pa.ArrowException) as e:
+        raise ValueError(f"table does not match OUTPUT_SCHEMA ({e}); build it with rows_to_table()") from None
 
 
 def _check_shard_name(name: str) -> str:
