@@ -1,0 +1,115 @@
+"""Subcommands that run jobs: ``label``, ``demo-data``, ``demo`` (and ``train`` when available)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from ovsam_ray.pipeline.label_job import LabelConfig
+
+log = logging.getLogger("ovsam_ray")
+
+
+def add_label_args(p: argparse.ArgumentParser) -> None:
+    from ovsam_ray.cli import add_model_args
+
+    p.add_argument("--input", required=True, help="shards: glob, brace range {000..099}, folder or s3:// prefix")
+    p.add_argument("--output", required=True, help="output folder or s3:// prefix (one Parquet per shard)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per model forward")
+    p.add_argument("--concurrency", default="1", help="model actors: N or MIN,MAX")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor (0: run on CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="delete a different run's outputs and start over")
+    p.add_argument("--max-error-fraction", type=float, default=0.0)
+    p.add_argument("--limit", type=int, help="label at most N not-yet-committed shards")
+    p.add_argument("--with-embedding", action="store_true", help="store float16 region embeddings (re-scoring)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: the job's cluster, or a local one)")
+    add_model_args(p, default_preset="ovsam_rn50x16")
+
+
+def _concurrency(text: str) -> int | tuple[int, int]:
+    parts = [int(x) for x in str(text).split(",")]
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def label_config(a: argparse.Namespace) -> LabelConfig:
+    from ovsam_ray.cli import model_config
+
+    return LabelConfig(
+        input=a.input,
+        output=a.output,
+        model=model_config(a),
+        batch_size=a.batch_size,
+        concurrency=_concurrency(a.concurrency),
+        num_gpus=a.num_gpus,
+        overwrite=a.overwrite,
+        max_error_fraction=a.max_error_fraction,
+        limit=a.limit,
+        with_embedding=a.with_embedding,
+    )
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster the job runs in (RAY_ADDRESS / ray job submit) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+
+
+def run_label_cli(a: argparse.Namespace) -> int:
+    from ovsam_ray.pipeline.label_job import run_label
+
+    cfg = label_config(a)
+    init_ray(a.ray_address)
+    summary = run_label(cfg)
+    print(json.dumps(summary.to_dict(), indent=1))
+    return 1 if summary.failed(cfg.max_error_fraction) else 0
+
+
+def _demo_data(a: argparse.Namespace) -> int:
+    from ovsam_ray.data.synthetic import generate_shards
+
+    urls = generate_shards(a.output, num_images=a.num_images, images_per_shard=a.images_per_shard, seed=a.seed,
+                           s3_endpoint=a.s3_endpoint)
+    print(f"{len(urls)} shards, {a.num_images} images -> {a.output}")
+    return 0
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from ovsam_ray.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(work_dir=a.work_dir, quick=a.quick, num_images=a.num_images, seed=a.seed))
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("label", help="the label job: WebDataset shards -> Parquet labels")
+    add_label_args(p)
+    p.set_defaults(func=run_label_cli)
+
+    p = sub.add_parser("demo-data", help="generate synthetic named-shape shards (with ground truth)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--images-per-shard", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--s3-endpoint")
+    p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("demo", help="generate data, (train the tiny model,) label it on a local Ray")
+    p.add_argument("--work-dir", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="skip training: random weights, about a minute")
+    p.add_argument("--num-images", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+
+    try:
+        from ovsam_ray.training.cli import add_train_subcommands
+    except ImportError:  # training modules not installed in this build
+        return
+    add_train_subcommands(sub)
