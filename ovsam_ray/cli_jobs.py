@@ -24,7 +24,7 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-error-fraction", type=float, default=0.0)
     p.add_argument("--limit", type=int, help="label at most N not-yet-committed shards")
     p.add_argument("--with-embedding", action="store_true", help="store float16 region embeddings (re-scoring)")
-    p.add_argument("--ray-address", help="Ray cluster address (default: the job's cluster, or a local one)")
+    p.add_argument("--ray-address", help="Ray address; 'local' starts a new local Ray (default: RAY_ADDRESS)")
     add_model_args(p, default_preset="ovsam_rn50x16")
 
 
@@ -57,7 +57,9 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address == "local":
+        ray.init(address="local", include_dashboard=False)
+    elif address:
         ray.init(address=address)
     else:
         ray.init(include_dashboard=False)

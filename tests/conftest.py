@@ -65,3 +65,26 @@ def tmp_shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
     root = tmp_path_factory.mktemp("shards")
     return generate_shards(str(root), num_images=10, images_per_shard=4, seed=7, image_size=(64, 48))
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: str) -> Iterator[None]:
+    """A session-scoped local Ray with 2 CPUs. Started after the S3 server so that its workers
+    inherit the dummy AWS credentials."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shapes_vocab(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A .txt vocabulary of the synthetic shape classes."""
+    from ovsam_ray.data.synthetic import shape_vocabulary_names
+
+    path = tmp_path_factory.mktemp("vocab") / "shapes.txt"
+    path.write_text("\n".join(shape_vocabulary_names()) + "\n")
+    return str(path)

@@ -19,8 +19,11 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     """(h, w) after resizing so the longest side is ``long_side`` (SAM's ResizeLongestSide)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image has no pixels ({height}x{width})")
     scale = long_side / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    # SAM's rule rounds a side shorter than long_side / (2 * aspect) to 0; keep at least 1 pixel.
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def resize_image(image: torch.Tensor, long_side: int) -> torch.Tensor:
@@ -164,16 +167,19 @@ def fuse_open_vocab_logits(
     a and b (CLIP ignored); seen / excluded: (C,) bool. Seen classes and background use
     log(p^(1-a) q^a), unseen classes log(p^(1-b) q^b); excluded classes get -1000.
     """
-    p = head_logits.float().softmax(dim=-1)
-    q = clip_logits.float().softmax(dim=-1)
-    seen_col = torch.cat([seen.to(p.device, torch.bool), seen.new_ones(1, dtype=torch.bool).to(p.device)])
-    valid = clip_valid.to(p.device, torch.float32)[:, None]
+    # (1 - a) log p + a log q == log(p^(1-a) q^a), computed in log space so that a probability
+    # below float32's range (a logit gap > ~100, common with scale 100) stays finite, not -inf.
+    log_p = head_logits.float().log_softmax(dim=-1)
+    log_q = clip_logits.float().log_softmax(dim=-1)
+    device = log_p.device
+    seen_col = torch.cat([seen.to(device, torch.bool), seen.new_ones(1, dtype=torch.bool).to(device)])
+    valid = clip_valid.to(device, torch.float32)[:, None]
     a = alpha * valid
     b = beta * valid
-    fused_seen = (p ** (1 - a) * q**a).log()
-    fused_unseen = (p ** (1 - b) * q**b).log()
+    fused_seen = (1 - a) * log_p + a * log_q
+    fused_unseen = (1 - b) * log_p + b * log_q
     fused = torch.where(seen_col[None, :], fused_seen, fused_unseen)
-    excluded_col = torch.cat([excluded.to(p.device, torch.bool), excluded.new_zeros(1, dtype=torch.bool).to(p.device)])
+    excluded_col = torch.cat([excluded.to(device, torch.bool), excluded.new_zeros(1, dtype=torch.bool).to(device)])
     return fused.masked_fill(excluded_col[None, :], -1000.0)
 
 

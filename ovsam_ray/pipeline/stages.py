@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # Marker rows for whole-shard events (no image): an unreadable shard, an empty one.
 SHARD_FAILED = "shard_failed"
 SHARD_EMPTY = "shard_empty"
+# I/O errors (a storage outage, a dropped connection) are retried with exponential backoff.
+READ_ATTEMPTS = 4
+READ_BACKOFF_S = 1.0
 
 
 def read_shard_rows(item: dict[str, Any], *, s3_endpoint: str | None = None) -> list[dict[str, Any]]:
@@ -37,13 +40,18 @@ def read_shard_rows(item: dict[str, Any], *, s3_endpoint: str | None = None) -> 
     """
     url = item["url"]
     name = shard_name(url)
-    try:
-        read = read_shard(url, s3_endpoint=s3_endpoint)
-    except Exception as e:  # noqa: BLE001 - a shard we cannot open is reported, never fatal
-        read = None
-        damage = f"{type(e).__name__}: {e}"
-    else:
-        damage = read.damage
+    read, damage = None, None
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            read = read_shard(url, s3_endpoint=s3_endpoint)
+        except Exception as e:  # noqa: BLE001 - a shard we cannot open is reported, never fatal
+            damage = f"{type(e).__name__}: {e}"
+            log.warning("reading shard %s failed (attempt %d/%d): %s", url, attempt + 1, READ_ATTEMPTS, damage)
+            if attempt + 1 < READ_ATTEMPTS:
+                time.sleep(READ_BACKOFF_S * 2**attempt)
+        else:
+            damage = read.damage
+            break
     samples = read.samples if read is not None else []
     if not samples:
         kind = SHARD_FAILED if damage else SHARD_EMPTY
