@@ -83,7 +83,10 @@ def run_demo(cfg: DemoConfig) -> int:
     if not ray.is_initialized():
         ray.init(num_cpus=min(2, os.cpu_count() or 1), include_dashboard=False)
 
-    if cfg.quick:
+    quick = cfg.quick or not _training_available()
+    if quick and not cfg.quick:
+        log.warning("training is not available in this build: the demo labels with RANDOM weights")
+    if quick:
         model = ModelConfig(preset="ovsam_tiny", random_init=True, vocab=_write_vocab(os.path.join(work, "vocab.txt")))
         banner = "QUICK DEMO: random weights (untrained); masks and labels are meaningless"
     else:
@@ -96,7 +99,7 @@ def run_demo(cfg: DemoConfig) -> int:
     labels_dir = os.path.join(work, "labels")
     summary = run_label(LabelConfig(input=eval_dir, output=labels_dir, model=model, batch_size=4, overwrite=True))
     metrics = _evaluate(labels_dir, shards)
-    metrics["random_init"] = cfg.quick
+    metrics["random_init"] = quick
     with open(os.path.join(work, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     print("=" * 72)
@@ -112,6 +115,14 @@ def run_demo(cfg: DemoConfig) -> int:
           "'counts': inst['rle']['counts']})")
     print("=" * 72)
     return 0 if summary.images_error == 0 else 1
+
+
+def _training_available() -> bool:
+    try:
+        from ovsam_ray.training.recipe import run_tiny_recipe  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _evaluate(labels_dir: str, shards: list[str]) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,7 +138,8 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text_ref: Any) -> ray
     return ds.map_batches(
         PredictStage,
         fn_constructor_kwargs={"model_config": dataclasses.asdict(cfg.model), "text": text_ref,
-                               "with_embedding": cfg.with_embedding},
+                               "with_embedding": cfg.with_embedding,
+                               "cpu_threads": None if cfg.num_gpus else max(1, (os.cpu_count() or 1) // conc[1])},
         batch_size=cfg.batch_size,
         batch_format="pandas",
         num_gpus=cfg.num_gpus or None,

@@ -150,7 +150,7 @@ class PredictStage:
     ``instances`` as a JSON string."""
 
     def __init__(self, *, model_config: dict[str, Any], text: Any, with_embedding: bool = False,
-                 device: str | None = None) -> None:
+                 device: str | None = None, cpu_threads: int | None = None) -> None:
         import ray
 
         from ovsam_ray.inference import ModelConfig, load_model, make_predictor
@@ -160,6 +160,10 @@ class PredictStage:
             text = ray.get(text)
         cfg = ModelConfig(**model_config)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cpu" and cpu_threads:
+            # Ray pins an actor to OMP_NUM_THREADS=num_cpus (1); a CPU-only pool is the model's
+            # whole compute, so let torch use the cores meant for it (decode tasks are light).
+            torch.set_num_threads(cpu_threads)
         t0 = time.time()
         self.vocab = Vocabulary.from_json(text["vocabulary"])
         self.predictor = make_predictor(cfg, load_model(cfg), text["embeddings"], self.vocab, self.device)

@@ -1,0 +1,184 @@
+"""Benchmarks (not tests). Each writes a JSON result and prints a markdown table row.
+
+    python bench/run.py overhead --preset ovsam_rn50_small --num-images 16 --out bench/results/overhead.json
+
+overhead: images/s of the whole label job (Ray Data: read -> decode -> model actor -> RLE ->
+Parquet commit) vs the same model alone in one process (decode -> predict -> RLE, no Ray), same
+machine, preset and inputs; ``ray_overhead_ratio`` = job / model alone (target >= 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _machine() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+class MemorySampler:
+    """Peak of the machine's used memory (MemTotal - MemAvailable) above the starting level."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.start = self.peak = self._used()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _used() -> int:
+        info = {}
+        for line in open("/proc/meminfo"):
+            k, v = line.split(":", 1)
+            info[k] = int(v.split()[0]) * 1024
+        return info["MemTotal"] - info["MemAvailable"]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._used())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_delta_mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def _model_alone(shards: list[str], model_cfg, batch_size: int) -> dict:
+    """decode -> predict -> RLE in one process, batches of ``batch_size`` images."""
+    from ovsam_ray.data.decode import decode_sample
+    from ovsam_ray.data.shards import read_shard
+    from ovsam_ray.inference import build_predictor
+    from ovsam_ray.model.predictor import ImagePrompts
+    from ovsam_ray.records import prediction_to_instances
+
+    predictor, vocab, _ = build_predictor(model_cfg)
+    samples = [s for url in shards for s in read_shard(url).samples]
+    # Warm-up on one image (first-call allocations), not timed.
+    d = decode_sample(samples[0])
+    predictor([d.image], [ImagePrompts(boxes=d.prompts.boxes)])
+    t0 = time.time()
+    masks = 0
+    for i in range(0, len(samples), batch_size):
+        decoded = [decode_sample(s) for s in samples[i : i + batch_size]]
+        prompts = [ImagePrompts(boxes=d.prompts.boxes, points=d.prompts.points) for d in decoded]
+        for pred, p in zip(predictor([d.image for d in decoded], prompts), prompts):
+            masks += len(prediction_to_instances(pred, p, vocab))
+    wall = time.time() - t0
+    return {"images": len(samples), "masks": masks, "wall_s": wall, "images_per_s": len(samples) / wall}
+
+
+def _job(shards_dir: str, out_dir: str, model_cfg, batch_size: int) -> dict:
+    from ovsam_ray.pipeline.label_job import LabelConfig, run_label
+
+    summary = run_label(LabelConfig(input=shards_dir, output=out_dir, model=model_cfg, batch_size=batch_size,
+                                    progress_interval_s=30.0))
+    return {"images": summary.images, "masks": summary.masks, "wall_s": summary.wall_time_s,
+            "images_per_s": summary.images_per_s, "errors": summary.images_error}
+
+
+def overhead(args: argparse.Namespace) -> dict:
+    import ray
+
+    from ovsam_ray.data.synthetic import generate_shards
+    from ovsam_ray.inference import ModelConfig
+
+    work = tempfile.mkdtemp(prefix="ovsam_bench_")
+    try:
+        shards_dir = os.path.join(work, "shards")
+        shards = generate_shards(shards_dir, num_images=args.num_images, images_per_shard=args.images_per_shard,
+                                 seed=0, image_size=(args.width, args.height), min_objects=args.objects,
+                                 max_objects=args.objects)
+        vocab = os.path.join(work, "vocab.txt")
+        from ovsam_ray.data.synthetic import shape_vocabulary_names
+
+        with open(vocab, "w") as f:
+            f.write("\n".join(shape_vocabulary_names()))
+        model_cfg = ModelConfig(preset=args.preset, random_init=True, vocab=vocab)
+        with MemorySampler() as mem_alone:
+            alone = _model_alone(shards, model_cfg, args.batch_size)
+        alone["peak_mem_delta_mib"] = round(mem_alone.peak_delta_mib, 1)
+        alone["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        with MemorySampler() as mem_job:
+            job = _job(shards_dir, os.path.join(work, "labels"), model_cfg, args.batch_size)
+        job["peak_mem_delta_mib"] = round(mem_job.peak_delta_mib, 1)
+        ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "benchmark": "overhead",
+        "date": dt.date.today().isoformat(),
+        "machine": _machine(),
+        "command": " ".join(sys.argv),
+        "preset": args.preset,
+        "num_images": args.num_images,
+        "image_size": [args.width, args.height],
+        "boxes_per_image": args.objects,
+        "batch_size": args.batch_size,
+        "model_alone": alone,
+        "job": job,
+        "ray_overhead_ratio": round(job["images_per_s"] / alone["images_per_s"], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("overhead")
+    p.add_argument("--preset", default="ovsam_rn50_small")
+    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("--images-per-shard", type=int, default=4)
+    p.add_argument("--width", type=int, default=320)
+    p.add_argument("--height", type=int, default=240)
+    p.add_argument("--objects", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--out", required=True)
+    args = parser.parse_args()
+    result = overhead(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    a, j = result["model_alone"], result["job"]
+    print("| date | machine | preset | images | model alone img/s | job img/s | ratio | peak mem job (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {result['date']} | {result['machine']['cpu']} x{result['machine']['cores']} | {args.preset} | "
+          f"{args.num_images} | {a['images_per_s']:.3f} | {j['images_per_s']:.3f} | {result['ray_overhead_ratio']} | "
+          f"{j['peak_mem_delta_mib']} |")
+
+
+if __name__ == "__main__":
+    main()
