@@ -38,7 +38,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-BUILTIN_VOCABULARIES = ("coco_ov", "lvis_v1")
+BUILTIN_VOCABULARIES = ("coco_ov", "lvis_v1", "in21k")
 DEFAULT_CACHE_ROOT = "~/.cache/ovsam_ray/text"
 _CACHE_FORMAT = "ovsam_ray.text_embeddings/1"
 
@@ -226,7 +226,25 @@ def _read_text(url: str) -> str:
         return f.read()
 
 
+def _in21k_vocabulary() -> Vocabulary:
+    """ImageNet-21k/22k (21,841 synsets, fall11) from timm's offline ImageNetInfo: one class per
+    synset, its WordNet lemmas as synonyms; a lemma shared by several synsets gets the synset id
+    appended to the class name. All classes seen (it is an image-level training vocabulary)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo("imagenet-22k")
+    rows, taken = [], set()
+    for i in range(info.num_classes()):
+        lemmas = _dedupe([x.strip() for x in info.index_to_description(i).split(",") if x.strip()])
+        name = lemmas[0] if lemmas[0] not in taken else f"{lemmas[0]} ({info.index_to_label_name(i)})"
+        taken.add(name)
+        rows.append((i, name, [name, *lemmas[1:]] if name != lemmas[0] else lemmas, True, False))
+    return _vocabulary_from_rows("in21k", rows)
+
+
 def _load_spec(spec: str) -> Vocabulary:
+    if spec == "in21k":
+        return _in21k_vocabulary()
     if spec in BUILTIN_VOCABULARIES:
         return _vocabulary_from_json_data(_read_resource(f"{spec}.json"), default_name=spec)
     stem, ext = posixpath.splitext(posixpath.basename(spec.rstrip("/")))
