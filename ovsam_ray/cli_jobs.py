@@ -8,6 +8,7 @@ import logging
 import os
 
 from ovsam_ray.pipeline.label_job import LabelConfig
+from ovsam_ray.pipeline.prompting import SelectConfig
 
 log = logging.getLogger("ovsam_ray")
 
@@ -24,6 +25,21 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-error-fraction", type=float, default=0.0)
     p.add_argument("--limit", type=int, help="label at most N not-yet-committed shards")
     p.add_argument("--with-embedding", action="store_true", help="store float16 region embeddings (re-scoring)")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompts", default="shard", help="shard | detector:NAME | grid, or several joined by commas")
+    g.add_argument("--grid-size", type=int, default=32, help="points per side of the segment-everything grid")
+    g.add_argument("--grid-stability", type=float, default=0.95)
+    g.add_argument("--grid-nms-iou", type=float, default=0.7)
+    g.add_argument("--min-mask-area", type=int, default=0)
+    g.add_argument("--dedup-iou", type=float, help="drop masks overlapping a better one above this IoU")
+    g.add_argument("--dedup-containment", type=float, help="drop masks lying this much inside a better one")
+    g.add_argument("--dedup-class-aware", action="store_true")
+    g.add_argument("--detector-weights", help="detector weights file or folder (default: --weights)")
+    g.add_argument("--detector-score-threshold", type=float, default=0.3)
+    g.add_argument("--detector-nms-iou", type=float, default=0.5)
+    g.add_argument("--detector-max-per-image", type=int, default=100)
+    g.add_argument("--detector-num-gpus", type=float, default=0.0, help="GPU fraction per detector actor")
+    g.add_argument("--detector-concurrency", type=int, default=1)
     p.add_argument("--ray-address", help="Ray address; 'local' starts a new local Ray (default: RAY_ADDRESS)")
     add_model_args(p, default_preset="ovsam_rn50x16")
 
@@ -47,6 +63,16 @@ def label_config(a: argparse.Namespace) -> LabelConfig:
         max_error_fraction=a.max_error_fraction,
         limit=a.limit,
         with_embedding=a.with_embedding,
+        prompts=a.prompts,
+        select=SelectConfig(grid_size=a.grid_size, grid_stability=a.grid_stability, grid_nms_iou=a.grid_nms_iou,
+                            min_mask_area=a.min_mask_area, dedup_iou=a.dedup_iou,
+                            dedup_containment=a.dedup_containment, dedup_class_aware=a.dedup_class_aware),
+        detector_weights=a.detector_weights,
+        detector_score_threshold=a.detector_score_threshold,
+        detector_nms_iou=a.detector_nms_iou,
+        detector_max_per_image=a.detector_max_per_image,
+        detector_num_gpus=a.detector_num_gpus,
+        detector_concurrency=a.detector_concurrency,
     )
 
 
@@ -109,6 +135,13 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    try:
+        from ovsam_ray.cli_data import add_data_subcommands
+    except ImportError:  # dataset/evaluation modules not installed in this build
+        pass
+    else:
+        add_data_subcommands(sub)
 
     try:
         from ovsam_ray.training.cli import add_train_subcommands

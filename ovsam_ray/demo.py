@@ -7,18 +7,13 @@ boxes and one interior point per object as prompts, and reports mean IoU and acc
 
 from __future__ import annotations
 
-import io as _io
 import json
 import logging
 import os
-import tarfile
 from dataclasses import dataclass
 
-import numpy as np
-
-from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
-from ovsam_ray.evaluation.points import interior_points
+from ovsam_ray.evaluation.prompts import rewrite_shard_prompts
 
 log = logging.getLogger("ovsam_ray.demo")
 
@@ -38,26 +33,9 @@ class DemoConfig:
 
 
 def add_point_prompts(shard_url: str) -> None:
-    """Rewrite a local synthetic shard so each image's JSON also has one interior point per
-    ground-truth object (``points``) with the object's box as its CLIP box (``point_boxes``)."""
-    with tarfile.open(shard_url) as tf:
-        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
-    out = _io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tf:
-        for member, data in members:
-            if member.name.endswith(".json"):
-                meta = json.loads(data)
-                masks = np.stack([decode_rle(a["segmentation"]) for a in meta["annotations"]]) if meta[
-                    "annotations"] else np.zeros((0, 1, 1), bool)
-                meta["points"] = interior_points(masks).tolist()
-                meta["point_boxes"] = meta["boxes"]
-                data = json.dumps(meta).encode()
-                member.size = len(data)
-            tf.addfile(member, _io.BytesIO(data))
-    tmp = shard_url + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(out.getvalue())
-    os.replace(tmp, shard_url)
+    """Rewrite a synthetic shard so each image's JSON has its ground-truth boxes and one interior
+    point per object (``points``) with the object's box as its CLIP box (``point_boxes``)."""
+    rewrite_shard_prompts(shard_url, shard_url, mode="both")
 
 
 def _write_vocab(path: str) -> str:

@@ -194,7 +194,7 @@ def load_part(model: nn.Module, weights: WeightsFile, part: Part) -> None:
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     shapes = sorted(
-        f"{k}: file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{_rename(k, part.model_to_file) or k}: file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in set(got) & set(expected)
         if got[k].shape != expected[k].shape
     )

@@ -74,8 +74,11 @@ def ray_local(s3_server: str) -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
+        # tests/ on the workers' path: test-only user detectors are imported there by name.
+        tests_dir = os.path.dirname(os.path.abspath(__file__))
+        path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+                 runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": path}})
     yield
     ray.shutdown()
 

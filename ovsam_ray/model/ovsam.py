@@ -108,9 +108,14 @@ class OVSAM(nn.Module):
     def embed(self, images: torch.Tensor) -> ImageFeatures:
         """images: (B, 3, S, S) normalised and padded -> ImageFeatures."""
         clip_feats = self.backbone(images)
+        if images.shape[0] == 0:  # SAM's attention blocks cannot reshape an empty batch
+            grid = self.image_size // 16
+            image_embeddings = images.new_zeros((0, self.prompt_encoder.embed_dim, grid, grid))
+        else:
+            image_embeddings = self.adapter(clip_feats)
         return ImageFeatures(
             clip_feats=clip_feats,
-            image_embeddings=self.adapter(clip_feats),
+            image_embeddings=image_embeddings,
             fpn_feats=self.recognizer.fpn(clip_feats),
         )
 

@@ -108,6 +108,7 @@ class OVSAMPredictor:
         topk: int = 5,
         fast: bool | None = None,
         prompt_chunk: int = 128,
+        half_embeddings: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
@@ -116,6 +117,9 @@ class OVSAMPredictor:
         # Prompts per decoder call: bounds memory (each prompt holds its own copy of the image
         # embedding inside the two-way transformer).
         self.prompt_chunk = prompt_chunk
+        # Classify from float16-rounded embeddings, so that stored float16 embeddings re-score
+        # (``relabel``) to exactly the labels the job wrote.
+        self.half_embeddings = half_embeddings
         self.fast = (self.device.type == "cuda") if fast is None else fast
         if self.fast:
             self.model.backbone.to(memory_format=torch.channels_last)
@@ -183,6 +187,9 @@ class OVSAMPredictor:
             return [self._empty_prediction(hw) for hw in embedded.original_sizes]
         out = self._decode_chunked(embedded, batch)
         low_res = out.low_res_logits.float()
+        if self.half_embeddings:
+            out.region_embeddings = out.region_embeddings.half().float()
+            out.clip_embeddings = out.clip_embeddings.half().float()
         cls = self.classifier(out.region_embeddings.float(), out.clip_embeddings.float(), out.clip_valid)
         labels, topk_ids, topk_scores = labels_from_logits(cls.fused_logits, self.topk)
         head_labels, _, _ = labels_from_logits(cls.head_logits, 1)

@@ -23,7 +23,9 @@ from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS
 from ovsam_ray.data.shards import list_shards, shard_name
 from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
 from ovsam_ray.model.presets import IMAGE_SIZES
+from ovsam_ray.pipeline.detectors import DetectorStage
 from ovsam_ray.pipeline.progress import JobProgress
+from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig
 from ovsam_ray.pipeline.stages import SHARD_EMPTY, SHARD_FAILED, PredictStage, decode_batch, read_shard_rows
 from ovsam_ray.pipeline.writer import RunRecord, ShardCommitter, check_or_write_run_record, rows_to_table
 
@@ -53,6 +55,15 @@ class LabelConfig:
     with_embedding: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress_interval_s: float = 10.0
+    prompts: str = "shard"
+    select: SelectConfig = field(default_factory=SelectConfig)
+    detector_weights: str | None = None
+    detector_score_threshold: float = 0.3
+    detector_nms_iou: float = 0.5
+    detector_max_per_image: int = 100
+    detector_num_gpus: float = 0.0
+    detector_concurrency: int = 1
+    detector_batch_size: int = 4
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -68,6 +79,7 @@ class LabelConfig:
             raise ValueError(f"concurrency={self.concurrency}: need 1 <= min <= max actors")
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ValueError("output must differ from input")
+        self.sources = PromptSources.parse(self.prompts)
 
 
 @dataclass
@@ -109,7 +121,11 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
         "class_embeddings": m.class_embeddings,
         "thresholds": {"mask_logit": 0.0, "alpha": 0.1, "beta": 0.9, "topk": m.topk},
         "with_embedding": cfg.with_embedding,
-        "prompts": "shard",
+        "prompts": cfg.prompts,
+        "select": dataclasses.asdict(cfg.select),
+        "detector": None if not cfg.sources.detector else {
+            "score_threshold": cfg.detector_score_threshold, "nms_iou": cfg.detector_nms_iou,
+            "max_per_image": cfg.detector_max_per_image},
     }
     details = {"config": io.redact_config(dataclasses.asdict(cfg)), "code_version": __version__,
                "random_init": m.random_init}
@@ -127,18 +143,35 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text_ref: Any) -> ray
     """The streaming Ray Data pipeline for ``shard_urls``."""
     image_size = IMAGE_SIZES[cfg.model.preset]
     ds = ray.data.from_items([{"url": u} for u in shard_urls], override_num_blocks=max(1, len(shard_urls)))
-    ds = ds.flat_map(read_shard_rows, fn_kwargs={"s3_endpoint": cfg.model.s3_endpoint})
+    # Reading is I/O and decoding light next to the model: half a CPU each keeps them schedulable
+    # beside the actors on small machines (the actors hold their CPUs for the whole job).
+    ds = ds.flat_map(read_shard_rows, fn_kwargs={"s3_endpoint": cfg.model.s3_endpoint}, num_cpus=0.5)
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"image_size": image_size, "max_pixels": cfg.max_pixels},
         batch_size=cfg.decode_batch_size,
         batch_format="pandas",
+        num_cpus=0.5,
     )
+    if cfg.sources.detector:
+        ds = ds.map_batches(
+            DetectorStage,
+            fn_constructor_kwargs={
+                "spec": cfg.sources.detector, "weights": cfg.detector_weights or cfg.model.weights,
+                "random_init": cfg.model.random_init, "score_threshold": cfg.detector_score_threshold,
+                "nms_iou": cfg.detector_nms_iou, "max_per_image": cfg.detector_max_per_image},
+            batch_size=cfg.detector_batch_size,
+            batch_format="pandas",
+            num_gpus=cfg.detector_num_gpus or None,
+            num_cpus=1 if cfg.detector_num_gpus else 0.5,
+            compute=ray.data.ActorPoolStrategy(size=cfg.detector_concurrency),
+        )
     conc = cfg.concurrency if isinstance(cfg.concurrency, tuple) else (cfg.concurrency, cfg.concurrency)
     return ds.map_batches(
         PredictStage,
         fn_constructor_kwargs={"model_config": dataclasses.asdict(cfg.model), "text": text_ref,
-                               "with_embedding": cfg.with_embedding,
+                               "with_embedding": cfg.with_embedding, "prompts": cfg.prompts,
+                               "select": dataclasses.asdict(cfg.select),
                                "cpu_threads": None if cfg.num_gpus else max(1, (os.cpu_count() or 1) // conc[1])},
         batch_size=cfg.batch_size,
         batch_format="pandas",

@@ -20,7 +20,8 @@ import torch
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, decode_sample
 from ovsam_ray.data.shards import read_shard, shard_name
 from ovsam_ray.model.functional import resize_image
-from ovsam_ray.model.predictor import ImagePrompts
+from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig, image_prompt_set, select_predictions
+from ovsam_ray.records import prediction_to_instances
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +132,6 @@ def _decode_row(row: dict[str, Any], image_size: int, max_pixels: int) -> dict[s
     }
 
 
-def _image_prompts(spec: dict[str, Any]) -> ImagePrompts:
-    pb = spec.get("point_boxes")
-    return ImagePrompts(
-        boxes=np.asarray(spec.get("boxes") or [], np.float32).reshape(-1, 4),
-        points=np.asarray(spec.get("points") or [], np.float32).reshape(-1, 2),
-        point_boxes=None if pb is None else np.asarray(pb, dtype=np.float32).reshape(-1, 4),
-    )
-
-
 OUTPUT_COLUMNS = ("key", "shard", "index", "shard_total", "shard_damage", "image_id", "width", "height",
                   "status", "error", "instances")
 
@@ -150,7 +142,8 @@ class PredictStage:
     ``instances`` as a JSON string."""
 
     def __init__(self, *, model_config: dict[str, Any], text: Any, with_embedding: bool = False,
-                 device: str | None = None, cpu_threads: int | None = None) -> None:
+                 prompts: str = "shard", select: dict[str, Any] | None = None, device: str | None = None,
+                 cpu_threads: int | None = None) -> None:
         import ray
 
         from ovsam_ray.inference import ModelConfig, load_model, make_predictor
@@ -167,7 +160,10 @@ class PredictStage:
         t0 = time.time()
         self.vocab = Vocabulary.from_json(text["vocabulary"])
         self.predictor = make_predictor(cfg, load_model(cfg), text["embeddings"], self.vocab, self.device)
+        self.predictor.half_embeddings = with_embedding
         self.with_embedding = with_embedding
+        self.sources = PromptSources.parse(prompts)
+        self.select = SelectConfig(**(select or {}))
         log.info("model %s loaded on %s in %.1fs", cfg.preset, self.device, time.time() - t0)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -193,17 +189,19 @@ class PredictStage:
         return pd.DataFrame(out, columns=list(OUTPUT_COLUMNS))
 
     def _predict(self, rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-        from ovsam_ray.records import prediction_to_instances
-
         images = [np.frombuffer(r["image"], np.uint8).reshape(r["in_h"], r["in_w"], 3).copy() for r in rows]
-        specs = [json.loads(r["prompts"]) for r in rows]
-        prompts = [_image_prompts(s) for s in specs]
+        sets = [
+            image_prompt_set(json.loads(r["prompts"]), self.sources, width=int(r["width"]), height=int(r["height"]),
+                             grid_size=self.select.grid_size)
+            for r in rows
+        ]
         sizes = [(int(r["height"]), int(r["width"])) for r in rows]
-        preds = self.predictor.predict(self.predictor.embed(images, original_sizes=sizes), prompts)
+        preds = self.predictor.predict(self.predictor.embed(images, original_sizes=sizes), [s.prompts for s in sets])
         out = {}
-        for r, spec, p, pred in zip(rows, specs, prompts, preds):
+        for r, ps, pred in zip(rows, sets, preds):
+            keep = select_predictions(pred, ps.types, self.select)
             out[id(r)] = prediction_to_instances(
-                pred, p, self.vocab, detector_scores=spec.get("scores"), detector_labels=spec.get("labels"),
-                with_embedding=self.with_embedding,
+                pred, ps.prompts, self.vocab, types=ps.types, keep=keep, detector_scores=ps.detector_scores,
+                detector_labels=ps.detector_labels, with_embedding=self.with_embedding,
             )
         return out

@@ -43,7 +43,8 @@ RLE_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())
 
 #: One prompt's result. prompt_type is "box", "point" or "grid"; prompt_box/bbox are XYXY in
 #: original-image pixels (bbox = the mask's [x_first, y_first, x_last+1, y_last+1]); point is xy;
-#: rle is COCO RLE of the mask at original size; embedding is the optional float16 region embedding.
+#: rle is COCO RLE of the mask at original size; embedding / clip_embedding / clip_valid are the
+#: optional float16 region and CLIP embeddings and CLIP-validity flag (re-scoring, ``relabel``).
 INSTANCE_TYPE = pa.struct(
     [
         ("prompt_type", pa.string()),
@@ -60,6 +61,8 @@ INSTANCE_TYPE = pa.struct(
         ("topk_labels", pa.list_(pa.string())),
         ("topk_scores", pa.list_(pa.float32())),
         ("embedding", pa.list_(pa.float16())),
+        ("clip_embedding", pa.list_(pa.float16())),
+        ("clip_valid", pa.bool_()),
     ]
 )
 

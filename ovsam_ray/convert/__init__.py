@@ -1,0 +1,23 @@
+"""Datasets -> WebDataset shards (DESIGN §4): COCO, LVIS v1, SA-1B, ImageNet-style classification
+and detector results. Every converter writes ``<output>/shard-%06d.tar`` with N images each,
+deterministic keys, and a ``_convert.json`` summary."""
+
+from ovsam_ray.convert.coco import convert_coco
+from ovsam_ray.convert.detections import convert_detections
+from ovsam_ray.convert.imagenet import convert_imagenet, load_synset_map
+from ovsam_ray.convert.lvis import convert_lvis
+from ovsam_ray.convert.sa1b import convert_sa1b
+from ovsam_ray.convert.writer import ConvertSummary, Sample, sample_key, write_shards
+
+__all__ = [
+    "ConvertSummary",
+    "Sample",
+    "convert_coco",
+    "convert_detections",
+    "convert_imagenet",
+    "convert_lvis",
+    "convert_sa1b",
+    "load_synset_map",
+    "sample_key",
+    "write_shards",
+]

@@ -1,0 +1,161 @@
+"""ImageNet-style classification data -> WebDataset shards with one class per image.
+
+Input is a folder (or ``s3://`` prefix) holding either one sub-folder of images per class
+(``train/n01440764/n01440764_10026.JPEG``) or one tar of images per class
+(``fall11_whole/n01440764.tar``, ImageNet-22k's layout). A synset map names the classes:
+``LOC_synset_mapping.txt`` / ``words.txt`` lines (``n01440764 tench, Tinca tinca``, space or tab),
+or JSON (``{"n01440764": "tench"}``, ``{"n01440764": ["tench", "Tinca tinca"]}`` or Keras'
+``{"0": ["n01440764", "tench"]}``). The first name is the class name, the others its synonyms.
+Each image's JSON: ``image_id`` (``<synset>/<file stem>``), ``class_name``, ``synset``,
+``class_id`` (position of the synset in the map, else in sorted folder order) — what CLIP2SAM
+co-training reads as image-level labels. Classes are written in ``class_id`` order, files sorted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ovsam_ray import io
+from ovsam_ray.convert.writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
+from ovsam_ray.data.shards import is_damage_marker, iter_shard_samples
+
+__all__ = ["SynsetClass", "convert_imagenet", "load_synset_map"]
+
+
+@dataclass(frozen=True)
+class SynsetClass:
+    synset: str
+    name: str
+    synonyms: tuple[str, ...] = ()
+
+
+def _names(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [n.strip() for n in value.split(",") if n.strip()]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _names(v)]
+    return []
+
+
+def _classes_from_json(obj: Any) -> list[SynsetClass]:
+    out = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(value, (list, tuple)) and len(value) >= 2 and str(key).isdigit():  # Keras class index
+                synset, names = str(value[0]), _names(list(value[1:]))
+            else:
+                synset, names = str(key), _names(value)
+            out.append((int(key) if str(key).isdigit() else len(out), SynsetClass(synset, *_split(names, synset))))
+        out.sort(key=lambda p: p[0])
+        return [c for _, c in out]
+    raise ValueError("synset map JSON must be an object")
+
+
+def _split(names: list[str], synset: str) -> tuple[str, tuple[str, ...]]:
+    names = names or [synset]
+    return names[0], tuple(names[1:])
+
+
+def load_synset_map(url: str, *, s3_endpoint: str | None = None) -> list[SynsetClass]:
+    """Classes of a synset map file, in file order (see the module docstring for the formats)."""
+    text = io.read_bytes(url, s3_endpoint=s3_endpoint).decode("utf-8")
+    if text.lstrip().startswith("{"):
+        return _classes_from_json(json.loads(text))
+    classes = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        synset, _, rest = line.replace("\t", " ").partition(" ")
+        classes.append(SynsetClass(synset, *_split(_names(rest), synset)))
+    if not classes:
+        raise ValueError(f"{io.redact(url)}: no classes in the synset map")
+    return classes
+
+
+def _meta(synset: str, stem: str, classes: dict[str, tuple[int, SynsetClass]]) -> dict[str, Any]:
+    class_id, cls = classes[synset]
+    return {"image_id": f"{synset}/{stem}", "class_name": cls.name, "synset": synset, "class_id": class_id,
+            "synonyms": list(cls.synonyms)}
+
+
+def _key(synset: str, stem: str) -> str:
+    return sample_key(stem) if stem.startswith(synset + "_") else sample_key(synset, stem)
+
+
+def _layout(root: str, s3_endpoint: str | None) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Image files per class folder, and tar files per class."""
+    folders: dict[str, list[str]] = defaultdict(list)
+    tars: dict[str, str] = {}
+    prefix = root.rstrip("/") + "/"
+    for url in io.list_files(root, recursive=True, s3_endpoint=s3_endpoint):
+        rel = url[len(prefix):] if url.startswith(prefix) else url.rsplit("/", 1)[-1]
+        parts = rel.split("/")
+        if len(parts) == 1 and rel.endswith(".tar"):
+            tars[rel[: -len(".tar")]] = url
+        elif len(parts) >= 2 and image_extension(rel):
+            folders[parts[0]].append(url)
+    return folders, tars
+
+
+def _samples(root_folders: dict[str, list[str]], tars: dict[str, str], order: list[str],
+             classes: dict[str, tuple[int, SynsetClass]], summary: ConvertSummary, limit: int | None,
+             s3_endpoint: str | None) -> Iterator[Sample]:
+    n = 0
+    for synset in order:
+        if synset in tars:
+            read = iter_shard_samples(tars[synset], s3_endpoint=s3_endpoint)
+            source = (((s["key"] or "").rsplit("/", 1)[-1], s) for s in read)
+        else:
+            source = ((u.rsplit("/", 1)[-1].rsplit(".", 1)[0], u) for u in sorted(root_folders[synset]))
+        for stem, item in source:
+            if limit is not None and n >= limit:
+                return
+            if isinstance(item, str):
+                sample = Sample(key=_key(synset, stem), image_ext=image_extension(item) or "jpg", image_url=item,
+                                meta=_meta(synset, stem, classes))
+            elif is_damage_marker(item) or item["error"]:
+                summary.skip(f"{tars[synset]}:{item['key']}", item["error"])
+                continue
+            else:
+                sample = Sample(key=_key(synset, stem), image_ext=item["image_ext"], image=item["image_bytes"],
+                                meta=_meta(synset, stem, classes))
+            n += 1
+            yield sample
+
+
+def convert_imagenet(
+    input: str,
+    output: str,
+    *,
+    synsets: str | None = None,
+    images_per_shard: int = 1000,
+    limit: int | None = None,
+    workers: int = 4,
+    s3_endpoint: str | None = None,
+) -> ConvertSummary:
+    """Folder-per-class or tar-per-class images under ``input`` -> shards under ``output``.
+    ``synsets``: the synset map file (without it the folder/tar names are the class names)."""
+    folders, tars = _layout(input, s3_endpoint)
+    present = set(folders) | set(tars)
+    if not present:
+        raise ValueError(f"{io.redact(input)}: found neither class folders of images nor per-class .tar files")
+    known = load_synset_map(synsets, s3_endpoint=s3_endpoint) if synsets else \
+        [SynsetClass(s, s) for s in sorted(present)]
+    classes = {c.synset: (i, c) for i, c in enumerate(known)}
+    summary = ConvertSummary()
+    missing = sorted(present - set(classes))
+    if missing:
+        summary.notes.append(f"{len(missing)} class folders/tars not in the synset map were skipped: {missing[:10]}")
+    order = [c.synset for c in known if c.synset in present]
+    samples = _samples(folders, tars, order, classes, summary, limit, s3_endpoint)
+    summary = write_shards(samples, output, images_per_shard=images_per_shard, workers=workers,
+                           s3_endpoint=s3_endpoint, summary=summary)
+    names = [{"id": i, "synset": c.synset, "name": c.name, "synonyms": list(c.synonyms)} for i, c in enumerate(known)]
+    io.atomic_write_bytes(io.join(output, "_categories.json"), json.dumps({"categories": names}, indent=1).encode(),
+                          s3_endpoint=s3_endpoint)
+    return summary

@@ -1,0 +1,157 @@
+"""Write samples into WebDataset shards of N images: the shared back end of every converter.
+
+A sample is a key, an image (bytes, or a URL read when its shard is built) and the DESIGN §4
+JSON. Samples are cut into shards in the order given (``<prefix>-000000.tar``, ...), each shard
+is built in memory and written atomically, several at once on a thread pool (reading images from
+object storage is I/O-bound); at most ``2 * workers`` shards are held in memory. Same input,
+same arguments -> byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ovsam_ray import io
+from ovsam_ray.data.shards import IMAGE_EXTENSIONS
+from ovsam_ray.data.synthetic import tar_bytes
+
+__all__ = ["ConvertSummary", "Sample", "image_extension", "sample_key", "write_shards"]
+
+log = logging.getLogger(__name__)
+
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+#: Skipped samples listed by name in the summary (the count is always complete).
+MAX_LISTED_SKIPS = 50
+
+
+def sample_key(*parts: Any) -> str:
+    """A WebDataset key from source identifiers: characters other than letters, digits, ``_`` and
+    ``-`` become ``_`` (a dot would end the key, a slash would make a folder); parts joined by ``_``.
+    ``sample_key("n01440764", "n01440764_10026")`` -> ``"n01440764_n01440764_10026"``."""
+    text = "_".join(str(p) for p in parts)
+    key = _UNSAFE_KEY_CHARS.sub("_", text).strip("_")
+    if not key:
+        raise ValueError(f"cannot make a sample key from {parts!r}")
+    return key
+
+
+def image_extension(name: str) -> str | None:
+    """Lower-case image extension of a file name (``"a/B.JPEG"`` -> ``"jpeg"``), ``None`` if not an image."""
+    ext = name.rsplit("/", 1)[-1].rpartition(".")[2].lower()
+    return ext if ext in IMAGE_EXTENSIONS else None
+
+
+@dataclass
+class Sample:
+    """One image to write: ``image`` is its bytes or ``None`` with ``image_url`` to read later;
+    ``meta`` is the JSON, or ``load_meta`` builds it later (on the writer's threads)."""
+
+    key: str
+    image_ext: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    image: bytes | None = None
+    image_url: str | None = None
+    load_meta: Callable[[], dict[str, Any]] | None = None
+
+
+@dataclass
+class ConvertSummary:
+    """What a conversion wrote and what it skipped (``skipped_examples``: the first few, with why)."""
+
+    shards: list[str] = field(default_factory=list)
+    images: int = 0
+    annotations: int = 0
+    skipped: int = 0
+    skipped_examples: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped += 1
+        if len(self.skipped_examples) < MAX_LISTED_SKIPS:
+            self.skipped_examples.append({"sample": what, "reason": why})
+        log.warning("skipped %s: %s", io.redact(what), why)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shards": len(self.shards), "images": self.images, "annotations": self.annotations,
+                "skipped": self.skipped, "skipped_examples": self.skipped_examples, "notes": self.notes,
+                "first_shard": self.shards[0] if self.shards else None}
+
+
+def _chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+    chunk: list[Sample] = []
+    for s in samples:
+        chunk.append(s)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _build_shard(url: str, chunk: list[Sample], s3_endpoint: str | None) -> tuple[int, int, list[tuple[str, str]]]:
+    members: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+    skipped: list[tuple[str, str]] = []
+    annotations = 0
+    for s in chunk:
+        if s.key in seen:
+            skipped.append((s.key, "duplicate key in this shard"))
+            continue
+        try:
+            data = s.image if s.image is not None else io.read_bytes(s.image_url or "", s3_endpoint=s3_endpoint)
+            meta = s.load_meta() if s.load_meta is not None else s.meta
+        except (FileNotFoundError, OSError, ValueError) as e:
+            skipped.append((s.image_url or s.key, f"not readable: {type(e).__name__}: {e}"))
+            continue
+        seen.add(s.key)
+        annotations += len(meta.get("annotations") or [])
+        members.append((f"{s.key}.{s.image_ext}", data))
+        members.append((f"{s.key}.json", json.dumps(meta, separators=(",", ":")).encode()))
+    io.atomic_write_bytes(url, tar_bytes(members), s3_endpoint=s3_endpoint)
+    return len(seen), annotations, skipped
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    output: str,
+    *,
+    images_per_shard: int = 1000,
+    prefix: str = "shard",
+    workers: int = 4,
+    s3_endpoint: str | None = None,
+    summary: ConvertSummary | None = None,
+) -> ConvertSummary:
+    """Write ``samples`` as ``<output>/<prefix>-%06d.tar`` with ``images_per_shard`` each and a
+    ``_convert.json`` summary; return the summary. An unreadable image is skipped and counted
+    (its shard then holds fewer images); a duplicate key within a shard is skipped too."""
+    if images_per_shard < 1 or workers < 1:
+        raise ValueError("images_per_shard and workers must be >= 1")
+    summary = summary or ConvertSummary()
+    pending: list[Future] = []
+
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            images, anns, skipped = pending.pop(0).result()
+            summary.images += images
+            summary.annotations += anns
+            for what, why in skipped:
+                summary.skip(what, why)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for index, chunk in enumerate(_chunks(samples, images_per_shard)):
+            url = io.join(output, f"{prefix}-{index:06d}.tar")
+            summary.shards.append(url)
+            pending.append(pool.submit(_build_shard, url, chunk, s3_endpoint))
+            drain(2 * workers)
+        drain(0)
+    io.atomic_write_bytes(io.join(output, "_convert.json"), json.dumps(summary.to_dict(), indent=1).encode(),
+                          s3_endpoint=s3_endpoint)
+    log.info("wrote %d images (%d annotations) into %d shards under %s; %d skipped", summary.images,
+             summary.annotations, len(summary.shards), io.redact(output), summary.skipped)
+    return summary

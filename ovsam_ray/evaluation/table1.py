@@ -1,0 +1,182 @@
+"""Interactive evaluation, the paper's Table 1: ground-truth boxes or points as prompts.
+
+Every prompted object (see :mod:`ovsam_ray.evaluation.prompts`) gets one record: the IoU of the
+predicted mask with the ground-truth mask and whether the top label is the object's class; the
+records are averaged per prompt type over all objects and over the base (``seen``) and novel
+(unseen) classes of the vocabulary. Objects whose class the vocabulary excludes (COCO-OV's 15)
+or does not know are not prompted and not scored. The box-fill baseline (the prompt box itself
+as the mask) is reported next to the box IoU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ovsam_ray.data.rle import decode_rle
+from ovsam_ray.evaluation.interactive import box_fill_mask, mask_iou
+from ovsam_ray.evaluation.prompts import annotation_mask
+from ovsam_ray.model.text_embedding import clean_class_name
+from ovsam_ray.vocabulary import Vocabulary
+
+__all__ = ["ClassLookup", "ObjectScore", "score_image", "summarize", "table1_markdown"]
+
+
+def _norm(name: Any) -> str:
+    return clean_class_name(str(name)).lower()
+
+
+class ClassLookup:
+    """Maps ground-truth categories and predicted labels to vocabulary classes.
+
+    A category matches by ``category_name`` (the class name first, then a synonym; case- and
+    underscore-insensitive), else by ``category_id`` against the vocabulary's ``class_ids``.
+    Picklable (plain dicts), so Ray tasks can take it.
+    """
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.names = list(vocab.class_names)
+        self.seen = list(vocab.seen)
+        self.excluded = list(vocab.excluded)
+        self.by_name: dict[str, int] = {}
+        for i, name in enumerate(vocab.class_names):
+            self.by_name.setdefault(_norm(name), i)
+        for i, syns in enumerate(vocab.synonyms):
+            for s in syns:
+                self.by_name.setdefault(_norm(s), i)
+        self.by_id = {int(c): i for i, c in enumerate(vocab.class_ids)}
+
+    def index(self, ann: dict[str, Any]) -> int:
+        """Vocabulary index of an annotation's class, -1 when it has none."""
+        name = ann.get("category_name")
+        if name is not None:
+            return self.by_name.get(_norm(name), -1)
+        cid = ann.get("category_id")
+        if isinstance(cid, int) and not isinstance(cid, bool):
+            return self.by_id.get(cid, -1)
+        return -1
+
+    def label_index(self, label: str | None) -> int:
+        """Vocabulary index of a predicted label (a class name), -1 for None/unknown."""
+        return -1 if label is None else self.by_name.get(_norm(label), -1)
+
+    def keep(self, ann: dict[str, Any]) -> bool:
+        """Whether the protocol evaluates this object: a known, not excluded class."""
+        i = self.index(ann)
+        return i >= 0 and not self.excluded[i]
+
+
+@dataclass
+class ObjectScore:
+    """One prompted object: ``iou`` of the predicted mask, ``correct`` top label, ``fill_iou``
+    of the prompt box as a mask (box prompts only, else NaN)."""
+
+    prompt_type: str
+    class_index: int
+    seen: bool
+    iou: float
+    correct: bool
+    fill_iou: float = float("nan")
+
+
+def _prompt_coords(prompt_type: str, meta: dict[str, Any], k: int, width: int, height: int) -> np.ndarray:
+    """Where the label job put prompt ``k`` after clipping it to the image (see decode)."""
+    if prompt_type == "box":
+        x0, y0, x1, y1 = (float(v) for v in meta["boxes"][k])
+        xs = np.clip([min(x0, x1), max(x0, x1)], 0, width)
+        ys = np.clip([min(y0, y1), max(y0, y1)], 0, height)
+        return np.asarray([xs[0], ys[0], xs[1], ys[1]])
+    x, y = (float(v) for v in meta["points"][k])
+    return np.asarray([min(max(x, 0.0), width - 1.0), min(max(y, 0.0), height - 1.0)])
+
+
+def _matches(inst: dict[str, Any], prompt_type: str, coords: np.ndarray) -> bool:
+    got = inst.get("prompt_box") if prompt_type == "box" else inst.get("point")
+    return got is not None and bool(np.allclose(np.asarray(got, np.float64), coords, atol=1e-2))
+
+
+def score_image(
+    row: dict[str, Any], meta: dict[str, Any], lookup: ClassLookup
+) -> tuple[list[ObjectScore], int]:
+    """Score one label row against its shard JSON (``annotations`` + ``box_annotations`` /
+    ``point_annotations``). Instances are matched to prompts in prompt order by their prompt box
+    or point, so a prompt the label job dropped is counted, not mis-paired. Returns the records
+    and the number of prompts without an instance."""
+    anns = meta.get("annotations") or []
+    height = int(row.get("height") or meta.get("height") or 0)
+    width = int(row.get("width") or meta.get("width") or 0)
+    instances = list(row.get("instances") or [])
+    out: list[ObjectScore] = []
+    missing = 0
+    masks: dict[int, np.ndarray] = {}
+    for prompt_type, field in (("box", "box_annotations"), ("point", "point_annotations")):
+        preds = [i for i in instances if i["prompt_type"] == prompt_type]
+        j = 0
+        for k, ann_index in enumerate(meta.get(field) or []):
+            coords = _prompt_coords(prompt_type, meta, k, width, height)
+            if j >= len(preds) or not _matches(preds[j], prompt_type, coords):
+                missing += 1
+                continue
+            inst = preds[j]
+            j += 1
+            ann = anns[ann_index]
+            cls = lookup.index(ann)
+            if cls < 0 or lookup.excluded[cls]:
+                continue
+            if ann_index not in masks:
+                masks[ann_index] = annotation_mask(ann, height, width)
+            target = masks[ann_index]
+            fill = mask_iou(box_fill_mask(inst["prompt_box"], height, width), target) if prompt_type == "box" \
+                else float("nan")
+            out.append(ObjectScore(prompt_type, cls, lookup.seen[cls], mask_iou(decode_rle(inst["rle"]), target),
+                                   lookup.label_index(inst.get("label")) == cls, fill))
+    return out, missing
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def summarize(records: Iterable[ObjectScore]) -> dict[str, dict[str, Any]]:
+    """Per prompt type: ``objects``, ``miou``, ``accuracy`` over all objects, and the same over
+    ``base`` and ``novel`` objects (``None`` where there are none); ``box_fill_miou`` for boxes."""
+    groups: dict[str, list[ObjectScore]] = {}
+    for r in records:
+        groups.setdefault(r.prompt_type, []).append(r)
+    out = {}
+    for prompt_type in sorted(groups, key=lambda t: (t != "box", t)):
+        recs = groups[prompt_type]
+        entry: dict[str, Any] = {}
+        for split, chosen in (("", recs), ("_base", [r for r in recs if r.seen]),
+                              ("_novel", [r for r in recs if not r.seen])):
+            entry[f"objects{split}"] = len(chosen)
+            entry[f"miou{split}"] = _mean([r.iou for r in chosen])
+            entry[f"accuracy{split}"] = _mean([float(r.correct) for r in chosen])
+        if prompt_type == "box":
+            entry["box_fill_miou"] = _mean([r.fill_iou for r in recs])
+        out[prompt_type] = entry
+    return out
+
+
+def _fmt(value: Any, percent: bool = True) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" if percent else str(value)
+
+
+def table1_markdown(metrics: dict[str, dict[str, Any]]) -> str:
+    """The metrics of :func:`summarize` as a markdown table (IoU and accuracy in %)."""
+    lines = ["| prompt | objects (base/novel) | mIoU | mIoU base | mIoU novel | acc | acc base | acc novel |",
+             "|---|---|---|---|---|---|---|---|"]
+    for prompt_type, m in metrics.items():
+        lines.append(
+            f"| {prompt_type} | {m['objects']} ({m['objects_base']}/{m['objects_novel']}) | {_fmt(m['miou'])} | "
+            f"{_fmt(m['miou_base'])} | {_fmt(m['miou_novel'])} | {_fmt(m['accuracy'])} | "
+            f"{_fmt(m['accuracy_base'])} | {_fmt(m['accuracy_novel'])} |")
+    if "box" in metrics and metrics["box"].get("box_fill_miou") is not None:
+        lines.append("")
+        lines.append(f"Box-fill baseline (the prompt box as the mask): mIoU {_fmt(metrics['box']['box_fill_miou'])}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,145 @@
+"""Label output -> one COCO instances json (masks as RLE), streamed with bounded memory.
+
+``images`` (one per ``ok`` row: ``id``, ``width``, ``height``, ``file_name`` = ``<shard>/<key>``,
+``shard``, ``key``), ``annotations`` (``segmentation`` RLE, ``bbox`` xywh of the mask, ``area``,
+``category_id``, ``score`` and the OV-SAM fields ``label_score``, ``topk_labels``, ``topk_scores``,
+``prompt_type``, ``detector_score``, ``detector_label``) and ``categories``. The file is written
+while the Parquet files are read column by column in three passes (image ids, images, then
+annotations), so memory holds one record batch, never the whole output. The annotations also load
+as COCO results (``COCO.loadRes``: they carry ``score``).
+
+Image ids: the rows' ``image_id`` when every one is an integer (COCO shards keep COCO's ids),
+else 1..N in output order. Category ids: from ``categories`` (a COCO json — e.g. the converter's
+``_categories.json`` — or a vocabulary; labels not in it are dropped and counted), else each
+label's ``label_id`` from the vocabulary the labels were made with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import IO, Any
+
+from ovsam_ray import io
+from ovsam_ray.evaluation.coco_ap import LABEL_SOURCES, SCORE_MODES, instance_score
+from ovsam_ray.export.categories import category_index, load_categories
+from ovsam_ray.export.reader import iter_label_rows, open_output
+from ovsam_ray.model.text_embedding import clean_class_name
+
+__all__ = ["coco_image_ids", "export_coco"]
+
+log = logging.getLogger(__name__)
+
+_IMAGE_COLUMNS = ("key", "shard", "image_id", "width", "height", "status")
+
+
+def _int_id(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and str(int(value)) == str(value).strip() else None
+    except (TypeError, ValueError):
+        return None
+
+
+def coco_image_ids(labels: str, *, s3_endpoint: str | None = None) -> str:
+    """``"source"`` when every ok row's ``image_id`` is an integer, else ``"sequential"``."""
+    for row in iter_label_rows(labels, columns=("image_id", "status"), s3_endpoint=s3_endpoint):
+        if row["status"] == "ok" and _int_id(row["image_id"]) is None:
+            return "sequential"
+    return "source"
+
+
+def _ok_rows(labels: str, columns: tuple[str, ...] | None, policy: str, s3_endpoint: str | None
+             ) -> Iterator[tuple[int, dict[str, Any]]]:
+    n = 0
+    for row in iter_label_rows(labels, columns=columns, s3_endpoint=s3_endpoint):
+        if row["status"] != "ok":
+            continue
+        n += 1
+        yield (_int_id(row["image_id"]) if policy == "source" else n), row
+
+
+def _write_array(f: IO[str], items: Iterator[dict[str, Any]]) -> int:
+    count = 0
+    for item in items:
+        f.write(("," if count else "") + "\n" + json.dumps(item, separators=(",", ":")))
+        count += 1
+    return count
+
+
+def _annotation(inst: dict[str, Any], image_id: int, category_id: int, score: float) -> dict[str, Any]:
+    x0, y0, x1, y1 = (float(v) for v in inst["bbox"])
+    rle = inst["rle"]
+    return {
+        "image_id": image_id, "category_id": category_id, "iscrowd": 0,
+        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
+        "area": int(inst["area"]), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score,
+        "label": inst.get("label"), "label_score": inst.get("label_score"),
+        "topk_labels": inst.get("topk_labels"), "topk_scores": inst.get("topk_scores"),
+        "prompt_type": inst.get("prompt_type"), "detector_score": inst.get("detector_score"),
+        "detector_label": inst.get("detector_label"),
+    }
+
+
+def export_coco(
+    labels: str,
+    output: str,
+    *,
+    categories: str | None = None,
+    label_source: str = "ovsam",
+    score: str = "auto",
+    min_score: float = 0.0,
+    s3_endpoint: str | None = None,
+) -> dict[str, Any]:
+    """Write the COCO json ``output`` from the label output ``labels``; returns counts
+    (``images``, ``annotations``, ``dropped``: instances whose label is not a category,
+    ``below_min_score``, ``error_rows``)."""
+    if label_source not in LABEL_SOURCES or score not in SCORE_MODES:
+        raise ValueError(f"label_source must be one of {LABEL_SOURCES}, score one of {SCORE_MODES}")
+    fixed = load_categories(categories, s3_endpoint=s3_endpoint) if categories else None
+    index = category_index(fixed) if fixed else None
+    seen: dict[int, str] = {}
+    by_name: dict[str, int] = {}
+    stats = {"images": 0, "annotations": 0, "dropped": 0, "below_min_score": 0, "error_rows": 0}
+    policy = coco_image_ids(labels, s3_endpoint=s3_endpoint)
+
+    def images() -> Iterator[dict[str, Any]]:
+        for image_id, row in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
+            yield {"id": image_id, "width": row["width"], "height": row["height"],
+                   "file_name": f"{row['shard']}/{row['key']}", "shard": row["shard"], "key": row["key"]}
+
+    def annotations() -> Iterator[dict[str, Any]]:
+        n = 0
+        for image_id, row in _ok_rows(labels, None, policy, s3_endpoint):
+            for inst in row["instances"] or []:
+                name = inst.get("detector_label") if label_source == "detector" else inst.get("label")
+                if index is not None:
+                    cat = index.get(clean_class_name(str(name))) if name is not None else None
+                elif label_source == "ovsam":
+                    cat = inst.get("label_id")
+                else:  # detector names without a category list: ids 1..K in order of appearance
+                    cat = by_name.setdefault(str(name), len(by_name) + 1) if name is not None else None
+                if cat is None:
+                    stats["dropped"] += 1
+                    continue
+                s = instance_score(inst, label_source, score)
+                if s < min_score:
+                    stats["below_min_score"] += 1
+                    continue
+                seen.setdefault(int(cat), str(name))
+                n += 1
+                yield {"id": n, **_annotation(inst, image_id, int(cat), s)}
+
+    with open_output(output, "w", s3_endpoint=s3_endpoint) as f:
+        f.write('{"info": ' + json.dumps({"description": "ovsam_ray labels", "labels": io.redact(labels)}))
+        f.write(',\n"images": [')
+        stats["images"] = _write_array(f, images())
+        f.write('],\n"annotations": [')
+        stats["annotations"] = _write_array(f, annotations())
+        cats = fixed if fixed is not None else [{"id": k, "name": v} for k, v in sorted(seen.items())]
+        f.write('],\n"categories": ' + json.dumps(cats) + "}\n")
+    for row in iter_label_rows(labels, columns=("status",), s3_endpoint=s3_endpoint):
+        stats["error_rows"] += row["status"] != "ok"
+    if stats["dropped"]:
+        log.warning("%d instances had a label that is not one of the categories and were left out", stats["dropped"])
+    return stats

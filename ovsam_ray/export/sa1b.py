@@ -1,0 +1,63 @@
+"""Label output -> SA-1B-style per-image json: ``<output>/<shard>/<key>.json``.
+
+Same layout as SA-1B's own files — ``{"image": {image_id, width, height, file_name},
+"annotations": [{id, segmentation (RLE), bbox (xywh), area, point_coords, crop_box, ...}]}`` —
+plus the open-vocabulary fields per mask (``label``, ``label_id``, ``label_score``,
+``topk_labels``, ``topk_scores``, ``prompt_type``, ``prompt_box``). SA-1B's ``predicted_iou``
+and ``stability_score`` have no counterpart here (OV-SAM has no IoU head) and are left out;
+``point_coords`` is the point prompt, or the prompt box's centre.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ovsam_ray import io
+from ovsam_ray.export.reader import iter_label_rows, write_file
+
+__all__ = ["export_sa1b", "sa1b_record"]
+
+
+def _point(inst: dict[str, Any]) -> list[list[float]]:
+    if inst.get("point") is not None:
+        return [[float(v) for v in inst["point"]]]
+    box = inst.get("prompt_box") or inst.get("bbox") or [0, 0, 0, 0]
+    return [[(float(box[0]) + float(box[2])) / 2, (float(box[1]) + float(box[3])) / 2]]
+
+
+def sa1b_record(row: dict[str, Any], *, min_score: float = 0.0) -> dict[str, Any]:
+    """The SA-1B-style json of one ``ok`` label row."""
+    width, height = int(row["width"]), int(row["height"])
+    anns = []
+    for i, inst in enumerate(row["instances"] or []):
+        if (inst.get("label_score") or 0.0) < min_score:
+            continue
+        x0, y0, x1, y1 = (float(v) for v in inst["bbox"])
+        anns.append({
+            "id": i, "segmentation": {"size": [int(v) for v in inst["rle"]["size"]], "counts": inst["rle"]["counts"]},
+            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(inst["area"]), "point_coords": _point(inst),
+            "crop_box": [0, 0, width, height], "label": inst.get("label"), "label_id": inst.get("label_id"),
+            "label_score": inst.get("label_score"), "topk_labels": inst.get("topk_labels"),
+            "topk_scores": inst.get("topk_scores"), "prompt_type": inst.get("prompt_type"),
+            "prompt_box": inst.get("prompt_box"),
+        })
+    image = {"image_id": row.get("image_id") or row["key"], "width": width, "height": height,
+             "file_name": f"{row['key']}.jpg", "shard": row["shard"], "key": row["key"]}
+    return {"image": image, "annotations": anns}
+
+
+def export_sa1b(labels: str, output: str, *, min_score: float = 0.0, s3_endpoint: str | None = None
+                ) -> dict[str, int]:
+    """Write one json per ``ok`` row under ``output``; returns counts."""
+    stats = {"images": 0, "annotations": 0, "error_rows": 0}
+    for row in iter_label_rows(labels, s3_endpoint=s3_endpoint):
+        if row["status"] != "ok":
+            stats["error_rows"] += 1
+            continue
+        record = sa1b_record(row, min_score=min_score)
+        write_file(io.join(output, row["shard"], f"{row['key']}.json"),
+                   json.dumps(record, separators=(",", ":")).encode(), s3_endpoint=s3_endpoint)
+        stats["images"] += 1
+        stats["annotations"] += len(record["annotations"])
+    return stats

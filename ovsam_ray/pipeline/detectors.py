@@ -1,0 +1,143 @@
+"""Detector prompts: an actor pool between decode and OV-SAM (``--prompts detector:NAME``).
+
+Built in: torchvision detection models by name (``fasterrcnn_resnet50_fpn_v2``,
+``retinanet_resnet50_fpn_v2``, ``fcos_resnet50_fpn``, ...), weights from the weights location
+(``<name>.pth`` or torchvision's own file name, e.g. ``fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth``)
+or random init. Boxes become class-agnostic prompts after a score threshold, NMS and a per-image
+cap; each keeps its detector label and score.
+
+User detectors: ``detector:my_pkg.module:MyDetector`` — a class whose constructor takes keyword
+arguments (``device``, ``weights``, ``random_init``) and whose instances are called with a list of
+(H, W, 3) uint8 RGB images and return, per image, ``{"boxes": (N, 4) XYXY float in that image's
+pixels, "scores": (N,), "labels": N strings or None}``. The stage passes the decoded images as
+resized for OV-SAM and maps the boxes back to original-image pixels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision
+from torchvision.ops import batched_nms, nms
+
+log = logging.getLogger(__name__)
+
+
+class TorchvisionDetector:
+    """A torchvision detection model as a class-agnostic box proposer."""
+
+    def __init__(self, *, name: str, device: str = "cpu", weights: str | None = None, random_init: bool = False,
+                 score_threshold: float = 0.3) -> None:
+        builders = torchvision.models.detection.__dict__
+        if name not in builders or not callable(builders[name]):
+            known = sorted(k for k, v in builders.items() if callable(v) and k[0].islower() and "_" in k)
+            raise ValueError(f"unknown torchvision detector {name!r}; known: {', '.join(known)}")
+        self.categories = _coco_categories(name)
+        model = builders[name](weights=None, weights_backbone=None, num_classes=len(self.categories),
+                               box_score_thresh=score_threshold)
+        if not random_init:
+            path = _find_weights(weights, name)
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        self.model = model.eval().to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        tensors = [torch.from_numpy(im).to(self.device).permute(2, 0, 1).float() / 255.0 for im in images]
+        outputs = self.model(tensors) if tensors else []
+        return [
+            {"boxes": o["boxes"].cpu().numpy(), "scores": o["scores"].cpu().numpy(),
+             "labels": [self.categories[int(i)] for i in o["labels"].cpu()]}
+            for o in outputs
+        ]
+
+
+def _coco_categories(name: str) -> list[str]:
+    """Category names of torchvision's COCO weights for ``name`` (offline metadata)."""
+    weights_enum = torchvision.models.get_model_weights(name)
+    return list(next(iter(weights_enum)).meta["categories"])
+
+
+def _find_weights(location: str | None, name: str) -> str:
+    if location is None:
+        raise ValueError(f"detector {name}: pass --weights DIR holding {name}.pth (or torchvision's file), "
+                         "or --random-init")
+    from ovsam_ray.weights import local_path
+
+    if location.endswith(".pth") or location.endswith(".pt"):
+        return local_path(location)
+    from ovsam_ray.io import get_filesystem
+
+    fs, root = get_filesystem(location)
+    for path in sorted(fs.ls(root, detail=False)):
+        base = os.path.basename(path)
+        if base == f"{name}.pth" or (base.startswith(name + "_") and base.endswith(".pth")):
+            return local_path(location.rstrip("/") + "/" + base)
+    raise ValueError(f"detector {name}: no {name}.pth or {name}_*.pth in {location}")
+
+
+def load_detector(spec: str, **kwargs: Any) -> Any:
+    """``module.path:ClassName`` -> a user detector instance; a plain name -> TorchvisionDetector."""
+    if ":" in spec:
+        module, _, cls = spec.partition(":")
+        factory = getattr(importlib.import_module(module), cls)
+        return factory(**{k: v for k, v in kwargs.items() if k in ("device", "weights", "random_init")})
+    return TorchvisionDetector(name=spec, **kwargs)
+
+
+def postprocess_detections(det: dict[str, Any], *, score_threshold: float, nms_iou: float, max_per_image: int,
+                           class_agnostic: bool = True) -> dict[str, Any]:
+    """Threshold, NMS (class-agnostic by default) and cap one image's detections."""
+    boxes = torch.as_tensor(np.asarray(det.get("boxes", []), np.float32)).reshape(-1, 4)
+    scores = torch.as_tensor(np.asarray(det.get("scores", []), np.float32)).reshape(-1)
+    labels = list(det.get("labels") or [None] * len(boxes))
+    finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores) & (scores >= score_threshold)
+    idx = torch.nonzero(finite).flatten()
+    boxes, scores, labels = boxes[idx], scores[idx], [labels[i] for i in idx.tolist()]
+    if class_agnostic:
+        keep = nms(boxes, scores, nms_iou)
+    else:
+        ids = {name: i for i, name in enumerate(dict.fromkeys(labels))}
+        keep = batched_nms(boxes, scores, torch.tensor([ids[x] for x in labels], dtype=torch.long), nms_iou)
+    keep = keep[:max_per_image].tolist()
+    return {"boxes": boxes[keep].tolist(), "scores": scores[keep].tolist(), "labels": [labels[i] for i in keep]}
+
+
+class DetectorStage:
+    """map_batches actor: adds ``detector`` boxes (original pixels) to each ok row's prompts JSON."""
+
+    def __init__(self, *, spec: str, weights: str | None = None, random_init: bool = False,
+                 score_threshold: float = 0.3, nms_iou: float = 0.5, max_per_image: int = 100,
+                 device: str | None = None) -> None:
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.detector = load_detector(spec, device=self.device, weights=weights, random_init=random_init,
+                                      score_threshold=score_threshold)
+        self.post = {"score_threshold": score_threshold, "nms_iou": nms_iou, "max_per_image": max_per_image}
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = batch.to_dict("records")
+        ok = [r for r in rows if r["status"] == "ok"]
+        if ok:
+            images = [np.frombuffer(r["image"], np.uint8).reshape(r["in_h"], r["in_w"], 3).copy() for r in ok]
+            try:
+                detections = self.detector(images)
+            except Exception as e:  # noqa: BLE001 - a failing detector batch becomes error rows
+                log.exception("detector failed on a batch of %d images", len(ok))
+                for r in ok:
+                    r["status"], r["error"] = "error", f"detector failed: {type(e).__name__}: {e}"
+            else:
+                for r, det in zip(ok, detections):
+                    det = postprocess_detections(det, **self.post)
+                    scale = np.array([r["width"] / r["in_w"], r["height"] / r["in_h"]] * 2, np.float32)
+                    det["boxes"] = (np.asarray(det["boxes"], np.float32).reshape(-1, 4) * scale).tolist()
+                    spec = json.loads(r["prompts"])
+                    spec["detector"] = det
+                    r["prompts"] = json.dumps(spec)
+        return pd.DataFrame(rows, columns=list(batch.columns))

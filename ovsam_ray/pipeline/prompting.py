@@ -1,0 +1,129 @@
+"""Where prompts come from (``--prompts``) and which predictions survive (grid filtering, dedup).
+
+Sources, combinable with commas: ``shard`` (boxes/points of the shard JSON), ``detector:NAME``
+(boxes from a detector actor pool, added to the JSON by the detector stage), ``grid`` (an N x N
+point grid: segment everything).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ovsam_ray.model.amg import grid_points, mask_nms, stability_scores
+from ovsam_ray.model.predictor import ImagePrediction, ImagePrompts
+
+
+@dataclass(frozen=True)
+class PromptSources:
+    shard: bool = True
+    detector: str | None = None
+    grid: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> PromptSources:
+        shard, detector, grid = False, None, False
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
+            if part == "shard":
+                shard = True
+            elif part == "grid":
+                grid = True
+            elif part.startswith("detector:") and len(part) > len("detector:"):
+                detector = part[len("detector:"):]
+            else:
+                raise ValueError(f"--prompts {spec!r}: use shard, grid, detector:NAME (torchvision name or "
+                                 "my_pkg.module:MyDetector), or several joined by commas")
+        if not (shard or detector or grid):
+            raise ValueError(f"--prompts {spec!r} names no prompt source")
+        return cls(shard=shard, detector=detector, grid=grid)
+
+
+@dataclass
+class SelectConfig:
+    """Post-filters. Grid prompts: stability >= grid_stability and mask NMS at grid_nms_iou
+    (SAM's automatic mask generator defaults). All prompts: masks smaller than min_mask_area are
+    dropped, and dedup_iou / dedup_containment (None = off) remove duplicate masks, per class
+    when dedup_class_aware."""
+
+    grid_size: int = 32
+    grid_stability: float = 0.95
+    grid_nms_iou: float = 0.7
+    min_mask_area: int = 0
+    dedup_iou: float | None = None
+    dedup_containment: float | None = None
+    dedup_class_aware: bool = False
+
+
+@dataclass
+class ImagePromptSet:
+    """One image's prompts plus what each one is: prompt types ("box", "point", "grid") in
+    prompt order, and detector score/label per box (None for shard boxes)."""
+
+    prompts: ImagePrompts
+    types: list[str]
+    detector_scores: list[float | None] = field(default_factory=list)
+    detector_labels: list[str | None] = field(default_factory=list)
+
+
+def image_prompt_set(spec: dict[str, Any], sources: PromptSources, *, width: int, height: int,
+                     grid_size: int) -> ImagePromptSet:
+    """Combine the JSON's prompts (shard and/or detector boxes) and grid points for one image."""
+    boxes, scores, labels = [], [], []
+    if sources.shard:
+        boxes += spec.get("boxes") or []
+        scores += spec.get("scores") or [None] * len(spec.get("boxes") or [])
+        labels += spec.get("labels") or [None] * len(spec.get("boxes") or [])
+    if sources.detector:
+        det = spec.get("detector") or {}
+        boxes += det.get("boxes") or []
+        scores += det.get("scores") or []
+        labels += det.get("labels") or []
+    points = list(spec.get("points") or []) if sources.shard else []
+    pb = spec.get("point_boxes") if sources.shard else None
+    point_boxes = [[np.nan if v is None else v for v in row] for row in pb] if pb else [[np.nan] * 4] * len(points)
+    n_user_points = len(points)
+    if sources.grid:
+        grid = grid_points(grid_size, height, width)
+        points += grid.tolist()
+        point_boxes += [[np.nan] * 4] * len(grid)
+    prompts = ImagePrompts(
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+        points=np.asarray(points, np.float32).reshape(-1, 2),
+        point_boxes=np.asarray(point_boxes, np.float32).reshape(-1, 4),
+    )
+    types = ["box"] * len(boxes) + ["point"] * n_user_points + ["grid"] * (len(points) - n_user_points)
+    return ImagePromptSet(prompts, types, scores, labels)
+
+
+def select_predictions(pred: ImagePrediction, types: list[str], cfg: SelectConfig) -> np.ndarray:
+    """Indices of the predictions to keep, in prompt order."""
+    n = len(types)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    keep = np.ones(n, bool)
+    areas = pred.masks.reshape(n, -1).sum(axis=1)
+    keep &= areas >= cfg.min_mask_area
+    is_grid = np.array([t == "grid" for t in types])
+    low = torch.from_numpy(pred.low_res_logits[:, 0])
+    if is_grid.any():
+        stable = stability_scores(low).numpy() >= cfg.grid_stability
+        keep &= ~is_grid | (stable & (areas > 0))
+        grid_idx = np.nonzero(is_grid & keep)[0]
+        if len(grid_idx):
+            kept = mask_nms(low[grid_idx] > 0, torch.from_numpy(pred.scores[grid_idx]), iou_threshold=cfg.grid_nms_iou)
+            survivors = np.zeros(n, bool)
+            survivors[grid_idx[kept.numpy()]] = True
+            keep &= ~is_grid | survivors
+    if cfg.dedup_iou is not None or cfg.dedup_containment is not None:
+        idx = np.nonzero(keep)[0]
+        labels = torch.from_numpy(pred.labels[idx]) if cfg.dedup_class_aware else None
+        kept = mask_nms(low[idx] > 0, torch.from_numpy(pred.scores[idx]),
+                        iou_threshold=1.0 if cfg.dedup_iou is None else cfg.dedup_iou,
+                        containment_threshold=cfg.dedup_containment, labels=labels)
+        survivors = np.zeros(n, bool)
+        survivors[idx[kept.numpy()]] = True
+        keep &= survivors
+    return np.nonzero(keep)[0]

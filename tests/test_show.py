@@ -1,0 +1,59 @@
+"""``ovsam-ray show``: one overlay PNG per sampled image, read from its shard."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from coco_fixture import gt_label_output, make_coco
+from PIL import Image
+
+from ovsam_ray.cli import main
+from ovsam_ray.convert import convert_coco
+from ovsam_ray.data.decode import decode_image
+from ovsam_ray.show import colour, render_overlay, sample_rows, show
+
+
+def test_render_overlay_tints_only_the_mask():
+    from coco_fixture import rle_str
+
+    image = np.full((30, 40, 3), 100, np.uint8)
+    mask = np.zeros((30, 40), bool)
+    mask[15:25, 10:30] = True
+    inst = {"rle": rle_str(mask), "bbox": [10, 15, 30, 25], "label": "cat", "label_score": 0.9, "point": [12, 20]}
+    out = np.asarray(render_overlay(image, [inst]))
+    assert out.shape == (30, 40, 3)
+    expected = np.round(0.55 * 100 + 0.45 * np.asarray(colour(0))).astype(np.uint8)
+    assert (np.abs(out[22, 25].astype(int) - expected) <= 1).all()  # inside the mask, away from box and text
+    assert (out[27:30, 0:8] == 100).all()  # far from everything: untouched
+    assert not (out[:15] == 100).all()  # the label box is drawn above the mask's box
+    assert (np.asarray(render_overlay(image, [inst], min_score=0.95)) == image).all()
+
+
+def test_show_writes_one_png_per_sampled_image(tmp_path):
+    ann_path, images, dataset, _ = make_coco(str(tmp_path / "coco"))
+    shards = str(tmp_path / "shards")
+    convert_coco(ann_path, images, shards, images_per_shard=2)
+    labels = str(tmp_path / "labels")
+    gt_label_output(dataset, labels, shard_of=lambda i: "shard-000000" if i <= 9 else "shard-000001")
+    assert len(sample_rows(labels, 10)) == 3  # error rows are never sampled
+    assert [r["key"] for r in sample_rows(labels, 2, seed=1)] == [r["key"] for r in sample_rows(labels, 2, seed=1)]
+
+    out = str(tmp_path / "show")
+    written = show(labels, out, n=2, shards=shards)
+    assert len(written) == 2 and all(os.path.exists(p) for p in written)
+    for path in written:
+        shard, key = os.path.basename(path)[: -len(".png")].split("__")
+        png = np.asarray(Image.open(path).convert("RGB"))
+        source = decode_image(open(os.path.join(images, f"{key}.png"), "rb").read())
+        assert png.shape == source.shape
+        if key != "000000000012":  # images with instances are drawn on
+            assert (png != source).any()
+
+    # without --shards the run record's input is used; the CLI writes the same files
+    (tmp_path / "labels" / "_run.json").write_text(json.dumps({"details": {"config": {"input": shards}}}))
+    assert main(["show", "--input", labels, "--output", str(tmp_path / "show2"), "-n", "3"]) == 0
+    assert sorted(os.listdir(tmp_path / "show2")) == ["shard-000000__000000000005.png",
+                                                      "shard-000000__000000000009.png",
+                                                      "shard-000001__000000000012.png"]
