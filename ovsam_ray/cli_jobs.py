@@ -101,6 +101,16 @@ def run_label_cli(a: argparse.Namespace) -> int:
     return 1 if summary.failed(cfg.max_error_fraction) else 0
 
 
+def _relabel(a: argparse.Namespace) -> int:
+    from ovsam_ray.pipeline.relabel import RelabelConfig, run_relabel
+
+    cfg = RelabelConfig(input=a.input, output=a.output, vocab=a.vocab, overwrite=a.overwrite,
+                        s3_endpoint=a.s3_endpoint)
+    init_ray(a.ray_address)
+    print(json.dumps(run_relabel(cfg), indent=1))
+    return 0
+
+
 def _demo_data(a: argparse.Namespace) -> int:
     from ovsam_ray.data.synthetic import generate_shards
 
@@ -120,6 +130,15 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("label", help="the label job: WebDataset shards -> Parquet labels")
     add_label_args(p)
     p.set_defaults(func=run_label_cli)
+
+    p = sub.add_parser("relabel", help="re-score stored embeddings with a new vocabulary (no images)")
+    p.add_argument("--input", required=True, help="a label output written with --with-embedding")
+    p.add_argument("--output", required=True)
+    p.add_argument("--vocab", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--s3-endpoint")
+    p.add_argument("--ray-address")
+    p.set_defaults(func=_relabel)
 
     p = sub.add_parser("demo-data", help="generate synthetic named-shape shards (with ground truth)")
     p.add_argument("--output", required=True)

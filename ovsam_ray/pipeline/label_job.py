@@ -27,6 +27,7 @@ from ovsam_ray.pipeline.detectors import DetectorStage
 from ovsam_ray.pipeline.progress import JobProgress
 from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig
 from ovsam_ray.pipeline.stages import SHARD_EMPTY, SHARD_FAILED, PredictStage, decode_batch, read_shard_rows
+from ovsam_ray.pipeline.stats import format_stats, shard_stats, write_run_stats, write_shard_stats
 from ovsam_ray.pipeline.writer import RunRecord, ShardCommitter, check_or_write_run_record, rows_to_table
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,8 @@ class _ShardGatherer:
         masks = sum(len(r["instances"]) for r in table_rows)
         stats = {"damage": damage or None, "committed_by": "label_job"}
         self.committer.commit(name, rows_to_table(table_rows), stats)
+        write_shard_stats(self.committer.output_url, name, shard_stats(table_rows),
+                          s3_endpoint=self.committer.s3_endpoint)
         self.summary.shards_committed += 1
         self.summary.images_ok += ok
         self.summary.images_error += len(table_rows) - ok
@@ -273,6 +276,7 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     for name, rows in gatherer.pending.items():
         summary.shards_failed.append({"shard": name, "error": f"only {len(rows)} rows arrived"})
     summary.wall_time_s = time.time() - t0
+    log.info(format_stats(write_run_stats(cfg.output, s3_endpoint=s3)))
     io.atomic_write_bytes(io.join(cfg.output, "_summary.json"),
                           json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3)
     progress.finish(summary)

@@ -1,0 +1,119 @@
+"""``ovsam-ray relabel``: re-score stored embeddings with a new vocabulary, no images needed.
+
+The input must come from a label job run with ``--with-embedding``: each instance then holds its
+float16 region and CLIP embeddings and the CLIP-validity flag, and the job classified from those
+same float16 values, so re-scoring with vocabulary V gives exactly what the label job with V
+gives. Masks, boxes and prompts are copied unchanged. One Ray task per committed shard; each
+output shard is committed atomically as in the label job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from ovsam_ray import io
+from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
+from ovsam_ray.model.classifier import OpenVocabClassifier
+from ovsam_ray.model.functional import labels_from_logits
+from ovsam_ray.pipeline.stats import format_stats, shard_stats, write_run_stats, write_shard_stats
+from ovsam_ray.pipeline.writer import (
+    RUN_RECORD_NAME,
+    RunRecord,
+    ShardCommitter,
+    check_or_write_run_record,
+    rows_to_table,
+)
+from ovsam_ray.vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RelabelConfig:
+    input: str
+    output: str
+    vocab: str
+    overwrite: bool = False
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.input.rstrip("/") == self.output.rstrip("/"):
+            raise ValueError("relabel writes a new output; --output must differ from --input")
+
+
+def _source_model_config(cfg: RelabelConfig) -> tuple[ModelConfig, dict]:
+    record = json.loads(io.read_bytes(io.join(cfg.input, RUN_RECORD_NAME), s3_endpoint=cfg.s3_endpoint))
+    if not record["identity"].get("with_embedding"):
+        raise ValueError(f"{io.redact(cfg.input)} was labelled without --with-embedding: no embeddings to re-score")
+    model = dict(record["details"]["config"]["model"])
+    model.update(vocab=cfg.vocab, class_embeddings=None, s3_endpoint=cfg.s3_endpoint or model.get("s3_endpoint"))
+    return ModelConfig(**model), record
+
+
+def rescore_rows(rows: list[dict[str, Any]], classifier: OpenVocabClassifier, vocab: Vocabulary,
+                 topk: int) -> list[dict[str, Any]]:
+    """New labels for every instance of ``rows`` from its stored embeddings."""
+    for row in rows:
+        insts = row["instances"] or []
+        if not insts:
+            continue
+        region = torch.tensor(np.asarray([i["embedding"] for i in insts], np.float32))
+        clip = torch.tensor(np.asarray([i["clip_embedding"] for i in insts], np.float32))
+        valid = torch.tensor([bool(i["clip_valid"]) for i in insts])
+        fused = classifier(region, clip, valid).fused_logits
+        labels, ids, scores = labels_from_logits(fused, topk)
+        for inst, lab, top_ids, top_scores in zip(insts, labels.tolist(), ids.tolist(), scores.tolist()):
+            inst.update(label=vocab.class_names[lab], label_id=int(vocab.class_ids[lab]), label_score=top_scores[0],
+                        topk_labels=[vocab.class_names[k] for k in top_ids], topk_scores=top_scores)
+    return rows
+
+
+def _relabel_shard(item: dict[str, Any], *, cfg: RelabelConfig, text_ref: Any, topk: int) -> dict[str, Any]:
+    text = ray.get(text_ref) if isinstance(text_ref, ray.ObjectRef) else text_ref
+    vocab = Vocabulary.from_json(text["vocabulary"])
+    classifier = OpenVocabClassifier(text_embeddings=text["embeddings"], seen=vocab.seen_tensor(),
+                                     excluded=vocab.excluded_tensor(), logit_scale=text["logit_scale"])
+    name = item["shard"]
+    with io.open_url(io.join(cfg.input, f"{name}.parquet"), s3_endpoint=cfg.s3_endpoint) as f:
+        rows = pq.read_table(f).to_pylist()
+    rows = rescore_rows(rows, classifier, vocab, topk)
+    committer = ShardCommitter(cfg.output, s3_endpoint=cfg.s3_endpoint)
+    committer.commit(name, rows_to_table(rows), {"relabelled_from": io.redact(cfg.input)})
+    write_shard_stats(cfg.output, name, shard_stats(rows), s3_endpoint=cfg.s3_endpoint)
+    return {"shard": name, "rows": len(rows)}
+
+
+def run_relabel(cfg: RelabelConfig) -> dict[str, Any]:
+    """Re-score every committed shard of ``cfg.input``; returns a summary."""
+    t0 = time.time()
+    model_cfg, source = _source_model_config(cfg)
+    loaded = load_model(model_cfg)
+    embeddings, vocab = vocabulary_text(model_cfg, loaded, "cpu")
+    identity = {**source["identity"], "vocabulary": {"name": vocab.name, "sha256": vocab.sha256,
+                                                     "num_classes": vocab.num_classes}}
+    record = RunRecord(identity=identity, details={"relabel_of": io.redact(cfg.input),
+                                                   "config": io.redact_config(dataclasses.asdict(cfg))})
+    check_or_write_run_record(cfg.output, record, overwrite=cfg.overwrite, s3_endpoint=cfg.s3_endpoint)
+    done = ShardCommitter(cfg.output, s3_endpoint=cfg.s3_endpoint).committed_shards()
+    todo = sorted(ShardCommitter(cfg.input, s3_endpoint=cfg.s3_endpoint).committed_shards() - done)
+    text = {"embeddings": embeddings, "vocabulary": vocab.to_json(),
+            "logit_scale": float(loaded.meta.get("logit_scale", 4.6052))}
+    results = []
+    if todo:
+        ds = ray.data.from_items([{"shard": n} for n in todo], override_num_blocks=len(todo))
+        ds = ds.map(_relabel_shard, fn_kwargs={"cfg": cfg, "text_ref": ray.put(text), "topk": model_cfg.topk})
+        results = ds.take_all()
+    stats = write_run_stats(cfg.output, s3_endpoint=cfg.s3_endpoint)
+    log.info(format_stats(stats))
+    return {"shards_relabelled": len(results), "shards_skipped": len(done), "rows": sum(r["rows"] for r in results),
+            "wall_time_s": time.time() - t0, "vocabulary": vocab.name}
