@@ -155,6 +155,39 @@ def overhead(args: argparse.Namespace) -> dict:
     }
 
 
+def classify(args: argparse.Namespace) -> dict:
+    """Per-mask classification cost (head + CLIP logits and fusion) vs vocabulary size."""
+    import torch
+
+    from ovsam_ray.model.classifier import OpenVocabClassifier
+
+    torch.manual_seed(0)
+    rows = []
+    for num_classes in args.classes:
+        text = torch.nn.functional.normalize(torch.randn(num_classes, args.synonyms, args.dim), dim=-1)
+        clf = OpenVocabClassifier(text_embeddings=text, seen=torch.rand(num_classes) < 0.5)
+        region, clip = torch.randn(args.masks, args.dim), torch.randn(args.masks, args.dim)
+        valid = torch.ones(args.masks, dtype=torch.bool)
+        clf(region[:8], clip[:8], valid[:8])
+        with MemorySampler() as mem:
+            t0 = time.time()
+            for start in range(0, args.masks, args.chunk):
+                sl = slice(start, start + args.chunk)
+                clf(region[sl], clip[sl], valid[sl])
+            wall = time.time() - t0
+        rows.append({"classes": num_classes, "synonyms": args.synonyms, "dim": args.dim, "masks": args.masks,
+                     "ms_per_mask": 1000 * wall / args.masks, "text_embedding_mib": text.numel() * 4 / 2**20,
+                     "peak_mem_delta_mib": round(mem.peak_delta_mib, 1)})
+    return {"benchmark": "classify", "date": dt.date.today().isoformat(), "machine": _machine(),
+            "command": " ".join(sys.argv), "rows": rows}
+
+
+def _save(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -167,11 +200,25 @@ def main() -> None:
     p.add_argument("--objects", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("classify")
+    p.add_argument("--classes", type=lambda t: [int(x) for x in t.split(",")], default=[80, 21841])
+    p.add_argument("--synonyms", type=int, default=4)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--masks", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.bench == "classify":
+        result = classify(args)
+        _save(result, args.out)
+        print("| classes | synonyms | D | ms per mask | text emb MiB | peak mem MiB |")
+        print("|---|---|---|---|---|---|")
+        for r in result["rows"]:
+            print(f"| {r['classes']} | {r['synonyms']} | {r['dim']} | {r['ms_per_mask']:.3f} | "
+                  f"{r['text_embedding_mib']:.1f} | {r['peak_mem_delta_mib']} |")
+        return
     result = overhead(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    _save(result, args.out)
     a, j = result["model_alone"], result["job"]
     print("| date | machine | preset | images | model alone img/s | job img/s | ratio | peak mem job (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
