@@ -24,6 +24,7 @@ from ovsam_ray.weights import (
     WeightsFile,
     export_part,
     file_sha256,
+    is_torchscript_archive,
     load_part,
     local_path,
     read_weights,
@@ -133,6 +134,12 @@ def load_ovsam(
         raise WeightsError(f"no weights given for {lacking}: pass --weights DIR or the files, or --random-init")
 
     clip_local = local_path(paths["clip"], s3_endpoint=s3_endpoint)
+    if is_torchscript_archive(clip_local):
+        raise WeightsError(
+            f"{paths['clip']} is OpenAI's TorchScript CLIP archive, which cannot load with weights_only=True. "
+            f"Convert it once: ovsam-ray convert-clip --input {paths['clip']} --output clip_{SHORT_NAMES[preset]}.pth "
+            "(and use that file)"
+        )
     try:
         clip_model = create_clip_model(preset, checkpoint=clip_local)
     except Exception as e:  # noqa: BLE001

@@ -111,6 +111,13 @@ def _relabel(a: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_clip(a: argparse.Namespace) -> int:
+    from ovsam_ray.weights import convert_torchscript_clip
+
+    print(f"{convert_torchscript_clip(a.input, a.output)} tensors -> {a.output}")
+    return 0
+
+
 def _demo_data(a: argparse.Namespace) -> int:
     from ovsam_ray.data.synthetic import generate_shards
 
@@ -139,6 +146,11 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--s3-endpoint")
     p.add_argument("--ray-address")
     p.set_defaults(func=_relabel)
+
+    p = sub.add_parser("convert-clip", help="OpenAI's TorchScript CLIP file -> a plain state dict (once)")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_convert_clip)
 
     p = sub.add_parser("demo-data", help="generate synthetic named-shape shards (with ground truth)")
     p.add_argument("--output", required=True)

@@ -163,6 +163,28 @@ def read_weights(url: str, *, s3_endpoint: str | None = None, what: str = "") ->
     return WeightsFile(path=url, state_dict=obj, meta=meta if isinstance(meta, dict) else {}, sha256=file_sha256(path))
 
 
+def is_torchscript_archive(path: str) -> bool:
+    """OpenAI's released CLIP files are TorchScript archives (a zip with code/ and constants.pkl)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def convert_torchscript_clip(src: str, dst: str) -> int:
+    """One-time conversion of OpenAI's TorchScript CLIP file into a plain state dict that loads
+    with ``weights_only=True``. Runs ``torch.jit.load`` on ``src``: use it on files you trust."""
+    module = torch.jit.load(src, map_location="cpu")
+    state = {k: v for k, v in module.state_dict().items() if k not in ("input_resolution", "context_length",
+                                                                       "vocab_size")}
+    tmp = dst + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, dst)
+    return len(state)
+
+
 # ---------------------------------------------------------------- converting
 
 
