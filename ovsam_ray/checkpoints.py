@@ -49,7 +49,8 @@ def standard_file_names(preset: str, train_vocab: str = "coco") -> dict[str, lis
     clip_names = [f"clip_{short}.pth"]
     if isinstance(arch, str):
         base = arch.removesuffix("-quickgelu")
-        clip_names = [f"{base}.pt", f"{base}.pth", f"{base}.bin", f"{base}.safetensors", *clip_names]
+        # Our converted/exported file first: OpenAI's own {base}.pt is a TorchScript archive.
+        clip_names = [*clip_names, f"{base}.pth", f"{base}.bin", f"{base}.safetensors", f"{base}.pt"]
     return {
         "sam": ["sam_vit_h_4b8939.pth", "sam_vit_h.pth", f"sam_prompt_encoder_{short}.pth"],
         "clip": clip_names,
@@ -172,7 +173,7 @@ def export_released(
         "sam": (names["sam"][-1], export_part(state, PROMPT_ENCODER)),
     }
     if clip_model is not None:
-        out["clip"] = (names["clip"][-1], {k: v.detach().cpu() for k, v in clip_model.state_dict().items()})
+        out["clip"] = (names["clip"][0], {k: v.detach().cpu() for k, v in clip_model.state_dict().items()})
     written = {}
     for part, (name, sd) in out.items():
         path = os.path.join(directory, name)

@@ -129,7 +129,7 @@ def rn50_small_files(layout, tmp_path_factory):
 
     mm = tmp_path_factory.mktemp("rn50_mmengine")
     names = standard_file_names("ovsam_rn50_small", "coco")
-    os.symlink(paths["clip"], mm / names["clip"][0])  # RN50.pt
+    os.symlink(paths["clip"], mm / names["clip"][0])  # clip_rn50.pth
     sam_full = {**parts["sam"], "mask_decoder.iou_token.weight": torch.ones(1, 256), **UNRELATED}
     for name, sd in (("sam", sam_full), ("sam2clip", parts["sam2clip"]), ("clip2sam", parts["clip2sam"])):
         payload = {"state_dict": {**sd, **UNRELATED}, "meta": {"epoch": 12, "note": "mmengine"},
@@ -170,7 +170,7 @@ def test_rn50_small_loads_mmengine_files_from_a_weights_dir(rn50_small_files) ->
     _, directory, expected = rn50_small_files
     resolved = resolve_weights_dir(directory, "ovsam_rn50_small")
     assert {k: os.path.basename(v) for k, v in resolved.items()} == {
-        "sam": "sam_vit_h_4b8939.pth", "clip": "RN50.pt", "sam2clip": "sam2clip_vith_rn50.pth",
+        "sam": "sam_vit_h_4b8939.pth", "clip": "clip_rn50.pth", "sam2clip": "sam2clip_vith_rn50.pth",
         "clip2sam": "clip2sam_coco_rn50.pth",
     }
     loaded = load_ovsam("ovsam_rn50_small", weights=directory)
@@ -327,7 +327,7 @@ def test_resolve_weights_dir_prefers_the_first_standard_name(tmp_path) -> None:
         "sam": f"{tmp_path}/sam_vit_h_4b8939.pth", "clip": f"{tmp_path}/clip_tiny.pth",
         "sam2clip": f"{tmp_path}/sam2clip_vith_tiny.pth", "clip2sam": f"{tmp_path}/clip2sam_lvis_tiny.pth",
     }
-    assert standard_file_names("ovsam_rn50x16")["clip"][:2] == ["RN50x16.pt", "RN50x16.pth"]
+    assert standard_file_names("ovsam_rn50x16")["clip"][:2] == ["clip_rn50x16.pth", "RN50x16.pth"]
 
 
 class _Payload:
