@@ -62,7 +62,7 @@ def test_schema_matches_design():
     inst = OUTPUT_SCHEMA.field("instances").type.value_type
     assert [inst.field(i).name for i in range(inst.num_fields)] == [
         "prompt_type", "prompt_box", "point", "detector_score", "detector_label", "bbox", "area", "rle",
-        "label", "label_id", "label_score", "topk_labels", "topk_scores", "embedding",
+        "label", "label_id", "label_score", "topk_labels", "topk_scores", "embedding", "clip_embedding", "clip_valid",
     ]
     assert inst.field("prompt_box").type == pa.list_(pa.float32(), 4)
     assert inst.field("point").type == pa.list_(pa.float32(), 2)
