@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,16 @@ from ovsam_ray.pipeline.stats import format_stats, shard_stats, write_run_stats,
 from ovsam_ray.pipeline.writer import RunRecord, ShardCommitter, check_or_write_run_record, rows_to_table
 
 log = logging.getLogger(__name__)
+
+# The driver's commits are retried on top of the S3 client's own retries (which ride out ~9 s), so
+# that a short object-store outage costs time, not the job; a longer one ends it with a clear error.
+COMMIT_ATTEMPTS = 3
+COMMIT_BACKOFF_S = 2.0
+
+
+class StorageUnavailableError(RuntimeError):
+    """The output storage stayed unreachable through every retry of a shard's commit."""
+
 
 @dataclass
 class LabelConfig:
@@ -133,11 +144,20 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
     return RunRecord(identity=identity, details=details)
 
 
-def _prepare_text(cfg: LabelConfig) -> tuple[dict, Any, dict]:
-    """Load the model once on the driver for its identity and the vocabulary's text embeddings."""
-    loaded = load_model(cfg.model)
-    text, vocab = vocabulary_text(cfg.model, loaded, "cpu")
+def _text_task(model_cfg: ModelConfig, device: str) -> tuple[dict, Any, dict]:
+    loaded = load_model(model_cfg)
+    text, vocab = vocabulary_text(model_cfg, loaded, device)
     return {"embeddings": text, "vocabulary": vocab.to_json()}, vocab, loaded.identity()
+
+
+def _prepare_text(cfg: LabelConfig) -> tuple[dict, Any, dict]:
+    """The model's identity and the vocabulary's text embeddings, computed once per run (then
+    cached on disk): in a one-GPU Ray task when the cluster has GPUs (tens of thousands of
+    classes x 14 templates go through the CLIP text tower), else on the driver's CPU."""
+    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1:
+        task = ray.remote(num_gpus=1, num_cpus=1)(_text_task)
+        return ray.get(task.remote(cfg.model, "cuda"))
+    return _text_task(cfg.model, "cpu")
 
 
 def build_dataset(cfg: LabelConfig, shard_urls: list[str], text_ref: Any) -> ray.data.Dataset:
@@ -226,9 +246,13 @@ class _ShardGatherer:
         ok = sum(r["status"] == "ok" for r in table_rows)
         masks = sum(len(r["instances"]) for r in table_rows)
         stats = {"damage": damage or None, "committed_by": "label_job"}
-        self.committer.commit(name, rows_to_table(table_rows), stats)
-        write_shard_stats(self.committer.output_url, name, shard_stats(table_rows),
-                          s3_endpoint=self.committer.s3_endpoint)
+        table, output = rows_to_table(table_rows), io.redact(self.committer.output_url)
+        done = self.summary.shards_committed
+        _with_storage_retries(f"commit shard {name} to {output}", lambda: self.committer.commit(name, table, stats),
+                              committed=done)
+        _with_storage_retries(f"write the statistics of shard {name} to {output}", lambda: write_shard_stats(
+            self.committer.output_url, name, shard_stats(table_rows), s3_endpoint=self.committer.s3_endpoint),
+            committed=done + 1)
         self.summary.shards_committed += 1
         self.summary.images_ok += ok
         self.summary.images_error += len(table_rows) - ok
@@ -241,6 +265,27 @@ class _ShardGatherer:
             if r["status"] == "error":
                 log.warning("error row %s/%s: %s", name, r["key"], r["error"])
         self.progress.update(images=len(table_rows), errors=len(table_rows) - ok, masks=masks, shards=1)
+
+
+def _with_storage_retries(what: str, write: Callable[[], Any], *, committed: int) -> Any:
+    """Run one storage write of the driver (``what``: "commit shard X"), retried with backoff."""
+    t0 = time.time()
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            return write()
+        except ValueError:  # a bad table: retrying cannot help
+            raise
+        except Exception as e:  # noqa: BLE001 - storage clients raise many types; all are retried
+            error = f"{type(e).__name__}: {io.redact(str(e))}"
+            log.warning("%s failed (attempt %d/%d): %s", what, attempt + 1, COMMIT_ATTEMPTS, error)
+            if attempt + 1 == COMMIT_ATTEMPTS:
+                raise StorageUnavailableError(
+                    f"could not {what} ({COMMIT_ATTEMPTS} attempts in {time.time() - t0:.0f}s; last error {error}). "
+                    f"The {committed} shards committed by this run (and any before it) are complete and kept; a "
+                    "shard is committed only once its marker is written. Rerun the same command when the storage "
+                    "is reachable again: it skips the committed shards and labels the rest."
+                ) from None
+            time.sleep(COMMIT_BACKOFF_S * 2**attempt)
 
 
 def run_label(cfg: LabelConfig) -> LabelSummary:
@@ -269,15 +314,21 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     progress = JobProgress(total_shards=len(todo), interval_s=cfg.progress_interval_s)
     gatherer = _ShardGatherer(committer, summary, progress)
     if todo:
-        ds = build_dataset(cfg, todo, ray.put(text))
+        # As numpy, the object store hands every actor on a node the same read-only copy.
+        shared = {**text, "embeddings": text["embeddings"].numpy()}
+        ds = build_dataset(cfg, todo, ray.put(shared))
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for row in batch.to_dict("records"):
                 gatherer.add(row)
     for name, rows in gatherer.pending.items():
         summary.shards_failed.append({"shard": name, "error": f"only {len(rows)} rows arrived"})
     summary.wall_time_s = time.time() - t0
-    log.info(format_stats(write_run_stats(cfg.output, s3_endpoint=s3)))
-    io.atomic_write_bytes(io.join(cfg.output, "_summary.json"),
-                          json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3)
+    output, done = io.redact(cfg.output), summary.shards_committed
+    run_stats = _with_storage_retries(f"write the run statistics to {output}",
+                                      lambda: write_run_stats(cfg.output, s3_endpoint=s3), committed=done)
+    log.info(format_stats(run_stats))
+    _with_storage_retries(f"write the summary to {output}", lambda: io.atomic_write_bytes(
+        io.join(cfg.output, "_summary.json"), json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3),
+        committed=done)
     progress.finish(summary)
     return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -159,7 +160,10 @@ class PredictStage:
             torch.set_num_threads(cpu_threads)
         t0 = time.time()
         self.vocab = Vocabulary.from_json(text["vocabulary"])
-        self.predictor = make_predictor(cfg, load_model(cfg), text["embeddings"], self.vocab, self.device)
+        with warnings.catch_warnings():  # a read-only view of the object store's shared copy
+            warnings.simplefilter("ignore", UserWarning)
+            embeddings = torch.as_tensor(text["embeddings"])
+        self.predictor = make_predictor(cfg, load_model(cfg), embeddings, self.vocab, self.device)
         self.predictor.half_embeddings = with_embedding
         self.with_embedding = with_embedding
         self.sources = PromptSources.parse(prompts)
