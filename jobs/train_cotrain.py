@@ -1,0 +1,23 @@
+"""CLIP2SAM co-training as a Ray job.
+
+    ray job submit --working-dir . -- python jobs/train_cotrain.py \
+        --storage-path s3://bucket/runs --name clip2sam-coco --num-workers 8 --use-gpu \
+        --dataset 's3://bucket/coco/{000000..000117}.tar|vocab=coco_ov' \
+        --dataset 's3://bucket/in22k/|kind=image|ratio=0.25|vocab=in22k.txt' \
+        --weights s3://bucket/weights --preset ovsam_rn50x16 --max-steps 90000
+
+Submitting the same --storage-path/--name again resumes from the run's latest checkpoint.
+"""
+
+import logging
+import sys
+
+from ovsam_ray.training.cli import cotrain_config_from_args, cotrain_parser
+from ovsam_ray.training.cotrain import run_cotrain
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = cotrain_config_from_args(cotrain_parser().parse_args())
+    result = run_cotrain(cfg)
+    print(f"metrics: {result.metrics}\ncheckpoint: {result.checkpoint}")
+    sys.exit(0 if result.error is None else 1)

@@ -1,0 +1,204 @@
+"""``ovsam-ray train distill|cotrain|export|dump-teacher|tiny-recipe``: flags -> config -> run_*().
+
+Flags map one to one onto config fields (``--max-steps`` -> ``RunSpec.max_steps``...). A dataset
+is ``--dataset SHARDS`` with optional ``|key=value`` fields of ``DatasetSpec``, e.g.
+``--dataset 's3://b/coco/{000000..000099}.tar|vocab=coco_ov' --dataset 's3://b/in22k/|kind=image|ratio=0.25'``
+(or a JSON object of the fields); repeat it for a mixture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from typing import Any
+
+from .config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec
+
+log = logging.getLogger(__name__)
+
+_RUN_REQUIRED = ("storage_path", "name")
+
+
+def parse_dataset(text: str) -> DatasetSpec:
+    """``SHARDS|key=value|...`` or a JSON object -> DatasetSpec."""
+    if text.lstrip().startswith("{"):
+        return DatasetSpec(**json.loads(text))
+    shards, *fields = text.split("|")
+    kwargs: dict[str, Any] = {}
+    for item in fields:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"dataset field {item!r}: write key=value")
+        kwargs[key.strip()] = float(value) if key.strip() == "ratio" else value
+    try:
+        return DatasetSpec(shards=shards, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str, skip: tuple[str, ...] = (),
+                defaults: dict[str, Any] | None = None) -> None:
+    group = parser.add_argument_group(title)
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name in ("run", "datasets", "model", "optim"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is not dataclasses.MISSING:
+            default = defaults.get(f.name, f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = defaults.get(f.name, f.default_factory())  # type: ignore[misc]
+        else:
+            group.add_argument(flag, dest=f.name, required=f.name in _RUN_REQUIRED)
+            continue
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, (tuple, list)):
+            group.add_argument(flag, dest=f.name, nargs="+", type=float, default=default)
+        elif default is None:
+            kind = float if f.name in ("grad_clip",) else str
+            group.add_argument(flag, dest=f.name, type=kind, default=None)
+        else:
+            group.add_argument(flag, dest=f.name, type=type(default), default=default)
+
+
+def _pick(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)} - {"run", "datasets", "model", "optim"}
+    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+
+
+def _add_common(parser: argparse.ArgumentParser, optim_defaults: dict[str, Any]) -> None:
+    parser.add_argument("--dataset", dest="datasets", action="append", type=parse_dataset, required=True,
+                        help="SHARDS[|kind=image][|ratio=R][|vocab=V][|name=N][|teacher_features=DIR]; repeatable")
+    _add_fields(parser, RunSpec, title="run (Ray Train)")
+    _add_fields(parser, ModelSpec, title="model and starting weights")
+    _add_fields(parser, OptimConfig, title="optimiser", defaults=optim_defaults)
+
+
+def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "run": RunSpec(**_pick(args, RunSpec)),
+        "datasets": args.datasets,
+        "model": ModelSpec(**_pick(args, ModelSpec)),
+        "optim": OptimConfig(**_pick(args, OptimConfig)),
+    }
+
+
+def cotrain_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="train_cotrain", description="CLIP2SAM co-training on Ray Train")
+    _add_common(parser, {})
+    _add_fields(parser, CotrainConfig, title="co-training")
+    return parser
+
+
+def cotrain_config_from_args(args: argparse.Namespace) -> CotrainConfig:
+    return CotrainConfig(**_common_kwargs(args), **_pick(args, CotrainConfig))
+
+
+def distill_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="train_distill", description="SAM2CLIP distillation on Ray Train")
+    _add_common(parser, {"schedule": "cosine"})
+    _add_fields(parser, DistillConfig, title="distillation")
+    return parser
+
+
+def distill_config_from_args(args: argparse.Namespace) -> DistillConfig:
+    return DistillConfig(**_common_kwargs(args), **_pick(args, DistillConfig))
+
+
+def _cotrain(args: argparse.Namespace) -> int:
+    from .cotrain import run_cotrain
+
+    result = run_cotrain(cotrain_config_from_args(args))
+    print(f"co-training finished: {result.metrics}; checkpoint {result.checkpoint}")
+    return 0 if result.error is None else 1
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from .distill import run_distill
+
+    result = run_distill(distill_config_from_args(args))
+    print(f"distillation finished: {result.metrics}; checkpoint {result.checkpoint}")
+    return 0 if result.error is None else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    written = export_checkpoint(args.run, args.output, train_vocab=args.train_vocab, include_clip=args.include_clip,
+                                s3_endpoint=args.s3_endpoint)
+    for part, path in sorted(written.items()):
+        print(f"{part}: {path}")
+    return 0
+
+
+def _dump_teacher(args: argparse.Namespace) -> int:
+    from .distill import DumpTeacherConfig, dump_teacher
+
+    cfg = DumpTeacherConfig(shards=args.shards, output=args.output, teacher=args.teacher,
+                            teacher_checkpoint=args.teacher_checkpoint, preset=args.preset, use_gpu=args.use_gpu,
+                            concurrency=args.concurrency, batch_size=args.batch_size, s3_endpoint=args.s3_endpoint)
+    print(json.dumps(dump_teacher(cfg)))
+    return 0
+
+
+def _tiny_recipe(args: argparse.Namespace) -> int:
+    from .recipe import PRESET, TRAIN_VOCAB, run_tiny_recipe
+
+    weights = run_tiny_recipe(args.work_dir, seed=args.seed, time_budget_s=args.time_budget, use_ray=args.use_ray)
+    print(f"weights: {weights} (preset {PRESET}, train_vocab {TRAIN_VOCAB})")
+    if args.eval_images:
+        import os
+
+        from ovsam_ray.data.synthetic import generate_shards
+
+        from .evaluate import evaluate_weights
+
+        held_out = os.path.join(args.work_dir, "data", f"eval-seed{args.seed + 1000}")
+        generate_shards(held_out, num_images=args.eval_images, images_per_shard=50, seed=args.seed + 1000)
+        metrics = evaluate_weights(weights, held_out, preset=PRESET, train_vocab=TRAIN_VOCAB)
+        print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``train {distill,cotrain,export,dump-teacher,tiny-recipe}`` to a CLI's subparsers."""
+    train = subparsers.add_parser("train", help="OV-SAM training on Ray Train (distill, cotrain, export)")
+    sub = train.add_subparsers(dest="train_command", required=True)
+
+    p = sub.add_parser("cotrain", help="CLIP2SAM co-training (Ray Train; resumes a run started again)")
+    cotrain_parser(p).set_defaults(func=_cotrain)
+
+    p = sub.add_parser("distill", help="SAM2CLIP distillation (Ray Train; resumes a run started again)")
+    distill_parser(p).set_defaults(func=_distill)
+
+    p = sub.add_parser("export", help="a run's latest checkpoint -> the released weights layout")
+    p.add_argument("--run", required=True, help="storage_path/name of the run, or one checkpoint_* folder")
+    p.add_argument("--output", required=True, help="local folder for the weight files")
+    p.add_argument("--train-vocab", help="name in clip2sam_<name>_<preset>.pth (default: the vocabulary's name)")
+    p.add_argument("--include-clip", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--s3-endpoint")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("dump-teacher", help="precompute SAM teacher features for distillation")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--teacher", default="vit_h")
+    p.add_argument("--teacher-checkpoint")
+    p.add_argument("--preset", default="ovsam_rn50x16")
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--s3-endpoint")
+    p.set_defaults(func=_dump_teacher)
+
+    p = sub.add_parser("tiny-recipe", help="train ovsam_tiny from nothing on generated shapes (CPU minutes)")
+    p.add_argument("--work-dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=540.0, help="seconds for stages 0-2 and the export")
+    p.add_argument("--use-ray", action="store_true", help="run stage 2 through Ray Train (slower start)")
+    p.add_argument("--eval-images", type=int, default=0, help="then evaluate on this many held-out images")
+    p.set_defaults(func=_tiny_recipe)
+    return train

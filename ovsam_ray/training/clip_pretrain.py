@@ -1,0 +1,203 @@
+"""Stage 0 of the tiny recipe: a short contrastive pretraining of the tiny CLIP.
+
+On a fresh machine there is no pretrained CLIP, and OV-SAM freezes CLIP, so the tiny recipe first
+gives it something worth freezing: open_clip's ``ClipLoss`` on generated image/caption pairs.
+Images are 128x128 crops around one shape of a rendered scene (``data.synthetic.render_image``),
+the object repainted in a named colour; captions name the colour, the shape and sometimes its
+size, written into the same ViLD templates that later embed the class names ("a photo of a
+large red star."), and sometimes only the shape. Each batch holds every shape in a few colours,
+so pairs that differ only in shape sit side by side: colour alone cannot solve the task and the
+towers must learn the shapes, which the class-name embeddings need. Images are normalised with
+SAM's mean/std, exactly what the frozen tower sees inside OV-SAM.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from torch import nn
+
+from ovsam_ray.data.synthetic import render_image
+from ovsam_ray.model.functional import PIXEL_MEAN, PIXEL_STD
+from ovsam_ray.vocabulary import load_templates
+
+from .engine import BudgetClock
+
+log = logging.getLogger(__name__)
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (210, 40, 40), "green": (50, 170, 60), "blue": (40, 70, 210), "yellow": (230, 215, 50),
+    "orange": (240, 140, 30), "purple": (130, 50, 170), "pink": (240, 140, 190), "cyan": (60, 200, 215),
+    "brown": (120, 75, 35), "white": (240, 240, 240), "black": (20, 20, 20), "grey": (128, 128, 128),
+}
+
+
+def size_word(area_fraction: float) -> str:
+    return "small" if area_fraction < 0.04 else "large" if area_fraction > 0.12 else ""
+
+
+def _crop_box(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """A square box around ``mask`` with a random margin (the object fills 55-90% of it)."""
+    ys, xs = np.nonzero(mask)
+    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / rng.uniform(0.55, 0.9)
+    cx += rng.uniform(-0.1, 0.1) * side
+    cy += rng.uniform(-0.1, 0.1) * side
+    return int(round(cx - side / 2)), int(round(cy - side / 2)), int(round(side)), int(round(side))
+
+
+@dataclass
+class CropPool:
+    """Rendered object crops: images (N, S, S, 3) uint8, the object's mask (N, S, S), its class
+    index (N,), its size word and the crop's background colour (N, 3)."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    kinds: np.ndarray
+    sizes: list[str]
+    backgrounds: np.ndarray
+
+
+def render_crop_pool(num: int, *, seed: int, class_names: list[str], size: int = 128, scene: int = 192,
+                     max_objects: int = 3) -> CropPool:
+    """``num`` crops, each around one shape of a rendered scene (1-3 shapes, so neighbours and
+    occluders show at the edges): what the recognition head and the CLIP branch see, one object
+    per region."""
+    from PIL import Image
+
+    images = np.zeros((num, size, size, 3), np.uint8)
+    masks = np.zeros((num, size, size), bool)
+    kinds, sizes, backgrounds = np.zeros(num, np.int64), [], np.zeros((num, 3), np.float64)
+    for i in range(num):
+        rng = np.random.default_rng([seed, i, 17])
+        image, names, scene_masks = render_image(rng, scene, scene, 1, max_objects)
+        j = int(rng.integers(len(names)))
+        x0, y0, w, h = _crop_box(scene_masks[j], rng)
+        box = (x0, y0, x0 + w, y0 + h)
+        images[i] = np.asarray(Image.fromarray(image).crop(box).resize((size, size), Image.BILINEAR))
+        crop_mask = Image.fromarray(scene_masks[j].astype(np.uint8) * 255).crop(box).resize((size, size))
+        masks[i] = np.asarray(crop_mask) > 127
+        kinds[i] = class_names.index(names[j])
+        sizes.append(size_word(float(scene_masks[j].mean())))
+        others = ~np.any(scene_masks, axis=0)
+        backgrounds[i] = np.median(image[others], axis=0) if others.any() else 0.0
+    return CropPool(images, masks, kinds, sizes, backgrounds)
+
+
+def grid_batch(pool: CropPool, rng: np.random.Generator, *, class_names: list[str], colours_per_batch: int,
+               templates: list[str], bare_fraction: float = 0.2, size_fraction: float = 0.3
+               ) -> tuple[np.ndarray, list[str]]:
+    """A batch of every class in ``colours_per_batch`` named colours: each crop's object is
+    repainted in its colour (plus pixel noise) and captioned "<colour> <shape>" in a random ViLD
+    template (sometimes with its size word, sometimes only the shape). Pairs that differ only in
+    shape, or only in colour, share every batch, so neither cue alone solves the contrastive task."""
+    names = list(COLOURS)
+    chosen = rng.choice(len(names), size=colours_per_batch, replace=False)
+    images, captions = [], []
+    by_kind = [np.nonzero(pool.kinds == k)[0] for k in range(len(class_names))]
+    for c in chosen:
+        rgb = np.asarray(COLOURS[names[c]], np.float64)
+        for k, candidates in enumerate(by_kind):
+            for _ in range(10):  # prefer a crop whose background contrasts with the new colour
+                i = int(rng.choice(candidates))
+                if np.abs(pool.backgrounds[i] - rgb).sum() >= 150:
+                    break
+            image = pool.images[i].astype(np.float64)
+            mask = pool.masks[i]
+            image[mask] = rgb + rng.normal(0.0, 6.0, (int(mask.sum()), 3))
+            images.append(np.clip(np.rint(image), 0, 255).astype(np.uint8))
+            words = [names[c], class_names[k]]
+            if rng.random() < size_fraction and pool.sizes[i]:
+                words.insert(0, pool.sizes[i])
+            phrase = class_names[k] if rng.random() < bare_fraction else " ".join(words)
+            captions.append(templates[int(rng.integers(len(templates)))].format(phrase))
+    return np.stack(images), captions
+
+
+def sam_normalize(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float with SAM's mean/std."""
+    x = images.permute(0, 3, 1, 2).float()
+    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@dataclass
+class PretrainResult:
+    steps: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    text_separation: float  # max cosine between two different class-name embeddings (lower is better)
+
+
+def pretrain_clip(clip_model: nn.Module, tokenizer: Callable, *, class_names: list[str], steps: int = 300,
+                  colours_per_batch: int = 4, lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 25,
+                  pool_size: int = 1024, seed: int = 0, time_budget_s: float | None = None,
+                  clock: str = "wall", log_every: int = 25) -> PretrainResult:
+    """Train ``clip_model`` (both towers) in place with ``ClipLoss`` on rendered pairs
+    (``grid_batch``: every class in ``colours_per_batch`` colours per batch), for ``steps`` or
+    until ``time_budget_s`` (on ``clock``, see ``engine.BudgetClock``); leaves it in eval mode
+    with its BatchNorm statistics updated."""
+    t0 = time.perf_counter()
+    budget = BudgetClock(time_budget_s or 0.0, clock)
+    pool = render_crop_pool(pool_size, seed=seed, class_names=class_names)
+    templates = load_templates()
+    log.info("stage 0: %d rendered crops in %.1fs", pool_size, time.perf_counter() - t0)
+    clip_model.train()
+    clip_model.requires_grad_(True)
+    params = [p for p in clip_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    def factor(step: int) -> float:
+        progress = min(max(step / steps, budget.fraction() if time_budget_s else 0.0), 1.0)
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    loss_fn = ClipLoss()
+    rng = np.random.default_rng([seed, 99])
+    first = last = float("nan")
+    step = 0
+    while step < steps and not (time_budget_s and budget.expired()):
+        images, captions = grid_batch(pool, rng, class_names=class_names, colours_per_batch=colours_per_batch,
+                                      templates=templates)
+        x = torch.from_numpy(images)
+        if rng.random() < 0.5:
+            x = x.flip(2)
+        image_features = F.normalize(clip_model.encode_image(sam_normalize(x)), dim=-1)
+        text_features = F.normalize(clip_model.encode_text(tokenizer(captions)), dim=-1)
+        loss = loss_fn(image_features, text_features, clip_model.logit_scale.exp().clamp(max=100))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        last = float(loss.detach())
+        first = last if step == 1 else first
+        if step % log_every == 0:
+            log.info("stage 0 step %d: clip loss %.3f, lr %.2e", step, last, optimizer.param_groups[0]["lr"])
+    clip_model.eval()
+    clip_model.requires_grad_(False)
+    separation = class_name_separation(clip_model, tokenizer, class_names)
+    seconds = time.perf_counter() - t0
+    log.info("stage 0 done: %d steps in %.0fs, loss %.3f -> %.3f, max class-name cosine %.3f",
+             step, seconds, first, last, separation)
+    return PretrainResult(step, first, last, seconds, separation)
+
+
+@torch.no_grad()
+def class_name_separation(clip_model: nn.Module, tokenizer: Callable, class_names: list[str]) -> float:
+    """Max cosine similarity between the template-averaged text embeddings of two classes."""
+    from ovsam_ray.model.text_embedding import embed_class_names
+
+    emb = embed_class_names(clip_model, tokenizer, [[n] for n in class_names], load_templates())[:, 0]
+    sims = emb @ emb.T - 2 * torch.eye(len(class_names))
+    return float(sims.max())

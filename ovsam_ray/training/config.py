@@ -1,0 +1,275 @@
+"""Training job configs: small dataclasses that validate themselves and say how to fix a bad value.
+
+CLI flags map one to one onto fields (see ``training/cli.py``); ``to_dict`` is the resolved
+config written into every checkpoint, ``from_dict`` reads it back. Lengths are in optimizer
+steps because the data streams (DESIGN §5: "12 epochs, steps at 8 and 11" becomes
+``max_steps`` with ``lr_milestones=(8/12, 11/12)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ovsam_ray.model.presets import PRESETS
+
+SCHEDULES = ("cosine", "step", "constant")
+DATASET_KINDS = ("segmentation", "image")
+TEACHERS = ("vit_h", "vit_l", "vit_b", "random_tiny")
+
+
+@dataclass
+class DatasetSpec:
+    """One training dataset of a mixture.
+
+    shards: a shard spec (file, brace range, glob, directory or s3:// prefix; see ``list_shards``).
+    kind: ``segmentation`` (COCO-style ``annotations`` in the JSON) or ``image`` (ImageNet-22k
+        style: a class name or id; one whole-image box, classification loss only).
+    ratio: relative sampling weight of this dataset's shards in the mixture.
+    vocab: its vocabulary (built-in name or .txt/.json file); category ids are looked up in it.
+        Optional when the JSON carries class names.
+    teacher_features: distillation only: folder of precomputed teacher-feature shards
+        (``dump-teacher`` output), one ``<shard>.tar`` per input shard.
+    """
+
+    shards: str | list[str]
+    kind: str = "segmentation"
+    ratio: float = 1.0
+    vocab: str | None = None
+    name: str = ""
+    teacher_features: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("DatasetSpec.shards is empty: give a shard file, glob, brace range or folder")
+        if self.kind not in DATASET_KINDS:
+            raise ValueError(f"DatasetSpec.kind={self.kind!r}: use one of {DATASET_KINDS}")
+        if not self.ratio > 0:
+            raise ValueError(f"DatasetSpec.ratio={self.ratio}: sampling ratios must be > 0")
+        if not self.name:
+            first = self.shards if isinstance(self.shards, str) else self.shards[0]
+            self.name = first.rstrip("/").rsplit("/", 1)[-1] or "dataset"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + schedule. Reference: lr 1e-4, wd 0.05, 500 linear warm-up steps from 0.001x,
+    gradient norm clipped to 0.01; cosine (distill) or x0.1 steps at 8/12 and 11/12 (cotrain)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "step"
+    lr_milestones: tuple[float, ...] = (8 / 12, 11 / 12)
+    lr_gamma: float = 0.1
+    warmup_steps: int = 500
+    warmup_factor: float = 0.001
+    min_lr_factor: float = 0.0
+    grad_clip: float | None = 0.01
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: use one of {SCHEDULES}")
+        if any(not 0 < m <= 1 for m in self.lr_milestones):
+            raise ValueError(f"lr_milestones={self.lr_milestones}: give fractions of max_steps in (0, 1]")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip}: use a positive max norm or None to disable")
+
+
+@dataclass
+class RunSpec:
+    """Where and how a training run executes on Ray Train.
+
+    storage_path/name: the run's storage (local folder or s3:// URL); starting the same
+        storage_path + name again resumes from its latest checkpoint.
+    num_workers/use_gpu/cpus_per_worker: ``ScalingConfig``; max_failures: ``FailureConfig``.
+    batch_size: images per worker per micro-step; grad_accum: micro-steps per optimizer step.
+    """
+
+    storage_path: str
+    name: str
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_steps: int = 1000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 20
+    max_failures: int = 3
+    seed: int = 0
+    data_cpus: float = 1.0
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.storage_path:
+            raise ValueError("storage_path is required: a local folder or s3://bucket/prefix for checkpoints")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name={self.name!r}: give a run name without '/' (the folder under storage_path)")
+        for attr in ("num_workers", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
+            if getattr(self, attr) < 1:
+                raise ValueError(f"{attr}={getattr(self, attr)} must be >= 1")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints} must be >= 1 (resume needs one)")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures={self.max_failures}: use -1 (retry forever), 0 or a positive count")
+        if not self.cpus_per_worker > 0 or not self.data_cpus > 0:
+            raise ValueError("cpus_per_worker and data_cpus must be > 0 (fractions are fine on small machines)")
+
+    @property
+    def run_url(self) -> str:
+        return self.storage_path.rstrip("/") + "/" + self.name
+
+
+@dataclass
+class ModelSpec:
+    """The model to train and the weights it starts from (released layout, DESIGN §3).
+
+    weights: a folder/prefix with the standard file names; sam/clip/sam2clip/clip2sam: explicit
+    files. random_init: start from random weights (tests, smoke runs; logged loudly).
+    """
+
+    preset: str = "ovsam_rn50x16"
+    weights: str | None = None
+    sam: str | None = None
+    clip: str | None = None
+    sam2clip: str | None = None
+    clip2sam: str | None = None
+    random_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+
+
+def _common_post_init(cfg: Any) -> None:
+    if not cfg.datasets:
+        raise ValueError("give at least one dataset (DatasetSpec)")
+    cfg.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in cfg.datasets]
+    for name, typ in (("run", RunSpec), ("model", ModelSpec), ("optim", OptimConfig)):
+        value = getattr(cfg, name)
+        if isinstance(value, dict):
+            setattr(cfg, name, typ(**value))
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs={cfg.epochs} must be >= 1 (passes over the shards the stream holds)")
+
+
+@dataclass
+class DistillConfig:
+    """SAM2CLIP distillation (DESIGN §5): frozen CLIP + trainable adapter, per-pixel MSE to the
+    SAM image encoder's 256x64x64 embedding (online teacher, or precomputed features)."""
+
+    run: RunSpec
+    datasets: list[DatasetSpec]
+    model: ModelSpec = field(default_factory=ModelSpec)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(schedule="cosine", warmup_steps=500))
+    teacher: str = "vit_h"
+    teacher_checkpoint: str | None = None
+    epochs: int = 24
+    flip_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        _common_post_init(self)
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"teacher={self.teacher!r}: use one of {TEACHERS}")
+        precomputed = all(d.teacher_features for d in self.datasets)
+        if self.teacher != "random_tiny" and not precomputed and not self.teacher_checkpoint:
+            raise ValueError(
+                "distillation needs a teacher: teacher_checkpoint=<sam_vit_*.pth> (online teacher) or "
+                "teacher_features on every dataset (from `ovsam-ray train dump-teacher`)"
+            )
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DistillConfig:
+        return cls(**_known_fields(cls, data))
+
+
+@dataclass
+class CotrainConfig:
+    """CLIP2SAM co-training (DESIGN §5).
+
+    train_vocab: the training vocabulary (built-in or file); default: the union of the datasets'
+        vocabularies in order. num_prompts: instances per image (repeated when fewer), half box,
+        half point prompts. lsj_range: large-scale-jitter ratio range of the long side.
+    logit_scale / learn_logit_scale: classifier temperature (log); the released presets keep
+        4.6052 fixed, the tiny recipe learns it (exported as ``meta["logit_scale"]``), with its
+        own learning rate ``logit_scale_lr`` (default: the model's).
+    train_adapter: also train the SAM2CLIP adapter (the tiny recipe, which has no SAM teacher).
+    """
+
+    run: RunSpec
+    datasets: list[DatasetSpec]
+    model: ModelSpec = field(default_factory=ModelSpec)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train_vocab: str | None = None
+    epochs: int = 12
+    num_prompts: int = 40
+    lsj_range: tuple[float, float] = (0.9, 2.0)
+    flip_prob: float = 0.5
+    min_mask_area: int = 32
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    cls_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    background_weight: float = 0.1
+    logit_scale: float = 4.6052
+    learn_logit_scale: bool = False
+    logit_scale_lr: float | None = None
+    train_adapter: bool = False
+    text_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        _common_post_init(self)
+        self.lsj_range = tuple(float(r) for r in self.lsj_range)
+        if len(self.lsj_range) != 2 or not 0 < self.lsj_range[0] <= self.lsj_range[1]:
+            raise ValueError(f"lsj_range={self.lsj_range}: give (low, high) with 0 < low <= high, e.g. (0.9, 2.0)")
+        if self.num_prompts < 1:
+            raise ValueError(f"num_prompts={self.num_prompts} must be >= 1 (the paper uses 40)")
+        if self.num_points < 1 or self.oversample_ratio < 1 or not 0 <= self.importance_sample_ratio <= 1:
+            raise ValueError("need num_points >= 1, oversample_ratio >= 1 and importance_sample_ratio in [0, 1]")
+        if not any(d.kind == "segmentation" for d in self.datasets):
+            raise ValueError("co-training needs at least one segmentation dataset (image-level data only "
+                             "trains classification)")
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CotrainConfig:
+        return cls(**_known_fields(cls, data))
+
+
+def _to_dict(cfg: Any) -> dict:
+    def convert(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def _known_fields(cls: type, data: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
+    return dict(data)

@@ -1,0 +1,196 @@
+"""SAM2CLIP distillation on Ray Train (DESIGN §5), and the ``dump-teacher`` mode.
+
+Student: frozen CLIP + trainable adapter; teacher: SAM's image encoder, frozen, run online under
+no_grad (bf16 autocast on GPU) or replaced by precomputed features; loss: per-pixel MSE on the
+image embedding; AdamW 1e-4, wd 0.05, cosine schedule. SAM's ``image_encoder.pos_embed`` is
+copied into ``adapter.pos_embed`` when the shapes match, as the reference does.
+
+``dump_teacher(...)`` runs the teacher once over image shards (a Ray Data actor pool, one GPU
+each when asked) and writes one teacher-feature shard ``<out>/<shard>.tar`` of ``<key>.npy``
+(float16, (C, S/16, S/16)) per input shard, atomically; existing outputs are skipped on rerun.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ovsam_ray import io
+from ovsam_ray.data.shards import list_shards, shard_name
+from ovsam_ray.weights import read_weights
+
+from .batching import collate_distill, unpack_sample
+from .config import DistillConfig
+from .cotrain import input_size
+from .data import DistillSamples, build_ray_dataset, dataset_items
+from .engine import DistillNet, DistillTask, Runtime
+from .model_setup import build_sam_teacher, build_training_model, copy_teacher_pos_embed
+from .runner import StageSetup, fit, resume_item, worker_loop
+
+log = logging.getLogger(__name__)
+
+
+def _needs_online_teacher(cfg: DistillConfig) -> bool:
+    return not all(d.teacher_features for d in cfg.datasets)
+
+
+def _copy_pos_embed_from_file(model: torch.nn.Module, checkpoint: str, s3_endpoint: str | None) -> None:
+    state = read_weights(checkpoint, s3_endpoint=s3_endpoint, what="sam").state_dict
+    holder = torch.nn.Module()
+    holder.pos_embed = state.get("image_encoder.pos_embed")
+    copy_teacher_pos_embed(model, holder)
+
+
+def distill_setup(cfg: DistillConfig, runtime: Runtime) -> StageSetup:
+    """Student network and (unless every dataset has precomputed features) the online teacher."""
+    model, _, _ = build_training_model(cfg.model, stage="distill", seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint)
+    teacher = None
+    if _needs_online_teacher(cfg):
+        teacher = build_sam_teacher(
+            cfg.teacher, cfg.teacher_checkpoint, image_size=model.image_size, out_chans=model.prompt_encoder.embed_dim,
+            embed_dim=model.adapter.pos_embed.shape[-1], s3_endpoint=cfg.run.s3_endpoint, seed=cfg.run.seed,
+        ).to(runtime.device)
+        copy_teacher_pos_embed(model, teacher)
+    elif cfg.teacher_checkpoint:
+        _copy_pos_embed_from_file(model, cfg.teacher_checkpoint, cfg.run.s3_endpoint)
+    net = DistillNet(model)
+
+    def make_task(wrapped: torch.nn.Module) -> DistillTask:
+        return DistillTask(net=wrapped, teacher=teacher, device=runtime.device)
+
+    return StageSetup(net=net, make_task=make_task, optim=cfg.optim)
+
+
+@dataclass
+class DistillDataset:
+    """Dataset factory for ``TorchTrainer``: the stream starts at the latest checkpoint's data position."""
+
+    config: dict[str, Any]
+
+    def __call__(self):
+        cfg = DistillConfig.from_dict(self.config)
+        start = resume_item(cfg.run)
+        items = dataset_items(cfg.datasets, epochs=cfg.epochs, seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint)
+        builder = DistillSamples(image_size=input_size(cfg.model.preset), flip_prob=cfg.flip_prob,
+                                 seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint)
+        return build_ray_dataset(items[start:], builder, num_cpus=cfg.run.data_cpus)
+
+
+def distill_train_fn(loop_config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of distillation."""
+    worker_loop("distill", loop_config["config"], distill_setup)
+
+
+def run_distill(cfg: DistillConfig, *, worker_env: dict[str, str] | None = None):
+    """Run or resume SAM2CLIP distillation; returns the ``ray.train.Result``."""
+    return fit("distill", cfg, distill_train_fn, DistillDataset(cfg.to_dict()), worker_env=worker_env)
+
+
+# --- dump-teacher --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DumpTeacherConfig:
+    """Precompute teacher features: shards -> ``output``/<shard>.tar of ``<key>.npy`` float16."""
+
+    shards: str | list[str]
+    output: str
+    teacher: str = "vit_h"
+    teacher_checkpoint: str | None = None
+    preset: str = "ovsam_rn50x16"
+    use_gpu: bool = False
+    concurrency: int = 1
+    batch_size: int = 4
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.teacher != "random_tiny" and not self.teacher_checkpoint:
+            raise ValueError(f"dump-teacher with {self.teacher} needs teacher_checkpoint=<sam_{self.teacher}_*.pth>")
+        if self.concurrency < 1 or self.batch_size < 1:
+            raise ValueError("concurrency and batch_size must be >= 1")
+
+
+class TeacherShardWriter:
+    """Ray Data actor: the teacher loaded once, then one whole shard per call."""
+
+    def __init__(self, cfg: DumpTeacherConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        self.size = input_size(cfg.preset)
+        out_chans = 64 if cfg.preset == "ovsam_tiny" else 256
+        self.teacher = build_sam_teacher(cfg.teacher, cfg.teacher_checkpoint, image_size=self.size,
+                                         out_chans=out_chans, s3_endpoint=cfg.s3_endpoint).to(self.device)
+        self.builder = DistillSamples(image_size=self.size, s3_endpoint=cfg.s3_endpoint)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        target = io.join(self.cfg.output, shard_name(row["shard"]) + ".tar")
+        if io.exists(target, s3_endpoint=self.cfg.s3_endpoint):
+            return {"shard": row["shard"], "written": 0, "skipped": True}
+        item = {"item": 0, "dataset": 0, "shard": row["shard"]}
+        rows = list(self.builder(item))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "features.tar")
+            with tarfile.open(local, "w") as tf:
+                for start in range(0, len(rows), self.cfg.batch_size):
+                    chunk = rows[start : start + self.cfg.batch_size]
+                    feats = self._features([unpack_sample(r["sample"]) for r in chunk])
+                    for r, f in zip(chunk, feats):
+                        _add_npy(tf, f"{r['key']}.npy", f)
+            _upload(local, target, self.cfg.s3_endpoint)
+        return {"shard": row["shard"], "written": len(rows), "skipped": False}
+
+    @torch.no_grad()
+    def _features(self, samples: list[dict[str, np.ndarray]]) -> np.ndarray:
+        images = collate_distill(samples, self.device).images
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        with autocast:
+            out = self.teacher(images)
+        return out.float().cpu().numpy().astype(np.float16)
+
+
+def _add_npy(tf: tarfile.TarFile, name: str, array: np.ndarray) -> None:
+    buf = _io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = buf.tell(), 0, 0o644
+    buf.seek(0)
+    tf.addfile(info, buf)
+
+
+def _upload(local: str, target: str, s3_endpoint: str | None) -> None:
+    fs, path = io.get_filesystem(target, s3_endpoint=s3_endpoint)
+    if io.is_remote(target):
+        fs.put_file(local, path)  # an object PUT is atomic
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    shutil.copyfile(local, tmp)
+    os.replace(tmp, path)  # readers never see a partial shard
+
+
+def dump_teacher(cfg: DumpTeacherConfig) -> dict[str, int]:
+    """Write teacher-feature shards for every input shard; returns counts."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init()
+    shards = list_shards(cfg.shards, s3_endpoint=cfg.s3_endpoint)
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    ds = ds.map(TeacherShardWriter, fn_constructor_args=(cfg,), concurrency=cfg.concurrency,
+                num_gpus=1 if cfg.use_gpu else 0)
+    results = ds.take_all()
+    written = sum(r["written"] for r in results)
+    skipped = sum(1 for r in results if r["skipped"])
+    log.info("dump-teacher: %d shards (%d skipped as already written), %d images", len(results), skipped, written)
+    return {"shards": len(results), "skipped": skipped, "images": written}

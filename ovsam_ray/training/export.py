@@ -1,0 +1,89 @@
+"""``export``: a training checkpoint -> the released weights layout (DESIGN §3).
+
+Rebuilds the model the run trained (same preset, weights and seed), loads the checkpoint's
+trainable part and writes ``sam2clip_vith_<short>.pth``, ``clip2sam_<vocab>_<short>.pth``, the
+prompt encoder as ``sam_prompt_encoder_<short>.pth`` and, for the tiny preset or a CLIP that
+started random, the CLIP model. The clip2sam file's ``meta`` carries the training vocabulary,
+the seen classes and the classifier's ``logit_scale``, which ``load_ovsam`` / the label job read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+
+import torch
+
+from ovsam_ray import io
+from ovsam_ray.checkpoints import export_released
+
+from .config import CotrainConfig
+from .engine import CotrainNet, DistillNet
+from .labels import build_label_space
+from .model_setup import build_training_model
+from .runner import CONFIG_FILE, STATE_FILE, config_from_dict, latest_checkpoint, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def _checkpoint_url(source: str, s3_endpoint: str | None) -> str:
+    if io.exists(io.join(source, STATE_FILE), s3_endpoint=s3_endpoint):
+        return source
+    found = latest_checkpoint(source, s3_endpoint=s3_endpoint)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint under {io.redact(source)}: give a run folder (storage_path/name) "
+                                "or a checkpoint_* folder")
+    return found[0]
+
+
+def vocab_file_tag(name: str) -> str:
+    """A vocabulary name as it appears in ``clip2sam_<tag>_<short>.pth`` (letters, digits, _)."""
+    tag = re.sub(r"[^0-9a-zA-Z_]+", "_", name).strip("_").lower()
+    return tag or "custom"
+
+
+def export_checkpoint(source: str, output: str, *, train_vocab: str | None = None, include_clip: bool | None = None,
+                      s3_endpoint: str | None = None) -> dict[str, str]:
+    """Export the checkpoint at ``source`` (a run folder: its latest checkpoint; or one
+    checkpoint folder) into ``output`` (a local folder). Returns part -> written path."""
+    url = _checkpoint_url(source, s3_endpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        if io.is_remote(url):
+            fs, path = io.get_filesystem(url, s3_endpoint=s3_endpoint)
+            fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
+            local = tmp
+        else:
+            local = url
+        with open(os.path.join(local, STATE_FILE)) as f:
+            state = json.load(f)
+        with open(os.path.join(local, CONFIG_FILE)) as f:
+            config = json.load(f)
+        stage = state["stage"]
+        cfg = config_from_dict(stage, config)
+        model, clip_model, files = build_training_model(cfg.model, stage=stage, seed=cfg.run.seed,
+                                                        s3_endpoint=s3_endpoint or cfg.run.s3_endpoint)
+        meta = {"stage": stage, "step": int(state["step"]), "versions": state.get("versions", {}), "config": config}
+        if isinstance(cfg, CotrainConfig):
+            net = CotrainNet(model, text_embeddings=torch.zeros(1, 1, model.embed_dim), logit_scale=cfg.logit_scale,
+                             learn_logit_scale=cfg.learn_logit_scale, train_adapter=cfg.train_adapter,
+                     logit_scale_lr=cfg.logit_scale_lr)
+            read_checkpoint(local, net=net)
+            space = build_label_space(cfg.datasets, cfg.train_vocab)
+            meta.update(vocabulary=space.vocab.to_json(), seen_classes=space.seen_classes,
+                        logit_scale=float(net.log_scale.detach()))
+            tag = train_vocab or vocab_file_tag(space.vocab.name)
+        else:
+            net = DistillNet(model)
+            read_checkpoint(local, net=net)
+            tag = train_vocab or "coco"
+    if include_clip is None:
+        include_clip = cfg.model.preset == "ovsam_tiny" or "clip" not in files
+    if not include_clip:
+        log.info("CLIP weights not copied: place %s beside the export", files.get("clip"))
+    written = export_released(model.eval(), output, cfg.model.preset, train_vocab=tag, meta=meta,
+                              clip_model=clip_model if include_clip else None)
+    log.info("exported %s step %d to %s: %s", stage, meta["step"], output, sorted(written))
+    return written
