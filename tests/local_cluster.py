@@ -36,10 +36,24 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def free_ports(n: int, avoid: tuple[int, ...] = ()) -> list[int]:
+    """``n`` distinct free ports, none in ``avoid`` (picked ones are held open until all are
+    picked, so none is handed out twice)."""
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < n + len(avoid):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        ports = [s.getsockname()[1] for s in socks]
+        return [p for p in ports if p not in avoid][:n]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
@@ -120,8 +134,7 @@ class LocalRayCluster:
             "RAY_health_check_timeout_ms": "1000",
             "RAY_health_check_failure_threshold": "3",
         }
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
+        self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
         self.nodes: dict[str, int] = {}  # name -> the session its `ray start` opened (= that process's pid)
         self.logs: list[str] = []
 
@@ -140,9 +153,11 @@ class LocalRayCluster:
         self.teardown()
 
     def _ray_start(self, name: str, args: list[str], timeout: float = 120) -> None:
+        listen, grpc, metrics, runtime_env = free_ports(4, avoid=(self.gcs_port, self.dashboard_port,
+                                                                 self.client_port))
         common = ["--disable-usage-stats", "--min-worker-port", "0", "--max-worker-port", "0",
-                  "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                  "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+                  "--dashboard-agent-listen-port", str(listen), "--dashboard-agent-grpc-port", str(grpc),
+                  "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
                   "--object-store-memory", str(self.object_store_bytes)]
         proc = subprocess.Popen([RAY, "start", *args, *common], env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -161,7 +176,7 @@ class LocalRayCluster:
             "--head", "--port", str(self.gcs_port), "--temp-dir", self.temp_dir, "--num-cpus", str(num_cpus),
             "--resources", json.dumps(resources or {}), "--include-dashboard=true",
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--ray-client-server-port", str(free_port())])
+            "--ray-client-server-port", str(self.client_port)])
         wait_for(self._dashboard_up, 60, "the dashboard (job submission API)", interval=0.5)
 
     def add_node(self, name: str, *, num_cpus: float, resources: dict[str, float] | None = None) -> None:
@@ -221,9 +236,23 @@ class LocalRayCluster:
         """Run ``ray <args>`` against this cluster (``ray job ...``) and return its result."""
         return subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
-    def submit(self, submission_id: str, entrypoint: list[str], *, working_dir: str = REPO) -> subprocess.Popen:
-        """``ray job submit`` as a user types it; returns the CLI process, which streams the job's
-        log (see :meth:`cli_log`) and exits with the job's outcome."""
+    def snapshot_code(self) -> str:
+        """A copy of what a job's working dir needs (``ovsam_ray/``, ``jobs/``), taken once: jobs
+        submitted from it do not see edits others make to the checkout while the tests run."""
+        dest = os.path.join(self.temp_dir, "code")
+        if not os.path.exists(dest):
+            ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+            for name in ("ovsam_ray", "jobs"):
+                shutil.copytree(os.path.join(REPO, name), os.path.join(dest, name), ignore=ignore)
+            shutil.copy2(os.path.join(REPO, "pyproject.toml"), dest)
+        return dest
+
+    def submit(self, submission_id: str, entrypoint: list[str], *, working_dir: str | None = None
+               ) -> subprocess.Popen:
+        """``ray job submit --working-dir ...`` as a user types it (the working dir defaults to
+        :meth:`snapshot_code`); returns the CLI process, which streams the job's log (see
+        :meth:`cli_log`) and exits with the job's outcome."""
+        working_dir = working_dir or self.snapshot_code()
         cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--submission-id", submission_id,
                "--working-dir", working_dir, "--", *entrypoint]
         with open(self._cli_log_path(submission_id), "wb") as log:
@@ -287,29 +316,21 @@ class S3Gate:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
-        self._listener = listener
+        with self._lock:
+            self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def close(self) -> None:
-        """Refuse new connections and reset the open ones."""
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            try:
-                listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            listener.close()
+        """Refuse new connections and tear down the open ones, as when the server process dies."""
         with self._lock:
+            listener, self._listener = self._listener, None
             conns, self._conns = self._conns, set()
+        if listener is not None:
+            _shut(listener)
+        # shutdown() (not just close()) wakes the pipe threads blocked in recv(), so no half-open
+        # connection is left for a client to wait on forever.
         for c in conns:
-            # As when the server process dies: every connection is torn down at once. shutdown()
-            # (not just close()) so that the pipe threads blocked in recv() on it wake up and no
-            # half-open connection is left for a client to wait on forever.
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
+            _shut(c)
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -321,10 +342,16 @@ class S3Gate:
                 upstream = socket.create_connection(self.target, timeout=5)
                 upstream.settimeout(None)
             except OSError:
-                client.close()
+                _shut(client)
                 continue
             with self._lock:
-                self._conns.update((client, upstream))
+                is_open = self._listener is listener
+                if is_open:
+                    self._conns.update((client, upstream))
+            if not is_open:  # closed while this connection was being set up
+                _shut(client)
+                _shut(upstream)
+                return
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -335,12 +362,16 @@ class S3Gate:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+            _shut(src)
+            _shut(dst)
             with self._lock:
                 self._conns.discard(src)
                 self._conns.discard(dst)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

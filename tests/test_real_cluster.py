@@ -1,4 +1,5 @@
-"""The label job on a real multi-node Ray cluster on this machine, submitted with `ray job submit`.
+"""The label job on a real multi-node Ray cluster on this machine, submitted with `ray job submit`
+(`--working-dir`: a snapshot of ovsam_ray/ and jobs/ taken when the cluster starts).
 
 One cluster for the module: `ray start --head --num-cpus 0` (driver, GCS, dashboard/job API only,
 as on a production head) and a worker node `ray start --address ... --num-cpus 2 --resources
@@ -26,7 +27,9 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -349,3 +352,33 @@ def test_driver_storage_writes_retry_then_fail_with_a_clear_error(monkeypatch):
 
     with pytest.raises(ValueError, match="OUTPUT_SCHEMA"):  # not a storage problem: no retry
         label_job._with_storage_retries("commit shard s", bad_table, committed=0)
+
+
+def test_s3_gate_drops_connections_like_a_dead_server():
+    """The outage tests rely on it: closing the gate ends open connections at once (a half-open
+    one would leave a client waiting for its read timeout), refuses new ones, and reopens."""
+    upstream = socket.create_server(("127.0.0.1", 0))
+    port = upstream.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = upstream.accept()
+        conn.recv(16)
+        conn.sendall(b"hi")
+        conn.recv(16)  # then idle, like a keep-alive connection in a client's pool
+
+    threading.Thread(target=serve, daemon=True).start()
+    gate = S3Gate(f"http://127.0.0.1:{port}")
+    gate.open()
+    try:
+        with socket.create_connection(("127.0.0.1", gate.port), timeout=5) as client:
+            client.sendall(b"x")
+            assert client.recv(16) == b"hi"
+            gate.close()
+            assert client.recv(16) == b""  # closed, not hanging
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", gate.port), timeout=5)
+        gate.open()
+        socket.create_connection(("127.0.0.1", gate.port), timeout=5).close()
+    finally:
+        gate.close()
+        upstream.close()
