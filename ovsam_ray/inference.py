@@ -118,16 +118,23 @@ def vocabulary_text(
 
 
 def make_predictor(
-    cfg: ModelConfig, loaded: LoadedModel, text: torch.Tensor, vocab: Vocabulary, device: str | torch.device = "cpu"
+    cfg: ModelConfig,
+    loaded: LoadedModel,
+    text: torch.Tensor,
+    vocab: Vocabulary,
+    device: str | torch.device = "cpu",
+    *,
+    rle_on_device: bool | None = None,
 ) -> OVSAMPredictor:
-    """Wrap a loaded model and a vocabulary's text embeddings in a predictor on ``device``."""
+    """Wrap a loaded model and a vocabulary's text embeddings in a predictor on ``device``;
+    ``rle_on_device`` as in ``OVSAMPredictor`` (None: on CUDA only)."""
     classifier = OpenVocabClassifier(
         text_embeddings=text,
         seen=vocab.seen_tensor(),
         excluded=vocab.excluded_tensor(),
         logit_scale=float(loaded.meta.get("logit_scale", 4.6052)),
     )
-    return OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk)
+    return OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk, rle_on_device=rle_on_device)
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:

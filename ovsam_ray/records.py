@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ovsam_ray.data.rle import encode_masks
+from ovsam_ray.data.rle import compress_rles, encode_masks
 from ovsam_ray.model.predictor import ImagePrediction, ImagePrompts
 from ovsam_ray.vocabulary import Vocabulary
 
@@ -29,15 +29,20 @@ def prediction_to_instances(
     """One record per kept prompt (all by default), in prompt order (boxes, then points).
 
     ``types`` names each prompt ("box", "point", "grid"; default: boxes then points). The mask is
-    COCO RLE at the original size; ``bbox`` is the mask's box; labels are names from ``vocab``
-    with the fused probability; with ``with_embedding`` the float16 region and CLIP embeddings
-    and the CLIP-validity flag are stored, enough to re-score with another vocabulary.
+    COCO RLE at the original size (compressed from ``pred.rles`` when the predictor made them,
+    else encoded from ``pred.masks``: the same strings); ``bbox`` is the mask's box; labels are
+    names from ``vocab`` with the fused probability; with ``with_embedding`` the float16 region and
+    CLIP embeddings and the CLIP-validity flag are stored, enough to re-score with another vocabulary.
     """
     n_boxes = len(prompts.boxes)
     n = len(pred.labels)
     types = types or ["box"] * n_boxes + ["point"] * (n - n_boxes)
     keep = np.arange(n) if keep is None else np.asarray(keep, np.int64)
-    rles = encode_masks(pred.masks[keep])
+    if pred.rles is not None:  # run lengths computed on the model's device: only compress them
+        rles = compress_rles([pred.rles[i] for i in keep.tolist()])
+    else:
+        rles = encode_masks(pred.masks[keep])
+    areas = pred.mask_areas()
     names = vocab.class_names
     out = []
     for j, i in enumerate(keep.tolist()):
@@ -53,7 +58,7 @@ def prediction_to_instances(
                 "detector_score": None if det_score is None else float(det_score),
                 "detector_label": det_label,
                 "bbox": _floats(pred.mask_boxes[i]),
-                "area": int(pred.masks[i].sum()),
+                "area": int(areas[i]),
                 "rle": rles[j],
                 "label": names[label],
                 "label_id": int(vocab.class_ids[label]),

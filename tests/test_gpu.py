@@ -21,8 +21,9 @@ def test_bf16_fast_path_matches_fp32_labels_and_masks():
     images = [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(2)]
     prompts = [ImagePrompts(boxes=np.array([[10, 20, 300, 400], [100, 100, 200, 220]], np.float32),
                             points=np.array([[320, 240]], np.float32))] * 2
-    ref = OVSAMPredictor(model, OpenVocabClassifier(text_embeddings=text), device="cuda", fast=False)(images, prompts)
-    fast = OVSAMPredictor(model, OpenVocabClassifier(text_embeddings=text), device="cuda", fast=True)(images, prompts)
+    classifier = OpenVocabClassifier(text_embeddings=text)
+    ref = OVSAMPredictor(model, classifier, device="cuda", fast=False, rle_on_device=False)(images, prompts)
+    fast = OVSAMPredictor(model, classifier, device="cuda", fast=True, rle_on_device=False)(images, prompts)
     for r, f in zip(ref, fast):
         inter = np.logical_and(r.masks, f.masks).sum((1, 2))
         union = np.logical_or(r.masks, f.masks).sum((1, 2))

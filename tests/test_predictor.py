@@ -74,11 +74,16 @@ EXACT_FIELDS = ("labels", "head_labels", "topk_ids", "clip_valid", "is_point")
 def _assert_same(a: ImagePrediction, b: ImagePrediction, *, exact: bool = False) -> None:
     for f in dataclasses.fields(ImagePrediction):
         x, y = getattr(a, f.name), getattr(b, f.name)
+        if x is None or y is None or f.name == "rles":  # the mask outputs of one mode (tests/test_rle_device.py)
+            assert (x is None) == (y is None), f.name
+            continue
         assert x.shape == y.shape, f.name
         if exact or f.name in EXACT_FIELDS:
             np.testing.assert_array_equal(x, y, err_msg=f.name)
         elif f.name == "masks":  # thresholded at 0: a rounding difference may flip a boundary pixel
             assert x.size == 0 or np.mean(x != y) <= 1e-3, f.name
+        elif f.name == "areas":  # the same few boundary pixels
+            np.testing.assert_allclose(x, y, rtol=1e-2, atol=2, err_msg=f.name)
         elif f.name == "mask_boxes":
             np.testing.assert_allclose(x, y, atol=1.0, err_msg=f.name)
         else:

@@ -9,7 +9,7 @@ as COCO defines it). Boxes are XYXY with an exclusive right/bottom edge:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 
 __all__ = [
     "boxes_from_binary_masks",
+    "compress_rles",
     "decode_rle",
     "encode_masks",
     "mask_areas",
@@ -51,6 +52,21 @@ def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
         {"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
         for r in encoded
     ]
+
+
+def compress_rles(rles: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """COCO's uncompressed RLEs ``{"size": [H, W], "counts": ints}`` (e.g. run lengths computed on
+    the GPU, ``ovsam_ray.model.rle_torch``) -> compressed ``{"size": [H, W], "counts": str}``.
+
+    pycocotools itself compresses them, so the strings are byte-identical to ``encode_masks`` of
+    the same masks.
+    """
+    if not rles:
+        return []
+    objs = [{"size": [int(s) for s in r["size"]], "counts": r["counts"]} for r in rles]
+    with _quiet_pycocotools():
+        coco = mask_utils.frPyObjects(objs, *objs[0]["size"])  # each RLE's own size is used
+    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in coco]
 
 
 def _to_coco_rle(rle: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from .sam2clip_adapter import SAM2CLIPAdapter
 # open_clip architecture of each preset's CLIP: a registered model name, or a config for the tiny one.
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"layers": (1, 1, 1, 1), "width": 16, "image_size": 128, "head_width": 32},
+    "vision_cfg": {"layers": (1, 1, 1, 1), "width": 16, "image_size": 64, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
 CLIP_ARCHS: dict[str, str | dict] = {

@@ -104,7 +104,7 @@ def select_predictions(pred: ImagePrediction, types: list[str], cfg: SelectConfi
     if n == 0:
         return np.zeros(0, np.int64)
     keep = np.ones(n, bool)
-    areas = pred.masks.reshape(n, -1).sum(axis=1)
+    areas = pred.mask_areas()
     keep &= areas >= cfg.min_mask_area
     is_grid = np.array([t == "grid" for t in types])
     low = torch.from_numpy(pred.low_res_logits[:, 0])

@@ -163,6 +163,8 @@ class PredictStage:
         with warnings.catch_warnings():  # a read-only view of the object store's shared copy
             warnings.simplefilter("ignore", UserWarning)
             embeddings = torch.as_tensor(text["embeddings"])
+        # On CUDA (rle_on_device's default) masks leave the GPU as run lengths, never full size; a
+        # CPU actor keeps full masks, as pycocotools' C encoder beats torch's CPU kernels there.
         self.predictor = make_predictor(cfg, load_model(cfg), embeddings, self.vocab, self.device)
         self.predictor.half_embeddings = with_embedding
         self.with_embedding = with_embedding

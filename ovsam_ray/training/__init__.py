@@ -1,0 +1,19 @@
+"""OV-SAM's two training stages on Ray Train (DESIGN §5), and the tiny recipe behind the demo.
+
+Stages and entry points (each also ``ovsam-ray train <cmd>`` and ``jobs/train_*.py``):
+
+- SAM2CLIP distillation: ``distill.run_distill(DistillConfig)`` — frozen CLIP + trainable adapter,
+  per-pixel MSE to SAM's image encoder (online, or features from ``distill.dump_teacher``).
+- CLIP2SAM co-training: ``cotrain.run_cotrain(CotrainConfig)`` — decoder, FPN, RoI conv and label
+  token train on a mixture of segmentation and image-level (ImageNet-22k style) shards.
+- ``export.export_checkpoint(run, out)`` — a run's latest checkpoint in the released layout.
+- ``recipe.run_tiny_recipe(work_dir)`` — ``ovsam_tiny`` from nothing on generated shapes: (0) a
+  short contrastive tiny-CLIP pretraining (``clip_pretrain``), (1) no SAM teacher exists at this
+  size, so the adapter trains together with (2) co-training; returns the exported weights.
+- ``evaluate.evaluate_label_output`` / ``evaluate.evaluate_model`` — box/point mIoU, box
+  accuracy and the box-fill baseline against the shards' ground truth.
+
+Layout: ``config`` (dataclasses), ``data`` (shards -> rows through Ray Data), ``augment`` (LSJ),
+``prompts``, ``losses``, ``batching`` (rows -> tensors), ``engine`` (networks, optimiser, the
+loop; no Ray), ``runner`` (Ray Train glue, checkpoints), ``model_setup`` (weights, teacher).
+"""

@@ -197,7 +197,8 @@ def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p = sub.add_parser("tiny-recipe", help="train ovsam_tiny from nothing on generated shapes (CPU minutes)")
     p.add_argument("--work-dir", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-budget", type=float, default=540.0, help="seconds for stages 0-2 and the export")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="cap on the seconds for stages 0-2 (default: none; the recipe runs fixed step counts)")
     p.add_argument("--use-ray", action="store_true", help="run stage 2 through Ray Train (slower start)")
     p.add_argument("--eval-images", type=int, default=0, help="then evaluate on this many held-out images")
     p.set_defaults(func=_tiny_recipe)

@@ -94,14 +94,15 @@ def render_crop_pool(num: int, *, seed: int, class_names: list[str], size: int =
 
 def grid_batch(pool: CropPool, rng: np.random.Generator, *, class_names: list[str], colours_per_batch: int,
                templates: list[str], bare_fraction: float = 0.2, size_fraction: float = 0.3
-               ) -> tuple[np.ndarray, list[str]]:
+               ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """A batch of every class in ``colours_per_batch`` named colours: each crop's object is
     repainted in its colour (plus pixel noise) and captioned "<colour> <shape>" in a random ViLD
     template (sometimes with its size word, sometimes only the shape). Pairs that differ only in
-    shape, or only in colour, share every batch, so neither cue alone solves the contrastive task."""
+    shape, or only in colour, share every batch, so neither cue alone solves the contrastive task.
+    Returns the images, the captions and each crop's class index."""
     names = list(COLOURS)
     chosen = rng.choice(len(names), size=colours_per_batch, replace=False)
-    images, captions = [], []
+    images, captions, kinds = [], [], []
     by_kind = [np.nonzero(pool.kinds == k)[0] for k in range(len(class_names))]
     for c in chosen:
         rgb = np.asarray(COLOURS[names[c]], np.float64)
@@ -119,7 +120,8 @@ def grid_batch(pool: CropPool, rng: np.random.Generator, *, class_names: list[st
                 words.insert(0, pool.sizes[i])
             phrase = class_names[k] if rng.random() < bare_fraction else " ".join(words)
             captions.append(templates[int(rng.integers(len(templates)))].format(phrase))
-    return np.stack(images), captions
+            kinds.append(k)
+    return np.stack(images), captions, np.asarray(kinds, np.int64)
 
 
 def sam_normalize(images: torch.Tensor) -> torch.Tensor:
@@ -142,19 +144,29 @@ class PretrainResult:
 def pretrain_clip(clip_model: nn.Module, tokenizer: Callable, *, class_names: list[str], steps: int = 300,
                   colours_per_batch: int = 4, lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 25,
                   pool_size: int = 1024, seed: int = 0, time_budget_s: float | None = None,
-                  clock: str = "wall", log_every: int = 25) -> PretrainResult:
+                  clock: str = "wall", log_every: int = 25, shape_loss_weight: float = 1.0) -> PretrainResult:
     """Train ``clip_model`` (both towers) in place with ``ClipLoss`` on rendered pairs
     (``grid_batch``: every class in ``colours_per_batch`` colours per batch), for ``steps`` or
     until ``time_budget_s`` (on ``clock``, see ``engine.BudgetClock``); leaves it in eval mode
-    with its BatchNorm statistics updated."""
+    with its BatchNorm statistics updated.
+
+    ``shape_loss_weight``: weight of an auxiliary cross-entropy of a linear shape classifier on
+    the image embedding (dropped afterwards). From scratch both towers start on a plateau — the
+    random text tower maps every caption to nearly the same vector, so the contrastive loss gives
+    the image tower almost no shape gradient and it learns colour first (measured: 31% zero-shot
+    shape accuracy after 1,600 steps without it). The auxiliary head makes the image tower
+    shape-aware from the first steps; the text tower then aligns to it through ``ClipLoss``."""
     t0 = time.perf_counter()
     budget = BudgetClock(time_budget_s or 0.0, clock)
-    pool = render_crop_pool(pool_size, seed=seed, class_names=class_names)
+    size = clip_model.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    pool = render_crop_pool(pool_size, seed=seed, class_names=class_names, size=size)
     templates = load_templates()
     log.info("stage 0: %d rendered crops in %.1fs", pool_size, time.perf_counter() - t0)
     clip_model.train()
     clip_model.requires_grad_(True)
-    params = [p for p in clip_model.parameters() if p.requires_grad]
+    shape_head = nn.Linear(int(clip_model.visual.output_dim), len(class_names))
+    params = [p for p in clip_model.parameters() if p.requires_grad] + list(shape_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     def factor(step: int) -> float:
         progress = min(max(step / steps, budget.fraction() if time_budget_s else 0.0), 1.0)
@@ -166,14 +178,17 @@ def pretrain_clip(clip_model: nn.Module, tokenizer: Callable, *, class_names: li
     first = last = float("nan")
     step = 0
     while step < steps and not (time_budget_s and budget.expired()):
-        images, captions = grid_batch(pool, rng, class_names=class_names, colours_per_batch=colours_per_batch,
-                                      templates=templates)
+        images, captions, kinds = grid_batch(pool, rng, class_names=class_names,
+                                             colours_per_batch=colours_per_batch, templates=templates)
         x = torch.from_numpy(images)
         if rng.random() < 0.5:
             x = x.flip(2)
         image_features = F.normalize(clip_model.encode_image(sam_normalize(x)), dim=-1)
         text_features = F.normalize(clip_model.encode_text(tokenizer(captions)), dim=-1)
         loss = loss_fn(image_features, text_features, clip_model.logit_scale.exp().clamp(max=100))
+        if shape_loss_weight:
+            shape_logits = shape_head(image_features * 10.0)
+            loss = loss + shape_loss_weight * F.cross_entropy(shape_logits, torch.from_numpy(kinds))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

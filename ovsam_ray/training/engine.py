@@ -241,7 +241,6 @@ class BudgetClock:
         return self.elapsed() >= self.budget_s
 
 
-
 @dataclass
 class TrainState:
     """What the loop carries between steps and checkpoints. resume_item: the first work item not

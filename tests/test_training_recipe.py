@@ -1,0 +1,45 @@
+"""Stage 0 of the tiny recipe (``clip_pretrain``): batches, the auxiliary shape loss, fixed steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ovsam_ray.data.synthetic import shape_vocabulary_names
+from ovsam_ray.model.presets import clip_tokenizer, create_clip_model
+from ovsam_ray.training.clip_pretrain import grid_batch, pretrain_clip, render_crop_pool
+from ovsam_ray.vocabulary import load_templates
+
+NAMES = shape_vocabulary_names()
+
+
+def test_grid_batch_labels_every_crop_with_the_shape_its_caption_names() -> None:
+    pool = render_crop_pool(48, seed=0, class_names=NAMES, size=32)
+    images, captions, kinds = grid_batch(pool, np.random.default_rng(0), class_names=NAMES, colours_per_batch=2,
+                                         templates=load_templates())
+    assert images.shape == (2 * len(NAMES), 32, 32, 3) and len(captions) == len(kinds) == 2 * len(NAMES)
+    assert sorted(kinds.tolist()) == sorted(list(range(len(NAMES))) * 2)
+    for caption, k in zip(captions, kinds):
+        assert NAMES[k] in caption
+
+
+def _pretrained(shape_loss_weight: float) -> tuple[torch.nn.Module, object]:
+    torch.manual_seed(0)
+    clip = create_clip_model("ovsam_tiny")
+    result = pretrain_clip(clip, clip_tokenizer("ovsam_tiny"), class_names=NAMES, steps=4, pool_size=24, seed=0,
+                           shape_loss_weight=shape_loss_weight)
+    return clip, result
+
+
+def test_pretrain_runs_the_fixed_number_of_steps_and_the_shape_loss_changes_the_image_tower() -> None:
+    torch.manual_seed(0)
+    before = create_clip_model("ovsam_tiny").visual.state_dict()
+    with_aux, result = _pretrained(1.0)
+    without_aux, _ = _pretrained(0.0)
+    assert result.steps == 4 and np.isfinite(result.first_loss) and np.isfinite(result.last_loss)
+    assert not with_aux.training  # left in eval mode, frozen
+    assert not any(p.requires_grad for p in with_aux.parameters())
+    a, b = with_aux.visual.state_dict(), without_aux.visual.state_dict()
+    changed = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], before[k])]
+    assert changed, "stage 0 did not train the image tower"
+    assert any(not torch.equal(a[k], b[k]) for k in changed), "the auxiliary shape loss had no effect"
