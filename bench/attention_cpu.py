@@ -25,18 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchlib import cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 DIM, HEADS, GRID = 256, 16, 64
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _maxrss_mib() -> float:
@@ -119,7 +110,7 @@ def main() -> None:
         "benchmark": "attention_cpu",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "shape": {"dim": DIM, "heads": HEADS, "grid": GRID, "batch": args.batch, "dtype": "float32"},
         "results": results,
