@@ -100,3 +100,24 @@ def test_lr_schedules():
     cosine = OptimConfig(schedule="cosine", warmup_steps=0)
     assert lr_factor(0, 0.0, cosine) == 1.0 and lr_factor(5, 0.5, cosine) == pytest.approx(0.5)
     assert lr_factor(10, 1.0, cosine) == pytest.approx(0.0)
+
+
+def test_optimizer_gives_the_temperature_and_the_recognizer_their_own_lr_and_no_decay_to_vectors():
+    import torch
+
+    from ovsam_ray.model.presets import build_ovsam
+    from ovsam_ray.training.engine import CotrainNet, build_optimizer
+
+    text = torch.nn.functional.normalize(torch.randn(3, 1, 64), dim=-1)
+    net = CotrainNet(build_ovsam("ovsam_tiny"), text_embeddings=text,
+                     logit_scale=4.6, learn_logit_scale=True, logit_scale_lr=0.01, recognizer_lr=3e-3)
+    opt = build_optimizer(net, OptimConfig(lr=1e-4, weight_decay=0.05))
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    assert len(group_of) == len(trainable) == sum(len(g["params"]) for g in opt.param_groups)
+    for name, p in trainable.items():
+        group = group_of[id(p)]
+        expected = 0.01 if name == "log_scale" else 3e-3 if name.startswith("model.recognizer.") else 1e-4
+        assert group["lr"] == expected, name
+        assert group["weight_decay"] == (0.0 if p.ndim <= 1 or name == "log_scale" else 0.05), name
+    assert any(n.startswith("model.recognizer.") for n in trainable)

@@ -43,3 +43,43 @@ def test_pretrain_runs_the_fixed_number_of_steps_and_the_shape_loss_changes_the_
     changed = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], before[k])]
     assert changed, "stage 0 did not train the image tower"
     assert any(not torch.equal(a[k], b[k]) for k in changed), "the auxiliary shape loss had no effect"
+
+
+def test_scene_batch_boxes_are_the_objects_mask_boxes_in_model_input_pixels() -> None:
+    from ovsam_ray.data.rle import boxes_from_binary_masks
+    from ovsam_ray.data.synthetic import render_image
+    from ovsam_ray.training.clip_pretrain import render_scene_batch
+
+    batch = render_scene_batch(np.random.default_rng(3), 3, class_names=NAMES, image_size=128,
+                               scene_sizes=((96, 64), (160, 120)))
+    assert batch.images.shape == (3, 3, 128, 128)
+    assert len(batch.boxes) == len(batch.image_index) == len(batch.kinds) > 0
+    assert sorted(set(batch.image_index.tolist())) == [0, 1, 2]
+    # the same draws by hand: size, scene, mirror flag
+    rng = np.random.default_rng(3)
+    expected = []
+    for _ in range(3):
+        width, height = int(rng.integers(96, 161)), int(rng.integers(64, 121))
+        _, names, masks = render_image(rng, width, height, 1, 4)
+        if rng.random() < 0.5:
+            masks = masks[:, :, ::-1]
+        scale = 128 / max(width, height)
+        expected.append(boxes_from_binary_masks(np.ascontiguousarray(masks)) * scale)
+    np.testing.assert_allclose(batch.boxes.numpy(), np.concatenate(expected), atol=0.5)
+    assert batch.kinds.max() < len(NAMES)
+
+
+def test_scene_stage_trains_the_tower_on_whole_scenes_and_refreshes_batchnorm() -> None:
+    from ovsam_ray.training.clip_pretrain import pretrain_clip_regions
+
+    torch.manual_seed(0)
+    clip = create_clip_model("ovsam_tiny")
+    before = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    result = pretrain_clip_regions(clip, clip_tokenizer("ovsam_tiny"), class_names=NAMES, steps=3, image_size=128,
+                                   scene_sizes=((96, 64), (128, 96)), batch_size=2, seed=0)
+    assert result.steps == 3 and np.isfinite(result.last_loss)
+    after = clip.visual.state_dict()
+    assert not torch.equal(after["attnpool.c_proj.weight"], before["attnpool.c_proj.weight"])  # the CLIP branch head
+    assert not torch.equal(after["layer1.0.conv1.weight"], before["layer1.0.conv1.weight"])  # the trunk
+    assert not torch.equal(after["bn1.running_mean"], before["bn1.running_mean"])  # scene statistics
+    assert not clip.training and not any(p.requires_grad for p in clip.parameters())

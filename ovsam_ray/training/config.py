@@ -207,6 +207,8 @@ class CotrainConfig:
     logit_scale / learn_logit_scale: classifier temperature (log); the released presets keep
         4.6052 fixed, the tiny recipe learns it (exported as ``meta["logit_scale"]``), with its
         own learning rate ``logit_scale_lr`` (default: the model's).
+    recognizer_lr: the CLIP2SAM recognizer's (FPN + RoI conv) own learning rate (default: the
+        model's).
     train_adapter: also train the SAM2CLIP adapter (the tiny recipe, which has no SAM teacher).
     """
 
@@ -230,6 +232,7 @@ class CotrainConfig:
     logit_scale: float = 4.6052
     learn_logit_scale: bool = False
     logit_scale_lr: float | None = None
+    recognizer_lr: float | None = None
     train_adapter: bool = False
     text_cache: str | None = None
 

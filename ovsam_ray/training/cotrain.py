@@ -64,7 +64,7 @@ def cotrain_setup(cfg: CotrainConfig, runtime: Runtime) -> StageSetup:
     text = text_embeddings_for(space, clip_model, cfg, files, runtime.device)
     net = CotrainNet(model, text_embeddings=text, logit_scale=cfg.logit_scale,
                      learn_logit_scale=cfg.learn_logit_scale, train_adapter=cfg.train_adapter,
-                     logit_scale_lr=cfg.logit_scale_lr)
+                     logit_scale_lr=cfg.logit_scale_lr, recognizer_lr=cfg.recognizer_lr)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     log.info("co-training %s on %d classes (%d seen); %d trainable parameters", cfg.model.preset,
              space.vocab.num_classes, len(space.seen_classes), trainable)

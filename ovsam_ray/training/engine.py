@@ -46,7 +46,7 @@ class CotrainNet(nn.Module):
 
     def __init__(self, model: OVSAM, *, text_embeddings: torch.Tensor, logit_scale: float,
                  learn_logit_scale: bool = False, train_adapter: bool = False,
-                 logit_scale_lr: float | None = None) -> None:
+                 logit_scale_lr: float | None = None, recognizer_lr: float | None = None) -> None:
         super().__init__()
         self.model = model
         model.lock_for_cotraining()
@@ -56,6 +56,8 @@ class CotrainNet(nn.Module):
         self.register_buffer("text_embeddings", text_embeddings.float(), persistent=False)
         self.log_scale = nn.Parameter(torch.tensor(float(logit_scale)), requires_grad=learn_logit_scale)
         self.param_lrs = {"log_scale": logit_scale_lr} if logit_scale_lr else {}
+        if recognizer_lr:
+            self.param_lrs["model.recognizer."] = recognizer_lr
         prefixes = ["model.decoder.", "model.recognizer.", "log_scale"]
         self.checkpoint_prefixes = tuple(prefixes + (["model.adapter."] if train_adapter else []))
 
@@ -118,20 +120,18 @@ def load_trainable_state_dict(net: nn.Module, state: dict[str, torch.Tensor]) ->
 
 def build_optimizer(net: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; norms, biases and the temperature get no weight
-    decay; parameters named in the network's ``param_lrs`` get their own learning rate."""
+    decay; parameters named in the network's ``param_lrs`` (a name, or a prefix ending in ".")
+    get their own learning rate."""
     special = getattr(unwrap(net), "param_lrs", {})
-    decay, no_decay = [], []
-    own: dict[str, list[nn.Parameter]] = {}
+    buckets: dict[tuple[str | None, bool], list[nn.Parameter]] = {}
     for name, p in unwrap(net).named_parameters():
         if not p.requires_grad:
             continue
-        if name in special:
-            own.setdefault(name, []).append(p)
-        else:
-            (no_decay if p.ndim <= 1 or name.endswith("log_scale") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups += [{"params": ps, "weight_decay": 0.0, "lr": special[n]} for n, ps in own.items()]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+        key = next((k for k in special if name == k or (k.endswith(".") and name.startswith(k))), None)
+        buckets.setdefault((key, p.ndim <= 1 or name.endswith("log_scale")), []).append(p)
+    groups = [{"params": ps, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+               **({"lr": special[key]} if key else {})} for (key, no_decay), ps in buckets.items()]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 def lr_factor(step: int, progress: float, cfg: OptimConfig) -> float:

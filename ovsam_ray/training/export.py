@@ -69,7 +69,7 @@ def export_checkpoint(source: str, output: str, *, train_vocab: str | None = Non
         if isinstance(cfg, CotrainConfig):
             net = CotrainNet(model, text_embeddings=torch.zeros(1, 1, model.embed_dim), logit_scale=cfg.logit_scale,
                              learn_logit_scale=cfg.learn_logit_scale, train_adapter=cfg.train_adapter,
-                     logit_scale_lr=cfg.logit_scale_lr)
+                     logit_scale_lr=cfg.logit_scale_lr, recognizer_lr=cfg.recognizer_lr)
             read_checkpoint(local, net=net)
             space = build_label_space(cfg.datasets, cfg.train_vocab)
             meta.update(vocabulary=space.vocab.to_json(), seen_classes=space.seen_classes,
