@@ -11,13 +11,8 @@ from ovsam_ray.checkpoints import SHORT_NAMES, LoadedModel, load_ovsam
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.predictor import OVSAMPredictor
 from ovsam_ray.model.presets import PRESETS, clip_tokenizer
-from ovsam_ray.vocabulary import (
-    TextEmbeddingCache,
-    Vocabulary,
-    class_text_embeddings,
-    load_class_embeddings,
-    load_vocabulary,
-)
+from ovsam_ray.text_cache import TextEmbeddingCache, class_text_embeddings, load_class_embeddings
+from ovsam_ray.vocabulary import Vocabulary, load_vocabulary
 
 # The training vocabulary of each released clip2sam file decides which classes are "seen".
 TRAIN_VOCABS = {"coco": "coco_ov", "lvis": "lvis_v1"}

@@ -14,16 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ovsam_ray.vocabulary import (
-    BUILTIN_VOCABULARIES,
-    TextEmbeddingCache,
-    TextEmbeddingKey,
-    Vocabulary,
-    class_text_embeddings,
-    load_class_embeddings,
-    load_templates,
-    load_vocabulary,
-)
+from ovsam_ray.text_cache import TextEmbeddingCache, TextEmbeddingKey, class_text_embeddings, load_class_embeddings
+from ovsam_ray.vocabulary import BUILTIN_VOCABULARIES, Vocabulary, load_templates, load_vocabulary
 
 # The reference OV-SAM COCO 48/17 split (contiguous ids), ext/class_names/coco_4817_ids.py.
 COCO_BASE_IDS = {

@@ -20,7 +20,7 @@ import torch
 
 from ovsam_ray.checkpoints import SHORT_NAMES
 from ovsam_ray.model.presets import clip_tokenizer
-from ovsam_ray.vocabulary import TextEmbeddingCache, class_text_embeddings
+from ovsam_ray.text_cache import TextEmbeddingCache, class_text_embeddings
 from ovsam_ray.weights import file_sha256, local_path
 
 from .config import CotrainConfig
