@@ -114,6 +114,37 @@ def test_cotrain_rows_from_segmentation_shards(data_root, tmp_path):
     assert ((s["labels"] >= 0) & (s["labels"] < 8)).all()
     again = list(iter_local_rows(items, sample_builder(cfg)))
     assert [r["sample"] for r in again] == [r["sample"] for r in rows], "rows are deterministic"
+    ahead = list(iter_local_rows(items, sample_builder(cfg), prefetch=2))
+    assert [r["sample"] for r in ahead] == [r["sample"] for r in rows], "a background thread keeps the rows and order"
+
+
+def test_background_rows_surface_errors_and_stop_when_closed():
+    import threading
+
+    from ovsam_ray.training.data import in_background
+
+    def failing():
+        yield 1
+        raise OSError("shard vanished")
+
+    it = in_background(failing(), 4)
+    assert next(it) == 1
+    with pytest.raises(OSError, match="shard vanished"):
+        next(it)
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = in_background(endless(), 3)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    it.close()
+    assert not any(t.name == "row-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(produced) <= 5 + 3 + 2  # stopped, not drained
 
 
 def test_image_level_rows_one_whole_image_box(data_root, tmp_path):
@@ -161,3 +192,22 @@ def test_pack_roundtrip_and_row_batches_skip_consumed_items():
     batches = list(row_batches(iter(rows), 3, min_item=2))
     assert [[int(s["x"][0]) for s in b] for b, _ in batches] == [[4, 5, 6], [7, 8, 9]]
     assert [top for _, top in batches] == [3, 4]
+
+
+def test_roi_jitter_moves_only_the_recognizer_rois(data_root, tmp_path):
+    from ovsam_ray.training.cotrain import cotrain_setup
+    from ovsam_ray.training.engine import CotrainTask, Runtime
+
+    exact = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1)
+    items = dataset_items(exact.datasets, epochs=1, seed=0)
+    samples = [unpack_sample(r["sample"]) for r in list(iter_local_rows(items, sample_builder(exact)))[:2]]
+    net = cotrain_setup(exact, Runtime()).net.eval()
+    losses = {}
+    for jitter in (0.0, 0.3):
+        cfg = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1, roi_jitter=jitter)
+        with torch.no_grad():
+            losses[jitter], _ = CotrainTask(net=net, cfg=cfg, device=torch.device("cpu")).losses(samples, 0, 0)
+    assert torch.equal(losses[0.0]["loss_mask"], losses[0.3]["loss_mask"])
+    assert not torch.equal(losses[0.0]["loss_cls"], losses[0.3]["loss_cls"])
+    with pytest.raises(ValueError, match="roi_jitter"):
+        _config(data_root, tmp_path, roi_jitter=-0.1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +30,7 @@ from ovsam_ray.model.clip_backbone import ResNetCLIPBackbone
 from ovsam_ray.model.functional import PIXEL_MEAN, PIXEL_STD, boxes_from_masks, preprocess_image
 from ovsam_ray.vocabulary import load_templates
 
+from .data import in_background
 from .engine import BudgetClock
 
 log = logging.getLogger(__name__)
@@ -142,22 +143,21 @@ class PretrainResult:
     text_separation: float  # max cosine between two different class-name embeddings (lower is better)
 
 
-LossFn = Callable[[np.random.Generator, nn.Module], torch.Tensor]
+LossFn = Callable[[np.random.Generator], torch.Tensor]
 
 
-def _train(clip_model: nn.Module, class_names: list[str], loss_fn: LossFn, *, stage: str, steps: int, lr: float,
-           weight_decay: float, warmup: int, seed: int,
-           time_budget_s: float | None, clock: str, log_every: int) -> tuple[int, float, float]:
-    """The loop both parts of stage 0 share: AdamW on every CLIP parameter plus a linear shape
-    head (given to ``loss_fn(rng, shape_head)``, dropped afterwards), linear warm-up then cosine
-    over ``steps`` (or the time budget, whichever runs out first), gradient clipping at 1.0;
-    leaves the model in eval mode with its BatchNorm statistics updated and its parameters
-    frozen. Returns (steps run, first loss, last loss)."""
+def train_steps(trained: nn.Module, loss_fn: LossFn, *, stage: str, steps: int, lr: float, weight_decay: float,
+                warmup: int, seed: int, time_budget_s: float | None, clock: str, log_every: int
+                ) -> tuple[int, float, float]:
+    """The loop of the tiny recipe's pre-stages: AdamW on every parameter of ``trained`` (in train
+    mode), ``loss_fn(rng)`` per step, linear warm-up then cosine over ``steps`` (or the time
+    budget on ``clock``, whichever runs out first), gradient clipping at 1.0; leaves ``trained``
+    in eval mode (BatchNorm statistics updated) with its parameters frozen. Returns (steps run,
+    first loss, last loss)."""
     budget = BudgetClock(time_budget_s or 0.0, clock)
-    clip_model.train()
-    clip_model.requires_grad_(True)
-    shape_head = nn.Linear(int(clip_model.visual.output_dim), len(class_names))
-    params = list(clip_model.parameters()) + list(shape_head.parameters())
+    trained.train()
+    trained.requires_grad_(True)
+    params = list(trained.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def factor(step: int) -> float:
@@ -169,7 +169,7 @@ def _train(clip_model: nn.Module, class_names: list[str], loss_fn: LossFn, *, st
     first = last = float("nan")
     step = 0
     while step < steps and not (time_budget_s and budget.expired()):
-        loss = loss_fn(rng, shape_head)
+        loss = loss_fn(rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -180,9 +180,16 @@ def _train(clip_model: nn.Module, class_names: list[str], loss_fn: LossFn, *, st
         first = last if step == 1 else first
         if step % log_every == 0:
             log.info("%s step %d: loss %.3f, lr %.2e", stage, step, last, optimizer.param_groups[0]["lr"])
-    clip_model.eval()
-    clip_model.requires_grad_(False)
+    trained.eval()
+    trained.requires_grad_(False)
     return step, first, last
+
+
+def _with_shape_head(clip_model: nn.Module, class_names: list[str]) -> tuple[nn.Module, nn.Module]:
+    """(the module both stage-0 parts train: CLIP + a linear shape head, the head). The head is
+    dropped after its part."""
+    shape_head = nn.Linear(int(clip_model.visual.output_dim), len(class_names))
+    return nn.ModuleDict({"clip": clip_model, "shape_head": shape_head}), shape_head
 
 
 def _result(clip_model: nn.Module, tokenizer: Callable, class_names: list[str], stage: str, t0: float,
@@ -218,7 +225,9 @@ def pretrain_clip(clip_model: nn.Module, tokenizer: Callable, *, class_names: li
     log.info("stage 0 (crops): %d rendered crops in %.1fs", pool_size, time.perf_counter() - t0)
     clip_loss = ClipLoss()
 
-    def loss_fn(rng: np.random.Generator, shape_head: nn.Module) -> torch.Tensor:
+    trained, shape_head = _with_shape_head(clip_model, class_names)
+
+    def loss_fn(rng: np.random.Generator) -> torch.Tensor:
         images, captions, kinds = grid_batch(pool, rng, class_names=class_names,
                                              colours_per_batch=colours_per_batch, templates=templates)
         x = torch.from_numpy(images)
@@ -232,9 +241,8 @@ def pretrain_clip(clip_model: nn.Module, tokenizer: Callable, *, class_names: li
             loss = loss + shape_loss_weight * F.cross_entropy(shape_logits, torch.from_numpy(kinds))
         return loss
 
-    run = _train(clip_model, class_names, loss_fn, stage="stage 0 (crops)", steps=steps, lr=lr,
-                 weight_decay=weight_decay, warmup=warmup, seed=seed, time_budget_s=time_budget_s, clock=clock,
-                 log_every=log_every)
+    run = train_steps(trained, loss_fn, stage="stage 0 (crops)", steps=steps, lr=lr, weight_decay=weight_decay,
+                      warmup=warmup, seed=seed, time_budget_s=time_budget_s, clock=clock, log_every=log_every)
     return _result(clip_model, tokenizer, class_names, "stage 0 (crops)", t0, run)
 
 
@@ -272,6 +280,21 @@ def render_scene_batch(rng: np.random.Generator, batch_size: int, *, class_names
                       torch.tensor(kinds, dtype=torch.long))
 
 
+def scene_batches(seed: int, batch_size: int, *, class_names: list[str], image_size: int,
+                  scene_sizes: tuple[tuple[int, int], tuple[int, int]], objects: tuple[int, int],
+                  prefetch: int = 4) -> Generator[SceneBatch, None, None]:
+    """Endless ``render_scene_batch`` batches of one seed, rendered in a background thread
+    ``prefetch`` batches ahead (rendering is ~15% of a scene step); ``close()`` it when done."""
+    rng = np.random.default_rng([seed, 7])
+
+    def draw() -> Iterator[SceneBatch]:
+        while True:
+            yield render_scene_batch(rng, batch_size, class_names=class_names, image_size=image_size,
+                                     scene_sizes=scene_sizes, objects=objects)
+
+    return in_background(draw(), prefetch)
+
+
 def pretrain_clip_regions(clip_model: nn.Module, tokenizer: Callable, *, class_names: list[str], steps: int = 300,
                           image_size: int = 256,
                           scene_sizes: tuple[tuple[int, int], tuple[int, int]] = ((224, 168), (288, 224)),
@@ -296,9 +319,12 @@ def pretrain_clip_regions(clip_model: nn.Module, tokenizer: Callable, *, class_n
     backbone = ResNetCLIPBackbone(visual=clip_model.visual)  # shares the tower; never put in eval here
     templates = load_templates()
 
-    def loss_fn(rng: np.random.Generator, shape_head: nn.Module) -> torch.Tensor:
-        batch = render_scene_batch(rng, batch_size, class_names=class_names, image_size=image_size,
-                                   scene_sizes=scene_sizes, objects=objects)
+    trained, shape_head = _with_shape_head(clip_model, class_names)
+    batches = scene_batches(seed, batch_size, class_names=class_names, image_size=image_size, scene_sizes=scene_sizes,
+                            objects=objects)
+
+    def loss_fn(rng: np.random.Generator) -> torch.Tensor:
+        batch = next(batches)
         captions = [templates[int(rng.integers(len(templates)))].format(n) for n in class_names]
         text = F.normalize(clip_model.encode_text(tokenizer(captions)), dim=-1)
         feats = backbone(batch.images)
@@ -309,9 +335,12 @@ def pretrain_clip_regions(clip_model: nn.Module, tokenizer: Callable, *, class_n
             loss = loss + shape_loss_weight * F.cross_entropy(shape_head(regions * 10.0), batch.kinds)
         return loss
 
-    run = _train(clip_model, class_names, loss_fn, stage="stage 0 (scenes)", steps=steps, lr=lr,
-                 weight_decay=weight_decay, warmup=warmup, seed=seed + 1, time_budget_s=time_budget_s, clock=clock,
-                 log_every=log_every)
+    try:
+        run = train_steps(trained, loss_fn, stage="stage 0 (scenes)", steps=steps, lr=lr, weight_decay=weight_decay,
+                          warmup=warmup, seed=seed + 1, time_budget_s=time_budget_s, clock=clock,
+                          log_every=log_every)
+    finally:
+        batches.close()
     return _result(clip_model, tokenizer, class_names, "stage 0 (scenes)", t0, run)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ovsam_ray.model.ovsam import OVSAM, PromptBatch
 
+from .augment import jitter_boxes
 from .batching import collate_cotrain, collate_distill, unpack_sample
 from .config import CotrainConfig, OptimConfig, RunSpec
 from .losses import class_logits, classification_loss, distillation_loss, sampled_mask_losses
@@ -183,7 +184,9 @@ class CotrainTask:
     def losses(self, samples: Samples, step: int, micro: int) -> tuple[dict[str, torch.Tensor], int]:
         cfg = self.cfg
         batch = collate_cotrain(samples, self.device)
-        low_res, logits = self.net(batch.images, batch.prompts, batch.roi_boxes)
+        rois = jitter_boxes(batch.roi_boxes, cfg.roi_jitter, _step_generator(cfg.run.seed + 1, step, self.rank, micro),
+                            batch.images.shape[-1])
+        low_res, logits = self.net(batch.images, batch.prompts, rois)
         loss_cls = classification_loss(logits, batch.labels, background_weight=cfg.background_weight)
         sel = torch.nonzero(batch.has_mask).flatten()
         bce, dice = sampled_mask_losses(
