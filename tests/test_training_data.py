@@ -114,37 +114,6 @@ def test_cotrain_rows_from_segmentation_shards(data_root, tmp_path):
     assert ((s["labels"] >= 0) & (s["labels"] < 8)).all()
     again = list(iter_local_rows(items, sample_builder(cfg)))
     assert [r["sample"] for r in again] == [r["sample"] for r in rows], "rows are deterministic"
-    ahead = list(iter_local_rows(items, sample_builder(cfg), prefetch=2))
-    assert [r["sample"] for r in ahead] == [r["sample"] for r in rows], "a background thread keeps the rows and order"
-
-
-def test_background_rows_surface_errors_and_stop_when_closed():
-    import threading
-
-    from ovsam_ray.training.data import in_background
-
-    def failing():
-        yield 1
-        raise OSError("shard vanished")
-
-    it = in_background(failing(), 4)
-    assert next(it) == 1
-    with pytest.raises(OSError, match="shard vanished"):
-        next(it)
-    produced = []
-
-    def endless():
-        i = 0
-        while True:
-            produced.append(i)
-            yield i
-            i += 1
-
-    it = in_background(endless(), 3)
-    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
-    it.close()
-    assert not any(t.name == "row-prefetch" and t.is_alive() for t in threading.enumerate())
-    assert len(produced) <= 5 + 3 + 2  # stopped, not drained
 
 
 def test_image_level_rows_one_whole_image_box(data_root, tmp_path):
@@ -194,20 +163,43 @@ def test_pack_roundtrip_and_row_batches_skip_consumed_items():
     assert [top for _, top in batches] == [3, 4]
 
 
-def test_roi_jitter_moves_only_the_recognizer_rois(data_root, tmp_path):
+def test_predicted_rois_are_the_mask_boxes_where_they_overlap_the_ground_truth(data_root, tmp_path):
+    from ovsam_ray.training.engine import predicted_rois
+
+    low_res = torch.full((3, 1, 16, 16), -10.0)
+    low_res[0, 0, 2:6, 3:8] = 10.0  # on its object, a little smaller than the ground truth
+    low_res[0, 0, 12, 14] = 10.0  # and one stray pixel far away: the box grows to it, as at inference
+    low_res[1, 0, 2:6, 3:8] = 10.0  # not drawn for a predicted RoI
+    low_res[2, 0, 12:14, 12:14] = 10.0  # nowhere near its object: keeps the ground truth
+    gt = torch.tensor([[8.0, 4.0, 36.0, 28.0]] * 3)
+    out = predicted_rois(low_res, gt, torch.tensor([True, False, True]))
+    assert out[0].tolist() == [12.0, 8.0, 60.0, 52.0]  # low-res box x 4
+    assert torch.equal(out[1:], gt[1:])
+    with pytest.raises(ValueError, match="roi_from_prediction"):
+        _config(data_root, tmp_path, roi_from_prediction=1.5)
+
+
+def test_cotrain_step_with_predicted_rois_keeps_the_mask_losses(data_root, tmp_path, monkeypatch):
+    from ovsam_ray.training import engine
     from ovsam_ray.training.cotrain import cotrain_setup
-    from ovsam_ray.training.engine import CotrainTask, Runtime
 
     exact = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1)
     items = dataset_items(exact.datasets, epochs=1, seed=0)
     samples = [unpack_sample(r["sample"]) for r in list(iter_local_rows(items, sample_builder(exact)))[:2]]
-    net = cotrain_setup(exact, Runtime()).net.eval()
+    net = cotrain_setup(exact, engine.Runtime()).net.eval()
+    shifted = []
+
+    def shift_all(low_res, gt, use, min_iou=0.1):  # stand-in: every drawn prompt gets a different RoI
+        shifted.append(use)
+        return torch.where(use[:, None], gt + 4.0, gt)
+
+    monkeypatch.setattr(engine, "predicted_rois", shift_all)
     losses = {}
-    for jitter in (0.0, 0.3):
-        cfg = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1, roi_jitter=jitter)
+    for fraction in (0.0, 1.0):
+        cfg = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1,
+                      roi_from_prediction=fraction)
         with torch.no_grad():
-            losses[jitter], _ = CotrainTask(net=net, cfg=cfg, device=torch.device("cpu")).losses(samples, 0, 0)
-    assert torch.equal(losses[0.0]["loss_mask"], losses[0.3]["loss_mask"])
-    assert not torch.equal(losses[0.0]["loss_cls"], losses[0.3]["loss_cls"])
-    with pytest.raises(ValueError, match="roi_jitter"):
-        _config(data_root, tmp_path, roi_jitter=-0.1)
+            losses[fraction], _ = engine.CotrainTask(net=net, cfg=cfg, device=torch.device("cpu")).losses(samples, 0, 0)
+    assert len(shifted) == 1 and shifted[0].all() and len(shifted[0]) == 8  # only when asked; every prompt
+    assert torch.equal(losses[0.0]["loss_mask"], losses[1.0]["loss_mask"])
+    assert not torch.equal(losses[0.0]["loss_cls"], losses[1.0]["loss_cls"])

@@ -1,5 +1,5 @@
-"""The tiny recipe: stage 0 (``clip_pretrain``: batches, the auxiliary shape loss, fixed steps), stage 2a
-(``recognizer_warmup``) and the whole recipe at toy sizes."""
+"""The tiny recipe: stage 0 (``clip_pretrain``: batches, the auxiliary shape loss, fixed steps) and the
+whole recipe at toy sizes."""
 
 from __future__ import annotations
 
@@ -89,62 +89,25 @@ def test_scene_stage_trains_the_tower_on_whole_scenes_and_refreshes_batchnorm() 
     assert not clip.training and not any(p.requires_grad for p in clip.parameters())
 
 
-def _tiny_model(seed: int = 0):
-    from ovsam_ray.training.config import ModelSpec
-    from ovsam_ray.training.model_setup import build_training_model
-
-    model, clip, _ = build_training_model(ModelSpec(preset="ovsam_tiny", random_init=True), stage="cotrain", seed=seed)
-    return model, clip
-
-
-def test_recognizer_warmup_trains_only_the_recognizer_and_lowers_its_loss() -> None:
-    import torch.nn.functional as F
-
-    from ovsam_ray.training.clip_pretrain import render_scene_batch
-    from ovsam_ray.training.losses import class_logits
-    from ovsam_ray.training.recognizer_warmup import region_accuracy, warm_up_recognizer
-
-    model, _ = _tiny_model()
-    text = F.normalize(torch.randn(len(NAMES), 1, model.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    held_out = render_scene_batch(np.random.default_rng(5), 4, class_names=NAMES, image_size=256,
-                                  scene_sizes=((160, 120), (200, 150)))
-
-    def held_out_loss() -> float:
-        with torch.no_grad():
-            fpn = model.recognizer.fpn(model.backbone(held_out.images))
-            region = model.recognizer.region_embeddings(fpn, held_out.boxes, held_out.image_index)
-            return float(F.cross_entropy(class_logits(region, text, 3.0), held_out.kinds))
-
-    loss0 = held_out_loss()
-    result = warm_up_recognizer(model, text, class_names=NAMES, steps=12, scene_sizes=((160, 120), (200, 150)),
-                                batch_size=2, lr=3e-3, seed=0)
-    assert result.steps == 12 and np.isfinite(result.last_loss)
-    assert held_out_loss() < loss0
-    assert 0.0 <= region_accuracy(model, text, [held_out]) <= 1.0
-    after = model.state_dict()
-    changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
-    assert changed == {"recognizer"}, changed  # CLIP, adapter, decoder and prompt encoder untouched
-    assert not any(p.requires_grad for p in model.recognizer.parameters())
-
-
-def test_tiny_recipe_cotrains_from_the_warmed_up_recognizer(tmp_path) -> None:
+def test_tiny_recipe_end_to_end_at_toy_sizes_exports_weights_the_label_job_loads(tmp_path) -> None:
+    from ovsam_ray.inference import ModelConfig, build_predictor
+    from ovsam_ray.model.predictor import ImagePrompts
     from ovsam_ray.training.recipe import TinyRecipe, run_tiny_recipe
-    from ovsam_ray.weights import CLIP2SAM, export_part
 
     recipe = TinyRecipe(train_images=4, images_per_shard=4, image_size=((96, 72), (128, 96)), stage0_steps=2,
                         stage0_pool=64, stage0_colours=2, stage0_scene_steps=2, stage0_scene_batch=2,
-                        recognizer_steps=3, cotrain_steps=2, batch_size=2, num_prompts=2, num_points=64,
-                        warmup_steps=1)
+                        cotrain_steps=2, batch_size=2, num_prompts=2, num_points=64, warmup_steps=1)
     weights = run_tiny_recipe(str(tmp_path), seed=3, recipe=recipe)
-    warm_file = tmp_path / "clip2sam_tiny_stage2a.pth"
-    warm = torch.load(warm_file, weights_only=True)["state_dict"]
-    fresh = export_part(_tiny_model(seed=3)[0].state_dict(), CLIP2SAM)
-    assert set(warm) == set(fresh)
-    # the decoder starts where co-training would have started it; the recognizer is warmed up
-    assert all(torch.equal(warm[k], fresh[k]) for k in warm if k.startswith("mask_decoder.mask_decoder."))
-    assert not all(torch.equal(warm[k], fresh[k]) for k in warm if k.startswith("fpn_neck."))
     (checkpoint,) = (tmp_path / "runs" / "tiny-cotrain-seed3").glob("checkpoint_*")
     with open(checkpoint / "config.json") as f:
-        assert json.load(f)["model"]["clip2sam"] == str(warm_file)
-    assert any(name.startswith("clip2sam_shapes") for name in os.listdir(weights))
+        config = json.load(f)
+    assert config["run"]["max_steps"] == 2 and config["num_prompts"] == 2
+    predictor, vocab, _ = build_predictor(ModelConfig(preset="ovsam_tiny", weights=weights, train_vocab="shapes"))
+    assert list(vocab.class_names) == NAMES
+    image = np.random.default_rng(0).integers(0, 255, (72, 96, 3), dtype=np.uint8)
+    out = predictor([image], [ImagePrompts(boxes=np.array([[4, 4, 50, 40]], np.float32))])[0]
+    assert out.labels.shape == (1,) and 0 <= int(out.labels[0]) < len(NAMES)
+    # run again: every stage is found done, nothing retrains
+    before = os.path.getmtime(tmp_path / "clip_tiny_stage0.pth")
+    assert run_tiny_recipe(str(tmp_path), seed=3, recipe=recipe) == weights
+    assert os.path.getmtime(tmp_path / "clip_tiny_stage0.pth") == before

@@ -94,18 +94,3 @@ def resize_and_pad(image: np.ndarray, masks: np.ndarray | None = None, *, size: 
     keep = np.ones(padded_masks.shape[0], bool)
     return Transformed(padded, padded_masks, hw, keep, hw[0] / image.shape[0])
 
-
-def jitter_boxes(boxes: torch.Tensor, sigma: float, generator: torch.Generator, size: int) -> torch.Tensor:
-    """(N, 4) XYXY boxes with each edge moved by N(0, sigma * the box's side) and clipped to
-    [0, size]; every box keeps at least one pixel of width and height. For training a recognizer
-    that at inference sees the box of a *predicted* mask (DESIGN §2.5), not the ground truth."""
-    if sigma <= 0 or boxes.numel() == 0:
-        return boxes
-    side = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], dim=1).repeat(1, 2)
-    noise = torch.randn(boxes.shape, generator=generator).to(boxes) * sigma * side
-    out = (boxes + noise).clamp(0, size)
-    x0 = torch.minimum(out[:, 0], out[:, 2]).clamp(max=size - 1)
-    y0 = torch.minimum(out[:, 1], out[:, 3]).clamp(max=size - 1)
-    x1 = torch.maximum(torch.maximum(out[:, 0], out[:, 2]), x0 + 1)
-    y1 = torch.maximum(torch.maximum(out[:, 1], out[:, 3]), y0 + 1)
-    return torch.stack([x0, y0, x1, y1], dim=1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +30,6 @@ from ovsam_ray.model.clip_backbone import ResNetCLIPBackbone
 from ovsam_ray.model.functional import PIXEL_MEAN, PIXEL_STD, boxes_from_masks, preprocess_image
 from ovsam_ray.vocabulary import load_templates
 
-from .data import in_background
 from .engine import BudgetClock
 
 log = logging.getLogger(__name__)
@@ -280,21 +279,6 @@ def render_scene_batch(rng: np.random.Generator, batch_size: int, *, class_names
                       torch.tensor(kinds, dtype=torch.long))
 
 
-def scene_batches(seed: int, batch_size: int, *, class_names: list[str], image_size: int,
-                  scene_sizes: tuple[tuple[int, int], tuple[int, int]], objects: tuple[int, int],
-                  prefetch: int = 4) -> Generator[SceneBatch, None, None]:
-    """Endless ``render_scene_batch`` batches of one seed, rendered in a background thread
-    ``prefetch`` batches ahead (rendering is ~15% of a scene step); ``close()`` it when done."""
-    rng = np.random.default_rng([seed, 7])
-
-    def draw() -> Iterator[SceneBatch]:
-        while True:
-            yield render_scene_batch(rng, batch_size, class_names=class_names, image_size=image_size,
-                                     scene_sizes=scene_sizes, objects=objects)
-
-    return in_background(draw(), prefetch)
-
-
 def pretrain_clip_regions(clip_model: nn.Module, tokenizer: Callable, *, class_names: list[str], steps: int = 300,
                           image_size: int = 256,
                           scene_sizes: tuple[tuple[int, int], tuple[int, int]] = ((224, 168), (288, 224)),
@@ -320,11 +304,10 @@ def pretrain_clip_regions(clip_model: nn.Module, tokenizer: Callable, *, class_n
     templates = load_templates()
 
     trained, shape_head = _with_shape_head(clip_model, class_names)
-    batches = scene_batches(seed, batch_size, class_names=class_names, image_size=image_size, scene_sizes=scene_sizes,
-                            objects=objects)
 
     def loss_fn(rng: np.random.Generator) -> torch.Tensor:
-        batch = next(batches)
+        batch = render_scene_batch(rng, batch_size, class_names=class_names, image_size=image_size,
+                                   scene_sizes=scene_sizes, objects=objects)
         captions = [templates[int(rng.integers(len(templates)))].format(n) for n in class_names]
         text = F.normalize(clip_model.encode_text(tokenizer(captions)), dim=-1)
         feats = backbone(batch.images)
@@ -335,12 +318,8 @@ def pretrain_clip_regions(clip_model: nn.Module, tokenizer: Callable, *, class_n
             loss = loss + shape_loss_weight * F.cross_entropy(shape_head(regions * 10.0), batch.kinds)
         return loss
 
-    try:
-        run = train_steps(trained, loss_fn, stage="stage 0 (scenes)", steps=steps, lr=lr, weight_decay=weight_decay,
-                          warmup=warmup, seed=seed + 1, time_budget_s=time_budget_s, clock=clock,
-                          log_every=log_every)
-    finally:
-        batches.close()
+    run = train_steps(trained, loss_fn, stage="stage 0 (scenes)", steps=steps, lr=lr, weight_decay=weight_decay,
+                      warmup=warmup, seed=seed + 1, time_budget_s=time_budget_s, clock=clock, log_every=log_every)
     return _result(clip_model, tokenizer, class_names, "stage 0 (scenes)", t0, run)
 
 

@@ -210,10 +210,9 @@ class CotrainConfig:
     recognizer_lr: the CLIP2SAM recognizer's (FPN + RoI conv) own learning rate (default: the
         model's).
     train_adapter: also train the SAM2CLIP adapter (the tiny recipe, which has no SAM teacher).
-    roi_jitter: move each edge of the recognizer's ground-truth RoI by N(0, roi_jitter x side)
-        (``augment.jitter_boxes``); 0 = the reference's exact boxes. At inference the RoI is the
-        predicted mask's box, and a recognizer trained on exact boxes loses accuracy on imprecise
-        masks (the tiny recipe uses it).
+    roi_from_prediction: the fraction of prompts whose recognizer RoI is the box of the mask the
+        decoder just predicted (detached; as at inference, DESIGN §2.5) instead of the ground-truth
+        box (the reference, 0), wherever that box overlaps the ground truth (IoU > 0.1).
     """
 
     run: RunSpec
@@ -238,7 +237,7 @@ class CotrainConfig:
     logit_scale_lr: float | None = None
     recognizer_lr: float | None = None
     train_adapter: bool = False
-    roi_jitter: float = 0.0
+    roi_from_prediction: float = 0.0
     text_cache: str | None = None
 
     def __post_init__(self) -> None:
@@ -248,8 +247,8 @@ class CotrainConfig:
             raise ValueError(f"lsj_range={self.lsj_range}: give (low, high) with 0 < low <= high, e.g. (0.9, 2.0)")
         if self.num_prompts < 1:
             raise ValueError(f"num_prompts={self.num_prompts} must be >= 1 (the paper uses 40)")
-        if self.roi_jitter < 0:
-            raise ValueError(f"roi_jitter={self.roi_jitter} must be >= 0 (0: exact ground-truth RoIs)")
+        if not 0 <= self.roi_from_prediction <= 1:
+            raise ValueError(f"roi_from_prediction={self.roi_from_prediction} must be in [0, 1] (0: ground-truth RoIs)")
         if self.num_points < 1 or self.oversample_ratio < 1 or not 0 <= self.importance_sample_ratio <= 1:
             raise ValueError("need num_points >= 1, oversample_ratio >= 1 and importance_sample_ratio in [0, 1]")
         if not any(d.kind == "segmentation" for d in self.datasets):

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import io as _io
 import logging
-import queue
 import tarfile
-import threading
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,55 +284,8 @@ def build_ray_dataset(items: list[dict[str, Any]], builder: Callable[[dict[str, 
     return ds.flat_map(builder, num_cpus=num_cpus)
 
 
-def iter_local_rows(items: list[dict[str, Any]], builder: Callable[[dict[str, Any]], Iterator[dict]], *,
-                    prefetch: int = 0) -> Iterator[dict[str, Any]]:
-    """The same rows without Ray (in-process training of the tiny recipe, tests). ``prefetch`` > 0
-    builds them in a background thread up to that many rows ahead, so decoding and augmenting
-    overlap the training step (the order is the same: each row's randomness is its own)."""
-    rows = (row for item in items for row in builder(item))
-    if prefetch <= 0:
-        yield from rows
-        return
-    yield from in_background(rows, prefetch)
-
-
-_END = object()
-
-
-def in_background(rows: Iterator[Any], depth: int) -> Generator[Any, None, None]:
-    """Iterate ``rows`` in a daemon thread, ``depth`` ahead; its exceptions surface here, and
-    closing this generator stops the thread."""
-    out: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(value: Any) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(value, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for row in rows:
-                if not put(row):
-                    return
-            put(_END)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put(e)
-
-    thread = threading.Thread(target=work, name="row-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            value = out.get()
-            if value is _END:
-                return
-            if isinstance(value, BaseException):
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+def iter_local_rows(items: list[dict[str, Any]], builder: Callable[[dict[str, Any]], Iterator[dict]]
+                    ) -> Iterator[dict[str, Any]]:
+    """The same rows without Ray (in-process training of the tiny recipe, tests)."""
+    for item in items:
+        yield from builder(item)

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchvision.ops import box_area
 
+from ovsam_ray.model.functional import mask_boxes_from_low_res
 from ovsam_ray.model.ovsam import OVSAM, PromptBatch
 
-from .augment import jitter_boxes
 from .batching import collate_cotrain, collate_distill, unpack_sample
 from .config import CotrainConfig, OptimConfig, RunSpec
 from .losses import class_logits, classification_loss, distillation_loss, sampled_mask_losses
@@ -62,9 +63,11 @@ class CotrainNet(nn.Module):
         prefixes = ["model.decoder.", "model.recognizer.", "log_scale"]
         self.checkpoint_prefixes = tuple(prefixes + (["model.adapter."] if train_adapter else []))
 
-    def forward(self, images: torch.Tensor, prompts: PromptBatch, roi_boxes: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, S, S) normalised -> low-res mask logits (N, 1, S/4, S/4), class logits (N, C + 1)."""
+    def forward(self, images: torch.Tensor, prompts: PromptBatch, roi_boxes: torch.Tensor,
+                predicted_roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) normalised -> low-res mask logits (N, 1, S/4, S/4), class logits (N, C + 1).
+        ``predicted_roi`` (N,) bool: prompts whose RoI is their predicted mask's box (see
+        ``CotrainConfig.roi_from_prediction``) where it overlaps ``roi_boxes``."""
         m = self.model
         with torch.no_grad():
             clip_feats = m.backbone(images)
@@ -75,11 +78,26 @@ class CotrainNet(nn.Module):
         sparse = m.encode_prompts(prompts).to(image_embeddings.dtype)
         dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
         low_res, label_embed = m.decoder(image_embeddings, pe.get_dense_pe(), sparse, dense, prompts.image_index)
+        if predicted_roi is not None:
+            roi_boxes = predicted_rois(low_res.detach().float(), roi_boxes, predicted_roi)
         region = m.recognizer.region_embeddings(fpn_feats, roi_boxes.to(fpn_feats[0].dtype), prompts.image_index)
         # As the released model, the label-token path is kept with weight 0; the FPN levels no RoI
         # picked join the graph the same way, so DDP sees a gradient for every parameter each step.
         region = region + 0 * label_embed + 0 * sum(f.mean() for f in fpn_feats)
         return low_res, class_logits(region, self.text_embeddings, self.log_scale)
+
+
+def predicted_rois(low_res: torch.Tensor, gt_boxes: torch.Tensor, use: torch.Tensor, min_iou: float = 0.1
+                   ) -> torch.Tensor:
+    """RoIs: the box of each predicted mask (``mask_boxes_from_low_res``, as at inference) where
+    ``use`` and it overlaps the ground-truth box by IoU > ``min_iou``, else the ground truth."""
+    pred = mask_boxes_from_low_res(low_res).to(gt_boxes)
+    lt = torch.maximum(pred[:, :2], gt_boxes[:, :2])
+    rb = torch.minimum(pred[:, 2:], gt_boxes[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    union = box_area(pred) + box_area(gt_boxes) - inter
+    ok = use & (inter > min_iou * union.clamp(min=1e-6))
+    return torch.where(ok[:, None], pred, gt_boxes)
 
 
 class DistillNet(nn.Module):
@@ -184,9 +202,11 @@ class CotrainTask:
     def losses(self, samples: Samples, step: int, micro: int) -> tuple[dict[str, torch.Tensor], int]:
         cfg = self.cfg
         batch = collate_cotrain(samples, self.device)
-        rois = jitter_boxes(batch.roi_boxes, cfg.roi_jitter, _step_generator(cfg.run.seed + 1, step, self.rank, micro),
-                            batch.images.shape[-1])
-        low_res, logits = self.net(batch.images, batch.prompts, rois)
+        predicted_roi = None
+        if cfg.roi_from_prediction > 0:
+            draw = torch.rand(len(batch.labels), generator=_step_generator(cfg.run.seed + 1, step, self.rank, micro))
+            predicted_roi = (draw < cfg.roi_from_prediction).to(self.device)
+        low_res, logits = self.net(batch.images, batch.prompts, batch.roi_boxes, predicted_roi)
         loss_cls = classification_loss(logits, batch.labels, background_weight=cfg.background_weight)
         sel = torch.nonzero(batch.has_mask).flatten()
         bce, dice = sampled_mask_losses(

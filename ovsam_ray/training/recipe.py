@@ -15,12 +15,6 @@ On a fresh machine there is no pretrained CLIP or SAM, so:
    part was added).
 1. SAM2CLIP: there is no SAM teacher at this size to distil from, so the adapter is trained
    together with stage 2 (``CotrainConfig.train_adapter``) instead of by distillation.
-2a. ``recognizer_warmup``: the CLIP2SAM recognizer (FPN + RoI conv over the now frozen CLIP)
-   learns to name every object of rendered scenes from its ground-truth box, before co-training.
-   Co-training trains it the same way (on the ground-truth RoI of each prompt) but a co-training
-   step also runs the mask decoder on every prompt and costs twice as much; the warmed-up
-   recognizer is written as a clip2sam file (with the untouched decoder of the same seed) that
-   co-training starts from.
 2. CLIP2SAM co-training with the losses, prompts and augmentation of the paper, on generated
    shards (``data.synthetic``), with a learnable classifier temperature (a fixed scale of 100
    against untrained text vectors stalls learning); it is exported as ``meta["logit_scale"]``.
@@ -34,7 +28,11 @@ Why these numbers: with every class seen the fused label follows the recognition
 (DESIGN §2.7, a = 0.1), and the head is what the CPU minutes limit; per second of training,
 800 steps of 12 prompts beat 650 of 16 (head 80.7% vs 79.4% on 394 held-out objects), and the
 lower starting temperature helped too (79.9% vs 79.4%, fused 83.0% vs 80.7%); bench/RESULTS.md
-has the table.
+has the table. What limits the head now is not its training but its RoI: at inference it is the
+box of the predicted mask, and a few stray positive low-res pixels stretch that box for ~8% of
+the objects (head accuracy 30% on those, ~87% elsewhere). A longer stage 0, a warm-up of the
+recognizer, jittered or predicted RoIs in training did not move the fused accuracy beyond the
++-1 point that the seed alone moves it (bench/RESULTS.md, session 4); cleaner masks would.
 ``run_tiny_recipe`` returns the exported weights folder, which the label job loads with
 ``preset="ovsam_tiny"``, ``train_vocab="shapes"``.
 """
@@ -51,16 +49,12 @@ import torch
 
 from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
 from ovsam_ray.model.presets import IMAGE_SIZES, clip_tokenizer, create_clip_model
-from ovsam_ray.weights import CLIP2SAM, export_part
 
 from .clip_pretrain import pretrain_clip, pretrain_clip_regions
 from .config import CotrainConfig, DatasetSpec, ModelSpec, OptimConfig, RunSpec
-from .cotrain import cotrain_setup, run_cotrain, sample_builder, text_embeddings_for
+from .cotrain import cotrain_setup, run_cotrain, sample_builder
 from .engine import BudgetClock
 from .export import export_checkpoint
-from .labels import build_label_space
-from .model_setup import build_training_model
-from .recognizer_warmup import warm_up_recognizer
 from .runner import run_local
 
 log = logging.getLogger(__name__)
@@ -87,9 +81,6 @@ class TinyRecipe:
     stage0_scene_objects: tuple[int, int] = (2, 5)
     stage0_scene_batch: int = 8
     stage0_scene_lr: float = 5e-4
-    recognizer_steps: int = 0
-    recognizer_lr: float = 1e-3
-    recognizer_fraction: float = 0.1
     batch_size: int = 8
     num_prompts: int = 12
     lr: float = 1e-3
@@ -145,37 +136,15 @@ def _stage0(work_dir: str, recipe: TinyRecipe, seed: int, budget_s: float | None
     return path
 
 
-def _recognizer_warmup(work_dir: str, cfg: CotrainConfig, recipe: TinyRecipe, budget_s: float | None,
-                       clock: str) -> str:
-    """Stage 2a: the CLIP2SAM recognizer of the model co-training will build (same config and
-    seed), warmed up on rendered scenes; written as a clip2sam file co-training starts from."""
-    path = os.path.join(work_dir, "clip2sam_tiny_stage2a.pth")
-    if os.path.exists(path):
-        log.info("stage 2a: reusing %s", path)
-        return path
-    model, clip_model, files = build_training_model(cfg.model, stage="cotrain", seed=cfg.run.seed)
-    space = build_label_space(cfg.datasets, cfg.train_vocab)
-    text = text_embeddings_for(space, clip_model, cfg, files)
-    warm_up_recognizer(model, text, class_names=shape_vocabulary_names(), steps=recipe.recognizer_steps,
-                       image_size=IMAGE_SIZES[PRESET], scene_sizes=recipe.image_size,
-                       objects=recipe.stage0_scene_objects, batch_size=recipe.stage0_scene_batch,
-                       lr=recipe.recognizer_lr, log_scale=recipe.init_logit_scale, seed=cfg.run.seed,
-                       time_budget_s=budget_s, clock=clock)
-    torch.save({"state_dict": export_part(model.state_dict(), CLIP2SAM), "meta": {"stage": "2a"}}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return path
-
-
 def tiny_cotrain_config(work_dir: str, *, clip_file: str, shards: str, vocab_file: str, seed: int,
-                        recipe: TinyRecipe, max_steps: int = 1_000_000, clip2sam_file: str | None = None
-                        ) -> CotrainConfig:
+                        recipe: TinyRecipe, max_steps: int = 1_000_000) -> CotrainConfig:
     """The co-training config of stages 1+2 of the tiny recipe."""
     return CotrainConfig(
         run=RunSpec(storage_path=os.path.join(work_dir, "runs"), name=f"tiny-cotrain-seed{seed}",
                     batch_size=recipe.batch_size, max_steps=max_steps, checkpoint_every=max(max_steps, 1),
                     log_every=25, seed=seed),
         datasets=[DatasetSpec(shards=shards, vocab=vocab_file, name=TRAIN_VOCAB)],
-        model=ModelSpec(preset=PRESET, clip=clip_file, clip2sam=clip2sam_file, random_init=True),
+        model=ModelSpec(preset=PRESET, clip=clip_file, random_init=True),
         optim=OptimConfig(lr=recipe.lr, schedule="cosine", warmup_steps=recipe.warmup_steps, min_lr_factor=0.02,
                           grad_clip=recipe.grad_clip),
         train_vocab=vocab_file, epochs=50, num_prompts=recipe.num_prompts, lsj_range=recipe.lsj_range,
@@ -206,9 +175,6 @@ def run_tiny_recipe(work_dir: str, *, seed: int = 0, recipe: TinyRecipe | None =
     clip_file = _stage0(work_dir, recipe, seed, stage0_budget, clock)
     cfg = tiny_cotrain_config(work_dir, clip_file=clip_file, shards=shards, vocab_file=vocab_file, seed=seed,
                               recipe=recipe, max_steps=recipe.cotrain_steps)
-    if recipe.recognizer_steps:
-        warm_budget = recipe.recognizer_fraction * time_budget_s if time_budget_s else None
-        cfg.model.clip2sam = _recognizer_warmup(work_dir, cfg, recipe, warm_budget, clock)
     if use_ray:
         run_cotrain(cfg)
     else:
