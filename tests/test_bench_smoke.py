@@ -71,3 +71,20 @@ def test_perf_modes_a_c_end_to_end(tmp_path):
     check = result["checks"]["fast_vs_reference"]
     assert check["prompts"] == 6 and check["labels_equal_fraction"] == 1.0 and check["mask_iou_min"] >= 0.99
     assert "| a: ours ovsam_tiny" in proc.stdout
+
+
+def test_tiny_recipe_bench_trains_and_splits_the_accuracy(tmp_path):
+    recipe = {"train_images": 4, "images_per_shard": 4, "image_size": [[96, 72], [128, 96]], "stage0_steps": 2,
+              "stage0_pool": 64, "stage0_colours": 2, "stage0_scene_steps": 2, "stage0_scene_batch": 2,
+              "cotrain_steps": 2, "batch_size": 2, "num_prompts": 2, "num_points": 64, "warmup_steps": 1}
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, os.path.join(REPO, "bench", "tiny_recipe.py"), "--work", str(tmp_path / "w"),
+                    "--recipe", json.dumps(recipe), "--eval-images", "3", "--eval-dir", str(tmp_path / "eval"),
+                    "--out", str(out)], check=True, cwd=REPO, capture_output=True, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["objects"] == r["label_job_metrics"]["num_box_prompts"] > 0
+    for key in ("fused_accuracy", "head_accuracy", "clip_accuracy", "head_accuracy_gt_boxes"):
+        assert 0.0 <= r[key] <= 1.0
+    assert r["fused_accuracy"] == r["label_job_metrics"]["box_accuracy"]  # same labels as the label job's scoring
+    assert sum(b["n"] for b in r["head_by_mask_box_iou"].values()) == r["objects"]
+    assert r["train_wall_s"] > 0 and r["machine"]["cpu"]
