@@ -29,8 +29,8 @@ from ovsam_ray.data.decode import decode_image
 from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
 from ovsam_ray.inference import ModelConfig, build_predictor
 from ovsam_ray.model.functional import preprocess_image
-from ovsam_ray.model.predictor import ImagePrompts
-from ovsam_ray.training.evaluate import evaluate_weights, load_ground_truth
+from ovsam_ray.model.predictor import ImagePrompts, OVSAMPredictor
+from ovsam_ray.training.evaluate import evaluate_model, load_ground_truth
 from ovsam_ray.training.losses import class_logits
 
 IOU_BINS = ((0.0, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.01))
@@ -44,11 +44,10 @@ def eval_shards(root: str, num_images: int, seed: int) -> list[str]:
     return sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".tar"))
 
 
-def accuracy_split(weights: str, shards: list[str]) -> dict:
+def accuracy_split(predictor: OVSAMPredictor, shards: list[str]) -> dict:
     """Box-prompt accuracy of the fused label, the head and the CLIP branch; the head on the
     ground-truth boxes; the head per bin of IoU(predicted mask's box, ground-truth box)."""
     names = shape_vocabulary_names()
-    predictor, _, _ = build_predictor(ModelConfig(preset="ovsam_tiny", weights=weights, train_vocab="shapes"), "cpu")
     model, text = predictor.model, predictor.classifier.text_embeddings
     fused, head, clip, head_gt, box_ious = [], [], [], [], []
     for gt in load_ground_truth(shards, keep_images=True).values():
@@ -107,8 +106,11 @@ def main() -> None:
         result["train_wall_s"] = time.perf_counter() - t0
         result["stage0_reused"] = bool(a.stage0)
     shards = eval_shards(os.path.join(a.eval_dir, f"seed{a.eval_seed}-n{a.eval_images}"), a.eval_images, a.eval_seed)
-    result["label_job_metrics"] = evaluate_weights(weights, shards)
-    result.update(accuracy_split(weights, shards))
+    # the predictor the label job would build from these weights, built once for both measurements
+    model = ModelConfig(preset="ovsam_tiny", weights=weights, train_vocab="shapes")
+    predictor, vocab, _ = build_predictor(model, "cpu")
+    result["label_job_metrics"] = evaluate_model(predictor, vocab, shards)
+    result.update(accuracy_split(predictor, shards))
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     if a.out:
         save_json(result, a.out)

@@ -86,4 +86,3 @@ def test_resize_and_pad_is_inference_geometry():
     t = resize_and_pad(image, size=64)
     assert t.input_hw == resized_shape(30, 80, 64) and t.image.shape == (64, 64, 3)
     assert (t.image[t.input_hw[0]:] == 0).all()
-

@@ -93,4 +93,3 @@ def resize_and_pad(image: np.ndarray, masks: np.ndarray | None = None, *, size: 
     padded, padded_masks = _pad(resized, resized_masks, size)
     keep = np.ones(padded_masks.shape[0], bool)
     return Transformed(padded, padded_masks, hw, keep, hw[0] / image.shape[0])
-

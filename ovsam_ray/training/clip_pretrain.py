@@ -145,9 +145,9 @@ class PretrainResult:
 LossFn = Callable[[np.random.Generator], torch.Tensor]
 
 
-def train_steps(trained: nn.Module, loss_fn: LossFn, *, stage: str, steps: int, lr: float, weight_decay: float,
-                warmup: int, seed: int, time_budget_s: float | None, clock: str, log_every: int
-                ) -> tuple[int, float, float]:
+def _train_steps(trained: nn.Module, loss_fn: LossFn, *, stage: str, steps: int, lr: float, weight_decay: float,
+                 warmup: int, seed: int, time_budget_s: float | None, clock: str, log_every: int
+                 ) -> tuple[int, float, float]:
     """The loop of the tiny recipe's pre-stages: AdamW on every parameter of ``trained`` (in train
     mode), ``loss_fn(rng)`` per step, linear warm-up then cosine over ``steps`` (or the time
     budget on ``clock``, whichever runs out first), gradient clipping at 1.0; leaves ``trained``
@@ -240,8 +240,8 @@ def pretrain_clip(clip_model: nn.Module, tokenizer: Callable, *, class_names: li
             loss = loss + shape_loss_weight * F.cross_entropy(shape_logits, torch.from_numpy(kinds))
         return loss
 
-    run = train_steps(trained, loss_fn, stage="stage 0 (crops)", steps=steps, lr=lr, weight_decay=weight_decay,
-                      warmup=warmup, seed=seed, time_budget_s=time_budget_s, clock=clock, log_every=log_every)
+    run = _train_steps(trained, loss_fn, stage="stage 0 (crops)", steps=steps, lr=lr, weight_decay=weight_decay,
+                       warmup=warmup, seed=seed, time_budget_s=time_budget_s, clock=clock, log_every=log_every)
     return _result(clip_model, tokenizer, class_names, "stage 0 (crops)", t0, run)
 
 
@@ -318,8 +318,8 @@ def pretrain_clip_regions(clip_model: nn.Module, tokenizer: Callable, *, class_n
             loss = loss + shape_loss_weight * F.cross_entropy(shape_head(regions * 10.0), batch.kinds)
         return loss
 
-    run = train_steps(trained, loss_fn, stage="stage 0 (scenes)", steps=steps, lr=lr, weight_decay=weight_decay,
-                      warmup=warmup, seed=seed + 1, time_budget_s=time_budget_s, clock=clock, log_every=log_every)
+    run = _train_steps(trained, loss_fn, stage="stage 0 (scenes)", steps=steps, lr=lr, weight_decay=weight_decay,
+                       warmup=warmup, seed=seed + 1, time_budget_s=time_budget_s, clock=clock, log_every=log_every)
     return _result(clip_model, tokenizer, class_names, "stage 0 (scenes)", t0, run)
 
 
