@@ -97,8 +97,11 @@ def exists(url: str, *, s3_endpoint: str | None = None) -> bool:
 
 
 def open_url(url: str, mode: str = "rb", *, s3_endpoint: str | None = None) -> IO[Any]:
-    """Open ``url`` with fsspec; the result is a seekable file object for reading."""
+    """Open ``url`` with fsspec; the result is a seekable file object for reading. Writing to a
+    local path creates its missing parent folders (as writing an S3 key does)."""
     fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
+    if not is_remote(url) and any(c in mode for c in "wax"):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return fs.open(path, mode)
 
 

@@ -58,6 +58,13 @@ def test_atomic_write_local_failure_keeps_old_content(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
+def test_open_url_for_writing_creates_local_parent_folders(tmp_path):
+    target = tmp_path / "new" / "deeper" / "out.json"
+    with io.open_url(str(target), "w") as f:
+        f.write("{}")
+    assert target.read_text() == "{}"
+
+
 def test_list_exists_remove_local(tmp_path):
     for name in ("b.tar", "a.tar", "c.txt", "d/e.tar"):
         io.atomic_write_bytes(str(tmp_path / name), b"x")

@@ -87,6 +87,8 @@ def test_scene_stage_trains_the_tower_on_whole_scenes_and_refreshes_batchnorm() 
     assert not torch.equal(after["layer1.0.conv1.weight"], before["layer1.0.conv1.weight"])  # the trunk
     assert not torch.equal(after["bn1.running_mean"], before["bn1.running_mean"])  # scene statistics
     assert not clip.training and not any(p.requires_grad for p in clip.parameters())
+    # trained in channels_last (faster on CPU), handed back in the default layout
+    assert all(p.is_contiguous() for p in clip.visual.parameters())
 
 
 def test_tiny_recipe_end_to_end_at_toy_sizes_exports_weights_the_label_job_loads(tmp_path) -> None:
