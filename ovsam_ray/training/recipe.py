@@ -20,19 +20,19 @@ On a fresh machine there is no pretrained CLIP or SAM, so:
    against untrained text vectors stalls learning); it is exported as ``meta["logit_scale"]``.
 
 The tiny recipe's own hyper-parameters (``TinyRecipe``) differ from the paper's where a few
-hundred steps from scratch need it: lr 1e-3, 12 prompts per image, 2,048 loss points, a
-milder scale jitter, gradient clipping at 1.0, a cosine schedule over a fixed number of steps
-(so a seed gives the same model whatever the machine's load), and a learned classifier
+thousand small steps from scratch need it: lr 1e-3, 2 images of 12 prompts per step, 2,048 loss
+points, a milder scale jitter, gradient clipping at 1.0, a cosine schedule over a fixed number of
+steps (so a seed gives the same model whatever the machine's load), and a learned classifier
 temperature starting at exp(3.0) = 20 with its own lr (the released presets keep 4.6052 fixed).
-Why these numbers: with every class seen the fused label follows the recognition head
-(DESIGN §2.7, a = 0.1), and the head is what the CPU minutes limit; per second of training,
-800 steps of 12 prompts beat 650 of 16 (head 80.7% vs 79.4% on 394 held-out objects), and the
-lower starting temperature helped too (79.9% vs 79.4%, fused 83.0% vs 80.7%); bench/RESULTS.md
-has the table. What limits the head now is not its training but its RoI: at inference it is the
-box of the predicted mask, and a few stray positive low-res pixels stretch that box for ~8% of
-the objects (head accuracy 30% on those, ~87% elsewhere). A longer stage 0, a warm-up of the
-recognizer, jittered or predicted RoIs in training did not move the fused accuracy beyond the
-+-1 point that the seed alone moves it (bench/RESULTS.md, session 4); cleaner masks would.
+Why these numbers (bench/RESULTS.md, sessions 3-5, on 394 held-out objects): with every class
+seen the fused label follows the recognition head (DESIGN §2.7, a = 0.1), whose RoI at inference
+is the box of the predicted mask; an undertrained mask decoder leaks into neighbouring objects
+and stretches that box, so the co-training minutes go to the masks. Twice the co-training steps
+of 8 images (1,600) lifted box mIoU 0.784 -> 0.848 and the label 83.5% -> 86.3%; the same gain
+fits in the original minutes as many small steps: 2,400-2,800 steps of 2 images reach 0.81-0.82
+and 84.5-86.0% (three runs; 8 images x 800 steps: 0.78-0.80, 83-85%). Stage 0's scene part has 1,100 steps because the
+frozen tower it leaves is the head's ceiling: with 700 the same co-training ends at 83.5-83.8%,
+and a shorter crop part (1,400) costs 4-7 points.
 ``run_tiny_recipe`` returns the exported weights folder, which the label job loads with
 ``preset="ovsam_tiny"``, ``train_vocab="shapes"``.
 """
@@ -72,16 +72,16 @@ class TinyRecipe:
     images_per_shard: int = 250
     image_size: tuple[tuple[int, int], tuple[int, int]] = ((224, 168), (288, 224))
     stage0_steps: int = 2000
-    cotrain_steps: int = 800
+    cotrain_steps: int = 2400
     stage0_fraction: float = 0.5
     stage0_colours: int = 4
     stage0_lr: float = 1e-3
     stage0_pool: int = 2048
-    stage0_scene_steps: int = 700
+    stage0_scene_steps: int = 1100
     stage0_scene_objects: tuple[int, int] = (2, 5)
     stage0_scene_batch: int = 8
     stage0_scene_lr: float = 5e-4
-    batch_size: int = 8
+    batch_size: int = 2
     num_prompts: int = 12
     lr: float = 1e-3
     warmup_steps: int = 30
@@ -159,7 +159,7 @@ def run_tiny_recipe(work_dir: str, *, seed: int = 0, recipe: TinyRecipe | None =
 
     Training runs a fixed number of steps (``recipe.stage0_steps``, ``recipe.cotrain_steps``), so
     a seed gives the same model on any machine and under any load; on an idle 2-core CPU that is
-    about 11 minutes. ``time_budget_s`` (on ``clock``: "wall" or "cpu", see ``engine.BudgetClock``)
+    about 12 minutes. ``time_budget_s`` (on ``clock``: "wall" or "cpu", see ``engine.BudgetClock``)
     additionally caps the time, stage 0 getting ``stage0_fraction`` of it, and the lr schedules
     then follow whichever of steps and time runs out first. ``use_ray=True`` runs stage 2
     through Ray Train (one CPU worker) instead of in-process (same loop, no Ray start-up).
