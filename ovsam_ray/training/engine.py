@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchvision.ops import box_area
+from torchvision.ops import box_iou
 
 from ovsam_ray.model.functional import mask_boxes_from_low_res
 from ovsam_ray.model.ovsam import OVSAM, PromptBatch
@@ -92,11 +92,7 @@ def predicted_rois(low_res: torch.Tensor, gt_boxes: torch.Tensor, use: torch.Ten
     """RoIs: the box of each predicted mask (``mask_boxes_from_low_res``, as at inference) where
     ``use`` and it overlaps the ground-truth box by IoU > ``min_iou``, else the ground truth."""
     pred = mask_boxes_from_low_res(low_res).to(gt_boxes)
-    lt = torch.maximum(pred[:, :2], gt_boxes[:, :2])
-    rb = torch.minimum(pred[:, 2:], gt_boxes[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    union = box_area(pred) + box_area(gt_boxes) - inter
-    ok = use & (inter > min_iou * union.clamp(min=1e-6))
+    ok = use & (box_iou(pred, gt_boxes).diagonal() > min_iou)  # an empty box's NaN IoU is not > min_iou
     return torch.where(ok[:, None], pred, gt_boxes)
 
 

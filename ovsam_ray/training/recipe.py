@@ -30,9 +30,9 @@ is the box of the predicted mask; an undertrained mask decoder leaks into neighb
 and stretches that box, so the co-training minutes go to the masks. Twice the co-training steps
 of 8 images (1,600) lifted box mIoU 0.784 -> 0.848 and the label 83.5% -> 86.3%; the same gain
 fits in the original minutes as many small steps: 2,400-2,800 steps of 2 images reach 0.81-0.82
-and 84.5-86.0% (three runs; 8 images x 800 steps: 0.78-0.80, 83-85%). Stage 0's scene part has 1,100 steps because the
-frozen tower it leaves is the head's ceiling: with 700 the same co-training ends at 83.5-83.8%,
-and a shorter crop part (1,400) costs 4-7 points.
+and 84.5-86.0% (three runs; 8 images x 800 steps: 0.78-0.80, 83-85%). Stage 0's scene part has
+1,100 steps because the frozen tower it leaves is the head's ceiling: with 700 the same
+co-training ends at 83.5-83.8%, and a shorter crop part (1,400) costs 4-7 points.
 ``run_tiny_recipe`` returns the exported weights folder, which the label job loads with
 ``preset="ovsam_tiny"``, ``train_vocab="shapes"``.
 """
