@@ -121,3 +121,16 @@ def test_optimizer_gives_the_temperature_and_the_recognizer_their_own_lr_and_no_
         assert group["lr"] == expected, name
         assert group["weight_decay"] == (0.0 if p.ndim <= 1 or name == "log_scale" else 0.05), name
     assert any(n.startswith("model.recognizer.") for n in trainable)
+    assert opt.defaults["fused"]  # one fused AdamW kernel (CPU or CUDA floating-point parameters)
+
+
+def test_adamw_falls_back_to_the_unfused_kernel_when_a_parameter_cannot_be_fused():
+    import torch
+
+    from ovsam_ray.training.engine import adamw
+
+    floats = [torch.nn.Parameter(torch.randn(3))]
+    assert adamw(floats, lr=1e-3).defaults["fused"]
+    assert adamw([{"params": floats}], lr=1e-3).defaults["fused"]
+    meta = [torch.nn.Parameter(torch.randn(3, device="meta"))]
+    assert not adamw(meta, lr=1e-3).defaults["fused"]

@@ -30,7 +30,7 @@ from ovsam_ray.model.clip_backbone import ResNetCLIPBackbone
 from ovsam_ray.model.functional import PIXEL_MEAN, PIXEL_STD, boxes_from_masks, preprocess_image
 from ovsam_ray.vocabulary import load_templates
 
-from .engine import BudgetClock
+from .engine import BudgetClock, adamw
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _train_steps(trained: nn.Module, loss_fn: LossFn, *, stage: str, steps: int,
     trained.train()
     trained.requires_grad_(True)
     params = list(trained.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
 
     def factor(step: int) -> float:
         progress = min(max(step / steps, budget.fraction() if time_budget_s else 0.0), 1.0)
