@@ -58,9 +58,6 @@ def run_demo(cfg: DemoConfig) -> int:
                              seed=cfg.seed + 1000)
     for url in shards:
         add_point_prompts(url)
-    if not ray.is_initialized():
-        ray.init(num_cpus=min(2, os.cpu_count() or 1), include_dashboard=False)
-
     quick = cfg.quick or not _training_available()
     if quick and not cfg.quick:
         log.warning("training is not available in this build: the demo labels with RANDOM weights")
@@ -74,6 +71,8 @@ def run_demo(cfg: DemoConfig) -> int:
         model = ModelConfig(preset="ovsam_tiny", weights=weights, train_vocab="shapes")
         banner = "DEMO: tiny OV-SAM trained on this machine"
 
+    if not ray.is_initialized():  # after training: Ray's idle processes would take CPU from it
+        ray.init(num_cpus=min(2, os.cpu_count() or 1), include_dashboard=False)
     labels_dir = os.path.join(work, "labels")
     summary = run_label(LabelConfig(input=eval_dir, output=labels_dir, model=model, batch_size=4, overwrite=True))
     metrics = _evaluate(labels_dir, shards)

@@ -1,0 +1,107 @@
+"""CPU benchmark (not a test) of the tiny recipe's stage 0: how well the frozen CLIP it leaves names
+objects in scenes. Trains the crop part (or reuses a saved one), then the scene part with the given
+knobs, and scores the CLIP branch (DESIGN §2.7: RoIAlign on the stride-32 stage + attention pool,
+against the template-averaged class names) on the ground-truth boxes of held-out generated images —
+the ceiling of what the co-trained head reaches on the same frozen tower (bench/RESULTS.md).
+
+    OMP_NUM_THREADS=1 python bench/stage0_scenes.py --crops /tmp/st0/crops_s0.pth --seed 0 \\
+        --scene-steps 1100 --scene-lr 1e-3 [--objects 2 5] [--out bench/results/stage0_scenes_s0.json]
+
+``--crops FILE``: the crop part's CLIP, trained (2,000 steps, as the recipe) and saved there when
+the file does not exist yet, so that several scene variants start from the same crop part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+from benchlib import machine_info, now_iso, save_json
+from tiny_recipe import eval_shards
+
+from ovsam_ray.data.decode import decode_image
+from ovsam_ray.data.synthetic import shape_vocabulary_names
+from ovsam_ray.model.clip_backbone import ResNetCLIPBackbone
+from ovsam_ray.model.functional import preprocess_image
+from ovsam_ray.model.presets import IMAGE_SIZES, clip_tokenizer, create_clip_model
+from ovsam_ray.model.text_embedding import embed_class_names
+from ovsam_ray.training.clip_pretrain import pretrain_clip, pretrain_clip_regions
+from ovsam_ray.training.evaluate import load_ground_truth
+from ovsam_ray.training.losses import class_logits
+from ovsam_ray.training.recipe import TinyRecipe
+from ovsam_ray.vocabulary import load_templates
+
+PRESET = "ovsam_tiny"
+
+
+@torch.no_grad()
+def clip_branch_accuracy(clip_model: torch.nn.Module, shards: list[str], class_names: list[str]) -> float:
+    """Box accuracy of the CLIP branch on the ground-truth boxes of ``shards``."""
+    text = embed_class_names(clip_model, clip_tokenizer(PRESET), [[n] for n in class_names], load_templates())
+    backbone = ResNetCLIPBackbone(visual=clip_model.visual)
+    backbone.lock()
+    backbone.eval()
+    correct = []
+    for gt in load_ground_truth(shards, keep_images=True).values():
+        image = decode_image(gt.image_bytes)
+        boxes = torch.as_tensor(np.asarray(gt.boxes, np.float32).reshape(-1, 4))
+        x, (h, _) = preprocess_image(torch.from_numpy(np.ascontiguousarray(image)), IMAGE_SIZES[PRESET])
+        regions = backbone.embed_regions(backbone(x[None]), boxes * (h / image.shape[0]),
+                                         torch.zeros(len(boxes), dtype=torch.long), None)
+        labels = np.array([class_names.index(n) for n in gt.names])
+        correct += list(class_logits(regions, text, 0.0)[:, :-1].argmax(1).numpy() == labels)
+    return float(np.mean(correct))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--crops", required=True, help="the crop part's CLIP file (trained and saved if missing)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scene-steps", type=int, default=TinyRecipe.stage0_scene_steps)
+    p.add_argument("--scene-lr", type=float, default=TinyRecipe.stage0_scene_lr)
+    p.add_argument("--objects", type=int, nargs=2, default=TinyRecipe.stage0_scene_objects)
+    p.add_argument("--eval-images", type=int, default=160)
+    p.add_argument("--eval-seed", type=int, default=2000)
+    p.add_argument("--eval-dir", default="/tmp/ovsam_bench_eval")
+    p.add_argument("--save", help="also save the stage-0 CLIP here (for bench/tiny_recipe.py --stage0)")
+    p.add_argument("--out")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    recipe, names, tokenizer = TinyRecipe(), shape_vocabulary_names(), clip_tokenizer(PRESET)
+    shards = eval_shards(os.path.join(a.eval_dir, f"seed{a.eval_seed}-n{a.eval_images}"), a.eval_images, a.eval_seed)
+    result: dict = {"date": now_iso(), "machine": machine_info(), "seed": a.seed, "scene_steps": a.scene_steps,
+                    "scene_lr": a.scene_lr, "objects": list(a.objects), "eval_objects": None}
+    torch.manual_seed(a.seed)  # as run_tiny_recipe: the same seed gives the same stage 0
+    if os.path.exists(a.crops):
+        clip_model = create_clip_model(PRESET, a.crops)
+    else:
+        clip_model = create_clip_model(PRESET)
+        t0 = time.perf_counter()
+        pretrain_clip(clip_model, tokenizer, class_names=names, steps=recipe.stage0_steps,
+                      colours_per_batch=recipe.stage0_colours, lr=recipe.stage0_lr, pool_size=recipe.stage0_pool,
+                      seed=a.seed)
+        result["crops_s"] = time.perf_counter() - t0
+        torch.save({"state_dict": clip_model.state_dict()}, a.crops)
+    result["clip_accuracy_after_crops"] = clip_branch_accuracy(clip_model, shards, names)
+    t0 = time.perf_counter()
+    run = pretrain_clip_regions(clip_model, tokenizer, class_names=names, steps=a.scene_steps,
+                                image_size=IMAGE_SIZES[PRESET], scene_sizes=recipe.image_size,
+                                objects=tuple(a.objects), batch_size=recipe.stage0_scene_batch, lr=a.scene_lr,
+                                seed=a.seed, log_every=100)
+    result.update(scenes_s=time.perf_counter() - t0, last_loss=run.last_loss, text_separation=run.text_separation,
+                  clip_accuracy=clip_branch_accuracy(clip_model, shards, names),
+                  eval_objects=sum(len(g.names) for g in load_ground_truth(shards).values()))
+    if a.save:
+        torch.save({"state_dict": clip_model.state_dict()}, a.save)
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
+    if a.out:
+        save_json(result, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""``ovsam-ray demo``: the quick demo end to end on the session's local Ray, and the order of the
+full demo's steps (training before Ray starts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ovsam_ray.demo import DemoConfig, run_demo
+
+
+def test_quick_demo_labels_the_held_out_images_and_writes_its_metrics(ray_local, tmp_path):
+    work = tmp_path / "demo"
+    assert run_demo(DemoConfig(work_dir=str(work), quick=True, num_images=4, images_per_shard=2)) == 0
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert metrics["random_init"] is True
+    for key in ("box_miou", "point_miou", "box_accuracy", "point_accuracy", "box_fill_miou"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["num_objects"] >= 4
+    assert any(p.suffix == ".parquet" for p in (work / "labels").rglob("*"))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_full_demo_trains_before_starting_ray(monkeypatch, tmp_path):
+    """Ray's idle processes would take CPU from the 2-core training, so it starts afterwards."""
+    import ray
+
+    import ovsam_ray.pipeline.label_job as label_job
+    import ovsam_ray.training.recipe as recipe
+
+    calls: list[str] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: "ray.init" in calls)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append("ray.init"))
+    monkeypatch.setattr(recipe, "run_tiny_recipe", lambda *a, **k: calls.append("train") or str(tmp_path / "w"))
+
+    def label(*a, **k):
+        calls.append("label")
+        raise _Stop
+
+    monkeypatch.setattr(label_job, "run_label", label)
+    with pytest.raises(_Stop):
+        run_demo(DemoConfig(work_dir=str(tmp_path / "demo"), num_images=2, images_per_shard=2))
+    assert calls == ["train", "ray.init", "label"]
