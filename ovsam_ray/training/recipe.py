@@ -22,7 +22,7 @@ On a fresh machine there is no pretrained CLIP or SAM, so:
 The tiny recipe's own hyper-parameters (``TinyRecipe``) differ from the paper's where a few
 thousand small steps from scratch need it: lr 1e-3, 2 images of 12 prompts per step, 2,048 loss
 points, a milder scale jitter, gradient clipping at 1.0, a cosine schedule over a fixed number of
-steps (so a seed gives the same model whatever the machine's load), and a learned classifier
+steps (so the amount of training does not depend on the machine's load), and a learned classifier
 temperature starting at exp(3.0) = 20 with its own lr (the released presets keep 4.6052 fixed).
 Why these numbers (bench/RESULTS.md, sessions 3-6, on 394 held-out objects): with every class
 seen the fused label follows the recognition head (DESIGN §2.7, a = 0.1), whose RoI at inference
@@ -161,8 +161,9 @@ def run_tiny_recipe(work_dir: str, *, seed: int = 0, recipe: TinyRecipe | None =
     """Stages 0-2 of the tiny recipe; returns the exported weights folder (``<work_dir>/weights``).
 
     Training runs a fixed number of steps (``recipe.stage0_steps``, ``recipe.cotrain_steps``), so
-    a seed gives the same model on any machine and under any load; on an idle 2-core CPU that is
-    about 12 minutes. ``time_budget_s`` (on ``clock``: "wall" or "cpu", see ``engine.BudgetClock``)
+    how much it trains does not depend on the machine's speed or load (the weights still differ
+    slightly between runs and CPUs, as floating-point reductions do); on an idle 2-core CPU that
+    is about 11 minutes. ``time_budget_s`` (on ``clock``: "wall" or "cpu", see ``engine.BudgetClock``)
     additionally caps the time, stage 0 getting ``stage0_fraction`` of it, and the lr schedules
     then follow whichever of steps and time runs out first. ``use_ray=True`` runs stage 2
     through Ray Train (one CPU worker) instead of in-process (same loop, no Ray start-up).
