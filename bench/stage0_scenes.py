@@ -62,6 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--crops", required=True, help="the crop part's CLIP file (trained and saved if missing)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crop-steps", type=int, default=TinyRecipe.stage0_steps, help="crop part (when trained here)")
     p.add_argument("--scene-steps", type=int, default=TinyRecipe.stage0_scene_steps)
     p.add_argument("--scene-lr", type=float, default=TinyRecipe.stage0_scene_lr)
     p.add_argument("--objects", type=int, nargs=2, default=TinyRecipe.stage0_scene_objects)
@@ -74,7 +75,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe, names, tokenizer = TinyRecipe(), shape_vocabulary_names(), clip_tokenizer(PRESET)
     shards = eval_shards(os.path.join(a.eval_dir, f"seed{a.eval_seed}-n{a.eval_images}"), a.eval_images, a.eval_seed)
-    result: dict = {"date": now_iso(), "machine": machine_info(), "seed": a.seed, "scene_steps": a.scene_steps,
+    result: dict = {"date": now_iso(), "machine": machine_info(), "seed": a.seed, "crops_file": a.crops,
+                    "crop_steps": None if os.path.exists(a.crops) else a.crop_steps, "scene_steps": a.scene_steps,
                     "scene_lr": a.scene_lr, "objects": list(a.objects), "eval_objects": None}
     torch.manual_seed(a.seed)  # as run_tiny_recipe: the same seed gives the same stage 0
     if os.path.exists(a.crops):
@@ -82,7 +84,7 @@ def main() -> None:
     else:
         clip_model = create_clip_model(PRESET)
         t0 = time.perf_counter()
-        pretrain_clip(clip_model, tokenizer, class_names=names, steps=recipe.stage0_steps,
+        pretrain_clip(clip_model, tokenizer, class_names=names, steps=a.crop_steps,
                       colours_per_batch=recipe.stage0_colours, lr=recipe.stage0_lr, pool_size=recipe.stage0_pool,
                       seed=a.seed)
         result["crops_s"] = time.perf_counter() - t0
