@@ -161,9 +161,10 @@ def run_tiny_recipe(work_dir: str, *, seed: int = 0, recipe: TinyRecipe | None =
     """Stages 0-2 of the tiny recipe; returns the exported weights folder (``<work_dir>/weights``).
 
     Training runs a fixed number of steps (``recipe.stage0_steps``, ``recipe.cotrain_steps``), so
-    how much it trains does not depend on the machine's speed or load (the weights still differ
-    slightly between runs and CPUs, as floating-point reductions do); on an idle 2-core CPU that
-    is about 11 minutes. ``time_budget_s`` (on ``clock``: "wall" or "cpu", see ``engine.BudgetClock``)
+    how much it trains does not depend on the machine's speed or load (a seed gives the same
+    weights on one machine and thread count, not across them: floating-point reductions differ,
+    and the training is chaotic enough that this moves box accuracy by a point or two); on an
+    idle 2-core CPU that is 10-11 minutes. ``time_budget_s`` (on ``clock``: "wall" or "cpu", see ``engine.BudgetClock``)
     additionally caps the time, stage 0 getting ``stage0_fraction`` of it, and the lr schedules
     then follow whichever of steps and time runs out first. ``use_ray=True`` runs stage 2
     through Ray Train (one CPU worker) instead of in-process (same loop, no Ray start-up).
