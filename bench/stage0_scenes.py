@@ -22,16 +22,13 @@ import time
 import numpy as np
 import torch
 from benchlib import machine_info, now_iso, save_json
-from tiny_recipe import eval_shards
+from tiny_recipe import HeldOutImage, eval_shards, held_out_images
 
-from ovsam_ray.data.decode import decode_image
 from ovsam_ray.data.synthetic import shape_vocabulary_names
 from ovsam_ray.model.clip_backbone import ResNetCLIPBackbone
-from ovsam_ray.model.functional import preprocess_image
 from ovsam_ray.model.presets import IMAGE_SIZES, clip_tokenizer, create_clip_model
 from ovsam_ray.model.text_embedding import embed_class_names
 from ovsam_ray.training.clip_pretrain import pretrain_clip, pretrain_clip_regions
-from ovsam_ray.training.evaluate import load_ground_truth
 from ovsam_ray.training.losses import class_logits
 from ovsam_ray.training.recipe import TinyRecipe
 from ovsam_ray.vocabulary import load_templates
@@ -40,21 +37,17 @@ PRESET = "ovsam_tiny"
 
 
 @torch.no_grad()
-def clip_branch_accuracy(clip_model: torch.nn.Module, shards: list[str], class_names: list[str]) -> float:
-    """Box accuracy of the CLIP branch on the ground-truth boxes of ``shards``."""
+def clip_branch_accuracy(clip_model: torch.nn.Module, held_out: list[HeldOutImage], class_names: list[str]) -> float:
+    """Box accuracy of the CLIP branch on the ground-truth boxes of the held-out images."""
     text = embed_class_names(clip_model, clip_tokenizer(PRESET), [[n] for n in class_names], load_templates())
     backbone = ResNetCLIPBackbone(visual=clip_model.visual)
     backbone.lock()
     backbone.eval()
     correct = []
-    for gt in load_ground_truth(shards, keep_images=True).values():
-        image = decode_image(gt.image_bytes)
-        boxes = torch.as_tensor(np.asarray(gt.boxes, np.float32).reshape(-1, 4))
-        x, (h, _) = preprocess_image(torch.from_numpy(np.ascontiguousarray(image)), IMAGE_SIZES[PRESET])
-        regions = backbone.embed_regions(backbone(x[None]), boxes * (h / image.shape[0]),
-                                         torch.zeros(len(boxes), dtype=torch.long), None)
-        labels = np.array([class_names.index(n) for n in gt.names])
-        correct += list(class_logits(regions, text, 0.0)[:, :-1].argmax(1).numpy() == labels)
+    for item in held_out:
+        index = torch.zeros(len(item.rois), dtype=torch.long)
+        regions = backbone.embed_regions(backbone(item.x[None]), item.rois, index, None)
+        correct += list(class_logits(regions, text, 0.0)[:, :-1].argmax(1).numpy() == item.labels)
     return float(np.mean(correct))
 
 
@@ -75,9 +68,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe, names, tokenizer = TinyRecipe(), shape_vocabulary_names(), clip_tokenizer(PRESET)
     shards = eval_shards(os.path.join(a.eval_dir, f"seed{a.eval_seed}-n{a.eval_images}"), a.eval_images, a.eval_seed)
+    held_out = list(held_out_images(shards, IMAGE_SIZES[PRESET]))  # read and decoded once, scored twice
     result: dict = {"date": now_iso(), "machine": machine_info(), "seed": a.seed, "crops_file": a.crops,
                     "crop_steps": None if os.path.exists(a.crops) else a.crop_steps, "scene_steps": a.scene_steps,
-                    "scene_lr": a.scene_lr, "objects": list(a.objects), "eval_objects": None}
+                    "scene_lr": a.scene_lr, "objects": list(a.objects),
+                    "eval_objects": sum(len(item.labels) for item in held_out)}
     torch.manual_seed(a.seed)  # as run_tiny_recipe: the same seed gives the same stage 0
     if os.path.exists(a.crops):
         clip_model = create_clip_model(PRESET, a.crops)
@@ -89,15 +84,14 @@ def main() -> None:
                       seed=a.seed)
         result["crops_s"] = time.perf_counter() - t0
         torch.save({"state_dict": clip_model.state_dict()}, a.crops)
-    result["clip_accuracy_after_crops"] = clip_branch_accuracy(clip_model, shards, names)
+    result["clip_accuracy_after_crops"] = clip_branch_accuracy(clip_model, held_out, names)
     t0 = time.perf_counter()
     run = pretrain_clip_regions(clip_model, tokenizer, class_names=names, steps=a.scene_steps,
                                 image_size=IMAGE_SIZES[PRESET], scene_sizes=recipe.image_size,
                                 objects=tuple(a.objects), batch_size=recipe.stage0_scene_batch, lr=a.scene_lr,
                                 seed=a.seed, log_every=100)
     result.update(scenes_s=time.perf_counter() - t0, last_loss=run.last_loss, text_separation=run.text_separation,
-                  clip_accuracy=clip_branch_accuracy(clip_model, shards, names),
-                  eval_objects=sum(len(g.names) for g in load_ground_truth(shards).values()))
+                  clip_accuracy=clip_branch_accuracy(clip_model, held_out, names))
     if a.save:
         torch.save({"state_dict": clip_model.state_dict()}, a.save)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))

@@ -19,6 +19,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,27 +46,45 @@ def eval_shards(root: str, num_images: int, seed: int) -> list[str]:
     return sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".tar"))
 
 
-def accuracy_split(predictor: OVSAMPredictor, shards: list[str]) -> dict:
-    """Box-prompt accuracy of the fused label, the head and the CLIP branch; the head on the
-    ground-truth boxes; the head per bin of IoU(predicted mask's box, ground-truth box)."""
+@dataclass
+class HeldOutImage:
+    """One held-out image with its objects: ``boxes`` (N, 4) in image pixels, ``x`` the model
+    input (3, S, S), ``rois`` the boxes in input pixels, ``labels`` (N,) shape-class indices."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    x: torch.Tensor
+    rois: torch.Tensor
+    labels: np.ndarray
+
+
+def held_out_images(shards: list[str], image_size: int) -> Iterator[HeldOutImage]:
     names = shape_vocabulary_names()
-    model, text = predictor.model, predictor.classifier.text_embeddings
-    fused, head, clip, head_gt, box_ious = [], [], [], [], []
     for gt in load_ground_truth(shards, keep_images=True).values():
         image = decode_image(gt.image_bytes)
         boxes = np.asarray(gt.boxes, np.float32).reshape(-1, 4)
-        y = np.array([names.index(n) for n in gt.names])
-        out = predictor([image], [ImagePrompts(boxes=boxes)])[0]
+        x, (h, _) = preprocess_image(torch.from_numpy(np.ascontiguousarray(image)), image_size)
+        yield HeldOutImage(image, boxes, x, torch.as_tensor(boxes) * (h / image.shape[0]),
+                           np.array([names.index(n) for n in gt.names]))
+
+
+def accuracy_split(predictor: OVSAMPredictor, shards: list[str]) -> dict:
+    """Box-prompt accuracy of the fused label, the head and the CLIP branch; the head on the
+    ground-truth boxes; the head per bin of IoU(predicted mask's box, ground-truth box)."""
+    model, text = predictor.model, predictor.classifier.text_embeddings
+    fused, head, clip, head_gt, box_ious = [], [], [], [], []
+    for item in held_out_images(shards, model.image_size):
+        y = item.labels
+        out = predictor([item.image], [ImagePrompts(boxes=item.boxes)])[0]
         fused += list(out.labels == y)
         head += list(out.head_logits[:, :-1].argmax(1) == y)
         clip += list(out.clip_logits[:, :-1].argmax(1) == y)
         mask_boxes = torch.as_tensor(out.mask_boxes, dtype=torch.float32)
-        box_ious += box_iou(mask_boxes, torch.as_tensor(boxes)).diag().tolist()
+        box_ious += box_iou(mask_boxes, torch.as_tensor(item.boxes)).diag().tolist()
         with torch.no_grad():
-            x, (h, _) = preprocess_image(torch.from_numpy(np.ascontiguousarray(image)), model.image_size)
-            fpn = model.recognizer.fpn(model.backbone(x[None]))
-            rois = torch.as_tensor(boxes) * (h / image.shape[0])
-            region = model.recognizer.region_embeddings(fpn, rois, torch.zeros(len(rois), dtype=torch.long))
+            fpn = model.recognizer.fpn(model.backbone(item.x[None]))
+            index = torch.zeros(len(item.rois), dtype=torch.long)
+            region = model.recognizer.region_embeddings(fpn, item.rois, index)
             head_gt += list(class_logits(region, text, 0.0)[:, :-1].argmax(1).numpy() == y)
     head_arr, ious = np.array(head), np.array(box_ious)
     bins = {}
