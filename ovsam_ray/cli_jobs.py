@@ -25,6 +25,10 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-error-fraction", type=float, default=0.0)
     p.add_argument("--limit", type=int, help="label at most N not-yet-committed shards")
     p.add_argument("--with-embedding", action="store_true", help="store float16 region embeddings (re-scoring)")
+    p.add_argument("--baseline", choices=["box-fill"],
+                   help="run a zero-cost baseline instead of OV-SAM (box-fill: each mask is its prompt box; no "
+                        "weights needed) to measure the pipeline alone")
+    p.add_argument("--decode-chunk", type=int, help="images per decoded block (default 16, or 256 with --baseline)")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", default="shard", help="shard | detector:NAME | grid, or several joined by commas")
     g.add_argument("--grid-size", type=int, default=32, help="points per side of the segment-everything grid")
@@ -52,6 +56,8 @@ def _concurrency(text: str) -> int | tuple[int, int]:
 def label_config(a: argparse.Namespace) -> LabelConfig:
     from ovsam_ray.cli import model_config
 
+    if a.baseline:  # no model, so no weights: the model config only names the vocabulary
+        a.random_init = True
     return LabelConfig(
         input=a.input,
         output=a.output,
@@ -73,6 +79,8 @@ def label_config(a: argparse.Namespace) -> LabelConfig:
         detector_max_per_image=a.detector_max_per_image,
         detector_num_gpus=a.detector_num_gpus,
         detector_concurrency=a.detector_concurrency,
+        baseline=a.baseline,
+        decode_chunk=a.decode_chunk,
     )
 
 

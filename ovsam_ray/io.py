@@ -167,6 +167,16 @@ def remove(url: str, *, s3_endpoint: str | None = None, missing_ok: bool = True)
             raise
 
 
+def remove_tree(url: str, *, s3_endpoint: str | None = None) -> None:
+    """Delete a folder (or ``s3://`` prefix) and everything below it; a missing one is fine."""
+    fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
 # --- redaction -----------------------------------------------------------------------------------
 
 _REDACTED = "***"

@@ -330,8 +330,8 @@ def test_cotrain_worker_node_killed_resumes_from_last_checkpoint(cluster, tmp_pa
 
 
 def test_driver_storage_writes_retry_then_fail_with_a_clear_error(monkeypatch):
-    """The retry the S3 tests above rely on, without a cluster."""
-    from ovsam_ray.pipeline import label_job
+    """The retry the S3 tests above rely on (used by the commit tasks and the driver), without a cluster."""
+    from ovsam_ray.pipeline import parts as label_job
 
     monkeypatch.setattr(label_job, "COMMIT_BACKOFF_S", 0.0)
     calls = []
@@ -342,7 +342,7 @@ def test_driver_storage_writes_retry_then_fail_with_a_clear_error(monkeypatch):
             raise ConnectionError("Could not connect to the endpoint URL")
         return "written"
 
-    assert label_job._with_storage_retries("commit shard s", flaky, committed=0) == "written"
+    assert label_job.with_storage_retries("commit shard s", flaky, committed=0) == "written"
     assert len(calls) == label_job.COMMIT_ATTEMPTS
 
     def down() -> None:
@@ -350,14 +350,14 @@ def test_driver_storage_writes_retry_then_fail_with_a_clear_error(monkeypatch):
 
     with pytest.raises(label_job.StorageUnavailableError,
                        match=r"could not commit shard s \(3 attempts .*The 2 shards committed .*Rerun the same") as e:
-        label_job._with_storage_retries("commit shard s", down, committed=2)
+        label_job.with_storage_retries("commit shard s", down, committed=2)
     assert "hunter2" not in str(e.value)
 
     def bad_table() -> None:
         raise ValueError("table does not match OUTPUT_SCHEMA")
 
     with pytest.raises(ValueError, match="OUTPUT_SCHEMA"):  # not a storage problem: no retry
-        label_job._with_storage_retries("commit shard s", bad_table, committed=0)
+        label_job.with_storage_retries("commit shard s", bad_table, committed=0)
 
 
 def test_s3_gate_drops_connections_like_a_dead_server():

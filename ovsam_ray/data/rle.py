@@ -17,6 +17,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 __all__ = [
+    "box_fill_rles",
     "boxes_from_binary_masks",
     "compress_rles",
     "decode_rle",
@@ -116,3 +117,34 @@ def boxes_from_binary_masks(masks: np.ndarray) -> np.ndarray:
     stacked = np.stack([x_first, y_first, x_last + 1, y_last + 1], axis=1).astype(np.float32)
     boxes[nonempty] = stacked[nonempty]
     return boxes
+
+
+def box_fill_rles(boxes: np.ndarray, *, height: int, width: int) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """Masks that fill ``(N, 4)`` XYXY boxes (the pixels whose centres lie inside, as
+    ``evaluation.interactive.box_fill_mask``), computed as run lengths without drawing them.
+
+    Returns ``(rles, mask_boxes, areas)``: N compressed COCO RLEs byte-identical to
+    :func:`encode_masks` of the drawn masks, ``(N, 4)`` float32 mask boxes and ``(N,)`` int64 areas.
+    """
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    c0 = np.clip(np.ceil(b[:, 0] - 0.5), 0, width).astype(np.int64)
+    c1 = np.clip(np.floor(b[:, 2] - 0.5), -1, width - 1).astype(np.int64)
+    r0 = np.clip(np.ceil(b[:, 1] - 0.5), 0, height).astype(np.int64)
+    r1 = np.clip(np.floor(b[:, 3] - 0.5), -1, height - 1).astype(np.int64)
+    empty = (c1 < c0) | (r1 < r0)
+    h = np.where(empty, 0, r1 - r0 + 1)
+    cols = np.where(empty, 0, c1 - c0 + 1)
+    total = height * width
+    counts = []
+    for i in range(len(b)):
+        if empty[i]:
+            counts.append([total])
+            continue
+        start, hi, n = int(c0[i] * height + r0[i]), int(h[i]), int(cols[i])
+        runs = [start, hi * n] if hi == height else [start] + [hi, height - hi] * (n - 1) + [hi]
+        tail = total - start - (n - 1) * height - hi
+        counts.append(runs + [tail] if tail else runs)
+    rles = compress_rles([{"size": [height, width], "counts": c} for c in counts])
+    mask_boxes = np.stack([c0, r0, c1 + 1, r1 + 1], axis=1).astype(np.float32).reshape(-1, 4)
+    mask_boxes[empty] = 0
+    return rles, mask_boxes, (h * cols).astype(np.int64)

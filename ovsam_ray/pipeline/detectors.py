@@ -16,16 +16,17 @@ resized for OV-SAM and maps the boxes back to original-image pixels.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 import torch
 import torchvision
 from torchvision.ops import batched_nms, nms
+
+from ovsam_ray.pipeline.stages import image_of
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def postprocess_detections(det: dict[str, Any], *, score_threshold: float, nms_i
 
 
 class DetectorStage:
-    """map_batches actor: adds ``detector`` boxes (original pixels) to each ok row's prompts JSON."""
+    """map_batches actor: adds each ok row's detector boxes (original pixels), scores and labels."""
 
     def __init__(self, *, spec: str, weights: str | None = None, random_init: bool = False,
                  score_threshold: float = 0.3, nms_iou: float = 0.5, max_per_image: int = 100,
@@ -121,23 +122,32 @@ class DetectorStage:
                                       score_threshold=score_threshold)
         self.post = {"score_threshold": score_threshold, "nms_iou": nms_iou, "max_per_image": max_per_image}
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = batch.to_dict("records")
-        ok = [r for r in rows if r["status"] == "ok"]
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """DECODED rows in; the same rows plus ``det_boxes`` (flat XYXY, original pixels),
+        ``det_scores`` and ``det_labels`` out (empty lists for rows that are not ok)."""
+        status = batch.column("status").to_pylist()
+        error = batch.column("error").to_pylist()
+        ok = [i for i, s in enumerate(status) if s == "ok"]
+        dets: dict[int, dict[str, Any]] = {}
         if ok:
-            images = [np.frombuffer(r["image"], np.uint8).reshape(r["in_h"], r["in_w"], 3).copy() for r in ok]
             try:
-                detections = self.detector(images)
+                detections = self.detector([image_of(batch, i) for i in ok])
             except Exception as e:  # noqa: BLE001 - a failing detector batch becomes error rows
                 log.exception("detector failed on a batch of %d images", len(ok))
-                for r in ok:
-                    r["status"], r["error"] = "error", f"detector failed: {type(e).__name__}: {e}"
+                for i in ok:
+                    status[i], error[i] = "error", f"detector failed: {type(e).__name__}: {e}"
             else:
-                for r, det in zip(ok, detections):
+                sizes = {c: batch.column(c).to_pylist() for c in ("width", "height", "in_w", "in_h")}
+                for i, det in zip(ok, detections):
                     det = postprocess_detections(det, **self.post)
-                    scale = np.array([r["width"] / r["in_w"], r["height"] / r["in_h"]] * 2, np.float32)
-                    det["boxes"] = (np.asarray(det["boxes"], np.float32).reshape(-1, 4) * scale).tolist()
-                    spec = json.loads(r["prompts"])
-                    spec["detector"] = det
-                    r["prompts"] = json.dumps(spec)
-        return pd.DataFrame(rows, columns=list(batch.columns))
+                    scale = np.array([sizes["width"][i] / sizes["in_w"][i], sizes["height"][i] / sizes["in_h"][i]] * 2,
+                                     np.float32)
+                    det["boxes"] = (np.asarray(det["boxes"], np.float32).reshape(-1, 4) * scale).reshape(-1)
+                    dets[i] = det
+        empty = {"boxes": np.zeros(0, np.float32), "scores": [], "labels": []}
+        rows = [dets.get(i, empty) for i in range(batch.num_rows)]
+        out = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+        out = out.set_column(out.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
+        out = out.append_column("det_boxes", pa.array([r["boxes"] for r in rows], pa.list_(pa.float32())))
+        out = out.append_column("det_scores", pa.array([r["scores"] for r in rows], pa.list_(pa.float32())))
+        return out.append_column("det_labels", pa.array([r["labels"] for r in rows], pa.list_(pa.string())))

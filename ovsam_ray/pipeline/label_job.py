@@ -1,9 +1,11 @@
 """The label job (DESIGN §4): WebDataset shards in, one committed Parquet file per shard out.
 
-list shards -> skip committed -> read (one task per shard) -> decode + resize (CPU tasks) ->
-predict (actor pool) -> the driver gathers each shard's rows and commits them atomically once
-all of them arrived. Every input image becomes exactly one row; a rerun with the same
-arguments skips committed shards; a different model/vocabulary is refused unless ``overwrite``.
+list shards -> skip committed -> read + decode + resize (one CPU task per shard) -> [detector
+actor pool] -> model actor pool -> part files (CPU tasks) -> one commit task per shard. The
+driver sees one small metadata row per part and starts a shard's commit once its parts are all
+written; no image row ever passes through it (``pipeline/parts.py``). Every input image becomes
+exactly one row; a rerun with the same arguments skips committed shards; a different
+model/vocabulary is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,22 +26,27 @@ from ovsam_ray.data.shards import list_shards, shard_name
 from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
 from ovsam_ray.model.presets import IMAGE_SIZES
 from ovsam_ray.pipeline.detectors import DetectorStage
+from ovsam_ray.pipeline.faults import maybe_fail
+from ovsam_ray.pipeline.parts import (
+    COMMIT_ATTEMPTS,
+    COMMIT_BACKOFF_S,
+    StorageUnavailableError,
+    commit_shard,
+    remove_all_parts,
+    with_storage_retries,
+    write_parts,
+)
+from ovsam_ray.pipeline.predict_stage import BASELINES, BoxFillStage, PredictStage
 from ovsam_ray.pipeline.progress import JobProgress
 from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig
-from ovsam_ray.pipeline.stages import SHARD_EMPTY, SHARD_FAILED, PredictStage, decode_batch, read_shard_rows
-from ovsam_ray.pipeline.stats import format_stats, shard_stats, write_run_stats, write_shard_stats
-from ovsam_ray.pipeline.writer import RunRecord, ShardCommitter, check_or_write_run_record, rows_to_table
+from ovsam_ray.pipeline.stages import read_and_decode
+from ovsam_ray.pipeline.stats import format_stats, merge_stats, write_run_stats
+from ovsam_ray.pipeline.writer import RunRecord, ShardCommitter, check_or_write_run_record
 
 log = logging.getLogger(__name__)
 
-# The driver's commits are retried on top of the S3 client's own retries (which ride out ~9 s), so
-# that a short object-store outage costs time, not the job; a longer one ends it with a clear error.
-COMMIT_ATTEMPTS = 3
-COMMIT_BACKOFF_S = 2.0
-
-
-class StorageUnavailableError(RuntimeError):
-    """The output storage stayed unreachable through every retry of a shard's commit."""
+__all__ = ["COMMIT_ATTEMPTS", "COMMIT_BACKOFF_S", "LabelConfig", "LabelSummary", "StorageUnavailableError",
+           "build_dataset", "run_label"]
 
 
 @dataclass
@@ -50,7 +56,10 @@ class LabelConfig:
     batch_size: images per model forward; concurrency: model actors (n or (min, max));
     num_gpus: GPUs per actor (0 on CPU-only machines: the same pool runs on CPUs);
     limit: label at most this many not-yet-committed shards (a trial run);
-    max_error_fraction: error rows / images above which the job exits non-zero.
+    max_error_fraction: error rows / images above which the job exits non-zero;
+    decode_chunk: images per block out of the decode stage (None: 16 when the model takes pixels,
+    256 when it takes none); baseline: "box-fill" runs the zero-cost baseline in the model's place
+    (masks are the prompt boxes; no weights, no model) to measure the pipeline alone.
     """
 
     input: str
@@ -60,7 +69,7 @@ class LabelConfig:
     concurrency: int | tuple[int, int] = 1
     num_gpus: float = 0.0
     num_cpus_per_actor: float = 1.0
-    decode_batch_size: int = 8
+    decode_chunk: int | None = None
     overwrite: bool = False
     max_error_fraction: float = 0.0
     limit: int | None = None
@@ -76,6 +85,7 @@ class LabelConfig:
     detector_num_gpus: float = 0.0
     detector_concurrency: int = 1
     detector_batch_size: int = 4
+    baseline: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -91,6 +101,10 @@ class LabelConfig:
             raise ValueError(f"concurrency={self.concurrency}: need 1 <= min <= max actors")
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ValueError("output must differ from input")
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise ValueError(f"baseline={self.baseline!r}: choose one of {', '.join(BASELINES)} (or none for OV-SAM)")
+        if self.decode_chunk is not None and self.decode_chunk < 1:
+            raise ValueError(f"decode_chunk={self.decode_chunk}: must be >= 1 image per block")
         self.sources = PromptSources.parse(self.prompts)
 
 
@@ -106,6 +120,7 @@ class LabelSummary:
     masks: int = 0
     wall_time_s: float = 0.0
     random_init: bool = False
+    driver_parts: int = 0  # metadata rows the driver handled (parts and whole-shard events)
 
     @property
     def images(self) -> int:
@@ -140,7 +155,7 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
             "max_per_image": cfg.detector_max_per_image},
     }
     details = {"config": io.redact_config(dataclasses.asdict(cfg)), "code_version": __version__,
-               "random_init": m.random_init}
+               "random_init": m.random_init and cfg.baseline is None}
     return RunRecord(identity=identity, details=details)
 
 
@@ -153,27 +168,43 @@ def _text_task(model_cfg: ModelConfig, device: str) -> tuple[dict, Any, dict]:
 def _prepare_text(cfg: LabelConfig) -> tuple[dict, Any, dict]:
     """The model's identity and the vocabulary's text embeddings, computed once per run (then
     cached on disk): in a one-GPU Ray task when the cluster has GPUs (tens of thousands of
-    classes x 14 templates go through the CLIP text tower), else on the driver's CPU."""
+    classes x 14 templates go through the CLIP text tower), else on the driver's CPU. A baseline
+    needs no model: only its vocabulary (to give shard labels their vocabulary ids)."""
+    if cfg.baseline is not None:
+        from ovsam_ray.inference import TRAIN_VOCABS
+        from ovsam_ray.vocabulary import load_vocabulary
+
+        vocab = load_vocabulary(cfg.model.vocab or TRAIN_VOCABS.get(cfg.model.train_vocab, "coco_ov"))
+        return {"embeddings": None, "vocabulary": vocab.to_json()}, vocab, {"baseline": cfg.baseline}
     if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1:
         task = ray.remote(num_gpus=1, num_cpus=1)(_text_task)
         return ray.get(task.remote(cfg.model, "cuda"))
     return _text_task(cfg.model, "cpu")
 
 
-def build_dataset(cfg: LabelConfig, shard_urls: list[str], text_ref: Any) -> ray.data.Dataset:
-    """The streaming Ray Data pipeline for ``shard_urls``."""
-    image_size = IMAGE_SIZES[cfg.model.preset]
+def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], float]:
+    """The model stage's callable class, its constructor arguments and CPUs per actor."""
+    if cfg.baseline == "box-fill":  # nearly free: leave the CPUs to decoding
+        return BoxFillStage, {"vocabulary": text["vocabulary"], "prompts": cfg.prompts,
+                              "grid_size": cfg.select.grid_size}, 0.25
+    conc = cfg.concurrency if isinstance(cfg.concurrency, tuple) else (cfg.concurrency, cfg.concurrency)
+    # As numpy, the object store hands every actor on a node the same read-only copy.
+    shared = ray.put({**text, "embeddings": text["embeddings"].numpy()})
+    kwargs = {"model_config": dataclasses.asdict(cfg.model), "text": shared, "with_embedding": cfg.with_embedding,
+              "prompts": cfg.prompts, "select": dataclasses.asdict(cfg.select),
+              "cpu_threads": None if cfg.num_gpus else max(1, (os.cpu_count() or 1) // conc[1])}
+    return PredictStage, kwargs, cfg.num_cpus_per_actor
+
+
+def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.data.Dataset:
+    """The streaming Ray Data pipeline for ``shard_urls``: it yields PART_SCHEMA rows only."""
+    image_size = None if cfg.baseline else IMAGE_SIZES[cfg.model.preset]
+    chunk = cfg.decode_chunk or (256 if image_size is None else 16)
     ds = ray.data.from_items([{"url": u} for u in shard_urls], override_num_blocks=max(1, len(shard_urls)))
     # Reading is I/O and decoding light next to the model: half a CPU each keeps them schedulable
     # beside the actors on small machines (the actors hold their CPUs for the whole job).
-    ds = ds.flat_map(read_shard_rows, fn_kwargs={"s3_endpoint": cfg.model.s3_endpoint}, num_cpus=0.5)
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"image_size": image_size, "max_pixels": cfg.max_pixels},
-        batch_size=cfg.decode_batch_size,
-        batch_format="pandas",
-        num_cpus=0.5,
-    )
+    ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="pyarrow", num_cpus=0.5, fn_kwargs={
+        "image_size": image_size, "max_pixels": cfg.max_pixels, "chunk": chunk, "s3_endpoint": cfg.model.s3_endpoint})
     if cfg.sources.detector:
         ds = ds.map_batches(
             DetectorStage,
@@ -182,117 +213,133 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text_ref: Any) -> ray
                 "random_init": cfg.model.random_init, "score_threshold": cfg.detector_score_threshold,
                 "nms_iou": cfg.detector_nms_iou, "max_per_image": cfg.detector_max_per_image},
             batch_size=cfg.detector_batch_size,
-            batch_format="pandas",
+            batch_format="pyarrow",
             num_gpus=cfg.detector_num_gpus or None,
             num_cpus=1 if cfg.detector_num_gpus else 0.5,
             compute=ray.data.ActorPoolStrategy(size=cfg.detector_concurrency),
         )
     conc = cfg.concurrency if isinstance(cfg.concurrency, tuple) else (cfg.concurrency, cfg.concurrency)
-    return ds.map_batches(
-        PredictStage,
-        fn_constructor_kwargs={"model_config": dataclasses.asdict(cfg.model), "text": text_ref,
-                               "with_embedding": cfg.with_embedding, "prompts": cfg.prompts,
-                               "select": dataclasses.asdict(cfg.select),
-                               "cpu_threads": None if cfg.num_gpus else max(1, (os.cpu_count() or 1) // conc[1])},
+    stage, kwargs, num_cpus = _model_stage(cfg, text)
+    ds = ds.map_batches(
+        stage,
+        fn_constructor_kwargs=kwargs,
         batch_size=cfg.batch_size,
-        batch_format="pandas",
+        batch_format="pyarrow",
         num_gpus=cfg.num_gpus or None,
-        num_cpus=cfg.num_cpus_per_actor,
+        num_cpus=num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=conc[0], max_size=conc[1]),
     )
+    return ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
+                          fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.model.s3_endpoint})
 
 
-def _row_for_table(row: dict[str, Any]) -> dict[str, Any]:
-    ok = row["status"] == "ok"
-    return {
-        "key": row["key"],
-        "shard": row["shard"],
-        "image_id": row["image_id"] or None,
-        "width": int(row["width"]) if int(row["width"]) >= 0 else None,
-        "height": int(row["height"]) if int(row["height"]) >= 0 else None,
-        "status": row["status"],
-        "error": None if ok else (row["error"] or "unknown error"),
-        "instances": json.loads(row["instances"]) if ok else [],
-    }
+class _ShardTracker:
+    """The driver's whole view of the rows: parts per shard, and one commit task per shard once
+    its parts are all written. Memory: the part URLs of the shards in flight."""
 
+    def __init__(self, cfg: LabelConfig, summary: LabelSummary, progress: JobProgress) -> None:
+        self.output, self.s3 = cfg.output, cfg.model.s3_endpoint
+        self.summary, self.progress = summary, progress
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.running: dict[Any, str] = {}
+        self.commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_shard)
+        self.parts_seen = 0
+        self.stats = merge_stats([])  # this run's committed shards
 
-class _ShardGatherer:
-    """Collects rows per shard on the driver and commits a shard once all its rows arrived."""
-
-    def __init__(self, committer: ShardCommitter, summary: LabelSummary, progress: JobProgress) -> None:
-        self.committer = committer
-        self.summary = summary
-        self.progress = progress
-        self.pending: dict[str, dict[int, dict[str, Any]]] = {}
-
-    def add(self, row: dict[str, Any]) -> None:
-        name = row["shard"]
-        if row["status"] == SHARD_FAILED:
-            self.summary.shards_failed.append({"shard": name, "error": row["error"]})
-            log.error("shard %s could not be read and was NOT committed (a rerun retries it): %s", name, row["error"])
+    def add(self, meta: dict[str, Any]) -> None:
+        self.parts_seen += 1
+        name = meta["shard"]
+        if meta["kind"] == "failed":
+            self.summary.shards_failed.append({"shard": name, "error": meta["damage"]})
+            log.error("shard %s could not be read and was NOT committed (a rerun retries it): %s", name,
+                      meta["damage"])
             return
-        if row["status"] == SHARD_EMPTY:
-            self._commit(name, [], "")
-            return
-        rows = self.pending.setdefault(name, {})
-        rows[int(row["index"])] = row  # keyed by position: a retried task cannot duplicate a row
-        if len(rows) == int(row["shard_total"]):
-            ordered = [rows[i] for i in sorted(rows)]
-            del self.pending[name]
-            self._commit(name, ordered, row["shard_damage"])
+        shard = self.pending.setdefault(name, {"parts": [], "rows": 0, "total": 0, "damage": "", "submitted": False})
+        if meta["kind"] == "part":
+            shard["parts"].append(meta["part"])
+            shard["rows"] += meta["rows"]
+            shard["total"], shard["damage"] = meta["total"], meta["damage"]
+            self.progress.update(images=meta["rows"], errors=meta["errors"], masks=meta["masks"])
+        if shard["rows"] >= shard["total"] and not shard["submitted"]:
+            maybe_fail("driver_before_commit")
+            shard["submitted"] = True
+            ref = self.commit.remote(self.output, name, list(shard["parts"]), shard["total"], shard["damage"],
+                                     s3_endpoint=self.s3)
+            self.running[ref] = name
 
-    def _commit(self, name: str, rows: list[dict[str, Any]], damage: str) -> None:
-        table_rows = [_row_for_table(r) for r in rows]
-        ok = sum(r["status"] == "ok" for r in table_rows)
-        masks = sum(len(r["instances"]) for r in table_rows)
-        stats = {"damage": damage or None, "committed_by": "label_job"}
-        table, output = rows_to_table(table_rows), io.redact(self.committer.output_url)
-        done = self.summary.shards_committed
-        _with_storage_retries(f"commit shard {name} to {output}", lambda: self.committer.commit(name, table, stats),
-                              committed=done)
-        _with_storage_retries(f"write the statistics of shard {name} to {output}", lambda: write_shard_stats(
-            self.committer.output_url, name, shard_stats(table_rows), s3_endpoint=self.committer.s3_endpoint),
-            committed=done + 1)
-        self.summary.shards_committed += 1
-        self.summary.images_ok += ok
-        self.summary.images_error += len(table_rows) - ok
-        self.summary.masks += masks
-        if damage:
-            self.summary.shards_damaged.append({"shard": name, "error": damage})
-            log.error("shard %s is damaged (%s): committed the %d images read before the damage", name, damage,
-                      len(table_rows))
-        for r in table_rows:
-            if r["status"] == "error":
-                log.warning("error row %s/%s: %s", name, r["key"], r["error"])
-        self.progress.update(images=len(table_rows), errors=len(table_rows) - ok, masks=masks, shards=1)
+    def collect(self, *, wait: bool) -> None:
+        """Take the results of finished commit tasks (all of them with ``wait``)."""
+        while self.running:
+            ready, _ = ray.wait(list(self.running), num_returns=len(self.running) if wait else 1, timeout=0 if not
+                                wait else None)
+            if not ready:
+                return
+            for ref in ready:
+                self._finish(self.running.pop(ref), ref)
 
-
-def _with_storage_retries(what: str, write: Callable[[], Any], *, committed: int) -> Any:
-    """Run one storage write of the driver (``what``: "commit shard X"), retried with backoff."""
-    t0 = time.time()
-    for attempt in range(COMMIT_ATTEMPTS):
+    def _finish(self, name: str, ref: Any) -> None:
         try:
-            return write()
-        except ValueError:  # a bad table: retrying cannot help
+            res = ray.get(ref)
+        except StorageUnavailableError as e:
+            raise (_storage_error(e) or e) from None
+        except Exception as e:  # noqa: BLE001 - a commit task that failed for good: shard not committed
+            self.pending.pop(name, None)
+            self.summary.shards_failed.append({"shard": name, "error": f"commit failed: {type(e).__name__}: {e}"})
+            log.error("shard %s was NOT committed (a rerun retries it): %s", name, e)
+            return
+        if "missing" in res:  # a duplicate part made the count look complete: wait for the rest
+            self.pending[name]["submitted"] = False
+            return
+        del self.pending[name]
+        s = self.summary
+        s.shards_committed += 1
+        s.images_ok += res["ok"]
+        s.images_error += res["error"]
+        s.masks += res["masks"]
+        if res["damage"]:
+            s.shards_damaged.append({"shard": name, "error": res["damage"]})
+            log.error("shard %s is damaged (%s): committed the %d images read before the damage", name,
+                      res["damage"], res["ok"] + res["error"])
+        if res["stats"] is not None:
+            self.stats = merge_stats([self.stats, res["stats"]])
+        for row in res["errors_sample"]:
+            log.warning("error row %s/%s: %s", name, io.redact(row["key"]), row["error"])
+        self.progress.update(shards=1)
+
+
+def _storage_error(e: BaseException) -> StorageUnavailableError | None:
+    """The StorageUnavailableError behind a task's or Ray Data's wrapped exception, unwrapped
+    (its message alone: the job's one-line reason), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(e, StorageUnavailableError) and not isinstance(cause, StorageUnavailableError):
+            return StorageUnavailableError(str(e).splitlines()[-1] if "Traceback" in str(e) else str(e))
+        e = cause or e.__cause__ or e.__context__
+    return None
+
+
+def _drive(cfg: LabelConfig, todo: list[str], text: dict, tracker: _ShardTracker) -> None:
+    """Stream the dataset's part rows into the tracker; commit tasks run meanwhile."""
+    try:
+        for batch in build_dataset(cfg, todo, text).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for meta in batch.to_pylist():
+                tracker.add(meta)
+            tracker.collect(wait=False)
+    except Exception as e:
+        storage = _storage_error(e)
+        if storage is None:
             raise
-        except Exception as e:  # noqa: BLE001 - storage clients raise many types; all are retried
-            error = f"{type(e).__name__}: {io.redact(str(e))}"
-            log.warning("%s failed (attempt %d/%d): %s", what, attempt + 1, COMMIT_ATTEMPTS, error)
-            if attempt + 1 == COMMIT_ATTEMPTS:
-                raise StorageUnavailableError(
-                    f"could not {what} ({COMMIT_ATTEMPTS} attempts in {time.time() - t0:.0f}s; last error {error}). "
-                    f"The {committed} shards committed by this run (and any before it) are complete and kept; a "
-                    "shard is committed only once its marker is written. Rerun the same command when the storage "
-                    "is reachable again: it skips the committed shards and labels the rest."
-                ) from None
-            time.sleep(COMMIT_BACKOFF_S * 2**attempt)
+        raise storage from None
+    tracker.collect(wait=True)
 
 
 def run_label(cfg: LabelConfig) -> LabelSummary:
     """Run the label job; returns the summary (also logged and written as ``_summary.json``)."""
     t0 = time.time()
     s3 = cfg.model.s3_endpoint
-    summary = LabelSummary(random_init=cfg.model.random_init)
+    summary = LabelSummary(random_init=cfg.model.random_init and cfg.baseline is None)
     shards = list_shards(cfg.input, s3_endpoint=s3)
     names = [shard_name(u) for u in shards]
     if len(set(names)) != len(names):
@@ -302,6 +349,7 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
                                       s3_endpoint=s3)
     committer = ShardCommitter(cfg.output, s3_endpoint=s3)
     committer.cleanup_temporaries()
+    remove_all_parts(cfg.output, s3_endpoint=s3)
     committed = committer.committed_shards()
     todo = [u for u, n in zip(shards, names) if n not in committed]
     summary.shards_total, summary.shards_skipped = len(shards), len(shards) - len(todo)
@@ -309,25 +357,23 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
         todo = todo[: cfg.limit]
     log.info("label job: %d shards (%s run; %d already committed, %d to do) -> %s", len(shards), state,
              summary.shards_skipped, len(todo), io.redact(cfg.output))
-    if cfg.model.random_init:
+    if cfg.baseline is not None:
+        log.warning("BASELINE %s: no model runs; each mask is its prompt box (a pipeline measurement)", cfg.baseline)
+    elif cfg.model.random_init:
         log.warning("RANDOM INIT: labels come from an untrained model (recorded in the run record)")
     progress = JobProgress(total_shards=len(todo), interval_s=cfg.progress_interval_s)
-    gatherer = _ShardGatherer(committer, summary, progress)
+    tracker = _ShardTracker(cfg, summary, progress)
     if todo:
-        # As numpy, the object store hands every actor on a node the same read-only copy.
-        shared = {**text, "embeddings": text["embeddings"].numpy()}
-        ds = build_dataset(cfg, todo, ray.put(shared))
-        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-            for row in batch.to_dict("records"):
-                gatherer.add(row)
-    for name, rows in gatherer.pending.items():
-        summary.shards_failed.append({"shard": name, "error": f"only {len(rows)} rows arrived"})
+        _drive(cfg, todo, text, tracker)
+    for name, shard in tracker.pending.items():
+        summary.shards_failed.append({"shard": name, "error": f"only {shard['rows']} of {shard['total']} rows arrived"})
     summary.wall_time_s = time.time() - t0
+    summary.driver_parts = tracker.parts_seen
     output, done = io.redact(cfg.output), summary.shards_committed
-    run_stats = _with_storage_retries(f"write the run statistics to {output}",
-                                      lambda: write_run_stats(cfg.output, s3_endpoint=s3), committed=done)
+    run_stats = with_storage_retries(f"write the run statistics to {output}", lambda: write_run_stats(
+        cfg.output, s3_endpoint=s3, new=tracker.stats, committed=len(committed) + done), committed=done)
     log.info(format_stats(run_stats))
-    _with_storage_retries(f"write the summary to {output}", lambda: io.atomic_write_bytes(
+    with_storage_retries(f"write the summary to {output}", lambda: io.atomic_write_bytes(
         io.join(cfg.output, "_summary.json"), json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3),
         committed=done)
     progress.finish(summary)

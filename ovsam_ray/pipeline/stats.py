@@ -9,6 +9,8 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ovsam_ray import io
 
@@ -16,37 +18,55 @@ SCORE_BINS = [i / 10 for i in range(11)]
 AREA_BINS = [0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, float("inf")]
 
 
-def _histogram(values: list[float], bins: list[float]) -> list[int]:
+def _histogram(values: np.ndarray, bins: list[float]) -> list[int]:
     return np.histogram(np.asarray(values, np.float64), bins=np.asarray(bins, np.float64))[0].tolist()
 
 
 def shard_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Statistics of one shard's output rows (``instances`` as lists of dicts)."""
-    ok = [r for r in rows if r["status"] == "ok"]
-    per_image = [len(r["instances"] or []) for r in ok]
-    instances = [i for r in ok for i in (r["instances"] or [])]
-    scores = [float(i["label_score"]) for i in instances]
-    areas = [float(i["area"]) for i in instances]
+    """Statistics of one shard's output rows (``instances`` as lists of dicts); see :func:`table_stats`."""
+    if not rows:
+        return table_stats(pa.table({"status": pa.array([], pa.string()), "instances": pa.array([], pa.list_(
+            pa.struct([("label", pa.string()), ("label_score", pa.float32()), ("area", pa.int64())])))}))
+    return table_stats(pa.Table.from_pylist([{"status": r["status"], "instances": r["instances"] or []} for r in rows]))
+
+
+def table_stats(table: pa.Table) -> dict[str, Any]:
+    """Statistics of one shard's output table (``status``, ``instances`` columns), computed on the
+    Arrow columns: image/error/empty counts, masks per image, class histogram (labelled
+    instances), label-score and mask-area histograms and sums."""
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    per_image = pc.list_value_length(ok["instances"]).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    inst = pc.list_flatten(ok["instances"])
+    n = len(inst)
+    labels = pc.struct_field(inst, "label").to_pylist() if n else []
+    scores = _non_null(pc.struct_field(inst, "label_score")) if n else np.zeros(0)
+    areas = _non_null(pc.struct_field(inst, "area")) if n else np.zeros(0)
+    counts = np.bincount(per_image) if len(per_image) else np.zeros(0, np.int64)
     return {
-        "images": len(rows),
-        "images_ok": len(ok),
-        "images_error": len(rows) - len(ok),
-        "images_empty": sum(n == 0 for n in per_image),
-        "masks": len(instances),
-        "masks_per_image": dict(sorted(Counter(per_image).items())),
-        "classes": dict(Counter(i["label"] for i in instances).most_common()),
+        "images": table.num_rows,
+        "images_ok": ok.num_rows,
+        "images_error": table.num_rows - ok.num_rows,
+        "images_empty": int((per_image == 0).sum()),
+        "masks": n,
+        "masks_per_image": {int(k): int(v) for k, v in enumerate(counts) if v},
+        "classes": dict(Counter(x for x in labels if x is not None).most_common()),
         "score_bins": SCORE_BINS,
         "score_histogram": _histogram(scores, SCORE_BINS),
         "area_bins": AREA_BINS[:-1] + ["inf"],
         "area_histogram": _histogram(areas, AREA_BINS),
-        "score_sum": float(sum(scores)),
-        "area_sum": float(sum(areas)),
+        "score_sum": float(scores.sum()),
+        "area_sum": float(areas.sum()),
     }
 
 
+def _non_null(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return pc.drop_null(values).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sum shard statistics into run statistics (means derived from the sums)."""
-    out: dict[str, Any] = {"shards": len(parts)}
+    """Sum shard statistics (or already merged ones, which count their ``shards``) into run
+    statistics (means derived from the sums)."""
+    out: dict[str, Any] = {"shards": sum(p.get("shards", 1) for p in parts)}
     for key in ("images", "images_ok", "images_error", "images_empty", "masks", "score_sum", "area_sum"):
         out[key] = sum(p.get(key, 0) for p in parts)
     for key in ("masks_per_image", "classes"):
@@ -58,9 +78,9 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = dict(sorted(total.items(), key=lambda kv: int(kv[0])))
     for key, bins in (("score_histogram", "score_bins"), ("area_histogram", "area_bins")):
-        hists = [p[key] for p in parts if key in p]
+        hists = [p[key] for p in parts if p.get(key)]
         out[key] = np.sum(hists, axis=0).astype(int).tolist() if hists else []
-        out[bins] = parts[0][bins] if parts else []
+        out[bins] = next((p[bins] for p in parts if p.get(bins)), [])
     out["mean_masks_per_image"] = out["masks"] / max(out["images_ok"], 1)
     out["mean_score"] = out["score_sum"] / max(out["masks"], 1)
     out["mean_area"] = out["area_sum"] / max(out["masks"], 1)
@@ -72,11 +92,24 @@ def write_shard_stats(output: str, shard: str, stats: dict[str, Any], *, s3_endp
                           s3_endpoint=s3_endpoint)
 
 
-def write_run_stats(output: str, *, s3_endpoint: str | None) -> dict[str, Any]:
-    """Merge every shard's statistics under ``output`` (this run's and earlier ones') into ``_stats.json``."""
-    urls = io.list_files(io.join(output, "_stats"), suffix=".json", s3_endpoint=s3_endpoint)
-    parts = [json.loads(io.read_bytes(u, s3_endpoint=s3_endpoint)) for u in urls]
-    merged = merge_stats(parts)
+def write_run_stats(output: str, *, s3_endpoint: str | None, new: dict[str, Any] | None = None,
+                    committed: int | None = None) -> dict[str, Any]:
+    """Write ``_stats.json``: the statistics of every committed shard under ``output``.
+
+    With ``new`` (this run's shards, merged) and ``committed`` (the shards committed in all), the
+    previous ``_stats.json`` plus ``new`` when they add up to ``committed`` shards — no per-shard
+    read, whatever the shard count; otherwise (no previous file, or a run stopped before writing
+    it) every shard's statistics file is read and merged."""
+    merged = None
+    if new is not None and committed is not None:
+        url = io.join(output, "_stats.json")
+        previous = [json.loads(io.read_bytes(url, s3_endpoint=s3_endpoint))] if io.exists(
+            url, s3_endpoint=s3_endpoint) else []
+        candidate = merge_stats(previous + [new])
+        merged = candidate if candidate["shards"] == committed else None
+    if merged is None:
+        urls = io.list_files(io.join(output, "_stats"), suffix=".json", s3_endpoint=s3_endpoint)
+        merged = merge_stats([json.loads(io.read_bytes(u, s3_endpoint=s3_endpoint)) for u in urls])
     io.atomic_write_bytes(io.join(output, "_stats.json"), json.dumps(merged, indent=1).encode(),
                           s3_endpoint=s3_endpoint)
     return merged

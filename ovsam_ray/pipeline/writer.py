@@ -230,6 +230,16 @@ class ShardCommitter:
             io.remove(url, s3_endpoint=self.s3_endpoint)
             removed.append(url)
         removed += self.cleanup_temporaries()
+        # The label job's statistics and summary describe the deleted shards: they go too.
+        stats_dir = io.join(self.output_url, "_stats")
+        stale = io.list_files(stats_dir, s3_endpoint=self.s3_endpoint)
+        io.remove_tree(stats_dir, s3_endpoint=self.s3_endpoint)
+        removed += stale
+        for name in ("_stats.json", "_summary.json"):
+            url = io.join(self.output_url, name)
+            if io.exists(url, s3_endpoint=self.s3_endpoint):
+                io.remove(url, s3_endpoint=self.s3_endpoint)
+                removed.append(url)
         record_url = io.join(self.output_url, RUN_RECORD_NAME)
         if io.exists(record_url, s3_endpoint=self.s3_endpoint):
             io.remove(record_url, s3_endpoint=self.s3_endpoint)

@@ -1,0 +1,179 @@
+"""The label job's result path, on the workers: rows -> part files -> one committed shard.
+
+The model stage's rows never reach the driver. A CPU task (:func:`write_parts`) writes each
+batch's rows of a shard as one part file under ``<output>/_parts/<shard>/`` and returns one small
+metadata row per part; the driver adds up row counts per shard and, once a shard's rows are all
+written, starts :func:`commit_shard` (a Ray task), which reads that shard's parts — only the ones
+the driver was told about — keeps one row per image index, checks that every index of the shard
+is there, and commits the shard's Parquet file and marker (``ShardCommitter``), then its
+statistics, then deletes the parts.
+
+Exactly once: a part written by a task attempt that died is never named to the driver (it is
+garbage, deleted with the shard's parts folder); a row seen twice (a retried task whose first
+output did arrive) is kept once, by index; a shard commits only when indices 0..total-1 are all
+present; a commit task killed midway is retried by Ray and rewrites the same file (the marker is
+still written last); a driver killed before a marker leaves parts that the next run deletes
+(:func:`remove_all_parts`, at start-up, before anything is written) and recomputes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ovsam_ray import io
+from ovsam_ray.pipeline.faults import maybe_fail
+from ovsam_ray.pipeline.stages import SHARD_EMPTY, SHARD_FAILED
+from ovsam_ray.pipeline.stats import table_stats, write_shard_stats
+from ovsam_ray.pipeline.writer import OUTPUT_SCHEMA, ShardCommitter
+
+log = logging.getLogger(__name__)
+
+PARTS_DIR = "_parts"
+# Commits are retried on top of the S3 client's own retries (which ride out ~9 s), so that a
+# short object-store outage costs time, not the job; a longer one ends it with a clear error.
+COMMIT_ATTEMPTS = 3
+COMMIT_BACKOFF_S = 2.0
+# Error rows named in the worker's log per shard (all of them are in the Parquet file).
+LOGGED_ERRORS = 20
+
+#: One row per part (or per whole-shard event) — all the driver ever sees of the rows.
+PART_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("kind", pa.string()), ("part", pa.string()), ("rows", pa.int64()),
+    ("total", pa.int64()), ("damage", pa.string()), ("errors", pa.int64()), ("masks", pa.int64()),
+])
+
+
+_PART_FILE_SCHEMA = pa.schema(list(OUTPUT_SCHEMA) + [pa.field("index", pa.int32())])
+
+
+class StorageUnavailableError(RuntimeError):
+    """The output storage stayed unreachable through every retry of a shard's commit."""
+
+
+def with_storage_retries(what: str, write: Callable[[], Any], *, committed: int | None = None) -> Any:
+    """Run one storage write (``what``: "commit shard X"), retried with backoff."""
+    t0 = time.time()
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            return write()
+        except ValueError:  # a bad table: retrying cannot help
+            raise
+        except Exception as e:  # noqa: BLE001 - storage clients raise many types; all are retried
+            error = f"{type(e).__name__}: {io.redact(str(e))}"
+            log.warning("%s failed (attempt %d/%d): %s", what, attempt + 1, COMMIT_ATTEMPTS, error)
+            if attempt + 1 == COMMIT_ATTEMPTS:
+                done = "The" if committed is None else f"The {committed}"
+                raise StorageUnavailableError(
+                    f"could not {what} ({COMMIT_ATTEMPTS} attempts in {time.time() - t0:.0f}s; last error {error}). "
+                    f"{done} shards committed by this run (and any before it) are complete and kept; a "
+                    "shard is committed only once its marker is written. Rerun the same command when the storage "
+                    "is reachable again: it skips the committed shards and labels the rest."
+                ) from None
+            time.sleep(COMMIT_BACKOFF_S * 2**attempt)
+
+
+def parts_url(output: str, shard: str | None = None) -> str:
+    root = io.join(output, PARTS_DIR)
+    return root if shard is None else io.join(root, shard)
+
+
+def write_parts(batch: pa.Table, *, output: str, s3_endpoint: str | None = None) -> pa.Table:
+    """map_batches (CPU task): RESULT rows -> one part file per shard in the batch; returns
+    PART_SCHEMA rows (whole-shard events pass through as rows of kind "failed"/"empty")."""
+    meta: list[dict[str, Any]] = []
+    status = batch.column("status")
+    for kind in (SHARD_FAILED, SHARD_EMPTY):
+        for row in batch.filter(pc.equal(status, kind)).select(["shard", "shard_damage"]).to_pylist():
+            meta.append({"shard": row["shard"], "kind": kind.removeprefix("shard_"), "part": "", "rows": 0,
+                         "total": 0, "damage": row["shard_damage"], "errors": 0, "masks": 0})
+    rows = batch.filter(pc.invert(pc.is_in(status, pa.array([SHARD_FAILED, SHARD_EMPTY]))))
+    for shard in pc.unique(rows.column("shard")).to_pylist():
+        part = rows.filter(pc.equal(rows.column("shard"), shard))
+        url = io.join(parts_url(output, shard), f"{uuid.uuid4().hex}.parquet")
+        sink = pa.BufferOutputStream()
+        pq.write_table(part.select(OUTPUT_SCHEMA.names + ["index"]), sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        with_storage_retries(f"write a part of shard {shard} to {io.redact(output)}",
+                             lambda url=url, data=data: io.atomic_write_bytes(url, data, s3_endpoint=s3_endpoint))
+        maybe_fail("part_written")
+        meta.append({
+            "shard": shard, "kind": "part", "part": url, "rows": part.num_rows,
+            "total": part.column("shard_total")[0].as_py(), "damage": part.column("shard_damage")[0].as_py() or "",
+            "errors": int(pc.sum(pc.equal(part.column("status"), "error")).as_py() or 0),
+            "masks": int(pc.sum(pc.list_value_length(part.column("instances"))).as_py() or 0),
+        })
+    return pa.Table.from_pylist(meta, schema=PART_SCHEMA)
+
+
+def _read_parts(urls: list[str], s3_endpoint: str | None) -> pa.Table:
+    tables = [pq.read_table(pa.BufferReader(io.read_bytes(u, s3_endpoint=s3_endpoint))) for u in urls]
+    return pa.concat_tables(tables) if tables else _PART_FILE_SCHEMA.empty_table()
+
+
+def _one_row_per_index(table: pa.Table) -> pa.Table:
+    index = table.column("index").to_numpy()
+    order = np.argsort(index, kind="stable")
+    first = np.ones(len(order), bool)
+    first[1:] = index[order][1:] != index[order][:-1]
+    return table.take(pa.array(order[first]))
+
+
+def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: str, *,
+                 s3_endpoint: str | None = None) -> dict[str, Any]:
+    """Ray task: compact ``parts`` into the committed ``<output>/<shard>.parquet`` (rows in shard
+    order), its marker and statistics; delete the parts. Returns counts for the job summary, or
+    ``{"shard", "missing": n}`` (nothing written) when the parts do not cover every image."""
+    committer = ShardCommitter(output, s3_endpoint=s3_endpoint)
+    if committer.is_committed(shard):  # a retry of a commit that got as far as the marker
+        marker = committer.read_marker(shard)
+        if marker.get("num_rows") == total:
+            _remove_quietly(parts_url(output, shard), s3_endpoint)
+            return _result(shard, marker["num_ok"], marker["num_error"], marker["num_instances"], damage, [])
+    table = _one_row_per_index(_read_parts(parts, s3_endpoint))
+    index = table.column("index").to_numpy()
+    if table.num_rows != total or (total and (index[0] != 0 or index[-1] != total - 1)):
+        return {"shard": shard, "missing": total - table.num_rows}
+    table = table.select(OUTPUT_SCHEMA.names)
+    stats = {"damage": damage or None, "committed_by": "label_job"}
+    where = io.redact(output)
+    maybe_fail("before_commit")
+    marker = with_storage_retries(f"commit shard {shard} to {where}", lambda: committer.commit(shard, table, stats))
+    stats = table_stats(table)
+    with_storage_retries(f"write the statistics of shard {shard} to {where}",
+                         lambda: write_shard_stats(output, shard, stats, s3_endpoint=s3_endpoint))
+    maybe_fail("after_commit")
+    _remove_quietly(parts_url(output, shard), s3_endpoint)
+    errors = table.filter(pc.equal(table.column("status"), "error")).select(["key", "error"]).slice(0, LOGGED_ERRORS)
+    for row in errors.to_pylist():
+        log.warning("error row %s/%s: %s", shard, row["key"], row["error"])
+    return _result(shard, marker["num_ok"], marker["num_error"], marker["num_instances"], damage,
+                   errors.slice(0, 3).to_pylist(), stats)
+
+
+def _result(shard: str, ok: int, error: int, masks: int, damage: str, sample: list[dict],
+            stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the driver learns of a committed shard: counts, a few error rows, the shard's
+    statistics (None when a retried commit found it done: the run statistics re-read them)."""
+    return {"shard": shard, "ok": ok, "error": error, "masks": masks, "damage": damage, "errors_sample": sample,
+            "stats": stats}
+
+
+def _remove_quietly(url: str, s3_endpoint: str | None) -> None:
+    try:
+        io.remove_tree(url, s3_endpoint=s3_endpoint)
+    except Exception as e:  # noqa: BLE001 - leftover parts are garbage the next run deletes
+        log.warning("could not delete the parts in %s (the next run deletes them): %s", io.redact(url), e)
+
+
+def remove_all_parts(output: str, *, s3_endpoint: str | None = None) -> None:
+    """Delete every part file under ``output`` (call at start-up, before any part is written)."""
+    io.remove_tree(parts_url(output), s3_endpoint=s3_endpoint)
