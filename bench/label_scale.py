@@ -38,10 +38,11 @@ class Sampler:
     """Every ``interval_s``: the driver's RSS, all Ray worker processes' RSS, /dev/shm (the object
     store's memory) and the committed image count."""
 
-    def __init__(self, interval_s: float = 5.0) -> None:
+    def __init__(self, interval_s: float = 5.0, committed_dir: str | None = None, per_shard: int = 0) -> None:
         import psutil
 
         self.psutil, self.interval_s, self.rows = psutil, interval_s, []
+        self.committed_dir, self.per_shard = committed_dir, per_shard
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.t0 = time.time()
@@ -53,12 +54,17 @@ class Sampler:
             try:
                 cmd = " ".join(p.info["cmdline"] or [])
                 if p.pid != me.pid and (cmd.startswith("ray::") or "default_worker.py" in cmd):
-                    workers += p.info["memory_info"].rss
+                    mem = p.info["memory_info"]
+                    workers += mem.rss - mem.shared  # private memory: shared libraries and plasma counted once
             except (self.psutil.Error, TypeError):
                 continue
+        cpu = me.cpu_times()
+        committed = None
+        if self.committed_dir and os.path.isdir(self.committed_dir):
+            committed = len(os.listdir(self.committed_dir)) * self.per_shard
         return {"t_s": round(time.time() - self.t0, 1), "driver_rss_mib": round(me.memory_info().rss / 2**20, 1),
-                "workers_rss_mib": round(workers / 2**20, 1),
-                "shm_used_mib": round(shutil.disk_usage("/dev/shm").used / 2**20, 1)}
+                "workers_private_mib": round(workers / 2**20, 1), "driver_cpu_s": round(cpu.user + cpu.system, 2),
+                "shm_used_mib": round(shutil.disk_usage("/dev/shm").used / 2**20, 1), "images_committed": committed}
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -76,10 +82,20 @@ class Sampler:
 
     def summary(self) -> dict:
         out = {}
-        for k in ("driver_rss_mib", "workers_rss_mib", "shm_used_mib"):
+        for k in ("driver_rss_mib", "workers_private_mib", "shm_used_mib"):
             values = [r[k] for r in self.rows]
             n = max(1, len(values) // 4)
             out[k] = {"first_quarter_max": max(values[:n]), "last_quarter_max": max(values[-n:]), "max": max(values)}
+        done = [r for r in self.rows if r["images_committed"]]
+        if len(done) >= 4:  # the middle half of the run: no start-up, no tail
+            total = done[-1]["images_committed"]
+            a = next(r for r in done if r["images_committed"] >= 0.25 * total)
+            z = next(r for r in done if r["images_committed"] >= 0.75 * total)
+            if z["images_committed"] > a["images_committed"]:
+                images = z["images_committed"] - a["images_committed"]
+                cpu_ms = 1000 * (z["driver_cpu_s"] - a["driver_cpu_s"])
+                out["steady"] = {"images_per_s": round(images / (z["t_s"] - a["t_s"]), 1),
+                                 "driver_cpu_ms_per_image": round(cpu_ms / images, 4)}
         return out
 
 
@@ -169,7 +185,8 @@ def run(args: argparse.Namespace) -> dict:
                           progress_interval_s=30.0, model=ModelConfig(random_init=True, vocab=args.vocab,
                                                                       s3_endpoint=s3))
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        with Sampler(args.sample_s) as sampler:
+        committed_dir = None if s3 else os.path.join(out, "_committed")
+        with Sampler(args.sample_s, committed_dir, args.per_shard) as sampler:
             summary = run_label(cfg)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         driver_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)

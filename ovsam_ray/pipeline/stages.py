@@ -16,11 +16,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DecodedSample, decode_sample
 from ovsam_ray.data.shards import read_shard, shard_name
-from ovsam_ray.model.functional import resize_image
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +113,10 @@ def _append_decoded(cols: dict[str, list[Any]], d: DecodedSample, image_size: in
         return
     image = d.image
     if image_size is not None:
+        import torch  # only where pixels are resized: the other workers of the job never load torch
+
+        from ovsam_ray.model.functional import resize_image
+
         image = resize_image(torch.from_numpy(image), image_size).numpy()
     p = d.prompts
     cols["status"].append("ok")
