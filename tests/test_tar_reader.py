@@ -14,7 +14,13 @@ from PIL import Image
 
 from ovsam_ray.data.decode import decode_sample
 from ovsam_ray.data.shards import list_shards, read_shard, shard_name
-from ovsam_ray.data.tar_reader import SKIP_DUPLICATE_JSON, SKIP_METADATA, SKIP_NO_EXTENSION, SKIP_OTHER_EXTENSION
+from ovsam_ray.data.tar_reader import (
+    SKIP_APPLEDOUBLE,
+    SKIP_DUPLICATE_JSON,
+    SKIP_METADATA,
+    SKIP_NO_EXTENSION,
+    SKIP_OTHER_EXTENSION,
+)
 
 
 def _png() -> bytes:
@@ -180,11 +186,14 @@ def test_reserved_and_hidden_names(tmp_path):
         ("__meta__.json", b"{}"),  # WebDataset metadata: skipped, counted
         ("b.jpg", b"B"), ("b.__key__", b"x"), ("b.__url__", b"x"),
         ("dir/.hidden.jpg", b"H"),  # a hidden image member is a row
+        ("dir/._b.jpg", b"\x00\x05\x16\x07\x00\x02"),  # macOS resource fork beside b.jpg: skipped
+        ("._c.jpg", b"C"),  # named like one, but not one: an image row
         ("noext", b"N"), (".profile", b"x"),
     ])
-    assert [(s["key"], s["error"]) for s in result.samples] == [("__key__", None), ("b", None), ("dir/.hidden", None)]
-    assert result.skipped == {SKIP_METADATA: 1, SKIP_OTHER_EXTENSION: 2, SKIP_NO_EXTENSION: 2}
-    assert result.num_skipped == 5 and result.skipped_examples[SKIP_NO_EXTENSION] == ["noext", ".profile"]
+    assert [(s["key"], s["image_bytes"], s["error"]) for s in result.samples] == [
+        ("__key__", b"K", None), ("b", b"B", None), ("dir/.hidden", b"H", None), ("._c", b"C", None)]
+    assert result.skipped == {SKIP_METADATA: 1, SKIP_OTHER_EXTENSION: 2, SKIP_NO_EXTENSION: 2, SKIP_APPLEDOUBLE: 1}
+    assert result.num_skipped == 6 and result.skipped_examples[SKIP_NO_EXTENSION] == ["noext", ".profile"]
 
 
 def test_json_far_from_its_image_joins_it(tmp_path):

@@ -23,8 +23,9 @@ The rules, for every shard whatever its author did:
   read from disk): a link whose target is not a file of the same tar (absolute, ``..``, missing,
   a chain of more than :data:`MAX_LINK_HOPS`) makes the sample an error naming the link.
 - **Skipped.** Everything else (directories, devices and FIFOs, members without a key or an
-  extension, other extensions such as ``.txt`` or ``.seg.png``, metadata, a second ``<key>.json``
-  — the first one is used) is counted per reason in :attr:`TarRead.skipped`, never silently lost.
+  extension, other extensions such as ``.txt`` or ``.seg.png``, metadata, macOS AppleDouble files
+  ``._name.jpg`` — recognised by their content, not only their name —, a second ``<key>.json``:
+  the first one is used) is counted per reason in :attr:`TarRead.skipped`, never silently lost.
 - **Damage.** A truncated or corrupt tar keeps every sample read before the damage; the sample
   whose member was read last is made an error (it may have lost a member), and
   :attr:`TarRead.damage` says what happened. I/O errors of the file object propagate.
@@ -68,10 +69,12 @@ SKIP_NO_EXTENSION = "no key or no extension"
 SKIP_OTHER_EXTENSION = "neither an image nor .json"
 SKIP_METADATA = "WebDataset metadata (__*__ without an image)"
 SKIP_DUPLICATE_JSON = "second .json of a key (the first is used)"
+SKIP_APPLEDOUBLE = "macOS AppleDouble file (._name)"
 #: Reasons that are normal in a well-formed shard (not worth a warning).
-ROUTINE_SKIPS = frozenset({SKIP_DIRECTORY, SKIP_OTHER_EXTENSION, SKIP_METADATA})
+ROUTINE_SKIPS = frozenset({SKIP_DIRECTORY, SKIP_OTHER_EXTENSION, SKIP_METADATA, SKIP_APPLEDOUBLE})
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"
 # zlib.error / BadGzipFile: a corrupt .tar.gz; EOFError: one cut short
 _DAMAGE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
@@ -164,7 +167,12 @@ class _Collector:
             return self.skip(SKIP_NO_EXTENSION, name)
         key, ext = parts
         if ext in IMAGE_EXTENSIONS:
-            self._add_image(tf, member, name, key, ext)
+            data = None
+            if name.rpartition("/")[2].startswith("._") and member.isfile() and member.size <= MAX_MEMBER_BYTES:
+                data = _read_data(tf, member)
+                if data.startswith(_APPLEDOUBLE_MAGIC):
+                    return self.skip(SKIP_APPLEDOUBLE, name)
+            self._add_image(tf, member, name, key, ext, data)
         elif ext == "json":
             self._add_json(tf, member, name, key)
         else:
@@ -177,11 +185,15 @@ class _Collector:
         self.last = group
         return group
 
-    def _add_image(self, tf: tarfile.TarFile, member: tarfile.TarInfo, name: str, key: str, ext: str) -> None:
+    def _add_image(self, tf: tarfile.TarFile, member: tarfile.TarInfo, name: str, key: str, ext: str,
+                   data: bytes | None) -> None:
         group = self._group(key)
         if group.image_member is None:
             group.image_member, group.image_ext = name, ext
-            self._read(tf, member, name, group, "image_bytes")
+            if data is not None:
+                group.image_bytes = data
+            else:
+                self._read(tf, member, name, group, "image_bytes")
             return
         extra = self._group(self._unused_key(name))
         extra.image_member, extra.image_ext = name, ext
@@ -209,8 +221,7 @@ class _Collector:
         if member.size > MAX_MEMBER_BYTES:
             group.errors.append(f"member {name} is {member.size} bytes (limit {MAX_MEMBER_BYTES})")
             return
-        fileobj = tf.extractfile(member)
-        setattr(group, attr, fileobj.read() if fileobj is not None else b"")
+        setattr(group, attr, _read_data(tf, member))
 
     def resolve_links(self, tf: tarfile.TarFile) -> None:
         for group, attr, member, name in self.links:
@@ -221,7 +232,7 @@ class _Collector:
             try:
                 self._read(tf, target, name, group, attr)
             except _DAMAGE_ERRORS as e:
-                group.errors.append(f"member {name}: cannot read its link target ({e})")
+                group.errors.append(f"member {name}: cannot read its link target ({safe_text(str(e))})")
 
     def _link_target(self, member: tarfile.TarInfo) -> tuple[tarfile.TarInfo | None, str]:
         hops = 0
@@ -254,6 +265,11 @@ class _Collector:
         return TarRead(samples=samples, damage=damage, skipped=dict(self.skipped), skipped_examples=self.examples)
 
 
+def _read_data(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    fileobj = tf.extractfile(member)
+    return fileobj.read() if fileobj is not None else b""
+
+
 def _strip_dot_slash(name: str) -> str:
     while name.startswith("./"):
         name = name[2:]
@@ -278,7 +294,7 @@ def read_tar(fileobj: IO[bytes], shard: str) -> TarRead:
     try:
         tf = tarfile.open(fileobj=fileobj, mode=mode, encoding="utf-8", errors="surrogateescape")
     except _DAMAGE_ERRORS as e:
-        return TarRead(damage=f"not a readable tar ({e})")
+        return TarRead(damage=f"not a readable tar ({safe_text(str(e))})")
     damage = None
     try:
         try:
@@ -286,7 +302,7 @@ def read_tar(fileobj: IO[bytes], shard: str) -> TarRead:
                 collector.add(tf, member)
             damage = _check_end_of_archive(tf.fileobj, tf.offset)
         except _DAMAGE_ERRORS as e:
-            damage = f"tar truncated or corrupt ({e})"
+            damage = f"tar truncated or corrupt ({safe_text(str(e))})"
         collector.resolve_links(tf)
     finally:
         tf.close()
