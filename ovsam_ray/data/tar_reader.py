@@ -145,6 +145,7 @@ class _Collector:
         self.groups: dict[str, _Group] = {}
         self.by_name: dict[str, tarfile.TarInfo] = {}  # first file or link of each (raw) name
         self.links: list[tuple[_Group, str, tarfile.TarInfo, str]] = []
+        self.repeats: dict[str, int] = {}
         self.skipped: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
         self.last: _Group | None = None
@@ -209,9 +210,12 @@ class _Collector:
         self._read(tf, member, name, group, "json_bytes")
 
     def _unused_key(self, name: str) -> str:
-        key, n = name, 2
+        n = self.repeats.get(name, 1)  # remembered, so that many repeats of one name stay linear
+        key = name if n == 1 else f"{name}#{n}"
         while key in self.groups:
-            key, n = f"{name}#{n}", n + 1
+            n += 1
+            key = f"{name}#{n}"
+        self.repeats[name] = n + 1
         return key
 
     def _read(self, tf: tarfile.TarFile, member: tarfile.TarInfo, name: str, group: _Group, attr: str) -> None:
