@@ -6,6 +6,10 @@ from the ``AWS_ENDPOINT_URL`` environment variable, else AWS itself. Credentials
 around here: botocore finds them in the usual places (environment, ``~/.aws``, instance roles).
 Anything that may end up in a log, an output or a run record goes through :func:`redact` /
 :func:`redact_config` first.
+
+Text from data (tar member names, shard file names, JSON strings) is made storable with
+:func:`safe_text`, printable on one log line with :func:`safe_for_log`, and never becomes a path
+except through :func:`safe_join`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 
 __all__ = [
+    "UnsafePathError",
     "atomic_write_bytes",
     "exists",
     "get_filesystem",
@@ -31,6 +36,9 @@ __all__ = [
     "redact",
     "redact_config",
     "remove",
+    "safe_for_log",
+    "safe_join",
+    "safe_text",
     "to_url",
 ]
 
@@ -238,3 +246,86 @@ def redact_config(obj: Any) -> Any:
     if isinstance(obj, str):
         return redact(obj)
     return obj
+
+
+# --- text and paths from data ---------------------------------------------------------------------
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_LOG_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_LOG_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_code_point(ch: str) -> str:
+    cp = ord(ch)
+    if 0xDC80 <= cp <= 0xDCFF:  # an undecodable byte, as Python's "surrogateescape" keeps it
+        return f"\\x{cp - 0xDC00:02x}"
+    return _LOG_ESCAPES.get(ch) or (f"\\x{cp:02x}" if cp <= 0xFF else f"\\u{cp:04x}")
+
+
+def safe_text(text: str) -> str:
+    """``text`` with every code point that UTF-8 cannot encode replaced by its escape, so that
+    ``safe_text(s).encode("utf-8")`` always succeeds (Arrow, Parquet, JSON and S3 keys need it).
+
+    The rule, applied once wherever text comes from data (tar member names, shard file names,
+    JSON strings): a lone surrogate U+DC80..U+DCFF — how Python's ``surrogateescape`` (tarfile,
+    ``os.listdir``) carries an undecodable byte 0xNN — becomes the four characters ``\\xNN``;
+    any other lone surrogate (e.g. a JSON ``"\\ud800"``) becomes ``\\uXXXX``. Valid text is
+    returned unchanged (same object). ``a\\xff`` written literally and a byte 0xff therefore read
+    the same; the shard reader keeps keys unique whatever the spelling.
+    """
+    if not _SURROGATE_RE.search(text):
+        return text
+    return _SURROGATE_RE.sub(lambda m: _escape_code_point(m.group()), text)
+
+
+def safe_for_log(text: str, *, limit: int = 300) -> str:
+    """``text`` made safe for one log line: control characters (C0, DEL, C1, U+2028/U+2029) are
+    escaped (``\\n``, ``\\x1b``, ``\\u2028``), lone surrogates as in :func:`safe_text`, and text
+    longer than ``limit`` characters is cut with ``...``. A key holding a newline then cannot
+    forge a second log line. For display only: the result is not meant to be parsed back.
+    """
+    text = str(text)
+    if len(text) > limit:
+        text = text[: max(limit - 3, 0)] + "..."
+    return _LOG_UNSAFE_RE.sub(lambda m: _escape_code_point(m.group()), text)
+
+
+class UnsafePathError(ValueError):
+    """A path built from data would leave its root or cannot be stored; the message says why."""
+
+
+def safe_join(root: str, relative: str) -> str:
+    """``root`` joined with ``relative``, a ``/``-separated path that comes from data (a sample
+    key, a category name), guaranteed to stay inside ``root``.
+
+    ``root`` is trusted (a local path or URL). ``relative`` is refused with
+    :class:`UnsafePathError` when it is empty, absolute (``/x``), holds a ``..`` component, a
+    backslash (a Windows separator or an escape: either way not one path on every store), a NUL,
+    or text that UTF-8 cannot encode (see :func:`safe_text`). ``.`` components and repeated
+    slashes are dropped (``a/./b//c`` -> ``a/b/c``). Nothing is resolved on disk: the check is on
+    the text alone, so it means the same for a local folder and an ``s3://`` prefix.
+    """
+    problem = _unsafe_relative(relative)
+    if problem:
+        raise UnsafePathError(f"unsafe path {safe_for_log(repr(relative))} under {redact(root)}: {problem}")
+    parts = [p for p in relative.split("/") if p not in ("", ".")]
+    return join(root, *parts)
+
+
+def _unsafe_relative(relative: str) -> str | None:
+    if not isinstance(relative, str):
+        return f"expected text, got {type(relative).__name__}"
+    if "\x00" in relative:
+        return "contains a NUL character"
+    if "\\" in relative:
+        return "contains a backslash"
+    if _SURROGATE_RE.search(relative):
+        return "is not valid UTF-8 text"
+    if relative.startswith("/"):
+        return "is absolute"
+    parts = [p for p in relative.split("/") if p not in ("", ".")]
+    if not parts:
+        return "is empty"
+    if ".." in parts:
+        return "contains a '..' component"
+    return None

@@ -11,9 +11,18 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from ovsam_ray.data.decode import DecodeError, Prompts, decode_image, decode_sample, parse_prompts_json, to_rgb
+from ovsam_ray.data.decode import (
+    DEFAULT_MAX_PROMPTS,
+    DecodeError,
+    Prompts,
+    decode_image,
+    decode_sample,
+    min_encoded_bytes,
+    parse_prompts_json,
+    to_rgb,
+)
 
 
 def _encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -157,7 +166,8 @@ def test_full_json():
     assert p.box_labels == ["dog", "7"] and p.box_indices.tolist() == [0, 1]
     np.testing.assert_array_equal(p.points, [[3, 4], [49, 0]])  # clipped to the pixel grid
     assert p.point_boxes.shape == (2, 4) and np.isnan(p.point_boxes[1]).all()
-    assert p.image_id == "42" and p.annotations == anns and p.warnings == []
+    assert p.image_id == "42" and p.annotations == anns
+    assert p.warnings == ["points 1 clipped to the pixel grid of the 50x45 image"]
 
 
 def test_box_policy_reorder_clip_keep_zero_area_drop_invalid():
@@ -169,8 +179,9 @@ def test_box_policy_reorder_clip_keep_zero_area_drop_invalid():
     )
     np.testing.assert_array_equal(p.boxes, [[10, 5, 50, 40], [0, 0, 64, 48], [20, 20, 20, 30], [64, 48, 64, 48]])
     assert p.box_labels == ["a", "b", "c", "e"] and p.box_indices.tolist() == [0, 1, 2, 4]
-    assert len(p.warnings) == 6
+    assert len(p.warnings) == 8
     assert p.warnings[0].startswith("box 3 dropped") and "NaN" in p.warnings[0]
+    assert p.warnings[-2:] == ["boxes 0 re-ordered (x0 > x1 or y0 > y1)", "boxes 1, 4 clipped to the 64x48 image"]
 
 
 def test_invalid_points_dropped_with_their_boxes():
@@ -211,3 +222,104 @@ def test_decode_sample_never_raises():
     reader_error = decode_sample({**base, "image_bytes": None, "json_bytes": None, "error": "no image member"})
     assert reader_error.error == "no image member" and reader_error.width is None
     assert "too large" in decode_sample({**base, "image_bytes": png, "json_bytes": None}, max_pixels=10).error
+
+
+# --- hostile inputs: truncated data, text that is not UTF-8, numbers too large, too many prompts ---
+
+
+def _noise_jpeg(width: int, height: int, mode: str = "RGB") -> bytes:
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
+    return _encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, np.uint8), mode), "JPEG")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_truncated_jpeg_with_an_end_marker_is_an_error(mode):
+    # a few hundred bytes + EOI: libjpeg fills the claimed 2000x1500 with grey and Pillow calls it fine
+    data = _noise_jpeg(2000, 1500, mode)
+    cut = data[: data.find(b"\xff\xda") + 300] + b"\xff\xd9"
+    with pytest.raises(DecodeError, match=r"truncated image data: \d+ bytes cannot hold a 2000x1500 JPEG"):
+        decode_image(cut)
+    assert decode_sample({"key": "k", "shard": "s", "image_bytes": cut, "json_bytes": None}).error.startswith(
+        "truncated image data")
+
+
+def test_truncated_images_stay_errors_when_pillow_is_told_to_load_them(monkeypatch):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some libraries do globally
+    data = _noise_jpeg(64, 64)
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_image(data[: len(data) // 2])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+@pytest.mark.parametrize(
+    "im, fmt, kw",
+    [
+        (Image.new("RGB", (2000, 2000)), "JPEG", {}),
+        (Image.new("L", (2000, 2000)), "JPEG", {"progressive": True, "optimize": True}),
+        (Image.new("RGB", (2000, 2000), (9, 9, 9)), "JPEG", {"subsampling": 2, "quality": 1, "optimize": True}),
+        (Image.new("1", (4000, 4000)), "PNG", {"optimize": True}),
+        (Image.new("P", (3000, 3000)), "GIF", {}),
+    ],
+)
+def test_flat_images_are_above_the_truncation_floor(im, fmt, kw):
+    data = _encode(im, fmt, **kw)
+    assert len(data) >= min_encoded_bytes(Image.open(_io.BytesIO(data)).format, *im.size, data)
+    assert decode_image(data).shape == (im.size[1], im.size[0], 3)
+
+
+def test_truncation_floor_golden_values():
+    assert min_encoded_bytes("JPEG", 8000, 8000) == 125_000
+    assert min_encoded_bytes("JPEG", 1, 1) == 0
+    assert min_encoded_bytes("PNG", 8000, 8000) == 7_280
+    assert min_encoded_bytes("WEBP", 8000, 8000) == 0
+    arithmetic = b"\xff\xd8\xff\xc9\x00\x0b\x08\x1f\x40\x1f\x40\x01\x01\x11\x00"
+    assert min_encoded_bytes("JPEG", 8000, 8000, arithmetic) == 0
+
+
+def test_lone_surrogates_in_json_strings_are_escaped():
+    data = (b'{"image_id": "id\\ud800", "boxes": [[0, 0, 1, 1]], "labels": ["dog\\udfff"],'
+            b' "annotations": [{"category_name": "\\udcff", "\\ud800key": 1}]}')
+    p = parse_prompts_json(data, width=4, height=4)
+    assert p.image_id == "id\\ud800" and p.box_labels == ["dog\\udfff"]
+    assert p.annotations == [{"category_name": "\\xff", "\\ud800key": 1}]
+    for text in (p.image_id, *p.box_labels, *p.annotations[0], p.annotations[0]["category_name"]):
+        text.encode("utf-8")
+    assert p.warnings == []
+
+
+def test_json_bytes_not_utf8_keep_the_image():
+    p = parse_prompts_json(b'{"image_id": "caf\xe9", "boxes": [[0, 0, 1, 1]], "labels": ["\xff"]}', width=4, height=4)
+    assert p.image_id == "caf\\xe9" and p.box_labels == ["\\xff"] and p.num_boxes == 1
+    assert len(p.warnings) == 1 and "not UTF-8 (first bad byte at 17)" in p.warnings[0]
+
+
+def test_numbers_too_large_drop_only_their_prompt():
+    huge = "9" * 5000  # beyond Python's int/str digit limit
+    data = (f'{{"boxes": [[0, 0, 1e400, 1], [0, 0, 1e39, 1], [0, 0, {10**400}, 1], [0, 0, {huge}, 1], [1, 1, 2, 2]],'
+            f' "scores": [0.1, 0.2, 0.3, 0.4, 1e39], "labels": ["a", "b", "c", "d", {huge}],'
+            f' "points": [[1e39, 1], [1, {10**400}], [1, 1]], "image_id": {10**400}}}').encode()
+    p = parse_prompts_json(data, width=4, height=4)
+    assert p.boxes.tolist() == [[1, 1, 2, 2]] and p.box_indices.tolist() == [4]
+    assert math.isnan(p.box_scores[0]) and p.box_labels == ["inf"]
+    assert p.points.tolist() == [[1, 1]] and p.point_indices.tolist() == [2]
+    assert [w.split(":")[0] for w in p.warnings] == [
+        "box 0 dropped", "box 1 dropped", "box 2 dropped", "box 3 dropped", "score 4 ignored",
+        "point 0 dropped", "point 1 dropped"]
+    assert p.image_id == str(10**400)
+    png = _encode(Image.new("RGB", (4, 4)))
+    assert decode_sample({"key": "k", "shard": "s", "image_bytes": png, "json_bytes": data}).ok
+
+
+def test_max_prompts_keeps_the_first_ones():
+    data = _json({"boxes": [[0, 0, 1, 1]] * 5, "points": [[1, 1]] * 3, "point_boxes": [None] * 3})
+    p = parse_prompts_json(data, width=4, height=4, max_prompts=6)
+    assert (p.num_boxes, p.num_points, p.point_boxes.shape) == (5, 1, (1, 4))
+    assert p.warnings == ["2 points dropped from index 1 on: more than max_prompts=6 prompts"]
+    p = parse_prompts_json(data, width=4, height=4, max_prompts=3)
+    assert (p.num_boxes, p.num_points) == (3, 0) and len(p.warnings) == 2
+    assert DEFAULT_MAX_PROMPTS == 1000
+    many = _json({"boxes": [[0, 0, 1, 1]] * 1001})
+    assert parse_prompts_json(many, width=4, height=4).num_boxes == 1000
+    png = _encode(Image.new("RGB", (4, 4)))
+    decoded = decode_sample({"key": "k", "shard": "s", "image_bytes": png, "json_bytes": many}, max_prompts=10)
+    assert decoded.prompts.num_boxes == 10 and "max_prompts=10" in decoded.prompts.warnings[0]

@@ -134,3 +134,61 @@ def test_redact_config_nested():
     assert "pw" not in out["output"] and out["list"] == ["password=***", 3] and out["batch_size"] == 8
     assert out["max_tokens"] == 77
     assert cfg["storage"]["aws_secret_access_key"] == "zzz"  # input untouched
+
+
+# --- text and paths from data ---------------------------------------------------------------------
+
+
+def test_safe_text_escapes_undecodable_bytes_and_lone_surrogates():
+    name = b"caf\xe9\xff.jpg".decode("utf-8", "surrogateescape")  # as tarfile / os.listdir give it
+    assert io.safe_text(name) == "caf\\xe9\\xff.jpg"
+    assert io.safe_text("id-\ud800-\udfff") == "id-\\ud800-\\udfff"
+    for text in (name, "\ud83d", "a\udc80b"):
+        io.safe_text(text).encode("utf-8")  # what Arrow and Parquet need
+    plain = "ключ/画像 😀\n"
+    assert io.safe_text(plain) is plain
+
+
+def test_safe_for_log_cannot_forge_a_line():
+    key = "img\n2024-01-01 INFO job finished\r\x1b[31m\u2028\x85end\udcff"
+    out = io.safe_for_log(key)
+    assert out == "img\\n2024-01-01 INFO job finished\\r\\x1b[31m\\u2028\\x85end\\xff"
+    assert not any(c in out for c in "\n\r\x1b\u2028\x85")
+    assert io.safe_for_log("x" * 1000, limit=10) == "x" * 7 + "..."
+    assert io.safe_for_log("tab\tok") == "tab\\tok"
+
+
+@pytest.mark.parametrize(
+    "relative, expected",
+    [
+        ("a/b.png", "/out/a/b.png"),
+        ("a/./b//c.png", "/out/a/b/c.png"),
+        ("..png", "/out/..png"),
+        ("ключ 😀", "/out/ключ 😀"),
+    ],
+)
+def test_safe_join_keeps_paths_inside_root(relative, expected):
+    assert io.safe_join("/out", relative) == expected
+    assert io.safe_join("s3://b/out/", relative) == "s3://b" + expected
+
+
+@pytest.mark.parametrize(
+    "relative, problem",
+    [
+        ("../x", "'..'"),
+        ("a/../../x", "'..'"),
+        ("a/..", "'..'"),
+        ("/etc/passwd", "absolute"),
+        ("//host/share", "absolute"),
+        ("a\\..\\..\\x", "backslash"),
+        ("C:\\x", "backslash"),
+        ("a\x00b", "NUL"),
+        ("", "empty"),
+        ("./.", "empty"),
+        ("bad\udcff", "UTF-8"),
+    ],
+)
+def test_safe_join_refuses_unsafe_paths(relative, problem):
+    with pytest.raises(io.UnsafePathError, match=problem):
+        io.safe_join("/out", relative)
+    assert issubclass(io.UnsafePathError, ValueError)

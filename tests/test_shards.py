@@ -90,6 +90,9 @@ def test_shard_name():
         ("dir.x/b.png", ("dir.x/b", "png")),
         ("noext", None),
         (".hidden", None),
+        ("a/.b.JPG", ("a/.b", "jpg")),
+        ("..jpg", None),
+        ("dir/", None),
     ],
 )
 def test_split_member_name(name, expected):
@@ -115,10 +118,11 @@ def test_samples_grouped_by_key(tmp_path):
     assert not any(is_damage_marker(s) for s in samples)
 
 
-def test_duplicate_member_is_an_error_sample(tmp_path):
+def test_duplicate_member_is_its_own_error_sample(tmp_path):
     url = _write(tmp_path / "dup.tar", [("a.jpg", b"1"), ("a.jpg", b"2")])
-    (sample,) = list(iter_shard_samples(url))
-    assert sample["key"] == "a" and "duplicate" in sample["error"]
+    first, dup = list(iter_shard_samples(url))
+    assert (first["key"], first["image_bytes"], first["error"]) == ("a", b"1", None)
+    assert dup["key"] == "a.jpg" and "duplicate member a.jpg" in dup["error"]
 
 
 def test_truncated_tar_yields_prefix_then_marker(tmp_path):

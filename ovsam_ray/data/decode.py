@@ -1,7 +1,8 @@
-"""Decode stage: image bytes -> RGB array, shard JSON -> prompts. Errors are data.
+"""Decode stage: image bytes -> RGB array, shard JSON -> prompts (:mod:`.prompt_json`). Errors are data.
 
 Everything a bad input can do here ends in :class:`DecodeError` with a readable message (which the
-label job writes into the row's ``error`` column); nothing else escapes for bad data.
+label job writes into the row's ``error`` column); nothing else escapes for bad data. Every string
+taken from a shard's JSON is made UTF-8-safe with :func:`ovsam_ray.io.safe_text`.
 
 Coordinates are pixels of the image *as displayed*, i.e. after its EXIF orientation is applied —
 the frame in which viewers, detectors that honour EXIF, and OpenCV's ``imread`` see the image.
@@ -10,17 +11,20 @@ the frame in which viewers, detectors that honour EXIF, and OpenCV's ``imread`` 
 from __future__ import annotations
 
 import io as _io
-import json
+import logging
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from ovsam_ray.data.prompt_json import DEFAULT_MAX_PROMPTS, DecodeError, Prompts, parse_prompts_json
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_PROMPTS",
     "DecodeError",
     "DecodedSample",
     "Prompts",
@@ -30,12 +34,12 @@ __all__ = [
     "to_rgb",
 ]
 
+log = logging.getLogger(__name__)
+
 #: Same as Pillow's default decompression-bomb threshold (~ 9459 x 9459).
 DEFAULT_MAX_PIXELS = 89_478_485
-
-
-class DecodeError(ValueError):
-    """An input (image bytes or prompt JSON) that cannot be used; the message says why."""
+# JPEG start-of-frame markers of arithmetic-coded images (no bits-per-block floor, see below)
+_JPEG_ARITHMETIC_SOF = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
 # --- images --------------------------------------------------------------------------------------
@@ -44,17 +48,24 @@ class DecodeError(ValueError):
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes into a ``(H, W, 3)`` uint8 RGB array, EXIF orientation applied.
 
-    The pixel count is checked from the header, before any pixel is decoded, so a decompression
-    bomb costs nothing. Pillow's own bomb warning is silenced (this check replaces it); images
-    above Pillow's hard limit (``2 * Image.MAX_IMAGE_PIXELS``) are refused by Pillow whatever
-    ``max_pixels`` says. Multi-frame images (GIF, animated WebP) give their first frame. A
-    malformed EXIF block is ignored (orientation left as stored). Modes: see :func:`to_rgb`.
+    Memory is bounded before any pixel is decoded, from the header: the pixel count must not
+    exceed ``max_pixels`` (so a decompression bomb costs nothing), and the data must be long
+    enough for the size the header claims (:func:`min_encoded_bytes`) — a few hundred bytes that
+    claim 9000 x 9000 pixels are truncated data, which the JPEG decoder would otherwise fill with
+    grey at the full size's memory cost and call fine. Truncated data is always an error:
+    Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is forced back to ``False`` (with a warning) if
+    another library set it. Pillow's own bomb warning is silenced (this check replaces it);
+    images above Pillow's hard limit (``2 * Image.MAX_IMAGE_PIXELS``) are refused by Pillow
+    whatever ``max_pixels`` says. Multi-frame images (GIF, animated WebP) give their first
+    frame. A malformed EXIF block is ignored (orientation left as stored). Modes: see
+    :func:`to_rgb`.
 
     Raises:
         DecodeError: zero bytes, unknown format, truncated or corrupt data, too many pixels.
     """
     if not data:
         raise DecodeError("empty image (0 bytes)")
+    _refuse_truncated_loads()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -64,6 +75,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                 raise DecodeError(f"image too large: {width}x{height} = {width * height} pixels > {max_pixels}")
             if width < 1 or height < 1:
                 raise DecodeError(f"image has no pixels ({width}x{height})")
+            needed = min_encoded_bytes(im.format, width, height, data)
+            if len(data) < needed:
+                raise DecodeError(f"truncated image data: {len(data)} bytes cannot hold a {width}x{height} "
+                                  f"{im.format} (at least {needed} bytes)")
             im.load()
     except DecodeError:
         raise
@@ -87,6 +102,57 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise
     except Exception as e:
         raise DecodeError(f"cannot convert mode {im.mode} to RGB: {e}") from None
+
+
+def _refuse_truncated_loads() -> None:
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # A process-wide Pillow switch: with it, truncated data decodes to grey and looks fine.
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True; set back to False so that truncated "
+                    "images are reported as errors")
+
+
+def min_encoded_bytes(image_format: str | None, width: int, height: int, data: bytes = b"") -> int:
+    """The fewest bytes a *complete* ``width`` x ``height`` image of ``image_format`` (Pillow's
+    name) can take; fewer means the data is truncated. A floor that no valid file goes below:
+
+    - JPEG/MPO (Huffman-coded): every scan codes each 8x8 block of the full-resolution component
+      with at least one bit, so ``ceil(W/8) * ceil(H/8) / 8`` bytes (a flat 8000x8000 JPEG is
+      twice that). Arithmetic-coded JPEGs (rare) have no such floor: 0.
+    - PNG: deflate never compresses more than 1032:1 (the floor uses 1100:1, for margin), and
+      the filtered data holds at least one bit per pixel plus a filter byte per row.
+    - GIF: every LZW code (>= 3 bits) gives at most 4096 pixels.
+    - Others: 0 (their decoders report truncation themselves).
+    """
+    if image_format in ("JPEG", "MPO"):
+        if _jpeg_sof_marker(data) in _JPEG_ARITHMETIC_SOF:
+            return 0
+        return math.ceil(width / 8) * math.ceil(height / 8) // 8
+    if image_format == "PNG":
+        return height * (1 + math.ceil(width / 8)) // 1100
+    if image_format == "GIF":
+        return width * height // 4096 * 3 // 8
+    return 0
+
+
+def _jpeg_sof_marker(data: bytes) -> int | None:
+    """The second byte of the first start-of-frame marker (0xC0 baseline... 0xCF), or None."""
+    i = 2  # after SOI
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif marker in (0xD9, 0xDA):  # end of image / start of scan: no frame header before
+            return None
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
 
 
 def to_rgb(im: Image.Image) -> np.ndarray:
@@ -133,187 +199,6 @@ def _to_uint8_grey(arr: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-# --- prompts -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prompts:
-    """Prompts of one image from its shard JSON, validated and in image pixels (xyxy).
-
-    Attributes:
-        boxes: (N, 4) float32 xyxy, clipped to ``[0, W] x [0, H]``, x0 <= x1, y0 <= y1.
-        box_scores: (N,) float32 detector scores; NaN where the JSON gave none.
-        box_labels: N detector class names (``None`` where not given).
-        box_indices: (N,) int64 position of each kept box in the JSON's ``boxes`` list.
-        points: (M, 2) float32 xy, clipped to the pixel grid ``[0, W-1] x [0, H-1]``.
-        point_boxes: (M, 4) float32 xyxy box given with each point (NaN row: none), or ``None``
-            when the JSON has no ``point_boxes``.
-        point_indices: (M,) int64 position of each kept point in the JSON's ``points`` list.
-        image_id: the JSON's ``image_id`` as a string, or ``None``.
-        annotations: the JSON's ``annotations`` (COCO-style dicts), unchanged.
-        warnings: one message per prompt that was dropped (the image itself is still usable).
-    """
-
-    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
-    box_scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
-    box_labels: list[str | None] = field(default_factory=list)
-    box_indices: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
-    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
-    point_boxes: np.ndarray | None = None
-    point_indices: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
-    image_id: str | None = None
-    annotations: list[dict[str, Any]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def num_boxes(self) -> int:
-        return int(self.boxes.shape[0])
-
-    @property
-    def num_points(self) -> int:
-        return int(self.points.shape[0])
-
-
-def parse_prompts_json(data: bytes | None, *, width: int, height: int) -> Prompts:
-    """Parse a sample's JSON (DESIGN §4: ``boxes``, ``scores``, ``labels``, ``points``,
-    ``point_boxes``, ``image_id``, ``annotations``; all optional) for a ``width`` x ``height`` image.
-
-    Policy — one bad prompt must not cost the whole image, a broken file must be reported:
-      - ``None`` (no JSON member) gives empty prompts.
-      - Not UTF-8 / not JSON / not an object, or per-prompt lists (``scores``, ``labels``,
-        ``point_boxes``) whose length differs from their ``boxes``/``points``: :class:`DecodeError`.
-      - A box that is not 4 finite numbers (NaN, inf, null, text, wrong length) is dropped and
-        named in ``warnings``. Inverted boxes are re-ordered, then boxes are clipped to the image;
-        zero-area boxes (also after clipping a box lying outside the image) are kept — the model
-        handles them and the row shows what was asked.
-      - A point that is not 2 finite numbers is dropped (with its point box) and named in
-        ``warnings``; points are clipped to the pixel grid. A bad point box becomes a NaN row
-        (no box for that point) with a warning.
-    """
-    if width < 1 or height < 1:
-        raise DecodeError(f"invalid image size {width}x{height}")
-    if data is None:
-        return Prompts()
-    obj = _load_json_object(data)
-    out = Prompts(image_id=_image_id(obj.get("image_id")), annotations=_annotations(obj.get("annotations")))
-    _parse_boxes(obj, width, height, out)
-    _parse_points(obj, width, height, out)
-    return out
-
-
-def _load_json_object(data: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise DecodeError(f"prompt JSON is not UTF-8: {e}") from None
-    except json.JSONDecodeError as e:
-        raise DecodeError(f"malformed prompt JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except RecursionError:
-        raise DecodeError("malformed prompt JSON: nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise DecodeError(f"prompt JSON must be an object, got {type(obj).__name__}")
-    return obj
-
-
-def _list_field(obj: dict[str, Any], name: str, length: int | None = None) -> list[Any] | None:
-    value = obj.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise DecodeError(f"prompt JSON field {name!r} must be a list, got {type(value).__name__}")
-    if length is not None and len(value) != length:
-        raise DecodeError(f"prompt JSON field {name!r} has {len(value)} entries for {length} prompts")
-    return value
-
-
-def _numbers(value: Any, n: int) -> list[float] | None:
-    """``value`` as ``n`` finite floats, or None."""
-    if not isinstance(value, (list, tuple)) or len(value) != n:
-        return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return None
-    out = [float(v) for v in value]
-    return out if all(math.isfinite(v) for v in out) else None
-
-
-def _parse_boxes(obj: dict[str, Any], width: int, height: int, out: Prompts) -> None:
-    raw = _list_field(obj, "boxes") or []
-    scores = _list_field(obj, "scores", len(raw))
-    labels = _list_field(obj, "labels", len(raw))
-    boxes, kept_scores, kept_labels, kept = [], [], [], []
-    for i, box in enumerate(raw):
-        xyxy = _numbers(box, 4)
-        if xyxy is None:
-            out.warnings.append(f"box {i} dropped: expected 4 finite numbers, got {_short(box)}")
-            continue
-        boxes.append(_clip_box(xyxy, width, height))
-        score = scores[i] if scores is not None else None
-        kept_scores.append(float(score) if _numbers([score], 1) else math.nan)
-        label = labels[i] if labels is not None else None
-        kept_labels.append(None if label is None else str(label))
-        kept.append(i)
-    if boxes:
-        out.boxes = np.asarray(boxes, np.float32)
-        out.box_scores = np.asarray(kept_scores, np.float32)
-        out.box_indices = np.asarray(kept, np.int64)
-    out.box_labels = kept_labels
-
-
-def _clip_box(xyxy: list[float], width: int, height: int) -> list[float]:
-    x0, y0, x1, y1 = xyxy
-    x0, x1 = sorted((x0, x1))
-    y0, y1 = sorted((y0, y1))
-    return [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width),
-            min(max(y1, 0.0), height)]
-
-
-def _parse_points(obj: dict[str, Any], width: int, height: int, out: Prompts) -> None:
-    raw = _list_field(obj, "points") or []
-    raw_boxes = _list_field(obj, "point_boxes", len(raw))
-    points, point_boxes, kept = [], [], []
-    for i, point in enumerate(raw):
-        xy = _numbers(point, 2)
-        if xy is None:
-            out.warnings.append(f"point {i} dropped: expected 2 finite numbers, got {_short(point)}")
-            continue
-        points.append([min(max(xy[0], 0.0), width - 1.0), min(max(xy[1], 0.0), height - 1.0)])
-        kept.append(i)
-        if raw_boxes is not None:
-            box = raw_boxes[i]
-            xyxy = _numbers(box, 4)
-            if xyxy is None and box is not None:
-                out.warnings.append(f"point box {i} ignored: expected 4 finite numbers, got {_short(box)}")
-            point_boxes.append(_clip_box(xyxy, width, height) if xyxy else [math.nan] * 4)
-    if points:
-        out.points = np.asarray(points, np.float32)
-        out.point_indices = np.asarray(kept, np.int64)
-    if raw_boxes is not None:
-        out.point_boxes = np.asarray(point_boxes, np.float32).reshape(-1, 4)
-
-
-def _image_id(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def _annotations(value: Any) -> list[dict[str, Any]]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(a, dict) for a in value):
-        raise DecodeError("prompt JSON field 'annotations' must be a list of objects")
-    return value
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # --- one sample ----------------------------------------------------------------------------------
 
 
@@ -340,16 +225,19 @@ class DecodedSample:
         return None if self.image is None else int(self.image.shape[0])
 
 
-def decode_sample(sample: dict[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedSample:
+def decode_sample(sample: dict[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  max_prompts: int = DEFAULT_MAX_PROMPTS) -> DecodedSample:
     """Decode one sample from :func:`~ovsam_ray.data.shards.iter_shard_samples`; never raises for
-    bad data (a reader error, an undecodable image or malformed JSON become ``error``)."""
+    bad data (a reader error, an undecodable image or malformed JSON become ``error``; dropped or
+    clipped prompts become ``prompts.warnings``). ``max_prompts``: see :func:`parse_prompts_json`."""
     out = DecodedSample(key=sample["key"], shard=sample["shard"])
     if sample.get("error"):
         out.error = sample["error"]
         return out
     try:
         image = decode_image(sample.get("image_bytes") or b"", max_pixels=max_pixels)
-        prompts = parse_prompts_json(sample.get("json_bytes"), width=image.shape[1], height=image.shape[0])
+        prompts = parse_prompts_json(sample.get("json_bytes"), width=image.shape[1], height=image.shape[0],
+                                     max_prompts=max_prompts)
     except DecodeError as e:
         out.error = str(e)
         return out

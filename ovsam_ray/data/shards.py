@@ -1,20 +1,20 @@
 """WebDataset shards: list them, name them, read their samples.
 
-A shard is a plain tar whose members ``<key>.<ext>`` are grouped by key (WebDataset convention:
-the key is the member path up to the first dot of its basename, members of one sample are
-adjacent). Reading never raises for bad data: a sample without an image is an *error sample*,
-and a truncated or corrupt tar yields every sample read before the damage, then the sample being
-read when it happened (as an error sample, because its image did exist), then ONE *damage marker*
-(``key is None``) that tells the caller the shard is damaged. I/O errors (network, permissions,
-a shard that vanished) do propagate, so the caller's retry policy can deal with them.
+A shard is a tar (``.tar``, or gzip-compressed ``.tar.gz`` / ``.tgz``) whose members
+``<key>.<ext>`` are grouped by key; :mod:`ovsam_ray.data.tar_reader` states the rules (every image
+member is one row, keys unique within a shard, skipped members counted, text made UTF-8-safe).
+Reading never raises for bad data: a truncated or corrupt tar yields every sample read before the
+damage, the last one read as an error sample, then ONE *damage marker* (``key is None``) that
+tells the caller the shard is damaged. I/O errors (network, permissions, a shard that vanished)
+do propagate, so the caller's retry policy can deal with them.
 """
 
 from __future__ import annotations
 
 import glob as _glob
+import logging
 import os
 import re
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +22,20 @@ from typing import Any
 from braceexpand import braceexpand
 
 from ovsam_ray import io
+from ovsam_ray.data.tar_reader import (
+    IMAGE_EXTENSIONS,
+    MAX_MEMBER_BYTES,
+    ROUTINE_SKIPS,
+    TarRead,
+    make_sample,
+    read_tar,
+    split_member_name,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_MEMBER_BYTES",
+    "SHARD_SUFFIXES",
     "ShardRead",
     "ShardSpecError",
     "is_damage_marker",
@@ -35,11 +46,14 @@ __all__ = [
     "split_member_name",
 ]
 
-#: Member extensions read as the sample's image, in order of preference.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "ppm")
-#: Members larger than this are not read into memory; their sample becomes an error sample.
-MAX_MEMBER_BYTES = 256 * 1024 * 1024
+log = logging.getLogger(__name__)
+
+#: File name endings of shards (case-insensitive): what a folder listing picks up, and what
+#: :func:`shard_name` removes.
+SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# in an output file name: undecodable bytes (as surrogates), backslashes, control characters
+_NAME_UNSAFE_RE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 class ShardSpecError(ValueError):
@@ -54,9 +68,12 @@ def list_shards(spec: str | Iterable[str], *, s3_endpoint: str | None = None) ->
 
     ``spec`` may be (or be a list of): a file; a brace range ``dir/shards-{000000..000099}.tar``;
     a glob ``dir/*.tar`` or ``s3://bucket/prefix/shard-*.tar``; a directory or ``s3://`` prefix,
-    meaning every ``*.tar`` below it. Brace ranges are expanded first, so each piece may also be a
-    glob. A named shard that does not exist, or a pattern that matches nothing, raises
-    :class:`ShardSpecError` — a silently shorter dataset is worse than a failed start.
+    meaning every shard below it (``*.tar``, ``*.tar.gz``, ``*.tgz``, any case). Brace ranges are
+    expanded first, so each piece may also be a glob. A named shard that does not exist, or a
+    pattern that matches nothing, raises :class:`ShardSpecError` — a silently shorter dataset is
+    worse than a failed start. URLs are returned as found: a local name that is not UTF-8 keeps
+    Python's surrogate escapes (so it can be opened); use :func:`shard_name` for anything stored
+    or shown, or :func:`ovsam_ray.io.safe_text` / :func:`ovsam_ray.io.safe_for_log` on the URL.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
@@ -71,7 +88,8 @@ def list_shards(spec: str | Iterable[str], *, s3_endpoint: str | None = None) ->
     if missing:
         shown = ", ".join(io.redact(m) for m in missing[:5])
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ShardSpecError(f"no shards found for {shown}{more}; expected .tar files, a glob or a directory")
+        raise ShardSpecError(
+            f"no shards found for {shown}{more}; expected .tar/.tar.gz/.tgz files, a glob or a directory")
     return sorted(found)
 
 
@@ -83,45 +101,46 @@ def _resolve_piece(piece: str, *, s3_endpoint: str | None) -> list[str]:
         matches = fs.glob(path, detail=True)  # one listing, no request per match
         return [io.to_url(fs, p) for p, info in matches.items() if info.get("type") == "file"]
     if fs.isdir(path):
-        return io.list_files(piece, suffix=".tar", recursive=True, s3_endpoint=s3_endpoint)
+        files = io.list_files(piece, recursive=True, s3_endpoint=s3_endpoint)
+        return [u for u in files if u.lower().endswith(SHARD_SUFFIXES)]
     if fs.isfile(path):
         return [io.to_url(fs, path)]
     return []
 
 
 def shard_name(url: str) -> str:
-    """The shard's basename without ``.tar`` (``s3://b/x/shard-000003.tar`` -> ``shard-000003``);
-    output files are named after it."""
+    """The shard's output name: its basename without ``.tar`` / ``.tar.gz`` / ``.tgz``
+    (``s3://b/x/shard-000003.tar`` -> ``shard-000003``); output files are named after it.
+
+    Made safe for a file name, by a fixed rule (the same input always gives the same name):
+      - an undecodable byte of the file name (a non-UTF-8 local name) becomes ``%NN`` (its hex),
+        and so do a backslash (``%5C``) and control characters (``%0A``...);
+      - a name that is empty (a file called ``.tar``) or starts with ``.``, ``_`` or ``@`` gets a
+        leading ``@`` (``.tar`` -> ``@``, ``_a.tar`` -> ``@_a``, ``@b.tar`` -> ``@@b``): pandas,
+        pyarrow and Spark skip files whose names start with ``.`` or ``_``, and the ``@`` is
+        itself escaped so that two different names never meet.
+    A literal ``%`` is kept as is, so the rule is not reversible; only a folder holding both
+    ``a%FF.tar`` and a file whose name has the byte 0xFF at that place could collide.
+    """
     name = url.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
+    for suffix in SHARD_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    name = _NAME_UNSAFE_RE.sub(_percent_escape, name)
+    if not name or name[0] in "._@":
+        name = "@" + name
     return name
 
 
+def _percent_escape(match: re.Match[str]) -> str:
+    cp = ord(match.group())
+    if 0xDC80 <= cp <= 0xDCFF:  # an undecodable byte, as Python's "surrogateescape" keeps it
+        return f"%{cp - 0xDC00:02X}"
+    return "".join(f"%{b:02X}" for b in match.group().encode("utf-8", "surrogatepass"))
+
+
 # --- reading -------------------------------------------------------------------------------------
-
-
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """``"a/b.c.jpg" -> ("a/b", "c.jpg")`` (key up to the first dot of the basename, lower-cased
-    extension); ``None`` for names without an extension."""
-    name = name[2:] if name.startswith("./") else name
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem or not ext:
-        return None
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def _sample(key: str | None, shard: str, error: str | None = None, **fields: Any) -> dict[str, Any]:
-    return {
-        "key": key,
-        "shard": shard,
-        "image_bytes": fields.get("image_bytes"),
-        "image_ext": fields.get("image_ext"),
-        "json_bytes": fields.get("json_bytes"),
-        "error": error,
-    }
 
 
 def is_damage_marker(sample: dict[str, Any]) -> bool:
@@ -129,114 +148,70 @@ def is_damage_marker(sample: dict[str, Any]) -> bool:
     return sample.get("key") is None
 
 
-class _Group:
-    """The members of one key collected so far."""
+def _read(url: str, s3_endpoint: str | None) -> tuple[str, TarRead]:
+    shard = shard_name(url)
+    with io.open_url(url, "rb", s3_endpoint=s3_endpoint) as f:
+        read = read_tar(f, shard)
+    _log_read(shard, read)
+    return shard, read
 
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.files: dict[str, bytes] = {}
-        self.errors: list[str] = []
 
-    def to_sample(self, shard: str, extra_error: str | None = None) -> dict[str, Any]:
-        image_ext = next((e for e in _image_exts(self.files)), None)
-        errors = list(self.errors)
-        if extra_error:
-            errors.append(extra_error)
-        if image_ext is None and not errors:
-            found = ", ".join(sorted(self.files)) or "nothing"
-            errors.append(f"no image member (expected one of {'/'.join(IMAGE_EXTENSIONS[:4])}; found {found})")
-        return _sample(
-            self.key,
-            shard,
-            "; ".join(errors) or None,
-            image_bytes=self.files.get(image_ext) if image_ext else None,
-            image_ext=image_ext,
-            json_bytes=self.files.get("json"),
+def _log_read(shard: str, read: TarRead) -> None:
+    if read.skipped:
+        unusual = any(reason not in ROUTINE_SKIPS for reason in read.skipped)
+        details = "; ".join(
+            f"{n} {reason} (e.g. {', '.join(io.safe_for_log(m, limit=80) for m in read.skipped_examples[reason])})"
+            for reason, n in read.skipped.items()
         )
-
-
-def _image_exts(files: dict[str, bytes]) -> Iterator[str]:
-    # only a plain "<key>.jpg"-style member is the image; "<key>.seg.png" is another field
-    return (ext for ext in IMAGE_EXTENSIONS if ext in files)
+        log.log(logging.WARNING if unusual else logging.INFO, "shard %s: skipped %d members: %s",
+                io.safe_for_log(shard), sum(read.skipped.values()), details)
+    errors = [s for s in read.samples if s["error"] is not None]
+    if errors:
+        first = errors[0]
+        log.warning("shard %s: %d of %d samples are errors (first: %s: %s)", io.safe_for_log(shard), len(errors),
+                    len(read.samples), io.safe_for_log(first["key"], limit=80), io.safe_for_log(first["error"]))
+    if read.damage is not None:
+        log.warning("shard %s is damaged: %s", io.safe_for_log(shard), io.safe_for_log(read.damage))
 
 
 def iter_shard_samples(url: str, *, s3_endpoint: str | None = None) -> Iterator[dict[str, Any]]:
-    """Yield the samples of one WebDataset tar shard, in order.
+    """Yield the samples of one WebDataset tar shard, in the order their keys first appear.
 
     Each sample is ``{"key", "shard", "image_bytes", "image_ext", "json_bytes", "error"}``
     (``shard`` is :func:`shard_name`; ``error`` is ``None`` for a readable sample, else a message
-    and ``image_bytes`` may be ``None``). A damaged tar ends with one marker whose ``key`` is
-    ``None`` and whose ``error`` describes the damage (see :func:`is_damage_marker`).
+    and ``image_bytes`` may be ``None``). Keys are unique within the shard and, like every string
+    here, encode as UTF-8. A damaged tar ends with one marker whose ``key`` is ``None`` and whose
+    ``error`` describes the damage (see :func:`is_damage_marker`). The whole shard is read before
+    the first sample is yielded (members of one key may lie anywhere in the tar). Skipped members
+    are logged; :func:`read_shard` also returns their counts.
     """
-    shard = shard_name(url)
-    group: _Group | None = None
-    with io.open_url(url, "rb", s3_endpoint=s3_endpoint) as f:
-        try:
-            tf = tarfile.open(fileobj=f, mode="r:")
-        except tarfile.TarError as e:
-            yield _sample(None, shard, f"damaged shard {shard}: not a readable tar ({e})")
-            return
-        try:
-            for member in tf:
-                parts = split_member_name(member.name)
-                if not member.isfile() or parts is None or _is_meta(member.name):
-                    continue
-                key, ext = parts
-                if group is not None and key != group.key:
-                    yield group.to_sample(shard)
-                    group = None
-                if group is None:
-                    group = _Group(key)
-                _read_member(tf, member, ext, group)
-            damage = _check_end_of_archive(f, tf.offset)
-        except (tarfile.TarError, EOFError) as e:
-            damage = f"tar truncated or corrupt ({e})"
-        finally:
-            tf.close()
-    if damage is not None and group is not None:
-        yield group.to_sample(shard, f"shard damaged while reading this sample: {damage}")
-    elif group is not None:
-        yield group.to_sample(shard)
-    if damage is not None:
-        yield _sample(None, shard, f"damaged shard {shard}: {damage}")
-
-
-def _is_meta(name: str) -> bool:
-    base = name.rsplit("/", 1)[-1]
-    return base.startswith("__") and base.split(".", 1)[0].endswith("__")
-
-
-def _read_member(tf: tarfile.TarFile, member: tarfile.TarInfo, ext: str, group: _Group) -> None:
-    if member.size > MAX_MEMBER_BYTES:
-        group.errors.append(f"member {member.name} is {member.size} bytes (limit {MAX_MEMBER_BYTES})")
-        return
-    if ext in group.files:
-        group.errors.append(f"duplicate member {member.name}")
-        return
-    fileobj = tf.extractfile(member)
-    group.files[ext] = fileobj.read() if fileobj is not None else b""
-
-
-def _check_end_of_archive(f: Any, offset: int) -> str | None:
-    """tarfile stops silently at a truncated or garbage header; a complete tar continues with a
-    zero block right after the last member, so look for it."""
-    f.seek(offset)
-    block = f.read(tarfile.BLOCKSIZE)
-    if len(block) < tarfile.BLOCKSIZE:
-        return f"tar truncated after byte {offset} (no end-of-archive block)"
-    if block.count(0) != tarfile.BLOCKSIZE:
-        return f"corrupt tar header at byte {offset}"
-    return None
+    shard, read = _read(url, s3_endpoint)
+    yield from read.samples
+    if read.damage is not None:
+        yield make_sample(None, shard, f"damaged shard {shard}: {read.damage}")
 
 
 @dataclass
 class ShardRead:
-    """One shard read into memory: its image samples (damage marker removed) and what happened."""
+    """One shard read into memory: its samples (damage marker removed) and what happened.
+
+    Attributes:
+        url: the shard as listed.
+        shard: :func:`shard_name` of ``url``.
+        samples: one per image member (see :mod:`ovsam_ray.data.tar_reader`), keys unique.
+        damage: the damage marker's message, or ``None`` for a sound tar.
+        skipped: how many members gave no row, per reason (directories, ``.txt`` captions,
+            members without an extension, a second ``.json`` of a key...); for the shard's stats.
+        skipped_examples: a few member names per reason (UTF-8-safe, not log-safe: pass them
+            through :func:`ovsam_ray.io.safe_for_log` before logging).
+    """
 
     url: str
     shard: str
     samples: list[dict[str, Any]] = field(default_factory=list)
     damage: str | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -246,13 +221,14 @@ class ShardRead:
     def num_errors(self) -> int:
         return sum(1 for s in self.samples if s["error"] is not None)
 
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
 
 def read_shard(url: str, *, s3_endpoint: str | None = None) -> ShardRead:
     """Read a whole shard; ``damage`` is the damage marker's message, or ``None`` for a sound tar."""
-    out = ShardRead(url=url, shard=shard_name(url))
-    for sample in iter_shard_samples(url, s3_endpoint=s3_endpoint):
-        if is_damage_marker(sample):
-            out.damage = sample["error"]
-        else:
-            out.samples.append(sample)
-    return out
+    shard, read = _read(url, s3_endpoint)
+    damage = None if read.damage is None else f"damaged shard {shard}: {read.damage}"
+    return ShardRead(url=url, shard=shard, samples=read.samples, damage=damage, skipped=read.skipped,
+                     skipped_examples=read.skipped_examples)
