@@ -207,7 +207,7 @@ def test_brush_rle_round_trip_and_golden():
     m = np.zeros((2, 3), bool)
     m[1, 1:] = True
     # 24 elements, word 8, sizes 3/4/8/16; runs: 16 x 0 (4-bit field), 8 x 255 (3-bit field)
-    assert mask_to_brush_rle(m) == [0, 0, 0, 24, 59, 35, 240, 1, 204, 127, 224]
+    assert mask_to_brush_rle(m) == [0, 0, 0, 24, 57, 27, 253, 240, 9, 255, 192]
 
 
 def test_labelstudio_brush_decodes_in_the_sdk_and_validates(labelled, tmp_path):
@@ -232,9 +232,9 @@ def test_labelstudio_brush_decodes_in_the_sdk_and_validates(labelled, tmp_path):
         assert (decoded == decode_rle(inst["rle"])).all()
     li_mod = pytest.importorskip("label_studio_sdk.label_interface", reason="label-studio-sdk's LabelInterface")
     li = li_mod.LabelInterface(config)
-    for task in tasks:
-        assert li.validate_task(task)
-        assert li.validate_prediction(task["predictions"][0])
+    for task in tasks:  # (validate_task itself cannot take predictions: it calls validate_prediction())
+        assert li.validate_task({"data": task["data"]})
+        assert li.validate_prediction(task["predictions"][0], return_errors=True) == []
 
 
 def test_labelstudio_polygons_validate(labelled, tmp_path):
@@ -244,7 +244,7 @@ def test_labelstudio_polygons_validate(labelled, tmp_path):
     assert tasks[0]["predictions"][0]["result"][0]["type"] == "polygonlabels"
     li_mod = pytest.importorskip("label_studio_sdk.label_interface", reason="label-studio-sdk not installed")
     li = li_mod.LabelInterface(open(str(tmp_path / "tasks.config.xml")).read())
-    assert all(li.validate_prediction(t["predictions"][0]) for t in tasks)
+    assert all(li.validate_prediction(t["predictions"][0], return_errors=True) == [] for t in tasks)
 
 
 def _label_rows(labels):

@@ -97,6 +97,6 @@ def test_show_contact_sheet(tmp_path):
     gt_label_output(dataset, labels, shard_of=lambda i: "shard-000000" if i <= 9 else "shard-000001")
     out = tmp_path / "show"
     assert main(["show", "--input", labels, "--output", str(out), "-n", "3", "--shards", shards, "--sheet"]) == 0
-    assert sorted(os.listdir(out))[-1] == "contact_sheet.png" and len(os.listdir(out)) == 4
+    assert "contact_sheet.png" in os.listdir(out) and len(os.listdir(out)) == 4
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width == 2 * 384 and sheet.height > 2 * 384  # 2 x 2 cells with captions

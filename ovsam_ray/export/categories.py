@@ -57,7 +57,7 @@ def record_vocabulary(labels: str, *, s3_endpoint: str | None = None) -> Any:
     if record is None:
         return None
     recorded = (record.get("identity") or {}).get("vocabulary") or {}
-    spec = ((record.get("details") or {}).get("config") or {}).get("model", {}).get("vocab")
+    spec = (((record.get("details") or {}).get("config") or {}).get("model") or {}).get("vocab")
     spec = spec or (recorded.get("name") if recorded.get("name") in BUILTIN_VOCABULARIES else None)
     if not spec:
         return None
