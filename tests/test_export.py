@@ -16,7 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from ovsam_ray.cli import main
 from ovsam_ray.convert import convert_coco
 from ovsam_ray.data.rle import boxes_from_binary_masks, decode_rle
-from ovsam_ray.export import export_coco, export_labelstudio, export_sa1b, export_yolo, mask_to_polygons
+from ovsam_ray.export import export_coco, export_labelstudio, export_sa1b, export_wds, export_yolo, mask_to_polygons
 from ovsam_ray.export.reader import iter_label_batches, label_files
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.pipeline.label_job import LabelConfig, run_label
@@ -168,3 +168,9 @@ def test_round_trip_coco_label_job_export_cocoeval(ray_local, coco, tmp_path):
         assert tuple(a["segmentation"]["size"]) == (48, 64)
     ev = quiet_eval(gt, exported["annotations"])  # random weights: AP is junk, but COCOeval runs
     assert len(ev.stats) == 12 and set(ev.params.imgIds) == {5, 9, 12}
+    assert {im["file_name"].rsplit(".", 1)[1] for im in exported["images"]} == {"png"}  # from the shards
+    # the run record names the vocabulary and the shards: YOLO classes are its 3 classes, wds finds the images
+    export_yolo(labels, str(tmp_path / "yolo"))
+    yaml = open(tmp_path / "yolo" / "data.yaml").read()
+    assert 'nc: 3\nnames:\n  0: "circle"\n  1: "square"\n  2: "triangle"\n' in yaml
+    assert export_wds(labels, str(tmp_path / "wds"))["samples"] == 3

@@ -156,6 +156,12 @@ def test_coco_file_names_match_the_images_written(labelled, tmp_path):
         assert os.path.isfile(os.path.join(tmp_path, "c", "images", image["file_name"]))
 
 
+def test_sa1b_file_name_has_the_image_extension(labelled, tmp_path):
+    export_sa1b(labelled["labels"], str(tmp_path / "sa1b"))
+    record = json.load(open(tmp_path / "sa1b" / "shard-000000" / "000000000005.json"))
+    assert record["image"]["file_name"] == "000000000005.png"
+
+
 def test_coco_ov_labels_get_coco_ids(tmp_path):
     mask = np.zeros((48, 64), bool)
     mask[4:20, 4:20] = True
