@@ -162,22 +162,26 @@ def test_sa1b_file_name_has_the_image_extension(labelled, tmp_path):
     assert record["image"]["file_name"] == "000000000005.png"
 
 
-def test_coco_ov_labels_get_coco_ids(tmp_path):
+@pytest.mark.parametrize("vocab,labels,ids,n", [
+    ("coco_ov", (("person", 0), ("dog", 16), ("toothbrush", 79)), [1, 18, 90], 80),
+    ("lvis_v1", (("aerosol_can", 1), ("zucchini", 1203)), [1, 1203], 1203),
+])
+def test_builtin_vocabulary_labels_get_the_dataset_ids(tmp_path, vocab, labels, ids, n):
     mask = np.zeros((48, 64), bool)
     mask[4:20, 4:20] = True
     insts = [{"prompt_type": "box", "bbox": [4, 4, 20, 20], "area": 256, "rle": rle_str(mask), "label": name,
-              "label_id": lid, "label_score": 0.9} for name, lid in (("person", 0), ("dog", 16), ("toothbrush", 79))]
-    labels = tmp_path / "labels"
-    labels.mkdir()
+              "label_id": lid, "label_score": 0.9} for name, lid in labels]
+    root = tmp_path / "labels"
+    root.mkdir()
     pq.write_table(rows_to_table([{"key": "a", "shard": "s", "image_id": "7", "width": 64, "height": 48,
-                                   "status": "ok", "instances": insts}]), labels / "s.parquet")
-    (labels / "_run.json").write_text(json.dumps({"identity": {"vocabulary": {"name": "coco_ov", "num_classes": 80}}}))
+                                   "status": "ok", "instances": insts}]), root / "s.parquet")
+    (root / "_run.json").write_text(json.dumps({"identity": {"vocabulary": {"name": vocab, "num_classes": n}}}))
     out = str(tmp_path / "coco.json")
-    export_coco(str(labels), out)
+    export_coco(str(root), out)
     exported = json.load(open(out))
-    assert [a["category_id"] for a in exported["annotations"]] == [1, 18, 90]
-    cats = exported["categories"]
-    assert len(cats) == 80 and cats[0] == {"id": 1, "name": "person"} and cats[-1] == {"id": 90, "name": "toothbrush"}
+    assert [a["category_id"] for a in exported["annotations"]] == ids
+    cats = {c["id"]: c["name"] for c in exported["categories"]}
+    assert len(cats) == n and [cats[i] for i in ids] == [name for name, _ in labels]
 
 
 def test_coco_results_load_in_pycocotools_and_faster_coco_eval(labelled, tmp_path):
