@@ -132,15 +132,19 @@ def _export(a: argparse.Namespace) -> int:
     s3 = {"s3_endpoint": a.s3_endpoint}
     if a.format == "coco":
         stats = export.export_coco(a.input, a.output, categories=a.categories, label_source=a.label_source,
-                                   score=a.score, min_score=a.min_score, **s3)
+                                   score=a.score, min_score=a.min_score, results=a.results, shards=a.shards,
+                                   with_images=a.with_images, **s3)
     elif a.format == "yolo":
         stats = export.export_yolo(a.input, a.output, classes=a.classes, shards=a.shards, tolerance=a.tolerance,
                                    min_score=a.min_score, with_images=a.with_images, **s3)
     elif a.format == "labelstudio":
-        stats = export.export_labelstudio(a.input, a.output, image_url=a.image_url, from_name=a.from_name,
-                                          to_name=a.to_name, tolerance=a.tolerance, min_score=a.min_score, **s3)
+        stats = export.export_labelstudio(a.input, a.output, image_url=a.image_url, masks=a.masks, shards=a.shards,
+                                          from_name=a.from_name, to_name=a.to_name, tolerance=a.tolerance,
+                                          min_score=a.min_score, **s3)
+    elif a.format == "wds":
+        stats = export.export_wds(a.input, a.output, shards=a.shards, min_score=a.min_score, **s3)
     else:
-        stats = export.export_sa1b(a.input, a.output, min_score=a.min_score, **s3)
+        stats = export.export_sa1b(a.input, a.output, min_score=a.min_score, shards=a.shards, **s3)
     _print(stats)
     return 0
 
@@ -149,31 +153,38 @@ def _export_args(p: argparse.ArgumentParser, output_help: str) -> None:
     p.add_argument("--input", required=True, help="label output (folder or s3:// prefix)")
     p.add_argument("--output", required=True, help=output_help)
     p.add_argument("--min-score", type=float, default=0.0)
+    p.add_argument("--shards", help="input shards (default: the label run record's input)")
     p.add_argument("--s3-endpoint")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="labels -> COCO json, YOLO txt, Label Studio json, SA-1B json")
+    p = sub.add_parser("export", help="labels -> COCO json, YOLO txt, Label Studio json, SA-1B json, WebDataset")
     fmt = p.add_subparsers(dest="format", required=True)
-    q = fmt.add_parser("coco", help="one COCO instances json (RLE masks, scores)")
+    q = fmt.add_parser("coco", help="one COCO instances json (RLE masks, scores), or --results")
     _export_args(q, "the .json file to write")
-    q.add_argument("--categories", help="COCO json / _categories.json / vocabulary giving the category ids")
+    q.add_argument("--categories", help="COCO json / _categories.json / vocabulary giving the category ids "
+                                        "(default: coco_ov/lvis_v1 labels get COCO's/LVIS's own ids)")
     q.add_argument("--label-source", default="ovsam", choices=("ovsam", "detector"))
     q.add_argument("--score", default="auto", choices=("auto", "detector", "label", "product"))
+    q.add_argument("--results", action="store_true", help="a COCO results array (COCO.loadRes) instead")
+    q.add_argument("--with-images", action="store_true", help="also copy the images to <output folder>/images/")
     q = fmt.add_parser("yolo", help="YOLO segmentation txt per image + data.yaml")
     _export_args(q, "folder for labels/, images/ and data.yaml")
-    q.add_argument("--classes", help="vocabulary or COCO json fixing the class order (default: label ids)")
+    q.add_argument("--classes", help="vocabulary or COCO json fixing the class order (default: the labels' vocabulary)")
     q.add_argument("--with-images", action="store_true", help="also copy the images out of the shards")
-    q.add_argument("--shards", help="input shards (default: the label run record's input)")
     q.add_argument("--tolerance", type=float, default=1.0, help="polygon simplification, pixels")
-    q = fmt.add_parser("labelstudio", help="Label Studio tasks with polygon predictions")
-    _export_args(q, "the .json file to write")
-    q.add_argument("--image-url", default="{shard}/{key}.jpg", help="template over {shard}, {key}, {image_id}")
+    q = fmt.add_parser("labelstudio", help="Label Studio tasks with mask predictions (brush RLE or polygons)")
+    _export_args(q, "the .json file to write (its labelling config goes to <name>.config.xml)")
+    q.add_argument("--image-url", default="{shard}/{key}.{ext}",
+                   help="template over {shard}, {key}, {image_id}, {ext}")
+    q.add_argument("--masks", default="brush", choices=("brush", "polygon"))
     q.add_argument("--from-name", default="label")
     q.add_argument("--to-name", default="image")
-    q.add_argument("--tolerance", type=float, default=1.0)
+    q.add_argument("--tolerance", type=float, default=1.0, help="polygon simplification, pixels")
     q = fmt.add_parser("sa1b", help="SA-1B-style json per image")
     _export_args(q, "folder for <shard>/<key>.json")
+    q = fmt.add_parser("wds", help="labelled WebDataset shards: image + <key>.json with the instances")
+    _export_args(q, "folder or s3:// prefix for <shard>.tar")
     p.set_defaults(func=_export)
 
 
@@ -184,7 +195,7 @@ def _show(a: argparse.Namespace) -> int:
     from ovsam_ray.show import show
 
     written = show(a.input, a.output, n=a.n, shards=a.shards, seed=a.seed, min_score=a.min_score,
-                   s3_endpoint=a.s3_endpoint)
+                   sheet=a.sheet, s3_endpoint=a.s3_endpoint)
     print("\n".join(written))
     return 0
 
@@ -197,6 +208,7 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", help="input shards (default: the label run record's input)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-score", type=float, default=0.0)
+    p.add_argument("--sheet", action="store_true", help="also one contact_sheet.png of all N overlays")
     p.add_argument("--s3-endpoint")
     p.set_defaults(func=_show)
 

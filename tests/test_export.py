@@ -16,7 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from ovsam_ray.cli import main
 from ovsam_ray.convert import convert_coco
 from ovsam_ray.data.rle import boxes_from_binary_masks, decode_rle
-from ovsam_ray.export import export_coco, export_labelstudio, export_sa1b, export_yolo, mask_to_polygons
+from ovsam_ray.export import export_coco, export_labelstudio, export_sa1b, export_wds, export_yolo, mask_to_polygons
 from ovsam_ray.export.reader import iter_label_batches, label_files
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.pipeline.label_job import LabelConfig, run_label
@@ -61,7 +61,8 @@ def test_export_coco_of_ground_truth_masks_gives_ap_1(coco, tmp_path):
     gt_label_output(dataset, labels, shard_of=lambda i: "shard-000000" if i < 9 else "shard-000001")
     out = str(tmp_path / "export" / "coco.json")
     stats = export_coco(labels, out, categories=ann_path)
-    assert stats == {"images": 3, "annotations": 4, "dropped": 0, "below_min_score": 0, "error_rows": 1}
+    assert stats == {"images": 3, "annotations": 4, "dropped": 0, "below_min_score": 0, "error_rows": 1,
+                     "images_written": 0}
     exported = json.load(open(out))
     assert sorted(im["id"] for im in exported["images"]) == [5, 9, 12]
     assert exported["categories"] == CATEGORIES
@@ -89,7 +90,8 @@ def test_export_yolo(coco, tmp_path):
     convert_coco(coco[0], coco[1], shards)
     out = str(tmp_path / "yolo")
     stats = export_yolo(labels, out, classes=coco[0], shards=shards, with_images=True)
-    assert stats == {"images": 3, "instances": 4, "dropped": 0, "error_rows": 1, "images_written": 3}
+    assert stats == {"images": 3, "instances": 4, "dropped": 0, "error_rows": 1, "images_written": 3,
+                     "unsafe_names": 0}
     lines = open(os.path.join(out, "labels", "shard-000000", "000000000005.txt")).read().splitlines()
     assert [line.split()[0] for line in lines] == ["1", "0"]  # square, circle: positions in the category list
     coords = np.asarray(lines[0].split()[1:], float).reshape(-1, 2) * [64, 48]
@@ -106,7 +108,7 @@ def test_export_labelstudio_and_sa1b(coco, tmp_path):
     labels = str(tmp_path / "labels")
     gt_label_output(dataset, labels)
     out = str(tmp_path / "ls.json")
-    assert export_labelstudio(labels, out, image_url="s3://b/{shard}/{key}.png") == {
+    assert export_labelstudio(labels, out, image_url="s3://b/{shard}/{key}.png", masks="polygon") == {
         "tasks": 3, "results": 4, "error_rows": 1}
     tasks = json.load(open(out))
     task = tasks[0]
@@ -119,7 +121,7 @@ def test_export_labelstudio_and_sa1b(coco, tmp_path):
     assert pts[:, 0].min() == pytest.approx(100 * 4 / 64)  # the square starts at x=4
 
     out = str(tmp_path / "sa1b")
-    assert export_sa1b(labels, out) == {"images": 3, "annotations": 4, "error_rows": 1}
+    assert export_sa1b(labels, out) == {"images": 3, "annotations": 4, "error_rows": 1, "unsafe_names": 0}
     record = json.load(open(os.path.join(out, "shard-000000", "000000000005.json")))
     assert record["image"]["width"] == 64 and record["image"]["image_id"] == "5"
     ann = record["annotations"][1]
@@ -166,3 +168,9 @@ def test_round_trip_coco_label_job_export_cocoeval(ray_local, coco, tmp_path):
         assert tuple(a["segmentation"]["size"]) == (48, 64)
     ev = quiet_eval(gt, exported["annotations"])  # random weights: AP is junk, but COCOeval runs
     assert len(ev.stats) == 12 and set(ev.params.imgIds) == {5, 9, 12}
+    assert {im["file_name"].rsplit(".", 1)[1] for im in exported["images"]} == {"png"}  # from the shards
+    # the run record names the vocabulary and the shards: YOLO classes are its 3 classes, wds finds the images
+    export_yolo(labels, str(tmp_path / "yolo"))
+    yaml = open(tmp_path / "yolo" / "data.yaml").read()
+    assert 'nc: 3\nnames:\n  0: "circle"\n  1: "square"\n  2: "triangle"\n' in yaml
+    assert export_wds(labels, str(tmp_path / "wds"))["samples"] == 3

@@ -57,3 +57,46 @@ def test_show_writes_one_png_per_sampled_image(tmp_path):
     assert sorted(os.listdir(tmp_path / "show2")) == ["shard-000000__000000000005.png",
                                                       "shard-000000__000000000009.png",
                                                       "shard-000001__000000000012.png"]
+
+
+def test_drawing_scales_with_the_image_and_labels_do_not_pile_up():
+    from ovsam_ray.show import drawing_scale, place_labels
+
+    small, large = drawing_scale(640, 480), drawing_scale(4000, 3000)
+    assert large[0] >= 5 * small[0] and large[1] >= 5 * small[1]
+    # ten objects with the same box: ten label rectangles, pairwise disjoint, inside the image
+    rects = place_labels([(100, 100, 300, 300)] * 10, [(80, 20)] * 10, 640, 480)
+    assert len(rects) == 10
+    for i, a in enumerate(rects):
+        assert 0 <= a[0] and a[2] <= 640 and 0 <= a[1] and a[3] <= 480
+        for b in rects[:i]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
+def test_render_overlay_text_is_readable_on_a_large_image():
+    from coco_fixture import rle_str
+
+    from ovsam_ray.show import drawing_scale
+
+    image = np.zeros((3000, 4000, 3), np.uint8)
+    mask = np.zeros((3000, 4000), bool)
+    mask[1000:2000, 1000:3000] = True
+    inst = {"rle": rle_str(mask), "bbox": [1000, 1000, 3000, 2000], "label": "cat", "label_score": 0.9}
+    out = np.asarray(render_overlay(image, [inst]))
+    label_rows = np.flatnonzero((out[:1000, 1000:1300] == colour(0)).all(axis=2).any(axis=1))
+    assert len(label_rows) >= drawing_scale(4000, 3000)[0]  # the label box is as tall as the scaled font
+    box_cols = (out[1500, 990:1040] == colour(0)).all(axis=1).sum()
+    assert box_cols >= drawing_scale(4000, 3000)[1]  # the box outline is as wide as the scaled line
+
+
+def test_show_contact_sheet(tmp_path):
+    ann_path, images, dataset, _ = make_coco(str(tmp_path / "coco"))
+    shards = str(tmp_path / "shards")
+    convert_coco(ann_path, images, shards, images_per_shard=2)
+    labels = str(tmp_path / "labels")
+    gt_label_output(dataset, labels, shard_of=lambda i: "shard-000000" if i <= 9 else "shard-000001")
+    out = tmp_path / "show"
+    assert main(["show", "--input", labels, "--output", str(out), "-n", "3", "--shards", shards, "--sheet"]) == 0
+    assert "contact_sheet.png" in os.listdir(out) and len(os.listdir(out)) == 4
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width == 2 * 384 and sheet.height > 2 * 384  # 2 x 2 cells with captions

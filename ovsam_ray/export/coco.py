@@ -1,17 +1,21 @@
-"""Label output -> one COCO instances json (masks as RLE), streamed with bounded memory.
+"""Label output -> one COCO instances json (masks as RLE), or a COCO results array, streamed.
 
-``images`` (one per ``ok`` row: ``id``, ``width``, ``height``, ``file_name`` = ``<shard>/<key>``,
-``shard``, ``key``), ``annotations`` (``segmentation`` RLE, ``bbox`` xywh of the mask, ``area``,
-``category_id``, ``score`` and the OV-SAM fields ``label_score``, ``topk_labels``, ``topk_scores``,
-``prompt_type``, ``detector_score``, ``detector_label``) and ``categories``. The file is written
-while the Parquet files are read column by column in three passes (image ids, images, then
-annotations), so memory holds one record batch, never the whole output. The annotations also load
-as COCO results (``COCO.loadRes``: they carry ``score``).
+``images`` (one per ``ok`` row: ``id``, ``width``, ``height``, ``file_name`` =
+``<shard>/<key>.<ext>`` — the image's own extension in its input shard, i.e. the path
+``with_images`` writes below ``<output's folder>/images/`` — ``shard``, ``key``), ``annotations``
+(``segmentation`` RLE, ``bbox`` xywh of the mask, ``area``, ``category_id``, ``score`` and the
+OV-SAM fields ``label_score``, ``topk_labels``, ``topk_scores``, ``prompt_type``,
+``detector_score``, ``detector_label``) and ``categories``. The file is written while the Parquet
+files are read column by column in three passes (image ids, images, then annotations), so memory
+holds one record batch, never the whole output. With ``results`` the output is a JSON array of
+result objects (``image_id``, ``category_id``, ``segmentation``, ``bbox``, ``score``, ``label``) that
+``COCO.loadRes(path)`` reads as it is.
 
 Image ids: the rows' ``image_id`` when every one is an integer (COCO shards keep COCO's ids),
 else 1..N in output order. Category ids: from ``categories`` (a COCO json — e.g. the converter's
-``_categories.json`` — or a vocabulary; labels not in it are dropped and counted), else each
-label's ``label_id`` from the vocabulary the labels were made with.
+``_categories.json`` — or a vocabulary; labels not in it are dropped and counted); else, for labels
+made with a built-in vocabulary (run record), the dataset's own ids (``coco_ov`` -> COCO's 1..90,
+``lvis_v1`` -> LVIS's) with its full category list; else each label's ``label_id``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from typing import IO, Any
 
 from ovsam_ray import io
 from ovsam_ray.evaluation.coco_ap import LABEL_SOURCES, SCORE_MODES, instance_score
-from ovsam_ray.export.categories import category_index, load_categories
-from ovsam_ray.export.reader import iter_label_rows, open_output
+from ovsam_ray.export._paths import _safe_relpath
+from ovsam_ray.export.categories import category_index, dataset_categories, load_categories, record_vocabulary
+from ovsam_ray.export.images import ImageCopier, output_folder
+from ovsam_ray.export.reader import ImageExts, iter_label_rows, open_output
 from ovsam_ray.model.text_embedding import clean_class_name
 
 __all__ = ["coco_image_ids", "export_coco"]
@@ -49,11 +55,20 @@ def coco_image_ids(labels: str, *, s3_endpoint: str | None = None) -> str:
     return "source"
 
 
+def _safe_name(row: dict[str, Any]) -> bool:
+    try:
+        _safe_relpath(row["shard"], row["key"])
+        return True
+    except ValueError as e:
+        log.warning("row left out: %s", e)
+        return False
+
+
 def _ok_rows(labels: str, columns: tuple[str, ...] | None, policy: str, s3_endpoint: str | None
              ) -> Iterator[tuple[int, dict[str, Any]]]:
     n = 0
     for row in iter_label_rows(labels, columns=columns, s3_endpoint=s3_endpoint):
-        if row["status"] != "ok":
+        if row["status"] != "ok" or not _safe_name(row):
             continue
         n += 1
         yield (_int_id(row["image_id"]) if policy == "source" else n), row
@@ -81,6 +96,9 @@ def _annotation(inst: dict[str, Any], image_id: int, category_id: int, score: fl
     }
 
 
+_RESULT_FIELDS = ("image_id", "category_id", "segmentation", "bbox", "score", "label")
+
+
 def export_coco(
     labels: str,
     output: str,
@@ -89,36 +107,55 @@ def export_coco(
     label_source: str = "ovsam",
     score: str = "auto",
     min_score: float = 0.0,
+    results: bool = False,
+    shards: str | None = None,
+    with_images: bool = False,
     s3_endpoint: str | None = None,
 ) -> dict[str, Any]:
     """Write the COCO json ``output`` from the label output ``labels``; returns counts
     (``images``, ``annotations``, ``dropped``: instances whose label is not a category,
-    ``below_min_score``, ``error_rows``)."""
+    ``below_min_score``, ``error_rows``, ``images_written``)."""
     if label_source not in LABEL_SOURCES or score not in SCORE_MODES:
         raise ValueError(f"label_source must be one of {LABEL_SOURCES}, score one of {SCORE_MODES}")
     fixed = load_categories(categories, s3_endpoint=s3_endpoint) if categories else None
     index = category_index(fixed) if fixed else None
+    builtin = None if fixed or label_source != "ovsam" else dataset_categories(
+        record_vocabulary(labels, s3_endpoint=s3_endpoint))
+    if builtin is not None:
+        fixed, id_map = builtin
     seen: dict[int, str] = {}
     by_name: dict[str, int] = {}
-    stats = {"images": 0, "annotations": 0, "dropped": 0, "below_min_score": 0, "error_rows": 0}
+    stats = {"images": 0, "annotations": 0, "dropped": 0, "below_min_score": 0, "error_rows": 0,
+             "images_written": 0}
     policy = coco_image_ids(labels, s3_endpoint=s3_endpoint)
+    exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint)
+    copier = ImageCopier(exts.urls, io.join(output_folder(output), "images"), s3_endpoint=s3_endpoint)
 
     def images() -> Iterator[dict[str, Any]]:
         for image_id, row in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
+            ext = exts(row["shard"], row["key"])
+            name = f"{row['shard']}/{row['key']}" + (f".{ext}" if ext else "")
+            if with_images:
+                copier.add(row["shard"], row["key"])
             yield {"id": image_id, "width": row["width"], "height": row["height"],
-                   "file_name": f"{row['shard']}/{row['key']}", "shard": row["shard"], "key": row["key"]}
+                   "file_name": name, "shard": row["shard"], "key": row["key"]}
+
+    def category(inst: dict[str, Any], name: Any) -> int | None:
+        if index is not None:
+            return index.get(clean_class_name(str(name))) if name is not None else None
+        if builtin is not None:
+            return id_map.get(int(inst["label_id"])) if inst.get("label_id") is not None else None
+        if label_source == "ovsam":
+            return inst.get("label_id")
+        # detector names without a category list: ids 1..K in order of appearance
+        return by_name.setdefault(str(name), len(by_name) + 1) if name is not None else None
 
     def annotations() -> Iterator[dict[str, Any]]:
         n = 0
         for image_id, row in _ok_rows(labels, None, policy, s3_endpoint):
             for inst in row["instances"] or []:
                 name = inst.get("detector_label") if label_source == "detector" else inst.get("label")
-                if index is not None:
-                    cat = index.get(clean_class_name(str(name))) if name is not None else None
-                elif label_source == "ovsam":
-                    cat = inst.get("label_id")
-                else:  # detector names without a category list: ids 1..K in order of appearance
-                    cat = by_name.setdefault(str(name), len(by_name) + 1) if name is not None else None
+                cat = category(inst, name)
                 if cat is None:
                     stats["dropped"] += 1
                     continue
@@ -128,16 +165,27 @@ def export_coco(
                     continue
                 seen.setdefault(int(cat), str(name))
                 n += 1
-                yield {"id": n, **_annotation(inst, image_id, int(cat), s)}
+                ann = _annotation(inst, image_id, int(cat), s)
+                yield {k: ann[k] for k in _RESULT_FIELDS} if results else {"id": n, **ann}
 
     with open_output(output, "w", s3_endpoint=s3_endpoint) as f:
-        f.write('{"info": ' + json.dumps({"description": "ovsam_ray labels", "labels": io.redact(labels)}))
-        f.write(',\n"images": [')
-        stats["images"] = _write_array(f, images())
-        f.write('],\n"annotations": [')
-        stats["annotations"] = _write_array(f, annotations())
-        cats = fixed if fixed is not None else [{"id": k, "name": v} for k, v in sorted(seen.items())]
-        f.write('],\n"categories": ' + json.dumps(cats) + "}\n")
+        if results:
+            f.write("[")
+            stats["images"] = sum(1 for _ in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint))
+            stats["annotations"] = _write_array(f, annotations())
+            f.write("\n]\n")
+        else:
+            f.write('{"info": ' + json.dumps({"description": "ovsam_ray labels", "labels": io.redact(labels)}))
+            f.write(',\n"images": [')
+            stats["images"] = _write_array(f, images())
+            f.write('],\n"annotations": [')
+            stats["annotations"] = _write_array(f, annotations())
+            cats = fixed if fixed is not None else [{"id": k, "name": v} for k, v in sorted(seen.items())]
+            f.write('],\n"categories": ' + json.dumps(cats) + "}\n")
+    if with_images and results:
+        for _, row in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
+            copier.add(row["shard"], row["key"])
+    stats["images_written"] = copier.close()
     for row in iter_label_rows(labels, columns=("status",), s3_endpoint=s3_endpoint):
         stats["error_rows"] += row["status"] != "ok"
     if stats["dropped"]:

@@ -1,65 +1,111 @@
 """Label output -> Label Studio tasks with pre-annotations ("predictions"), one json, streamed.
 
 Each ``ok`` row becomes a task ``{"data": {"image": <url>, "shard", "key", "image_id"},
-"predictions": [{"model_version", "score", "result": [...]}]}``; each instance one
-``polygonlabels`` result whose ``points`` are percentages of the image size (Label Studio's
-convention), outlining the mask's largest part (see :mod:`ovsam_ray.export.polygons`), with the
-top label and its probability as ``score``. The labelling config must have a ``<PolygonLabels
-name=from_name toName=to_name>`` holding the labels. ``image_url`` is a template over
-``shard``, ``key`` and ``image_id`` pointing where Label Studio can load the image.
+"predictions": [{"model_version", "score", "result": [...]}]}``; each instance one result with
+the top label and its probability as ``score``:
+
+- ``masks="brush"`` (default): a ``brushlabels`` result holding the mask losslessly as Label
+  Studio brush RLE (``"value": {"format": "rle", "rle": [...], "brushlabels": [label]}``; see
+  :mod:`ovsam_ray.export.brush`). The labelling config needs ``<BrushLabels>``.
+- ``masks="polygon"``: a ``polygonlabels`` result whose ``points`` are percentages of the image
+  size (Label Studio's convention), outlining the mask's largest part (see
+  :mod:`ovsam_ray.export.polygons`). The labelling config needs ``<PolygonLabels>``.
+
+``from_name``/``to_name`` name the labels tag and the ``<Image>`` tag. ``image_url`` is a template
+over ``shard``, ``key``, ``image_id`` and ``ext`` (the image's extension in its input shard; ``jpg``
+when the shards are unknown) pointing where Label Studio can load the image.
+:func:`labelstudio_config` gives a labelling config for the exported labels; the export writes it
+next to the tasks (``<output without .json>.config.xml``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
 from ovsam_ray.data.rle import decode_rle
+from ovsam_ray.export.brush import mask_to_brush_rle
 from ovsam_ray.export.polygons import mask_to_polygons
-from ovsam_ray.export.reader import iter_label_rows, open_output
+from ovsam_ray.export.reader import ImageExts, iter_label_rows, open_output, write_file
 
-__all__ = ["export_labelstudio", "labelstudio_task"]
+__all__ = ["MASK_FORMATS", "export_labelstudio", "labelstudio_config", "labelstudio_task"]
+
+log = logging.getLogger(__name__)
+
+MASK_FORMATS = ("brush", "polygon")
+_TAGS = {"brush": ("BrushLabels", "brushlabels"), "polygon": ("PolygonLabels", "polygonlabels")}
 
 
-def labelstudio_task(row: dict[str, Any], *, image_url: str = "{shard}/{key}.jpg", from_name: str = "label",
-                     to_name: str = "image", model_version: str = "ovsam", tolerance: float = 1.0,
-                     min_score: float = 0.0) -> dict[str, Any]:
+def _value(mask: Any, masks: str, label: Any, width: int, height: int, tolerance: float) -> dict[str, Any] | None:
+    if masks == "brush":
+        return {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]} if mask.any() else None
+    polys = mask_to_polygons(mask, tolerance=tolerance)
+    if not polys:
+        return None
+    points = [[round(100.0 * x / width, 4), round(100.0 * y / height, 4)] for x, y in polys[0]]
+    return {"points": points, "closed": True, "polygonlabels": [label]}
+
+
+def labelstudio_task(row: dict[str, Any], *, image_url: str = "{shard}/{key}.{ext}", ext: str = "jpg",
+                     masks: str = "brush", from_name: str = "label", to_name: str = "image",
+                     model_version: str = "ovsam", tolerance: float = 1.0, min_score: float = 0.0) -> dict[str, Any]:
     """One Label Studio task (with its prediction) for an ``ok`` label row."""
+    if masks not in MASK_FORMATS:
+        raise ValueError(f"masks={masks!r}: use one of {MASK_FORMATS}")
     width, height = int(row["width"]), int(row["height"])
     results = []
     for i, inst in enumerate(row["instances"] or []):
         score = float(inst.get("label_score") or 0.0)
         if score < min_score:
             continue
-        polys = mask_to_polygons(decode_rle(inst["rle"]), tolerance=tolerance)
-        if not polys:
+        value = _value(decode_rle(inst["rle"]), masks, inst.get("label"), width, height, tolerance)
+        if value is None:
             continue
-        points = [[round(100.0 * x / width, 4), round(100.0 * y / height, 4)] for x, y in polys[0]]
         results.append({
-            "id": f"{row['key']}_{i}", "type": "polygonlabels", "from_name": from_name, "to_name": to_name,
+            "id": f"{row['key']}_{i}", "type": _TAGS[masks][1], "from_name": from_name, "to_name": to_name,
             "original_width": width, "original_height": height, "image_rotation": 0, "score": score,
-            "value": {"points": points, "closed": True, "polygonlabels": [inst.get("label")]},
+            "value": value,
         })
     fields = {"shard": row["shard"], "key": row["key"], "image_id": row.get("image_id") or ""}
     mean = sum(r["score"] for r in results) / len(results) if results else 0.0
-    return {"data": {"image": image_url.format(**fields), **fields},
+    return {"data": {"image": image_url.format(**fields, ext=ext), **fields},
             "predictions": [{"model_version": model_version, "score": mean, "result": results}]}
 
 
-def export_labelstudio(labels: str, output: str, *, image_url: str = "{shard}/{key}.jpg", from_name: str = "label",
-                       to_name: str = "image", model_version: str = "ovsam", tolerance: float = 1.0,
-                       min_score: float = 0.0, s3_endpoint: str | None = None) -> dict[str, int]:
-    """Write the tasks json ``output`` (a JSON list, streamed); returns counts."""
+def labelstudio_config(labels: list[str], *, masks: str = "brush", from_name: str = "label",
+                       to_name: str = "image") -> str:
+    """A labelling config (XML) with an ``<Image>`` and the ``masks`` labels tag holding ``labels``."""
+    tag = _TAGS[masks][0]
+    items = "\n".join(f"    <Label value={quoteattr(str(n))}/>" for n in labels)
+    return (f"<View>\n  <Image name={quoteattr(to_name)} value=\"$image\"/>\n"
+            f"  <{tag} name={quoteattr(from_name)} toName={quoteattr(to_name)}>\n{items}\n  </{tag}>\n</View>\n")
+
+
+def export_labelstudio(labels: str, output: str, *, image_url: str = "{shard}/{key}.{ext}", masks: str = "brush",
+                       shards: str | None = None, from_name: str = "label", to_name: str = "image",
+                       model_version: str = "ovsam", tolerance: float = 1.0, min_score: float = 0.0,
+                       s3_endpoint: str | None = None) -> dict[str, int]:
+    """Write the tasks json ``output`` (a JSON list, streamed) and its labelling config; returns counts."""
+    if masks not in MASK_FORMATS:
+        raise ValueError(f"masks={masks!r}: use one of {MASK_FORMATS}")
     stats = {"tasks": 0, "results": 0, "error_rows": 0}
+    exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint) if "{ext" in image_url else None
+    names: dict[str, None] = {}
 
     def tasks() -> Iterator[dict[str, Any]]:
         for row in iter_label_rows(labels, s3_endpoint=s3_endpoint):
             if row["status"] != "ok":
                 stats["error_rows"] += 1
                 continue
-            task = labelstudio_task(row, image_url=image_url, from_name=from_name, to_name=to_name,
-                                    model_version=model_version, tolerance=tolerance, min_score=min_score)
+            ext = (exts(row["shard"], row["key"]) if exts else None) or "jpg"
+            task = labelstudio_task(row, image_url=image_url, ext=ext, masks=masks, from_name=from_name,
+                                    to_name=to_name, model_version=model_version, tolerance=tolerance,
+                                    min_score=min_score)
+            for r in task["predictions"][0]["result"]:
+                names.update(dict.fromkeys(r["value"][_TAGS[masks][1]]))
             stats["results"] += len(task["predictions"][0]["result"])
             yield task
 
@@ -69,4 +115,10 @@ def export_labelstudio(labels: str, output: str, *, image_url: str = "{shard}/{k
             f.write(("," if stats["tasks"] else "") + "\n" + json.dumps(task, separators=(",", ":")))
             stats["tasks"] += 1
         f.write("\n]\n")
+    config = labelstudio_config(sorted(str(n) for n in names), masks=masks, from_name=from_name, to_name=to_name)
+    write_file(_config_url(output), config.encode(), s3_endpoint=s3_endpoint)
     return stats
+
+
+def _config_url(output: str) -> str:
+    return (output[: -len(".json")] if output.endswith(".json") else output) + ".config.xml"

@@ -11,12 +11,15 @@ and ``stability_score`` have no counterpart here (OV-SAM has no IoU head) and ar
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
-from ovsam_ray import io
-from ovsam_ray.export.reader import iter_label_rows, write_file
+from ovsam_ray.export._paths import _safe_join
+from ovsam_ray.export.reader import ImageExts, iter_label_rows, write_file
 
 __all__ = ["export_sa1b", "sa1b_record"]
+
+log = logging.getLogger(__name__)
 
 
 def _point(inst: dict[str, Any]) -> list[list[float]]:
@@ -26,8 +29,8 @@ def _point(inst: dict[str, Any]) -> list[list[float]]:
     return [[(float(box[0]) + float(box[2])) / 2, (float(box[1]) + float(box[3])) / 2]]
 
 
-def sa1b_record(row: dict[str, Any], *, min_score: float = 0.0) -> dict[str, Any]:
-    """The SA-1B-style json of one ``ok`` label row."""
+def sa1b_record(row: dict[str, Any], *, min_score: float = 0.0, ext: str = "jpg") -> dict[str, Any]:
+    """The SA-1B-style json of one ``ok`` label row (``file_name`` = ``<key>.<ext>``)."""
     width, height = int(row["width"]), int(row["height"])
     anns = []
     for i, inst in enumerate(row["instances"] or []):
@@ -43,21 +46,29 @@ def sa1b_record(row: dict[str, Any], *, min_score: float = 0.0) -> dict[str, Any
             "prompt_box": inst.get("prompt_box"),
         })
     image = {"image_id": row.get("image_id") or row["key"], "width": width, "height": height,
-             "file_name": f"{row['key']}.jpg", "shard": row["shard"], "key": row["key"]}
+             "file_name": f"{row['key']}.{ext}", "shard": row["shard"], "key": row["key"]}
     return {"image": image, "annotations": anns}
 
 
-def export_sa1b(labels: str, output: str, *, min_score: float = 0.0, s3_endpoint: str | None = None
-                ) -> dict[str, int]:
-    """Write one json per ``ok`` row under ``output``; returns counts."""
-    stats = {"images": 0, "annotations": 0, "error_rows": 0}
+def export_sa1b(labels: str, output: str, *, min_score: float = 0.0, shards: str | None = None,
+                s3_endpoint: str | None = None) -> dict[str, int]:
+    """Write one json per ``ok`` row under ``output``; returns counts (``unsafe_names``: rows whose
+    shard or key would leave ``output``, left out). ``file_name`` takes the image's extension in its
+    input shard (``shards`` or the run record's input; ``jpg`` when they are unknown)."""
+    stats = {"images": 0, "annotations": 0, "error_rows": 0, "unsafe_names": 0}
+    exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint)
     for row in iter_label_rows(labels, s3_endpoint=s3_endpoint):
         if row["status"] != "ok":
             stats["error_rows"] += 1
             continue
-        record = sa1b_record(row, min_score=min_score)
-        write_file(io.join(output, row["shard"], f"{row['key']}.json"),
-                   json.dumps(record, separators=(",", ":")).encode(), s3_endpoint=s3_endpoint)
+        try:
+            target = _safe_join(output, row["shard"], f"{row['key']}.json")
+        except ValueError as e:
+            log.warning("row left out: %s", e)
+            stats["unsafe_names"] += 1
+            continue
+        record = sa1b_record(row, min_score=min_score, ext=exts(row["shard"], row["key"]) or "jpg")
+        write_file(target, json.dumps(record, separators=(",", ":")).encode(), s3_endpoint=s3_endpoint)
         stats["images"] += 1
         stats["annotations"] += len(record["annotations"])
     return stats

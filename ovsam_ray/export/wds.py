@@ -1,0 +1,100 @@
+"""Label output -> labelled WebDataset shards: the images and their labels together, for training.
+
+``<output>/<shard>.tar`` per label shard; each sample is the original image bytes as
+``<key>.<ext>`` (its member in the input shard, unchanged) and ``<key>.json``::
+
+    {"key", "shard", "image_id", "width", "height",
+     "instances": [{"rle": {"size": [h, w], "counts"}, "bbox": [x0, y0, x1, y1], "area", "label",
+                    "label_id", "label_score", "topk_labels", "topk_scores", "prompt_type",
+                    "prompt_box", "point", "detector_label", "detector_score"}]}
+
+(``bbox`` is XYXY in original-image pixels, the label output's convention; ``rle`` is COCO RLE,
+``pycocotools.mask.decode`` reads it). Written shard by shard in the input shard's sample order:
+memory holds one shard's label rows and one image; each tar appears complete or not at all.
+Error rows and instances below ``min_score`` are left out; so are rows whose image is not in the
+shard (counted). Read them with ``webdataset.WebDataset(urls).decode("rgb")`` or
+``ray.data.read_webdataset(output)``.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import json
+import logging
+import tarfile
+from typing import IO, Any
+
+from ovsam_ray.data.shards import iter_shard_samples
+from ovsam_ray.export._paths import _safe_join, _safe_relpath
+from ovsam_ray.export.reader import label_files, open_output, read_label_file, source_shards
+
+__all__ = ["export_wds", "wds_labels"]
+
+log = logging.getLogger(__name__)
+
+_FIELDS = ("rle", "bbox", "area", "label", "label_id", "label_score", "topk_labels", "topk_scores",
+           "prompt_type", "prompt_box", "point", "detector_label", "detector_score")
+
+
+def wds_labels(row: dict[str, Any], *, min_score: float = 0.0) -> dict[str, Any]:
+    """The ``<key>.json`` of one ``ok`` label row."""
+    instances = [{k: inst.get(k) for k in _FIELDS} for inst in row["instances"] or []
+                 if (inst.get("label_score") or 0.0) >= min_score]
+    return {"key": row["key"], "shard": row["shard"], "image_id": row.get("image_id"), "width": row["width"],
+            "height": row["height"], "instances": instances}
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    tf.addfile(info, _io.BytesIO(data))
+
+
+def _write_shard(f: IO[bytes], rows: dict[str, dict[str, Any]], shard_url: str, min_score: float,
+                 s3_endpoint: str | None, stats: dict[str, int]) -> None:
+    found = set()
+    with tarfile.open(fileobj=f, mode="w|") as tf:
+        for s in iter_shard_samples(shard_url, s3_endpoint=s3_endpoint):
+            row = rows.get(s["key"]) if s["key"] is not None else None
+            if row is None or s["image_bytes"] is None or s["key"] in found:
+                continue
+            found.add(s["key"])
+            labels = wds_labels(row, min_score=min_score)
+            _add(tf, f"{s['key']}.{s['image_ext']}", s["image_bytes"])
+            _add(tf, f"{s['key']}.json", json.dumps(labels, separators=(",", ":")).encode())
+            stats["samples"] += 1
+            stats["instances"] += len(labels["instances"])
+    stats["missing_images"] += len(rows) - len(found)
+
+
+def export_wds(labels: str, output: str, *, shards: str | None = None, min_score: float = 0.0,
+               s3_endpoint: str | None = None) -> dict[str, int]:
+    """Write ``<output>/<shard>.tar`` for every label shard, reading the images from the input
+    shards (``shards`` or the run record's input); returns counts (``unsafe_names``: rows whose
+    shard or key would leave ``output`` or name a tar member outside it, left out)."""
+    urls = source_shards(labels, shards, s3_endpoint=s3_endpoint)
+    stats = {"shards": 0, "samples": 0, "instances": 0, "error_rows": 0, "missing_images": 0,
+             "missing_shards": 0, "unsafe_names": 0}
+    for url in label_files(labels, s3_endpoint=s3_endpoint):
+        rows: dict[str, dict[str, Any]] = {}
+        for row in read_label_file(url, s3_endpoint=s3_endpoint):
+            if row["status"] != "ok":
+                stats["error_rows"] += 1
+                continue
+            try:
+                _safe_relpath(row["shard"], row["key"])
+            except ValueError as e:
+                log.warning("row left out: %s", e)
+                stats["unsafe_names"] += 1
+                continue
+            rows[row["key"]] = row
+        for shard in sorted({r["shard"] for r in rows.values()}):
+            if shard not in urls:
+                log.warning("no input shard %s: its %d labelled images are left out", shard, len(rows))
+                stats["missing_shards"] += 1
+                continue
+            shard_rows = {k: r for k, r in rows.items() if r["shard"] == shard}
+            with open_output(_safe_join(output, f"{shard}.tar"), "wb", s3_endpoint=s3_endpoint) as f:
+                _write_shard(f, shard_rows, urls[shard], min_score, s3_endpoint, stats)
+            stats["shards"] += 1
+    return stats
