@@ -182,6 +182,7 @@ def run(args: argparse.Namespace) -> dict:
             result["kill"] = _kill_cli_at(src, out, args.kill_at, args.shards, args, s3)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
         cfg = LabelConfig(input=src, output=out, baseline="box-fill", batch_size=args.batch_size,
+                          decode_chunk=args.decode_chunk,
                           progress_interval_s=30.0, model=ModelConfig(random_init=True, vocab=args.vocab,
                                                                       s3_endpoint=s3))
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -227,28 +228,67 @@ def _start_s3() -> str:
     return endpoint
 
 
+def _committed_output(src: str, out: str, n: int, s3: str | None, args: argparse.Namespace) -> None:
+    """A real run on one shard, then ``n`` more shards that look committed: input tars (empty:
+    never read), Parquet files, markers, per-shard statistics and a run ``_stats.json`` that counts them."""
+    import json as _json
+
+    from ovsam_ray import io
+    from ovsam_ray.data.synthetic import generate_shards
+    from ovsam_ray.inference import ModelConfig
+    from ovsam_ray.pipeline.label_job import LabelConfig, run_label
+    from ovsam_ray.pipeline.stats import merge_stats
+
+    generate_shards(src, num_images=2, images_per_shard=2, seed=0, image_size=(32, 24), s3_endpoint=s3)
+    run_label(LabelConfig(input=src, output=out, baseline="box-fill", model=ModelConfig(
+        random_init=True, vocab=args.vocab, s3_endpoint=s3)))
+    one = _json.loads(io.read_bytes(io.join(out, "_stats", "shard-000000.json"), s3_endpoint=s3))
+    fs, _ = io.get_filesystem(out, s3_endpoint=s3)
+    payloads = {}
+    for i in range(1, n + 1):
+        name = f"shard-{i:06d}"
+        payloads[io.join(src, f"{name}.tar")] = b""
+        payloads[io.join(out, f"{name}.parquet")] = b"PAR1"
+        payloads[io.join(out, "_committed", f"{name}.json")] = b"{}"
+        payloads[io.join(out, "_stats", f"{name}.json")] = _json.dumps(one).encode()
+    paths = {io.get_filesystem(u, s3_endpoint=s3)[1]: data for u, data in payloads.items()}
+    if s3:
+        fs.pipe(paths)  # batched PUTs
+    else:
+        for path, data in paths.items():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+    stats = merge_stats([one] * (n + 1))
+    io.atomic_write_bytes(io.join(out, "_stats.json"), _json.dumps(stats).encode(), s3_endpoint=s3)
+
+
 def listing(args: argparse.Namespace) -> dict:
-    """Start-up work (committed-shard listing, skip filter, run-record check) vs committed shards."""
-    from ovsam_ray.pipeline.writer import ShardCommitter
+    """The start-up and finish of a label run whose shards are all committed (listing the input,
+    the run record check, clean-up, the committed listing and skip, the run statistics), against
+    the number of committed shards."""
+    from ovsam_ray.inference import ModelConfig
+    from ovsam_ray.pipeline.label_job import LabelConfig, run_label
 
     rows = []
+    s3 = _start_s3() if args.s3 else None
     for n in [int(x) for x in args.committed.split(",")]:
         root = tempfile.mkdtemp(prefix="ovsam_listing_", dir=args.work)
         try:
-            committer = ShardCommitter(root)
-            marker_dir = os.path.join(root, "_committed")
-            os.makedirs(marker_dir)
-            for i in range(n):
-                with open(os.path.join(marker_dir, f"shard-{i:06d}.json"), "w") as f:
-                    f.write("{}")
-            names = [f"shard-{i:06d}" for i in range(n + 10)]
+            src = f"s3://bench/l{n}/shards" if s3 else os.path.join(root, "shards")
+            out = f"s3://bench/l{n}/labels" if s3 else os.path.join(root, "labels")
             t0 = time.perf_counter()
-            committed = committer.committed_shards()
-            todo = [x for x in names if x not in committed]
-            rows.append({"committed": n, "listing_and_skip_s": round(time.perf_counter() - t0, 4), "todo": len(todo)})
+            _committed_output(src, out, n, s3, args)
+            made = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            summary = run_label(LabelConfig(input=src, output=out, baseline="box-fill", model=ModelConfig(
+                random_init=True, vocab=args.vocab, s3_endpoint=s3)))
+            rows.append({"committed": n + 1, "skipped": summary.shards_skipped,
+                         "start_to_end_s": round(time.perf_counter() - t0, 3), "setup_s": round(made, 1)})
+            print(rows[-1], flush=True)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    return {"rows": rows}
+    return {"storage": "s3 (moto server, 127.0.0.1)" if s3 else "local disk", "rows": rows}
 
 
 def main() -> None:
@@ -259,21 +299,22 @@ def main() -> None:
     r.add_argument("--per-shard", type=int, default=500)
     r.add_argument("--distinct", type=int, default=4, help="shards actually generated (then linked/copied)")
     r.add_argument("--batch-size", type=int, default=256)
+    r.add_argument("--decode-chunk", type=int, help="images per decoded block (default: the job's)")
     r.add_argument("--kill-at", type=float, help="SIGKILL a first run's driver at this fraction of committed shards")
     r.add_argument("--s3", action="store_true", help="input and output on a local S3-compatible server")
     r.add_argument("--sample-s", type=float, default=5.0)
     l_ = sub.add_parser("listing")
     l_.add_argument("--committed", default="1000,10000,100000")
+    l_.add_argument("--s3", action="store_true", help="on a local S3-compatible server")
     for q in (r, l_):
         q.add_argument("--work", default=None, help="scratch folder (default: the system temp folder)")
         q.add_argument("--out", required=True)
     args = p.parse_args()
-    if args.cmd == "run":
-        from ovsam_ray.data.synthetic import shape_vocabulary_names
+    from ovsam_ray.data.synthetic import shape_vocabulary_names
 
-        args.vocab = os.path.join(tempfile.mkdtemp(), "shapes.txt")
-        with open(args.vocab, "w") as f:
-            f.write("\n".join(shape_vocabulary_names()))
+    args.vocab = os.path.join(tempfile.mkdtemp(), "shapes.txt")
+    with open(args.vocab, "w") as f:
+        f.write("\n".join(shape_vocabulary_names()))
     result = {"benchmark": f"label_scale {args.cmd}", "date": dt.date.today().isoformat(),
               "machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "command": " ".join(sys.argv),
               **(run(args) if args.cmd == "run" else listing(args))}

@@ -19,6 +19,8 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="shards: glob, brace range {000..099}, folder or s3:// prefix")
     p.add_argument("--output", required=True, help="output folder or s3:// prefix (one Parquet per shard)")
     p.add_argument("--batch-size", type=int, default=4, help="images per model forward")
+    p.add_argument("--images-per-call", type=int,
+                   help="images per model-actor call, run as forwards of --batch-size (default max(64, batch))")
     p.add_argument("--concurrency", default="1", help="model actors: N or MIN,MAX")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor (0: run on CPUs)")
     p.add_argument("--overwrite", action="store_true", help="delete a different run's outputs and start over")
@@ -63,6 +65,7 @@ def label_config(a: argparse.Namespace) -> LabelConfig:
         output=a.output,
         model=model_config(a),
         batch_size=a.batch_size,
+        images_per_call=a.images_per_call,
         concurrency=_concurrency(a.concurrency),
         num_gpus=a.num_gpus,
         overwrite=a.overwrite,

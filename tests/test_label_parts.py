@@ -216,3 +216,35 @@ def test_driver_killed_between_parts_and_marker_then_rerun(ray_local, shapes_voc
                                     model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab)))
     assert summary.shards_committed == 3 and summary.images_ok == 12
     _assert_exactly_once(out, 12)
+
+
+def test_model_actor_call_runs_forwards_of_batch_size_and_isolates_a_bad_image(monkeypatch):
+    """One actor call (images_per_call rows) = forwards of ``forward_batch`` images; a forward that
+    fails is retried image by image, so only the bad image becomes an error row."""
+    from ovsam_ray.pipeline.predict_stage import PredictStage
+    from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig
+    from ovsam_ray.pipeline.stages import DECODED_SCHEMA
+
+    rows = []
+    for i in range(7):
+        rows.append({"key": f"k{i}", "shard": "s", "index": i, "shard_total": 7, "shard_damage": "", "status": "ok",
+                     "width": 4, "height": 4, "in_h": 4, "in_w": 4, "image": bytes([i]) * 48, "boxes": [0, 0, 2, 2],
+                     "box_scores": [float("nan")], "box_labels": [None], "points": [], "point_boxes": None,
+                     "prompt_warnings": []})
+    batch = pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+    forwards = []
+
+    def predict(stage, batch, idx, sets):
+        forwards.append(list(idx))
+        if 5 in idx:
+            raise RuntimeError("bad image")
+        return {}
+
+    stage = PredictStage.__new__(PredictStage)
+    stage.sources, stage.select, stage.forward_batch = PromptSources.parse("shard"), SelectConfig(), 3
+    stage.vocab, stage.with_embedding = None, False
+    monkeypatch.setattr(PredictStage, "_predict", predict)
+    out = stage(batch).to_pylist()
+    assert forwards == [[0, 1, 2], [3, 4, 5], [3], [4], [5], [6]]
+    assert [r["status"] for r in out] == ["ok"] * 5 + ["error", "ok"]
+    assert "bad image" in out[5]["error"]

@@ -45,6 +45,8 @@ from ovsam_ray.pipeline.writer import RunRecord, ShardCommitter, check_or_write_
 
 log = logging.getLogger(__name__)
 
+PART_ROWS = 1000
+
 __all__ = ["COMMIT_ATTEMPTS", "COMMIT_BACKOFF_S", "LabelConfig", "LabelSummary", "StorageUnavailableError",
            "build_dataset", "run_label"]
 
@@ -53,7 +55,9 @@ __all__ = ["COMMIT_ATTEMPTS", "COMMIT_BACKOFF_S", "LabelConfig", "LabelSummary",
 class LabelConfig:
     """Settings of one label run; CLI flags map one to one onto fields.
 
-    batch_size: images per model forward; concurrency: model actors (n or (min, max));
+    batch_size: images per model forward; images_per_call: images handed to a model actor per call
+    (None: max(64, batch_size)), run as forwards of batch_size — the driver's scheduling cost is per
+    call, not per forward; concurrency: model actors (n or (min, max));
     num_gpus: GPUs per actor (0 on CPU-only machines: the same pool runs on CPUs);
     limit: label at most this many not-yet-committed shards (a trial run);
     max_error_fraction: error rows / images above which the job exits non-zero;
@@ -66,6 +70,7 @@ class LabelConfig:
     output: str
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = 4
+    images_per_call: int | None = None
     concurrency: int | tuple[int, int] = 1
     num_gpus: float = 0.0
     num_cpus_per_actor: float = 1.0
@@ -90,6 +95,8 @@ class LabelConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1 (images per model forward)")
+        if self.images_per_call is not None and self.images_per_call < self.batch_size:
+            raise ValueError(f"images_per_call={self.images_per_call}: must be >= batch_size={self.batch_size}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(f"max_error_fraction={self.max_error_fraction}: must be within [0, 1]")
         if self.num_gpus < 0:
@@ -191,6 +198,7 @@ def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], flo
     # As numpy, the object store hands every actor on a node the same read-only copy.
     shared = ray.put({**text, "embeddings": text["embeddings"].numpy()})
     kwargs = {"model_config": dataclasses.asdict(cfg.model), "text": shared, "with_embedding": cfg.with_embedding,
+              "forward_batch": cfg.batch_size,
               "prompts": cfg.prompts, "select": dataclasses.asdict(cfg.select),
               "cpu_threads": None if cfg.num_gpus else max(1, (os.cpu_count() or 1) // conc[1])}
     return PredictStage, kwargs, cfg.num_cpus_per_actor
@@ -199,7 +207,7 @@ def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], flo
 def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.data.Dataset:
     """The streaming Ray Data pipeline for ``shard_urls``: it yields PART_SCHEMA rows only."""
     image_size = None if cfg.baseline else IMAGE_SIZES[cfg.model.preset]
-    chunk = cfg.decode_chunk or (256 if image_size is None else 16)
+    chunk = cfg.decode_chunk or (1000 if image_size is None else 16)
     ds = ray.data.from_items([{"url": u} for u in shard_urls], override_num_blocks=max(1, len(shard_urls)))
     # Reading is I/O and decoding light next to the model: half a CPU each keeps them schedulable
     # beside the actors on small machines (the actors hold their CPUs for the whole job).
@@ -223,14 +231,15 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.da
     ds = ds.map_batches(
         stage,
         fn_constructor_kwargs=kwargs,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.images_per_call or max(64, cfg.batch_size),
         batch_format="pyarrow",
         num_gpus=cfg.num_gpus or None,
         num_cpus=num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=conc[0], max_size=conc[1]),
     )
-    return ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
-                          fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.model.s3_endpoint})
+    # Parts of up to PART_ROWS images, whatever the model's batch: fewer tasks and files per image.
+    return ds.map_batches(write_parts, batch_size=max(PART_ROWS, cfg.batch_size), batch_format="pyarrow",
+                          num_cpus=0.25, fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.model.s3_endpoint})
 
 
 class _ShardTracker:

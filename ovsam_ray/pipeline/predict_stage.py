@@ -81,7 +81,7 @@ class PredictStage:
 
     def __init__(self, *, model_config: dict[str, Any], text: Any, with_embedding: bool = False,
                  prompts: str = "shard", select: dict[str, Any] | None = None, device: str | None = None,
-                 cpu_threads: int | None = None) -> None:
+                 cpu_threads: int | None = None, forward_batch: int = 8) -> None:
         import ray
 
         from ovsam_ray.inference import ModelConfig, load_model, make_predictor
@@ -107,6 +107,7 @@ class PredictStage:
         self.with_embedding = with_embedding
         self.sources = PromptSources.parse(prompts)
         self.select = SelectConfig(**(select or {}))
+        self.forward_batch = forward_batch
         log.info("model %s loaded on %s in %.1fs", cfg.preset, self.device, time.time() - t0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -114,7 +115,9 @@ class PredictStage:
         error = batch.column("error").to_pylist()
         ok = [i for i, s in enumerate(status) if s == "ok"]
         sets = dict(zip(ok, prompt_sets(batch, ok, self.sources, self.select.grid_size)))
-        results = self._predict_or_isolate(batch, ok, sets)
+        results: dict = {}
+        for start in range(0, len(ok), self.forward_batch):  # one forward per forward_batch images
+            results.update(self._predict_or_isolate(batch, ok[start: start + self.forward_batch], sets))
         cols = InstanceColumns(self.vocab, with_embedding=self.with_embedding)
         for i in range(batch.num_rows):
             res = results.get(i)
