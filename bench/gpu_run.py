@@ -196,6 +196,8 @@ def run_stage(stage: Stage, ctx: StageCtx, deadline: float) -> dict[str, Any]:
         return {**record, "status": "skipped", "seconds": 0.0, "checks": [],
                 "reason": f"{max(timeout, 0):.0f} s left of the run's time budget"}
     log_path = ctx.path(f"{stage.name}.log")
+    if os.path.exists(log_path):
+        os.remove(log_path)
     ran = run_commands(commands, timeout_s=timeout, log_path=log_path, env=ctx.env)
     text = open(log_path, errors="replace").read()
     try:

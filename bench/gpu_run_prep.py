@@ -81,6 +81,7 @@ def prepare_label(work: str, smoke: bool) -> int:
 def prepare_train(work: str, smoke: bool) -> int:
     from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
 
+    shutil.rmtree(os.path.join(work, "runs"), ignore_errors=True)  # a run found there would be resumed
     shards = os.path.join(work, "train_shards")
     if not os.path.isdir(shards):  # both training stages share them
         sizes = TRAIN_SIZES["smoke" if smoke else "gpu"]

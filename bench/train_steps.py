@@ -5,9 +5,10 @@
         --teacher-checkpoint sam_vit_h_random.pth --use-gpu --batch-size 2 --max-steps 12 --log-every 1
     python bench/train_steps.py write-sam-encoder --kind vit_h --out sam_vit_h_random.pth
 
-Everything after ``--`` is parsed by the training CLI's own parser and run by ``run_distill`` /
-``run_cotrain`` on Ray Train, exactly as the CLI does; with ``--log-every 1`` every step reports its
-images/s, so the step time is ``images / images_per_s`` of that step (data waiting included). The
+Everything after ``--`` goes to ``python -m ovsam_ray.cli train distill|cotrain`` (Ray Train) as it
+is; with ``--log-every 1`` every step logs its images/s (Ray forwards the worker's log; Ray Train
+keeps only the checkpoints' metrics in ``Result``), so the step time is ``images / images_per_s`` of
+that step (data waiting included). The
 first ``--warmup-steps`` steps (cuDNN autotuning, allocator growth, the data stream starting) are
 left out of the steady figure, the median of the rest. The JSON also projects the GPU-hours of
 the paper's recipes from the steady rate (``RECIPES``): a projection, not a measurement.
@@ -21,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -39,15 +42,36 @@ RECIPES = {
 }
 
 
+# The training loop's log line of every report (training/runner.py: "%s step %d: %s", k=v pairs).
+STEP_LINE = re.compile(r"\b(distill|cotrain) step (\d+): (.*)$")
+
+
+def parse_step_line(line: str) -> dict[str, float] | None:
+    """The metrics of one ``<stage> step N: k=v ...`` log line (as Ray forwards a worker's log), or None."""
+    m = STEP_LINE.search(line.rstrip())
+    if not m:
+        return None
+    out: dict[str, float] = {"step": int(m.group(2))}
+    for item in m.group(3).split():
+        key, sep, value = item.partition("=")
+        if sep:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
 def step_times(rows: list[dict[str, Any]], warmup_steps: int) -> dict[str, Any]:
     """Per-step seconds from per-step reports (``log_every=1``: each row is one step, ``images``
-    counted over all workers) and the steady median after ``warmup_steps``."""
-    rows = sorted(rows, key=lambda r: r["step"])
-    steps = [{"step": int(r["step"]), "seconds": r["images"] / r["images_per_s"], "images": int(r["images"]),
-              "loss": r.get("loss")} for r in rows if r.get("images_per_s")]
+    counted over all workers; a step reported by several workers counts once) and the steady
+    median after ``warmup_steps``."""
+    by_step = {int(r["step"]): r for r in reversed(rows) if r.get("images_per_s")}
+    steps = [{"step": k, "seconds": r["images"] / r["images_per_s"], "images": int(r["images"]),
+              "loss": r.get("loss")} for k, r in sorted(by_step.items())]
     steady = [s for s in steps if s["step"] > warmup_steps] or steps[-1:]
     if not steady:
-        return {"steps": steps, "steady_step_s": None, "steady_images_per_s": None}
+        return {"steps": steps, "steady_step_s": None, "steady_images_per_s": None, "first_step_s": None}
     step_s = statistics.median(s["seconds"] for s in steady)
     images = statistics.median(s["images"] for s in steady)
     return {"steps": steps, "steady_steps": len(steady), "steady_step_s": round(step_s, 4),
@@ -63,46 +87,44 @@ def gpu_hours(stage: str, images_per_s_per_gpu: float | None) -> dict[str, Any] 
 
 
 def run_training(stage: str, train_argv: list[str], out: str, warmup_steps: int) -> int:
-    import ray
-
+    """Run ``python -m ovsam_ray.cli train <stage> <train_argv>`` (its output passed through) and
+    write the step times it logged to ``out``."""
     from ovsam_ray.training import cli
 
     parser = cli.distill_parser() if stage == "distill" else cli.cotrain_parser()
-    args = parser.parse_args(train_argv)
-    cfg = cli.distill_config_from_args(args) if stage == "distill" else cli.cotrain_config_from_args(args)
+    cfg_args = parser.parse_args(train_argv)
+    cfg = cli.distill_config_from_args(cfg_args) if stage == "distill" else cli.cotrain_config_from_args(cfg_args)
     if cfg.run.log_every != 1:
         raise SystemExit("--log-every 1 is needed: every step must report its own time")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    command = [sys.executable, "-m", "ovsam_ray.cli", "train", stage, *train_argv]
     t0 = time.time()
-    try:
-        if stage == "distill":
-            from ovsam_ray.training.distill import run_distill
-
-            result = run_distill(cfg)
-        else:
-            from ovsam_ray.training.cotrain import run_cotrain
-
-            result = run_cotrain(cfg)
-    finally:
-        wall = time.time() - t0
-        ray.shutdown()
-    rows = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    rows = []
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        row = parse_step_line(line)
+        if row is not None:
+            rows.append(row)
+    rc = proc.wait()
     times = step_times(rows, warmup_steps)
     gpus = cfg.run.num_workers if cfg.run.use_gpu else 0
     per_gpu = times["steady_images_per_s"] / gpus if (gpus and times["steady_images_per_s"]) else None
+    steps_done = max((s["step"] for s in times["steps"]), default=0)
     record = {
-        "benchmark": f"train_{stage}", "date": now_iso(), "machine": machine_info(), "command": " ".join(sys.argv),
+        "benchmark": f"train_{stage}", "date": now_iso(), "machine": machine_info(),
+        "command": " ".join(["ovsam-ray", "train", stage, *train_argv]),
         "preset": cfg.model.preset, "random_init": cfg.model.random_init, "use_gpu": cfg.run.use_gpu,
         "num_workers": cfg.run.num_workers, "batch_size_per_worker": cfg.run.batch_size,
         "precision": "bf16 autocast" if cfg.run.use_gpu else "fp32 (CPU)", "max_steps": cfg.run.max_steps,
-        "steps_done": int(result.metrics.get("step", 0)) if result.metrics else 0, "wall_s": round(wall, 1),
-        "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:2000],
+        "steps_done": steps_done, "wall_s": round(time.time() - t0, 1), "exit_code": rc,
+        "error": None if rc == 0 else f"ovsam-ray train {stage} exited with {rc} (its log is above)",
         **times, "images_per_s_per_gpu": round(per_gpu, 3) if per_gpu else None,
         "recipe_projection": gpu_hours(stage, per_gpu),
     }
     save_json(record, out)
     print(json.dumps({k: v for k, v in record.items() if k not in ("steps", "machine")}, indent=1))
-    return 0 if result.error is None and record["steps_done"] == cfg.run.max_steps else 1
+    return 0 if rc == 0 and steps_done == cfg.run.max_steps else 1
 
 
 def write_sam_encoder(kind: str, out: str, seed: int = 0) -> None:

@@ -8,18 +8,16 @@ arguments skips committed shards; a different model/vocabulary is refused unless
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-import torch
 
 from ovsam_ray import __version__, io
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS
@@ -147,23 +145,6 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
     return RunRecord(identity=identity, details=details)
 
 
-@contextlib.contextmanager
-def _text_matmul_precision(device: str) -> Iterator[None]:
-    """TF32 matmuls for the CLIP text tower on CUDA: in21k is 40,737 names x 14 templates = 0.57M
-    texts (~7 PFLOP through RN50x16's), minutes in strict fp32 and seconds in TF32, whose ~1e-3 relative
-    rounding is far below the bf16 autocast the image side runs in (tests/test_gpu.py checks
-    the embeddings against the CPU's). A CPU run keeps strict fp32."""
-    if device != "cuda":
-        yield
-        return
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
-
-
 def _text_source(model_cfg: ModelConfig, random_init: bool) -> str:
     if model_cfg.class_embeddings:
         return "class-embeddings file"
@@ -173,10 +154,8 @@ def _text_source(model_cfg: ModelConfig, random_init: bool) -> str:
 def _text_task(model_cfg: ModelConfig, device: str) -> tuple[dict, Any, dict, dict]:
     """(text payload, vocabulary, model identity, how the embeddings were made)."""
     loaded = load_model(model_cfg)
-    loaded.clip_model.to(device)  # the text tower runs where the tokens go
     t0 = time.perf_counter()
-    with _text_matmul_precision(device):
-        text, vocab = vocabulary_text(model_cfg, loaded, device)
+    text, vocab = vocabulary_text(model_cfg, loaded, device)
     info = {"device": device, "seconds": round(time.perf_counter() - t0, 3), "num_classes": vocab.num_classes,
             "max_synonyms": vocab.max_synonyms, "synonyms": sum(len(s) for s in vocab.synonyms),
             "source": _text_source(model_cfg, loaded.random_init)}
