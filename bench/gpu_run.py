@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchlib import REPO, machine_info, now_iso, process_tree, save_json
@@ -60,7 +61,7 @@ LOG_KEEP = (300_000, 1_200_000)  # per stage in gpu_run.log: head and tail chara
 class Stage:
     name: str
     budget_s: tuple[float, float]  # (GPU, smoke)
-    commands: Any  # (ctx) -> list of argv lists
+    commands: Callable[[StageCtx], list[list[str]]]
 
 
 def _py(ctx: StageCtx, *args: str) -> list[str]:
@@ -96,7 +97,9 @@ def _perf(ctx: StageCtx) -> list[list[str]]:
                 "--num-images", "128", "--ref-images", "8", "--baseline-images", "16", "--stage-images", "16",
                 "--images-per-shard", "32", "--batch-size", "8"]
     # b last: SAM ViT-H is the slowest to build, and a stage cut short still keeps a, c and d.
-    return [_py(ctx, "bench/perf.py", "--modes", "a,c,d,b", *size, "--out", ctx.path("perf.json"))]
+    # --work: each mode's row is there as soon as the mode ends, so a stage cut short keeps them.
+    return [_py(ctx, "bench/perf.py", "--modes", "a,c,d,b", *size, "--work", ctx.path("perf_work"),
+                "--out", ctx.path("perf.json"))]
 
 
 def _label(ctx: StageCtx) -> list[list[str]]:
@@ -292,20 +295,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[gpu_run] {'smoke (CPU, tiny sizes)' if a.smoke else 'GPU'} run, {budget:.0f} s budget, "
           f"work {ctx.work}, results {out}; RANDOM WEIGHTS everywhere (--random-init)", flush=True)
     stages: dict[str, dict] = {}
+    result = {"benchmark": "gpu_run", "mode": "smoke" if a.smoke else "gpu", "date": now_iso(),
+              "machine": machine_info(), "command": " ".join(sys.argv), "ok": False, "time_budget_s": budget,
+              "random_init": True, "weights": "random everywhere (--random-init): no real weights exist here; "
+                                              "speeds and checks are real, labels meaningless",
+              "work": ctx.work, "stages": stages}
     for stage in (s for s in STAGES if s.name in wanted):
         print(f"[gpu_run] {stage.name} ... ({deadline - time.time():.0f} s left)", flush=True)
-        stages[stage.name] = r = run_stage(stage, ctx, deadline)
+        try:
+            stages[stage.name] = r = run_stage(stage, ctx, deadline)
+        except Exception as e:  # noqa: BLE001 - the harness's own failure is one stage's, not the run's
+            stages[stage.name] = r = {"status": "failed", "seconds": 0.0, "budget_s": 0.0, "checks": [
+                dataclasses.asdict(Check("the stage could be run", False, f"{type(e).__name__}: {e}"))]}
         append_log(main_log, stage.name, ctx.path(f"{stage.name}.log"))
         print(f"[gpu_run] {stage.name}: {r['status']} in {r['seconds']:.0f} s", flush=True)
         if r["status"] not in ("ok", "skipped"):
             print(r.get("output_tail", "")[-1500:], flush=True)
-    ok = all(r["status"] == "ok" for r in stages.values()) and len(stages) == len(wanted)
+        result["wall_s"] = round(time.time() - t0, 1)
+        save_json(result, os.path.join(out, "gpu_run.json"))  # after every stage: a killed run keeps the rest
+    result["wall_s"] = round(time.time() - t0, 1)
+    result["ok"] = ok = all(r["status"] == "ok" for r in stages.values()) and len(stages) == len(wanted)
     table = summary_table(stages)
-    result = {"benchmark": "gpu_run", "mode": "smoke" if a.smoke else "gpu", "date": now_iso(),
-              "machine": machine_info(), "command": " ".join(sys.argv), "ok": ok, "time_budget_s": budget,
-              "wall_s": round(time.time() - t0, 1), "random_init": True,
-              "weights": "random everywhere (--random-init): no real weights exist here; speeds and checks are "
-                         "real, labels meaningless", "work": ctx.work, "stages": stages}
     save_json(result, os.path.join(out, "gpu_run.json"))
     with open(os.path.join(out, "gpu_run.md"), "w") as f:
         f.write(table + "\n")

@@ -1,7 +1,8 @@
 """The plumbing of bench/gpu_run.py, on a CPU and fast: every stage's arguments parse (GPU and smoke
-sizes), a stage that hangs is killed with its children and recorded while the run goes on, the
-smoke run's first stages pass end to end, and step times come out of the training log. The whole
-smoke run (`bash bench/gpu_run.sh --smoke DIR`, minutes) is in bench/RESULTS.md."""
+sizes), a stage that hangs is killed with its children and recorded while the run goes on, a perf
+stage cut short keeps its finished modes, the pytest stage reads JUnit XML, the smoke run's first
+stage passes end to end, and step times come out of the training log. The whole smoke run
+(`bash bench/gpu_run.sh --smoke DIR`, minutes) is in bench/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -67,17 +68,43 @@ def test_a_hanging_stage_is_killed_with_its_children_and_recorded(tmp_path):
     assert "| hang | timeout |" in table and "| late | skipped |" in table and "- FAILED hang:" in table
 
 
-def test_smoke_run_first_stages_end_to_end(tmp_path):
+def test_perf_cut_short_keeps_the_modes_that_finished(tmp_path):
+    ctx = gpu_run.make_ctx(gpu_run.parse_args(["--work", str(tmp_path), str(tmp_path / "out")]))
+    os.makedirs(ctx.path("perf_work"))
+    for mode, ips in (("a", 5.0), ("c", 50.0)):
+        with open(ctx.path(f"perf_work/{mode}.json"), "w") as f:
+            json.dump({"images_per_s": ips, "samples": [1] * 100}, f)
+    checks, figures, result = gpu_run_checks.CHECKS["perf"](ctx, "")
+    ran = {c.name: c.ok for c in checks if c.name.startswith("mode ")}
+    assert ran == {"mode a ran": True, "mode c ran": True, "mode d ran": False, "mode b ran": False}
+    assert result["partial"] and figures["c img/s"] == 50.0 and "samples" not in result["rows"]["a"]
+
+
+def test_pytest_stage_reads_junit_and_fails_skips_on_a_gpu(tmp_path):
+    (tmp_path / "pytest_gpu.xml").write_text(
+        '<testsuites><testsuite tests="4" failures="0" errors="0" skipped="1">'
+        '<testcase classname="tests.test_gpu" name="test_a" time="1.5"/>'
+        '<testcase classname="tests.test_gpu" name="test_b" time="0.1"><skipped message="needs CUDA"/></testcase>'
+        '</testsuite></testsuites>')
+    for smoke, hard_ok in ((True, True), (False, False)):
+        ctx = gpu_run.make_ctx(gpu_run.parse_args(["--work", str(tmp_path), str(tmp_path / "out")]
+                                                  + (["--smoke"] if smoke else [])))
+        checks, figures, cases = gpu_run_checks.CHECKS["pytest_gpu"](ctx, "")
+        assert all(c.ok for c in checks if c.hard) is hard_ok
+        assert figures == {"passed": 3, "failed": 0, "skipped": 1}
+        assert [c["outcome"] for c in cases] == ["passed", "skipped"]
+
+
+def test_smoke_run_first_stage_end_to_end(tmp_path):
     out = tmp_path / "gpu"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_run.py"), "--smoke", "--stages",
-                           "env,pytest_gpu", "--work", str(tmp_path / "work"), str(out)],
+                           "env", "--work", str(tmp_path / "work"), str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["gpu_run.json", "gpu_run.log", "gpu_run.md"]
     r = json.loads((out / "gpu_run.json").read_text())
     assert r["ok"] and r["mode"] == "smoke" and r["random_init"] is True
-    assert list(r["stages"]) == ["env", "pytest_gpu"]
-    assert r["stages"]["pytest_gpu"]["figures"]["failed"] == 0
+    assert list(r["stages"]) == ["env"] and r["stages"]["env"]["figures"]["torch"]
     assert proc.stdout.rstrip().splitlines()[-1].startswith("[gpu_run] ALL OK")
 
 
