@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON path (default bench/results/perf_<device>_<preset>.json)")
     p.add_argument("--keep-work", action="store_true", help="keep the generated shards and predictions")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
-    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--work", help="work folder for shards, per-mode results and predictions (default: a new "
+                                  "temporary folder, removed at the end unless --keep-work; a given one is kept)")
     return p.parse_args(argv)
 
 
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = resolve(args)
     out = args.out or os.path.join("bench", "results", f"perf_{cfg['device']}_{cfg['preset']}.json")
     load_start = [round(x, 2) for x in os.getloadavg()]
-    work = tempfile.mkdtemp(prefix="ovsam_perf_")
+    work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix="ovsam_perf_")
+    os.makedirs(work, exist_ok=True)
     try:
         t0 = time.time()
         write_bench_shards(os.path.join(work, "shards"), num_images=cfg["num_images"],
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = _run_modes(cfg, work)
         numeric = checks(work, rows)
     finally:
-        if args.keep_work:
+        if args.keep_work or args.work:
             print(f"[perf] kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)

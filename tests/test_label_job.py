@@ -31,6 +31,9 @@ def test_label_job_local_exactly_once_and_rerun_skips(ray_local, tmp_shards, sha
     summary = run_label(cfg)
     assert summary.shards_committed == 3 and summary.images_ok == 10 and summary.images_error == 0
     assert not summary.failed(0.0)
+    text = summary.to_dict()["text_embeddings"]  # computed once, on the driver's CPU (no GPU here)
+    assert text["device"] == "cpu" and text["num_classes"] == len(open(shapes_vocab).read().split())
+    assert text["seconds"] >= 0 and text["source"].startswith("CLIP text tower")
 
     df = read_rows(out)
     assert len(df) == 10 and df.key.is_unique

@@ -128,6 +128,7 @@ class LabelSummary:
     wall_time_s: float = 0.0
     random_init: bool = False
     driver_parts: int = 0  # metadata rows the driver handled (parts and whole-shard events)
+    text_embeddings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images(self) -> int:
@@ -166,27 +167,44 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
     return RunRecord(identity=identity, details=details)
 
 
-def _text_task(model_cfg: ModelConfig, device: str) -> tuple[dict, Any, dict]:
+def _text_source(model_cfg: ModelConfig, random_init: bool) -> str:
+    if model_cfg.class_embeddings:
+        return "class-embeddings file"
+    return "CLIP text tower, no cache (random init)" if random_init else "text-embedding cache or CLIP text tower"
+
+
+def _text_task(model_cfg: ModelConfig, device: str) -> tuple[dict, Any, dict, dict]:
+    """(text payload, vocabulary, model identity, how the embeddings were made)."""
     loaded = load_model(model_cfg)
+    t0 = time.perf_counter()
     text, vocab = vocabulary_text(model_cfg, loaded, device)
-    return {"embeddings": text, "vocabulary": vocab.to_json()}, vocab, loaded.identity()
+    info = {"device": device, "seconds": round(time.perf_counter() - t0, 3), "num_classes": vocab.num_classes,
+            "max_synonyms": vocab.max_synonyms, "synonyms": sum(len(s) for s in vocab.synonyms),
+            "source": _text_source(model_cfg, loaded.random_init)}
+    return {"embeddings": text, "vocabulary": vocab.to_json()}, vocab, loaded.identity(), info
 
 
-def _prepare_text(cfg: LabelConfig) -> tuple[dict, Any, dict]:
+def _prepare_text(cfg: LabelConfig) -> tuple[dict, Any, dict, dict]:
     """The model's identity and the vocabulary's text embeddings, computed once per run (then
     cached on disk): in a one-GPU Ray task when the cluster has GPUs (tens of thousands of
-    classes x 14 templates go through the CLIP text tower), else on the driver's CPU. A baseline
+    classes x 14 templates go through the CLIP text tower), else on the driver's CPU. The
+    actors get the result through the object store and never embed text themselves. A baseline
     needs no model: only its vocabulary (to give shard labels their vocabulary ids)."""
     if cfg.baseline is not None:
         from ovsam_ray.inference import TRAIN_VOCABS
         from ovsam_ray.vocabulary import load_vocabulary
 
         vocab = load_vocabulary(cfg.model.vocab or TRAIN_VOCABS.get(cfg.model.train_vocab, "coco_ov"))
-        return {"embeddings": None, "vocabulary": vocab.to_json()}, vocab, {"baseline": cfg.baseline}
+        return {"embeddings": None, "vocabulary": vocab.to_json()}, vocab, {"baseline": cfg.baseline}, {}
     if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1:
-        task = ray.remote(num_gpus=1, num_cpus=1)(_text_task)
-        return ray.get(task.remote(cfg.model, "cuda"))
-    return _text_task(cfg.model, "cpu")
+        task = ray.remote(num_gpus=1, num_cpus=1)(_text_task)  # GPU tasks end their worker: memory freed
+        out = ray.get(task.remote(cfg.model, "cuda"))
+    else:
+        out = _text_task(cfg.model, "cpu")
+    info = out[3]
+    log.info("text embeddings of %s: %d classes, %d names, on %s in %.1fs (%s), once for the whole run",
+             out[1].name, info["num_classes"], info["synonyms"], info["device"], info["seconds"], info["source"])
+    return out
 
 
 def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], float]:
@@ -353,7 +371,7 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     names = [shard_name(u) for u in shards]
     if len(set(names)) != len(names):
         raise ValueError("input shards must have distinct file names (they name the output files)")
-    text, vocab, identity = _prepare_text(cfg)
+    text, vocab, identity, summary.text_embeddings = _prepare_text(cfg)
     state = check_or_write_run_record(cfg.output, _run_record(cfg, identity, vocab), overwrite=cfg.overwrite,
                                       s3_endpoint=s3)
     committer = ShardCommitter(cfg.output, s3_endpoint=s3)

@@ -1,0 +1,327 @@
+"""One GPU run: every check and figure the README's GPU claims need, in one command (<= 8 min on an H200).
+
+    source .devkit/on-device.sh && bash bench/gpu_run.sh $OUT/gpu    # on the GPU machine
+    bash bench/gpu_run.sh --smoke /tmp/gpu_smoke                      # any CPU, tiny sizes (~8 min on 2 busy cores)
+    python bench/gpu_run.py --dry-run /tmp/x                          # only check every stage's arguments
+
+Stages, in this order, each with its own commands, time budget and checks. A stage that fails
+or runs out of time is recorded and the next one runs; the exit status is 1 when any check failed.
+
+  env            imports (the kit's ray, open_clip, segment_anything, webdataset, pycocotools and
+                 the image's torch, timm, ...), versions, the GPU
+  pytest_gpu     ``pytest -m gpu``: bf16 autocast + channels_last give the fp32 labels and masks
+                 (IoU >= 0.99); device RLE byte-identical to pycocotools; fused AdamW on CUDA; the
+                 label job's text embeddings on CUDA equal the CPU's. On a GPU none may be skipped.
+  perf           ``bench/perf.py`` modes a-d with ``ovsam_rn50x16`` (128 images; a on 8, b on 16)
+  label_in21k    the label job (``jobs/label.py``) with ``--vocab in21k`` (21,841 classes, the
+                 package's built-in from timm; the smoke run takes its first 500): the text
+                 embeddings are computed once for the run, on the GPU (the job's summary says where
+                 and how long; exactly one such log line)
+  train_distill  12 steps of ``train distill`` / ``train cotrain`` at ``ovsam_rn50x16`` (bf16, batch 2
+  train_cotrain  per GPU, Ray Train, one worker; distillation with a random ViT-H teacher): the
+                 steady step time and the GPU-hours it projects for the paper's recipes
+
+Random weights everywhere (``--random-init``; this repository has no real weights): speeds and
+checks are real, labels are meaningless; the JSON says so. The results folder receives three
+files: ``gpu_run.json`` (every stage: status, seconds, checks, figures, its own full result),
+``gpu_run.md`` (the summary table, also printed last) and ``gpu_run.log`` (every command's output).
+Shards, checkpoints and the random teacher go to ``--work`` (default: a temporary folder), which
+never comes back. ``bench/gpu_run.sh`` first installs the wheel kit (``.devkit``, from
+``../shared/device/make-kit.sh``) when it is there and ``--smoke`` is not given.
+
+What travels to the GPU machine, measured 2026-12-04 in this worktree: the working tree's tracked
+and untracked-not-ignored files 1.35 MiB, ``.devkit`` 35.6 MiB (ray 2.60.0 slim 29.6 MiB + 16
+wheels 6.0 MiB): 36.9 MiB of the 64 MiB allowed. The smoke run took 7 min 42 s on 2 busy CPU
+cores (``bench/RESULTS.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchlib import REPO, machine_info, now_iso, process_tree, save_json
+from gpu_run_checks import CHECKS, Check, StageCtx
+
+GPU_BUDGET_S = 480.0  # the whole run, kit install included (bench/gpu_run.sh passes its start time)
+SMOKE_BUDGET_S = 1500.0
+LOG_KEEP = (300_000, 1_200_000)  # per stage in gpu_run.log: head and tail characters kept
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    budget_s: tuple[float, float]  # (GPU, smoke)
+    commands: Callable[[StageCtx], list[list[str]]]
+
+
+def _py(ctx: StageCtx, *args: str) -> list[str]:
+    return [ctx.python, *args]
+
+
+def _env(ctx: StageCtx) -> list[list[str]]:
+    return [_py(ctx, "bench/gpu_run_prep.py", "env", ctx.path("env.json"))]
+
+
+def gpu_test_files() -> list[str]:
+    """Test files holding ``pytest.mark.gpu`` tests (collecting only these keeps moto & co. out)."""
+    files = []
+    for path in sorted(glob.glob(os.path.join(REPO, "tests", "test_*.py"))):
+        with open(path) as f:
+            if "mark.gpu" in f.read():
+                files.append(os.path.relpath(path, REPO))
+    return files
+
+
+def _pytest(ctx: StageCtx) -> list[list[str]]:
+    return [_py(ctx, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+                "--junitxml", ctx.path("pytest_gpu.xml"), *gpu_test_files())]
+
+
+def _perf(ctx: StageCtx) -> list[list[str]]:
+    if ctx.smoke:
+        size = ["--device", "cpu", "--preset", "ovsam_tiny", "--sam-arch", "vit_b", "--crop-clip", "RN50",
+                "--num-images", "4", "--ref-images", "2", "--baseline-images", "1", "--images-per-shard", "2",
+                "--batch-size", "2", "--prompts", "3", "--width", "160", "--height", "120"]
+    else:
+        size = ["--device", "cuda", "--preset", "ovsam_rn50x16", "--sam-arch", "vit_h", "--crop-clip", "RN50x16",
+                "--num-images", "128", "--ref-images", "8", "--baseline-images", "16", "--stage-images", "16",
+                "--images-per-shard", "32", "--batch-size", "8"]
+    # b last: SAM ViT-H is the slowest to build, and a stage cut short still keeps a, c and d.
+    # --work: each mode's row is there as soon as the mode ends, so a stage cut short keeps them.
+    return [_py(ctx, "bench/perf.py", "--modes", "a,c,d,b", *size, "--work", ctx.path("perf_work"),
+                "--out", ctx.path("perf.json"))]
+
+
+def _label(ctx: StageCtx) -> list[list[str]]:
+    smoke = ["--smoke"] if ctx.smoke else []
+    preset, vocab = ("ovsam_tiny", ctx.path("in21k_smoke.json")) if ctx.smoke else ("ovsam_rn50x16", "in21k")
+    job = ["jobs/label.py", "--input", ctx.path("label_shards"), "--output", ctx.path("labels"), "--preset", preset,
+           "--random-init", "--vocab", vocab, "--num-gpus", "0" if ctx.smoke else "1", "--concurrency", "1",
+           "--batch-size", "2" if ctx.smoke else "8", "--overwrite"]
+    return [_py(ctx, "bench/gpu_run_prep.py", "label", ctx.work, *smoke), _py(ctx, *job)]
+
+
+def _train(stage: str):
+    def commands(ctx: StageCtx) -> list[list[str]]:
+        prep = _py(ctx, "bench/gpu_run_prep.py", "train", ctx.work, *(["--smoke"] if ctx.smoke else []))
+        dataset = ctx.path("train_shards") + ("|vocab=" + ctx.path("shapes.json") if stage == "cotrain" else "")
+        run = ["--storage-path", ctx.path("runs"), "--name", stage, "--dataset", dataset, "--random-init",
+               "--num-workers", "1", "--batch-size", "2", "--log-every", "1", "--checkpoint-every", "1000",
+               "--max-failures", "0"]
+        out = []
+        if ctx.smoke:
+            run += ["--preset", "ovsam_tiny", "--max-steps", "4", "--cpus-per-worker", "1", "--data-cpus", "0.5"]
+            run += ["--teacher", "random_tiny"] if stage == "distill" else ["--num-prompts", "8", "--num-points", "256"]
+        else:
+            run += ["--preset", "ovsam_rn50x16", "--max-steps", "12", "--use-gpu"]
+            if stage == "distill":
+                teacher = ctx.path("sam_vit_h_random.pth")
+                out.append(_py(ctx, "bench/train_steps.py", "write-sam-encoder", "--kind", "vit_h", "--out", teacher))
+                run += ["--teacher", "vit_h", "--teacher-checkpoint", teacher]
+        steps = _py(ctx, "bench/train_steps.py", stage, "--out", ctx.path(f"train_{stage}.json"), "--", *run)
+        return [prep, *out, steps]
+
+    return commands
+
+
+# Budgets are caps, (GPU s, smoke s); their GPU sum (595) is above the run's 480 s on purpose: the
+# run's deadline caps each stage too, so time a stage leaves goes to the later ones, and a late
+# stage squeezed below a quarter of its cap is skipped and recorded (expected use on an H200,
+# from the reference costs in ../shared/reference/performance.md plus process and model start-up:
+# ~20 s kit, 10 env, 40 pytest, 140 perf, 90 label, 80 + 80 training, ~460 s in all).
+STAGES = [
+    Stage("env", (30, 90), _env),
+    Stage("pytest_gpu", (75, 180), _pytest),
+    Stage("perf", (170, 420), _perf),
+    Stage("label_in21k", (120, 300), _label),
+    Stage("train_distill", (100, 240), _train("distill")),
+    Stage("train_cotrain", (100, 240), _train("cotrain")),
+]
+
+
+# --- running a stage --------------------------------------------------------------------------------
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a command and everything under it (a local Ray cluster is a subtree of its driver)."""
+    for p in reversed(process_tree(pid)):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_commands(commands: list[list[str]], *, timeout_s: float, log_path: str, env: dict[str, str]) -> dict:
+    """Run ``commands`` one after the other (stop at the first failure) within ``timeout_s`` in all;
+    their output goes to ``log_path``. Returns rc (124 on timeout), timed_out and seconds."""
+    t0 = time.time()
+    rc, timed_out = 0, False
+    with open(log_path, "a") as log:
+        for argv in commands:
+            log.write(f"\n$ {' '.join(argv)}\n")
+            log.flush()
+            left = timeout_s - (time.time() - t0)
+            if left <= 1:
+                rc, timed_out = 124, True
+                break
+            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                _kill_tree(proc.pid)
+                proc.wait()
+                rc, timed_out = 124, True
+                log.write(f"\n[gpu_run] killed after the stage's {timeout_s:.0f} s budget\n")
+            if rc != 0:
+                break
+    return {"rc": rc, "timed_out": timed_out, "seconds": round(time.time() - t0, 1)}
+
+
+def _tail(path: str, chars: int = 4000) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()[-chars:]
+
+
+def run_stage(stage: Stage, ctx: StageCtx, deadline: float) -> dict[str, Any]:
+    budget = stage.budget_s[1 if ctx.smoke else 0]
+    timeout = min(budget, deadline - time.time())
+    commands = stage.commands(ctx)
+    record: dict[str, Any] = {"budget_s": budget, "commands": [" ".join(c) for c in commands]}
+    if timeout < min(30.0, 0.25 * budget):
+        return {**record, "status": "skipped", "seconds": 0.0, "checks": [],
+                "reason": f"{max(timeout, 0):.0f} s left of the run's time budget"}
+    log_path = ctx.path(f"{stage.name}.log")
+    if os.path.exists(log_path):
+        os.remove(log_path)
+    ran = run_commands(commands, timeout_s=timeout, log_path=log_path, env=ctx.env)
+    text = open(log_path, errors="replace").read()
+    try:
+        checks, figures, result = CHECKS[stage.name](ctx, text)
+    except Exception as e:  # noqa: BLE001 - a missing or odd result file is a failed check, not a crash
+        checks, figures, result = [Check("result readable", False, f"{type(e).__name__}: {e}")], {}, None
+    checks.insert(0, Check("commands exit 0 within the budget", ran["rc"] == 0 and not ran["timed_out"],
+                           f"rc {ran['rc']}" + (" (timed out)" if ran["timed_out"] else "")))
+    ok = all(c.ok for c in checks if c.hard)
+    status = "ok" if ok else ("timeout" if ran["timed_out"] else "failed")
+    out = {**record, **ran, "status": status, "checks": [dataclasses.asdict(c) for c in checks],
+           "figures": figures, "result": result}
+    if not ok:
+        out["output_tail"] = _tail(log_path)
+    return out
+
+
+def append_log(main_log: str, stage: str, stage_log: str) -> None:
+    text = open(stage_log, errors="replace").read() if os.path.exists(stage_log) else ""
+    head, tail = LOG_KEEP
+    if len(text) > head + tail:
+        text = text[:head] + f"\n[... {len(text) - head - tail} characters left out ...]\n" + text[-tail:]
+    with open(main_log, "a") as f:
+        f.write(f"\n{'=' * 30} {stage} {'=' * 30}\n{text}")
+
+
+# --- summary ----------------------------------------------------------------------------------------
+
+
+def summary_table(stages: dict[str, dict]) -> str:
+    lines = ["| stage | status | s (budget) | figures |", "|---|---|---|---|"]
+    for name, r in stages.items():
+        figs = "; ".join(f"{k} {v}" for k, v in (r.get("figures") or {}).items()) or r.get("reason", "")
+        lines.append(f"| {name} | {r['status']} | {r['seconds']:.0f} ({r['budget_s']:.0f}) | {figs} |")
+    failed = [(n, c) for n, r in stages.items() for c in r["checks"] if not c["ok"]]
+    for name, c in failed:
+        expect = f" (expected {c['expect']})" if c["expect"] is not None else ""
+        lines.append(f"- {'FAILED' if c['hard'] else 'note'} {name}: {c['name']}: {c['value']}{expect}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="results folder (on the GPU machine: under $OUT)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU, the same stages and checks")
+    p.add_argument("--stages", default=",".join(s.name for s in STAGES), help="comma-separated subset, in order")
+    p.add_argument("--work", default=None, help="work folder (default: a new temporary folder)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (480 GPU / 1500 smoke)")
+    p.add_argument("--started-at", type=float, default=None, help="epoch seconds the run began (the kit install)")
+    p.add_argument("--dry-run", action="store_true", help="only check every stage's arguments with the real parsers")
+    return p.parse_args(argv)
+
+
+def make_ctx(a: argparse.Namespace) -> StageCtx:
+    work = os.path.abspath(a.work or tempfile.mkdtemp(prefix="ovsam_gpu_run_"))
+    os.makedirs(work, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # progress bars would fill the log
+    if a.smoke:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return StageCtx(smoke=a.smoke, work=work, python=sys.executable, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    t0 = a.started_at or time.time()
+    wanted = [s.strip() for s in a.stages.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - {s.name for s in STAGES})
+    if unknown:
+        raise SystemExit(f"--stages: unknown {unknown}; known: {[s.name for s in STAGES]}")
+    ctx = make_ctx(a)
+    if a.dry_run:
+        from gpu_run_checks import validate_commands
+
+        errors = validate_commands([(s.name, s.commands(ctx)) for s in STAGES if s.name in wanted])
+        print("\n".join(errors) or f"all stage commands parse ({'smoke' if a.smoke else 'GPU'} sizes)")
+        return 1 if errors else 0
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    main_log = os.path.join(out, "gpu_run.log")
+    budget = a.time_budget or (SMOKE_BUDGET_S if a.smoke else GPU_BUDGET_S)
+    deadline = t0 + budget
+    print(f"[gpu_run] {'smoke (CPU, tiny sizes)' if a.smoke else 'GPU'} run, {budget:.0f} s budget, "
+          f"work {ctx.work}, results {out}; RANDOM WEIGHTS everywhere (--random-init)", flush=True)
+    stages: dict[str, dict] = {}
+    result = {"benchmark": "gpu_run", "mode": "smoke" if a.smoke else "gpu", "date": now_iso(),
+              "machine": machine_info(), "command": " ".join(sys.argv), "ok": False, "time_budget_s": budget,
+              "random_init": True, "weights": "random everywhere (--random-init): no real weights exist here; "
+                                              "speeds and checks are real, labels meaningless",
+              "work": ctx.work, "stages": stages}
+    for stage in (s for s in STAGES if s.name in wanted):
+        print(f"[gpu_run] {stage.name} ... ({deadline - time.time():.0f} s left)", flush=True)
+        try:
+            stages[stage.name] = r = run_stage(stage, ctx, deadline)
+        except Exception as e:  # noqa: BLE001 - the harness's own failure is one stage's, not the run's
+            stages[stage.name] = r = {"status": "failed", "seconds": 0.0, "budget_s": 0.0, "checks": [
+                dataclasses.asdict(Check("the stage could be run", False, f"{type(e).__name__}: {e}"))]}
+        append_log(main_log, stage.name, ctx.path(f"{stage.name}.log"))
+        print(f"[gpu_run] {stage.name}: {r['status']} in {r['seconds']:.0f} s", flush=True)
+        if r["status"] not in ("ok", "skipped"):
+            print(r.get("output_tail", "")[-1500:], flush=True)
+        result["wall_s"] = round(time.time() - t0, 1)
+        save_json(result, os.path.join(out, "gpu_run.json"))  # after every stage: a killed run keeps the rest
+    result["wall_s"] = round(time.time() - t0, 1)
+    result["ok"] = ok = all(r["status"] == "ok" for r in stages.values()) and len(stages) == len(wanted)
+    table = summary_table(stages)
+    save_json(result, os.path.join(out, "gpu_run.json"))
+    with open(os.path.join(out, "gpu_run.md"), "w") as f:
+        f.write(table + "\n")
+    print(f"\n{table}\n\n[gpu_run] {'ALL OK' if ok else 'FAILED'} in {result['wall_s']:.0f} s; results in {out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

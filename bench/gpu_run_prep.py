@@ -1,0 +1,109 @@
+"""The small jobs of ``bench/gpu_run.py`` that are not benchmarks: each runs as its own command
+inside its stage's time budget.
+
+    python bench/gpu_run_prep.py env OUT.json              # versions, the GPU, the kit's imports
+    python bench/gpu_run_prep.py label WORK [--smoke]      # label shards (+ the smoke vocabulary)
+    python bench/gpu_run_prep.py train WORK [--smoke]      # training shards + their vocabulary
+
+Sizes: a GPU run labels 2 shards x 32 images (640x480, 20 box prompts) with the built-in ``in21k``
+vocabulary (21,841 ImageNet-21k classes from timm's offline ImageNetInfo; no file to download) and
+trains on 24 generated images of shapes (640x480; the training input is 1024); ``--smoke`` makes
+them tiny and uses the first ``SMOKE_VOCAB_CLASSES`` in21k classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from benchlib import machine_info, save_json, write_bench_shards
+
+# What the GPU image lacks and the kit (../shared/device/make-kit.sh) brings, then what it has.
+KIT_MODULES = {"ray": "ray", "open_clip": "open_clip_torch", "segment_anything": "segment-anything",
+               "webdataset": "webdataset", "pycocotools": "pycocotools"}
+IMAGE_MODULES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pyarrow": "pyarrow",
+                 "pandas": "pandas", "fsspec": "fsspec", "PIL": "pillow", "numpy": "numpy", "pytest": "pytest"}
+SMOKE_VOCAB_CLASSES = 500
+LABEL_SIZES = {"gpu": {"num_images": 64, "images_per_shard": 32, "size": (640, 480), "prompts": 20},
+               "smoke": {"num_images": 4, "images_per_shard": 2, "size": (160, 120), "prompts": 3}}
+TRAIN_SIZES = {"gpu": {"num_images": 24, "images_per_shard": 8, "image_size": (640, 480)},
+               "smoke": {"num_images": 8, "images_per_shard": 4, "image_size": (128, 96)}}
+
+
+def probe_env(out: str) -> int:
+    """Import every module the run needs, note versions and the GPU; exit 1 when one is missing."""
+    modules = {}
+    for module, dist in {**KIT_MODULES, **IMAGE_MODULES}.items():
+        try:
+            importlib.import_module(module)
+            modules[module] = {"ok": True, "version": importlib.metadata.version(dist)}
+        except Exception as e:  # noqa: BLE001 - a broken install raises anything
+            modules[module] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
+    info = {"machine": machine_info(), "modules": modules, "python": sys.executable,
+            "kit_site": os.environ.get("PYTHONPATH", "")}
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                       "capability": f"{props.major}.{props.minor}", "count": torch.cuda.device_count()}
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.used,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        info["nvidia_smi"] = smi.stdout.strip()
+    save_json(info, out)
+    missing = [m for m, r in modules.items() if not r["ok"]]
+    print(json.dumps({"missing": missing, "gpu": info.get("gpu")}))
+    return 1 if missing else 0
+
+
+def prepare_label(work: str, smoke: bool) -> int:
+    sizes = LABEL_SIZES["smoke" if smoke else "gpu"]
+    write_bench_shards(os.path.join(work, "label_shards"), num_images=sizes["num_images"],
+                       images_per_shard=sizes["images_per_shard"], size=sizes["size"], prompts=sizes["prompts"])
+    if smoke:
+        from ovsam_ray.vocabulary import load_vocabulary
+
+        vocab = load_vocabulary("in21k")
+        rows = zip(vocab.class_ids, vocab.class_names, vocab.synonyms)
+        classes = [{"id": i, "name": n, "synonyms": list(s)} for i, n, s, in list(rows)[:SMOKE_VOCAB_CLASSES]]
+        with open(os.path.join(work, "in21k_smoke.json"), "w") as f:
+            json.dump({"name": f"in21k_first{SMOKE_VOCAB_CLASSES}", "classes": classes}, f)
+    return 0
+
+
+def prepare_train(work: str, smoke: bool) -> int:
+    from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
+
+    shutil.rmtree(os.path.join(work, "runs"), ignore_errors=True)  # a run found there would be resumed
+    shards = os.path.join(work, "train_shards")
+    if not os.path.isdir(shards):  # both training stages share them
+        sizes = TRAIN_SIZES["smoke" if smoke else "gpu"]
+        generate_shards(shards + ".tmp", num_images=sizes["num_images"], images_per_shard=sizes["images_per_shard"],
+                        image_size=sizes["image_size"], seed=3)
+        os.replace(shards + ".tmp", shards)
+    with open(os.path.join(work, "shapes.json"), "w") as f:
+        json.dump(shape_vocabulary_names(), f)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["env", "label", "train"])
+    p.add_argument("path", help="env: the JSON to write; label/train: the work folder")
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args(argv)
+    if a.what == "env":
+        return probe_env(a.path)
+    os.makedirs(a.path, exist_ok=True)
+    return prepare_label(a.path, a.smoke) if a.what == "label" else prepare_train(a.path, a.smoke)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
