@@ -45,7 +45,8 @@ def test_local_distillation_reduces_the_loss(tmp_path):
         run=RunSpec(storage_path=str(tmp_path / "runs"), name="d", batch_size=2, max_steps=8, checkpoint_every=8,
                     log_every=1),
         datasets=[DatasetSpec(shards=shards)], model=ModelSpec(preset="ovsam_tiny", random_init=True),
-        optim=OptimConfig(lr=3e-3, schedule="constant", warmup_steps=0, grad_clip=1.0), teacher="random_tiny",
+        optim=OptimConfig(lr=3e-3, schedule="constant", warmup_steps=0, grad_clip=1.0, base_batch_size=None),
+        teacher="random_tiny",
     )
     losses = []
     state, net = run_local("distill", cfg, distill_setup, DistillSamples(image_size=256),
