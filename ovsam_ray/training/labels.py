@@ -157,6 +157,10 @@ def build_label_space(datasets: Sequence[DatasetSpec], train_vocab: str | None =
                     labels.by_name.setdefault(clean_class_name(vocab.class_names[hit]), hit)
                     seen.add(hit)
         lookups.append(labels)
+    for labels in lookups:  # a name the dataset's vocabulary lacks resolves against the trained classes
+        for n, i in train_index.items():
+            if i in seen and n not in labels.known_names:
+                labels.by_name.setdefault(n, i)
     flags = tuple(i in seen for i in range(vocab.num_classes))
     excluded = tuple(e and not s for e, s in zip(vocab.excluded, flags))
     vocab = dataclasses.replace(vocab, seen=flags, excluded=excluded)
