@@ -3,7 +3,9 @@
 CLI flags map one to one onto fields (see ``training/cli.py``); ``to_dict`` is the resolved
 config written into every checkpoint, ``from_dict`` reads it back. Lengths are in optimizer
 steps because the data streams (DESIGN §5: "12 epochs, steps at 8 and 11" becomes
-``max_steps`` with ``lr_milestones=(8/12, 11/12)``).
+``max_steps`` with ``lr_milestones=(8/12, 11/12)``); ``max_steps=None`` derives them from the
+epochs, the epoch's images and the global batch (``recipes.resolve_steps``). The named recipes
+of the paper (``recipes``) set these fields to the reference's values.
 """
 
 from __future__ import annotations
