@@ -111,7 +111,7 @@ def test_optimizer_gives_the_temperature_and_the_recognizer_their_own_lr_and_no_
     text = torch.nn.functional.normalize(torch.randn(3, 1, 64), dim=-1)
     net = CotrainNet(build_ovsam("ovsam_tiny"), text_embeddings=text,
                      logit_scale=4.6, learn_logit_scale=True, logit_scale_lr=0.01, recognizer_lr=3e-3)
-    opt = build_optimizer(net, OptimConfig(lr=1e-4, weight_decay=0.05))
+    opt = build_optimizer(net, OptimConfig(lr=1e-4, weight_decay=0.05, no_decay=("1d",)))
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
     assert len(group_of) == len(trainable) == sum(len(g["params"]) for g in opt.param_groups)

@@ -164,7 +164,7 @@ def test_pack_roundtrip_and_row_batches_skip_consumed_items():
 
 
 def test_predicted_rois_are_the_mask_boxes_where_they_overlap_the_ground_truth(data_root, tmp_path):
-    from ovsam_ray.training.engine import predicted_rois
+    from ovsam_ray.model.functional import predicted_rois
 
     low_res = torch.full((3, 1, 16, 16), -10.0)
     low_res[0, 0, 2:6, 3:8] = 10.0  # on its object, a little smaller than the ground truth
@@ -180,6 +180,7 @@ def test_predicted_rois_are_the_mask_boxes_where_they_overlap_the_ground_truth(d
 
 
 def test_cotrain_step_with_predicted_rois_keeps_the_mask_losses(data_root, tmp_path, monkeypatch):
+    from ovsam_ray.model import functional
     from ovsam_ray.training import engine
     from ovsam_ray.training.cotrain import cotrain_setup
 
@@ -193,7 +194,7 @@ def test_cotrain_step_with_predicted_rois_keeps_the_mask_losses(data_root, tmp_p
         shifted.append(use)
         return torch.where(use[:, None], gt + 4.0, gt)
 
-    monkeypatch.setattr(engine, "predicted_rois", shift_all)
+    monkeypatch.setattr(functional, "predicted_rois", shift_all)  # OVSAM.decode calls it
     losses = {}
     for fraction in (0.0, 1.0):
         cfg = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1,
@@ -203,3 +204,34 @@ def test_cotrain_step_with_predicted_rois_keeps_the_mask_losses(data_root, tmp_p
     assert len(shifted) == 1 and shifted[0].all() and len(shifted[0]) == 8  # only when asked; every prompt
     assert torch.equal(losses[0.0]["loss_mask"], losses[1.0]["loss_mask"])
     assert not torch.equal(losses[0.0]["loss_cls"], losses[1.0]["loss_cls"])
+
+
+def test_cotrain_forward_decodes_through_the_models_own_decode(data_root, tmp_path, monkeypatch):
+    """One decode path: CotrainNet calls OVSAM.decode (with the ground-truth RoIs), so a change to
+    the decoder path reaches training and inference alike."""
+    from ovsam_ray.model.ovsam import OVSAM
+    from ovsam_ray.training import engine
+    from ovsam_ray.training.cotrain import cotrain_setup
+
+    cfg = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1)
+    rows = list(iter_local_rows(dataset_items(cfg.datasets, epochs=1, seed=0), sample_builder(cfg)))[:2]
+    batch = collate_cotrain([unpack_sample(r["sample"]) for r in rows], "cpu")
+    net = cotrain_setup(cfg, engine.Runtime()).net.eval()
+    calls = []
+    original = OVSAM.decode
+
+    def spy(self, features, prompts, **kw):
+        calls.append(kw)
+        return original(self, features, prompts, **kw)
+
+    monkeypatch.setattr(OVSAM, "decode", spy)
+    with torch.no_grad():
+        low_res, logits = net(batch.images, batch.prompts, batch.roi_boxes)
+        features = net.model.embed(batch.images)
+        out = original(net.model, features, batch.prompts, roi_boxes=batch.roi_boxes, clip_branch=False)
+    assert len(calls) == 1 and torch.equal(calls[0]["roi_boxes"], batch.roi_boxes)
+    torch.testing.assert_close(low_res, out.low_res_logits)
+    from ovsam_ray.training.losses import class_logits
+
+    torch.testing.assert_close(logits, class_logits(out.region_embeddings, net.text_embeddings, net.log_scale))
+    assert out.clip_embeddings is None and torch.equal(out.roi_boxes, batch.roi_boxes)

@@ -10,6 +10,7 @@ from ovsam_ray.model.presets import build_ovsam
 from ovsam_ray.training.config import DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec
 from ovsam_ray.training.data import DistillSamples
 from ovsam_ray.training.distill import distill_setup
+from ovsam_ray.training.engine import Runtime
 from ovsam_ray.training.model_setup import build_sam_teacher, copy_teacher_pos_embed
 from ovsam_ray.training.runner import run_local
 from ovsam_ray.weights import WeightsError
@@ -45,7 +46,8 @@ def test_local_distillation_reduces_the_loss(tmp_path):
         run=RunSpec(storage_path=str(tmp_path / "runs"), name="d", batch_size=2, max_steps=8, checkpoint_every=8,
                     log_every=1),
         datasets=[DatasetSpec(shards=shards)], model=ModelSpec(preset="ovsam_tiny", random_init=True),
-        optim=OptimConfig(lr=3e-3, schedule="constant", warmup_steps=0, grad_clip=1.0), teacher="random_tiny",
+        optim=OptimConfig(lr=3e-3, schedule="constant", warmup_steps=0, grad_clip=1.0, base_batch_size=None),
+        teacher="random_tiny",
     )
     losses = []
     state, net = run_local("distill", cfg, distill_setup, DistillSamples(image_size=256),
@@ -54,3 +56,23 @@ def test_local_distillation_reduces_the_loss(tmp_path):
     assert losses[-1] < losses[0]
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("model.adapter.") for n in trainable)
+
+
+def test_precomputed_features_need_the_position_embedding_from_a_file(tmp_path):
+    """No silent zero pos_embed: without --teacher-checkpoint the config names the fix; with
+    --teacher-pos-embed the adapter gets it (the reference reads it from SAM,
+    seg/models/necks/transformer_neck.py:63-73)."""
+    run = RunSpec(storage_path=str(tmp_path), name="d", max_steps=1)
+    features = [DatasetSpec(shards="s", teacher_features="f")]
+    model = ModelSpec(preset="ovsam_tiny", random_init=True)
+    with pytest.raises(ValueError, match="--teacher-checkpoint .* or --teacher-pos-embed"):
+        DistillConfig(run=run, datasets=features, model=model)
+    pos = torch.randn(1, 16, 16, 64)
+    torch.save({"image_encoder.pos_embed": pos}, tmp_path / "pos.pth")
+    cfg = DistillConfig(run=run, datasets=features, model=model, teacher_pos_embed=str(tmp_path / "pos.pth"))
+    net = distill_setup(cfg, Runtime()).net
+    assert torch.equal(net.model.adapter.pos_embed, pos)
+    torch.save({"pos_embed": torch.randn(1, 8, 8, 64)}, tmp_path / "wrong.pth")
+    cfg = DistillConfig(run=run, datasets=features, model=model, teacher_pos_embed=str(tmp_path / "wrong.pth"))
+    with pytest.raises(ValueError, match="wrong.pth"):
+        distill_setup(cfg, Runtime())

@@ -24,6 +24,7 @@ from ovsam_ray.training.export import export_checkpoint
 from ovsam_ray.training.runner import latest_checkpoint, run_local
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "ellipse", "pentagon", "cross"]
+HELD_OUT = ("pentagon", "cross")
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +33,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     shards = str(root / "shards")
     generate_shards(shards, num_images=4, images_per_shard=4, seed=11, image_size=(64, 48))
     vocab = root / "shapes.json"
-    vocab.write_text(json.dumps({"name": "shapes", "classes": SHAPES}))
+    # the last two shapes are held out of co-training, as COCO's novel classes (DatasetSpec.split="base")
+    classes = [{"name": n, "seen": n not in HELD_OUT} for n in SHAPES]
+    vocab.write_text(json.dumps({"name": "shapes", "classes": classes}))
     cfg = CotrainConfig(
         run=RunSpec(storage_path=str(root / "runs"), name="local", batch_size=2, max_steps=2, checkpoint_every=2),
         datasets=[DatasetSpec(shards=shards, vocab=str(vocab))],
         model=ModelSpec(preset="ovsam_tiny", random_init=True),
-        optim=OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=1.0),
+        optim=OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=1.0, base_batch_size=None),
         num_prompts=4, num_points=64, learn_logit_scale=True, logit_scale=2.0, train_adapter=True,
     )
     state, net = run_local("cotrain", cfg, cotrain_setup, sample_builder(cfg))
@@ -56,7 +59,8 @@ def test_local_run_checkpoints_and_exports_the_released_layout(trained):
                      "sam_prompt_encoder_tiny.pth"]
     meta = torch.load(trained["written"]["clip2sam"], weights_only=True)["meta"]
     assert json.loads(meta["vocabulary"])["name"] == "shapes"
-    assert meta["seen_classes"] == SHAPES
+    assert meta["seen_classes"] == SHAPES[:6], "the trained classes, not the held-out ones"
+    assert json.loads(meta["vocabulary"])["classes"][6]["seen"] is False
     assert meta["logit_scale"] == pytest.approx(float(trained["net"].log_scale.detach()))
     assert meta["logit_scale"] != 2.0, "the temperature was learned"
     assert meta["step"] == 2 and meta["stage"] == "cotrain"
@@ -72,6 +76,7 @@ def test_export_then_load_gives_the_in_memory_outputs(trained):
                       text_cache=str(trained["root"] / "text"))
     from_files, vocab, _ = build_predictor(cfg)
     assert list(vocab.class_names) == SHAPES
+    assert vocab.seen == (True,) * 6 + (False,) * 2, "inference fuses the held-out classes with beta"
     in_memory = OVSAMPredictor(net.model, OpenVocabClassifier(text_embeddings=net.text_embeddings,
                                                               logit_scale=float(net.log_scale.detach())))
     image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)

@@ -48,7 +48,7 @@ def _cotrain_config(shards: dict[str, str], storage: str, max_steps: int) -> Cot
         run=_run(storage, "cotrain", max_steps, max_failures=1),
         datasets=[DatasetSpec(shards=shards["shards"], vocab=shards["vocab"])],
         model=ModelSpec(preset="ovsam_tiny", random_init=True),
-        optim=OptimConfig(lr=2e-3, schedule="constant", warmup_steps=0, grad_clip=1.0),
+        optim=OptimConfig(lr=2e-3, schedule="constant", warmup_steps=0, grad_clip=1.0, base_batch_size=None),
         num_prompts=8, num_points=256, lsj_range=(0.9, 1.1), min_mask_area=4, logit_scale=2.3,
         learn_logit_scale=True, train_adapter=True,
     )
@@ -101,7 +101,7 @@ def test_distill_two_workers_on_s3_storage_loss_goes_down(ray_local, s3_server, 
         run=_run(storage, "distill", max_steps=12, s3_endpoint=s3_server),
         datasets=[DatasetSpec(shards=shards["shards"])],
         model=ModelSpec(preset="ovsam_tiny", random_init=True),
-        optim=OptimConfig(lr=2e-3, schedule="cosine", warmup_steps=0, grad_clip=1.0),
+        optim=OptimConfig(lr=2e-3, schedule="cosine", warmup_steps=0, grad_clip=1.0, base_batch_size=None),
         teacher="random_tiny",
     )
     result = run_distill(cfg)

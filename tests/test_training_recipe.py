@@ -106,6 +106,11 @@ def test_tiny_recipe_end_to_end_at_toy_sizes_exports_weights_the_label_job_loads
     assert config["run"]["max_steps"] == 2 and config["num_prompts"] == 2
     predictor, vocab, _ = build_predictor(ModelConfig(preset="ovsam_tiny", weights=weights, train_vocab="shapes"))
     assert list(vocab.class_names) == NAMES
+    from ovsam_ray.training.recipe import HELD_OUT
+
+    assert len(HELD_OUT) == 2 and set(HELD_OUT) < set(NAMES)
+    assert [n for n, s in zip(vocab.class_names, vocab.seen) if not s] == list(HELD_OUT), \
+        "the held-out shapes are unseen: co-training never trains them, inference fuses them with beta"
     image = np.random.default_rng(0).integers(0, 255, (72, 96, 3), dtype=np.uint8)
     out = predictor([image], [ImagePrompts(boxes=np.array([[4, 4, 50, 40]], np.float32))])[0]
     assert out.labels.shape == (1,) and 0 <= int(out.labels[0]) < len(NAMES)

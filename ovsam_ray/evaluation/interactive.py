@@ -47,9 +47,22 @@ def _category(ann: dict[str, Any]) -> str:
     return str(ann.get("category_name", ann.get("category_id")))
 
 
-def evaluate_rows(rows: Iterable[dict[str, Any]], gt: dict[tuple[str, str], list[dict[str, Any]]]) -> dict:
-    """Metrics over label rows: box_miou, point_miou, box_accuracy, point_accuracy, box_fill_miou."""
-    box_iou, point_iou, box_ok, point_ok, fill_iou = [], [], [], [], []
+def _metrics(records: list[dict[str, Any]]) -> dict:
+    def mean(key: str) -> float:
+        values = [r[key] for r in records if key in r]
+        return float(np.mean(values)) if values else float("nan")
+
+    return {"box_miou": mean("box_iou"), "point_miou": mean("point_iou"), "box_accuracy": mean("box_ok"),
+            "point_accuracy": mean("point_ok"), "box_fill_miou": mean("fill_iou"),
+            "num_objects": sum(1 for r in records if "box_iou" in r)}
+
+
+def evaluate_rows(rows: Iterable[dict[str, Any]], gt: dict[tuple[str, str], list[dict[str, Any]]],
+                  seen: set[str] | None = None) -> dict:
+    """Metrics over label rows: box_miou, point_miou, box_accuracy, point_accuracy, box_fill_miou,
+    num_objects; with ``seen`` (the classes the model was trained on) also each of them over the
+    objects of seen and of unseen classes, suffixed ``_seen`` / ``_unseen``."""
+    records = []
     for row in rows:
         anns = gt.get((row["shard"], row["key"]))
         if row["status"] != "ok" or not anns:
@@ -60,32 +73,28 @@ def evaluate_rows(rows: Iterable[dict[str, Any]], gt: dict[tuple[str, str], list
         for j, ann in enumerate(anns):
             target = decode_rle(ann["segmentation"])
             h, w = target.shape
+            rec: dict[str, Any] = {"category": _category(ann)}
             if j < len(boxes):
                 inst = boxes[j]
-                box_iou.append(mask_iou(decode_rle(inst["rle"]), target))
-                box_ok.append(inst["label"] == _category(ann))
-                fill_iou.append(mask_iou(box_fill_mask(inst["prompt_box"], h, w), target))
+                rec.update(box_iou=mask_iou(decode_rle(inst["rle"]), target), box_ok=inst["label"] == rec["category"],
+                           fill_iou=mask_iou(box_fill_mask(inst["prompt_box"], h, w), target))
             if j < len(points):
                 inst = points[j]
-                point_iou.append(mask_iou(decode_rle(inst["rle"]), target))
-                point_ok.append(inst["label"] == _category(ann))
-
-    def mean(values: list) -> float:
-        return float(np.mean(values)) if values else float("nan")
-
-    return {
-        "box_miou": mean(box_iou),
-        "point_miou": mean(point_iou),
-        "box_accuracy": mean(box_ok),
-        "point_accuracy": mean(point_ok),
-        "box_fill_miou": mean(fill_iou),
-        "num_objects": len(box_iou),
-    }
+                rec.update(point_iou=mask_iou(decode_rle(inst["rle"]), target),
+                           point_ok=inst["label"] == rec["category"])
+            records.append(rec)
+    out = _metrics(records)
+    if seen is not None:
+        for split, keep in (("seen", True), ("unseen", False)):
+            part = _metrics([r for r in records if (r["category"] in seen) == keep])
+            out.update({f"{k}_{split}": v for k, v in part.items()})
+    return out
 
 
-def evaluate_label_output(labels_url: str, shards: list[str]) -> dict:
-    """Read a label job's committed Parquet files and score them against the shards' annotations."""
+def evaluate_label_output(labels_url: str, shards: list[str], seen: set[str] | None = None) -> dict:
+    """Read a label job's committed Parquet files and score them against the shards' annotations
+    (per seen / unseen class too, given the seen classes)."""
     import pyarrow.dataset as pds
 
     table = pds.dataset(labels_url, format="parquet").to_table()
-    return evaluate_rows(table.to_pylist(), _ground_truth(shards))
+    return evaluate_rows(table.to_pylist(), _ground_truth(shards), seen)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.prompt_encoder import PromptEncoder
 from torch import nn
 
+from . import functional
 from .clip2sam_recognizer import CLIP2SAMRecognizer
 from .functional import mask_boxes_from_low_res
 from .mask_decoder import MaskDecoder
@@ -61,12 +62,13 @@ class PromptBatch:
 class DecodeOutput:
     """Per prompt: low-res logits (N, 1, S/4, S/4); region embeddings (N, D) from CLIP2SAM;
     CLIP embeddings (N, D) from the CLIP image head; clip_valid (N,) whether the mask has any
-    positive logit on the CLIP grid; roi_boxes (N, 4) the mask-derived boxes (input pixels)."""
+    positive logit on the CLIP grid (both None when decoded without the CLIP branch); roi_boxes
+    (N, 4) the recognizer's RoIs (input pixels: the mask-derived boxes unless given)."""
 
     low_res_logits: torch.Tensor
     region_embeddings: torch.Tensor
-    clip_embeddings: torch.Tensor
-    clip_valid: torch.Tensor
+    clip_embeddings: torch.Tensor | None
+    clip_valid: torch.Tensor | None
     roi_boxes: torch.Tensor
 
 
@@ -133,8 +135,16 @@ class OVSAM(nn.Module):
             sparse[is_point] = pe._embed_points(pts, labels, pad=True)
         return sparse
 
-    def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecodeOutput:
-        """Masks, region embeddings and CLIP embeddings for N prompts."""
+    def decode(self, features: ImageFeatures, prompts: PromptBatch, *, roi_boxes: torch.Tensor | None = None,
+               mask_roi: torch.Tensor | None = None, clip_branch: bool = True) -> DecodeOutput:
+        """Masks, region embeddings and CLIP embeddings for N prompts.
+
+        Inference leaves the keywords alone. Training passes ``roi_boxes`` (N, 4): the RoIs of the
+        recognizer (the ground-truth boxes, as the reference trains) instead of the mask-derived
+        boxes; ``mask_roi`` (N,) bool: prompts whose RoI is nevertheless their predicted mask's
+        box where it overlaps ``roi_boxes`` (``functional.predicted_rois``); ``clip_branch=False``
+        skips the CLIP image head, which training does not use.
+        """
         pe = self.prompt_encoder
         sparse = self.encode_prompts(prompts)
         dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
@@ -142,12 +152,19 @@ class OVSAM(nn.Module):
         low_res, label_embed = self.decoder(
             features.image_embeddings, image_pe, sparse.to(features.image_embeddings.dtype), dense, prompts.image_index
         )
-        roi_boxes = mask_boxes_from_low_res(low_res)
-        region = self.recognizer.region_embeddings(features.fpn_feats, roi_boxes, prompts.image_index)
+        mask_boxes = mask_boxes_from_low_res(low_res)
+        if roi_boxes is None:
+            rois = mask_boxes
+        else:
+            rois = roi_boxes if mask_roi is None else functional.predicted_rois(low_res, roi_boxes, mask_roi)
+            rois = rois.to(features.fpn_feats[0].dtype)
+        region = self.recognizer.region_embeddings(features.fpn_feats, rois, prompts.image_index)
         # The released model multiplies the label-token path by zero; keep it so outputs match.
         region = region + 0 * label_embed
+        if not clip_branch:
+            return DecodeOutput(low_res, region, None, None, rois)
 
-        clip_boxes = torch.where(torch.isnan(prompts.clip_boxes), roi_boxes, prompts.clip_boxes)
+        clip_boxes = torch.where(torch.isnan(prompts.clip_boxes), mask_boxes, prompts.clip_boxes)
         clip_embed = self.backbone.embed_regions(features.clip_feats, clip_boxes, prompts.image_index, low_res)
         grid = features.clip_feats[-1].shape[-2:]
         on_grid = F.interpolate(low_res.float(), grid, mode="bilinear", align_corners=False)
@@ -157,7 +174,7 @@ class OVSAM(nn.Module):
             region_embeddings=region,
             clip_embeddings=clip_embed,
             clip_valid=clip_valid,
-            roi_boxes=roi_boxes,
+            roi_boxes=rois,
         )
 
     def forward(self, images: torch.Tensor, prompts: PromptBatch) -> DecodeOutput:

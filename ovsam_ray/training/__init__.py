@@ -13,6 +13,10 @@ Stages and entry points (each also ``ovsam-ray train <cmd>`` and ``jobs/train_*.
 - ``evaluate.evaluate_label_output`` / ``evaluate.evaluate_model`` — box/point mIoU, box
   accuracy and the box-fill baseline against the shards' ground truth.
 
+- ``recipes``: the paper's runs as named recipes (``--recipe sam2clip_vith_rn50x16``,
+  ``clip2sam_coco_rn50x16``, ``clip2sam_lvis_rn50x16``), equal to the reference configs; epochs ->
+  steps and the lr scaled by the global batch.
+
 Layout: ``config`` (dataclasses), ``data`` (shards -> rows through Ray Data), ``augment`` (LSJ),
 ``prompts``, ``losses``, ``batching`` (rows -> tensors), ``engine`` (networks, optimiser, the
 loop; no Ray), ``runner`` (Ray Train glue, checkpoints), ``model_setup`` (weights, teacher).

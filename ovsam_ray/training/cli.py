@@ -38,80 +38,117 @@ def parse_dataset(text: str) -> DatasetSpec:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str, skip: tuple[str, ...] = (),
-                defaults: dict[str, Any] | None = None) -> None:
+# Fields whose default is None: the type of a value given on the command line.
+_OPTIONAL_TYPES = {"grad_clip": float, "max_steps": int, "epoch_images": int, "base_batch_size": int,
+                   "logit_scale_lr": float, "recognizer_lr": float}
+
+
+def _optional(kind: type) -> Any:
+    def convert(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field. Defaults are not set here (``argparse.SUPPRESS``): a flag not given
+    leaves its field to the recipe or the stage's default (``recipes.build_config``)."""
     group = parser.add_argument_group(title)
-    defaults = defaults or {}
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name in ("run", "datasets", "model", "optim"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.default is not dataclasses.MISSING:
-            default = defaults.get(f.name, f.default)
+            default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = defaults.get(f.name, f.default_factory())  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
         else:
-            group.add_argument(flag, dest=f.name, required=f.name in _RUN_REQUIRED)
+            group.add_argument(flag, dest=f.name, required=f.name in _RUN_REQUIRED, default=argparse.SUPPRESS)
             continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"default: {default!r}"}
         if isinstance(default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, (tuple, list)):
-            group.add_argument(flag, dest=f.name, nargs="+", type=float, default=default)
+            kind = str if default and isinstance(default[0], str) else float
+            group.add_argument(flag, nargs="+", type=kind, **kwargs)
         elif default is None:
-            kind = float if f.name in ("grad_clip",) else str
-            group.add_argument(flag, dest=f.name, type=kind, default=None)
+            group.add_argument(flag, type=_optional(_OPTIONAL_TYPES.get(f.name, str)), **kwargs)
         else:
-            group.add_argument(flag, dest=f.name, type=type(default), default=default)
+            kind = type(default)
+            group.add_argument(flag, type=_optional(kind) if f.name in _OPTIONAL_TYPES else kind, **kwargs)
 
 
-def _pick(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)} - {"run", "datasets", "model", "optim"}
     return {n: getattr(args, n) for n in names if hasattr(args, n)}
 
 
-def _add_common(parser: argparse.ArgumentParser, optim_defaults: dict[str, Any]) -> None:
+def _add_common(parser: argparse.ArgumentParser, stage: str) -> None:
+    from .recipes import RECIPES
+
+    known = sorted(n for n, f in RECIPES.items() if f().stage == stage)
+    parser.add_argument("--recipe", choices=known, help="start from a named recipe of the paper (every flag still "
+                        "overrides); see README 'Training'")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (recipe + flags, steps from epochs) and exit")
     parser.add_argument("--dataset", dest="datasets", action="append", type=parse_dataset, required=True,
-                        help="SHARDS[|kind=image][|ratio=R][|vocab=V][|name=N][|teacher_features=DIR]; repeatable")
+                        help="SHARDS[|kind=segmentation|box|image][|split=base|all][|ratio=R][|vocab=V][|name=N]"
+                             "[|teacher_features=DIR]; repeatable")
     _add_fields(parser, RunSpec, title="run (Ray Train)")
     _add_fields(parser, ModelSpec, title="model and starting weights")
-    _add_fields(parser, OptimConfig, title="optimiser", defaults=optim_defaults)
+    _add_fields(parser, OptimConfig, title="optimiser")
 
 
-def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "run": RunSpec(**_pick(args, RunSpec)),
-        "datasets": args.datasets,
-        "model": ModelSpec(**_pick(args, ModelSpec)),
-        "optim": OptimConfig(**_pick(args, OptimConfig)),
-    }
+def _config_from_args(stage: str, args: argparse.Namespace, cls: type) -> CotrainConfig | DistillConfig:
+    from .recipes import build_config
+
+    return build_config(stage, datasets=args.datasets, recipe=getattr(args, "recipe", None),
+                        run=_given(args, RunSpec), model=_given(args, ModelSpec), optim=_given(args, OptimConfig),
+                        **_given(args, cls))
 
 
 def cotrain_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="train_cotrain", description="CLIP2SAM co-training on Ray Train")
-    _add_common(parser, {})
+    _add_common(parser, "cotrain")
     _add_fields(parser, CotrainConfig, title="co-training")
     return parser
 
 
 def cotrain_config_from_args(args: argparse.Namespace) -> CotrainConfig:
-    return CotrainConfig(**_common_kwargs(args), **_pick(args, CotrainConfig))
+    return _config_from_args("cotrain", args, CotrainConfig)
 
 
 def distill_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="train_distill", description="SAM2CLIP distillation on Ray Train")
-    _add_common(parser, {"schedule": "cosine"})
+    _add_common(parser, "distill")
     _add_fields(parser, DistillConfig, title="distillation")
     return parser
 
 
 def distill_config_from_args(args: argparse.Namespace) -> DistillConfig:
-    return DistillConfig(**_common_kwargs(args), **_pick(args, DistillConfig))
+    return _config_from_args("distill", args, DistillConfig)
+
+
+def print_config(cfg: CotrainConfig | DistillConfig) -> None:
+    """The resolved config as JSON (steps from epochs where the data tells its size)."""
+    from .recipes import describe, resolve_steps
+
+    try:
+        cfg = resolve_steps(cfg)
+    except ValueError as e:
+        log.warning("%s", e)
+    print(json.dumps(describe(cfg), indent=1))
 
 
 def _cotrain(args: argparse.Namespace) -> int:
     from .cotrain import run_cotrain
 
-    result = run_cotrain(cotrain_config_from_args(args))
+    cfg = cotrain_config_from_args(args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    result = run_cotrain(cfg)
     print(f"co-training finished: {result.metrics}; checkpoint {result.checkpoint}")
     return 0 if result.error is None else 1
 
@@ -119,7 +156,11 @@ def _cotrain(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     from .distill import run_distill
 
-    result = run_distill(distill_config_from_args(args))
+    cfg = distill_config_from_args(args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    result = run_distill(cfg)
     print(f"distillation finished: {result.metrics}; checkpoint {result.checkpoint}")
     return 0 if result.error is None else 1
 

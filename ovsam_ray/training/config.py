@@ -3,7 +3,9 @@
 CLI flags map one to one onto fields (see ``training/cli.py``); ``to_dict`` is the resolved
 config written into every checkpoint, ``from_dict`` reads it back. Lengths are in optimizer
 steps because the data streams (DESIGN §5: "12 epochs, steps at 8 and 11" becomes
-``max_steps`` with ``lr_milestones=(8/12, 11/12)``).
+``max_steps`` with ``lr_milestones=(8/12, 11/12)``); ``max_steps=None`` derives them from the
+epochs, the epoch's images and the global batch (``recipes.resolve_steps``). The named recipes
+of the paper (``recipes``) set these fields to the reference's values.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 from ovsam_ray.model.presets import PRESETS
 
 SCHEDULES = ("cosine", "step", "constant")
-DATASET_KINDS = ("segmentation", "image")
+DATASET_KINDS = ("segmentation", "box", "image")
+SPLITS = ("base", "all")
 TEACHERS = ("vit_h", "vit_l", "vit_b", "random_tiny")
 
 
@@ -24,11 +27,17 @@ class DatasetSpec:
     """One training dataset of a mixture.
 
     shards: a shard spec (file, brace range, glob, directory or s3:// prefix; see ``list_shards``).
-    kind: ``segmentation`` (COCO-style ``annotations`` in the JSON) or ``image`` (ImageNet-22k
-        style: a class name or id; one whole-image box, classification loss only).
+    kind: ``segmentation`` (COCO-style ``annotations`` with masks in the JSON), ``box``
+        (COCO-style annotations with boxes and no masks, e.g. V3Det or Objects365: box prompts,
+        classification loss only) or ``image`` (ImageNet-22k style: a class name or id; one
+        whole-image box, classification loss only).
     ratio: relative sampling weight of this dataset's shards in the mixture.
     vocab: its vocabulary (built-in name or .txt/.json file); category ids are looked up in it.
         Optional when the JSON carries class names.
+    split: the open-vocabulary protocol: ``base`` trains only the classes its vocabulary marks
+        seen (coco_ov: the 48 base classes; lvis_v1: frequent + common, no rare), removing the
+        other annotations and dropping images left without any, as the paper; ``all`` trains
+        every class. Vocabularies without such flags (plain .txt files) are all seen.
     teacher_features: distillation only: folder of precomputed teacher-feature shards
         (``dump-teacher`` output), one ``<shard>.tar`` per input shard.
     """
@@ -38,6 +47,7 @@ class DatasetSpec:
     ratio: float = 1.0
     vocab: str | None = None
     name: str = ""
+    split: str = "base"
     teacher_features: str | None = None
 
     def __post_init__(self) -> None:
@@ -45,6 +55,9 @@ class DatasetSpec:
             raise ValueError("DatasetSpec.shards is empty: give a shard file, glob, brace range or folder")
         if self.kind not in DATASET_KINDS:
             raise ValueError(f"DatasetSpec.kind={self.kind!r}: use one of {DATASET_KINDS}")
+        if self.split not in SPLITS:
+            raise ValueError(f"DatasetSpec.split={self.split!r}: use 'base' (the paper's protocol: seen classes "
+                             "only) or 'all'")
         if not self.ratio > 0:
             raise ValueError(f"DatasetSpec.ratio={self.ratio}: sampling ratios must be > 0")
         if not self.name:
@@ -52,14 +65,30 @@ class DatasetSpec:
             self.name = first.rstrip("/").rsplit("/", 1)[-1] or "dataset"
 
 
+# Weight-decay exemptions (``OptimConfig.no_decay``): "norm" = parameters of torch's normalisation
+# layers (BatchNorm, InstanceNorm, GroupNorm, LayerNorm; mmengine's ``norm_decay_mult=0``, which
+# does not cover SAM's own LayerNorm2d), "bias" = every ``*.bias``, "1d" = every parameter with
+# ndim <= 1; any other word is a substring of the parameter name (mmengine's ``custom_keys``
+# with ``decay_mult=0``).
+NO_DECAY_RULES = ("norm", "bias", "1d")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW + schedule. Reference: lr 1e-4, wd 0.05, 500 linear warm-up steps from 0.001x,
-    gradient norm clipped to 0.01; cosine (distill) or x0.1 steps at 8/12 and 11/12 (cotrain)."""
+    """AdamW + schedule. Defaults: the reference co-training optimiser (``schedule_12e.py``):
+    lr 1e-4, wd 0.05, betas (0.9, 0.999), eps 1e-8, no decay on norm layers, 500 linear warm-up
+    steps from 0.001x, gradient norm clipped to 0.01, x0.1 at 8/12 and 11/12, the lr scaled
+    linearly by global batch / 16 (``base_batch_size``; None: no scaling). Distillation's defaults
+    (``distill_optim``) differ: clip 5.0 and a cosine to 0.01x (``schedule_distillation.py``).
+
+    min_lr_factor: the cosine's floor as a fraction of the lr (mmengine's ``eta_min_ratio``).
+    """
 
     lr: float = 1e-4
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    no_decay: tuple[str, ...] = ("norm", "query_embed", "query_feat", "level_embed")
     schedule: str = "step"
     lr_milestones: tuple[float, ...] = (8 / 12, 11 / 12)
     lr_gamma: float = 0.1
@@ -67,9 +96,11 @@ class OptimConfig:
     warmup_factor: float = 0.001
     min_lr_factor: float = 0.0
     grad_clip: float | None = 0.01
+    base_batch_size: int | None = 16
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        self.no_decay = tuple(str(r) for r in self.no_decay)
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
@@ -81,8 +112,27 @@ class OptimConfig:
             raise ValueError(f"lr_milestones={self.lr_milestones}: give fractions of max_steps in (0, 1]")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_factor <= 1:
+            raise ValueError(f"min_lr_factor={self.min_lr_factor} must be in [0, 1] (the cosine's floor / lr)")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip={self.grad_clip}: use a positive max norm or None to disable")
+        if self.base_batch_size is not None and self.base_batch_size < 1:
+            raise ValueError(f"base_batch_size={self.base_batch_size}: the batch the lr is given for "
+                             "(reference: 16), or None for no lr scaling")
+
+    def scaled_lr(self, global_batch: int) -> float:
+        """The lr for ``global_batch`` images per step: linear scaling from ``base_batch_size``
+        (mmengine's ``auto_scale_lr``), or the lr unchanged without a base batch."""
+        return self.lr * self.lr_scale(global_batch)
+
+    def lr_scale(self, global_batch: int) -> float:
+        return global_batch / self.base_batch_size if self.base_batch_size else 1.0
+
+
+def distill_optim() -> OptimConfig:
+    """The reference distillation optimiser (``schedule_distillation.py``): clip 5.0, no decay on
+    norm layers only, cosine to 0.01 x lr after a 500-step warm-up from 0.001x, lr for batch 16."""
+    return OptimConfig(schedule="cosine", min_lr_factor=0.01, grad_clip=5.0, no_decay=("norm",))
 
 
 @dataclass
@@ -92,7 +142,13 @@ class RunSpec:
     storage_path/name: the run's storage (local folder or s3:// URL); starting the same
         storage_path + name again resumes from its latest checkpoint.
     num_workers/use_gpu/cpus_per_worker: ``ScalingConfig``; max_failures: ``FailureConfig``.
-    batch_size: images per worker per micro-step; grad_accum: micro-steps per optimizer step.
+    batch_size: images per worker per micro-step; grad_accum: micro-steps per optimizer step;
+        the global batch (``global_batch``) is num_workers x batch_size x grad_accum.
+    max_steps: optimizer steps; None: the stage's ``epochs`` over its ``epoch_images`` at the
+        global batch (``recipes.resolve_steps``, done before a run starts).
+    shuffle_shards/shuffle_buffer: the data order (``training.data``): shards read concurrently
+        per work item, and the samples held in its shuffle buffer (encoded images, so ~0.2 MB each
+        for COCO-sized JPEGs).
     """
 
     storage_path: str
@@ -102,13 +158,15 @@ class RunSpec:
     cpus_per_worker: float = 1.0
     batch_size: int = 2
     grad_accum: int = 1
-    max_steps: int = 1000
+    max_steps: int | None = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 20
     max_failures: int = 3
     seed: int = 0
     data_cpus: float = 1.0
+    shuffle_shards: int = 8
+    shuffle_buffer: int = 256
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -116,8 +174,9 @@ class RunSpec:
             raise ValueError("storage_path is required: a local folder or s3://bucket/prefix for checkpoints")
         if not self.name or "/" in self.name:
             raise ValueError(f"name={self.name!r}: give a run name without '/' (the folder under storage_path)")
-        for attr in ("num_workers", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
-            if getattr(self, attr) < 1:
+        for attr in ("num_workers", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every",
+                     "shuffle_shards", "shuffle_buffer"):
+            if getattr(self, attr) is not None and getattr(self, attr) < 1:
                 raise ValueError(f"{attr}={getattr(self, attr)} must be >= 1")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints} must be >= 1 (resume needs one)")
@@ -125,6 +184,11 @@ class RunSpec:
             raise ValueError(f"max_failures={self.max_failures}: use -1 (retry forever), 0 or a positive count")
         if not self.cpus_per_worker > 0 or not self.data_cpus > 0:
             raise ValueError("cpus_per_worker and data_cpus must be > 0 (fractions are fine on small machines)")
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all workers."""
+        return self.num_workers * self.batch_size * self.grad_accum
 
     @property
     def run_url(self) -> str:
@@ -162,20 +226,30 @@ def _common_post_init(cfg: Any) -> None:
             setattr(cfg, name, typ(**value))
     if cfg.epochs < 1:
         raise ValueError(f"epochs={cfg.epochs} must be >= 1 (passes over the shards the stream holds)")
+    if cfg.epoch_images is not None and cfg.epoch_images < 1:
+        raise ValueError(f"epoch_images={cfg.epoch_images} must be >= 1 (images in one pass over the data)")
 
 
 @dataclass
 class DistillConfig:
     """SAM2CLIP distillation (DESIGN §5): frozen CLIP + trainable adapter, per-pixel MSE to the
-    SAM image encoder's 256x64x64 embedding (online teacher, or precomputed features)."""
+    SAM image encoder's 256x64x64 embedding (online teacher, or precomputed features).
+
+    The adapter's absolute position embedding is SAM's ``image_encoder.pos_embed`` (a buffer, as
+    the reference's ``embedding_path='sam_vit_h'``): from ``teacher_checkpoint``, or, with
+    precomputed features and no SAM file at hand, from ``teacher_pos_embed`` (a file holding
+    ``image_encoder.pos_embed`` or ``pos_embed``) or the ``model.sam2clip`` the run starts from.
+    """
 
     run: RunSpec
     datasets: list[DatasetSpec]
     model: ModelSpec = field(default_factory=ModelSpec)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(schedule="cosine", warmup_steps=500))
+    optim: OptimConfig = field(default_factory=distill_optim)
     teacher: str = "vit_h"
     teacher_checkpoint: str | None = None
+    teacher_pos_embed: str | None = None
     epochs: int = 24
+    epoch_images: int | None = None
     flip_prob: float = 0.0
 
     def __post_init__(self) -> None:
@@ -187,6 +261,13 @@ class DistillConfig:
             raise ValueError(
                 "distillation needs a teacher: teacher_checkpoint=<sam_vit_*.pth> (online teacher) or "
                 "teacher_features on every dataset (from `ovsam-ray train dump-teacher`)"
+            )
+        if (self.teacher != "random_tiny" and precomputed and not self.teacher_checkpoint
+                and not self.teacher_pos_embed and not self.model.sam2clip):
+            raise ValueError(
+                "distilling from precomputed teacher features leaves the adapter's position embedding "
+                "(SAM's image_encoder.pos_embed) unset: pass --teacher-checkpoint sam_vit_h_4b8939.pth (only its "
+                "pos_embed is read) or --teacher-pos-embed FILE (a .pth with image_encoder.pos_embed or pos_embed)"
             )
 
     def to_dict(self) -> dict:
@@ -221,6 +302,7 @@ class CotrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train_vocab: str | None = None
     epochs: int = 12
+    epoch_images: int | None = None
     num_prompts: int = 40
     lsj_range: tuple[float, float] = (0.9, 2.0)
     flip_prob: float = 0.5

@@ -82,6 +82,7 @@ def sample_builder(cfg: CotrainConfig, space: LabelSpace | None = None) -> Cotra
         image_size=input_size(cfg.model.preset), labels=space.datasets, kinds=[d.kind for d in cfg.datasets],
         num_prompts=cfg.num_prompts, lsj_range=cfg.lsj_range, flip_prob=cfg.flip_prob,
         min_mask_area=cfg.min_mask_area, seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint,
+        shuffle_buffer=cfg.run.shuffle_buffer,
     )
 
 
@@ -95,7 +96,8 @@ class CotrainDataset:
     def __call__(self):
         cfg = CotrainConfig.from_dict(self.config)
         start = resume_item(cfg.run)
-        items = dataset_items(cfg.datasets, epochs=cfg.epochs, seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint)
+        items = dataset_items(cfg.datasets, epochs=cfg.epochs, seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint,
+                              shards_per_item=cfg.run.shuffle_shards)
         log.info("co-training stream: items %d..%d", start, len(items))
         return build_ray_dataset(items[start:], sample_builder(cfg), num_cpus=cfg.run.data_cpus)
 
@@ -107,4 +109,7 @@ def cotrain_train_fn(loop_config: dict[str, Any]) -> None:
 
 def run_cotrain(cfg: CotrainConfig, *, worker_env: dict[str, str] | None = None):
     """Run or resume CLIP2SAM co-training; returns the ``ray.train.Result``."""
+    from .recipes import resolve_steps
+
+    cfg = resolve_steps(cfg)
     return fit("cotrain", cfg, cotrain_train_fn, CotrainDataset(cfg.to_dict()), worker_env=worker_env)

@@ -1,10 +1,15 @@
 """Shards -> training rows, streamed through Ray Data (never materialised).
 
-The stream is a deterministic sequence of *work items*, one per (dataset, shard) visit: for
-each slot a dataset is drawn by its sampling ratio and its next shard taken (each dataset's
-shards are reshuffled on every pass). A Ray dataset of those items is ``flat_map``-ed by a
-sample builder that reads the shard, decodes, parses the labels into the training vocabulary,
-augments and samples prompts, yielding one row per usable image (``training.batching``).
+The stream is a deterministic sequence of *work items*. Each slot of the mixture draws a dataset
+by its sampling ratio and takes its next shard (each dataset's shards are reshuffled on every
+pass); ``shuffle_shards`` consecutive slots form one work item. A Ray dataset of those items is
+``flat_map``-ed by a sample builder that reads the item's shards concurrently through a shuffle
+buffer (``interleave``: a random open shard feeds the buffer, a random buffered sample leaves;
+seeded by the run's seed and the item number, so each epoch's items are shuffled anew, a seed
+gives one order, and a resumed run reads the same order), then decodes, parses the labels into
+the training vocabulary, augments and samples prompts, yielding one row per usable image
+(``training.batching``). A batch therefore mixes ``shuffle_shards`` shards and the datasets in
+their ratios, even where a shard holds one class (ImageNet shards written class by class).
 The item number travels with every row: it is the data position saved in checkpoints, and a
 resumed run starts its stream at the first item not yet consumed by every worker.
 
@@ -63,17 +68,55 @@ def work_items(
     return items
 
 
-def dataset_items(datasets: Sequence[DatasetSpec], *, epochs: int, seed: int, s3_endpoint: str | None = None
-                  ) -> list[dict[str, Any]]:
-    """Work items of a mixture (shards listed with ``list_shards``); teacher-feature shards are
-    attached as ``teacher`` when a dataset has them."""
+def group_items(slots: list[dict[str, Any]], shards_per_item: int) -> list[dict[str, Any]]:
+    """Consecutive slots of ``work_items`` as work items ``{"item", "parts": [slot, ...]}`` of
+    ``shards_per_item`` shards each (the last may hold fewer)."""
+    if shards_per_item < 1:
+        raise ValueError(f"shards_per_item={shards_per_item} must be >= 1")
+    parts = [{k: v for k, v in slot.items() if k != "item"} for slot in slots]
+    return [{"item": i, "parts": parts[start : start + shards_per_item]}
+            for i, start in enumerate(range(0, len(parts), shards_per_item))]
+
+
+def dataset_items(datasets: Sequence[DatasetSpec], *, epochs: int, seed: int, s3_endpoint: str | None = None,
+                  shards_per_item: int = 1) -> list[dict[str, Any]]:
+    """Work items of a mixture (shards listed with ``list_shards``, ``shards_per_item`` per item);
+    teacher-feature shards are attached to a part as ``teacher`` when its dataset has them."""
     shard_lists = [list_shards(d.shards, s3_endpoint=s3_endpoint) for d in datasets]
-    items = work_items(shard_lists, [d.ratio for d in datasets], epochs=epochs, seed=seed)
-    for item in items:
-        features = datasets[item["dataset"]].teacher_features
+    slots = work_items(shard_lists, [d.ratio for d in datasets], epochs=epochs, seed=seed)
+    for slot in slots:
+        features = datasets[slot["dataset"]].teacher_features
         if features:
-            item["teacher"] = features.rstrip("/") + "/" + item["shard"].rstrip("/").rsplit("/", 1)[-1]
-    return items
+            slot["teacher"] = features.rstrip("/") + "/" + slot["shard"].rstrip("/").rsplit("/", 1)[-1]
+    return group_items(slots, shards_per_item)
+
+
+def item_parts(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shards of a work item (an item without ``parts`` is one shard itself)."""
+    return item["parts"] if "parts" in item else [item]
+
+
+def interleave(sources: Sequence[Iterator[Any]], rng: np.random.Generator, buffer: int) -> Iterator[Any]:
+    """The elements of several iterators in a random order: a random open source feeds a buffer
+    of ``buffer`` elements, and once it is full a random element leaves (WebDataset's shuffle,
+    over shards read concurrently); the rest leave shuffled when every source is done."""
+    iters, live, held = list(sources), list(range(len(sources))), []
+    while live:
+        j = live[int(rng.integers(len(live)))]
+        value = next(iters[j], _END)
+        if value is _END:
+            live.remove(j)
+            continue
+        held.append(value)
+        if len(held) >= max(buffer, 1):
+            k = int(rng.integers(len(held)))
+            held[k], held[-1] = held[-1], held[k]
+            yield held.pop()
+    for k in rng.permutation(len(held)):
+        yield held[int(k)]
+
+
+_END = object()
 
 
 # --- annotations -> masks ---------------------------------------------------------------------------
@@ -119,9 +162,41 @@ def instances_from_annotations(
 # --- sample builders (run inside Ray Data tasks) ----------------------------------------------------
 
 
+def box_instances(annotations: list[dict[str, Any]], labels: DatasetLabels, height: int, width: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W) filled-box masks and (N,) labels of the usable, non-crowd ``bbox`` (xywh)
+    annotations of a box-only dataset (the masks only carry the boxes through the augmentation)."""
+    masks, out = [], []
+    for ann in annotations:
+        label = labels.annotation_label(ann) if not ann.get("iscrowd") else -1
+        box = ann.get("bbox")
+        if label < 0 or not isinstance(box, (list, tuple)) or len(box) != 4:
+            continue
+        try:
+            x, y, w, h = (float(v) for v in box)
+        except (TypeError, ValueError):
+            continue
+        x0, y0 = max(int(np.floor(x)), 0), max(int(np.floor(y)), 0)
+        x1, y1 = min(int(np.ceil(x + w)), width), min(int(np.ceil(y + h)), height)
+        if not (np.isfinite([x, y, w, h]).all() and x1 > x0 and y1 > y0):
+            continue
+        mask = np.zeros((height, width), bool)
+        mask[y0:y1, x0:x1] = True
+        masks.append(mask)
+        out.append(label)
+    if not masks:
+        return np.zeros((0, height, width), bool), np.zeros(0, np.int64)
+    return np.stack(masks), np.asarray(out, np.int64)
+
+
 @dataclass
 class CotrainSamples:
-    """Callable for ``Dataset.flat_map``: one work item -> co-training rows of its shard."""
+    """Callable for ``Dataset.flat_map``: one work item -> co-training rows of its shards.
+
+    Per dataset kind: ``segmentation`` — LSJ, half box / half point prompts, every loss;
+    ``box`` — LSJ with the boxes, box prompts only, classification loss only (no masks);
+    ``image`` — the whole image (flipped, resized, never cropped, so the labelled object stays
+    in view) with one whole-image box, classification loss only."""
 
     image_size: int
     labels: list[DatasetLabels]
@@ -134,17 +209,23 @@ class CotrainSamples:
     s3_endpoint: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     crop_tries: int = 3
+    shuffle_buffer: int = 1
 
     def __call__(self, item: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        yield from _rows_of_shard(item, self.s3_endpoint, self.max_pixels, self.sample_row)
+        yield from _rows_of_item(item, self.sample_row, seed=self.seed, buffer=self.shuffle_buffer,
+                                 s3_endpoint=self.s3_endpoint, max_pixels=self.max_pixels)
 
-    def sample_row(self, item: dict[str, Any], index: int, image: np.ndarray, meta: Any) -> bytes | None:
-        rng = np.random.default_rng([self.seed, int(item["item"]), index])
-        d = int(item["dataset"])
+    def sample_row(self, item: dict[str, Any], part: dict[str, Any], index: list[int], image: np.ndarray,
+                   meta: Any, teacher: np.ndarray | None = None) -> bytes | None:
+        rng = np.random.default_rng([self.seed, int(item["item"]), *index])
+        d = int(part["dataset"])
         if self.kinds[d] == "image":
             return self._image_level(image, meta, self.labels[d], rng)
         h, w = image.shape[:2]
-        masks, labels, _ = instances_from_annotations(meta.annotations, self.labels[d], h, w)
+        if self.kinds[d] == "box":
+            masks, labels = box_instances(meta.annotations, self.labels[d], h, w)
+        else:
+            masks, labels, _ = instances_from_annotations(meta.annotations, self.labels[d], h, w)
         if masks.shape[0] == 0:
             return None
         for _ in range(self.crop_tries):
@@ -155,12 +236,14 @@ class CotrainSamples:
         else:
             return None
         kept_masks, kept_labels = t.masks[t.keep], labels[t.keep]
-        prompts = sample_prompts(kept_masks, rng, self.num_prompts)
+        with_masks = self.kinds[d] == "segmentation"
+        prompts = sample_prompts(kept_masks, rng, self.num_prompts, points=with_masks)
         used, inverse = np.unique(prompts.instance, return_inverse=True)
+        packed = pack_masks(kept_masks[used]) if with_masks else np.zeros((0, -(-self.image_size ** 2 // 8)), np.uint8)
         return pack_sample(
-            image=t.image, input_hw=np.asarray(t.input_hw, np.int32), masks=pack_masks(kept_masks[used]),
+            image=t.image, input_hw=np.asarray(t.input_hw, np.int32), masks=packed,
             labels=kept_labels[used], prompt_instance=inverse.astype(np.int64), prompt_is_point=prompts.is_point,
-            prompt_boxes=prompts.boxes, prompt_points=prompts.points, has_masks=np.asarray(True),
+            prompt_boxes=prompts.boxes, prompt_points=prompts.points, has_masks=np.asarray(with_masks),
         )
 
     def _image_level(self, image: np.ndarray, meta: Any, labels: DatasetLabels, rng: np.random.Generator
@@ -168,8 +251,9 @@ class CotrainSamples:
         label = labels.image_label(meta.raw)
         if label < 0:
             return None
-        t = large_scale_jitter(image, np.zeros((0, *image.shape[:2]), bool), rng, size=self.image_size,
-                               ratio_range=self.lsj_range, flip_prob=self.flip_prob, min_mask_area=0)
+        if self.flip_prob > 0 and rng.random() < self.flip_prob:
+            image = image[:, ::-1]
+        t = resize_and_pad(image, size=self.image_size)
         prompts = whole_image_prompt(*t.input_hw)
         size = self.image_size
         return pack_sample(
@@ -183,22 +267,24 @@ class CotrainSamples:
 @dataclass
 class DistillSamples:
     """Callable for ``Dataset.flat_map``: one work item -> distillation rows (image resized and
-    padded as at inference, plus the precomputed teacher features when the item has them)."""
+    padded as at inference, plus the precomputed teacher features when its shard has them)."""
 
     image_size: int
     flip_prob: float = 0.0
     seed: int = 0
     s3_endpoint: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    shuffle_buffer: int = 1
 
     def __call__(self, item: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        features = iter_teacher_features(item["teacher"], s3_endpoint=self.s3_endpoint) if item.get("teacher") else None
-        build = self._with_teacher(features) if features is not None else self.sample_row
-        yield from _rows_of_shard(item, self.s3_endpoint, self.max_pixels, build)
+        yield from _rows_of_item(item, self.sample_row, seed=self.seed, buffer=self.shuffle_buffer,
+                                 s3_endpoint=self.s3_endpoint, max_pixels=self.max_pixels)
 
-    def sample_row(self, item: dict[str, Any], index: int, image: np.ndarray, meta: Any,
-                   teacher: np.ndarray | None = None) -> bytes | None:
-        rng = np.random.default_rng([self.seed, int(item["item"]), index])
+    def sample_row(self, item: dict[str, Any], part: dict[str, Any], index: list[int], image: np.ndarray,
+                   meta: Any, teacher: np.ndarray | None = None) -> bytes | None:
+        if part.get("teacher") and teacher is None:
+            return None  # no features for this image (the dump skipped it)
+        rng = np.random.default_rng([self.seed, int(item["item"]), *index])
         if teacher is None and self.flip_prob > 0 and rng.random() < self.flip_prob:
             image = image[:, ::-1]
         t = resize_and_pad(image, size=self.image_size)
@@ -206,15 +292,6 @@ class DistillSamples:
         if teacher is not None:
             arrays["teacher"] = teacher
         return pack_sample(**arrays)
-
-    def _with_teacher(self, features: Iterator[tuple[str, np.ndarray]]) -> Callable[..., bytes | None]:
-        def build(item: dict[str, Any], index: int, image: np.ndarray, meta: Any) -> bytes | None:
-            key, teacher = next(features, (None, None))
-            if key != meta.key:
-                raise ValueError(f"teacher features out of step with {item['shard']}: {key} vs {meta.key}")
-            return self.sample_row(item, index, image, meta, teacher)
-
-        return build
 
 
 @dataclass
@@ -224,35 +301,57 @@ class _Meta:
     raw: dict[str, Any]
 
 
-def _rows_of_shard(item: dict[str, Any], s3_endpoint: str | None, max_pixels: int,
-                   build: Callable[[dict[str, Any], int, np.ndarray, _Meta], bytes | None]) -> Iterator[dict[str, Any]]:
-    """Read one shard and yield a row per usable sample; everything bad is skipped and logged."""
+def _part_samples(part: dict[str, Any], number: int, s3_endpoint: str | None) -> Iterator[tuple]:
+    """(part number, sample index, raw sample, teacher features or None) of one shard; a shard
+    that breaks ends here with an error in the log."""
+    features = iter_teacher_features(part["teacher"], s3_endpoint=s3_endpoint) if part.get("teacher") else None
+    pending = next(features, None) if features is not None else None
+    try:
+        for index, raw in enumerate(iter_shard_samples(part["shard"], s3_endpoint=s3_endpoint)):
+            if is_damage_marker(raw):
+                log.warning("shard %s: %s", part["shard"], raw["error"])
+                continue
+            teacher = None
+            if pending is not None and pending[0] == raw.get("key"):
+                teacher, pending = pending[1], next(features, None)
+            yield number, index, raw, teacher
+    except Exception as e:  # noqa: BLE001 - a bad shard must not stop training
+        log.error("skipping the rest of shard %s: %s: %s", part["shard"], type(e).__name__, e)
+
+
+def _rows_of_item(item: dict[str, Any], build: Callable[..., bytes | None], *, seed: int, buffer: int,
+                  s3_endpoint: str | None, max_pixels: int) -> Iterator[dict[str, Any]]:
+    """The rows of a work item's shards, read concurrently through ``interleave``; every bad
+    sample is skipped and counted."""
     import json
 
+    parts = item_parts(item)
+    rng = np.random.default_rng([seed, 104729, int(item["item"])])
+    sources = [_part_samples(part, i, s3_endpoint) for i, part in enumerate(parts)]
     skipped = 0
-    try:
-        for index, raw in enumerate(iter_shard_samples(item["shard"], s3_endpoint=s3_endpoint)):
-            if is_damage_marker(raw):
-                log.warning("shard %s: %s", item["shard"], raw["error"])
-                continue
-            decoded = decode_sample(raw, max_pixels=max_pixels)
-            if not decoded.ok:
-                skipped += 1
-                continue
-            try:
-                meta_json = json.loads(raw["json_bytes"]) if raw.get("json_bytes") else {}
-            except ValueError:
-                meta_json = {}
-            meta = _Meta(decoded.key, decoded.prompts.annotations, meta_json if isinstance(meta_json, dict) else {})
-            sample = build(item, index, decoded.image, meta)
-            if sample is None:
-                skipped += 1
-                continue
-            yield {"item": int(item["item"]), "dataset": int(item["dataset"]), "key": decoded.key, "sample": sample}
-    except Exception as e:  # noqa: BLE001 - a bad shard must not stop training
-        log.error("skipping the rest of shard %s: %s: %s", item["shard"], type(e).__name__, e)
+    for number, index, raw, teacher in interleave(sources, rng, buffer):
+        part = parts[number]
+        decoded = decode_sample(raw, max_pixels=max_pixels)
+        if not decoded.ok:
+            skipped += 1
+            continue
+        try:
+            meta_json = json.loads(raw["json_bytes"]) if raw.get("json_bytes") else {}
+        except ValueError:
+            meta_json = {}
+        meta = _Meta(decoded.key, decoded.prompts.annotations, meta_json if isinstance(meta_json, dict) else {})
+        # the part number joins the seed only after the first, so one-shard items keep their old draws
+        try:
+            sample = build(item, part, [index] + ([number] if number else []), decoded.image, meta, teacher)
+        except Exception as e:  # noqa: BLE001 - one bad sample must not stop training
+            log.warning("shard %s, sample %s skipped: %s: %s", part["shard"], decoded.key, type(e).__name__, e)
+            sample = None
+        if sample is None:
+            skipped += 1
+            continue
+        yield {"item": int(item["item"]), "dataset": int(part["dataset"]), "key": decoded.key, "sample": sample}
     if skipped:
-        log.info("shard %s: %d samples skipped (undecodable or no usable labels)", item["shard"], skipped)
+        log.info("work item %d: %d samples skipped (undecodable or no usable labels)", int(item["item"]), skipped)
 
 
 # --- teacher features -------------------------------------------------------------------------------

@@ -44,25 +44,40 @@ def _needs_online_teacher(cfg: DistillConfig) -> bool:
     return not all(d.teacher_features for d in cfg.datasets)
 
 
+POS_EMBED_KEYS = ("image_encoder.pos_embed", "pos_embed", "adapter.pos_embed")
+
+
 def _copy_pos_embed_from_file(model: torch.nn.Module, checkpoint: str, s3_endpoint: str | None) -> None:
+    """SAM's position embedding from a SAM checkpoint or any state dict holding one of
+    ``POS_EMBED_KEYS``; an error naming the file when it has none or of another shape."""
     state = read_weights(checkpoint, s3_endpoint=s3_endpoint, what="sam").state_dict
+    key = next((k for k in POS_EMBED_KEYS if k in state), None)
     holder = torch.nn.Module()
-    holder.pos_embed = state.get("image_encoder.pos_embed")
-    copy_teacher_pos_embed(model, holder)
+    holder.pos_embed = state[key] if key else None
+    if not copy_teacher_pos_embed(model, holder):
+        found = None if key is None else tuple(state[key].shape)
+        raise ValueError(f"{checkpoint}: no position embedding of shape {tuple(model.adapter.pos_embed.shape)} "
+                         f"under {POS_EMBED_KEYS} (found {found}); give the SAM checkpoint of the teacher")
 
 
 def distill_setup(cfg: DistillConfig, runtime: Runtime) -> StageSetup:
     """Student network and (unless every dataset has precomputed features) the online teacher."""
-    model, _, _ = build_training_model(cfg.model, stage="distill", seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint)
+    model, _, files = build_training_model(cfg.model, stage="distill", seed=cfg.run.seed,
+                                           s3_endpoint=cfg.run.s3_endpoint)
     teacher = None
     if _needs_online_teacher(cfg):
         teacher = build_sam_teacher(
             cfg.teacher, cfg.teacher_checkpoint, image_size=model.image_size, out_chans=model.prompt_encoder.embed_dim,
             embed_dim=model.adapter.pos_embed.shape[-1], s3_endpoint=cfg.run.s3_endpoint, seed=cfg.run.seed,
         ).to(runtime.device)
-        copy_teacher_pos_embed(model, teacher)
-    elif cfg.teacher_checkpoint:
-        _copy_pos_embed_from_file(model, cfg.teacher_checkpoint, cfg.run.s3_endpoint)
+        if not copy_teacher_pos_embed(model, teacher) and cfg.teacher != "random_tiny":
+            raise ValueError(f"the {cfg.teacher} teacher's pos_embed does not fit the {cfg.model.preset} adapter "
+                             f"{tuple(model.adapter.pos_embed.shape)}: distil with the teacher of the preset")
+    elif cfg.teacher_checkpoint or cfg.teacher_pos_embed:
+        _copy_pos_embed_from_file(model, cfg.teacher_pos_embed or cfg.teacher_checkpoint, cfg.run.s3_endpoint)
+    elif "sam2clip" not in files and cfg.teacher != "random_tiny":
+        raise ValueError("precomputed teacher features without --teacher-checkpoint, --teacher-pos-embed or a "
+                         "sam2clip file would train with a zero position embedding; pass one of them")
     net = DistillNet(model)
 
     def make_task(wrapped: torch.nn.Module) -> DistillTask:
@@ -80,9 +95,11 @@ class DistillDataset:
     def __call__(self):
         cfg = DistillConfig.from_dict(self.config)
         start = resume_item(cfg.run)
-        items = dataset_items(cfg.datasets, epochs=cfg.epochs, seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint)
+        items = dataset_items(cfg.datasets, epochs=cfg.epochs, seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint,
+                              shards_per_item=cfg.run.shuffle_shards)
         builder = DistillSamples(image_size=input_size(cfg.model.preset), flip_prob=cfg.flip_prob,
-                                 seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint)
+                                 seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint,
+                                 shuffle_buffer=cfg.run.shuffle_buffer)
         return build_ray_dataset(items[start:], builder, num_cpus=cfg.run.data_cpus)
 
 
@@ -93,6 +110,9 @@ def distill_train_fn(loop_config: dict[str, Any]) -> None:
 
 def run_distill(cfg: DistillConfig, *, worker_env: dict[str, str] | None = None):
     """Run or resume SAM2CLIP distillation; returns the ``ray.train.Result``."""
+    from .recipes import resolve_steps
+
+    cfg = resolve_steps(cfg)
     return fit("distill", cfg, distill_train_fn, DistillDataset(cfg.to_dict()), worker_env=worker_env)
 
 

@@ -20,10 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchvision.ops import box_iou
 
-from ovsam_ray.model.functional import mask_boxes_from_low_res
-from ovsam_ray.model.ovsam import OVSAM, PromptBatch
+from ovsam_ray.model.ovsam import OVSAM, ImageFeatures, PromptBatch
 
 from .batching import collate_cotrain, collate_distill, unpack_sample
 from .config import CotrainConfig, OptimConfig, RunSpec
@@ -66,6 +64,7 @@ class CotrainNet(nn.Module):
     def forward(self, images: torch.Tensor, prompts: PromptBatch, roi_boxes: torch.Tensor,
                 predicted_roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, S, S) normalised -> low-res mask logits (N, 1, S/4, S/4), class logits (N, C + 1).
+        The prompts decode through the model's own ``OVSAM.decode`` with the ground-truth RoIs;
         ``predicted_roi`` (N,) bool: prompts whose RoI is their predicted mask's box (see
         ``CotrainConfig.roi_from_prediction``) where it overlaps ``roi_boxes``."""
         m = self.model
@@ -74,26 +73,12 @@ class CotrainNet(nn.Module):
         with contextlib.nullcontext() if self.train_adapter else torch.no_grad():
             image_embeddings = m.adapter(clip_feats)
         fpn_feats = m.recognizer.fpn(clip_feats)
-        pe = m.prompt_encoder
-        sparse = m.encode_prompts(prompts).to(image_embeddings.dtype)
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        low_res, label_embed = m.decoder(image_embeddings, pe.get_dense_pe(), sparse, dense, prompts.image_index)
-        if predicted_roi is not None:
-            roi_boxes = predicted_rois(low_res.detach().float(), roi_boxes, predicted_roi)
-        region = m.recognizer.region_embeddings(fpn_feats, roi_boxes.to(fpn_feats[0].dtype), prompts.image_index)
-        # As the released model, the label-token path is kept with weight 0; the FPN levels no RoI
-        # picked join the graph the same way, so DDP sees a gradient for every parameter each step.
-        region = region + 0 * label_embed + 0 * sum(f.mean() for f in fpn_feats)
-        return low_res, class_logits(region, self.text_embeddings, self.log_scale)
-
-
-def predicted_rois(low_res: torch.Tensor, gt_boxes: torch.Tensor, use: torch.Tensor, min_iou: float = 0.1
-                   ) -> torch.Tensor:
-    """RoIs: the box of each predicted mask (``mask_boxes_from_low_res``, as at inference) where
-    ``use`` and it overlaps the ground-truth box by IoU > ``min_iou``, else the ground truth."""
-    pred = mask_boxes_from_low_res(low_res).to(gt_boxes)
-    ok = use & (box_iou(pred, gt_boxes).diagonal() > min_iou)  # an empty box's NaN IoU is not > min_iou
-    return torch.where(ok[:, None], pred, gt_boxes)
+        features = ImageFeatures(clip_feats=clip_feats, image_embeddings=image_embeddings, fpn_feats=fpn_feats)
+        out = m.decode(features, prompts, roi_boxes=roi_boxes, mask_roi=predicted_roi, clip_branch=False)
+        # The FPN levels no RoI picked join the graph with weight 0, so DDP sees a gradient for every
+        # parameter each step.
+        region = out.region_embeddings + 0 * sum(f.mean() for f in fpn_feats)
+        return out.low_res_logits, class_logits(region, self.text_embeddings, self.log_scale)
 
 
 class DistillNet(nn.Module):
@@ -133,20 +118,43 @@ def load_trainable_state_dict(net: nn.Module, state: dict[str, torch.Tensor]) ->
 # --- optimiser and schedules ---------------------------------------------------------------------------
 
 
-def build_optimizer(net: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; norms, biases and the temperature get no weight
-    decay; parameters named in the network's ``param_lrs`` (a name, or a prefix ending in ".")
-    get their own learning rate."""
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def no_decay_names(net: nn.Module, rules: tuple[str, ...]) -> set[str]:
+    """Names of the trainable parameters exempt from weight decay under ``rules``
+    (``config.NO_DECAY_RULES``: "norm", "bias", "1d", or a substring of the name); a learned
+    classifier temperature (``log_scale``) is never decayed."""
+    out = {n for n, p in unwrap(net).named_parameters() if p.requires_grad and n.endswith("log_scale")}
+    for module_name, module in unwrap(net).named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if not p.requires_grad:
+                continue
+            if (("norm" in rules and isinstance(module, _NORMS)) or ("bias" in rules and name == "bias")
+                    or ("1d" in rules and p.ndim <= 1)
+                    or any(r in full for r in rules if r not in ("norm", "bias", "1d"))):
+                out.add(full)
+    return out
+
+
+def build_optimizer(net: nn.Module, cfg: OptimConfig, global_batch: int | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; those ``cfg.no_decay`` names get no weight decay;
+    parameters named in the network's ``param_lrs`` (a name, or a prefix ending in ".") get their
+    own learning rate. Every lr is scaled by ``cfg.lr_scale(global_batch)`` (linear scaling from
+    the reference's batch 16) when ``global_batch`` is given."""
     special = getattr(unwrap(net), "param_lrs", {})
+    scale = cfg.lr_scale(global_batch) if global_batch else 1.0
+    exempt = no_decay_names(net, cfg.no_decay)
     buckets: dict[tuple[str | None, bool], list[nn.Parameter]] = {}
     for name, p in unwrap(net).named_parameters():
         if not p.requires_grad:
             continue
         key = next((k for k in special if name == k or (k.endswith(".") and name.startswith(k))), None)
-        buckets.setdefault((key, p.ndim <= 1 or name.endswith("log_scale")), []).append(p)
+        buckets.setdefault((key, name in exempt), []).append(p)
     groups = [{"params": ps, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-               **({"lr": special[key]} if key else {})} for (key, no_decay), ps in buckets.items()]
-    return adamw(groups, lr=cfg.lr, betas=cfg.betas)
+               **({"lr": special[key] * scale} if key else {})} for (key, no_decay), ps in buckets.items()]
+    return adamw(groups, lr=cfg.lr * scale, betas=cfg.betas, eps=cfg.eps)
 
 
 def adamw(params: list, **kwargs: Any) -> torch.optim.AdamW:

@@ -4,12 +4,21 @@ Every dataset may have its own vocabulary (category ids and names); the training
 given (``train_vocab``) or the union of the datasets' vocabularies in order, classes merged when a
 name or synonym matches (case- and underscore-insensitive). An annotation's label is looked up
 by ``category_name`` first, then by ``category_id`` in its dataset's vocabulary; labels that do
-not map are dropped (and counted). ``seen_classes`` (the classes some dataset covers) go into the
-exported checkpoint's metadata.
+not map are dropped (and counted).
+
+The open-vocabulary protocol (``DatasetSpec.split``): with ``split="base"`` (the default) only the
+classes a dataset's vocabulary marks seen are trained — COCO-OV's 48 base classes, LVIS's
+frequent and common classes — as the paper trains (the reference's ``sub_split='48_17'`` and
+``lvis_v1_train_norare.json``); annotations of its other classes map to no label and are removed,
+and an image left without any is dropped by the sample builder. ``split="all"`` trains every
+class. The classes some dataset trains are the training vocabulary's ``seen`` classes
+(``seen_classes``, in the exported checkpoint's metadata), so inference fuses the others with the
+unseen-class weight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +43,7 @@ class DatasetLabels:
 
     by_id: dict[int, int] = field(default_factory=dict)
     by_name: dict[str, int] = field(default_factory=dict)
+    known_names: set[str] = field(default_factory=set)  # every class name of the dataset, trained or not
 
     def from_name(self, name: Any) -> int:
         if isinstance(name, str):
@@ -49,8 +59,13 @@ class DatasetLabels:
             return -1
 
     def annotation_label(self, ann: dict[str, Any]) -> int:
-        """Training class of a COCO-style annotation (``category_name`` or ``category_id``), -1 if none."""
-        label = self.from_name(ann.get("category_name"))
+        """Training class of a COCO-style annotation (``category_name`` or ``category_id``), -1 if
+        none. A name the dataset's vocabulary knows decides (an untrained class stays -1 even
+        where its id would mean another class, e.g. COCO's ids 1..90 against COCO-OV's 0..79)."""
+        name = ann.get("category_name")
+        label = self.from_name(name)
+        if label < 0 and isinstance(name, str) and clean_class_name(name) in self.known_names:
+            return -1
         if label < 0 and "category_id" in ann:
             label = self.from_id(ann["category_id"])
         return label
@@ -79,25 +94,36 @@ class LabelSpace:
 
 
 def _union(vocabs: list[Vocabulary]) -> Vocabulary:
+    """The union of the vocabularies (a class excluded only where every source excludes it)."""
     names: list[str] = []
     synonyms: list[tuple[str, ...]] = []
+    sources: list[set[tuple[int, int]]] = []
     index: dict[str, int] = {}
-    for vocab in vocabs:
-        for name, syns in zip(vocab.class_names, vocab.synonyms):
+    for v, vocab in enumerate(vocabs):
+        for c, (name, syns) in enumerate(zip(vocab.class_names, vocab.synonyms)):
             hit = next((index[n] for n in _names(name, syns) if n in index), None)
             if hit is None:
                 hit = len(names)
                 names.append(name)
                 synonyms.append(tuple(syns))
+                sources.append(set())
+            sources[hit].add((v, c))
             for n in _names(name, syns):
                 index.setdefault(n, hit)
     c = len(names)
+    excluded = tuple(all(vocabs[v].excluded[k] for v, k in src) for src in sources)
     label = "+".join(v.name for v in vocabs)
-    return Vocabulary(label, tuple(names), tuple(synonyms), (True,) * c, (False,) * c, tuple(range(c)))
+    return Vocabulary(label, tuple(names), tuple(synonyms), (True,) * c, excluded, tuple(range(c)))
+
+
+def _trained_classes(vocab: Vocabulary, split: str) -> list[int]:
+    """Indices of ``vocab``'s classes that train under ``split`` ("base": its seen classes)."""
+    return [i for i in range(vocab.num_classes) if split == "all" or vocab.seen[i]]
 
 
 def build_label_space(datasets: Sequence[DatasetSpec], train_vocab: str | None = None) -> LabelSpace:
-    """Training vocabulary + per-dataset label maps (see the module docstring)."""
+    """Training vocabulary + per-dataset label maps (see the module docstring). The vocabulary's
+    ``seen`` flags are the trained classes; ``excluded`` stays where every source excludes it."""
     dataset_vocabs = [load_vocabulary(d.vocab) if d.vocab else None for d in datasets]
     if train_vocab:
         vocab = load_vocabulary(train_vocab)
@@ -112,18 +138,31 @@ def build_label_space(datasets: Sequence[DatasetSpec], train_vocab: str | None =
 
     seen: set[int] = set()
     lookups = []
-    for dv in dataset_vocabs:
-        labels = DatasetLabels(by_name=dict(train_index))
-        if dv is None:
-            seen.update(range(vocab.num_classes))  # names resolve directly against the training vocabulary
+    for spec, dv in zip(datasets, dataset_vocabs):
+        labels = DatasetLabels()
+        if dv is None:  # names resolve directly against the training vocabulary
+            trained = set(_trained_classes(vocab, spec.split))
+            labels.by_name = {n: i for n, i in train_index.items() if i in trained}
+            labels.known_names = set(train_index)
+            seen.update(trained)
         else:
-            for cid, name, syns in zip(dv.class_ids, dv.class_names, dv.synonyms):
-                hit = next((train_index[n] for n in sorted(_names(name, syns)) if n in train_index), -1)
+            labels.known_names = set().union(*(_names(n, syn) for n, syn in zip(dv.class_names, dv.synonyms)))
+            for k in _trained_classes(dv, spec.split):
+                names = _names(dv.class_names[k], dv.synonyms[k])
+                hit = next((train_index[n] for n in sorted(names) if n in train_index), -1)
                 if hit >= 0:
-                    labels.by_id[int(cid)] = hit
-                    for n in _names(name, syns):
+                    labels.by_id[int(dv.class_ids[k])] = hit
+                    for n in names:
                         labels.by_name.setdefault(n, hit)
+                    labels.by_name.setdefault(clean_class_name(vocab.class_names[hit]), hit)
                     seen.add(hit)
         lookups.append(labels)
+    for labels in lookups:  # a name the dataset's vocabulary lacks resolves against the trained classes
+        for n, i in train_index.items():
+            if i in seen and n not in labels.known_names:
+                labels.by_name.setdefault(n, i)
+    flags = tuple(i in seen for i in range(vocab.num_classes))
+    excluded = tuple(e and not s for e, s in zip(vocab.excluded, flags))
+    vocab = dataclasses.replace(vocab, seen=flags, excluded=excluded)
     seen_names = [vocab.class_names[i] for i in sorted(seen)]
     return LabelSpace(vocab=vocab, seen_classes=seen_names, datasets=lookups)

@@ -64,14 +64,17 @@ def random_points_in_masks(masks: np.ndarray, instance: np.ndarray, rng: np.rand
     return points
 
 
-def sample_prompts(masks: np.ndarray, rng: np.random.Generator, num_prompts: int = 40) -> PromptSample:
-    """masks: (N, H, W) bool instance masks (input pixels) -> ``num_prompts`` prompts (or none for N = 0)."""
+def sample_prompts(masks: np.ndarray, rng: np.random.Generator, num_prompts: int = 40, *, points: bool = True
+                   ) -> PromptSample:
+    """masks: (N, H, W) bool instance masks (input pixels) -> ``num_prompts`` prompts (or none for
+    N = 0); ``points=False``: box prompts only (box-only datasets, whose "masks" are their boxes)."""
     masks = np.asarray(masks, bool)
     instance = choose_instances(masks.shape[0], num_prompts, rng)
     if len(instance) == 0:
         return empty_prompts()
     is_point = np.zeros(len(instance), bool)
-    is_point[len(instance) - len(instance) // 2 :] = True
+    if points:
+        is_point[len(instance) - len(instance) // 2 :] = True
     boxes = boxes_from_binary_masks(masks)[instance]
     points = np.zeros((len(instance), 2), np.float32)
     points[is_point] = random_points_in_masks(masks, instance[is_point], rng)

@@ -182,7 +182,7 @@ def worker_loop(stage: str, config: dict, setup_fn: Callable[[Any, Runtime], Sta
     seed_everything(run.seed)  # identical initialisation on every rank
     setup = setup_fn(cfg, runtime)
     net = setup.net.to(runtime.device)
-    optimizer = build_optimizer(net, setup.optim)
+    optimizer = build_optimizer(net, setup.optim, run.global_batch)
     scheduler = build_scheduler(optimizer, setup.optim, run.max_steps)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -291,14 +291,16 @@ def run_local(stage: str, cfg: CotrainConfig | DistillConfig, setup_fn: Callable
     (``engine.BudgetClock``: "wall" or "cpu"). ``on_report`` also gets every
     reported metrics dict. Returns the final state and the trained (unwrapped) network."""
     from .data import dataset_items, iter_local_rows
+    from .recipes import resolve_steps
 
+    cfg = resolve_steps(cfg)
     run = cfg.run
     runtime = Runtime()
     budget = BudgetClock(time_budget_s or 0.0, clock)
     seed_everything(run.seed)
     setup = setup_fn(cfg, runtime)
     net = setup.net
-    optimizer = build_optimizer(net, setup.optim)
+    optimizer = build_optimizer(net, setup.optim, run.global_batch)
 
     def progress(step: int) -> float:
         return max(step / run.max_steps, budget.fraction() if time_budget_s else 0.0)
@@ -309,7 +311,8 @@ def run_local(stage: str, cfg: CotrainConfig | DistillConfig, setup_fn: Callable
     if found is not None:
         state = read_checkpoint(found[0], net=net, optimizer=optimizer, scheduler=scheduler)
         log.info("resumed %s at step %d", found[0], state.step)
-    items = dataset_items(cfg.datasets, epochs=cfg.epochs, seed=run.seed, s3_endpoint=run.s3_endpoint)
+    items = dataset_items(cfg.datasets, epochs=cfg.epochs, seed=run.seed, s3_endpoint=run.s3_endpoint,
+                          shards_per_item=run.shuffle_shards)
     rows = iter_local_rows(items[state.resume_item :], builder)
     config = cfg.to_dict()
 

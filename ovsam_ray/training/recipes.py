@@ -1,0 +1,153 @@
+"""The paper's training runs as named recipes, value for value from the reference configs.
+
+``ovsam-ray train distill --recipe sam2clip_vith_rn50x16`` and ``ovsam-ray train cotrain --recipe
+clip2sam_coco_rn50x16 | clip2sam_lvis_rn50x16`` start from a recipe; every flag still overrides
+one field. A recipe holds the reference's numbers (``tests/test_training_recipes.py`` checks each
+against the reference file and line); what it cannot hold is the data: the user's shards of SA-1B
+1%, COCO train2017 or LVIS v1 train.
+
+Epochs become optimizer steps: ``epochs x ceil(epoch_images / global batch)``, ``epoch_images``
+given or counted from the converter's ``_convert.json`` beside the shards (scaled to the shards
+listed); the global batch is workers x per-worker batch x accumulation, and the lr scales linearly
+with global batch / 16 as the reference's ``auto_scale_lr`` (``OptimConfig.base_batch_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec, distill_optim
+
+log = logging.getLogger(__name__)
+
+STAGES = ("distill", "cotrain")
+# The reference trains on 8 GPUs x 2 images (schedule_*.py: "base_batch_size = (8 GPUs) x (2 samples per GPU)").
+_REFERENCE_RUN = {"num_workers": 8, "use_gpu": True, "batch_size": 2, "grad_accum": 1}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named training run: its stage, what it reproduces, and the config fields it sets
+    (``run``/``model``/``optim`` sub-dicts and the stage's own fields)."""
+
+    name: str
+    stage: str
+    reproduces: str
+    run: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    optim: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def sam2clip_vith_rn50x16() -> Recipe:
+    """SAM2CLIP distillation of SAM ViT-H into the RN50x16 adapter (configs/sam2clip/sam2clip_vith_rn50x16.py)."""
+    return Recipe(
+        name="sam2clip_vith_rn50x16", stage="distill",
+        reproduces="the released sam2clip_vith_rn50x16.pth: 24 epochs of SA-1B 1% (the adapter of every table)",
+        run=dict(_REFERENCE_RUN), model={"preset": "ovsam_rn50x16"},
+        optim=dataclasses.asdict(distill_optim()),
+        fields={"teacher": "vit_h", "epochs": 24, "flip_prob": 0.0},
+    )
+
+
+def _clip2sam(name: str, reproduces: str, train_vocab: str, lsj_range: tuple[float, float]) -> Recipe:
+    return Recipe(
+        name=name, stage="cotrain", reproduces=reproduces,
+        run=dict(_REFERENCE_RUN), model={"preset": "ovsam_rn50x16"}, optim=dataclasses.asdict(OptimConfig()),
+        fields={"train_vocab": train_vocab, "epochs": 12, "num_prompts": 40, "lsj_range": lsj_range,
+                "flip_prob": 0.5, "min_mask_area": 32, "num_points": 12544, "oversample_ratio": 3.0,
+                "importance_sample_ratio": 0.75, "cls_weight": 2.0, "mask_weight": 5.0, "dice_weight": 5.0,
+                "background_weight": 0.1, "logit_scale": 4.6052, "learn_logit_scale": False,
+                "train_adapter": False, "roi_from_prediction": 0.0},
+    )
+
+
+def clip2sam_coco_rn50x16() -> Recipe:
+    """CLIP2SAM on COCO's 48 base classes (configs/clip2sam/clip2sam_coco_rn50x16.py)."""
+    return _clip2sam("clip2sam_coco_rn50x16",
+                     "the released clip2sam_coco_rn50x16.pth: the COCO open-vocabulary rows (base/novel) of the "
+                     "paper's Table 1", "coco_ov", (0.9, 2.0))
+
+
+def clip2sam_lvis_rn50x16() -> Recipe:
+    """CLIP2SAM on LVIS v1 without the rare classes (configs/clip2sam/clip2sam_lvis_rn50x16.py)."""
+    return _clip2sam("clip2sam_lvis_rn50x16",
+                     "the released clip2sam_lvis_rn50x16.pth: the LVIS rows (all/rare) of the paper's Table 1",
+                     "lvis_v1", (0.1, 2.0))
+
+
+RECIPES = {
+    "sam2clip_vith_rn50x16": sam2clip_vith_rn50x16,
+    "clip2sam_coco_rn50x16": clip2sam_coco_rn50x16,
+    "clip2sam_lvis_rn50x16": clip2sam_lvis_rn50x16,
+}
+
+
+def get_recipe(name: str, stage: str | None = None) -> Recipe:
+    """The recipe ``name``; an error listing the known ones (of ``stage``) otherwise."""
+    known = sorted(n for n, f in RECIPES.items() if stage is None or f().stage == stage)
+    if name not in RECIPES or (stage is not None and RECIPES[name]().stage != stage):
+        raise ValueError(f"unknown {stage or 'training'} recipe {name!r}; known: {known}")
+    return RECIPES[name]()
+
+
+def build_config(stage: str, *, datasets: list[DatasetSpec], recipe: str | None = None,
+                 run: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
+                 optim: dict[str, Any] | None = None, **fields: Any) -> CotrainConfig | DistillConfig:
+    """The stage's defaults, overridden by the recipe, overridden by the given fields (the flags)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
+    r = get_recipe(recipe, stage) if recipe else Recipe(name="", stage=stage, reproduces="")
+    base_optim = dataclasses.asdict(distill_optim() if stage == "distill" else OptimConfig())
+    cls = DistillConfig if stage == "distill" else CotrainConfig
+    return cls(
+        run=RunSpec(**{**r.run, **(run or {})}), datasets=datasets, model=ModelSpec(**{**r.model, **(model or {})}),
+        optim=OptimConfig(**{**base_optim, **r.optim, **(optim or {})}), **{**r.fields, **fields},
+    )
+
+
+# --- epochs -> steps ---------------------------------------------------------------------------------
+
+
+def dataset_images(spec: DatasetSpec, *, s3_endpoint: str | None = None) -> int:
+    """Images in one pass over ``spec``'s shards, from the converter's ``_convert.json`` beside
+    them (``images`` x listed shards / ``shards``); an error naming the fix when there is none."""
+    from ovsam_ray import io
+    from ovsam_ray.data.shards import list_shards
+
+    shards = list_shards(spec.shards, s3_endpoint=s3_endpoint)
+    folder = shards[0].rstrip("/").rsplit("/", 1)[0]
+    summary_url = io.join(folder, "_convert.json")
+    try:
+        summary = json.loads(io.read_bytes(summary_url, s3_endpoint=s3_endpoint))
+        images, total_shards = int(summary["images"]), max(int(summary["shards"]), 1)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot tell how many images one epoch of dataset {spec.name!r} holds ({type(e).__name__} "
+                         f"reading {io.redact(summary_url)}): pass --epoch-images N or --max-steps N") from e
+    return max(1, round(images * min(len(shards), total_shards) / total_shards))
+
+
+def resolve_steps(cfg: CotrainConfig | DistillConfig) -> CotrainConfig | DistillConfig:
+    """``cfg`` with ``run.max_steps`` set: as given, else ``epochs x ceil(epoch_images / global
+    batch)`` (``epoch_images`` given, else counted by ``dataset_images`` over the datasets)."""
+    if cfg.run.max_steps is not None:
+        return cfg
+    images = cfg.epoch_images or sum(dataset_images(d, s3_endpoint=cfg.run.s3_endpoint) for d in cfg.datasets)
+    steps = cfg.epochs * math.ceil(images / cfg.run.global_batch)
+    log.info("%d epochs of %d images at a global batch of %d: %d steps", cfg.epochs, images, cfg.run.global_batch,
+             steps)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=steps), epoch_images=images)
+
+
+def describe(cfg: CotrainConfig | DistillConfig) -> dict[str, Any]:
+    """What ``--print-config`` prints: the resolved config and the numbers derived from it."""
+    run = cfg.run
+    return {"config": cfg.to_dict(), "derived": {
+        "global_batch": run.global_batch, "lr": cfg.optim.scaled_lr(run.global_batch),
+        "steps_per_epoch": None if cfg.epoch_images is None else math.ceil(cfg.epoch_images / run.global_batch),
+        "max_steps": run.max_steps}}
