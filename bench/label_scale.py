@@ -110,7 +110,6 @@ def make_inputs(root: str, *, shards: int, per_shard: int, distinct: int, s3: st
         import s3fs
 
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3})
-        fs.mkdir("bench")
         for i in range(shards):
             fs.put_file(urls[i % distinct], f"bench/shards/shard-{i:06d}.tar")
         return "s3://bench/shards/"

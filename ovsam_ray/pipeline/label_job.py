@@ -375,9 +375,9 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     state = check_or_write_run_record(cfg.output, _run_record(cfg, identity, vocab), overwrite=cfg.overwrite,
                                       s3_endpoint=s3)
     committer = ShardCommitter(cfg.output, s3_endpoint=s3)
-    committer.cleanup_temporaries()
-    remove_all_parts(cfg.output, s3_endpoint=s3)
     committed = committer.committed_shards()
+    committer.cleanup_temporaries(committed)
+    remove_all_parts(cfg.output, s3_endpoint=s3)
     todo = [u for u, n in zip(shards, names) if n not in committed]
     summary.shards_total, summary.shards_skipped = len(shards), len(shards) - len(todo)
     if cfg.limit is not None:

@@ -201,13 +201,14 @@ class ShardCommitter:
         io.atomic_write_bytes(self.marker_url(shard_name), payload, s3_endpoint=self.s3_endpoint)
         return marker
 
-    def cleanup_temporaries(self) -> list[str]:
+    def cleanup_temporaries(self, committed: set[str] | None = None) -> list[str]:
         """Delete temporaries and uncommitted Parquet files; return the deleted URLs.
 
         Call it at job start, before any committer of this output runs: a Parquet file without a
         marker is only garbage when nobody is between writing it and writing its marker.
+        ``committed``: the committed shard names, when the caller has listed them already.
         """
-        committed = self.committed_shards()
+        committed = self.committed_shards() if committed is None else committed
         removed = []
         for folder in (self.output_url, io.join(self.output_url, "_committed")):
             for url in io.list_files(folder, s3_endpoint=self.s3_endpoint):
