@@ -277,7 +277,7 @@ def _bad_shard_members(rng: np.random.Generator) -> dict[str, tuple[list[tuple[s
         "too_large": ([("a.png", encode_image(np.zeros((200, 300, 3), np.uint8), "png"))], ["error"], {}),
         "malformed_json": ([("a.jpg", jpeg), ("a.json", b'{"boxes": [[1, 2, 3')], ["error"], {}),
         "bad_boxes": ([("a.jpg", jpeg), ("a.json", json.dumps({"boxes": boxes}).encode())], ["ok"],
-                      {"num_boxes": 4, "num_warnings": 1,
+                      {"num_boxes": 4, "num_warnings": 3,  # NaN box dropped, one re-ordered, two clipped
                        "boxes": [[10, 5, 50, 40], [0, 0, 64, 48], [20, 20, 20, 30], [64, 48, 64, 48]]}),
         "missing_image": ([("a.jpg", jpeg), ("b.json", b"{}")], ["ok", "error"], {}),
     }
