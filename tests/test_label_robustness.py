@@ -139,29 +139,34 @@ def test_commit_task_logs_cannot_be_forged(tmp_path, caplog):
     assert not [m for m in messages if "\n" in m]
 
 
-@pytest.mark.parametrize("output", ["IN/./", "IN/", "IN//", "IN/../IN", "IN/sub/..", "IN/labels", "LINK"])
+_UNTRAINED = ModelConfig(random_init=True)
+
+
+@pytest.mark.parametrize("output", ["SRC/./", "SRC/", "SRC//", "SRC/../in", "SRC/sub/..", "SRC/labels", "ALIAS"])
 def test_output_must_not_be_the_input_in_any_spelling(tmp_path, output):
     src = tmp_path / "in"
     src.mkdir()
     (tmp_path / "link").symlink_to(src)
-    out = output.replace("IN", str(src)).replace("LINK", str(tmp_path / "link"))
+    out = output.replace("SRC", str(src)).replace("ALIAS", str(tmp_path / "link"))
     with pytest.raises(ValueError, match="output"):
-        LabelConfig(input=str(src), output=out)
+        LabelConfig(input=str(src), output=out, model=_UNTRAINED)
     with pytest.raises(ValueError, match="output"):
-        LabelConfig(input="s3://b/in/shard-{0..9}.tar", output="s3://b/in/./")
+        LabelConfig(input="s3://b/in/shard-{0..9}.tar", output="s3://b/in/./", model=_UNTRAINED)
     with pytest.raises(ValueError, match="output"):
-        LabelConfig(input="s3://b/in", output="S3A://b/x/../in/")
-    LabelConfig(input=str(src), output=str(tmp_path / "in-labels"))  # a sibling is fine
-    LabelConfig(input=f"{src}/*.tar", output=str(tmp_path / "labels"))
+        LabelConfig(input="s3://b/in", output="S3A://b/x/../in/", model=_UNTRAINED)
+    LabelConfig(input=str(src), output=str(tmp_path / "in-labels"), model=_UNTRAINED)  # a sibling is fine
+    LabelConfig(input=f"{src}/*.tar", output=str(tmp_path / "labels"), model=_UNTRAINED)
 
 
 def test_bad_s3_endpoint_and_max_prompts_are_refused():
     for endpoint in ("not a url", "localhost:9000", "http://", "ftp://host", "http://host:port"):
         with pytest.raises(ValueError, match="s3-endpoint"):
-            LabelConfig(input="s3://b/in", output="s3://b/out", model=ModelConfig(s3_endpoint=endpoint))
-    LabelConfig(input="s3://b/in", output="s3://b/out", model=ModelConfig(s3_endpoint="http://127.0.0.1:9000"))
+            LabelConfig(input="s3://b/in", output="s3://b/out",
+                        model=ModelConfig(random_init=True, s3_endpoint=endpoint))
+    LabelConfig(input="s3://b/in", output="s3://b/out",
+                model=ModelConfig(random_init=True, s3_endpoint="http://127.0.0.1:9000"))
     with pytest.raises(ValueError, match="max_prompts"):
-        LabelConfig(input="a", output="b", max_prompts=0)
+        LabelConfig(input="a", output="b", max_prompts=0, model=_UNTRAINED)
 
 
 def test_exit_codes():
