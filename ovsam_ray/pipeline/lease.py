@@ -116,8 +116,8 @@ class OutputLease:
         return None
 
     def _describe(self, lease: dict[str, Any]) -> str:
-        return (f"job {lease.get('job_id')} (host {io.safe_for_log(str(lease.get('host')))}, pid {lease.get('pid')}, "
-                f"heartbeat {lease.get('heartbeat_at')})")
+        return io.safe_for_log(f"job {lease.get('job_id')} (host {lease.get('host')}, pid {lease.get('pid')}, "
+                               f"heartbeat {lease.get('heartbeat_at')})")  # a lease file is data too
 
     # --- acquire / renew / release ---
 

@@ -136,4 +136,4 @@ def format_stats(stats: dict[str, Any], top: int = 10) -> str:
             f"prompts; {skipped} tar members skipped), "
             f"{stats['masks']} masks, {stats['mean_masks_per_image']:.2f} per image, mean score "
             f"{stats['mean_score']:.3f}, mean area {stats['mean_area']:.0f} px; top classes: "
-            + ", ".join(f"{k} {v}" for k, v in classes))
+            + ", ".join(f"{io.safe_for_log(k, limit=60)} {v}" for k, v in classes))  # names may come from shard JSON
