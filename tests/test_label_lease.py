@@ -30,16 +30,19 @@ def _foreign_lease(out: str, *, age_s: float = 0.0, host: str = "other-host", pi
 
 def test_lease_acquire_refuse_renew_release(tmp_path):
     out = str(tmp_path / "out")
-    first = OutputLease(out, interval_s=0.05)
+    first = OutputLease(out)
     with first:
         with pytest.raises(LeaseHeldError, match="in use by another label job") as err:
             OutputLease(out).acquire()
         assert first.job_id in str(err.value) and "\n" not in str(err.value)
-        before = json.load(open(os.path.join(out, LEASE_NAME)))["heartbeat"]
-        time.sleep(0.3)
-        assert json.load(open(os.path.join(out, LEASE_NAME)))["heartbeat"] > before  # the heartbeat renews it
         first.check()
     assert not os.path.exists(os.path.join(out, LEASE_NAME))  # released
+    with OutputLease(out, interval_s=0.05):  # the heartbeat thread renews it
+        before = json.load(open(os.path.join(out, LEASE_NAME)))["heartbeat"]
+        deadline = time.time() + 20
+        while time.time() < deadline and json.load(open(os.path.join(out, LEASE_NAME)))["heartbeat"] == before:
+            time.sleep(0.05)
+        assert json.load(open(os.path.join(out, LEASE_NAME)))["heartbeat"] > before
     with OutputLease(out):  # free again
         pass
     assert [f for f in os.listdir(out) if f.startswith(".")] == []

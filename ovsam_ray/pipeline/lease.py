@@ -68,6 +68,14 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
+def _interval(lease: dict[str, Any]) -> float:
+    """The heartbeat interval the lease's holder promised."""
+    try:
+        return float(lease.get("interval_s") or HEARTBEAT_S)
+    except (TypeError, ValueError):
+        return HEARTBEAT_S
+
+
 class OutputLease:
     """The lease of ``output`` for this process. ``with OutputLease(...)`` acquires it (raising
     :class:`LeaseHeldError`), starts the heartbeat and releases it on exit; :meth:`check` raises
@@ -105,10 +113,9 @@ class OutputLease:
             return None
         try:
             age = time.time() - float(lease["heartbeat"])
-            interval = float(lease.get("interval_s") or HEARTBEAT_S)
         except (KeyError, TypeError, ValueError):
             return "unreadable lease"
-        if age > STALE_AFTER * interval:
+        if age > STALE_AFTER * _interval(lease):
             return f"no heartbeat for {age:.0f}s"
         same_process_space = lease.get("host") == socket.gethostname() and lease.get("pid_ns") == _pid_namespace()
         if same_process_space and isinstance(lease.get("pid"), int) and _process_gone(lease["pid"]):
@@ -135,7 +142,7 @@ class OutputLease:
             self._acquire_local(held)
 
     def _held_error(self, held: dict[str, Any]) -> LeaseHeldError:
-        stale = STALE_AFTER * float(held.get("interval_s") or HEARTBEAT_S)
+        stale = STALE_AFTER * _interval(held)
         return LeaseHeldError(
             f"output {io.redact(self.output)} is in use by another label job: {self._describe(held)}. Wait for it "
             f"to finish, or use another --output; a lease whose job died is taken over after {stale:.0f}s without "
