@@ -51,9 +51,14 @@ def _config(src: str, out: str, vocab: str, **kw) -> LabelConfig:
                        model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=vocab), **kw)
 
 
-def test_messy_shard_warnings_caps_skips_and_safe_logs(ray_local, shapes_vocab, tmp_path, caplog):
+def test_messy_shard_warnings_caps_skips_and_safe_logs(ray_local, shapes_vocab, tmp_path, caplog, monkeypatch):
+    import ray.data
+
     src, out = str(tmp_path / "shards"), str(tmp_path / "labels")
     _messy_shard(src)
+    # The URL must travel as typed Arrow, not through Ray's pickled-object fallback (which
+    # clusters may disable and which hid the non-UTF-8 name behind a warning).
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "enable_fallback_to_arrow_object_ext_type", False)
     with caplog.at_level(logging.INFO):
         summary = run_label(_config(src, out, shapes_vocab, max_prompts=3))
     # the non-UTF-8 file name is labelled end to end, under its escaped name
@@ -177,3 +182,13 @@ def test_exit_codes():
     assert failed.exit_code(1.0) == EXIT_INCOMPLETE and failed.exit_code(0.0) == EXIT_INCOMPLETE
     damaged = LabelSummary(images_ok=3, shards_damaged=[{"shard": "x", "error": "truncated"}])
     assert damaged.exit_code(0.0) == EXIT_FAILED and damaged.exit_code(1.0) == EXIT_OK
+
+
+def test_cli_flags_reach_the_config(tmp_path):
+    from ovsam_ray.cli import build_parser
+    from ovsam_ray.cli_jobs import label_config
+
+    args = build_parser().parse_args(["label", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                                      "--baseline", "box-fill", "--max-prompts", "5", "--prompts", "shard|grid"])
+    cfg = label_config(args)
+    assert cfg.max_prompts == 5 and cfg.sources.fallback == PromptSources(shard=False, grid=True)
