@@ -361,7 +361,7 @@ def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: Ou
                 ) -> LabelSummary:
     s3 = cfg.model.s3_endpoint
     summary = LabelSummary(random_init=cfg.model.random_init and cfg.baseline is None)
-    text, vocab, identity = _prepare_text(cfg)
+    text, vocab, identity = _startup("load the model and vocabulary", lambda: _prepare_text(cfg))
     state, committed = _startup(f"prepare the output {io.redact(cfg.output)}",
                                 lambda: _prepare_output(cfg, identity, vocab))
     todo = [u for u, n in zip(shards, names) if n not in committed]
