@@ -4,15 +4,22 @@
         --input s3://bucket/shards/ --output s3://bucket/labels/ --weights s3://bucket/weights/ \
         --num-gpus 1 --concurrency 1,8 --batch-size 8
 
-Same flags as `ovsam-ray label`; exits 1 when failures exceed --max-error-fraction and 2, with a
-one-line reason in the job's log, when the job cannot go on (storage unreachable through all
-retries, an output folder holding a different run, a bad flag), as `ovsam-ray label` does.
+Same flags and exit codes as `ovsam-ray label`:
+  0  every shard committed, errors within --max-error-fraction;
+  1  committed, but error rows above --max-error-fraction (or a damaged shard, unless it is 1);
+  2  the job could not start or go on, with a one-line reason in the job's log: a bad flag or
+     --s3-endpoint, storage unreachable through all retries, an output that is not writable,
+     holds a different run, or is in use by another live job (its _lease.json);
+  3  incomplete: some shards were NOT committed (unreadable, or their commit failed), whatever
+     --max-error-fraction says; rerun the same command to finish them (committed shards are
+     skipped).
 """
 
 import argparse
 import logging
 import sys
 
+from ovsam_ray.cli import STOP_ERRORS, report_stop
 from ovsam_ray.cli_jobs import add_label_args, run_label_cli
 
 if __name__ == "__main__":
@@ -22,7 +29,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         code = run_label_cli(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        logging.getLogger("ovsam_ray").error("label job stopped: %s", e)
-        code = 2
+    except STOP_ERRORS as e:
+        code = report_stop(e, "label job stopped: ")
     sys.exit(code)

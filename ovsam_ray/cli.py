@@ -83,14 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What a job that cannot start or go on raises (a bad flag, storage unreachable, an output in
+#: use or not writable...): the CLI reports it as one line and exits EXIT_STOPPED, no traceback.
+STOP_ERRORS = (ValueError, RuntimeError, OSError)
+EXIT_STOPPED = 2
+
+
+def report_stop(e: BaseException, prefix: str = "") -> int:
+    """Log ``e`` as one line (the traceback at DEBUG level) and return EXIT_STOPPED."""
+    from ovsam_ray.io import redact, safe_for_log
+
+    log = logging.getLogger("ovsam_ray")
+    log.debug("stopped by", exc_info=e)
+    log.error("%s%s", prefix, safe_for_log(redact(str(e) or type(e).__name__), limit=2000))
+    return EXIT_STOPPED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        logging.getLogger("ovsam_ray").error("%s", e)
-        return 2
+    except STOP_ERRORS as e:
+        return report_stop(e)
 
 
 if __name__ == "__main__":

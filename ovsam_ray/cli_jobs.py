@@ -32,7 +32,11 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
                         "weights needed) to measure the pipeline alone")
     p.add_argument("--decode-chunk", type=int, help="images per decoded block (default 16, or 256 with --baseline)")
     g = p.add_argument_group("prompts")
-    g.add_argument("--prompts", default="shard", help="shard | detector:NAME | grid, or several joined by commas")
+    g.add_argument("--prompts", default="shard",
+                   help="shard | detector:NAME | grid, several joined by commas, or A|B: B's prompts for the images "
+                        "A gives none (shard|grid, shard|detector:NAME)")
+    g.add_argument("--max-prompts", type=int, default=1000,
+                   help="prompts kept per image from its JSON (the first N, boxes first; the row's warnings say so)")
     g.add_argument("--grid-size", type=int, default=32, help="points per side of the segment-everything grid")
     g.add_argument("--grid-stability", type=float, default=0.95)
     g.add_argument("--grid-nms-iou", type=float, default=0.7)
@@ -84,6 +88,7 @@ def label_config(a: argparse.Namespace) -> LabelConfig:
         detector_concurrency=a.detector_concurrency,
         baseline=a.baseline,
         decode_chunk=a.decode_chunk,
+        max_prompts=a.max_prompts,
     )
 
 
@@ -106,10 +111,10 @@ def run_label_cli(a: argparse.Namespace) -> int:
     from ovsam_ray.pipeline.label_job import run_label
 
     cfg = label_config(a)
-    init_ray(a.ray_address)
-    summary = run_label(cfg)
+    # Ray starts only once the input is listed and the output's lease is held.
+    summary = run_label(cfg, connect=lambda: init_ray(a.ray_address))
     print(json.dumps(summary.to_dict(), indent=1))
-    return 1 if summary.failed(cfg.max_error_fraction) else 0
+    return summary.exit_code(cfg.max_error_fraction)
 
 
 def _relabel(a: argparse.Namespace) -> int:

@@ -15,7 +15,9 @@ except through :func:`safe_join`.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from typing import IO, Any
@@ -26,11 +28,13 @@ from fsspec import AbstractFileSystem
 __all__ = [
     "UnsafePathError",
     "atomic_write_bytes",
+    "check_endpoint",
     "exists",
     "get_filesystem",
     "is_remote",
     "join",
     "list_files",
+    "normalise_location",
     "open_url",
     "read_bytes",
     "redact",
@@ -88,6 +92,34 @@ def to_url(fs: AbstractFileSystem, path: str) -> str:
     if protocol in ("s3", "s3a"):
         return "s3://" + path
     return fs.unstrip_protocol(path)
+
+
+def check_endpoint(endpoint: str | None) -> None:
+    """Raise ``ValueError`` (one line, with an example) unless ``endpoint`` is None or an
+    ``http(s)://host[:port]`` URL, before any storage client meets it."""
+    if endpoint is None:
+        return
+    parsed = urllib.parse.urlsplit(endpoint)
+    try:
+        parsed.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        parsed = parsed._replace(netloc="")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        shown = safe_for_log(redact(endpoint), limit=100)
+        raise ValueError(f"--s3-endpoint {shown!r} is not an endpoint URL: expected http(s)://HOST[:PORT], e.g. "
+                         "http://127.0.0.1:9000 or https://s3.us-east-1.amazonaws.com")
+
+
+def normalise_location(url: str) -> str:
+    """``url`` in one spelling per location, to compare locations: a local path made absolute with
+    ``~``, ``.``, ``..``, repeated and trailing slashes resolved and symlinks followed; a URL with
+    its scheme lower-cased (``s3a`` -> ``s3``) and its path normalised the same way as text."""
+    protocol = _protocol(url)
+    if protocol == "file":
+        path = url[len("file://"):] if url.startswith("file://") else url
+        return os.path.realpath(os.path.expanduser(path))
+    rest = _SCHEME_RE.sub("", url, count=1)
+    return f"{protocol}://" + posixpath.normpath("/" + rest).lstrip("/")
 
 
 def join(url: str, *names: str) -> str:

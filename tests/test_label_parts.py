@@ -76,16 +76,18 @@ def test_instance_columns_box_fill_labels_and_points():
     assert a["topk_labels"] == [] and a["embedding"] is None
 
 
-def _result_rows(shard: str, indices: list[int], total: int) -> pa.Table:
+def _result_rows(shard: str, indices: list[int], total: int, skipped: str = "") -> pa.Table:
     cols = InstanceColumns()
     for _ in indices:
         cols.add_box_fill(np.array([[0, 0, 2, 2]], np.float32), height=4, width=4)
     n = len(indices)
-    return pa.Table.from_arrays([
-        pa.array([f"k{i}" for i in indices]), pa.array([shard] * n), pa.array(indices, pa.int32()),
-        pa.array([total] * n, pa.int32()), pa.array([""] * n), pa.array([None] * n, pa.string()),
-        pa.array([4] * n, pa.int32()), pa.array([4] * n, pa.int32()), pa.array(["ok"] * n),
-        pa.array([None] * n, pa.string()), cols.to_arrow()], schema=RESULT_SCHEMA)
+    return pa.table({
+        "key": [f"k{i}" for i in indices], "shard": [shard] * n, "index": pa.array(indices, pa.int32()),
+        "shard_total": pa.array([total] * n, pa.int32()), "shard_damage": [""] * n, "shard_skipped": [skipped] * n,
+        "image_id": pa.array([None] * n, pa.string()), "width": pa.array([4] * n, pa.int32()),
+        "height": pa.array([4] * n, pa.int32()), "status": ["ok"] * n, "error": pa.array([None] * n, pa.string()),
+        "instances": cols.to_arrow(), "warnings": pa.array([None] * n, pa.list_(pa.string())),
+        "num_prompts": pa.array([1] * n, pa.int32())}, schema=RESULT_SCHEMA)
 
 
 def test_commit_shard_keeps_one_row_per_index_and_refuses_gaps(tmp_path):

@@ -58,7 +58,10 @@ def _rows(shard: str = "shard-000000") -> list[dict]:
 
 
 def test_schema_matches_design():
-    assert OUTPUT_SCHEMA.names == ["key", "shard", "image_id", "width", "height", "status", "error", "instances"]
+    assert OUTPUT_SCHEMA.names == ["key", "shard", "image_id", "width", "height", "status", "error", "instances",
+                                   "warnings"]
+    assert OUTPUT_SCHEMA.field("warnings").type == pa.list_(pa.string()) and OUTPUT_SCHEMA.field("warnings").nullable
+    assert OUTPUT_SCHEMA.metadata[b"ovsam_ray.schema_version"] == b"2"
     inst = OUTPUT_SCHEMA.field("instances").type.value_type
     assert [inst.field(i).name for i in range(inst.num_fields)] == [
         "prompt_type", "prompt_box", "point", "detector_score", "detector_label", "bbox", "area", "rle",
@@ -179,6 +182,46 @@ def test_commit_rejects_foreign_tables_and_names(tmp_path):
     loose = pa.schema([pa.field(f.name, f.type) for f in OUTPUT_SCHEMA])
     committer.commit("s", rows_to_table(_rows("s")).cast(loose))
     assert pq.read_schema(committer.parquet_url("s")).equals(OUTPUT_SCHEMA)
+
+
+def _version_1(table: pa.Table) -> pa.Table:
+    """``table`` as schema version 1 wrote it (no ``warnings`` column)."""
+    old = pa.schema([f for f in OUTPUT_SCHEMA if f.name != "warnings"], metadata={"ovsam_ray.schema_version": "1"})
+    return table.select(old.names).cast(old)
+
+
+def test_version_1_files_still_read_and_recommit(tmp_path):
+    from ovsam_ray.export.reader import iter_label_rows
+
+    out = str(tmp_path / "old")
+    committer = ShardCommitter(out)
+    committer.commit("s", rows_to_table(_rows("s")))
+    pq.write_table(_version_1(rows_to_table(_rows("s"))), committer.parquet_url("s"))  # as an old run left it
+    rows = list(iter_label_rows(out))
+    assert [r["key"] for r in rows] == ["a", "b", "c"] and "warnings" not in rows[0]
+    assert [r["status"] for r in iter_label_rows(out, columns=["key", "status"])] == ["ok", "error", "ok"]
+    # a version-1 table (relabel of an old output) commits as version 2 with null warnings
+    committer.commit("t", _version_1(rows_to_table(_rows("t"))))
+    table = pq.read_table(committer.parquet_url("t"))
+    assert table.schema.equals(OUTPUT_SCHEMA) and table.column("warnings").to_pylist() == [None] * 3
+    with_warnings = rows_to_table([{**_rows("u")[0], "warnings": ["box 3 dropped: NaN"]}])
+    assert with_warnings.column("warnings").to_pylist() == [["box 3 dropped: NaN"]]
+
+
+def test_marker_without_parquet_is_a_clear_error(tmp_path):
+    from ovsam_ray.export.reader import iter_label_rows
+
+    out = str(tmp_path / "out")
+    committer = ShardCommitter(out)
+    for name in ("s1", "s2"):
+        committer.commit(name, rows_to_table(_rows(name)))
+    os.remove(committer.parquet_url("s2"))
+    assert committer.markers_without_parquet() == ["s2"]
+    with pytest.raises(writer.MissingShardFileError) as err:
+        list(iter_label_rows(out))
+    message = str(err.value)
+    assert "shard s2" in message and "_committed/s2.json" in message and "s2.parquet is missing" in message
+    assert "Rerun the label job" in message and "\n" not in message
 
 
 def test_commit_s3(s3_server, s3_bucket):

@@ -61,7 +61,15 @@ def read_label_file(url: str, *, columns: Sequence[str] | None = None, s3_endpoi
 def _iter_file(url: str, columns: Sequence[str] | None, batch_size: int, s3_endpoint: str | None
                ) -> Iterator[list[dict[str, Any]]]:
     fs, path = io.get_filesystem(url, s3_endpoint=s3_endpoint)
-    with fs.open(path, "rb") as f:
+    try:
+        f = fs.open(path, "rb")
+    except FileNotFoundError:
+        folder, _, name = url.rpartition("/")
+        committer = ShardCommitter(folder, s3_endpoint=s3_endpoint)
+        if name.endswith(".parquet") and committer.is_committed(name[: -len(".parquet")]):
+            raise committer.missing_file_error(name[: -len(".parquet")]) from None
+        raise
+    with f:
         pf = pq.ParquetFile(f)
         for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None):
             yield batch.to_pylist()

@@ -1,11 +1,12 @@
 """The label job (DESIGN §4): WebDataset shards in, one committed Parquet file per shard out.
 
-list shards -> skip committed -> read + decode + resize (one CPU task per shard) -> [detector
-actor pool] -> model actor pool -> part files (CPU tasks) -> one commit task per shard. The
-driver sees one small metadata row per part and starts a shard's commit once its parts are all
-written; no image row ever passes through it (``pipeline/parts.py``). Every input image becomes
-exactly one row; a rerun with the same arguments skips committed shards; a different
-model/vocabulary is refused unless ``overwrite``.
+list shards -> take the output's lease -> skip committed -> read + decode + resize (one CPU task
+per shard) -> [detector actor pool] -> model actor pool -> part files (CPU tasks) -> one commit
+task per shard. The driver sees one small metadata row per part and starts a shard's commit once
+its parts are all written; no image row ever passes through it (``pipeline/parts.py``,
+``pipeline/tracker.py``). Every input image becomes exactly one row; a rerun with the same
+arguments skips committed shards; a different model/vocabulary is refused unless ``overwrite``;
+one job at a time writes an output folder (``pipeline/lease.py``).
 """
 
 from __future__ import annotations
@@ -15,23 +16,23 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 
 from ovsam_ray import __version__, io
-from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS
+from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS
 from ovsam_ray.data.shards import list_shards, shard_name
 from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
 from ovsam_ray.model.presets import IMAGE_SIZES
 from ovsam_ray.pipeline.detectors import DetectorStage
-from ovsam_ray.pipeline.faults import maybe_fail
+from ovsam_ray.pipeline.lease import HEARTBEAT_S, OutputLease
 from ovsam_ray.pipeline.parts import (
     COMMIT_ATTEMPTS,
     COMMIT_BACKOFF_S,
     StorageUnavailableError,
-    commit_shard,
     remove_all_parts,
     with_storage_retries,
     write_parts,
@@ -39,16 +40,25 @@ from ovsam_ray.pipeline.parts import (
 from ovsam_ray.pipeline.predict_stage import BASELINES, BoxFillStage, PredictStage
 from ovsam_ray.pipeline.progress import JobProgress
 from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig
-from ovsam_ray.pipeline.stages import read_and_decode
-from ovsam_ray.pipeline.stats import format_stats, merge_stats, write_run_stats
+from ovsam_ray.pipeline.stages import encode_url, read_and_decode
+from ovsam_ray.pipeline.stats import format_stats, write_run_stats
+from ovsam_ray.pipeline.tracker import ShardTracker, storage_error
 from ovsam_ray.pipeline.writer import RunRecord, ShardCommitter, check_or_write_run_record
 
 log = logging.getLogger(__name__)
 
 PART_ROWS = 1000
 
-__all__ = ["COMMIT_ATTEMPTS", "COMMIT_BACKOFF_S", "LabelConfig", "LabelSummary", "StorageUnavailableError",
-           "build_dataset", "run_label"]
+__all__ = ["COMMIT_ATTEMPTS", "COMMIT_BACKOFF_S", "EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_OK", "JobStartError",
+           "LabelConfig", "LabelSummary", "StorageUnavailableError", "build_dataset", "run_label"]
+
+#: Exit codes of ``ovsam-ray label`` / ``jobs/label.py`` (2: the job could not start or go on).
+EXIT_OK, EXIT_FAILED, EXIT_INCOMPLETE = 0, 1, 3
+_T = TypeVar("_T")
+
+
+class JobStartError(RuntimeError):
+    """The job could not start (storage unreachable, output not writable...): one line, why."""
 
 
 @dataclass
@@ -63,7 +73,9 @@ class LabelConfig:
     max_error_fraction: error rows / images above which the job exits non-zero;
     decode_chunk: images per block out of the decode stage (None: 16 when the model takes pixels,
     256 when it takes none); baseline: "box-fill" runs the zero-cost baseline in the model's place
-    (masks are the prompt boxes; no weights, no model) to measure the pipeline alone.
+    (masks are the prompt boxes; no weights, no model) to measure the pipeline alone;
+    max_prompts: prompts kept per image from its JSON (the first N, boxes first; the row's
+    ``warnings`` say so); lease_heartbeat_s: how often the driver renews the output's lease.
     """
 
     input: str
@@ -91,6 +103,8 @@ class LabelConfig:
     detector_concurrency: int = 1
     detector_batch_size: int = 4
     baseline: str | None = None
+    max_prompts: int = DEFAULT_MAX_PROMPTS
+    lease_heartbeat_s: float = HEARTBEAT_S
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -106,8 +120,12 @@ class LabelConfig:
         conc = self.concurrency if isinstance(self.concurrency, tuple) else (self.concurrency, self.concurrency)
         if not 1 <= conc[0] <= conc[1]:
             raise ValueError(f"concurrency={self.concurrency}: need 1 <= min <= max actors")
-        if self.input.rstrip("/") == self.output.rstrip("/"):
-            raise ValueError("output must differ from input")
+        _check_locations(self.input, self.output)
+        io.check_endpoint(self.model.s3_endpoint)
+        if self.max_prompts < 1:
+            raise ValueError(f"max_prompts={self.max_prompts}: must be >= 1 prompt per image")
+        if self.lease_heartbeat_s <= 0:
+            raise ValueError(f"lease_heartbeat_s={self.lease_heartbeat_s}: must be > 0 seconds")
         if self.baseline is not None and self.baseline not in BASELINES:
             raise ValueError(f"baseline={self.baseline!r}: choose one of {', '.join(BASELINES)} (or none for OV-SAM)")
         if self.decode_chunk is not None and self.decode_chunk < 1:
@@ -125,6 +143,9 @@ class LabelSummary:
     images_ok: int = 0
     images_error: int = 0
     masks: int = 0
+    images_with_warnings: int = 0  # rows whose `warnings` name dropped/clipped/capped prompts
+    images_no_prompts: int = 0  # ok images that had no prompt at all (empty rows)
+    members_skipped: dict[str, int] = field(default_factory=dict)  # tar members without a row, per reason
     wall_time_s: float = 0.0
     random_init: bool = False
     driver_parts: int = 0  # metadata rows the driver handled (parts and whole-shard events)
@@ -140,9 +161,18 @@ class LabelSummary:
 
     def failed(self, max_error_fraction: float) -> bool:
         """True when the job should exit non-zero."""
-        broken_shards = len(self.shards_failed) + len(self.shards_damaged)
+        return self.exit_code(max_error_fraction) != EXIT_OK
+
+    def exit_code(self, max_error_fraction: float) -> int:
+        """EXIT_INCOMPLETE (3) when a shard was left uncommitted (whatever ``max_error_fraction``
+        says: a rerun finishes it), else EXIT_FAILED (1) when errors exceed ``max_error_fraction``
+        (or a shard was damaged and it is below 1), else EXIT_OK."""
+        if self.shards_failed:
+            return EXIT_INCOMPLETE
         fraction = self.images_error / max(self.images, 1)
-        return fraction > max_error_fraction or (broken_shards > 0 and max_error_fraction < 1.0)
+        if fraction > max_error_fraction or (self.shards_damaged and max_error_fraction < 1.0):
+            return EXIT_FAILED
+        return EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "images": self.images, "images_per_s": round(self.images_per_s, 3)}
@@ -157,8 +187,9 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
         "thresholds": {"mask_logit": 0.0, "alpha": 0.1, "beta": 0.9, "topk": m.topk},
         "with_embedding": cfg.with_embedding,
         "prompts": cfg.prompts,
+        "max_prompts": cfg.max_prompts,
         "select": dataclasses.asdict(cfg.select),
-        "detector": None if not cfg.sources.detector else {
+        "detector": None if not cfg.sources.detector_name else {
             "score_threshold": cfg.detector_score_threshold, "nms_iou": cfg.detector_nms_iou,
             "max_per_image": cfg.detector_max_per_image},
     }
@@ -226,16 +257,18 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.da
     """The streaming Ray Data pipeline for ``shard_urls``: it yields PART_SCHEMA rows only."""
     image_size = None if cfg.baseline else IMAGE_SIZES[cfg.model.preset]
     chunk = cfg.decode_chunk or (1000 if image_size is None else 16)
-    ds = ray.data.from_items([{"url": u} for u in shard_urls], override_num_blocks=max(1, len(shard_urls)))
+    # As bytes: a local file name need not be UTF-8, and Arrow strings must be.
+    ds = ray.data.from_items([{"url": encode_url(u)} for u in shard_urls], override_num_blocks=max(1, len(shard_urls)))
     # Reading is I/O and decoding light next to the model: half a CPU each keeps them schedulable
     # beside the actors on small machines (the actors hold their CPUs for the whole job).
     ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="pyarrow", num_cpus=0.5, fn_kwargs={
-        "image_size": image_size, "max_pixels": cfg.max_pixels, "chunk": chunk, "s3_endpoint": cfg.model.s3_endpoint})
-    if cfg.sources.detector:
+        "image_size": image_size, "max_pixels": cfg.max_pixels, "max_prompts": cfg.max_prompts, "chunk": chunk,
+        "s3_endpoint": cfg.model.s3_endpoint})
+    if cfg.sources.detector_name:
         ds = ds.map_batches(
             DetectorStage,
             fn_constructor_kwargs={
-                "spec": cfg.sources.detector, "weights": cfg.detector_weights or cfg.model.weights,
+                "spec": cfg.sources.detector_name, "weights": cfg.detector_weights or cfg.model.weights,
                 "random_init": cfg.model.random_init, "score_threshold": cfg.detector_score_threshold,
                 "nms_iou": cfg.detector_nms_iou, "max_per_image": cfg.detector_max_per_image},
             batch_size=cfg.detector_batch_size,
@@ -260,124 +293,105 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.da
                           num_cpus=0.25, fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.model.s3_endpoint})
 
 
-class _ShardTracker:
-    """The driver's whole view of the rows: parts per shard, and one commit task per shard once
-    its parts are all written. Memory: the part URLs of the shards in flight."""
-
-    def __init__(self, cfg: LabelConfig, summary: LabelSummary, progress: JobProgress) -> None:
-        self.output, self.s3 = cfg.output, cfg.model.s3_endpoint
-        self.summary, self.progress = summary, progress
-        self.pending: dict[str, dict[str, Any]] = {}
-        self.running: dict[Any, str] = {}
-        self.commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_shard)
-        self.parts_seen = 0
-        self.stats = merge_stats([])  # this run's committed shards
-
-    def add(self, meta: dict[str, Any]) -> None:
-        self.parts_seen += 1
-        name = meta["shard"]
-        if meta["kind"] == "failed":
-            self.summary.shards_failed.append({"shard": name, "error": meta["damage"]})
-            log.error("shard %s could not be read and was NOT committed (a rerun retries it): %s", name,
-                      meta["damage"])
-            return
-        shard = self.pending.setdefault(name, {"parts": [], "rows": 0, "total": 0, "damage": "", "submitted": False})
-        if meta["kind"] == "part":
-            shard["parts"].append(meta["part"])
-            shard["rows"] += meta["rows"]
-            shard["total"], shard["damage"] = meta["total"], meta["damage"]
-            self.progress.update(images=meta["rows"], errors=meta["errors"], masks=meta["masks"])
-        if shard["rows"] >= shard["total"] and not shard["submitted"]:
-            maybe_fail("driver_before_commit")
-            shard["submitted"] = True
-            ref = self.commit.remote(self.output, name, list(shard["parts"]), shard["total"], shard["damage"],
-                                     s3_endpoint=self.s3)
-            self.running[ref] = name
-
-    def collect(self, *, wait: bool) -> None:
-        """Take the results of finished commit tasks (all of them with ``wait``)."""
-        while self.running:
-            ready, _ = ray.wait(list(self.running), num_returns=len(self.running) if wait else 1, timeout=0 if not
-                                wait else None)
-            if not ready:
-                return
-            for ref in ready:
-                self._finish(self.running.pop(ref), ref)
-
-    def _finish(self, name: str, ref: Any) -> None:
-        try:
-            res = ray.get(ref)
-        except StorageUnavailableError as e:
-            raise (_storage_error(e) or e) from None
-        except Exception as e:  # noqa: BLE001 - a commit task that failed for good: shard not committed
-            self.pending.pop(name, None)
-            self.summary.shards_failed.append({"shard": name, "error": f"commit failed: {type(e).__name__}: {e}"})
-            log.error("shard %s was NOT committed (a rerun retries it): %s", name, e)
-            return
-        if "missing" in res:  # a duplicate part made the count look complete: wait for the rest
-            self.pending[name]["submitted"] = False
-            return
-        del self.pending[name]
-        s = self.summary
-        s.shards_committed += 1
-        s.images_ok += res["ok"]
-        s.images_error += res["error"]
-        s.masks += res["masks"]
-        if res["damage"]:
-            s.shards_damaged.append({"shard": name, "error": res["damage"]})
-            log.error("shard %s is damaged (%s): committed the %d images read before the damage", name,
-                      res["damage"], res["ok"] + res["error"])
-        if res["stats"] is not None:
-            self.stats = merge_stats([self.stats, res["stats"]])
-        for row in res["errors_sample"]:
-            log.warning("error row %s/%s: %s", name, io.redact(row["key"]), row["error"])
-        self.progress.update(shards=1)
+def _check_locations(input: str, output: str) -> None:
+    """Refuse an output that is the input, or lies inside the input folder (or is the folder of an
+    input pattern), whatever the spelling (``in/./``, ``in/``, ``x/../in``, symlinks)."""
+    out = io.normalise_location(output)
+    wildcards = [input.index(c) for c in "*?[{" if c in input]
+    if wildcards:  # a pattern: its shards lie in the folder before the first wildcard
+        static = input[: min(wildcards)]
+        folder = static.rsplit("/", 1)[0] + "/" if "/" in static else "."
+        if out == io.normalise_location(folder):
+            raise ValueError(f"output {io.redact(output)} is the folder of the input shards {io.redact(input)}: "
+                             "use a folder of its own")
+        return
+    inp = io.normalise_location(input)
+    if out == inp or out.startswith(inp.rstrip("/") + "/"):
+        raise ValueError(f"output {io.redact(output)} is the input {io.redact(input)} or inside it: use an output "
+                         "folder outside the input")
 
 
-def _storage_error(e: BaseException) -> StorageUnavailableError | None:
-    """The StorageUnavailableError behind a task's or Ray Data's wrapped exception, unwrapped
-    (its message alone: the job's one-line reason), or None."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(e, StorageUnavailableError) and not isinstance(cause, StorageUnavailableError):
-            return StorageUnavailableError(str(e).splitlines()[-1] if "Traceback" in str(e) else str(e))
-        e = cause or e.__cause__ or e.__context__
-    return None
+def _startup(what: str, step: Callable[[], _T]) -> _T:
+    """Run one start-up step; a failure that is not already a one-line reason (storage errors,
+    an unwritable output) becomes a :class:`JobStartError` naming the step."""
+    try:
+        return step()
+    except (ValueError, RuntimeError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any storage client error: the job cannot start
+        raise JobStartError(f"cannot {what}: {type(e).__name__}: {io.safe_for_log(io.redact(str(e)))}") from None
 
 
-def _drive(cfg: LabelConfig, todo: list[str], text: dict, tracker: _ShardTracker) -> None:
+def _drive(cfg: LabelConfig, todo: list[str], text: dict, tracker: ShardTracker, lease: OutputLease) -> None:
     """Stream the dataset's part rows into the tracker; commit tasks run meanwhile."""
     try:
         for batch in build_dataset(cfg, todo, text).iter_batches(batch_size=None, batch_format="pyarrow"):
+            lease.check()
             for meta in batch.to_pylist():
                 tracker.add(meta)
             tracker.collect(wait=False)
     except Exception as e:
-        storage = _storage_error(e)
+        storage = storage_error(e)
         if storage is None:
             raise
         raise storage from None
     tracker.collect(wait=True)
+    lease.check()
 
 
-def run_label(cfg: LabelConfig) -> LabelSummary:
-    """Run the label job; returns the summary (also logged and written as ``_summary.json``)."""
-    t0 = time.time()
-    s3 = cfg.model.s3_endpoint
-    summary = LabelSummary(random_init=cfg.model.random_init and cfg.baseline is None)
-    shards = list_shards(cfg.input, s3_endpoint=s3)
+def _list_input(cfg: LabelConfig) -> tuple[list[str], list[str]]:
+    shards = list_shards(cfg.input, s3_endpoint=cfg.model.s3_endpoint)
     names = [shard_name(u) for u in shards]
     if len(set(names)) != len(names):
         raise ValueError("input shards must have distinct file names (they name the output files)")
-    text, vocab, identity, summary.text_embeddings = _prepare_text(cfg)
+    return shards, names
+
+
+def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) -> LabelSummary:
+    """Run the label job; returns the summary (also logged and written as ``_summary.json``).
+
+    ``connect``: called once the input is listed and the output's lease is held, before anything
+    runs on Ray (the CLI joins or starts its cluster there, so that a bad input or output costs
+    no cluster start). Start-up failures raise :class:`JobStartError` (or ``ValueError``/
+    ``RuntimeError`` subclasses that say what to do), each one line.
+    """
+    t0 = time.time()
+    shards, names = _startup(f"list the input shards {io.redact(cfg.input)}", lambda: _list_input(cfg))
+    lease = OutputLease(cfg.output, s3_endpoint=cfg.model.s3_endpoint, interval_s=cfg.lease_heartbeat_s)
+    _startup(f"take the lease of the output {io.redact(cfg.output)}", lease.acquire)
+    lease.start()
+    try:
+        if connect is not None:
+            connect()
+        return _run_leased(cfg, shards, names, lease, t0)
+    finally:
+        lease.close()
+
+
+def _prepare_output(cfg: LabelConfig, identity: dict, vocab: Any) -> tuple[str, set[str]]:
+    """With the lease held: check/write the run record, delete what crashed runs left behind
+    (only now: a live job's files are never deleted), relabel committed shards whose Parquet file
+    is gone; returns the run's state and the committed shards."""
+    s3 = cfg.model.s3_endpoint
     state = check_or_write_run_record(cfg.output, _run_record(cfg, identity, vocab), overwrite=cfg.overwrite,
                                       s3_endpoint=s3)
     committer = ShardCommitter(cfg.output, s3_endpoint=s3)
-    committed = committer.committed_shards()
-    committer.cleanup_temporaries(committed)
+    committer.cleanup_temporaries(committer.committed_shards())
     remove_all_parts(cfg.output, s3_endpoint=s3)
+    for name in committer.markers_without_parquet():
+        log.error("%s Relabelling it now.", committer.missing_file_error(name))
+        io.remove(committer.marker_url(name), s3_endpoint=s3)
+    return state, committer.committed_shards()
+
+
+def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: OutputLease, t0: float
+                ) -> LabelSummary:
+    s3 = cfg.model.s3_endpoint
+    summary = LabelSummary(random_init=cfg.model.random_init and cfg.baseline is None)
+    text, vocab, identity, summary.text_embeddings = _startup("load the model and vocabulary",
+                                                              lambda: _prepare_text(cfg))
+    state, committed = _startup(f"prepare the output {io.redact(cfg.output)}",
+                                lambda: _prepare_output(cfg, identity, vocab))
     todo = [u for u, n in zip(shards, names) if n not in committed]
     summary.shards_total, summary.shards_skipped = len(shards), len(shards) - len(todo)
     if cfg.limit is not None:
@@ -389,19 +403,32 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     elif cfg.model.random_init:
         log.warning("RANDOM INIT: labels come from an untrained model (recorded in the run record)")
     progress = JobProgress(total_shards=len(todo), interval_s=cfg.progress_interval_s)
-    tracker = _ShardTracker(cfg, summary, progress)
+    tracker = ShardTracker(cfg.output, s3, summary, progress)
     if todo:
-        _drive(cfg, todo, text, tracker)
+        _drive(cfg, todo, text, tracker, lease)
     for name, shard in tracker.pending.items():
         summary.shards_failed.append({"shard": name, "error": f"only {shard['rows']} of {shard['total']} rows arrived"})
     summary.wall_time_s = time.time() - t0
     summary.driver_parts = tracker.parts_seen
-    output, done = io.redact(cfg.output), summary.shards_committed
+    _finish(cfg, summary, tracker, len(committed))
+    progress.finish(summary)
+    return summary
+
+
+def _finish(cfg: LabelConfig, summary: LabelSummary, tracker: ShardTracker, committed_before: int) -> None:
+    """Write the run statistics and the summary; log what the user should know."""
+    s3, output, done = cfg.model.s3_endpoint, io.redact(cfg.output), summary.shards_committed
     run_stats = with_storage_retries(f"write the run statistics to {output}", lambda: write_run_stats(
-        cfg.output, s3_endpoint=s3, new=tracker.stats, committed=len(committed) + done), committed=done)
+        cfg.output, s3_endpoint=s3, new=tracker.stats, committed=committed_before + done), committed=done)
     log.info(format_stats(run_stats))
+    if summary.images_no_prompts:
+        log.warning("%d images had no prompts (empty rows); use --prompts grid or detector:NAME (or shard|grid, "
+                    "shard|detector:NAME to keep the shard's boxes where there are some)", summary.images_no_prompts)
+    if summary.members_skipped:
+        log.info("tar members without a row: %s", ", ".join(f"{n} {r}" for r, n in summary.members_skipped.items()))
+    if summary.shards_failed:
+        log.error("%d shards were NOT committed; rerun the same command to finish them (exit code %d)",
+                  len(summary.shards_failed), EXIT_INCOMPLETE)
     with_storage_retries(f"write the summary to {output}", lambda: io.atomic_write_bytes(
         io.join(cfg.output, "_summary.json"), json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3),
         committed=done)
-    progress.finish(summary)
-    return summary

@@ -18,6 +18,7 @@ still written last); a driver killed before a marker leaves parts that the next 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -45,14 +46,20 @@ COMMIT_BACKOFF_S = 2.0
 # Error rows named in the worker's log per shard (all of them are in the Parquet file).
 LOGGED_ERRORS = 20
 
-#: One row per part (or per whole-shard event) — all the driver ever sees of the rows.
+#: One row per part (or per whole-shard event) — all the driver ever sees of the rows. ``damage``
+#: and ``skipped`` are the shard's (see stages.DECODED_SCHEMA), passed on to its commit task.
 PART_SCHEMA = pa.schema([
     ("shard", pa.string()), ("kind", pa.string()), ("part", pa.string()), ("rows", pa.int64()),
-    ("total", pa.int64()), ("damage", pa.string()), ("errors", pa.int64()), ("masks", pa.int64()),
+    ("total", pa.int64()), ("damage", pa.string()), ("skipped", pa.string()), ("errors", pa.int64()),
+    ("masks", pa.int64()),
 ])
 
-
-_PART_FILE_SCHEMA = pa.schema(list(OUTPUT_SCHEMA) + [pa.field("index", pa.int32())])
+# A part file: output rows plus their shard index and prompt count (for the statistics).
+_PART_EXTRA = ["index", "num_prompts"]
+_PART_FILE_SCHEMA = pa.schema(list(OUTPUT_SCHEMA) + [pa.field("index", pa.int32()),
+                                                     pa.field("num_prompts", pa.int32())])
+# Rows whose warnings the commit task logs per shard (all are in the Parquet file).
+LOGGED_WARNINGS = 5
 
 
 class StorageUnavailableError(RuntimeError):
@@ -92,22 +99,24 @@ def write_parts(batch: pa.Table, *, output: str, s3_endpoint: str | None = None)
     meta: list[dict[str, Any]] = []
     status = batch.column("status")
     for kind in (SHARD_FAILED, SHARD_EMPTY):
-        for row in batch.filter(pc.equal(status, kind)).select(["shard", "shard_damage"]).to_pylist():
+        for row in batch.filter(pc.equal(status, kind)).select(["shard", "shard_damage", "shard_skipped"]).to_pylist():
             meta.append({"shard": row["shard"], "kind": kind.removeprefix("shard_"), "part": "", "rows": 0,
-                         "total": 0, "damage": row["shard_damage"], "errors": 0, "masks": 0})
+                         "total": 0, "damage": row["shard_damage"], "skipped": row["shard_skipped"] or "",
+                         "errors": 0, "masks": 0})
     rows = batch.filter(pc.invert(pc.is_in(status, pa.array([SHARD_FAILED, SHARD_EMPTY]))))
     for shard in pc.unique(rows.column("shard")).to_pylist():
         part = rows.filter(pc.equal(rows.column("shard"), shard))
         url = io.join(parts_url(output, shard), f"{uuid.uuid4().hex}.parquet")
         sink = pa.BufferOutputStream()
-        pq.write_table(part.select(OUTPUT_SCHEMA.names + ["index"]), sink, compression="zstd")
+        pq.write_table(part.select(OUTPUT_SCHEMA.names + _PART_EXTRA), sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
-        with_storage_retries(f"write a part of shard {shard} to {io.redact(output)}",
+        with_storage_retries(f"write a part of shard {io.safe_for_log(shard)} to {io.redact(output)}",
                              lambda url=url, data=data: io.atomic_write_bytes(url, data, s3_endpoint=s3_endpoint))
         maybe_fail("part_written")
         meta.append({
             "shard": shard, "kind": "part", "part": url, "rows": part.num_rows,
             "total": part.column("shard_total")[0].as_py(), "damage": part.column("shard_damage")[0].as_py() or "",
+            "skipped": part.column("shard_skipped")[0].as_py() or "",
             "errors": int(pc.sum(pc.equal(part.column("status"), "error")).as_py() or 0),
             "masks": int(pc.sum(pc.list_value_length(part.column("instances"))).as_py() or 0),
         })
@@ -127,44 +136,59 @@ def _one_row_per_index(table: pa.Table) -> pa.Table:
     return table.take(pa.array(order[first]))
 
 
-def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: str, *,
+def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: str, *, skipped: str = "",
                  s3_endpoint: str | None = None) -> dict[str, Any]:
     """Ray task: compact ``parts`` into the committed ``<output>/<shard>.parquet`` (rows in shard
-    order), its marker and statistics; delete the parts. Returns counts for the job summary, or
-    ``{"shard", "missing": n}`` (nothing written) when the parts do not cover every image."""
+    order), its marker and statistics; delete the parts. ``skipped``: the reader's JSON
+    ``{reason: count}`` of members that gave no row (or ""). Returns counts for the job summary,
+    or ``{"shard", "missing": n}`` (nothing written) when the parts do not cover every image."""
     committer = ShardCommitter(output, s3_endpoint=s3_endpoint)
     if committer.is_committed(shard):  # a retry of a commit that got as far as the marker
         marker = committer.read_marker(shard)
         if marker.get("num_rows") == total:
             _remove_quietly(parts_url(output, shard), s3_endpoint)
-            return _result(shard, marker["num_ok"], marker["num_error"], marker["num_instances"], damage, [])
+            return _result(marker, damage, [], [])
     table = _one_row_per_index(_read_parts(parts, s3_endpoint))
     index = table.column("index").to_numpy()
     if table.num_rows != total or (total and (index[0] != 0 or index[-1] != total - 1)):
         return {"shard": shard, "missing": total - table.num_rows}
+    stats = table_stats(table, members_skipped=json.loads(skipped) if skipped else {})
     table = table.select(OUTPUT_SCHEMA.names)
-    stats = {"damage": damage or None, "committed_by": "label_job"}
+    marker_stats = {"damage": damage or None, "committed_by": "label_job",
+                    **{k: stats[k] for k in _MARKER_STATS}}
     where = io.redact(output)
     maybe_fail("before_commit")
-    marker = with_storage_retries(f"commit shard {shard} to {where}", lambda: committer.commit(shard, table, stats))
-    stats = table_stats(table)
-    with_storage_retries(f"write the statistics of shard {shard} to {where}",
+    marker = with_storage_retries(f"commit shard {io.safe_for_log(shard)} to {where}",
+                                  lambda: committer.commit(shard, table, marker_stats))
+    with_storage_retries(f"write the statistics of shard {io.safe_for_log(shard)} to {where}",
                          lambda: write_shard_stats(output, shard, stats, s3_endpoint=s3_endpoint))
     maybe_fail("after_commit")
     _remove_quietly(parts_url(output, shard), s3_endpoint)
     errors = table.filter(pc.equal(table.column("status"), "error")).select(["key", "error"]).slice(0, LOGGED_ERRORS)
     for row in errors.to_pylist():
-        log.warning("error row %s/%s: %s", shard, row["key"], row["error"])
-    return _result(shard, marker["num_ok"], marker["num_error"], marker["num_instances"], damage,
-                   errors.slice(0, 3).to_pylist(), stats)
+        log.warning("error row %s/%s: %s", io.safe_for_log(shard), io.safe_for_log(row["key"], limit=120),
+                    io.safe_for_log(row["error"]))
+    warned = table.filter(pc.fill_null(pc.greater(pc.list_value_length(table.column("warnings")), 0), False))
+    warned = warned.select(["key", "warnings"]).slice(0, LOGGED_WARNINGS).to_pylist()
+    for row in warned:
+        log.warning("prompt warnings %s/%s: %s", io.safe_for_log(shard), io.safe_for_log(row["key"], limit=120),
+                    io.safe_for_log("; ".join(row["warnings"])))
+    return _result(marker, damage, errors.slice(0, 3).to_pylist(), warned[:3], stats)
 
 
-def _result(shard: str, ok: int, error: int, masks: int, damage: str, sample: list[dict],
+# Counts a shard's marker keeps (so a retried commit task can report them without the table).
+_MARKER_STATS = ("images_with_warnings", "images_no_prompts", "members_skipped")
+
+
+def _result(marker: dict[str, Any], damage: str, errors: list[dict], warned: list[dict],
             stats: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the driver learns of a committed shard: counts, a few error rows, the shard's
-    statistics (None when a retried commit found it done: the run statistics re-read them)."""
-    return {"shard": shard, "ok": ok, "error": error, "masks": masks, "damage": damage, "errors_sample": sample,
-            "stats": stats}
+    """What the driver learns of a committed shard: counts, a few error and warning rows, the
+    shard's statistics (None when a retried commit found it done: the run statistics re-read them)."""
+    extra = marker.get("stats") or {}
+    return {"shard": marker["shard"], "ok": marker["num_ok"], "error": marker["num_error"],
+            "masks": marker["num_instances"], "damage": damage, "errors_sample": errors, "warnings_sample": warned,
+            "warned": extra.get("images_with_warnings", 0), "no_prompts": extra.get("images_no_prompts", 0),
+            "skipped": extra.get("members_skipped") or {}, "stats": stats}
 
 
 def _remove_quietly(url: str, s3_endpoint: str | None) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ovsam_ray import io
 from ovsam_ray.pipeline.prompting import (
     ImagePromptSet,
     PromptSources,
@@ -31,12 +32,18 @@ log = logging.getLogger(__name__)
 
 BASELINES = ("box-fill",)
 
-#: What the model stage emits: the decoded row's identity + status + typed instances.
+#: What the model stage emits: the decoded row's identity + status + typed instances, the prompt
+#: warnings of the decode stage (plus one when an image had no prompt at all; null for none) and
+#: how many prompts the image had (null for error rows; for the statistics).
 RESULT_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("index", pa.int32()), ("shard_total", pa.int32()),
-    ("shard_damage", pa.string()), ("image_id", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("status", pa.string()), ("error", pa.string()), ("instances", pa.list_(INSTANCE_TYPE)),
+    ("shard_damage", pa.string()), ("shard_skipped", pa.string()), ("image_id", pa.string()), ("width", pa.int32()),
+    ("height", pa.int32()), ("status", pa.string()), ("error", pa.string()), ("instances", pa.list_(INSTANCE_TYPE)),
+    ("warnings", pa.list_(pa.string())), ("num_prompts", pa.int32()),
 ])
+#: The row warning of an image that had no prompt (its row has no instances).
+NO_PROMPTS_WARNING = ("no prompts: the prompt sources gave none for this image (--prompts grid, detector:NAME or "
+                      "shard|grid label such images)")
 
 
 def _reshape(values: list[float] | None, dim: int) -> list[list[float]]:
@@ -68,11 +75,22 @@ def prompt_sets(batch: pa.Table, rows: list[int], sources: PromptSources, grid_s
     return out
 
 
-def result_table(batch: pa.Table, status: list[str], error: list[str | None], instances: pa.Array) -> pa.Table:
-    """RESULT_SCHEMA rows: ``batch``'s identity columns with the stage's status, error, instances."""
+def result_table(batch: pa.Table, status: list[str], error: list[str | None], instances: pa.Array,
+                 sets: dict[int, ImagePromptSet]) -> pa.Table:
+    """RESULT_SCHEMA rows: ``batch``'s identity columns with the stage's status, error, instances;
+    warnings and prompt counts from the decoded rows and ``sets`` (prompts of the ok rows)."""
+    warned = batch.column("prompt_warnings").to_pylist()
+    num_prompts: list[int | None] = [None] * batch.num_rows
+    for i, ps in sets.items():
+        if status[i] == "ok":
+            num_prompts[i] = len(ps.types)
+            if not ps.types:
+                warned[i] = (warned[i] or []) + [NO_PROMPTS_WARNING]
     arrays = [batch.column(c) for c in PASS_COLUMNS]
-    arrays += [pa.chunked_array([a]) for a in (pa.array(status, pa.string()), pa.array(error, pa.string()), instances)]
-    names = list(PASS_COLUMNS) + ["status", "error", "instances"]
+    arrays += [pa.chunked_array([a]) for a in (
+        pa.array(status, pa.string()), pa.array(error, pa.string()), instances,
+        pa.array([w or None for w in warned], pa.list_(pa.string())), pa.array(num_prompts, pa.int32()))]
+    names = list(PASS_COLUMNS) + ["status", "error", "instances", "warnings", "num_prompts"]
     return pa.Table.from_arrays(arrays, names=names).select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
 
 
@@ -130,7 +148,7 @@ class PredictStage:
             ps = sets[i]
             cols.add_prediction(pred, ps.prompts, types=ps.types, keep=keep, detector_scores=ps.detector_scores,
                                 detector_labels=ps.detector_labels)
-        return result_table(batch, status, error, cols.to_arrow())
+        return result_table(batch, status, error, cols.to_arrow(), sets)
 
     def _predict_or_isolate(self, batch: pa.Table, rows: list[int], sets: dict[int, ImagePromptSet]) -> dict:
         """Predict ``rows`` together; if that fails, each image alone, so that one bad image
@@ -141,10 +159,10 @@ class PredictStage:
             return self._predict(batch, rows, sets)
         except Exception as e:  # noqa: BLE001 - a failing batch is retried image by image
             if len(rows) == 1:
-                log.exception("prediction failed for image %r", batch.column("key")[rows[0]].as_py())
+                log.exception("prediction failed for image %s", io.safe_for_log(batch.column("key")[rows[0]].as_py()))
                 return {rows[0]: f"prediction failed: {type(e).__name__}: {e}"}
             log.warning("prediction failed for a batch of %d images (%s: %s); retrying each alone", len(rows),
-                        type(e).__name__, e)
+                        type(e).__name__, io.safe_for_log(str(e)))
         out: dict = {}
         for i in rows:
             out.update(self._predict_or_isolate(batch, [i], sets))
@@ -183,4 +201,4 @@ class BoxFillStage:
                 continue
             cols.add_box_fill(ps.prompts.boxes, points=ps.prompts.points, height=heights[i], width=widths[i],
                               types=ps.types, detector_scores=ps.detector_scores, detector_labels=ps.detector_labels)
-        return result_table(batch, status, batch.column("error").to_pylist(), cols.to_arrow())
+        return result_table(batch, status, batch.column("error").to_pylist(), cols.to_arrow(), sets)

@@ -2,11 +2,14 @@
 
 Sources, combinable with commas: ``shard`` (boxes/points of the shard JSON), ``detector:NAME``
 (boxes from a detector actor pool, added to the JSON by the detector stage), ``grid`` (an N x N
-point grid: segment everything).
+point grid: segment everything). ``A|B`` takes an image's prompts from ``A`` and, for an image
+where ``A`` gives none, from ``B`` (``shard|grid``, ``shard|detector:NAME``): for shards where only
+some images carry boxes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +22,29 @@ from ovsam_ray.model.predictor import ImagePrediction, ImagePrompts
 
 @dataclass(frozen=True)
 class PromptSources:
+    """Where an image's prompts come from; ``fallback``: the sources of an image for which these
+    give no prompt (``A|B``)."""
+
     shard: bool = True
     detector: str | None = None
     grid: bool = False
+    fallback: PromptSources | None = None
+
+    @property
+    def detector_name(self) -> str | None:
+        """The detector whose boxes any alternative uses (the job runs its stage), or None."""
+        return self.detector or (self.fallback.detector if self.fallback else None)
 
     @classmethod
     def parse(cls, spec: str) -> PromptSources:
+        if "|" in spec:
+            first, _, second = spec.partition("|")
+            if "|" in second or not first.strip() or not second.strip():
+                raise ValueError(f"--prompts {spec!r}: use one fallback, A|B (e.g. shard|grid or shard|detector:NAME)")
+            primary, fallback = cls.parse(first), cls.parse(second)
+            if primary.detector and fallback.detector and primary.detector != fallback.detector:
+                raise ValueError(f"--prompts {spec!r}: both alternatives name a detector; use one")
+            return dataclasses.replace(primary, fallback=fallback)
         shard, detector, grid = False, None, False
         for part in (p.strip() for p in spec.split(",") if p.strip()):
             if part == "shard":
@@ -35,7 +55,8 @@ class PromptSources:
                 detector = part[len("detector:"):]
             else:
                 raise ValueError(f"--prompts {spec!r}: use shard, grid, detector:NAME (torchvision name or "
-                                 "my_pkg.module:MyDetector), or several joined by commas")
+                                 "my_pkg.module:MyDetector), several joined by commas, or A|B (B where A gives "
+                                 "an image no prompt)")
         if not (shard or detector or grid):
             raise ValueError(f"--prompts {spec!r} names no prompt source")
         return cls(shard=shard, detector=detector, grid=grid)
@@ -70,7 +91,16 @@ class ImagePromptSet:
 
 def image_prompt_set(spec: dict[str, Any], sources: PromptSources, *, width: int, height: int,
                      grid_size: int) -> ImagePromptSet:
-    """Combine the JSON's prompts (shard and/or detector boxes) and grid points for one image."""
+    """Combine the JSON's prompts (shard and/or detector boxes) and grid points for one image;
+    when they are none and ``sources`` has a fallback, the fallback's prompts."""
+    out = _combine(spec, sources, width=width, height=height, grid_size=grid_size)
+    if not out.types and sources.fallback is not None:
+        return image_prompt_set(spec, sources.fallback, width=width, height=height, grid_size=grid_size)
+    return out
+
+
+def _combine(spec: dict[str, Any], sources: PromptSources, *, width: int, height: int,
+             grid_size: int) -> ImagePromptSet:
     boxes, scores, labels = [], [], []
     if sources.shard:
         boxes += spec.get("boxes") or []

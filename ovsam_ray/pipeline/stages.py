@@ -9,6 +9,7 @@ carries its message to the output.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -17,8 +18,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DecodedSample, decode_sample
-from ovsam_ray.data.shards import read_shard, shard_name
+from ovsam_ray import io
+from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS, DecodedSample, decode_sample
+from ovsam_ray.data.shards import ShardRead, read_shard, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -33,72 +35,93 @@ _FLOATS = pa.list_(pa.float32())
 #: What the decode stage emits, one row per image (or one marker row per failed/empty shard).
 #: Prompts are flat per image: ``boxes`` 4 values per box (original pixels, XYXY), ``points`` 2
 #: per point, ``point_boxes`` 4 per point (NaN = none; null when the JSON has none); ``image`` is
-#: the resized uint8 (in_h, in_w, 3) image when the model needs pixels, else empty.
+#: the resized uint8 (in_h, in_w, 3) image when the model needs pixels, else empty. Per shard (the
+#: same on each of its rows, a few bytes): ``shard_damage`` (why the tar ended early, or "") and
+#: ``shard_skipped`` (JSON ``{reason: count}`` of the members that gave no row, or "").
 DECODED_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("index", pa.int32()), ("shard_total", pa.int32()),
-    ("shard_damage", pa.string()), ("status", pa.string()), ("error", pa.string()), ("image_id", pa.string()),
+    ("shard_damage", pa.string()), ("shard_skipped", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("image_id", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("in_h", pa.int32()), ("in_w", pa.int32()),
     ("image", pa.binary()), ("boxes", _FLOATS), ("box_scores", _FLOATS), ("box_labels", pa.list_(pa.string())),
     ("points", _FLOATS), ("point_boxes", _FLOATS), ("prompt_warnings", pa.list_(pa.string())),
 ])
 #: The columns every stage carries through unchanged.
-PASS_COLUMNS = ("key", "shard", "index", "shard_total", "shard_damage", "image_id", "width", "height")
+PASS_COLUMNS = ("key", "shard", "index", "shard_total", "shard_damage", "shard_skipped", "image_id", "width",
+                "height")
 
 
-def _read_with_retries(url: str, s3_endpoint: str | None) -> tuple[list[dict[str, Any]], str | None]:
+def encode_url(url: str) -> bytes:
+    """A shard URL as the bytes the job's first dataset holds: Arrow strings must be UTF-8, and a
+    local file name need not be (it arrives with surrogate escapes, :func:`list_shards`)."""
+    return url.encode("utf-8", "surrogateescape")
+
+
+def decode_url(data: bytes | str) -> str:
+    """Inverse of :func:`encode_url` (the very name ``open()`` needs)."""
+    return data if isinstance(data, str) else data.decode("utf-8", "surrogateescape")
+
+
+def _read_with_retries(url: str, s3_endpoint: str | None) -> ShardRead:
     damage = None
     for attempt in range(READ_ATTEMPTS):
         try:
-            read = read_shard(url, s3_endpoint=s3_endpoint)
+            return read_shard(url, s3_endpoint=s3_endpoint)
         except Exception as e:  # noqa: BLE001 - a shard we cannot open is reported, never fatal
-            damage = f"{type(e).__name__}: {e}"
-            log.warning("reading shard %s failed (attempt %d/%d): %s", url, attempt + 1, READ_ATTEMPTS, damage)
+            damage = f"{type(e).__name__}: {io.redact(io.safe_text(str(e)))}"
+            log.warning("reading shard %s failed (attempt %d/%d): %s", io.safe_for_log(io.redact(url)), attempt + 1,
+                        READ_ATTEMPTS, io.safe_for_log(damage))
             if attempt + 1 < READ_ATTEMPTS:
                 time.sleep(READ_BACKOFF_S * 2**attempt)
-        else:
-            return read.samples, read.damage
-    return [], damage
+    return ShardRead(url=url, shard=shard_name(url), damage=damage)
 
 
 def read_and_decode(batch: pa.Table, *, image_size: int | None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    chunk: int = 64, s3_endpoint: str | None = None) -> Iterator[pa.Table]:
-    """map_batches (CPU task, one shard URL per batch): read the shard, decode and resize its
-    images, yield DECODED_SCHEMA tables of ``chunk`` rows, numbered in shard order.
+                    max_prompts: int = DEFAULT_MAX_PROMPTS, chunk: int = 64, s3_endpoint: str | None = None
+                    ) -> Iterator[pa.Table]:
+    """map_batches (CPU task, one shard URL per batch, as :func:`encode_url` bytes): read the
+    shard, decode and resize its images, yield DECODED_SCHEMA tables of ``chunk`` rows, numbered
+    in shard order. ``max_prompts``: prompts kept per image (the rest dropped with a warning).
 
     ``image_size``: the model's input side (the longest side is resized to it), or None for a
     model that needs no pixels (the image is still decoded: a bad image must be an error row).
     A damaged tar yields the samples read before the damage, each carrying ``shard_damage``; a
     shard with nothing readable yields one SHARD_FAILED row, an empty shard one SHARD_EMPTY row.
     """
-    for url in batch.column("url").to_pylist():
-        name = shard_name(url)
-        samples, damage = _read_with_retries(url, s3_endpoint)
+    for raw in batch.column("url").to_pylist():
+        read = _read_with_retries(decode_url(raw), s3_endpoint)
+        name, samples, damage = read.shard, read.samples, read.damage or ""
+        skipped = json.dumps(read.skipped, sort_keys=True) if read.skipped else ""
         if not samples:
-            yield _marker_table(name, SHARD_FAILED if damage else SHARD_EMPTY, damage or "")
+            yield _marker_table(name, SHARD_FAILED if damage else SHARD_EMPTY, damage, skipped)
             continue
         for start in range(0, len(samples), chunk):
             part = samples[start: start + chunk]
-            yield _decode_chunk(part, name, start, len(samples), damage or "", image_size, max_pixels)
+            yield _decode_chunk(part, (name, start, len(samples), damage, skipped), image_size, max_pixels,
+                                max_prompts)
 
 
-def _marker_table(name: str, kind: str, message: str) -> pa.Table:
+def _marker_table(name: str, kind: str, message: str, skipped: str) -> pa.Table:
     row = {f.name: None for f in DECODED_SCHEMA}
-    row.update(key="", shard=name, index=-1, shard_total=0, shard_damage=message, status=kind, error=message)
+    row.update(key="", shard=name, index=-1, shard_total=0, shard_damage=message, shard_skipped=skipped, status=kind,
+               error=message)
     return pa.Table.from_pylist([row], schema=DECODED_SCHEMA)
 
 
-def _decode_chunk(samples: list[dict[str, Any]], name: str, start: int, total: int, damage: str,
-                  image_size: int | None, max_pixels: int) -> pa.Table:
+def _decode_chunk(samples: list[dict[str, Any]], shard: tuple[str, int, int, str, str], image_size: int | None,
+                  max_pixels: int, max_prompts: int) -> pa.Table:
+    """``shard``: (name, index of the first sample, samples in the shard, damage, skipped)."""
+    name, start, total, damage, skipped = shard
     cols: dict[str, list[Any]] = {f.name: [] for f in DECODED_SCHEMA}
     for i, sample in enumerate(samples):
         try:
-            decoded = decode_sample({**sample, "shard": name}, max_pixels=max_pixels)
+            decoded = decode_sample({**sample, "shard": name}, max_pixels=max_pixels, max_prompts=max_prompts)
         except Exception as e:  # noqa: BLE001 - decode_sample should not raise; never crash the job
             decoded = DecodedSample(key=sample["key"], shard=name, error=f"decode failed: {type(e).__name__}: {e}")
         _append_decoded(cols, decoded, image_size)
         cols["index"].append(start + i)
     n = len(samples)
-    cols.update(shard=[name] * n, shard_total=[total] * n, shard_damage=[damage] * n)
+    cols.update(shard=[name] * n, shard_total=[total] * n, shard_damage=[damage] * n, shard_skipped=[skipped] * n)
     return pa.Table.from_pydict(cols, schema=DECODED_SCHEMA)
 
 

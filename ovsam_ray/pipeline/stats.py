@@ -30,11 +30,18 @@ def shard_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return table_stats(pa.Table.from_pylist([{"status": r["status"], "instances": r["instances"] or []} for r in rows]))
 
 
-def table_stats(table: pa.Table) -> dict[str, Any]:
-    """Statistics of one shard's output table (``status``, ``instances`` columns), computed on the
-    Arrow columns: image/error/empty counts, masks per image, class histogram (labelled
-    instances), label-score and mask-area histograms and sums."""
+def table_stats(table: pa.Table, *, members_skipped: dict[str, int] | None = None) -> dict[str, Any]:
+    """Statistics of one shard's output table (``status``, ``instances`` columns; ``warnings`` and
+    ``num_prompts`` when present), computed on the Arrow columns: image/error/empty counts,
+    images with prompt warnings and without any prompt, masks per image, class histogram
+    (labelled instances), label-score and mask-area histograms and sums; ``members_skipped``:
+    the reader's count of tar members that gave no row, per reason."""
     ok = table.filter(pc.equal(table["status"], "ok"))
+    warned = no_prompts = 0
+    if "warnings" in table.column_names:
+        warned = int(pc.sum(pc.fill_null(pc.greater(pc.list_value_length(table["warnings"]), 0), False)).as_py() or 0)
+    if "num_prompts" in table.column_names:
+        no_prompts = int(pc.sum(pc.fill_null(pc.equal(ok["num_prompts"], 0), False)).as_py() or 0)
     per_image = pc.list_value_length(ok["instances"]).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     inst = pc.list_flatten(ok["instances"])
     n = len(inst)
@@ -47,6 +54,9 @@ def table_stats(table: pa.Table) -> dict[str, Any]:
         "images_ok": ok.num_rows,
         "images_error": table.num_rows - ok.num_rows,
         "images_empty": int((per_image == 0).sum()),
+        "images_with_warnings": warned,
+        "images_no_prompts": no_prompts,
+        "members_skipped": dict(sorted((members_skipped or {}).items())),
         "masks": n,
         "masks_per_image": {int(k): int(v) for k, v in enumerate(counts) if v},
         "classes": dict(Counter(x for x in labels if x is not None).most_common()),
@@ -67,14 +77,17 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum shard statistics (or already merged ones, which count their ``shards``) into run
     statistics (means derived from the sums)."""
     out: dict[str, Any] = {"shards": sum(p.get("shards", 1) for p in parts)}
-    for key in ("images", "images_ok", "images_error", "images_empty", "masks", "score_sum", "area_sum"):
+    for key in ("images", "images_ok", "images_error", "images_empty", "images_with_warnings", "images_no_prompts",
+                "masks", "score_sum", "area_sum"):
         out[key] = sum(p.get(key, 0) for p in parts)
-    for key in ("masks_per_image", "classes"):
+    for key in ("masks_per_image", "classes", "members_skipped"):
         total: Counter = Counter()
         for p in parts:
             total.update({str(k): v for k, v in p.get(key, {}).items()})
         if key == "classes":
             out[key] = dict(total.most_common())
+        elif key == "members_skipped":
+            out[key] = dict(sorted(total.items()))
         else:
             out[key] = dict(sorted(total.items(), key=lambda kv: int(kv[0])))
     for key, bins in (("score_histogram", "score_bins"), ("area_histogram", "area_bins")):
@@ -117,7 +130,10 @@ def write_run_stats(output: str, *, s3_endpoint: str | None, new: dict[str, Any]
 
 def format_stats(stats: dict[str, Any], top: int = 10) -> str:
     classes = list(stats.get("classes", {}).items())[:top]
-    return (f"label stats: {stats['images']} images ({stats['images_empty']} empty, {stats['images_error']} errors), "
+    skipped = sum(stats.get("members_skipped", {}).values())
+    return (f"label stats: {stats['images']} images ({stats['images_empty']} empty, {stats['images_error']} errors, "
+            f"{stats.get('images_with_warnings', 0)} with prompt warnings, {stats.get('images_no_prompts', 0)} without "
+            f"prompts; {skipped} tar members skipped), "
             f"{stats['masks']} masks, {stats['mean_masks_per_image']:.2f} per image, mean score "
             f"{stats['mean_score']:.3f}, mean area {stats['mean_area']:.0f} px; top classes: "
-            + ", ".join(f"{k} {v}" for k, v in classes))
+            + ", ".join(f"{io.safe_for_log(k, limit=60)} {v}" for k, v in classes))  # names may come from shard JSON

@@ -35,7 +35,9 @@ __all__ = [
     "RunMismatchError",
     "RunRecord",
     "ShardCommitter",
+    "MissingShardFileError",
     "check_or_write_run_record",
+    "conform_table",
     "rows_to_table",
 ]
 
@@ -67,7 +69,10 @@ INSTANCE_TYPE = pa.struct(
 )
 
 #: One row per input image (DESIGN §4). Error rows have status "error", a message in ``error``,
-#: width/height when the image could be decoded, and no instances.
+#: width/height when the image could be decoded, and no instances. ``warnings`` (schema version
+#: 2, last so that version-1 files read the same by name): what happened to the image's prompts
+#: (dropped, clipped, capped at --max-prompts, none at all), null for none; version-1 files lack
+#: the column and :func:`conform_table` gives them a null one.
 OUTPUT_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
@@ -78,8 +83,9 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("instances", pa.list_(INSTANCE_TYPE)),
+        pa.field("warnings", pa.list_(pa.string())),
     ],
-    metadata={"ovsam_ray.schema_version": "1"},
+    metadata={"ovsam_ray.schema_version": "2"},
 )
 
 _STATUSES = ("ok", "error")
@@ -142,6 +148,10 @@ _TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 _SHARD_NAME_RE = re.compile(r"^[^/\\]+$")
 
 
+class MissingShardFileError(FileNotFoundError):
+    """A shard has a commit marker but its Parquet file is gone (deleted by hand or by a tool)."""
+
+
 class ShardCommitter:
     """Commits one Parquet file per shard under ``output_url``, atomically, marker last.
 
@@ -172,6 +182,21 @@ class ShardCommitter:
     def read_marker(self, shard_name: str) -> dict[str, Any]:
         return json.loads(io.read_bytes(self.marker_url(shard_name), s3_endpoint=self.s3_endpoint))
 
+    def missing_file_error(self, shard_name: str) -> MissingShardFileError:
+        """The error for a committed shard whose Parquet file is missing: names both files and
+        what to do."""
+        where = io.redact(self.output_url)
+        return MissingShardFileError(
+            f"shard {io.safe_for_log(shard_name)} of {where} is committed (marker _committed/{shard_name}.json) but "
+            f"its Parquet file {shard_name}.parquet is missing (deleted after the commit?). Rerun the label job on "
+            f"{where}: it relabels such shards; or delete that marker to drop the shard from the output.")
+
+    def markers_without_parquet(self) -> list[str]:
+        """Committed shards whose Parquet file is missing (two listings, no per-shard request)."""
+        present = {u.rsplit("/", 1)[-1][: -len(".parquet")]
+                   for u in io.list_files(self.output_url, suffix=".parquet", s3_endpoint=self.s3_endpoint)}
+        return sorted(self.committed_shards() - present)
+
     def committed_parquet_urls(self) -> list[str]:
         """The Parquet files readers should consume: those with a commit marker."""
         return [self.parquet_url(name) for name in sorted(self.committed_shards())]
@@ -183,7 +208,7 @@ class ShardCommitter:
         ``num_error``, ``num_instances``, ``parquet_bytes``, ``sha256``, ``committed_at`` (UTC ISO)
         and ``stats`` (whatever the caller passes: timings, shard damage, warnings...).
         """
-        table = _conform(table)
+        table = conform_table(table)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
@@ -248,11 +273,14 @@ class ShardCommitter:
         return removed
 
 
-def _conform(table: pa.Table) -> pa.Table:
+def conform_table(table: pa.Table) -> pa.Table:
     """``table`` with exactly OUTPUT_SCHEMA (same columns and types; nullability and metadata may
-    differ, as they do after a trip through Ray Data)."""
+    differ, as they do after a trip through Ray Data). A table of an older schema version (no
+    ``warnings`` column) gets a null one."""
     if table.schema.equals(OUTPUT_SCHEMA):
         return table
+    if "warnings" not in table.column_names:
+        table = table.append_column("warnings", pa.nulls(table.num_rows, OUTPUT_SCHEMA.field("warnings").type))
     try:
         return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
     except (KeyError, ValueError, pa.ArrowException) as e:
