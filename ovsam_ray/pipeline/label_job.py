@@ -3,10 +3,11 @@
 list shards -> take the output's lease -> skip committed -> read + decode + resize (one CPU task
 per shard) -> [detector actor pool] -> model actor pool -> part files (CPU tasks) -> one commit
 task per shard. The driver sees one small metadata row per part and starts a shard's commit once
-its parts are all written; no image row ever passes through it (``pipeline/parts.py``,
-``pipeline/tracker.py``). Every input image becomes exactly one row; a rerun with the same
-arguments skips committed shards; a different model/vocabulary is refused unless ``overwrite``;
-one job at a time writes an output folder (``pipeline/lease.py``).
+its parts are all written; no image row ever passes through it (``pipeline/dataset.py`` builds the
+pipeline, ``pipeline/parts.py`` and ``pipeline/tracker.py`` commit). Every input image becomes
+exactly one row; a rerun with the same arguments skips committed shards; a different
+model/vocabulary is refused unless ``overwrite``; one job at a time writes an output folder
+(``pipeline/lease.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +26,7 @@ from ovsam_ray import __version__, io
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS
 from ovsam_ray.data.shards import list_shards, shard_name
 from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
-from ovsam_ray.model.presets import IMAGE_SIZES
-from ovsam_ray.pipeline.detectors import DetectorStage
+from ovsam_ray.pipeline.dataset import build_dataset
 from ovsam_ray.pipeline.lease import HEARTBEAT_S, OutputLease
 from ovsam_ray.pipeline.parts import (
     COMMIT_ATTEMPTS,
@@ -35,19 +34,15 @@ from ovsam_ray.pipeline.parts import (
     StorageUnavailableError,
     remove_all_parts,
     with_storage_retries,
-    write_parts,
 )
-from ovsam_ray.pipeline.predict_stage import BASELINES, BoxFillStage, PredictStage
+from ovsam_ray.pipeline.predict_stage import BASELINES
 from ovsam_ray.pipeline.progress import JobProgress
 from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig
-from ovsam_ray.pipeline.stages import encode_url, read_and_decode
 from ovsam_ray.pipeline.stats import format_stats, write_run_stats
 from ovsam_ray.pipeline.tracker import ShardTracker, storage_error
 from ovsam_ray.pipeline.writer import RunRecord, ShardCommitter, check_or_write_run_record
 
 log = logging.getLogger(__name__)
-
-PART_ROWS = 1000
 
 __all__ = ["COMMIT_ATTEMPTS", "COMMIT_BACKOFF_S", "EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_OK", "JobStartError",
            "LabelConfig", "LabelSummary", "StorageUnavailableError", "build_dataset", "run_label"]
@@ -117,7 +112,7 @@ class LabelConfig:
             raise ValueError(f"num_gpus={self.num_gpus}: must be >= 0 (0 = run the model actors on CPUs)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit}: must be >= 1 shard, or None for all")
-        conc = self.concurrency if isinstance(self.concurrency, tuple) else (self.concurrency, self.concurrency)
+        conc = self.actors
         if not 1 <= conc[0] <= conc[1]:
             raise ValueError(f"concurrency={self.concurrency}: need 1 <= min <= max actors")
         _check_locations(self.input, self.output)
@@ -131,6 +126,12 @@ class LabelConfig:
         if self.decode_chunk is not None and self.decode_chunk < 1:
             raise ValueError(f"decode_chunk={self.decode_chunk}: must be >= 1 image per block")
         self.sources = PromptSources.parse(self.prompts)
+
+    @property
+    def actors(self) -> tuple[int, int]:
+        """(min, max) model actors."""
+        c = self.concurrency
+        return c if isinstance(c, tuple) else (c, c)
 
 
 @dataclass
@@ -238,61 +239,6 @@ def _prepare_text(cfg: LabelConfig) -> tuple[dict, Any, dict, dict]:
     return out
 
 
-def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], float]:
-    """The model stage's callable class, its constructor arguments and CPUs per actor."""
-    if cfg.baseline == "box-fill":  # nearly free: leave the CPUs to decoding
-        return BoxFillStage, {"vocabulary": text["vocabulary"], "prompts": cfg.prompts,
-                              "grid_size": cfg.select.grid_size}, 0.25
-    conc = cfg.concurrency if isinstance(cfg.concurrency, tuple) else (cfg.concurrency, cfg.concurrency)
-    # As numpy, the object store hands every actor on a node the same read-only copy.
-    shared = ray.put({**text, "embeddings": text["embeddings"].numpy()})
-    kwargs = {"model_config": dataclasses.asdict(cfg.model), "text": shared, "with_embedding": cfg.with_embedding,
-              "forward_batch": cfg.batch_size,
-              "prompts": cfg.prompts, "select": dataclasses.asdict(cfg.select),
-              "cpu_threads": None if cfg.num_gpus else max(1, (os.cpu_count() or 1) // conc[1])}
-    return PredictStage, kwargs, cfg.num_cpus_per_actor
-
-
-def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.data.Dataset:
-    """The streaming Ray Data pipeline for ``shard_urls``: it yields PART_SCHEMA rows only."""
-    image_size = None if cfg.baseline else IMAGE_SIZES[cfg.model.preset]
-    chunk = cfg.decode_chunk or (1000 if image_size is None else 16)
-    # As bytes: a local file name need not be UTF-8, and Arrow strings must be.
-    ds = ray.data.from_items([{"url": encode_url(u)} for u in shard_urls], override_num_blocks=max(1, len(shard_urls)))
-    # Reading is I/O and decoding light next to the model: half a CPU each keeps them schedulable
-    # beside the actors on small machines (the actors hold their CPUs for the whole job).
-    ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="pyarrow", num_cpus=0.5, fn_kwargs={
-        "image_size": image_size, "max_pixels": cfg.max_pixels, "max_prompts": cfg.max_prompts, "chunk": chunk,
-        "s3_endpoint": cfg.model.s3_endpoint})
-    if cfg.sources.detector_name:
-        ds = ds.map_batches(
-            DetectorStage,
-            fn_constructor_kwargs={
-                "spec": cfg.sources.detector_name, "weights": cfg.detector_weights or cfg.model.weights,
-                "random_init": cfg.model.random_init, "score_threshold": cfg.detector_score_threshold,
-                "nms_iou": cfg.detector_nms_iou, "max_per_image": cfg.detector_max_per_image},
-            batch_size=cfg.detector_batch_size,
-            batch_format="pyarrow",
-            num_gpus=cfg.detector_num_gpus or None,
-            num_cpus=1 if cfg.detector_num_gpus else 0.5,
-            compute=ray.data.ActorPoolStrategy(size=cfg.detector_concurrency),
-        )
-    conc = cfg.concurrency if isinstance(cfg.concurrency, tuple) else (cfg.concurrency, cfg.concurrency)
-    stage, kwargs, num_cpus = _model_stage(cfg, text)
-    ds = ds.map_batches(
-        stage,
-        fn_constructor_kwargs=kwargs,
-        batch_size=cfg.images_per_call or max(64, cfg.batch_size),
-        batch_format="pyarrow",
-        num_gpus=cfg.num_gpus or None,
-        num_cpus=num_cpus,
-        compute=ray.data.ActorPoolStrategy(min_size=conc[0], max_size=conc[1]),
-    )
-    # Parts of up to PART_ROWS images, whatever the model's batch: fewer tasks and files per image.
-    return ds.map_batches(write_parts, batch_size=max(PART_ROWS, cfg.batch_size), batch_format="pyarrow",
-                          num_cpus=0.25, fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.model.s3_endpoint})
-
-
 def _check_locations(input: str, output: str) -> None:
     """Refuse an output that is the input, or lies inside the input folder (or is the folder of an
     input pattern), whatever the spelling (``in/./``, ``in/``, ``x/../in``, symlinks)."""
@@ -376,12 +322,14 @@ def _prepare_output(cfg: LabelConfig, identity: dict, vocab: Any) -> tuple[str, 
     state = check_or_write_run_record(cfg.output, _run_record(cfg, identity, vocab), overwrite=cfg.overwrite,
                                       s3_endpoint=s3)
     committer = ShardCommitter(cfg.output, s3_endpoint=s3)
-    committer.cleanup_temporaries(committer.committed_shards())
+    committed = committer.committed_shards()  # listed once: the steps below only remove from it
+    committer.cleanup_temporaries(committed)
     remove_all_parts(cfg.output, s3_endpoint=s3)
-    for name in committer.markers_without_parquet():
+    for name in committer.markers_without_parquet(committed):
         log.error("%s Relabelling it now.", committer.missing_file_error(name))
         io.remove(committer.marker_url(name), s3_endpoint=s3)
-    return state, committer.committed_shards()
+        committed.discard(name)
+    return state, committed
 
 
 def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: OutputLease, t0: float

@@ -191,11 +191,12 @@ class ShardCommitter:
             f"its Parquet file {shard_name}.parquet is missing (deleted after the commit?). Rerun the label job on "
             f"{where}: it relabels such shards; or delete that marker to drop the shard from the output.")
 
-    def markers_without_parquet(self) -> list[str]:
-        """Committed shards whose Parquet file is missing (two listings, no per-shard request)."""
+    def markers_without_parquet(self, committed: set[str] | None = None) -> list[str]:
+        """Committed shards whose Parquet file is missing (one or two listings, no per-shard
+        request); ``committed``: the committed shard names, when the caller has listed them."""
         present = {u.rsplit("/", 1)[-1][: -len(".parquet")]
                    for u in io.list_files(self.output_url, suffix=".parquet", s3_endpoint=self.s3_endpoint)}
-        return sorted(self.committed_shards() - present)
+        return sorted((self.committed_shards() if committed is None else committed) - present)
 
     def committed_parquet_urls(self) -> list[str]:
         """The Parquet files readers should consume: those with a commit marker."""

@@ -1,0 +1,79 @@
+"""The label job's Ray Data pipeline: read + decode (one CPU task per shard) -> [detector actor
+pool] -> model actor pool (OV-SAM or a baseline) -> part files (CPU tasks). What it yields is
+PART_SCHEMA metadata only; ``label_job`` drives it and commits the shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from ovsam_ray.model.presets import IMAGE_SIZES
+from ovsam_ray.pipeline.detectors import DetectorStage
+from ovsam_ray.pipeline.parts import write_parts
+from ovsam_ray.pipeline.predict_stage import BoxFillStage, PredictStage
+from ovsam_ray.pipeline.stages import encode_url, read_and_decode
+
+if TYPE_CHECKING:
+    from ovsam_ray.pipeline.label_job import LabelConfig
+
+__all__ = ["PART_ROWS", "build_dataset"]
+
+#: Rows per part file (and per part-writing task), whatever the model's batch.
+PART_ROWS = 1000
+
+
+def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], float]:
+    """The model stage's callable class, its constructor arguments and CPUs per actor."""
+    if cfg.baseline == "box-fill":  # nearly free: leave the CPUs to decoding
+        return BoxFillStage, {"vocabulary": text["vocabulary"], "prompts": cfg.prompts,
+                              "grid_size": cfg.select.grid_size}, 0.25
+    # As numpy, the object store hands every actor on a node the same read-only copy.
+    shared = ray.put({**text, "embeddings": text["embeddings"].numpy()})
+    kwargs = {"model_config": dataclasses.asdict(cfg.model), "text": shared, "with_embedding": cfg.with_embedding,
+              "forward_batch": cfg.batch_size,
+              "prompts": cfg.prompts, "select": dataclasses.asdict(cfg.select),
+              "cpu_threads": None if cfg.num_gpus else max(1, (os.cpu_count() or 1) // cfg.actors[1])}
+    return PredictStage, kwargs, cfg.num_cpus_per_actor
+
+
+def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.data.Dataset:
+    """The streaming Ray Data pipeline for ``shard_urls``: it yields PART_SCHEMA rows only."""
+    image_size = None if cfg.baseline else IMAGE_SIZES[cfg.model.preset]
+    chunk = cfg.decode_chunk or (1000 if image_size is None else 16)
+    # As bytes: a local file name need not be UTF-8, and Arrow strings must be.
+    ds = ray.data.from_items([{"url": encode_url(u)} for u in shard_urls], override_num_blocks=max(1, len(shard_urls)))
+    # Reading is I/O and decoding light next to the model: half a CPU each keeps them schedulable
+    # beside the actors on small machines (the actors hold their CPUs for the whole job).
+    ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="pyarrow", num_cpus=0.5, fn_kwargs={
+        "image_size": image_size, "max_pixels": cfg.max_pixels, "max_prompts": cfg.max_prompts, "chunk": chunk,
+        "s3_endpoint": cfg.model.s3_endpoint})
+    if cfg.sources.detector_name:
+        ds = ds.map_batches(
+            DetectorStage,
+            fn_constructor_kwargs={
+                "spec": cfg.sources.detector_name, "weights": cfg.detector_weights or cfg.model.weights,
+                "random_init": cfg.model.random_init, "score_threshold": cfg.detector_score_threshold,
+                "nms_iou": cfg.detector_nms_iou, "max_per_image": cfg.detector_max_per_image},
+            batch_size=cfg.detector_batch_size,
+            batch_format="pyarrow",
+            num_gpus=cfg.detector_num_gpus or None,
+            num_cpus=1 if cfg.detector_num_gpus else 0.5,
+            compute=ray.data.ActorPoolStrategy(size=cfg.detector_concurrency),
+        )
+    conc = cfg.actors
+    stage, kwargs, num_cpus = _model_stage(cfg, text)
+    ds = ds.map_batches(
+        stage,
+        fn_constructor_kwargs=kwargs,
+        batch_size=cfg.images_per_call or max(64, cfg.batch_size),
+        batch_format="pyarrow",
+        num_gpus=cfg.num_gpus or None,
+        num_cpus=num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=conc[0], max_size=conc[1]),
+    )
+    # Parts of up to PART_ROWS images, whatever the model's batch: fewer tasks and files per image.
+    return ds.map_batches(write_parts, batch_size=max(PART_ROWS, cfg.batch_size), batch_format="pyarrow",
+                          num_cpus=0.25, fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.model.s3_endpoint})
