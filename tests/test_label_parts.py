@@ -112,6 +112,35 @@ def test_commit_shard_keeps_one_row_per_index_and_refuses_gaps(tmp_path):
     assert ShardCommitter(out).read_marker("s") == marker
 
 
+def test_commit_shard_rides_out_a_storage_blip_on_its_reads(tmp_path, monkeypatch):
+    """The commit task's reads (its marker check, the parts) are retried like its writes: Ray does
+    not retry a task that raised, so one refused connection would otherwise fail the shard (a CI
+    run lost shard 20 of the S3-outage test this way)."""
+    out = str(tmp_path / "out")
+    urls = [m["part"] for m in parts.write_parts(_result_rows("s", [0, 1, 2], 3), output=out).to_pylist()]
+    monkeypatch.setattr(parts, "COMMIT_BACKOFF_S", 0.0)
+    failures = {"is_committed": 1, "read_bytes": 1}
+
+    def flaky(name, real):
+        def call(*args, **kwargs):
+            if failures[name]:
+                failures[name] -= 1
+                raise ConnectionError("Could not connect to the endpoint URL")
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(ShardCommitter, "is_committed", flaky("is_committed", ShardCommitter.is_committed))
+    monkeypatch.setattr(parts.io, "read_bytes", flaky("read_bytes", parts.io.read_bytes))
+    res = parts.commit_shard(out, "s", urls, 3, "")
+    assert failures == {"is_committed": 0, "read_bytes": 0} and res["ok"] == 3
+    assert ShardCommitter(out).committed_shards() == {"s"}
+    # A part that is gone is not a blip: no retries, the task fails at once (the shard stays uncommitted).
+    urls = [m["part"] for m in parts.write_parts(_result_rows("t", [0], 1), output=out).to_pylist()]
+    os.remove(urls[0])
+    with pytest.raises(FileNotFoundError):
+        parts.commit_shard(out, "t", urls, 1, "")
+
+
 def test_write_parts_groups_by_shard_and_passes_shard_events(tmp_path):
     out = str(tmp_path / "out")
     batch = pa.concat_tables([_result_rows("a", [0, 1], 2), _result_rows("b", [0], 3)])

@@ -72,7 +72,7 @@ def with_storage_retries(what: str, write: Callable[[], Any], *, committed: int 
     for attempt in range(COMMIT_ATTEMPTS):
         try:
             return write()
-        except ValueError:  # a bad table: retrying cannot help
+        except (ValueError, FileNotFoundError):  # a bad table, a missing file: retrying cannot help
             raise
         except Exception as e:  # noqa: BLE001 - storage clients raise many types; all are retried
             error = f"{type(e).__name__}: {io.redact(str(e))}"
@@ -143,12 +143,15 @@ def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: 
     ``{reason: count}`` of members that gave no row (or ""). Returns counts for the job summary,
     or ``{"shard", "missing": n}`` (nothing written) when the parts do not cover every image."""
     committer = ShardCommitter(output, s3_endpoint=s3_endpoint)
-    if committer.is_committed(shard):  # a retry of a commit that got as far as the marker
-        marker = committer.read_marker(shard)
-        if marker.get("num_rows") == total:
-            _remove_quietly(parts_url(output, shard), s3_endpoint)
-            return _result(marker, damage, [], [])
-    table = _one_row_per_index(_read_parts(parts, s3_endpoint))
+    where = io.redact(output)
+    # Reads ride out a storage blip like the writes below (a task that raised is not retried by Ray).
+    marker = with_storage_retries(f"read the marker of shard {io.safe_for_log(shard)} in {where}",
+                                  lambda: committer.read_marker(shard) if committer.is_committed(shard) else None)
+    if marker is not None and marker.get("num_rows") == total:  # a retry of a commit that got as far as the marker
+        _remove_quietly(parts_url(output, shard), s3_endpoint)
+        return _result(marker, damage, [], [])
+    table = _one_row_per_index(with_storage_retries(f"read the parts of shard {io.safe_for_log(shard)} in {where}",
+                                                    lambda: _read_parts(parts, s3_endpoint)))
     index = table.column("index").to_numpy()
     if table.num_rows != total or (total and (index[0] != 0 or index[-1] != total - 1)):
         return {"shard": shard, "missing": total - table.num_rows}
@@ -156,7 +159,6 @@ def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: 
     table = table.select(OUTPUT_SCHEMA.names)
     marker_stats = {"damage": damage or None, "committed_by": "label_job",
                     **{k: stats[k] for k in _MARKER_STATS}}
-    where = io.redact(output)
     maybe_fail("before_commit")
     marker = with_storage_retries(f"commit shard {io.safe_for_log(shard)} to {where}",
                                   lambda: committer.commit(shard, table, marker_stats))
