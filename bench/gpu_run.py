@@ -137,7 +137,7 @@ def _train(stage: str):
 # Budgets are caps, (GPU s, smoke s); their GPU sum (595) is above the run's 480 s on purpose: the
 # run's deadline caps each stage too, so time a stage leaves goes to the later ones, and a late
 # stage squeezed below a quarter of its cap is skipped and recorded (expected use on an H200,
-# from the reference costs in ../shared/reference/performance.md plus process and model start-up:
+# from the reference costs in docs/DESIGN.md, Appendix A, plus process and model start-up:
 # ~20 s kit, 10 env, 40 pytest, 140 perf, 90 label, 80 + 80 training, ~460 s in all).
 STAGES = [
     Stage("env", (30, 90), _env),

@@ -1,5 +1,5 @@
 """Golden values and empty inputs for the pure tensor functions of ``ovsam_ray.model.functional``,
-plus the CLIP2SAM RoIAlign against torchvision (DESIGN §2.1, 2.5-2.8)."""
+plus the CLIP2SAM RoIAlign against torchvision (DESIGN §2: the input, 2.5-2.8)."""
 
 from __future__ import annotations
 

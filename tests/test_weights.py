@@ -35,8 +35,8 @@ from ovsam_ray.weights import (
     read_weights,
 )
 
-# A verbatim copy of the design's reference/ovsam_checkpoint_layout.json: key names and shapes of
-# the released RN50x16 files (HarborYuan/ovsam_models) and of SAM ViT-H's prompt encoder.
+# Key names and shapes of the released RN50x16 files (HarborYuan/ovsam_models) and of SAM ViT-H's
+# prompt encoder, as the files store them (DESIGN §3).
 LAYOUT_PATH = Path(__file__).parent / "golden" / "ovsam_checkpoint_layout.json"
 SAM2CLIP_FILE = "sam2clip_vith_rn50x16.pth"
 CLIP2SAM_FILE = "clip2sam_coco_rn50x16.pth"
