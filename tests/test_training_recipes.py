@@ -183,6 +183,45 @@ def test_epochs_become_steps_and_the_lr_scales_with_the_global_batch(tmp_path):
                                    run={"storage_path": "/tmp/r", "name": "n"}))
 
 
+def test_an_epoch_counts_only_the_images_that_keep_a_trained_class(tmp_path):
+    """COCO-OV's base split drops the images without a base class (the reference trains 107,761 of
+    train2017's 118,287): the converter's _image_classes.parquet lets the step count see that."""
+    import numpy as np
+
+    from ovsam_ray.convert import convert_coco
+    from ovsam_ray.data.synthetic import encode_image
+    from ovsam_ray.training.labels import build_label_space
+
+    cats = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 17, "name": "cat"}, {"id": 18, "name": "dog"}]
+    # image -> (category id, iscrowd): base = person, car; novel = cat, dog
+    objects = {1: [(1, 0)], 2: [(17, 0)], 3: [(1, 1)], 4: [], 5: [(3, 0), (18, 0)], 6: [(18, 0), (18, 0)]}
+    (tmp_path / "images").mkdir()
+    images, anns = [], []
+    for image_id, objs in objects.items():
+        name = f"{image_id}.png"
+        (tmp_path / "images" / name).write_bytes(encode_image(np.zeros((8, 8, 3), np.uint8), "png"))
+        images.append({"id": image_id, "file_name": name, "width": 8, "height": 8})
+        for cat, crowd in objs:
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "iscrowd": crowd,
+                         "bbox": [1, 1, 4, 4], "area": 16.0, "segmentation": [[1, 1, 5, 1, 5, 5, 1, 5]]})
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    out = str(tmp_path / "shards")
+    convert_coco(str(tmp_path / "ann.json"), str(tmp_path / "images"), out, images_per_shard=2)
+
+    def count(split: str, shards: str = out) -> int:
+        spec = DatasetSpec(shards=shards, vocab="coco_ov", split=split)
+        return dataset_images(spec, build_label_space([spec]).datasets[0])
+
+    assert count("base") == 2  # images 1 and 5; 3 is a crowd, 2 and 6 novel only, 4 empty
+    assert count("all") == 4  # + images 2 and 6
+    assert count("base", out + "/shard-000000.tar") == 1, "only the shards listed"
+    assert dataset_images(DatasetSpec(shards=out, vocab="coco_ov")) == 6, "without labels: every image converted"
+    cfg = build_config("cotrain", recipe="clip2sam_coco_rn50x16", datasets=[DatasetSpec(shards=out, vocab="coco_ov")],
+                       run={"storage_path": "/tmp/r", "name": "n", "num_workers": 1, "batch_size": 1})
+    resolved = resolve_steps(cfg)
+    assert resolved.epoch_images == 2 and resolved.run.max_steps == 12 * 2
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovsam-ray")
     add_train_subcommands(parser.add_subparsers(dest="command", required=True))

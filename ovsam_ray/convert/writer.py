@@ -5,6 +5,12 @@ JSON. Samples are cut into shards in the order given (``<prefix>-000000.tar``, .
 is built in memory and written atomically, several at once on a thread pool (reading images from
 object storage is I/O-bound); at most ``2 * workers`` shards are held in memory. Same input,
 same arguments -> byte-identical shards.
+
+Beside the shards go ``_convert.json`` (the summary) and, when the samples carry classed
+annotations, ``_image_classes.parquet``: one row per written image (``shard``, ``key``) with the
+distinct ``category_name`` / ``category_id`` pairs of its non-crowd annotations. Training reads it to
+count one epoch's images after its class filter (an open-vocabulary split drops the images left
+without a trained class) without reading the shards.
 """
 
 from __future__ import annotations
@@ -17,17 +23,27 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from ovsam_ray import io
 from ovsam_ray.data.shards import IMAGE_EXTENSIONS
 from ovsam_ray.data.synthetic import tar_bytes
 
-__all__ = ["ConvertSummary", "Sample", "image_extension", "sample_key", "write_shards"]
+__all__ = ["IMAGE_CLASSES_FILE", "IMAGE_CLASSES_SCHEMA", "ConvertSummary", "Sample", "image_extension", "sample_key",
+           "write_shards"]
 
 log = logging.getLogger(__name__)
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 #: Skipped samples listed by name in the summary (the count is always complete).
 MAX_LISTED_SKIPS = 50
+IMAGE_CLASSES_FILE = "_image_classes.parquet"
+IMAGE_CLASSES_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("key", pa.string()),
+    ("category_names", pa.list_(pa.string())),  # aligned with category_ids; null where the annotation had none
+    ("category_ids", pa.list_(pa.int64())),
+])
 
 
 def sample_key(*parts: Any) -> str:
@@ -94,10 +110,26 @@ def _chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
         yield chunk
 
 
-def _build_shard(url: str, chunk: list[Sample], s3_endpoint: str | None) -> tuple[int, int, list[tuple[str, str]]]:
+def _image_classes(annotations: Any) -> list[tuple[str | None, int | None]]:
+    """The distinct (category_name, category_id) pairs of the non-crowd annotations, in first-seen order."""
+    pairs: dict[tuple[str | None, int | None], None] = {}
+    for ann in annotations if isinstance(annotations, list) else []:
+        if not isinstance(ann, dict) or ann.get("iscrowd"):
+            continue
+        name, cid = ann.get("category_name"), ann.get("category_id")
+        name = name if isinstance(name, str) else None
+        cid = cid if isinstance(cid, int) and not isinstance(cid, bool) else None
+        if name is not None or cid is not None:
+            pairs[(name, cid)] = None
+    return list(pairs)
+
+
+def _build_shard(url: str, chunk: list[Sample], s3_endpoint: str | None
+                 ) -> tuple[int, int, list[tuple[str, str]], list[tuple[str, list]]]:
     members: list[tuple[str, bytes]] = []
     seen: set[str] = set()
     skipped: list[tuple[str, str]] = []
+    classes: list[tuple[str, list]] = []
     annotations = 0
     for s in chunk:
         if s.key in seen:
@@ -111,10 +143,11 @@ def _build_shard(url: str, chunk: list[Sample], s3_endpoint: str | None) -> tupl
             continue
         seen.add(s.key)
         annotations += len(meta.get("annotations") or [])
+        classes.append((s.key, _image_classes(meta.get("annotations"))))
         members.append((f"{s.key}.{s.image_ext}", data))
         members.append((f"{s.key}.json", json.dumps(meta, separators=(",", ":")).encode()))
     io.atomic_write_bytes(url, tar_bytes(members), s3_endpoint=s3_endpoint)
-    return len(seen), annotations, skipped
+    return len(seen), annotations, skipped, classes
 
 
 def write_shards(
@@ -133,23 +166,35 @@ def write_shards(
     if images_per_shard < 1 or workers < 1:
         raise ValueError("images_per_shard and workers must be >= 1")
     summary = summary or ConvertSummary()
-    pending: list[Future] = []
+    pending: list[tuple[str, Future]] = []
+    rows: dict[str, list] = {name: [] for name in IMAGE_CLASSES_SCHEMA.names}
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
-            images, anns, skipped = pending.pop(0).result()
+            shard, future = pending.pop(0)
+            images, anns, skipped, classes = future.result()
             summary.images += images
             summary.annotations += anns
             for what, why in skipped:
                 summary.skip(what, why)
+            for key, pairs in classes:
+                rows["shard"].append(shard)
+                rows["key"].append(key)
+                rows["category_names"].append([n for n, _ in pairs])
+                rows["category_ids"].append([c for _, c in pairs])
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for index, chunk in enumerate(_chunks(samples, images_per_shard)):
             url = io.join(output, f"{prefix}-{index:06d}.tar")
             summary.shards.append(url)
-            pending.append(pool.submit(_build_shard, url, chunk, s3_endpoint))
+            pending.append((url.rsplit("/", 1)[-1], pool.submit(_build_shard, url, chunk, s3_endpoint)))
             drain(2 * workers)
         drain(0)
+    if any(rows["category_ids"]):  # classed annotations somewhere: training counts its epochs from this
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pydict(rows, schema=IMAGE_CLASSES_SCHEMA), sink, compression="zstd")
+        io.atomic_write_bytes(io.join(output, IMAGE_CLASSES_FILE), sink.getvalue().to_pybytes(),
+                              s3_endpoint=s3_endpoint)
     io.atomic_write_bytes(io.join(output, "_convert.json"), json.dumps(summary.to_dict(), indent=1).encode(),
                           s3_endpoint=s3_endpoint)
     log.info("wrote %d images (%d annotations) into %d shards under %s; %d skipped", summary.images,

@@ -6,10 +6,12 @@ one field. A recipe holds the reference's numbers (``tests/test_training_recipes
 against the reference file and line); what it cannot hold is the data: the user's shards of SA-1B
 1%, COCO train2017 or LVIS v1 train.
 
-Epochs become optimizer steps: ``epochs x ceil(epoch_images / global batch)``, ``epoch_images``
-given or counted from the converter's ``_convert.json`` beside the shards (scaled to the shards
-listed); the global batch is workers x per-worker batch x accumulation, and the lr scales linearly
-with global batch / 16 as the reference's ``auto_scale_lr`` (``OptimConfig.base_batch_size``).
+Epochs become optimizer steps: ``epochs x ceil(epoch_images / global batch)``. ``epoch_images`` is
+given, or counted over the shards listed: from the converter's ``_image_classes.parquet``, the
+images that keep a trained class (the sample builder drops the others: the paper's COCO-OV base
+split trains on 107,761 of train2017's 118,287 images), else from its ``_convert.json``. The
+global batch is workers x per-worker batch x accumulation, and the lr scales linearly with
+global batch / 16 as the reference's ``auto_scale_lr`` (``OptimConfig.base_batch_size``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ovsam_ray.convert.writer import IMAGE_CLASSES_FILE
+
 from .config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec, distill_optim
+from .labels import DatasetLabels, build_label_space
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +122,20 @@ def build_config(stage: str, *, datasets: list[DatasetSpec], recipe: str | None 
 # --- epochs -> steps ---------------------------------------------------------------------------------
 
 
-def dataset_images(spec: DatasetSpec, *, s3_endpoint: str | None = None) -> int:
-    """Images in one pass over ``spec``'s shards, from the converter's ``_convert.json`` beside
-    them (``images`` x listed shards / ``shards``); an error naming the fix when there is none."""
+def dataset_images(spec: DatasetSpec, labels: DatasetLabels | None = None, *, s3_endpoint: str | None = None) -> int:
+    """Images in one pass over ``spec``'s shards. With ``labels`` (its training label map) and the
+    converter's ``_image_classes.parquet`` beside the shards: the listed shards' images with a
+    non-crowd annotation of a trained class (the others give no sample). Else the converter's
+    ``_convert.json`` (``images`` x listed shards / ``shards``); an error naming the fix when there is none."""
     from ovsam_ray import io
     from ovsam_ray.data.shards import list_shards
 
     shards = list_shards(spec.shards, s3_endpoint=s3_endpoint)
     folder = shards[0].rstrip("/").rsplit("/", 1)[0]
+    if labels is not None and spec.kind != "image":
+        kept = _images_with_trained_classes(io.join(folder, IMAGE_CLASSES_FILE), shards, labels, s3_endpoint)
+        if kept is not None:
+            return max(1, kept)
     summary_url = io.join(folder, "_convert.json")
     try:
         summary = json.loads(io.read_bytes(summary_url, s3_endpoint=s3_endpoint))
@@ -132,12 +146,45 @@ def dataset_images(spec: DatasetSpec, *, s3_endpoint: str | None = None) -> int:
     return max(1, round(images * min(len(shards), total_shards) / total_shards))
 
 
+def _images_with_trained_classes(url: str, shards: list[str], labels: DatasetLabels,
+                                 s3_endpoint: str | None) -> int | None:
+    """Images of ``shards`` in the ``_image_classes.parquet`` at ``url`` with a trained class; None without the file."""
+    import pyarrow.parquet as pq
+
+    from ovsam_ray import io
+
+    try:
+        data = io.read_bytes(url, s3_endpoint=s3_endpoint)
+    except FileNotFoundError:
+        return None
+    table = pq.read_table(pa.BufferReader(data), columns=["shard", "category_names", "category_ids"])
+    listed = pa.array(sorted({u.rstrip("/").rsplit("/", 1)[-1] for u in shards}))
+    table = table.filter(pc.is_in(table.column("shard"), listed))
+    trained: dict[tuple, bool] = {}
+    kept = 0
+    for names, ids in zip(table.column("category_names").to_pylist(), table.column("category_ids").to_pylist()):
+        for pair in zip(names, ids):
+            if pair not in trained:
+                ann = {k: v for k, v in zip(("category_name", "category_id"), pair) if v is not None}
+                trained[pair] = labels.annotation_label(ann) >= 0
+            if trained[pair]:
+                kept += 1
+                break
+    return kept
+
+
 def resolve_steps(cfg: CotrainConfig | DistillConfig) -> CotrainConfig | DistillConfig:
     """``cfg`` with ``run.max_steps`` set: as given, else ``epochs x ceil(epoch_images / global
-    batch)`` (``epoch_images`` given, else counted by ``dataset_images`` over the datasets)."""
+    batch)`` (``epoch_images`` given, else counted by ``dataset_images`` over the datasets, after
+    co-training's class filter)."""
     if cfg.run.max_steps is not None:
         return cfg
-    images = cfg.epoch_images or sum(dataset_images(d, s3_endpoint=cfg.run.s3_endpoint) for d in cfg.datasets)
+    lookups: list[DatasetLabels | None] = [None] * len(cfg.datasets)
+    if isinstance(cfg, CotrainConfig) and not cfg.epoch_images and (cfg.train_vocab or any(d.vocab for d in
+                                                                                           cfg.datasets)):
+        lookups = list(build_label_space(cfg.datasets, cfg.train_vocab).datasets)
+    images = cfg.epoch_images or sum(dataset_images(d, lab, s3_endpoint=cfg.run.s3_endpoint)
+                                     for d, lab in zip(cfg.datasets, lookups))
     steps = cfg.epochs * math.ceil(images / cfg.run.global_batch)
     log.info("%d epochs of %d images at a global batch of %d: %d steps", cfg.epochs, images, cfg.run.global_batch,
              steps)
