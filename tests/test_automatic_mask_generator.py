@@ -209,8 +209,8 @@ def test_no_surviving_mask_gives_well_formed_empties(predictor, image):
         assert len(out) == 0 and out.points.shape == (0, 2) and out.stability_scores.shape == (0,)
         assert out.prediction.masks.shape == (0, h, w) and out.prediction.low_res_logits.shape[0] == 0
         names = tuple(f"c{i}" for i in range(NUM_CLASSES))
-        vocab = Vocabulary(name="t", class_names=names, synonyms=tuple((n,) for n in names),
-                           seen=(True,) * NUM_CLASSES, excluded=(False,) * NUM_CLASSES, class_ids=tuple(range(NUM_CLASSES)))
+        vocab = Vocabulary(name="t", class_names=names, synonyms=tuple((n,) for n in names), seen=(True,) * len(names),
+                           excluded=(False,) * len(names), class_ids=tuple(range(len(names))))
         assert prediction_to_instances(out.prediction, out.prompts, vocab, types=[]) == []
     with pytest.raises(ValueError, match="no pixels"):
         generator.generate(np.zeros((0, 0, 3), np.uint8))
