@@ -116,9 +116,10 @@ class OVSAMAutomaticMaskGenerator:
     """Masks and open-vocabulary labels for everything in an image, from a point grid.
 
     Prompts a ``points_per_side`` x ``points_per_side`` grid of points (cell centres, original-
-    image pixels), ``points_per_batch`` points per decoder call on one image embedding, drops
-    the masks that fail :func:`mask_quality` after each batch and the duplicates of
-    :func:`remove_duplicates` at the end. The defaults are SAM's automatic mask generator's
+    image pixels), ``points_per_batch`` points per ``predictor.predict`` call on one image
+    embedding (which bounds the memory of full-size masks), drops the masks that fail
+    :func:`mask_quality` after each batch and the duplicates of :func:`remove_duplicates` at the
+    end: the same masks as one call with every point. The defaults are SAM's automatic mask generator's
     (stability 0.95 at offset 1.0, NMS IoU 0.7). OV-SAM's decoder has no IoU head, so SAM's
     ``pred_iou_thresh`` becomes ``score_thresh``, a floor on the label probability (0: off).
 
@@ -134,7 +135,7 @@ class OVSAMAutomaticMaskGenerator:
         predictor: OVSAMPredictor,
         *,
         points_per_side: int = 32,
-        points_per_batch: int = 256,
+        points_per_batch: int = 128,
         stability_score_thresh: float = 0.95,
         stability_score_offset: float = 1.0,
         score_thresh: float = 0.0,
@@ -185,10 +186,11 @@ class OVSAMAutomaticMaskGenerator:
         out = self.predict(image)
         pred = out.prediction
         masks = pred.masks if pred.masks is not None else [_rle_to_mask(r) for r in pred.rles]
+        areas = pred.mask_areas()
         return [
             {
                 "segmentation": masks[i],
-                "area": int(pred.mask_areas()[i]),
+                "area": int(areas[i]),
                 "bbox": pred.mask_boxes[i].tolist(),
                 "point_coords": [out.points[i].tolist()],
                 "stability_score": float(out.stability_scores[i]),
