@@ -57,6 +57,7 @@ def _predict(a: argparse.Namespace) -> int:
             save_logits=a.save_logits,
             device=a.device,
             with_embedding=a.with_embedding,
+            grid=a.grid,
         )
     )
     print(f"{len(result['instances'])} instances -> {a.output}")
@@ -69,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="masks and labels for the prompts of one image")
     p.add_argument("--image", required=True)
-    p.add_argument("--prompts", required=True, help='JSON: {"boxes": [...], "points": [...], "point_boxes": [...]}')
+    p.add_argument("--prompts", help='JSON: {"boxes": [...], "points": [...], "point_boxes": [...]}')
+    p.add_argument("--grid", type=int, metavar="N", help="instead of --prompts: segment everything from an N x N "
+                   "point grid (stability, mask NMS: OVSAMAutomaticMaskGenerator's defaults)")
     p.add_argument("--output", required=True)
     p.add_argument("--save-logits", help="write low_res/head/clip/fused logits and labels to this .npz")
     p.add_argument("--device", default="cpu")

@@ -1,4 +1,5 @@
-"""``ovsam-ray predict``: one image, its prompts, a checkpoint -> masks and labels as JSON.
+"""``ovsam-ray predict``: one image, its prompts (or ``--grid N``: everything, from an N x N point
+grid through ``OVSAMAutomaticMaskGenerator``), a checkpoint -> masks and labels as JSON.
 
 The quickest way to try a checkpoint, and how outputs are compared against the reference
 implementation (``--save-logits``).
@@ -9,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ovsam_ray import io
 from ovsam_ray.data.decode import decode_image, parse_prompts_json
 from ovsam_ray.inference import ModelConfig, build_predictor
+from ovsam_ray.model.automatic_mask_generator import OVSAMAutomaticMaskGenerator
 from ovsam_ray.model.predictor import ImagePrompts
 from ovsam_ray.records import prediction_to_instances
 
@@ -23,29 +26,42 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PredictConfig:
+    """``prompts`` (a prompts JSON) or ``grid`` (points per side of a segment-everything grid),
+    not both; ``grid_options``: further keyword arguments of ``OVSAMAutomaticMaskGenerator``
+    (thresholds; its defaults otherwise)."""
+
     image: str
-    prompts: str
+    prompts: str | None
     output: str
     model: ModelConfig = field(default_factory=lambda: ModelConfig(random_init=True))
     save_logits: str | None = None
     device: str = "cpu"
     with_embedding: bool = False
+    grid: int | None = None
+    grid_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.prompts is None) == (self.grid is None):
+            raise ValueError("predict: give --prompts FILE or --grid N (segment everything), one of them")
+        if self.grid is not None and self.grid < 1:
+            raise ValueError(f"--grid {self.grid}: need >= 1 points per side")
 
 
 def run_predict(cfg: PredictConfig) -> dict:
-    """Predict every prompt of one image; writes and returns ``{"instances": [...], ...}``."""
+    """Predict every prompt of one image (or everything, with ``grid``); writes and returns
+    ``{"instances": [...], ...}``."""
     s3 = cfg.model.s3_endpoint
     image = decode_image(io.read_bytes(cfg.image, s3_endpoint=s3))
     height, width = image.shape[:2]
-    raw = json.loads(io.read_bytes(cfg.prompts, s3_endpoint=s3))
-    parsed = parse_prompts_json(json.dumps(raw).encode(), width=width, height=height)
-    for warning in parsed.warnings:
-        log.warning("prompt dropped: %s", warning)
-    prompts = ImagePrompts(boxes=parsed.boxes, points=parsed.points, point_boxes=parsed.point_boxes)
-
+    prompts = None if cfg.prompts is None else _read_prompts(cfg.prompts, width=width, height=height, s3_endpoint=s3)
     predictor, vocab, loaded = build_predictor(cfg.model, cfg.device)
-    pred = predictor([image], [prompts])[0]
-    instances = prediction_to_instances(pred, prompts, vocab, with_embedding=cfg.with_embedding)
+    types = None
+    if prompts is None:
+        generated = OVSAMAutomaticMaskGenerator(predictor, points_per_side=cfg.grid, **cfg.grid_options).predict(image)
+        pred, prompts, types = generated.prediction, generated.prompts, ["grid"] * len(generated)
+    else:
+        pred = predictor([image], [prompts])[0]
+    instances = prediction_to_instances(pred, prompts, vocab, types=types, with_embedding=cfg.with_embedding)
     result = {
         "image": cfg.image,
         "width": width,
@@ -68,3 +84,11 @@ def run_predict(cfg: PredictConfig) -> dict:
                 labels=pred.labels,
             )
     return result
+
+
+def _read_prompts(url: str, *, width: int, height: int, s3_endpoint: str | None) -> ImagePrompts:
+    raw = json.loads(io.read_bytes(url, s3_endpoint=s3_endpoint))
+    parsed = parse_prompts_json(json.dumps(raw).encode(), width=width, height=height)
+    for warning in parsed.warnings:
+        log.warning("prompt dropped: %s", warning)
+    return ImagePrompts(boxes=parsed.boxes, points=parsed.points, point_boxes=parsed.point_boxes)

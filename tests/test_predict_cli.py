@@ -191,3 +191,50 @@ def test_no_weights_and_no_random_init_fails_clearly(inputs, tmp_path, caplog) -
     assert rc == 2
     assert "random_init" in caplog.text
     assert not (tmp_path / "out.json").exists()
+
+
+def _grid_argv(inputs, out: Path, *extra: str) -> list[str]:
+    return ["predict", "--image", str(inputs["image"]), "--output", str(out), "--preset", "ovsam_tiny",
+            "--random-init", "--vocab", str(inputs["txt"]), *extra]
+
+
+def test_grid_segments_everything_with_the_generator(inputs, tmp_path) -> None:
+    from ovsam_ray.data.rle import decode_rle
+    from ovsam_ray.inference import ModelConfig, build_predictor
+    from ovsam_ray.model.amg import grid_points
+    from ovsam_ray.model.automatic_mask_generator import OVSAMAutomaticMaskGenerator
+    from ovsam_ray.predict import PredictConfig, run_predict
+
+    out = tmp_path / "grid.json"
+    assert main(_grid_argv(inputs, out, "--grid", "3")) == 0
+    result = json.loads(out.read_text())
+    assert (result["width"], result["height"]) == (W, H)
+    # The generator's defaults (SAM's stability 0.95) keep no mask of random weights: an empty list.
+    assert result["instances"] == []
+
+    # With the stability filter off: the generator's masks and labels, as grid instances.
+    model = ModelConfig(preset="ovsam_tiny", random_init=True, vocab=str(inputs["txt"]))
+    result = run_predict(PredictConfig(image=str(inputs["image"]), prompts=None, output=str(tmp_path / "g.json"),
+                                       model=model, grid=3, grid_options={"stability_score_thresh": 0.0}))
+    predictor, vocab, _ = build_predictor(model)
+    records = OVSAMAutomaticMaskGenerator(predictor, points_per_side=3, stability_score_thresh=0.0).generate(
+        inputs["array"])
+    instances = result["instances"]
+    assert len(instances) == len(records) > 0
+    grid = grid_points(3, H, W).tolist()
+    for inst, record in zip(instances, records):
+        assert inst["prompt_type"] == "grid" and inst["point"] in grid
+        assert [inst["point"]] == record["point_coords"]
+        np.testing.assert_array_equal(decode_rle(inst["rle"]), record["segmentation"])
+        assert inst["bbox"] == record["bbox"] and inst["area"] == record["area"]
+        assert inst["label"] == vocab.class_names[record["label"]]
+        assert inst["label_score"] == pytest.approx(record["score"])
+
+
+def test_grid_or_prompts_one_of_them(inputs, tmp_path, caplog) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert main(_grid_argv(inputs, tmp_path / "none.json")) == 2
+        assert main(_grid_argv(inputs, tmp_path / "both.json", "--grid", "2", "--prompts", str(inputs["prompts"]))) == 2
+        assert main(_grid_argv(inputs, tmp_path / "zero.json", "--grid", "0")) == 2
+    assert "--prompts FILE or --grid N" in caplog.text and "--grid 0" in caplog.text
+    assert not list(tmp_path.glob("*.json"))

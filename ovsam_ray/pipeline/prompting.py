@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
-from ovsam_ray.model.amg import grid_points, mask_nms, stability_scores
+from ovsam_ray.model.amg import grid_points
+from ovsam_ray.model.automatic_mask_generator import mask_quality, remove_duplicates
 from ovsam_ray.model.predictor import ImagePrediction, ImagePrompts
 
 
@@ -129,31 +129,10 @@ def _combine(spec: dict[str, Any], sources: PromptSources, *, width: int, height
 
 
 def select_predictions(pred: ImagePrediction, types: list[str], cfg: SelectConfig) -> np.ndarray:
-    """Indices of the predictions to keep, in prompt order."""
-    n = len(types)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    keep = np.ones(n, bool)
-    areas = pred.mask_areas()
-    keep &= areas >= cfg.min_mask_area
-    is_grid = np.array([t == "grid" for t in types])
-    low = torch.from_numpy(pred.low_res_logits[:, 0])
-    if is_grid.any():
-        stable = stability_scores(low).numpy() >= cfg.grid_stability
-        keep &= ~is_grid | (stable & (areas > 0))
-        grid_idx = np.nonzero(is_grid & keep)[0]
-        if len(grid_idx):
-            kept = mask_nms(low[grid_idx] > 0, torch.from_numpy(pred.scores[grid_idx]), iou_threshold=cfg.grid_nms_iou)
-            survivors = np.zeros(n, bool)
-            survivors[grid_idx[kept.numpy()]] = True
-            keep &= ~is_grid | survivors
-    if cfg.dedup_iou is not None or cfg.dedup_containment is not None:
-        idx = np.nonzero(keep)[0]
-        labels = torch.from_numpy(pred.labels[idx]) if cfg.dedup_class_aware else None
-        kept = mask_nms(low[idx] > 0, torch.from_numpy(pred.scores[idx]),
-                        iou_threshold=1.0 if cfg.dedup_iou is None else cfg.dedup_iou,
-                        containment_threshold=cfg.dedup_containment, labels=labels)
-        survivors = np.zeros(n, bool)
-        survivors[idx[kept.numpy()]] = True
-        keep &= survivors
+    """Indices of the predictions to keep, in prompt order: the automatic mask generator's rule
+    (``mask_quality``, ``remove_duplicates``) with grid prompts as its grid."""
+    is_grid = np.array([t == "grid" for t in types], bool)
+    keep = mask_quality(pred, is_grid, min_area=cfg.min_mask_area, stability_thresh=cfg.grid_stability)
+    keep = remove_duplicates(pred, keep, is_grid, nms_iou=cfg.grid_nms_iou, dedup_iou=cfg.dedup_iou,
+                             dedup_containment=cfg.dedup_containment, dedup_class_aware=cfg.dedup_class_aware)
     return np.nonzero(keep)[0]
