@@ -171,7 +171,7 @@ def boxes_from_binary_masks(masks: np.ndarray) -> np.ndarray:
 
 def box_fill_rles(boxes: np.ndarray, *, height: int, width: int) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
     """Masks that fill ``(N, 4)`` XYXY boxes (the pixels whose centres lie inside, as
-    ``evaluation.interactive.box_fill_mask``), computed as run lengths without drawing them.
+    :func:`box_fill_mask`), computed as run lengths without drawing them.
 
     Returns ``(rles, mask_boxes, areas)``: N compressed COCO RLEs byte-identical to
     :func:`encode_masks` of the drawn masks, ``(N, 4)`` float32 mask boxes and ``(N,)`` int64 areas.
