@@ -50,9 +50,11 @@ log = logging.getLogger(__name__)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two (H, W) bool masks. Two empty masks give 0.0, as ``pycocotools.mask.iou`` does
-    (union 0 -> 0) and so COCO's evaluation and SAM's mIoU (computed with it): the ground truth of
-    a scored object is never meant to be empty, and an empty prediction must not score as perfect."""
+    """IoU of two (H, W) bool masks. Two empty masks give 0.0, as ``pycocotools.mask.iou`` (the
+    IoU of COCO's evaluation) gives for an empty union: a scored object is a ground-truth object,
+    which COCO and SAM's mIoU assume non-empty, and predicting nothing must never score as a
+    perfect match. (Comparing two *predictions* for agreement is another question: there, two
+    empty masks agree.)"""
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
