@@ -399,12 +399,14 @@ class StageTimer:
 
 
 def rle_iou(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """IoU of two compressed COCO RLEs of the same size; two empty masks count as equal (1.0)."""
+    """Agreement of two predictions (compressed COCO RLEs of the same size): their IoU
+    (``evaluation.table1.mask_iou``), except that two empty masks agree (1.0) — unlike a score
+    against ground truth, where an empty pair scores 0."""
     from ovsam_ray.data.rle import decode_rle
+    from ovsam_ray.evaluation.table1 import mask_iou
 
-    ma, mb = decode_rle(a).astype(bool), decode_rle(b).astype(bool)
-    union = np.logical_or(ma, mb).sum()
-    return 1.0 if union == 0 else float(np.logical_and(ma, mb).sum() / union)
+    ma, mb = decode_rle(a), decode_rle(b)
+    return 1.0 if not (ma.any() or mb.any()) else mask_iou(ma, mb)
 
 
 def compare_predictions(ref: dict[str, list], other: dict[str, list]) -> dict[str, Any]:

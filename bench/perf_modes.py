@@ -98,24 +98,12 @@ def _build_ours(cfg: Any, mode: str, device: torch.device, rle_on_device: bool |
 
 
 def _ours_pass(predictor: Any, vocab: Any, samples: list[dict], batch: int, timer: StageTimer) -> dict[str, list]:
-    """decode -> embed -> predict -> records over ``samples``; returns {key: [[label_id, rle], ...]}."""
-    from ovsam_ray.data.decode import decode_sample
-    from ovsam_ray.model.predictor import ImagePrompts
-    from ovsam_ray.records import prediction_to_instances
+    """decode -> embed -> predict -> records over ``samples`` (``labelling.label_samples``, each
+    step timed); returns {key: [[label_id, rle], ...]}."""
+    from ovsam_ray.labelling import label_samples
 
-    preds: dict[str, list] = {}
-    for i in range(0, len(samples), batch):
-        with timer.stage("jpeg_decode"):
-            decoded = [decode_sample(s) for s in samples[i : i + batch]]
-        prompts = [ImagePrompts(boxes=d.prompts.boxes, points=d.prompts.points) for d in decoded]
-        with timer.stage("embed"):
-            embedded = predictor.embed([d.image for d in decoded])
-        with timer.stage("predict"):
-            out = predictor.predict(embedded, prompts)
-        with timer.stage("records"):
-            for d, p, pred in zip(decoded, prompts, out):
-                preds[d.key] = [[r["label_id"], r["rle"]] for r in prediction_to_instances(pred, p, vocab)]
-    return preds
+    rows = label_samples(predictor, vocab, samples, batch_size=batch, stage=timer.stage)
+    return {row["key"]: [[r["label_id"], r["rle"]] for r in row["instances"]] for row in rows}
 
 
 def _instrument_ours(predictor: Any, timer: StageTimer) -> None:

@@ -10,85 +10,32 @@ machine, preset and inputs; ``ray_overhead_ratio`` = job / model alone (target >
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
 import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchlib import cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
+from benchlib import TreeSampler, machine_info, now_iso, save_json  # bench/ is on sys.path
 
 
-def _machine() -> dict:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version()}
-
-
-class MemorySampler:
-    """Peak of the machine's used memory (MemTotal - MemAvailable) above the starting level."""
-
-    def __init__(self, interval_s: float = 0.2) -> None:
-        self.interval_s = interval_s
-        self.start = self.peak = self._used()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _used() -> int:
-        info = {}
-        for line in open("/proc/meminfo"):
-            k, v = line.split(":", 1)
-            info[k] = int(v.split()[0]) * 1024
-        return info["MemTotal"] - info["MemAvailable"]
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._used())
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_delta_mib(self) -> float:
-        return (self.peak - self.start) / 2**20
+def _peak_delta_mib(sampler: TreeSampler) -> float:
+    """Peak PSS of this process tree (the driver and the Ray cluster it started) above its start."""
+    return round(sampler.peak_pss_mib - sampler.samples[0]["pss_mib"], 1)
 
 
 def _model_alone(shards: list[str], model_cfg, batch_size: int) -> dict:
-    """decode -> predict -> RLE in one process, batches of ``batch_size`` images."""
-    from ovsam_ray.data.decode import decode_sample
+    """decode -> predict -> RLE in one process (``labelling.label_samples``), ``batch_size`` images a call."""
     from ovsam_ray.data.shards import read_shard
     from ovsam_ray.inference import build_predictor
-    from ovsam_ray.model.predictor import ImagePrompts
-    from ovsam_ray.records import prediction_to_instances
+    from ovsam_ray.labelling import label_samples
 
     predictor, vocab, _ = build_predictor(model_cfg)
     samples = [s for url in shards for s in read_shard(url).samples]
-    # Warm-up on one image (first-call allocations), not timed.
-    d = decode_sample(samples[0])
-    predictor([d.image], [ImagePrompts(boxes=d.prompts.boxes)])
+    list(label_samples(predictor, vocab, samples[:1]))  # warm-up (first-call allocations), not timed
     t0 = time.time()
-    masks = 0
-    for i in range(0, len(samples), batch_size):
-        decoded = [decode_sample(s) for s in samples[i : i + batch_size]]
-        prompts = [ImagePrompts(boxes=d.prompts.boxes, points=d.prompts.points) for d in decoded]
-        for pred, p in zip(predictor([d.image for d in decoded], prompts), prompts):
-            masks += len(prediction_to_instances(pred, p, vocab))
+    masks = sum(len(row["instances"]) for row in label_samples(predictor, vocab, samples, batch_size=batch_size))
     wall = time.time() - t0
     return {"images": len(samples), "masks": masks, "wall_s": wall, "images_per_s": len(samples) / wall}
 
@@ -120,21 +67,21 @@ def overhead(args: argparse.Namespace) -> dict:
         with open(vocab, "w") as f:
             f.write("\n".join(shape_vocabulary_names()))
         model_cfg = ModelConfig(preset=args.preset, random_init=True, vocab=vocab)
-        with MemorySampler() as mem_alone:
+        with TreeSampler(interval_s=0.2) as mem_alone:
             alone = _model_alone(shards, model_cfg, args.batch_size)
-        alone["peak_mem_delta_mib"] = round(mem_alone.peak_delta_mib, 1)
+        alone["peak_mem_delta_mib"] = _peak_delta_mib(mem_alone)
         alone["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-        with MemorySampler() as mem_job:
+        with TreeSampler(interval_s=0.2) as mem_job:
             job = _job(shards_dir, os.path.join(work, "labels"), model_cfg, args.batch_size)
-        job["peak_mem_delta_mib"] = round(mem_job.peak_delta_mib, 1)
+        job["peak_mem_delta_mib"] = _peak_delta_mib(mem_job)
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
         "benchmark": "overhead",
-        "date": dt.date.today().isoformat(),
-        "machine": _machine(),
+        "date": now_iso(),
+        "machine": machine_info(),
         "command": " ".join(sys.argv),
         "preset": args.preset,
         "num_images": args.num_images,
@@ -161,7 +108,7 @@ def classify(args: argparse.Namespace) -> dict:
         region, clip = torch.randn(args.masks, args.dim), torch.randn(args.masks, args.dim)
         valid = torch.ones(args.masks, dtype=torch.bool)
         clf(region[:8], clip[:8], valid[:8])
-        with MemorySampler() as mem:
+        with TreeSampler(interval_s=0.2) as mem:
             t0 = time.time()
             for start in range(0, args.masks, args.chunk):
                 sl = slice(start, start + args.chunk)
@@ -169,15 +116,9 @@ def classify(args: argparse.Namespace) -> dict:
             wall = time.time() - t0
         rows.append({"classes": num_classes, "synonyms": args.synonyms, "dim": args.dim, "masks": args.masks,
                      "ms_per_mask": 1000 * wall / args.masks, "text_embedding_mib": text.numel() * 4 / 2**20,
-                     "peak_mem_delta_mib": round(mem.peak_delta_mib, 1)})
-    return {"benchmark": "classify", "date": dt.date.today().isoformat(), "machine": _machine(),
+                     "peak_mem_delta_mib": _peak_delta_mib(mem)})
+    return {"benchmark": "classify", "date": now_iso(), "machine": machine_info(),
             "command": " ".join(sys.argv), "rows": rows}
-
-
-def _save(result: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
 
 
 def main() -> None:
@@ -202,7 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.bench == "classify":
         result = classify(args)
-        _save(result, args.out)
+        save_json(result, args.out)
         print("| classes | synonyms | D | ms per mask | text emb MiB | peak mem MiB |")
         print("|---|---|---|---|---|---|")
         for r in result["rows"]:
@@ -210,11 +151,11 @@ def main() -> None:
                   f"{r['text_embedding_mib']:.1f} | {r['peak_mem_delta_mib']} |")
         return
     result = overhead(args)
-    _save(result, args.out)
+    save_json(result, args.out)
     a, j = result["model_alone"], result["job"]
     print("| date | machine | preset | images | model alone img/s | job img/s | ratio | peak mem job (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {result['date']} | {result['machine']['cpu']} x{result['machine']['cores']} | {args.preset} | "
+    print(f"| {result['date'][:10]} | {result['machine']['cpu']} x{result['machine']['cores']} | {args.preset} | "
           f"{args.num_images} | {a['images_per_s']:.3f} | {j['images_per_s']:.3f} | {result['ray_overhead_ratio']} | "
           f"{j['peak_mem_delta_mib']} |")
 

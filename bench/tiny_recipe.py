@@ -1,7 +1,8 @@
 """Train a variant of the tiny recipe (or take exported weights) and measure it on a large held-out
-set: box/point mIoU and the box-prompt accuracy of the fused label, the recognition head and the
-CLIP branch, the head on ground-truth boxes, and the head by how well the predicted mask's box
-matches the object (the head's RoI at inference is that box, DESIGN §2.5).
+set: box/point mIoU and accuracy over seen and unseen shapes as the demo and ``eval`` score them
+(``evaluation.table1``, under ``label_job_metrics``), and the box-prompt accuracy of the fused
+label, the recognition head and the CLIP branch, the head on ground-truth boxes, and the head by
+how well the predicted mask's box matches the object (the head's RoI at inference is that box, DESIGN §2.5).
 
     python bench/tiny_recipe.py --work /tmp/r1 --recipe '{"cotrain_steps": 800}' \\
         [--stage0 /tmp/demo/train/clip_tiny_stage0.pth] [--seed 0] [--eval-images 160 --eval-seed 2000] \\
@@ -28,11 +29,13 @@ from benchlib import machine_info, now_iso, save_json
 from torchvision.ops import box_iou
 
 from ovsam_ray.data.decode import decode_image
+from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
+from ovsam_ray.evaluation.prompts import gt_prompts
+from ovsam_ray.evaluation.table1 import evaluate_predictor
 from ovsam_ray.inference import ModelConfig, build_predictor
 from ovsam_ray.model.functional import preprocess_image
 from ovsam_ray.model.predictor import ImagePrompts, OVSAMPredictor
-from ovsam_ray.training.evaluate import evaluate_model, load_ground_truth
 from ovsam_ray.training.losses import class_logits
 
 IOU_BINS = ((0.0, 0.5), (0.5, 0.7), (0.7, 0.9), (0.9, 1.01))
@@ -60,12 +63,17 @@ class HeldOutImage:
 
 def held_out_images(shards: list[str], image_size: int) -> Iterator[HeldOutImage]:
     names = shape_vocabulary_names()
-    for gt in load_ground_truth(shards, keep_images=True).values():
-        image = decode_image(gt.image_bytes)
-        boxes = np.asarray(gt.boxes, np.float32).reshape(-1, 4)
-        x, (h, _) = preprocess_image(torch.from_numpy(np.ascontiguousarray(image)), image_size)
-        yield HeldOutImage(image, boxes, x, torch.as_tensor(boxes) * (h / image.shape[0]),
-                           np.array([names.index(n) for n in gt.names]))
+    for url in shards:
+        for sample in iter_shard_samples(url):
+            image = decode_image(sample["image_bytes"])
+            gt = gt_prompts(json.loads(sample["json_bytes"])["annotations"], height=image.shape[0],
+                            width=image.shape[1], mode="box")
+            if not gt["boxes"]:
+                continue
+            boxes = np.asarray(gt["boxes"], np.float32).reshape(-1, 4)
+            x, (h, _) = preprocess_image(torch.from_numpy(np.ascontiguousarray(image)), image_size)
+            yield HeldOutImage(image, boxes, x, torch.as_tensor(boxes) * (h / image.shape[0]),
+                               np.array([names.index(n) for n in gt["labels"]]))
 
 
 def accuracy_split(predictor: OVSAMPredictor, shards: list[str]) -> dict:
@@ -129,7 +137,7 @@ def main() -> None:
     # the predictor the label job would build from these weights, built once for both measurements
     model = ModelConfig(preset="ovsam_tiny", weights=weights, train_vocab="shapes")
     predictor, vocab, _ = build_predictor(model, "cpu")
-    result["label_job_metrics"] = evaluate_model(predictor, vocab, shards)
+    result["label_job_metrics"] = evaluate_predictor(predictor, vocab, shards)
     result.update(accuracy_split(predictor, shards))
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     if a.out:

@@ -179,8 +179,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="generate data, (train the tiny model,) label it on a local Ray")
     p.add_argument("--work-dir", default="demo_out")
     p.add_argument("--quick", action="store_true", help="skip training: random weights, about a minute")
-    p.add_argument("--num-images", type=int, default=160,
-                   help="held-out images to label and score (160: ~420 objects, ~315 of the seen shapes)")
+    p.add_argument("--num-images", type=int, default=176,
+                   help="held-out images to label and score (176: 426 objects, 323 of the seen shapes)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 

@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ovsam_ray.data.rle import boxes_from_binary_masks, decode_rle
+from ovsam_ray.data.rle import annotation_rle, boxes_from_binary_masks, decode_rle
 from ovsam_ray.data.synthetic import encode_image
-from ovsam_ray.evaluation.prompts import annotation_rle
 from ovsam_ray.pipeline.writer import ShardCommitter, rows_to_table
 
 CATEGORIES = [

@@ -82,9 +82,10 @@ def test_tiny_recipe_bench_trains_and_splits_the_accuracy(tmp_path):
                     "--recipe", json.dumps(recipe), "--eval-images", "3", "--eval-dir", str(tmp_path / "eval"),
                     "--out", str(out)], check=True, cwd=REPO, capture_output=True, timeout=600)
     r = json.loads(out.read_text())
-    assert r["objects"] == r["label_job_metrics"]["num_box_prompts"] > 0
+    box = r["label_job_metrics"]["metrics"]["box"]
+    assert r["objects"] == box["objects"] > 0
     for key in ("fused_accuracy", "head_accuracy", "clip_accuracy", "head_accuracy_gt_boxes"):
         assert 0.0 <= r[key] <= 1.0
-    assert r["fused_accuracy"] == r["label_job_metrics"]["box_accuracy"]  # same labels as the label job's scoring
+    assert r["fused_accuracy"] == box["accuracy"]  # same labels as the one scorer's
     assert sum(b["n"] for b in r["head_by_mask_box_iou"].values()) == r["objects"]
     assert r["train_wall_s"] > 0 and r["machine"]["cpu"]

@@ -19,10 +19,9 @@ from ovsam_ray.convert import (
     load_synset_map,
     sample_key,
 )
-from ovsam_ray.data.rle import decode_rle
+from ovsam_ray.data.rle import annotation_mask, decode_rle
 from ovsam_ray.data.shards import list_shards, read_shard
 from ovsam_ray.data.synthetic import encode_image, tar_bytes
-from ovsam_ray.evaluation.prompts import annotation_mask
 
 
 def samples(output: str, s3_endpoint: str | None = None) -> dict[str, dict]:

@@ -13,11 +13,13 @@ from ovsam_ray.demo import DemoConfig, run_demo
 def test_quick_demo_labels_the_held_out_images_and_writes_its_metrics(ray_local, tmp_path):
     work = tmp_path / "demo"
     assert run_demo(DemoConfig(work_dir=str(work), quick=True, num_images=4, images_per_shard=2)) == 0
-    metrics = json.loads((work / "metrics.json").read_text())
-    assert metrics["random_init"] is True
-    for key in ("box_miou", "point_miou", "box_accuracy", "point_accuracy", "box_fill_miou"):
-        assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["num_objects"] >= 4
+    result = json.loads((work / "metrics.json").read_text())
+    assert result["random_init"] is True
+    assert result["counts"] == {"images": 4, "images_error": 0, "prompts_without_instance": 0}
+    box, point = result["metrics"]["box"], result["metrics"]["point"]
+    for value in (box["miou"], point["miou"], box["accuracy"], point["accuracy"], box["box_fill_miou"]):
+        assert 0.0 <= value <= 1.0
+    assert box["objects"] >= 4 and point["objects"] == box["objects"]
     assert any(p.suffix == ".parquet" for p in (work / "labels").rglob("*"))
 
 

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 from coco_fixture import gt_label_output, make_coco, polygon_mask, rle_str
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -20,7 +21,7 @@ from ovsam_ray.evaluation.coco_ap import coco_dataset, instance_results, mask_ap
 from ovsam_ray.evaluation.points import distance_to_background, interior_points
 from ovsam_ray.evaluation.prompts import gt_prompts
 from ovsam_ray.evaluation.run_eval import EvalConfig, run_eval
-from ovsam_ray.evaluation.table1 import ClassLookup, score_image, summarize, table1_markdown
+from ovsam_ray.evaluation.table1 import ClassLookup, mask_iou, score_image, summarize, table1_markdown
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.vocabulary import Vocabulary
 
@@ -100,7 +101,8 @@ def test_table1_hand_made_case():
     m = summarize(records)
     assert m["box"] == pytest.approx({"objects": 2, "miou": 0.7, "accuracy": 0.5, "objects_base": 1, "miou_base": 1.0,
                                       "accuracy_base": 1.0, "objects_novel": 1, "miou_novel": 0.4,
-                                      "accuracy_novel": 0.0, "box_fill_miou": 1.0})
+                                      "accuracy_novel": 0.0, "box_fill_miou": 1.0, "box_fill_miou_base": 1.0,
+                                      "box_fill_miou_novel": 1.0})
     assert m["point"] == pytest.approx({"objects": 2, "miou": 0.25, "accuracy": 0.5, "objects_base": 1,
                                         "miou_base": 0.0, "accuracy_base": 0.0, "objects_novel": 1,
                                         "miou_novel": 0.5, "accuracy_novel": 1.0})
@@ -111,6 +113,156 @@ def test_table1_hand_made_case():
     assert missing == 3
     records, missing = score_image({**row, "instances": [row["instances"][i] for i in (0, 2, 4)]}, meta, lookup)
     assert missing == 2 and [(r.prompt_type, r.iou) for r in records] == [("box", 1.0), ("point", 0.5)]
+
+
+def test_mask_iou_golden_values_and_the_empty_convention():
+    a = np.zeros((4, 4), bool)
+    a[:2, :2] = True  # 4 pixels
+    b = np.zeros((4, 4), bool)
+    b[1:3, 1:3] = True  # 4 pixels, 1 shared: IoU 1/7
+    empty = np.zeros((4, 4), bool)
+    assert mask_iou(a, b) == pytest.approx(1 / 7) and mask_iou(a, a) == 1.0
+    assert mask_iou(empty, empty) == 0.0, "COCO: an empty union scores 0, an empty pair is no match"
+    assert mask_iou(empty, a) == 0.0 == mask_iou(a, empty)
+    stack = np.stack([a, b, empty])
+    rles = mask_utils.encode(np.asfortranarray(stack.transpose(1, 2, 0).astype(np.uint8)))
+    coco = mask_utils.iou(rles, rles, [0, 0, 0])
+    np.testing.assert_allclose([[mask_iou(x, y) for y in stack] for x in stack], coco)
+
+
+def _shapes_vocab(seen: tuple[bool, ...]) -> Vocabulary:
+    names = ("circle", "cross", "star")[: len(seen)]
+    return Vocabulary("shapes", names, tuple((n,) for n in names), seen, (False,) * len(seen), tuple(range(len(seen))))
+
+
+def test_scorer_splits_seen_and_unseen_with_their_own_box_fill():
+    lookup = ClassLookup(_shapes_vocab((True, False)))
+    circle = np.zeros((8, 8), bool)
+    circle[2:6, 2:4] = True  # 8 pixels; its prompt box [2, 2, 6, 6] fills 16: box-fill IoU 0.5
+    cross = np.zeros((8, 8), bool)
+    cross[0:2, 6:8] = True  # 4 pixels, prompt box exactly around it: box-fill IoU 1
+    predicted_cross = np.zeros((8, 8), bool)
+    predicted_cross[0:2, 4:8] = True  # IoU 4/8 with the cross
+    anns = [{"category_name": "circle", "bbox": [2, 2, 2, 4], "segmentation": rle_str(circle)},
+            {"category_name": "cross", "bbox": [6, 0, 2, 2], "segmentation": rle_str(cross)}]
+    meta = {"annotations": anns, "boxes": [[2, 2, 6, 6], [6, 0, 8, 2]], "box_annotations": [0, 1]}
+    row = {"width": 8, "height": 8, "instances": [_inst(circle, "circle", "box", [2, 2, 6, 6]),
+                                                  _inst(predicted_cross, "circle", "box", [6, 0, 8, 2])]}
+    records, missing = score_image(row, meta, lookup)
+    assert missing == 0
+    assert summarize(records) == {"box": pytest.approx({
+        "objects": 2, "miou": 0.75, "accuracy": 0.5, "box_fill_miou": 0.75,
+        "objects_base": 1, "miou_base": 1.0, "accuracy_base": 1.0, "box_fill_miou_base": 0.5,
+        "objects_novel": 1, "miou_novel": 0.5, "accuracy_novel": 0.0, "box_fill_miou_novel": 1.0})}
+
+
+def test_scorer_on_empty_inputs():
+    lookup = ClassLookup(_shapes_vocab((True,)))
+    assert summarize([]) == {}
+    assert score_image({"width": 4, "height": 4, "instances": []}, {}, lookup) == ([], 0)
+    obj = np.zeros((4, 4), bool)
+    obj[1:3, 1:3] = True
+    meta = {"annotations": [{"category_name": "circle", "bbox": [1, 1, 2, 2], "segmentation": rle_str(obj)}],
+            "boxes": [[1, 1, 3, 3]], "box_annotations": [0]}
+    assert score_image({"width": 4, "height": 4, "instances": []}, meta, lookup) == ([], 1)  # unanswered prompt
+    empty_pred = _inst(np.zeros((4, 4), bool), "circle", "box", [1, 1, 3, 3])
+    records, _ = score_image({"width": 4, "height": 4, "instances": [empty_pred]}, meta, lookup)
+    assert [(r.iou, r.correct, r.fill_iou) for r in records] == [(0.0, True, 1.0)]
+    # no segmentation: the object's ground truth is its box
+    no_segm = {**meta, "annotations": [{"category_name": "circle", "bbox": [1, 1, 2, 2]}]}
+    records, _ = score_image({"width": 4, "height": 4, "instances": [_inst(obj, "circle", "box", [1, 1, 3, 3])]},
+                             no_segm, lookup)
+    assert records[0].iou == 1.0
+    m = summarize(records)
+    assert m["box"]["objects_novel"] == 0 and m["box"]["miou_novel"] is None and "point" not in m
+
+
+class BoxFillPredictor:
+    """Stands in for ``OVSAMPredictor`` in :func:`label_samples`: each prompt's mask is its box
+    filled (a point's: its CLIP box), every label class 0."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def embed(self, images):
+        self.calls.append(len(images))
+        return [im.shape[:2] for im in images]
+
+    def predict(self, sizes, prompts):
+        from ovsam_ray.data.rle import box_fill_mask, boxes_from_binary_masks
+        from ovsam_ray.model.predictor import ImagePrediction
+
+        out = []
+        for (h, w), p in zip(sizes, prompts):
+            point_boxes = p.point_boxes if p.point_boxes is not None else np.full((len(p.points), 4), np.nan)
+            boxes = np.concatenate([p.boxes, point_boxes]).astype(np.float32)
+            n = len(boxes)
+            masks = np.stack([box_fill_mask(b, h, w) for b in boxes]) if n else np.zeros((0, h, w), bool)
+            z = np.zeros((n, 3), np.float32)
+            out.append(ImagePrediction(
+                masks=masks, mask_boxes=boxes_from_binary_masks(masks), low_res_logits=np.zeros((n, 1, 4, 4)),
+                head_logits=z, clip_logits=z, fused_logits=z, labels=np.zeros(n, np.int64),
+                scores=np.ones(n, np.float32), head_labels=np.zeros(n, np.int64), topk_ids=np.zeros((n, 1), np.int64),
+                topk_scores=np.ones((n, 1), np.float32), region_embeddings=np.zeros((n, 2), np.float32),
+                clip_embeddings=np.zeros((n, 2), np.float32), clip_valid=np.ones(n, bool),
+                is_point=np.arange(n) >= len(p.boxes)))
+        return out
+
+
+def test_label_samples_decodes_prompts_predicts_and_keeps_bad_samples_as_error_rows(tmp_path):
+    from ovsam_ray.data.shards import iter_shard_samples
+    from ovsam_ray.evaluation.prompts import rewrite_shard_prompts
+    from ovsam_ray.labelling import label_samples
+
+    (url,) = generate_shards(str(tmp_path), num_images=3, images_per_shard=3, seed=5, image_size=(64, 48))
+    rewrite_shard_prompts(url, url, mode="both")
+    samples = list(iter_shard_samples(url))
+    samples.insert(1, {**samples[0], "key": "broken", "image_bytes": b"not an image"})
+    stages: list[str] = []
+
+    @contextlib.contextmanager
+    def stage(name):
+        stages.append(name)
+        yield
+
+    predictor = BoxFillPredictor()
+    rows = list(label_samples(predictor, _shapes_vocab((True, True, True)), samples, batch_size=2, stage=stage))
+    assert [r["key"] for r in rows] == [s["key"] for s in samples]
+    assert rows[1]["status"] == "error" and rows[1]["instances"] == [] and "image" in rows[1]["error"]
+    assert predictor.calls == [1, 2], "the broken sample is not sent to the model"
+    assert stages == ["jpeg_decode", "embed", "predict", "records"] * 2
+    for row, sample in zip(rows, samples):
+        if row["status"] != "ok":
+            continue
+        meta = json.loads(sample["json_bytes"])
+        assert (row["width"], row["height"]) == (64, 48)
+        assert [i["prompt_type"] for i in row["instances"]] == ["box"] * len(meta["boxes"]) + ["point"] * len(
+            meta["points"])
+        np.testing.assert_allclose([i["prompt_box"] for i in row["instances"][: len(meta["boxes"])]], meta["boxes"],
+                                   atol=1e-4)
+
+
+def test_evaluate_predictor_pairs_every_prompt_with_its_own_object(tmp_path):
+    """With box-fill masks, a prompt paired with its own object scores exactly the box-fill IoU;
+    any mis-pairing would break the equality."""
+    from ovsam_ray.data.synthetic import shape_vocabulary_names
+    from ovsam_ray.evaluation.table1 import evaluate_predictor, shard_metas
+
+    shards = generate_shards(str(tmp_path), num_images=6, images_per_shard=3, seed=9, image_size=(80, 60))
+    names = tuple(shape_vocabulary_names())
+    held_out = ("pentagon", "cross")
+    vocab = Vocabulary("shapes", names, tuple((n,) for n in names), tuple(n not in held_out for n in names),
+                       (False,) * len(names), tuple(range(len(names))))
+    out = evaluate_predictor(BoxFillPredictor(), vocab, shards, batch_size=4)
+    anns = [a for url in shards for meta in shard_metas(url).values() for a in meta["annotations"]]
+    box, point = out["metrics"]["box"], out["metrics"]["point"]
+    assert out["counts"] == {"images": 6, "images_error": 0, "prompts_without_instance": 0}
+    assert box["objects"] == point["objects"] == len(anns)
+    assert box["objects_novel"] == sum(a["category_name"] in held_out for a in anns)
+    assert box["miou"] == pytest.approx(box["box_fill_miou"]) and point["miou"] == pytest.approx(box["box_fill_miou"])
+    assert box["miou_base"] == pytest.approx(box["box_fill_miou_base"])
+    assert box["accuracy"] == pytest.approx(sum(a["category_name"] == names[0] for a in anns) / len(anns))
+    assert 0.3 < box["box_fill_miou"] < 1.0
 
 
 def _direct_cocoeval(gt: dict, results: list, cat_ids=None) -> np.ndarray:

@@ -15,9 +15,8 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pytest
 
-from ovsam_ray.data.rle import box_fill_rles, decode_rle, encode_masks
+from ovsam_ray.data.rle import box_fill_mask, box_fill_rles, decode_rle, encode_masks
 from ovsam_ray.data.synthetic import generate_shards
-from ovsam_ray.evaluation.interactive import box_fill_mask
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.pipeline import parts
 from ovsam_ray.pipeline.label_job import LabelConfig, run_label

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ovsam_ray import io
+from ovsam_ray.data.rle import annotation_mask
 from ovsam_ray.data.synthetic import encode_image, generate_shards, tar_bytes
 from ovsam_ray.model.functional import preprocess_image
 from ovsam_ray.training.batching import (
@@ -20,7 +21,7 @@ from ovsam_ray.training.batching import (
 )
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, RunSpec
 from ovsam_ray.training.cotrain import sample_builder
-from ovsam_ray.training.data import annotation_mask, dataset_items, iter_local_rows, work_items
+from ovsam_ray.training.data import dataset_items, iter_local_rows, work_items
 from ovsam_ray.training.engine import row_batches
 from ovsam_ray.training.labels import build_label_space
 

@@ -12,14 +12,12 @@ import pytest
 import torch
 
 from ovsam_ray.checkpoints import load_ovsam
-from ovsam_ray.data.rle import encode_masks
 from ovsam_ray.data.synthetic import generate_shards
 from ovsam_ray.inference import ModelConfig, build_predictor
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.predictor import ImagePrompts, OVSAMPredictor
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, OptimConfig, RunSpec
 from ovsam_ray.training.cotrain import cotrain_setup, sample_builder
-from ovsam_ray.training.evaluate import evaluate_label_output, interior_point, load_ground_truth, score_instances
 from ovsam_ray.training.export import export_checkpoint
 from ovsam_ray.training.runner import latest_checkpoint, run_local
 
@@ -95,45 +93,16 @@ def test_local_run_started_again_resumes(trained):
     assert state.step == 3 and state.images_seen == 3 * 2
 
 
-def test_interior_point_is_deep_inside():
-    mask = np.zeros((20, 30), bool)
-    mask[2:18, 3:13] = True
-    mask[8:12, 13:28] = True  # a thin arm: the deepest point stays in the big block
-    x, y = interior_point(mask)
-    assert mask[int(y), int(x)] and 5 <= x <= 10 and 6 <= y <= 13
-    assert interior_point(np.zeros((4, 4), bool)) == (0.0, 0.0)
+def test_evaluate_weights_scores_every_held_out_object_with_the_seen_flags_of_the_weights(trained):
+    from ovsam_ray.evaluation.table1 import shard_metas
+    from ovsam_ray.training.evaluate import evaluate_weights
 
-
-def test_evaluate_label_output_scores_rows_against_the_shards(trained):
-    truth = load_ground_truth(trained["shards"])
-    rows = []
-    for (shard, key), gt in truth.items():
-        instances = []
-        for j, (mask, box, name) in enumerate(zip(gt.masks, gt.boxes, gt.names)):
-            rle = encode_masks(mask[None])[0]
-            label = name if j else "wrong-label"
-            instances.append({"prompt_type": "box", "prompt_box": box.tolist(), "point": None, "rle": rle,
-                              "label": label})
-            instances.append({"prompt_type": "point", "prompt_box": None, "point": list(interior_point(mask)),
-                              "rle": encode_masks(np.zeros_like(mask)[None])[0], "label": name})
-        rows.append({"key": key, "shard": shard, "status": "ok", "instances": instances})
-    rows.append({"key": "bad", "shard": "x", "status": "error", "instances": None})
-    m = evaluate_label_output(rows, trained["shards"])
-    n = sum(len(gt.names) for gt in truth.values())
-    assert m["box_miou"] == pytest.approx(1.0) and m["point_miou"] == 0.0
-    assert m["box_accuracy"] == pytest.approx(1 - len(truth) / n)
-    assert 0.3 < m["box_fill_miou"] < 1.0
-    assert m["num_box_prompts"] == n and m["num_point_prompts"] == n and m["error_rows"] == 1
-    # parquet round trip through the label job's schema
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from ovsam_ray.pipeline.writer import OUTPUT_SCHEMA
-
-    table = pa.Table.from_pylist([{**r, "instances": r["instances"]} for r in rows[:-1]],
-                                 schema=pa.schema([f for f in OUTPUT_SCHEMA if f.name in ("key", "shard", "status",
-                                                                                           "instances")]))
-    path = str(trained["root"] / "labels.parquet")
-    pq.write_table(table, path)
-    assert evaluate_label_output(path, trained["shards"])["box_miou"] == pytest.approx(1.0)
-    assert score_instances([], truth)["num_images"] == 0
+    anns = [a for url in sorted(os.listdir(trained["shards"])) if url.endswith(".tar")
+            for meta in shard_metas(os.path.join(trained["shards"], url)).values() for a in meta["annotations"]]
+    held_out = sum(a["category_name"] in HELD_OUT for a in anns)
+    out = evaluate_weights(trained["weights"], trained["shards"])
+    assert out["counts"] == {"images": 4, "images_error": 0, "prompts_without_instance": 0}
+    for prompt_type in ("box", "point"):
+        m = out["metrics"][prompt_type]
+        assert m["objects"] == len(anns) and m["objects_novel"] == held_out, prompt_type
+        assert 0.0 <= m["miou"] <= 1.0 and 0.0 <= m["accuracy"] <= 1.0

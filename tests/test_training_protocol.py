@@ -97,20 +97,3 @@ def test_split_is_validated_and_parsed_from_the_dataset_flag():
     assert parse_dataset("s3://b/coco/|vocab=coco_ov|split=all").split == "all"
     with pytest.raises(ValueError, match="split"):
         DatasetSpec(shards="x", split="novel")
-
-
-def test_interactive_metrics_split_into_seen_and_unseen_classes():
-    from ovsam_ray.data.rle import encode_masks
-    from ovsam_ray.evaluation.interactive import evaluate_rows
-
-    mask = np.zeros((8, 8), bool)
-    mask[2:6, 2:6] = True
-    rle = encode_masks(mask[None])[0]
-    anns = [{"category_name": "circle", "segmentation": rle}, {"category_name": "cross", "segmentation": rle}]
-    inst = [{"prompt_type": "box", "rle": rle, "label": "circle", "prompt_box": [2, 2, 6, 6]},
-            {"prompt_type": "box", "rle": rle, "label": "circle", "prompt_box": [2, 2, 6, 6]}]
-    rows = [{"shard": "s", "key": "k", "status": "ok", "instances": inst}]
-    m = evaluate_rows(rows, {("s", "k"): anns}, seen={"circle"})
-    assert m["box_accuracy"] == 0.5 and m["box_accuracy_seen"] == 1.0 and m["box_accuracy_unseen"] == 0.0
-    assert m["num_objects_seen"] == m["num_objects_unseen"] == 1
-    assert "box_accuracy_seen" not in evaluate_rows(rows, {("s", "k"): anns})

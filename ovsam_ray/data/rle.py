@@ -17,6 +17,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 __all__ = [
+    "annotation_mask",
+    "annotation_rle",
+    "box_fill_mask",
     "box_fill_rles",
     "boxes_from_binary_masks",
     "compress_rles",
@@ -99,6 +102,53 @@ def mask_areas(masks: np.ndarray) -> np.ndarray:
     return masks.sum(axis=(1, 2), dtype=np.int64)
 
 
+def box_fill_mask(box: Sequence[float], height: int, width: int) -> np.ndarray:
+    """(H, W) bool mask of the pixels whose centres lie inside an XYXY box."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    xs = np.arange(width) + 0.5
+    ys = np.arange(height) + 0.5
+    return ((ys[:, None] >= y0) & (ys[:, None] <= y1)) & ((xs[None, :] >= x0) & (xs[None, :] <= x1))
+
+
+def annotation_rle(ann: dict[str, Any], height: int, width: int) -> dict[str, Any] | None:
+    """Compressed COCO RLE (``counts`` as ``str``) of a COCO-style annotation's ``segmentation``
+    in an image of ``height`` x ``width``: polygons (those with fewer than three points are
+    ignored), COCO's uncompressed RLE (crowd regions) or a compressed RLE. ``None`` when there is
+    no usable segmentation: none given, no polygon left, an RLE whose size is not the image's, or
+    data pycocotools cannot read. The one reading of annotations shared by training and evaluation."""
+    segm = ann.get("segmentation")
+    try:
+        with _quiet_pycocotools():
+            if isinstance(segm, list) and segm and all(isinstance(p, list) for p in segm):
+                polys = [[float(v) for v in p] for p in segm if len(p) >= 6]
+                if not polys:
+                    return None
+                rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+            elif isinstance(segm, dict) and "counts" in segm:
+                if [int(v) for v in segm.get("size", [])] != [height, width]:
+                    return None
+                rle = _to_coco_rle(segm)
+            else:
+                return None
+    except (ValueError, TypeError, KeyError, OverflowError):
+        return None
+    counts = rle["counts"]
+    return {"size": [int(v) for v in rle["size"]],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray | None:
+    """(H, W) bool mask of an annotation's ``segmentation``; ``None`` when it has no usable one
+    (see :func:`annotation_rle`)."""
+    rle = annotation_rle(ann, height, width)
+    if rle is None:
+        return None
+    try:
+        return decode_rle(rle)
+    except (ValueError, TypeError, OverflowError):  # corrupt counts
+        return None
+
+
 def boxes_from_binary_masks(masks: np.ndarray) -> np.ndarray:
     """``(N, 4)`` float32 XYXY boxes ``[x_first, y_first, x_last + 1, y_last + 1]`` of ``(N, H, W)``
     masks; all zeros for an empty mask, ``(0, 4)`` for ``N = 0``."""
@@ -121,7 +171,7 @@ def boxes_from_binary_masks(masks: np.ndarray) -> np.ndarray:
 
 def box_fill_rles(boxes: np.ndarray, *, height: int, width: int) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
     """Masks that fill ``(N, 4)`` XYXY boxes (the pixels whose centres lie inside, as
-    ``evaluation.interactive.box_fill_mask``), computed as run lengths without drawing them.
+    :func:`box_fill_mask`), computed as run lengths without drawing them.
 
     Returns ``(rles, mask_boxes, areas)``: N compressed COCO RLEs byte-identical to
     :func:`encode_masks` of the drawn masks, ``(N, 4)`` float32 mask boxes and ``(N,)`` int64 areas.

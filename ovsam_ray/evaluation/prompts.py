@@ -1,4 +1,4 @@
-"""Prompts from ground-truth annotations, and annotation masks.
+"""Prompts from ground-truth annotations, and the ground-truth mask of an object.
 
 The paper's interactive protocol (Table 1) prompts with each object's ground-truth box, or with
 the object's interior point farthest from its boundary (with the box given to the CLIP branch).
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ovsam_ray import io
-from ovsam_ray.data.rle import _quiet_pycocotools, decode_rle
+from ovsam_ray.data.rle import annotation_mask, box_fill_mask
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.data.synthetic import tar_bytes
 from ovsam_ray.evaluation.points import interior_points
@@ -28,10 +28,9 @@ from ovsam_ray.evaluation.points import interior_points
 __all__ = [
     "PROMPT_FIELDS",
     "PROMPT_MODES",
-    "annotation_mask",
-    "annotation_rle",
     "gt_prompts",
     "is_promptable",
+    "object_mask",
     "rewrite_shard_prompts",
     "with_gt_prompts",
 ]
@@ -41,38 +40,14 @@ PROMPT_MODES = ("box", "point", "both", "none")
 PROMPT_FIELDS = ("boxes", "scores", "labels", "points", "point_boxes", "box_annotations", "point_annotations")
 
 
-def annotation_rle(ann: dict[str, Any], height: int, width: int) -> dict[str, Any]:
-    """COCO compressed RLE (``counts`` as ``str``) of an annotation's ``segmentation``: polygons,
-    uncompressed RLE (COCO crowd) or compressed RLE; a missing segmentation gives the box filled."""
-    from pycocotools import mask as mask_utils
-
-    segm = ann.get("segmentation")
-    with _quiet_pycocotools():
-        if isinstance(segm, list) and segm:
-            polys = [p for p in segm if len(p) >= 6]
-            rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width)) if polys else None
-        elif isinstance(segm, dict):
-            counts = segm["counts"]
-            size = [int(s) for s in segm["size"]]
-            if isinstance(counts, list):
-                rle = mask_utils.frPyObjects({"size": size, "counts": counts}, size[0], size[1])
-            else:
-                rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        else:
-            rle = None
-        if rle is None:
-            x, y, w, h = (float(v) for v in ann.get("bbox") or (0, 0, 0, 0))
-            box = [[x, y, x + w, y, x + w, y + h, x, y + h]]
-            rle = mask_utils.merge(mask_utils.frPyObjects(box, height, width)) if w > 0 and h > 0 else \
-                mask_utils.encode(np.zeros((height, width, 1), np.uint8, order="F"))[0]
-    counts = rle["counts"]
-    return {"size": [int(v) for v in rle["size"]],
-            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
-
-
-def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
-    """(H, W) bool mask of an annotation (see :func:`annotation_rle`)."""
-    return decode_rle(annotation_rle(ann, height, width))
+def object_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
+    """(H, W) bool ground-truth mask of an object: its segmentation
+    (:func:`~ovsam_ray.data.rle.annotation_mask`), else its box filled, else empty."""
+    mask = annotation_mask(ann, height, width)
+    if mask is not None:
+        return mask
+    box = _xyxy(ann)
+    return box_fill_mask(box, height, width) if box is not None else np.zeros((height, width), bool)
 
 
 def _xyxy(ann: dict[str, Any]) -> list[float] | None:
@@ -117,7 +92,7 @@ def gt_prompts(
         out["labels"] = [_category_name(annotations[i]) for i in chosen]
         out["box_annotations"] = chosen
     if mode in ("point", "both"):
-        masks = np.stack([annotation_mask(annotations[i], height, width) for i in chosen]) if chosen else \
+        masks = np.stack([object_mask(annotations[i], height, width) for i in chosen]) if chosen else \
             np.zeros((0, height, width), bool)
         points = interior_points(masks)
         has_point = [j for j in range(len(chosen)) if points[j, 0] >= 0]

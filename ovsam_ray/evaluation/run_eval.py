@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ovsam_ray import io
-from ovsam_ray.data.shards import iter_shard_samples, list_shards, shard_name
+from ovsam_ray.data.shards import list_shards, shard_name
 from ovsam_ray.evaluation.coco_ap import (
     LABEL_SOURCES,
     SCORE_MODES,
@@ -35,9 +35,17 @@ from ovsam_ray.evaluation.coco_ap import (
     mask_ap,
 )
 from ovsam_ray.evaluation.prompts import PROMPT_MODES, rewrite_shard_prompts
-from ovsam_ray.evaluation.table1 import ClassLookup, ObjectScore, score_image, summarize, table1_markdown
+from ovsam_ray.evaluation.table1 import (
+    ClassLookup,
+    ObjectScore,
+    label_shard_pairs,
+    score_label_shard,
+    shard_metas,
+    summarize,
+    table1_markdown,
+)
 from ovsam_ray.export.categories import load_categories
-from ovsam_ray.export.reader import label_files, read_label_file
+from ovsam_ray.export.reader import read_label_file
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.model.text_embedding import clean_class_name
 from ovsam_ray.vocabulary import Vocabulary
@@ -114,38 +122,14 @@ def eval_vocabulary(model: ModelConfig) -> Vocabulary:
 # --- Ray tasks (one per shard) -------------------------------------------------------------------
 
 
-def _shard_metas(shard_url: str, s3_endpoint: str | None) -> dict[str, dict[str, Any]]:
-    out = {}
-    for s in iter_shard_samples(shard_url, s3_endpoint=s3_endpoint):
-        if s["key"] is None or s["json_bytes"] is None:
-            continue
-        try:
-            meta = json.loads(s["json_bytes"])
-        except ValueError:
-            continue
-        if isinstance(meta, dict):
-            out[s["key"]] = meta
-    return out
-
-
 def _score_interactive_shard(label_url: str, shard_url: str, lookup: ClassLookup, s3_endpoint: str | None
                              ) -> dict[str, Any]:
-    metas = _shard_metas(shard_url, s3_endpoint)
-    records: list[ObjectScore] = []
-    counts = {"images": 0, "images_error": 0, "prompts_without_instance": 0}
-    for row in read_label_file(label_url, s3_endpoint=s3_endpoint):
-        counts["images"] += 1
-        if row["status"] != "ok":
-            counts["images_error"] += 1
-            continue
-        scored, missing = score_image(row, metas.get(row["key"], {}), lookup)
-        records += scored
-        counts["prompts_without_instance"] += missing
+    records, counts = score_label_shard(label_url, shard_url, lookup, s3_endpoint)
     return {"records": [dataclasses.astuple(r) for r in records], **counts}
 
 
 def _detector_shard(label_url: str, shard_url: str, s3_endpoint: str | None) -> list[dict[str, Any]]:
-    metas = _shard_metas(shard_url, s3_endpoint)
+    metas = shard_metas(shard_url, s3_endpoint)
     keep = ("label", "detector_label", "label_score", "detector_score", "rle")
     out = []
     for row in read_label_file(label_url, s3_endpoint=s3_endpoint):
@@ -166,18 +150,6 @@ def _map_shards(fn: Any, pairs: list[tuple[str, str]], *args: Any) -> list[Any]:
 
     task = ray.remote(num_cpus=1)(fn)
     return ray.get([task.remote(label_url, shard_url, *args) for label_url, shard_url in pairs])
-
-
-def _pairs(labels: str, shards: list[str], s3_endpoint: str | None) -> list[tuple[str, str]]:
-    by_name = {shard_name(u): u for u in shards}
-    pairs = []
-    for url in label_files(labels, s3_endpoint=s3_endpoint):
-        name = url.rsplit("/", 1)[-1][: -len(".parquet")]
-        if name in by_name:
-            pairs.append((url, by_name[name]))
-        else:
-            log.warning("label file %s has no input shard named %s: not scored", io.redact(url), name)
-    return pairs
 
 
 # --- the two modes -------------------------------------------------------------------------------
@@ -214,7 +186,7 @@ def _interactive(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3: st
         shards = list_shards(work, s3_endpoint=s3)
     else:
         labels, label_summary = cfg.labels, None
-    parts = _map_shards(_score_interactive_shard, _pairs(labels, shards, s3), lookup, s3)
+    parts = _map_shards(_score_interactive_shard, label_shard_pairs(labels, shards, s3), lookup, s3)
     records = [ObjectScore(*r) for p in parts for r in p["records"]]
     counts = {k: sum(p[k] for p in parts) for k in ("images", "images_error", "prompts_without_instance")}
     metrics = summarize(records)
@@ -256,7 +228,7 @@ def _detector(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3: str |
         label_summary = _label(cfg, cfg.input, labels)
     else:
         labels, label_summary = cfg.labels, None
-    images = [img for part in _map_shards(_detector_shard, _pairs(labels, shards, s3), s3) for img in part]
+    images = [img for part in _map_shards(_detector_shard, label_shard_pairs(labels, shards, s3), s3) for img in part]
     categories = _categories(cfg, images, s3)
     cat_ids = {clean_class_name(str(c["name"])): int(c["id"]) for c in categories}
     gt_images, gt_anns, results, dropped = [], [], [], 0

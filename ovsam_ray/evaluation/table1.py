@@ -1,28 +1,63 @@
-"""Interactive evaluation, the paper's Table 1: ground-truth boxes or points as prompts.
+"""The one scorer of prompted segmentation: the paper's Table 1 protocol (box/point mIoU, top-1
+accuracy over all, seen and unseen classes, and the box-fill baseline).
 
-Every prompted object (see :mod:`ovsam_ray.evaluation.prompts`) gets one record: the IoU of the
-predicted mask with the ground-truth mask and whether the top label is the object's class; the
-records are averaged per prompt type over all objects and over the base (``seen``) and novel
-(unseen) classes of the vocabulary. Objects whose class the vocabulary excludes (COCO-OV's 15)
-or does not know are not prompted and not scored. The box-fill baseline (the prompt box itself
-as the mask) is reported next to the box IoU.
+``ovsam-ray eval --mode interactive``, the demo, the tiny recipe's evaluation and the bench scripts
+all score here. Every prompted object (see :mod:`ovsam_ray.evaluation.prompts`) is one ground-truth
+object and gets one record: the IoU of the mask predicted *for its prompt* with its ground-truth
+mask, and whether the top label is its class. Objects are matched by the prompt that produced
+them, never by where a mask landed: the shard JSON says which annotation each prompt came from
+(``box_annotations`` / ``point_annotations``), and an instance is paired with a prompt by its
+prompt box or point, so a prompt the label job dropped is counted, not mis-paired. The records
+are averaged per prompt type over all objects and over the base (``seen``, trained) and novel
+(unseen) classes of the vocabulary. Objects whose class the vocabulary excludes (COCO-OV's 15) or
+does not know are not prompted and not scored. The box-fill baseline (the prompt box itself as
+the mask) is reported next to the box IoU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ovsam_ray.data.rle import decode_rle
-from ovsam_ray.evaluation.interactive import box_fill_mask, mask_iou
-from ovsam_ray.evaluation.prompts import annotation_mask
+from ovsam_ray import io
+from ovsam_ray.data.rle import box_fill_mask, decode_rle
+from ovsam_ray.data.shards import iter_shard_samples, shard_name
+from ovsam_ray.evaluation.prompts import object_mask, with_gt_prompts
+from ovsam_ray.export.reader import label_files, read_label_file
 from ovsam_ray.model.text_embedding import clean_class_name
 from ovsam_ray.vocabulary import Vocabulary
 
-__all__ = ["ClassLookup", "ObjectScore", "score_image", "summarize", "table1_markdown"]
+__all__ = [
+    "ClassLookup",
+    "ObjectScore",
+    "evaluate_label_output",
+    "evaluate_predictor",
+    "label_shard_pairs",
+    "mask_iou",
+    "score_image",
+    "score_label_shard",
+    "shard_metas",
+    "summarize",
+    "table1_markdown",
+]
+
+log = logging.getLogger(__name__)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two (H, W) bool masks. Two empty masks give 0.0, as ``pycocotools.mask.iou`` (the
+    IoU of COCO's evaluation) gives for an empty union: a scored object is a ground-truth object,
+    which COCO and SAM's mIoU assume non-empty, and predicting nothing must never score as a
+    perfect match. (Comparing two *predictions* for agreement is another question: there, two
+    empty masks agree.)"""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 def _norm(name: Any) -> str:
@@ -127,7 +162,7 @@ def score_image(
             if cls < 0 or lookup.excluded[cls]:
                 continue
             if ann_index not in masks:
-                masks[ann_index] = annotation_mask(ann, height, width)
+                masks[ann_index] = object_mask(ann, height, width)
             target = masks[ann_index]
             fill = mask_iou(box_fill_mask(inst["prompt_box"], height, width), target) if prompt_type == "box" \
                 else float("nan")
@@ -142,7 +177,8 @@ def _mean(values: list[float]) -> float | None:
 
 def summarize(records: Iterable[ObjectScore]) -> dict[str, dict[str, Any]]:
     """Per prompt type: ``objects``, ``miou``, ``accuracy`` over all objects, and the same over
-    ``base`` and ``novel`` objects (``None`` where there are none); ``box_fill_miou`` for boxes."""
+    ``base`` (seen) and ``novel`` (unseen) objects, suffixed ``_base`` / ``_novel`` (``None``
+    where there are none); for boxes also ``box_fill_miou`` (and ``_base`` / ``_novel``)."""
     groups: dict[str, list[ObjectScore]] = {}
     for r in records:
         groups.setdefault(r.prompt_type, []).append(r)
@@ -155,8 +191,8 @@ def summarize(records: Iterable[ObjectScore]) -> dict[str, dict[str, Any]]:
             entry[f"objects{split}"] = len(chosen)
             entry[f"miou{split}"] = _mean([r.iou for r in chosen])
             entry[f"accuracy{split}"] = _mean([float(r.correct) for r in chosen])
-        if prompt_type == "box":
-            entry["box_fill_miou"] = _mean([r.fill_iou for r in recs])
+            if prompt_type == "box":
+                entry[f"box_fill_miou{split}"] = _mean([r.fill_iou for r in chosen])
         out[prompt_type] = entry
     return out
 
@@ -180,3 +216,102 @@ def table1_markdown(metrics: dict[str, dict[str, Any]]) -> str:
         lines.append("")
         lines.append(f"Box-fill baseline (the prompt box as the mask): mIoU {_fmt(metrics['box']['box_fill_miou'])}")
     return "\n".join(lines) + "\n"
+
+
+# --- scoring label output and predictors --------------------------------------------------------
+
+
+def shard_metas(shard_url: str, s3_endpoint: str | None = None) -> dict[str, dict[str, Any]]:
+    """key -> the parsed JSON of every sample of a shard that has one (unparsable JSON skipped)."""
+    out = {}
+    for s in iter_shard_samples(shard_url, s3_endpoint=s3_endpoint):
+        if s["key"] is None or s["json_bytes"] is None:
+            continue
+        try:
+            meta = json.loads(s["json_bytes"])
+        except ValueError:
+            continue
+        if isinstance(meta, dict):
+            out[s["key"]] = meta
+    return out
+
+
+def label_shard_pairs(labels: str, shards: Sequence[str], s3_endpoint: str | None = None) -> list[tuple[str, str]]:
+    """(label file, input shard) pairs of a label output, matched by the shard's name."""
+    by_name = {shard_name(u): u for u in shards}
+    pairs = []
+    for url in label_files(labels, s3_endpoint=s3_endpoint):
+        name = url.rsplit("/", 1)[-1][: -len(".parquet")]
+        if name in by_name:
+            pairs.append((url, by_name[name]))
+        else:
+            log.warning("label file %s has no input shard named %s: not scored", io.redact(url), name)
+    return pairs
+
+
+def _score_rows(rows: Iterable[dict[str, Any]], metas: dict[str, dict[str, Any]], lookup: ClassLookup
+                ) -> tuple[list[ObjectScore], dict[str, int]]:
+    records: list[ObjectScore] = []
+    counts = {"images": 0, "images_error": 0, "prompts_without_instance": 0}
+    for row in rows:
+        counts["images"] += 1
+        if row["status"] != "ok":
+            counts["images_error"] += 1
+            continue
+        scored, missing = score_image(row, metas.get(row["key"], {}), lookup)
+        records += scored
+        counts["prompts_without_instance"] += missing
+    return records, counts
+
+
+def score_label_shard(label_url: str, shard_url: str, lookup: ClassLookup, s3_endpoint: str | None = None
+                      ) -> tuple[list[ObjectScore], dict[str, int]]:
+    """The records of one label file against the prompted shard it was labelled from, and counts
+    (``images``, ``images_error``, ``prompts_without_instance``)."""
+    return _score_rows(read_label_file(label_url, s3_endpoint=s3_endpoint), shard_metas(shard_url, s3_endpoint),
+                       lookup)
+
+
+def _add_counts(total: dict[str, int], part: dict[str, int]) -> dict[str, int]:
+    return {k: total.get(k, 0) + v for k, v in part.items()}
+
+
+def evaluate_label_output(labels: str, shards: Sequence[str], lookup: ClassLookup, *,
+                          s3_endpoint: str | None = None) -> dict[str, Any]:
+    """Score a label output (labelled from ``shards``, which carry ground-truth prompts, see
+    :func:`~ovsam_ray.evaluation.prompts.rewrite_shard_prompts`) in this process: ``metrics``
+    (:func:`summarize`) and ``counts``. ``ovsam-ray eval`` does the same with a Ray task per shard."""
+    records: list[ObjectScore] = []
+    counts: dict[str, int] = {}
+    for label_url, shard_url in label_shard_pairs(labels, shards, s3_endpoint):
+        part, c = score_label_shard(label_url, shard_url, lookup, s3_endpoint)
+        records += part
+        counts = _add_counts(counts, c)
+    return {"metrics": summarize(records), "counts": counts}
+
+
+def evaluate_predictor(predictor: Any, vocab: Vocabulary, shards: Sequence[str], *, prompts: str = "both",
+                       batch_size: int = 8, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """Table 1 of a predictor run in this process on shards with ground truth (``annotations``):
+    each object's box and/or interior point as prompts (as ``eval`` writes them), labelled by
+    :func:`~ovsam_ray.labelling.label_samples`; returns ``metrics`` and ``counts`` as
+    :func:`evaluate_label_output`."""
+    from ovsam_ray.labelling import label_samples
+
+    lookup = ClassLookup(vocab)
+    records: list[ObjectScore] = []
+    counts: dict[str, int] = {}
+    for url in shards:
+        samples, metas = [], {}
+        for s in iter_shard_samples(url, s3_endpoint=s3_endpoint):
+            try:
+                meta = with_gt_prompts(json.loads(s["json_bytes"]), s["image_bytes"], mode=prompts, keep=lookup.keep)
+            except (ValueError, TypeError, KeyError, AttributeError, OSError):
+                samples.append(s)  # no ground truth to prompt with: labelled as it is (an error row if bad)
+                continue
+            metas[s["key"]] = meta
+            samples.append({**s, "json_bytes": json.dumps(meta).encode()})
+        part, c = _score_rows(label_samples(predictor, vocab, samples, batch_size=batch_size), metas, lookup)
+        records += part
+        counts = _add_counts(counts, c)
+    return {"metrics": summarize(records), "counts": counts}

@@ -10,8 +10,8 @@ Stages and entry points (each also ``ovsam-ray train <cmd>`` and ``jobs/train_*.
 - ``recipe.run_tiny_recipe(work_dir)`` — ``ovsam_tiny`` from nothing on generated shapes: (0) a
   short contrastive tiny-CLIP pretraining (``clip_pretrain``), (1) no SAM teacher exists at this
   size, so the adapter trains together with (2) co-training; returns the exported weights.
-- ``evaluate.evaluate_label_output`` / ``evaluate.evaluate_model`` — box/point mIoU, box
-  accuracy and the box-fill baseline against the shards' ground truth.
+- ``evaluate.evaluate_weights`` — exported weights scored on held-out shards by the one scorer,
+  ``evaluation.table1`` (box/point mIoU, accuracy over seen/unseen classes, box-fill baseline).
 
 - ``recipes``: the paper's runs as named recipes (``--recipe sam2clip_vith_rn50x16``,
   ``clip2sam_coco_rn50x16``, ``clip2sam_lvis_rn50x16``), equal to the reference configs; epochs ->

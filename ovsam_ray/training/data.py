@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, decode_sample
-from ovsam_ray.data.rle import decode_rle
+from ovsam_ray.data.rle import annotation_mask
 from ovsam_ray.data.shards import is_damage_marker, iter_shard_samples, list_shards
 
 from .augment import large_scale_jitter, resize_and_pad
@@ -120,23 +119,6 @@ _END = object()
 
 
 # --- annotations -> masks ---------------------------------------------------------------------------
-
-
-def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray | None:
-    """(H, W) bool mask of a COCO-style annotation (RLE, compressed or not, or polygons); None
-    when it has no usable segmentation or a size that does not match the image."""
-    seg = ann.get("segmentation")
-    try:
-        if isinstance(seg, dict) and "counts" in seg:
-            if [int(v) for v in seg.get("size", [])] != [height, width]:
-                return None
-            return decode_rle(seg)
-        if isinstance(seg, list) and seg and all(isinstance(p, list) and len(p) >= 6 for p in seg):
-            rles = mask_utils.frPyObjects([[float(v) for v in p] for p in seg], height, width)
-            return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
-    except (ValueError, TypeError, KeyError, OverflowError):
-        return None
-    return None
 
 
 def instances_from_annotations(
