@@ -195,7 +195,8 @@ def local_dir(location: str, *, s3_endpoint: str | None = None) -> str:
     files = sorted((p[len(root):].lstrip("/"), info) for p, info in listing.items() if p.startswith(root + "/"))
     if not files:
         raise WeightsError(f"weights location {location} holds no files")
-    version = json.dumps([location, [(rel, i.get("size"), str(i.get("ETag", i.get("mtime", "")))) for rel, i in files]])
+    stamps = [(rel, info.get("size"), str(info.get("ETag", info.get("mtime", "")))) for rel, info in files]
+    version = json.dumps([location.rstrip("/"), stamps])
     target = _LOCAL_CACHE / f"{hashlib.sha256(version.encode()).hexdigest()[:16]}-{os.path.basename(root)}"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
