@@ -91,7 +91,7 @@ def _build_ours(cfg: Any, mode: str, device: torch.device, rle_on_device: bool |
     if mode == "c":
         return make_predictor(cfg, loaded, text, vocab, device, rle_on_device=rle_on_device), vocab
     classifier = OpenVocabClassifier(text_embeddings=text, seen=vocab.seen_tensor(), excluded=vocab.excluded_tensor(),
-                                     logit_scale=float(loaded.meta.get("logit_scale", 4.6052)))
+                                     logit_scale=loaded.logit_scale)
     predictor = OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk, fast=False,
                                fast_attention=False, rle_on_device=False)
     return predictor, vocab

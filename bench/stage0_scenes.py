@@ -26,7 +26,7 @@ from tiny_recipe import HeldOutImage, eval_shards, held_out_images
 
 from ovsam_ray.data.synthetic import shape_vocabulary_names
 from ovsam_ray.model.clip_backbone import ResNetCLIPBackbone
-from ovsam_ray.model.presets import IMAGE_SIZES, clip_tokenizer, create_clip_model
+from ovsam_ray.model.presets import clip_tokenizer, create_clip_model, get_preset
 from ovsam_ray.model.text_embedding import embed_class_names
 from ovsam_ray.training.clip_pretrain import pretrain_clip, pretrain_clip_regions
 from ovsam_ray.training.losses import class_logits
@@ -68,7 +68,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe, names, tokenizer = TinyRecipe(), shape_vocabulary_names(), clip_tokenizer(PRESET)
     shards = eval_shards(os.path.join(a.eval_dir, f"seed{a.eval_seed}-n{a.eval_images}"), a.eval_images, a.eval_seed)
-    held_out = list(held_out_images(shards, IMAGE_SIZES[PRESET]))  # read and decoded once, scored twice
+    held_out = list(held_out_images(shards, get_preset(PRESET).image_size))  # read and decoded once, scored twice
     result: dict = {"date": now_iso(), "machine": machine_info(), "seed": a.seed, "crops_file": a.crops,
                     "crop_steps": None if os.path.exists(a.crops) else a.crop_steps, "scene_steps": a.scene_steps,
                     "scene_lr": a.scene_lr, "objects": list(a.objects),
@@ -87,7 +87,7 @@ def main() -> None:
     result["clip_accuracy_after_crops"] = clip_branch_accuracy(clip_model, held_out, names)
     t0 = time.perf_counter()
     run = pretrain_clip_regions(clip_model, tokenizer, class_names=names, steps=a.scene_steps,
-                                image_size=IMAGE_SIZES[PRESET], scene_sizes=recipe.image_size,
+                                image_size=get_preset(PRESET).image_size, scene_sizes=recipe.image_size,
                                 objects=tuple(a.objects), batch_size=recipe.stage0_scene_batch, lr=a.scene_lr,
                                 seed=a.seed, log_every=100)
     result.update(scenes_s=time.perf_counter() - t0, last_loss=run.last_loss, text_separation=run.text_separation,

@@ -1,29 +1,36 @@
-"""Assembling a ready model from a weights location, and exporting ours in the released layout.
+"""Released weights -> a ready OV-SAM model, and ours -> the released layout.
+
+"Checkpoints" here are weights files in the released layout, the ones inference and the start of
+training read (``load_ovsam``, ``build_training_model``) and ``export`` writes; a training run's
+resumable state is something else and lives in ``training/runner.py``.
 
 A weights location (local folder or ``s3://`` prefix) holds the standard file names below;
 each file can also be given on its own. ``random_init=True`` builds without any file and says
-so loudly.
+so loudly. Finding and reading single files is ``ovsam_ray.weights``'s job.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ovsam_ray.model.classifier import RELEASED_LOGIT_SCALE
 from ovsam_ray.model.ovsam import OVSAM
-from ovsam_ray.model.presets import CLIP_ARCHS, build_ovsam, create_clip_model
+from ovsam_ray.model.presets import build_ovsam, create_clip_model, get_preset
 from ovsam_ray.weights import (
     CLIP2SAM,
     PROMPT_ENCODER,
     SAM2CLIP,
+    SAM_DECODER_INIT,
     WeightsError,
-    WeightsFile,
     export_part,
     file_sha256,
+    find_files,
     is_torchscript_archive,
     load_part,
     local_path,
@@ -32,23 +39,14 @@ from ovsam_ray.weights import (
 
 log = logging.getLogger(__name__)
 
-# Short names used in the released file names (sam2clip_vith_<short>.pth, clip2sam_<vocab>_<short>.pth).
-SHORT_NAMES = {
-    "ovsam_rn50x16": "rn50x16",
-    "ovsam_rn50x64": "rn50x64",
-    "ovsam_convnext_large": "convnext_large",
-    "ovsam_rn50_small": "rn50",
-    "ovsam_tiny": "tiny",
-}
-
 
 def standard_file_names(preset: str, train_vocab: str = "coco") -> dict[str, list[str]]:
     """Candidate file names per part inside a weights location, first match wins."""
-    short = SHORT_NAMES[preset]
-    arch = CLIP_ARCHS[preset]
+    p = get_preset(preset)
+    short = p.short_name
     clip_names = [f"clip_{short}.pth"]
-    if isinstance(arch, str):
-        base = arch.removesuffix("-quickgelu")
+    if isinstance(p.clip_arch, str):
+        base = p.clip_arch.removesuffix("-quickgelu")
         # Our converted/exported file first: OpenAI's own {base}.pt is a TorchScript archive.
         clip_names = [*clip_names, f"{base}.pth", f"{base}.bin", f"{base}.safetensors", f"{base}.pt"]
     return {
@@ -63,21 +61,57 @@ def resolve_weights_dir(
     location: str, preset: str, *, train_vocab: str = "coco", s3_endpoint: str | None = None
 ) -> dict[str, str]:
     """Map each part to the first standard file present in ``location``; missing -> error."""
-    from ovsam_ray.io import get_filesystem
-
-    fs, root = get_filesystem(location, s3_endpoint=s3_endpoint)
-    present = {os.path.basename(p) for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
-    prefix = location.rstrip("/")
-    found, missing = {}, []
-    for part, names in standard_file_names(preset, train_vocab).items():
-        name = next((n for n in names if n in present), None)
-        if name is None:
-            missing.append(f"{part}: one of {names}")
-        else:
-            found[part] = f"{prefix}/{name}"
+    names = standard_file_names(preset, train_vocab)
+    found = find_files(location, names, s3_endpoint=s3_endpoint)
+    missing = [f"{part}: one of {candidates}" for part, candidates in names.items() if part not in found]
     if missing:
         raise WeightsError(f"weights location {location} lacks files for preset {preset}: " + "; ".join(missing))
     return found
+
+
+def load_clip(preset: str, url: str | None, *, s3_endpoint: str | None = None) -> tuple[nn.Module, str | None]:
+    """(the open_clip model of ``preset``, the sha256 of its file): from ``url``, or random
+    (sha None) without one. OpenAI's TorchScript archive and unloadable files are WeightsErrors."""
+    if url is None:
+        return create_clip_model(preset), None
+    path = local_path(url, s3_endpoint=s3_endpoint)
+    p = get_preset(preset)
+    if is_torchscript_archive(path):
+        raise WeightsError(
+            f"{url} is OpenAI's TorchScript CLIP archive, which cannot load with weights_only=True. "
+            f"Convert it once: ovsam-ray convert-clip --input {url} --output clip_{p.short_name}.pth "
+            "(and use that file)"
+        )
+    try:
+        clip_model = create_clip_model(preset, checkpoint=path)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"cannot load CLIP weights {url} for {preset} ({p.clip_arch}): {e}") from e
+    return clip_model, file_sha256(path)
+
+
+def load_parts(
+    model: OVSAM, files: Mapping[str, str], *, init_decoder_from_sam: bool = False, s3_endpoint: str | None = None
+) -> tuple[dict[str, dict], dict]:
+    """Strictly load the parts ``files`` names (``sam``: the prompt encoder, ``sam2clip``,
+    ``clip2sam``) into ``model``, in that order. With ``init_decoder_from_sam`` a SAM file that
+    holds a mask decoder also initialises ours (training: CLIP2SAM then continues from it).
+    Returns ({part: {"path", "sha256"}}, the clip2sam file's ``meta``)."""
+    loaded: dict[str, dict] = {}
+    meta: dict = {}
+    for part_name, part in (("sam", PROMPT_ENCODER), ("sam2clip", SAM2CLIP), ("clip2sam", CLIP2SAM)):
+        if part_name not in files:
+            continue
+        wf = read_weights(files[part_name], s3_endpoint=s3_endpoint, what=part_name)
+        load_part(model, wf, part)
+        has_decoder = any(k.startswith("mask_decoder.") for k in wf.state_dict)
+        if part is PROMPT_ENCODER and init_decoder_from_sam and has_decoder:
+            load_part(model, wf, SAM_DECODER_INIT)
+            log.info("mask decoder initialised from %s", files[part_name])
+        loaded[part_name] = {"path": files[part_name], "sha256": wf.sha256}
+        if part is CLIP2SAM:
+            meta = wf.meta
+        del wf
+    return loaded, meta
 
 
 @dataclass
@@ -95,6 +129,11 @@ class LoadedModel:
     @property
     def clip_sha256(self) -> str:
         return self.files.get("clip", {}).get("sha256", "random")
+
+    @property
+    def logit_scale(self) -> float:
+        """The classifier's logit scale (log): our export's learnt one, else the released models'."""
+        return float(self.meta.get("logit_scale", RELEASED_LOGIT_SCALE))
 
     def identity(self) -> dict:
         return {
@@ -134,27 +173,10 @@ def load_ovsam(
     if lacking:
         raise WeightsError(f"no weights given for {lacking}: pass --weights DIR or the files, or --random-init")
 
-    clip_local = local_path(paths["clip"], s3_endpoint=s3_endpoint)
-    if is_torchscript_archive(clip_local):
-        raise WeightsError(
-            f"{paths['clip']} is OpenAI's TorchScript CLIP archive, which cannot load with weights_only=True. "
-            f"Convert it once: ovsam-ray convert-clip --input {paths['clip']} --output clip_{SHORT_NAMES[preset]}.pth "
-            "(and use that file)"
-        )
-    try:
-        clip_model = create_clip_model(preset, checkpoint=clip_local)
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"cannot load CLIP weights {paths['clip']} for {preset} ({CLIP_ARCHS[preset]}): {e}") from e
+    clip_model, clip_sha = load_clip(preset, paths["clip"], s3_endpoint=s3_endpoint)
     model = build_ovsam(preset, clip_model)
-    files = {"clip": {"path": paths["clip"], "sha256": file_sha256(clip_local)}}
-    meta: dict = {}
-    for part_name, part in (("sam", PROMPT_ENCODER), ("sam2clip", SAM2CLIP), ("clip2sam", CLIP2SAM)):
-        wf: WeightsFile = read_weights(paths[part_name], s3_endpoint=s3_endpoint, what=part_name)
-        load_part(model, wf, part)
-        files[part_name] = {"path": paths[part_name], "sha256": wf.sha256}
-        if part_name == "clip2sam":
-            meta = wf.meta
-        del wf
+    parts, meta = load_parts(model, paths, s3_endpoint=s3_endpoint)
+    files = {"clip": {"path": paths["clip"], "sha256": clip_sha}, **parts}
     return LoadedModel(preset, model.eval(), clip_model, False, files=files, meta=meta, train_vocab=train_vocab)
 
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from ovsam_ray.checkpoints import SHORT_NAMES, LoadedModel, load_ovsam
+from ovsam_ray.checkpoints import LoadedModel, load_ovsam
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.predictor import OVSAMPredictor
-from ovsam_ray.model.presets import PRESETS, clip_tokenizer
-from ovsam_ray.text_cache import TextEmbeddingCache, class_text_embeddings, load_class_embeddings
+from ovsam_ray.model.presets import get_preset
+from ovsam_ray.text_cache import embed_vocabulary, load_class_embeddings
 from ovsam_ray.vocabulary import Vocabulary, load_vocabulary
 
 # The training vocabulary of each released clip2sam file decides which classes are "seen".
@@ -39,8 +37,7 @@ class ModelConfig:
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        get_preset(self.preset)  # an unknown name: a ValueError listing the known ones
         if not self.train_vocab.replace("_", "").isalnum():
             raise ValueError(
                 f"train_vocab={self.train_vocab!r}: use 'coco', 'lvis' or the name our export was trained with"
@@ -93,23 +90,6 @@ def _vocab_from_embeddings(cfg: ModelConfig, embeddings: torch.Tensor) -> Vocabu
     return Vocabulary.from_json({"name": "embeddings", "classes": [{"id": i, "name": n} for i, n in enumerate(names)]})
 
 
-@contextlib.contextmanager
-def text_matmul_precision(device: str | torch.device) -> Iterator[None]:
-    """TF32 matmuls for the CLIP text tower on CUDA. in21k is 40,737 names x 14 templates = 0.57M
-    texts, ~7 PFLOP through RN50x16's tower: minutes in strict fp32, seconds in TF32, whose ~1e-3
-    relative rounding is far below the bf16 autocast the image side runs in (tests/test_gpu.py
-    checks the embeddings against the CPU's). On a CPU nothing changes (strict fp32)."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
-
-
 def vocabulary_text(
     cfg: ModelConfig, loaded: LoadedModel, device: str | torch.device = "cpu"
 ) -> tuple[torch.Tensor, Vocabulary]:
@@ -119,19 +99,8 @@ def vocabulary_text(
         text = load_class_embeddings(cfg.class_embeddings)
         return text, _vocab_from_embeddings(cfg, text)
     vocab = resolve_vocabulary(cfg, loaded)
-    cache = None if loaded.random_init else TextEmbeddingCache(cfg.text_cache)
-    home = next(loaded.clip_model.parameters()).device
-    with text_matmul_precision(device):
-        text = class_text_embeddings(
-            vocab,
-            loaded.clip_model.to(device),
-            clip_tokenizer(cfg.preset),
-            clip_name=f"{cfg.preset}:{SHORT_NAMES[cfg.preset]}",
-            clip_weights_sha256=loaded.clip_sha256,
-            cache=cache,
-            device=device,
-        )
-    loaded.clip_model.to(home)
+    text = embed_vocabulary(vocab, loaded.clip_model, cfg.preset, device=device, cache_root=cfg.text_cache,
+                            clip_weights_sha256=None if loaded.random_init else loaded.clip_sha256)
     return text, vocab
 
 
@@ -150,7 +119,7 @@ def make_predictor(
         text_embeddings=text,
         seen=vocab.seen_tensor(),
         excluded=vocab.excluded_tensor(),
-        logit_scale=float(loaded.meta.get("logit_scale", 4.6052)),
+        logit_scale=loaded.logit_scale,
     )
     return OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk, rle_on_device=rle_on_device)
 

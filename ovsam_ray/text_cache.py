@@ -1,5 +1,6 @@
-"""Class text embeddings on disk: the reference OV-SAM embedding files, and the cache keyed by
-CLIP model + weights hash + vocabulary hash (DESIGN 2.9), split out of ``vocabulary``."""
+"""Class text embeddings: ``embed_vocabulary``, the one function inference and training embed a
+vocabulary with; the cache it reads and fills, keyed by CLIP model + weights hash + vocabulary hash
+(DESIGN 2.9); and the reference OV-SAM embedding files."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import pickle
 import posixpath
 import tempfile
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import fsspec
@@ -17,11 +19,12 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor, nn
 
+from ovsam_ray.model.presets import clip_tokenizer, get_preset
 from ovsam_ray.model.text_embedding import Tokenizer, embed_class_names
 from ovsam_ray.vocabulary import Vocabulary, _sha256_json, load_templates
 
 __all__ = ["DEFAULT_CACHE_ROOT", "TextEmbeddingCache", "TextEmbeddingKey", "class_text_embeddings",
-           "load_class_embeddings"]
+           "embed_vocabulary", "load_class_embeddings", "text_matmul_precision"]
 
 _log = logging.getLogger(__name__)
 
@@ -154,3 +157,52 @@ def class_text_embeddings(
     if cache is not None:
         cache.put(key, embeddings)
     return embeddings
+
+
+@contextlib.contextmanager
+def text_matmul_precision(device: str | torch.device) -> Iterator[None]:
+    """TF32 matmuls for the CLIP text tower on CUDA. in21k is 40,737 names x 14 templates = 0.57M
+    texts, ~7 PFLOP through RN50x16's tower: minutes in strict fp32, seconds in TF32, whose ~1e-3
+    relative rounding is far below the bf16 autocast the image side runs in (tests/test_gpu.py
+    checks the embeddings against the CPU's). On a CPU nothing changes (strict fp32)."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def embed_vocabulary(
+    vocab: Vocabulary,
+    clip_model: nn.Module,
+    preset: str,
+    *,
+    clip_weights_sha256: str | None,
+    cache_root: str | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """(C, S, D) float32 CPU text embeddings of ``vocab`` through the text tower of ``clip_model``,
+    the CLIP of ``preset``, run on ``device`` (the model goes there and back to where it was).
+
+    ``clip_weights_sha256``: the sha256 of the CLIP weights file, which keys the cache under
+    ``cache_root`` (default ``~/.cache/ovsam_ray/text``); None for random weights, which are
+    never cached.
+    """
+    cache = None if clip_weights_sha256 is None else TextEmbeddingCache(cache_root)
+    home = next(clip_model.parameters()).device
+    with text_matmul_precision(device):
+        text = class_text_embeddings(
+            vocab,
+            clip_model.to(device),
+            clip_tokenizer(preset),
+            clip_name=f"{preset}:{get_preset(preset).short_name}",
+            clip_weights_sha256=clip_weights_sha256 or "random",
+            cache=cache,
+            device=device,
+        )
+    clip_model.to(home)
+    return text

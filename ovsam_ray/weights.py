@@ -1,17 +1,27 @@
-"""The one place that reads, converts, checks and writes OV-SAM weights (DESIGN §3).
+"""The one place that finds, reads, converts, checks and writes weights files (DESIGN §3).
 
-Released files load as they are, strictly, with ``torch.load(weights_only=True)``: a bare state
-dict or an mmengine-style dict with ``state_dict``; keys outside the prefixes a part needs are
-ignored. Our own exports use the same layout plus a ``meta`` dict describing themselves.
-Paths may be local or fsspec URLs (``s3://``); remote files are copied to a local cache first.
+Finding: ``find_files`` maps parts to the first candidate name present in a weights location (a
+local folder or an ``s3://`` prefix); ``local_path`` / ``local_dir`` give a local copy of a
+file / of a whole location (remote ones are copied once into a local cache), for any loader.
+Reading: released files load as they are, strictly, with ``torch.load(weights_only=True)``: a
+bare state dict or an mmengine-style dict with ``state_dict``; keys outside the prefixes a part
+needs are ignored. Our own exports use the same layout plus a ``meta`` dict describing
+themselves. Every failure is a ``WeightsError`` naming the file.
+
+``ovsam_ray.checkpoints`` assembles an OV-SAM model from these files (released weights);
+training checkpoints (a run's resumable state) are another thing, kept in ``training/runner.py``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import json
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +145,73 @@ def local_path(url: str, *, s3_endpoint: str | None = None) -> str:
         os.close(fd)
         fs.get(remote, tmp)
         os.replace(tmp, target)
+    return str(target)
+
+
+def list_location(location: str, *, s3_endpoint: str | None = None) -> list[str]:
+    """Sorted names of the entries directly inside a local folder or ``s3://`` prefix (none when
+    it does not exist)."""
+    from ovsam_ray.io import get_filesystem
+
+    fs, root = get_filesystem(location, s3_endpoint=s3_endpoint)
+    if not fs.exists(root):
+        return []
+    return sorted({os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)})
+
+
+def find_files(
+    location: str, candidates: Mapping[str, Sequence[str]], *, s3_endpoint: str | None = None
+) -> dict[str, str]:
+    """part -> URL of the first of its candidate names present in ``location``. A candidate may
+    be a glob pattern (``clip2sam_*.pth``: the first match in sorted order); parts with no
+    candidate present are left out (the caller decides which are required)."""
+    present = list_location(location, s3_endpoint=s3_endpoint)
+    prefix = location.rstrip("/")
+    found: dict[str, str] = {}
+    for part, names in candidates.items():
+        match = next((m for pattern in names for m in fnmatch.filter(present, pattern)), None)
+        if match is not None:
+            found[part] = f"{prefix}/{match}"
+    return found
+
+
+def local_dir(location: str, *, s3_endpoint: str | None = None) -> str:
+    """A local folder holding the files of ``location``, for loaders that read a whole folder
+    (``from_pretrained``): a local folder as it is; an ``s3://`` (any fsspec) prefix copied, with
+    its sub-folders, into the local cache once per version of its listing (names, sizes, ETags)."""
+    if "://" not in location or location.startswith("file://"):
+        path = location.removeprefix("file://")
+        if not os.path.isdir(path):
+            raise WeightsError(f"weights folder not found: {path}")
+        return path
+    from ovsam_ray.io import get_filesystem, safe_join
+
+    fs, root = get_filesystem(location, s3_endpoint=s3_endpoint)
+    root = root.rstrip("/")
+    try:
+        listing = fs.find(root, detail=True)
+    except FileNotFoundError:
+        listing = {}
+    files = sorted((p[len(root):].lstrip("/"), info) for p, info in listing.items() if p.startswith(root + "/"))
+    if not files:
+        raise WeightsError(f"weights location {location} holds no files")
+    stamps = [(rel, info.get("size"), str(info.get("ETag", info.get("mtime", "")))) for rel, info in files]
+    version = json.dumps([location.rstrip("/"), stamps])
+    target = _LOCAL_CACHE / f"{hashlib.sha256(version.encode()).hexdigest()[:16]}-{os.path.basename(root)}"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=target.parent, suffix=".part")
+        try:
+            for rel, _ in files:
+                dst = safe_join(tmp, rel)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                fs.get_file(f"{root}/{rel}", dst)
+            os.rename(tmp, target)
+        except OSError:
+            if not target.exists():  # not a concurrent copy that finished first
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 

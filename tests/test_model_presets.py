@@ -4,8 +4,10 @@ of a fixed-seed ``ovsam_tiny`` (tests/golden, regenerate with tests/golden/make_
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from torch import nn
 
 from ovsam_ray.model.clip_backbone import ConvNeXtCLIPBackbone, ResNetCLIPBackbone
 from ovsam_ray.model.ovsam import OVSAM, PromptBatch
-from ovsam_ray.model.presets import PRESETS, build_ovsam, create_clip_model
+from ovsam_ray.model.presets import PRESETS, Preset, UnknownPresetError, build_ovsam, create_clip_model, get_preset
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
@@ -79,6 +81,46 @@ def test_unknown_preset_raises_key_error_listing_the_known_ones() -> None:
         assert name in message
     with pytest.raises(KeyError, match="ovsam_tiny"):
         create_clip_model("nope")
+
+
+def test_an_unknown_preset_is_refused_by_every_config_with_the_known_names() -> None:
+    from ovsam_ray.inference import ModelConfig
+    from ovsam_ray.training.config import ModelSpec
+    from ovsam_ray.training.distill import DumpTeacherConfig
+
+    for make in (lambda: get_preset("nope"), lambda: ModelConfig(preset="nope", random_init=True),
+                 lambda: ModelSpec(preset="nope"), lambda: DumpTeacherConfig(shards="s", output="o", preset="nope",
+                                                                             teacher="random_tiny")):
+        with pytest.raises(UnknownPresetError) as info:
+            make()
+        assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+        assert str(info.value) == f"unknown preset 'nope'; known presets: {', '.join(sorted(PRESETS))}"
+
+
+def test_preset_records_are_frozen_and_match_the_models_they_build() -> None:
+    record = get_preset("ovsam_tiny")
+    assert isinstance(record, Preset) and record.name == "ovsam_tiny"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.image_size = 512  # type: ignore[misc]
+    model = build_ovsam("ovsam_tiny")
+    assert model.image_size == record.image_size
+    assert model.prompt_encoder.embed_dim == record.prompt_dim
+    assert model.adapter.level_encoding.weight.shape[1] == record.adapter_dim
+    assert len(model.adapter.blocks) == record.adapter_depth
+    assert model.recognizer.roi_size == record.roi_size
+    assert sorted({p.short_name for p in PRESETS.values()}) == sorted(p.short_name for p in PRESETS.values())
+
+
+def test_no_code_outside_the_registry_tests_a_preset_name() -> None:
+    """Per-preset facts live in the records: code asks ``get_preset(name).<fact>``, never
+    ``name == "ovsam_tiny"`` or a table keyed by preset names."""
+    package = Path(__file__).parents[1] / "ovsam_ray"
+    names = "|".join(PRESETS)
+    tests = re.compile(rf"""(==|!=|\bin)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=|:\s)""")
+    found = [f"{path.relative_to(package)}:{i}: {line.strip()}"
+             for path in sorted(package.rglob("*.py")) if path.name != "presets.py"
+             for i, line in enumerate(path.read_text().splitlines(), 1) if tests.search(line)]
+    assert found == []
 
 
 def test_builder_uses_the_given_clip_model() -> None:

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
+from ovsam_ray.model.presets import get_preset
 from ovsam_ray.training.cli import add_train_subcommands, cotrain_config_from_args, distill_config_from_args
 from ovsam_ray.training.config import DatasetSpec
-from ovsam_ray.training.cotrain import input_size
 from ovsam_ray.training.recipes import RECIPES, build_config, dataset_images, get_recipe, resolve_steps
 
 SD = "seg/configs/_base_/schedules/schedule_distillation.py"
@@ -100,7 +100,7 @@ TABLE = [("sam2clip_vith_rn50x16", *row) for row in DISTILL] + [
 
 def _value(cfg, path: str):
     if path == "image_size":
-        return input_size(cfg.model.preset)
+        return get_preset(cfg.model.preset).image_size
     obj = cfg
     for part in path.split("."):
         obj = getattr(obj, part)

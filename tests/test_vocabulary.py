@@ -434,3 +434,50 @@ def test_class_text_embeddings_without_cache_or_with_stale_entry(tmp_path):
     assert tower.calls > calls
     torch.testing.assert_close(again, out)
     torch.testing.assert_close(cache.get(key), out)
+
+
+class FailingClip(nn.Module):
+    """A CLIP stand-in whose text tower must not run (a cache hit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a cache hit must not encode text")
+
+
+def test_training_and_inference_embed_a_vocabulary_with_one_function(tmp_path):
+    """Co-training and inference both embed through ``embed_vocabulary``: the same cache key, so
+    an entry one writes the other reads; a CLIP without a weights file is never cached."""
+    from types import SimpleNamespace
+
+    from ovsam_ray.checkpoints import LoadedModel
+    from ovsam_ray.inference import ModelConfig, vocabulary_text
+    from ovsam_ray.model.presets import create_clip_model
+    from ovsam_ray.text_cache import embed_vocabulary
+    from ovsam_ray.training.cotrain import text_embeddings_for
+    from ovsam_ray.weights import file_sha256
+
+    torch.manual_seed(0)
+    clip = create_clip_model("ovsam_tiny")
+    clip_file = tmp_path / "clip_tiny.pth"
+    torch.save(clip.state_dict(), clip_file)
+    vocab, root = tiny_vocab(seen=(True, True)), tmp_path / "text"
+    cfg = SimpleNamespace(model=SimpleNamespace(preset="ovsam_tiny"), run=SimpleNamespace(s3_endpoint=None),
+                          text_cache=str(root))
+    trained = text_embeddings_for(SimpleNamespace(vocab=vocab), clip, cfg, {"clip": str(clip_file)})
+    assert trained.shape == (2, 2, 64) and len(os.listdir(root)) == 1
+
+    loaded = LoadedModel("ovsam_tiny", nn.Identity(), FailingClip(), False,
+                         files={"clip": {"path": str(clip_file), "sha256": file_sha256(str(clip_file))}},
+                         meta={"vocabulary": vocab.to_json(), "seen_classes": ["cat", "dog"]})
+    text, resolved = vocabulary_text(ModelConfig(preset="ovsam_tiny", random_init=True, text_cache=str(root)), loaded)
+    assert resolved.sha256 == vocab.sha256
+    torch.testing.assert_close(text, trained)
+
+    untracked = text_embeddings_for(SimpleNamespace(vocab=vocab), clip, cfg, {})
+    torch.testing.assert_close(untracked, trained)
+    direct = embed_vocabulary(vocab, clip, "ovsam_tiny", clip_weights_sha256=None, cache_root=str(root))
+    torch.testing.assert_close(direct, trained)
+    assert len(os.listdir(root)) == 1  # neither wrote an entry

@@ -418,3 +418,68 @@ def test_sam_decoder_init_loads_strictly_into_the_model() -> None:
     with pytest.raises(WeightsError, match="mask_decoder.transformer.final_attn_token_to_image.out_proj.bias"):
         load_part(model, WeightsFile(path="sam_vit_tiny.pth", state_dict=sam), SAM_DECODER_INIT)
 
+
+
+# ------------------------------------------------------------------ one resolver and loader for every stack
+
+
+def test_find_files_takes_the_first_candidate_present_and_globs(tmp_path) -> None:
+    for name in ("b.pth", "clip2sam_lvis_tiny.pth", "clip2sam_coco_tiny.pth", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    found = weights_module.find_files(
+        str(tmp_path) + "/", {"x": ["a.pth", "b.pth"], "c2s": ["clip2sam_*.pth"], "none": ["z.pth"]})
+    assert found == {"x": f"{tmp_path}/b.pth", "c2s": f"{tmp_path}/clip2sam_coco_tiny.pth"}  # sorted: coco first
+    assert weights_module.find_files(str(tmp_path / "absent"), {"x": ["b.pth"]}) == {}
+
+
+def test_training_resolves_and_loads_with_the_inference_loader(tiny_export, tmp_path) -> None:
+    """``build_training_model`` finds the files as ``load_ovsam`` does (any vocabulary's
+    clip2sam file), loads them to the same weights, and fails with the same errors."""
+    from ovsam_ray.training.config import ModelSpec
+    from ovsam_ray.training.model_setup import build_training_model
+
+    model, directory, _ = tiny_export
+    trained, _, files = build_training_model(ModelSpec(preset="ovsam_tiny", weights=directory), stage="cotrain")
+    assert sorted(files) == ["clip", "clip2sam", "sam", "sam2clip"]
+    assert files["clip2sam"] == f"{directory}/clip2sam_shapes_tiny.pth"
+    _assert_state_equal(trained, model.state_dict())
+
+    d = _copy_dir(directory, tmp_path / "w")
+    _edit(d / "sam2clip_vith_tiny.pth", lambda sd: sd.pop("neck_student.blocks.0.norm1.weight"))
+    with pytest.raises(WeightsError, match="missing keys \\(1\\): neck_student.blocks.0.norm1.weight"):
+        build_training_model(ModelSpec(preset="ovsam_tiny", weights=str(d)), stage="cotrain")
+    (d / "clip_tiny.pth").write_bytes(b"not a state dict")
+    with pytest.raises(WeightsError, match=f"cannot load CLIP weights {d}/clip_tiny.pth for ovsam_tiny"):
+        build_training_model(ModelSpec(preset="ovsam_tiny", weights=str(d)), stage="distill")
+
+
+def test_local_dir_gives_a_local_folder_as_it_is(tmp_path) -> None:
+    assert weights_module.local_dir(str(tmp_path)) == str(tmp_path)
+    assert weights_module.local_dir(f"file://{tmp_path}") == str(tmp_path)
+    with pytest.raises(WeightsError, match="weights folder not found"):
+        weights_module.local_dir(str(tmp_path / "absent"))
+
+
+def test_local_dir_copies_an_s3_prefix_once_per_version(s3_server, s3_bucket, tmp_path, monkeypatch) -> None:
+    from ovsam_ray.io import get_filesystem
+
+    monkeypatch.setattr(weights_module, "_LOCAL_CACHE", tmp_path / "cache")
+    prefix = f"s3://{s3_bucket}/detectors/detr"
+    fs, root = get_filesystem(prefix, s3_endpoint=s3_server)
+    fs.pipe_file(f"{root}/config.json", b"{}")
+    fs.pipe_file(f"{root}/model.safetensors", b"weights-1")
+    fs.pipe_file(f"{root}/sub/extra.txt", b"x")
+    fs.pipe_file(f"{root}-other/not-this.txt", b"y")  # a sibling prefix sharing the name's start
+
+    local = weights_module.local_dir(prefix + "/", s3_endpoint=s3_server)
+    files = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
+    assert files == ["config.json", "model.safetensors", "sub/extra.txt"]
+    assert (Path(local) / "model.safetensors").read_bytes() == b"weights-1"
+    assert weights_module.local_dir(prefix, s3_endpoint=s3_server) == local  # cached: no second copy
+
+    fs.pipe_file(f"{root}/model.safetensors", b"weights-22")  # a new version is copied again
+    again = weights_module.local_dir(prefix, s3_endpoint=s3_server)
+    assert again != local and (Path(again) / "model.safetensors").read_bytes() == b"weights-22"
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".part")]
+    with pytest.raises(WeightsError, match="holds no files"):
+        weights_module.local_dir(f"s3://{s3_bucket}/nothing", s3_endpoint=s3_server)

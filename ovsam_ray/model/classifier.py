@@ -11,6 +11,9 @@ from .functional import classify_embeddings, fuse_open_vocab_logits
 
 # The released models' logit scale: exp(4.6052) = 100.00296.
 RELEASED_LOGIT_SCALE = 4.6052
+# The paper's CLIP weights in the fusion of seen (alpha) and unseen (beta) classes.
+FUSION_ALPHA = 0.1
+FUSION_BETA = 0.9
 
 
 @dataclass
@@ -40,8 +43,8 @@ class OpenVocabClassifier(nn.Module):
         seen: torch.Tensor | None = None,
         excluded: torch.Tensor | None = None,
         logit_scale: float = RELEASED_LOGIT_SCALE,
-        alpha: float = 0.1,
-        beta: float = 0.9,
+        alpha: float = FUSION_ALPHA,
+        beta: float = FUSION_BETA,
     ) -> None:
         super().__init__()
         if text_embeddings.ndim != 3:

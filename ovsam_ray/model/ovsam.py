@@ -73,6 +73,9 @@ class DecodeOutput:
 
 
 class OVSAM(nn.Module):
+    # A pixel belongs to the mask where its logit is above this (SAM's ``Sam.mask_threshold``).
+    mask_threshold: float = 0.0
+
     def __init__(
         self,
         *,

@@ -237,7 +237,7 @@ class OVSAMPredictor:
         packed, full_masks = [], []
         for i, (orig, inp) in enumerate(zip(embedded.original_sizes, embedded.input_sizes)):
             low_res = per_prompt["low_res_logits"][bounds[i] : bounds[i + 1]]
-            masks = upscale_mask_logits(low_res, self.model.image_size, inp, orig)[:, 0] > 0
+            masks = upscale_mask_logits(low_res, self.model.image_size, inp, orig)[:, 0] > self.model.mask_threshold
             packed.append(self._summarize_masks(masks))
             if not self.rle_on_device:
                 full_masks.append(_to_host(masks))

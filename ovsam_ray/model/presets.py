@@ -1,14 +1,18 @@
-"""One builder per preset, the numbers written in; ``_build_ovsam`` does the wiring.
+"""The model presets: one frozen ``Preset`` record per preset holding every fact about it, and
+``build_ovsam`` which wires a model from a record.
 
-``build_ovsam(name)`` looks a preset up in ``PRESETS`` and fails loudly on an unknown name.
-Each builder takes the open_clip model whose visual tower becomes the frozen backbone (the
-text tower embeds the vocabulary); ``create_clip_model(name)`` builds that model with random
-weights or from a weights file.
+``get_preset(name)`` (and ``build_ovsam``, ``create_clip_model``, ``clip_tokenizer``) raise
+``UnknownPresetError`` on an unknown name, listing the known ones. ``build_ovsam`` takes the open_clip model
+whose visual tower becomes the frozen backbone (the text tower embeds the vocabulary);
+``create_clip_model(name)`` builds that model with random weights or from a weights file.
+Nothing outside this module tests a preset's name: ask its record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import open_clip
 import torch
@@ -22,33 +26,104 @@ from .mask_decoder import MaskDecoder
 from .ovsam import OVSAM
 from .sam2clip_adapter import SAM2CLIPAdapter
 
-# open_clip architecture of each preset's CLIP: a registered model name, or a config for the tiny one.
+
+@dataclass(frozen=True)
+class Preset:
+    """Every fact about one preset.
+
+    Args:
+        name: the registry name (``ovsam_rn50x16``).
+        short_name: its tag in the released file names (``sam2clip_vith_<short>.pth``,
+            ``clip2sam_<vocab>_<short>.pth``, ``clip_<short>.pth``) and in the text-cache key.
+        clip_arch: the open_clip model name of its CLIP, or a ``CLIP(...)`` config for a CLIP
+            open_clip does not register (built here, trained from nothing).
+        clip_published: whether released weights of that CLIP exist; when they do not, an export
+            of a trained model carries its CLIP.
+        image_size: the model input side (the padded square the image is resized into).
+        adapter_dim, adapter_heads, adapter_depth, window_size, global_attn_indexes: the SAM2CLIP
+            adapter (ViT blocks ``adapter_dim`` wide; windowed except ``global_attn_indexes``).
+        prompt_dim: SAM's prompt/image-embedding width: the adapter's output channels, so also
+            the channels of the SAM teacher's features the adapter is distilled on.
+        decoder_depth, decoder_mlp_dim, decoder_heads: the mask decoder's two-way transformer.
+        fpn_channels, roi_size, finest_scale: the CLIP2SAM recognizer.
+        description: one line for listings.
+    """
+
+    name: str
+    short_name: str
+    clip_arch: str | dict[str, Any] = field(hash=False)
+    image_size: int
+    adapter_dim: int
+    adapter_heads: int
+    clip_published: bool = True
+    adapter_depth: int = 5
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (4,)
+    prompt_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    fpn_channels: int = 256
+    roi_size: int = 12
+    finest_scale: float = 56.0
+    description: str = ""
+
+
+# The tiny preset's CLIP: not an open_clip registry model, so its config is written here.
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"layers": (1, 1, 1, 1), "width": 16, "image_size": 64, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
-CLIP_ARCHS: dict[str, str | dict] = {
-    "ovsam_rn50x16": "RN50x16-quickgelu",
-    "ovsam_rn50x64": "RN50x64-quickgelu",
-    "ovsam_convnext_large": "convnext_large_d_320",
-    "ovsam_rn50_small": "RN50-quickgelu",
-    "ovsam_tiny": TINY_CLIP_CONFIG,
-}
+
+_PRESETS = (
+    Preset(
+        name="ovsam_rn50x16", short_name="rn50x16", clip_arch="RN50x16-quickgelu", image_size=1024,
+        adapter_dim=1280, adapter_heads=16,
+        description="The released model: CLIP RN50x16 [384, 768, 1536, 3072], adapter C=1280, SAM ViT-H dims.",
+    ),
+    Preset(
+        name="ovsam_rn50x64", short_name="rn50x64", clip_arch="RN50x64-quickgelu", image_size=1024,
+        adapter_dim=1280, adapter_heads=16,
+        description="CLIP RN50x64 [512, 1024, 2048, 4096], otherwise as ovsam_rn50x16.",
+    ),
+    Preset(
+        name="ovsam_convnext_large", short_name="convnext_large", clip_arch="convnext_large_d_320",
+        image_size=1024, adapter_dim=1280, adapter_heads=16,
+        description="CLIP ConvNeXt-L [192, 384, 768, 1536] (the paper's best backbone in its ablation).",
+    ),
+    Preset(
+        name="ovsam_rn50_small", short_name="rn50", clip_arch="RN50-quickgelu", image_size=1024,
+        adapter_dim=256, adapter_heads=16,
+        description="Test preset: CLIP RN50 [256, 512, 1024, 2048], adapter width 256 (16 heads, 5 blocks), "
+                    "FPN 256, SAM ViT-H prompt encoder/decoder dims, 1024 input.",
+    ),
+    Preset(
+        name="ovsam_tiny", short_name="tiny", clip_arch=TINY_CLIP_CONFIG, clip_published=False, image_size=256,
+        adapter_dim=64, adapter_heads=4, adapter_depth=2, window_size=8, global_attn_indexes=(1,),
+        prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4, fpn_channels=64, roi_size=7, finest_scale=14.0,
+        description="CPU-trainable preset: tiny CLIP ResNet [64, 128, 256, 512], 256 input, adapter width 64 "
+                    "(2 blocks: windowed 8, global), decoder/FPN width 64.",
+    ),
+)
+PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 
 
-# Model input side per preset (the padded square the image is resized into).
-IMAGE_SIZES = {
-    "ovsam_rn50x16": 1024,
-    "ovsam_rn50x64": 1024,
-    "ovsam_convnext_large": 1024,
-    "ovsam_rn50_small": 1024,
-    "ovsam_tiny": 256,
-}
+class UnknownPresetError(KeyError, ValueError):
+    """A preset name not in ``PRESETS`` (a KeyError for lookups, a ValueError for configs)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
-def _tiny_clip() -> CLIP:
-    cfg = TINY_CLIP_CONFIG
+def get_preset(name: str) -> Preset:
+    """The record of preset ``name``; an unknown name raises UnknownPresetError listing the known ones."""
+    if name not in PRESETS:
+        raise UnknownPresetError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def _tiny_clip(cfg: dict[str, Any]) -> CLIP:
     model = CLIP(
         embed_dim=cfg["embed_dim"],
         vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
@@ -65,9 +140,9 @@ def _tiny_clip() -> CLIP:
 def create_clip_model(preset: str, checkpoint: str | None = None) -> nn.Module:
     """The open_clip model of ``preset``: random weights, or loaded by open_clip from a local
     file (an open_clip state dict or OpenAI's released file)."""
-    arch = _lookup(CLIP_ARCHS, preset)
+    arch = get_preset(preset).clip_arch
     if isinstance(arch, dict):
-        model = _tiny_clip()
+        model = _tiny_clip(arch)
         if checkpoint is not None:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("state_dict", state), strict=True)
@@ -76,35 +151,13 @@ def create_clip_model(preset: str, checkpoint: str | None = None) -> nn.Module:
 
 
 def clip_tokenizer(preset: str) -> Callable:
-    arch = _lookup(CLIP_ARCHS, preset)
+    arch = get_preset(preset).clip_arch
     if isinstance(arch, dict):
         return open_clip.get_tokenizer("RN50", context_length=arch["text_cfg"]["context_length"])
     return open_clip.get_tokenizer(arch)
 
 
-def _lookup(table: dict, name: str):
-    if name not in table:
-        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(table))}")
-    return table[name]
-
-
-def _build_ovsam(
-    *,
-    clip_model: nn.Module,
-    image_size: int,
-    adapter_dim: int,
-    adapter_heads: int,
-    adapter_depth: int = 5,
-    window_size: int = 14,
-    global_attn_indexes: Sequence[int] = (4,),
-    prompt_dim: int = 256,
-    decoder_depth: int = 2,
-    decoder_mlp_dim: int = 2048,
-    decoder_heads: int = 8,
-    fpn_channels: int = 256,
-    roi_size: int = 12,
-    finest_scale: float = 56.0,
-) -> OVSAM:
+def _build_ovsam(p: Preset, clip_model: nn.Module) -> OVSAM:
     visual = clip_model.visual
     if hasattr(visual, "trunk"):
         backbone: nn.Module = ConvNeXtCLIPBackbone(visual=visual)
@@ -112,98 +165,45 @@ def _build_ovsam(
         backbone = ResNetCLIPBackbone(visual=visual)
     backbone.lock()
     embed_dim = backbone.embed_dim
-    grid = image_size // 16
+    grid = p.image_size // 16
     return OVSAM(
         backbone=backbone,
         adapter=SAM2CLIPAdapter(
             in_channels=backbone.channels,
-            image_size=image_size,
-            embed_dim=adapter_dim,
-            num_heads=adapter_heads,
-            depth=adapter_depth,
-            window_size=window_size,
-            global_attn_indexes=global_attn_indexes,
-            out_channels=prompt_dim,
+            image_size=p.image_size,
+            embed_dim=p.adapter_dim,
+            num_heads=p.adapter_heads,
+            depth=p.adapter_depth,
+            window_size=p.window_size,
+            global_attn_indexes=p.global_attn_indexes,
+            out_channels=p.prompt_dim,
         ),
         prompt_encoder=PromptEncoder(
-            embed_dim=prompt_dim,
+            embed_dim=p.prompt_dim,
             image_embedding_size=(grid, grid),
-            input_image_size=(image_size, image_size),
+            input_image_size=(p.image_size, p.image_size),
             mask_in_chans=16,
         ),
         decoder=MaskDecoder(
-            transformer_dim=prompt_dim,
-            transformer_depth=decoder_depth,
-            transformer_mlp_dim=decoder_mlp_dim,
-            transformer_heads=decoder_heads,
+            transformer_dim=p.prompt_dim,
+            transformer_depth=p.decoder_depth,
+            transformer_mlp_dim=p.decoder_mlp_dim,
+            transformer_heads=p.decoder_heads,
             label_dim=embed_dim,
         ),
         recognizer=CLIP2SAMRecognizer(
             in_channels=backbone.channels,
-            fpn_channels=fpn_channels,
+            fpn_channels=p.fpn_channels,
             embed_dim=embed_dim,
-            roi_size=roi_size,
-            finest_scale=finest_scale,
+            roi_size=p.roi_size,
+            finest_scale=p.finest_scale,
         ),
-        image_size=image_size,
+        image_size=p.image_size,
     )
-
-
-def ovsam_rn50x16(clip_model: nn.Module | None = None) -> OVSAM:
-    """The released model: CLIP RN50x16 [384, 768, 1536, 3072], adapter C=1280, SAM ViT-H dims."""
-    clip_model = clip_model or create_clip_model("ovsam_rn50x16")
-    return _build_ovsam(clip_model=clip_model, image_size=1024, adapter_dim=1280, adapter_heads=16)
-
-
-def ovsam_rn50x64(clip_model: nn.Module | None = None) -> OVSAM:
-    """CLIP RN50x64 [512, 1024, 2048, 4096], otherwise as ovsam_rn50x16."""
-    clip_model = clip_model or create_clip_model("ovsam_rn50x64")
-    return _build_ovsam(clip_model=clip_model, image_size=1024, adapter_dim=1280, adapter_heads=16)
-
-
-def ovsam_convnext_large(clip_model: nn.Module | None = None) -> OVSAM:
-    """CLIP ConvNeXt-L [192, 384, 768, 1536] (the paper's best backbone in its ablation)."""
-    clip_model = clip_model or create_clip_model("ovsam_convnext_large")
-    return _build_ovsam(clip_model=clip_model, image_size=1024, adapter_dim=1280, adapter_heads=16)
-
-
-def ovsam_rn50_small(clip_model: nn.Module | None = None) -> OVSAM:
-    """Test preset: CLIP RN50 [256, 512, 1024, 2048], adapter width 256 (16 heads, 5 blocks),
-    FPN 256, SAM ViT-H prompt encoder/decoder dims, 1024 input."""
-    clip_model = clip_model or create_clip_model("ovsam_rn50_small")
-    return _build_ovsam(clip_model=clip_model, image_size=1024, adapter_dim=256, adapter_heads=16)
-
-
-def ovsam_tiny(clip_model: nn.Module | None = None) -> OVSAM:
-    """CPU-trainable preset: tiny CLIP ResNet [64, 128, 256, 512], 256 input, adapter width 64
-    (2 blocks: windowed 8, global), decoder/FPN width 64."""
-    clip_model = clip_model or create_clip_model("ovsam_tiny")
-    return _build_ovsam(
-        clip_model=clip_model,
-        image_size=256,
-        adapter_dim=64,
-        adapter_heads=4,
-        adapter_depth=2,
-        window_size=8,
-        global_attn_indexes=(1,),
-        prompt_dim=64,
-        decoder_mlp_dim=256,
-        decoder_heads=4,
-        fpn_channels=64,
-        roi_size=7,
-        finest_scale=14.0,
-    )
-
-
-PRESETS: dict[str, Callable[..., OVSAM]] = {
-    "ovsam_rn50x16": ovsam_rn50x16,
-    "ovsam_rn50x64": ovsam_rn50x64,
-    "ovsam_convnext_large": ovsam_convnext_large,
-    "ovsam_rn50_small": ovsam_rn50_small,
-    "ovsam_tiny": ovsam_tiny,
-}
 
 
 def build_ovsam(name: str, clip_model: nn.Module | None = None) -> OVSAM:
-    """Build preset ``name``; unknown names raise KeyError listing the known presets."""
-    return _lookup(PRESETS, name)(clip_model)
+    """Build preset ``name`` around ``clip_model`` (default: a random one of the preset's CLIP);
+    unknown names raise UnknownPresetError (a KeyError) listing the known presets."""
+    preset = get_preset(name)
+    return _build_ovsam(preset, clip_model or create_clip_model(name))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from ovsam_ray.model.presets import IMAGE_SIZES
+from ovsam_ray.model.presets import get_preset
 from ovsam_ray.pipeline.detectors import DetectorStage
 from ovsam_ray.pipeline.parts import write_parts
 from ovsam_ray.pipeline.predict_stage import BoxFillStage, PredictStage
@@ -41,7 +41,7 @@ def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], flo
 
 def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.data.Dataset:
     """The streaming Ray Data pipeline for ``shard_urls``: it yields PART_SCHEMA rows only."""
-    image_size = None if cfg.baseline else IMAGE_SIZES[cfg.model.preset]
+    image_size = None if cfg.baseline else get_preset(cfg.model.preset).image_size
     chunk = cfg.decode_chunk or (1000 if image_size is None else 16)
     # As bytes: a local file name need not be UTF-8, and Arrow strings must be.
     ds = ray.data.from_items([{"url": encode_url(u)} for u in shard_urls], override_num_blocks=max(1, len(shard_urls)))

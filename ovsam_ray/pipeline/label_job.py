@@ -26,6 +26,8 @@ from ovsam_ray import __version__, io
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS
 from ovsam_ray.data.shards import list_shards, shard_name
 from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
+from ovsam_ray.model.classifier import FUSION_ALPHA, FUSION_BETA
+from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.pipeline.dataset import build_dataset
 from ovsam_ray.pipeline.lease import HEARTBEAT_S, OutputLease
 from ovsam_ray.pipeline.parts import (
@@ -185,7 +187,8 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
         "model": identity_model,
         "vocabulary": {"name": vocab.name, "sha256": vocab.sha256, "num_classes": vocab.num_classes},
         "class_embeddings": m.class_embeddings,
-        "thresholds": {"mask_logit": 0.0, "alpha": 0.1, "beta": 0.9, "topk": m.topk},
+        "thresholds": {"mask_logit": OVSAM.mask_threshold, "alpha": FUSION_ALPHA, "beta": FUSION_BETA,
+                       "topk": m.topk},
         "with_embedding": cfg.with_embedding,
         "prompts": cfg.prompts,
         "max_prompts": cfg.max_prompts,

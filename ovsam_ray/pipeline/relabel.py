@@ -107,7 +107,7 @@ def run_relabel(cfg: RelabelConfig) -> dict[str, Any]:
     done = ShardCommitter(cfg.output, s3_endpoint=cfg.s3_endpoint).committed_shards()
     todo = sorted(ShardCommitter(cfg.input, s3_endpoint=cfg.s3_endpoint).committed_shards() - done)
     text = {"embeddings": embeddings, "vocabulary": vocab.to_json(),
-            "logit_scale": float(loaded.meta.get("logit_scale", 4.6052))}
+            "logit_scale": loaded.logit_scale}
     results = []
     if todo:
         ds = ray.data.from_items([{"shard": n} for n in todo], override_num_blocks=len(todo))

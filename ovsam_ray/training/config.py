@@ -14,7 +14,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ovsam_ray.model.presets import PRESETS
+from ovsam_ray.model.classifier import RELEASED_LOGIT_SCALE
+from ovsam_ray.model.presets import get_preset
 
 SCHEDULES = ("cosine", "step", "constant")
 DATASET_KINDS = ("segmentation", "box", "image")
@@ -212,8 +213,7 @@ class ModelSpec:
     random_init: bool = False
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        get_preset(self.preset)  # an unknown name: a ValueError listing the known ones
 
 
 def _common_post_init(cfg: Any) -> None:
@@ -286,8 +286,8 @@ class CotrainConfig:
         vocabularies in order. num_prompts: instances per image (repeated when fewer), half box,
         half point prompts. lsj_range: large-scale-jitter ratio range of the long side.
     logit_scale / learn_logit_scale: classifier temperature (log); the released presets keep
-        4.6052 fixed, the tiny recipe learns it (exported as ``meta["logit_scale"]``), with its
-        own learning rate ``logit_scale_lr`` (default: the model's).
+        ``RELEASED_LOGIT_SCALE`` (4.6052) fixed, the tiny recipe learns it (exported as
+        ``meta["logit_scale"]``), with its own learning rate ``logit_scale_lr`` (default: the model's).
     recognizer_lr: the CLIP2SAM recognizer's (FPN + RoI conv) own learning rate (default: the
         model's).
     train_adapter: also train the SAM2CLIP adapter (the tiny recipe, which has no SAM teacher).
@@ -314,7 +314,7 @@ class CotrainConfig:
     mask_weight: float = 5.0
     dice_weight: float = 5.0
     background_weight: float = 0.1
-    logit_scale: float = 4.6052
+    logit_scale: float = RELEASED_LOGIT_SCALE
     learn_logit_scale: bool = False
     logit_scale_lr: float | None = None
     recognizer_lr: float | None = None

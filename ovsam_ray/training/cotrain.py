@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from ovsam_ray.checkpoints import SHORT_NAMES
-from ovsam_ray.model.presets import clip_tokenizer
-from ovsam_ray.text_cache import TextEmbeddingCache, class_text_embeddings
+from ovsam_ray.model.presets import get_preset
+from ovsam_ray.text_cache import embed_vocabulary
 from ovsam_ray.weights import file_sha256, local_path
 
 from .config import CotrainConfig
@@ -32,28 +31,13 @@ from .runner import StageSetup, fit, resume_item, worker_loop
 
 log = logging.getLogger(__name__)
 
-# Model input side per preset (the released presets all take 1024).
-INPUT_SIZES = {"ovsam_tiny": 256}
-
-
-def input_size(preset: str) -> int:
-    return INPUT_SIZES.get(preset, 1024)
-
-
 def text_embeddings_for(space: LabelSpace, clip_model: torch.nn.Module, cfg: CotrainConfig, files: dict[str, str],
                         device: torch.device | str = "cpu") -> torch.Tensor:
     """(C, S, D) class text embeddings of the training vocabulary from the CLIP text tower
     (cached by CLIP weights + vocabulary when the CLIP came from a file)."""
-    preset = cfg.model.preset
-    if "clip" in files:
-        sha = file_sha256(local_path(files["clip"], s3_endpoint=cfg.run.s3_endpoint))
-        cache = TextEmbeddingCache(cfg.text_cache)
-    else:
-        sha, cache = f"random-seed-{cfg.run.seed}", None
-    return class_text_embeddings(
-        space.vocab, clip_model.to(device), clip_tokenizer(preset), clip_name=f"{preset}:{SHORT_NAMES[preset]}",
-        clip_weights_sha256=sha, cache=cache, device=device,
-    )
+    sha = file_sha256(local_path(files["clip"], s3_endpoint=cfg.run.s3_endpoint)) if "clip" in files else None
+    return embed_vocabulary(space.vocab, clip_model, cfg.model.preset, clip_weights_sha256=sha,
+                            cache_root=cfg.text_cache, device=device)
 
 
 def cotrain_setup(cfg: CotrainConfig, runtime: Runtime) -> StageSetup:
@@ -79,7 +63,7 @@ def sample_builder(cfg: CotrainConfig, space: LabelSpace | None = None) -> Cotra
     """The shard -> rows callable of a co-training config."""
     space = space or build_label_space(cfg.datasets, cfg.train_vocab)
     return CotrainSamples(
-        image_size=input_size(cfg.model.preset), labels=space.datasets, kinds=[d.kind for d in cfg.datasets],
+        image_size=get_preset(cfg.model.preset).image_size, labels=space.datasets, kinds=[d.kind for d in cfg.datasets],
         num_prompts=cfg.num_prompts, lsj_range=cfg.lsj_range, flip_prob=cfg.flip_prob,
         min_mask_area=cfg.min_mask_area, seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint,
         shuffle_buffer=cfg.run.shuffle_buffer,

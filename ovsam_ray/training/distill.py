@@ -27,11 +27,11 @@ import torch
 
 from ovsam_ray import io
 from ovsam_ray.data.shards import list_shards, shard_name
+from ovsam_ray.model.presets import get_preset
 from ovsam_ray.weights import read_weights
 
 from .batching import collate_distill, unpack_sample
 from .config import DistillConfig
-from .cotrain import input_size
 from .data import DistillSamples, build_ray_dataset, dataset_items
 from .engine import DistillNet, DistillTask, Runtime
 from .model_setup import build_sam_teacher, build_training_model, copy_teacher_pos_embed
@@ -97,7 +97,7 @@ class DistillDataset:
         start = resume_item(cfg.run)
         items = dataset_items(cfg.datasets, epochs=cfg.epochs, seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint,
                               shards_per_item=cfg.run.shuffle_shards)
-        builder = DistillSamples(image_size=input_size(cfg.model.preset), flip_prob=cfg.flip_prob,
+        builder = DistillSamples(image_size=get_preset(cfg.model.preset).image_size, flip_prob=cfg.flip_prob,
                                  seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint,
                                  shuffle_buffer=cfg.run.shuffle_buffer)
         return build_ray_dataset(items[start:], builder, num_cpus=cfg.run.data_cpus)
@@ -134,6 +134,7 @@ class DumpTeacherConfig:
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
+        get_preset(self.preset)  # an unknown name: a ValueError listing the known ones
         if self.teacher != "random_tiny" and not self.teacher_checkpoint:
             raise ValueError(f"dump-teacher with {self.teacher} needs teacher_checkpoint=<sam_{self.teacher}_*.pth>")
         if self.concurrency < 1 or self.batch_size < 1:
@@ -146,10 +147,10 @@ class TeacherShardWriter:
     def __init__(self, cfg: DumpTeacherConfig) -> None:
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        self.size = input_size(cfg.preset)
-        out_chans = 64 if cfg.preset == "ovsam_tiny" else 256
+        preset = get_preset(cfg.preset)
+        self.size = preset.image_size
         self.teacher = build_sam_teacher(cfg.teacher, cfg.teacher_checkpoint, image_size=self.size,
-                                         out_chans=out_chans, s3_endpoint=cfg.s3_endpoint).to(self.device)
+                                         out_chans=preset.prompt_dim, s3_endpoint=cfg.s3_endpoint).to(self.device)
         self.builder = DistillSamples(image_size=self.size, s3_endpoint=cfg.s3_endpoint)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 Rebuilds the model the run trained (same preset, weights and seed), loads the checkpoint's
 trainable part and writes ``sam2clip_vith_<short>.pth``, ``clip2sam_<vocab>_<short>.pth``, the
-prompt encoder as ``sam_prompt_encoder_<short>.pth`` and, for the tiny preset or a CLIP that
-started random, the CLIP model. The clip2sam file's ``meta`` carries the training vocabulary,
-the seen classes and the classifier's ``logit_scale``, which ``load_ovsam`` / the label job read.
+prompt encoder as ``sam_prompt_encoder_<short>.pth`` and, for a preset whose CLIP has no
+released weights or a CLIP that started random, the CLIP model. The clip2sam file's ``meta``
+carries the training vocabulary, the seen classes and the classifier's ``logit_scale``, which
+``load_ovsam`` / the label job read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from ovsam_ray import io
 from ovsam_ray.checkpoints import export_released
+from ovsam_ray.model.presets import get_preset
 
 from .config import CotrainConfig
 from .engine import CotrainNet, DistillNet
@@ -80,7 +82,7 @@ def export_checkpoint(source: str, output: str, *, train_vocab: str | None = Non
             read_checkpoint(local, net=net)
             tag = train_vocab or "coco"
     if include_clip is None:
-        include_clip = cfg.model.preset == "ovsam_tiny" or "clip" not in files
+        include_clip = not get_preset(cfg.model.preset).clip_published or "clip" not in files
     if not include_clip:
         log.info("CLIP weights not copied: place %s beside the export", files.get("clip"))
     written = export_released(model.eval(), output, cfg.model.preset, train_vocab=tag, meta=meta,

@@ -1,33 +1,24 @@
 """Building the model a training stage starts from, and the SAM teacher of distillation.
 
-Weights come in the released layout (DESIGN §3) through ``ovsam_ray.weights``: CLIP (open_clip
-file), SAM (prompt encoder; its mask decoder, when the file has one, initialises ours), the
-SAM2CLIP adapter and optionally a CLIP2SAM file to continue from. With ``random_init`` the
-parts without a file start random (logged loudly); without it a missing file is an error.
+Weights come in the released layout (DESIGN §3), found and loaded by the same functions as
+inference's (``ovsam_ray.checkpoints``): CLIP (open_clip file), SAM (prompt encoder; its mask
+decoder, when the file has one, initialises ours), the SAM2CLIP adapter and optionally a CLIP2SAM
+file to continue from. With ``random_init`` the parts without a file start random (logged
+loudly); without it a missing file is an error.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 
-from ovsam_ray.checkpoints import standard_file_names
+from ovsam_ray.checkpoints import load_clip, load_parts, standard_file_names
 from ovsam_ray.model.ovsam import OVSAM
-from ovsam_ray.model.presets import build_ovsam, create_clip_model
-from ovsam_ray.weights import (
-    CLIP2SAM,
-    PROMPT_ENCODER,
-    SAM2CLIP,
-    SAM_DECODER_INIT,
-    WeightsError,
-    load_part,
-    local_path,
-    read_weights,
-)
+from ovsam_ray.model.presets import build_ovsam
+from ovsam_ray.weights import WeightsError, find_files, read_weights
 
 from .config import ModelSpec
 
@@ -47,16 +38,9 @@ def resolve_files(spec: ModelSpec, *, s3_endpoint: str | None = None) -> dict[st
     """part -> file: explicit files, else the first standard name present under ``spec.weights``."""
     found: dict[str, str] = {}
     if spec.weights:
-        from ovsam_ray.io import get_filesystem
-
-        fs, root = get_filesystem(spec.weights, s3_endpoint=s3_endpoint)
-        present = {os.path.basename(p) for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
-        for part, names in standard_file_names(spec.preset, "coco").items():
-            if part == "clip2sam":
-                names = sorted(n for n in present if n.startswith("clip2sam_") and n.endswith(".pth"))
-            name = next((n for n in names if n in present), None)
-            if name:
-                found[part] = spec.weights.rstrip("/") + "/" + name
+        # Any training vocabulary's clip2sam file: training continues from whichever is there.
+        names = {**standard_file_names(spec.preset), "clip2sam": ["clip2sam_*.pth"]}
+        found = find_files(spec.weights, names, s3_endpoint=s3_endpoint)
     for part in ("sam", "clip", "sam2clip", "clip2sam"):
         if getattr(spec, part):
             found[part] = getattr(spec, part)
@@ -78,23 +62,10 @@ def build_training_model(spec: ModelSpec, *, stage: str, seed: int = 0, s3_endpo
         log.warning("RANDOM INIT: %s starts %s from random weights.", spec.preset, ", ".join(missing))
         log.warning("=" * 72)
     torch.manual_seed(seed)
-    clip_file = local_path(files["clip"], s3_endpoint=s3_endpoint) if "clip" in files else None
-    clip_model = create_clip_model(spec.preset, checkpoint=clip_file)
+    clip_model, _ = load_clip(spec.preset, files.get("clip"), s3_endpoint=s3_endpoint)
     model = build_ovsam(spec.preset, clip_model)
-    _load_parts(model, files, s3_endpoint)
+    load_parts(model, files, init_decoder_from_sam=True, s3_endpoint=s3_endpoint)
     return model, clip_model, files
-
-
-def _load_parts(model: OVSAM, files: dict[str, str], s3_endpoint: str | None) -> None:
-    if "sam" in files:
-        wf = read_weights(files["sam"], s3_endpoint=s3_endpoint, what="sam")
-        load_part(model, wf, PROMPT_ENCODER)
-        if any(k.startswith("mask_decoder.") for k in wf.state_dict):
-            load_part(model, wf, SAM_DECODER_INIT)
-            log.info("mask decoder initialised from %s", files["sam"])
-    for part_name, part in (("sam2clip", SAM2CLIP), ("clip2sam", CLIP2SAM)):
-        if part_name in files:
-            load_part(model, read_weights(files[part_name], s3_endpoint=s3_endpoint, what=part_name), part)
 
 
 def build_sam_teacher(kind: str, checkpoint: str | None = None, *, image_size: int = 1024, out_chans: int = 256,

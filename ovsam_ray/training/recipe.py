@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
-from ovsam_ray.model.presets import IMAGE_SIZES, clip_tokenizer, create_clip_model
+from ovsam_ray.model.presets import clip_tokenizer, create_clip_model, get_preset
 
 from .clip_pretrain import pretrain_clip, pretrain_clip_regions
 from .config import CotrainConfig, DatasetSpec, ModelSpec, OptimConfig, RunSpec
@@ -135,7 +135,7 @@ def _stage0(work_dir: str, recipe: TinyRecipe, seed: int, budget_s: float | None
                   seed=seed, time_budget_s=crops_budget, clock=clock)
     scenes_budget = max(budget_s - started.elapsed(), 10.0) if budget_s else None
     pretrain_clip_regions(clip_model, tokenizer, class_names=names, steps=recipe.stage0_scene_steps,
-                          image_size=IMAGE_SIZES[PRESET], scene_sizes=recipe.image_size,
+                          image_size=get_preset(PRESET).image_size, scene_sizes=recipe.image_size,
                           objects=recipe.stage0_scene_objects,
                           batch_size=recipe.stage0_scene_batch, lr=recipe.stage0_scene_lr, seed=seed,
                           time_budget_s=scenes_budget, clock=clock)

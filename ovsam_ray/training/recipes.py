@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ovsam_ray.convert.writer import IMAGE_CLASSES_FILE
+from ovsam_ray.model.classifier import RELEASED_LOGIT_SCALE
 
 from .config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec, distill_optim
 from .labels import DatasetLabels, build_label_space
@@ -70,7 +71,7 @@ def _clip2sam(name: str, reproduces: str, train_vocab: str, lsj_range: tuple[flo
         fields={"train_vocab": train_vocab, "epochs": 12, "num_prompts": 40, "lsj_range": lsj_range,
                 "flip_prob": 0.5, "min_mask_area": 32, "num_points": 12544, "oversample_ratio": 3.0,
                 "importance_sample_ratio": 0.75, "cls_weight": 2.0, "mask_weight": 5.0, "dice_weight": 5.0,
-                "background_weight": 0.1, "logit_scale": 4.6052, "learn_logit_scale": False,
+                "background_weight": 0.1, "logit_scale": RELEASED_LOGIT_SCALE, "learn_logit_scale": False,
                 "train_adapter": False, "roi_from_prediction": 0.0},
     )
 
