@@ -141,7 +141,7 @@ class _HFDetector:
                 model = cls(transformers.AutoConfig.from_pretrained(folder, local_files_only=True))
             else:
                 model = cls.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - any unreadable folder becomes one clear error
             raise WeightsError(f"cannot load detector:{self.name} from {io.redact(str(weights))}: {e}. "
                                f"{_expected(self.name, str(weights))}") from e
         self.model = model.eval().to(device)
@@ -250,9 +250,9 @@ class GroundingDinoDetector(_HFDetector):
     model_class = "GroundingDinoForObjectDetection"
 
     def __init__(self, *, queries: Sequence[str], score_threshold: float = 0.3, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
         if not queries:
             raise ValueError("detector:grounding-dino needs a query list (--detector-queries FILE|vocab-name)")
+        super().__init__(**kwargs)
         self.queries = list(queries)
         self.score_threshold = score_threshold
         size = self.processor.size
