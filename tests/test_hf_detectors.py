@@ -184,6 +184,15 @@ def test_weights_folder_errors_and_layouts(owl_dir, tmp_path, monkeypatch):
     nested.mkdir()
     os.symlink(owl_dir, nested / "owlv2")  # DIR/owlv2/ is found from DIR
     assert resolve_folder(str(nested), "owlv2") == str(nested / "owlv2")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    for name in os.listdir(owl_dir):
+        if name != "model.safetensors":
+            os.symlink(os.path.join(owl_dir, name), no_weights / name)
+    with pytest.raises(WeightsError, match=r"missing: the weights \(model\.safetensors"):
+        resolve_folder(str(no_weights), "owlv2")
+    random = DetectorStage(spec="owlv2", weights=str(no_weights), random_init=True, device="cpu").detector
+    assert random.model.config.vision_config.image_size == 64  # config and tokenizer suffice for a random init
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in os.listdir(owl_dir):

@@ -78,10 +78,12 @@ def _expected(name: str, location: str) -> str:
             f"--local-dir DIR, and pass --detector-weights DIR (a local folder or an s3:// prefix)")
 
 
-def resolve_folder(location: str | None, name: str, *, s3_endpoint: str | None = None) -> str:
+def resolve_folder(location: str | None, name: str, *, s3_endpoint: str | None = None,
+                   need_weights: bool = True) -> str:
     """A local folder in save_pretrained layout for detector ``name``: ``location`` itself or its
     ``name/`` subfolder; under ``s3://`` the files are copied to the local cache (once per version)
-    and linked into one folder there. Raises WeightsError naming the expected files."""
+    and linked into one folder there. Raises WeightsError naming the expected files (the weights
+    file not among them when ``need_weights`` is False: a random init needs only the rest)."""
     if location is None:
         raise WeightsError(_expected(name, "--detector-weights (not given)"))
     for candidate in (location, io.join(location, name)):
@@ -90,7 +92,8 @@ def resolve_folder(location: str | None, name: str, *, s3_endpoint: str | None =
             break
     else:
         raise WeightsError(_expected(name, location))
-    missing = [f"{what} ({' or '.join(names)})" for what, names in REQUIRED_FILES if not set(names) & set(files)]
+    required = [(what, names) for what, names in REQUIRED_FILES if need_weights or what != "the weights"]
+    missing = [f"{what} ({' or '.join(names)})" for what, names in required if not set(names) & set(files)]
     if missing:
         raise WeightsError(f"{_expected(name, candidate)}; missing: {', '.join(missing)}")
     if not io.is_remote(candidate):
@@ -132,7 +135,7 @@ class _HFDetector:
         check_available(self.name)
         import transformers
 
-        folder = resolve_folder(weights, self.name, s3_endpoint=s3_endpoint)
+        folder = resolve_folder(weights, self.name, s3_endpoint=s3_endpoint, need_weights=not random_init)
         cls = getattr(transformers, self.model_class)
         try:
             self.processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
