@@ -234,6 +234,21 @@ def test_options_checked_before_the_job(tmp_shards, shapes_vocab, gd_dir, tmp_pa
         GroundingDinoDetector(queries=[], weights=gd_dir)
 
 
+def test_cli_flags_map_onto_the_config(tmp_shards, shapes_vocab, tmp_path):
+    import argparse
+
+    from ovsam_ray.cli_jobs import add_label_args, label_config
+
+    p = argparse.ArgumentParser()
+    add_label_args(p)
+    cfg = label_config(p.parse_args([
+        "--input", os.path.dirname(tmp_shards[0]), "--output", str(tmp_path / "out"), "--preset", "ovsam_tiny",
+        "--random-init", "--vocab", shapes_vocab, "--prompts", "shard|detector:owlv2+grid",
+        "--detector-queries", "coco_ov", "--detector-objectness-threshold", "0.2", "--source-dedup-iou", "0.6"]))
+    assert (cfg.detector_queries, cfg.detector_objectness_threshold) == ("coco_ov", 0.2)
+    assert cfg.select.source_dedup_iou == 0.6 and cfg.sources.detector_name == "owlv2"
+
+
 # -- A+B prompts: union, deduplicated across sources ------------------------------------------------
 
 def test_plus_prompts_parse():
