@@ -118,12 +118,13 @@ def test_owlv2_text_queries_label_and_objectness_cut(owl_dir):
 
 
 def test_grounding_dino_chunks_merge_and_original_pixels(gd_dir):
-    queries = ["cat", "dog", "traffic light", "person", "hair drier", "zebra", "kite"]
+    queries = ["cat", "dog", "traffic light", "person", "hair drier", "zebra", "kite", "..."]
     stage = DetectorStage(spec="grounding-dino", weights=gd_dir, device="cpu", queries=queries,
                           score_threshold=0.5, max_per_image=10)
     det = stage.detector
     assert len(det.chunks) >= 2 and all(len(ids) <= 16 for ids, _ in det.chunks)
-    assert sorted(qi for _, spans in det.chunks for qi, _, _ in spans) == list(range(len(queries)))
+    # every query once, but "..." (no tokens once '.', the prompt's separator, is taken out)
+    assert sorted(qi for _, spans in det.chunks for qi, _, _ in spans) == list(range(len(queries) - 1))
     tok = det.tokenizer
     for ids, spans in det.chunks:  # each span is its query's tokens
         for qi, s, e in spans:

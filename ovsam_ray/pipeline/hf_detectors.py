@@ -275,7 +275,11 @@ class GroundingDinoDetector(_HFDetector):
                 chunks.append((torch.tensor(ids + [tok.sep_token_id]), list(spans)))
 
         for qi, q in enumerate(self.queries):
-            words = tok(q, add_special_tokens=False)["input_ids"][: max_len - 3]  # one query fits a prompt
+            # '.' separates queries in the prompt; one query always fits a prompt
+            words = tok(q.replace(".", " "), add_special_tokens=False)["input_ids"][: max_len - 3]
+            if not words:
+                log.warning("grounding-dino: query %r has no tokens; skipped", q)
+                continue
             if len(ids) + len(words) + 2 > max_len:
                 flush()
                 ids, spans = [tok.cls_token_id], []
