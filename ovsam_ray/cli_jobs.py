@@ -33,8 +33,9 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-chunk", type=int, help="images per decoded block (default 16, or 256 with --baseline)")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", default="shard",
-                   help="shard | detector:NAME | grid, several joined by commas, or A|B: B's prompts for the images "
-                        "A gives none (shard|grid, shard|detector:NAME)")
+                   help="shard | detector:NAME (torchvision name, owlv2, grounding-dino) | grid, several joined by "
+                        "commas; A+B: both, deduplicated across sources by mask IoU (detector:owlv2+grid); A|B: B's "
+                        "prompts for the images A gives none (shard|grid, shard|detector:NAME)")
     g.add_argument("--max-prompts", type=int, default=1000,
                    help="prompts kept per image from its JSON (the first N, boxes first; the row's warnings say so)")
     g.add_argument("--grid-size", type=int, default=32, help="points per side of the segment-everything grid")
@@ -50,6 +51,12 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--detector-max-per-image", type=int, default=100)
     g.add_argument("--detector-num-gpus", type=float, default=0.0, help="GPU fraction per detector actor")
     g.add_argument("--detector-concurrency", type=int, default=1)
+    g.add_argument("--detector-queries", help="owlv2 / grounding-dino query list: a vocabulary name (coco_ov, lvis_v1) "
+                   "or .txt/.json file (default: owlv2 class-agnostic objectness boxes; grounding-dino the --vocab)")
+    g.add_argument("--detector-objectness-threshold", type=float,
+                   help="owlv2: objectness cut (without queries the boxes' score; default 0.1 there, off with queries)")
+    g.add_argument("--source-dedup-iou", type=float, default=0.7,
+                   help="A+B prompts: drop a mask of B overlapping a kept mask of A above this IoU (any class)")
     p.add_argument("--ray-address", help="Ray address; 'local' starts a new local Ray (default: RAY_ADDRESS)")
     add_model_args(p, default_preset="ovsam_rn50x16")
 
@@ -79,13 +86,16 @@ def label_config(a: argparse.Namespace) -> LabelConfig:
         prompts=a.prompts,
         select=SelectConfig(grid_size=a.grid_size, grid_stability=a.grid_stability, grid_nms_iou=a.grid_nms_iou,
                             min_mask_area=a.min_mask_area, dedup_iou=a.dedup_iou,
-                            dedup_containment=a.dedup_containment, dedup_class_aware=a.dedup_class_aware),
+                            dedup_containment=a.dedup_containment, dedup_class_aware=a.dedup_class_aware,
+                            source_dedup_iou=a.source_dedup_iou),
         detector_weights=a.detector_weights,
         detector_score_threshold=a.detector_score_threshold,
         detector_nms_iou=a.detector_nms_iou,
         detector_max_per_image=a.detector_max_per_image,
         detector_num_gpus=a.detector_num_gpus,
         detector_concurrency=a.detector_concurrency,
+        detector_queries=a.detector_queries,
+        detector_objectness_threshold=a.detector_objectness_threshold,
         baseline=a.baseline,
         decode_chunk=a.decode_chunk,
         max_prompts=a.max_prompts,

@@ -39,6 +39,21 @@ def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], flo
     return PredictStage, kwargs, cfg.num_cpus_per_actor
 
 
+def _detector_queries(cfg: LabelConfig, text: dict) -> list[str] | None:
+    """The open-vocabulary detector's query list: --detector-queries, else for Grounding DINO (which
+    needs text) the job's vocabulary; None for the other detectors (OWLv2: objectness proposals)."""
+    from ovsam_ray.model.text_embedding import clean_class_name
+    from ovsam_ray.pipeline.hf_detectors import query_names
+    from ovsam_ray.vocabulary import Vocabulary
+
+    if cfg.detector_queries is not None:
+        return query_names(cfg.detector_queries)
+    if cfg.sources.detector_name == "grounding-dino":
+        names = Vocabulary.from_json(text["vocabulary"]).class_names
+        return list(dict.fromkeys(clean_class_name(n) for n in names))
+    return None
+
+
 def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.data.Dataset:
     """The streaming Ray Data pipeline for ``shard_urls``: it yields PART_SCHEMA rows only."""
     image_size = None if cfg.baseline else get_preset(cfg.model.preset).image_size
@@ -56,7 +71,9 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.da
             fn_constructor_kwargs={
                 "spec": cfg.sources.detector_name, "weights": cfg.detector_weights or cfg.model.weights,
                 "random_init": cfg.model.random_init, "score_threshold": cfg.detector_score_threshold,
-                "nms_iou": cfg.detector_nms_iou, "max_per_image": cfg.detector_max_per_image},
+                "nms_iou": cfg.detector_nms_iou, "max_per_image": cfg.detector_max_per_image,
+                "queries": _detector_queries(cfg, text), "objectness_threshold": cfg.detector_objectness_threshold,
+                "s3_endpoint": cfg.model.s3_endpoint},
             batch_size=cfg.detector_batch_size,
             batch_format="pyarrow",
             num_gpus=cfg.detector_num_gpus or None,

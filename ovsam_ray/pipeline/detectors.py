@@ -6,6 +6,9 @@ Built in: torchvision detection models by name (``fasterrcnn_resnet50_fpn_v2``,
 or random init. Boxes become class-agnostic prompts after a score threshold, NMS and a per-image
 cap; each keeps its detector label and score.
 
+Open-vocabulary: ``detector:owlv2`` and ``detector:grounding-dino`` (Hugging Face ``transformers``,
+see ``pipeline/hf_detectors.py``): weights a ``save_pretrained`` folder, optionally a query list.
+
 User detectors: ``detector:my_pkg.module:MyDetector`` — a class whose constructor takes keyword
 arguments (``device``, ``weights``, ``random_init``) and whose instances are called with a list of
 (H, W, 3) uint8 RGB images and return, per image, ``{"boxes": (N, 4) XYXY float in that image's
@@ -84,8 +87,18 @@ def _find_weights(location: str | None, name: str) -> str:
     raise ValueError(f"detector {name}: no {name}.pth or {name}_*.pth in {location}")
 
 
-def load_detector(spec: str, **kwargs: Any) -> Any:
-    """``module.path:ClassName`` -> a user detector instance; a plain name -> TorchvisionDetector."""
+def load_detector(spec: str, *, queries: list[str] | None = None, objectness_threshold: float | None = None,
+                  s3_endpoint: str | None = None, **kwargs: Any) -> Any:
+    """``module.path:ClassName`` -> a user detector instance; ``owlv2`` / ``grounding-dino`` -> a
+    Hugging Face detector; another plain name -> TorchvisionDetector."""
+    from ovsam_ray.pipeline.hf_detectors import HF_DETECTORS, load_hf_detector
+
+    if spec in HF_DETECTORS:
+        return load_hf_detector(spec, queries=queries, objectness_threshold=objectness_threshold,
+                                s3_endpoint=s3_endpoint, **kwargs)
+    if queries or objectness_threshold is not None:
+        raise ValueError(f"detector:{spec} takes no query list or objectness threshold (detector:owlv2 and "
+                         "detector:grounding-dino do)")
     if ":" in spec:
         module, _, cls = spec.partition(":")
         factory = getattr(importlib.import_module(module), cls)
@@ -112,14 +125,21 @@ def postprocess_detections(det: dict[str, Any], *, score_threshold: float, nms_i
 
 
 class DetectorStage:
-    """map_batches actor: adds each ok row's detector boxes (original pixels), scores and labels."""
+    """map_batches actor: adds each ok row's detector boxes (original pixels), scores and labels.
+
+    ``queries`` / ``objectness_threshold``: the Hugging Face detectors' query list and OWLv2's
+    objectness cut. A detector with a ``score_threshold`` attribute sets the cut its own scores
+    are thresholded at (OWLv2 without queries: the objectness threshold)."""
 
     def __init__(self, *, spec: str, weights: str | None = None, random_init: bool = False,
                  score_threshold: float = 0.3, nms_iou: float = 0.5, max_per_image: int = 100,
-                 device: str | None = None) -> None:
+                 device: str | None = None, queries: list[str] | None = None,
+                 objectness_threshold: float | None = None, s3_endpoint: str | None = None) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        extra = {"queries": queries, "objectness_threshold": objectness_threshold, "s3_endpoint": s3_endpoint}
         self.detector = load_detector(spec, device=self.device, weights=weights, random_init=random_init,
-                                      score_threshold=score_threshold)
+                                      score_threshold=score_threshold, **extra)
+        score_threshold = getattr(self.detector, "score_threshold", score_threshold)
         self.post = {"score_threshold": score_threshold, "nms_iou": nms_iou, "max_per_image": max_per_image}
 
     def __call__(self, batch: pa.Table) -> pa.Table:

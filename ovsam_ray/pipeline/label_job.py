@@ -99,6 +99,8 @@ class LabelConfig:
     detector_num_gpus: float = 0.0
     detector_concurrency: int = 1
     detector_batch_size: int = 4
+    detector_queries: str | None = None
+    detector_objectness_threshold: float | None = None
     baseline: str | None = None
     max_prompts: int = DEFAULT_MAX_PROMPTS
     lease_heartbeat_s: float = HEARTBEAT_S
@@ -128,12 +130,29 @@ class LabelConfig:
         if self.decode_chunk is not None and self.decode_chunk < 1:
             raise ValueError(f"decode_chunk={self.decode_chunk}: must be >= 1 image per block")
         self.sources = PromptSources.parse(self.prompts)
+        _check_detector_options(self)
 
     @property
     def actors(self) -> tuple[int, int]:
         """(min, max) model actors."""
         c = self.concurrency
         return c if isinstance(c, tuple) else (c, c)
+
+
+def _check_detector_options(cfg: LabelConfig) -> None:
+    """Query list / objectness threshold only for the detectors that take them; transformers
+    installed for the Hugging Face ones (before any Ray actor tries to import it)."""
+    from ovsam_ray.pipeline.hf_detectors import HF_DETECTORS, check_available
+
+    name = cfg.sources.detector_name
+    if name in HF_DETECTORS:
+        check_available(name)
+    if cfg.detector_queries is not None and name not in HF_DETECTORS:
+        raise ValueError(f"detector_queries={cfg.detector_queries!r}: only detector:owlv2 and detector:grounding-dino "
+                         f"take a query list (--prompts {cfg.prompts!r})")
+    if cfg.detector_objectness_threshold is not None and name != "owlv2":
+        raise ValueError("detector_objectness_threshold: only detector:owlv2 has an objectness head "
+                         f"(--prompts {cfg.prompts!r})")
 
 
 @dataclass
@@ -181,6 +200,14 @@ class LabelSummary:
         return {**dataclasses.asdict(self), "images": self.images, "images_per_s": round(self.images_per_s, 3)}
 
 
+def _select_identity(cfg: LabelConfig) -> dict[str, Any]:
+    """The selection settings that shape the output; source_dedup_iou only with ``A+B`` prompts."""
+    select = dataclasses.asdict(cfg.select)
+    if not (cfg.sources.tiers or (cfg.sources.fallback and cfg.sources.fallback.tiers)):
+        select.pop("source_dedup_iou")
+    return select
+
+
 def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord:
     m = cfg.model
     identity = {
@@ -192,10 +219,14 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
         "with_embedding": cfg.with_embedding,
         "prompts": cfg.prompts,
         "max_prompts": cfg.max_prompts,
-        "select": dataclasses.asdict(cfg.select),
+        "select": _select_identity(cfg),
         "detector": None if not cfg.sources.detector_name else {
             "score_threshold": cfg.detector_score_threshold, "nms_iou": cfg.detector_nms_iou,
-            "max_per_image": cfg.detector_max_per_image},
+            "max_per_image": cfg.detector_max_per_image,
+            # only when set, so that the records of runs without them stay as they were
+            **({"queries": cfg.detector_queries} if cfg.detector_queries is not None else {}),
+            **({"objectness_threshold": cfg.detector_objectness_threshold}
+               if cfg.detector_objectness_threshold is not None else {})},
     }
     details = {"config": io.redact_config(dataclasses.asdict(cfg)), "code_version": __version__,
                "random_init": m.random_init and cfg.baseline is None}

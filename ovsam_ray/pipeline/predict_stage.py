@@ -173,7 +173,8 @@ class PredictStage:
         sizes = [(batch.column("height")[i].as_py(), batch.column("width")[i].as_py()) for i in rows]
         preds = self.predictor.predict(self.predictor.embed(images, original_sizes=sizes),
                                        [sets[i].prompts for i in rows])
-        return {i: (pred, select_predictions(pred, sets[i].types, self.select)) for i, pred in zip(rows, preds)}
+        return {i: (pred, select_predictions(pred, sets[i].types, self.select, tiers=sets[i].tiers))
+                for i, pred in zip(rows, preds)}
 
 
 class BoxFillStage:

@@ -4,7 +4,11 @@ Sources, combinable with commas: ``shard`` (boxes/points of the shard JSON), ``d
 (boxes from a detector actor pool, added to the JSON by the detector stage), ``grid`` (an N x N
 point grid: segment everything). ``A|B`` takes an image's prompts from ``A`` and, for an image
 where ``A`` gives none, from ``B`` (``shard|grid``, ``shard|detector:NAME``): for shards where only
-some images carry boxes.
+some images carry boxes. ``A+B`` is the union of ``A`` and ``B`` deduplicated across sources: a
+mask of ``B`` whose mask IoU with a kept mask of ``A`` exceeds ``source_dedup_iou`` is dropped,
+whatever the classes (``detector:owlv2+grid``: the grid fills in what the detector missed, and an
+object both found keeps the detector's box, label and score). Commas bind tightest, then ``+``,
+then ``|``: ``shard|detector:owlv2+grid``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from ovsam_ray.model.amg import grid_points
 from ovsam_ray.model.automatic_mask_generator import mask_quality, remove_duplicates
@@ -29,6 +34,8 @@ class PromptSources:
     detector: str | None = None
     grid: bool = False
     fallback: PromptSources | None = None
+    #: ``A+B``: the sources of each part in order ("shard", "detector", "grid"); () for none
+    tiers: tuple[frozenset[str], ...] = ()
 
     @property
     def detector_name(self) -> str | None:
@@ -45,6 +52,8 @@ class PromptSources:
             if primary.detector and fallback.detector and primary.detector != fallback.detector:
                 raise ValueError(f"--prompts {spec!r}: both alternatives name a detector; use one")
             return dataclasses.replace(primary, fallback=fallback)
+        if "+" in spec:
+            return cls._parse_tiers(spec)
         shard, detector, grid = False, None, False
         for part in (p.strip() for p in spec.split(",") if p.strip()):
             if part == "shard":
@@ -54,12 +63,27 @@ class PromptSources:
             elif part.startswith("detector:") and len(part) > len("detector:"):
                 detector = part[len("detector:"):]
             else:
-                raise ValueError(f"--prompts {spec!r}: use shard, grid, detector:NAME (torchvision name or "
-                                 "my_pkg.module:MyDetector), several joined by commas, or A|B (B where A gives "
-                                 "an image no prompt)")
+                raise ValueError(f"--prompts {spec!r}: use shard, grid, detector:NAME (torchvision name, owlv2, "
+                                 "grounding-dino or my_pkg.module:MyDetector), several joined by commas, A+B (both, "
+                                 "deduplicated across sources) or A|B (B where A gives an image no prompt)")
         if not (shard or detector or grid):
             raise ValueError(f"--prompts {spec!r} names no prompt source")
         return cls(shard=shard, detector=detector, grid=grid)
+
+    @classmethod
+    def _parse_tiers(cls, spec: str) -> PromptSources:
+        parts = [cls.parse(p) if p.strip() else None for p in spec.split("+")]
+        if None in parts:
+            raise ValueError(f"--prompts {spec!r}: A+B needs a source on each side of '+' (e.g. detector:owlv2+grid)")
+        tiers = tuple(frozenset(k for k, on in (("shard", p.shard), ("detector", p.detector), ("grid", p.grid)) if on)
+                      for p in parts)
+        seen: set[str] = set()
+        for tier in tiers:
+            if tier & seen:
+                raise ValueError(f"--prompts {spec!r}: each source may appear once in A+B")
+            seen |= tier
+        return cls(shard="shard" in seen, detector=next((p.detector for p in parts if p.detector), None),
+                   grid="grid" in seen, tiers=tiers)
 
 
 @dataclass
@@ -67,7 +91,8 @@ class SelectConfig:
     """Post-filters. Grid prompts: stability >= grid_stability and mask NMS at grid_nms_iou
     (SAM's automatic mask generator defaults). All prompts: masks smaller than min_mask_area are
     dropped, and dedup_iou / dedup_containment (None = off) remove duplicate masks, per class
-    when dedup_class_aware."""
+    when dedup_class_aware. ``A+B`` prompts: a mask of a later source whose IoU with a kept mask of
+    an earlier one exceeds source_dedup_iou is dropped (before dedup_iou)."""
 
     grid_size: int = 32
     grid_stability: float = 0.95
@@ -76,6 +101,7 @@ class SelectConfig:
     dedup_iou: float | None = None
     dedup_containment: float | None = None
     dedup_class_aware: bool = False
+    source_dedup_iou: float = 0.7
 
 
 @dataclass
@@ -87,6 +113,8 @@ class ImagePromptSet:
     types: list[str]
     detector_scores: list[float | None] = field(default_factory=list)
     detector_labels: list[str | None] = field(default_factory=list)
+    #: ``A+B``: each prompt's part (0 for A, 1 for B...); empty without ``+``
+    tiers: list[int] = field(default_factory=list)
 
 
 def image_prompt_set(spec: dict[str, Any], sources: PromptSources, *, width: int, height: int,
@@ -106,8 +134,8 @@ def _combine(spec: dict[str, Any], sources: PromptSources, *, width: int, height
         boxes += spec.get("boxes") or []
         scores += spec.get("scores") or [None] * len(spec.get("boxes") or [])
         labels += spec.get("labels") or [None] * len(spec.get("boxes") or [])
+    det = spec.get("detector") or {}
     if sources.detector:
-        det = spec.get("detector") or {}
         boxes += det.get("boxes") or []
         scores += det.get("scores") or []
         labels += det.get("labels") or []
@@ -124,15 +152,46 @@ def _combine(spec: dict[str, Any], sources: PromptSources, *, width: int, height
         points=np.asarray(points, np.float32).reshape(-1, 2),
         point_boxes=np.asarray(point_boxes, np.float32).reshape(-1, 4),
     )
+    n_shard_boxes = len(boxes) - len(det.get("boxes") or []) if sources.detector else len(boxes)
     types = ["box"] * len(boxes) + ["point"] * n_user_points + ["grid"] * (len(points) - n_user_points)
-    return ImagePromptSet(prompts, types, scores, labels)
+    origin = (["shard"] * n_shard_boxes + ["detector"] * (len(boxes) - n_shard_boxes) + ["shard"] * n_user_points
+              + ["grid"] * (len(points) - n_user_points))
+    tier_of = {kind: t for t, tier in enumerate(sources.tiers) for kind in tier}
+    tiers = [tier_of[o] for o in origin] if sources.tiers else []
+    return ImagePromptSet(prompts, types, scores, labels, tiers)
 
 
-def select_predictions(pred: ImagePrediction, types: list[str], cfg: SelectConfig) -> np.ndarray:
+def select_predictions(pred: ImagePrediction, types: list[str], cfg: SelectConfig,
+                       tiers: list[int] | None = None) -> np.ndarray:
     """Indices of the predictions to keep, in prompt order: the automatic mask generator's rule
-    (``mask_quality``, ``remove_duplicates``) with grid prompts as its grid."""
+    (``mask_quality``, ``remove_duplicates``) with grid prompts as its grid. ``tiers``: each
+    prompt's part of an ``A+B`` spec (ImagePromptSet.tiers): after the grid's NMS and before the
+    dedup, a mask that repeats one of an earlier part is dropped (class-agnostic)."""
     is_grid = np.array([t == "grid" for t in types], bool)
     keep = mask_quality(pred, is_grid, min_area=cfg.min_mask_area, stability_thresh=cfg.grid_stability)
-    keep = remove_duplicates(pred, keep, is_grid, nms_iou=cfg.grid_nms_iou, dedup_iou=cfg.dedup_iou,
-                             dedup_containment=cfg.dedup_containment, dedup_class_aware=cfg.dedup_class_aware)
+    dedup = {"dedup_iou": cfg.dedup_iou, "dedup_containment": cfg.dedup_containment,
+             "dedup_class_aware": cfg.dedup_class_aware}
+    if not tiers:
+        return np.nonzero(remove_duplicates(pred, keep, is_grid, nms_iou=cfg.grid_nms_iou, **dedup))[0]
+    keep = remove_duplicates(pred, keep, is_grid, nms_iou=cfg.grid_nms_iou)
+    keep = _across_sources(torch.from_numpy(pred.low_res_logits[:, 0]) > 0, np.asarray(tiers), keep,
+                           cfg.source_dedup_iou)
+    keep = remove_duplicates(pred, keep, np.zeros_like(is_grid), **dedup)
     return np.nonzero(keep)[0]
+
+
+def _across_sources(masks: torch.Tensor, tiers: np.ndarray, keep: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """``A+B`` dedup: part by part, drop a mask whose IoU with a kept mask of an earlier part
+    exceeds ``iou_threshold`` (class-agnostic; masks of one part never suppress each other)."""
+    flat = masks.reshape(len(masks), -1).float()
+    area = flat.sum(dim=1)
+    out = keep.copy()
+    for t in sorted(set(tiers.tolist()))[1:]:
+        cur, prev = np.nonzero(out & (tiers == t))[0], np.nonzero(out & (tiers < t))[0]
+        if len(cur) == 0 or len(prev) == 0:
+            continue
+        inter = flat[cur] @ flat[prev].T
+        union = area[cur, None] + area[None, prev] - inter
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+        out[cur[(iou > iou_threshold).any(dim=1).numpy()]] = False
+    return out
