@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,7 @@ class TorchvisionDetector:
     """A torchvision detection model as a class-agnostic box proposer."""
 
     def __init__(self, *, name: str, device: str = "cpu", weights: str | None = None, random_init: bool = False,
-                 score_threshold: float = 0.3) -> None:
+                 score_threshold: float = 0.3, s3_endpoint: str | None = None) -> None:
         builders = torchvision.models.detection.__dict__
         if name not in builders or not callable(builders[name]):
             known = sorted(k for k, v in builders.items() if callable(v) and k[0].islower() and "_" in k)
@@ -47,7 +46,7 @@ class TorchvisionDetector:
         model = builders[name](weights=None, weights_backbone=None, num_classes=len(self.categories),
                                box_score_thresh=score_threshold)
         if not random_init:
-            path = _find_weights(weights, name)
+            path = _find_weights(weights, name, s3_endpoint)
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
         self.model = model.eval().to(device)
         self.device = device
@@ -69,22 +68,20 @@ def _coco_categories(name: str) -> list[str]:
     return list(next(iter(weights_enum)).meta["categories"])
 
 
-def _find_weights(location: str | None, name: str) -> str:
+def _find_weights(location: str | None, name: str, s3_endpoint: str | None = None) -> str:
+    """A local copy of detector ``name``'s weights file: ``location`` itself (a .pth/.pt file) or
+    ``name.pth`` / ``name_*.pth`` (torchvision's file name) in the folder or prefix ``location``."""
+    from ovsam_ray.weights import WeightsError, find_files, local_path
+
     if location is None:
-        raise ValueError(f"detector {name}: pass --weights DIR holding {name}.pth (or torchvision's file), "
-                         "or --random-init")
-    from ovsam_ray.weights import local_path
-
-    if location.endswith(".pth") or location.endswith(".pt"):
-        return local_path(location)
-    from ovsam_ray.io import get_filesystem
-
-    fs, root = get_filesystem(location)
-    for path in sorted(fs.ls(root, detail=False)):
-        base = os.path.basename(path)
-        if base == f"{name}.pth" or (base.startswith(name + "_") and base.endswith(".pth")):
-            return local_path(location.rstrip("/") + "/" + base)
-    raise ValueError(f"detector {name}: no {name}.pth or {name}_*.pth in {location}")
+        raise WeightsError(f"detector {name}: pass --weights DIR holding {name}.pth (or torchvision's "
+                           f"{name}_*.pth), or --random-init")
+    if location.endswith((".pth", ".pt")):
+        return local_path(location, s3_endpoint=s3_endpoint)
+    found = find_files(location, {name: [f"{name}.pth", f"{name}_*.pth"]}, s3_endpoint=s3_endpoint)
+    if name not in found:
+        raise WeightsError(f"detector {name}: no {name}.pth or {name}_*.pth in {location}")
+    return local_path(found[name], s3_endpoint=s3_endpoint)
 
 
 def load_detector(spec: str, *, queries: list[str] | None = None, objectness_threshold: float | None = None,
@@ -103,7 +100,7 @@ def load_detector(spec: str, *, queries: list[str] | None = None, objectness_thr
         module, _, cls = spec.partition(":")
         factory = getattr(importlib.import_module(module), cls)
         return factory(**{k: v for k, v in kwargs.items() if k in ("device", "weights", "random_init")})
-    return TorchvisionDetector(name=spec, **kwargs)
+    return TorchvisionDetector(name=spec, s3_endpoint=s3_endpoint, **kwargs)
 
 
 def postprocess_detections(det: dict[str, Any], *, score_threshold: float, nms_iou: float, max_per_image: int,

@@ -29,7 +29,6 @@ and return boxes in the pixels of the images they were given:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import logging
 import os
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ovsam_ray import io
-from ovsam_ray.weights import WeightsError, local_path
+from ovsam_ray.weights import WeightsError, local_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +80,9 @@ def _expected(name: str, location: str) -> str:
 def resolve_folder(location: str | None, name: str, *, s3_endpoint: str | None = None,
                    need_weights: bool = True) -> str:
     """A local folder in save_pretrained layout for detector ``name``: ``location`` itself or its
-    ``name/`` subfolder; under ``s3://`` the files are copied to the local cache (once per version)
-    and linked into one folder there. Raises WeightsError naming the expected files (the weights
-    file not among them when ``need_weights`` is False: a random init needs only the rest)."""
+    ``name/`` subfolder; under ``s3://`` the folder is copied to the local cache once per version
+    (``weights.local_dir``). Raises WeightsError naming the expected files (the weights file not
+    among them when ``need_weights`` is False: a random init needs only the rest)."""
     if location is None:
         raise WeightsError(_expected(name, "--detector-weights (not given)"))
     for candidate in (location, io.join(location, name)):
@@ -96,23 +95,7 @@ def resolve_folder(location: str | None, name: str, *, s3_endpoint: str | None =
     missing = [f"{what} ({' or '.join(names)})" for what, names in required if not set(names) & set(files)]
     if missing:
         raise WeightsError(f"{_expected(name, candidate)}; missing: {', '.join(missing)}")
-    if not io.is_remote(candidate):
-        return io.get_filesystem(candidate)[1]
-    cached = {base: local_path(url, s3_endpoint=s3_endpoint) for base, url in sorted(files.items())}
-    tag = hashlib.sha256(repr(sorted(cached.items())).encode()).hexdigest()[:16]
-    folder = os.path.join(os.path.dirname(next(iter(cached.values()))), f"{tag}-{name}")
-    if not os.path.isdir(folder):
-        tmp = f"{folder}.{os.getpid()}.part"
-        os.makedirs(tmp, exist_ok=True)
-        for base, path in cached.items():
-            if not os.path.lexists(os.path.join(tmp, base)):
-                os.symlink(path, os.path.join(tmp, base))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process on this node made it first
-            if not os.path.isdir(folder):
-                raise
-    return folder
+    return local_dir(candidate, s3_endpoint=s3_endpoint)
 
 
 def query_names(spec: str) -> list[str]:
