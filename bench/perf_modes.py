@@ -100,8 +100,8 @@ def _build_ours(cfg: Any, mode: str, device: torch.device, rle_on_device: bool |
 def _ours_pass(predictor: Any, vocab: Any, samples: list[dict], batch: int, timer: StageTimer) -> dict[str, list]:
     """decode -> embed -> predict -> records over ``samples``; returns {key: [[label_id, rle], ...]}."""
     from ovsam_ray.data.decode import decode_sample
+    from ovsam_ray.labels.records import prediction_to_instances
     from ovsam_ray.model.predictor import ImagePrompts
-    from ovsam_ray.records import prediction_to_instances
 
     preds: dict[str, list] = {}
     for i in range(0, len(samples), batch):

@@ -74,8 +74,8 @@ def _model_alone(shards: list[str], model_cfg, batch_size: int) -> dict:
     from ovsam_ray.data.decode import decode_sample
     from ovsam_ray.data.shards import read_shard
     from ovsam_ray.inference import build_predictor
+    from ovsam_ray.labels.records import prediction_to_instances
     from ovsam_ray.model.predictor import ImagePrompts
-    from ovsam_ray.records import prediction_to_instances
 
     predictor, vocab, _ = build_predictor(model_cfg)
     samples = [s for url in shards for s in read_shard(url).samples]

@@ -128,7 +128,7 @@ def test_evaluate_label_output_scores_rows_against_the_shards(trained):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ovsam_ray.pipeline.writer import OUTPUT_SCHEMA
+    from ovsam_ray.labels.schema import OUTPUT_SCHEMA
 
     table = pa.Table.from_pylist([{**r, "instances": r["instances"]} for r in rows[:-1]],
                                  schema=pa.schema([f for f in OUTPUT_SCHEMA if f.name in ("key", "shard", "status",

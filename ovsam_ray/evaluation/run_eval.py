@@ -37,8 +37,8 @@ from ovsam_ray.evaluation.coco_ap import (
 from ovsam_ray.evaluation.prompts import PROMPT_MODES, rewrite_shard_prompts
 from ovsam_ray.evaluation.table1 import ClassLookup, ObjectScore, score_image, summarize, table1_markdown
 from ovsam_ray.export.categories import load_categories
-from ovsam_ray.export.reader import label_files, read_label_file
 from ovsam_ray.inference import ModelConfig
+from ovsam_ray.labels.reader import label_files, read_label_file
 from ovsam_ray.model.text_embedding import clean_class_name
 from ovsam_ray.vocabulary import Vocabulary
 

@@ -1,25 +1,17 @@
-"""Write stage: rows -> one Parquet file per input shard, committed atomically; the run record.
+"""The commit protocol: one Parquet file per input shard, written atomically, its marker last.
 
-Output layout (local directory or ``s3://`` prefix)::
-
-    <output>/_run.json                  run record (identity checked by a resumed run)
-    <output>/<shard>.parquet            one row per input image, OUTPUT_SCHEMA
-    <output>/_committed/<shard>.json    commit marker, written LAST
-
-A shard is committed iff its marker exists; a Parquet file without a marker is left over from a
-crash and is overwritten by the next run. Temporary files start with ``.`` and committed-marker
-and run-record names with ``_``, so ``pyarrow.dataset``/``pandas.read_parquet(<output>)`` and
-``*.parquet`` globs only ever see complete Parquet files.
+A shard is committed iff its marker ``<output>/_committed/<shard>.json`` exists; a Parquet file
+without a marker is left over from a crash and is overwritten by the next run. Temporary files
+start with ``.`` and committed-marker and run-record names with ``_``, so
+``pyarrow.dataset``/``pandas.read_parquet(<output>)`` and ``*.parquet`` globs only ever see
+complete Parquet files.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
-import math
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -27,105 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ovsam_ray import io
+from ovsam_ray.labels.schema import RUN_RECORD_NAME, conform_table, timestamp
 
-__all__ = [
-    "INSTANCE_TYPE",
-    "OUTPUT_SCHEMA",
-    "RLE_TYPE",
-    "RunMismatchError",
-    "RunRecord",
-    "ShardCommitter",
-    "MissingShardFileError",
-    "check_or_write_run_record",
-    "conform_table",
-    "rows_to_table",
-]
-
-RLE_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())])
-
-#: One prompt's result. prompt_type is "box", "point" or "grid"; prompt_box/bbox are XYXY in
-#: original-image pixels (bbox = the mask's [x_first, y_first, x_last+1, y_last+1]); point is xy;
-#: rle is COCO RLE of the mask at original size; embedding / clip_embedding / clip_valid are the
-#: optional float16 region and CLIP embeddings and CLIP-validity flag (re-scoring, ``relabel``).
-INSTANCE_TYPE = pa.struct(
-    [
-        ("prompt_type", pa.string()),
-        ("prompt_box", pa.list_(pa.float32(), 4)),
-        ("point", pa.list_(pa.float32(), 2)),
-        ("detector_score", pa.float32()),
-        ("detector_label", pa.string()),
-        ("bbox", pa.list_(pa.float32(), 4)),
-        ("area", pa.int64()),
-        ("rle", RLE_TYPE),
-        ("label", pa.string()),
-        ("label_id", pa.int32()),
-        ("label_score", pa.float32()),
-        ("topk_labels", pa.list_(pa.string())),
-        ("topk_scores", pa.list_(pa.float32())),
-        ("embedding", pa.list_(pa.float16())),
-        ("clip_embedding", pa.list_(pa.float16())),
-        ("clip_valid", pa.bool_()),
-    ]
-)
-
-#: One row per input image (DESIGN §4). Error rows have status "error", a message in ``error``,
-#: width/height when the image could be decoded, and no instances. ``warnings`` (schema version
-#: 2, last so that version-1 files read the same by name): what happened to the image's prompts
-#: (dropped, clipped, capped at --max-prompts, none at all), null for none; version-1 files lack
-#: the column and :func:`conform_table` gives them a null one.
-OUTPUT_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("shard", pa.string(), nullable=False),
-        pa.field("image_id", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("error", pa.string()),
-        pa.field("instances", pa.list_(INSTANCE_TYPE)),
-        pa.field("warnings", pa.list_(pa.string())),
-    ],
-    metadata={"ovsam_ray.schema_version": "2"},
-)
-
-_STATUSES = ("ok", "error")
-
-
-def _normalise_row(i: int, row: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(row) - set(OUTPUT_SCHEMA.names)
-    if unknown:
-        raise ValueError(f"row {i}: unknown fields {sorted(unknown)}; schema has {OUTPUT_SCHEMA.names}")
-    if not row.get("key") or not row.get("shard"):
-        raise ValueError(f"row {i}: 'key' and 'shard' are required")
-    status = row.get("status")
-    if status not in _STATUSES:
-        raise ValueError(f"row {i} ({row['key']}): status must be one of {_STATUSES}, got {status!r}")
-    if status == "error" and not row.get("error"):
-        raise ValueError(f"row {i} ({row['key']}): an error row needs an 'error' message")
-    out = dict(row)
-    out["instances"] = [_normalise_instance(inst) for inst in (row.get("instances") or [])]
-    if out.get("image_id") is not None:
-        out["image_id"] = str(out["image_id"])
-    return out
-
-
-def _normalise_instance(inst: dict[str, Any]) -> dict[str, Any]:
-    out = dict(inst)
-    score = out.get("detector_score")
-    if score is not None and math.isnan(float(score)):  # NaN means "no detector score" upstream
-        out["detector_score"] = None
-    return out
-
-
-def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Build an OUTPUT_SCHEMA table from row dicts (numpy arrays are fine for list fields).
-
-    Missing optional fields become null; ``instances`` defaults to ``[]``; a NaN
-    ``detector_score`` becomes null. Raises ``ValueError`` for unknown fields, a missing key/shard,
-    a bad status or an error row without a message.
-    """
-    normalised = [_normalise_row(i, row) for i, row in enumerate(rows)]
-    return pa.Table.from_pylist(normalised, schema=OUTPUT_SCHEMA)
+__all__ = ["MissingShardFileError", "ShardCommitter"]
 
 
 def _table_counts(table: pa.Table) -> dict[str, int]:
@@ -138,10 +34,6 @@ def _table_counts(table: pa.Table) -> dict[str, int]:
         "num_error": count(pc.equal(table["status"], "error")),
         "num_instances": count(pc.list_value_length(table["instances"])),
     }
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 _TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
@@ -220,7 +112,7 @@ class ShardCommitter:
             **_table_counts(table),
             "parquet_bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
-            "committed_at": _now(),
+            "committed_at": timestamp(),
             "stats": io.redact_config(dict(stats or {})),
         }
         payload = json.dumps(marker, indent=1, sort_keys=True, default=str).encode()
@@ -274,113 +166,7 @@ class ShardCommitter:
         return removed
 
 
-def conform_table(table: pa.Table) -> pa.Table:
-    """``table`` with exactly OUTPUT_SCHEMA (same columns and types; nullability and metadata may
-    differ, as they do after a trip through Ray Data). A table of an older schema version (no
-    ``warnings`` column) gets a null one."""
-    if table.schema.equals(OUTPUT_SCHEMA):
-        return table
-    if "warnings" not in table.column_names:
-        table = table.append_column("warnings", pa.nulls(table.num_rows, OUTPUT_SCHEMA.field("warnings").type))
-    try:
-        return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
-    except (KeyError, ValueError, pa.ArrowException) as e:
-        raise ValueError(f"table does not match OUTPUT_SCHEMA ({e}); build it with rows_to_table()") from None
-
-
 def _check_shard_name(name: str) -> str:
     if not name or name in (".", "..") or not _SHARD_NAME_RE.match(name):
         raise ValueError(f"invalid shard name {name!r}")
     return name
-
-
-# --- run record ----------------------------------------------------------------------------------
-
-RUN_RECORD_NAME = "_run.json"
-
-
-class RunMismatchError(RuntimeError):
-    """The output folder holds results of a different run (model, weights, vocabulary...)."""
-
-
-@dataclass
-class RunRecord:
-    """What produced an output folder.
-
-    ``identity`` must be equal for a rerun to continue into the same folder (model and weight
-    hashes, vocabulary hash, thresholds, random-init flag, ...); ``details`` is informative
-    (resolved config, code version, start time...). Both are stored with credentials redacted.
-    """
-
-    identity: dict[str, Any]
-    details: dict[str, Any] = field(default_factory=dict)
-    created_at: str = field(default_factory=_now)
-
-    def to_dict(self) -> dict[str, Any]:
-        return io.redact_config(
-            {"identity": self.identity, "details": self.details, "created_at": self.created_at}
-        )
-
-    @classmethod
-    def from_dict(cls, obj: dict[str, Any]) -> RunRecord:
-        return cls(identity=obj.get("identity", {}), details=obj.get("details", {}),
-                   created_at=obj.get("created_at", ""))
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj}
-
-
-def _identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
-    missing = object()
-    return [
-        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k, missing) != b.get(k, missing)
-    ]
-
-
-def check_or_write_run_record(
-    output_url: str, record: RunRecord, *, overwrite: bool = False, s3_endpoint: str | None = None
-) -> str:
-    """Check ``record`` against ``<output>/_run.json`` before a label job writes anything.
-
-    Returns ``"created"`` (fresh folder: record written), ``"resumed"`` (same identity: continue,
-    committed shards will be skipped) or ``"overwritten"`` (``overwrite=True``: the old run's
-    Parquet files, markers, temporaries and record were deleted and the new record written).
-    Raises :class:`RunMismatchError` naming the differing identity fields, or when the folder holds
-    committed shards but no run record.
-    """
-    record_url = io.join(output_url, RUN_RECORD_NAME)
-    committer = ShardCommitter(output_url, s3_endpoint=s3_endpoint)
-    new = json.loads(json.dumps(record.to_dict(), sort_keys=True, default=str))
-    if io.exists(record_url, s3_endpoint=s3_endpoint):
-        old = json.loads(io.read_bytes(record_url, s3_endpoint=s3_endpoint))
-        diff = _identity_diff(old.get("identity", {}), new["identity"])
-        if not diff:
-            return "resumed"
-        problem = "differs from the run that wrote it: " + "; ".join(diff)
-    elif committer.committed_shards():
-        problem = "holds committed shards but no run record"
-    else:
-        _write_record(record_url, new, s3_endpoint)
-        return "created"
-    if not overwrite:
-        raise RunMismatchError(
-            f"output {io.redact(output_url)} {problem}. Use a new output location, or pass "
-            "overwrite=True (--overwrite) to delete the old results and start over."
-        )
-    committer.delete_all()
-    _write_record(record_url, new, s3_endpoint)
-    return "overwritten"
-
-
-def _write_record(url: str, record: dict[str, Any], s3_endpoint: str | None) -> None:
-    payload = json.dumps(record, indent=1, sort_keys=True).encode()
-    io.atomic_write_bytes(url, payload, s3_endpoint=s3_endpoint)

@@ -3,7 +3,7 @@
 For every box prompt: IoU of the predicted mask with the ground-truth mask of the object the box
 came from, whether the label is right, and the IoU of the prompt box itself filled as a mask
 (the *box-fill* baseline); for every point prompt: the mask IoU with the object the point lies
-in. ``evaluate_label_output`` scores the label job's Parquet rows (``pipeline.writer``
+in. ``evaluate_label_output`` scores the label job's Parquet rows (``labels.schema``
 schema); ``evaluate_model`` runs a predictor in-process with the same prompts the demo uses:
 each object's box and one interior point (``interior_point``).
 """
@@ -186,8 +186,8 @@ def evaluate_model(predictor: Any, vocab: Any, shards: str | Sequence[str], *, b
                    s3_endpoint: str | None = None) -> dict[str, float]:
     """Metrics of an ``OVSAMPredictor`` run in-process with the demo's prompts (each object's box
     and one interior point, no point boxes)."""
+    from ovsam_ray.labels.records import prediction_to_instances
     from ovsam_ray.model.predictor import ImagePrompts
-    from ovsam_ray.records import prediction_to_instances
 
     truth = load_ground_truth(shards, s3_endpoint=s3_endpoint, keep_images=True)
     idents = sorted(truth)
