@@ -58,9 +58,7 @@ def run_demo(cfg: DemoConfig) -> int:
                              seed=cfg.seed + 1000)
     for url in shards:
         add_point_prompts(url)
-    quick = cfg.quick or not _training_available()
-    if quick and not cfg.quick:
-        log.warning("training is not available in this build: the demo labels with RANDOM weights")
+    quick = cfg.quick
     seen = None
     if quick:
         model = ModelConfig(preset="ovsam_tiny", random_init=True, vocab=_write_vocab(os.path.join(work, "vocab.txt")))
@@ -99,14 +97,6 @@ def run_demo(cfg: DemoConfig) -> int:
           "'counts': inst['rle']['counts']})")
     print("=" * 72)
     return 0 if summary.images_error == 0 else 1
-
-
-def _training_available() -> bool:
-    try:
-        from ovsam_ray.training.recipe import run_tiny_recipe  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _evaluate(labels_dir: str, shards: list[str], seen: set[str] | None = None) -> dict:
