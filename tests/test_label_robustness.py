@@ -186,7 +186,7 @@ def test_exit_codes():
 
 def test_cli_flags_reach_the_config(tmp_path):
     from ovsam_ray.cli import build_parser
-    from ovsam_ray.cli_jobs import label_config
+    from ovsam_ray.cli.label import label_config
 
     args = build_parser().parse_args(["label", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                                       "--baseline", "box-fill", "--max-prompts", "5", "--prompts", "shard|grid"])

@@ -11,9 +11,11 @@ from ovsam_ray.export.ray_data import read_labelled_images
 from ovsam_ray.export.sa1b import export_sa1b
 from ovsam_ray.export.wds import export_wds
 from ovsam_ray.export.yolo import export_yolo
+from ovsam_ray.registry import Registry
 
-EXPORTERS = {"coco": export_coco, "yolo": export_yolo, "labelstudio": export_labelstudio, "sa1b": export_sa1b,
-             "wds": export_wds}
+#: Format name -> ``export_<format>(labels, output, **options)``; ``ovsam-ray export <format>``.
+EXPORTERS = Registry("export format", {"coco": export_coco, "yolo": export_yolo, "labelstudio": export_labelstudio,
+                                       "sa1b": export_sa1b, "wds": export_wds})
 
 __all__ = [
     "EXPORTERS",
