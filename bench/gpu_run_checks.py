@@ -168,7 +168,7 @@ def _validate(argv: list[str]) -> None:
     elif script == "jobs/label.py":
         import argparse
 
-        from ovsam_ray.cli_jobs import add_label_args, label_config
+        from ovsam_ray.cli.label import add_label_args, label_config
 
         parser = argparse.ArgumentParser()
         add_label_args(parser)

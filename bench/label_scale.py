@@ -126,7 +126,7 @@ def verify(output: str, images: int, s3: str | None) -> dict:
     import pyarrow.dataset as pds
 
     from ovsam_ray import io
-    from ovsam_ray.pipeline.writer import ShardCommitter
+    from ovsam_ray.labels.committer import ShardCommitter
 
     committer = ShardCommitter(output, s3_endpoint=s3)
     fs, _ = io.get_filesystem(output, s3_endpoint=s3)
@@ -139,7 +139,7 @@ def verify(output: str, images: int, s3: str | None) -> dict:
 
 
 def _kill_cli_at(src: str, out: str, fraction: float, total: int, args: argparse.Namespace, s3: str | None) -> dict:
-    from ovsam_ray.pipeline.writer import ShardCommitter
+    from ovsam_ray.labels.committer import ShardCommitter
 
     cmd = [sys.executable, "-m", "ovsam_ray.cli", "label", "--input", src, "--output", out, "--baseline", "box-fill",
            "--vocab", args.vocab, "--batch-size", str(args.batch_size), "--ray-address", "local"]
@@ -165,8 +165,8 @@ def run(args: argparse.Namespace) -> dict:
     import ray
 
     from ovsam_ray.inference import ModelConfig
+    from ovsam_ray.labels.committer import ShardCommitter
     from ovsam_ray.pipeline.label_job import LabelConfig, run_label
-    from ovsam_ray.pipeline.writer import ShardCommitter
 
     root = tempfile.mkdtemp(prefix="ovsam_scale_", dir=args.work)
     s3 = _start_s3() if args.s3 else None

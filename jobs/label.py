@@ -20,7 +20,7 @@ import logging
 import sys
 
 from ovsam_ray.cli import STOP_ERRORS, report_stop
-from ovsam_ray.cli_jobs import add_label_args, run_label_cli
+from ovsam_ray.cli.label import add_label_args, run_label_cli
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

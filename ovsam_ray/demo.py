@@ -61,9 +61,7 @@ def run_demo(cfg: DemoConfig) -> int:
                              seed=cfg.seed + 1000)
     for url in shards:
         add_point_prompts(url)
-    quick = cfg.quick or not _training_available()
-    if quick and not cfg.quick:
-        log.warning("training is not available in this build: the demo labels with RANDOM weights")
+    quick = cfg.quick
     if quick:
         model = ModelConfig(preset="ovsam_tiny", random_init=True, vocab=_write_vocab(os.path.join(work, "vocab.txt")))
         banner = "QUICK DEMO: random weights (untrained); masks and labels are meaningless"
@@ -110,14 +108,6 @@ def _split_line(metrics: dict, split: str, name: str) -> str:
     return (f"{name} classes ({box.get('objects' + split, 0)} objects): box mIoU {num(box, 'miou')} "
             f"(box-fill {num(box, 'box_fill_miou')}), point mIoU {num(point, 'miou')}, "
             f"box accuracy {num(box, 'accuracy', True)}, point accuracy {num(point, 'accuracy', True)}")
-
-
-def _training_available() -> bool:
-    try:
-        from ovsam_ray.training.recipe import run_tiny_recipe  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _evaluate(labels_dir: str, shards: list[str], model: ModelConfig) -> dict:

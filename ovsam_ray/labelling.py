@@ -21,8 +21,8 @@ from itertools import islice
 from typing import Any
 
 from ovsam_ray.data.decode import DecodedSample, decode_sample
+from ovsam_ray.labels.records import prediction_to_instances
 from ovsam_ray.model.predictor import ImagePrompts, OVSAMPredictor
-from ovsam_ray.records import prediction_to_instances
 from ovsam_ray.vocabulary import Vocabulary
 
 __all__ = ["image_prompts", "label_samples"]
@@ -50,7 +50,7 @@ def label_samples(
     """Label shard samples (dicts as :func:`~ovsam_ray.data.shards.iter_shard_samples` yields them)
     ``batch_size`` images per model call; yields one row per sample, in order, with the label
     output's fields ``shard``, ``key``, ``status`` ("ok" / "error"), ``error``, ``width``,
-    ``height`` and ``instances`` (:func:`~ovsam_ray.records.prediction_to_instances`: one per
+    ``height`` and ``instances`` (:func:`~ovsam_ray.labels.records.prediction_to_instances`: one per
     prompt, boxes then points). A sample that does not decode is an error row, never an exception.
 
     ``stage(name)`` wraps each step in a context manager (for timing): ``"jpeg_decode"``,

@@ -17,9 +17,9 @@ import numpy as np
 from ovsam_ray import io
 from ovsam_ray.data.decode import decode_image, parse_prompts_json
 from ovsam_ray.inference import ModelConfig, build_predictor
+from ovsam_ray.labels.records import prediction_to_instances
 from ovsam_ray.model.automatic_mask_generator import OVSAMAutomaticMaskGenerator
 from ovsam_ray.model.predictor import ImagePrompts
-from ovsam_ray.records import prediction_to_instances
 
 log = logging.getLogger(__name__)
 

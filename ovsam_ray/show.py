@@ -26,7 +26,7 @@ from ovsam_ray.data.decode import DecodeError, decode_image
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.export._paths import _safe_relpath
-from ovsam_ray.export.reader import iter_label_rows, source_shards
+from ovsam_ray.labels.reader import iter_label_rows, source_shards
 
 __all__ = ["colour", "contact_sheet", "drawing_scale", "place_labels", "render_overlay", "sample_rows", "show"]
 

@@ -12,7 +12,8 @@ from pycocotools import mask as mask_utils
 
 from ovsam_ray.data.rle import annotation_rle, boxes_from_binary_masks, decode_rle
 from ovsam_ray.data.synthetic import encode_image
-from ovsam_ray.pipeline.writer import ShardCommitter, rows_to_table
+from ovsam_ray.labels.committer import ShardCommitter
+from ovsam_ray.labels.schema import rows_to_table
 
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},

@@ -198,7 +198,7 @@ def test_batches_and_run_length_mode_give_the_same_masks(predictor, image):
 
 
 def test_no_surviving_mask_gives_well_formed_empties(predictor, image):
-    from ovsam_ray.records import prediction_to_instances
+    from ovsam_ray.labels.records import prediction_to_instances
     from ovsam_ray.vocabulary import Vocabulary
 
     generator = OVSAMAutomaticMaskGenerator(predictor, points_per_side=4)  # SAM's stability 0.95

@@ -217,7 +217,7 @@ def _shell_words(command: str) -> list[str]:
 def check_job_command(words: list[str]) -> str:
     """Parse a job's argv (``python jobs/X.py ...`` or ``ovsam-ray eval ...``) into its config."""
     if words[0].startswith("python") and words[1].endswith("jobs/label.py"):
-        from ovsam_ray.cli_jobs import add_label_args, label_config
+        from ovsam_ray.cli.label import add_label_args, label_config
 
         parser = argparse.ArgumentParser(exit_on_error=False)
         add_label_args(parser)

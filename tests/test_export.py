@@ -17,8 +17,8 @@ from ovsam_ray.cli import main
 from ovsam_ray.convert import convert_coco
 from ovsam_ray.data.rle import boxes_from_binary_masks, decode_rle
 from ovsam_ray.export import export_coco, export_labelstudio, export_sa1b, export_wds, export_yolo, mask_to_polygons
-from ovsam_ray.export.reader import iter_label_batches, label_files
 from ovsam_ray.inference import ModelConfig
+from ovsam_ray.labels.reader import iter_label_batches, label_files
 from ovsam_ray.pipeline.label_job import LabelConfig, run_label
 
 

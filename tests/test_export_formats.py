@@ -28,7 +28,7 @@ from ovsam_ray.export import (
     read_labelled_images,
 )
 from ovsam_ray.export._paths import _safe_relpath
-from ovsam_ray.pipeline.writer import rows_to_table
+from ovsam_ray.labels.schema import rows_to_table
 
 _NO_LS = "label-studio-sdk not installed (not in the test extra: it pins numpy<2.3; README says how to add it)"
 
@@ -263,7 +263,7 @@ def test_labelstudio_polygons_validate(labelled, tmp_path):
 
 
 def _label_rows(labels):
-    from ovsam_ray.export.reader import iter_label_rows
+    from ovsam_ray.labels.reader import iter_label_rows
 
     return [r for r in iter_label_rows(labels) if r["status"] == "ok"]
 

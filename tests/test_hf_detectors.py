@@ -238,7 +238,7 @@ def test_options_checked_before_the_job(tmp_shards, shapes_vocab, gd_dir, tmp_pa
 def test_cli_flags_map_onto_the_config(tmp_shards, shapes_vocab, tmp_path):
     import argparse
 
-    from ovsam_ray.cli_jobs import add_label_args, label_config
+    from ovsam_ray.cli.label import add_label_args, label_config
 
     p = argparse.ArgumentParser()
     add_label_args(p)

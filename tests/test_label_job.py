@@ -8,13 +8,15 @@ import os
 import pandas as pd
 import pyarrow.dataset as pds
 import pytest
+from bad_inputs import BAD_INPUT_MAX_PIXELS, make_bad_input_shards
 
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.data.shards import shard_name
-from ovsam_ray.data.synthetic import BAD_INPUT_MAX_PIXELS, generate_shards, make_bad_input_shards
+from ovsam_ray.data.synthetic import generate_shards
 from ovsam_ray.inference import ModelConfig
+from ovsam_ray.labels.committer import ShardCommitter
+from ovsam_ray.labels.run_record import RunMismatchError
 from ovsam_ray.pipeline.label_job import LabelConfig, run_label
-from ovsam_ray.pipeline.writer import RunMismatchError, ShardCommitter
 
 
 def tiny(vocab: str, **kw) -> ModelConfig:

@@ -18,11 +18,12 @@ import pytest
 from ovsam_ray.data.rle import box_fill_mask, box_fill_rles, decode_rle, encode_masks
 from ovsam_ray.data.synthetic import generate_shards
 from ovsam_ray.inference import ModelConfig
+from ovsam_ray.labels.committer import ShardCommitter
+from ovsam_ray.labels.records import InstanceColumns
+from ovsam_ray.labels.schema import INSTANCE_TYPE, OUTPUT_SCHEMA
 from ovsam_ray.pipeline import parts
 from ovsam_ray.pipeline.label_job import LabelConfig, run_label
 from ovsam_ray.pipeline.predict_stage import RESULT_SCHEMA
-from ovsam_ray.pipeline.writer import INSTANCE_TYPE, OUTPUT_SCHEMA, ShardCommitter
-from ovsam_ray.records import InstanceColumns
 
 
 def test_box_fill_rles_equal_the_drawn_masks_byte_for_byte():

@@ -12,8 +12,8 @@ import pyarrow.dataset as pds
 
 from ovsam_ray.data.synthetic import generate_shards
 from ovsam_ray.inference import ModelConfig
+from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.pipeline.label_job import LabelConfig, run_label
-from ovsam_ray.pipeline.writer import ShardCommitter
 
 
 def test_sigkilled_driver_then_rerun_finishes_exactly_once(ray_local, shapes_vocab, tmp_path):

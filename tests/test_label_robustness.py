@@ -15,12 +15,12 @@ import pytest
 
 from ovsam_ray.data.synthetic import encode_image, tar_bytes
 from ovsam_ray.inference import ModelConfig
+from ovsam_ray.labels.committer import ShardCommitter
+from ovsam_ray.labels.records import InstanceColumns
 from ovsam_ray.pipeline import parts
 from ovsam_ray.pipeline.label_job import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, LabelConfig, LabelSummary, run_label
 from ovsam_ray.pipeline.predict_stage import NO_PROMPTS_WARNING, RESULT_SCHEMA
 from ovsam_ray.pipeline.prompting import PromptSources, image_prompt_set
-from ovsam_ray.pipeline.writer import ShardCommitter
-from ovsam_ray.records import InstanceColumns
 
 FORGED = "\n2026-01-01 00:00:00 ERROR ovsam_ray: FORGED"
 
@@ -186,7 +186,7 @@ def test_exit_codes():
 
 def test_cli_flags_reach_the_config(tmp_path):
     from ovsam_ray.cli import build_parser
-    from ovsam_ray.cli_jobs import label_config
+    from ovsam_ray.cli.label import label_config
 
     args = build_parser().parse_args(["label", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                                       "--baseline", "box-fill", "--max-prompts", "5", "--prompts", "shard|grid"])

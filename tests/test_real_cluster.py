@@ -41,8 +41,8 @@ from local_cluster import LocalRayCluster, S3Gate, wait_for
 
 from ovsam_ray import io
 from ovsam_ray.data.synthetic import generate_shards
-from ovsam_ray.export.reader import iter_label_rows
-from ovsam_ray.pipeline.writer import ShardCommitter
+from ovsam_ray.labels.committer import ShardCommitter
+from ovsam_ray.labels.reader import iter_label_rows
 
 NUM_IMAGES, PER_SHARD = 48, 2
 NUM_SHARDS = NUM_IMAGES // PER_SHARD

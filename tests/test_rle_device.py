@@ -16,12 +16,12 @@ from pycocotools import mask as mask_utils
 from test_predictor import IMAGES, PROMPTS
 
 from ovsam_ray.data.rle import compress_rles, encode_masks
+from ovsam_ray.labels.records import prediction_to_instances
 from ovsam_ray.model.amg import grid_points
 from ovsam_ray.model.functional import boxes_from_masks
 from ovsam_ray.model.predictor import ImagePrompts, OVSAMPredictor
 from ovsam_ray.model.rle_torch import mask_run_lengths
 from ovsam_ray.pipeline.prompting import SelectConfig, select_predictions
-from ovsam_ray.records import prediction_to_instances
 from ovsam_ray.vocabulary import Vocabulary
 
 

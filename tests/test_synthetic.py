@@ -7,19 +7,13 @@ import json
 
 import numpy as np
 import pytest
+from bad_inputs import BAD_INPUT_MAX_PIXELS, make_bad_input_shards
 
 from ovsam_ray import io
 from ovsam_ray.data.decode import decode_image, decode_sample
 from ovsam_ray.data.rle import boxes_from_binary_masks, decode_rle
 from ovsam_ray.data.shards import list_shards, read_shard
-from ovsam_ray.data.synthetic import (
-    BAD_INPUT_MAX_PIXELS,
-    SHAPE_CLASSES,
-    generate_shards,
-    make_bad_input_shards,
-    render_image,
-    shape_vocabulary_names,
-)
+from ovsam_ray.data.synthetic import SHAPE_CLASSES, generate_shards, render_image, shape_vocabulary_names
 
 
 def _digest(urls, s3_endpoint=None):

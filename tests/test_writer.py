@@ -13,15 +13,9 @@ import pytest
 
 from ovsam_ray import io
 from ovsam_ray.data.rle import decode_rle, encode_masks
-from ovsam_ray.pipeline import writer
-from ovsam_ray.pipeline.writer import (
-    OUTPUT_SCHEMA,
-    RunMismatchError,
-    RunRecord,
-    ShardCommitter,
-    check_or_write_run_record,
-    rows_to_table,
-)
+from ovsam_ray.labels.committer import MissingShardFileError, ShardCommitter
+from ovsam_ray.labels.run_record import RunMismatchError, RunRecord, check_or_write_run_record
+from ovsam_ray.labels.schema import OUTPUT_SCHEMA, rows_to_table
 
 
 def _instance(prompt_type: str, mask: np.ndarray, **extra) -> dict:
@@ -134,7 +128,7 @@ def test_marker_is_written_last_and_failures_leave_nothing_visible(tmp_path, mon
             raise OSError("connection reset")
         real_write(url, data, **kw)
 
-    monkeypatch.setattr(writer.io, "atomic_write_bytes", recording_write)
+    monkeypatch.setattr(io, "atomic_write_bytes", recording_write)
     committer.commit("s1", rows_to_table(_rows("s1")))
     assert written == [["out", "s1.parquet"], ["_committed", "s1.json"]]
     with pytest.raises(OSError):
@@ -154,7 +148,7 @@ def test_uncommitted_parquet_is_ignored_overwritten_and_cleaned(tmp_path, monkey
             raise OSError("killed")
         real_write(url, data, **kw)
 
-    monkeypatch.setattr(writer.io, "atomic_write_bytes", killed_before_marker)
+    monkeypatch.setattr(io, "atomic_write_bytes", killed_before_marker)
     with pytest.raises(OSError):
         committer.commit("s2", rows_to_table(_rows("s2")))
     monkeypatch.undo()
@@ -191,7 +185,7 @@ def _version_1(table: pa.Table) -> pa.Table:
 
 
 def test_version_1_files_still_read_and_recommit(tmp_path):
-    from ovsam_ray.export.reader import iter_label_rows
+    from ovsam_ray.labels.reader import iter_label_rows
 
     out = str(tmp_path / "old")
     committer = ShardCommitter(out)
@@ -209,7 +203,7 @@ def test_version_1_files_still_read_and_recommit(tmp_path):
 
 
 def test_marker_without_parquet_is_a_clear_error(tmp_path):
-    from ovsam_ray.export.reader import iter_label_rows
+    from ovsam_ray.labels.reader import iter_label_rows
 
     out = str(tmp_path / "out")
     committer = ShardCommitter(out)
@@ -217,7 +211,7 @@ def test_marker_without_parquet_is_a_clear_error(tmp_path):
         committer.commit(name, rows_to_table(_rows(name)))
     os.remove(committer.parquet_url("s2"))
     assert committer.markers_without_parquet() == ["s2"]
-    with pytest.raises(writer.MissingShardFileError) as err:
+    with pytest.raises(MissingShardFileError) as err:
         list(iter_label_rows(out))
     message = str(err.value)
     assert "shard s2" in message and "_committed/s2.json" in message and "s2.parquet is missing" in message

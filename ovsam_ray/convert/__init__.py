@@ -8,8 +8,15 @@ from ovsam_ray.convert.imagenet import convert_imagenet, load_synset_map
 from ovsam_ray.convert.lvis import convert_lvis
 from ovsam_ray.convert.sa1b import convert_sa1b
 from ovsam_ray.convert.writer import ConvertSummary, Sample, sample_key, write_shards
+from ovsam_ray.registry import Registry
+
+#: Dataset format name -> ``convert_<format>`` (its arguments are all keywords named like the flags of
+#: ``ovsam-ray convert <format>``).
+CONVERTERS = Registry("dataset format", {"coco": convert_coco, "lvis": convert_lvis, "sa1b": convert_sa1b,
+                                         "imagenet": convert_imagenet, "detections": convert_detections})
 
 __all__ = [
+    "CONVERTERS",
     "ConvertSummary",
     "Sample",
     "convert_coco",

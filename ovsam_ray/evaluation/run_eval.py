@@ -45,8 +45,9 @@ from ovsam_ray.evaluation.table1 import (
     table1_markdown,
 )
 from ovsam_ray.export.categories import load_categories
-from ovsam_ray.export.reader import read_label_file
 from ovsam_ray.inference import ModelConfig
+from ovsam_ray.labels.reader import read_label_file
+from ovsam_ray.labels.schema import RUN_RECORD_NAME
 from ovsam_ray.model.text_embedding import clean_class_name
 from ovsam_ray.vocabulary import Vocabulary
 
@@ -100,7 +101,7 @@ class EvalConfig:
 
 
 def _model_from_run_record(labels: str, s3_endpoint: str | None) -> ModelConfig:
-    record = json.loads(io.read_bytes(io.join(labels, "_run.json"), s3_endpoint=s3_endpoint))
+    record = json.loads(io.read_bytes(io.join(labels, RUN_RECORD_NAME), s3_endpoint=s3_endpoint))
     model = dict((record.get("details", {}).get("config") or {}).get("model") or {})
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in model.items() if k in names})

@@ -8,13 +8,14 @@ from ovsam_ray.export.coco import export_coco
 from ovsam_ray.export.labelstudio import export_labelstudio, labelstudio_config
 from ovsam_ray.export.polygons import mask_to_polygons
 from ovsam_ray.export.ray_data import read_labelled_images
-from ovsam_ray.export.reader import iter_label_batches, iter_label_rows, label_files
 from ovsam_ray.export.sa1b import export_sa1b
 from ovsam_ray.export.wds import export_wds
 from ovsam_ray.export.yolo import export_yolo
+from ovsam_ray.registry import Registry
 
-EXPORTERS = {"coco": export_coco, "yolo": export_yolo, "labelstudio": export_labelstudio, "sa1b": export_sa1b,
-             "wds": export_wds}
+#: Format name -> ``export_<format>(labels, output, **options)``; ``ovsam-ray export <format>``.
+EXPORTERS = Registry("export format", {"coco": export_coco, "yolo": export_yolo, "labelstudio": export_labelstudio,
+                                       "sa1b": export_sa1b, "wds": export_wds})
 
 __all__ = [
     "EXPORTERS",
@@ -24,9 +25,6 @@ __all__ = [
     "export_sa1b",
     "export_wds",
     "export_yolo",
-    "iter_label_batches",
-    "iter_label_rows",
-    "label_files",
     "labelstudio_config",
     "mask_to_brush_rle",
     "mask_to_polygons",

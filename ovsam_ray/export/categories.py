@@ -50,10 +50,10 @@ def record_vocabulary(labels: str, *, s3_endpoint: str | None = None) -> Any:
     """The :class:`~ovsam_ray.vocabulary.Vocabulary` a label output was labelled with, from its run
     record (the configured ``vocab`` spec, else the recorded built-in name), or ``None`` when there
     is no record or the vocabulary cannot be loaded or does not match the record's class count."""
-    from ovsam_ray.export.reader import run_record
+    from ovsam_ray.labels.run_record import read_run_record
     from ovsam_ray.vocabulary import BUILTIN_VOCABULARIES, load_vocabulary
 
-    record = run_record(labels, s3_endpoint=s3_endpoint)
+    record = read_run_record(labels, s3_endpoint=s3_endpoint)
     if record is None:
         return None
     recorded = (record.get("identity") or {}).get("vocabulary") or {}

@@ -29,8 +29,9 @@ from ovsam_ray import io
 from ovsam_ray.evaluation.coco_ap import LABEL_SOURCES, SCORE_MODES, instance_score
 from ovsam_ray.export._paths import _safe_relpath
 from ovsam_ray.export.categories import category_index, dataset_categories, load_categories, record_vocabulary
-from ovsam_ray.export.images import ImageCopier, output_folder
-from ovsam_ray.export.reader import ImageExts, iter_label_rows, open_output
+from ovsam_ray.export.images import ImageCopier, ImageExts, output_folder
+from ovsam_ray.export.output import open_output
+from ovsam_ray.labels.reader import iter_label_rows
 from ovsam_ray.model.text_embedding import clean_class_name
 
 __all__ = ["coco_image_ids", "export_coco"]

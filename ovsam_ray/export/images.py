@@ -1,14 +1,18 @@
-"""Copy labelled images out of their input shards, one shard at a time, under checked names."""
+"""The images of a label output's input shards: their file extensions, and copies of them made
+one shard at a time under checked names."""
 
 from __future__ import annotations
 
 import logging
+import tarfile
 
-from ovsam_ray.data.shards import iter_shard_samples
+from ovsam_ray import io
+from ovsam_ray.data.shards import IMAGE_EXTENSIONS, iter_shard_samples, split_member_name
 from ovsam_ray.export._paths import _safe_join
-from ovsam_ray.export.reader import write_file
+from ovsam_ray.export.output import write_file
+from ovsam_ray.labels.reader import source_shards
 
-__all__ = ["ImageCopier", "output_folder"]
+__all__ = ["ImageCopier", "ImageExts", "output_folder", "shard_image_exts"]
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +54,46 @@ def output_folder(url: str) -> str:
     """The folder holding the file ``url`` (local path or ``s3://`` URL)."""
     head = url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
     return head or "/"
+
+
+def shard_image_exts(shard_url: str, *, s3_endpoint: str | None = None) -> dict[str, str]:
+    """Key -> image extension (``jpg``, ``png``...) of one WebDataset shard, read from the tar
+    headers only (tarfile seeks over the member data). A damaged tar gives the keys before the damage."""
+    rank = {e: i for i, e in enumerate(IMAGE_EXTENSIONS)}
+    out: dict[str, str] = {}
+    with io.open_url(shard_url, "rb", s3_endpoint=s3_endpoint) as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tf:
+                for member in tf:
+                    parts = split_member_name(member.name) if member.isfile() else None
+                    if parts is None or parts[1] not in rank:
+                        continue
+                    key, ext = parts
+                    if key not in out or rank[ext] < rank[out[key]]:  # the member the label job decoded
+                        out[key] = ext
+        except (tarfile.TarError, EOFError) as e:
+            log.warning("%s: %s (image names after it are unknown)", io.redact(shard_url), e)
+    return out
+
+
+class ImageExts:
+    """``exts(shard, key)``: the extension of the image ``key`` in its input shard (``None`` when
+    the shard or key is unknown). Rows come shard by shard, so one shard's index is held at a time.
+    With ``shards`` unknown and no run record naming them, every answer is ``None`` (logged once)."""
+
+    def __init__(self, labels: str, shards: str | None = None, *, s3_endpoint: str | None = None) -> None:
+        self.s3_endpoint = s3_endpoint
+        try:
+            self.urls = source_shards(labels, shards, s3_endpoint=s3_endpoint)
+        except (FileNotFoundError, ValueError) as e:
+            log.warning("image file extensions unknown (%s)", e)
+            self.urls = {}
+        self._shard: str | None = None
+        self._exts: dict[str, str] = {}
+
+    def __call__(self, shard: str, key: str) -> str | None:
+        if shard != self._shard:
+            url = self.urls.get(shard)
+            self._shard = shard
+            self._exts = shard_image_exts(url, s3_endpoint=self.s3_endpoint) if url else {}
+        return self._exts.get(key)

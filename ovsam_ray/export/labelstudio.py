@@ -28,8 +28,10 @@ from xml.sax.saxutils import quoteattr
 
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.export.brush import mask_to_brush_rle
+from ovsam_ray.export.images import ImageExts
+from ovsam_ray.export.output import open_output, write_file
 from ovsam_ray.export.polygons import mask_to_polygons
-from ovsam_ray.export.reader import ImageExts, iter_label_rows, open_output, write_file
+from ovsam_ray.labels.reader import iter_label_rows
 
 __all__ = ["MASK_FORMATS", "export_labelstudio", "labelstudio_config", "labelstudio_task"]
 

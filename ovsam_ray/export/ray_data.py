@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ovsam_ray import io
 from ovsam_ray.data.shards import iter_shard_samples
-from ovsam_ray.export.reader import label_files, source_shards
+from ovsam_ray.labels.reader import label_files, source_shards
 
 __all__ = ["join_shard", "read_labelled_images"]
 

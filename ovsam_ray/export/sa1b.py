@@ -15,7 +15,9 @@ import logging
 from typing import Any
 
 from ovsam_ray.export._paths import _safe_join
-from ovsam_ray.export.reader import ImageExts, iter_label_rows, write_file
+from ovsam_ray.export.images import ImageExts
+from ovsam_ray.export.output import write_file
+from ovsam_ray.labels.reader import iter_label_rows
 
 __all__ = ["export_sa1b", "sa1b_record"]
 

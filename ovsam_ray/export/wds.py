@@ -26,7 +26,8 @@ from typing import IO, Any
 
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.export._paths import _safe_join, _safe_relpath
-from ovsam_ray.export.reader import label_files, open_output, read_label_file, source_shards
+from ovsam_ray.export.output import open_output
+from ovsam_ray.labels.reader import label_files, read_label_file, source_shards
 
 __all__ = ["export_wds", "wds_labels"]
 

@@ -26,8 +26,9 @@ from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.export._paths import _safe_join
 from ovsam_ray.export.categories import load_categories, record_vocabulary
 from ovsam_ray.export.images import ImageCopier
+from ovsam_ray.export.output import write_file
 from ovsam_ray.export.polygons import mask_to_polygons
-from ovsam_ray.export.reader import iter_label_batches, iter_label_rows, source_shards, write_file
+from ovsam_ray.labels.reader import iter_label_batches, iter_label_rows, source_shards
 from ovsam_ray.model.text_embedding import clean_class_name
 
 __all__ = ["export_yolo", "yolo_classes", "yolo_lines"]

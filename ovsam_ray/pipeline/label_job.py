@@ -26,6 +26,8 @@ from ovsam_ray import __version__, io
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS
 from ovsam_ray.data.shards import list_shards, shard_name
 from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
+from ovsam_ray.labels.committer import ShardCommitter
+from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
 from ovsam_ray.model.classifier import FUSION_ALPHA, FUSION_BETA
 from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.pipeline.dataset import build_dataset
@@ -42,7 +44,6 @@ from ovsam_ray.pipeline.progress import JobProgress
 from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig
 from ovsam_ray.pipeline.stats import format_stats, write_run_stats
 from ovsam_ray.pipeline.tracker import ShardTracker, storage_error
-from ovsam_ray.pipeline.writer import RunRecord, ShardCommitter, check_or_write_run_record
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ovsam_ray import io
+from ovsam_ray.labels.committer import ShardCommitter
+from ovsam_ray.labels.schema import OUTPUT_SCHEMA
 from ovsam_ray.pipeline.faults import maybe_fail
 from ovsam_ray.pipeline.stages import SHARD_EMPTY, SHARD_FAILED
 from ovsam_ray.pipeline.stats import table_stats, write_shard_stats
-from ovsam_ray.pipeline.writer import OUTPUT_SCHEMA, ShardCommitter
 
 log = logging.getLogger(__name__)
 

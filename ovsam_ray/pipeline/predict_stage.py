@@ -17,6 +17,8 @@ import pyarrow as pa
 import torch
 
 from ovsam_ray import io
+from ovsam_ray.labels.records import InstanceColumns
+from ovsam_ray.labels.schema import INSTANCE_TYPE
 from ovsam_ray.pipeline.prompting import (
     ImagePromptSet,
     PromptSources,
@@ -25,8 +27,6 @@ from ovsam_ray.pipeline.prompting import (
     select_predictions,
 )
 from ovsam_ray.pipeline.stages import PASS_COLUMNS, image_of
-from ovsam_ray.pipeline.writer import INSTANCE_TYPE
-from ovsam_ray.records import InstanceColumns
 
 log = logging.getLogger(__name__)
 

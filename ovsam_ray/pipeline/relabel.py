@@ -23,16 +23,12 @@ import torch
 
 from ovsam_ray import io
 from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
+from ovsam_ray.labels.committer import ShardCommitter
+from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
+from ovsam_ray.labels.schema import RUN_RECORD_NAME, rows_to_table
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.functional import labels_from_logits
 from ovsam_ray.pipeline.stats import format_stats, shard_stats, write_run_stats, write_shard_stats
-from ovsam_ray.pipeline.writer import (
-    RUN_RECORD_NAME,
-    RunRecord,
-    ShardCommitter,
-    check_or_write_run_record,
-    rows_to_table,
-)
 from ovsam_ray.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 
 from ovsam_ray.data.rle import box_fill_rles, compress_rles, encode_masks
+from ovsam_ray.labels.schema import INSTANCE_TYPE
 from ovsam_ray.model.predictor import ImagePrediction, ImagePrompts
-from ovsam_ray.pipeline.writer import INSTANCE_TYPE
 from ovsam_ray.vocabulary import Vocabulary
 
 __all__ = ["InstanceColumns", "prediction_to_instances"]

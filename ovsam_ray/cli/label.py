@@ -1,21 +1,18 @@
-"""Subcommands that run jobs: ``label``, ``demo-data``, ``demo`` (and ``train`` when available)."""
+"""``ovsam-ray label`` (the label job: WebDataset shards -> Parquet labels) and ``relabel``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 
+from ovsam_ray.cli.common import add_model_args, init_ray, model_config, parse_concurrency
 from ovsam_ray.pipeline.label_job import LabelConfig
 from ovsam_ray.pipeline.prompting import SelectConfig
 
-log = logging.getLogger("ovsam_ray")
+__all__ = ["add_label", "add_label_args", "add_relabel", "label_config", "run_label_cli"]
 
 
 def add_label_args(p: argparse.ArgumentParser) -> None:
-    from ovsam_ray.cli import add_model_args
-
     p.add_argument("--input", required=True, help="shards: glob, brace range {000..099}, folder or s3:// prefix")
     p.add_argument("--output", required=True, help="output folder or s3:// prefix (one Parquet per shard)")
     p.add_argument("--batch-size", type=int, default=4, help="images per model forward")
@@ -61,14 +58,7 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, default_preset="ovsam_rn50x16")
 
 
-def _concurrency(text: str) -> int | tuple[int, int]:
-    parts = [int(x) for x in str(text).split(",")]
-    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
-
-
 def label_config(a: argparse.Namespace) -> LabelConfig:
-    from ovsam_ray.cli import model_config
-
     if a.baseline:  # no model, so no weights: the model config only names the vocabulary
         a.random_init = True
     return LabelConfig(
@@ -77,7 +67,7 @@ def label_config(a: argparse.Namespace) -> LabelConfig:
         model=model_config(a),
         batch_size=a.batch_size,
         images_per_call=a.images_per_call,
-        concurrency=_concurrency(a.concurrency),
+        concurrency=parse_concurrency(a.concurrency),
         num_gpus=a.num_gpus,
         overwrite=a.overwrite,
         max_error_fraction=a.max_error_fraction,
@@ -102,21 +92,6 @@ def label_config(a: argparse.Namespace) -> LabelConfig:
     )
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join the cluster the job runs in (RAY_ADDRESS / ray job submit) or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address == "local":
-        ray.init(address="local", include_dashboard=False)
-    elif address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False)
-
-
 def run_label_cli(a: argparse.Namespace) -> int:
     from ovsam_ray.pipeline.label_job import run_label
 
@@ -137,33 +112,13 @@ def _relabel(a: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_clip(a: argparse.Namespace) -> int:
-    from ovsam_ray.weights import convert_torchscript_clip
-
-    print(f"{convert_torchscript_clip(a.input, a.output)} tensors -> {a.output}")
-    return 0
-
-
-def _demo_data(a: argparse.Namespace) -> int:
-    from ovsam_ray.data.synthetic import generate_shards
-
-    urls = generate_shards(a.output, num_images=a.num_images, images_per_shard=a.images_per_shard, seed=a.seed,
-                           s3_endpoint=a.s3_endpoint)
-    print(f"{len(urls)} shards, {a.num_images} images -> {a.output}")
-    return 0
-
-
-def _demo(a: argparse.Namespace) -> int:
-    from ovsam_ray.demo import DemoConfig, run_demo
-
-    return run_demo(DemoConfig(work_dir=a.work_dir, quick=a.quick, num_images=a.num_images, seed=a.seed))
-
-
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
+def add_label(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("label", help="the label job: WebDataset shards -> Parquet labels")
     add_label_args(p)
     p.set_defaults(func=run_label_cli)
 
+
+def add_relabel(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("relabel", help="re-score stored embeddings with a new vocabulary (no images)")
     p.add_argument("--input", required=True, help="a label output written with --with-embedding")
     p.add_argument("--output", required=True)
@@ -172,37 +127,3 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--s3-endpoint")
     p.add_argument("--ray-address")
     p.set_defaults(func=_relabel)
-
-    p = sub.add_parser("convert-clip", help="OpenAI's TorchScript CLIP file -> a plain state dict (once)")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
-    p.set_defaults(func=_convert_clip)
-
-    p = sub.add_parser("demo-data", help="generate synthetic named-shape shards (with ground truth)")
-    p.add_argument("--output", required=True)
-    p.add_argument("--num-images", type=int, default=64)
-    p.add_argument("--images-per-shard", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--s3-endpoint")
-    p.set_defaults(func=_demo_data)
-
-    p = sub.add_parser("demo", help="generate data, (train the tiny model,) label it on a local Ray")
-    p.add_argument("--work-dir", default="demo_out")
-    p.add_argument("--quick", action="store_true", help="skip training: random weights, about a minute")
-    p.add_argument("--num-images", type=int, default=176,
-                   help="held-out images to label and score (176: 426 objects, 323 of the seen shapes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_demo)
-
-    try:
-        from ovsam_ray.cli_data import add_data_subcommands
-    except ImportError:  # dataset/evaluation modules not installed in this build
-        pass
-    else:
-        add_data_subcommands(sub)
-
-    try:
-        from ovsam_ray.training.cli import add_train_subcommands
-    except ImportError:  # training modules not installed in this build
-        return
-    add_train_subcommands(sub)

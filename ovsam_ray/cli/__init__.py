@@ -1,0 +1,52 @@
+"""``ovsam-ray``: the command line. Each subcommand parses flags into a config and calls run_*()."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+from ovsam_ray.cli.convert import add_convert, add_convert_clip
+from ovsam_ray.cli.demo import add_demo, add_demo_data
+from ovsam_ray.cli.evaluate import add_eval
+from ovsam_ray.cli.export import add_export
+from ovsam_ray.cli.label import add_label, add_relabel
+from ovsam_ray.cli.predict import add_predict
+from ovsam_ray.cli.show import add_show
+from ovsam_ray.training.cli import add_train_subcommands
+
+__all__ = ["EXIT_STOPPED", "STOP_ERRORS", "build_parser", "main", "report_stop"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovsam-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_predict, add_label, add_relabel, add_convert_clip, add_demo_data, add_demo, add_convert, add_eval,
+                add_export, add_show, add_train_subcommands):
+        add(sub)
+    return parser
+
+
+#: What a job that cannot start or go on raises (a bad flag, storage unreachable, an output in
+#: use or not writable...): the CLI reports it as one line and exits EXIT_STOPPED, no traceback.
+STOP_ERRORS = (ValueError, RuntimeError, OSError)
+EXIT_STOPPED = 2
+
+
+def report_stop(e: BaseException, prefix: str = "") -> int:
+    """Log ``e`` as one line (the traceback at DEBUG level) and return EXIT_STOPPED."""
+    from ovsam_ray.io import redact, safe_for_log
+
+    log = logging.getLogger("ovsam_ray")
+    log.debug("stopped by", exc_info=e)
+    log.error("%s%s", prefix, safe_for_log(redact(str(e) or type(e).__name__), limit=2000))
+    return EXIT_STOPPED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except STOP_ERRORS as e:
+        return report_stop(e)

@@ -1,0 +1,73 @@
+"""``ovsam-ray convert <format>`` (datasets -> WebDataset shards) and ``convert-clip``."""
+
+from __future__ import annotations
+
+import argparse
+
+from ovsam_ray.cli.common import print_json
+
+__all__ = ["add_convert", "add_convert_clip"]
+
+
+def _shard_args(p: argparse.ArgumentParser, prompts: bool = True) -> None:
+    p.add_argument("--output", required=True, help="folder or s3:// prefix for shard-NNNNNN.tar")
+    p.add_argument("--images-per-shard", type=int, default=1000)
+    p.add_argument("--limit", type=int, help="convert only the first N images")
+    p.add_argument("--workers", type=int, default=4, help="shards built in parallel (threads)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL)")
+    if prompts:
+        p.add_argument("--prompts", default="box", choices=("box", "point", "both", "none"),
+                       help="prompts written from the ground truth (boxes; interior points; both; none)")
+
+
+def _convert(a: argparse.Namespace) -> int:
+    from ovsam_ray.convert import CONVERTERS
+
+    # The flags of ``convert <format>`` are its converter's keyword arguments.
+    options = {k: v for k, v in vars(a).items() if k not in ("command", "format", "func")}
+    print_json(CONVERTERS[a.format](**options).to_dict())
+    return 0
+
+
+def _convert_clip(a: argparse.Namespace) -> int:
+    from ovsam_ray.weights import convert_torchscript_clip
+
+    print(f"{convert_torchscript_clip(a.input, a.output)} tensors -> {a.output}")
+    return 0
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="datasets -> WebDataset shards (COCO, LVIS, SA-1B, ImageNet, detections)")
+    fmt = p.add_subparsers(dest="format", required=True)
+    q = fmt.add_parser("coco", help="COCO instances json + image folder")
+    q.add_argument("--annotations", required=True, help="instances_*.json")
+    q.add_argument("--images", required=True, help="the image folder (file_name is relative to it)")
+    _shard_args(q)
+    q = fmt.add_parser("lvis", help="LVIS v1 json + COCO root (train2017/, val2017/)")
+    q.add_argument("--annotations", required=True, help="lvis_v1_*.json")
+    q.add_argument("--images", required=True, help="COCO root holding train2017/ and val2017/")
+    _shard_args(q)
+    q = fmt.add_parser("sa1b", help="SA-1B: sa_*.jpg + sa_*.json (folder or tars)")
+    q.add_argument("--input", required=True, help="folder/prefix of image+json pairs, or tar files (glob, range)")
+    _shard_args(q)
+    q = fmt.add_parser("imagenet", help="classification: folder per class or tar per class")
+    q.add_argument("--input", required=True, help="folder holding <synset>/ folders or <synset>.tar files")
+    q.add_argument("--synsets", help="synset -> name map (LOC_synset_mapping.txt, words.txt or json)")
+    _shard_args(q, prompts=False)
+    q = fmt.add_parser("detections", help="COCO results json (detector boxes) -> boxes/scores/labels")
+    q.add_argument("--results", required=True, help="COCO results json: [{image_id, category_id, bbox, score}]")
+    q.add_argument("--annotations", required=True, help="COCO/LVIS json with the images and categories")
+    q.add_argument("--images", required=True, help="the image folder (COCO root for LVIS)")
+    q.add_argument("--min-score", type=float, default=0.0)
+    q.add_argument("--max-per-image", type=int, default=100)
+    q.add_argument("--no-ground-truth", dest="keep_ground_truth", action="store_false",
+                   help="do not copy the json's annotations")
+    _shard_args(q, prompts=False)
+    p.set_defaults(func=_convert)
+
+
+def add_convert_clip(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert-clip", help="OpenAI's TorchScript CLIP file -> a plain state dict (once)")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_convert_clip)

@@ -1,0 +1,85 @@
+"""Stream a label job's output: committed Parquet files, batch by batch (bounded memory).
+
+Only shards with a commit marker are read (a Parquet file without one is left over from a crash);
+a folder of Parquet files without markers (written by other tools with the same schema) is read
+whole. Memory holds one record batch at a time, never the whole output. :func:`source_shards`
+finds the input shards a label output was made from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from ovsam_ray import io
+from ovsam_ray.data.shards import list_shards, shard_name
+from ovsam_ray.labels.committer import ShardCommitter
+from ovsam_ray.labels.run_record import read_run_record
+
+__all__ = ["iter_label_batches", "iter_label_rows", "label_files", "read_label_file", "source_shards"]
+
+
+def label_files(labels: str, *, s3_endpoint: str | None = None) -> list[str]:
+    """Parquet URLs of a label output in shard order: the committed ones, else every ``*.parquet``
+    directly below ``labels`` (or ``labels`` itself when it is one file)."""
+    committed = ShardCommitter(labels, s3_endpoint=s3_endpoint).committed_parquet_urls()
+    if committed:
+        return committed
+    files = io.list_files(labels, suffix=".parquet", s3_endpoint=s3_endpoint)
+    if not files and labels.endswith(".parquet") and io.exists(labels, s3_endpoint=s3_endpoint):
+        files = [labels]
+    if not files:
+        raise FileNotFoundError(f"no label files under {io.redact(labels)} (expected <shard>.parquet files)")
+    return files
+
+
+def read_label_file(url: str, *, columns: Sequence[str] | None = None, s3_endpoint: str | None = None
+                    ) -> list[dict[str, Any]]:
+    """All rows of one label file (one shard) as dicts."""
+    return [row for batch in _iter_file(url, columns, 1024, s3_endpoint) for row in batch]
+
+
+def _iter_file(url: str, columns: Sequence[str] | None, batch_size: int, s3_endpoint: str | None
+               ) -> Iterator[list[dict[str, Any]]]:
+    fs, path = io.get_filesystem(url, s3_endpoint=s3_endpoint)
+    try:
+        f = fs.open(path, "rb")
+    except FileNotFoundError:
+        folder, _, name = url.rpartition("/")
+        committer = ShardCommitter(folder, s3_endpoint=s3_endpoint)
+        if name.endswith(".parquet") and committer.is_committed(name[: -len(".parquet")]):
+            raise committer.missing_file_error(name[: -len(".parquet")]) from None
+        raise
+    with f:
+        pf = pq.ParquetFile(f)
+        for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None):
+            yield batch.to_pylist()
+
+
+def iter_label_batches(labels: str, *, columns: Sequence[str] | None = None, batch_size: int = 256,
+                       s3_endpoint: str | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Rows of every label file, ``batch_size`` at a time, in shard and row order."""
+    for url in label_files(labels, s3_endpoint=s3_endpoint):
+        yield from _iter_file(url, columns, batch_size, s3_endpoint)
+
+
+def iter_label_rows(labels: str, *, columns: Sequence[str] | None = None, batch_size: int = 256,
+                    s3_endpoint: str | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of every label file, one at a time (see :func:`iter_label_batches`)."""
+    for batch in iter_label_batches(labels, columns=columns, batch_size=batch_size, s3_endpoint=s3_endpoint):
+        yield from batch
+
+
+def source_shards(labels: str, shards: str | None = None, *, s3_endpoint: str | None = None) -> dict[str, str]:
+    """Shard name -> URL of the shards a label output was made from: ``shards`` (any spec
+    :func:`~ovsam_ray.data.shards.list_shards` takes) or else the ``input`` in the run record."""
+    if shards is None:
+        record = read_run_record(labels, s3_endpoint=s3_endpoint)
+        if record is None:
+            raise FileNotFoundError(f"{io.redact(labels)} has no _run.json: say where the input shards are (--shards)")
+        shards = (record.get("details", {}).get("config") or {}).get("input")
+        if not shards:
+            raise ValueError("the run record does not name the input shards: pass --shards")
+    return {shard_name(u): u for u in list_shards(shards, s3_endpoint=s3_endpoint)}

@@ -1,0 +1,113 @@
+"""The run record: what produced a label output folder, and the check a resumed run makes.
+
+``<output>/_run.json`` holds an ``identity`` (model and weight hashes, vocabulary hash,
+thresholds...) that must be equal for a rerun to continue into the same folder, and ``details``
+(resolved config, code version...) for people.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ovsam_ray import io
+from ovsam_ray.labels.committer import ShardCommitter
+from ovsam_ray.labels.schema import RUN_RECORD_NAME, timestamp
+
+__all__ = ["RunMismatchError", "RunRecord", "check_or_write_run_record", "read_run_record"]
+
+
+class RunMismatchError(RuntimeError):
+    """The output folder holds results of a different run (model, weights, vocabulary...)."""
+
+
+@dataclass
+class RunRecord:
+    """What produced an output folder.
+
+    ``identity`` must be equal for a rerun to continue into the same folder (model and weight
+    hashes, vocabulary hash, thresholds, random-init flag, ...); ``details`` is informative
+    (resolved config, code version, start time...). Both are stored with credentials redacted.
+    """
+
+    identity: dict[str, Any]
+    details: dict[str, Any] = field(default_factory=dict)
+    created_at: str = field(default_factory=timestamp)
+
+    def to_dict(self) -> dict[str, Any]:
+        return io.redact_config(
+            {"identity": self.identity, "details": self.details, "created_at": self.created_at}
+        )
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> RunRecord:
+        return cls(identity=obj.get("identity", {}), details=obj.get("details", {}),
+                   created_at=obj.get("created_at", ""))
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    missing = object()
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+
+
+def check_or_write_run_record(
+    output_url: str, record: RunRecord, *, overwrite: bool = False, s3_endpoint: str | None = None
+) -> str:
+    """Check ``record`` against ``<output>/_run.json`` before a label job writes anything.
+
+    Returns ``"created"`` (fresh folder: record written), ``"resumed"`` (same identity: continue,
+    committed shards will be skipped) or ``"overwritten"`` (``overwrite=True``: the old run's
+    Parquet files, markers, temporaries and record were deleted and the new record written).
+    Raises :class:`RunMismatchError` naming the differing identity fields, or when the folder holds
+    committed shards but no run record.
+    """
+    record_url = io.join(output_url, RUN_RECORD_NAME)
+    committer = ShardCommitter(output_url, s3_endpoint=s3_endpoint)
+    new = json.loads(json.dumps(record.to_dict(), sort_keys=True, default=str))
+    if io.exists(record_url, s3_endpoint=s3_endpoint):
+        old = json.loads(io.read_bytes(record_url, s3_endpoint=s3_endpoint))
+        diff = _identity_diff(old.get("identity", {}), new["identity"])
+        if not diff:
+            return "resumed"
+        problem = "differs from the run that wrote it: " + "; ".join(diff)
+    elif committer.committed_shards():
+        problem = "holds committed shards but no run record"
+    else:
+        _write_record(record_url, new, s3_endpoint)
+        return "created"
+    if not overwrite:
+        raise RunMismatchError(
+            f"output {io.redact(output_url)} {problem}. Use a new output location, or pass "
+            "overwrite=True (--overwrite) to delete the old results and start over."
+        )
+    committer.delete_all()
+    _write_record(record_url, new, s3_endpoint)
+    return "overwritten"
+
+
+def _write_record(url: str, record: dict[str, Any], s3_endpoint: str | None) -> None:
+    payload = json.dumps(record, indent=1, sort_keys=True).encode()
+    io.atomic_write_bytes(url, payload, s3_endpoint=s3_endpoint)
+
+
+def read_run_record(labels: str, *, s3_endpoint: str | None = None) -> dict[str, Any] | None:
+    """The label output's run record (``_run.json``) as a dict, or ``None`` when it has none."""
+    url = io.join(labels, RUN_RECORD_NAME)
+    if labels.endswith(".parquet") or not io.exists(url, s3_endpoint=s3_endpoint):
+        return None
+    return json.loads(io.read_bytes(url, s3_endpoint=s3_endpoint))
