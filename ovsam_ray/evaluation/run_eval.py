@@ -47,6 +47,7 @@ from ovsam_ray.evaluation.table1 import (
 from ovsam_ray.export.categories import load_categories
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.labels.reader import read_label_file
+from ovsam_ray.labels.run_record import read_run_record
 from ovsam_ray.labels.schema import RUN_RECORD_NAME
 from ovsam_ray.model.text_embedding import clean_class_name
 from ovsam_ray.vocabulary import Vocabulary
@@ -101,7 +102,10 @@ class EvalConfig:
 
 
 def _model_from_run_record(labels: str, s3_endpoint: str | None) -> ModelConfig:
-    record = json.loads(io.read_bytes(io.join(labels, RUN_RECORD_NAME), s3_endpoint=s3_endpoint))
+    record = read_run_record(labels, s3_endpoint=s3_endpoint)
+    if record is None:
+        raise FileNotFoundError(f"{io.redact(labels)} has no {RUN_RECORD_NAME}: give the model (--weights or "
+                                "--random-init) to score a label output that has no run record")
     model = dict((record.get("details", {}).get("config") or {}).get("model") or {})
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in model.items() if k in names})

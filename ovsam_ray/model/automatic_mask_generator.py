@@ -22,13 +22,18 @@ import torch
 from .amg import grid_points, mask_nms, stability_scores
 from .predictor import ImagePrediction, ImagePrompts, OVSAMPredictor
 
+# SAM's SamAutomaticMaskGenerator defaults, the label job's grid mode's too.
+POINTS_PER_SIDE = 32
+STABILITY_THRESH = 0.95
+MASK_NMS_IOU = 0.7
+
 
 def mask_quality(
     pred: ImagePrediction,
     is_grid: np.ndarray,
     *,
     min_area: int = 0,
-    stability_thresh: float = 0.95,
+    stability_thresh: float = STABILITY_THRESH,
     stability_offset: float = 1.0,
     score_thresh: float = 0.0,
 ) -> np.ndarray:
@@ -59,7 +64,7 @@ def remove_duplicates(
     keep: np.ndarray,
     is_grid: np.ndarray,
     *,
-    nms_iou: float = 0.7,
+    nms_iou: float = MASK_NMS_IOU,
     dedup_iou: float | None = None,
     dedup_containment: float | None = None,
     dedup_class_aware: bool = False,
@@ -134,12 +139,12 @@ class OVSAMAutomaticMaskGenerator:
         self,
         predictor: OVSAMPredictor,
         *,
-        points_per_side: int = 32,
+        points_per_side: int = POINTS_PER_SIDE,
         points_per_batch: int = 128,
-        stability_score_thresh: float = 0.95,
+        stability_score_thresh: float = STABILITY_THRESH,
         stability_score_offset: float = 1.0,
         score_thresh: float = 0.0,
-        mask_nms_thresh: float = 0.7,
+        mask_nms_thresh: float = MASK_NMS_IOU,
         min_mask_area: int = 0,
         dedup_iou: float | None = None,
         dedup_containment: float | None = None,

@@ -21,7 +21,13 @@ import numpy as np
 import torch
 
 from ovsam_ray.model.amg import grid_points
-from ovsam_ray.model.automatic_mask_generator import mask_quality, remove_duplicates
+from ovsam_ray.model.automatic_mask_generator import (
+    MASK_NMS_IOU,
+    POINTS_PER_SIDE,
+    STABILITY_THRESH,
+    mask_quality,
+    remove_duplicates,
+)
 from ovsam_ray.model.predictor import ImagePrediction, ImagePrompts
 
 
@@ -94,9 +100,9 @@ class SelectConfig:
     when dedup_class_aware. ``A+B`` prompts: a mask of a later source whose IoU with a kept mask of
     an earlier one exceeds source_dedup_iou is dropped (before dedup_iou)."""
 
-    grid_size: int = 32
-    grid_stability: float = 0.95
-    grid_nms_iou: float = 0.7
+    grid_size: int = POINTS_PER_SIDE
+    grid_stability: float = STABILITY_THRESH
+    grid_nms_iou: float = MASK_NMS_IOU
     min_mask_area: int = 0
     dedup_iou: float | None = None
     dedup_containment: float | None = None

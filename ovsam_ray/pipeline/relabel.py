@@ -10,7 +10,6 @@ output shard is committed atomically as in the label job.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 from ovsam_ray import io
 from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
 from ovsam_ray.labels.committer import ShardCommitter
-from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
+from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record, read_run_record
 from ovsam_ray.labels.schema import RUN_RECORD_NAME, rows_to_table
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.functional import labels_from_logits
@@ -48,7 +47,10 @@ class RelabelConfig:
 
 
 def _source_model_config(cfg: RelabelConfig) -> tuple[ModelConfig, dict]:
-    record = json.loads(io.read_bytes(io.join(cfg.input, RUN_RECORD_NAME), s3_endpoint=cfg.s3_endpoint))
+    record = read_run_record(cfg.input, s3_endpoint=cfg.s3_endpoint)
+    if record is None:
+        raise FileNotFoundError(f"{io.redact(cfg.input)} has no {RUN_RECORD_NAME}: relabel reads a label job's output "
+                                "folder (its run record names the model)")
     if not record["identity"].get("with_embedding"):
         raise ValueError(f"{io.redact(cfg.input)} was labelled without --with-embedding: no embeddings to re-score")
     model = dict(record["details"]["config"]["model"])
