@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 
 import pytest
 import torch
@@ -183,7 +185,7 @@ def test_epochs_become_steps_and_the_lr_scales_with_the_global_batch(tmp_path):
                                    run={"storage_path": "/tmp/r", "name": "n"}))
 
 
-def test_an_epoch_counts_only_the_images_that_keep_a_trained_class(tmp_path):
+def test_an_epoch_counts_only_the_images_that_keep_a_trained_class(tmp_path, caplog):
     """COCO-OV's base split drops the images without a base class (the reference trains 107,761 of
     train2017's 118,287): the converter's _image_classes.parquet lets the step count see that."""
     import numpy as np
@@ -216,6 +218,11 @@ def test_an_epoch_counts_only_the_images_that_keep_a_trained_class(tmp_path):
     assert count("all") == 4  # + images 2 and 6
     assert count("base", out + "/shard-000000.tar") == 1, "only the shards listed"
     assert dataset_images(DatasetSpec(shards=out, vocab="coco_ov")) == 6, "without labels: every image converted"
+    os.rename(os.path.join(out, "_image_classes.parquet"), str(tmp_path / "moved.parquet"))
+    with caplog.at_level(logging.WARNING, logger="ovsam_ray.training.recipes"):
+        assert count("base") == 6, "shards converted before the file existed: every image, with a warning"
+    assert "reconvert or pass --epoch-images" in caplog.text
+    os.rename(str(tmp_path / "moved.parquet"), os.path.join(out, "_image_classes.parquet"))
     cfg = build_config("cotrain", recipe="clip2sam_coco_rn50x16", datasets=[DatasetSpec(shards=out, vocab="coco_ov")],
                        run={"storage_path": "/tmp/r", "name": "n", "num_workers": 1, "batch_size": 1})
     resolved = resolve_steps(cfg)

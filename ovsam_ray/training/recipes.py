@@ -137,6 +137,9 @@ def dataset_images(spec: DatasetSpec, labels: DatasetLabels | None = None, *, s3
         kept = _images_with_trained_classes(io.join(folder, IMAGE_CLASSES_FILE), shards, labels, s3_endpoint)
         if kept is not None:
             return max(1, kept)
+        log.warning("dataset %r: no %s beside its shards (converted before it was written?): an epoch counts every "
+                    "converted image, including those without a trained class; reconvert or pass --epoch-images N",
+                    spec.name, IMAGE_CLASSES_FILE)
     summary_url = io.join(folder, "_convert.json")
     try:
         summary = json.loads(io.read_bytes(summary_url, s3_endpoint=s3_endpoint))
