@@ -122,10 +122,15 @@ class WeightsFile:
 _LOCAL_CACHE = Path(os.environ.get("OVSAM_RAY_CACHE", Path.home() / ".cache" / "ovsam_ray")) / "weights"
 
 
+def _local(url: str) -> str | None:
+    """The local path ``url`` names (a plain path or ``file://``), or None for a remote URL."""
+    return url.removeprefix("file://") if "://" not in url or url.startswith("file://") else None
+
+
 def local_path(url: str, *, s3_endpoint: str | None = None) -> str:
     """A local file for ``url``: the path itself, or a cached copy of a remote object."""
-    if "://" not in url or url.startswith("file://"):
-        path = url.removeprefix("file://")
+    path = _local(url)
+    if path is not None:
         if not os.path.isfile(path):
             raise WeightsError(f"weights file not found: {path}")
         return path
@@ -179,8 +184,8 @@ def local_dir(location: str, *, s3_endpoint: str | None = None) -> str:
     """A local folder holding the files of ``location``, for loaders that read a whole folder
     (``from_pretrained``): a local folder as it is; an ``s3://`` (any fsspec) prefix copied, with
     its sub-folders, into the local cache once per version of its listing (names, sizes, ETags)."""
-    if "://" not in location or location.startswith("file://"):
-        path = location.removeprefix("file://")
+    path = _local(location)
+    if path is not None:
         if not os.path.isdir(path):
             raise WeightsError(f"weights folder not found: {path}")
         return path

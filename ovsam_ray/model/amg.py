@@ -24,6 +24,15 @@ def stability_scores(mask_logits: torch.Tensor, offset: float = 1.0) -> torch.Te
     return calculate_stability_score(mask_logits.float(), 0.0, offset)
 
 
+def mask_overlaps(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairwise overlaps of bool masks a (Na, H, W) and b (Nb, H, W): intersections (Na, Nb),
+    the areas of a (Na,) and unions (Na, Nb), in pixels (float)."""
+    fa, fb = a.reshape(len(a), -1).float(), b.reshape(len(b), -1).float()
+    inter = fa @ fb.T
+    area_a, area_b = fa.sum(dim=1), fb.sum(dim=1)
+    return inter, area_a, area_a[:, None] + area_b[None, :] - inter
+
+
 def mask_nms(
     masks: torch.Tensor,
     scores: torch.Tensor,
@@ -41,10 +50,7 @@ def mask_nms(
     n = masks.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=masks.device)
-    flat = masks.reshape(n, -1).float()
-    inter = flat @ flat.T
-    area = flat.sum(dim=1)
-    union = area[:, None] + area[None, :] - inter
+    inter, area, union = mask_overlaps(masks, masks)
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
     suppress = iou > iou_threshold
     if containment_threshold is not None:

@@ -4,7 +4,8 @@ list shards -> take the output's lease -> skip committed -> read + decode + resi
 per shard) -> [detector actor pool] -> model actor pool -> part files (CPU tasks) -> one commit
 task per shard. The driver sees one small metadata row per part and starts a shard's commit once
 its parts are all written; no image row ever passes through it (``pipeline/dataset.py`` builds the
-pipeline, ``pipeline/parts.py`` and ``pipeline/tracker.py`` commit). Every input image becomes
+pipeline, ``pipeline/parts.py`` and ``pipeline/tracker.py`` commit, ``pipeline/text_embeddings.py``
+embeds the vocabulary once). Every input image becomes
 exactly one row; a rerun with the same arguments skips committed shards; a different
 model/vocabulary is refused unless ``overwrite``; one job at a time writes an output folder
 (``pipeline/lease.py``).
@@ -20,12 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import ray
-
 from ovsam_ray import __version__, io
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS
 from ovsam_ray.data.shards import list_shards, shard_name
-from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
+from ovsam_ray.inference import ModelConfig
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
 from ovsam_ray.model.classifier import FUSION_ALPHA, FUSION_BETA
@@ -43,6 +42,7 @@ from ovsam_ray.pipeline.predict_stage import BASELINES
 from ovsam_ray.pipeline.progress import JobProgress
 from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig
 from ovsam_ray.pipeline.stats import format_stats, write_run_stats
+from ovsam_ray.pipeline.text_embeddings import prepare_text
 from ovsam_ray.pipeline.tracker import ShardTracker, storage_error
 
 log = logging.getLogger(__name__)
@@ -234,46 +234,6 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
     return RunRecord(identity=identity, details=details)
 
 
-def _text_source(model_cfg: ModelConfig, random_init: bool) -> str:
-    if model_cfg.class_embeddings:
-        return "class-embeddings file"
-    return "CLIP text tower, no cache (random init)" if random_init else "text-embedding cache or CLIP text tower"
-
-
-def _text_task(model_cfg: ModelConfig, device: str) -> tuple[dict, Any, dict, dict]:
-    """(text payload, vocabulary, model identity, how the embeddings were made)."""
-    loaded = load_model(model_cfg)
-    t0 = time.perf_counter()
-    text, vocab = vocabulary_text(model_cfg, loaded, device)
-    info = {"device": device, "seconds": round(time.perf_counter() - t0, 3), "num_classes": vocab.num_classes,
-            "max_synonyms": vocab.max_synonyms, "synonyms": sum(len(s) for s in vocab.synonyms),
-            "source": _text_source(model_cfg, loaded.random_init)}
-    return {"embeddings": text, "vocabulary": vocab.to_json()}, vocab, loaded.identity(), info
-
-
-def _prepare_text(cfg: LabelConfig) -> tuple[dict, Any, dict, dict]:
-    """The model's identity and the vocabulary's text embeddings, computed once per run (then
-    cached on disk): in a one-GPU Ray task when the cluster has GPUs (tens of thousands of
-    classes x 14 templates go through the CLIP text tower), else on the driver's CPU. The
-    actors get the result through the object store and never embed text themselves. A baseline
-    needs no model: only its vocabulary (to give shard labels their vocabulary ids)."""
-    if cfg.baseline is not None:
-        from ovsam_ray.inference import TRAIN_VOCABS
-        from ovsam_ray.vocabulary import load_vocabulary
-
-        vocab = load_vocabulary(cfg.model.vocab or TRAIN_VOCABS.get(cfg.model.train_vocab, "coco_ov"))
-        return {"embeddings": None, "vocabulary": vocab.to_json()}, vocab, {"baseline": cfg.baseline}, {}
-    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1:
-        task = ray.remote(num_gpus=1, num_cpus=1)(_text_task)  # GPU tasks end their worker: memory freed
-        out = ray.get(task.remote(cfg.model, "cuda"))
-    else:
-        out = _text_task(cfg.model, "cpu")
-    info = out[3]
-    log.info("text embeddings of %s: %d classes, %d names, on %s in %.1fs (%s), once for the whole run",
-             out[1].name, info["num_classes"], info["synonyms"], info["device"], info["seconds"], info["source"])
-    return out
-
-
 def _check_locations(input: str, output: str) -> None:
     """Refuse an output that is the input, or lies inside the input folder (or is the folder of an
     input pattern), whatever the spelling (``in/./``, ``in/``, ``x/../in``, symlinks)."""
@@ -372,7 +332,7 @@ def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: Ou
     s3 = cfg.model.s3_endpoint
     summary = LabelSummary(random_init=cfg.model.random_init and cfg.baseline is None)
     text, vocab, identity, summary.text_embeddings = _startup("load the model and vocabulary",
-                                                              lambda: _prepare_text(cfg))
+                                                              lambda: prepare_text(cfg.model, cfg.baseline))
     state, committed = _startup(f"prepare the output {io.redact(cfg.output)}",
                                 lambda: _prepare_output(cfg, identity, vocab))
     todo = [u for u, n in zip(shards, names) if n not in committed]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ovsam_ray.model.amg import grid_points
+from ovsam_ray.model.amg import grid_points, mask_overlaps
 from ovsam_ray.model.automatic_mask_generator import (
     MASK_NMS_IOU,
     POINTS_PER_SIDE,
@@ -189,15 +189,12 @@ def select_predictions(pred: ImagePrediction, types: list[str], cfg: SelectConfi
 def _across_sources(masks: torch.Tensor, tiers: np.ndarray, keep: np.ndarray, iou_threshold: float) -> np.ndarray:
     """``A+B`` dedup: part by part, drop a mask whose IoU with a kept mask of an earlier part
     exceeds ``iou_threshold`` (class-agnostic; masks of one part never suppress each other)."""
-    flat = masks.reshape(len(masks), -1).float()
-    area = flat.sum(dim=1)
     out = keep.copy()
     for t in sorted(set(tiers.tolist()))[1:]:
         cur, prev = np.nonzero(out & (tiers == t))[0], np.nonzero(out & (tiers < t))[0]
         if len(cur) == 0 or len(prev) == 0:
             continue
-        inter = flat[cur] @ flat[prev].T
-        union = area[cur, None] + area[None, prev] - inter
+        inter, _, union = mask_overlaps(masks[cur], masks[prev])
         iou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
         out[cur[(iou > iou_threshold).any(dim=1).numpy()]] = False
     return out
