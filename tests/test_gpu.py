@@ -55,9 +55,8 @@ def test_fused_adamw_on_cuda_matches_the_loop_kernel():
 
 
 def test_label_job_text_embeddings_on_cuda_match_cpu():
-    from ovsam_ray.pipeline.text_embeddings import text_task as _text_task
-
     from ovsam_ray.inference import ModelConfig
+    from ovsam_ray.pipeline.text_embeddings import text_task as _text_task
 
     cfg = ModelConfig(preset="ovsam_rn50_small", random_init=True, vocab="coco_ov")
     gpu_text, vocab, _, info = _text_task(cfg, "cuda")
