@@ -42,7 +42,9 @@ def test_contained_and_within_os_limits(shard, key, ext):
         assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in part)
     root = "/export/root"
     assert posixpath.normpath(posixpath.join(root, name)).startswith(root + "/")
-    assert name.endswith(f".{ext}")
+    assert name == data_file_name(shard, key, None) + f".{ext}"  # one stem for the image, its labels, its json
+    assert name.split("/", 1)[1] == data_file_name(None, key, ext)  # a tar member or a record's file_name
+    assert len(name.encode("utf-8")) <= 1024
 
 
 @_SETTINGS
@@ -88,7 +90,7 @@ GOLDEN = [
     (("s", "ctl\x01\n%", "jpg"), "s/ctl%01%0A%25.jpg"),
     (("../x", ".hidden", "jpg"), "%2E.%2Fx/%2Ehidden.jpg"),
     (("contact_sheet.png", "k", "png"), "contact_sheet%2Epng/k.png"),
-    (("s", "k" * 300, "jpg"), "s/" + "k" * 174 + "%~17b16d8ef494060fefa3.jpg"),
+    (("s", "k" * 300, "jpg"), "s/" + "k" * 173 + "%~17b16d8ef494060fefa3.jpg"),
 ]
 
 

@@ -14,9 +14,10 @@ component, a ``/`` in it included):
 - A folder component ending in ``.<one of SUFFIXES>`` has that dot escaped (``d.jpg/x`` ->
   ``d%2Ejpg/x.jpg``), so a folder never has the name of a file: the keys ``d`` and ``d.jpg/x``
   both export.
-- A component longer than :data:`NAME_BYTES` keeps its start and ends with ``%~`` and 20 hex
-  digits of its SHA-256 (stable across runs and machines); a key whose path would pass
-  :data:`PATH_BYTES` becomes one such component. The exported record keeps the original key.
+- A component that would pass :data:`NAME_BYTES` with any suffix keeps its start and ends with
+  ``%~`` and 20 hex digits of its SHA-256 (stable across runs and machines); a key whose path
+  would pass :data:`PATH_BYTES` becomes one such component. The exported record keeps the
+  original key. The name without its suffix does not depend on the suffix.
 
 The escapes are reversible (``%`` itself is escaped), so two different (shard, key) pairs never
 get one file name, except by a SHA-256 collision of shortened names.
@@ -41,6 +42,8 @@ SUFFIXES = frozenset(IMAGE_EXTENSIONS) | {"json", "txt", "png", "tar"}
 
 _ESCAPE_RE = re.compile("[%/\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _HASH_HEX = 20
+_STEM_BYTES = NAME_BYTES - 1 - max(len(s) for s in SUFFIXES)
+_KEY_PATH_BYTES = PATH_BYTES - NAME_BYTES - 1  # room for the shard folder in front
 
 
 def _escape_char(match: re.Match[str]) -> str:
@@ -62,15 +65,16 @@ def _escape(component: str, *, folder: bool) -> str:
     return text
 
 
-def _fit(text: str, original: str, suffix: str) -> str:
-    """``text + suffix``, or, past NAME_BYTES, its start + ``%~<hash of original>`` + suffix."""
-    if len((text + suffix).encode("utf-8")) <= NAME_BYTES:
-        return text + suffix
+def _fit(text: str, original: str) -> str:
+    """``text``, or, past NAME_BYTES, its start + ``%~<hash of original>``. Room is kept for the
+    longest suffix whatever the suffix, so that one key has one stem in every export (YOLO pairs
+    ``images/X.jpeg`` with ``labels/X.txt``)."""
+    if len(text.encode("utf-8")) <= _STEM_BYTES:
+        return text
     digest = hashlib.sha256(original.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_HEX]
-    tail = f"%~{digest}{suffix}"
-    room = NAME_BYTES - len(tail)
+    room = _STEM_BYTES - len(digest) - 2
     head = text.encode("utf-8")[:room].decode("utf-8", "ignore")  # cut on a character boundary
-    return head + tail
+    return f"{head}%~{digest}"
 
 
 def data_file_name(shard: str | None, key: str | None, ext: str | None) -> str:
@@ -85,11 +89,11 @@ def data_file_name(shard: str | None, key: str | None, ext: str | None) -> str:
         raise ValueError(f"extension {ext!r} is not one of {sorted(SUFFIXES)}")
     if shard is None and key is None:
         raise ValueError("data_file_name needs a shard or a key")
-    suffix = f".{ext}" if ext else ""
-    head = [] if shard is None else [shard]
-    parts = head + ([] if key is None else key.split("/"))
-    names = [_fit(_escape(p, folder=True), p, "") for p in parts[:-1]]
-    names.append(_fit(_escape(parts[-1], folder=False), parts[-1], suffix))
-    if len("/".join(names).encode("utf-8")) > PATH_BYTES and key is not None:
-        names = names[: len(head)] + [_fit(_escape(key, folder=False), key, suffix)]
-    return "/".join(names)
+    parts = ([] if shard is None else [shard]) + ([] if key is None else key.split("/"))
+    names = [_fit(_escape(p, folder=True), p) for p in parts[:-1]]
+    names.append(_fit(_escape(parts[-1], folder=False), parts[-1]))
+    # decided on the key alone, so that <key> in a tar and <shard>/<key> on disk share one stem
+    key_names = names[len(parts) - len(key.split("/")):] if key is not None else []
+    if len("/".join(key_names).encode("utf-8")) > _KEY_PATH_BYTES:
+        names = names[: len(names) - len(key_names)] + [_fit(_escape(key, folder=False), key)]
+    return "/".join(names) + (f".{ext}" if ext else "")
