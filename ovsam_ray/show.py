@@ -201,7 +201,7 @@ def show(labels: str, output: str, *, n: int = 8, shards: str | None = None, see
             if sheet:
                 overlay.thumbnail((384, 384))
                 thumbs.append(overlay)
-                captions.append(f"{shard}/{row['key']}")
+                captions.append(io.safe_for_log(f"{shard}/{row['key']}", limit=60))  # one line, fits a cell
     if sheet:
         url = io.join(output, "contact_sheet.png")
         io.atomic_write_bytes(url, _png(contact_sheet(thumbs, captions)), s3_endpoint=s3_endpoint)
