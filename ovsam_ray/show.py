@@ -4,9 +4,11 @@ Rows are sampled uniformly from the committed label files in one streaming pass 
 sampling, seeded: the same arguments give the same images). Each image is read from its input
 shard — ``shards``, else the ``input`` in the label output's run record — and decoded as the
 label job decoded it (EXIF orientation applied), so masks line up. Output:
-``<output>/<shard>__<key>.png``, and with ``sheet`` one ``<output>/contact_sheet.png`` holding all
-of them as thumbnails. Text size and line widths scale with the image (readable on a 4000-pixel
-photo as on a 640-pixel one); labels are placed where they do not cover each other.
+``<output>/<shard>/<key>.png`` (a safe file name, see
+:func:`~ovsam_ray.export._paths.data_file_name`), and with ``sheet`` one
+``<output>/contact_sheet.png`` holding all of them as thumbnails. Text size and line widths scale
+with the image (readable on a 4000-pixel photo as on a 640-pixel one); labels are placed
+where they do not cover each other.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ovsam_ray import io
 from ovsam_ray.data.decode import DecodeError, decode_image
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.data.shards import iter_shard_samples
-from ovsam_ray.export._paths import _safe_relpath
+from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.labels.reader import iter_label_rows, source_shards
 
 __all__ = ["colour", "contact_sheet", "drawing_scale", "place_labels", "render_overlay", "sample_rows", "show"]
@@ -175,18 +177,13 @@ def show(labels: str, output: str, *, n: int = 8, shards: str | None = None, see
          min_score: float = 0.0, sheet: bool = False, s3_endpoint: str | None = None) -> list[str]:
     """Write overlay PNGs of ``n`` sampled images under ``output`` (and with ``sheet`` a contact
     sheet of them, listed last); returns their URLs. An image that cannot be read from its shard is
-    drawn on grey (and logged); a row whose shard or key is not a safe file name is left out."""
+    drawn on grey (and logged)."""
     if n < 1:
         raise ValueError(f"n={n}: must be >= 1")
     rows = sample_rows(labels, n, seed=seed, s3_endpoint=s3_endpoint)
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint)
     by_shard: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        try:
-            _safe_relpath(row["shard"], row["key"])
-        except ValueError as e:
-            log.warning("row left out: %s", e)
-            continue
         by_shard.setdefault(row["shard"], []).append(row)
     written, thumbs, captions = [], [], []
     for shard, shard_rows in by_shard.items():
@@ -194,16 +191,17 @@ def show(labels: str, output: str, *, n: int = 8, shards: str | None = None, see
         for row in shard_rows:
             image = images.get(row["key"])
             if image is None or image.shape[:2] != (row["height"], row["width"]):
-                log.warning("image %s/%s not found in its shard: drawing on grey", shard, row["key"])
+                log.warning("image %s/%s not found in its shard: drawing on grey", io.safe_for_log(shard),
+                            io.safe_for_log(row["key"]))
                 image = np.full((row["height"], row["width"], 3), 128, np.uint8)
             overlay = render_overlay(image, row["instances"] or [], min_score=min_score)
-            url = io.join(output, f"{shard}__{row['key'].replace('/', '_')}.png")
+            url = io.join(output, data_file_name(shard, row["key"], "png"))
             io.atomic_write_bytes(url, _png(overlay), s3_endpoint=s3_endpoint)
             written.append(url)
             if sheet:
                 overlay.thumbnail((384, 384))
                 thumbs.append(overlay)
-                captions.append(f"{shard}/{row['key']}")
+                captions.append(io.safe_for_log(f"{shard}/{row['key']}", limit=60))  # one line, fits a cell
     if sheet:
         url = io.join(output, "contact_sheet.png")
         io.atomic_write_bytes(url, _png(contact_sheet(thumbs, captions)), s3_endpoint=s3_endpoint)

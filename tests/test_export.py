@@ -62,7 +62,7 @@ def test_export_coco_of_ground_truth_masks_gives_ap_1(coco, tmp_path):
     out = str(tmp_path / "export" / "coco.json")
     stats = export_coco(labels, out, categories=ann_path)
     assert stats == {"images": 3, "annotations": 4, "dropped": 0, "below_min_score": 0, "error_rows": 1,
-                     "images_written": 0}
+                     "images_written": 0, "images_missing": 0}
     exported = json.load(open(out))
     assert sorted(im["id"] for im in exported["images"]) == [5, 9, 12]
     assert exported["categories"] == CATEGORIES
@@ -91,7 +91,7 @@ def test_export_yolo(coco, tmp_path):
     out = str(tmp_path / "yolo")
     stats = export_yolo(labels, out, classes=coco[0], shards=shards, with_images=True)
     assert stats == {"images": 3, "instances": 4, "dropped": 0, "error_rows": 1, "images_written": 3,
-                     "unsafe_names": 0}
+                     "images_missing": 0}
     lines = open(os.path.join(out, "labels", "shard-000000", "000000000005.txt")).read().splitlines()
     assert [line.split()[0] for line in lines] == ["1", "0"]  # square, circle: positions in the category list
     coords = np.asarray(lines[0].split()[1:], float).reshape(-1, 2) * [64, 48]
@@ -121,7 +121,7 @@ def test_export_labelstudio_and_sa1b(coco, tmp_path):
     assert pts[:, 0].min() == pytest.approx(100 * 4 / 64)  # the square starts at x=4
 
     out = str(tmp_path / "sa1b")
-    assert export_sa1b(labels, out) == {"images": 3, "annotations": 4, "error_rows": 1, "unsafe_names": 0}
+    assert export_sa1b(labels, out) == {"images": 3, "annotations": 4, "error_rows": 1}
     record = json.load(open(os.path.join(out, "shard-000000", "000000000005.json")))
     assert record["image"]["width"] == 64 and record["image"]["image_id"] == "5"
     ann = record["annotations"][1]

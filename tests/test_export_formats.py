@@ -27,7 +27,6 @@ from ovsam_ray.export import (
     mask_to_brush_rle,
     read_labelled_images,
 )
-from ovsam_ray.export._paths import _safe_relpath
 from ovsam_ray.labels.schema import rows_to_table
 
 _NO_LS = "label-studio-sdk not installed (not in the test extra: it pins numpy<2.3; README says how to add it)"
@@ -55,16 +54,9 @@ def _quiet(fn, *args):
 # --- paths -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["..", "../../x", "a/../../b", "/etc/x", "a\x00b", "C:evil", "a\\..\\b", "s3://b/x",
-                                 "", "a//b"])
-def test_safe_relpath_rejects_escapes(bad):
-    with pytest.raises(ValueError, match="unsafe name"):
-        _safe_relpath("shard-000000", bad)
-    assert _safe_relpath("shard-000000", "dir/key") == "shard-000000/dir/key"
-
-
-def test_exports_never_write_outside_their_folder(tmp_path):
-    """Keys (from tar members or Parquet) like ../../x, /abs/x or with NUL are left out and counted."""
+def test_exports_keep_odd_keys_inside_their_folder(tmp_path):
+    """Keys (from tar members or Parquet) like ../../x, /abs/x, with NUL, and a shard ../up are
+    exported under escaped names inside the output folder, none left out."""
     image = open(make_coco(str(tmp_path / "coco"))[1] + "/000000000005.png", "rb").read()
     shard = tmp_path / "in" / "shard-000000.tar"
     shard.parent.mkdir()
@@ -88,14 +80,16 @@ def test_exports_never_write_outside_their_folder(tmp_path):
     before = {str(p) for p in tmp_path.rglob("*")}
 
     yolo = export_yolo(str(labels), str(out / "yolo"), shards=str(shard), with_images=True)
-    assert yolo["images"] == 1 and yolo["images_written"] == 1 and yolo["unsafe_names"] == 4
-    assert export_sa1b(str(labels), str(out / "sa1b"), shards=str(shard))["unsafe_names"] == 4
+    # the tar holds 3 of the 4 keys of its shard; the shard ../up is not an input
+    assert yolo["images"] == 5 and yolo["images_written"] == 3 and yolo["images_missing"] == 2
+    assert export_sa1b(str(labels), str(out / "sa1b"), shards=str(shard))["images"] == 5
     wds = export_wds(str(labels), str(out / "wds"), shards=str(shard))
-    assert wds["samples"] == 1 and wds["unsafe_names"] == 4
-    assert export_coco(str(labels), str(out / "c" / "coco.json"), shards=str(shard), with_images=True)["images"] == 1
+    assert wds["samples"] == 3 and wds["missing_images"] == 2
+    assert export_coco(str(labels), str(out / "c" / "coco.json"), shards=str(shard), with_images=True)["images"] == 5
     new = {str(p) for p in tmp_path.rglob("*")} - before
     assert new and all(p.startswith(str(out)) for p in new), sorted(new)
-    assert not os.path.exists("/tmp/abs_escaped.png") and not any("escaped" in p for p in new)
+    assert not os.path.exists("/tmp/abs_escaped.png")
+    assert (out / "yolo" / "images" / "shard-000000" / "%2E." / "%2E." / "escaped.png").is_file()
 
 
 # --- YOLO ----------------------------------------------------------------------------------------

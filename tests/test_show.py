@@ -44,7 +44,7 @@ def test_show_writes_one_png_per_sampled_image(tmp_path):
     written = show(labels, out, n=2, shards=shards)
     assert len(written) == 2 and all(os.path.exists(p) for p in written)
     for path in written:
-        shard, key = os.path.basename(path)[: -len(".png")].split("__")
+        shard, key = os.path.relpath(path, out)[: -len(".png")].split("/")
         png = np.asarray(Image.open(path).convert("RGB"))
         source = decode_image(open(os.path.join(images, f"{key}.png"), "rb").read())
         assert png.shape == source.shape
@@ -54,9 +54,10 @@ def test_show_writes_one_png_per_sampled_image(tmp_path):
     # without --shards the run record's input is used; the CLI writes the same files
     (tmp_path / "labels" / "_run.json").write_text(json.dumps({"details": {"config": {"input": shards}}}))
     assert main(["show", "--input", labels, "--output", str(tmp_path / "show2"), "-n", "3"]) == 0
-    assert sorted(os.listdir(tmp_path / "show2")) == ["shard-000000__000000000005.png",
-                                                      "shard-000000__000000000009.png",
-                                                      "shard-000001__000000000012.png"]
+    found = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "show2")
+                   for d, _, fs in os.walk(tmp_path / "show2") for f in fs)
+    assert found == ["shard-000000/000000000005.png", "shard-000000/000000000009.png",
+                     "shard-000001/000000000012.png"]
 
 
 def test_drawing_scales_with_the_image_and_labels_do_not_pile_up():
@@ -97,6 +98,6 @@ def test_show_contact_sheet(tmp_path):
     gt_label_output(dataset, labels, shard_of=lambda i: "shard-000000" if i <= 9 else "shard-000001")
     out = tmp_path / "show"
     assert main(["show", "--input", labels, "--output", str(out), "-n", "3", "--shards", shards, "--sheet"]) == 0
-    assert "contact_sheet.png" in os.listdir(out) and len(os.listdir(out)) == 4
+    assert sorted(os.listdir(out)) == ["contact_sheet.png", "shard-000000", "shard-000001"]
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width == 2 * 384 and sheet.height > 2 * 384  # 2 x 2 cells with captions

@@ -45,8 +45,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--tolerance", type=float, default=1.0, help="polygon simplification, pixels")
     q = fmt.add_parser("labelstudio", help="Label Studio tasks with mask predictions (brush RLE or polygons)")
     _export_args(q, "the .json file to write (its labelling config goes to <name>.config.xml)")
-    q.add_argument("--image-url", default="{shard}/{key}.{ext}",
-                   help="template over {shard}, {key}, {image_id}, {ext}")
+    q.add_argument("--image-url", default="{file_name}",
+                   help="template over {file_name} (<shard>/<key>.<ext> as written under images/ by "
+                        "coco/yolo --with-images), {shard}, {key}, {image_id}, {ext}")
     q.add_argument("--masks", default="brush", choices=("brush", "polygon"))
     q.add_argument("--from-name", default="label")
     q.add_argument("--to-name", default="image")

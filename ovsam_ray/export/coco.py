@@ -1,8 +1,9 @@
 """Label output -> one COCO instances json (masks as RLE), or a COCO results array, streamed.
 
-``images`` (one per ``ok`` row: ``id``, ``width``, ``height``, ``file_name`` =
-``<shard>/<key>.<ext>`` — the image's own extension in its input shard, i.e. the path
-``with_images`` writes below ``<output's folder>/images/`` — ``shard``, ``key``), ``annotations``
+``images`` (one per ``ok`` row: ``id``, ``width``, ``height``, ``file_name`` = ``<shard>/<key>.<ext>``
+made a safe file name by :func:`~ovsam_ray.export._paths.data_file_name` with the image's own
+extension in its input shard, i.e. the file ``with_images`` writes below ``<output's
+folder>/images/`` — and the original ``shard`` and ``key``), ``annotations``
 (``segmentation`` RLE, ``bbox`` xywh of the mask, ``area``, ``category_id``, ``score`` and the
 OV-SAM fields ``label_score``, ``topk_labels``, ``topk_scores``, ``prompt_type``,
 ``detector_score``, ``detector_label``) and ``categories``. The file is written while the Parquet
@@ -27,7 +28,7 @@ from typing import IO, Any
 
 from ovsam_ray import io
 from ovsam_ray.evaluation.coco_ap import LABEL_SOURCES, SCORE_MODES, instance_score
-from ovsam_ray.export._paths import _safe_relpath
+from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.categories import category_index, dataset_categories, load_categories, record_vocabulary
 from ovsam_ray.export.images import ImageCopier, ImageExts, output_folder
 from ovsam_ray.export.output import open_output
@@ -56,20 +57,11 @@ def coco_image_ids(labels: str, *, s3_endpoint: str | None = None) -> str:
     return "source"
 
 
-def _safe_name(row: dict[str, Any]) -> bool:
-    try:
-        _safe_relpath(row["shard"], row["key"])
-        return True
-    except ValueError as e:
-        log.warning("row left out: %s", e)
-        return False
-
-
 def _ok_rows(labels: str, columns: tuple[str, ...] | None, policy: str, s3_endpoint: str | None
              ) -> Iterator[tuple[int, dict[str, Any]]]:
     n = 0
     for row in iter_label_rows(labels, columns=columns, s3_endpoint=s3_endpoint):
-        if row["status"] != "ok" or not _safe_name(row):
+        if row["status"] != "ok":
             continue
         n += 1
         yield (_int_id(row["image_id"]) if policy == "source" else n), row
@@ -115,7 +107,8 @@ def export_coco(
 ) -> dict[str, Any]:
     """Write the COCO json ``output`` from the label output ``labels``; returns counts
     (``images``, ``annotations``, ``dropped``: instances whose label is not a category,
-    ``below_min_score``, ``error_rows``, ``images_written``)."""
+    ``below_min_score``, ``error_rows``, ``images_written``, ``images_missing``: images of
+    ``with_images`` not found in their shard, logged)."""
     if label_source not in LABEL_SOURCES or score not in SCORE_MODES:
         raise ValueError(f"label_source must be one of {LABEL_SOURCES}, score one of {SCORE_MODES}")
     fixed = load_categories(categories, s3_endpoint=s3_endpoint) if categories else None
@@ -127,7 +120,7 @@ def export_coco(
     seen: dict[int, str] = {}
     by_name: dict[str, int] = {}
     stats = {"images": 0, "annotations": 0, "dropped": 0, "below_min_score": 0, "error_rows": 0,
-             "images_written": 0}
+             "images_written": 0, "images_missing": 0}
     policy = coco_image_ids(labels, s3_endpoint=s3_endpoint)
     exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint)
     copier = ImageCopier(exts.urls, io.join(output_folder(output), "images"), s3_endpoint=s3_endpoint)
@@ -135,7 +128,7 @@ def export_coco(
     def images() -> Iterator[dict[str, Any]]:
         for image_id, row in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
             ext = exts(row["shard"], row["key"])
-            name = f"{row['shard']}/{row['key']}" + (f".{ext}" if ext else "")
+            name = data_file_name(row["shard"], row["key"], ext)
             if with_images:
                 copier.add(row["shard"], row["key"])
             yield {"id": image_id, "width": row["width"], "height": row["height"],
@@ -187,6 +180,7 @@ def export_coco(
         for _, row in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
             copier.add(row["shard"], row["key"])
     stats["images_written"] = copier.close()
+    stats["images_missing"] = copier.missing
     for row in iter_label_rows(labels, columns=("status",), s3_endpoint=s3_endpoint):
         stats["error_rows"] += row["status"] != "ok"
     if stats["dropped"]:

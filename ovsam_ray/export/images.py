@@ -1,5 +1,5 @@
 """The images of a label output's input shards: their file extensions, and copies of them made
-one shard at a time under checked names."""
+one shard at a time under the names :func:`~ovsam_ray.export._paths.data_file_name` gives."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tarfile
 
 from ovsam_ray import io
 from ovsam_ray.data.shards import IMAGE_EXTENSIONS, iter_shard_samples, split_member_name
-from ovsam_ray.export._paths import _safe_join
+from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.output import write_file
 from ovsam_ray.labels.reader import source_shards
 
@@ -19,14 +19,16 @@ log = logging.getLogger(__name__)
 
 class ImageCopier:
     """``add(shard, key)`` for each labelled image, in output order; a shard's images are written to
-    ``<folder>/<shard>/<key>.<ext>`` (the shard's own bytes and extension) once the rows move on to
-    the next shard, so memory holds one shard's keys. ``close()`` copies the last shard and returns
-    the number of images written."""
+    ``<folder>/<data_file_name(shard, key, ext)>`` (the shard's own bytes and extension) once the
+    rows move on to the next shard, so memory holds one shard's keys. ``close()`` copies the last
+    shard and returns the number of images written; ``missing`` counts the images not found
+    (their shard is unknown, or the key is not in it), each logged."""
 
     def __init__(self, urls: dict[str, str], folder: str, *, s3_endpoint: str | None = None) -> None:
         self.urls, self.folder, self.s3_endpoint = urls, folder, s3_endpoint
         self.pending: dict[str, set[str]] = {}
         self.written = 0
+        self.missing = 0
 
     def add(self, shard: str, key: str) -> None:
         self._flush(keep=shard)
@@ -41,13 +43,19 @@ class ImageCopier:
             keys = self.pending.pop(shard)
             url = self.urls.get(shard)
             if url is None:
-                log.warning("no input shard %s: its images are not copied", shard)
+                log.warning("no input shard %s: its %d images are not copied", io.safe_for_log(shard), len(keys))
+                self.missing += len(keys)
                 continue
             for s in iter_shard_samples(url, s3_endpoint=self.s3_endpoint):
                 if s["key"] in keys and s["image_bytes"] is not None:
-                    target = _safe_join(self.folder, shard, f"{s['key']}.{s['image_ext']}")
+                    target = io.join(self.folder, data_file_name(shard, s["key"], s["image_ext"]))
                     write_file(target, s["image_bytes"], s3_endpoint=self.s3_endpoint)
+                    keys.discard(s["key"])
                     self.written += 1
+            if keys:
+                log.warning("shard %s: %d labelled images not found in it, not copied (first: %s)",
+                            io.safe_for_log(shard), len(keys), io.safe_for_log(min(keys), limit=80))
+                self.missing += len(keys)
 
 
 def output_folder(url: str) -> str:
@@ -57,20 +65,21 @@ def output_folder(url: str) -> str:
 
 
 def shard_image_exts(shard_url: str, *, s3_endpoint: str | None = None) -> dict[str, str]:
-    """Key -> image extension (``jpg``, ``png``...) of one WebDataset shard, read from the tar
-    headers only (tarfile seeks over the member data). A damaged tar gives the keys before the damage."""
-    rank = {e: i for i, e in enumerate(IMAGE_EXTENSIONS)}
+    """Key -> image extension (``jpg``, ``png``...) of one WebDataset shard (plain or gzip), read
+    from the tar headers only (tarfile seeks over the member data). The keys and the member chosen
+    follow the tar reader's rules (names made UTF-8-safe, links count, the first image member of a
+    key is the one labelled), so the extension is the one of the file an export copies. A
+    damaged tar gives the keys before the damage."""
     out: dict[str, str] = {}
     with io.open_url(shard_url, "rb", s3_endpoint=s3_endpoint) as f:
         try:
-            with tarfile.open(fileobj=f, mode="r:") as tf:
+            with tarfile.open(fileobj=f, mode="r:*", encoding="utf-8", errors="surrogateescape") as tf:
                 for member in tf:
-                    parts = split_member_name(member.name) if member.isfile() else None
-                    if parts is None or parts[1] not in rank:
+                    if not (member.isfile() or member.islnk() or member.issym()):
                         continue
-                    key, ext = parts
-                    if key not in out or rank[ext] < rank[out[key]]:  # the member the label job decoded
-                        out[key] = ext
+                    parts = split_member_name(io.safe_text(member.name))
+                    if parts is not None and parts[1] in IMAGE_EXTENSIONS:
+                        out.setdefault(*parts)
         except (tarfile.TarError, EOFError) as e:
             log.warning("%s: %s (image names after it are unknown)", io.redact(shard_url), e)
     return out

@@ -12,8 +12,11 @@ the top label and its probability as ``score``:
   :mod:`ovsam_ray.export.polygons`). The labelling config needs ``<PolygonLabels>``.
 
 ``from_name``/``to_name`` name the labels tag and the ``<Image>`` tag. ``image_url`` is a template
-over ``shard``, ``key``, ``image_id`` and ``ext`` (the image's extension in its input shard; ``jpg``
-when the shards are unknown) pointing where Label Studio can load the image.
+over ``file_name`` (``<shard>/<key>.<ext>`` as a safe file name: the image's path below
+``images/`` in a COCO or YOLO export ``with_images``, see
+:func:`~ovsam_ray.export._paths.data_file_name`), ``shard``, ``key``, ``image_id`` and ``ext`` (the
+image's extension in its input shard; ``jpg`` when the shards are unknown) pointing where Label
+Studio can load the image. The task's ``data`` keeps the original ``shard`` and ``key``.
 :func:`labelstudio_config` gives a labelling config for the exported labels; the export writes it
 next to the tasks (``<output without .json>.config.xml``).
 """
@@ -27,6 +30,7 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from ovsam_ray.data.rle import decode_rle
+from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.brush import mask_to_brush_rle
 from ovsam_ray.export.images import ImageExts
 from ovsam_ray.export.output import open_output, write_file
@@ -51,7 +55,7 @@ def _value(mask: Any, masks: str, label: Any, width: int, height: int, tolerance
     return {"points": points, "closed": True, "polygonlabels": [label]}
 
 
-def labelstudio_task(row: dict[str, Any], *, image_url: str = "{shard}/{key}.{ext}", ext: str = "jpg",
+def labelstudio_task(row: dict[str, Any], *, image_url: str = "{file_name}", ext: str = "jpg",
                      masks: str = "brush", from_name: str = "label", to_name: str = "image",
                      model_version: str = "ovsam", tolerance: float = 1.0, min_score: float = 0.0) -> dict[str, Any]:
     """One Label Studio task (with its prediction) for an ``ok`` label row."""
@@ -73,7 +77,8 @@ def labelstudio_task(row: dict[str, Any], *, image_url: str = "{shard}/{key}.{ex
         })
     fields = {"shard": row["shard"], "key": row["key"], "image_id": row.get("image_id") or ""}
     mean = sum(r["score"] for r in results) / len(results) if results else 0.0
-    return {"data": {"image": image_url.format(**fields, ext=ext), **fields},
+    url = image_url.format(**fields, ext=ext, file_name=data_file_name(row["shard"], row["key"], ext))
+    return {"data": {"image": url, **fields},
             "predictions": [{"model_version": model_version, "score": mean, "result": results}]}
 
 
@@ -86,7 +91,7 @@ def labelstudio_config(labels: list[str], *, masks: str = "brush", from_name: st
             f"  <{tag} name={quoteattr(from_name)} toName={quoteattr(to_name)}>\n{items}\n  </{tag}>\n</View>\n")
 
 
-def export_labelstudio(labels: str, output: str, *, image_url: str = "{shard}/{key}.{ext}", masks: str = "brush",
+def export_labelstudio(labels: str, output: str, *, image_url: str = "{file_name}", masks: str = "brush",
                        shards: str | None = None, from_name: str = "label", to_name: str = "image",
                        model_version: str = "ovsam", tolerance: float = 1.0, min_score: float = 0.0,
                        s3_endpoint: str | None = None) -> dict[str, int]:
@@ -94,7 +99,8 @@ def export_labelstudio(labels: str, output: str, *, image_url: str = "{shard}/{k
     if masks not in MASK_FORMATS:
         raise ValueError(f"masks={masks!r}: use one of {MASK_FORMATS}")
     stats = {"tasks": 0, "results": 0, "error_rows": 0}
-    exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint) if "{ext" in image_url else None
+    needs_ext = "{ext" in image_url or "{file_name" in image_url
+    exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint) if needs_ext else None
     names: dict[str, None] = {}
 
     def tasks() -> Iterator[dict[str, Any]]:

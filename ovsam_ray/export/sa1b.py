@@ -1,4 +1,5 @@
-"""Label output -> SA-1B-style per-image json: ``<output>/<shard>/<key>.json``.
+"""Label output -> SA-1B-style per-image json: ``<output>/<shard>/<key>.json`` (made a safe file
+name by :func:`~ovsam_ray.export._paths.data_file_name`; the record keeps the original key).
 
 Same layout as SA-1B's own files — ``{"image": {image_id, width, height, file_name},
 "annotations": [{id, segmentation (RLE), bbox (xywh), area, point_coords, crop_box, ...}]}`` —
@@ -14,7 +15,8 @@ import json
 import logging
 from typing import Any
 
-from ovsam_ray.export._paths import _safe_join
+from ovsam_ray import io
+from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.images import ImageExts
 from ovsam_ray.export.output import write_file
 from ovsam_ray.labels.reader import iter_label_rows
@@ -32,7 +34,8 @@ def _point(inst: dict[str, Any]) -> list[list[float]]:
 
 
 def sa1b_record(row: dict[str, Any], *, min_score: float = 0.0, ext: str = "jpg") -> dict[str, Any]:
-    """The SA-1B-style json of one ``ok`` label row (``file_name`` = ``<key>.<ext>``)."""
+    """The SA-1B-style json of one ``ok`` label row (``file_name`` = ``<key>.<ext>`` as a safe file
+    name: the image's path below ``images/<shard>/`` in a COCO or YOLO export ``with_images``)."""
     width, height = int(row["width"]), int(row["height"])
     anns = []
     for i, inst in enumerate(row["instances"] or []):
@@ -48,27 +51,21 @@ def sa1b_record(row: dict[str, Any], *, min_score: float = 0.0, ext: str = "jpg"
             "prompt_box": inst.get("prompt_box"),
         })
     image = {"image_id": row.get("image_id") or row["key"], "width": width, "height": height,
-             "file_name": f"{row['key']}.{ext}", "shard": row["shard"], "key": row["key"]}
+             "file_name": data_file_name(None, row["key"], ext), "shard": row["shard"], "key": row["key"]}
     return {"image": image, "annotations": anns}
 
 
 def export_sa1b(labels: str, output: str, *, min_score: float = 0.0, shards: str | None = None,
                 s3_endpoint: str | None = None) -> dict[str, int]:
-    """Write one json per ``ok`` row under ``output``; returns counts (``unsafe_names``: rows whose
-    shard or key would leave ``output``, left out). ``file_name`` takes the image's extension in its
+    """Write one json per ``ok`` row under ``output``; returns counts. ``file_name`` takes the image's extension in its
     input shard (``shards`` or the run record's input; ``jpg`` when they are unknown)."""
-    stats = {"images": 0, "annotations": 0, "error_rows": 0, "unsafe_names": 0}
+    stats = {"images": 0, "annotations": 0, "error_rows": 0}
     exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint)
     for row in iter_label_rows(labels, s3_endpoint=s3_endpoint):
         if row["status"] != "ok":
             stats["error_rows"] += 1
             continue
-        try:
-            target = _safe_join(output, row["shard"], f"{row['key']}.json")
-        except ValueError as e:
-            log.warning("row left out: %s", e)
-            stats["unsafe_names"] += 1
-            continue
+        target = io.join(output, data_file_name(row["shard"], row["key"], "json"))
         record = sa1b_record(row, min_score=min_score, ext=exts(row["shard"], row["key"]) or "jpg")
         write_file(target, json.dumps(record, separators=(",", ":")).encode(), s3_endpoint=s3_endpoint)
         stats["images"] += 1

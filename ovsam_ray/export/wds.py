@@ -1,7 +1,8 @@
 """Label output -> labelled WebDataset shards: the images and their labels together, for training.
 
 ``<output>/<shard>.tar`` per label shard; each sample is the original image bytes as
-``<key>.<ext>`` (its member in the input shard, unchanged) and ``<key>.json``::
+``<key>.<ext>`` (the bytes of its member in the input shard) and ``<key>.json``, names made safe
+by :func:`~ovsam_ray.export._paths.data_file_name` (``key`` in the json is the original)::
 
     {"key", "shard", "image_id", "width", "height",
      "instances": [{"rle": {"size": [h, w], "counts"}, "bbox": [x0, y0, x1, y1], "area", "label",
@@ -24,8 +25,9 @@ import logging
 import tarfile
 from typing import IO, Any
 
+from ovsam_ray import io
 from ovsam_ray.data.shards import iter_shard_samples
-from ovsam_ray.export._paths import _safe_join, _safe_relpath
+from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.output import open_output
 from ovsam_ray.labels.reader import label_files, read_label_file, source_shards
 
@@ -61,41 +63,41 @@ def _write_shard(f: IO[bytes], rows: dict[str, dict[str, Any]], shard_url: str, 
                 continue
             found.add(s["key"])
             labels = wds_labels(row, min_score=min_score)
-            _add(tf, f"{s['key']}.{s['image_ext']}", s["image_bytes"])
-            _add(tf, f"{s['key']}.json", json.dumps(labels, separators=(",", ":")).encode())
+            _add(tf, data_file_name(None, s["key"], s["image_ext"]), s["image_bytes"])
+            _add(tf, data_file_name(None, s["key"], "json"), json.dumps(labels, separators=(",", ":")).encode())
             stats["samples"] += 1
             stats["instances"] += len(labels["instances"])
+    if len(rows) > len(found):
+        first = min(set(rows) - found)
+        log.warning("%d labelled images not found in %s, left out (first: %s)", len(rows) - len(found),
+                    io.redact(shard_url), io.safe_for_log(first, limit=80))
     stats["missing_images"] += len(rows) - len(found)
 
 
 def export_wds(labels: str, output: str, *, shards: str | None = None, min_score: float = 0.0,
                s3_endpoint: str | None = None) -> dict[str, int]:
     """Write ``<output>/<shard>.tar`` for every label shard, reading the images from the input
-    shards (``shards`` or the run record's input); returns counts (``unsafe_names``: rows whose
-    shard or key would leave ``output`` or name a tar member outside it, left out)."""
+    shards (``shards`` or the run record's input); returns counts (``missing_images``: labelled
+    images not in their shard; ``missing_shards``: shards not found, their images left out)."""
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint)
     stats = {"shards": 0, "samples": 0, "instances": 0, "error_rows": 0, "missing_images": 0,
-             "missing_shards": 0, "unsafe_names": 0}
+             "missing_shards": 0}
     for url in label_files(labels, s3_endpoint=s3_endpoint):
-        rows: dict[str, dict[str, Any]] = {}
+        by_shard: dict[str, dict[str, dict[str, Any]]] = {}
         for row in read_label_file(url, s3_endpoint=s3_endpoint):
             if row["status"] != "ok":
                 stats["error_rows"] += 1
                 continue
-            try:
-                _safe_relpath(row["shard"], row["key"])
-            except ValueError as e:
-                log.warning("row left out: %s", e)
-                stats["unsafe_names"] += 1
-                continue
-            rows[row["key"]] = row
-        for shard in sorted({r["shard"] for r in rows.values()}):
+            by_shard.setdefault(row["shard"], {})[row["key"]] = row
+        for shard in sorted(by_shard):
+            rows = by_shard[shard]
             if shard not in urls:
-                log.warning("no input shard %s: its %d labelled images are left out", shard, len(rows))
+                log.warning("no input shard %s: its %d labelled images are left out", io.safe_for_log(shard), len(rows))
                 stats["missing_shards"] += 1
+                stats["missing_images"] += len(rows)
                 continue
-            shard_rows = {k: r for k, r in rows.items() if r["shard"] == shard}
-            with open_output(_safe_join(output, f"{shard}.tar"), "wb", s3_endpoint=s3_endpoint) as f:
-                _write_shard(f, shard_rows, urls[shard], min_score, s3_endpoint, stats)
+            target = io.join(output, data_file_name(shard, None, "tar"))
+            with open_output(target, "wb", s3_endpoint=s3_endpoint) as f:
+                _write_shard(f, rows, urls[shard], min_score, s3_endpoint, stats)
             stats["shards"] += 1
     return stats

@@ -1,11 +1,14 @@
 """Label output -> YOLO segmentation labels (Ultralytics format), streamed.
 
-``<output>/labels/<shard>/<key>.txt``: one line per instance, ``<class> x1 y1 x2 y2 ...`` with the
+``<output>/labels/<shard>/<key>.txt`` (made a safe file name by
+:func:`~ovsam_ray.export._paths.data_file_name`): one line per instance, ``<class> x1 y1 x2 y2 ...`` with the
 polygon normalised to [0, 1] by the image size (the outline of the mask's largest 4-connected
 part; see :mod:`ovsam_ray.export.polygons`); an image without instances gets an empty file (a
 background image). With ``with_images`` the images are extracted from the input shards
-(``<output>/images/<shard>/<key>.<ext>``: Ultralytics finds labels by replacing ``/images/``
-with ``/labels/``). ``<output>/data.yaml`` (written last) lists the class names.
+(``<output>/images/<shard>/<key>.<ext>``, the same name: Ultralytics finds labels by replacing
+``/images/`` with ``/labels/``). ``<output>/keys.jsonl`` has one line per label file,
+``{"labels", "shard", "key"}``, so the original key of a renamed file can be found;
+``<output>/data.yaml`` (written last) lists the class names.
 
 Class indices are contiguous 0..N-1 and ``names`` lists all N, as Ultralytics' dataset check
 requires: the position in ``classes`` (a vocabulary or a COCO json's categories; other labels are
@@ -23,10 +26,10 @@ from typing import Any
 
 from ovsam_ray import io
 from ovsam_ray.data.rle import decode_rle
-from ovsam_ray.export._paths import _safe_join
+from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.categories import load_categories, record_vocabulary
 from ovsam_ray.export.images import ImageCopier
-from ovsam_ray.export.output import write_file
+from ovsam_ray.export.output import open_output, write_file
 from ovsam_ray.export.polygons import mask_to_polygons
 from ovsam_ray.labels.reader import iter_label_batches, iter_label_rows, source_shards
 from ovsam_ray.model.text_embedding import clean_class_name
@@ -99,31 +102,30 @@ def export_yolo(labels: str, output: str, *, classes: str | None = None, shards:
                 tolerance: float = 1.0, min_score: float = 0.0, with_images: bool = False,
                 s3_endpoint: str | None = None) -> dict[str, int]:
     """Write YOLO segmentation labels (and, with ``with_images``, the images from the shards —
-    ``shards`` or the run record's input) under ``output``; returns counts (``unsafe_names``: rows
-    whose shard or key would leave ``output``, left out)."""
+    ``shards`` or the run record's input) under ``output``; returns counts (``images_missing``:
+    images of ``with_images`` not found in their shard, logged)."""
     names, class_of = yolo_classes(labels, classes, s3_endpoint=s3_endpoint)
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint) if with_images else {}
     copier = ImageCopier(urls, io.join(output, "images"), s3_endpoint=s3_endpoint)
-    stats = {"images": 0, "instances": 0, "dropped": 0, "error_rows": 0, "images_written": 0, "unsafe_names": 0}
-    for batch in iter_label_batches(labels, s3_endpoint=s3_endpoint):
-        for row in batch:
-            if row["status"] != "ok":
-                stats["error_rows"] += 1
-                continue
-            try:
-                target = _safe_join(io.join(output, "labels"), row["shard"], f"{row['key']}.txt")
-            except ValueError as e:
-                log.warning("row left out: %s", e)
-                stats["unsafe_names"] += 1
-                continue
-            lines, dropped = yolo_lines(row["instances"] or [], row["width"], row["height"], class_of,
-                                        tolerance=tolerance, min_score=min_score)
-            write_file(target, ("\n".join(lines) + ("\n" if lines else "")).encode(), s3_endpoint=s3_endpoint)
-            stats["images"] += 1
-            stats["instances"] += len(lines)
-            stats["dropped"] += dropped
-            if with_images:
-                copier.add(row["shard"], row["key"])
+    stats = {"images": 0, "instances": 0, "dropped": 0, "error_rows": 0, "images_written": 0, "images_missing": 0}
+    with open_output(io.join(output, "keys.jsonl"), "w", s3_endpoint=s3_endpoint) as index:
+        for batch in iter_label_batches(labels, s3_endpoint=s3_endpoint):
+            for row in batch:
+                if row["status"] != "ok":
+                    stats["error_rows"] += 1
+                    continue
+                name = "labels/" + data_file_name(row["shard"], row["key"], "txt")
+                lines, dropped = yolo_lines(row["instances"] or [], row["width"], row["height"], class_of,
+                                            tolerance=tolerance, min_score=min_score)
+                write_file(io.join(output, name), ("\n".join(lines) + ("\n" if lines else "")).encode(),
+                           s3_endpoint=s3_endpoint)
+                index.write(json.dumps({"labels": name, "shard": row["shard"], "key": row["key"]}) + "\n")
+                stats["images"] += 1
+                stats["instances"] += len(lines)
+                stats["dropped"] += dropped
+                if with_images:
+                    copier.add(row["shard"], row["key"])
     stats["images_written"] = copier.close()
+    stats["images_missing"] = copier.missing
     write_file(io.join(output, "data.yaml"), _yaml(names, output).encode(), s3_endpoint=s3_endpoint)
     return stats
