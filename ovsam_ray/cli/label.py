@@ -7,6 +7,7 @@ import json
 
 from ovsam_ray.cli.common import add_model_args, init_ray, model_config, parse_concurrency
 from ovsam_ray.pipeline.label_job import LabelConfig
+from ovsam_ray.pipeline.lease import HEARTBEAT_S
 from ovsam_ray.pipeline.prompting import SelectConfig
 
 __all__ = ["add_label", "add_label_args", "add_relabel", "label_config", "run_label_cli"]
@@ -55,6 +56,8 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source-dedup-iou", type=float, default=0.7,
                    help="A+B prompts: drop a mask of B overlapping a kept mask of A above this IoU (any class)")
     p.add_argument("--ray-address", help="Ray address; 'local' starts a new local Ray (default: RAY_ADDRESS)")
+    p.add_argument("--lease-heartbeat-s", type=float, default=HEARTBEAT_S,
+                   help="seconds between renewals of the output's lease (a dead job's lease is taken over after 3)")
     add_model_args(p, default_preset="ovsam_rn50x16")
 
 
@@ -89,6 +92,7 @@ def label_config(a: argparse.Namespace) -> LabelConfig:
         baseline=a.baseline,
         decode_chunk=a.decode_chunk,
         max_prompts=a.max_prompts,
+        lease_heartbeat_s=a.lease_heartbeat_s,
     )
 
 

@@ -30,7 +30,7 @@ from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
 from ovsam_ray.model.classifier import FUSION_ALPHA, FUSION_BETA
 from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.pipeline.dataset import build_dataset
-from ovsam_ray.pipeline.lease import HEARTBEAT_S, OutputLease
+from ovsam_ray.pipeline.lease import HEARTBEAT_S, OutputLease, check_interval
 from ovsam_ray.pipeline.parts import (
     COMMIT_ATTEMPTS,
     COMMIT_BACKOFF_S,
@@ -124,8 +124,7 @@ class LabelConfig:
         io.check_endpoint(self.model.s3_endpoint)
         if self.max_prompts < 1:
             raise ValueError(f"max_prompts={self.max_prompts}: must be >= 1 prompt per image")
-        if self.lease_heartbeat_s <= 0:
-            raise ValueError(f"lease_heartbeat_s={self.lease_heartbeat_s}: must be > 0 seconds")
+        check_interval(self.lease_heartbeat_s, "lease_heartbeat_s (--lease-heartbeat-s)")
         if self.baseline is not None and self.baseline not in BASELINES:
             raise ValueError(f"baseline={self.baseline!r}: choose one of {', '.join(BASELINES)} (or none for OV-SAM)")
         if self.decode_chunk is not None and self.decode_chunk < 1:
