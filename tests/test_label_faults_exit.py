@@ -85,3 +85,33 @@ def test_sigterm_releases_the_lease_exits_143_and_the_rerun_resumes(ray_local, s
     assert summary.shards_skipped == len(before) and summary.shards_committed == len(shards) - len(before)
     df = pds.dataset(out, format="parquet").to_table().to_pandas()
     assert len(df) == 12 and not df.duplicated(["shard", "key"]).any() and (df.status == "ok").all()
+
+
+def test_a_full_disk_is_not_retried_and_its_line_names_the_file(monkeypatch):
+    import errno
+
+    from ovsam_ray.pipeline import parts
+
+    monkeypatch.setattr(parts, "COMMIT_BACKOFF_S", 0.0)
+    calls = []
+
+    def full() -> None:
+        calls.append(1)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/_parts/s/p.parquet")
+
+    with pytest.raises(parts.StorageUnavailableError) as e:
+        parts.with_storage_retries("write the part file /out/_parts/s/p.parquet of shard s", full, committed=0)
+    assert calls == [1]
+    message = str(e.value)
+    assert "\n" not in message and "/out/_parts/s/p.parquet" in message and "No space left on device" in message
+
+
+def test_the_storage_error_inside_ray_datas_error_text_is_the_one_line():
+    from ovsam_ray.pipeline.tracker import storage_error
+
+    text = ("ray::MapBatches(write_parts)() (pid=1, ip=1.2.3.4)\n  File \"parts.py\", line 84\n"
+            "ovsam_ray.pipeline.parts.StorageUnavailableError: could not write the part file /o/_parts/s/x.parquet "
+            "of shard s: OSError: [Errno 28] No space left on device\n\nThe above exception was the direct cause")
+    found = storage_error(RuntimeError(text))
+    assert found is not None and str(found).startswith("could not write the part file /o/_parts/s/x.parquet")
+    assert storage_error(RuntimeError("something else")) is None
