@@ -359,8 +359,9 @@ def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: Ou
 
 def _finish(cfg: LabelConfig, summary: LabelSummary, tracker: ShardTracker, committed_before: int) -> None:
     """Write the run statistics and the summary; log what the user should know."""
-    s3, output, done = cfg.model.s3_endpoint, io.redact(cfg.output), summary.shards_committed
-    run_stats = with_storage_retries(f"write the run statistics to {output}", lambda: write_run_stats(
+    s3, done = cfg.model.s3_endpoint, summary.shards_committed
+    stats_file, summary_file = (io.redact(io.join(cfg.output, n)) for n in ("_stats.json", "_summary.json"))
+    run_stats = with_storage_retries(f"write the run statistics {stats_file}", lambda: write_run_stats(
         cfg.output, s3_endpoint=s3, new=tracker.stats, committed=committed_before + done), committed=done)
     log.info(format_stats(run_stats))
     if summary.images_no_prompts:
@@ -371,6 +372,6 @@ def _finish(cfg: LabelConfig, summary: LabelSummary, tracker: ShardTracker, comm
     if summary.shards_failed:
         log.error("%d shards were NOT committed; rerun the same command to finish them (exit code %d)",
                   len(summary.shards_failed), EXIT_INCOMPLETE)
-    with_storage_retries(f"write the summary to {output}", lambda: io.atomic_write_bytes(
+    with_storage_retries(f"write the summary {summary_file}", lambda: io.atomic_write_bytes(
         io.join(cfg.output, "_summary.json"), json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3),
         committed=done)

@@ -175,7 +175,7 @@ def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: 
     marker = with_storage_retries(f"commit shard {io.safe_for_log(shard)} ({io.redact(committer.parquet_url(shard))}, "
                                   f"then its marker {io.redact(committer.marker_url(shard))})",
                                   lambda: committer.commit(shard, table, marker_stats))
-    with_storage_retries(f"write the statistics of shard {io.safe_for_log(shard)} to {where}",
+    with_storage_retries(f"write the statistics {io.redact(io.join(output, '_stats', shard + '.json'))}",
                          lambda: write_shard_stats(output, shard, stats, s3_endpoint=s3_endpoint))
     maybe_fail("after_commit")
     _remove_quietly(parts_url(output, shard), s3_endpoint)
