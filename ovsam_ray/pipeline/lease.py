@@ -147,8 +147,9 @@ class OutputLease:
             return HEARTBEAT_S
         try:
             return check_interval(lease["interval_s"], f"lease file {io.redact(self.url)}")
-        except ValueError as e:
-            raise self._value_error(str(e).split(": ", 1)[1]) from None
+        except ValueError:
+            raise self._value_error(f"interval_s {lease['interval_s']!r} is not a number of seconds in "
+                                    f"(0, {MAX_INTERVAL_S:.0f}]") from None
 
     def _value_error(self, what: str) -> LeaseValueError:
         return LeaseValueError(
