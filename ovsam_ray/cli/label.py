@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 from ovsam_ray.cli.common import add_model_args, init_ray, model_config, parse_concurrency
 from ovsam_ray.pipeline.label_job import LabelConfig
+from ovsam_ray.pipeline.lease import HEARTBEAT_S
 from ovsam_ray.pipeline.prompting import SelectConfig
 
-__all__ = ["add_label", "add_label_args", "add_relabel", "label_config", "run_label_cli"]
+__all__ = ["EXIT_TERMINATED", "JobTerminated", "add_label", "add_label_args", "add_relabel", "label_config",
+           "run_label_cli"]
+
+#: Exit code of a label job stopped by SIGTERM (``ray job stop``, Kubernetes) or Ctrl-C: the
+#: shell's 128 + signal number (143, 130). Committed shards are kept and the lease is released;
+#: rerunning the same command finishes the rest.
+EXIT_TERMINATED = 128 + signal.SIGTERM
+log = logging.getLogger("ovsam_ray.pipeline.label_job")
+
+
+class JobTerminated(BaseException):
+    """Raised in the driver's main thread by SIGTERM. A BaseException, like KeyboardInterrupt,
+    so that no ``except Exception`` on the way (a commit's bookkeeping) takes it for a failure."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def add_label_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +78,8 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source-dedup-iou", type=float, default=0.7,
                    help="A+B prompts: drop a mask of B overlapping a kept mask of A above this IoU (any class)")
     p.add_argument("--ray-address", help="Ray address; 'local' starts a new local Ray (default: RAY_ADDRESS)")
+    p.add_argument("--lease-heartbeat-s", type=float, default=HEARTBEAT_S,
+                   help="seconds between renewals of the output's lease (a dead job's lease is taken over after 3)")
     add_model_args(p, default_preset="ovsam_rn50x16")
 
 
@@ -89,6 +114,7 @@ def label_config(a: argparse.Namespace) -> LabelConfig:
         baseline=a.baseline,
         decode_chunk=a.decode_chunk,
         max_prompts=a.max_prompts,
+        lease_heartbeat_s=a.lease_heartbeat_s,
     )
 
 
@@ -96,10 +122,65 @@ def run_label_cli(a: argparse.Namespace) -> int:
     from ovsam_ray.pipeline.label_job import run_label
 
     cfg = label_config(a)
-    # Ray starts only once the input is listed and the output's lease is held.
-    summary = run_label(cfg, connect=lambda: init_ray(a.ray_address))
+    with _stop_on_sigterm() as stop:
+        try:
+            # Ray starts only once the input is listed and the output's lease is held; ray.init
+            # sets its own SIGTERM handler (exit 15), so ours goes back on after it.
+            summary = run_label(cfg, connect=lambda: (init_ray(a.ray_address), stop.install()))
+        except BaseException as e:
+            signum = stop.signum or (signal.SIGINT if _caused_by(e, KeyboardInterrupt) else None)
+            if signum is None:
+                raise
+            log.debug("stopped by", exc_info=e)
+            log.error("label job stopped by %s (exit code %d): the shards committed so far are kept and the "
+                      "output's lease is released; rerun the same command to finish the rest",
+                      signal.Signals(signum).name, 128 + signum)
+            return 128 + signum
     print(json.dumps(summary.to_dict(), indent=1))
     return summary.exit_code(cfg.max_error_fraction)
+
+
+def _caused_by(e: BaseException | None, kind: type[BaseException]) -> bool:
+    """Whether ``e`` or an exception it was raised from or during is a ``kind``: Ray's C++ calls
+    turn an exception raised in a signal handler into a SystemError around it."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _SigtermStop:
+    """SIGTERM raises :class:`JobTerminated` in the main thread (the first one only: a second
+    during the clean-up is ignored), so that ``finally`` blocks release the lease; :attr:`signum`
+    records it, whatever the exception looks like by the time it reaches the CLI."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.active = threading.current_thread() is threading.main_thread()  # signals reach it only
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise JobTerminated(signum)
+
+    def install(self) -> None:
+        if self.active:
+            signal.signal(signal.SIGTERM, self.handler)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[_SigtermStop]:
+    stop = _SigtermStop()
+    previous = signal.getsignal(signal.SIGTERM)
+    stop.install()
+    try:
+        yield stop
+    finally:
+        if stop.active:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _relabel(a: argparse.Namespace) -> int:

@@ -28,7 +28,9 @@ The rules, for every shard whatever its author did:
   the first one is used) is counted per reason in :attr:`TarRead.skipped`, never silently lost.
 - **Damage.** A truncated or corrupt tar keeps every sample read before the damage; the sample
   whose member was read last is made an error (it may have lost a member), and
-  :attr:`TarRead.damage` says what happened. I/O errors of the file object propagate.
+  :attr:`TarRead.damage` says what happened, naming the member and the byte offset. A header
+  tarfile rejects mid-stream (a PAX ``size`` far past the end of the file, a PAX record with a
+  bad length) is damage too, never an exception. I/O errors of the file object propagate.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"
 # zlib.error / BadGzipFile: a corrupt .tar.gz; EOFError: one cut short
 _DAMAGE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+# What tarfile raises on a header it cannot use mid-stream besides its own errors: a PAX number
+# beyond what a seek takes (OverflowError, ValueError) — data, not an I/O failure.
+_HEADER_ERRORS = (*_DAMAGE_ERRORS, OverflowError, ValueError)
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -290,36 +295,54 @@ def read_tar(fileobj: IO[bytes], shard: str) -> TarRead:
 
     ``shard`` is the name written into every sample. A gzip-compressed tar (``.tar.gz``,
     ``.tgz``) is recognised by its content, whatever its name. Bad data never raises: an
-    unreadable tar gives no samples and ``damage``.
+    unreadable tar gives no samples and ``damage``, a header rejected mid-stream keeps the samples
+    before it and ``damage`` names the member and the byte offset.
     """
     collector = _Collector(shard)
-    mode = "r:gz" if fileobj.read(2) == _GZIP_MAGIC else "r:"
+    gzipped = fileobj.read(2) == _GZIP_MAGIC
+    size = None if gzipped else fileobj.seek(0, 2)  # a member may not claim bytes past the end
     fileobj.seek(0)
     try:
-        tf = tarfile.open(fileobj=fileobj, mode=mode, encoding="utf-8", errors="surrogateescape")
+        tf = tarfile.open(fileobj=fileobj, mode="r:gz" if gzipped else "r:", encoding="utf-8",
+                          errors="surrogateescape")
     except _DAMAGE_ERRORS as e:
         return TarRead(damage=f"not a readable tar ({safe_text(str(e))})")
-    damage = None
     try:
-        try:
-            for member in tf:
-                collector.add(tf, member)
-            damage = _check_end_of_archive(tf.fileobj, tf.offset)
-        except _DAMAGE_ERRORS as e:
-            damage = f"tar truncated or corrupt ({safe_text(str(e))})"
+        damage = _read_members(tf, collector, size)
         collector.resolve_links(tf)
     finally:
         tf.close()
     return collector.finish(damage)
 
 
-def _check_end_of_archive(f: Any, offset: int) -> str | None:
+def _read_members(tf: tarfile.TarFile, collector: _Collector, size: int | None) -> str | None:
+    """Give every member to ``collector``; return the damage that ended the tar early, or None.
+
+    tarfile trusts a header's ``size`` (a PAX record may say 10**30) and seeks there; on a real
+    file that is an OSError, so a member whose data would end past the file stops the reading first.
+    """
+    where, after = "the first header (byte 0)", "no member read"
+    try:
+        while (member := tf.next()) is not None:
+            name = safe_text(_strip_dot_slash(member.name))
+            where = f"member {name} (header at byte {member.offset})"
+            collector.add(tf, member)
+            if size is not None and tf.offset > size:
+                return f"{where} claims {member.size} bytes, past the end of the file ({size} bytes)"
+            after = f"after member {name}"
+            where = f"the header at byte {tf.offset} ({after})"
+        return _check_end_of_archive(tf.fileobj, tf.offset, after)
+    except _HEADER_ERRORS as e:
+        return f"tar truncated or corrupt at {where}: {type(e).__name__}: {safe_text(str(e))}"
+
+
+def _check_end_of_archive(f: Any, offset: int, after: str) -> str | None:
     """tarfile stops silently at a truncated or garbage header; a complete tar continues with a
     zero block right after the last member, so look for it."""
     f.seek(offset)
     block = f.read(tarfile.BLOCKSIZE)
     if len(block) < tarfile.BLOCKSIZE:
-        return f"tar truncated after byte {offset} (no end-of-archive block)"
+        return f"tar truncated after byte {offset} (no end-of-archive block; {after})"
     if block.count(0) != tarfile.BLOCKSIZE:
-        return f"corrupt tar header at byte {offset}"
+        return f"corrupt tar header at byte {offset} ({after})"
     return None

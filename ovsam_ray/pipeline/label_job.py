@@ -30,7 +30,7 @@ from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
 from ovsam_ray.model.classifier import FUSION_ALPHA, FUSION_BETA
 from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.pipeline.dataset import build_dataset
-from ovsam_ray.pipeline.lease import HEARTBEAT_S, OutputLease
+from ovsam_ray.pipeline.lease import HEARTBEAT_S, OutputLease, check_interval
 from ovsam_ray.pipeline.parts import (
     COMMIT_ATTEMPTS,
     COMMIT_BACKOFF_S,
@@ -124,8 +124,7 @@ class LabelConfig:
         io.check_endpoint(self.model.s3_endpoint)
         if self.max_prompts < 1:
             raise ValueError(f"max_prompts={self.max_prompts}: must be >= 1 prompt per image")
-        if self.lease_heartbeat_s <= 0:
-            raise ValueError(f"lease_heartbeat_s={self.lease_heartbeat_s}: must be > 0 seconds")
+        check_interval(self.lease_heartbeat_s, "lease_heartbeat_s (--lease-heartbeat-s)")
         if self.baseline is not None and self.baseline not in BASELINES:
             raise ValueError(f"baseline={self.baseline!r}: choose one of {', '.join(BASELINES)} (or none for OV-SAM)")
         if self.decode_chunk is not None and self.decode_chunk < 1:
@@ -360,8 +359,9 @@ def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: Ou
 
 def _finish(cfg: LabelConfig, summary: LabelSummary, tracker: ShardTracker, committed_before: int) -> None:
     """Write the run statistics and the summary; log what the user should know."""
-    s3, output, done = cfg.model.s3_endpoint, io.redact(cfg.output), summary.shards_committed
-    run_stats = with_storage_retries(f"write the run statistics to {output}", lambda: write_run_stats(
+    s3, done = cfg.model.s3_endpoint, summary.shards_committed
+    stats_file, summary_file = (io.redact(io.join(cfg.output, n)) for n in ("_stats.json", "_summary.json"))
+    run_stats = with_storage_retries(f"write the run statistics {stats_file}", lambda: write_run_stats(
         cfg.output, s3_endpoint=s3, new=tracker.stats, committed=committed_before + done), committed=done)
     log.info(format_stats(run_stats))
     if summary.images_no_prompts:
@@ -372,6 +372,6 @@ def _finish(cfg: LabelConfig, summary: LabelSummary, tracker: ShardTracker, comm
     if summary.shards_failed:
         log.error("%d shards were NOT committed; rerun the same command to finish them (exit code %d)",
                   len(summary.shards_failed), EXIT_INCOMPLETE)
-    with_storage_retries(f"write the summary to {output}", lambda: io.atomic_write_bytes(
+    with_storage_retries(f"write the summary {summary_file}", lambda: io.atomic_write_bytes(
         io.join(cfg.output, "_summary.json"), json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3),
         committed=done)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -39,8 +40,14 @@ HEARTBEAT_S = 30.0
 #: A lease is stale when its heartbeat is older than this many of its holder's intervals.
 STALE_AFTER = 3
 S3_SETTLE_S = 2.0
+#: The longest heartbeat interval a lease may promise: a longer one would keep a dead job's output
+#: locked for hours.
+MAX_INTERVAL_S = 3600.0
+#: A heartbeat this far in this host's future is a clock disagreement worth naming.
+CLOCK_SKEW_S = 1.0
 
-__all__ = ["HEARTBEAT_S", "LEASE_NAME", "LeaseHeldError", "LeaseLostError", "OutputLease"]
+__all__ = ["HEARTBEAT_S", "LEASE_NAME", "MAX_INTERVAL_S", "LeaseHeldError", "LeaseLostError", "OutputLease",
+           "check_interval"]
 
 
 class LeaseHeldError(RuntimeError):
@@ -68,12 +75,20 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
-def _interval(lease: dict[str, Any]) -> float:
-    """The heartbeat interval the lease's holder promised."""
-    try:
-        return float(lease.get("interval_s") or HEARTBEAT_S)
-    except (TypeError, ValueError):
-        return HEARTBEAT_S
+def check_interval(value: Any, what: str) -> float:
+    """``value`` as a heartbeat interval in seconds, or a ValueError naming ``what`` (a flag, a
+    field, a lease file): a finite number in (0, MAX_INTERVAL_S]; NaN, inf, <= 0, text are refused."""
+    number = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value) if abs(value) < 1e300 else math.inf  # an int beyond float range is "huge"
+    if not math.isfinite(number) or not 0 < number <= MAX_INTERVAL_S:
+        raise ValueError(f"{what}: lease heartbeat interval {io.safe_for_log(repr(value), limit=80)} is not a "
+                         f"number of seconds in (0, {MAX_INTERVAL_S:.0f}]")
+    return float(number)
+
+
+class LeaseValueError(ValueError):
+    """A lease file holds a value no job writes (a non-finite heartbeat, a bad interval)."""
 
 
 class OutputLease:
@@ -82,10 +97,9 @@ class OutputLease:
     :class:`LeaseLostError` once a heartbeat found the lease taken over."""
 
     def __init__(self, output: str, *, s3_endpoint: str | None = None, interval_s: float = HEARTBEAT_S) -> None:
-        if interval_s <= 0:
-            raise ValueError(f"lease heartbeat interval {interval_s}: must be > 0 seconds")
-        self.output, self.s3, self.interval_s = output, s3_endpoint, interval_s
         self.url = io.join(output, LEASE_NAME)
+        self.output, self.s3 = output, s3_endpoint
+        self.interval_s = check_interval(interval_s, f"the lease of {io.redact(output)}")
         self.job_id = uuid.uuid4().hex
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -101,30 +115,65 @@ class OutputLease:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            return json.loads(io.read_bytes(self.url, s3_endpoint=self.s3))
+            lease = json.loads(io.read_bytes(self.url, s3_endpoint=self.s3))
         except FileNotFoundError:
             return None
         except ValueError:  # a torn or foreign file: treat as stale
             return {}
+        return lease if isinstance(lease, dict) else {}
 
     def stale_reason(self, lease: dict[str, Any]) -> str | None:
-        """Why ``lease`` no longer protects anything, or None while its holder is alive."""
+        """Why ``lease`` no longer protects anything, or None while its holder is alive. A lease
+        whose heartbeat or interval no job writes (NaN, inf, <= 0, text) is refused, never guessed at."""
         if lease.get("job_id") == self.job_id:
             return None
         try:
-            age = time.time() - float(lease["heartbeat"])
+            heartbeat = float(lease["heartbeat"])
         except (KeyError, TypeError, ValueError):
             return "unreadable lease"
-        if age > STALE_AFTER * _interval(lease):
+        if not math.isfinite(heartbeat):
+            raise self._value_error(f"heartbeat {heartbeat}")
+        age = time.time() - heartbeat
+        if age > STALE_AFTER * self._interval(lease):
             return f"no heartbeat for {age:.0f}s"
         same_process_space = lease.get("host") == socket.gethostname() and lease.get("pid_ns") == _pid_namespace()
         if same_process_space and isinstance(lease.get("pid"), int) and _process_gone(lease["pid"]):
             return f"process {lease['pid']} on this host is gone"
         return None
 
+    def _interval(self, lease: dict[str, Any]) -> float:
+        """The heartbeat interval the lease's holder promised (HEARTBEAT_S when it names none)."""
+        if lease.get("interval_s") is None:
+            return HEARTBEAT_S
+        try:
+            return check_interval(lease["interval_s"], f"lease file {io.redact(self.url)}")
+        except ValueError:
+            raise self._value_error(f"interval_s {lease['interval_s']!r} is not a number of seconds in "
+                                    f"(0, {MAX_INTERVAL_S:.0f}]") from None
+
+    def _value_error(self, what: str) -> LeaseValueError:
+        return LeaseValueError(
+            f"lease file {io.redact(self.url)}: {io.safe_for_log(what, limit=200)}; no label job writes that, so "
+            "this job does not guess whether its holder is alive. Delete the file once no job writes "
+            f"{io.redact(self.output)}.")
+
     def _describe(self, lease: dict[str, Any]) -> str:
-        return io.safe_for_log(f"job {lease.get('job_id')} (host {lease.get('host')}, pid {lease.get('pid')}, "
-                               f"heartbeat {lease.get('heartbeat_at')})")  # a lease file is data too
+        shown = io.safe_for_log(f"job {lease.get('job_id')} (host {lease.get('host')}, pid {lease.get('pid')}, "
+                                f"heartbeat {lease.get('heartbeat_at')})")  # a lease file is data too
+        return shown + self._clock_note(lease)
+
+    def _clock_note(self, lease: dict[str, Any]) -> str:
+        """Says so when the holder's heartbeat lies in this host's future: its clock is ahead, and
+        its lease looks alive for that much longer."""
+        try:
+            ahead = float(lease["heartbeat"]) - time.time()
+        except (KeyError, TypeError, ValueError):
+            return ""
+        if not math.isfinite(ahead) or ahead <= CLOCK_SKEW_S:
+            return ""
+        host = io.safe_for_log(str(lease.get("host")), limit=100)
+        return (f"; its heartbeat lies {ahead:.0f}s in the future: the clock of host {host} is {ahead:.0f}s ahead "
+                "of this host's (clocks must agree to well within a minute)")
 
     # --- acquire / renew / release ---
 
@@ -142,7 +191,7 @@ class OutputLease:
             self._acquire_local(held)
 
     def _held_error(self, held: dict[str, Any]) -> LeaseHeldError:
-        stale = STALE_AFTER * _interval(held)
+        stale = STALE_AFTER * self._interval(held)
         return LeaseHeldError(
             f"output {io.redact(self.output)} is in use by another label job: {self._describe(held)}. Wait for it "
             f"to finish, or use another --output; a lease whose job died is taken over after {stale:.0f}s without "
@@ -174,9 +223,10 @@ class OutputLease:
         replaced it meanwhile with its own, put that back and give up."""
         with open(moved, "rb") as f:
             try:
-                taken = json.loads(f.read()).get("job_id")
+                taken = json.loads(f.read())
             except ValueError:
                 taken = None
+        taken = taken.get("job_id") if isinstance(taken, dict) else None
         if taken == stale.get("job_id"):
             os.remove(moved)
             return

@@ -18,6 +18,7 @@ still written last); a driver killed before a marker leaves parts that the next 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -33,11 +34,12 @@ import pyarrow.parquet as pq
 from ovsam_ray import io
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.schema import OUTPUT_SCHEMA
-from ovsam_ray.pipeline.faults import maybe_fail
+from ovsam_ray.pipeline.faults import install_full_disk, maybe_fail
 from ovsam_ray.pipeline.stages import SHARD_EMPTY, SHARD_FAILED
 from ovsam_ray.pipeline.stats import table_stats, write_shard_stats
 
 log = logging.getLogger(__name__)
+install_full_disk()  # a test's simulated full disk (off unless the environment asks)
 
 PARTS_DIR = "_parts"
 # Commits are retried on top of the S3 client's own retries (which ride out ~9 s), so that a
@@ -67,25 +69,34 @@ class StorageUnavailableError(RuntimeError):
     """The output storage stayed unreachable through every retry of a shard's commit."""
 
 
+# Storage errors no retry can mend within seconds: a full disk, a quota, a read-only filesystem.
+_FINAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+_RERUN = ("shards committed by this run (and any before it) are complete and kept; a shard is committed only "
+          "once its marker is written. Rerun the same command when the storage {}: it skips the committed shards "
+          "and labels the rest.")
+
+
 def with_storage_retries(what: str, write: Callable[[], Any], *, committed: int | None = None) -> Any:
-    """Run one storage write (``what``: "commit shard X"), retried with backoff."""
+    """Run one storage write (``what``: "commit shard X"), retried with backoff; a full disk or
+    a read-only filesystem ends it at once. Raises :class:`StorageUnavailableError` (one line: what,
+    the path and the error)."""
     t0 = time.time()
+    done = "The" if committed is None else f"The {committed}"
     for attempt in range(COMMIT_ATTEMPTS):
         try:
             return write()
         except (ValueError, FileNotFoundError):  # a bad table, a missing file: retrying cannot help
             raise
         except Exception as e:  # noqa: BLE001 - storage clients raise many types; all are retried
-            error = f"{type(e).__name__}: {io.redact(str(e))}"
+            error = io.safe_for_log(f"{type(e).__name__}: {io.redact(str(e))}", limit=500)
+            if isinstance(e, OSError) and e.errno in _FINAL_ERRNOS:
+                raise StorageUnavailableError(f"could not {what}: {error}. {done} "
+                                              + _RERUN.format("has room again")) from None
             log.warning("%s failed (attempt %d/%d): %s", what, attempt + 1, COMMIT_ATTEMPTS, error)
             if attempt + 1 == COMMIT_ATTEMPTS:
-                done = "The" if committed is None else f"The {committed}"
                 raise StorageUnavailableError(
                     f"could not {what} ({COMMIT_ATTEMPTS} attempts in {time.time() - t0:.0f}s; last error {error}). "
-                    f"{done} shards committed by this run (and any before it) are complete and kept; a "
-                    "shard is committed only once its marker is written. Rerun the same command when the storage "
-                    "is reachable again: it skips the committed shards and labels the rest."
-                ) from None
+                    f"{done} " + _RERUN.format("is reachable again")) from None
             time.sleep(COMMIT_BACKOFF_S * 2**attempt)
 
 
@@ -111,7 +122,7 @@ def write_parts(batch: pa.Table, *, output: str, s3_endpoint: str | None = None)
         sink = pa.BufferOutputStream()
         pq.write_table(part.select(OUTPUT_SCHEMA.names + _PART_EXTRA), sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
-        with_storage_retries(f"write a part of shard {io.safe_for_log(shard)} to {io.redact(output)}",
+        with_storage_retries(f"write the part file {io.redact(url)} of shard {io.safe_for_log(shard)}",
                              lambda url=url, data=data: io.atomic_write_bytes(url, data, s3_endpoint=s3_endpoint))
         maybe_fail("part_written")
         meta.append({
@@ -161,9 +172,10 @@ def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: 
     marker_stats = {"damage": damage or None, "committed_by": "label_job",
                     **{k: stats[k] for k in _MARKER_STATS}}
     maybe_fail("before_commit")
-    marker = with_storage_retries(f"commit shard {io.safe_for_log(shard)} to {where}",
+    marker = with_storage_retries(f"commit shard {io.safe_for_log(shard)} ({io.redact(committer.parquet_url(shard))}, "
+                                  f"then its marker {io.redact(committer.marker_url(shard))})",
                                   lambda: committer.commit(shard, table, marker_stats))
-    with_storage_retries(f"write the statistics of shard {io.safe_for_log(shard)} to {where}",
+    with_storage_retries(f"write the statistics {io.redact(io.join(output, '_stats', shard + '.json'))}",
                          lambda: write_shard_stats(output, shard, stats, s3_endpoint=s3_endpoint))
     maybe_fail("after_commit")
     _remove_quietly(parts_url(output, shard), s3_endpoint)

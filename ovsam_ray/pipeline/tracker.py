@@ -113,10 +113,23 @@ def storage_error(e: BaseException) -> StorageUnavailableError | None:
     """The StorageUnavailableError behind a task's or Ray Data's wrapped exception, unwrapped
     (its message alone: the job's one-line reason), or None."""
     seen = set()
+    chain = e
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         cause = getattr(e, "cause", None)
         if isinstance(e, StorageUnavailableError) and not isinstance(cause, StorageUnavailableError):
             return StorageUnavailableError(str(e).splitlines()[-1] if "Traceback" in str(e) else str(e))
         e = cause or e.__cause__ or e.__context__
+    return _storage_error_in_text(chain)
+
+
+_STORAGE_ERROR = f"{StorageUnavailableError.__module__}.{StorageUnavailableError.__qualname__}: "
+
+
+def _storage_error_in_text(e: BaseException) -> StorageUnavailableError | None:
+    """Ray Data's UDF error keeps the worker's exception only as text (its traceback, in the
+    message): find the StorageUnavailableError line there."""
+    for line in str(e).splitlines():
+        if _STORAGE_ERROR in line:
+            return StorageUnavailableError(line.split(_STORAGE_ERROR, 1)[1].strip())
     return None
