@@ -72,12 +72,23 @@ def pattern_root(spec: str) -> str:
     return static.rsplit("/", 1)[0] or "/"
 
 
+def _input_roots(spec: str) -> list[str]:
+    """The folders (or files) an input specification reads: a brace range over folders
+    (``d/{a,b}/s.tar``) is expanded, one within a file name (``s-{000..999}.tar``) is not."""
+    brace = spec.find("{")
+    if brace >= 0 and "/" in spec[brace:] and not any(c in spec[:brace] for c in "*?["):
+        from braceexpand import braceexpand
+
+        return sorted({pattern_root(piece) for piece in braceexpand(spec)})
+    return [pattern_root(spec)]
+
+
 def check_disjoint(inputs: Iterable[tuple[str, str | None]], outputs: Iterable[tuple[str, str | None]]) -> None:
     """Raise :class:`OverlappingLocationsError` (one line naming both) when an output equals,
     contains or lies inside an input. ``inputs``/``outputs``: ``(flag, url)`` pairs (``("--input",
-    "data/*.tar")``); a ``None`` url is skipped; an input pattern stands for its
-    :func:`pattern_root`."""
-    ins = [(flag, url, canonical_location(pattern_root(url))) for flag, url in inputs if url]
+    "data/*.tar")``); a ``None`` url is skipped; an input pattern stands for the folders it reads
+    below (:func:`pattern_root`)."""
+    ins = [(flag, url, canonical_location(root)) for flag, url in inputs if url for root in _input_roots(url)]
     for out_flag, out_url in outputs:
         if not out_url:
             continue
