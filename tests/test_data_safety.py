@@ -221,3 +221,21 @@ def test_label_with_foreign_files_allowed_leaves_them_alone(ray_local, shards, t
     assert _main(*flags) == 0  # resumed: nothing to do, nothing deleted
     assert _main(*flags, "--overwrite", "--max-prompts", "7") == 0  # another run over it
     assert len(ShardCommitter(str(out)).committed_shards()) == 1
+
+
+def test_foreign_files_on_s3_are_refused_and_ours_are_not_foreign(s3_server, s3_bucket):
+    import fsspec
+
+    from ovsam_ray.pipeline.ownership import ForeignFilesError, check_output_owned, foreign_files
+
+    fs = fsspec.filesystem("s3", endpoint_url=s3_server)
+    out = f"s3://{s3_bucket}/labels/"
+    ShardCommitter(f"s3://{s3_bucket}/labels", s3_endpoint=s3_server).commit("s1", rows_to_table([]))
+    fs.pipe_file(f"{s3_bucket}/labels/_lease.json", b"{}")
+    assert foreign_files(out, s3_endpoint=s3_server) == []
+    fs.pipe_file(f"{s3_bucket}/labels/user/notes.parquet", b"mine")
+    assert foreign_files(out, s3_endpoint=s3_server) == ["user/notes.parquet"]
+    with pytest.raises(ForeignFilesError, match="user/notes.parquet"):
+        check_output_owned(out, {"s1"}, allow_foreign_files=False, s3_endpoint=s3_server)
+    check_output_owned(out, {"s1"}, allow_foreign_files=True, s3_endpoint=s3_server)
+    assert fs.cat_file(f"{s3_bucket}/labels/user/notes.parquet") == b"mine"

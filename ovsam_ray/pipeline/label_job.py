@@ -296,6 +296,9 @@ def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) ->
     _startup(f"take the lease of the output {io.redact(cfg.output)}", lease.acquire)
     lease.start()
     try:
+        # whose files the output holds is known before any cluster starts (one listing)
+        _startup(f"check the files in the output {io.redact(cfg.output)}", lambda: check_output_owned(
+            cfg.output, names, allow_foreign_files=cfg.allow_foreign_files, s3_endpoint=cfg.model.s3_endpoint))
         if connect is not None:
             connect()
         return _run_leased(cfg, shards, names, lease, t0)
@@ -304,12 +307,11 @@ def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) ->
 
 
 def _prepare_output(cfg: LabelConfig, names: list[str], identity: dict, vocab: Any) -> tuple[str, set[str]]:
-    """With the lease held: refuse a folder of others' files, check/write the run record, delete
-    what crashed runs of this record left behind (only now: a live job's files are never deleted;
-    only names this job generates), relabel committed shards whose Parquet file is gone; returns
-    the run's state and the committed shards."""
+    """With the lease held and the output's files checked (:func:`check_output_owned`): check/write
+    the run record, delete what crashed runs of this record left behind (only now: a live job's
+    files are never deleted; only names this job generates), relabel committed shards whose
+    Parquet file is gone; returns the run's state and the committed shards."""
     s3 = cfg.model.s3_endpoint
-    check_output_owned(cfg.output, names, allow_foreign_files=cfg.allow_foreign_files, s3_endpoint=s3)
     state = check_or_write_run_record(cfg.output, _run_record(cfg, identity, vocab), overwrite=cfg.overwrite,
                                       s3_endpoint=s3, shards=names)
     committer = ShardCommitter(cfg.output, s3_endpoint=s3)
