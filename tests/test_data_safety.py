@@ -239,3 +239,11 @@ def test_foreign_files_on_s3_are_refused_and_ours_are_not_foreign(s3_server, s3_
         check_output_owned(out, {"s1"}, allow_foreign_files=False, s3_endpoint=s3_server)
     check_output_owned(out, {"s1"}, allow_foreign_files=True, s3_endpoint=s3_server)
     assert fs.cat_file(f"{s3_bucket}/labels/user/notes.parquet") == b"mine"
+
+
+def test_shard_names_name_the_colliding_shards():
+    from ovsam_ray.data.shards import ShardSpecError, shard_names
+
+    assert shard_names(["a/s.tar", "a/t.tgz"]) == ["s", "t"]
+    with pytest.raises(ShardSpecError, match=r"a/s\.tar and b/s\.tar\.gz"):
+        shard_names(["a/s.tar", "b/s.tar.gz"])

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ovsam_ray import io
-from ovsam_ray.data.shards import list_shards, shard_name
+from ovsam_ray.data.shards import list_shards, shard_name, shard_names
 from ovsam_ray.evaluation.coco_ap import (
     LABEL_SOURCES,
     SCORE_MODES,
@@ -276,6 +276,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     s3 = cfg.model.s3_endpoint
     lookup = ClassLookup(eval_vocabulary(cfg.model))
     shards = list_shards(cfg.input, s3_endpoint=s3)
+    shard_names(shards)  # the prompted shards and label files are named after them: refuse a clash
     result = (_interactive if cfg.mode == "interactive" else _detector)(cfg, shards, lookup, s3)
     markdown = result.pop("markdown")
     title = f"# ovsam-ray eval: {cfg.mode}" + (f" ({cfg.prompts} prompts)" if cfg.mode == "interactive" else

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from ovsam_ray import __version__, io
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS
-from ovsam_ray.data.shards import list_shards, shard_name
+from ovsam_ray.data.shards import list_shards, shard_names
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
@@ -269,17 +269,7 @@ def _drive(cfg: LabelConfig, todo: list[str], text: dict, tracker: ShardTracker,
 
 def _list_input(cfg: LabelConfig) -> tuple[list[str], list[str]]:
     shards = list_shards(cfg.input, s3_endpoint=cfg.model.s3_endpoint)
-    names = [shard_name(u) for u in shards]
-    by_name: dict[str, list[str]] = {}
-    for url, name in zip(shards, names):
-        by_name.setdefault(name, []).append(url)
-    clashes = [urls for urls in by_name.values() if len(urls) > 1]
-    if clashes:
-        shown = "; ".join(" and ".join(io.safe_for_log(io.redact(u), limit=120) for u in urls[:3])
-                          for urls in clashes[:3])
-        raise ValueError(f"input shards must have distinct file names (they name the output files): {shown}"
-                         + (f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""))
-    return shards, names
+    return shards, shard_names(shards)
 
 
 def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) -> LabelSummary:
