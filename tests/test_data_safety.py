@@ -247,3 +247,19 @@ def test_shard_names_name_the_colliding_shards():
     assert shard_names(["a/s.tar", "a/t.tgz"]) == ["s", "t"]
     with pytest.raises(ShardSpecError, match=r"a/s\.tar and b/s\.tar\.gz"):
         shard_names(["a/s.tar", "b/s.tar.gz"])
+
+
+def test_relabel_takes_the_output_lease(tmp_path):
+    import time
+
+    from ovsam_ray.pipeline.lease import LEASE_NAME
+    from ovsam_ray.pipeline.relabel import RelabelConfig, run_relabel
+
+    _label_output(tmp_path / "X")
+    out = tmp_path / "Y"
+    out.mkdir()
+    (out / LEASE_NAME).write_text(json.dumps({"job_id": "a" * 32, "host": "elsewhere", "pid": 7,
+                                              "heartbeat": time.time(), "heartbeat_at": "now", "interval_s": 30}))
+    with pytest.raises(RuntimeError, match="in use by another"):
+        run_relabel(RelabelConfig(input=str(tmp_path / "X"), output=str(out), vocab="v.txt"))
+    assert sorted(os.listdir(out)) == [LEASE_NAME]
