@@ -37,6 +37,7 @@ from ovsam_ray.pipeline.parts import (
     COMMIT_ATTEMPTS,
     COMMIT_BACKOFF_S,
     StorageUnavailableError,
+    parts_url,
     remove_all_parts,
     with_storage_retries,
 )
@@ -307,7 +308,9 @@ def _prepare_output(cfg: LabelConfig, names: list[str], identity: dict, vocab: A
     committer = ShardCommitter(cfg.output, s3_endpoint=s3)
     committed = committer.committed_shards()  # listed once: the steps below only remove from it
     committer.cleanup_temporaries(names, committed)
-    remove_all_parts(cfg.output, s3_endpoint=s3)
+    if io.exists(parts_url(cfg.output), s3_endpoint=s3):
+        log.info("deleting %s (part files of an interrupted run)", io.redact(parts_url(cfg.output)))
+        remove_all_parts(cfg.output, s3_endpoint=s3)
     for name in committer.markers_without_parquet(committed):
         log.error("%s Relabelling it now.", committer.missing_file_error(name))
         io.remove(committer.marker_url(name), s3_endpoint=s3)
