@@ -15,7 +15,6 @@ except through :func:`safe_join`.
 from __future__ import annotations
 
 import os
-import posixpath
 import re
 import urllib.parse
 import uuid
@@ -34,7 +33,6 @@ __all__ = [
     "is_remote",
     "join",
     "list_files",
-    "normalise_location",
     "open_url",
     "read_bytes",
     "redact",
@@ -108,18 +106,6 @@ def check_endpoint(endpoint: str | None) -> None:
         shown = safe_for_log(redact(endpoint), limit=100)
         raise ValueError(f"--s3-endpoint {shown!r} is not an endpoint URL: expected http(s)://HOST[:PORT], e.g. "
                          "http://127.0.0.1:9000 or https://s3.us-east-1.amazonaws.com")
-
-
-def normalise_location(url: str) -> str:
-    """``url`` in one spelling per location, to compare locations: a local path made absolute with
-    ``~``, ``.``, ``..``, repeated and trailing slashes resolved and symlinks followed; a URL with
-    its scheme lower-cased (``s3a`` -> ``s3``) and its path normalised the same way as text."""
-    protocol = _protocol(url)
-    if protocol == "file":
-        path = url[len("file://"):] if url.startswith("file://") else url
-        return os.path.realpath(os.path.expanduser(path))
-    rest = _SCHEME_RE.sub("", url, count=1)
-    return f"{protocol}://" + posixpath.normpath("/" + rest).lstrip("/")
 
 
 def join(url: str, *names: str) -> str:

@@ -91,3 +91,70 @@ def shapes_vocab(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("vocab") / "shapes.txt"
     path.write_text("\n".join(shape_vocabulary_names()) + "\n")
     return str(path)
+
+
+class Bystanders:
+    """A user's own files (a ``.parquet``, a ``.json``, a ``.tar``) planted inside and beside an
+    output folder; :meth:`check` asserts every one is still there, byte for byte."""
+
+    NAMES = ("user-table.parquet", "user-notes.json", "user-archive.tar")
+
+    def __init__(self) -> None:
+        self.files: dict[str, str] = {}
+
+    def _plant(self, path: str) -> None:
+        import hashlib
+        import io as _io
+        import tarfile
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if path.endswith(".parquet"):
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.table({"mine": [1, 2, 3]}), sink)
+            data = sink.getvalue().to_pybytes()
+        elif path.endswith(".tar"):
+            buf = _io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                info = tarfile.TarInfo("mine.txt")
+                info.size = 4
+                tar.addfile(info, _io.BytesIO(b"mine"))
+            data = buf.getvalue()
+        else:
+            data = b'{"mine": true}\n'
+        with open(path, "wb") as f:
+            f.write(data)
+        self.files[path] = hashlib.sha256(data).hexdigest()
+
+    def beside(self, output: str | os.PathLike) -> None:
+        """Plant the files next to ``output`` (in its parent folder, named after it)."""
+        out = os.path.abspath(os.fspath(output)).rstrip(os.sep)
+        for name in self.NAMES:
+            self._plant(f"{out}.{name}")
+
+    def inside(self, output: str | os.PathLike) -> None:
+        """Plant the files in ``output`` (created if missing)."""
+        for name in self.NAMES:
+            self._plant(os.path.join(os.fspath(output), name))
+
+    def around(self, output: str | os.PathLike) -> None:
+        self.beside(output)
+        self.inside(output)
+
+    def check(self) -> None:
+        import hashlib
+
+        for path, digest in self.files.items():
+            assert os.path.isfile(path), f"bystander {path} was deleted"
+            with open(path, "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == digest, f"bystander {path} was changed"
+
+
+@pytest.fixture
+def bystanders() -> Iterator[Bystanders]:
+    """Files of a user's own beside and inside output folders, checked unchanged after the test."""
+    planted = Bystanders()
+    yield planted
+    planted.check()

@@ -73,10 +73,11 @@ def test_convert_coco_keeps_rle_polygons_crowd_and_prompts(tmp_path):
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(again, name), "rb").read()
 
 
-def test_convert_coco_skips_missing_image_and_cli(tmp_path):
+def test_convert_coco_skips_missing_image_and_cli(tmp_path, bystanders):
     ann_path, images, _, _ = make_coco(str(tmp_path / "coco"))
     os.remove(os.path.join(images, "000000000009.png"))
     out = str(tmp_path / "shards")
+    bystanders.beside(out)
     assert main(["convert", "coco", "--annotations", ann_path, "--images", images, "--output", out,
                  "--images-per-shard", "10", "--prompts", "none"]) == 0
     got = samples(out)

@@ -330,7 +330,7 @@ def shapes_json_vocab(tmp_path) -> str:
     return str(path)
 
 
-def test_eval_detector_mode_on_ground_truth_labels_gives_ap_1(ray_local, tmp_path, shapes_json_vocab):
+def test_eval_detector_mode_on_ground_truth_labels_gives_ap_1(ray_local, tmp_path, shapes_json_vocab, bystanders):
     ann_path, images, dataset, _ = make_coco(str(tmp_path / "coco"))
     results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
                for a in dataset["annotations"] if not a["iscrowd"]]
@@ -340,6 +340,7 @@ def test_eval_detector_mode_on_ground_truth_labels_gives_ap_1(ray_local, tmp_pat
     labels = str(tmp_path / "gt_labels")
     gt_label_output(dataset, labels, shard_of=lambda i: "shard-000000" if i <= 9 else "shard-000001")
     model = ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_json_vocab, train_vocab="shapes")
+    bystanders.around(tmp_path / "eval")
     out = run_eval(EvalConfig(input=shards, output=str(tmp_path / "eval"), mode="detector", labels=labels,
                               model=model, categories=ann_path))
     m = out["metrics"]
@@ -357,11 +358,12 @@ def test_eval_detector_mode_on_ground_truth_labels_gives_ap_1(ray_local, tmp_pat
     assert direct[0] == pytest.approx(m["all"]["AP"])
 
 
-def test_eval_interactive_and_detector_end_to_end(ray_local, tmp_path, shapes_vocab):
+def test_eval_interactive_and_detector_end_to_end(ray_local, tmp_path, shapes_vocab, bystanders):
     src = str(tmp_path / "synthetic")
     generate_shards(src, num_images=4, images_per_shard=2, seed=5, image_size=(64, 48))
     model = ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab)
     out = str(tmp_path / "eval")
+    bystanders.around(out)
     result = run_eval(EvalConfig(input=src, output=out, prompts="both", model=model, batch_size=4))
     objects = sum(len(json.loads(s)["annotations"]) for s in _jsons(src))
     m = result["metrics"]

@@ -55,11 +55,12 @@ def test_mask_to_polygons():
     assert mask_to_polygons(np.zeros((5, 5), bool)) == []
 
 
-def test_export_coco_of_ground_truth_masks_gives_ap_1(coco, tmp_path):
+def test_export_coco_of_ground_truth_masks_gives_ap_1(coco, tmp_path, bystanders):
     ann_path, _, dataset, _ = coco
     labels = str(tmp_path / "labels")
     gt_label_output(dataset, labels, shard_of=lambda i: "shard-000000" if i < 9 else "shard-000001")
     out = str(tmp_path / "export" / "coco.json")
+    bystanders.around(tmp_path / "export")
     stats = export_coco(labels, out, categories=ann_path)
     assert stats == {"images": 3, "annotations": 4, "dropped": 0, "below_min_score": 0, "error_rows": 1,
                      "images_written": 0, "images_missing": 0}
@@ -82,13 +83,14 @@ def test_export_streams_in_batches(coco, tmp_path):
     assert len(label_files(labels)) == 1
 
 
-def test_export_yolo(coco, tmp_path):
+def test_export_yolo(coco, tmp_path, bystanders):
     _, _, dataset, masks = coco
     labels = str(tmp_path / "labels")
     gt_label_output(dataset, labels)
     shards = str(tmp_path / "shards")
     convert_coco(coco[0], coco[1], shards)
     out = str(tmp_path / "yolo")
+    bystanders.around(out)
     stats = export_yolo(labels, out, classes=coco[0], shards=shards, with_images=True)
     assert stats == {"images": 3, "instances": 4, "dropped": 0, "error_rows": 1, "images_written": 3,
                      "images_missing": 0}
@@ -103,7 +105,7 @@ def test_export_yolo(coco, tmp_path):
     assert 'names:\n  0: "circle"\n  1: "square"\n  2: "triangle"' in yaml
 
 
-def test_export_labelstudio_and_sa1b(coco, tmp_path):
+def test_export_labelstudio_and_sa1b(coco, tmp_path, bystanders):
     _, _, dataset, masks = coco
     labels = str(tmp_path / "labels")
     gt_label_output(dataset, labels)
@@ -121,6 +123,7 @@ def test_export_labelstudio_and_sa1b(coco, tmp_path):
     assert pts[:, 0].min() == pytest.approx(100 * 4 / 64)  # the square starts at x=4
 
     out = str(tmp_path / "sa1b")
+    bystanders.around(out)
     assert export_sa1b(labels, out) == {"images": 3, "annotations": 4, "error_rows": 1}
     record = json.load(open(os.path.join(out, "shard-000000", "000000000005.json")))
     assert record["image"]["width"] == 64 and record["image"]["image_id"] == "5"

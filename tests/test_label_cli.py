@@ -66,7 +66,7 @@ def test_malformed_s3_endpoint_is_one_line_exit_2(shards, endpoint):
 
 def test_output_equal_to_input_in_another_spelling_is_exit_2(shards):
     code, _, err = _label("--input", shards, "--output", shards + "/./")
-    _assert_one_line_stop(code, err, "inside it")
+    _assert_one_line_stop(code, err, "is the same location as --input")
 
 
 def test_unreachable_storage_is_one_line_exit_2(shards):
@@ -88,13 +88,14 @@ def test_output_in_use_by_a_live_job_is_one_line_exit_2(shards, tmp_path):
     assert sorted(os.listdir(out)) == [LEASE_NAME]  # nothing written, nothing cleaned
 
 
-def test_uncommitted_shard_exits_3_whatever_max_error_fraction(shards, tmp_path):
+def test_uncommitted_shard_exits_3_whatever_max_error_fraction(shards, tmp_path, bystanders):
     src = tmp_path / "in"
     src.mkdir()
     for name in os.listdir(shards):
         os.symlink(os.path.join(shards, name), src / name)
     (src / "broken.tar").write_bytes(b"this is not a tar archive" * 40)
     out = str(tmp_path / "labels")
+    bystanders.beside(out)
     code, stdout, err = _label("--input", str(src), "--output", out, "--max-error-fraction", "1")
     assert code == 3, err[-3000:]
     summary = json.loads(stdout)

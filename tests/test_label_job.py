@@ -27,8 +27,9 @@ def read_rows(output: str) -> pd.DataFrame:
     return pds.dataset(output, format="parquet").to_table().to_pandas()
 
 
-def test_label_job_local_exactly_once_and_rerun_skips(ray_local, tmp_shards, shapes_vocab, tmp_path):
+def test_label_job_local_exactly_once_and_rerun_skips(ray_local, tmp_shards, shapes_vocab, tmp_path, bystanders):
     out = str(tmp_path / "labels")
+    bystanders.beside(out)
     cfg = LabelConfig(input=os.path.dirname(tmp_shards[0]), output=out, model=tiny(shapes_vocab), batch_size=3)
     summary = run_label(cfg)
     assert summary.shards_committed == 3 and summary.images_ok == 10 and summary.images_error == 0
@@ -61,8 +62,9 @@ def test_label_job_local_exactly_once_and_rerun_skips(ray_local, tmp_shards, sha
     assert len(read_rows(out)) == 10
 
 
-def test_changed_vocabulary_is_refused_unless_overwrite(ray_local, tmp_shards, shapes_vocab, tmp_path):
+def test_changed_vocabulary_is_refused_unless_overwrite(ray_local, tmp_shards, shapes_vocab, tmp_path, bystanders):
     out = str(tmp_path / "labels")
+    bystanders.beside(out)
     src = os.path.dirname(tmp_shards[0])
     run_label(LabelConfig(input=src, output=out, model=tiny(shapes_vocab), limit=1))
     other = tmp_path / "other.txt"

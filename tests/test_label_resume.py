@@ -16,8 +16,9 @@ from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.pipeline.label_job import LabelConfig, run_label
 
 
-def test_sigkilled_driver_then_rerun_finishes_exactly_once(ray_local, shapes_vocab, tmp_path):
+def test_sigkilled_driver_then_rerun_finishes_exactly_once(ray_local, shapes_vocab, tmp_path, bystanders):
     src, out = str(tmp_path / "shards"), str(tmp_path / "labels")
+    bystanders.beside(out)
     shards = generate_shards(src, num_images=24, images_per_shard=2, seed=11, image_size=(64, 48))
     cmd = [sys.executable, "-m", "ovsam_ray.cli", "label", "--input", src, "--output", out,
            "--preset", "ovsam_tiny", "--random-init", "--vocab", shapes_vocab, "--batch-size", "1",

@@ -18,11 +18,13 @@ def _rows(out: str) -> dict:
     return {(r["shard"], r["key"]): r for r in pds.dataset(out, format="parquet").to_table().to_pylist()}
 
 
-def test_relabel_equals_label_job_with_the_new_vocabulary(ray_local, tmp_shards, shapes_vocab, tmp_path):
+def test_relabel_equals_label_job_with_the_new_vocabulary(ray_local, tmp_shards, shapes_vocab, tmp_path, bystanders):
     src = os.path.dirname(tmp_shards[0])
     other = tmp_path / "other.txt"
     other.write_text("circle\nsquare, box\ntriangle\nblob\nstar\n")
     first, direct, relabelled = (str(tmp_path / n) for n in ("first", "direct", "relabelled"))
+    bystanders.beside(first)
+    bystanders.beside(relabelled)
 
     def job(vocab: str, out: str) -> None:
         run_label(LabelConfig(input=src, output=out, with_embedding=True, limit=2,

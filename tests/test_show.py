@@ -31,7 +31,7 @@ def test_render_overlay_tints_only_the_mask():
     assert (np.asarray(render_overlay(image, [inst], min_score=0.95)) == image).all()
 
 
-def test_show_writes_one_png_per_sampled_image(tmp_path):
+def test_show_writes_one_png_per_sampled_image(tmp_path, bystanders):
     ann_path, images, dataset, _ = make_coco(str(tmp_path / "coco"))
     shards = str(tmp_path / "shards")
     convert_coco(ann_path, images, shards, images_per_shard=2)
@@ -41,6 +41,7 @@ def test_show_writes_one_png_per_sampled_image(tmp_path):
     assert [r["key"] for r in sample_rows(labels, 2, seed=1)] == [r["key"] for r in sample_rows(labels, 2, seed=1)]
 
     out = str(tmp_path / "show")
+    bystanders.around(out)
     written = show(labels, out, n=2, shards=shards)
     assert len(written) == 2 and all(os.path.exists(p) for p in written)
     for path in written:

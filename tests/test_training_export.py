@@ -64,6 +64,16 @@ def test_local_run_checkpoints_and_exports_the_released_layout(trained):
     assert meta["step"] == 2 and meta["stage"] == "cotrain"
 
 
+def test_cli_export_writes_beside_a_users_files_and_never_into_the_run(trained, tmp_path, bystanders):
+    from ovsam_ray.cli import main
+
+    out = tmp_path / "weights"
+    bystanders.around(out)
+    run = trained["cfg"].run.run_url
+    assert main(["train", "export", "--run", run, "--output", str(out)]) == 0
+    assert main(["train", "export", "--run", run, "--output", os.path.join(run, "..", "local", "w")]) == 2
+
+
 def test_export_then_load_gives_the_in_memory_outputs(trained):
     net = trained["net"]
     loaded = load_ovsam("ovsam_tiny", weights=trained["weights"], train_vocab="shapes")

@@ -158,7 +158,7 @@ def test_uncommitted_parquet_is_ignored_overwritten_and_cleaned(tmp_path, monkey
     # stray temporaries from a killed writer
     (tmp_path / "out" / f".s3.parquet.tmp-{'0' * 32}").write_bytes(b"partial")
     (tmp_path / "out" / "notes.txt").write_text("user file")
-    removed = committer.cleanup_temporaries()
+    removed = committer.cleanup_temporaries({"s1", "s2", "s3"})
     assert sorted(r.rsplit("/", 1)[-1] for r in removed) == [f".s3.parquet.tmp-{'0' * 32}", "s2.parquet"]
     assert sorted(os.listdir(out)) == ["_committed", "notes.txt", "s1.parquet"]
     # a rerun commits s2 normally

@@ -9,7 +9,7 @@ from typing import Any
 
 from ovsam_ray.inference import ModelConfig
 
-__all__ = ["add_model_args", "init_ray", "model_config", "parse_concurrency", "print_json"]
+__all__ = ["add_model_args", "check_locations", "init_ray", "model_config", "parse_concurrency", "print_json"]
 
 
 def add_model_args(p: argparse.ArgumentParser, default_preset: str = "ovsam_rn50x16") -> None:
@@ -70,3 +70,22 @@ def init_ray(address: str | None = None) -> None:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1, default=str))
+
+
+def check_locations(a: argparse.Namespace, inputs: tuple[str, ...], outputs: tuple[str, ...] = ("output",),
+                    *, labels: str | None = None) -> None:
+    """Refuse (one line, exit 2) an output flag of ``a`` that is, holds or lies inside one of its
+    input flags (given by their ``dest`` names; absent or unset flags are skipped). ``labels``: a
+    label output whose run record's input shards are read too (``--shards`` defaults to them)."""
+    from ovsam_ray.labels.run_record import read_run_record
+    from ovsam_ray.locations import check_disjoint
+
+    def flags(names: tuple[str, ...]) -> list[tuple[str, str | None]]:
+        return [("--" + n.replace("_", "-"), getattr(a, n, None)) for n in names]
+
+    extra: list[tuple[str, str | None]] = []
+    if labels is not None and not getattr(a, "shards", None):
+        record = read_run_record(labels, s3_endpoint=getattr(a, "s3_endpoint", None)) or {}
+        shards = ((record.get("details") or {}).get("config") or {}).get("input")
+        extra = [(f"the shards of {labels} (its run record's input)", shards)] if isinstance(shards, str) else []
+    check_disjoint(flags(inputs) + extra, flags(outputs))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ovsam_ray.cli.common import print_json
+from ovsam_ray.cli.common import check_locations, print_json
 
 __all__ = ["add_convert", "add_convert_clip"]
 
@@ -23,6 +23,7 @@ def _shard_args(p: argparse.ArgumentParser, prompts: bool = True) -> None:
 def _convert(a: argparse.Namespace) -> int:
     from ovsam_ray.convert import CONVERTERS
 
+    check_locations(a, ("input", "annotations", "images", "synsets", "results"))
     # The flags of ``convert <format>`` are its converter's keyword arguments.
     options = {k: v for k, v in vars(a).items() if k not in ("command", "format", "func")}
     print_json(CONVERTERS[a.format](**options).to_dict())
@@ -32,6 +33,7 @@ def _convert(a: argparse.Namespace) -> int:
 def _convert_clip(a: argparse.Namespace) -> int:
     from ovsam_ray.weights import convert_torchscript_clip
 
+    check_locations(a, ("input",))
     print(f"{convert_torchscript_clip(a.input, a.output)} tensors -> {a.output}")
     return 0
 

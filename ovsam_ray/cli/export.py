@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ovsam_ray.cli.common import print_json
+from ovsam_ray.cli.common import check_locations, print_json
 
 __all__ = ["add_export"]
 
@@ -13,6 +13,7 @@ __all__ = ["add_export"]
 def _export(a: argparse.Namespace) -> int:
     from ovsam_ray.export import EXPORTERS
 
+    check_locations(a, ("input", "shards", "categories", "classes"), labels=a.input)
     # The flags of ``export <format>`` other than --input/--output are its exporter's keyword arguments.
     options = {k: v for k, v in vars(a).items() if k not in ("command", "format", "func", "input", "output")}
     print_json(EXPORTERS[a.format](a.input, a.output, **options))

@@ -44,6 +44,7 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default="1", help="model actors: N or MIN,MAX")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor (0: run on CPUs)")
     p.add_argument("--overwrite", action="store_true", help="delete a different run's outputs and start over")
+    _foreign_flag(p)
     p.add_argument("--max-error-fraction", type=float, default=0.0)
     p.add_argument("--limit", type=int, help="label at most N not-yet-committed shards")
     p.add_argument("--with-embedding", action="store_true", help="store float16 region embeddings (re-scoring)")
@@ -83,6 +84,12 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, default_preset="ovsam_rn50x16")
 
 
+def _foreign_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-foreign-files", action="store_true",
+                   help="write into an output folder that holds files no ovsam-ray command wrote (they are left "
+                        "alone; without this flag such a folder is refused)")
+
+
 def label_config(a: argparse.Namespace) -> LabelConfig:
     if a.baseline:  # no model, so no weights: the model config only names the vocabulary
         a.random_init = True
@@ -115,6 +122,7 @@ def label_config(a: argparse.Namespace) -> LabelConfig:
         decode_chunk=a.decode_chunk,
         max_prompts=a.max_prompts,
         lease_heartbeat_s=a.lease_heartbeat_s,
+        allow_foreign_files=a.allow_foreign_files,
     )
 
 
@@ -187,7 +195,7 @@ def _relabel(a: argparse.Namespace) -> int:
     from ovsam_ray.pipeline.relabel import RelabelConfig, run_relabel
 
     cfg = RelabelConfig(input=a.input, output=a.output, vocab=a.vocab, overwrite=a.overwrite,
-                        s3_endpoint=a.s3_endpoint)
+                        s3_endpoint=a.s3_endpoint, allow_foreign_files=a.allow_foreign_files)
     init_ray(a.ray_address)
     print(json.dumps(run_relabel(cfg), indent=1))
     return 0
@@ -205,6 +213,7 @@ def add_relabel(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True)
     p.add_argument("--vocab", required=True)
     p.add_argument("--overwrite", action="store_true")
+    _foreign_flag(p)
     p.add_argument("--s3-endpoint")
     p.add_argument("--ray-address")
     p.set_defaults(func=_relabel)

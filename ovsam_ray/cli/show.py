@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from ovsam_ray.cli.common import check_locations
+
 __all__ = ["add_show"]
 
 
 def _show(a: argparse.Namespace) -> int:
     from ovsam_ray.show import show
 
+    check_locations(a, ("input", "shards"), labels=a.input)
     written = show(a.input, a.output, n=a.n, shards=a.shards, seed=a.seed, min_score=a.min_score,
                    sheet=a.sheet, s3_endpoint=a.s3_endpoint)
     print("\n".join(written))

@@ -43,6 +43,7 @@ __all__ = [
     "list_shards",
     "read_shard",
     "shard_name",
+    "shard_names",
     "split_member_name",
 ]
 
@@ -131,6 +132,22 @@ def shard_name(url: str) -> str:
     if not name or name[0] in "._@":
         name = "@" + name
     return name
+
+
+def shard_names(urls: list[str]) -> list[str]:
+    """:func:`shard_name` of each URL; raises :class:`ShardSpecError` naming the colliding shards
+    when two give one name (``a/s.tar`` and ``b/s.tar``): output files are named after them."""
+    names = [shard_name(u) for u in urls]
+    by_name: dict[str, list[str]] = {}
+    for url, name in zip(urls, names):
+        by_name.setdefault(name, []).append(url)
+    clashes = [found for found in by_name.values() if len(found) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(io.safe_for_log(io.redact(u), limit=120) for u in found[:3])
+                          for found in clashes[:3])
+        more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+        raise ShardSpecError(f"input shards must have distinct file names (they name the output files): {shown}{more}")
+    return names
 
 
 def _percent_escape(match: re.Match[str]) -> str:

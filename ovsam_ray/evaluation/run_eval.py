@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ovsam_ray import io
-from ovsam_ray.data.shards import list_shards, shard_name
+from ovsam_ray.data.shards import list_shards, shard_name, shard_names
 from ovsam_ray.evaluation.coco_ap import (
     LABEL_SOURCES,
     SCORE_MODES,
@@ -49,6 +49,7 @@ from ovsam_ray.inference import ModelConfig
 from ovsam_ray.labels.reader import read_label_file
 from ovsam_ray.labels.run_record import read_run_record
 from ovsam_ray.labels.schema import RUN_RECORD_NAME
+from ovsam_ray.locations import check_disjoint
 from ovsam_ray.model.text_embedding import clean_class_name
 from ovsam_ray.vocabulary import Vocabulary
 
@@ -99,6 +100,17 @@ class EvalConfig:
             raise ValueError(f"max_dets={self.max_dets}: must be >= 1")
         if self.model is None and self.labels is None:
             raise ValueError("no model: give the model (weights or random_init) or an existing label output")
+        check_disjoint([("--input", self.input), ("--labels", self.labels), ("--categories", self.categories)],
+                       [("--output", io.join(self.output, name)) for name in self.written()])
+
+    def written(self) -> list[str]:
+        """What the evaluation writes below ``output``: the metrics, and without ``labels`` the
+        label job's output (and, interactive, the prompted shards it labels)."""
+        names = ["metrics.json", "metrics.md"]
+        if self.labels is None:
+            names += [f"shards_{self.prompts}", f"labels_{self.prompts}"] if self.mode == "interactive" else [
+                "labels_detector"]
+        return names
 
 
 def _model_from_run_record(labels: str, s3_endpoint: str | None) -> ModelConfig:
@@ -186,7 +198,7 @@ def _prompted_shards(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3
 def _interactive(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3: str | None) -> dict[str, Any]:
     if cfg.labels is None:
         work = _prompted_shards(cfg, shards, lookup, s3)
-        labels = io.join(cfg.output, f"labels_{cfg.prompts}")
+        labels = io.join(cfg.output, f"labels_{cfg.prompts}")  # EvalConfig.written() names it
         label_summary = _label(cfg, work, labels)
         shards = list_shards(work, s3_endpoint=s3)
     else:
@@ -264,6 +276,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     s3 = cfg.model.s3_endpoint
     lookup = ClassLookup(eval_vocabulary(cfg.model))
     shards = list_shards(cfg.input, s3_endpoint=s3)
+    shard_names(shards)  # the prompted shards and label files are named after them: refuse a clash
     result = (_interactive if cfg.mode == "interactive" else _detector)(cfg, shards, lookup, s3)
     markdown = result.pop("markdown")
     title = f"# ovsam-ray eval: {cfg.mode}" + (f" ({cfg.prompts} prompts)" if cfg.mode == "interactive" else

@@ -26,7 +26,7 @@ import numpy as np
 
 from ovsam_ray import io
 from ovsam_ray.data.rle import box_fill_mask, decode_rle
-from ovsam_ray.data.shards import iter_shard_samples, shard_name
+from ovsam_ray.data.shards import iter_shard_samples, shard_names
 from ovsam_ray.evaluation.prompts import object_mask, with_gt_prompts
 from ovsam_ray.labels.reader import label_files, read_label_file
 from ovsam_ray.model.text_embedding import clean_class_name
@@ -238,7 +238,7 @@ def shard_metas(shard_url: str, s3_endpoint: str | None = None) -> dict[str, dic
 
 def label_shard_pairs(labels: str, shards: Sequence[str], s3_endpoint: str | None = None) -> list[tuple[str, str]]:
     """(label file, input shard) pairs of a label output, matched by the shard's name."""
-    by_name = {shard_name(u): u for u in shards}
+    by_name = dict(zip(shard_names(list(shards)), shards))
     pairs = []
     for url in label_files(labels, s3_endpoint=s3_endpoint):
         name = url.rsplit("/", 1)[-1][: -len(".parquet")]

@@ -1,8 +1,9 @@
 """The commit protocol: one Parquet file per input shard, written atomically, its marker last.
 
 A shard is committed iff its marker ``<output>/_committed/<shard>.json`` exists; a Parquet file
-without a marker is left over from a crash and is overwritten by the next run. Temporary files
-start with ``.`` and committed-marker and run-record names with ``_``, so
+of one of the run's shards without a marker is left over from a crash and is deleted or
+overwritten by the next run of the same run record; a file of any other name is never deleted.
+Temporary files start with ``.`` and committed-marker and run-record names with ``_``, so
 ``pyarrow.dataset``/``pandas.read_parquet(<output>)`` and ``*.parquet`` globs only ever see
 complete Parquet files.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+from collections.abc import Collection
 from typing import Any
 
 import pyarrow as pa
@@ -22,6 +25,8 @@ from ovsam_ray import io
 from ovsam_ray.labels.schema import RUN_RECORD_NAME, conform_table, timestamp
 
 __all__ = ["MissingShardFileError", "ShardCommitter"]
+
+log = logging.getLogger(__name__)
 
 
 def _table_counts(table: pa.Table) -> dict[str, int]:
@@ -119,51 +124,44 @@ class ShardCommitter:
         io.atomic_write_bytes(self.marker_url(shard_name), payload, s3_endpoint=self.s3_endpoint)
         return marker
 
-    def cleanup_temporaries(self, committed: set[str] | None = None) -> list[str]:
-        """Delete temporaries and uncommitted Parquet files; return the deleted URLs.
+    def cleanup_temporaries(self, shards: Collection[str], committed: set[str] | None = None) -> list[str]:
+        """Delete what a crashed run of this folder's own run left behind; return the deleted URLs.
 
-        Call it at job start, before any committer of this output runs: a Parquet file without a
-        marker is only garbage when nobody is between writing it and writing its marker.
-        ``committed``: the committed shard names, when the caller has listed them already.
+        Deleted: our temporaries (``.<name>.tmp-<uuid>``) and ``<shard>.parquet`` without a marker
+        for a shard in ``shards`` (this run's input, whose run record the caller has checked is the
+        folder's own). Any other file is never ours to delete: a user's ``notes.parquet``, the
+        converter's ``_image_classes.parquet``. Call it at job start, before any committer of this
+        output runs (a Parquet file without a marker is only garbage when nobody is between writing
+        it and writing its marker). ``committed``: the committed shard names, when already listed.
         """
         committed = self.committed_shards() if committed is None else committed
+        strays = {f"{n}.parquet" for n in shards if n not in committed}
         removed = []
         for folder in (self.output_url, io.join(self.output_url, "_committed")):
             for url in io.list_files(folder, s3_endpoint=self.s3_endpoint):
                 name = url.rsplit("/", 1)[-1]
-                stray_parquet = (
-                    folder == self.output_url and name.endswith(".parquet") and name[:-8] not in committed
-                )
-                if _TMP_RE.match(name) or stray_parquet:
+                if _TMP_RE.match(name) or (folder == self.output_url and name in strays):
+                    log.info("deleting %s (left behind by an interrupted run)", io.safe_for_log(io.redact(url)))
                     io.remove(url, s3_endpoint=self.s3_endpoint)
                     removed.append(url)
         return removed
 
-    def delete_all(self) -> list[str]:
-        """Delete every file the label job owns here (markers first, so that an interrupted
-        delete never leaves a marker without its Parquet file); other files are left alone."""
+    def delete_all(self, shards: Collection[str] = ()) -> list[str]:
+        """Delete the old run's results here: its committed shards (markers first, so that an
+        interrupted delete never leaves a marker without its Parquet file), temporaries and strays
+        of ``shards`` (see :meth:`cleanup_temporaries`), per-shard statistics, ``_stats.json``,
+        ``_summary.json`` and the run record. Files of any other name are left alone."""
         names = sorted(self.committed_shards())
         targets = [self.marker_url(n) for n in names] + [self.parquet_url(n) for n in names]
-        removed = []
+        # The label job's statistics and summary describe the deleted shards: they go too.
+        targets += io.list_files(io.join(self.output_url, "_stats"), suffix=".json", s3_endpoint=self.s3_endpoint)
+        fixed = (io.join(self.output_url, n) for n in ("_stats.json", "_summary.json", RUN_RECORD_NAME))
+        targets += [u for u in fixed if io.exists(u, s3_endpoint=self.s3_endpoint)]
         for url in targets:
             io.remove(url, s3_endpoint=self.s3_endpoint)
-            removed.append(url)
-        removed += self.cleanup_temporaries()
-        # The label job's statistics and summary describe the deleted shards: they go too.
-        stats_dir = io.join(self.output_url, "_stats")
-        stale = io.list_files(stats_dir, s3_endpoint=self.s3_endpoint)
-        io.remove_tree(stats_dir, s3_endpoint=self.s3_endpoint)
-        removed += stale
-        for name in ("_stats.json", "_summary.json"):
-            url = io.join(self.output_url, name)
-            if io.exists(url, s3_endpoint=self.s3_endpoint):
-                io.remove(url, s3_endpoint=self.s3_endpoint)
-                removed.append(url)
-        record_url = io.join(self.output_url, RUN_RECORD_NAME)
-        if io.exists(record_url, s3_endpoint=self.s3_endpoint):
-            io.remove(record_url, s3_endpoint=self.s3_endpoint)
-            removed.append(record_url)
-        return removed
+        log.info("--overwrite: deleted %d files of the previous run in %s (%d committed shards)", len(targets),
+                 io.redact(self.output_url), len(names))
+        return targets + self.cleanup_temporaries(shards, committed=set())
 
 
 def _check_shard_name(name: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from ovsam_ray import io
-from ovsam_ray.data.shards import list_shards, shard_name
+from ovsam_ray.data.shards import list_shards, shard_names
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.run_record import read_run_record
 
@@ -82,4 +82,5 @@ def source_shards(labels: str, shards: str | None = None, *, s3_endpoint: str | 
         shards = (record.get("details", {}).get("config") or {}).get("input")
         if not shards:
             raise ValueError("the run record does not name the input shards: pass --shards")
-    return {shard_name(u): u for u in list_shards(shards, s3_endpoint=s3_endpoint)}
+    urls = list_shards(shards, s3_endpoint=s3_endpoint)
+    return dict(zip(shard_names(urls), urls))

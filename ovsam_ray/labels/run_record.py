@@ -8,6 +8,7 @@ thresholds...) that must be equal for a rerun to continue into the same folder, 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,13 +67,15 @@ def _identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def check_or_write_run_record(
-    output_url: str, record: RunRecord, *, overwrite: bool = False, s3_endpoint: str | None = None
+    output_url: str, record: RunRecord, *, overwrite: bool = False, s3_endpoint: str | None = None,
+    shards: Collection[str] = (),
 ) -> str:
     """Check ``record`` against ``<output>/_run.json`` before a label job writes anything.
 
     Returns ``"created"`` (fresh folder: record written), ``"resumed"`` (same identity: continue,
     committed shards will be skipped) or ``"overwritten"`` (``overwrite=True``: the old run's
-    Parquet files, markers, temporaries and record were deleted and the new record written).
+    Parquet files, markers, temporaries, statistics and record were deleted, and the new record
+    written; ``shards``: the run's shard names, whose unmarked Parquet files go too; nothing else).
     Raises :class:`RunMismatchError` naming the differing identity fields, or when the folder holds
     committed shards but no run record.
     """
@@ -95,7 +98,7 @@ def check_or_write_run_record(
             f"output {io.redact(output_url)} {problem}. Use a new output location, or pass "
             "overwrite=True (--overwrite) to delete the old results and start over."
         )
-    committer.delete_all()
+    committer.delete_all(shards)
     _write_record(record_url, new, s3_endpoint)
     return "overwritten"
 

@@ -23,18 +23,21 @@ from typing import Any, TypeVar
 
 from ovsam_ray import __version__, io
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS
-from ovsam_ray.data.shards import list_shards, shard_name
+from ovsam_ray.data.shards import list_shards, shard_names
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
+from ovsam_ray.locations import check_disjoint
 from ovsam_ray.model.classifier import FUSION_ALPHA, FUSION_BETA
 from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.pipeline.dataset import build_dataset
 from ovsam_ray.pipeline.lease import HEARTBEAT_S, OutputLease, check_interval
+from ovsam_ray.pipeline.ownership import check_output_owned
 from ovsam_ray.pipeline.parts import (
     COMMIT_ATTEMPTS,
     COMMIT_BACKOFF_S,
     StorageUnavailableError,
+    parts_url,
     remove_all_parts,
     with_storage_retries,
 )
@@ -73,7 +76,9 @@ class LabelConfig:
     256 when it takes none); baseline: "box-fill" runs the zero-cost baseline in the model's place
     (masks are the prompt boxes; no weights, no model) to measure the pipeline alone;
     max_prompts: prompts kept per image from its JSON (the first N, boxes first; the row's
-    ``warnings`` say so); lease_heartbeat_s: how often the driver renews the output's lease.
+    ``warnings`` say so); lease_heartbeat_s: how often the driver renews the output's lease;
+    allow_foreign_files: write into an output folder without a run record that holds files no
+    command of ours wrote (they are left alone; without it such a folder is refused).
     """
 
     input: str
@@ -105,6 +110,7 @@ class LabelConfig:
     baseline: str | None = None
     max_prompts: int = DEFAULT_MAX_PROMPTS
     lease_heartbeat_s: float = HEARTBEAT_S
+    allow_foreign_files: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -120,7 +126,7 @@ class LabelConfig:
         conc = self.actors
         if not 1 <= conc[0] <= conc[1]:
             raise ValueError(f"concurrency={self.concurrency}: need 1 <= min <= max actors")
-        _check_locations(self.input, self.output)
+        check_disjoint([("--input", self.input)], [("--output", self.output)])
         io.check_endpoint(self.model.s3_endpoint)
         if self.max_prompts < 1:
             raise ValueError(f"max_prompts={self.max_prompts}: must be >= 1 prompt per image")
@@ -233,24 +239,6 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
     return RunRecord(identity=identity, details=details)
 
 
-def _check_locations(input: str, output: str) -> None:
-    """Refuse an output that is the input, or lies inside the input folder (or is the folder of an
-    input pattern), whatever the spelling (``in/./``, ``in/``, ``x/../in``, symlinks)."""
-    out = io.normalise_location(output)
-    wildcards = [input.index(c) for c in "*?[{" if c in input]
-    if wildcards:  # a pattern: its shards lie in the folder before the first wildcard
-        static = input[: min(wildcards)]
-        folder = static.rsplit("/", 1)[0] + "/" if "/" in static else "."
-        if out == io.normalise_location(folder):
-            raise ValueError(f"output {io.redact(output)} is the folder of the input shards {io.redact(input)}: "
-                             "use a folder of its own")
-        return
-    inp = io.normalise_location(input)
-    if out == inp or out.startswith(inp.rstrip("/") + "/"):
-        raise ValueError(f"output {io.redact(output)} is the input {io.redact(input)} or inside it: use an output "
-                         "folder outside the input")
-
-
 def _startup(what: str, step: Callable[[], _T]) -> _T:
     """Run one start-up step; a failure that is not already a one-line reason (storage errors,
     an unwritable output) becomes a :class:`JobStartError` naming the step."""
@@ -281,10 +269,7 @@ def _drive(cfg: LabelConfig, todo: list[str], text: dict, tracker: ShardTracker,
 
 def _list_input(cfg: LabelConfig) -> tuple[list[str], list[str]]:
     shards = list_shards(cfg.input, s3_endpoint=cfg.model.s3_endpoint)
-    names = [shard_name(u) for u in shards]
-    if len(set(names)) != len(names):
-        raise ValueError("input shards must have distinct file names (they name the output files)")
-    return shards, names
+    return shards, shard_names(shards)
 
 
 def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) -> LabelSummary:
@@ -301,6 +286,9 @@ def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) ->
     _startup(f"take the lease of the output {io.redact(cfg.output)}", lease.acquire)
     lease.start()
     try:
+        # whose files the output holds is known before any cluster starts (one listing)
+        _startup(f"check the files in the output {io.redact(cfg.output)}", lambda: check_output_owned(
+            cfg.output, names, allow_foreign_files=cfg.allow_foreign_files, s3_endpoint=cfg.model.s3_endpoint))
         if connect is not None:
             connect()
         return _run_leased(cfg, shards, names, lease, t0)
@@ -308,17 +296,20 @@ def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) ->
         lease.close()
 
 
-def _prepare_output(cfg: LabelConfig, identity: dict, vocab: Any) -> tuple[str, set[str]]:
-    """With the lease held: check/write the run record, delete what crashed runs left behind
-    (only now: a live job's files are never deleted), relabel committed shards whose Parquet file
-    is gone; returns the run's state and the committed shards."""
+def _prepare_output(cfg: LabelConfig, names: list[str], identity: dict, vocab: Any) -> tuple[str, set[str]]:
+    """With the lease held and the output's files checked (:func:`check_output_owned`): check/write
+    the run record, delete what crashed runs of this record left behind (only now: a live job's
+    files are never deleted; only names this job generates), relabel committed shards whose
+    Parquet file is gone; returns the run's state and the committed shards."""
     s3 = cfg.model.s3_endpoint
     state = check_or_write_run_record(cfg.output, _run_record(cfg, identity, vocab), overwrite=cfg.overwrite,
-                                      s3_endpoint=s3)
+                                      s3_endpoint=s3, shards=names)
     committer = ShardCommitter(cfg.output, s3_endpoint=s3)
     committed = committer.committed_shards()  # listed once: the steps below only remove from it
-    committer.cleanup_temporaries(committed)
-    remove_all_parts(cfg.output, s3_endpoint=s3)
+    committer.cleanup_temporaries(names, committed)
+    if io.exists(parts_url(cfg.output), s3_endpoint=s3):
+        log.info("deleting %s (part files of an interrupted run)", io.redact(parts_url(cfg.output)))
+        remove_all_parts(cfg.output, s3_endpoint=s3)
     for name in committer.markers_without_parquet(committed):
         log.error("%s Relabelling it now.", committer.missing_file_error(name))
         io.remove(committer.marker_url(name), s3_endpoint=s3)
@@ -333,7 +324,7 @@ def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: Ou
     text, vocab, identity, summary.text_embeddings = _startup("load the model and vocabulary",
                                                               lambda: prepare_text(cfg.model, cfg.baseline))
     state, committed = _startup(f"prepare the output {io.redact(cfg.output)}",
-                                lambda: _prepare_output(cfg, identity, vocab))
+                                lambda: _prepare_output(cfg, names, identity, vocab))
     todo = [u for u, n in zip(shards, names) if n not in committed]
     summary.shards_total, summary.shards_skipped = len(shards), len(shards) - len(todo)
     if cfg.limit is not None:

@@ -25,8 +25,11 @@ from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record, read_run_record
 from ovsam_ray.labels.schema import RUN_RECORD_NAME, rows_to_table
+from ovsam_ray.locations import check_disjoint
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.functional import labels_from_logits
+from ovsam_ray.pipeline.lease import OutputLease
+from ovsam_ray.pipeline.ownership import check_output_owned
 from ovsam_ray.pipeline.stats import format_stats, shard_stats, write_run_stats, write_shard_stats
 from ovsam_ray.vocabulary import Vocabulary
 
@@ -40,10 +43,11 @@ class RelabelConfig:
     vocab: str
     overwrite: bool = False
     s3_endpoint: str | None = None
+    allow_foreign_files: bool = False
 
     def __post_init__(self) -> None:
-        if self.input.rstrip("/") == self.output.rstrip("/"):
-            raise ValueError("relabel writes a new output; --output must differ from --input")
+        # relabel writes a new output: never the input, inside it or around it, however spelled
+        check_disjoint([("--input", self.input)], [("--output", self.output)])
 
 
 def _source_model_config(cfg: RelabelConfig) -> tuple[ModelConfig, dict]:
@@ -92,7 +96,13 @@ def _relabel_shard(item: dict[str, Any], *, cfg: RelabelConfig, text_ref: Any, t
 
 
 def run_relabel(cfg: RelabelConfig) -> dict[str, Any]:
-    """Re-score every committed shard of ``cfg.input``; returns a summary."""
+    """Re-score every committed shard of ``cfg.input``; returns a summary. Holds the output's
+    lease (as the label job does) from before the first file is written until the end."""
+    with OutputLease(cfg.output, s3_endpoint=cfg.s3_endpoint) as lease:
+        return _run_leased(cfg, lease)
+
+
+def _run_leased(cfg: RelabelConfig, lease: OutputLease) -> dict[str, Any]:
     t0 = time.time()
     model_cfg, source = _source_model_config(cfg)
     loaded = load_model(model_cfg)
@@ -101,9 +111,12 @@ def run_relabel(cfg: RelabelConfig) -> dict[str, Any]:
                                                      "num_classes": vocab.num_classes}}
     record = RunRecord(identity=identity, details={"relabel_of": io.redact(cfg.input),
                                                    "config": io.redact_config(dataclasses.asdict(cfg))})
-    check_or_write_run_record(cfg.output, record, overwrite=cfg.overwrite, s3_endpoint=cfg.s3_endpoint)
+    shards = ShardCommitter(cfg.input, s3_endpoint=cfg.s3_endpoint).committed_shards()
+    check_output_owned(cfg.output, shards, allow_foreign_files=cfg.allow_foreign_files, s3_endpoint=cfg.s3_endpoint)
+    check_or_write_run_record(cfg.output, record, overwrite=cfg.overwrite, s3_endpoint=cfg.s3_endpoint,
+                              shards=shards)
     done = ShardCommitter(cfg.output, s3_endpoint=cfg.s3_endpoint).committed_shards()
-    todo = sorted(ShardCommitter(cfg.input, s3_endpoint=cfg.s3_endpoint).committed_shards() - done)
+    todo = sorted(shards - done)
     text = {"embeddings": embeddings, "vocabulary": vocab.to_json(),
             "logit_scale": loaded.logit_scale}
     results = []
@@ -111,6 +124,7 @@ def run_relabel(cfg: RelabelConfig) -> dict[str, Any]:
         ds = ray.data.from_items([{"shard": n} for n in todo], override_num_blocks=len(todo))
         ds = ds.map(_relabel_shard, fn_kwargs={"cfg": cfg, "text_ref": ray.put(text), "topk": model_cfg.topk})
         results = ds.take_all()
+    lease.check()
     stats = write_run_stats(cfg.output, s3_endpoint=cfg.s3_endpoint)
     log.info(format_stats(stats))
     return {"shards_relabelled": len(results), "shards_skipped": len(done), "rows": sum(r["rows"] for r in results),

@@ -166,8 +166,11 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from ovsam_ray.locations import check_disjoint
+
     from .export import export_checkpoint
 
+    check_disjoint([("--run", args.run)], [("--output", args.output)])
     written = export_checkpoint(args.run, args.output, train_vocab=args.train_vocab, include_clip=args.include_clip,
                                 s3_endpoint=args.s3_endpoint)
     for part, path in sorted(written.items()):
