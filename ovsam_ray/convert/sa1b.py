@@ -103,9 +103,9 @@ def sa1b_meta(record: Any, *, prompts: str = "box", summary: ConvertSummary | No
     meta = {"image_id": image.get("image_id"), "file_name": image.get("file_name"), "width": image.get("width"),
             "height": image.get("height"), "annotations": anns}
     if prompts != "none" and anns:
-        size = _size(image, anns)
-        if size is None:
-            raise ConvertError(f"{where}: no image size (width/height or an RLE size) for the prompts")
+        size = _size(image, anns) or (1, 1)  # box prompts need no size
+        if size == (1, 1) and prompts != "box":
+            raise ConvertError(f"{where}: no image size (width/height or an RLE size) for point prompts")
         meta.update(gt_prompts(anns, height=size[0], width=size[1], mode=prompts))
     return meta
 
