@@ -22,8 +22,8 @@ from ovsam_ray.convert.records import (
     is_number,
     kind,
     load_json,
+    name_problem,
     parse_json,
-    plain_json_problem,
     segmentation_problem,
     shown,
     side_problem,
@@ -48,7 +48,7 @@ def _record_problem(record: Any) -> str | None:
         if problem is None and image.get(side) is not None:
             problem = side_problem(image[side], side)
     if problem is None and image.get("file_name") is not None:
-        problem = plain_json_problem(image["file_name"], "file_name", depth=0)
+        problem = name_problem(image["file_name"], "file_name")
     if problem is None and record.get("annotations") is not None and not isinstance(record["annotations"], list):
         problem = f"'annotations' must be a list, not {kind(record['annotations'])}"
     return problem
