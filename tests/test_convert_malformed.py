@@ -14,7 +14,14 @@ import pytest
 from coco_fixture import make_coco
 
 from ovsam_ray.cli import main
-from ovsam_ray.convert import ConvertError, convert_coco, convert_detections, convert_lvis, convert_sa1b
+from ovsam_ray.convert import (
+    ConvertError,
+    convert_coco,
+    convert_detections,
+    convert_lvis,
+    convert_sa1b,
+    load_synset_map,
+)
 from ovsam_ray.data.shards import list_shards, read_shard
 from ovsam_ray.data.synthetic import encode_image, tar_bytes
 
@@ -343,3 +350,19 @@ def test_sa1b_bad_records_are_skipped_folder_and_tar(tmp_path):
     assert summary.images == 2 and summary.skipped == len(SA1B_BAD_RECORDS)
     assert summary.skipped_records == {"annotations": 5}
     assert len(written(str(tmp_path / "out_tar"))["sa_1"]["annotations"]) == 1
+
+
+@pytest.mark.parametrize("content", [b"n01440764 tench\n\xff\xfe", b'{"n01": ', b"{" + b"[" * 100_000])
+def test_unusable_synset_map_stops_with_one_line_naming_it(tmp_path, content):
+    path = tmp_path / "synsets.txt"
+    path.write_bytes(content)
+    with pytest.raises(ConvertError, match="synsets.txt"):
+        load_synset_map(str(path))
+
+
+def test_odd_synset_map_json_is_read(tmp_path):
+    path = tmp_path / "map.json"
+    nested = "[" * 900 + '"deep"' + "]" * 900
+    path.write_text('{"\\u00b2": ["n1", "two"], "' + "9" * 5000 + '": ["n2", "many"], "n3": ' + nested + "}")
+    classes = load_synset_map(str(path))
+    assert [c.synset for c in classes][:1] == ["\u00b2"] and len(classes) == 3
