@@ -26,7 +26,8 @@ SCALARS = st.one_of(
 ANY = st.recursive(SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
                    max_leaves=6)
 ID = st.one_of(st.integers(0, 5), st.sampled_from(["1", "2", "a.b", "a_b", "000000000003"]), ANY)
-NUMBER = st.one_of(st.floats(-5, 60), st.integers(-2, 60), st.sampled_from([math.inf, -math.inf, math.nan, 10**400]))
+NUMBER = st.one_of(st.floats(-5, 60), st.integers(-2, 60),
+                   st.sampled_from([math.inf, -math.inf, math.nan, 10**400, 1e9, -1e300]))
 SIDE = st.one_of(st.integers(-1, 40), ANY)
 FILE_NAME = st.one_of(st.sampled_from(["a.png", "b.png", "sub/c.png", "A.PNG", "missing.png", "../a.png", "/etc/a.png",
                                        "link/x.png", "a", "a.txt", "sub\\c.png"]), ANY)

@@ -182,7 +182,10 @@ def test_point_prompts_without_size_skip_the_image(tmp_path, coco):
     (lambda a: a.update(bbox=[4, 4, -3, 20]), "negative"),
     (lambda a: a.update(bbox=[4, True, 3, 20]), "not a finite number"),
     (lambda a: a.update(segmentation=None), "segmentation"),
-    (lambda a: a.update(segmentation=[[1, "2", 3, 4, 5, 6]]), "polygons"),
+    (lambda a: a.update(segmentation=[[1, "2", 3, 4, 5, 6]]), "polygon"),
+    (lambda a: a.update(segmentation=[[0, 0, 1e9, 0, 1e9, 1e9]]), "beyond"),  # pycocotools segfaults on it
+    (lambda a: a.update(segmentation=[[0, 0, 9, 0, 9, 9], None]), "polygons must be lists"),
+    (lambda a: a.update(bbox=[1e300, 4, 3, 20]), "beyond"),
     (lambda a: a.update(segmentation={"counts": "abc", "size": [48]}), "RLE size"),
     (lambda a: a.update(segmentation={"counts": {"x": 1}, "size": [48, 64]}), "RLE counts"),
     (lambda a: a.update(area=math.nan), "area"),

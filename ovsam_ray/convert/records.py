@@ -16,9 +16,9 @@ from typing import Any
 
 from ovsam_ray import io
 
-__all__ = ["MAX_ID", "ConvertError", "all_numbers", "bbox_problem", "id_problem", "id_text", "image_path_problem",
-           "is_number", "kind", "load_json", "name_problem", "parse_json", "plain_json_problem", "segmentation_problem",
-           "shown", "side_problem"]
+__all__ = ["MAX_ID", "ConvertError", "all_numbers", "bbox_problem", "coordinates_problem", "id_problem", "id_text",
+           "image_path_problem", "is_number", "kind", "load_json", "name_problem", "parse_json", "plain_json_problem",
+           "segmentation_problem", "shown", "side_problem"]
 
 #: Integer ids are stored as int64 downstream (``_image_classes.parquet``).
 MAX_ID = 2**63 - 1
@@ -26,6 +26,9 @@ MAX_ID = 2**63 - 1
 MAX_ID_CHARS = 200
 #: An image side beyond JPEG's limit is a typo or an attack, not a picture (point prompts allocate H*W).
 MAX_SIDE = 65535
+#: Coordinates (boxes, polygons) lie within this of the origin: pycocotools rasterises polygons on a
+#: 5x grid in C ints, and crashes the process (or allocates gigabytes) on coordinates near 1e9.
+MAX_COORDINATE = 2 * MAX_SIDE
 #: Fields copied verbatim (LVIS's per-image lists) nest this deep at most.
 MAX_COPIED_DEPTH = 4
 
@@ -101,6 +104,15 @@ def all_numbers(values: list[Any]) -> bool:
         return False
 
 
+def coordinates_problem(values: list[Any], what: str) -> str | None:
+    """Finite numbers within ``MAX_COORDINATE`` of the origin (boxes, polygon points)."""
+    if not all_numbers(values):
+        return f"{what} {shown(values)} holds a value that is not a finite number"
+    if values and not -MAX_COORDINATE <= min(values) <= max(values) <= MAX_COORDINATE:
+        return f"{what} has a coordinate beyond +-{MAX_COORDINATE}"
+    return None
+
+
 def id_problem(value: Any, what: str = "id") -> str | None:
     """Ids are integers 0..2^63-1 or non-empty UTF-8 text of at most 200 characters."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -143,8 +155,9 @@ def bbox_problem(value: Any, what: str = "bbox") -> str | None:
     """``[x, y, w, h]``: four finite numbers, ``w`` and ``h`` not negative."""
     if not isinstance(value, list) or len(value) != 4:
         return f"{what} must be a list of 4 numbers [x, y, w, h], not {kind(value)}"
-    if not all_numbers(value):
-        return f"{what} {shown(value)} holds a value that is not a finite number"
+    problem = coordinates_problem(value, what)
+    if problem:
+        return problem
     if value[2] < 0 or value[3] < 0:
         return f"{what} {shown(value)} has a negative width or height"
     return None
@@ -154,9 +167,9 @@ def segmentation_problem(value: Any, what: str = "segmentation") -> str | None:
     """Polygons (a list of lists of finite numbers) or an RLE object (``size`` [h, w], ``counts`` text or
     a list of non-negative integers)."""
     if isinstance(value, list):
-        if all(isinstance(p, list) and all_numbers(p) for p in value):
-            return None
-        return f"{what} polygons must be lists of finite numbers"
+        if not all(isinstance(p, list) for p in value):
+            return f"{what} polygons must be lists of numbers"
+        return next((p for poly in value if (p := coordinates_problem(poly, f"{what} polygon"))), None)
     if not isinstance(value, dict):
         return f"{what} must be polygons or an RLE object, not {kind(value)}"
     size, counts = value.get("size"), value.get("counts")
