@@ -188,6 +188,7 @@ def test_point_prompts_without_size_skip_the_image(tmp_path, coco):
     (lambda a: a.update(bbox=[1e300, 4, 3, 20]), "beyond"),
     (lambda a: a.update(segmentation={"counts": "abc", "size": [48]}), "RLE size"),
     (lambda a: a.update(segmentation={"counts": {"x": 1}, "size": [48, 64]}), "RLE counts"),
+    (lambda a: a.update(segmentation={"counts": [0, 2**31, 5], "size": [48, 64]}), "add up to"),  # heap corruption
     (lambda a: a.update(area=math.nan), "area"),
     (lambda a: a.update(iscrowd="yes"), "iscrowd"),
     (lambda a: a.update(category_id=None), "category_id"),

@@ -177,10 +177,11 @@ def segmentation_problem(value: Any, what: str = "segmentation") -> str | None:
         return f"{what} RLE size must be [height, width] of positive integers, not {shown(size)}"
     if isinstance(counts, str):
         return None if counts.isascii() else f"{what} RLE counts must be ASCII text"
-    if isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= MAX_ID
-                                        for c in counts):
-        return None
-    return f"{what} RLE counts must be text or a list of non-negative integers, not {kind(counts)}"
+    if not (isinstance(counts, list) and all(type(c) is int and c >= 0 for c in counts)):
+        return f"{what} RLE counts must be text or a list of non-negative integers, not {kind(counts)}"
+    if sum(counts) != size[0] * size[1]:  # pycocotools corrupts its heap decoding runs longer than the mask
+        return f"{what} RLE counts add up to {sum(counts)}, not height x width = {size[0] * size[1]}"
+    return None
 
 
 def plain_json_problem(value: Any, what: str, depth: int = MAX_COPIED_DEPTH) -> str | None:
