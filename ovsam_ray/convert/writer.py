@@ -228,6 +228,7 @@ def write_shards(
                               s3_endpoint=s3_endpoint)
     io.atomic_write_bytes(io.join(output, "_convert.json"), json.dumps(summary.to_dict(), indent=1).encode(),
                           s3_endpoint=s3_endpoint)
-    log.info("wrote %d images (%d annotations) into %d shards under %s; %d skipped", summary.images,
-             summary.annotations, len(summary.shards), io.redact(output), summary.skipped)
+    log.info("wrote %d images (%d annotations) into %d shards under %s; %d images skipped, malformed records "
+             "skipped: %s (reasons in _convert.json)", summary.images, summary.annotations, len(summary.shards),
+             io.redact(output), summary.skipped, summary.skipped_records or "none")
     return summary
