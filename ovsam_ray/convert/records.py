@@ -94,9 +94,12 @@ def is_number(value: Any) -> bool:
         return False
 
 
+_NUMBER_TYPES = {int, float}
+
+
 def all_numbers(values: list[Any]) -> bool:
     """Every value a finite number; one pass in C over the long polygon lists of a large dataset."""
-    if not all(type(v) is float or type(v) is int for v in values):  # bool is not int here
+    if not set(map(type, values)) <= _NUMBER_TYPES:  # exact types: a bool is not a number here
         return False
     try:
         return math.isfinite(math.fsum(values))
