@@ -370,3 +370,15 @@ def test_odd_synset_map_json_is_read(tmp_path):
     path.write_text('{"\\u00b2": ["n1", "two"], "' + "9" * 5000 + '": ["n2", "many"], "n3": ' + nested + "}")
     classes = load_synset_map(str(path))
     assert [c.synset for c in classes][:1] == ["\u00b2"] and len(classes) == 3
+
+
+def test_sa1b_meta_needs_a_size_only_for_point_prompts():
+    from ovsam_ray.convert.sa1b import sa1b_meta
+
+    one = {"image": {"image_id": 1, "width": 1, "height": 1},
+           "annotations": [{"id": 1, "bbox": [0, 0, 1, 1], "segmentation": [[0, 0, 1, 0, 1, 1, 0, 1]]}]}
+    assert sa1b_meta(one, prompts="point")["points"]
+    sizeless = {"image": {"image_id": 1}, "annotations": one["annotations"]}
+    assert sa1b_meta(sizeless, prompts="box")["boxes"] == [[0.0, 0.0, 1.0, 1.0]]
+    with pytest.raises(ConvertError, match="no image size"):
+        sa1b_meta(sizeless, prompts="point", where="x.json")

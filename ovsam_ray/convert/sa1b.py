@@ -17,6 +17,7 @@ from typing import Any
 from ovsam_ray import io
 from ovsam_ray.convert.records import (
     ConvertError,
+    all_numbers,
     bbox_problem,
     id_problem,
     is_number,
@@ -54,6 +55,12 @@ def _record_problem(record: Any) -> str | None:
     return problem
 
 
+def _points_problem(value: Any) -> str | None:
+    if isinstance(value, list) and all(isinstance(p, list) and len(p) == 2 and all_numbers(p) for p in value):
+        return None
+    return "point_coords must be a list of [x, y] finite numbers"
+
+
 def _annotation_problem(ann: Any) -> str | None:
     if not isinstance(ann, dict):
         return f"an annotation must be an object, not {kind(ann)}"
@@ -62,9 +69,7 @@ def _annotation_problem(ann: Any) -> str | None:
         ("segmentation", segmentation_problem),
         ("bbox", bbox_problem),
         ("crop_box", lambda v: bbox_problem(v, "crop_box")),
-        ("point_coords", lambda v: None if isinstance(v, list) and all(
-            isinstance(p, list) and len(p) == 2 and all(is_number(c) for c in p) for p in v)
-            else "point_coords must be a list of [x, y] finite numbers"),
+        ("point_coords", _points_problem),
     )
     problem = next((p for k, check in checks if k in ann and (p := check(ann[k]))), None)
     for k in ("area", "predicted_iou", "stability_score"):
@@ -103,10 +108,11 @@ def sa1b_meta(record: Any, *, prompts: str = "box", summary: ConvertSummary | No
     meta = {"image_id": image.get("image_id"), "file_name": image.get("file_name"), "width": image.get("width"),
             "height": image.get("height"), "annotations": anns}
     if prompts != "none" and anns:
-        size = _size(image, anns) or (1, 1)  # box prompts need no size
-        if size == (1, 1) and prompts != "box":
+        size = _size(image, anns)
+        if size is None and prompts != "box":
             raise ConvertError(f"{where}: no image size (width/height or an RLE size) for point prompts")
-        meta.update(gt_prompts(anns, height=size[0], width=size[1], mode=prompts))
+        height, width = size or (1, 1)  # box prompts need no size
+        meta.update(gt_prompts(anns, height=height, width=width, mode=prompts))
     return meta
 
 
