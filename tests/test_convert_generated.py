@@ -9,7 +9,7 @@ import os
 import tempfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ovsam_ray.convert import ConvertError, convert_coco, convert_detections, convert_lvis, convert_sa1b
@@ -28,7 +28,7 @@ ANY = st.recursive(SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(
 ID = st.one_of(st.integers(0, 5), st.sampled_from(["1", "2", "a.b", "a_b", "000000000003"]), ANY)
 NUMBER = st.one_of(st.floats(-5, 60), st.integers(-2, 60),
                    st.sampled_from([math.inf, -math.inf, math.nan, 10**400, 1e9, -1e300]))
-SIDE = st.one_of(st.integers(-1, 40), ANY)
+SIDE = st.one_of(st.integers(-1, 40), st.integers(1, 40), ANY)
 FILE_NAME = st.one_of(st.sampled_from(["a.png", "b.png", "sub/c.png", "A.PNG", "missing.png", "../a.png", "/etc/a.png",
                                        "link/x.png", "a", "a.txt", "sub\\c.png"]), ANY)
 SEGMENTATION = st.one_of(
@@ -82,6 +82,7 @@ def images(tmp_path_factory) -> str:
 
 def _check_output(output: str, total: int, summary) -> None:
     assert summary.images + summary.skipped == total, summary.to_dict()
+    event("images written" if summary.images else "no image written")  # --hypothesis-show-statistics
     for name in sorted(os.listdir(output)):
         if not name.endswith(".tar"):
             continue
@@ -102,6 +103,7 @@ def _run(convert, content: bytes, total: int | None, **kw) -> None:
         try:
             summary = convert(path, output=output, **kw)
         except ConvertError as e:
+            event("refused")
             assert ("in.json" in str(e) or "dataset.json" in str(e)) and "\n" not in str(e)
             return
         assert total is not None, "a file that is not a COCO object was accepted"
@@ -122,13 +124,14 @@ def test_coco_accounts_for_every_image_or_refuses(images, dataset, prompts):
 
 
 @SETTINGS
-@given(dataset=DATASET)
-def test_lvis_accounts_for_every_image_or_refuses(images, dataset):
+@given(dataset=DATASET, prompts=st.sampled_from(["box", "point"]))
+def test_lvis_accounts_for_every_image_or_refuses(images, dataset, prompts):
     for image in dataset["images"]:
-        if isinstance(image, dict) and image.get("file_name") == "a":
+        if isinstance(image, dict) and image.get("file_name") in ("a", "a.png"):
             del image["file_name"]  # then coco_url names the file
+            image.setdefault("coco_url", "http://images.cocodataset.org/val/b.png")
     _run(lambda path, **kw: convert_lvis(path, images, **kw), json.dumps(dataset).encode(), _total(dataset),
-         prompts="point", workers=1)
+         prompts=prompts, workers=1)
 
 
 @SETTINGS
