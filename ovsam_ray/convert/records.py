@@ -81,7 +81,11 @@ def kind(value: Any) -> str:
 
 def shown(value: Any) -> str:
     """A value from data for a reason: repr, escaped and cut to one short line."""
-    return io.safe_for_log(repr(value), limit=60)
+    try:
+        text = repr(value)
+    except RecursionError:  # a list as deep as the parser allows, repr'd from deeper in the stack
+        text = f"<{kind(value)} nested too deeply>"
+    return io.safe_for_log(text, limit=60)
 
 
 def is_number(value: Any) -> bool:
