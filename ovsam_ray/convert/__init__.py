@@ -6,6 +6,7 @@ from ovsam_ray.convert.coco import convert_coco
 from ovsam_ray.convert.detections import convert_detections
 from ovsam_ray.convert.imagenet import convert_imagenet, load_synset_map
 from ovsam_ray.convert.lvis import convert_lvis
+from ovsam_ray.convert.records import ConvertError
 from ovsam_ray.convert.sa1b import convert_sa1b
 from ovsam_ray.convert.writer import ConvertSummary, Sample, sample_key, write_shards
 from ovsam_ray.registry import Registry
@@ -17,6 +18,7 @@ CONVERTERS = Registry("dataset format", {"coco": convert_coco, "lvis": convert_l
 
 __all__ = [
     "CONVERTERS",
+    "ConvertError",
     "ConvertSummary",
     "Sample",
     "convert_coco",

@@ -10,54 +10,87 @@ cut to ``max_per_image``; images without detections are written too (they count 
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any
 
 from pycocotools import mask as mask_utils
 
 from ovsam_ray import io
-from ovsam_ray.convert.coco import _check_dataset, coco_samples, load_json, write_categories
+from ovsam_ray.convert.coco import coco_samples, load_json, read_coco, write_categories
 from ovsam_ray.convert.lvis import LVIS_IMAGE_FIELDS, lvis_image_path
+from ovsam_ray.convert.records import (
+    ConvertError,
+    bbox_problem,
+    id_problem,
+    id_text,
+    is_number,
+    kind,
+    segmentation_problem,
+    shown,
+)
 from ovsam_ray.convert.writer import ConvertSummary, write_shards
+from ovsam_ray.data.rle import annotation_rle
 
 __all__ = ["convert_detections", "detections_by_image"]
 
 
+def _detection_problem(det: Any, names: dict[str, str]) -> str | None:
+    """``names`` empty: the json has no categories, any ``category_id`` is kept as its label."""
+    if not isinstance(det, dict):
+        return f"a detection must be an object, not {kind(det)}"
+    problem = id_problem(det.get("image_id"), "image_id") or id_problem(det.get("category_id"), "category_id")
+    if problem is None and names and id_text(det["category_id"]) not in names:
+        problem = f"category_id {shown(det['category_id'])} names no category"
+    if problem is None and det.get("bbox") is None and det.get("segmentation") is not None:
+        problem = segmentation_problem(det["segmentation"])
+        if problem is None and not isinstance(det["segmentation"], dict):
+            problem = "a detection without a bbox needs an RLE segmentation, not polygons"
+    elif problem is None:
+        problem = bbox_problem(det.get("bbox"))
+    if problem is None and "score" in det and not is_number(det["score"]):
+        problem = f"score {shown(det['score'])} is not a finite number"
+    return problem
+
+
 def _xywh(det: dict[str, Any]) -> list[float] | None:
-    bbox = det.get("bbox")
-    if bbox is None and isinstance(det.get("segmentation"), dict):
-        segm = dict(det["segmentation"])
-        if isinstance(segm.get("counts"), str):
-            segm["counts"] = segm["counts"].encode("ascii")
-        bbox = mask_utils.toBbox(segm).tolist()
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return None
-    values = [float(v) for v in bbox]
-    return values if all(math.isfinite(v) for v in values) else None
+    """The box of a checked detection (from its RLE when it has no bbox); None for an unreadable RLE."""
+    if det.get("bbox") is not None:
+        return [float(v) for v in det["bbox"]]
+    height, width = det["segmentation"]["size"]
+    rle = annotation_rle(det, height, width)
+    return None if rle is None else mask_utils.toBbox({**rle, "counts": rle["counts"].encode("ascii")}).tolist()
 
 
 def detections_by_image(
-    results: list[dict[str, Any]],
-    names: dict[Any, str],
+    results: list[Any],
+    names: dict[str, str],
     *,
     min_score: float = 0.0,
     max_per_image: int | None = 100,
-) -> tuple[dict[Any, dict[str, list]], int]:
-    """Group results per image: ``{image_id: {"boxes": XYXY, "scores", "labels": names}}``, sorted
-    by score; returns it and the number of results dropped (below ``min_score``, over the per-image
-    cap, or without a usable box)."""
-    grouped: dict[Any, list[tuple[float, list[float], str]]] = defaultdict(list)
+    summary: ConvertSummary | None = None,
+) -> tuple[dict[str, dict[str, list]], int]:
+    """Group results per image: ``{id_text(image_id): {"boxes": XYXY, "scores", "labels": names}}``,
+    sorted by score (``names``: category name by id text). Returns it and the number of results dropped
+    (below ``min_score`` or over the per-image cap); a malformed result is skipped and counted in
+    ``summary.skipped_records["detections"]`` (in the dropped count when no summary is given)."""
+    grouped: dict[str, list[tuple[float, list[float], str]]] = defaultdict(list)
     dropped = 0
-    for det in results:
-        xywh = _xywh(det)
+    for i, det in enumerate(results):
+        problem = _detection_problem(det, names)
+        xywh = _xywh(det) if problem is None else None
+        if xywh is None:
+            if summary is None:
+                dropped += 1
+            else:
+                summary.skip_record("detections", f"results[{i}]", problem or "segmentation is not a readable RLE")
+            continue
         score = float(det.get("score", 1.0))
-        if xywh is None or not math.isfinite(score) or score < min_score:
+        if score < min_score:
             dropped += 1
             continue
         x, y, w, h = xywh
-        label = names.get(det.get("category_id"), str(det.get("category_id")))
-        grouped[det.get("image_id")].append((score, [x, y, x + w, y + h], label))
+        label = names.get(id_text(det["category_id"]), str(det["category_id"]))
+        grouped[id_text(det["image_id"])].append((score, [x, y, x + w, y + h], label))
     out = {}
     for image_id, dets in grouped.items():
         dets.sort(key=lambda d: -d[0])  # stable: equal scores keep file order
@@ -67,6 +100,15 @@ def detections_by_image(
         out[image_id] = {"boxes": [d[1] for d in dets], "scores": [d[0] for d in dets],
                          "labels": [d[2] for d in dets]}
     return out, dropped
+
+
+def _results_list(results: Any, url: str) -> list[Any]:
+    if isinstance(results, dict) and isinstance(results.get("annotations"), list):
+        return results["annotations"]
+    if not isinstance(results, list):
+        raise ConvertError(f"{io.safe_for_log(io.redact(url))}: expected a COCO results list of detections, "
+                           f"got {kind(results)}")
+    return results
 
 
 def convert_detections(
@@ -83,29 +125,26 @@ def convert_detections(
     workers: int = 4,
     s3_endpoint: str | None = None,
 ) -> ConvertSummary:
-    """COCO results json + the COCO/LVIS json naming its images + image folder -> shards."""
-    dets = load_json(results, s3_endpoint=s3_endpoint)
-    if isinstance(dets, dict) and isinstance(dets.get("annotations"), list):
-        dets = dets["annotations"]
-    if not isinstance(dets, list):
-        raise ValueError(f"{io.redact(results)}: expected a COCO results list of detections")
+    """COCO results json + the COCO/LVIS json naming its images + image folder -> shards. Malformed
+    detections, images, annotations and categories are skipped and counted."""
+    dets = _results_list(load_json(results, s3_endpoint=s3_endpoint), results)
     dataset = load_json(annotations, s3_endpoint=s3_endpoint)
-    _check_dataset(dataset, annotations)
-    if not keep_ground_truth:
+    if not keep_ground_truth and isinstance(dataset, dict):
         dataset = {**dataset, "annotations": []}
-    names = {c["id"]: c["name"] for c in dataset.get("categories") or []}
-    grouped, dropped = detections_by_image(dets, names, min_score=min_score, max_per_image=max_per_image)
-    known = {im.get("id") for im in dataset["images"]}
-    unknown = sum(len(v["boxes"]) for k, v in grouped.items() if k not in known)
     summary = ConvertSummary()
+    records = read_coco(dataset, annotations, images, summary, image_path=lvis_image_path,
+                        image_fields=LVIS_IMAGE_FIELDS)
+    grouped, dropped = detections_by_image(dets, records.names, min_score=min_score, max_per_image=max_per_image,
+                                           summary=summary)
+    known = {id_text(im["id"]) for im in dataset["images"] if isinstance(im, dict) and not id_problem(im.get("id"))}
+    unknown = sum(len(v["boxes"]) for k, v in grouped.items() if k not in known)
     if dropped or unknown:
-        summary.notes.append(f"dropped {dropped} detections (below min_score, over max_per_image or without a box)"
+        summary.notes.append(f"dropped {dropped} detections (below min_score or over max_per_image)"
                              f" and {unknown} on images not in {io.redact(annotations)}")
     empty = {"boxes": [], "scores": [], "labels": []}
-    samples = coco_samples(dataset, images, prompts="none", image_path=lvis_image_path,
-                           image_fields=LVIS_IMAGE_FIELDS, limit=limit, summary=summary,
-                           extra=lambda image: grouped.get(image.get("id"), empty))
+    samples = coco_samples(records, images, prompts="none", image_fields=LVIS_IMAGE_FIELDS, limit=limit,
+                           extra=lambda image: grouped.get(id_text(image["id"]), empty))
     summary = write_shards(samples, output, images_per_shard=images_per_shard, workers=workers,
                            s3_endpoint=s3_endpoint, summary=summary)
-    write_categories(dataset, output, s3_endpoint=s3_endpoint)
+    write_categories(records.categories, output, s3_endpoint=s3_endpoint)
     return summary

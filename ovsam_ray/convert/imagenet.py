@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ovsam_ray import io
+from ovsam_ray.convert.records import ConvertError, parse_json
 from ovsam_ray.convert.writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
 from ovsam_ray.data.shards import is_damage_marker, iter_shard_samples
 
@@ -34,22 +35,27 @@ class SynsetClass:
 
 
 def _names(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [n.strip() for n in value.split(",") if n.strip()]
-    if isinstance(value, (list, tuple)):
-        return [n for v in value for n in _names(v)]
-    return []
+    """Comma-separated names from text or a list of texts (one level: anything else is not a name)."""
+    texts = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] \
+        if isinstance(value, (list, tuple)) else []
+    return [n.strip() for t in texts for n in t.split(",") if n.strip()]
+
+
+def _class_index(key: str) -> int | None:
+    """Keras' ``"0"``... keys; anything else (or an index beyond int64) is a synset."""
+    return int(key) if key.isdecimal() and key.isascii() and len(key) <= 18 else None
 
 
 def _classes_from_json(obj: Any) -> list[SynsetClass]:
     out = []
     if isinstance(obj, dict):
         for key, value in obj.items():
-            if isinstance(value, (list, tuple)) and len(value) >= 2 and str(key).isdigit():  # Keras class index
+            index = _class_index(key)
+            if isinstance(value, (list, tuple)) and len(value) >= 2 and index is not None:  # Keras class index
                 synset, names = str(value[0]), _names(list(value[1:]))
             else:
-                synset, names = str(key), _names(value)
-            out.append((int(key) if str(key).isdigit() else len(out), SynsetClass(synset, *_split(names, synset))))
+                synset, names = key, _names(value)
+            out.append((index if index is not None else len(out), SynsetClass(synset, *_split(names, synset))))
         out.sort(key=lambda p: p[0])
         return [c for _, c in out]
     raise ValueError("synset map JSON must be an object")
@@ -62,9 +68,14 @@ def _split(names: list[str], synset: str) -> tuple[str, tuple[str, ...]]:
 
 def load_synset_map(url: str, *, s3_endpoint: str | None = None) -> list[SynsetClass]:
     """Classes of a synset map file, in file order (see the module docstring for the formats)."""
-    text = io.read_bytes(url, s3_endpoint=s3_endpoint).decode("utf-8")
-    if text.lstrip().startswith("{"):
-        return _classes_from_json(json.loads(text))
+    data = io.read_bytes(url, s3_endpoint=s3_endpoint)
+    if data.lstrip().startswith(b"{"):
+        return _classes_from_json(parse_json(data, io.redact(url)))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{io.safe_for_log(io.redact(url))} is not UTF-8 text (bad byte at offset {e.start})"
+                           ) from None
     classes = []
     for line in text.splitlines():
         line = line.strip()

@@ -12,22 +12,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from ovsam_ray.convert.coco import _check_dataset, coco_samples, load_json, write_categories
+from ovsam_ray.convert.coco import coco_samples, load_json, read_coco, write_categories
+from ovsam_ray.convert.records import shown
 from ovsam_ray.convert.writer import ConvertSummary, write_shards
+from ovsam_ray.evaluation.prompts import PROMPT_MODES
 
 __all__ = ["LVIS_IMAGE_FIELDS", "convert_lvis", "lvis_image_path"]
 
 LVIS_IMAGE_FIELDS = ("neg_category_ids", "not_exhaustive_category_ids", "coco_url")
 
 
-def lvis_image_path(image: dict[str, Any]) -> str:
-    """``<split>/<name>`` from the image's ``coco_url`` (or its ``file_name`` when it has one)."""
-    if image.get("file_name"):
-        return str(image["file_name"])
-    url = str(image.get("coco_url") or "")
-    parts = url.rstrip("/").split("/")
+def lvis_image_path(image: dict[str, Any]) -> Any:
+    """``<split>/<name>`` from the image's ``coco_url`` (or its ``file_name`` when it has one; whether
+    that is a usable path is checked by the caller)."""
+    if image.get("file_name") is not None:
+        return image["file_name"]
+    url = image.get("coco_url")
+    parts = url.rstrip("/").split("/") if isinstance(url, str) else []
     if len(parts) < 2 or not parts[-1]:
-        raise ValueError(f"LVIS image {image.get('id')} has neither file_name nor a usable coco_url ({url!r})")
+        raise ValueError(f"neither file_name nor a usable coco_url ({shown(url)})")
     return "/".join(parts[-2:])
 
 
@@ -44,12 +47,14 @@ def convert_lvis(
 ) -> ConvertSummary:
     """LVIS v1 json + COCO root folder (``train2017/``, ``val2017/``) -> shards under ``output``
     (arguments as :func:`~ovsam_ray.convert.coco.convert_coco`)."""
-    dataset = load_json(annotations, s3_endpoint=s3_endpoint)
-    _check_dataset(dataset, annotations)
+    if prompts not in PROMPT_MODES:
+        raise ValueError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
     summary = ConvertSummary()
-    samples = coco_samples(dataset, images, prompts=prompts, image_path=lvis_image_path,
-                           image_fields=LVIS_IMAGE_FIELDS, limit=limit, summary=summary)
+    records = read_coco(load_json(annotations, s3_endpoint=s3_endpoint), annotations, images, summary,
+                        image_path=lvis_image_path, image_fields=LVIS_IMAGE_FIELDS,
+                        need_size=prompts in ("point", "both"))
+    samples = coco_samples(records, images, prompts=prompts, image_fields=LVIS_IMAGE_FIELDS, limit=limit)
     summary = write_shards(samples, output, images_per_shard=images_per_shard, workers=workers,
                            s3_endpoint=s3_endpoint, summary=summary)
-    write_categories(dataset, output, s3_endpoint=s3_endpoint)
+    write_categories(records.categories, output, s3_endpoint=s3_endpoint)
     return summary

@@ -11,11 +11,24 @@ OV-SAM puts open-vocabulary names on SA-1B's masks.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
 from ovsam_ray import io
+from ovsam_ray.convert.records import (
+    ConvertError,
+    all_numbers,
+    bbox_problem,
+    id_problem,
+    is_number,
+    kind,
+    load_json,
+    name_problem,
+    parse_json,
+    segmentation_problem,
+    shown,
+    side_problem,
+)
 from ovsam_ray.convert.writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
 from ovsam_ray.data.shards import is_damage_marker, iter_shard_samples, list_shards
 from ovsam_ray.evaluation.prompts import PROMPT_MODES, gt_prompts
@@ -25,19 +38,89 @@ __all__ = ["convert_sa1b", "sa1b_meta"]
 _KEPT = ("id", "segmentation", "bbox", "area", "predicted_iou", "point_coords", "stability_score", "crop_box")
 
 
-def sa1b_meta(record: dict[str, Any], *, prompts: str = "box") -> dict[str, Any]:
-    """DESIGN §4 JSON from one SA-1B per-image json (``{"image": ..., "annotations": [...]}``)."""
+def _record_problem(record: Any) -> str | None:
+    """The per-image json as a whole: an ``image`` object with usable id and size, an ``annotations`` list."""
     if not isinstance(record, dict) or not isinstance(record.get("image"), dict):
-        raise ValueError("not an SA-1B image json (expected an 'image' object)")
+        got = kind(record) if not isinstance(record, dict) else f"'image' {kind(record.get('image'))}"
+        return f"not an SA-1B image json (expected an 'image' object, got {got})"
     image = record["image"]
-    anns = [{**{k: a[k] for k in _KEPT if k in a}, "iscrowd": 0} for a in record.get("annotations") or []]
+    problem = id_problem(image["image_id"], "image_id") if image.get("image_id") is not None else None
+    for side in ("width", "height"):
+        if problem is None and image.get(side) is not None:
+            problem = side_problem(image[side], side)
+    if problem is None and image.get("file_name") is not None:
+        problem = name_problem(image["file_name"], "file_name")
+    if problem is None and record.get("annotations") is not None and not isinstance(record["annotations"], list):
+        problem = f"'annotations' must be a list, not {kind(record['annotations'])}"
+    return problem
+
+
+def _points_problem(value: Any) -> str | None:
+    if isinstance(value, list) and all(isinstance(p, list) and len(p) == 2 and all_numbers(p) for p in value):
+        return None
+    return "point_coords must be a list of [x, y] finite numbers"
+
+
+def _annotation_problem(ann: Any) -> str | None:
+    if not isinstance(ann, dict):
+        return f"an annotation must be an object, not {kind(ann)}"
+    checks = (
+        ("id", lambda v: id_problem(v, "id")),
+        ("segmentation", segmentation_problem),
+        ("bbox", bbox_problem),
+        ("crop_box", lambda v: bbox_problem(v, "crop_box")),
+        ("point_coords", _points_problem),
+    )
+    problem = next((p for k, check in checks if k in ann and (p := check(ann[k]))), None)
+    for k in ("area", "predicted_iou", "stability_score"):
+        if problem is None and k in ann and not is_number(ann[k]):
+            problem = f"{k} {shown(ann[k])} is not a finite number"
+    return problem
+
+
+def _size(image: dict[str, Any], anns: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """(height, width) from the image record, else from an annotation's RLE."""
+    if image.get("height") is not None and image.get("width") is not None:
+        return image["height"], image["width"]
+    for a in anns:
+        if isinstance(a.get("segmentation"), dict):
+            return tuple(a["segmentation"]["size"])
+    return None
+
+
+def sa1b_meta(record: Any, *, prompts: str = "box", summary: ConvertSummary | None = None,
+              where: str = "") -> dict[str, Any]:
+    """DESIGN §4 JSON from one SA-1B per-image json (``{"image": ..., "annotations": [...]}``).
+    A malformed annotation is left out (counted in ``summary`` as ``where: annotations[i]``); an
+    unusable record raises :class:`ConvertError`."""
+    problem = _record_problem(record)
+    if problem:
+        raise ConvertError(f"{where}: {problem}" if where else problem)
+    image, anns = record["image"], []
+    for i, a in enumerate(record.get("annotations") or []):
+        problem = _annotation_problem(a)
+        if problem is None:
+            anns.append({**{k: a[k] for k in _KEPT if k in a}, "iscrowd": 0})
+        elif summary is not None:
+            summary.skip_record("annotations", f"{where}: annotations[{i}]", problem)
+        else:
+            raise ConvertError(f"{where}: annotations[{i}]: {problem}")
     meta = {"image_id": image.get("image_id"), "file_name": image.get("file_name"), "width": image.get("width"),
             "height": image.get("height"), "annotations": anns}
     if prompts != "none" and anns:
-        height = int(image.get("height") or anns[0]["segmentation"]["size"][0])
-        width = int(image.get("width") or anns[0]["segmentation"]["size"][1])
+        size = _size(image, anns)
+        if size is None and prompts != "box":
+            raise ConvertError(f"{where}: no image size (width/height or an RLE size) for point prompts")
+        height, width = size or (1, 1)  # box prompts need no size
         meta.update(gt_prompts(anns, height=height, width=width, mode=prompts))
     return meta
+
+
+def _key(path: str) -> str | None:
+    try:
+        return sample_key(path.rsplit("/", 1)[-1])
+    except ValueError:  # a name with no letter or digit
+        return None
 
 
 def _folder_samples(files: list[str], prompts: str, s3_endpoint: str | None, summary: ConvertSummary,
@@ -52,14 +135,20 @@ def _folder_samples(files: list[str], prompts: str, s3_endpoint: str | None, sum
         if stem not in jsons:
             summary.skip(url, "no per-image json next to it")
             continue
+        key = _key(stem)
+        if key is None:
+            summary.skip(url, "its name gives no usable sample key")
+            continue
         if limit is not None and n >= limit:
             return
         n += 1
 
         def load(json_url: str = stem + ".json") -> dict[str, Any]:
-            return sa1b_meta(json.loads(io.read_bytes(json_url, s3_endpoint=s3_endpoint)), prompts=prompts)
+            # read on the writer's threads: a ConvertError (a ValueError) skips the image with its reason
+            return sa1b_meta(load_json(json_url, s3_endpoint=s3_endpoint), prompts=prompts, summary=summary,
+                             where=io.redact(json_url))
 
-        yield Sample(key=sample_key(stem.rsplit("/", 1)[-1]), image_ext=ext, image_url=url, load_meta=load)
+        yield Sample(key=key, image_ext=ext, image_url=url, load_meta=load)
 
 
 def _tar_samples(tars: list[str], prompts: str, s3_endpoint: str | None, summary: ConvertSummary,
@@ -70,19 +159,23 @@ def _tar_samples(tars: list[str], prompts: str, s3_endpoint: str | None, summary
             if is_damage_marker(s):
                 summary.notes.append(s["error"])
                 continue
+            where = f"{io.redact(tar)}:{s['key']}"
             if s["error"] or s["json_bytes"] is None:
-                summary.skip(f"{tar}:{s['key']}", s["error"] or "no per-image json")
+                summary.skip(where, s["error"] or "no per-image json")
+                continue
+            key = _key(s["key"])
+            if key is None:
+                summary.skip(where, "its name gives no usable sample key")
                 continue
             if limit is not None and n >= limit:
                 return
             try:
-                meta = sa1b_meta(json.loads(s["json_bytes"]), prompts=prompts)
-            except (ValueError, KeyError, TypeError) as e:
-                summary.skip(f"{tar}:{s['key']}", f"bad json: {e}")
+                meta = sa1b_meta(parse_json(s["json_bytes"], where), prompts=prompts, summary=summary, where=where)
+            except ConvertError as e:
+                summary.skip(where, str(e))
                 continue
             n += 1
-            yield Sample(key=sample_key(s["key"].rsplit("/", 1)[-1]), image_ext=s["image_ext"], image=s["image_bytes"],
-                         meta=meta)
+            yield Sample(key=key, image_ext=s["image_ext"], image=s["image_bytes"], meta=meta)
 
 
 def convert_sa1b(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -78,24 +79,41 @@ class Sample:
 
 @dataclass
 class ConvertSummary:
-    """What a conversion wrote and what it skipped (``skipped_examples``: the first few, with why)."""
+    """What a conversion wrote and what it skipped. ``skipped`` counts images (``skipped_examples``: the
+    first few, with why); ``skipped_records`` counts the other records left out as malformed, by kind
+    (``annotations``, ``categories``, ``detections``), with the first few in ``skipped_record_examples``.
+    Written images + ``skipped`` = every image record read."""
 
     shards: list[str] = field(default_factory=list)
     images: int = 0
     annotations: int = 0
     skipped: int = 0
     skipped_examples: list[dict[str, str]] = field(default_factory=list)
+    skipped_records: dict[str, int] = field(default_factory=dict)
+    skipped_record_examples: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # skip_record is also called from the shard-building threads (per-image json read there)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def skip(self, what: str, why: str) -> None:
         self.skipped += 1
         if len(self.skipped_examples) < MAX_LISTED_SKIPS:
             self.skipped_examples.append({"sample": what, "reason": why})
-        log.warning("skipped %s: %s", io.redact(what), why)
+        log.warning("skipped %s: %s", io.safe_for_log(io.redact(what)), io.safe_for_log(why))
+
+    def skip_record(self, kind: str, what: str, why: str) -> None:
+        """Count a malformed record that is not an image (an annotation, a category, a detection)."""
+        with self._lock:
+            self.skipped_records[kind] = self.skipped_records.get(kind, 0) + 1
+            if len(self.skipped_record_examples) < MAX_LISTED_SKIPS:
+                self.skipped_record_examples.append({"record": what, "kind": kind, "reason": why})
+        log.warning("skipped %s: %s", io.safe_for_log(what), io.safe_for_log(why))
 
     def to_dict(self) -> dict[str, Any]:
         return {"shards": len(self.shards), "images": self.images, "annotations": self.annotations,
-                "skipped": self.skipped, "skipped_examples": self.skipped_examples, "notes": self.notes,
+                "skipped": self.skipped, "skipped_examples": self.skipped_examples,
+                "skipped_records": dict(sorted(self.skipped_records.items())),
+                "skipped_record_examples": self.skipped_record_examples, "notes": self.notes,
                 "first_shard": self.shards[0] if self.shards else None}
 
 
@@ -108,6 +126,17 @@ def _chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def _unique_keys(samples: Iterable[Sample], summary: ConvertSummary) -> Iterator[Sample]:
+    """Samples whose key no earlier sample had: one key is one image across all shards."""
+    seen: set[str] = set()
+    for s in samples:
+        if s.key in seen:
+            summary.skip(s.image_url or s.key, f"sample key {s.key} is also an earlier image's")
+            continue
+        seen.add(s.key)
+        yield s
 
 
 def _image_classes(annotations: Any) -> list[tuple[str | None, int | None]]:
@@ -132,20 +161,22 @@ def _build_shard(url: str, chunk: list[Sample], s3_endpoint: str | None
     classes: list[tuple[str, list]] = []
     annotations = 0
     for s in chunk:
-        if s.key in seen:
-            skipped.append((s.key, "duplicate key in this shard"))
-            continue
         try:
             data = s.image if s.image is not None else io.read_bytes(s.image_url or "", s3_endpoint=s3_endpoint)
             meta = s.load_meta() if s.load_meta is not None else s.meta
         except (FileNotFoundError, OSError, ValueError) as e:
             skipped.append((s.image_url or s.key, f"not readable: {type(e).__name__}: {e}"))
             continue
+        try:  # strict JSON: a NaN or inf the record checks missed skips the image instead of writing "NaN"
+            meta_bytes = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+        except ValueError as e:
+            skipped.append((s.image_url or s.key, f"JSON not writable: {e}"))
+            continue
         seen.add(s.key)
         annotations += len(meta.get("annotations") or [])
         classes.append((s.key, _image_classes(meta.get("annotations"))))
         members.append((f"{s.key}.{s.image_ext}", data))
-        members.append((f"{s.key}.json", json.dumps(meta, separators=(",", ":")).encode()))
+        members.append((f"{s.key}.json", meta_bytes))
     io.atomic_write_bytes(url, tar_bytes(members), s3_endpoint=s3_endpoint)
     return len(seen), annotations, skipped, classes
 
@@ -162,7 +193,7 @@ def write_shards(
 ) -> ConvertSummary:
     """Write ``samples`` as ``<output>/<prefix>-%06d.tar`` with ``images_per_shard`` each and a
     ``_convert.json`` summary; return the summary. An unreadable image is skipped and counted
-    (its shard then holds fewer images); a duplicate key within a shard is skipped too."""
+    (its shard then holds fewer images); a sample whose key an earlier one had is skipped too."""
     if images_per_shard < 1 or workers < 1:
         raise ValueError("images_per_shard and workers must be >= 1")
     summary = summary or ConvertSummary()
@@ -184,7 +215,7 @@ def write_shards(
                 rows["category_ids"].append([c for _, c in pairs])
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for index, chunk in enumerate(_chunks(samples, images_per_shard)):
+        for index, chunk in enumerate(_chunks(_unique_keys(samples, summary), images_per_shard)):
             url = io.join(output, f"{prefix}-{index:06d}.tar")
             summary.shards.append(url)
             pending.append((url.rsplit("/", 1)[-1], pool.submit(_build_shard, url, chunk, s3_endpoint)))
@@ -197,6 +228,7 @@ def write_shards(
                               s3_endpoint=s3_endpoint)
     io.atomic_write_bytes(io.join(output, "_convert.json"), json.dumps(summary.to_dict(), indent=1).encode(),
                           s3_endpoint=s3_endpoint)
-    log.info("wrote %d images (%d annotations) into %d shards under %s; %d skipped", summary.images,
-             summary.annotations, len(summary.shards), io.redact(output), summary.skipped)
+    log.info("wrote %d images (%d annotations) into %d shards under %s; %d images skipped, malformed records "
+             "skipped: %s (reasons in _convert.json)", summary.images, summary.annotations, len(summary.shards),
+             io.redact(output), summary.skipped, summary.skipped_records or "none")
     return summary
