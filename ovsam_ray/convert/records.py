@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from ovsam_ray import io
+from ovsam_ray.locations import canonical_location
 
 __all__ = ["MAX_ID", "ConvertError", "all_numbers", "bbox_problem", "coordinates_problem", "id_problem", "id_text",
            "image_path_problem", "is_number", "kind", "load_json", "name_problem", "parse_json", "plain_json_problem",
@@ -221,7 +222,6 @@ def image_path_problem(root: str, relative: Any) -> str | None:
         return f"file_name leaves --images: {e}"
     if io.is_remote(root):
         return None
-    real_root = io.normalise_location(root).rstrip("/") + "/"
-    if not io.normalise_location(url).startswith(real_root):
+    if not canonical_location(root).contains(canonical_location(url)):
         return f"file_name {shown(relative)} leads outside --images through a link"
     return None
