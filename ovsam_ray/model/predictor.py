@@ -130,7 +130,9 @@ class OVSAMPredictor:
     """Runs an ``OVSAM`` model with an ``OpenVocabClassifier`` on numpy images.
 
     On CUDA the image and prompt passes run under bf16 autocast with channels_last CNN
-    weights (``fast=True``, the default there); on CPU everything stays fp32. With
+    weights (``fast=True``, the default there); on CPU everything stays fp32 unless ``fast=True``
+    asks for the same path there (CPU bf16 autocast: how CI tests the GPU path). The classifier
+    always runs in fp32. With
     ``rle_on_device`` (the default on CUDA) masks are run-length encoded where they are computed
     and only the run lengths reach the host (``ImagePrediction.rles``, ``masks`` None); otherwise
     full-size bool masks come back.
@@ -171,8 +173,8 @@ class OVSAMPredictor:
             use_fast_attention(self.model.adapter, query_chunk=attention_chunk)
 
     def _autocast(self):
-        if self.fast and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.fast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     @torch.no_grad()
@@ -263,9 +265,12 @@ class OVSAMPredictor:
         if self.half_embeddings:
             out.region_embeddings = out.region_embeddings.half().float()
             out.clip_embeddings = out.clip_embeddings.half().float()
-        cls = self.classifier(out.region_embeddings.float(), out.clip_embeddings.float(), out.clip_valid)
-        labels, topk_ids, topk_scores = labels_from_logits(cls.fused_logits, self.topk)
-        head_labels, _, _ = labels_from_logits(cls.head_logits, 1)
+        # Labels in fp32 even inside a caller's autocast: the fusion's geometric mean and the
+        # top-k over a 21k vocabulary would round to bf16 and flip near-ties.
+        with torch.autocast(self.device.type, enabled=False):
+            cls = self.classifier(out.region_embeddings.float(), out.clip_embeddings.float(), out.clip_valid)
+            labels, topk_ids, topk_scores = labels_from_logits(cls.fused_logits, self.topk)
+            head_labels, _, _ = labels_from_logits(cls.head_logits, 1)
         return {
             "low_res_logits": out.low_res_logits.float(), "head_logits": cls.head_logits,
             "clip_logits": cls.clip_logits, "fused_logits": cls.fused_logits, "labels": labels,

@@ -290,13 +290,25 @@ class TrainState:
         return {"step": self.step, "resume_item": self.resume_item, "images_seen": self.images_seen}
 
 
+#: Runtime.precision's values.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class Runtime:
-    """Rank, world size and device of this worker; collectives are no-ops for one worker."""
+    """Rank, world size and device of this worker; collectives are no-ops for one worker.
+
+    precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" (bf16 autocast on any
+    device: the CPU run of the GPU path) or "fp32"."""
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
 
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         if self.world_size == 1 or not dist.is_initialized():
@@ -306,9 +318,8 @@ class Runtime:
         return t.tolist()
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def row_batches(rows: Iterator[dict[str, Any]], batch_size: int, *, min_item: int = 0

@@ -1,0 +1,164 @@
+"""The GPU fast path run on a CPU: bf16 autocast, channels_last and on-device RLE through the
+predictor, the automatic mask generator, the label job's model stage and co-training's step.
+A CUDA run takes the same branches (``torch.autocast(device.type, ...)``), so these are its CI.
+
+Random weights put many mask logits near the threshold and many label scores near a tie, so
+the comparisons with fp32 are where fp32 is decided: labels where its top-1 margin is not tiny,
+mask pixels where its logit is not within ``MASK_MARGIN`` of the threshold."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovsam_ray.model.automatic_mask_generator import OVSAMAutomaticMaskGenerator, _rle_to_mask
+from ovsam_ray.model.classifier import OpenVocabClassifier
+from ovsam_ray.model.functional import upscale_mask_logits
+from ovsam_ray.model.predictor import ImagePrediction, ImagePrompts, OVSAMPredictor
+from ovsam_ray.model.presets import build_ovsam
+
+MASK_MARGIN = 0.005  # logit units: the tiny random decoder's logits are ~0.01, bf16 moves them <= 0.002
+LABEL_MARGIN = 0.05  # fused probability between fp32's top-1 and top-2
+
+
+def _images() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (120, 160, 3), dtype=np.uint8), rng.integers(0, 255, (90, 70, 3), dtype=np.uint8)]
+
+
+PROMPTS = [
+    ImagePrompts(boxes=np.array([[10, 20, 100, 100], [50, 50, 150, 110], [0, 0, 160, 120]], np.float32),
+                 points=np.array([[60, 60], [120, 30]], np.float32)),
+    ImagePrompts(boxes=np.array([[5, 5, 60, 80]], np.float32), points=np.array([[30, 40]], np.float32)),
+]
+
+
+def _predictor(fast: bool, rle_on_device: bool) -> OVSAMPredictor:
+    torch.manual_seed(0)
+    model = build_ovsam("ovsam_tiny").eval()
+    text = F.normalize(torch.randn(12, 2, 64, generator=torch.Generator().manual_seed(1)), dim=-1)
+    return OVSAMPredictor(copy.deepcopy(model), OpenVocabClassifier(text_embeddings=text), device="cpu", fast=fast,
+                          rle_on_device=rle_on_device)
+
+
+@pytest.fixture(scope="module")
+def ref() -> list[ImagePrediction]:
+    return _predictor(False, False)(_images(), PROMPTS)
+
+
+def _assert_close_to_fp32(ref: list[ImagePrediction], fast: list[ImagePrediction], size: int) -> None:
+    for r, f, image, prompts in zip(ref, fast, _images(), PROMPTS):
+        n = len(prompts)
+        assert len(f.labels) == n and len(f.rles) == n, "every prompt decoded"
+        np.testing.assert_allclose(f.low_res_logits, r.low_res_logits, atol=MASK_MARGIN, rtol=0)
+        top2 = np.sort(r.topk_scores, axis=1)[:, ::-1][:, :2]
+        decided = top2[:, 0] - top2[:, 1] > LABEL_MARGIN
+        np.testing.assert_array_equal(f.labels[decided], r.labels[decided])
+        hw = image.shape[:2]
+        inp = (round(hw[0] * size / max(hw)), round(hw[1] * size / max(hw)))
+        logits = upscale_mask_logits(torch.from_numpy(r.low_res_logits), size, inp, hw)[:, 0].numpy()
+        masks = np.stack([_rle_to_mask(rle) for rle in f.rles])
+        away = np.abs(logits) > MASK_MARGIN
+        assert away.mean() > 0.5, "the comparison must cover most pixels"
+        np.testing.assert_array_equal(masks[away], (logits > 0)[away])
+        assert f.areas.tolist() == masks.reshape(n, -1).sum(1).tolist()
+
+
+def test_fast_path_on_cpu_runs_bf16_and_matches_fp32(ref):
+    pred = _predictor(True, True)
+    seen = []
+    pred.model.decoder.register_forward_hook(lambda m, i, o: seen.append(o[0].dtype))
+    convs = [p for p in pred.model.backbone.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    fast = pred(_images(), PROMPTS)
+    assert seen and all(d == torch.bfloat16 for d in seen), f"the decoder ran in {seen}, not under bf16 autocast"
+    _assert_close_to_fp32(ref, fast, pred.model.image_size)
+    for f in fast:
+        assert f.masks is None and all(a.dtype == np.float32 for a in (f.fused_logits, f.region_embeddings))
+
+
+def test_predictor_inside_a_callers_autocast(ref):
+    """The crash chain: prompt tokens index-assigned bf16 into fp32, then bf16 tensors to numpy."""
+    pred = _predictor(False, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = pred(_images(), PROMPTS)
+    _assert_close_to_fp32(ref, fast, pred.model.image_size)
+
+
+def test_automatic_mask_generator_on_the_fast_path():
+    pred = _predictor(True, True)
+    records = OVSAMAutomaticMaskGenerator(pred, points_per_side=4, stability_score_thresh=0.0,
+                                          mask_nms_thresh=1.0).generate(_images()[0])
+    assert records and all(r["segmentation"].shape == (120, 160) for r in records)
+    assert all(r["area"] == int(r["segmentation"].sum()) for r in records)
+
+
+def test_runtime_precision():
+    from ovsam_ray.training.engine import Runtime
+
+    assert not isinstance(Runtime().autocast(), torch.autocast), "fp32 on a CPU unless asked"
+    assert isinstance(Runtime(precision="bf16").autocast(), torch.autocast)
+    with pytest.raises(ValueError, match="precision"):
+        Runtime(precision="fp16")
+
+
+def test_cotraining_step_under_cpu_bf16(tmp_path):
+    import json
+
+    from ovsam_ray.data.synthetic import generate_shards
+    from ovsam_ray.training import engine
+    from ovsam_ray.training.batching import unpack_sample
+    from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, RunSpec
+    from ovsam_ray.training.cotrain import cotrain_setup, sample_builder
+    from ovsam_ray.training.data import iter_local_rows
+
+    shards = generate_shards(str(tmp_path / "seg"), num_images=2, images_per_shard=2, seed=1, image_size=(64, 48))
+    (tmp_path / "c.json").write_text(json.dumps(["circle", "square", "triangle"]))
+    cfg = CotrainConfig(run=RunSpec(storage_path=str(tmp_path / "runs"), name="k"),
+                        datasets=[DatasetSpec(shards=str(tmp_path / "seg"), vocab=str(tmp_path / "c.json"))],
+                        model=ModelSpec(preset="ovsam_tiny", random_init=True), num_prompts=6, num_points=64,
+                        min_mask_area=1)
+    items = [{"item": 0, "dataset": 0, "shard": s} for s in shards]
+    samples = [unpack_sample(r["sample"]) for r in iter_local_rows(items, sample_builder(cfg))]
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        runtime = engine.Runtime(precision=precision)
+        net = cotrain_setup(cfg, runtime).net
+        task = engine.CotrainTask(net=net, cfg=cfg, device=runtime.device)
+        with runtime.autocast():
+            terms, _ = task.losses(samples, 0, 0)
+        loss = sum(terms.values())
+        loss.backward()
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+        losses[precision] = {k: float(v.detach()) for k, v in terms.items()}
+    for k, v in losses["fp32"].items():
+        assert losses["bf16"][k] == pytest.approx(v, rel=0.05, abs=0.05), k
+
+
+def test_label_model_stage_on_the_fast_path_has_no_error_rows(tmp_path):
+    import pyarrow as pa
+
+    from ovsam_ray.data.synthetic import generate_shards
+    from ovsam_ray.inference import ModelConfig
+    from ovsam_ray.pipeline.predict_stage import PredictStage
+    from ovsam_ray.pipeline.stages import encode_url, read_and_decode
+    from ovsam_ray.pipeline.text_embeddings import text_task
+
+    shards = generate_shards(str(tmp_path), num_images=3, images_per_shard=3, seed=2, image_size=(96, 64))
+    urls = pa.table({"url": [encode_url(s) for s in shards]})
+    cfg = ModelConfig(preset="ovsam_tiny", random_init=True, vocab="coco_ov")
+    decoded = pa.concat_tables(read_and_decode(urls, image_size=256))
+    text = text_task(cfg, "cpu")[0]
+    out = {}
+    for fast in (False, True):
+        stage = PredictStage(model_config=vars(cfg), text=text, device="cpu", fast=fast)
+        out[fast] = stage(decoded).to_pylist()
+    assert [r["status"] for r in out[True]] == ["ok"] * 3
+    for r, f in zip(out[False], out[True]):
+        assert len(f["instances"]) == len(r["instances"]) == r["num_prompts"] > 0
