@@ -91,7 +91,8 @@ def _perf(ctx: StageCtx) -> list[list[str]]:
     if ctx.smoke:
         size = ["--device", "cpu", "--preset", "ovsam_tiny", "--sam-arch", "vit_b", "--crop-clip", "RN50",
                 "--num-images", "4", "--ref-images", "2", "--baseline-images", "1", "--images-per-shard", "2",
-                "--batch-size", "2", "--prompts", "3", "--width", "160", "--height", "120"]
+                "--batch-size", "2", "--prompts", "3", "--width", "160", "--height", "120",
+                "--fast", "on", "--rle-on-device", "on"]  # the GPU's branches, in CPU bf16
     else:
         size = ["--device", "cuda", "--preset", "ovsam_rn50x16", "--sam-arch", "vit_h", "--crop-clip", "RN50x16",
                 "--num-images", "128", "--ref-images", "8", "--baseline-images", "16", "--stage-images", "16",

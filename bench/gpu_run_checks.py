@@ -90,15 +90,28 @@ def check_perf(ctx: StageCtx, log: str) -> Result:
     checks = [Check(f"mode {m} ran", m in rows and "error" not in rows[m], (rows.get(m) or {}).get("error", "ok"))
               for m in "acdb"]
     fast = r["checks"].get("fast_vs_reference") or {}
+    exact = r["checks"].get("fast_vs_fp32") or (rows.get("c") or {}).get("fast_vs_fp32") or {}
     job = r["checks"].get("job_vs_model_alone") or {}
+    # Random weights: mask logits sit within a few hundredths of the threshold, so IoU is a figure,
+    # not a bar; the hard check is what they can show (bench/benchlib.fast_vs_fp32).
     checks += [
-        Check("fast path vs fp32: mean mask IoU >= 0.99", (fast.get("mask_iou_mean") or 0) >= 0.99,
-              fast.get("mask_iou_mean"), ">= 0.99"),
+        Check("fast path vs fp32 (same weights): logits within tolerance, masks equal away from the threshold, "
+              "labels equal where decided", bool(exact.get("ok")),
+              {k: exact.get(k) for k in ("logit_max_abs_diff", "logit_tol", "mask_pixels_off", "labels_decided",
+                                         "labels_decided_equal")}, "ok"),
+        Check("fast path vs fp32: mean mask IoU (reported)", (fast.get("mask_iou_mean") or 0) >= 0.99,
+              fast.get("mask_iou_mean"), ">= 0.99", hard=False),
         Check("fast path vs fp32: labels equal (random weights: near-ties may flip)",
               (fast.get("labels_equal_fraction") or 0) >= 0.8, fast.get("labels_equal_fraction"), ">= 0.8",
               hard=False),
-        Check("label job vs model alone: mean mask IoU >= 0.99", (job.get("mask_iou_mean") or 0) >= 0.99,
-              job.get("mask_iou_mean"), ">= 0.99"),
+        Check("label job vs model alone: every image with all its instances",
+              bool(job) and job.get("images_with_prompt_count_mismatch") == 0,
+              job.get("images_with_prompt_count_mismatch"), 0),
+        Check("label job vs model alone: labels equal (batching may move bf16 near-ties)",
+              (job.get("labels_equal_fraction") or 0) >= 0.99, job.get("labels_equal_fraction"), ">= 0.99",
+              hard=False),
+        Check("label job vs model alone: mean mask IoU (reported)", (job.get("mask_iou_mean") or 0) >= 0.99,
+              job.get("mask_iou_mean"), ">= 0.99", hard=False),
     ]
     figures = {f"{m} img/s": rows[m]["images_per_s"] for m in "abcd" if m in rows and "error" not in rows[m]}
     if "c" in rows and "mfu" in rows["c"]:

@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sam-arch", default=None, choices=["vit_h", "vit_l", "vit_b"],
                    help="SAM of the baseline (default vit_h on cuda, vit_b on cpu)")
     p.add_argument("--crop-clip", default=None, help="open_clip model of the baseline (RN50x16 on cuda, RN50 on cpu)")
+    p.add_argument("--fast", choices=["auto", "on", "off"], default="auto",
+                   help="mode c's bf16 autocast + channels_last (auto: on CUDA only; on: also on a CPU, CPU bf16)")
     p.add_argument("--rle-on-device", choices=["auto", "on", "off"], default="auto",
                    help="c/b: masks run-length encoded on the device (auto: on cuda only, as the job does)")
     p.add_argument("--threads", type=int, default=None,
@@ -114,6 +116,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         "sam_arch": args.sam_arch or ("vit_h" if cuda else "vit_b"),
         "crop_clip": args.crop_clip or ("RN50x16" if cuda else "RN50"),
         "rle_on_device": {"auto": None, "on": True, "off": False}[args.rle_on_device],
+        "fast": {"auto": None, "on": True, "off": False}[args.fast],
         "peak_tflops": args.peak_tflops,
         "threads": args.threads,
         "omp_wait_policy": ("PASSIVE" if not cuda else "") if args.omp_wait_policy is None else args.omp_wait_policy,
@@ -225,6 +228,8 @@ def checks(work: str, rows: dict[str, dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if a is not None and c is not None:
         out["fast_vs_reference"] = compare_predictions(a, c)
+    if "fast_vs_fp32" in rows.get("c", {}):
+        out["fast_vs_fp32"] = rows["c"]["fast_vs_fp32"]
     if c is not None and d is not None:
         out["job_vs_model_alone"] = compare_predictions(c, d)
     return out
@@ -290,6 +295,13 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows, cfg)
     lines = [text, ""]
     for name, chk in numeric.items():
+        if "ok" in chk:  # benchlib.fast_vs_fp32
+            lines.append(f"- {name}: {'ok' if chk['ok'] else 'FAILED'} on {chk['images']} images, {chk['prompts']} "
+                         f"prompts: logits max |diff| {chk['logit_max_abs_diff']:.3g} (tol {chk['logit_tol']:.3g}), "
+                         f"{chk['mask_pixels_off']} mask pixels off away from the threshold, labels "
+                         f"{chk['labels_decided_equal']}/{chk['labels_decided']} equal where decided; mask IoU "
+                         f"min {_fmt(chk['mask_iou_min'])}, mean {_fmt(chk['mask_iou_mean'])} (reported)")
+            continue
         lines.append(f"- {name}: {chk['prompts']} prompts on {chk['images']} images; labels equal "
                      f"{_fmt(chk['labels_equal_fraction'])}; mask IoU min {_fmt(chk['mask_iou_min'])}, "
                      f"mean {_fmt(chk['mask_iou_mean'])}")
