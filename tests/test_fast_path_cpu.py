@@ -157,3 +157,44 @@ def test_label_model_stage_on_the_fast_path_has_no_error_rows(tmp_path):
     assert [r["status"] for r in out[True]] == ["ok"] * 3
     for r, f in zip(out[False], out[True]):
         assert len(f["instances"]) == len(r["instances"]) == r["num_prompts"] > 0
+
+
+def test_resize_on_the_model_device_gives_the_cpu_resize_inputs_and_labels(tmp_path):
+    """The decode task ships the decoded image and the model's device resizes it (the same float
+    antialiased function): identical model inputs and labels to resizing in the decode task, in
+    batches that mix both; images above the size cap are still resized in the task."""
+    import pyarrow as pa
+
+    from ovsam_ray.data.synthetic import generate_shards
+    from ovsam_ray.inference import ModelConfig
+    from ovsam_ray.pipeline.predict_stage import PredictStage
+    from ovsam_ray.pipeline.stages import DEVICE_RESIZE_MAX_FACTOR, encode_url, image_of, read_and_decode
+    from ovsam_ray.pipeline.text_embeddings import text_task
+
+    sizes = ((120, 90), (200, 160))  # (W, H) from, to
+    shards = generate_shards(str(tmp_path), num_images=4, images_per_shard=4, seed=3, image_size=sizes)
+    urls = pa.table({"url": [encode_url(s) for s in shards]})
+    on_cpu = pa.concat_tables(read_and_decode(urls, image_size=256, resize_on_cpu=True))
+    shipped = pa.concat_tables(read_and_decode(urls, image_size=256))
+    assert (shipped["in_h"].to_pylist(), shipped["in_w"].to_pylist()) == (
+        shipped["height"].to_pylist(), shipped["width"].to_pylist()), "shipped as decoded"
+    assert on_cpu["in_h"].to_pylist() != on_cpu["height"].to_pylist()
+    capped = pa.concat_tables(read_and_decode(urls, image_size=48))  # >= 120x90 > 4 x 48 x 48 pixels
+    assert DEVICE_RESIZE_MAX_FACTOR * 48**2 < 120 * 90
+    assert all(max(h, w) == 48 for h, w in zip(capped["in_h"].to_pylist(), capped["in_w"].to_pylist()))
+
+    cfg = ModelConfig(preset="ovsam_tiny", random_init=True, vocab="coco_ov")
+    stage = PredictStage(model_config=vars(cfg), text=text_task(cfg, "cpu")[0], device="cpu")
+    hw = [(on_cpu["height"][i].as_py(), on_cpu["width"][i].as_py()) for i in range(4)]
+    a = stage.predictor.embed([image_of(on_cpu, i) for i in range(4)], original_sizes=hw)
+    mixed = [image_of(shipped, 0), image_of(on_cpu, 1), image_of(shipped, 2), image_of(shipped, 3)]
+    b = stage.predictor.embed(mixed, original_sizes=hw)
+    assert a.input_sizes == b.input_sizes and a.original_sizes == b.original_sizes
+    assert torch.equal(a.features.image_embeddings, b.features.image_embeddings)
+    old, new = stage(on_cpu).to_pylist(), stage(shipped).to_pylist()
+    assert [r["status"] for r in new] == ["ok"] * 4
+    assert [[i["label_id"] for i in r["instances"]] for r in new] == [[i["label_id"] for i in r["instances"]]
+                                                                      for r in old]
+    assert [r["instances"] for r in new] == [r["instances"] for r in old]
+    with pytest.raises(ValueError, match="neither its original size"):
+        stage.predictor.embed([image_of(shipped, 0)[:50]], original_sizes=hw[:1])

@@ -23,6 +23,7 @@ from .functional import (
     labels_from_logits,
     normalize_pad,
     resize_image,
+    resized_shape,
     scale_coords,
     upscale_mask_logits,
 )
@@ -183,18 +184,27 @@ class OVSAMPredictor:
     ) -> EmbeddedImages:
         """images: (H, W, 3) uint8 RGB (grayscale and RGBA are converted) -> features.
 
-        With ``original_sizes`` the images are already resized (``resize_image``, e.g. on a CPU
-        worker) and the sizes say which original (H, W) each came from.
+        Each image is resized here, on the model's device, unless it already is (``resize_image``,
+        e.g. on a CPU worker): with ``original_sizes`` an image whose shape is its original size's
+        resized shape is taken as resized, one at its original size is resized; a batch may mix both.
         """
         size = self.model.image_size
         batch, input_sizes, sizes = [], [], []
         for i, image in enumerate(images):
             rgb = _as_rgb_tensor(image).to(self.device)
-            resized = rgb if original_sizes is not None else resize_image(rgb, size)
+            own = (int(rgb.shape[0]), int(rgb.shape[1]))
+            orig = tuple(original_sizes[i]) if original_sizes is not None else own
+            target = resized_shape(*orig, size)
+            if own == target:
+                resized = rgb
+            elif own == orig:
+                resized = resize_image(rgb, size)  # the float antialiased resize, on the device
+            else:
+                raise ValueError(f"image {i} is {own[0]}x{own[1]}: neither its original size {orig} nor that "
+                                 f"resized to {size}, {target}")
             batch.append(normalize_pad(resized, size))
             input_sizes.append((int(resized.shape[0]), int(resized.shape[1])))
-            own_size = (int(rgb.shape[0]), int(rgb.shape[1]))
-            sizes.append(tuple(original_sizes[i]) if original_sizes is not None else own_size)
+            sizes.append(orig)
         x = torch.stack(batch) if batch else torch.zeros((0, 3, size, size), device=self.device)
         if self.fast:
             x = x.contiguous(memory_format=torch.channels_last)
