@@ -24,16 +24,40 @@ import sys
 
 from benchlib import machine_info, save_json, write_bench_shards
 
-# What the GPU image lacks and the kit (../shared/device/make-kit.sh) brings, then what it has.
-KIT_MODULES = {"ray": "ray", "open_clip": "open_clip_torch", "segment_anything": "segment-anything",
-               "webdataset": "webdataset", "pycocotools": "pycocotools"}
+# What the GPU image lacks and the kit (../shared/device/make-kit.sh) brings, then what it has;
+# the submodules are the later stages' own imports (Ray Data for the label job, Ray Train for
+# training, pydantic under Ray's APIs), so that a clash between the kit and the image fails here,
+# in seconds, not minutes into a stage.
+KIT_MODULES = {"ray": "ray", "ray.data": "ray", "ray.train": "ray", "ray.train.torch": "ray",
+               "open_clip": "open_clip_torch", "segment_anything": "segment-anything", "webdataset": "webdataset",
+               "pycocotools": "pycocotools", "pydantic": "pydantic", "ftfy": "ftfy"}
 IMAGE_MODULES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pyarrow": "pyarrow",
-                 "pandas": "pandas", "fsspec": "fsspec", "PIL": "pillow", "numpy": "numpy", "pytest": "pytest"}
+                 "pyarrow.parquet": "pyarrow", "pandas": "pandas", "fsspec": "fsspec", "PIL": "pillow",
+                 "numpy": "numpy", "pytest": "pytest"}
+#: The kit's pins (name==version per line).
+KIT_PINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_kit.txt")
 SMOKE_VOCAB_CLASSES = 500
 LABEL_SIZES = {"gpu": {"num_images": 64, "images_per_shard": 32, "size": (640, 480), "prompts": 20},
                "smoke": {"num_images": 4, "images_per_shard": 2, "size": (160, 120), "prompts": 3}}
 TRAIN_SIZES = {"gpu": {"num_images": 24, "images_per_shard": 8, "image_size": (640, 480)},
                "smoke": {"num_images": 8, "images_per_shard": 4, "image_size": (128, 96)}}
+
+
+def pin_report() -> dict[str, dict[str, str | None]]:
+    """{distribution: {"pinned": version, "installed": version or None}} for ``KIT_PINS``."""
+    out = {}
+    with open(KIT_PINS) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if "==" not in line:
+                continue
+            name, version = line.split("==", 1)
+            try:
+                installed = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                installed = None
+            out[name] = {"pinned": version, "installed": installed}
+    return out
 
 
 def probe_env(out: str) -> int:
@@ -45,8 +69,15 @@ def probe_env(out: str) -> int:
             modules[module] = {"ok": True, "version": importlib.metadata.version(dist)}
         except Exception as e:  # noqa: BLE001 - a broken install raises anything
             modules[module] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
+    # the project's own heavy imports, as the stages make them
+    for module in ("ovsam_ray.pipeline.label_job", "ovsam_ray.training.runner"):
+        try:
+            importlib.import_module(module)
+            modules[module] = {"ok": True, "version": None}
+        except Exception as e:  # noqa: BLE001
+            modules[module] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
     info = {"machine": machine_info(), "modules": modules, "python": sys.executable,
-            "kit_site": os.environ.get("PYTHONPATH", "")}
+            "kit_site": os.environ.get("PYTHONPATH", ""), "pins": pin_report()}
     import torch
 
     if torch.cuda.is_available():
@@ -59,7 +90,8 @@ def probe_env(out: str) -> int:
         info["nvidia_smi"] = smi.stdout.strip()
     save_json(info, out)
     missing = [m for m, r in modules.items() if not r["ok"]]
-    print(json.dumps({"missing": missing, "gpu": info.get("gpu")}))
+    versions = {m: r.get("version") for m, r in modules.items() if r["ok"] and r.get("version")}
+    print(json.dumps({"missing": missing, "gpu": info.get("gpu"), "versions": versions}))
     return 1 if missing else 0
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from ovsam_ray.model.ovsam import OVSAM, ImageFeatures, PromptBatch
 
 from .batching import collate_cotrain, collate_distill, unpack_sample
-from .config import CotrainConfig, OptimConfig, RunSpec
+from .config import PRECISIONS, CotrainConfig, OptimConfig, RunSpec
 from .losses import class_logits, classification_loss, distillation_loss, sampled_mask_losses
 
 log = logging.getLogger(__name__)
@@ -288,10 +288,6 @@ class TrainState:
 
     def to_dict(self) -> dict[str, int]:
         return {"step": self.step, "resume_item": self.resume_item, "images_seen": self.images_seen}
-
-
-#: Runtime.precision's values.
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
