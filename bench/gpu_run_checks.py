@@ -137,10 +137,10 @@ def check_label(ctx: StageCtx, log: str) -> Result:
     summary = _load(ctx.path(os.path.join("labels", "_summary.json")))
     text = summary.get("text_embeddings") or {}
     lines = [ln for ln in log.splitlines() if TEXT_LOG_LINE in ln]
-    from gpu_run_prep import LABEL_SIZES, SMOKE_VOCAB_CLASSES
+    from gpu_run_prep import LABEL_SIZES
 
     images = LABEL_SIZES["smoke" if ctx.smoke else "gpu"]["num_images"]
-    classes = SMOKE_VOCAB_CLASSES if ctx.smoke else IN21K_CLASSES
+    classes = IN21K_CLASSES
     device = "cpu" if ctx.smoke else "cuda"
     checks = [
         Check("every image labelled", summary["images_ok"] == images and summary["images_error"] == 0,

@@ -2,13 +2,13 @@
 inside its stage's time budget.
 
     python bench/gpu_run_prep.py env OUT.json              # versions, the GPU, the kit's imports
-    python bench/gpu_run_prep.py label WORK [--smoke]      # label shards (+ the smoke vocabulary)
+    python bench/gpu_run_prep.py label WORK [--smoke]      # label shards
     python bench/gpu_run_prep.py train WORK [--smoke]      # training shards + their vocabulary
 
 Sizes: a GPU run labels 2 shards x 32 images (640x480, 20 box prompts) with the built-in ``in21k``
 vocabulary (21,841 ImageNet-21k classes from timm's offline ImageNetInfo; no file to download) and
 trains on 24 generated images of shapes (640x480; the training input is 1024); ``--smoke`` makes
-them tiny and uses the first ``SMOKE_VOCAB_CLASSES`` in21k classes.
+them tiny (the vocabulary stays the whole in21k).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ IMAGE_MODULES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm",
                  "numpy": "numpy", "pytest": "pytest"}
 #: The kit's pins (name==version per line).
 KIT_PINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_kit.txt")
-SMOKE_VOCAB_CLASSES = 500
 LABEL_SIZES = {"gpu": {"num_images": 64, "images_per_shard": 32, "size": (640, 480), "prompts": 20},
                "smoke": {"num_images": 4, "images_per_shard": 2, "size": (160, 120), "prompts": 3}}
 TRAIN_SIZES = {"gpu": {"num_images": 24, "images_per_shard": 8, "image_size": (640, 480)},
@@ -99,14 +98,6 @@ def prepare_label(work: str, smoke: bool) -> int:
     sizes = LABEL_SIZES["smoke" if smoke else "gpu"]
     write_bench_shards(os.path.join(work, "label_shards"), num_images=sizes["num_images"],
                        images_per_shard=sizes["images_per_shard"], size=sizes["size"], prompts=sizes["prompts"])
-    if smoke:
-        from ovsam_ray.vocabulary import load_vocabulary
-
-        vocab = load_vocabulary("in21k")
-        rows = zip(vocab.class_ids, vocab.class_names, vocab.synonyms)
-        classes = [{"id": i, "name": n, "synonyms": list(s)} for i, n, s, in list(rows)[:SMOKE_VOCAB_CLASSES]]
-        with open(os.path.join(work, "in21k_smoke.json"), "w") as f:
-            json.dump({"name": f"in21k_first{SMOKE_VOCAB_CLASSES}", "classes": classes}, f)
     return 0
 
 

@@ -159,7 +159,8 @@ def _append_decoded(cols: dict[str, list[Any]], d: DecodedSample, image_size: in
     cols["height"].append(d.height)
     cols["in_h"].append(int(image.shape[0]))
     cols["in_w"].append(int(image.shape[1]))
-    cols["image"].append(np.ascontiguousarray(image).tobytes() if image_size is not None else b"")
+    # a view, not bytes: Arrow copies the pixels once into the column
+    cols["image"].append(memoryview(np.ascontiguousarray(image)).cast("B") if image_size is not None else b"")
     cols["boxes"].append(p.boxes.reshape(-1))
     cols["box_scores"].append(p.box_scores)
     cols["box_labels"].append(p.box_labels)
