@@ -41,8 +41,8 @@ never comes back. ``bench/gpu_run.sh`` first installs the wheel kit (``.devkit``
 
 What travels to the GPU machine, measured 2026-12-04 in this worktree: the working tree's tracked
 and untracked-not-ignored files 1.35 MiB, ``.devkit`` 35.6 MiB (ray 2.60.0 slim 29.6 MiB + 16
-wheels 6.0 MiB): 36.9 MiB of the 64 MiB allowed. The smoke run took 7 min 42 s on 2 busy CPU
-cores (``bench/RESULTS.md``).
+wheels 6.0 MiB): 36.9 MiB of the 64 MiB allowed. The smoke run took 306 s on 2 busy CPU cores
+on 2026-12-05 (``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
