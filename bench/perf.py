@@ -10,7 +10,8 @@ image: the shapes' boxes plus random ones), then runs each mode in its own proce
   a  ours, reference-style: fp32, batch 1, segment_anything attention, host RLE (``--ref-images``)
   b  SAM + CLIP image-crop baseline: SAM ``--sam-arch`` masks for the boxes, CLIP ``--crop-clip``
      on each box crop (bf16 and batched on a GPU, fp32 batch 1 on a CPU; ``--baseline-images``)
-  c  ours, optimised, the predictor as the label job builds it, with ms per stage
+  c  ours, optimised, the predictor as the label job builds it, with ms per stage (``--fast on``:
+     its GPU branches on a CPU too, bf16 autocast; ``--rle-on-device on`` likewise)
   d  the whole label job (``run_label``) on a local Ray cluster
 
 Columns: images/s; ms per image and per stage (GPU stage times come from a second pass with
@@ -19,8 +20,10 @@ Columns: images/s; ms per image and per stage (GPU stage times come from a secon
 MFU against the GPU's dense bf16 peak (CPU: n/a); peak GPU memory (a-c: max_memory_allocated; d:
 nvidia-smi's device-wide used memory above the start); peak host memory (PSS of the mode's
 process tree: for d the driver plus every Ray process); CPU cores used (CPU time of that tree /
-wall). Then the numerical check of the fast path against the fp32 path (a vs c: equal labels,
-mask IoU) and of the job against the model alone (c vs d), and the Ray overhead ratio d / c
+wall). Then the numerical checks: c against fp32 with the same weights on a few images
+(``fast_vs_fp32``: logits within tolerance, masks equal away from the threshold, labels equal where
+fp32 is decided; ``benchlib.fast_vs_fp32``), the agreement of a with c and of c with d (labels and
+mask IoU, reported), and the Ray overhead ratio d / c
 (end to end, and steady state: rate between the first and the last shard commit).
 
 Random weights throughout (cost does not depend on weight values; labels are meaningless).
