@@ -198,3 +198,20 @@ def test_resize_on_the_model_device_gives_the_cpu_resize_inputs_and_labels(tmp_p
     assert [r["instances"] for r in new] == [r["instances"] for r in old]
     with pytest.raises(ValueError, match="neither its original size"):
         stage.predictor.embed([image_of(shipped, 0)[:50]], original_sizes=hw[:1])
+
+
+def test_fast_path_rule_at_a_full_size_preset():
+    """``tests/test_gpu.py``'s check at ``ovsam_rn50_small`` (1024 input), on the CPU: a random
+    full-size decoder's logits reach ~0.2, bf16 moves them ~0.004 against a tolerance of 0.02
+    (~20 s on 2 cores)."""
+    torch.manual_seed(0)
+    model = build_ovsam("ovsam_rn50_small").eval()
+    text = F.normalize(torch.randn(20, 3, model.embed_dim), dim=-1)
+    images = [np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)]
+    prompts = [ImagePrompts(boxes=np.array([[10, 20, 300, 400], [100, 100, 200, 220]], np.float32),
+                            points=np.array([[320, 240]], np.float32))]
+    classifier = OpenVocabClassifier(text_embeddings=text)
+    ref = OVSAMPredictor(copy.deepcopy(model), classifier, device="cpu", fast=False, rle_on_device=False)
+    fast = OVSAMPredictor(model, classifier, device="cpu", fast=True, rle_on_device=True)
+    agree = fast_vs_fp32(ref(images, prompts), fast(images, prompts), [resized_shape(480, 640, 1024)], 1024)
+    assert agree["ok"] and agree["decoded"] == 3, agree
