@@ -1,25 +1,35 @@
-"""One GPU run: every check and figure the README's GPU claims need, in one command (<= 8 min on an H200).
+"""One GPU run: every check and figure the README's GPU claims need, in one command (560 s budget on an H200).
 
     source .devkit/on-device.sh && bash bench/gpu_run.sh $OUT/gpu    # on the GPU machine
-    bash bench/gpu_run.sh --smoke /tmp/gpu_smoke                      # any CPU, tiny sizes (~8 min on 2 busy cores)
+    bash bench/gpu_run.sh --smoke /tmp/gpu_smoke                      # any CPU, tiny sizes, the GPU's branches
     python bench/gpu_run.py --dry-run /tmp/x                          # only check every stage's arguments
 
-Stages, in this order, each with its own commands, time budget and checks. A stage that fails
-or runs out of time is recorded and the next one runs; the exit status is 1 when any check failed.
+Stages, in this order (what matters most first), each with its own commands, time budget and
+checks. A stage that fails or runs out of time is recorded and the next one runs; the exit status
+is 1 when any check failed.
 
-  env            imports (the kit's ray, open_clip, segment_anything, webdataset, pycocotools and
-                 the image's torch, timm, ...), versions, the GPU
-  pytest_gpu     ``pytest -m gpu``: bf16 autocast + channels_last give the fp32 labels and masks
-                 (IoU >= 0.99); device RLE byte-identical to pycocotools; fused AdamW on CUDA; the
-                 label job's text embeddings on CUDA equal the CPU's. On a GPU none may be skipped.
-  perf           ``bench/perf.py`` modes a-d with ``ovsam_rn50x16`` (128 images; a on 8, b on 16)
-  label_in21k    the label job (``jobs/label.py``) with ``--vocab in21k`` (21,841 classes, the
-                 package's built-in from timm; the smoke run takes its first 500): the text
-                 embeddings are computed once for the run, on the GPU (the job's summary says where
-                 and how long; exactly one such log line)
-  train_distill  12 steps of ``train distill`` / ``train cotrain`` at ``ovsam_rn50x16`` (bf16, batch 2
-  train_cotrain  per GPU, Ray Train, one worker; distillation with a random ViT-H teacher): the
+  env            imports everything the later stages import (the kit's ray, ray.data, ray.train,
+                 pydantic, open_clip, segment_anything, webdataset, pycocotools; the image's torch,
+                 timm, pyarrow, ...; the label job's and the trainer's modules), versions against
+                 the kit's pins (``bench/gpu_kit.txt``), the GPU: a clash fails in seconds
+  perf           ``bench/perf.py`` modes c, d, a, b with ``ovsam_rn50x16`` (128 images; a on 8, b on
+                 16): the fast path's rate and its check against fp32 with the same weights (logits
+                 within tolerance, masks equal away from the threshold, labels equal where fp32 is
+                 decided; mask IoU reported), the label job end to end, then the two baselines
+  pytest_gpu     ``pytest -m gpu``: the same fast-vs-fp32 rule at ``ovsam_rn50_small``; device RLE
+                 byte-identical to pycocotools; fused AdamW on CUDA; the label job's text embeddings
+                 on CUDA equal the CPU's. On a GPU none may be skipped.
+  label_in21k    the label job (``jobs/label.py``) with ``--vocab in21k`` (21,841 classes, 40,737
+                 names, the package's built-in from timm): the text embeddings are computed once
+                 for the run, on the GPU (the job's summary says where and how long; exactly one
+                 such log line)
+  train_cotrain  12 steps of ``train cotrain`` / ``train distill`` at ``ovsam_rn50x16`` (bf16, batch 2
+  train_distill  per GPU, Ray Train, one worker; distillation with a random ViT-H teacher): the
                  steady step time and the GPU-hours it projects for the paper's recipes
+
+``--smoke`` runs the same stages at tiny sizes on a CPU through the GPU's branches: perf mode c
+with ``--fast on --rle-on-device on`` (CPU bf16 autocast, channels_last, device RLE), training
+with ``--precision bf16``, and the label job with the whole in21k vocabulary.
 
 Random weights everywhere (``--random-init``; this repository has no real weights): speeds and
 checks are real, labels are meaningless; the JSON says so. The results folder receives three
@@ -31,8 +41,8 @@ never comes back. ``bench/gpu_run.sh`` first installs the wheel kit (``.devkit``
 
 What travels to the GPU machine, measured 2026-12-04 in this worktree: the working tree's tracked
 and untracked-not-ignored files 1.35 MiB, ``.devkit`` 35.6 MiB (ray 2.60.0 slim 29.6 MiB + 16
-wheels 6.0 MiB): 36.9 MiB of the 64 MiB allowed. The smoke run took 7 min 42 s on 2 busy CPU
-cores (``bench/RESULTS.md``).
+wheels 6.0 MiB): 36.9 MiB of the 64 MiB allowed. The smoke run took 306 s on 2 busy CPU cores
+on 2026-12-05 (``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -52,8 +62,8 @@ from typing import Any
 from benchlib import REPO, machine_info, now_iso, process_tree, save_json
 from gpu_run_checks import CHECKS, Check, StageCtx
 
-GPU_BUDGET_S = 480.0  # the whole run, kit install included (bench/gpu_run.sh passes its start time)
-SMOKE_BUDGET_S = 1500.0
+GPU_BUDGET_S = 560.0  # the whole run, kit install included (bench/gpu_run.sh passes its start time)
+SMOKE_BUDGET_S = 1800.0
 LOG_KEEP = (300_000, 1_200_000)  # per stage in gpu_run.log: head and tail characters kept
 
 
@@ -91,20 +101,23 @@ def _perf(ctx: StageCtx) -> list[list[str]]:
     if ctx.smoke:
         size = ["--device", "cpu", "--preset", "ovsam_tiny", "--sam-arch", "vit_b", "--crop-clip", "RN50",
                 "--num-images", "4", "--ref-images", "2", "--baseline-images", "1", "--images-per-shard", "2",
-                "--batch-size", "2", "--prompts", "3", "--width", "160", "--height", "120"]
+                "--batch-size", "2", "--prompts", "3", "--width", "160", "--height", "120",
+                "--fast", "on", "--rle-on-device", "on"]  # the GPU's branches, in CPU bf16
     else:
         size = ["--device", "cuda", "--preset", "ovsam_rn50x16", "--sam-arch", "vit_h", "--crop-clip", "RN50x16",
                 "--num-images", "128", "--ref-images", "8", "--baseline-images", "16", "--stage-images", "16",
                 "--images-per-shard", "32", "--batch-size", "8"]
-    # b last: SAM ViT-H is the slowest to build, and a stage cut short still keeps a, c and d.
-    # --work: each mode's row is there as soon as the mode ends, so a stage cut short keeps them.
-    return [_py(ctx, "bench/perf.py", "--modes", "a,c,d,b", *size, "--work", ctx.path("perf_work"),
+    # c (the fast path, with its check against fp32) and d (the label job end to end) first; the
+    # baselines a and b after (b last: SAM ViT-H is the slowest to build). --work: each mode's row
+    # is there as soon as the mode ends, so a stage cut short keeps the ones that finished.
+    return [_py(ctx, "bench/perf.py", "--modes", ctx.perf_modes, *size, "--work", ctx.path("perf_work"),
                 "--out", ctx.path("perf.json"))]
 
 
 def _label(ctx: StageCtx) -> list[list[str]]:
     smoke = ["--smoke"] if ctx.smoke else []
-    preset, vocab = ("ovsam_tiny", ctx.path("in21k_smoke.json")) if ctx.smoke else ("ovsam_rn50x16", "in21k")
+    # the whole in21k vocabulary in the smoke run too: 570k prompt texts are what a GPU run meets
+    preset, vocab = ("ovsam_tiny" if ctx.smoke else "ovsam_rn50x16"), "in21k"
     job = ["jobs/label.py", "--input", ctx.path("label_shards"), "--output", ctx.path("labels"), "--preset", preset,
            "--random-init", "--vocab", vocab, "--num-gpus", "0" if ctx.smoke else "1", "--concurrency", "1",
            "--batch-size", "2" if ctx.smoke else "8", "--overwrite"]
@@ -120,7 +133,8 @@ def _train(stage: str):
                "--max-failures", "0"]
         out = []
         if ctx.smoke:
-            run += ["--preset", "ovsam_tiny", "--max-steps", "4", "--cpus-per-worker", "1", "--data-cpus", "0.5"]
+            run += ["--preset", "ovsam_tiny", "--max-steps", "4", "--cpus-per-worker", "1", "--data-cpus", "0.5",
+                    "--precision", "bf16"]  # the GPU's autocast branch, on the CPU
             run += ["--teacher", "random_tiny"] if stage == "distill" else ["--num-prompts", "8", "--num-points", "256"]
         else:
             run += ["--preset", "ovsam_rn50x16", "--max-steps", "12", "--use-gpu"]
@@ -134,18 +148,20 @@ def _train(stage: str):
     return commands
 
 
-# Budgets are caps, (GPU s, smoke s); their GPU sum (595) is above the run's 480 s on purpose: the
-# run's deadline caps each stage too, so time a stage leaves goes to the later ones, and a late
-# stage squeezed below a quarter of its cap is skipped and recorded (expected use on an H200,
-# from the reference costs in docs/DESIGN.md, Appendix A, plus process and model start-up:
-# ~20 s kit, 10 env, 40 pytest, 140 perf, 90 label, 80 + 80 training, ~460 s in all).
+# Stages in the order of what their figures are worth: the label job's rate at ovsam_rn50x16 and
+# the fast path's check against fp32 first (perf: c, d, then the baselines a, b), the GPU tests,
+# the 21k vocabulary, then training's step times. Budgets are caps, (GPU s, smoke s): the run's
+# deadline caps each stage too, so time a stage leaves goes to the later ones, and a late stage
+# squeezed below a quarter of its cap is skipped and recorded. Expected use on an H200 (docs/DESIGN.md
+# Appendix A plus process and model start-up): ~20 s kit, 10 env, 150 perf, 40 pytest, 60 label
+# (text tokens ~7 s of one core now, ~40 s before), 75 + 75 training: ~430 s of the 560, ~130 s spare.
 STAGES = [
-    Stage("env", (30, 90), _env),
-    Stage("pytest_gpu", (75, 180), _pytest),
-    Stage("perf", (170, 420), _perf),
-    Stage("label_in21k", (120, 300), _label),
-    Stage("train_distill", (100, 240), _train("distill")),
-    Stage("train_cotrain", (100, 240), _train("cotrain")),
+    Stage("env", (25, 90), _env),
+    Stage("perf", (200, 420), _perf),
+    Stage("pytest_gpu", (60, 180), _pytest),
+    Stage("label_in21k", (100, 600), _label),  # smoke: ~5 min of tiny text tower on 2 busy cores
+    Stage("train_cotrain", (90, 240), _train("cotrain")),
+    Stage("train_distill", (85, 240), _train("distill")),
 ]
 
 
@@ -254,8 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("out", help="results folder (on the GPU machine: under $OUT)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU, the same stages and checks")
     p.add_argument("--stages", default=",".join(s.name for s in STAGES), help="comma-separated subset, in order")
+    p.add_argument("--perf-modes", default="c,d,a,b", help="bench/perf.py's modes, in order (CI's quick smoke: c)")
     p.add_argument("--work", default=None, help="work folder (default: a new temporary folder)")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (480 GPU / 1500 smoke)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (560 GPU / 1800 smoke)")
     p.add_argument("--started-at", type=float, default=None, help="epoch seconds the run began (the kit install)")
     p.add_argument("--dry-run", action="store_true", help="only check every stage's arguments with the real parsers")
     return p.parse_args(argv)
@@ -270,7 +287,7 @@ def make_ctx(a: argparse.Namespace) -> StageCtx:
     env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # progress bars would fill the log
     if a.smoke:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return StageCtx(smoke=a.smoke, work=work, python=sys.executable, env=env)
+    return StageCtx(smoke=a.smoke, work=work, python=sys.executable, env=env, perf_modes=a.perf_modes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ class StageCtx:
     work: str
     python: str
     env: dict[str, str]
+    perf_modes: str = "c,d,a,b"
 
     def path(self, name: str) -> str:
         return os.path.join(self.work, name)
@@ -48,12 +49,18 @@ def _load(path: str) -> Any:
 def check_env(ctx: StageCtx, log: str) -> Result:
     r = _load(ctx.path("env.json"))
     missing = sorted(m for m, v in r["modules"].items() if not v["ok"])
-    checks = [Check("every module imports", not missing, missing or "all", "none missing")]
+    off = sorted(f"{n} {p['installed']} (pinned {p['pinned']})" for n, p in (r.get("pins") or {}).items()
+                 if p["installed"] != p["pinned"])
+    checks = [Check("every module imports", not missing, missing or "all", "none missing"),
+              # reported: a kit built from other versions may still work, and the run says which
+              Check("the kit's versions are the pinned ones (bench/gpu_kit.txt)", not off, off or "all",
+                    "all pinned", hard=False)]
     if not ctx.smoke:
         checks.append(Check("a CUDA GPU is visible to torch", "gpu" in r, (r.get("gpu") or {}).get("name"), "a GPU"))
     mods = r["modules"]
     figures = {"gpu": (r.get("gpu") or {}).get("name", "none"), "torch": mods["torch"].get("version"),
-               "ray": mods["ray"].get("version"), "python": r["machine"].get("python")}
+               "ray": mods["ray"].get("version"), "pyarrow": mods["pyarrow"].get("version"),
+               "pydantic": mods["pydantic"].get("version"), "python": r["machine"].get("python")}
     return checks, figures, r
 
 
@@ -88,22 +95,41 @@ def check_perf(ctx: StageCtx, log: str) -> Result:
     r = _load(ctx.path("perf.json")) if os.path.exists(ctx.path("perf.json")) else _partial_perf(ctx)
     rows = r["rows"]
     checks = [Check(f"mode {m} ran", m in rows and "error" not in rows[m], (rows.get(m) or {}).get("error", "ok"))
-              for m in "acdb"]
+              for m in ctx.perf_modes.split(",")]
     fast = r["checks"].get("fast_vs_reference") or {}
+    exact = r["checks"].get("fast_vs_fp32") or (rows.get("c") or {}).get("fast_vs_fp32") or {}
     job = r["checks"].get("job_vs_model_alone") or {}
+    # Random weights: mask logits sit within a few hundredths of the threshold, so IoU is a figure,
+    # not a bar; the hard check is what they can show (bench/benchlib.fast_vs_fp32).
+    if ctx.smoke:
+        settings = (rows.get("c") or {}).get("settings") or {}
+        checks.append(Check("mode c ran the GPU's branches on the CPU (bf16 autocast, device RLE)",
+                            bool(settings.get("fast") and settings.get("rle_on_device")), settings.get("fast"), True))
     checks += [
-        Check("fast path vs fp32: mean mask IoU >= 0.99", (fast.get("mask_iou_mean") or 0) >= 0.99,
-              fast.get("mask_iou_mean"), ">= 0.99"),
+        Check("fast path vs fp32 (same weights): logits within tolerance, masks equal away from the threshold, "
+              "labels equal where decided", bool(exact.get("ok")),
+              {k: exact.get(k) for k in ("logit_max_abs_diff", "logit_tol", "mask_pixels_off", "labels_decided",
+                                         "labels_decided_equal")}, "ok"),
+        Check("fast path vs fp32: mean mask IoU (reported)", (fast.get("mask_iou_mean") or 0) >= 0.99,
+              fast.get("mask_iou_mean"), ">= 0.99", hard=False),
         Check("fast path vs fp32: labels equal (random weights: near-ties may flip)",
               (fast.get("labels_equal_fraction") or 0) >= 0.8, fast.get("labels_equal_fraction"), ">= 0.8",
               hard=False),
-        Check("label job vs model alone: mean mask IoU >= 0.99", (job.get("mask_iou_mean") or 0) >= 0.99,
-              job.get("mask_iou_mean"), ">= 0.99"),
+        Check("label job vs model alone: every image with all its instances",
+              bool(job) and job.get("images_with_prompt_count_mismatch") == 0,
+              job.get("images_with_prompt_count_mismatch"), 0, hard="d" in ctx.perf_modes.split(",")),
+        Check("label job vs model alone: labels equal (batching may move bf16 near-ties)",
+              (job.get("labels_equal_fraction") or 0) >= 0.99, job.get("labels_equal_fraction"), ">= 0.99",
+              hard=False),
+        Check("label job vs model alone: mean mask IoU (reported)", (job.get("mask_iou_mean") or 0) >= 0.99,
+              job.get("mask_iou_mean"), ">= 0.99", hard=False),
     ]
     figures = {f"{m} img/s": rows[m]["images_per_s"] for m in "abcd" if m in rows and "error" not in rows[m]}
     if "c" in rows and "mfu" in rows["c"]:
         figures["c MFU"] = rows["c"]["mfu"]
     figures["d/c"] = r.get("ray_overhead_ratio")
+    figures["c vs fp32: logits max |diff| (tol)"] = f"{exact.get('logit_max_abs_diff')} ({exact.get('logit_tol')})"
+    figures["c vs fp32: mask IoU mean"] = exact.get("mask_iou_mean")
     return checks, figures, r
 
 
@@ -111,10 +137,10 @@ def check_label(ctx: StageCtx, log: str) -> Result:
     summary = _load(ctx.path(os.path.join("labels", "_summary.json")))
     text = summary.get("text_embeddings") or {}
     lines = [ln for ln in log.splitlines() if TEXT_LOG_LINE in ln]
-    from gpu_run_prep import LABEL_SIZES, SMOKE_VOCAB_CLASSES
+    from gpu_run_prep import LABEL_SIZES
 
     images = LABEL_SIZES["smoke" if ctx.smoke else "gpu"]["num_images"]
-    classes = SMOKE_VOCAB_CLASSES if ctx.smoke else IN21K_CLASSES
+    classes = IN21K_CLASSES
     device = "cpu" if ctx.smoke else "cuda"
     checks = [
         Check("every image labelled", summary["images_ok"] == images and summary["images_error"] == 0,
@@ -140,6 +166,9 @@ def _check_train(stage: str) -> Callable[[StageCtx, str], Result]:
         if not ctx.smoke:
             checks.append(Check("on the GPU, bf16", r["use_gpu"] and r["precision"] == "bf16 autocast",
                                 r["precision"], "bf16 autocast"))
+        else:
+            checks.append(Check("the GPU's bf16 branch, on the CPU", r["precision"] == "bf16 autocast (CPU)",
+                                r["precision"], "bf16 autocast (CPU)"))
         proj = r.get("recipe_projection") or {}
         figures = {"preset": r["preset"], "batch/GPU": r["batch_size_per_worker"], "step s": r.get("steady_step_s"),
                    "first step s": r.get("first_step_s"), "img/s/GPU": r.get("images_per_s_per_gpu"),

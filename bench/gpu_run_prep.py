@@ -2,13 +2,13 @@
 inside its stage's time budget.
 
     python bench/gpu_run_prep.py env OUT.json              # versions, the GPU, the kit's imports
-    python bench/gpu_run_prep.py label WORK [--smoke]      # label shards (+ the smoke vocabulary)
+    python bench/gpu_run_prep.py label WORK [--smoke]      # label shards
     python bench/gpu_run_prep.py train WORK [--smoke]      # training shards + their vocabulary
 
 Sizes: a GPU run labels 2 shards x 32 images (640x480, 20 box prompts) with the built-in ``in21k``
 vocabulary (21,841 ImageNet-21k classes from timm's offline ImageNetInfo; no file to download) and
 trains on 24 generated images of shapes (640x480; the training input is 1024); ``--smoke`` makes
-them tiny and uses the first ``SMOKE_VOCAB_CLASSES`` in21k classes.
+them tiny (the vocabulary stays the whole in21k).
 """
 
 from __future__ import annotations
@@ -24,16 +24,39 @@ import sys
 
 from benchlib import machine_info, save_json, write_bench_shards
 
-# What the GPU image lacks and the kit (../shared/device/make-kit.sh) brings, then what it has.
-KIT_MODULES = {"ray": "ray", "open_clip": "open_clip_torch", "segment_anything": "segment-anything",
-               "webdataset": "webdataset", "pycocotools": "pycocotools"}
+# What the GPU image lacks and the kit (../shared/device/make-kit.sh) brings, then what it has;
+# the submodules are the later stages' own imports (Ray Data for the label job, Ray Train for
+# training, pydantic under Ray's APIs), so that a clash between the kit and the image fails here,
+# in seconds, not minutes into a stage.
+KIT_MODULES = {"ray": "ray", "ray.data": "ray", "ray.train": "ray", "ray.train.torch": "ray",
+               "open_clip": "open_clip_torch", "segment_anything": "segment-anything", "webdataset": "webdataset",
+               "pycocotools": "pycocotools", "pydantic": "pydantic", "ftfy": "ftfy"}
 IMAGE_MODULES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pyarrow": "pyarrow",
-                 "pandas": "pandas", "fsspec": "fsspec", "PIL": "pillow", "numpy": "numpy", "pytest": "pytest"}
-SMOKE_VOCAB_CLASSES = 500
+                 "pyarrow.parquet": "pyarrow", "pandas": "pandas", "fsspec": "fsspec", "PIL": "pillow",
+                 "numpy": "numpy", "pytest": "pytest"}
+#: The kit's pins (name==version per line).
+KIT_PINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_kit.txt")
 LABEL_SIZES = {"gpu": {"num_images": 64, "images_per_shard": 32, "size": (640, 480), "prompts": 20},
                "smoke": {"num_images": 4, "images_per_shard": 2, "size": (160, 120), "prompts": 3}}
 TRAIN_SIZES = {"gpu": {"num_images": 24, "images_per_shard": 8, "image_size": (640, 480)},
                "smoke": {"num_images": 8, "images_per_shard": 4, "image_size": (128, 96)}}
+
+
+def pin_report() -> dict[str, dict[str, str | None]]:
+    """{distribution: {"pinned": version, "installed": version or None}} for ``KIT_PINS``."""
+    out = {}
+    with open(KIT_PINS) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if "==" not in line:
+                continue
+            name, version = line.split("==", 1)
+            try:
+                installed = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                installed = None
+            out[name] = {"pinned": version, "installed": installed}
+    return out
 
 
 def probe_env(out: str) -> int:
@@ -45,8 +68,15 @@ def probe_env(out: str) -> int:
             modules[module] = {"ok": True, "version": importlib.metadata.version(dist)}
         except Exception as e:  # noqa: BLE001 - a broken install raises anything
             modules[module] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
+    # the project's own heavy imports, as the stages make them
+    for module in ("ovsam_ray.pipeline.label_job", "ovsam_ray.training.runner"):
+        try:
+            importlib.import_module(module)
+            modules[module] = {"ok": True, "version": None}
+        except Exception as e:  # noqa: BLE001
+            modules[module] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
     info = {"machine": machine_info(), "modules": modules, "python": sys.executable,
-            "kit_site": os.environ.get("PYTHONPATH", "")}
+            "kit_site": os.environ.get("PYTHONPATH", ""), "pins": pin_report()}
     import torch
 
     if torch.cuda.is_available():
@@ -59,7 +89,8 @@ def probe_env(out: str) -> int:
         info["nvidia_smi"] = smi.stdout.strip()
     save_json(info, out)
     missing = [m for m, r in modules.items() if not r["ok"]]
-    print(json.dumps({"missing": missing, "gpu": info.get("gpu")}))
+    versions = {m: r.get("version") for m, r in modules.items() if r["ok"] and r.get("version")}
+    print(json.dumps({"missing": missing, "gpu": info.get("gpu"), "versions": versions}))
     return 1 if missing else 0
 
 
@@ -67,14 +98,6 @@ def prepare_label(work: str, smoke: bool) -> int:
     sizes = LABEL_SIZES["smoke" if smoke else "gpu"]
     write_bench_shards(os.path.join(work, "label_shards"), num_images=sizes["num_images"],
                        images_per_shard=sizes["images_per_shard"], size=sizes["size"], prompts=sizes["prompts"])
-    if smoke:
-        from ovsam_ray.vocabulary import load_vocabulary
-
-        vocab = load_vocabulary("in21k")
-        rows = zip(vocab.class_ids, vocab.class_names, vocab.synonyms)
-        classes = [{"id": i, "name": n, "synonyms": list(s)} for i, n, s, in list(rows)[:SMOKE_VOCAB_CLASSES]]
-        with open(os.path.join(work, "in21k_smoke.json"), "w") as f:
-            json.dump({"name": f"in21k_first{SMOKE_VOCAB_CLASSES}", "classes": classes}, f)
     return 0
 
 

@@ -10,7 +10,8 @@ image: the shapes' boxes plus random ones), then runs each mode in its own proce
   a  ours, reference-style: fp32, batch 1, segment_anything attention, host RLE (``--ref-images``)
   b  SAM + CLIP image-crop baseline: SAM ``--sam-arch`` masks for the boxes, CLIP ``--crop-clip``
      on each box crop (bf16 and batched on a GPU, fp32 batch 1 on a CPU; ``--baseline-images``)
-  c  ours, optimised, the predictor as the label job builds it, with ms per stage
+  c  ours, optimised, the predictor as the label job builds it, with ms per stage (``--fast on``:
+     its GPU branches on a CPU too, bf16 autocast; ``--rle-on-device on`` likewise)
   d  the whole label job (``run_label``) on a local Ray cluster
 
 Columns: images/s; ms per image and per stage (GPU stage times come from a second pass with
@@ -19,8 +20,10 @@ Columns: images/s; ms per image and per stage (GPU stage times come from a secon
 MFU against the GPU's dense bf16 peak (CPU: n/a); peak GPU memory (a-c: max_memory_allocated; d:
 nvidia-smi's device-wide used memory above the start); peak host memory (PSS of the mode's
 process tree: for d the driver plus every Ray process); CPU cores used (CPU time of that tree /
-wall). Then the numerical check of the fast path against the fp32 path (a vs c: equal labels,
-mask IoU) and of the job against the model alone (c vs d), and the Ray overhead ratio d / c
+wall). Then the numerical checks: c against fp32 with the same weights on a few images
+(``fast_vs_fp32``: logits within tolerance, masks equal away from the threshold, labels equal where
+fp32 is decided; ``benchlib.fast_vs_fp32``), the agreement of a with c and of c with d (labels and
+mask IoU, reported), and the Ray overhead ratio d / c
 (end to end, and steady state: rate between the first and the last shard commit).
 
 Random weights throughout (cost does not depend on weight values; labels are meaningless).
@@ -75,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sam-arch", default=None, choices=["vit_h", "vit_l", "vit_b"],
                    help="SAM of the baseline (default vit_h on cuda, vit_b on cpu)")
     p.add_argument("--crop-clip", default=None, help="open_clip model of the baseline (RN50x16 on cuda, RN50 on cpu)")
+    p.add_argument("--fast", choices=["auto", "on", "off"], default="auto",
+                   help="mode c's bf16 autocast + channels_last (auto: on CUDA only; on: also on a CPU, CPU bf16)")
     p.add_argument("--rle-on-device", choices=["auto", "on", "off"], default="auto",
                    help="c/b: masks run-length encoded on the device (auto: on cuda only, as the job does)")
     p.add_argument("--threads", type=int, default=None,
@@ -114,6 +119,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         "sam_arch": args.sam_arch or ("vit_h" if cuda else "vit_b"),
         "crop_clip": args.crop_clip or ("RN50x16" if cuda else "RN50"),
         "rle_on_device": {"auto": None, "on": True, "off": False}[args.rle_on_device],
+        "fast": {"auto": None, "on": True, "off": False}[args.fast],
         "peak_tflops": args.peak_tflops,
         "threads": args.threads,
         "omp_wait_policy": ("PASSIVE" if not cuda else "") if args.omp_wait_policy is None else args.omp_wait_policy,
@@ -225,6 +231,8 @@ def checks(work: str, rows: dict[str, dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if a is not None and c is not None:
         out["fast_vs_reference"] = compare_predictions(a, c)
+    if "fast_vs_fp32" in rows.get("c", {}):
+        out["fast_vs_fp32"] = rows["c"]["fast_vs_fp32"]
     if c is not None and d is not None:
         out["job_vs_model_alone"] = compare_predictions(c, d)
     return out
@@ -290,6 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows, cfg)
     lines = [text, ""]
     for name, chk in numeric.items():
+        if "ok" in chk:  # benchlib.fast_vs_fp32
+            lines.append(f"- {name}: {'ok' if chk['ok'] else 'FAILED'} on {chk['images']} images, {chk['prompts']} "
+                         f"prompts: logits max |diff| {chk['logit_max_abs_diff']:.3g} (tol {chk['logit_tol']:.3g}), "
+                         f"{chk['mask_pixels_off']} mask pixels off away from the threshold, labels "
+                         f"{chk['labels_decided_equal']}/{chk['labels_decided']} equal where decided; mask IoU "
+                         f"min {_fmt(chk['mask_iou_min'])}, mean {_fmt(chk['mask_iou_mean'])} (reported)")
+            continue
         lines.append(f"- {name}: {chk['prompts']} prompts on {chk['images']} images; labels equal "
                      f"{_fmt(chk['labels_equal_fraction'])}; mask IoU min {_fmt(chk['mask_iou_min'])}, "
                      f"mean {_fmt(chk['mask_iou_mean'])}")

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 import torch
-from benchlib import CommitWatcher, StageTimer, TreeSampler
+from benchlib import CommitWatcher, StageTimer, TreeSampler, fast_vs_fp32
 
 OURS_STAGES = ("jpeg_decode", "preprocess", "backbone", "adapter", "fpn", "decode", "classify", "post", "records")
 BASELINE_STAGES = ("jpeg_decode", "preprocess", "sam_encoder", "sam_decoder", "post", "crop", "clip", "classify")
@@ -80,7 +80,8 @@ def _measure(device: torch.device, run: Any) -> dict[str, Any]:
 # --- a and c: our predictor -----------------------------------------------------------------------
 
 
-def _build_ours(cfg: Any, mode: str, device: torch.device, rle_on_device: bool | None) -> tuple[Any, Any]:
+def _build_ours(cfg: Any, mode: str, device: torch.device, rle_on_device: bool | None,
+                fast: bool | None = None) -> tuple[Any, Any]:
     from ovsam_ray.inference import load_model, make_predictor, vocabulary_text
     from ovsam_ray.model.classifier import OpenVocabClassifier
     from ovsam_ray.model.predictor import OVSAMPredictor
@@ -89,7 +90,7 @@ def _build_ours(cfg: Any, mode: str, device: torch.device, rle_on_device: bool |
     loaded.model.requires_grad_(False)
     text, vocab = vocabulary_text(cfg, loaded, device)
     if mode == "c":
-        return make_predictor(cfg, loaded, text, vocab, device, rle_on_device=rle_on_device), vocab
+        return make_predictor(cfg, loaded, text, vocab, device, rle_on_device=rle_on_device, fast=fast), vocab
     classifier = OpenVocabClassifier(text_embeddings=text, seen=vocab.seen_tensor(), excluded=vocab.excluded_tensor(),
                                      logit_scale=loaded.logit_scale)
     predictor = OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk, fast=False,
@@ -141,13 +142,34 @@ def _ours_flops(predictor: Any, sample: dict[str, Any]) -> int:
     return flops
 
 
+FAST_CHECK_IMAGES = 2
+
+
+def _fast_check(predictor: Any, samples: list[dict]) -> dict[str, Any]:
+    """The fast predictor against fp32 with the same weights on a few images, by what random
+    weights can show (``benchlib.fast_vs_fp32``): logits, masks away from the threshold, labels
+    where decided."""
+    from ovsam_ray.data.decode import decode_sample
+    from ovsam_ray.labelling import image_prompts
+    from ovsam_ray.model.predictor import OVSAMPredictor
+
+    decoded = [d for d in map(decode_sample, samples[:FAST_CHECK_IMAGES]) if d.ok]
+    images, prompts = [d.image for d in decoded], [image_prompts(d) for d in decoded]
+    ref = OVSAMPredictor(predictor.model, predictor.classifier, device=predictor.device, topk=predictor.topk,
+                         fast=False, rle_on_device=False)
+    embedded = ref.embed(images)
+    expected = ref.predict(embedded, prompts)
+    got = predictor(images, prompts)
+    return fast_vs_fp32(expected, got, embedded.input_sizes, predictor.model.image_size)
+
+
 def run_ours(mode: str, args: dict[str, Any], work: str) -> dict[str, Any]:
     """Mode a (reference-style) or c (optimised), see the module docstring."""
     from ovsam_ray.inference import ModelConfig
 
     device = torch.device(args["device"])
     cfg = ModelConfig(preset=args["preset"], random_init=True, vocab=os.path.join(work, "vocab.txt"))
-    predictor, vocab = _build_ours(cfg, mode, device, args["rle_on_device"])
+    predictor, vocab = _build_ours(cfg, mode, device, args["rle_on_device"], args.get("fast"))
     batch = 1 if mode == "a" else args["batch_size"]
     samples = load_samples(work, args["ref_images"] if mode == "a" else args["num_images"])
     flops = _ours_flops(predictor, samples[0])  # also the warm-up
@@ -167,6 +189,7 @@ def run_ours(mode: str, args: dict[str, Any], work: str) -> dict[str, Any]:
         _instrument_ours(predictor, timer)
         _ours_pass(predictor, vocab, samples[:stage_images], batch, timer)
     preds = m.pop("result")
+    extra = {"fast_vs_fp32": _fast_check(predictor, samples)} if mode == "c" else {}
     with open(os.path.join(work, f"pred_{mode}.json"), "w") as f:
         json.dump(preds, f)
     stages = {k: round(1e3 * v / stage_images, 3) for k, v in _leaf_stages(timer.seconds).items()}
@@ -175,7 +198,7 @@ def run_ours(mode: str, args: dict[str, Any], work: str) -> dict[str, Any]:
                 "threads": torch.get_num_threads()}
     return {**m, "images": len(samples), "images_per_s": round(len(samples) / m["wall_s"], 3),
             "ms_per_image": round(1e3 * m["wall_s"] / len(samples), 2), "stages_ms": stages,
-            "stage_images": stage_images, "flops_per_image": flops, "settings": settings}
+            "stage_images": stage_images, "flops_per_image": flops, "settings": settings, **extra}
 
 
 # --- d: the label job -----------------------------------------------------------------------------

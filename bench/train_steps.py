@@ -46,6 +46,12 @@ RECIPES = {
 STEP_LINE = re.compile(r"\b(distill|cotrain) step (\d+): (.*)$")
 
 
+
+def _precision(run) -> str:
+    """What ``engine.Runtime.autocast`` runs the steps in."""
+    bf16 = run.precision == "bf16" or (run.precision == "auto" and run.use_gpu)
+    return ("bf16 autocast" if bf16 else "fp32") + ("" if run.use_gpu else " (CPU)")
+
 def parse_step_line(line: str) -> dict[str, float] | None:
     """The metrics of one ``<stage> step N: k=v ...`` log line (as Ray forwards a worker's log), or None."""
     m = STEP_LINE.search(line.rstrip())
@@ -116,7 +122,7 @@ def run_training(stage: str, train_argv: list[str], out: str, warmup_steps: int)
         "command": " ".join(["ovsam-ray", "train", stage, *train_argv]),
         "preset": cfg.model.preset, "random_init": cfg.model.random_init, "use_gpu": cfg.run.use_gpu,
         "num_workers": cfg.run.num_workers, "batch_size_per_worker": cfg.run.batch_size,
-        "precision": "bf16 autocast" if cfg.run.use_gpu else "fp32 (CPU)", "max_steps": cfg.run.max_steps,
+        "precision": _precision(cfg.run), "max_steps": cfg.run.max_steps,
         "steps_done": steps_done, "wall_s": round(time.time() - t0, 1), "exit_code": rc,
         "error": None if rc == 0 else f"ovsam-ray train {stage} exited with {rc} (its log is above)",
         **times, "images_per_s_per_gpu": round(per_gpu, 3) if per_gpu else None,

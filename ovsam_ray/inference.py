@@ -112,16 +112,18 @@ def make_predictor(
     device: str | torch.device = "cpu",
     *,
     rle_on_device: bool | None = None,
+    fast: bool | None = None,
 ) -> OVSAMPredictor:
     """Wrap a loaded model and a vocabulary's text embeddings in a predictor on ``device``;
-    ``rle_on_device`` as in ``OVSAMPredictor`` (None: on CUDA only)."""
+    ``rle_on_device`` and ``fast`` as in ``OVSAMPredictor`` (None: on CUDA only)."""
     classifier = OpenVocabClassifier(
         text_embeddings=text,
         seen=vocab.seen_tensor(),
         excluded=vocab.excluded_tensor(),
         logit_scale=loaded.logit_scale,
     )
-    return OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk, rle_on_device=rle_on_device)
+    return OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk, rle_on_device=rle_on_device,
+                          fast=fast)
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:

@@ -70,6 +70,7 @@ def test_perf_modes_a_c_end_to_end(tmp_path):
     assert set(result["rows"]["c"]["stages_ms"]) >= {"backbone", "adapter", "fpn", "decode", "classify", "post"}
     check = result["checks"]["fast_vs_reference"]
     assert check["prompts"] == 6 and check["labels_equal_fraction"] == 1.0 and check["mask_iou_min"] >= 0.99
+    assert result["checks"]["fast_vs_fp32"]["ok"] and result["checks"]["fast_vs_fp32"]["prompts"] == 6
     assert "| a: ours ovsam_tiny" in proc.stdout
 
 

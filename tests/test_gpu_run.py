@@ -1,7 +1,7 @@
 """The plumbing of bench/gpu_run.py, on a CPU and fast: every stage's arguments parse (GPU and smoke
 sizes), a stage that hangs is killed with its children and recorded while the run goes on, a perf
-stage cut short keeps its finished modes, the pytest stage reads JUnit XML, the smoke run's first
-stage passes end to end, and step times come out of the training log. The whole smoke run
+stage cut short keeps its finished modes, the pytest stage reads JUnit XML, the smoke run's env
+stage and fast path pass end to end on the CPU, and step times come out of the training log. The whole smoke run
 (`bash bench/gpu_run.sh --smoke DIR`, minutes) is in bench/RESULTS.md."""
 
 from __future__ import annotations
@@ -95,16 +95,25 @@ def test_pytest_stage_reads_junit_and_fails_skips_on_a_gpu(tmp_path):
         assert [c["outcome"] for c in cases] == ["passed", "skipped"]
 
 
-def test_smoke_run_first_stage_end_to_end(tmp_path):
+def test_quick_smoke_runs_the_gpu_branches_on_the_cpu(tmp_path):
+    """The smoke run's env stage and perf mode c end to end: every import the later stages need,
+    and the fast path (bf16 autocast, channels_last, device RLE) on the CPU checked against fp32
+    with what random weights can show. (The whole smoke run takes minutes: bench/RESULTS.md.)"""
     out = tmp_path / "gpu"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_run.py"), "--smoke", "--stages",
-                           "env", "--work", str(tmp_path / "work"), str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "env,perf", "--perf-modes", "c", "--work", str(tmp_path / "work"), str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["gpu_run.json", "gpu_run.log", "gpu_run.md"]
     r = json.loads((out / "gpu_run.json").read_text())
     assert r["ok"] and r["mode"] == "smoke" and r["random_init"] is True
-    assert list(r["stages"]) == ["env"] and r["stages"]["env"]["figures"]["torch"]
+    assert list(r["stages"]) == ["env", "perf"] and r["stages"]["env"]["figures"]["torch"]
+    env = r["stages"]["env"]["result"]["modules"]
+    assert all(env[m]["ok"] for m in ("ray.data", "ray.train", "pydantic", "pyarrow", "ovsam_ray.pipeline.label_job"))
+    perf = r["stages"]["perf"]["result"]
+    c = perf["rows"]["c"]
+    assert c["settings"]["fast"] and c["settings"]["rle_on_device"]
+    assert c["fast_vs_fp32"]["ok"] and c["fast_vs_fp32"]["decoded"] == c["fast_vs_fp32"]["prompts"] > 0
     assert proc.stdout.rstrip().splitlines()[-1].startswith("[gpu_run] ALL OK")
 
 

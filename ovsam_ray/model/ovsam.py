@@ -130,12 +130,13 @@ class OVSAM(nn.Module):
         n = len(prompts)
         sparse = pe.no_mask_embed.weight.new_zeros((n, 2, pe.embed_dim))
         is_point = prompts.is_point
+        # Under autocast the encoder's outputs come back bf16; index_put_ needs matching dtypes.
         if (~is_point).any():
-            sparse[~is_point] = pe._embed_boxes(prompts.boxes[~is_point].float())
+            sparse[~is_point] = pe._embed_boxes(prompts.boxes[~is_point].float()).to(sparse.dtype)
         if is_point.any():
             pts = prompts.points[is_point].float()[:, None, :]
             labels = torch.ones(pts.shape[:2], device=pts.device)
-            sparse[is_point] = pe._embed_points(pts, labels, pad=True)
+            sparse[is_point] = pe._embed_points(pts, labels, pad=True).to(sparse.dtype)
         return sparse
 
     def decode(self, features: ImageFeatures, prompts: PromptBatch, *, roi_boxes: torch.Tensor | None = None,

@@ -23,6 +23,7 @@ from .functional import (
     labels_from_logits,
     normalize_pad,
     resize_image,
+    resized_shape,
     scale_coords,
     upscale_mask_logits,
 )
@@ -130,7 +131,9 @@ class OVSAMPredictor:
     """Runs an ``OVSAM`` model with an ``OpenVocabClassifier`` on numpy images.
 
     On CUDA the image and prompt passes run under bf16 autocast with channels_last CNN
-    weights (``fast=True``, the default there); on CPU everything stays fp32. With
+    weights (``fast=True``, the default there); on CPU everything stays fp32 unless ``fast=True``
+    asks for the same path there (CPU bf16 autocast: how CI tests the GPU path). The classifier
+    always runs in fp32. With
     ``rle_on_device`` (the default on CUDA) masks are run-length encoded where they are computed
     and only the run lengths reach the host (``ImagePrediction.rles``, ``masks`` None); otherwise
     full-size bool masks come back.
@@ -171,8 +174,8 @@ class OVSAMPredictor:
             use_fast_attention(self.model.adapter, query_chunk=attention_chunk)
 
     def _autocast(self):
-        if self.fast and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.fast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     @torch.no_grad()
@@ -181,18 +184,27 @@ class OVSAMPredictor:
     ) -> EmbeddedImages:
         """images: (H, W, 3) uint8 RGB (grayscale and RGBA are converted) -> features.
 
-        With ``original_sizes`` the images are already resized (``resize_image``, e.g. on a CPU
-        worker) and the sizes say which original (H, W) each came from.
+        Each image is resized here, on the model's device, unless it already is (``resize_image``,
+        e.g. on a CPU worker): with ``original_sizes`` an image whose shape is its original size's
+        resized shape is taken as resized, one at its original size is resized; a batch may mix both.
         """
         size = self.model.image_size
         batch, input_sizes, sizes = [], [], []
         for i, image in enumerate(images):
             rgb = _as_rgb_tensor(image).to(self.device)
-            resized = rgb if original_sizes is not None else resize_image(rgb, size)
+            own = (int(rgb.shape[0]), int(rgb.shape[1]))
+            orig = tuple(original_sizes[i]) if original_sizes is not None else own
+            target = resized_shape(*orig, size)
+            if own == target:
+                resized = rgb
+            elif own == orig:
+                resized = resize_image(rgb, size)  # the float antialiased resize, on the device
+            else:
+                raise ValueError(f"image {i} is {own[0]}x{own[1]}: neither its original size {orig} nor that "
+                                 f"resized to {size}, {target}")
             batch.append(normalize_pad(resized, size))
             input_sizes.append((int(resized.shape[0]), int(resized.shape[1])))
-            own_size = (int(rgb.shape[0]), int(rgb.shape[1]))
-            sizes.append(tuple(original_sizes[i]) if original_sizes is not None else own_size)
+            sizes.append(orig)
         x = torch.stack(batch) if batch else torch.zeros((0, 3, size, size), device=self.device)
         if self.fast:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -263,9 +275,12 @@ class OVSAMPredictor:
         if self.half_embeddings:
             out.region_embeddings = out.region_embeddings.half().float()
             out.clip_embeddings = out.clip_embeddings.half().float()
-        cls = self.classifier(out.region_embeddings.float(), out.clip_embeddings.float(), out.clip_valid)
-        labels, topk_ids, topk_scores = labels_from_logits(cls.fused_logits, self.topk)
-        head_labels, _, _ = labels_from_logits(cls.head_logits, 1)
+        # Labels in fp32 even inside a caller's autocast: the fusion's geometric mean and the
+        # top-k over a 21k vocabulary would round to bf16 and flip near-ties.
+        with torch.autocast(self.device.type, enabled=False):
+            cls = self.classifier(out.region_embeddings.float(), out.clip_embeddings.float(), out.clip_valid)
+            labels, topk_ids, topk_scores = labels_from_logits(cls.fused_logits, self.topk)
+            head_labels, _, _ = labels_from_logits(cls.head_logits, 1)
         return {
             "low_res_logits": out.low_res_logits.float(), "head_logits": cls.head_logits,
             "clip_logits": cls.clip_logits, "fused_logits": cls.fused_logits, "labels": labels,

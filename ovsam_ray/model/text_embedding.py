@@ -8,8 +8,10 @@ max-over-synonyms is unaffected by the padding. Result: (num_classes, max_synony
 Pure torch + open_clip: no file system, no logging.
 """
 
+import unicodedata
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +21,7 @@ __all__ = [
     "clean_class_name",
     "embed_class_names",
     "pad_synonyms",
+    "template_tokens",
 ]
 
 Tokenizer = Callable[[list[str]], Tensor]
@@ -109,6 +112,74 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _char_class(ch: str) -> str:
+    """CLIP's pre-tokenizer regex splits text into runs of letters, single digits and runs of
+    other non-space characters; this is the class of ``ch`` in those terms."""
+    if ch.isspace():
+        return " "
+    return {"L": "L", "N": "N"}.get(unicodedata.category(ch)[0], "O")
+
+
+def _splits_between(left: str, right: str) -> bool:
+    """Whether CLIP's pre-tokenizer always starts a new token between ``left``'s last character
+    and ``right``'s first, so that encoding the two apart gives the tokens of the whole.
+    A space, or two different classes, split; digits are single tokens; an apostrophe on the left
+    could join a following letter (``'s``, ``'t``...)."""
+    if not left or not right:
+        return True
+    a, b = _char_class(left[-1]), _char_class(right[0])
+    if " " in (a, b):
+        return True
+    return (a == b == "N") or (a != b and left[-1] != "'")
+
+
+def _spliceable(name: str) -> bool:
+    """Whether the tokenizer's cleaning (ftfy, HTML unescaping, whitespace, lower case) leaves
+    ``name`` the same alone as inside a template: cleaned names without ``&``/``;``."""
+    return "&" not in name and ";" not in name and name == " ".join(name.split()) and name == name.lower()
+
+
+def _splice_tokenizer(tokenizer: Tokenizer):
+    """open_clip's BPE ``SimpleTokenizer`` (whose ``encode`` maps a string to token ids without
+    start/end tokens) behind ``tokenizer``, or None for any other tokenizer."""
+    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    ok = all(hasattr(inner, a) for a in ("encode", "sot_token_id", "eot_token_id", "context_length"))
+    return inner if ok and getattr(inner, "reduction_fn", None) is None else None
+
+
+def template_tokens(tokenizer: Tokenizer, names: Sequence[str], templates: Sequence[str]) -> Tensor:
+    """(len(names) * T, L) token ids of every name written into every template, names outer:
+    exactly ``tokenizer([t.format(n) for n in names for t in templates])``.
+
+    With open_clip's BPE tokenizer each name is encoded once and spliced between the encoded
+    template parts (a 21k vocabulary is ~570k texts: tens of seconds one by one); the pieces are
+    those of the whole text wherever the pre-tokenizer splits at both joins (``_splits_between``)
+    and cleaning cannot reach across them (``_spliceable``); any other name is tokenized whole.
+    Over-long texts are cut at the context length with the end token last, as the tokenizer does.
+    Other tokenizers (Hugging Face's) get the texts."""
+    bpe = _splice_tokenizer(tokenizer)
+    if bpe is None:
+        return tokenizer([t.format(n) for n in names for t in templates])
+    parts = [t.split("{}", 1) for t in templates]
+    encoded = [(bpe.encode(pre), bpe.encode(post)) for pre, post in parts]
+    length = bpe.context_length
+    out = np.zeros((len(names) * len(templates), length), np.int64)
+    row = 0
+    for name in names:
+        splice = _spliceable(name) and all(
+            _splits_between(pre, name) and _splits_between(name, post) for pre, post in parts)
+        name_ids = bpe.encode(name) if splice else None
+        for template, (pre, post) in zip(templates, encoded):
+            body = pre + name_ids + post if splice else bpe.encode(template.format(name))
+            ids = [bpe.sot_token_id, *body, bpe.eot_token_id]
+            if len(ids) > length:
+                ids = ids[:length]
+                ids[-1] = bpe.eot_token_id
+            out[row, : len(ids)] = ids
+            row += 1
+    return torch.from_numpy(out)
+
+
 def _encode_chunk(
     clip_model: nn.Module,
     tokenizer: Tokenizer,
@@ -117,8 +188,7 @@ def _encode_chunk(
     device: torch.device,
 ) -> Tensor:
     """(n, D) float32 CPU embeddings of n names, each averaged over all templates."""
-    texts = [template.format(name) for name in names for template in templates]
-    tokens = tokenizer(texts).to(device)
+    tokens = template_tokens(tokenizer, names, templates).to(device)
     raw = clip_model.encode_text(tokens)
     raw = raw.reshape(len(names), len(templates), raw.shape[-1])
     return average_template_embeddings(raw).cpu()

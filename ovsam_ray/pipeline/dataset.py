@@ -64,7 +64,9 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.da
     # beside the actors on small machines (the actors hold their CPUs for the whole job).
     ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="pyarrow", num_cpus=0.5, fn_kwargs={
         "image_size": image_size, "max_pixels": cfg.max_pixels, "max_prompts": cfg.max_prompts, "chunk": chunk,
-        "s3_endpoint": cfg.model.s3_endpoint})
+        "s3_endpoint": cfg.model.s3_endpoint,
+        # the model's device resizes, except for a detector, which sees the model's input pixels
+        "resize_on_cpu": bool(cfg.sources.detector_name)})
     if cfg.sources.detector_name:
         ds = ds.map_batches(
             DetectorStage,

@@ -138,7 +138,7 @@ class _HFDetector:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _pixels(self, image: np.ndarray) -> torch.Tensor:

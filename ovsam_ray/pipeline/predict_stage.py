@@ -99,7 +99,7 @@ class PredictStage:
 
     def __init__(self, *, model_config: dict[str, Any], text: Any, with_embedding: bool = False,
                  prompts: str = "shard", select: dict[str, Any] | None = None, device: str | None = None,
-                 cpu_threads: int | None = None, forward_batch: int = 8) -> None:
+                 cpu_threads: int | None = None, forward_batch: int = 8, fast: bool | None = None) -> None:
         import ray
 
         from ovsam_ray.inference import ModelConfig, load_model, make_predictor
@@ -120,7 +120,9 @@ class PredictStage:
             embeddings = torch.as_tensor(text["embeddings"])
         # On CUDA (rle_on_device's default) masks leave the GPU as run lengths, never full size; a
         # CPU actor keeps full masks, as pycocotools' C encoder beats torch's CPU kernels there.
-        self.predictor = make_predictor(cfg, load_model(cfg), embeddings, self.vocab, self.device)
+        # ``fast`` (bf16 autocast, channels_last, device RLE) defaults to CUDA; True runs it on a CPU.
+        self.predictor = make_predictor(cfg, load_model(cfg), embeddings, self.vocab, self.device, fast=fast,
+                                        rle_on_device=True if fast else None)
         self.predictor.half_embeddings = with_embedding
         self.with_embedding = with_embedding
         self.sources = PromptSources.parse(prompts)

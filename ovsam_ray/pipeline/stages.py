@@ -35,7 +35,9 @@ _FLOATS = pa.list_(pa.float32())
 #: What the decode stage emits, one row per image (or one marker row per failed/empty shard).
 #: Prompts are flat per image: ``boxes`` 4 values per box (original pixels, XYXY), ``points`` 2
 #: per point, ``point_boxes`` 4 per point (NaN = none; null when the JSON has none); ``image`` is
-#: the resized uint8 (in_h, in_w, 3) image when the model needs pixels, else empty. Per shard (the
+#: the uint8 (in_h, in_w, 3) image when the model needs pixels, else empty: as decoded (in_h, in_w
+#: = height, width; the model's device resizes it) or already resized (``resize_on_cpu``, or an
+#: image above ``DEVICE_RESIZE_MAX_FACTOR`` x the model input's pixels). Per shard (the
 #: same on each of its rows, a few bytes): ``shard_damage`` (why the tar ended early, or "") and
 #: ``shard_skipped`` (JSON ``{reason: count}`` of the members that gave no row, or "").
 DECODED_SCHEMA = pa.schema([
@@ -46,6 +48,11 @@ DECODED_SCHEMA = pa.schema([
     ("image", pa.binary()), ("boxes", _FLOATS), ("box_scores", _FLOATS), ("box_labels", pa.list_(pa.string())),
     ("points", _FLOATS), ("point_boxes", _FLOATS), ("prompt_warnings", pa.list_(pa.string())),
 ])
+#: Images up to this many times the model input's pixels travel as decoded and are resized on the
+#: model's device (an antialiased float resize costs ~18 ms of CPU per 640x480 image, next to
+#: nothing on a GPU); larger ones are resized here, so a row's image stays within 4 x S x S x 3
+#: bytes in the object store.
+DEVICE_RESIZE_MAX_FACTOR = 4
 #: The columns every stage carries through unchanged.
 PASS_COLUMNS = ("key", "shard", "index", "shard_total", "shard_damage", "shard_skipped", "image_id", "width",
                 "height")
@@ -77,14 +84,15 @@ def _read_with_retries(url: str, s3_endpoint: str | None) -> ShardRead:
 
 
 def read_and_decode(batch: pa.Table, *, image_size: int | None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    max_prompts: int = DEFAULT_MAX_PROMPTS, chunk: int = 64, s3_endpoint: str | None = None
-                    ) -> Iterator[pa.Table]:
+                    max_prompts: int = DEFAULT_MAX_PROMPTS, chunk: int = 64, s3_endpoint: str | None = None,
+                    resize_on_cpu: bool = False) -> Iterator[pa.Table]:
     """map_batches (CPU task, one shard URL per batch, as :func:`encode_url` bytes): read the
     shard, decode and resize its images, yield DECODED_SCHEMA tables of ``chunk`` rows, numbered
     in shard order. ``max_prompts``: prompts kept per image (the rest dropped with a warning).
 
-    ``image_size``: the model's input side (the longest side is resized to it), or None for a
-    model that needs no pixels (the image is still decoded: a bad image must be an error row).
+    ``image_size``: the model's input side (the longest side is resized to it, on the model's
+    device unless ``resize_on_cpu`` or the image is large: ``DEVICE_RESIZE_MAX_FACTOR``), or None
+    for a model that needs no pixels (the image is still decoded: a bad image must be an error row).
     A damaged tar yields the samples read before the damage, each carrying ``shard_damage``; a
     shard with nothing readable yields one SHARD_FAILED row, an empty shard one SHARD_EMPTY row.
     """
@@ -98,7 +106,7 @@ def read_and_decode(batch: pa.Table, *, image_size: int | None, max_pixels: int 
         for start in range(0, len(samples), chunk):
             part = samples[start: start + chunk]
             yield _decode_chunk(part, (name, start, len(samples), damage, skipped), image_size, max_pixels,
-                                max_prompts)
+                                max_prompts, resize_on_cpu)
 
 
 def _marker_table(name: str, kind: str, message: str, skipped: str) -> pa.Table:
@@ -109,7 +117,7 @@ def _marker_table(name: str, kind: str, message: str, skipped: str) -> pa.Table:
 
 
 def _decode_chunk(samples: list[dict[str, Any]], shard: tuple[str, int, int, str, str], image_size: int | None,
-                  max_pixels: int, max_prompts: int) -> pa.Table:
+                  max_pixels: int, max_prompts: int, resize_on_cpu: bool = False) -> pa.Table:
     """``shard``: (name, index of the first sample, samples in the shard, damage, skipped)."""
     name, start, total, damage, skipped = shard
     cols: dict[str, list[Any]] = {f.name: [] for f in DECODED_SCHEMA}
@@ -118,14 +126,15 @@ def _decode_chunk(samples: list[dict[str, Any]], shard: tuple[str, int, int, str
             decoded = decode_sample({**sample, "shard": name}, max_pixels=max_pixels, max_prompts=max_prompts)
         except Exception as e:  # noqa: BLE001 - decode_sample should not raise; never crash the job
             decoded = DecodedSample(key=sample["key"], shard=name, error=f"decode failed: {type(e).__name__}: {e}")
-        _append_decoded(cols, decoded, image_size)
+        _append_decoded(cols, decoded, image_size, resize_on_cpu)
         cols["index"].append(start + i)
     n = len(samples)
     cols.update(shard=[name] * n, shard_total=[total] * n, shard_damage=[damage] * n, shard_skipped=[skipped] * n)
     return pa.Table.from_pydict(cols, schema=DECODED_SCHEMA)
 
 
-def _append_decoded(cols: dict[str, list[Any]], d: DecodedSample, image_size: int | None) -> None:
+def _append_decoded(cols: dict[str, list[Any]], d: DecodedSample, image_size: int | None,
+                    resize_on_cpu: bool = False) -> None:
     cols["key"].append(d.key)
     if not d.ok:
         for k in ("image_id", "width", "height", "in_h", "in_w", "image", "boxes", "box_scores", "box_labels",
@@ -135,7 +144,8 @@ def _append_decoded(cols: dict[str, list[Any]], d: DecodedSample, image_size: in
         cols["error"].append(d.error or "unknown error")
         return
     image = d.image
-    if image_size is not None:
+    large = image.shape[0] * image.shape[1] > DEVICE_RESIZE_MAX_FACTOR * image_size**2 if image_size else False
+    if image_size is not None and (resize_on_cpu or large):
         import torch  # only where pixels are resized: the other workers of the job never load torch
 
         from ovsam_ray.model.functional import resize_image
@@ -149,7 +159,8 @@ def _append_decoded(cols: dict[str, list[Any]], d: DecodedSample, image_size: in
     cols["height"].append(d.height)
     cols["in_h"].append(int(image.shape[0]))
     cols["in_w"].append(int(image.shape[1]))
-    cols["image"].append(np.ascontiguousarray(image).tobytes() if image_size is not None else b"")
+    # a view, not bytes: Arrow copies the pixels once into the column
+    cols["image"].append(memoryview(np.ascontiguousarray(image)).cast("B") if image_size is not None else b"")
     cols["boxes"].append(p.boxes.reshape(-1))
     cols["box_scores"].append(p.box_scores)
     cols["box_labels"].append(p.box_labels)
@@ -159,7 +170,7 @@ def _append_decoded(cols: dict[str, list[Any]], d: DecodedSample, image_size: in
 
 
 def image_of(table: pa.Table, i: int) -> np.ndarray:
-    """Row ``i``'s resized (in_h, in_w, 3) uint8 image (a writable copy)."""
+    """Row ``i``'s (in_h, in_w, 3) uint8 image, as decoded or resized (a writable copy)."""
     data = table.column("image")[i].as_buffer()
     h, w = table.column("in_h")[i].as_py(), table.column("in_w")[i].as_py()
     return np.frombuffer(data, np.uint8).reshape(h, w, 3).copy()

@@ -136,6 +136,10 @@ def distill_optim() -> OptimConfig:
     return OptimConfig(schedule="cosine", min_lr_factor=0.01, grad_clip=5.0, no_decay=("norm",))
 
 
+#: ``RunSpec.precision`` / ``engine.Runtime.precision`` values.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class RunSpec:
     """Where and how a training run executes on Ray Train.
@@ -150,6 +154,8 @@ class RunSpec:
     shuffle_shards/shuffle_buffer: the data order (``training.data``): shards read concurrently
         per work item, and the samples held in its shuffle buffer (encoded images, so ~0.2 MB each
         for COCO-sized JPEGs).
+    precision: ``engine.Runtime.precision`` ("auto": bf16 autocast on a GPU; "bf16" asks for it on a
+        CPU too, where it tests the GPU's branches; "fp32").
     """
 
     storage_path: str
@@ -169,8 +175,12 @@ class RunSpec:
     shuffle_shards: int = 8
     shuffle_buffer: int = 256
     s3_endpoint: str | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)} (auto: bf16 autocast "
+                             "on a GPU, fp32 on a CPU; bf16: autocast on a CPU too)")
         if not self.storage_path:
             raise ValueError("storage_path is required: a local folder or s3://bucket/prefix for checkpoints")
         if not self.name or "/" in self.name:

@@ -173,8 +173,8 @@ class TeacherShardWriter:
     @torch.no_grad()
     def _features(self, samples: list[dict[str, np.ndarray]]) -> np.ndarray:
         images = collate_distill(samples, self.device).images
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        with autocast:
+        bf16 = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             out = self.teacher(images)
         return out.float().cpu().numpy().astype(np.float16)
 

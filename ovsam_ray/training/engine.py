@@ -24,7 +24,7 @@ from torch import nn
 from ovsam_ray.model.ovsam import OVSAM, ImageFeatures, PromptBatch
 
 from .batching import collate_cotrain, collate_distill, unpack_sample
-from .config import CotrainConfig, OptimConfig, RunSpec
+from .config import PRECISIONS, CotrainConfig, OptimConfig, RunSpec
 from .losses import class_logits, classification_loss, distillation_loss, sampled_mask_losses
 
 log = logging.getLogger(__name__)
@@ -292,11 +292,19 @@ class TrainState:
 
 @dataclass
 class Runtime:
-    """Rank, world size and device of this worker; collectives are no-ops for one worker."""
+    """Rank, world size and device of this worker; collectives are no-ops for one worker.
+
+    precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" (bf16 autocast on any
+    device: the CPU run of the GPU path) or "fp32"."""
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
 
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         if self.world_size == 1 or not dist.is_initialized():
@@ -306,9 +314,8 @@ class Runtime:
         return t.tolist()
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def row_batches(rows: Iterator[dict[str, Any]], batch_size: int, *, min_item: int = 0

@@ -169,7 +169,7 @@ def _runtime(run: RunSpec) -> Runtime:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    return Runtime(rank=rank, world_size=world, device=device)
+    return Runtime(rank=rank, world_size=world, device=device, precision=run.precision)
 
 
 def worker_loop(stage: str, config: dict, setup_fn: Callable[[Any, Runtime], StageSetup]) -> None:
