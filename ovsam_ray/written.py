@@ -103,6 +103,7 @@ class Claim:
         self.finished = entry.get("status") == "complete"
         self.patterns = [re.compile(p) for p in entry.get("patterns") or []] if not self.finished else []
         self.planned: set[str] = set()
+        self.keep: set[str] = set()
 
     def _ours(self, name: str) -> bool:
         return name in self.listed or any(p.fullmatch(name) for p in self.patterns)

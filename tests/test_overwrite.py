@@ -152,3 +152,22 @@ def test_an_interrupted_convert_claims_its_shards_until_it_completes(tmp_path):
         claim.add(["shard-000000.tar"])
     entry = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["commands"]["convert"]
     assert entry["status"] == "complete" and entry["files"] == ["shard-000000.tar", "shard-000003.tar"]
+
+
+def test_on_s3_a_users_object_is_refused_and_our_own_is_replaced_with_overwrite(labelled, s3_server, s3_bucket):
+    from ovsam_ray import io
+    from ovsam_ray.export import export_coco, export_sa1b
+
+    out = f"s3://{s3_bucket}/export"
+    users = io.join(out, "shard-000000", "000000000005.json")
+    io.atomic_write_bytes(users, b"mine", s3_endpoint=s3_server)
+    with pytest.raises(OutputClashError, match="000000000005.json"):
+        export_sa1b(labelled["labels"], out, overwrite=True, s3_endpoint=s3_server)
+    assert io.read_bytes(users, s3_endpoint=s3_server) == b"mine"
+    assert not io.exists(io.join(out, "shard-000000", "000000000009.json"), s3_endpoint=s3_server)
+
+    coco = io.join(out, "coco.json")
+    assert export_coco(labelled["labels"], coco, s3_endpoint=s3_server)["images"] == 3
+    with pytest.raises(OutputClashError, match="--overwrite"):
+        export_coco(labelled["labels"], coco, s3_endpoint=s3_server)
+    assert export_coco(labelled["labels"], coco, overwrite=True, s3_endpoint=s3_server)["images"] == 3
