@@ -194,7 +194,8 @@ def run_tiny_recipe(work_dir: str, *, seed: int = 0, recipe: TinyRecipe | None =
         state, _ = run_local("cotrain", cfg, cotrain_setup, sample_builder(cfg), time_budget_s=remaining, clock=clock)
         log.info("stages 1+2: %d steps, %d images", state.step, state.images_seen)
     weights = os.path.join(work_dir, "weights")
-    export_checkpoint(cfg.run.run_url, weights, train_vocab=TRAIN_VOCAB)
+    # the work folder is the recipe's own: a rerun replaces its earlier export (never a user's file there)
+    export_checkpoint(cfg.run.run_url, weights, train_vocab=TRAIN_VOCAB, overwrite=True)
     log.info("tiny recipe done in %.0fs wall (%.0fs on the %s clock); weights in %s", time.perf_counter() - started,
              budget.elapsed(), clock, weights)
     return weights
