@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ovsam_ray.checkpoints import LoadedModel, load_ovsam
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.predictor import OVSAMPredictor
 from ovsam_ray.model.presets import get_preset
@@ -39,14 +40,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         get_preset(self.preset)  # an unknown name: a ValueError listing the known ones
         if not self.train_vocab.replace("_", "").isalnum():
-            raise ValueError(
+            raise ConfigError(
                 f"train_vocab={self.train_vocab!r}: use 'coco', 'lvis' or the name our export was trained with"
             )
         if self.topk < 1:
-            raise ValueError(f"topk={self.topk} must be >= 1")
+            raise ConfigError(f"topk={self.topk} must be >= 1")
         files = (self.sam_checkpoint, self.clip_checkpoint, self.sam2clip_checkpoint, self.clip2sam_checkpoint)
         if not self.random_init and not self.weights and not all(files):
-            raise ValueError(
+            raise ConfigError(
                 "no weights: pass weights=DIR|s3://prefix (standard file names), all four checkpoint "
                 "files, or random_init=True for an untrained smoke run"
             )
@@ -82,7 +83,7 @@ def _vocab_from_embeddings(cfg: ModelConfig, embeddings: torch.Tensor) -> Vocabu
     if cfg.vocab is not None:
         vocab = load_vocabulary(cfg.vocab)
         if vocab.num_classes != embeddings.shape[0]:
-            raise ValueError(
+            raise ConfigError(
                 f"{cfg.class_embeddings} has {embeddings.shape[0]} classes but vocab {cfg.vocab} {vocab.num_classes}"
             )
         return vocab

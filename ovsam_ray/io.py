@@ -24,6 +24,8 @@ from typing import IO, Any
 import fsspec
 from fsspec import AbstractFileSystem
 
+from ovsam_ray.errors import ConfigError, OVSAMRayError
+
 __all__ = [
     "UnsafePathError",
     "atomic_write_bytes",
@@ -104,8 +106,8 @@ def check_endpoint(endpoint: str | None) -> None:
         parsed = parsed._replace(netloc="")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         shown = safe_for_log(redact(endpoint), limit=100)
-        raise ValueError(f"--s3-endpoint {shown!r} is not an endpoint URL: expected http(s)://HOST[:PORT], e.g. "
-                         "http://127.0.0.1:9000 or https://s3.us-east-1.amazonaws.com")
+        raise ConfigError(f"--s3-endpoint {shown!r} is not an endpoint URL: expected http(s)://HOST[:PORT], e.g. "
+                          "http://127.0.0.1:9000 or https://s3.us-east-1.amazonaws.com")
 
 
 def join(url: str, *names: str) -> str:
@@ -315,7 +317,7 @@ def safe_for_log(text: str, *, limit: int = 300) -> str:
     return _LOG_UNSAFE_RE.sub(lambda m: _escape_code_point(m.group()), text)
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(OVSAMRayError, ValueError):
     """A path built from data would leave its root or cannot be stored; the message says why."""
 
 

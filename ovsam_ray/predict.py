@@ -16,6 +16,7 @@ import numpy as np
 
 from ovsam_ray import io
 from ovsam_ray.data.decode import decode_image, parse_prompts_json
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.inference import ModelConfig, build_predictor
 from ovsam_ray.labels.records import prediction_to_instances
 from ovsam_ray.model.automatic_mask_generator import OVSAMAutomaticMaskGenerator
@@ -42,9 +43,9 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         if (self.prompts is None) == (self.grid is None):
-            raise ValueError("predict: give --prompts FILE or --grid N (segment everything), one of them")
+            raise ConfigError("predict: give --prompts FILE or --grid N (segment everything), one of them")
         if self.grid is not None and self.grid < 1:
-            raise ValueError(f"--grid {self.grid}: need >= 1 points per side")
+            raise ConfigError(f"--grid {self.grid}: need >= 1 points per side")
 
 
 def run_predict(cfg: PredictConfig) -> dict:

@@ -27,6 +27,7 @@ from ovsam_ray import io
 from ovsam_ray.data.decode import DecodeError, decode_image
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.data.shards import iter_shard_samples
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.labels.reader import iter_label_rows, source_shards
 
@@ -179,7 +180,7 @@ def show(labels: str, output: str, *, n: int = 8, shards: str | None = None, see
     sheet of them, listed last); returns their URLs. An image that cannot be read from its shard is
     drawn on grey (and logged)."""
     if n < 1:
-        raise ValueError(f"n={n}: must be >= 1")
+        raise ConfigError(f"n={n}: must be >= 1")
     rows = sample_rows(labels, n, seed=seed, s3_endpoint=s3_endpoint)
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint)
     by_shard: dict[str, list[dict[str, Any]]] = {}

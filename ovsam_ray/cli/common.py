@@ -63,7 +63,12 @@ def init_ray(address: str | None = None) -> None:
     if address == "local":
         ray.init(address="local", include_dashboard=False)
     elif address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError, ValueError) as e:  # a cluster that is not there
+            from ovsam_ray.pipeline.label_job import JobStartError
+
+            raise JobStartError(f"cannot join the Ray cluster at {address}: {type(e).__name__}: {e}") from e
     else:
         ray.init(include_dashboard=False)
 

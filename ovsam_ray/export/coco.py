@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from ovsam_ray import io
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.evaluation.coco_ap import LABEL_SOURCES, SCORE_MODES, instance_score
 from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.categories import category_index, dataset_categories, load_categories, record_vocabulary
@@ -110,7 +111,7 @@ def export_coco(
     ``below_min_score``, ``error_rows``, ``images_written``, ``images_missing``: images of
     ``with_images`` not found in their shard, logged)."""
     if label_source not in LABEL_SOURCES or score not in SCORE_MODES:
-        raise ValueError(f"label_source must be one of {LABEL_SOURCES}, score one of {SCORE_MODES}")
+        raise ConfigError(f"label_source must be one of {LABEL_SOURCES}, score one of {SCORE_MODES}")
     fixed = load_categories(categories, s3_endpoint=s3_endpoint) if categories else None
     index = category_index(fixed) if fixed else None
     builtin = None if fixed or label_source != "ovsam" else dataset_categories(

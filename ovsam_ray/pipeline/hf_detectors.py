@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ovsam_ray import io
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.weights import WeightsError, local_dir
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ class GroundingDinoDetector(_HFDetector):
 
     def __init__(self, *, queries: Sequence[str], score_threshold: float = 0.3, **kwargs: Any) -> None:
         if not queries:
-            raise ValueError("detector:grounding-dino needs a query list (--detector-queries FILE|vocab-name)")
+            raise ConfigError("detector:grounding-dino needs a query list (--detector-queries FILE|vocab-name)")
         super().__init__(**kwargs)
         self.queries = list(queries)
         self.score_threshold = score_threshold
@@ -335,5 +336,5 @@ def load_hf_detector(name: str, *, weights: str | None, device: str = "cpu", ran
     if name == "owlv2":
         return Owlv2Detector(queries=queries, objectness_threshold=objectness_threshold, **common)
     if objectness_threshold is not None:
-        raise ValueError(f"--detector-objectness-threshold is OWLv2's (objectness head); detector:{name} has none")
+        raise ConfigError(f"--detector-objectness-threshold is OWLv2's (objectness head); detector:{name} has none")
     return HF_DETECTORS[name](queries=queries or [], **common)
