@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -124,7 +125,7 @@ def make_predictor(
         logit_scale=loaded.logit_scale,
     )
     return OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk, rle_on_device=rle_on_device,
-                          fast=fast)
+                          fast=fast, vocabulary=vocab)
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
@@ -142,9 +143,36 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
 
 
 def build_predictor(
-    cfg: ModelConfig, device: str | torch.device = "cpu"
+    cfg: ModelConfig, device: str | torch.device = "cpu", *, rle_on_device: bool | None = None
 ) -> tuple[OVSAMPredictor, Vocabulary, LoadedModel]:
     """Load weights, embed the vocabulary and wrap both in a predictor on ``device``."""
     loaded = load_model(cfg)
     text, vocab = vocabulary_text(cfg, loaded, device)
-    return make_predictor(cfg, loaded, text, vocab, device), vocab, loaded
+    return make_predictor(cfg, loaded, text, vocab, device, rle_on_device=rle_on_device), vocab, loaded
+
+
+def load_predictor(
+    preset: str = "ovsam_rn50x16",
+    *,
+    weights: str | None = None,
+    vocab: str | None = None,
+    device: str | torch.device = "cpu",
+    random_init: bool = False,
+    **options: Any,
+) -> OVSAMPredictor:
+    """An ``OVSAMPredictor`` ready to call: ``preset``'s model with ``weights`` (a folder or
+    ``s3://`` prefix holding the released file names), labelling with ``vocab`` (``coco_ov``,
+    ``lvis_v1``, or a ``.txt``/``.json`` file; default: the weights' own training vocabulary)
+    on ``device``. ``random_init=True``: untrained weights, no files (tests, smoke runs).
+
+    ``options``: the other fields of ``ModelConfig`` (``train_vocab``, ``class_embeddings``,
+    ``topk``, ``text_cache``, ``s3_endpoint``, the four checkpoint files...). The predictor
+    carries its ``vocabulary`` and ``text_embeddings``; its masks come back as full-size arrays
+    (``ImagePrediction.masks``) on every device.
+
+        predictor = load_predictor("ovsam_rn50x16", weights="weights/", vocab="coco_ov", device="cuda")
+        pred = predictor([image], [ImagePrompts(boxes=np.array([[x0, y0, x1, y1]], np.float32))])[0]
+        names = predictor.label_names(pred)
+    """
+    cfg = ModelConfig(preset=preset, weights=weights, vocab=vocab, random_init=random_init, **options)
+    return build_predictor(cfg, device, rle_on_device=False)[0]

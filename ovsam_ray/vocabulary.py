@@ -7,6 +7,8 @@ logit -1000). Built-ins ship as package data; user vocabularies are .txt or .jso
 fsspec file system. Text embeddings are cached by (CLIP model, CLIP weights hash, vocabulary hash).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import functools
 import hashlib
@@ -17,16 +19,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import torch
-from torch import Tensor
 
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.model.text_embedding import clean_class_name
 
-__all__ = ["BUILTIN_VOCABULARIES", "Vocabulary", "load_templates", "load_vocabulary"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["BUILTIN_VOCABULARIES", "Vocabulary", "clean_class_name", "load_templates", "load_vocabulary"]
 
 _log = logging.getLogger(__name__)
 
@@ -104,10 +106,14 @@ class Vocabulary:
 
     def seen_tensor(self) -> Tensor:
         """(C,) bool."""
+        import torch
+
         return torch.tensor(self.seen, dtype=torch.bool)
 
     def excluded_tensor(self) -> Tensor:
         """(C,) bool."""
+        import torch
+
         return torch.tensor(self.excluded, dtype=torch.bool)
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,10 +127,21 @@ class Vocabulary:
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
 
     @classmethod
-    def from_json(cls, text: str | dict[str, Any], *, name: str = "vocabulary") -> "Vocabulary":
+    def from_json(cls, text: str | dict[str, Any], *, name: str = "vocabulary") -> Vocabulary:
         """Parse any JSON vocabulary format (see ``load_vocabulary``); ``name`` if the JSON has none."""
         data = json.loads(text) if isinstance(text, str) else text
         return _vocabulary_from_json_data(data, default_name=name)
+
+
+def clean_class_name(name: str) -> str:
+    """The text a class name contributes to a prompt.
+
+    Dataset names use underscores for spaces (LVIS: ``"aerosol_can"``); the reference OV-SAM label
+    preprocessing turns them into spaces and lower-cases the name (a no-op for CLIP's own BPE
+    tokenizer, which lower-cases anyway). Unlike the reference, names are not split on ``/`` or
+    ``_or_``: here synonyms are listed explicitly by the vocabulary.
+    """
+    return " ".join(name.replace("_", " ").lower().split())
 
 
 def _sha256_json(obj: Any) -> str:

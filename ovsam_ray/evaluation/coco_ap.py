@@ -21,7 +21,7 @@ import numpy as np
 
 from ovsam_ray.data.rle import rle_area
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.model.text_embedding import clean_class_name
+from ovsam_ray.vocabulary import clean_class_name
 
 __all__ = [
     "LABEL_SOURCES",

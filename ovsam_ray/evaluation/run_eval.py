@@ -51,8 +51,7 @@ from ovsam_ray.labels.reader import read_label_file
 from ovsam_ray.labels.run_record import read_run_record
 from ovsam_ray.labels.schema import RUN_RECORD_NAME
 from ovsam_ray.locations import check_disjoint
-from ovsam_ray.model.text_embedding import clean_class_name
-from ovsam_ray.vocabulary import Vocabulary
+from ovsam_ray.vocabulary import Vocabulary, clean_class_name
 
 __all__ = ["EVAL_MODES", "EvalConfig", "eval_vocabulary", "run_eval"]
 

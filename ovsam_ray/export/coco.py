@@ -34,7 +34,7 @@ from ovsam_ray.export.categories import category_index, dataset_categories, load
 from ovsam_ray.export.images import ImageCopier, ImageExts, output_folder
 from ovsam_ray.export.output import open_output
 from ovsam_ray.labels.reader import iter_label_rows
-from ovsam_ray.model.text_embedding import clean_class_name
+from ovsam_ray.vocabulary import clean_class_name
 
 __all__ = ["coco_image_ids", "export_coco"]
 

@@ -115,6 +115,11 @@ class UnknownPresetError(UnknownNameError):
     """A preset name not in ``PRESETS`` (a KeyError for lookups, a ValueError for configs)."""
 
 
+def preset_names() -> list[str]:
+    """The names of the known presets, sorted."""
+    return sorted(PRESETS)
+
+
 def get_preset(name: str) -> Preset:
     """The record of preset ``name``; an unknown name raises UnknownPresetError listing the known ones."""
     if name not in PRESETS:

@@ -102,8 +102,7 @@ def resolve_folder(location: str | None, name: str, *, s3_endpoint: str | None =
 def query_names(spec: str) -> list[str]:
     """The detector's query list: a vocabulary name or file (``load_vocabulary``'s specs: a .txt
     with one class per line, a .json), one query per class (its name, underscores as spaces)."""
-    from ovsam_ray.model.text_embedding import clean_class_name
-    from ovsam_ray.vocabulary import load_vocabulary
+    from ovsam_ray.vocabulary import clean_class_name, load_vocabulary
 
     return list(dict.fromkeys(clean_class_name(n) for n in load_vocabulary(spec).class_names))
 

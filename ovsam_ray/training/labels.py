@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.model.text_embedding import clean_class_name
-from ovsam_ray.vocabulary import Vocabulary, load_vocabulary
+from ovsam_ray.vocabulary import Vocabulary, clean_class_name, load_vocabulary
 
 from .config import DatasetSpec
 
