@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from ovsam_ray.errors import ConfigError
+from ovsam_ray.model.class_names import clean_class_name
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -131,17 +132,6 @@ class Vocabulary:
         """Parse any JSON vocabulary format (see ``load_vocabulary``); ``name`` if the JSON has none."""
         data = json.loads(text) if isinstance(text, str) else text
         return _vocabulary_from_json_data(data, default_name=name)
-
-
-def clean_class_name(name: str) -> str:
-    """The text a class name contributes to a prompt.
-
-    Dataset names use underscores for spaces (LVIS: ``"aerosol_can"``); the reference OV-SAM label
-    preprocessing turns them into spaces and lower-cases the name (a no-op for CLIP's own BPE
-    tokenizer, which lower-cases anyway). Unlike the reference, names are not split on ``/`` or
-    ``_or_``: here synonyms are listed explicitly by the vocabulary.
-    """
-    return " ".join(name.replace("_", " ").lower().split())
 
 
 def _sha256_json(obj: Any) -> str:
