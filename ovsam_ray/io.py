@@ -24,7 +24,7 @@ from typing import IO, Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from ovsam_ray.errors import ConfigError, OVSAMRayError
+from ovsam_ray.errors import ConfigError, MissingInputError, OVSAMRayError
 
 __all__ = [
     "UnsafePathError",
@@ -130,13 +130,25 @@ def open_url(url: str, mode: str = "rb", *, s3_endpoint: str | None = None) -> I
     fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
     if not is_remote(url) and any(c in mode for c in "wax"):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return fs.open(path, mode)
+    try:
+        return fs.open(path, mode)
+    except FileNotFoundError as e:
+        raise _no_such_file(url) from e
 
 
 def read_bytes(url: str, *, s3_endpoint: str | None = None) -> bytes:
-    """The whole content of ``url``."""
+    """The whole content of ``url``; a missing file raises :class:`MissingInputError` (a
+    ``FileNotFoundError`` naming ``url``, redacted)."""
     fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
-    return fs.cat_file(path)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise _no_such_file(url) from e
+
+
+def _no_such_file(url: str) -> MissingInputError:
+    """A file the caller was told to read is not there: a wrong path, one line, no traceback."""
+    return MissingInputError(f"no such file: {safe_for_log(redact(url))}")
 
 
 def atomic_write_bytes(url: str, data: bytes, *, s3_endpoint: str | None = None) -> None:

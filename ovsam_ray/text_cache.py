@@ -19,7 +19,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor, nn
 
-from ovsam_ray.errors import ConfigError
+from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.model.presets import clip_tokenizer, get_preset
 from ovsam_ray.model.text_embedding import Tokenizer, embed_class_names
 from ovsam_ray.vocabulary import Vocabulary, _sha256_json, load_templates
@@ -43,6 +43,8 @@ def load_class_embeddings(path: str) -> Tensor:
     try:
         with fsspec.open(path, "rb") as f:
             obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise MissingInputError(f"class embeddings {path}: no such file") from e
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise ConfigError(f"{path}: cannot read class embeddings (torch.load, weights_only=True): {e}") from e
     if isinstance(obj, dict):

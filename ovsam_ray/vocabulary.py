@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
-from ovsam_ray.errors import ConfigError
+from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.model.class_names import clean_class_name
 
 if TYPE_CHECKING:
@@ -219,8 +219,11 @@ def _read_resource(filename: str) -> Any:
 
 
 def _read_text(url: str) -> str:
-    with fsspec.open(url, "rt", encoding="utf-8-sig") as f:
-        return f.read()
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8-sig") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise MissingInputError(f"vocabulary file {url}: no such file") from e
 
 
 def _in21k_vocabulary() -> Vocabulary:

@@ -129,3 +129,21 @@ def test_argparse_errors_still_exit_2() -> None:
     with pytest.raises(SystemExit) as stop:
         main(["predict", "--no-such-flag"])
     assert stop.value.code == 2
+
+
+@pytest.mark.parametrize(("flag", "name"), [("--image", "nope.png"), ("--prompts", "nope.json"),
+                                           ("--vocab", "nope.txt"), ("--class-embeddings", "nope.pt")])
+def test_a_file_named_by_a_flag_that_is_not_there_is_one_line_exit_2(tmp_path: Path, monkeypatch, caplog,
+                                                                     flag: str, name: str) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 24)).save(tmp_path / "x.png")
+    (tmp_path / "p.json").write_text('{"boxes": [[1, 1, 10, 10]]}')
+    monkeypatch.chdir(tmp_path)
+    flags = {"--image": "x.png", "--prompts": "p.json", "--output": "o.json", "--preset": "ovsam_tiny", flag: name}
+    argv = ["predict", "--random-init", *(x for item in flags.items() for x in item)]
+    with caplog.at_level(logging.ERROR, logger="ovsam_ray"):
+        assert main(argv) == EXIT_STOPPED
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and name in errors[0] and "no such file" in errors[0]
+    assert not (tmp_path / "o.json").exists()
