@@ -322,8 +322,9 @@ def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: Ou
                 ) -> LabelSummary:
     s3 = cfg.model.s3_endpoint
     summary = LabelSummary(random_init=cfg.model.random_init and cfg.baseline is None)
-    text, vocab, identity, summary.text_embeddings = _startup("load the model and vocabulary",
-                                                              lambda: prepare_text(cfg.model, cfg.baseline))
+    # Not a storage step: a failure here that is not ours (weights, vocabulary) is a bug and keeps
+    # its traceback.
+    text, vocab, identity, summary.text_embeddings = prepare_text(cfg.model, cfg.baseline)
     state, committed = _startup(f"prepare the output {io.redact(cfg.output)}",
                                 lambda: _prepare_output(cfg, names, identity, vocab))
     todo = [u for u, n in zip(shards, names) if n not in committed]
