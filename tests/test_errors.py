@@ -147,3 +147,12 @@ def test_a_file_named_by_a_flag_that_is_not_there_is_one_line_exit_2(tmp_path: P
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and name in errors[0] and "no such file" in errors[0]
     assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.parametrize("text", ["x", "1,2,3", "", "1,"])
+def test_a_bad_concurrency_is_our_config_error(text: str) -> None:
+    from ovsam_ray.cli.common import parse_concurrency
+
+    with pytest.raises(ConfigError, match="--concurrency"):
+        parse_concurrency(text)
+    assert parse_concurrency("3") == 3 and parse_concurrency("1,8") == (1, 8)
