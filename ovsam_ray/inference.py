@@ -39,7 +39,7 @@ class ModelConfig:
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
-        get_preset(self.preset)  # an unknown name: a ValueError listing the known ones
+        get_preset(self.preset)  # an unknown name: UnknownPresetError (a ConfigError) listing the known ones
         if not self.train_vocab.replace("_", "").isalnum():
             raise ConfigError(
                 f"train_vocab={self.train_vocab!r}: use 'coco', 'lvis' or the name our export was trained with"
