@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.evaluation.prompts import rewrite_shard_prompts
 from ovsam_ray.evaluation.table1 import ClassLookup, evaluate_label_output, table1_markdown
 from ovsam_ray.inference import ModelConfig
@@ -33,7 +34,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.num_images < 1 or self.images_per_shard < 1:
-            raise ValueError("num_images and images_per_shard must be >= 1")
+            raise ConfigError("num_images and images_per_shard must be >= 1")
 
 
 def add_point_prompts(shard_url: str) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ovsam_ray.checkpoints import LoadedModel, load_ovsam
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.predictor import OVSAMPredictor
 from ovsam_ray.model.presets import get_preset
@@ -37,16 +39,16 @@ class ModelConfig:
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
-        get_preset(self.preset)  # an unknown name: a ValueError listing the known ones
+        get_preset(self.preset)  # an unknown name: UnknownPresetError (a ConfigError) listing the known ones
         if not self.train_vocab.replace("_", "").isalnum():
-            raise ValueError(
+            raise ConfigError(
                 f"train_vocab={self.train_vocab!r}: use 'coco', 'lvis' or the name our export was trained with"
             )
         if self.topk < 1:
-            raise ValueError(f"topk={self.topk} must be >= 1")
+            raise ConfigError(f"topk={self.topk} must be >= 1")
         files = (self.sam_checkpoint, self.clip_checkpoint, self.sam2clip_checkpoint, self.clip2sam_checkpoint)
         if not self.random_init and not self.weights and not all(files):
-            raise ValueError(
+            raise ConfigError(
                 "no weights: pass weights=DIR|s3://prefix (standard file names), all four checkpoint "
                 "files, or random_init=True for an untrained smoke run"
             )
@@ -82,7 +84,7 @@ def _vocab_from_embeddings(cfg: ModelConfig, embeddings: torch.Tensor) -> Vocabu
     if cfg.vocab is not None:
         vocab = load_vocabulary(cfg.vocab)
         if vocab.num_classes != embeddings.shape[0]:
-            raise ValueError(
+            raise ConfigError(
                 f"{cfg.class_embeddings} has {embeddings.shape[0]} classes but vocab {cfg.vocab} {vocab.num_classes}"
             )
         return vocab
@@ -123,7 +125,7 @@ def make_predictor(
         logit_scale=loaded.logit_scale,
     )
     return OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk, rle_on_device=rle_on_device,
-                          fast=fast)
+                          fast=fast, vocabulary=vocab)
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
@@ -141,9 +143,36 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
 
 
 def build_predictor(
-    cfg: ModelConfig, device: str | torch.device = "cpu"
+    cfg: ModelConfig, device: str | torch.device = "cpu", *, rle_on_device: bool | None = None
 ) -> tuple[OVSAMPredictor, Vocabulary, LoadedModel]:
     """Load weights, embed the vocabulary and wrap both in a predictor on ``device``."""
     loaded = load_model(cfg)
     text, vocab = vocabulary_text(cfg, loaded, device)
-    return make_predictor(cfg, loaded, text, vocab, device), vocab, loaded
+    return make_predictor(cfg, loaded, text, vocab, device, rle_on_device=rle_on_device), vocab, loaded
+
+
+def load_predictor(
+    preset: str = "ovsam_rn50x16",
+    *,
+    weights: str | None = None,
+    vocab: str | None = None,
+    device: str | torch.device = "cpu",
+    random_init: bool = False,
+    **options: Any,
+) -> OVSAMPredictor:
+    """An ``OVSAMPredictor`` ready to call: ``preset``'s model with ``weights`` (a folder or
+    ``s3://`` prefix holding the released file names), labelling with ``vocab`` (``coco_ov``,
+    ``lvis_v1``, or a ``.txt``/``.json`` file; default: the weights' own training vocabulary)
+    on ``device``. ``random_init=True``: untrained weights, no files (tests, smoke runs).
+
+    ``options``: the other fields of ``ModelConfig`` (``train_vocab``, ``class_embeddings``,
+    ``topk``, ``text_cache``, ``s3_endpoint``, the four checkpoint files...). The predictor
+    carries its ``vocabulary`` and ``text_embeddings``; its masks come back as full-size arrays
+    (``ImagePrediction.masks``) on every device.
+
+        predictor = load_predictor("ovsam_rn50x16", weights="weights/", vocab="coco_ov", device="cuda")
+        pred = predictor([image], [ImagePrompts(boxes=np.array([[x0, y0, x1, y1]], np.float32))])[0]
+        names = predictor.label_names(pred)
+    """
+    cfg = ModelConfig(preset=preset, weights=weights, vocab=vocab, random_init=random_init, **options)
+    return build_predictor(cfg, device, rle_on_device=False)[0]

@@ -24,6 +24,8 @@ from typing import IO, Any
 import fsspec
 from fsspec import AbstractFileSystem
 
+from ovsam_ray.errors import ConfigError, MissingInputError, OVSAMRayError
+
 __all__ = [
     "UnsafePathError",
     "atomic_write_bytes",
@@ -104,8 +106,8 @@ def check_endpoint(endpoint: str | None) -> None:
         parsed = parsed._replace(netloc="")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         shown = safe_for_log(redact(endpoint), limit=100)
-        raise ValueError(f"--s3-endpoint {shown!r} is not an endpoint URL: expected http(s)://HOST[:PORT], e.g. "
-                         "http://127.0.0.1:9000 or https://s3.us-east-1.amazonaws.com")
+        raise ConfigError(f"--s3-endpoint {shown!r} is not an endpoint URL: expected http(s)://HOST[:PORT], e.g. "
+                          "http://127.0.0.1:9000 or https://s3.us-east-1.amazonaws.com")
 
 
 def join(url: str, *names: str) -> str:
@@ -128,13 +130,25 @@ def open_url(url: str, mode: str = "rb", *, s3_endpoint: str | None = None) -> I
     fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
     if not is_remote(url) and any(c in mode for c in "wax"):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return fs.open(path, mode)
+    try:
+        return fs.open(path, mode)
+    except FileNotFoundError as e:
+        raise _no_such_file(url) from e
 
 
 def read_bytes(url: str, *, s3_endpoint: str | None = None) -> bytes:
-    """The whole content of ``url``."""
+    """The whole content of ``url``; a missing file raises :class:`MissingInputError` (a
+    ``FileNotFoundError`` naming ``url``, redacted)."""
     fs, path = get_filesystem(url, s3_endpoint=s3_endpoint)
-    return fs.cat_file(path)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise _no_such_file(url) from e
+
+
+def _no_such_file(url: str) -> MissingInputError:
+    """A file the caller was told to read is not there: a wrong path, one line, no traceback."""
+    return MissingInputError(f"no such file: {safe_for_log(redact(url))}")
 
 
 def atomic_write_bytes(url: str, data: bytes, *, s3_endpoint: str | None = None) -> None:
@@ -315,7 +329,7 @@ def safe_for_log(text: str, *, limit: int = 300) -> str:
     return _LOG_UNSAFE_RE.sub(lambda m: _escape_code_point(m.group()), text)
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(OVSAMRayError, ValueError):
     """A path built from data would leave its root or cannot be stored; the message says why."""
 
 

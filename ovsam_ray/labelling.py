@@ -21,6 +21,7 @@ from itertools import islice
 from typing import Any
 
 from ovsam_ray.data.decode import DecodedSample, decode_sample
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.labels.records import prediction_to_instances
 from ovsam_ray.model.predictor import ImagePrompts, OVSAMPredictor
 from ovsam_ray.vocabulary import Vocabulary
@@ -57,7 +58,7 @@ def label_samples(
     ``"embed"``, ``"predict"``, ``"records"``.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
     it = iter(samples)
     while chunk := list(islice(it, batch_size)):
         with stage("jpeg_decode"):

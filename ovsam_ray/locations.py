@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from ovsam_ray import io
+from ovsam_ray.errors import OVSAMRayError
 
 __all__ = ["Location", "OverlappingLocationsError", "canonical_location", "check_disjoint", "pattern_root"]
 
@@ -23,7 +24,7 @@ _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _PATTERN_CHARS = "*?[{"
 
 
-class OverlappingLocationsError(ValueError):
+class OverlappingLocationsError(OVSAMRayError, ValueError):
     """An output is an input, holds an input, or lies inside one."""
 
 

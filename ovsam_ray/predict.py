@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from ovsam_ray import io
-from ovsam_ray.data.decode import decode_image, parse_prompts_json
+from ovsam_ray.data.decode import parse_prompts_json, read_image
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.inference import ModelConfig, build_predictor
 from ovsam_ray.labels.records import prediction_to_instances
 from ovsam_ray.model.automatic_mask_generator import OVSAMAutomaticMaskGenerator
@@ -42,16 +43,16 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         if (self.prompts is None) == (self.grid is None):
-            raise ValueError("predict: give --prompts FILE or --grid N (segment everything), one of them")
+            raise ConfigError("predict: give --prompts FILE or --grid N (segment everything), one of them")
         if self.grid is not None and self.grid < 1:
-            raise ValueError(f"--grid {self.grid}: need >= 1 points per side")
+            raise ConfigError(f"--grid {self.grid}: need >= 1 points per side")
 
 
 def run_predict(cfg: PredictConfig) -> dict:
     """Predict every prompt of one image (or everything, with ``grid``); writes and returns
     ``{"instances": [...], ...}``."""
     s3 = cfg.model.s3_endpoint
-    image = decode_image(io.read_bytes(cfg.image, s3_endpoint=s3))
+    image = read_image(cfg.image, s3_endpoint=s3)
     height, width = image.shape[:2]
     prompts = None if cfg.prompts is None else _read_prompts(cfg.prompts, width=width, height=height, s3_endpoint=s3)
     predictor, vocab, loaded = build_predictor(cfg.model, cfg.device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TypeVar
 
+from ovsam_ray.errors import UnknownNameError
+
 __all__ = ["Registry"]
 
 T = TypeVar("T")
@@ -19,4 +21,4 @@ class Registry(dict[str, T]):
         self.kind = kind
 
     def __missing__(self, name: str) -> T:
-        raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self))}")
+        raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self))}")

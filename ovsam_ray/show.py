@@ -27,6 +27,7 @@ from ovsam_ray import io
 from ovsam_ray.data.decode import DecodeError, decode_image
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.data.shards import iter_shard_samples
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.labels.reader import iter_label_rows, source_shards
 from ovsam_ray.written import writing
@@ -182,7 +183,7 @@ def show(labels: str, output: str, *, n: int = 8, shards: str | None = None, see
     drawn on grey (and logged). A PNG of the same name already there is refused unless an earlier
     ``show`` wrote it (see :mod:`ovsam_ray.written`)."""
     if n < 1:
-        raise ValueError(f"n={n}: must be >= 1")
+        raise ConfigError(f"n={n}: must be >= 1")
     rows = sample_rows(labels, n, seed=seed, s3_endpoint=s3_endpoint)
     names = [data_file_name(r["shard"], r["key"], "png") for r in rows] + (["contact_sheet.png"] if sheet else [])
     with writing(output, "show", names, overwrite=overwrite, s3_endpoint=s3_endpoint):

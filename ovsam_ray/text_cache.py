@@ -19,6 +19,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor, nn
 
+from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.model.presets import clip_tokenizer, get_preset
 from ovsam_ray.model.text_embedding import Tokenizer, embed_class_names
 from ovsam_ray.vocabulary import Vocabulary, _sha256_json, load_templates
@@ -42,22 +43,24 @@ def load_class_embeddings(path: str) -> Tensor:
     try:
         with fsspec.open(path, "rb") as f:
             obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise MissingInputError(f"class embeddings {path}: no such file") from e
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read class embeddings (torch.load, weights_only=True): {e}") from e
+        raise ConfigError(f"{path}: cannot read class embeddings (torch.load, weights_only=True): {e}") from e
     if isinstance(obj, dict):
         tensors = [v for v in obj.values() if isinstance(v, Tensor)]
         if len(tensors) != 1:
-            raise ValueError(f"{path}: expected a tensor or a dict with one tensor, got keys {list(obj)}")
+            raise ConfigError(f"{path}: expected a tensor or a dict with one tensor, got keys {list(obj)}")
         obj = tensors[0]
     if not isinstance(obj, Tensor) or obj.dim() != 3 or not obj.is_floating_point():
         what = f"shape {tuple(obj.shape)} {obj.dtype}" if isinstance(obj, Tensor) else type(obj).__name__
-        raise ValueError(f"{path}: class embeddings must be a float (num_classes, num_synonyms, dim) tensor, "
-                         f"got {what}")
+        raise ConfigError(f"{path}: class embeddings must be a float (num_classes, num_synonyms, dim) tensor, "
+                          f"got {what}")
     emb = obj.float().contiguous()
     norms = emb.norm(dim=-1)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
-        raise ValueError(f"{path}: class embeddings must be L2-normalised along the last dim; norms range "
-                         f"{norms.min().item():.4g}..{norms.max().item():.4g}")
+        raise ConfigError(f"{path}: class embeddings must be L2-normalised along the last dim; norms range "
+                          f"{norms.min().item():.4g}..{norms.max().item():.4g}")
     return emb
 
 

@@ -7,6 +7,8 @@ logit -1000). Built-ins ship as package data; user vocabularies are .txt or .jso
 fsspec file system. Text embeddings are cached by (CLIP model, CLIP weights hash, vocabulary hash).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import functools
 import hashlib
@@ -17,15 +19,17 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import torch
-from torch import Tensor
 
-from ovsam_ray.model.text_embedding import clean_class_name
+from ovsam_ray.errors import ConfigError, MissingInputError
+from ovsam_ray.model.class_names import clean_class_name
 
-__all__ = ["BUILTIN_VOCABULARIES", "Vocabulary", "load_templates", "load_vocabulary"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["BUILTIN_VOCABULARIES", "Vocabulary", "clean_class_name", "load_templates", "load_vocabulary"]
 
 _log = logging.getLogger(__name__)
 
@@ -73,19 +77,19 @@ class Vocabulary:
     def _validate(self) -> None:
         n = len(self.class_names)
         if n == 0:
-            raise ValueError(f"vocabulary {self.name!r} has no classes; give at least one class name")
+            raise ConfigError(f"vocabulary {self.name!r} has no classes; give at least one class name")
         lengths = {k: len(getattr(self, k)) for k in ("synonyms", "seen", "excluded", "class_ids")}
         if any(v != n for v in lengths.values()):
-            raise ValueError(f"vocabulary {self.name!r}: {n} class names but field lengths {lengths}")
+            raise ConfigError(f"vocabulary {self.name!r}: {n} class names but field lengths {lengths}")
         blank = [i for i, syns in enumerate(self.synonyms) if not syns or not all(s.strip() for s in syns)]
         blank += [i for i, name in enumerate(self.class_names) if not name.strip()]
         if blank:
-            raise ValueError(f"vocabulary {self.name!r}: classes at {sorted(set(blank))[:10]} have a blank "
-                             "name or no synonyms")
+            raise ConfigError(f"vocabulary {self.name!r}: classes at {sorted(set(blank))[:10]} have a blank "
+                              "name or no synonyms")
         for field, values in (("class_ids", self.class_ids), ("class_names", self.class_names)):
             dupes = sorted((v for v, k in Counter(values).items() if k > 1), key=str)
             if dupes:
-                raise ValueError(f"vocabulary {self.name!r}: duplicate {field} {dupes[:10]}")
+                raise ConfigError(f"vocabulary {self.name!r}: duplicate {field} {dupes[:10]}")
 
     @property
     def num_classes(self) -> int:
@@ -103,10 +107,14 @@ class Vocabulary:
 
     def seen_tensor(self) -> Tensor:
         """(C,) bool."""
+        import torch
+
         return torch.tensor(self.seen, dtype=torch.bool)
 
     def excluded_tensor(self) -> Tensor:
         """(C,) bool."""
+        import torch
+
         return torch.tensor(self.excluded, dtype=torch.bool)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,7 +128,7 @@ class Vocabulary:
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
 
     @classmethod
-    def from_json(cls, text: str | dict[str, Any], *, name: str = "vocabulary") -> "Vocabulary":
+    def from_json(cls, text: str | dict[str, Any], *, name: str = "vocabulary") -> Vocabulary:
         """Parse any JSON vocabulary format (see ``load_vocabulary``); ``name`` if the JSON has none."""
         data = json.loads(text) if isinstance(text, str) else text
         return _vocabulary_from_json_data(data, default_name=name)
@@ -142,7 +150,7 @@ def _protocol_flags(item: dict[str, Any], where: str) -> tuple[bool, bool]:
     for key, table in (("split", _SPLIT_FLAGS), ("frequency", _FREQUENCY_FLAGS)):
         if key in item:
             if item[key] not in table:
-                raise ValueError(f"{where}: unknown {key} {item[key]!r}; expected one of {sorted(table)}")
+                raise ConfigError(f"{where}: unknown {key} {item[key]!r}; expected one of {sorted(table)}")
             return table[item[key]]
     return True, False
 
@@ -154,24 +162,24 @@ def _class_from_json_item(item: Any, index: int, where: str) -> tuple[int, str, 
         item = {"name": item}
     elif isinstance(item, list):
         if not item or not all(isinstance(s, str) for s in item):
-            raise ValueError(f"{where}: a list of synonyms must be non-empty strings, got {item!r}")
+            raise ConfigError(f"{where}: a list of synonyms must be non-empty strings, got {item!r}")
         item = {"name": item[0], "synonyms": item}
     if not isinstance(item, dict):
-        raise ValueError(f"{where}: expected a name, a list of synonyms or an object, got {item!r}")
+        raise ConfigError(f"{where}: expected a name, a list of synonyms or an object, got {item!r}")
     synonyms = item.get("synonyms") or ([item["name"]] if item.get("name") else [])
     if not isinstance(synonyms, list) or not all(isinstance(s, str) for s in synonyms):
-        raise ValueError(f"{where}: 'synonyms' must be a list of strings, got {synonyms!r}")
+        raise ConfigError(f"{where}: 'synonyms' must be a list of strings, got {synonyms!r}")
     synonyms = _dedupe([s.strip() for s in synonyms])
     name = item.get("name") or (synonyms[0] if synonyms else "")
     if not isinstance(name, str) or not synonyms:
-        raise ValueError(f"{where}: needs a 'name' or 'synonyms', got {item!r}")
+        raise ConfigError(f"{where}: needs a 'name' or 'synonyms', got {item!r}")
     seen, excluded = _protocol_flags(item, where)
     return int(item.get("id", index)), name.strip(), synonyms, seen, excluded
 
 
 def _vocabulary_from_rows(name: str, rows: list[tuple[int, str, list[str], bool, bool]]) -> Vocabulary:
     if not rows:
-        raise ValueError(f"vocabulary {name!r} has no classes; give at least one class name")
+        raise ConfigError(f"vocabulary {name!r} has no classes; give at least one class name")
     ids, names, synonyms, seen, excluded = zip(*rows, strict=True)
     return Vocabulary(name, names, synonyms, seen, excluded, ids)
 
@@ -181,11 +189,11 @@ def _vocabulary_from_json_data(data: Any, *, default_name: str) -> Vocabulary:
     items = data
     if isinstance(data, dict):
         if "classes" not in data:
-            raise ValueError(f"vocabulary {default_name!r}: a JSON object needs a 'classes' list")
+            raise ConfigError(f"vocabulary {default_name!r}: a JSON object needs a 'classes' list")
         name, items = str(data.get("name") or default_name), data["classes"]
     if not isinstance(items, list):
         kind = type(items).__name__
-        raise ValueError(f"vocabulary {default_name!r}: expected a list of classes, got {kind}")
+        raise ConfigError(f"vocabulary {default_name!r}: expected a list of classes, got {kind}")
     return _vocabulary_from_rows(name, [_class_from_json_item(it, i, name) for i, it in enumerate(items)])
 
 
@@ -211,8 +219,11 @@ def _read_resource(filename: str) -> Any:
 
 
 def _read_text(url: str) -> str:
-    with fsspec.open(url, "rt", encoding="utf-8-sig") as f:
-        return f.read()
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8-sig") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise MissingInputError(f"vocabulary file {url}: no such file") from e
 
 
 def _in21k_vocabulary() -> Vocabulary:
@@ -243,9 +254,9 @@ def _load_spec(spec: str) -> Vocabulary:
         try:
             data = json.loads(_read_text(spec))
         except json.JSONDecodeError as e:
-            raise ValueError(f"vocabulary file {spec}: not valid JSON ({e})") from e
+            raise ConfigError(f"vocabulary file {spec}: not valid JSON ({e})") from e
         return _vocabulary_from_json_data(data, default_name=stem)
-    raise ValueError(
+    raise ConfigError(
         f"unknown vocabulary {spec!r}: use a built-in ({', '.join(BUILTIN_VOCABULARIES)}) or a local path or "
         "fsspec URL (s3://...) of a .txt or .json vocabulary file"
     )
@@ -257,8 +268,8 @@ def _resolve_seen(vocab: Vocabulary, seen: str) -> tuple[bool, ...]:
     try:
         trained = _load_spec(seen)
     except ValueError as e:
-        raise ValueError(f"seen={seen!r}: use 'all', 'none' or the vocabulary the checkpoint was trained on "
-                         f"({e})") from e
+        raise ConfigError(f"seen={seen!r}: use 'all', 'none' or the vocabulary the checkpoint was trained on "
+                          f"({e})") from e
     known = set().union(*(n for n, ok in zip(_names_per_class(trained), trained.seen, strict=True) if ok))
     return tuple(bool(n & known) for n in _names_per_class(vocab))
 

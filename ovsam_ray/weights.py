@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ovsam_ray.errors import OVSAMRayError
+
 PUBLISHED = {
     "sam": "https://github.com/facebookresearch/segment-anything#model-checkpoints "
     "(e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth)",
@@ -38,7 +40,7 @@ PUBLISHED = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(OVSAMRayError, RuntimeError):
     """A weights file is missing, unreadable, or does not fit the model part it is for."""
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ovsam_ray import io
+from ovsam_ray.errors import OVSAMRayError
 
 __all__ = ["MANIFEST_NAME", "Claim", "OutputClashError", "file_and_folder", "writing"]
 
@@ -43,7 +44,7 @@ def file_and_folder(url: str) -> tuple[str, str]:
     return (head or "/") if sep else ".", name
 
 
-class OutputClashError(ValueError):
+class OutputClashError(OVSAMRayError, ValueError):
     """A file the command would write exists and may not be replaced."""
 
 

@@ -13,6 +13,7 @@ from ovsam_ray.cli.export import add_export
 from ovsam_ray.cli.label import add_label, add_relabel
 from ovsam_ray.cli.predict import add_predict
 from ovsam_ray.cli.show import add_show
+from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.training.cli import add_train_subcommands
 
 __all__ = ["EXIT_STOPPED", "STOP_ERRORS", "build_parser", "main", "report_stop"]
@@ -28,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: What a job that cannot start or go on raises (a bad flag, storage unreachable, an output in
-#: use or not writable...): the CLI reports it as one line and exits EXIT_STOPPED, no traceback.
-STOP_ERRORS = (ValueError, RuntimeError, OSError)
+#: use or not writable...): our own errors, each with a one-line reason. The CLI reports them as
+#: that line and exits EXIT_STOPPED, no traceback; any other exception is a bug (or a failure
+#: nobody foresaw) and keeps its traceback, exit 1. argparse's own errors exit 2 too.
+STOP_ERRORS = (OVSAMRayError,)
 EXIT_STOPPED = 2
 
 

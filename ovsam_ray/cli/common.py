@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.inference import ModelConfig
 
 __all__ = ["add_model_args", "check_locations", "init_ray", "model_config", "parse_concurrency", "print_json"]
@@ -49,7 +50,12 @@ def model_config(a: argparse.Namespace) -> ModelConfig:
 
 def parse_concurrency(text: str) -> int | tuple[int, int]:
     """``--concurrency N`` (a fixed pool) or ``MIN,MAX`` (an autoscaling one)."""
-    parts = [int(x) for x in str(text).split(",")]
+    try:
+        parts = [int(x) for x in str(text).split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise ConfigError(f"--concurrency {text!r}: give N (a fixed pool) or MIN,MAX (an autoscaling one)")
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
@@ -63,7 +69,12 @@ def init_ray(address: str | None = None) -> None:
     if address == "local":
         ray.init(address="local", include_dashboard=False)
     elif address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError, ValueError) as e:  # a cluster that is not there
+            from ovsam_ray.pipeline.label_job import JobStartError
+
+            raise JobStartError(f"cannot join the Ray cluster at {address}: {type(e).__name__}: {e}") from e
     else:
         ray.init(include_dashboard=False)
 

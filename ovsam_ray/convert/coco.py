@@ -35,6 +35,7 @@ from ovsam_ray.convert.records import (
     side_problem,
 )
 from ovsam_ray.convert.writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.evaluation.prompts import PROMPT_MODES, gt_prompts
 
 __all__ = ["CocoRecords", "coco_samples", "convert_coco", "load_json", "read_coco", "write_categories"]
@@ -250,7 +251,7 @@ def coco_samples(
     are copied from the image record into the JSON; ``extra`` adds fields (e.g. detector boxes) per
     image; ``limit``: the first N usable images by id."""
     if prompts not in PROMPT_MODES:
-        raise ValueError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
+        raise ConfigError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
     for image, rel, key in records.images if limit is None else records.images[:max(limit, 0)]:
         anns = records.annotations.get(id_text(image["id"]), [])
         meta: dict[str, Any] = {"image_id": image["id"], "file_name": rel, "width": image.get("width"),
@@ -287,7 +288,7 @@ def convert_coco(
     ``limit``: the first N images (by id) only. Malformed records are skipped and counted
     (:func:`read_coco`)."""
     if prompts not in PROMPT_MODES:
-        raise ValueError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
+        raise ConfigError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
     summary = ConvertSummary()
     records = read_coco(load_json(annotations, s3_endpoint=s3_endpoint), annotations, images, summary,
                         need_size=prompts in ("point", "both"))

@@ -58,7 +58,7 @@ def _classes_from_json(obj: Any) -> list[SynsetClass]:
             out.append((index if index is not None else len(out), SynsetClass(synset, *_split(names, synset))))
         out.sort(key=lambda p: p[0])
         return [c for _, c in out]
-    raise ValueError("synset map JSON must be an object")
+    raise ConvertError("synset map JSON must be an object")
 
 
 def _split(names: list[str], synset: str) -> tuple[str, tuple[str, ...]]:
@@ -84,7 +84,7 @@ def load_synset_map(url: str, *, s3_endpoint: str | None = None) -> list[SynsetC
         synset, _, rest = line.replace("\t", " ").partition(" ")
         classes.append(SynsetClass(synset, *_split(_names(rest), synset)))
     if not classes:
-        raise ValueError(f"{io.redact(url)}: no classes in the synset map")
+        raise ConvertError(f"{io.redact(url)}: no classes in the synset map")
     return classes
 
 
@@ -154,7 +154,7 @@ def convert_imagenet(
     folders, tars = _layout(input, s3_endpoint)
     present = set(folders) | set(tars)
     if not present:
-        raise ValueError(f"{io.redact(input)}: found neither class folders of images nor per-class .tar files")
+        raise ConvertError(f"{io.redact(input)}: found neither class folders of images nor per-class .tar files")
     known = load_synset_map(synsets, s3_endpoint=s3_endpoint) if synsets else \
         [SynsetClass(s, s) for s in sorted(present)]
     classes = {c.synset: (i, c) for i, c in enumerate(known)}

@@ -15,6 +15,7 @@ from typing import Any
 from ovsam_ray.convert.coco import coco_samples, load_json, read_coco, write_categories
 from ovsam_ray.convert.records import shown
 from ovsam_ray.convert.writer import ConvertSummary, write_shards
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.evaluation.prompts import PROMPT_MODES
 
 __all__ = ["LVIS_IMAGE_FIELDS", "convert_lvis", "lvis_image_path"]
@@ -48,7 +49,7 @@ def convert_lvis(
     """LVIS v1 json + COCO root folder (``train2017/``, ``val2017/``) -> shards under ``output``
     (arguments as :func:`~ovsam_ray.convert.coco.convert_coco`)."""
     if prompts not in PROMPT_MODES:
-        raise ValueError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
+        raise ConfigError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
     summary = ConvertSummary()
     records = read_coco(load_json(annotations, s3_endpoint=s3_endpoint), annotations, images, summary,
                         image_path=lvis_image_path, image_fields=LVIS_IMAGE_FIELDS,

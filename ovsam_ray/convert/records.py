@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from ovsam_ray import io
+from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.locations import canonical_location
 
 __all__ = ["MAX_ID", "ConvertError", "all_numbers", "bbox_problem", "coordinates_problem", "id_problem", "id_text",
@@ -34,7 +35,7 @@ MAX_COORDINATE = 2 * MAX_SIDE
 MAX_COPIED_DEPTH = 4
 
 
-class ConvertError(ValueError):
+class ConvertError(OVSAMRayError, ValueError):
     """An input file a converter cannot use at all; the message (one line) names the file and the record."""
 
 

@@ -31,6 +31,7 @@ from ovsam_ray.convert.records import (
 )
 from ovsam_ray.convert.writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
 from ovsam_ray.data.shards import is_damage_marker, iter_shard_samples, list_shards
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.evaluation.prompts import PROMPT_MODES, gt_prompts
 
 __all__ = ["convert_sa1b", "sa1b_meta"]
@@ -190,7 +191,7 @@ def convert_sa1b(
 ) -> ConvertSummary:
     """SA-1B folder of ``sa_*.jpg`` + ``sa_*.json`` (or tars of them) -> shards under ``output``."""
     if prompts not in PROMPT_MODES:
-        raise ValueError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
+        raise ConfigError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
     summary = ConvertSummary()
     fs, path = io.get_filesystem(input, s3_endpoint=s3_endpoint)
     files = io.list_files(input, recursive=True, s3_endpoint=s3_endpoint) if fs.isdir(path) else []

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from ovsam_ray import io
 from ovsam_ray.data.shards import IMAGE_EXTENSIONS
 from ovsam_ray.data.synthetic import tar_bytes
+from ovsam_ray.errors import ConfigError
 
 __all__ = ["IMAGE_CLASSES_FILE", "IMAGE_CLASSES_SCHEMA", "ConvertSummary", "Sample", "image_extension", "sample_key",
            "write_shards"]
@@ -195,7 +196,7 @@ def write_shards(
     ``_convert.json`` summary; return the summary. An unreadable image is skipped and counted
     (its shard then holds fewer images); a sample whose key an earlier one had is skipped too."""
     if images_per_shard < 1 or workers < 1:
-        raise ValueError("images_per_shard and workers must be >= 1")
+        raise ConfigError("images_per_shard and workers must be >= 1")
     summary = summary or ConvertSummary()
     pending: list[tuple[str, Future]] = []
     rows: dict[str, list] = {name: [] for name in IMAGE_CLASSES_SCHEMA.names}

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from ovsam_ray import io
 from ovsam_ray.data.prompt_json import DEFAULT_MAX_PROMPTS, DecodeError, Prompts, parse_prompts_json
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "decode_image",
     "decode_sample",
     "parse_prompts_json",
+    "read_image",
     "to_rgb",
 ]
 
@@ -102,6 +104,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise
     except Exception as e:
         raise DecodeError(f"cannot convert mode {im.mode} to RGB: {e}") from None
+
+
+def read_image(url: str, *, s3_endpoint: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The image file at ``url`` (a path or any fsspec URL) as ``decode_image`` decodes it:
+    ``(H, W, 3)`` uint8 RGB, EXIF orientation applied."""
+    return decode_image(io.read_bytes(url, s3_endpoint=s3_endpoint), max_pixels=max_pixels)
 
 
 def _refuse_truncated_loads() -> None:

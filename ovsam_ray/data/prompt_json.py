@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.io import safe_text
 
 __all__ = ["DEFAULT_MAX_PROMPTS", "DecodeError", "Prompts", "parse_prompts_json"]
@@ -28,7 +29,7 @@ _SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
 _MAX_LISTED = 10  # indices named in one aggregated warning
 
 
-class DecodeError(ValueError):
+class DecodeError(OVSAMRayError, ValueError):
     """An input (image bytes or prompt JSON) that cannot be used; the message says why."""
 
 

@@ -31,6 +31,7 @@ from ovsam_ray.data.tar_reader import (
     read_tar,
     split_member_name,
 )
+from ovsam_ray.errors import OVSAMRayError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -57,7 +58,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _NAME_UNSAFE_RE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
-class ShardSpecError(ValueError):
+class ShardSpecError(OVSAMRayError, ValueError):
     """The shard specification matched nothing (or named shards that do not exist)."""
 
 

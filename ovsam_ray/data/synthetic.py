@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from ovsam_ray import io
 from ovsam_ray.data.rle import boxes_from_binary_masks, encode_masks
+from ovsam_ray.errors import ConfigError
 
 __all__ = [
     "SHAPE_CLASSES",
@@ -188,7 +189,7 @@ def generate_shards(
     their URLs. ``image_size`` is ``(W, H)`` or a range ``((W_min, H_min), (W_max, H_max))``.
     Image ``i`` (key ``f"{i:09d}"``, ``image_id`` ``i``) depends only on ``(seed, i)``."""
     if num_images < 0 or images_per_shard < 1 or not 0 <= min_objects <= max_objects:
-        raise ValueError("need num_images >= 0, images_per_shard >= 1 and 0 <= min_objects <= max_objects")
+        raise ConfigError("need num_images >= 0, images_per_shard >= 1 and 0 <= min_objects <= max_objects")
     urls = []
     for shard_index, start in enumerate(range(0, num_images, images_per_shard)):
         members = []

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from ovsam_ray.data.rle import rle_area
-from ovsam_ray.model.text_embedding import clean_class_name
+from ovsam_ray.errors import ConfigError
+from ovsam_ray.vocabulary import clean_class_name
 
 __all__ = [
     "LABEL_SOURCES",
@@ -155,7 +156,7 @@ def instance_results(instances: Iterable[dict[str, Any]], image_id: int, categor
     ``_`` = space) to dataset category ids; an instance whose label is not there is dropped and
     counted. Returns the results and the number dropped."""
     if label_source not in LABEL_SOURCES or score not in SCORE_MODES:
-        raise ValueError(f"label_source must be one of {LABEL_SOURCES} and score one of {SCORE_MODES}")
+        raise ConfigError(f"label_source must be one of {LABEL_SOURCES} and score one of {SCORE_MODES}")
     out, dropped = [], 0
     for inst in instances:
         name = inst.get("detector_label") if label_source == "detector" else inst.get("label")

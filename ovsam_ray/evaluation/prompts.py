@@ -23,6 +23,7 @@ from ovsam_ray import io
 from ovsam_ray.data.rle import annotation_mask, box_fill_mask
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.data.synthetic import tar_bytes
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.evaluation.points import interior_points
 
 __all__ = [
@@ -84,7 +85,7 @@ def gt_prompts(
     the vocabulary). An object whose mask is empty gets no point prompt.
     """
     if mode not in PROMPT_MODES:
-        raise ValueError(f"prompt mode {mode!r}: choose one of {PROMPT_MODES}")
+        raise ConfigError(f"prompt mode {mode!r}: choose one of {PROMPT_MODES}")
     chosen = [i for i, a in enumerate(annotations) if is_promptable(a) and (keep is None or keep(a))]
     out: dict[str, Any] = {}
     if mode in ("box", "both"):

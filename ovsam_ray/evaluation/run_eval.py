@@ -25,6 +25,7 @@ from typing import Any
 
 from ovsam_ray import io
 from ovsam_ray.data.shards import list_shards, shard_name, shard_names
+from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.evaluation.coco_ap import (
     LABEL_SOURCES,
     SCORE_MODES,
@@ -50,8 +51,7 @@ from ovsam_ray.labels.reader import read_label_file
 from ovsam_ray.labels.run_record import read_run_record
 from ovsam_ray.labels.schema import RUN_RECORD_NAME
 from ovsam_ray.locations import check_disjoint
-from ovsam_ray.model.text_embedding import clean_class_name
-from ovsam_ray.vocabulary import Vocabulary
+from ovsam_ray.vocabulary import Vocabulary, clean_class_name
 
 __all__ = ["EVAL_MODES", "EvalConfig", "eval_vocabulary", "run_eval"]
 
@@ -91,15 +91,15 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in EVAL_MODES:
-            raise ValueError(f"mode={self.mode!r}: choose one of {EVAL_MODES}")
+            raise ConfigError(f"mode={self.mode!r}: choose one of {EVAL_MODES}")
         if self.prompts not in PROMPT_MODES or self.prompts == "none":
-            raise ValueError(f"prompts={self.prompts!r}: choose box, point or both")
+            raise ConfigError(f"prompts={self.prompts!r}: choose box, point or both")
         if self.label_source not in LABEL_SOURCES or self.score not in SCORE_MODES:
-            raise ValueError(f"label_source must be one of {LABEL_SOURCES} and score one of {SCORE_MODES}")
+            raise ConfigError(f"label_source must be one of {LABEL_SOURCES} and score one of {SCORE_MODES}")
         if self.max_dets < 1:
-            raise ValueError(f"max_dets={self.max_dets}: must be >= 1")
+            raise ConfigError(f"max_dets={self.max_dets}: must be >= 1")
         if self.model is None and self.labels is None:
-            raise ValueError("no model: give the model (weights or random_init) or an existing label output")
+            raise ConfigError("no model: give the model (weights or random_init) or an existing label output")
         check_disjoint([("--input", self.input), ("--labels", self.labels), ("--categories", self.categories)],
                        [("--output", io.join(self.output, name)) for name in self.written()])
 
@@ -116,7 +116,7 @@ class EvalConfig:
 def _model_from_run_record(labels: str, s3_endpoint: str | None) -> ModelConfig:
     record = read_run_record(labels, s3_endpoint=s3_endpoint)
     if record is None:
-        raise FileNotFoundError(f"{io.redact(labels)} has no {RUN_RECORD_NAME}: give the model (--weights or "
+        raise MissingInputError(f"{io.redact(labels)} has no {RUN_RECORD_NAME}: give the model (--weights or "
                                 "--random-init) to score a label output that has no run record")
     model = dict((record.get("details", {}).get("config") or {}).get("model") or {})
     names = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -131,7 +131,7 @@ def eval_vocabulary(model: ModelConfig) -> Vocabulary:
 
     if model.class_embeddings:
         if not model.vocab:
-            raise ValueError("evaluation with class_embeddings needs the vocabulary (vocab) to name the classes")
+            raise ConfigError("evaluation with class_embeddings needs the vocabulary (vocab) to name the classes")
         return load_vocabulary(model.vocab)
     return resolve_vocabulary(model, load_model(model))
 

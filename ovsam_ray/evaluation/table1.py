@@ -29,8 +29,7 @@ from ovsam_ray.data.rle import box_fill_mask, decode_rle
 from ovsam_ray.data.shards import iter_shard_samples, shard_names
 from ovsam_ray.evaluation.prompts import object_mask, with_gt_prompts
 from ovsam_ray.labels.reader import label_files, read_label_file
-from ovsam_ray.model.text_embedding import clean_class_name
-from ovsam_ray.vocabulary import Vocabulary
+from ovsam_ray.vocabulary import Vocabulary, clean_class_name
 
 __all__ = [
     "ClassLookup",

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from ovsam_ray import io
-from ovsam_ray.model.text_embedding import clean_class_name
+from ovsam_ray.vocabulary import clean_class_name
 
 __all__ = ["COCO_CATEGORY_IDS", "category_index", "dataset_categories", "load_categories", "record_vocabulary"]
 

@@ -27,13 +27,14 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from ovsam_ray import io
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.evaluation.coco_ap import LABEL_SOURCES, SCORE_MODES, instance_score
 from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.categories import category_index, dataset_categories, load_categories, record_vocabulary
 from ovsam_ray.export.images import ImageCopier, ImageExts, output_folder
 from ovsam_ray.export.output import open_output
 from ovsam_ray.labels.reader import iter_label_rows
-from ovsam_ray.model.text_embedding import clean_class_name
+from ovsam_ray.vocabulary import clean_class_name
 from ovsam_ray.written import file_and_folder, writing
 
 __all__ = ["coco_image_ids", "export_coco"]
@@ -126,7 +127,7 @@ def export_coco(
     ``with_images`` not found in their shard, logged). A file of the same name already there (the
     json, an image) is refused unless an earlier export wrote it (see :mod:`ovsam_ray.written`)."""
     if label_source not in LABEL_SOURCES or score not in SCORE_MODES:
-        raise ValueError(f"label_source must be one of {LABEL_SOURCES}, score one of {SCORE_MODES}")
+        raise ConfigError(f"label_source must be one of {LABEL_SOURCES}, score one of {SCORE_MODES}")
     fixed = load_categories(categories, s3_endpoint=s3_endpoint) if categories else None
     index = category_index(fixed) if fixed else None
     builtin = None if fixed or label_source != "ovsam" else dataset_categories(

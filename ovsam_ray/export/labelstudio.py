@@ -30,6 +30,7 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from ovsam_ray.data.rle import decode_rle
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.brush import mask_to_brush_rle
 from ovsam_ray.export.images import ImageExts
@@ -61,7 +62,7 @@ def labelstudio_task(row: dict[str, Any], *, image_url: str = "{file_name}", ext
                      model_version: str = "ovsam", tolerance: float = 1.0, min_score: float = 0.0) -> dict[str, Any]:
     """One Label Studio task (with its prediction) for an ``ok`` label row."""
     if masks not in MASK_FORMATS:
-        raise ValueError(f"masks={masks!r}: use one of {MASK_FORMATS}")
+        raise ConfigError(f"masks={masks!r}: use one of {MASK_FORMATS}")
     width, height = int(row["width"]), int(row["height"])
     results = []
     for i, inst in enumerate(row["instances"] or []):
@@ -99,7 +100,7 @@ def export_labelstudio(labels: str, output: str, *, image_url: str = "{file_name
     """Write the tasks json ``output`` (a JSON list, streamed) and its labelling config; returns counts.
     Either file already there is refused unless an earlier export wrote it (see :mod:`ovsam_ray.written`)."""
     if masks not in MASK_FORMATS:
-        raise ValueError(f"masks={masks!r}: use one of {MASK_FORMATS}")
+        raise ConfigError(f"masks={masks!r}: use one of {MASK_FORMATS}")
     stats = {"tasks": 0, "results": 0, "error_rows": 0}
     needs_ext = "{ext" in image_url or "{file_name" in image_url
     exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint) if needs_ext else None

@@ -32,7 +32,7 @@ from ovsam_ray.export.images import ImageCopier, ImageExts
 from ovsam_ray.export.output import open_output, write_file
 from ovsam_ray.export.polygons import mask_to_polygons
 from ovsam_ray.labels.reader import iter_label_batches, iter_label_rows, source_shards
-from ovsam_ray.model.text_embedding import clean_class_name
+from ovsam_ray.vocabulary import clean_class_name
 from ovsam_ray.written import writing
 
 __all__ = ["export_yolo", "yolo_classes", "yolo_lines"]

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ovsam_ray import io
+from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.labels.schema import RUN_RECORD_NAME, conform_table, timestamp
 
 __all__ = ["MissingShardFileError", "ShardCommitter"]
@@ -45,7 +46,7 @@ _TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 _SHARD_NAME_RE = re.compile(r"^[^/\\]+$")
 
 
-class MissingShardFileError(FileNotFoundError):
+class MissingShardFileError(OVSAMRayError, FileNotFoundError):
     """A shard has a commit marker but its Parquet file is gone (deleted by hand or by a tool)."""
 
 

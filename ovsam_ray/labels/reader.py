@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from ovsam_ray import io
 from ovsam_ray.data.shards import list_shards, shard_names
+from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.run_record import read_run_record
 
@@ -31,7 +32,7 @@ def label_files(labels: str, *, s3_endpoint: str | None = None) -> list[str]:
     if not files and labels.endswith(".parquet") and io.exists(labels, s3_endpoint=s3_endpoint):
         files = [labels]
     if not files:
-        raise FileNotFoundError(f"no label files under {io.redact(labels)} (expected <shard>.parquet files)")
+        raise MissingInputError(f"no label files under {io.redact(labels)} (expected <shard>.parquet files)")
     return files
 
 
@@ -78,9 +79,9 @@ def source_shards(labels: str, shards: str | None = None, *, s3_endpoint: str | 
     if shards is None:
         record = read_run_record(labels, s3_endpoint=s3_endpoint)
         if record is None:
-            raise FileNotFoundError(f"{io.redact(labels)} has no _run.json: say where the input shards are (--shards)")
+            raise MissingInputError(f"{io.redact(labels)} has no _run.json: say where the input shards are (--shards)")
         shards = (record.get("details", {}).get("config") or {}).get("input")
         if not shards:
-            raise ValueError("the run record does not name the input shards: pass --shards")
+            raise ConfigError("the run record does not name the input shards: pass --shards")
     urls = list_shards(shards, s3_endpoint=s3_endpoint)
     return dict(zip(shard_names(urls), urls))

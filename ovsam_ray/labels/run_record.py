@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ovsam_ray import io
+from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.schema import RUN_RECORD_NAME, timestamp
 
 __all__ = ["RunMismatchError", "RunRecord", "check_or_write_run_record", "read_run_record"]
 
 
-class RunMismatchError(RuntimeError):
+class RunMismatchError(OVSAMRayError, RuntimeError):
     """The output folder holds results of a different run (model, weights, vocabulary...)."""
 
 

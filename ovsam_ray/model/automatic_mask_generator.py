@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ovsam_ray.errors import ConfigError
+
 from .amg import grid_points, mask_nms, stability_scores
 from .predictor import ImagePrediction, ImagePrompts, OVSAMPredictor
 
@@ -151,7 +153,7 @@ class OVSAMAutomaticMaskGenerator:
         dedup_class_aware: bool = False,
     ) -> None:
         if points_per_side < 1 or points_per_batch < 1:
-            raise ValueError(f"points_per_side={points_per_side}, points_per_batch={points_per_batch}: need >= 1")
+            raise ConfigError(f"points_per_side={points_per_side}, points_per_batch={points_per_batch}: need >= 1")
         self.predictor = predictor
         self.points_per_side = points_per_side
         self.points_per_batch = points_per_batch

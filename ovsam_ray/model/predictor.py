@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from .functional import (
 )
 from .ovsam import OVSAM, DecodeOutput, ImageFeatures, PromptBatch
 from .rle_torch import mask_run_lengths
+
+if TYPE_CHECKING:
+    from ovsam_ray.vocabulary import Vocabulary
 
 
 @dataclass
@@ -137,6 +140,9 @@ class OVSAMPredictor:
     ``rle_on_device`` (the default on CUDA) masks are run-length encoded where they are computed
     and only the run lengths reach the host (``ImagePrediction.rles``, ``masks`` None); otherwise
     full-size bool masks come back.
+
+    ``vocabulary``: the ``Vocabulary`` the classifier's text embeddings were made from (what
+    ``ovsam_ray.load_predictor`` sets), so that ``label_names`` can name the labels.
     """
 
     def __init__(
@@ -152,7 +158,12 @@ class OVSAMPredictor:
         rle_on_device: bool | None = None,
         fast_attention: bool = True,
         attention_chunk: int | None = 1024,
+        vocabulary: Vocabulary | None = None,
     ) -> None:
+        if vocabulary is not None and vocabulary.num_classes != classifier.num_classes:
+            raise ValueError(f"vocabulary {vocabulary.name!r} has {vocabulary.num_classes} classes, the "
+                             f"classifier's text embeddings {classifier.num_classes}")
+        self.vocabulary = vocabulary
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.classifier = classifier.to(self.device)
@@ -172,6 +183,17 @@ class OVSAMPredictor:
         # on CPU and ~10x less memory for the global block (bench/RESULTS.md).
         if fast_attention:
             use_fast_attention(self.model.adapter, query_chunk=attention_chunk)
+
+    @property
+    def text_embeddings(self) -> torch.Tensor:
+        """(C, S, D) unit-norm class text embeddings the labels are scored against."""
+        return self.classifier.text_embeddings
+
+    def label_names(self, prediction: ImagePrediction) -> list[str]:
+        """The vocabulary's class name of each of ``prediction.labels`` (needs ``vocabulary``)."""
+        if self.vocabulary is None:
+            raise ValueError("this predictor was built without a vocabulary: pass vocabulary=... to name labels")
+        return [self.vocabulary.class_names[i] for i in prediction.labels.tolist()]
 
     def _autocast(self):
         if self.fast:

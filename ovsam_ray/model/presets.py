@@ -20,6 +20,8 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from segment_anything.modeling.prompt_encoder import PromptEncoder
 from torch import nn
 
+from ovsam_ray.errors import UnknownNameError
+
 from .clip2sam_recognizer import CLIP2SAMRecognizer
 from .clip_backbone import ConvNeXtCLIPBackbone, ResNetCLIPBackbone
 from .mask_decoder import MaskDecoder
@@ -109,11 +111,13 @@ _PRESETS = (
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 
 
-class UnknownPresetError(KeyError, ValueError):
+class UnknownPresetError(UnknownNameError):
     """A preset name not in ``PRESETS`` (a KeyError for lookups, a ValueError for configs)."""
 
-    def __str__(self) -> str:
-        return str(self.args[0])
+
+def preset_names() -> list[str]:
+    """The names of the known presets, sorted."""
+    return sorted(PRESETS)
 
 
 def get_preset(name: str) -> Preset:

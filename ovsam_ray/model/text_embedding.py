@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .class_names import clean_class_name
+
 __all__ = [
     "average_template_embeddings",
     "clean_class_name",
@@ -25,17 +27,6 @@ __all__ = [
 ]
 
 Tokenizer = Callable[[list[str]], Tensor]
-
-
-def clean_class_name(name: str) -> str:
-    """The text a class name contributes to a prompt.
-
-    Dataset names use underscores for spaces (LVIS: ``"aerosol_can"``); the reference OV-SAM label
-    preprocessing turns them into spaces and lower-cases the name (a no-op for CLIP's own BPE
-    tokenizer, which lower-cases anyway). Unlike the reference, names are not split on ``/`` or
-    ``_or_``: here synonyms are listed explicitly by the vocabulary.
-    """
-    return " ".join(name.replace("_", " ").lower().split())
 
 
 def average_template_embeddings(embeddings: Tensor) -> Tensor:

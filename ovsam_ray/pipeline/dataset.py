@@ -42,9 +42,8 @@ def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], flo
 def _detector_queries(cfg: LabelConfig, text: dict) -> list[str] | None:
     """The open-vocabulary detector's query list: --detector-queries, else for Grounding DINO (which
     needs text) the job's vocabulary; None for the other detectors (OWLv2: objectness proposals)."""
-    from ovsam_ray.model.text_embedding import clean_class_name
     from ovsam_ray.pipeline.hf_detectors import query_names
-    from ovsam_ray.vocabulary import Vocabulary
+    from ovsam_ray.vocabulary import Vocabulary, clean_class_name
 
     if cfg.detector_queries is not None:
         return query_names(cfg.detector_queries)

@@ -28,6 +28,7 @@ import torch
 import torchvision
 from torchvision.ops import batched_nms, nms
 
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.pipeline.stages import image_of
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class TorchvisionDetector:
         builders = torchvision.models.detection.__dict__
         if name not in builders or not callable(builders[name]):
             known = sorted(k for k, v in builders.items() if callable(v) and k[0].islower() and "_" in k)
-            raise ValueError(f"unknown torchvision detector {name!r}; known: {', '.join(known)}")
+            raise ConfigError(f"unknown torchvision detector {name!r}; known: {', '.join(known)}")
         self.categories = _coco_categories(name)
         model = builders[name](weights=None, weights_backbone=None, num_classes=len(self.categories),
                                box_score_thresh=score_threshold)
@@ -94,8 +95,8 @@ def load_detector(spec: str, *, queries: list[str] | None = None, objectness_thr
         return load_hf_detector(spec, queries=queries, objectness_threshold=objectness_threshold,
                                 s3_endpoint=s3_endpoint, **kwargs)
     if queries or objectness_threshold is not None:
-        raise ValueError(f"detector:{spec} takes no query list or objectness threshold (detector:owlv2 and "
-                         "detector:grounding-dino do)")
+        raise ConfigError(f"detector:{spec} takes no query list or objectness threshold (detector:owlv2 and "
+                          "detector:grounding-dino do)")
     if ":" in spec:
         module, _, cls = spec.partition(":")
         factory = getattr(importlib.import_module(module), cls)

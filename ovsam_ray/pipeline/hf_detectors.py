@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ovsam_ray import io
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.weights import WeightsError, local_dir
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,7 @@ def resolve_folder(location: str | None, name: str, *, s3_endpoint: str | None =
 def query_names(spec: str) -> list[str]:
     """The detector's query list: a vocabulary name or file (``load_vocabulary``'s specs: a .txt
     with one class per line, a .json), one query per class (its name, underscores as spaces)."""
-    from ovsam_ray.model.text_embedding import clean_class_name
-    from ovsam_ray.vocabulary import load_vocabulary
+    from ovsam_ray.vocabulary import clean_class_name, load_vocabulary
 
     return list(dict.fromkeys(clean_class_name(n) for n in load_vocabulary(spec).class_names))
 
@@ -237,7 +237,7 @@ class GroundingDinoDetector(_HFDetector):
 
     def __init__(self, *, queries: Sequence[str], score_threshold: float = 0.3, **kwargs: Any) -> None:
         if not queries:
-            raise ValueError("detector:grounding-dino needs a query list (--detector-queries FILE|vocab-name)")
+            raise ConfigError("detector:grounding-dino needs a query list (--detector-queries FILE|vocab-name)")
         super().__init__(**kwargs)
         self.queries = list(queries)
         self.score_threshold = score_threshold
@@ -335,5 +335,5 @@ def load_hf_detector(name: str, *, weights: str | None, device: str = "cpu", ran
     if name == "owlv2":
         return Owlv2Detector(queries=queries, objectness_threshold=objectness_threshold, **common)
     if objectness_threshold is not None:
-        raise ValueError(f"--detector-objectness-threshold is OWLv2's (objectness head); detector:{name} has none")
+        raise ConfigError(f"--detector-objectness-threshold is OWLv2's (objectness head); detector:{name} has none")
     return HF_DETECTORS[name](queries=queries or [], **common)

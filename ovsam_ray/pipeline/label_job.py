@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from ovsam_ray import __version__, io
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS
 from ovsam_ray.data.shards import list_shards, shard_names
+from ovsam_ray.errors import ConfigError, OVSAMRayError
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
@@ -58,7 +59,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INCOMPLETE = 0, 1, 3
 _T = TypeVar("_T")
 
 
-class JobStartError(RuntimeError):
+class JobStartError(OVSAMRayError, RuntimeError):
     """The job could not start (storage unreachable, output not writable...): one line, why."""
 
 
@@ -114,27 +115,27 @@ class LabelConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}: must be >= 1 (images per model forward)")
+            raise ConfigError(f"batch_size={self.batch_size}: must be >= 1 (images per model forward)")
         if self.images_per_call is not None and self.images_per_call < self.batch_size:
-            raise ValueError(f"images_per_call={self.images_per_call}: must be >= batch_size={self.batch_size}")
+            raise ConfigError(f"images_per_call={self.images_per_call}: must be >= batch_size={self.batch_size}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError(f"max_error_fraction={self.max_error_fraction}: must be within [0, 1]")
+            raise ConfigError(f"max_error_fraction={self.max_error_fraction}: must be within [0, 1]")
         if self.num_gpus < 0:
-            raise ValueError(f"num_gpus={self.num_gpus}: must be >= 0 (0 = run the model actors on CPUs)")
+            raise ConfigError(f"num_gpus={self.num_gpus}: must be >= 0 (0 = run the model actors on CPUs)")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit={self.limit}: must be >= 1 shard, or None for all")
+            raise ConfigError(f"limit={self.limit}: must be >= 1 shard, or None for all")
         conc = self.actors
         if not 1 <= conc[0] <= conc[1]:
-            raise ValueError(f"concurrency={self.concurrency}: need 1 <= min <= max actors")
+            raise ConfigError(f"concurrency={self.concurrency}: need 1 <= min <= max actors")
         check_disjoint([("--input", self.input)], [("--output", self.output)])
         io.check_endpoint(self.model.s3_endpoint)
         if self.max_prompts < 1:
-            raise ValueError(f"max_prompts={self.max_prompts}: must be >= 1 prompt per image")
+            raise ConfigError(f"max_prompts={self.max_prompts}: must be >= 1 prompt per image")
         check_interval(self.lease_heartbeat_s, "lease_heartbeat_s (--lease-heartbeat-s)")
         if self.baseline is not None and self.baseline not in BASELINES:
-            raise ValueError(f"baseline={self.baseline!r}: choose one of {', '.join(BASELINES)} (or none for OV-SAM)")
+            raise ConfigError(f"baseline={self.baseline!r}: choose one of {', '.join(BASELINES)} (or none for OV-SAM)")
         if self.decode_chunk is not None and self.decode_chunk < 1:
-            raise ValueError(f"decode_chunk={self.decode_chunk}: must be >= 1 image per block")
+            raise ConfigError(f"decode_chunk={self.decode_chunk}: must be >= 1 image per block")
         self.sources = PromptSources.parse(self.prompts)
         _check_detector_options(self)
 
@@ -154,11 +155,11 @@ def _check_detector_options(cfg: LabelConfig) -> None:
     if name in HF_DETECTORS:
         check_available(name)
     if cfg.detector_queries is not None and name not in HF_DETECTORS:
-        raise ValueError(f"detector_queries={cfg.detector_queries!r}: only detector:owlv2 and detector:grounding-dino "
-                         f"take a query list (--prompts {cfg.prompts!r})")
+        raise ConfigError(f"detector_queries={cfg.detector_queries!r}: only detector:owlv2 and detector:grounding-dino "
+                          f"take a query list (--prompts {cfg.prompts!r})")
     if cfg.detector_objectness_threshold is not None and name != "owlv2":
-        raise ValueError("detector_objectness_threshold: only detector:owlv2 has an objectness head "
-                         f"(--prompts {cfg.prompts!r})")
+        raise ConfigError("detector_objectness_threshold: only detector:owlv2 has an objectness head "
+                          f"(--prompts {cfg.prompts!r})")
 
 
 @dataclass
@@ -244,7 +245,7 @@ def _startup(what: str, step: Callable[[], _T]) -> _T:
     an unwritable output) becomes a :class:`JobStartError` naming the step."""
     try:
         return step()
-    except (ValueError, RuntimeError):
+    except OVSAMRayError:
         raise
     except Exception as e:  # noqa: BLE001 - any storage client error: the job cannot start
         raise JobStartError(f"cannot {what}: {type(e).__name__}: {io.safe_for_log(io.redact(str(e)))}") from None
@@ -277,8 +278,8 @@ def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) ->
 
     ``connect``: called once the input is listed and the output's lease is held, before anything
     runs on Ray (the CLI joins or starts its cluster there, so that a bad input or output costs
-    no cluster start). Start-up failures raise :class:`JobStartError` (or ``ValueError``/
-    ``RuntimeError`` subclasses that say what to do), each one line.
+    no cluster start). Start-up failures raise :class:`JobStartError` (or another
+    :class:`~ovsam_ray.errors.OVSAMRayError` that says what to do), each one line.
     """
     t0 = time.time()
     shards, names = _startup(f"list the input shards {io.redact(cfg.input)}", lambda: _list_input(cfg))
@@ -321,8 +322,9 @@ def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: Ou
                 ) -> LabelSummary:
     s3 = cfg.model.s3_endpoint
     summary = LabelSummary(random_init=cfg.model.random_init and cfg.baseline is None)
-    text, vocab, identity, summary.text_embeddings = _startup("load the model and vocabulary",
-                                                              lambda: prepare_text(cfg.model, cfg.baseline))
+    # Not a storage step: a failure here that is not ours (weights, vocabulary) is a bug and keeps
+    # its traceback.
+    text, vocab, identity, summary.text_embeddings = prepare_text(cfg.model, cfg.baseline)
     state, committed = _startup(f"prepare the output {io.redact(cfg.output)}",
                                 lambda: _prepare_output(cfg, names, identity, vocab))
     todo = [u for u, n in zip(shards, names) if n not in committed]

@@ -32,6 +32,7 @@ import uuid
 from typing import Any
 
 from ovsam_ray import io
+from ovsam_ray.errors import ConfigError, OVSAMRayError
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,11 @@ __all__ = ["HEARTBEAT_S", "LEASE_NAME", "MAX_INTERVAL_S", "LeaseHeldError", "Lea
            "check_interval"]
 
 
-class LeaseHeldError(RuntimeError):
+class LeaseHeldError(OVSAMRayError, RuntimeError):
     """Another live job holds the output folder's lease."""
 
 
-class LeaseLostError(RuntimeError):
+class LeaseLostError(OVSAMRayError, RuntimeError):
     """This job's lease was taken over by another job (this one looked dead to it)."""
 
 
@@ -82,12 +83,12 @@ def check_interval(value: Any, what: str) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value) if abs(value) < 1e300 else math.inf  # an int beyond float range is "huge"
     if not math.isfinite(number) or not 0 < number <= MAX_INTERVAL_S:
-        raise ValueError(f"{what}: lease heartbeat interval {io.safe_for_log(repr(value), limit=80)} is not a "
-                         f"number of seconds in (0, {MAX_INTERVAL_S:.0f}]")
+        raise ConfigError(f"{what}: lease heartbeat interval {io.safe_for_log(repr(value), limit=80)} is not a "
+                          f"number of seconds in (0, {MAX_INTERVAL_S:.0f}]")
     return float(number)
 
 
-class LeaseValueError(ValueError):
+class LeaseValueError(OVSAMRayError, ValueError):
     """A lease file holds a value no job writes (a non-finite heartbeat, a bad interval)."""
 
 
@@ -159,7 +160,7 @@ class OutputLease:
 
     def _describe(self, lease: dict[str, Any]) -> str:
         shown = io.safe_for_log(f"job {lease.get('job_id')} (host {lease.get('host')}, pid {lease.get('pid')}, "
-                                f"heartbeat {lease.get('heartbeat_at')})")  # a lease file is data too
+                          f"heartbeat {lease.get('heartbeat_at')})")  # a lease file is data too
         return shown + self._clock_note(lease)
 
     def _clock_note(self, lease: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import re
 from collections.abc import Collection
 
 from ovsam_ray import io
+from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.labels.schema import RUN_RECORD_NAME
 from ovsam_ray.pipeline.lease import LEASE_NAME
 from ovsam_ray.pipeline.parts import PARTS_DIR
@@ -31,7 +32,7 @@ _HIDDEN_RE = re.compile(r"^\..+\.(tmp|stale)-[0-9a-f]{32}$")
 _SHOWN = 5
 
 
-class ForeignFilesError(ValueError):
+class ForeignFilesError(OVSAMRayError, ValueError):
     """The output folder holds files that no command of ours wrote, and no run record."""
 
 

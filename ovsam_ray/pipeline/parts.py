@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ovsam_ray import io
+from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.schema import OUTPUT_SCHEMA
 from ovsam_ray.pipeline.faults import install_full_disk, maybe_fail
@@ -65,7 +66,7 @@ _PART_FILE_SCHEMA = pa.schema(list(OUTPUT_SCHEMA) + [pa.field("index", pa.int32(
 LOGGED_WARNINGS = 5
 
 
-class StorageUnavailableError(RuntimeError):
+class StorageUnavailableError(OVSAMRayError, RuntimeError):
     """The output storage stayed unreachable through every retry of a shard's commit."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.amg import grid_points, mask_overlaps
 from ovsam_ray.model.automatic_mask_generator import (
     MASK_NMS_IOU,
@@ -53,10 +54,10 @@ class PromptSources:
         if "|" in spec:
             first, _, second = spec.partition("|")
             if "|" in second or not first.strip() or not second.strip():
-                raise ValueError(f"--prompts {spec!r}: use one fallback, A|B (e.g. shard|grid or shard|detector:NAME)")
+                raise ConfigError(f"--prompts {spec!r}: use one fallback, A|B (e.g. shard|grid or shard|detector:NAME)")
             primary, fallback = cls.parse(first), cls.parse(second)
             if primary.detector and fallback.detector and primary.detector != fallback.detector:
-                raise ValueError(f"--prompts {spec!r}: both alternatives name a detector; use one")
+                raise ConfigError(f"--prompts {spec!r}: both alternatives name a detector; use one")
             return dataclasses.replace(primary, fallback=fallback)
         if "+" in spec:
             return cls._parse_tiers(spec)
@@ -69,24 +70,24 @@ class PromptSources:
             elif part.startswith("detector:") and len(part) > len("detector:"):
                 detector = part[len("detector:"):]
             else:
-                raise ValueError(f"--prompts {spec!r}: use shard, grid, detector:NAME (torchvision name, owlv2, "
-                                 "grounding-dino or my_pkg.module:MyDetector), several joined by commas, A+B (both, "
-                                 "deduplicated across sources) or A|B (B where A gives an image no prompt)")
+                raise ConfigError(f"--prompts {spec!r}: use shard, grid, detector:NAME (torchvision name, owlv2, "
+                                  "grounding-dino or my_pkg.module:MyDetector), several joined by commas, A+B (both, "
+                                  "deduplicated across sources) or A|B (B where A gives an image no prompt)")
         if not (shard or detector or grid):
-            raise ValueError(f"--prompts {spec!r} names no prompt source")
+            raise ConfigError(f"--prompts {spec!r} names no prompt source")
         return cls(shard=shard, detector=detector, grid=grid)
 
     @classmethod
     def _parse_tiers(cls, spec: str) -> PromptSources:
         parts = [cls.parse(p) if p.strip() else None for p in spec.split("+")]
         if None in parts:
-            raise ValueError(f"--prompts {spec!r}: A+B needs a source on each side of '+' (e.g. detector:owlv2+grid)")
+            raise ConfigError(f"--prompts {spec!r}: A+B needs a source on each side of '+' (e.g. detector:owlv2+grid)")
         tiers = tuple(frozenset(k for k, on in (("shard", p.shard), ("detector", p.detector), ("grid", p.grid)) if on)
                       for p in parts)
         seen: set[str] = set()
         for tier in tiers:
             if tier & seen:
-                raise ValueError(f"--prompts {spec!r}: each source may appear once in A+B")
+                raise ConfigError(f"--prompts {spec!r}: each source may appear once in A+B")
             seen |= tier
         return cls(shard="shard" in seen, detector=next((p.detector for p in parts if p.detector), None),
                    grid="grid" in seen, tiers=tiers)

@@ -21,6 +21,7 @@ import ray
 import torch
 
 from ovsam_ray import io
+from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record, read_run_record
@@ -53,10 +54,10 @@ class RelabelConfig:
 def _source_model_config(cfg: RelabelConfig) -> tuple[ModelConfig, dict]:
     record = read_run_record(cfg.input, s3_endpoint=cfg.s3_endpoint)
     if record is None:
-        raise FileNotFoundError(f"{io.redact(cfg.input)} has no {RUN_RECORD_NAME}: relabel reads a label job's output "
+        raise MissingInputError(f"{io.redact(cfg.input)} has no {RUN_RECORD_NAME}: relabel reads a label job's output "
                                 "folder (its run record names the model)")
     if not record["identity"].get("with_embedding"):
-        raise ValueError(f"{io.redact(cfg.input)} was labelled without --with-embedding: no embeddings to re-score")
+        raise ConfigError(f"{io.redact(cfg.input)} was labelled without --with-embedding: no embeddings to re-score")
     model = dict(record["details"]["config"]["model"])
     model.update(vocab=cfg.vocab, class_embeddings=None, s3_endpoint=cfg.s3_endpoint or model.get("s3_endpoint"))
     return ModelConfig(**model), record

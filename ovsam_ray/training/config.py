@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.classifier import RELEASED_LOGIT_SCALE
 from ovsam_ray.model.presets import get_preset
 
@@ -53,14 +54,14 @@ class DatasetSpec:
 
     def __post_init__(self) -> None:
         if not self.shards:
-            raise ValueError("DatasetSpec.shards is empty: give a shard file, glob, brace range or folder")
+            raise ConfigError("DatasetSpec.shards is empty: give a shard file, glob, brace range or folder")
         if self.kind not in DATASET_KINDS:
-            raise ValueError(f"DatasetSpec.kind={self.kind!r}: use one of {DATASET_KINDS}")
+            raise ConfigError(f"DatasetSpec.kind={self.kind!r}: use one of {DATASET_KINDS}")
         if self.split not in SPLITS:
-            raise ValueError(f"DatasetSpec.split={self.split!r}: use 'base' (the paper's protocol: seen classes "
-                             "only) or 'all'")
+            raise ConfigError(f"DatasetSpec.split={self.split!r}: use 'base' (the paper's protocol: seen classes "
+                              "only) or 'all'")
         if not self.ratio > 0:
-            raise ValueError(f"DatasetSpec.ratio={self.ratio}: sampling ratios must be > 0")
+            raise ConfigError(f"DatasetSpec.ratio={self.ratio}: sampling ratios must be > 0")
         if not self.name:
             first = self.shards if isinstance(self.shards, str) else self.shards[0]
             self.name = first.rstrip("/").rsplit("/", 1)[-1] or "dataset"
@@ -104,22 +105,22 @@ class OptimConfig:
         self.no_decay = tuple(str(r) for r in self.no_decay)
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
         if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
+            raise ConfigError(f"lr={self.lr} must be > 0")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+            raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r}: use one of {SCHEDULES}")
+            raise ConfigError(f"schedule={self.schedule!r}: use one of {SCHEDULES}")
         if any(not 0 < m <= 1 for m in self.lr_milestones):
-            raise ValueError(f"lr_milestones={self.lr_milestones}: give fractions of max_steps in (0, 1]")
+            raise ConfigError(f"lr_milestones={self.lr_milestones}: give fractions of max_steps in (0, 1]")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
         if not 0 <= self.min_lr_factor <= 1:
-            raise ValueError(f"min_lr_factor={self.min_lr_factor} must be in [0, 1] (the cosine's floor / lr)")
+            raise ConfigError(f"min_lr_factor={self.min_lr_factor} must be in [0, 1] (the cosine's floor / lr)")
         if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip={self.grad_clip}: use a positive max norm or None to disable")
+            raise ConfigError(f"grad_clip={self.grad_clip}: use a positive max norm or None to disable")
         if self.base_batch_size is not None and self.base_batch_size < 1:
-            raise ValueError(f"base_batch_size={self.base_batch_size}: the batch the lr is given for "
-                             "(reference: 16), or None for no lr scaling")
+            raise ConfigError(f"base_batch_size={self.base_batch_size}: the batch the lr is given for "
+                              "(reference: 16), or None for no lr scaling")
 
     def scaled_lr(self, global_batch: int) -> float:
         """The lr for ``global_batch`` images per step: linear scaling from ``base_batch_size``
@@ -179,22 +180,22 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)} (auto: bf16 autocast "
-                             "on a GPU, fp32 on a CPU; bf16: autocast on a CPU too)")
+            raise ConfigError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)} (auto: bf16 autocast "
+                              "on a GPU, fp32 on a CPU; bf16: autocast on a CPU too)")
         if not self.storage_path:
-            raise ValueError("storage_path is required: a local folder or s3://bucket/prefix for checkpoints")
+            raise ConfigError("storage_path is required: a local folder or s3://bucket/prefix for checkpoints")
         if not self.name or "/" in self.name:
-            raise ValueError(f"name={self.name!r}: give a run name without '/' (the folder under storage_path)")
+            raise ConfigError(f"name={self.name!r}: give a run name without '/' (the folder under storage_path)")
         for attr in ("num_workers", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every",
                      "shuffle_shards", "shuffle_buffer"):
             if getattr(self, attr) is not None and getattr(self, attr) < 1:
-                raise ValueError(f"{attr}={getattr(self, attr)} must be >= 1")
+                raise ConfigError(f"{attr}={getattr(self, attr)} must be >= 1")
         if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints={self.keep_checkpoints} must be >= 1 (resume needs one)")
+            raise ConfigError(f"keep_checkpoints={self.keep_checkpoints} must be >= 1 (resume needs one)")
         if self.max_failures < -1:
-            raise ValueError(f"max_failures={self.max_failures}: use -1 (retry forever), 0 or a positive count")
+            raise ConfigError(f"max_failures={self.max_failures}: use -1 (retry forever), 0 or a positive count")
         if not self.cpus_per_worker > 0 or not self.data_cpus > 0:
-            raise ValueError("cpus_per_worker and data_cpus must be > 0 (fractions are fine on small machines)")
+            raise ConfigError("cpus_per_worker and data_cpus must be > 0 (fractions are fine on small machines)")
 
     @property
     def global_batch(self) -> int:
@@ -228,16 +229,16 @@ class ModelSpec:
 
 def _common_post_init(cfg: Any) -> None:
     if not cfg.datasets:
-        raise ValueError("give at least one dataset (DatasetSpec)")
+        raise ConfigError("give at least one dataset (DatasetSpec)")
     cfg.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in cfg.datasets]
     for name, typ in (("run", RunSpec), ("model", ModelSpec), ("optim", OptimConfig)):
         value = getattr(cfg, name)
         if isinstance(value, dict):
             setattr(cfg, name, typ(**value))
     if cfg.epochs < 1:
-        raise ValueError(f"epochs={cfg.epochs} must be >= 1 (passes over the shards the stream holds)")
+        raise ConfigError(f"epochs={cfg.epochs} must be >= 1 (passes over the shards the stream holds)")
     if cfg.epoch_images is not None and cfg.epoch_images < 1:
-        raise ValueError(f"epoch_images={cfg.epoch_images} must be >= 1 (images in one pass over the data)")
+        raise ConfigError(f"epoch_images={cfg.epoch_images} must be >= 1 (images in one pass over the data)")
 
 
 @dataclass
@@ -265,16 +266,16 @@ class DistillConfig:
     def __post_init__(self) -> None:
         _common_post_init(self)
         if self.teacher not in TEACHERS:
-            raise ValueError(f"teacher={self.teacher!r}: use one of {TEACHERS}")
+            raise ConfigError(f"teacher={self.teacher!r}: use one of {TEACHERS}")
         precomputed = all(d.teacher_features for d in self.datasets)
         if self.teacher != "random_tiny" and not precomputed and not self.teacher_checkpoint:
-            raise ValueError(
+            raise ConfigError(
                 "distillation needs a teacher: teacher_checkpoint=<sam_vit_*.pth> (online teacher) or "
                 "teacher_features on every dataset (from `ovsam-ray train dump-teacher`)"
             )
         if (self.teacher != "random_tiny" and precomputed and not self.teacher_checkpoint
                 and not self.teacher_pos_embed and not self.model.sam2clip):
-            raise ValueError(
+            raise ConfigError(
                 "distilling from precomputed teacher features leaves the adapter's position embedding "
                 "(SAM's image_encoder.pos_embed) unset: pass --teacher-checkpoint sam_vit_h_4b8939.pth (only its "
                 "pos_embed is read) or --teacher-pos-embed FILE (a .pth with image_encoder.pos_embed or pos_embed)"
@@ -336,16 +337,17 @@ class CotrainConfig:
         _common_post_init(self)
         self.lsj_range = tuple(float(r) for r in self.lsj_range)
         if len(self.lsj_range) != 2 or not 0 < self.lsj_range[0] <= self.lsj_range[1]:
-            raise ValueError(f"lsj_range={self.lsj_range}: give (low, high) with 0 < low <= high, e.g. (0.9, 2.0)")
+            raise ConfigError(f"lsj_range={self.lsj_range}: give (low, high) with 0 < low <= high, e.g. (0.9, 2.0)")
         if self.num_prompts < 1:
-            raise ValueError(f"num_prompts={self.num_prompts} must be >= 1 (the paper uses 40)")
+            raise ConfigError(f"num_prompts={self.num_prompts} must be >= 1 (the paper uses 40)")
         if not 0 <= self.roi_from_prediction <= 1:
-            raise ValueError(f"roi_from_prediction={self.roi_from_prediction} must be in [0, 1] (0: ground-truth RoIs)")
+            raise ConfigError(f"roi_from_prediction={self.roi_from_prediction} must be in [0, 1] "
+                              "(0: ground-truth RoIs)")
         if self.num_points < 1 or self.oversample_ratio < 1 or not 0 <= self.importance_sample_ratio <= 1:
-            raise ValueError("need num_points >= 1, oversample_ratio >= 1 and importance_sample_ratio in [0, 1]")
+            raise ConfigError("need num_points >= 1, oversample_ratio >= 1 and importance_sample_ratio in [0, 1]")
         if not any(d.kind == "segmentation" for d in self.datasets):
-            raise ValueError("co-training needs at least one segmentation dataset (image-level data only "
-                             "trains classification)")
+            raise ConfigError("co-training needs at least one segmentation dataset (image-level data only "
+                              "trains classification)")
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -372,5 +374,5 @@ def _known_fields(cls: type, data: dict) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
+        raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
     return dict(data)

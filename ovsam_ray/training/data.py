@@ -31,6 +31,7 @@ import numpy as np
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, decode_sample
 from ovsam_ray.data.rle import annotation_mask
 from ovsam_ray.data.shards import is_damage_marker, iter_shard_samples, list_shards
+from ovsam_ray.errors import ConfigError
 
 from .augment import large_scale_jitter, resize_and_pad
 from .batching import pack_masks, pack_sample
@@ -50,7 +51,7 @@ def work_items(
     """``epochs * total shards`` items ``{"item", "dataset", "shard", "pass"}``, deterministic in
     ``seed``: each slot draws a dataset with probability proportional to its ratio."""
     if len(shard_lists) != len(ratios) or not shard_lists:
-        raise ValueError("need one ratio per dataset and at least one dataset")
+        raise ConfigError("need one ratio per dataset and at least one dataset")
     rng = np.random.default_rng([seed, 7919])
     probs = np.asarray(ratios, np.float64) / float(sum(ratios))
     order: list[list[str]] = [[] for _ in shard_lists]
@@ -71,7 +72,7 @@ def group_items(slots: list[dict[str, Any]], shards_per_item: int) -> list[dict[
     """Consecutive slots of ``work_items`` as work items ``{"item", "parts": [slot, ...]}`` of
     ``shards_per_item`` shards each (the last may hold fewer)."""
     if shards_per_item < 1:
-        raise ValueError(f"shards_per_item={shards_per_item} must be >= 1")
+        raise ConfigError(f"shards_per_item={shards_per_item} must be >= 1")
     parts = [{k: v for k, v in slot.items() if k != "item"} for slot in slots]
     return [{"item": i, "parts": parts[start : start + shards_per_item]}
             for i, start in enumerate(range(0, len(parts), shards_per_item))]
@@ -360,7 +361,7 @@ def build_ray_dataset(items: list[dict[str, Any]], builder: Callable[[dict[str, 
     import ray.data
 
     if not items:
-        raise ValueError("no work items: the dataset has no shards left to read")
+        raise ConfigError("no work items: the dataset has no shards left to read")
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), max_blocks))
     return ds.flat_map(builder, num_cpus=num_cpus)
 

@@ -27,6 +27,7 @@ import torch
 
 from ovsam_ray import io
 from ovsam_ray.data.shards import list_shards, shard_name
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.presets import get_preset
 from ovsam_ray.weights import read_weights
 
@@ -56,8 +57,8 @@ def _copy_pos_embed_from_file(model: torch.nn.Module, checkpoint: str, s3_endpoi
     holder.pos_embed = state[key] if key else None
     if not copy_teacher_pos_embed(model, holder):
         found = None if key is None else tuple(state[key].shape)
-        raise ValueError(f"{checkpoint}: no position embedding of shape {tuple(model.adapter.pos_embed.shape)} "
-                         f"under {POS_EMBED_KEYS} (found {found}); give the SAM checkpoint of the teacher")
+        raise ConfigError(f"{checkpoint}: no position embedding of shape {tuple(model.adapter.pos_embed.shape)} "
+                          f"under {POS_EMBED_KEYS} (found {found}); give the SAM checkpoint of the teacher")
 
 
 def distill_setup(cfg: DistillConfig, runtime: Runtime) -> StageSetup:
@@ -71,13 +72,13 @@ def distill_setup(cfg: DistillConfig, runtime: Runtime) -> StageSetup:
             embed_dim=model.adapter.pos_embed.shape[-1], s3_endpoint=cfg.run.s3_endpoint, seed=cfg.run.seed,
         ).to(runtime.device)
         if not copy_teacher_pos_embed(model, teacher) and cfg.teacher != "random_tiny":
-            raise ValueError(f"the {cfg.teacher} teacher's pos_embed does not fit the {cfg.model.preset} adapter "
-                             f"{tuple(model.adapter.pos_embed.shape)}: distil with the teacher of the preset")
+            raise ConfigError(f"the {cfg.teacher} teacher's pos_embed does not fit the {cfg.model.preset} adapter "
+                              f"{tuple(model.adapter.pos_embed.shape)}: distil with the teacher of the preset")
     elif cfg.teacher_checkpoint or cfg.teacher_pos_embed:
         _copy_pos_embed_from_file(model, cfg.teacher_pos_embed or cfg.teacher_checkpoint, cfg.run.s3_endpoint)
     elif "sam2clip" not in files and cfg.teacher != "random_tiny":
-        raise ValueError("precomputed teacher features without --teacher-checkpoint, --teacher-pos-embed or a "
-                         "sam2clip file would train with a zero position embedding; pass one of them")
+        raise ConfigError("precomputed teacher features without --teacher-checkpoint, --teacher-pos-embed or a "
+                          "sam2clip file would train with a zero position embedding; pass one of them")
     net = DistillNet(model)
 
     def make_task(wrapped: torch.nn.Module) -> DistillTask:
@@ -136,9 +137,9 @@ class DumpTeacherConfig:
     def __post_init__(self) -> None:
         get_preset(self.preset)  # an unknown name: a ValueError listing the known ones
         if self.teacher != "random_tiny" and not self.teacher_checkpoint:
-            raise ValueError(f"dump-teacher with {self.teacher} needs teacher_checkpoint=<sam_{self.teacher}_*.pth>")
+            raise ConfigError(f"dump-teacher with {self.teacher} needs teacher_checkpoint=<sam_{self.teacher}_*.pth>")
         if self.concurrency < 1 or self.batch_size < 1:
-            raise ValueError("concurrency and batch_size must be >= 1")
+            raise ConfigError("concurrency and batch_size must be >= 1")
 
 
 class TeacherShardWriter:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.ovsam import OVSAM, ImageFeatures, PromptBatch
 
 from .batching import collate_cotrain, collate_distill, unpack_sample
@@ -244,7 +245,8 @@ class DistillTask:
         target = batch.teacher
         if target is None:
             if self.teacher is None:
-                raise ValueError("no teacher: these samples carry no precomputed features and no SAM teacher is loaded")
+                raise ConfigError("no teacher: these samples carry no precomputed features and no SAM teacher "
+                                  "is loaded")
             with torch.no_grad():
                 target = self.teacher(batch.images).float()
         student = self.net(batch.images)
@@ -305,7 +307,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+            raise ConfigError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
 
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         if self.world_size == 1 or not dist.is_initialized():

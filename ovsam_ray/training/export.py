@@ -20,6 +20,7 @@ import torch
 
 from ovsam_ray import io
 from ovsam_ray.checkpoints import export_released, standard_file_names
+from ovsam_ray.errors import MissingInputError
 from ovsam_ray.model.presets import get_preset
 from ovsam_ray.written import writing
 
@@ -37,7 +38,7 @@ def _checkpoint_url(source: str, s3_endpoint: str | None) -> str:
         return source
     found = latest_checkpoint(source, s3_endpoint=s3_endpoint)
     if found is None:
-        raise FileNotFoundError(f"no checkpoint under {io.redact(source)}: give a run folder (storage_path/name) "
+        raise MissingInputError(f"no checkpoint under {io.redact(source)}: give a run folder (storage_path/name) "
                                 "or a checkpoint_* folder")
     return found[0]
 

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ovsam_ray.model.text_embedding import clean_class_name
-from ovsam_ray.vocabulary import Vocabulary, load_vocabulary
+from ovsam_ray.errors import ConfigError
+from ovsam_ray.vocabulary import Vocabulary, clean_class_name, load_vocabulary
 
 from .config import DatasetSpec
 
@@ -130,7 +130,7 @@ def build_label_space(datasets: Sequence[DatasetSpec], train_vocab: str | None =
     elif any(v is not None for v in dataset_vocabs):
         vocab = _union([v for v in dataset_vocabs if v is not None])
     else:
-        raise ValueError("no vocabulary: give train_vocab or a vocab for at least one dataset")
+        raise ConfigError("no vocabulary: give train_vocab or a vocab for at least one dataset")
     train_index: dict[str, int] = {}
     for i, (name, syns) in enumerate(zip(vocab.class_names, vocab.synonyms)):
         for n in _names(name, syns):

@@ -16,6 +16,7 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 
 from ovsam_ray.checkpoints import load_clip, load_parts, standard_file_names
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.model.presets import build_ovsam
 from ovsam_ray.weights import WeightsError, find_files, read_weights
@@ -84,7 +85,7 @@ def build_sam_teacher(kind: str, checkpoint: str | None = None, *, image_size: i
         nn.init.normal_(encoder.pos_embed, std=0.02)  # SAM starts it at zero; a trained one is not
     else:
         if kind not in SAM_ENCODERS:
-            raise ValueError(f"unknown SAM teacher {kind!r}; known: {sorted(SAM_ENCODERS)} and random_tiny")
+            raise ConfigError(f"unknown SAM teacher {kind!r}; known: {sorted(SAM_ENCODERS)} and random_tiny")
         if checkpoint is None:
             raise WeightsError(f"the {kind} teacher needs a SAM checkpoint (sam_{kind}_*.pth)")
         dim, depth, heads, global_attn = SAM_ENCODERS[kind]

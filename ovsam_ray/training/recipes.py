@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ovsam_ray.convert.writer import IMAGE_CLASSES_FILE
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.classifier import RELEASED_LOGIT_SCALE
 
 from .config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec, distill_optim
@@ -101,7 +102,7 @@ def get_recipe(name: str, stage: str | None = None) -> Recipe:
     """The recipe ``name``; an error listing the known ones (of ``stage``) otherwise."""
     known = sorted(n for n, f in RECIPES.items() if stage is None or f().stage == stage)
     if name not in RECIPES or (stage is not None and RECIPES[name]().stage != stage):
-        raise ValueError(f"unknown {stage or 'training'} recipe {name!r}; known: {known}")
+        raise ConfigError(f"unknown {stage or 'training'} recipe {name!r}; known: {known}")
     return RECIPES[name]()
 
 
@@ -110,7 +111,7 @@ def build_config(stage: str, *, datasets: list[DatasetSpec], recipe: str | None 
                  optim: dict[str, Any] | None = None, **fields: Any) -> CotrainConfig | DistillConfig:
     """The stage's defaults, overridden by the recipe, overridden by the given fields (the flags)."""
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
+        raise ConfigError(f"unknown stage {stage!r}; known: {STAGES}")
     r = get_recipe(recipe, stage) if recipe else Recipe(name="", stage=stage, reproduces="")
     base_optim = dataclasses.asdict(distill_optim() if stage == "distill" else OptimConfig())
     cls = DistillConfig if stage == "distill" else CotrainConfig
@@ -145,8 +146,8 @@ def dataset_images(spec: DatasetSpec, labels: DatasetLabels | None = None, *, s3
         summary = json.loads(io.read_bytes(summary_url, s3_endpoint=s3_endpoint))
         images, total_shards = int(summary["images"]), max(int(summary["shards"]), 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot tell how many images one epoch of dataset {spec.name!r} holds ({type(e).__name__} "
-                         f"reading {io.redact(summary_url)}): pass --epoch-images N or --max-steps N") from e
+        raise ConfigError(f"cannot tell how many images one epoch of dataset {spec.name!r} holds ({type(e).__name__} "
+                          f"reading {io.redact(summary_url)}): pass --epoch-images N or --max-steps N") from e
     return max(1, round(images * min(len(shards), total_shards) / total_shards))
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ovsam_ray import io
+from ovsam_ray.errors import ConfigError
 
 from .config import CotrainConfig, DistillConfig, OptimConfig, RunSpec
 from .engine import (
@@ -66,7 +67,7 @@ def config_from_dict(stage: str, data: dict) -> CotrainConfig | DistillConfig:
         return CotrainConfig.from_dict(data)
     if stage == "distill":
         return DistillConfig.from_dict(data)
-    raise ValueError(f"unknown training stage {stage!r}; known: cotrain, distill")
+    raise ConfigError(f"unknown training stage {stage!r}; known: cotrain, distill")
 
 
 def seed_everything(seed: int) -> None:
