@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -139,6 +140,20 @@ class Claim:
         data = {"producer": _PRODUCER, "commands": {**self.entries, self.command: entry}}
         io.atomic_write_bytes(self.url, json.dumps(data, indent=1).encode(), s3_endpoint=self.s3_endpoint)
 
+    def withdraw(self, patterns: Iterable[str]) -> None:
+        """After a run that stopped before writing any file (a refusal of its input): remove the
+        record this run created, so that the refusal leaves the output as it found it. Once a file
+        of the run exists, the record stays: it is what lets a rerun complete the output."""
+        existing = _Existing(self.folder, self.s3_endpoint)
+        regexes = [re.compile(p) for p in patterns]
+        names = existing._list("") - {MANIFEST_NAME}
+        if any(n in existing for n in self.planned) or any(r.fullmatch(n) for r in regexes for n in names):
+            return
+        with contextlib.suppress(OSError):
+            io.remove(self.url, s3_endpoint=self.s3_endpoint)
+            if not io.is_remote(self.folder) and not os.listdir(self.folder):
+                os.rmdir(self.folder)
+
     def add(self, names: Iterable[str]) -> None:
         """Names written that were not known up front (``convert``'s shards): listed at the end."""
         self.planned.update(names)
@@ -154,6 +169,12 @@ def writing(folder: str, command: str, names: Iterable[str], *, overwrite: bool 
     claim = Claim(folder, command, flag=flag, overwrite=overwrite, s3_endpoint=s3_endpoint)
     claim.check(names)
     patterns = list(patterns)
+    fresh = not claim.entries and not io.exists(claim.url, s3_endpoint=s3_endpoint)
     claim._write("writing", patterns)
-    yield claim
+    try:
+        yield claim
+    except BaseException:
+        if fresh:
+            claim.withdraw(patterns)
+        raise
     claim._write("complete")
