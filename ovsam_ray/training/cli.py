@@ -9,7 +9,6 @@ is ``--dataset SHARDS`` with optional ``|key=value`` fields of ``DatasetSpec``, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 from typing import Any
@@ -17,8 +16,6 @@ from typing import Any
 from .config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec
 
 log = logging.getLogger(__name__)
-
-_RUN_REQUIRED = ("storage_path", "name")
 
 
 def parse_dataset(text: str) -> DatasetSpec:
@@ -38,50 +35,21 @@ def parse_dataset(text: str) -> DatasetSpec:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-# Fields whose default is None: the type of a value given on the command line.
-_OPTIONAL_TYPES = {"grad_clip": float, "max_steps": int, "epoch_images": int, "base_batch_size": int,
-                   "logit_scale_lr": float, "recognizer_lr": float}
+_NESTED = ("run", "datasets", "model", "optim")
 
 
-def _optional(kind: type) -> Any:
-    def convert(text: str) -> Any:
-        return None if text.lower() == "none" else kind(text)
-
-    convert.__name__ = kind.__name__
-    return convert
-
-
-def _add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str, skip: tuple[str, ...] = ()) -> None:
+def _add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str) -> None:
     """One flag per field. Defaults are not set here (``argparse.SUPPRESS``): a flag not given
     leaves its field to the recipe or the stage's default (``recipes.build_config``)."""
-    group = parser.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or f.name in ("run", "datasets", "model", "optim"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            group.add_argument(flag, dest=f.name, required=f.name in _RUN_REQUIRED, default=argparse.SUPPRESS)
-            continue
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"default: {default!r}"}
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif isinstance(default, (tuple, list)):
-            kind = str if default and isinstance(default[0], str) else float
-            group.add_argument(flag, nargs="+", type=kind, **kwargs)
-        elif default is None:
-            group.add_argument(flag, type=_optional(_OPTIONAL_TYPES.get(f.name, str)), **kwargs)
-        else:
-            kind = type(default)
-            group.add_argument(flag, type=_optional(kind) if f.name in _OPTIONAL_TYPES else kind, **kwargs)
+    from ovsam_ray.cli.flags import add_flags  # here: the cli package imports this module
+
+    add_flags(parser, cls, title=title, skip=_NESTED, suppress=True, none_word=True, negatable=True)
 
 
 def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)} - {"run", "datasets", "model", "optim"}
-    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+    from ovsam_ray.cli.flags import given_fields
+
+    return given_fields(args, cls, skip=_NESTED)
 
 
 def _add_common(parser: argparse.ArgumentParser, stage: str) -> None:
