@@ -14,6 +14,7 @@ from ovsam_ray import __version__
 from ovsam_ray.cli import build_parser, main
 from ovsam_ray.cli.flags import add_flags, config_from_args, field_default, flag_fields, flag_name
 from ovsam_ray.cli.label import label_config, label_parser
+from ovsam_ray.evaluation.run_eval import EvalConfig
 from ovsam_ray.export import EXPORTERS
 from ovsam_ray.export.options import EXPORT_OPTIONS, options_config
 from ovsam_ray.inference import ModelConfig
@@ -32,7 +33,7 @@ GENERATED: dict[tuple[str, ...], tuple[tuple[type, ...], bool]] = {
     ("label",): ((LabelConfig,), False),
     ("relabel",): ((RelabelConfig,), False),
     ("predict",): ((ModelConfig,), False),
-    ("eval",): ((ModelConfig,), False),
+    ("eval",): ((EvalConfig, ModelConfig), False),
     **{("export", fmt): ((EXPORT_OPTIONS[fmt],), False) for fmt in EXPORTERS},
     ("train", "cotrain"): ((*_TRAIN, CotrainConfig), True),
     ("train", "distill"): ((*_TRAIN, DistillConfig), True),
@@ -86,7 +87,7 @@ def test_jobs_label_uses_the_same_parser():
     assert [a.option_strings for a in parser._actions] == [a.option_strings for a in label._actions]
 
 
-@pytest.mark.parametrize("cls", [LabelConfig, ModelConfig, SelectConfig, RelabelConfig,
+@pytest.mark.parametrize("cls", [LabelConfig, ModelConfig, SelectConfig, RelabelConfig, EvalConfig,
                                  *EXPORT_OPTIONS.values()], ids=lambda c: c.__name__)
 def test_every_field_is_a_flag_or_marked_not_one(cls):
     flags = {f.name for _, f, _ in flag_fields(cls)}
@@ -105,6 +106,17 @@ def test_label_flags_left_out_give_the_configs_defaults():
                                       "--concurrency", "1,8", "--dedup-iou", "0.5"])
     cfg = label_config(args)
     assert cfg.actors == (1, 8) and cfg.model.random_init and cfg.select.dedup_iou == 0.5
+
+
+def test_eval_flags_give_the_config():
+    from ovsam_ray.cli.evaluate import eval_config
+
+    args = build_parser().parse_args(["eval", "--input", "gt", "--output", "ev", "--labels", "lab",
+                                      "--concurrency", "1,4", "--max-dets", "300"])
+    assert eval_config(args) == EvalConfig(input="gt", output="ev", labels="lab", concurrency=(1, 4), max_dets=300)
+    args = build_parser().parse_args(["eval", "--input", "gt", "--output", "ev", "--random-init", "--mode", "detector"])
+    assert eval_config(args) == EvalConfig(input="gt", output="ev", mode="detector",
+                                           model=ModelConfig(random_init=True))
 
 
 def test_decode_chunk_help_names_the_numbers_the_job_uses():
@@ -165,10 +177,19 @@ def test_add_flags_types_and_round_trip():
     assert [g.title for g in p._action_groups if any(a.dest == "depth" for a in g._group_actions)] == ["inner"]
 
 
+def test_one_or_a_pair():
+    p = label_parser()
+    args = ["--input", "in", "--output", "out", "--random-init", "--concurrency"]
+    assert label_config(p.parse_args([*args, "3"])).concurrency == 3
+    assert label_config(p.parse_args([*args, "2,5"])).concurrency == (2, 5)
+    with pytest.raises(SystemExit):
+        p.parse_args([*args, "1,2,3"])
+
+
 def test_add_flags_refuses_a_type_it_cannot_parse():
     @dataclasses.dataclass
     class Bad:
-        pair: int | tuple[int, int] = 1
+        pair: int | str = 1
 
     with pytest.raises(TypeError, match="Bad.pair"):
         add_flags(argparse.ArgumentParser(), Bad)

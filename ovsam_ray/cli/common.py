@@ -1,4 +1,4 @@
-"""What several subcommands share: the model flags, ``--concurrency``, joining Ray, JSON output."""
+"""What several subcommands share: the model flags, joining Ray, JSON output, the locations check."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from typing import Any
 
 from ovsam_ray.cli.flags import add_flags, config_from_args
 from ovsam_ray.inference import ModelConfig
-from ovsam_ray.pipeline.label_job import parse_concurrency
 
-__all__ = ["add_model_args", "check_locations", "init_ray", "model_config", "parse_concurrency", "print_json"]
+__all__ = ["add_model_args", "check_locations", "init_ray", "model_config", "print_json"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

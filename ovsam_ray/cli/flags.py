@@ -5,7 +5,8 @@ A field's ``metadata`` (a plain dict, so configs need not import the CLI) may ho
 - ``help``: the help text; ``--help`` adds the field's default;
 - ``flag``: the flag's name where it is not ``--`` + the field's name with dashes;
 - ``choices``; ``parse``: the function from the flag's text to the value (default: from the
-  field's type: ``int``, ``float``, ``str``, ``X | None``, ``tuple[X, ...]`` -> ``nargs="+"``;
+  field's type: ``int``, ``float``, ``str``, ``X | None``, ``tuple[X, ...]`` -> ``nargs="+"``,
+  ``X | tuple[X, ...]`` -> ``N`` or ``A,B``;
   ``bool`` -> ``--flag``, with ``--no-flag`` too where the default is True);
 - ``group``: the ``--help`` section the flag is listed under;
 - ``cli: False``: the field has no flag (the help text says who sets it).
@@ -74,13 +75,31 @@ def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _kind(hint: Any, where: str) -> tuple[Callable[[str], Any] | None, bool, bool]:
+def _one_or_several(kind: type, size: int | None) -> Callable[[str], Any]:
+    """``N`` -> N, ``A,B`` -> (A, B): a field typed ``X | tuple[X, X]`` (``--concurrency 1,8``);
+    ``size``: the tuple's length (None: any)."""
+
+    def convert(text: str) -> Any:
+        parts = tuple(kind(x) for x in text.split(","))
+        if len(parts) != 1 and size is not None and len(parts) != size:
+            raise argparse.ArgumentTypeError(f"{text!r}: give one value or {size}, comma-separated")
+        return parts[0] if len(parts) == 1 else parts
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _kind(hint: Any) -> tuple[Callable[[str], Any] | None, bool, bool]:
     """(parse function, optional, many) of a type hint."""
     args = typing.get_args(hint)
     optional = False
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         optional = len(rest) < len(args)
+        if len(rest) == 2 and rest[0] in (int, float) and typing.get_origin(rest[1]) is tuple \
+                and set(typing.get_args(rest[1])) <= {rest[0], Ellipsis}:
+            several = typing.get_args(rest[1])
+            return _one_or_several(rest[0], None if Ellipsis in several else len(several)), optional, False
         if len(rest) != 1:
             return None, optional, False  # needs a ``parse`` of its own
         hint, args = rest[0], typing.get_args(rest[0])
@@ -131,7 +150,7 @@ def _add_flag(target: Any, f: dataclasses.Field, hint: Any, where: str, default:
                             default=argparse.SUPPRESS if suppress else None, **kwargs)
         return
     parse = f.metadata.get("parse")
-    kind, optional, many = _kind(hint, where)
+    kind, optional, many = _kind(hint)
     if parse is None and kind is None:
         raise TypeError(f"{where}: no flag type for {hint!r}; give the field metadata a 'parse' function "
                         "or mark it 'cli': False")

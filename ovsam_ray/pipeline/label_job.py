@@ -51,8 +51,7 @@ from ovsam_ray.pipeline.tracker import ShardTracker, storage_error
 log = logging.getLogger(__name__)
 
 __all__ = ["COMMIT_ATTEMPTS", "COMMIT_BACKOFF_S", "EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_OK", "JobStartError",
-           "LabelConfig", "LabelSummary", "StorageUnavailableError", "build_dataset", "parse_concurrency",
-           "run_label"]
+           "LabelConfig", "LabelSummary", "StorageUnavailableError", "build_dataset", "run_label"]
 
 #: Exit codes of ``ovsam-ray label`` / ``jobs/label.py`` (2: the job could not start or go on).
 EXIT_OK, EXIT_FAILED, EXIT_INCOMPLETE = 0, 1, 3
@@ -61,12 +60,6 @@ _T = TypeVar("_T")
 
 class JobStartError(RuntimeError):
     """The job could not start (storage unreachable, output not writable...): one line, why."""
-
-
-def parse_concurrency(text: str) -> int | tuple[int, int]:
-    """``N`` (a fixed pool of actors) or ``MIN,MAX`` (an autoscaling one)."""
-    parts = [int(x) for x in str(text).split(",")]
-    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
 _PROMPTS = "prompts"  # the --help section of the prompt and detector flags
@@ -91,7 +84,7 @@ class LabelConfig:
     images_per_call: int | None = field(default=None, metadata={
         "help": "images per model-actor call, run as forwards of --batch-size (default max(64, batch))"})
     concurrency: int | tuple[int, int] = field(default=1, metadata={
-        "help": "model actors: N or MIN,MAX", "parse": parse_concurrency})
+        "help": "model actors: N (a fixed pool) or MIN,MAX (an autoscaling one)"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: run on CPUs)"})
     num_cpus_per_actor: float = field(default=1.0, metadata=_NOT_A_FLAG)
     decode_chunk: int | None = field(default=None, metadata={
