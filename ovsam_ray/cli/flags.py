@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -41,6 +42,7 @@ def field_default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -112,22 +114,19 @@ def _kind(hint: Any) -> tuple[Callable[[str], Any] | None, bool, bool]:
 
 
 def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *, skip: tuple[str, ...] = (),
-              defaults: dict[str, Any] | None = None, title: str | None = None, suppress: bool = False,
-              none_word: bool = False, negatable: bool = False) -> None:
+              title: str | None = None, suppress: bool = False, none_word: bool = False,
+              negatable: bool = False) -> None:
     """One flag per field of ``cls`` (see the module doc).
 
-    ``defaults``: a different default for some fields of this command (by field name);
-    ``title``: the section of the flags without a ``group`` of their own;
-    ``suppress``: a flag not given leaves no attribute (``argparse.SUPPRESS``), for a caller that
-    fills the rest from elsewhere (a recipe); ``none_word``: ``none`` gives None where the field
-    may be None; ``negatable``: every bool flag gets its ``--no-`` form too.
+    ``title``: the section of the flags without a ``group`` of their own; ``suppress``: a flag not
+    given leaves no attribute (``argparse.SUPPRESS``), for a caller that fills the rest from
+    elsewhere (a recipe); ``none_word``: ``none`` gives None where the field may be None;
+    ``negatable``: every bool flag gets its ``--no-`` form too.
     """
-    defaults = defaults or {}
     container = parser.add_argument_group(title) if title and isinstance(parser, argparse.ArgumentParser) else parser
     groups: dict[str, Any] = {}
     root = parser if isinstance(parser, argparse.ArgumentParser) else None
     for owner, f, group_name in flag_fields(cls, skip):
-        where = f"{owner.__name__}.{f.name}"
         if group_name and root is not None:
             if group_name not in groups:
                 groups[group_name] = next((g for g in root._action_groups if g.title == group_name), None) \
@@ -135,37 +134,36 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
             target = groups[group_name]
         else:
             target = container
-        _add_flag(target, f, _hints(owner)[f.name], where, defaults.get(f.name, field_default(f)),
-                  suppress=suppress, none_word=none_word, negatable=negatable)
+        _add_flag(target, owner, f, suppress=suppress, none_word=none_word, negatable=negatable)
 
 
-def _add_flag(target: Any, f: dataclasses.Field, hint: Any, where: str, default: Any, *, suppress: bool,
-              none_word: bool, negatable: bool) -> None:
+def _add_flag(target: Any, owner: type, f: dataclasses.Field, *, suppress: bool, none_word: bool,
+              negatable: bool) -> None:
     text = str(f.metadata.get("help", "")).replace("%", "%%")
+    default = field_default(f)
     kwargs: dict[str, Any] = {"dest": f.name}
     if "choices" in f.metadata:
         kwargs["choices"] = tuple(f.metadata["choices"])
-    if default is dataclasses.MISSING:
-        target.add_argument(flag_name(f), required=True, help=text or None,
-                            default=argparse.SUPPRESS if suppress else None, **kwargs)
-        return
-    parse = f.metadata.get("parse")
+    hint = _hints(owner)[f.name]
     kind, optional, many = _kind(hint)
-    if parse is None and kind is None:
-        raise TypeError(f"{where}: no flag type for {hint!r}; give the field metadata a 'parse' function "
-                        "or mark it 'cli': False")
-    if suppress:
+    convert = f.metadata.get("parse") or kind
+    if convert is None:
+        raise TypeError(f"{owner.__name__}.{f.name}: no flag type for {hint!r}; give the field metadata a "
+                        "'parse' function or mark it 'cli': False")
+    if default is dataclasses.MISSING:
+        kwargs.update(required=True, default=argparse.SUPPRESS if suppress else None)
+        shown = ""
+    elif suppress:
         kwargs["default"] = argparse.SUPPRESS
         shown = f"(default: {default!r})".replace("%", "%%")
     else:
         kwargs["default"] = default
         shown = "" if default is None or default is False else "(default: %(default)s)"
     kwargs["help"] = " ".join(t for t in (text, shown) if t) or None
-    if kind is bool and parse is None:
-        action = argparse.BooleanOptionalAction if (negatable or default) else "store_true"
+    if convert is bool:
+        action = argparse.BooleanOptionalAction if (negatable or default is True) else "store_true"
         target.add_argument(flag_name(f), action=action, **kwargs)
         return
-    convert = parse or kind
     if optional and none_word:
         convert = _optional(convert)
     if many:
