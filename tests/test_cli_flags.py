@@ -23,6 +23,7 @@ from ovsam_ray.pipeline.label_job import LabelConfig
 from ovsam_ray.pipeline.prompting import SelectConfig
 from ovsam_ray.pipeline.relabel import RelabelConfig
 from ovsam_ray.training.config import CotrainConfig, DistillConfig, ModelSpec, OptimConfig, RunSpec
+from ovsam_ray.training.distill import DumpTeacherConfig
 
 _TRAIN = (RunSpec, ModelSpec, OptimConfig)
 _TRAIN_SKIP = ("run", "datasets", "model", "optim")
@@ -37,13 +38,14 @@ GENERATED: dict[tuple[str, ...], tuple[tuple[type, ...], bool]] = {
     **{("export", fmt): ((EXPORT_OPTIONS[fmt],), False) for fmt in EXPORTERS},
     ("train", "cotrain"): ((*_TRAIN, CotrainConfig), True),
     ("train", "distill"): ((*_TRAIN, DistillConfig), True),
+    ("train", "dump-teacher"): ((DumpTeacherConfig,), False),
 }
 
 
 #: Subcommands whose flags are still written by hand (no config dataclass of their own, or one the
 #: CLI assembles from several flags); their model flags, where they have some, are generated.
 HAND_WRITTEN = {("predict",), ("convert-clip",), ("demo-data",), ("demo",), ("show",), ("train", "export"),
-                ("train", "dump-teacher"), ("train", "tiny-recipe")}
+                ("train", "tiny-recipe")}
 
 
 def _subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -129,6 +131,13 @@ def test_eval_flags_give_the_config():
     args = build_parser().parse_args(["eval", "--input", "gt", "--output", "ev", "--random-init", "--mode", "detector"])
     assert eval_config(args) == EvalConfig(input="gt", output="ev", mode="detector",
                                            model=ModelConfig(random_init=True))
+
+
+def test_dump_teacher_flags_give_the_config():
+    args = build_parser().parse_args(["train", "dump-teacher", "--shards", "s", "--output", "o", "--teacher",
+                                      "random_tiny", "--use-gpu", "--batch-size", "2"])
+    assert config_from_args(args, DumpTeacherConfig) == DumpTeacherConfig(
+        shards="s", output="o", teacher="random_tiny", use_gpu=True, batch_size=2)
 
 
 def test_decode_chunk_help_names_the_numbers_the_job_uses():

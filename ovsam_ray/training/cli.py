@@ -147,12 +147,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _dump_teacher(args: argparse.Namespace) -> int:
+    from ovsam_ray.cli.flags import config_from_args
+
     from .distill import DumpTeacherConfig, dump_teacher
 
-    cfg = DumpTeacherConfig(shards=args.shards, output=args.output, teacher=args.teacher,
-                            teacher_checkpoint=args.teacher_checkpoint, preset=args.preset, use_gpu=args.use_gpu,
-                            concurrency=args.concurrency, batch_size=args.batch_size, s3_endpoint=args.s3_endpoint)
-    print(json.dumps(dump_teacher(cfg)))
+    print(json.dumps(dump_teacher(config_from_args(args, DumpTeacherConfig))))
     return 0
 
 
@@ -177,6 +176,10 @@ def _tiny_recipe(args: argparse.Namespace) -> int:
 
 def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``train {distill,cotrain,export,dump-teacher,tiny-recipe}`` to a CLI's subparsers."""
+    from ovsam_ray.cli.flags import add_flags  # here: the cli package imports this module
+
+    from .distill import DumpTeacherConfig
+
     train = subparsers.add_parser("train", help="OV-SAM training on Ray Train (distill, cotrain, export)")
     sub = train.add_subparsers(dest="train_command", required=True)
 
@@ -195,15 +198,7 @@ def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.set_defaults(func=_export)
 
     p = sub.add_parser("dump-teacher", help="precompute SAM teacher features for distillation")
-    p.add_argument("--shards", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--teacher", default="vit_h")
-    p.add_argument("--teacher-checkpoint")
-    p.add_argument("--preset", default="ovsam_rn50x16")
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--s3-endpoint")
+    add_flags(p, DumpTeacherConfig)
     p.set_defaults(func=_dump_teacher)
 
     p = sub.add_parser("tiny-recipe", help="train ovsam_tiny from nothing on generated shapes (CPU minutes)")
