@@ -22,6 +22,7 @@ from ovsam_ray.pipeline.dataset import DECODE_CHUNK, DECODE_CHUNK_NO_PIXELS
 from ovsam_ray.pipeline.label_job import LabelConfig
 from ovsam_ray.pipeline.prompting import SelectConfig
 from ovsam_ray.pipeline.relabel import RelabelConfig
+from ovsam_ray.predict import PredictConfig
 from ovsam_ray.training.config import CotrainConfig, DistillConfig, ModelSpec, OptimConfig, RunSpec
 from ovsam_ray.training.distill import DumpTeacherConfig
 
@@ -33,7 +34,7 @@ _TRAIN_SKIP = ("run", "datasets", "model", "optim")
 GENERATED: dict[tuple[str, ...], tuple[tuple[type, ...], bool]] = {
     ("label",): ((LabelConfig,), False),
     ("relabel",): ((RelabelConfig,), False),
-    ("predict",): ((ModelConfig,), False),
+    ("predict",): ((PredictConfig,), False),
     ("eval",): ((EvalConfig, ModelConfig), False),
     **{("export", fmt): ((EXPORT_OPTIONS[fmt],), False) for fmt in EXPORTERS},
     ("train", "cotrain"): ((*_TRAIN, CotrainConfig), True),
@@ -44,7 +45,7 @@ GENERATED: dict[tuple[str, ...], tuple[tuple[type, ...], bool]] = {
 
 #: Subcommands whose flags are still written by hand (no config dataclass of their own, or one the
 #: CLI assembles from several flags); their model flags, where they have some, are generated.
-HAND_WRITTEN = {("predict",), ("convert-clip",), ("demo-data",), ("demo",), ("show",), ("train", "export"),
+HAND_WRITTEN = {("convert-clip",), ("demo-data",), ("demo",), ("show",), ("train", "export"),
                 ("train", "tiny-recipe")}
 
 
@@ -101,7 +102,7 @@ def test_jobs_label_uses_the_same_parser():
     assert [a.option_strings for a in parser._actions] == [a.option_strings for a in label._actions]
 
 
-@pytest.mark.parametrize("cls", [LabelConfig, ModelConfig, SelectConfig, RelabelConfig, EvalConfig,
+@pytest.mark.parametrize("cls", [LabelConfig, ModelConfig, SelectConfig, RelabelConfig, EvalConfig, PredictConfig,
                                  *EXPORT_OPTIONS.values()], ids=lambda c: c.__name__)
 def test_every_field_is_a_flag_or_marked_not_one(cls):
     flags = {f.name for _, f, _ in flag_fields(cls)}

@@ -4,7 +4,7 @@ A field's ``metadata`` (a plain dict, so configs need not import the CLI) may ho
 
 - ``help``: the help text; ``--help`` adds the field's default;
 - ``flag``: the flag's name where it is not ``--`` + the field's name with dashes;
-- ``choices``; ``parse``: the function from the flag's text to the value (default: from the
+- ``choices``, ``metavar``; ``parse``: the function from the flag's text to the value (default: from the
   field's type: ``int``, ``float``, ``str``, ``X | None``, ``tuple[X, ...]`` -> ``nargs="+"``,
   ``X | tuple[X, ...]`` -> ``N`` or ``A,B``;
   ``bool`` -> ``--flag``, with ``--no-flag`` too where the default is True);
@@ -144,6 +144,8 @@ def _add_flag(target: Any, owner: type, f: dataclasses.Field, *, suppress: bool,
     kwargs: dict[str, Any] = {"dest": f.name}
     if "choices" in f.metadata:
         kwargs["choices"] = tuple(f.metadata["choices"])
+    if "metavar" in f.metadata:
+        kwargs["metavar"] = f.metadata["metavar"]
     hint = _hints(owner)[f.name]
     kind, optional, many = _kind(hint)
     convert = f.metadata.get("parse") or kind
