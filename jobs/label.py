@@ -23,13 +23,12 @@ import logging
 import sys
 
 from ovsam_ray.cli import STOP_ERRORS, report_stop
-from ovsam_ray.cli.label import add_label_args, run_label_cli
+from ovsam_ray.cli.label import label_parser, run_label_cli
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_label_args(parser)
-    args = parser.parse_args()
+    args = label_parser(parser).parse_args()
     try:
         code = run_label_cli(args)
     except STOP_ERRORS as e:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from ovsam_ray.checkpoints import LoadedModel, load_ovsam
 from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.predictor import OVSAMPredictor
-from ovsam_ray.model.presets import get_preset
+from ovsam_ray.model.presets import PRESETS, get_preset
 from ovsam_ray.text_cache import embed_vocabulary, load_class_embeddings
 from ovsam_ray.vocabulary import Vocabulary, load_vocabulary
 
@@ -22,21 +22,27 @@ TRAIN_VOCABS = {"coco": "coco_ov", "lvis": "lvis_v1"}
 
 @dataclass
 class ModelConfig:
-    """Which model, weights and vocabulary to run. CLI flags map one to one onto fields."""
+    """Which model, weights and vocabulary to run. CLI flags map one to one onto fields (``cli/flags.py``)."""
 
-    preset: str = "ovsam_rn50x16"
-    weights: str | None = None
-    sam_checkpoint: str | None = None
-    clip_checkpoint: str | None = None
-    sam2clip_checkpoint: str | None = None
-    clip2sam_checkpoint: str | None = None
-    train_vocab: str = "coco"
-    vocab: str | None = None
-    class_embeddings: str | None = None
-    random_init: bool = False
-    topk: int = 5
-    text_cache: str | None = None
-    s3_endpoint: str | None = None
+    preset: str = field(default="ovsam_rn50x16", metadata={"help": "model preset: " + ", ".join(sorted(PRESETS))})
+    weights: str | None = field(
+        default=None, metadata={"help": "folder or s3:// prefix holding the standard weight file names"})
+    sam_checkpoint: str | None = field(
+        default=None, metadata={"help": "SAM file (only prompt_encoder.* is used for inference)"})
+    clip_checkpoint: str | None = field(default=None, metadata={"help": "open_clip state dict or OpenAI's CLIP file"})
+    sam2clip_checkpoint: str | None = field(default=None, metadata={"help": "SAM2CLIP adapter file"})
+    clip2sam_checkpoint: str | None = field(default=None, metadata={"help": "CLIP2SAM decoder/recognizer file"})
+    train_vocab: str = field(
+        default="coco", metadata={"help": "vocabulary the clip2sam file was trained on (coco|lvis)"})
+    vocab: str | None = field(default=None, metadata={"help": "coco_ov, lvis_v1, or a .txt/.json file"})
+    class_embeddings: str | None = field(
+        default=None, metadata={"help": "(C, S, D) text-embedding tensor file (reference format)"})
+    random_init: bool = field(default=False, metadata={"help": "untrained weights (smoke tests, benchmarks)"})
+    topk: int = field(default=5, metadata={"help": "class labels kept per instance (its topk_ids, topk_scores)"})
+    text_cache: str | None = field(
+        default=None, metadata={"help": "text-embedding cache folder (default ~/.cache/ovsam_ray/text)"})
+    s3_endpoint: str | None = field(
+        default=None, metadata={"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"})
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # an unknown name: UnknownPresetError (a ConfigError) listing the known ones

@@ -6,6 +6,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
+from ovsam_ray import __version__
 from ovsam_ray.cli.convert import add_convert, add_convert_clip
 from ovsam_ray.cli.demo import add_demo, add_demo_data
 from ovsam_ray.cli.evaluate import add_eval
@@ -21,6 +22,7 @@ __all__ = ["EXIT_STOPPED", "STOP_ERRORS", "build_parser", "main", "report_stop"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovsam-ray", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_predict, add_label, add_relabel, add_convert_clip, add_demo_data, add_demo, add_convert, add_eval,
                 add_export, add_show, add_train_subcommands):

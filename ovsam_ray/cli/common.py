@@ -1,4 +1,4 @@
-"""What several subcommands share: the model flags, ``--concurrency``, joining Ray, JSON output."""
+"""What several subcommands share: the model flags, joining Ray, JSON output, the locations check."""
 
 from __future__ import annotations
 
@@ -7,56 +7,19 @@ import json
 import os
 from typing import Any
 
-from ovsam_ray.errors import ConfigError
+from ovsam_ray.cli.flags import add_flags, config_from_args
 from ovsam_ray.inference import ModelConfig
 
-__all__ = ["add_model_args", "check_locations", "init_ray", "model_config", "parse_concurrency", "print_json"]
+__all__ = ["add_model_args", "check_locations", "init_ray", "model_config", "print_json"]
 
 
-def add_model_args(p: argparse.ArgumentParser, default_preset: str = "ovsam_rn50x16") -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default=default_preset)
-    g.add_argument("--weights", help="folder or s3:// prefix holding the standard weight file names")
-    g.add_argument("--sam-checkpoint", help="SAM file (only prompt_encoder.* is used for inference)")
-    g.add_argument("--clip-checkpoint", help="open_clip state dict or OpenAI's CLIP file")
-    g.add_argument("--sam2clip-checkpoint")
-    g.add_argument("--clip2sam-checkpoint")
-    g.add_argument("--train-vocab", default="coco", help="vocabulary the clip2sam file was trained on (coco|lvis)")
-    g.add_argument("--vocab", help="coco_ov, lvis_v1, or a .txt/.json file")
-    g.add_argument("--class-embeddings", help="(C, S, D) text-embedding tensor file (reference format)")
-    g.add_argument("--random-init", action="store_true", help="untrained weights (smoke tests, benchmarks)")
-    g.add_argument("--topk", type=int, default=5)
-    g.add_argument("--text-cache", help="text-embedding cache folder (default ~/.cache/ovsam_ray/text)")
-    g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL)")
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags of :class:`ModelConfig`'s fields (``--preset``, ``--weights``...) in a "model" section."""
+    add_flags(p, ModelConfig, title="model")
 
 
 def model_config(a: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(
-        preset=a.preset,
-        weights=a.weights,
-        sam_checkpoint=a.sam_checkpoint,
-        clip_checkpoint=a.clip_checkpoint,
-        sam2clip_checkpoint=a.sam2clip_checkpoint,
-        clip2sam_checkpoint=a.clip2sam_checkpoint,
-        train_vocab=a.train_vocab,
-        vocab=a.vocab,
-        class_embeddings=a.class_embeddings,
-        random_init=a.random_init,
-        topk=a.topk,
-        text_cache=a.text_cache,
-        s3_endpoint=a.s3_endpoint,
-    )
-
-
-def parse_concurrency(text: str) -> int | tuple[int, int]:
-    """``--concurrency N`` (a fixed pool) or ``MIN,MAX`` (an autoscaling one)."""
-    try:
-        parts = [int(x) for x in str(text).split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2):
-        raise ConfigError(f"--concurrency {text!r}: give N (a fixed pool) or MIN,MAX (an autoscaling one)")
-    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+    return config_from_args(a, ModelConfig)
 
 
 def init_ray(address: str | None = None) -> None:

@@ -11,13 +11,13 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ovsam_ray.cli.common import add_model_args, init_ray, model_config, parse_concurrency
+from ovsam_ray.cli.common import init_ray
+from ovsam_ray.cli.flags import add_flags, config_from_args
 from ovsam_ray.pipeline.label_job import LabelConfig
-from ovsam_ray.pipeline.lease import HEARTBEAT_S
-from ovsam_ray.pipeline.prompting import SelectConfig
+from ovsam_ray.pipeline.relabel import RelabelConfig
 
 __all__ = ["EXIT_TERMINATED", "JobTerminated", "add_label", "add_label_args", "add_relabel", "label_config",
-           "run_label_cli"]
+           "label_parser", "run_label_cli"]
 
 #: Exit code of a label job stopped by SIGTERM (``ray job stop``, Kubernetes) or Ctrl-C: the
 #: shell's 128 + signal number (143, 130). Committed shards are kept and the lease is released;
@@ -36,94 +36,27 @@ class JobTerminated(BaseException):
 
 
 def add_label_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="shards: glob, brace range {000..099}, folder or s3:// prefix")
-    p.add_argument("--output", required=True, help="output folder or s3:// prefix (one Parquet per shard)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per model forward")
-    p.add_argument("--images-per-call", type=int,
-                   help="images per model-actor call, run as forwards of --batch-size (default max(64, batch))")
-    p.add_argument("--concurrency", default="1", help="model actors: N or MIN,MAX")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor (0: run on CPUs)")
-    p.add_argument("--overwrite", action="store_true", help="delete a different run's outputs and start over")
-    _foreign_flag(p)
-    p.add_argument("--max-error-fraction", type=float, default=0.0)
-    p.add_argument("--limit", type=int, help="label at most N not-yet-committed shards")
-    p.add_argument("--with-embedding", action="store_true", help="store float16 region embeddings (re-scoring)")
-    p.add_argument("--baseline", choices=["box-fill"],
-                   help="run a zero-cost baseline instead of OV-SAM (box-fill: each mask is its prompt box; no "
-                        "weights needed) to measure the pipeline alone")
-    p.add_argument("--decode-chunk", type=int, help="images per decoded block (default 16, or 256 with --baseline)")
-    g = p.add_argument_group("prompts")
-    g.add_argument("--prompts", default="shard",
-                   help="shard | detector:NAME (torchvision name, owlv2, grounding-dino) | grid, several joined by "
-                        "commas; A+B: both, deduplicated across sources by mask IoU (detector:owlv2+grid); A|B: B's "
-                        "prompts for the images A gives none (shard|grid, shard|detector:NAME)")
-    g.add_argument("--max-prompts", type=int, default=1000,
-                   help="prompts kept per image from its JSON (the first N, boxes first; the row's warnings say so)")
-    g.add_argument("--grid-size", type=int, default=32, help="points per side of the segment-everything grid")
-    g.add_argument("--grid-stability", type=float, default=0.95)
-    g.add_argument("--grid-nms-iou", type=float, default=0.7)
-    g.add_argument("--min-mask-area", type=int, default=0)
-    g.add_argument("--dedup-iou", type=float, help="drop masks overlapping a better one above this IoU")
-    g.add_argument("--dedup-containment", type=float, help="drop masks lying this much inside a better one")
-    g.add_argument("--dedup-class-aware", action="store_true")
-    g.add_argument("--detector-weights", help="detector weights file or folder (default: --weights)")
-    g.add_argument("--detector-score-threshold", type=float, default=0.3)
-    g.add_argument("--detector-nms-iou", type=float, default=0.5)
-    g.add_argument("--detector-max-per-image", type=int, default=100)
-    g.add_argument("--detector-num-gpus", type=float, default=0.0, help="GPU fraction per detector actor")
-    g.add_argument("--detector-concurrency", type=int, default=1)
-    g.add_argument("--detector-queries", help="owlv2 / grounding-dino query list: a vocabulary name (coco_ov, lvis_v1) "
-                   "or .txt/.json file (default: owlv2 class-agnostic objectness boxes; grounding-dino the --vocab)")
-    g.add_argument("--detector-objectness-threshold", type=float,
-                   help="owlv2: objectness cut (without queries the boxes' score; default 0.1 there, off with queries)")
-    g.add_argument("--source-dedup-iou", type=float, default=0.7,
-                   help="A+B prompts: drop a mask of B overlapping a kept mask of A above this IoU (any class)")
+    """The label job's flags: one per field of :class:`LabelConfig` (its model's and prompt
+    filters' included), plus where Ray runs."""
+    add_flags(p, LabelConfig)
+    _ray_address_flag(p)
+
+
+def _ray_address_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", help="Ray address; 'local' starts a new local Ray (default: RAY_ADDRESS)")
-    p.add_argument("--lease-heartbeat-s", type=float, default=HEARTBEAT_S,
-                   help="seconds between renewals of the output's lease (a dead job's lease is taken over after 3)")
-    add_model_args(p, default_preset="ovsam_rn50x16")
 
 
-def _foreign_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow-foreign-files", action="store_true",
-                   help="write into an output folder that holds files no ovsam-ray command wrote (they are left "
-                        "alone; without this flag such a folder is refused)")
+def label_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The parser of ``ovsam-ray label`` and ``jobs/label.py``."""
+    parser = parser or argparse.ArgumentParser(prog="label", description=__doc__)
+    add_label_args(parser)
+    return parser
 
 
 def label_config(a: argparse.Namespace) -> LabelConfig:
     if a.baseline:  # no model, so no weights: the model config only names the vocabulary
         a.random_init = True
-    return LabelConfig(
-        input=a.input,
-        output=a.output,
-        model=model_config(a),
-        batch_size=a.batch_size,
-        images_per_call=a.images_per_call,
-        concurrency=parse_concurrency(a.concurrency),
-        num_gpus=a.num_gpus,
-        overwrite=a.overwrite,
-        max_error_fraction=a.max_error_fraction,
-        limit=a.limit,
-        with_embedding=a.with_embedding,
-        prompts=a.prompts,
-        select=SelectConfig(grid_size=a.grid_size, grid_stability=a.grid_stability, grid_nms_iou=a.grid_nms_iou,
-                            min_mask_area=a.min_mask_area, dedup_iou=a.dedup_iou,
-                            dedup_containment=a.dedup_containment, dedup_class_aware=a.dedup_class_aware,
-                            source_dedup_iou=a.source_dedup_iou),
-        detector_weights=a.detector_weights,
-        detector_score_threshold=a.detector_score_threshold,
-        detector_nms_iou=a.detector_nms_iou,
-        detector_max_per_image=a.detector_max_per_image,
-        detector_num_gpus=a.detector_num_gpus,
-        detector_concurrency=a.detector_concurrency,
-        detector_queries=a.detector_queries,
-        detector_objectness_threshold=a.detector_objectness_threshold,
-        baseline=a.baseline,
-        decode_chunk=a.decode_chunk,
-        max_prompts=a.max_prompts,
-        lease_heartbeat_s=a.lease_heartbeat_s,
-        allow_foreign_files=a.allow_foreign_files,
-    )
+    return config_from_args(a, LabelConfig)
 
 
 def run_label_cli(a: argparse.Namespace) -> int:
@@ -192,10 +125,9 @@ def _stop_on_sigterm() -> Iterator[_SigtermStop]:
 
 
 def _relabel(a: argparse.Namespace) -> int:
-    from ovsam_ray.pipeline.relabel import RelabelConfig, run_relabel
+    from ovsam_ray.pipeline.relabel import run_relabel
 
-    cfg = RelabelConfig(input=a.input, output=a.output, vocab=a.vocab, overwrite=a.overwrite,
-                        s3_endpoint=a.s3_endpoint, allow_foreign_files=a.allow_foreign_files)
+    cfg = config_from_args(a, RelabelConfig)
     init_ray(a.ray_address)
     print(json.dumps(run_relabel(cfg), indent=1))
     return 0
@@ -203,17 +135,12 @@ def _relabel(a: argparse.Namespace) -> int:
 
 def add_label(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("label", help="the label job: WebDataset shards -> Parquet labels")
-    add_label_args(p)
+    label_parser(p)
     p.set_defaults(func=run_label_cli)
 
 
 def add_relabel(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("relabel", help="re-score stored embeddings with a new vocabulary (no images)")
-    p.add_argument("--input", required=True, help="a label output written with --with-embedding")
-    p.add_argument("--output", required=True)
-    p.add_argument("--vocab", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    _foreign_flag(p)
-    p.add_argument("--s3-endpoint")
-    p.add_argument("--ray-address")
+    add_flags(p, RelabelConfig)
+    _ray_address_flag(p)
     p.set_defaults(func=_relabel)

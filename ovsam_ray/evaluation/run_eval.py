@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ovsam_ray import io
@@ -63,31 +63,31 @@ _IMAGE_FIELDS = ("neg_category_ids", "not_exhaustive_category_ids")
 
 @dataclass
 class EvalConfig:
-    """One evaluation; CLI flags map one to one onto fields.
-
-    input: shards with ground truth (``annotations``; detector mode: also detector ``boxes``).
-    output: folder or ``s3://`` prefix for prompted shards, labels and metrics.
-    prompts: interactive: box | point | both. label_source/score: detector mode (see
-    :data:`~ovsam_ray.evaluation.coco_ap.SCORE_MODES`). categories: a COCO/LVIS json (or the
-    converter's ``_categories.json``) with the full category list; default: the categories seen
-    in the ground truth. labels: score this existing label output. model: None only with labels
-    (the label output's run record then names the model and vocabulary).
+    """One evaluation; CLI flags map one to one onto fields, each field's ``metadata`` holding its
+    flag's help text (``cli/flags.py``). model: None only with labels (the label output's run record
+    then names the model and vocabulary); its flags are :class:`ModelConfig`'s.
     """
 
-    input: str
-    output: str
-    mode: str = "interactive"
-    prompts: str = "both"
-    label_source: str = "ovsam"
-    score: str = "auto"
-    categories: str | None = None
-    max_dets: int = 100
-    labels: str | None = None
-    model: ModelConfig | None = None
-    batch_size: int = 4
-    concurrency: int | tuple[int, int] = 1
-    num_gpus: float = 0.0
-    overwrite: bool = False
+    input: str = field(metadata={"help": "shards with ground-truth annotations (detector: and boxes)"})
+    output: str = field(metadata={"help": "folder or s3:// prefix: prompted shards, labels, metrics"})
+    mode: str = field(default="interactive", metadata={
+        "choices": EVAL_MODES, "help": "interactive (ground-truth prompts) or detector-box mask AP"})
+    prompts: str = field(default="both", metadata={
+        "choices": ("box", "point", "both"), "help": "interactive prompts"})
+    label_source: str = field(default="ovsam", metadata={"choices": LABEL_SOURCES, "help": "detector mode labels"})
+    score: str = field(default="auto", metadata={"choices": SCORE_MODES, "help": "detector mode scores"})
+    categories: str | None = field(default=None, metadata={"help": (
+        "COCO/LVIS json (or _categories.json) with the full category list (default: the categories seen in "
+        "the ground truth)")})
+    max_dets: int = field(default=100, metadata={"help": "detections per image for AP (LVIS: 300)"})
+    labels: str | None = field(default=None, metadata={
+        "help": "score this existing label output instead of running the label job"})
+    model: ModelConfig | None = field(default=None, metadata={"cli": False})
+    batch_size: int = field(default=4, metadata={"help": "images per model forward"})
+    concurrency: int | tuple[int, int] = field(default=1, metadata={
+        "help": "model actors: N (a fixed pool) or MIN,MAX (an autoscaling one)"})
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: run on CPUs)"})
+    overwrite: bool = field(default=False, metadata={"help": "redo prompted shards and labels"})
 
     def __post_init__(self) -> None:
         if self.mode not in EVAL_MODES:

@@ -19,10 +19,13 @@ from ovsam_ray.pipeline.stages import encode_url, read_and_decode
 if TYPE_CHECKING:
     from ovsam_ray.pipeline.label_job import LabelConfig
 
-__all__ = ["PART_ROWS", "build_dataset"]
+__all__ = ["DECODE_CHUNK", "DECODE_CHUNK_NO_PIXELS", "PART_ROWS", "build_dataset"]
 
 #: Rows per part file (and per part-writing task), whatever the model's batch.
 PART_ROWS = 1000
+#: Images per block out of the decode stage where ``LabelConfig.decode_chunk`` is None: with
+#: decoded pixels for a model, and without any (the baseline).
+DECODE_CHUNK, DECODE_CHUNK_NO_PIXELS = 16, 1000
 
 
 def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], float]:
@@ -56,7 +59,7 @@ def _detector_queries(cfg: LabelConfig, text: dict) -> list[str] | None:
 def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.data.Dataset:
     """The streaming Ray Data pipeline for ``shard_urls``: it yields PART_SCHEMA rows only."""
     image_size = None if cfg.baseline else get_preset(cfg.model.preset).image_size
-    chunk = cfg.decode_chunk or (1000 if image_size is None else 16)
+    chunk = cfg.decode_chunk or (DECODE_CHUNK_NO_PIXELS if image_size is None else DECODE_CHUNK)
     # As bytes: a local file name need not be UTF-8, and Arrow strings must be.
     ds = ray.data.from_items([{"url": encode_url(u)} for u in shard_urls], override_num_blocks=max(1, len(shard_urls)))
     # Reading is I/O and decoding light next to the model: half a CPU each keeps them schedulable

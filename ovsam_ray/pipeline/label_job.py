@@ -31,9 +31,9 @@ from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
 from ovsam_ray.locations import check_disjoint
 from ovsam_ray.model.classifier import FUSION_ALPHA, FUSION_BETA
 from ovsam_ray.model.ovsam import OVSAM
-from ovsam_ray.pipeline.dataset import build_dataset
+from ovsam_ray.pipeline.dataset import DECODE_CHUNK, DECODE_CHUNK_NO_PIXELS, build_dataset
 from ovsam_ray.pipeline.lease import HEARTBEAT_S, OutputLease, check_interval
-from ovsam_ray.pipeline.ownership import check_output_owned
+from ovsam_ray.pipeline.ownership import ALLOW_FOREIGN_FILES_HELP, check_output_owned
 from ovsam_ray.pipeline.parts import (
     COMMIT_ATTEMPTS,
     COMMIT_BACKOFF_S,
@@ -63,55 +63,72 @@ class JobStartError(OVSAMRayError, RuntimeError):
     """The job could not start (storage unreachable, output not writable...): one line, why."""
 
 
+_PROMPTS = "prompts"  # the --help section of the prompt and detector flags
+_NOT_A_FLAG = {"cli": False}
+
+
 @dataclass
 class LabelConfig:
-    """Settings of one label run; CLI flags map one to one onto fields.
+    """Settings of one label run. CLI flags map one to one onto fields: each field's ``metadata``
+    holds its flag's help text (``cli/flags.py`` makes the flags; ``cli: False``: no flag).
 
-    batch_size: images per model forward; images_per_call: images handed to a model actor per call
-    (None: max(64, batch_size)), run as forwards of batch_size — the driver's scheduling cost is per
-    call, not per forward; concurrency: model actors (n or (min, max));
-    num_gpus: GPUs per actor (0 on CPU-only machines: the same pool runs on CPUs);
-    limit: label at most this many not-yet-committed shards (a trial run);
-    max_error_fraction: error rows / images above which the job exits non-zero;
-    decode_chunk: images per block out of the decode stage (None: 16 when the model takes pixels,
-    256 when it takes none); baseline: "box-fill" runs the zero-cost baseline in the model's place
-    (masks are the prompt boxes; no weights, no model) to measure the pipeline alone;
-    max_prompts: prompts kept per image from its JSON (the first N, boxes first; the row's
-    ``warnings`` say so); lease_heartbeat_s: how often the driver renews the output's lease;
-    allow_foreign_files: write into an output folder without a run record that holds files no
-    command of ours wrote (they are left alone; without it such a folder is refused).
+    images_per_call runs as forwards of batch_size: the driver's scheduling cost is per call, not
+    per forward; num_gpus 0 runs the same actor pool on CPUs; decode_chunk None: DECODE_CHUNK images
+    per block out of the decode stage when the model takes pixels, DECODE_CHUNK_NO_PIXELS when it
+    takes none (the baseline).
     """
 
-    input: str
-    output: str
-    model: ModelConfig = field(default_factory=ModelConfig)
-    batch_size: int = 4
-    images_per_call: int | None = None
-    concurrency: int | tuple[int, int] = 1
-    num_gpus: float = 0.0
-    num_cpus_per_actor: float = 1.0
-    decode_chunk: int | None = None
-    overwrite: bool = False
-    max_error_fraction: float = 0.0
-    limit: int | None = None
-    with_embedding: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    progress_interval_s: float = 10.0
-    prompts: str = "shard"
-    select: SelectConfig = field(default_factory=SelectConfig)
-    detector_weights: str | None = None
-    detector_score_threshold: float = 0.3
-    detector_nms_iou: float = 0.5
-    detector_max_per_image: int = 100
-    detector_num_gpus: float = 0.0
-    detector_concurrency: int = 1
-    detector_batch_size: int = 4
-    detector_queries: str | None = None
-    detector_objectness_threshold: float | None = None
-    baseline: str | None = None
-    max_prompts: int = DEFAULT_MAX_PROMPTS
-    lease_heartbeat_s: float = HEARTBEAT_S
-    allow_foreign_files: bool = False
+    input: str = field(metadata={"help": "shards: glob, brace range {000..099}, folder or s3:// prefix"})
+    output: str = field(metadata={"help": "output folder or s3:// prefix (one Parquet per shard)"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"group": "model"})
+    batch_size: int = field(default=4, metadata={"help": "images per model forward"})
+    images_per_call: int | None = field(default=None, metadata={
+        "help": "images per model-actor call, run as forwards of --batch-size (default max(64, batch))"})
+    concurrency: int | tuple[int, int] = field(default=1, metadata={
+        "help": "model actors: N (a fixed pool) or MIN,MAX (an autoscaling one)"})
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: run on CPUs)"})
+    num_cpus_per_actor: float = field(default=1.0, metadata=_NOT_A_FLAG)
+    decode_chunk: int | None = field(default=None, metadata={
+        "help": f"images per decoded block (default {DECODE_CHUNK}, or {DECODE_CHUNK_NO_PIXELS} with --baseline, "
+                "whose model takes no pixels)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete a different run's outputs and start over"})
+    max_error_fraction: float = field(default=0.0, metadata={
+        "help": "error rows / images above which the job exits 1"})
+    limit: int | None = field(default=None, metadata={"help": "label at most N not-yet-committed shards"})
+    with_embedding: bool = field(default=False, metadata={
+        "help": "store float16 region embeddings (re-scoring, ovsam-ray relabel)"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata=_NOT_A_FLAG)
+    progress_interval_s: float = field(default=10.0, metadata=_NOT_A_FLAG)
+    prompts: str = field(default="shard", metadata={"group": _PROMPTS, "help": (
+        "shard | detector:NAME (torchvision name, owlv2, grounding-dino) | grid, several joined by commas; A+B: "
+        "both, deduplicated across sources by mask IoU (detector:owlv2+grid); A|B: B's prompts for the images A "
+        "gives none (shard|grid, shard|detector:NAME)")})
+    select: SelectConfig = field(default_factory=SelectConfig, metadata={"group": _PROMPTS})
+    detector_weights: str | None = field(default=None, metadata={
+        "group": _PROMPTS, "help": "detector weights file or folder (default: --weights)"})
+    detector_score_threshold: float = field(default=0.3, metadata={
+        "group": _PROMPTS, "help": "detector boxes scoring below this are dropped"})
+    detector_nms_iou: float = field(default=0.5, metadata={
+        "group": _PROMPTS, "help": "detector boxes: NMS at this IoU (per class where the detector names one)"})
+    detector_max_per_image: int = field(default=100, metadata={
+        "group": _PROMPTS, "help": "detector boxes kept per image (the best scoring)"})
+    detector_num_gpus: float = field(default=0.0, metadata={
+        "group": _PROMPTS, "help": "GPU fraction per detector actor"})
+    detector_concurrency: int = field(default=1, metadata={"group": _PROMPTS, "help": "detector actors"})
+    detector_batch_size: int = field(default=4, metadata=_NOT_A_FLAG)
+    detector_queries: str | None = field(default=None, metadata={"group": _PROMPTS, "help": (
+        "owlv2 / grounding-dino query list: a vocabulary name (coco_ov, lvis_v1) or .txt/.json file (default: "
+        "owlv2 class-agnostic objectness boxes; grounding-dino the --vocab)")})
+    detector_objectness_threshold: float | None = field(default=None, metadata={"group": _PROMPTS, "help": (
+        "owlv2: objectness cut (without queries the boxes' score; default 0.1 there, off with queries)")})
+    baseline: str | None = field(default=None, metadata={"choices": BASELINES, "help": (
+        "run a zero-cost baseline instead of OV-SAM (box-fill: each mask is its prompt box; no weights needed) to "
+        "measure the pipeline alone")})
+    max_prompts: int = field(default=DEFAULT_MAX_PROMPTS, metadata={"group": _PROMPTS, "help": (
+        "prompts kept per image from its JSON (the first N, boxes first; the row's warnings say so)")})
+    lease_heartbeat_s: float = field(default=HEARTBEAT_S, metadata={
+        "help": "seconds between renewals of the output's lease (a dead job's lease is taken over after 3)"})
+    allow_foreign_files: bool = field(default=False, metadata={"help": ALLOW_FOREIGN_FILES_HELP})
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

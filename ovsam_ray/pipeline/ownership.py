@@ -20,7 +20,7 @@ from ovsam_ray.labels.schema import RUN_RECORD_NAME
 from ovsam_ray.pipeline.lease import LEASE_NAME
 from ovsam_ray.pipeline.parts import PARTS_DIR
 
-__all__ = ["ForeignFilesError", "check_output_owned", "foreign_files"]
+__all__ = ["ALLOW_FOREIGN_FILES_HELP", "ForeignFilesError", "check_output_owned", "foreign_files"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ OWN_FOLDERS = frozenset(("_committed", "_stats", PARTS_DIR))
 # our temporaries: atomic writes (.<name>.tmp-<uuid>) and a stale lease moved aside (.<name>.stale-<uuid>)
 _HIDDEN_RE = re.compile(r"^\..+\.(tmp|stale)-[0-9a-f]{32}$")
 _SHOWN = 5
+#: What ``allow_foreign_files`` (``--allow-foreign-files``) does, for every job that takes it.
+ALLOW_FOREIGN_FILES_HELP = ("write into an output folder that holds files no ovsam-ray command wrote (they are left "
+                            "alone; without this flag such a folder is refused)")
 
 
 class ForeignFilesError(OVSAMRayError, ValueError):

@@ -101,14 +101,19 @@ class SelectConfig:
     when dedup_class_aware. ``A+B`` prompts: a mask of a later source whose IoU with a kept mask of
     an earlier one exceeds source_dedup_iou is dropped (before dedup_iou)."""
 
-    grid_size: int = POINTS_PER_SIDE
-    grid_stability: float = STABILITY_THRESH
-    grid_nms_iou: float = MASK_NMS_IOU
-    min_mask_area: int = 0
-    dedup_iou: float | None = None
-    dedup_containment: float | None = None
-    dedup_class_aware: bool = False
-    source_dedup_iou: float = 0.7
+    grid_size: int = field(default=POINTS_PER_SIDE, metadata={"help": "points per side of the segment-everything grid"})
+    grid_stability: float = field(default=STABILITY_THRESH, metadata={
+        "help": "grid prompts: keep masks whose stability score is at least this"})
+    grid_nms_iou: float = field(default=MASK_NMS_IOU, metadata={"help": "grid prompts: mask NMS at this IoU"})
+    min_mask_area: int = field(default=0, metadata={"help": "drop masks smaller than this many pixels"})
+    dedup_iou: float | None = field(default=None, metadata={
+        "help": "drop masks overlapping a better one above this IoU"})
+    dedup_containment: float | None = field(default=None, metadata={
+        "help": "drop masks lying this much inside a better one"})
+    dedup_class_aware: bool = field(default=False, metadata={
+        "help": "--dedup-iou / --dedup-containment only among masks of one class"})
+    source_dedup_iou: float = field(default=0.7, metadata={
+        "help": "A+B prompts: drop a mask of B overlapping a kept mask of A above this IoU (any class)"})
 
 
 @dataclass

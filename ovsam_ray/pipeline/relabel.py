@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from ovsam_ray.locations import check_disjoint
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.functional import labels_from_logits
 from ovsam_ray.pipeline.lease import OutputLease
-from ovsam_ray.pipeline.ownership import check_output_owned
+from ovsam_ray.pipeline.ownership import ALLOW_FOREIGN_FILES_HELP, check_output_owned
 from ovsam_ray.pipeline.stats import format_stats, shard_stats, write_run_stats, write_shard_stats
 from ovsam_ray.vocabulary import Vocabulary
 
@@ -39,12 +39,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RelabelConfig:
-    input: str
-    output: str
-    vocab: str
-    overwrite: bool = False
-    s3_endpoint: str | None = None
-    allow_foreign_files: bool = False
+    """Settings of one relabel run; CLI flags map one to one onto fields (help in their metadata)."""
+
+    input: str = field(metadata={"help": "a label output written with --with-embedding"})
+    output: str = field(metadata={"help": "output folder or s3:// prefix (one Parquet per shard)"})
+    vocab: str = field(metadata={"help": "the new vocabulary: coco_ov, lvis_v1, or a .txt/.json file"})
+    overwrite: bool = field(default=False, metadata={"help": "delete a different run's outputs and start over"})
+    s3_endpoint: str | None = field(default=None, metadata={
+        "help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"})
+    allow_foreign_files: bool = field(default=False, metadata={"help": ALLOW_FOREIGN_FILES_HELP})
 
     def __post_init__(self) -> None:
         # relabel writes a new output: never the input, inside it or around it, however spelled

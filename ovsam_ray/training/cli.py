@@ -9,7 +9,6 @@ is ``--dataset SHARDS`` with optional ``|key=value`` fields of ``DatasetSpec``, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 from typing import Any
@@ -17,8 +16,6 @@ from typing import Any
 from .config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec
 
 log = logging.getLogger(__name__)
-
-_RUN_REQUIRED = ("storage_path", "name")
 
 
 def parse_dataset(text: str) -> DatasetSpec:
@@ -38,50 +35,21 @@ def parse_dataset(text: str) -> DatasetSpec:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-# Fields whose default is None: the type of a value given on the command line.
-_OPTIONAL_TYPES = {"grad_clip": float, "max_steps": int, "epoch_images": int, "base_batch_size": int,
-                   "logit_scale_lr": float, "recognizer_lr": float}
+_NESTED = ("run", "datasets", "model", "optim")
 
 
-def _optional(kind: type) -> Any:
-    def convert(text: str) -> Any:
-        return None if text.lower() == "none" else kind(text)
-
-    convert.__name__ = kind.__name__
-    return convert
-
-
-def _add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str, skip: tuple[str, ...] = ()) -> None:
+def _add_fields(parser: argparse.ArgumentParser, cls: type, *, title: str) -> None:
     """One flag per field. Defaults are not set here (``argparse.SUPPRESS``): a flag not given
     leaves its field to the recipe or the stage's default (``recipes.build_config``)."""
-    group = parser.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or f.name in ("run", "datasets", "model", "optim"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            group.add_argument(flag, dest=f.name, required=f.name in _RUN_REQUIRED, default=argparse.SUPPRESS)
-            continue
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"default: {default!r}"}
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif isinstance(default, (tuple, list)):
-            kind = str if default and isinstance(default[0], str) else float
-            group.add_argument(flag, nargs="+", type=kind, **kwargs)
-        elif default is None:
-            group.add_argument(flag, type=_optional(_OPTIONAL_TYPES.get(f.name, str)), **kwargs)
-        else:
-            kind = type(default)
-            group.add_argument(flag, type=_optional(kind) if f.name in _OPTIONAL_TYPES else kind, **kwargs)
+    from ovsam_ray.cli.flags import add_flags  # here: the cli package imports this module
+
+    add_flags(parser, cls, title=title, skip=_NESTED, suppress=True, none_word=True, negatable=True)
 
 
 def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)} - {"run", "datasets", "model", "optim"}
-    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+    from ovsam_ray.cli.flags import given_fields
+
+    return given_fields(args, cls, skip=_NESTED)
 
 
 def _add_common(parser: argparse.ArgumentParser, stage: str) -> None:
@@ -179,12 +147,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _dump_teacher(args: argparse.Namespace) -> int:
+    from ovsam_ray.cli.flags import config_from_args
+
     from .distill import DumpTeacherConfig, dump_teacher
 
-    cfg = DumpTeacherConfig(shards=args.shards, output=args.output, teacher=args.teacher,
-                            teacher_checkpoint=args.teacher_checkpoint, preset=args.preset, use_gpu=args.use_gpu,
-                            concurrency=args.concurrency, batch_size=args.batch_size, s3_endpoint=args.s3_endpoint)
-    print(json.dumps(dump_teacher(cfg)))
+    print(json.dumps(dump_teacher(config_from_args(args, DumpTeacherConfig))))
     return 0
 
 
@@ -209,6 +176,10 @@ def _tiny_recipe(args: argparse.Namespace) -> int:
 
 def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``train {distill,cotrain,export,dump-teacher,tiny-recipe}`` to a CLI's subparsers."""
+    from ovsam_ray.cli.flags import add_flags  # here: the cli package imports this module
+
+    from .distill import DumpTeacherConfig
+
     train = subparsers.add_parser("train", help="OV-SAM training on Ray Train (distill, cotrain, export)")
     sub = train.add_subparsers(dest="train_command", required=True)
 
@@ -229,15 +200,7 @@ def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.set_defaults(func=_export)
 
     p = sub.add_parser("dump-teacher", help="precompute SAM teacher features for distillation")
-    p.add_argument("--shards", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--teacher", default="vit_h")
-    p.add_argument("--teacher-checkpoint")
-    p.add_argument("--preset", default="ovsam_rn50x16")
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--s3-endpoint")
+    add_flags(p, DumpTeacherConfig)
     p.set_defaults(func=_dump_teacher)
 
     p = sub.add_parser("tiny-recipe", help="train ovsam_tiny from nothing on generated shapes (CPU minutes)")

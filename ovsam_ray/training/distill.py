@@ -19,7 +19,7 @@ import shutil
 import tarfile
 import tempfile
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from ovsam_ray.model.presets import get_preset
 from ovsam_ray.weights import read_weights
 
 from .batching import collate_distill, unpack_sample
-from .config import DistillConfig
+from .config import TEACHERS, DistillConfig
 from .data import DistillSamples, build_ray_dataset, dataset_items
 from .engine import DistillNet, DistillTask, Runtime
 from .model_setup import build_sam_teacher, build_training_model, copy_teacher_pos_embed
@@ -124,15 +124,17 @@ def run_distill(cfg: DistillConfig, *, worker_env: dict[str, str] | None = None)
 class DumpTeacherConfig:
     """Precompute teacher features: shards -> ``output``/<shard>.tar of ``<key>.npy`` float16."""
 
-    shards: str | list[str]
-    output: str
-    teacher: str = "vit_h"
-    teacher_checkpoint: str | None = None
-    preset: str = "ovsam_rn50x16"
-    use_gpu: bool = False
-    concurrency: int = 1
-    batch_size: int = 4
-    s3_endpoint: str | None = None
+    shards: str | list[str] = field(metadata={"parse": str, "help": "input shards (a spec as for --dataset)"})
+    output: str = field(metadata={"help": "folder or s3:// prefix for <shard>.tar of <key>.npy"})
+    teacher: str = field(default="vit_h", metadata={"help": "SAM image encoder: " + ", ".join(TEACHERS)})
+    teacher_checkpoint: str | None = field(default=None, metadata={"help": "its sam_<teacher>_*.pth"})
+    preset: str = field(default="ovsam_rn50x16", metadata={
+        "help": "the student's preset (it gives the image size and feature width)"})
+    use_gpu: bool = field(default=False, metadata={"help": "run the teacher on a GPU"})
+    concurrency: int = field(default=1, metadata={"help": "teacher actors"})
+    batch_size: int = field(default=4, metadata={"help": "images per teacher forward"})
+    s3_endpoint: str | None = field(default=None, metadata={
+        "help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"})
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # an unknown name: a ValueError listing the known ones
