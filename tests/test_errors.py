@@ -150,9 +150,12 @@ def test_a_file_named_by_a_flag_that_is_not_there_is_one_line_exit_2(tmp_path: P
 
 
 @pytest.mark.parametrize("text", ["x", "1,2,3", "", "1,"])
-def test_a_bad_concurrency_is_our_config_error(text: str) -> None:
-    from ovsam_ray.cli.common import parse_concurrency
+def test_a_bad_concurrency_is_a_flag_error(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from ovsam_ray.cli.label import label_parser
 
-    with pytest.raises(ConfigError, match="--concurrency"):
-        parse_concurrency(text)
-    assert parse_concurrency("3") == 3 and parse_concurrency("1,8") == (1, 8)
+    parser = label_parser()
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["--input", "in", "--output", "out", "--concurrency", text])
+    assert stop.value.code == 2 and "--concurrency" in capsys.readouterr().err
+    ok = parser.parse_args(["--input", "in", "--output", "out", "--concurrency", "1,8"])
+    assert ok.concurrency == (1, 8)
