@@ -91,7 +91,22 @@ def list_shards(spec: str | Iterable[str], *, s3_endpoint: str | None = None) ->
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ShardSpecError(
             f"no shards found for {shown}{more}; expected .tar/.tar.gz/.tgz files, a glob or a directory")
+    _refuse_one_file_twice(found)
     return sorted(found)
+
+
+def _refuse_one_file_twice(urls: set[str]) -> None:
+    """One local file listed under two names (a symbolic link to another shard of the listing)
+    would be labelled twice: every image exactly once, so refuse, naming both."""
+    by_file: dict[str, list[str]] = {}
+    for url in urls:
+        if not io.is_remote(url):
+            by_file.setdefault(os.path.realpath(url), []).append(url)
+    twice = [sorted(names) for names in by_file.values() if len(names) > 1]
+    if twice:
+        shown = "; ".join(" and ".join(io.safe_for_log(u, limit=120) for u in names[:3]) for names in sorted(twice)[:3])
+        raise ShardSpecError(f"the same shard file is listed under two names (a symbolic link; its images would be "
+                             f"labelled twice): {shown}; list each shard once")
 
 
 def _resolve_piece(piece: str, *, s3_endpoint: str | None) -> list[str]:

@@ -28,7 +28,7 @@ from ovsam_ray.labels.schema import RUN_RECORD_NAME, rows_to_table
 from ovsam_ray.locations import check_disjoint
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.functional import labels_from_logits
-from ovsam_ray.pipeline.lease import OutputLease
+from ovsam_ray.pipeline.lease import OutputLease, check_not_being_written
 from ovsam_ray.pipeline.ownership import check_output_owned
 from ovsam_ray.pipeline.stats import format_stats, shard_stats, write_run_stats, write_shard_stats
 from ovsam_ray.vocabulary import Vocabulary
@@ -104,6 +104,8 @@ def run_relabel(cfg: RelabelConfig) -> dict[str, Any]:
 
 def _run_leased(cfg: RelabelConfig, lease: OutputLease) -> dict[str, Any]:
     t0 = time.time()
+    # a source still being labelled would be relabelled in part, and the rest silently missing
+    check_not_being_written(cfg.input, "--input", s3_endpoint=cfg.s3_endpoint)
     model_cfg, source = _source_model_config(cfg)
     loaded = load_model(model_cfg)
     embeddings, vocab = vocabulary_text(model_cfg, loaded, "cpu")
