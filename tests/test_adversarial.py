@@ -478,3 +478,25 @@ def test_s3_output_with_hash_and_question_mark_writes_where_it_says(ray_local, s
     assert _main(*_label("--input", shards, "--output", out, "--s3-endpoint", s3_server)) == 0
     keys = fs.find(s3_bucket)
     assert keys and all(k.startswith(f"{s3_bucket}/out #1?v=2/") for k in keys), keys
+
+
+def test_relabel_of_a_source_whose_parquet_file_is_gone_stops_with_one_line(tmp_path, caplog):
+    src = tmp_path / "src"
+    check_or_write_run_record(str(src), RunRecord({"with_embedding": True}, {"config": {"model": {}}}))
+    ShardCommitter(str(src)).commit("s1", rows_to_table([]))
+    os.remove(src / "s1.parquet")
+    assert _main("relabel", "--input", str(src), "--output", str(tmp_path / "y"), "--vocab", "v.txt") == 2
+    [error] = _errors(caplog)
+    assert "s1.parquet is missing" in error and str(src) in error
+    assert not os.path.exists(tmp_path / "y" / "_run.json")
+
+
+@pytest.mark.parametrize("spec", ["{folder}", "{folder}/*.tar", "{folder}/pipe.tar"])
+def test_a_fifo_named_like_a_shard_is_refused_not_read(spec, shards, tmp_path, caplog):
+    """Reading a FIFO would block the job for ever (or read a stream once, different on the rerun)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(os.path.join(shards, sorted(os.listdir(shards))[0]), folder)
+    os.mkfifo(folder / "pipe.tar")
+    assert _main(*_label("--input", spec.format(folder=folder), "--output", str(tmp_path / "out"))) == 2
+    assert f"{folder}/pipe.tar is not a regular file" in _errors(caplog)[0]

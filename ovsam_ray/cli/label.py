@@ -196,8 +196,7 @@ def _relabel(a: argparse.Namespace) -> int:
 
     cfg = RelabelConfig(input=a.input, output=a.output, vocab=a.vocab, overwrite=a.overwrite,
                         s3_endpoint=a.s3_endpoint, allow_foreign_files=a.allow_foreign_files)
-    init_ray(a.ray_address)
-    print(json.dumps(run_relabel(cfg), indent=1))
+    print(json.dumps(run_relabel(cfg, connect=lambda: init_ray(a.ray_address)), indent=1))
     return 0
 
 
