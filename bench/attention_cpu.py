@@ -1,7 +1,7 @@
 """CPU benchmark (not a test) of the adapter's global attention: segment_anything's ``Attention``
 vs ``FastAttention`` (SDPA with the rel-pos bias as attn_mask), unchunked and chunked.
 
-    python bench/attention_cpu.py --out bench/results/attention_cpu.json
+    python -m bench.attention_cpu --out bench/results/attention_cpu.json
 
 Shape: the global block of ``ovsam_rn50_small`` (dim 256, 16 heads, 64x64 tokens), batch 1,
 fp32, no grad, random weights and rel-pos tables. Each variant runs in its own subprocess so
@@ -23,9 +23,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchlib import cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench.benchlib import cpu_model
 
 DIM, HEADS, GRID = 256, 16, 64
 
@@ -101,7 +99,7 @@ def main() -> None:
     print("|---|---|---|---|")
     results = []
     for variant in variants:
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant,
+        cmd = [sys.executable, "-m", "bench.attention_cpu", "--variant", variant,
                "--batch", str(args.batch), "--repeats", str(args.repeats)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))

@@ -5,8 +5,8 @@ decoded; the model's device resizes it), and the bytes each row puts in the obje
 tokenizing of a vocabulary's prompt texts for its text embeddings, one text at a time (open_clip's
 tokenizer) against each name once, spliced into the templates (``template_tokens``).
 
-    python bench/cpu_side.py decode --out bench/results/cpu_side_decode.json
-    python bench/cpu_side.py tokens --vocab in21k --out bench/results/cpu_side_tokens.json
+    python -m bench.cpu_side decode --out bench/results/cpu_side_decode.json
+    python -m bench.cpu_side tokens --vocab in21k --out bench/results/cpu_side_tokens.json
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import machine_info, now_iso, save_json  # noqa: E402
+from bench.benchlib import machine_info, now_iso, save_json
 
 
 def _samples(n: int, width: int, height: int, boxes: int) -> list[dict]:

@@ -10,8 +10,8 @@ forward (counted with torch's FLOP counter), then timed batches. Tokenizers are 
 with the real token-id layout, so prompt lengths (Grounding DINO's chunks) match the real ones for
 vocabularies of one-token words and are a lower bound otherwise.
 
-    python bench/detectors_cpu.py --out bench/results/detectors_cpu.json
-    python bench/detectors_cpu.py --device cuda --batch 8 --repeats 5 --out bench/results/detectors_gpu.json
+    python -m bench.detectors_cpu --out bench/results/detectors_cpu.json
+    python -m bench.detectors_cpu --device cuda --batch 8 --repeats 5 --out bench/results/detectors_gpu.json
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
-
-from ovsam_ray.pipeline.hf_detectors import GroundingDinoDetector, Owlv2Detector, query_names  # noqa: E402
+from bench import benchlib
+from ovsam_ray.pipeline.hf_detectors import GroundingDinoDetector, Owlv2Detector, query_names
 
 
 def _words(queries: list[str]) -> list[str]:

@@ -1,18 +1,18 @@
-"""One GPU run: every check and figure the README's GPU claims need, in one command (560 s budget on an H200).
+"""The GPU run: every check and figure the README's GPU claims need, in one command (560 s budget on an H200).
 
-    source .devkit/on-device.sh && bash bench/gpu_run.sh $OUT/gpu    # on the GPU machine
-    bash bench/gpu_run.sh --smoke /tmp/gpu_smoke                      # any CPU, tiny sizes, the GPU's branches
-    python bench/gpu_run.py --dry-run /tmp/x                          # only check every stage's arguments
+    bash bench/gpu_run.sh RESULTS_DIR                      # on a machine with an NVIDIA GPU
+    bash bench/gpu_run.sh --smoke /tmp/gpu_smoke           # any CPU, tiny sizes, the GPU's branches
+    python -m bench.gpu_run --dry-run /tmp/x               # only check every stage's arguments
 
 Stages, in this order (what matters most first), each with its own commands, time budget and
 checks. A stage that fails or runs out of time is recorded and the next one runs; the exit status
 is 1 when any check failed.
 
-  env            imports everything the later stages import (the kit's ray, ray.data, ray.train,
-                 pydantic, open_clip, segment_anything, webdataset, pycocotools; the image's torch,
-                 timm, pyarrow, ...; the label job's and the trainer's modules), versions against
-                 the kit's pins (``bench/gpu_kit.txt``), the GPU: a clash fails in seconds
-  perf           ``bench/perf.py`` modes c, d, a, b with ``ovsam_rn50x16`` (128 images; a on 8, b on
+  env            imports everything the later stages import (ray, ray.data, ray.train, pydantic,
+                 open_clip, segment_anything, webdataset, pycocotools, torch, timm, pyarrow, ...;
+                 the label job's and the trainer's modules), the installed versions against the
+                 pins (``bench/gpu_kit.txt``, reported, not required), the GPU: a clash fails in seconds
+  perf           ``bench.perf`` modes c, d, a, b with ``ovsam_rn50x16`` (128 images; a on 8, b on
                  16): the fast path's rate and its check against fp32 with the same weights (logits
                  within tolerance, masks equal away from the threshold, labels equal where fp32 is
                  decided; mask IoU reported), the label job end to end, then the two baselines
@@ -31,18 +31,14 @@ is 1 when any check failed.
 with ``--fast on --rle-on-device on`` (CPU bf16 autocast, channels_last, device RLE), training
 with ``--precision bf16``, and the label job with the whole in21k vocabulary.
 
-Random weights everywhere (``--random-init``; this repository has no real weights): speeds and
-checks are real, labels are meaningless; the JSON says so. The results folder receives three
-files: ``gpu_run.json`` (every stage: status, seconds, checks, figures, its own full result),
+Random weights everywhere (``--random-init``; nothing is downloaded): speeds and checks are real,
+labels are meaningless; the JSON says so. The results folder receives three files:
+``gpu_run.json`` (every stage: status, seconds, checks, figures, its own full result),
 ``gpu_run.md`` (the summary table, also printed last) and ``gpu_run.log`` (every command's output).
-Shards, checkpoints and the random teacher go to ``--work`` (default: a temporary folder), which
-never comes back. ``bench/gpu_run.sh`` first installs the wheel kit (``.devkit``, from
-``../shared/device/make-kit.sh``) when it is there and ``--smoke`` is not given.
-
-What travels to the GPU machine, measured 2026-12-04 in this worktree: the working tree's tracked
-and untracked-not-ignored files 1.35 MiB, ``.devkit`` 35.6 MiB (ray 2.60.0 slim 29.6 MiB + 16
-wheels 6.0 MiB): 36.9 MiB of the 64 MiB allowed. The smoke run took 306 s on 2 busy CPU cores
-on 2026-12-05 (``bench/RESULTS.md``).
+Shards, checkpoints and the random teacher go to ``--work`` (default: a temporary folder, a few
+GiB at GPU sizes), which is not part of the results. The Python environment is the caller's
+(``bench/gpu_run.sh``; ``dev/wheelhouse.sh`` installs one without internet). The smoke run took
+306 s on 2 busy CPU cores on 2026-12-05 (``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -59,10 +55,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchlib import REPO, machine_info, now_iso, process_tree, save_json
-from gpu_run_checks import CHECKS, Check, StageCtx
+from bench.benchlib import REPO, machine_info, now_iso, process_tree, save_json
+from bench.gpu_run_checks import CHECKS, Check, StageCtx
 
-GPU_BUDGET_S = 560.0  # the whole run, kit install included (bench/gpu_run.sh passes its start time)
+GPU_BUDGET_S = 560.0  # the whole run, from the start of bench/gpu_run.sh (it passes its start time)
 SMOKE_BUDGET_S = 1800.0
 LOG_KEEP = (300_000, 1_200_000)  # per stage in gpu_run.log: head and tail characters kept
 
@@ -79,7 +75,7 @@ def _py(ctx: StageCtx, *args: str) -> list[str]:
 
 
 def _env(ctx: StageCtx) -> list[list[str]]:
-    return [_py(ctx, "bench/gpu_run_prep.py", "env", ctx.path("env.json"))]
+    return [_py(ctx, "-m", "bench.gpu_run_prep", "env", ctx.path("env.json"))]
 
 
 def gpu_test_files() -> list[str]:
@@ -110,7 +106,7 @@ def _perf(ctx: StageCtx) -> list[list[str]]:
     # c (the fast path, with its check against fp32) and d (the label job end to end) first; the
     # baselines a and b after (b last: SAM ViT-H is the slowest to build). --work: each mode's row
     # is there as soon as the mode ends, so a stage cut short keeps the ones that finished.
-    return [_py(ctx, "bench/perf.py", "--modes", ctx.perf_modes, *size, "--work", ctx.path("perf_work"),
+    return [_py(ctx, "-m", "bench.perf", "--modes", ctx.perf_modes, *size, "--work", ctx.path("perf_work"),
                 "--out", ctx.path("perf.json"))]
 
 
@@ -121,12 +117,12 @@ def _label(ctx: StageCtx) -> list[list[str]]:
     job = ["jobs/label.py", "--input", ctx.path("label_shards"), "--output", ctx.path("labels"), "--preset", preset,
            "--random-init", "--vocab", vocab, "--num-gpus", "0" if ctx.smoke else "1", "--concurrency", "1",
            "--batch-size", "2" if ctx.smoke else "8", "--overwrite"]
-    return [_py(ctx, "bench/gpu_run_prep.py", "label", ctx.work, *smoke), _py(ctx, *job)]
+    return [_py(ctx, "-m", "bench.gpu_run_prep", "label", ctx.work, *smoke), _py(ctx, *job)]
 
 
 def _train(stage: str):
     def commands(ctx: StageCtx) -> list[list[str]]:
-        prep = _py(ctx, "bench/gpu_run_prep.py", "train", ctx.work, *(["--smoke"] if ctx.smoke else []))
+        prep = _py(ctx, "-m", "bench.gpu_run_prep", "train", ctx.work, *(["--smoke"] if ctx.smoke else []))
         dataset = ctx.path("train_shards") + ("|vocab=" + ctx.path("shapes.json") if stage == "cotrain" else "")
         run = ["--storage-path", ctx.path("runs"), "--name", stage, "--dataset", dataset, "--random-init",
                "--num-workers", "1", "--batch-size", "2", "--log-every", "1", "--checkpoint-every", "1000",
@@ -140,9 +136,10 @@ def _train(stage: str):
             run += ["--preset", "ovsam_rn50x16", "--max-steps", "12", "--use-gpu"]
             if stage == "distill":
                 teacher = ctx.path("sam_vit_h_random.pth")
-                out.append(_py(ctx, "bench/train_steps.py", "write-sam-encoder", "--kind", "vit_h", "--out", teacher))
+                out.append(_py(ctx, "-m", "bench.train_steps", "write-sam-encoder", "--kind", "vit_h",
+                               "--out", teacher))
                 run += ["--teacher", "vit_h", "--teacher-checkpoint", teacher]
-        steps = _py(ctx, "bench/train_steps.py", stage, "--out", ctx.path(f"train_{stage}.json"), "--", *run)
+        steps = _py(ctx, "-m", "bench.train_steps", stage, "--out", ctx.path(f"train_{stage}.json"), "--", *run)
         return [prep, *out, steps]
 
     return commands
@@ -153,8 +150,8 @@ def _train(stage: str):
 # the 21k vocabulary, then training's step times. Budgets are caps, (GPU s, smoke s): the run's
 # deadline caps each stage too, so time a stage leaves goes to the later ones, and a late stage
 # squeezed below a quarter of its cap is skipped and recorded. Expected use on an H200 (docs/DESIGN.md
-# Appendix A plus process and model start-up): ~20 s kit, 10 env, 150 perf, 40 pytest, 60 label
-# (text tokens ~7 s of one core now, ~40 s before), 75 + 75 training: ~430 s of the 560, ~130 s spare.
+# Appendix A plus process and model start-up): 10 env, 150 perf, 40 pytest, 60 label
+# (text tokens ~7 s of one core now, ~40 s before), 75 + 75 training: ~410 s of the 560, ~150 s spare.
 STAGES = [
     Stage("env", (25, 90), _env),
     Stage("perf", (200, 420), _perf),
@@ -267,13 +264,13 @@ def summary_table(stages: dict[str, dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="results folder (on the GPU machine: under $OUT)")
+    p.add_argument("out", help="results folder: gpu_run.json, gpu_run.md, gpu_run.log")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU, the same stages and checks")
     p.add_argument("--stages", default=",".join(s.name for s in STAGES), help="comma-separated subset, in order")
     p.add_argument("--perf-modes", default="c,d,a,b", help="bench/perf.py's modes, in order (CI's quick smoke: c)")
     p.add_argument("--work", default=None, help="work folder (default: a new temporary folder)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (560 GPU / 1800 smoke)")
-    p.add_argument("--started-at", type=float, default=None, help="epoch seconds the run began (the kit install)")
+    p.add_argument("--started-at", type=float, default=None, help="epoch seconds the run began (gpu_run.sh passes it)")
     p.add_argument("--dry-run", action="store_true", help="only check every stage's arguments with the real parsers")
     return p.parse_args(argv)
 
@@ -299,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--stages: unknown {unknown}; known: {[s.name for s in STAGES]}")
     ctx = make_ctx(a)
     if a.dry_run:
-        from gpu_run_checks import validate_commands
+        from bench.gpu_run_checks import validate_commands
 
         errors = validate_commands([(s.name, s.commands(ctx)) for s in STAGES if s.name in wanted])
         print("\n".join(errors) or f"all stage commands parse ({'smoke' if a.smoke else 'GPU'} sizes)")

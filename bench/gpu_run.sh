@@ -1,18 +1,14 @@
 #!/usr/bin/env bash
-# The one GPU run (bench/gpu_run.py says what it does and what comes back). On the GPU machine,
-# from the repository root, with .devkit/ carried (built here by ../shared/device/make-kit.sh):
-#     source .devkit/on-device.sh && bash bench/gpu_run.sh $OUT/gpu
-# On any CPU, before a GPU run (tiny sizes, same stages and checks):
+# The GPU run: every GPU figure and check the README states, in one command (bench/gpu_run.py says
+# what each stage does and what it writes). On a machine with an NVIDIA GPU, from anywhere:
+#     bash bench/gpu_run.sh RESULTS_DIR
+# On any CPU, before a GPU run (tiny sizes, the same stages and checks, the GPU's code branches):
 #     bash bench/gpu_run.sh --smoke /tmp/gpu_smoke
-# Installs the kit when .devkit/ is there and --smoke is not given (sourcing on-device.sh first,
-# as above, is harmless: it installs once). PYTHON picks the interpreter (default python3).
+# The Python environment is yours to prepare: the project's dependencies installed (pip install -e .,
+# or offline from a wheelhouse: dev/wheelhouse.sh), versions as pinned in bench/gpu_kit.txt (the env
+# stage reports any other). PYTHON picks the interpreter (default python3). If the environment
+# lives elsewhere, source its activation script first or set PYTHON and PYTHONPATH.
 set -uo pipefail
 STARTED_AT=$(date +%s)
 cd "$(dirname "$0")/.."
-smoke=0
-for arg in "$@"; do [ "$arg" = "--smoke" ] && smoke=1; done
-if [ "$smoke" = 0 ] && [ -f .devkit/on-device.sh ]; then
-  # shellcheck disable=SC1091
-  source .devkit/on-device.sh || { echo "[gpu_run] installing the kit failed" >&2; exit 1; }
-fi
-exec "${PYTHON:-python3}" bench/gpu_run.py --started-at "$STARTED_AT" "$@"
+exec "${PYTHON:-python3}" -m bench.gpu_run --started-at "$STARTED_AT" "$@"

@@ -52,8 +52,8 @@ def check_env(ctx: StageCtx, log: str) -> Result:
     off = sorted(f"{n} {p['installed']} (pinned {p['pinned']})" for n, p in (r.get("pins") or {}).items()
                  if p["installed"] != p["pinned"])
     checks = [Check("every module imports", not missing, missing or "all", "none missing"),
-              # reported: a kit built from other versions may still work, and the run says which
-              Check("the kit's versions are the pinned ones (bench/gpu_kit.txt)", not off, off or "all",
+              # reported: other versions may still work, and the run says which
+              Check("installed versions are the pinned ones (bench/gpu_kit.txt)", not off, off or "all",
                     "all pinned", hard=False)]
     if not ctx.smoke:
         checks.append(Check("a CUDA GPU is visible to torch", "gpu" in r, (r.get("gpu") or {}).get("name"), "a GPU"))
@@ -189,9 +189,9 @@ CHECKS: dict[str, Callable[[StageCtx, str], Result]] = {
 
 def _validate(argv: list[str]) -> None:
     """Parse one command's arguments with its entry point's own parser (and build its config)."""
-    script, args = argv[1], argv[2:]
-    if script == "bench/perf.py":
-        import perf
+    script, args = (argv[2], argv[3:]) if argv[1] == "-m" else (argv[1], argv[2:])
+    if script == "bench.perf":
+        from bench import perf
 
         perf.resolve(perf.parse_args(args))
     elif script == "jobs/label.py":
@@ -202,7 +202,7 @@ def _validate(argv: list[str]) -> None:
         parser = argparse.ArgumentParser()
         add_label_args(parser)
         label_config(parser.parse_args(args))
-    elif script == "bench/train_steps.py" and args[0] in ("distill", "cotrain"):
+    elif script == "bench.train_steps" and args[0] in ("distill", "cotrain"):
         from ovsam_ray.training import cli
 
         train = args[args.index("--") + 1 :]
@@ -210,13 +210,13 @@ def _validate(argv: list[str]) -> None:
             cli.distill_config_from_args(cli.distill_parser().parse_args(train))
         else:
             cli.cotrain_config_from_args(cli.cotrain_parser().parse_args(train))
-    elif script == "bench/train_steps.py":
+    elif script == "bench.train_steps":
         if args[:1] != ["write-sam-encoder"] or "--out" not in args:
             raise ValueError("write-sam-encoder --kind K --out FILE")
-    elif script == "bench/gpu_run_prep.py":
+    elif script == "bench.gpu_run_prep":
         if args[0] not in ("env", "label", "train") or len([a for a in args if not a.startswith("--")]) != 2:
             raise ValueError("gpu_run_prep.py {env,label,train} PATH [--smoke]")
-    elif script != "-m":
+    elif script != "pytest":
         raise ValueError(f"no validator for {script}")
 
 

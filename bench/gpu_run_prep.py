@@ -1,9 +1,9 @@
 """The small jobs of ``bench/gpu_run.py`` that are not benchmarks: each runs as its own command
 inside its stage's time budget.
 
-    python bench/gpu_run_prep.py env OUT.json              # versions, the GPU, the kit's imports
-    python bench/gpu_run_prep.py label WORK [--smoke]      # label shards
-    python bench/gpu_run_prep.py train WORK [--smoke]      # training shards + their vocabulary
+    python -m bench.gpu_run_prep env OUT.json              # versions, the GPU, every later stage's imports
+    python -m bench.gpu_run_prep label WORK [--smoke]      # label shards
+    python -m bench.gpu_run_prep train WORK [--smoke]      # training shards + their vocabulary
 
 Sizes: a GPU run labels 2 shards x 32 images (640x480, 20 box prompts) with the built-in ``in21k``
 vocabulary (21,841 ImageNet-21k classes from timm's offline ImageNetInfo; no file to download) and
@@ -22,19 +22,19 @@ import shutil
 import subprocess
 import sys
 
-from benchlib import machine_info, save_json, write_bench_shards
+from bench.benchlib import machine_info, save_json, write_bench_shards
 
-# What the GPU image lacks and the kit (../shared/device/make-kit.sh) brings, then what it has;
-# the submodules are the later stages' own imports (Ray Data for the label job, Ray Train for
-# training, pydantic under Ray's APIs), so that a clash between the kit and the image fails here,
-# in seconds, not minutes into a stage.
+# The packages pinned in bench/gpu_kit.txt (what a GPU machine with only PyTorch installed lacks),
+# then what such a machine already has; the submodules are the later stages' own imports (Ray Data
+# for the label job, Ray Train for training, pydantic under Ray's APIs), so that a clash between
+# the two sets fails here, in seconds, not minutes into a stage.
 KIT_MODULES = {"ray": "ray", "ray.data": "ray", "ray.train": "ray", "ray.train.torch": "ray",
                "open_clip": "open_clip_torch", "segment_anything": "segment-anything", "webdataset": "webdataset",
                "pycocotools": "pycocotools", "pydantic": "pydantic", "ftfy": "ftfy"}
 IMAGE_MODULES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pyarrow": "pyarrow",
                  "pyarrow.parquet": "pyarrow", "pandas": "pandas", "fsspec": "fsspec", "PIL": "pillow",
                  "numpy": "numpy", "pytest": "pytest"}
-#: The kit's pins (name==version per line).
+#: The pins (name==version per line).
 KIT_PINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_kit.txt")
 LABEL_SIZES = {"gpu": {"num_images": 64, "images_per_shard": 32, "size": (640, 480), "prompts": 20},
                "smoke": {"num_images": 4, "images_per_shard": 2, "size": (160, 120), "prompts": 3}}
@@ -76,7 +76,7 @@ def probe_env(out: str) -> int:
         except Exception as e:  # noqa: BLE001
             modules[module] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
     info = {"machine": machine_info(), "modules": modules, "python": sys.executable,
-            "kit_site": os.environ.get("PYTHONPATH", ""), "pins": pin_report()}
+            "pythonpath": os.environ.get("PYTHONPATH", ""), "pins": pin_report()}
     import torch
 
     if torch.cuda.is_available():

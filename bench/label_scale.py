@@ -2,10 +2,10 @@
 object store over the run, exactly-once check of every committed file, and a driver SIGKILL +
 rerun (benchmark, not a test).
 
-    python bench/label_scale.py run --shards 1000 --per-shard 1000 --out bench/results/label_1m.json
-    python bench/label_scale.py run --shards 1000 --per-shard 1000 --kill-at 0.5 --out ...kill.json
-    python bench/label_scale.py run --shards 100 --per-shard 1000 --s3 --out bench/results/label_100k_s3.json
-    python bench/label_scale.py listing --committed 1000,10000,100000 --out bench/results/listing.json
+    python -m bench.label_scale run --shards 1000 --per-shard 1000 --out bench/results/label_1m.json
+    python -m bench.label_scale run --shards 1000 --per-shard 1000 --kill-at 0.5 --out ...kill.json
+    python -m bench.label_scale run --shards 100 --per-shard 1000 --s3 --out bench/results/label_100k_s3.json
+    python -m bench.label_scale listing --committed 1000,10000,100000 --out bench/results/listing.json
 
 Inputs: ``--distinct`` shards of 128x96 JPEGs with 3 labelled boxes each (the synthetic shapes),
 hard-linked (local) or copied (S3) under ``--shards`` names. ``run`` labels them in this process
@@ -29,9 +29,7 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchlib import cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench.benchlib import cpu_model
 
 
 class Sampler:

@@ -1,6 +1,6 @@
-"""Long-run memory of the label job (issue 8): does host and object-store memory stay flat?
+"""Long-run memory of the label job: does host and object-store memory stay flat?
 
-    nice -n 19 python bench/memory_flat.py --num-images 10000 --out bench/results/memory_flat_cpu_tiny.json
+    nice -n 19 python -m bench.memory_flat --num-images 10000 --out bench/results/memory_flat_cpu_tiny.json
 
 Generates ``--num-images`` small JPEGs (320x240, ``--prompts`` boxes each, shards of
 ``--images-per-shard``), runs ``run_label`` with the tiny preset on a local Ray cluster, and every
@@ -27,7 +27,8 @@ import time
 from typing import Any
 
 import numpy as np
-from benchlib import CommitWatcher, TreeSampler, machine_info, now_iso, pss_mib, save_json, write_bench_shards
+
+from bench.benchlib import CommitWatcher, TreeSampler, machine_info, now_iso, pss_mib, save_json, write_bench_shards
 
 MEMORY_KEYS = ("pss_mib", "pss_anon_mib", "driver_pss_mib", "largest_process_pss_mib", "largest_process_anon_mib",
                "object_store_mib")

@@ -1,7 +1,7 @@
-"""Performance benchmark (issue 8): one table for four ways of labelling the same images.
+"""Performance benchmark: one table for four ways of labelling the same images.
 
-    python bench/perf.py --out bench/results/perf_gpu_rn50x16.json     # GPU: ovsam_rn50x16, SAM vit_h, CLIP RN50x16
-    nice -n 19 python bench/perf.py --device cpu --preset ovsam_tiny --sam-arch vit_b --crop-clip RN50 \\
+    python -m bench.perf --out bench/results/perf_gpu_rn50x16.json     # GPU: ovsam_rn50x16, SAM vit_h, CLIP RN50x16
+    nice -n 19 python -m bench.perf --device cpu --preset ovsam_tiny --sam-arch vit_b --crop-clip RN50 \\
         --num-images 16 --out bench/results/perf_cpu_tiny.json       # ~3 min on 2 busy cores
 
 Generates its own shards (640x480 JPEGs of synthetic shapes, ``--prompts`` box prompts per
@@ -42,7 +42,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchlib import (
+from bench.benchlib import (
     compare_predictions,
     machine_info,
     now_iso,
@@ -135,15 +135,15 @@ def run_child(mode: str, work: str) -> None:
 
         torch.set_num_threads(cfg["threads"])
     if mode in ("a", "c"):
-        from perf_modes import run_ours
+        from bench.perf_modes import run_ours
 
         result = run_ours(mode, cfg, work)
     elif mode == "b":
-        from perf_baseline import run_baseline
+        from bench.perf_baseline import run_baseline
 
         result = run_baseline(cfg, work)
     else:
-        from perf_modes import run_job
+        from bench.perf_modes import run_job
 
         result = run_job(cfg, work)
     save_json(result, os.path.join(work, f"{mode}.json"))
@@ -243,7 +243,7 @@ def _run_modes(cfg: dict[str, Any], work: str) -> dict[str, dict]:
     for mode in cfg["modes"]:
         t0 = time.time()
         print(f"[perf] mode {mode} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, "--work", work])
+        proc = subprocess.run([sys.executable, "-m", "bench.perf", "--child", mode, "--work", work])
         path = os.path.join(work, f"{mode}.json")
         if proc.returncode != 0 or not os.path.exists(path):
             rows[mode] = {"error": f"child exited with {proc.returncode} (its log is above)"}

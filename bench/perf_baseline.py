@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from benchlib import StageTimer
-from perf_modes import BASELINE_STAGES, _measure, _sync, count_flops, load_samples
+
+from bench.benchlib import StageTimer
+from bench.perf_modes import BASELINE_STAGES, _measure, _sync, count_flops, load_samples
 
 
 class CropBaseline:

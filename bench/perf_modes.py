@@ -25,7 +25,8 @@ import time
 from typing import Any
 
 import torch
-from benchlib import CommitWatcher, StageTimer, TreeSampler, fast_vs_fp32
+
+from bench.benchlib import CommitWatcher, StageTimer, TreeSampler, fast_vs_fp32
 
 OURS_STAGES = ("jpeg_decode", "preprocess", "backbone", "adapter", "fpn", "decode", "classify", "post", "records")
 BASELINE_STAGES = ("jpeg_decode", "preprocess", "sam_encoder", "sam_decoder", "post", "crop", "clip", "classify")

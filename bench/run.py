@@ -1,6 +1,6 @@
 """Benchmarks (not tests). Each writes a JSON result and prints a markdown table row.
 
-    python bench/run.py overhead --preset ovsam_rn50_small --num-images 16 --out bench/results/overhead.json
+    python -m bench.run overhead --preset ovsam_rn50_small --num-images 16 --out bench/results/overhead.json
 
 overhead: images/s of the whole label job (Ray Data: read -> decode -> model actor -> RLE ->
 Parquet commit) vs the same model alone in one process (decode -> predict -> RLE, no Ray), same
@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import TreeSampler, machine_info, now_iso, save_json  # bench/ is on sys.path
+from bench.benchlib import TreeSampler, machine_info, now_iso, save_json
 
 
 def _peak_delta_mib(sampler: TreeSampler) -> float:

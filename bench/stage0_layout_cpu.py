@@ -3,7 +3,7 @@ layout and in channels_last: the scene part (8 rendered scenes at 256, the tower
 backward, RoI-aligned regions through the attention pool, AdamW) and the crop part (32 crops at
 64, ``encode_image``). The scene part trains in channels_last (``pretrain_clip_regions``).
 
-    OMP_NUM_THREADS=1 python bench/stage0_layout_cpu.py [--repeats 15] [--out bench/results/stage0_layout_cpu.json]
+    OMP_NUM_THREADS=1 python -m bench.stage0_layout_cpu [--repeats 15] [--out bench/results/stage0_layout_cpu.json]
 
 Each layout runs in its own subprocess, alternately, ``--rounds`` times; per step the minimum and
 the median over ``--repeats`` steps after 3 warm-up steps (the minimum is the figure least
@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import machine_info, now_iso, save_json
+from bench.benchlib import machine_info, now_iso, save_json
 
 
 def _measure(layout: str, repeats: int) -> dict:
@@ -84,7 +84,7 @@ def main() -> None:
     runs: dict[str, list] = {"contiguous": [], "channels_last": []}
     for _ in range(a.rounds):
         for layout in runs:
-            cmd = [sys.executable, __file__, "--child", layout, "--repeats", str(a.repeats)]
+            cmd = [sys.executable, "-m", "bench.stage0_layout_cpu", "--child", layout, "--repeats", str(a.repeats)]
             runs[layout].append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                                            .strip().splitlines()[-1]))
     result = {"date": now_iso(), "machine": machine_info(), "command": " ".join(sys.argv), "runs": runs}

@@ -4,7 +4,7 @@ knobs, and scores the CLIP branch (DESIGN §2.7: RoIAlign on the stride-32 stage
 against the template-averaged class names) on the ground-truth boxes of held-out generated images —
 the ceiling of what the co-trained head reaches on the same frozen tower (bench/RESULTS.md).
 
-    OMP_NUM_THREADS=1 python bench/stage0_scenes.py --crops /tmp/st0/crops_s0.pth --seed 0 \\
+    OMP_NUM_THREADS=1 python -m bench.stage0_scenes --crops /tmp/st0/crops_s0.pth --seed 0 \\
         --scene-steps 1100 --scene-lr 1e-3 [--objects 2 5] [--out bench/results/stage0_scenes_s0.json]
 
 ``--crops FILE``: the crop part's CLIP, trained (2,000 steps, as the recipe) and saved there when
@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 import torch
-from benchlib import machine_info, now_iso, save_json
-from tiny_recipe import HeldOutImage, eval_shards, held_out_images
 
+from bench.benchlib import machine_info, now_iso, save_json
+from bench.tiny_recipe import HeldOutImage, eval_shards, held_out_images
 from ovsam_ray.data.synthetic import shape_vocabulary_names
 from ovsam_ray.model.clip_backbone import ResNetCLIPBackbone
 from ovsam_ray.model.presets import clip_tokenizer, create_clip_model, get_preset

@@ -4,10 +4,10 @@ set: box/point mIoU and accuracy over seen and unseen shapes as the demo and ``e
 label, the recognition head and the CLIP branch, the head on ground-truth boxes, and the head by
 how well the predicted mask's box matches the object (the head's RoI at inference is that box, DESIGN §2.5).
 
-    python bench/tiny_recipe.py --work /tmp/r1 --recipe '{"cotrain_steps": 800}' \\
+    python -m bench.tiny_recipe --work /tmp/r1 --recipe '{"cotrain_steps": 800}' \\
         [--stage0 /tmp/demo/train/clip_tiny_stage0.pth] [--seed 0] [--eval-images 160 --eval-seed 2000] \\
         [--out bench/results/tiny_recipe_r1.json]
-    python bench/tiny_recipe.py --weights /tmp/demo/train/weights ...   # evaluate only
+    python -m bench.tiny_recipe --weights /tmp/demo/train/weights ...   # evaluate only
 
 ``--stage0`` reuses a stage-0 CLIP (the recipe skips stage 0 when its file exists).
 """
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from benchlib import machine_info, now_iso, save_json
 from torchvision.ops import box_iou
 
+from bench.benchlib import machine_info, now_iso, save_json
 from ovsam_ray.data.decode import decode_image
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names

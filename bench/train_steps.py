@@ -1,9 +1,9 @@
 """Step times of a few training steps, through the same code as ``ovsam-ray train distill|cotrain``.
 
-    python bench/train_steps.py distill --out distill.json -- --storage-path RUNS --name d \\
+    python -m bench.train_steps distill --out distill.json -- --storage-path RUNS --name d \\
         --dataset SHARDS --preset ovsam_rn50x16 --random-init --teacher vit_h \\
         --teacher-checkpoint sam_vit_h_random.pth --use-gpu --batch-size 2 --max-steps 12 --log-every 1
-    python bench/train_steps.py write-sam-encoder --kind vit_h --out sam_vit_h_random.pth
+    python -m bench.train_steps write-sam-encoder --kind vit_h --out sam_vit_h_random.pth
 
 Everything after ``--`` goes to ``python -m ovsam_ray.cli train distill|cotrain`` (Ray Train) as it
 is; with ``--log-every 1`` every step logs its images/s (Ray forwards the worker's log; Ray Train
@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from benchlib import machine_info, now_iso, save_json
+from bench.benchlib import machine_info, now_iso, save_json
 
 # Images one GPU-run of each recipe reads (DESIGN §5; the paper's schedules):
 # distillation 24 epochs on 1% of SA-1B (11.1M images -> ~111k); co-training 12 epochs on COCO

@@ -1,3 +1,3 @@
 """ovsam_ray: Open-Vocabulary SAM pre-labelling and training on Ray."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -29,6 +29,7 @@ from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.labels.reader import iter_label_rows, source_shards
+from ovsam_ray.written import writing
 
 __all__ = ["colour", "contact_sheet", "drawing_scale", "place_labels", "render_overlay", "sample_rows", "show"]
 
@@ -174,13 +175,23 @@ def _png(image: Image.Image) -> bytes:
 
 
 def show(labels: str, output: str, *, n: int = 8, shards: str | None = None, seed: int = 0,
-         min_score: float = 0.0, sheet: bool = False, s3_endpoint: str | None = None) -> list[str]:
+         min_score: float = 0.0, sheet: bool = False, overwrite: bool = False,
+         s3_endpoint: str | None = None) -> list[str]:
     """Write overlay PNGs of ``n`` sampled images under ``output`` (and with ``sheet`` a contact
     sheet of them, listed last); returns their URLs. An image that cannot be read from its shard is
-    drawn on grey (and logged)."""
+    drawn on grey (and logged). A PNG of the same name already there is refused unless an earlier
+    ``show`` wrote it (see :mod:`ovsam_ray.written`)."""
     if n < 1:
         raise ValueError(f"n={n}: must be >= 1")
     rows = sample_rows(labels, n, seed=seed, s3_endpoint=s3_endpoint)
+    names = [data_file_name(r["shard"], r["key"], "png") for r in rows] + (["contact_sheet.png"] if sheet else [])
+    with writing(output, "show", names, overwrite=overwrite, s3_endpoint=s3_endpoint):
+        return _write_overlays(rows, labels, output, shards=shards, min_score=min_score, sheet=sheet,
+                               s3_endpoint=s3_endpoint)
+
+
+def _write_overlays(rows: list[dict[str, Any]], labels: str, output: str, *, shards: str | None, min_score: float,
+                    sheet: bool, s3_endpoint: str | None) -> list[str]:
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint)
     by_shard: dict[str, list[dict[str, Any]]] = {}
     for row in rows:

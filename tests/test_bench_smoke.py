@@ -10,10 +10,9 @@ import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "bench"))
+from bench import benchlib
 
-import benchlib  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_shards_have_exact_prompt_count(tmp_path):
@@ -57,7 +56,7 @@ def test_tree_sampler_sees_this_process():
 
 def test_perf_modes_a_c_end_to_end(tmp_path):
     out = tmp_path / "perf.json"
-    cmd = [sys.executable, os.path.join(REPO, "bench", "perf.py"), "--device", "cpu", "--preset", "ovsam_tiny",
+    cmd = [sys.executable, "-m", "bench.perf", "--device", "cpu", "--preset", "ovsam_tiny",
            "--modes", "a,c", "--num-images", "2", "--prompts", "3", "--width", "160", "--height", "120",
            "--batch-size", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -79,7 +78,7 @@ def test_tiny_recipe_bench_trains_and_splits_the_accuracy(tmp_path):
               "stage0_pool": 64, "stage0_colours": 2, "stage0_scene_steps": 2, "stage0_scene_batch": 2,
               "cotrain_steps": 2, "batch_size": 2, "num_prompts": 2, "num_points": 64, "warmup_steps": 1}
     out = tmp_path / "r.json"
-    subprocess.run([sys.executable, os.path.join(REPO, "bench", "tiny_recipe.py"), "--work", str(tmp_path / "w"),
+    subprocess.run([sys.executable, "-m", "bench.tiny_recipe", "--work", str(tmp_path / "w"),
                     "--recipe", json.dumps(recipe), "--eval-images", "3", "--eval-dir", str(tmp_path / "eval"),
                     "--out", str(out)], check=True, cwd=REPO, capture_output=True, timeout=600)
     r = json.loads(out.read_text())

@@ -40,6 +40,8 @@ def _recording(real, calls, result):
 
 
 class _Summary:
+    shards: list[str] = []
+
     def to_dict(self):
         return {"images": 0}
 
@@ -59,7 +61,8 @@ def test_export_dispatches_from_the_registry(monkeypatch, fmt):
 
 
 @pytest.mark.parametrize("fmt", sorted(CONVERTERS))
-def test_convert_dispatches_from_the_registry(monkeypatch, fmt):
+def test_convert_dispatches_from_the_registry(monkeypatch, tmp_path, fmt):
+    monkeypatch.chdir(tmp_path)  # the CLI records what it wrote in ./out
     calls = []
     monkeypatch.setitem(CONVERTERS, fmt, _recording(CONVERTERS[fmt], calls, _Summary()))
     assert main(["convert", fmt, *CONVERT_ARGS[fmt], "--output", "out", "--limit", "7"]) == 0

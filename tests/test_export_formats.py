@@ -268,7 +268,7 @@ def _label_rows(labels):
 def test_export_wds_reads_back_with_webdataset(labelled, tmp_path):
     out = str(tmp_path / "wds")
     assert main(["export", "wds", "--input", labelled["labels"], "--output", out]) == 0
-    assert os.listdir(out) == ["shard-000000.tar"]
+    assert sorted(os.listdir(out)) == ["_ovsam_written.json", "shard-000000.tar"]
     import webdataset as wds
 
     samples = list(wds.WebDataset([os.path.join(out, "shard-000000.tar")], shardshuffle=False).decode("rgb8"))

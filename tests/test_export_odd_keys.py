@@ -21,6 +21,7 @@ from ovsam_ray.export import export_coco, export_labelstudio, export_sa1b, expor
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.pipeline.label_job import LabelConfig, run_label
 from ovsam_ray.show import show
+from ovsam_ray.written import MANIFEST_NAME
 
 _BYTES_KEY = b"caf\xe9-latin1"  # not UTF-8: tarfile hands it over surrogate-escaped
 KEYS = ["d", "d.jpg/x", "d/x", "p%2Fq", "p/q", "k" * 300, "/".join(["deep" * 25] * 12), "../../escaped",
@@ -70,7 +71,8 @@ def odd_labels(ray_local, shapes_vocab, tmp_path_factory):
 
 
 def _new_files(root) -> list[str]:
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+    """The data files below ``root``: the list of what a command wrote is left out."""
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f != MANIFEST_NAME)
 
 
 def _inside(out: str, files: list[str]) -> None:

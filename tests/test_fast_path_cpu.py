@@ -10,22 +10,18 @@ mask pixels where its logit is not within the logits' tolerance of the threshold
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.benchlib import _masks, fast_vs_fp32
 from ovsam_ray.model.automatic_mask_generator import OVSAMAutomaticMaskGenerator
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.functional import resized_shape
 from ovsam_ray.model.predictor import ImagePrediction, ImagePrompts, OVSAMPredictor
 from ovsam_ray.model.presets import build_ovsam
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from benchlib import _masks, fast_vs_fp32  # noqa: E402
 
 
 def _images() -> list[np.ndarray]:

@@ -4,20 +4,15 @@ the CPU's strict fp32 ones. ``bench/gpu_run.py`` runs these with ``pytest -m gpu
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
 
+from bench.benchlib import fast_vs_fp32
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.functional import resized_shape
 from ovsam_ray.model.predictor import ImagePrompts, OVSAMPredictor
 from ovsam_ray.model.presets import build_ovsam
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from benchlib import fast_vs_fp32  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -13,12 +13,9 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "bench"))
+from bench import gpu_run, gpu_run_checks, train_steps
 
-import gpu_run  # noqa: E402
-import gpu_run_checks  # noqa: E402
-import train_steps  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_stage_command_parses_at_gpu_and_smoke_sizes(tmp_path, capsys):
@@ -100,7 +97,7 @@ def test_quick_smoke_runs_the_gpu_branches_on_the_cpu(tmp_path):
     and the fast path (bf16 autocast, channels_last, device RLE) on the CPU checked against fp32
     with what random weights can show. (The whole smoke run takes minutes: bench/RESULTS.md.)"""
     out = tmp_path / "gpu"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_run.py"), "--smoke", "--stages",
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_run", "--smoke", "--stages",
                            "env,perf", "--perf-modes", "c", "--work", str(tmp_path / "work"), str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -57,8 +57,8 @@ def test_show_writes_one_png_per_sampled_image(tmp_path, bystanders):
     assert main(["show", "--input", labels, "--output", str(tmp_path / "show2"), "-n", "3"]) == 0
     found = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "show2")
                    for d, _, fs in os.walk(tmp_path / "show2") for f in fs)
-    assert found == ["shard-000000/000000000005.png", "shard-000000/000000000009.png",
-                     "shard-000001/000000000012.png"]
+    assert found == ["_ovsam_written.json", "shard-000000/000000000005.png", "shard-000000/000000000009.png",
+                     "shard-000001/000000000012.png"]  # and the list of what show wrote
 
 
 def test_drawing_scales_with_the_image_and_labels_do_not_pile_up():
@@ -99,6 +99,6 @@ def test_show_contact_sheet(tmp_path):
     gt_label_output(dataset, labels, shard_of=lambda i: "shard-000000" if i <= 9 else "shard-000001")
     out = tmp_path / "show"
     assert main(["show", "--input", labels, "--output", str(out), "-n", "3", "--shards", shards, "--sheet"]) == 0
-    assert sorted(os.listdir(out)) == ["contact_sheet.png", "shard-000000", "shard-000001"]
+    assert sorted(os.listdir(out)) == ["_ovsam_written.json", "contact_sheet.png", "shard-000000", "shard-000001"]
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width == 2 * 384 and sheet.height > 2 * 384  # 2 x 2 cells with captions

@@ -4,6 +4,7 @@ model's outputs; a started-again local run resumes; the metrics of the demo are 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -72,6 +73,27 @@ def test_cli_export_writes_beside_a_users_files_and_never_into_the_run(trained, 
     run = trained["cfg"].run.run_url
     assert main(["train", "export", "--run", run, "--output", str(out)]) == 0
     assert main(["train", "export", "--run", run, "--output", os.path.join(run, "..", "local", "w")]) == 2
+
+
+def test_cli_export_never_replaces_a_users_weight_file_and_replaces_its_own_with_overwrite(trained, tmp_path,
+                                                                                          bystanders):
+    from ovsam_ray.cli import main
+
+    run = trained["cfg"].run.run_url
+    out = tmp_path / "weights"
+    bystanders.around(out)
+    users = out / "clip2sam_shapes_tiny.pth"
+    users.write_bytes(b"the user's own weights")
+    bystanders.files[str(users)] = hashlib.sha256(users.read_bytes()).hexdigest()
+    before = sorted(os.listdir(out))
+    for flags in ([], ["--overwrite"]):
+        assert main(["train", "export", "--run", run, "--output", str(out), *flags]) == 2
+        assert sorted(os.listdir(out)) == before, "refused before any weight file is written"
+
+    ours = tmp_path / "ours"
+    assert main(["train", "export", "--run", run, "--output", str(ours)]) == 0
+    assert main(["train", "export", "--run", run, "--output", str(ours)]) == 2  # a finished export: --overwrite
+    assert main(["train", "export", "--run", run, "--output", str(ours), "--overwrite"]) == 0
 
 
 def test_export_then_load_gives_the_in_memory_outputs(trained):

@@ -15,18 +15,42 @@ def _shard_args(p: argparse.ArgumentParser, prompts: bool = True) -> None:
     p.add_argument("--limit", type=int, help="convert only the first N images")
     p.add_argument("--workers", type=int, default=4, help="shards built in parallel (threads)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards of an earlier convert in --output (never anyone else's files)")
     if prompts:
         p.add_argument("--prompts", default="box", choices=("box", "point", "both", "none"),
                        help="prompts written from the ground truth (boxes; interior points; both; none)")
 
 
+#: What a converter writes in its output folder: the shards (how many is known only at the end),
+#: the summary and the image classes (see ovsam_ray.convert.writer).
+_SHARD_NAME = r"shard-[0-9]{6}\.tar"
+_FIXED_NAMES = ("_convert.json", "_image_classes.parquet")
+
+
+def _convert_names(output: str, s3_endpoint: str | None) -> list[str]:
+    """The names a conversion may write that exist already: every shard-NNNNNN.tar there counts,
+    since the number of shards is not known before the samples are."""
+    import re
+
+    from ovsam_ray import io
+
+    there = [u.rstrip("/").rsplit("/", 1)[-1] for u in io.list_files(output, s3_endpoint=s3_endpoint)]
+    return [*_FIXED_NAMES, *(n for n in there if re.fullmatch(_SHARD_NAME, n))]
+
+
 def _convert(a: argparse.Namespace) -> int:
     from ovsam_ray.convert import CONVERTERS
+    from ovsam_ray.written import writing
 
     check_locations(a, ("input", "annotations", "images", "synsets", "results"))
     # The flags of ``convert <format>`` are its converter's keyword arguments.
-    options = {k: v for k, v in vars(a).items() if k not in ("command", "format", "func")}
-    print_json(CONVERTERS[a.format](**options).to_dict())
+    options = {k: v for k, v in vars(a).items() if k not in ("command", "format", "func", "overwrite")}
+    with writing(a.output, "convert", _convert_names(a.output, a.s3_endpoint), overwrite=a.overwrite,
+                 patterns=[_SHARD_NAME], s3_endpoint=a.s3_endpoint) as claim:
+        summary = CONVERTERS[a.format](**options)
+        claim.add(url.rstrip("/").rsplit("/", 1)[-1] for url in summary.shards)
+    print_json(summary.to_dict())
     return 0
 
 

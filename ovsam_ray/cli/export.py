@@ -25,6 +25,8 @@ def _export_args(p: argparse.ArgumentParser, output_help: str) -> None:
     p.add_argument("--output", required=True, help=output_help)
     p.add_argument("--min-score", type=float, default=0.0)
     p.add_argument("--shards", help="input shards (default: the label run record's input)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier export of this format (never anyone else's files)")
     p.add_argument("--s3-endpoint")
 
 

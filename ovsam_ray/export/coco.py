@@ -34,6 +34,7 @@ from ovsam_ray.export.images import ImageCopier, ImageExts, output_folder
 from ovsam_ray.export.output import open_output
 from ovsam_ray.labels.reader import iter_label_rows
 from ovsam_ray.model.text_embedding import clean_class_name
+from ovsam_ray.written import file_and_folder, writing
 
 __all__ = ["coco_image_ids", "export_coco"]
 
@@ -89,6 +90,19 @@ def _annotation(inst: dict[str, Any], image_id: int, category_id: int, score: fl
     }
 
 
+def _coco_names(name: str, labels: str, shards: str | None, with_images: bool, s3_endpoint: str | None
+                ) -> Iterator[str]:
+    """The json's name and, ``with_images``, the images' names below its folder."""
+    yield name
+    if not with_images:
+        return
+    exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint)
+    for row in iter_label_rows(labels, columns=("shard", "key", "status"), s3_endpoint=s3_endpoint):
+        ext = exts(row["shard"], row["key"]) if row["status"] == "ok" else None
+        if ext is not None:
+            yield "images/" + data_file_name(row["shard"], row["key"], ext)
+
+
 _RESULT_FIELDS = ("image_id", "category_id", "segmentation", "bbox", "score", "label")
 
 
@@ -103,12 +117,14 @@ def export_coco(
     results: bool = False,
     shards: str | None = None,
     with_images: bool = False,
+    overwrite: bool = False,
     s3_endpoint: str | None = None,
 ) -> dict[str, Any]:
     """Write the COCO json ``output`` from the label output ``labels``; returns counts
     (``images``, ``annotations``, ``dropped``: instances whose label is not a category,
     ``below_min_score``, ``error_rows``, ``images_written``, ``images_missing``: images of
-    ``with_images`` not found in their shard, logged)."""
+    ``with_images`` not found in their shard, logged). A file of the same name already there (the
+    json, an image) is refused unless an earlier export wrote it (see :mod:`ovsam_ray.written`)."""
     if label_source not in LABEL_SOURCES or score not in SCORE_MODES:
         raise ValueError(f"label_source must be one of {LABEL_SOURCES}, score one of {SCORE_MODES}")
     fixed = load_categories(categories, s3_endpoint=s3_endpoint) if categories else None
@@ -162,25 +178,28 @@ def export_coco(
                 ann = _annotation(inst, image_id, int(cat), s)
                 yield {k: ann[k] for k in _RESULT_FIELDS} if results else {"id": n, **ann}
 
-    with open_output(output, "w", s3_endpoint=s3_endpoint) as f:
-        if results:
-            f.write("[")
-            stats["images"] = sum(1 for _ in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint))
-            stats["annotations"] = _write_array(f, annotations())
-            f.write("\n]\n")
-        else:
-            f.write('{"info": ' + json.dumps({"description": "ovsam_ray labels", "labels": io.redact(labels)}))
-            f.write(',\n"images": [')
-            stats["images"] = _write_array(f, images())
-            f.write('],\n"annotations": [')
-            stats["annotations"] = _write_array(f, annotations())
-            cats = fixed if fixed is not None else [{"id": k, "name": v} for k, v in sorted(seen.items())]
-            f.write('],\n"categories": ' + json.dumps(cats) + "}\n")
-    if with_images and results:
-        for _, row in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
-            copier.add(row["shard"], row["key"])
-    stats["images_written"] = copier.close()
-    stats["images_missing"] = copier.missing
+    folder, name = file_and_folder(output)
+    with writing(folder, "export coco", _coco_names(name, labels, shards, with_images, s3_endpoint),
+                 overwrite=overwrite, s3_endpoint=s3_endpoint):
+        with open_output(output, "w", s3_endpoint=s3_endpoint) as f:
+            if results:
+                f.write("[")
+                stats["images"] = sum(1 for _ in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint))
+                stats["annotations"] = _write_array(f, annotations())
+                f.write("\n]\n")
+            else:
+                f.write('{"info": ' + json.dumps({"description": "ovsam_ray labels", "labels": io.redact(labels)}))
+                f.write(',\n"images": [')
+                stats["images"] = _write_array(f, images())
+                f.write('],\n"annotations": [')
+                stats["annotations"] = _write_array(f, annotations())
+                cats = fixed if fixed is not None else [{"id": k, "name": v} for k, v in sorted(seen.items())]
+                f.write('],\n"categories": ' + json.dumps(cats) + "}\n")
+        if with_images and results:
+            for _, row in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
+                copier.add(row["shard"], row["key"])
+        stats["images_written"] = copier.close()
+        stats["images_missing"] = copier.missing
     for row in iter_label_rows(labels, columns=("status",), s3_endpoint=s3_endpoint):
         stats["error_rows"] += row["status"] != "ok"
     if stats["dropped"]:

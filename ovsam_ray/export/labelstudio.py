@@ -36,6 +36,7 @@ from ovsam_ray.export.images import ImageExts
 from ovsam_ray.export.output import open_output, write_file
 from ovsam_ray.export.polygons import mask_to_polygons
 from ovsam_ray.labels.reader import iter_label_rows
+from ovsam_ray.written import file_and_folder, writing
 
 __all__ = ["MASK_FORMATS", "export_labelstudio", "labelstudio_config", "labelstudio_task"]
 
@@ -94,8 +95,9 @@ def labelstudio_config(labels: list[str], *, masks: str = "brush", from_name: st
 def export_labelstudio(labels: str, output: str, *, image_url: str = "{file_name}", masks: str = "brush",
                        shards: str | None = None, from_name: str = "label", to_name: str = "image",
                        model_version: str = "ovsam", tolerance: float = 1.0, min_score: float = 0.0,
-                       s3_endpoint: str | None = None) -> dict[str, int]:
-    """Write the tasks json ``output`` (a JSON list, streamed) and its labelling config; returns counts."""
+                       overwrite: bool = False, s3_endpoint: str | None = None) -> dict[str, int]:
+    """Write the tasks json ``output`` (a JSON list, streamed) and its labelling config; returns counts.
+    Either file already there is refused unless an earlier export wrote it (see :mod:`ovsam_ray.written`)."""
     if masks not in MASK_FORMATS:
         raise ValueError(f"masks={masks!r}: use one of {MASK_FORMATS}")
     stats = {"tasks": 0, "results": 0, "error_rows": 0}
@@ -117,14 +119,17 @@ def export_labelstudio(labels: str, output: str, *, image_url: str = "{file_name
             stats["results"] += len(task["predictions"][0]["result"])
             yield task
 
-    with open_output(output, "w", s3_endpoint=s3_endpoint) as f:
-        f.write("[")
-        for task in tasks():
-            f.write(("," if stats["tasks"] else "") + "\n" + json.dumps(task, separators=(",", ":")))
-            stats["tasks"] += 1
-        f.write("\n]\n")
-    config = labelstudio_config(sorted(str(n) for n in names), masks=masks, from_name=from_name, to_name=to_name)
-    write_file(_config_url(output), config.encode(), s3_endpoint=s3_endpoint)
+    folder, name = file_and_folder(output)
+    with writing(folder, "export labelstudio", [name, file_and_folder(_config_url(output))[1]],
+                 overwrite=overwrite, s3_endpoint=s3_endpoint):
+        with open_output(output, "w", s3_endpoint=s3_endpoint) as f:
+            f.write("[")
+            for task in tasks():
+                f.write(("," if stats["tasks"] else "") + "\n" + json.dumps(task, separators=(",", ":")))
+                stats["tasks"] += 1
+            f.write("\n]\n")
+        config = labelstudio_config(sorted(str(n) for n in names), masks=masks, from_name=from_name, to_name=to_name)
+        write_file(_config_url(output), config.encode(), s3_endpoint=s3_endpoint)
     return stats
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from ovsam_ray import io
@@ -20,6 +21,7 @@ from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.images import ImageExts
 from ovsam_ray.export.output import write_file
 from ovsam_ray.labels.reader import iter_label_rows
+from ovsam_ray.written import writing
 
 __all__ = ["export_sa1b", "sa1b_record"]
 
@@ -55,10 +57,24 @@ def sa1b_record(row: dict[str, Any], *, min_score: float = 0.0, ext: str = "jpg"
     return {"image": image, "annotations": anns}
 
 
+def _sa1b_names(labels: str, s3_endpoint: str | None) -> Iterator[str]:
+    for row in iter_label_rows(labels, columns=("shard", "key", "status"), s3_endpoint=s3_endpoint):
+        if row["status"] == "ok":
+            yield data_file_name(row["shard"], row["key"], "json")
+
+
 def export_sa1b(labels: str, output: str, *, min_score: float = 0.0, shards: str | None = None,
-                s3_endpoint: str | None = None) -> dict[str, int]:
+                overwrite: bool = False, s3_endpoint: str | None = None) -> dict[str, int]:
     """Write one json per ``ok`` row under ``output``; returns counts. ``file_name`` takes the image's extension in its
-    input shard (``shards`` or the run record's input; ``jpg`` when they are unknown)."""
+    input shard (``shards`` or the run record's input; ``jpg`` when they are unknown). Files of the same names
+    already there are refused unless an earlier export wrote them (see :mod:`ovsam_ray.written`)."""
+    with writing(output, "export sa1b", _sa1b_names(labels, s3_endpoint), overwrite=overwrite,
+                 s3_endpoint=s3_endpoint):
+        return _export_sa1b(labels, output, min_score=min_score, shards=shards, s3_endpoint=s3_endpoint)
+
+
+def _export_sa1b(labels: str, output: str, *, min_score: float, shards: str | None,
+                 s3_endpoint: str | None) -> dict[str, int]:
     stats = {"images": 0, "annotations": 0, "error_rows": 0}
     exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint)
     for row in iter_label_rows(labels, s3_endpoint=s3_endpoint):

@@ -23,13 +23,15 @@ import io as _io
 import json
 import logging
 import tarfile
+from collections.abc import Iterator
 from typing import IO, Any
 
 from ovsam_ray import io
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.output import open_output
-from ovsam_ray.labels.reader import label_files, read_label_file, source_shards
+from ovsam_ray.labels.reader import iter_label_rows, label_files, read_label_file, source_shards
+from ovsam_ray.written import writing
 
 __all__ = ["export_wds", "wds_labels"]
 
@@ -74,11 +76,30 @@ def _write_shard(f: IO[bytes], rows: dict[str, dict[str, Any]], shard_url: str, 
     stats["missing_images"] += len(rows) - len(found)
 
 
+def _wds_names(labels: str, s3_endpoint: str | None) -> Iterator[str]:
+    """``<shard>.tar`` for every shard with an ``ok`` row (one missing from the input shards is
+    not written, but is claimed all the same: a rerun may find it)."""
+    seen: set[str] = set()
+    for row in iter_label_rows(labels, columns=("shard", "status"), s3_endpoint=s3_endpoint):
+        if row["status"] == "ok" and row["shard"] not in seen:
+            seen.add(row["shard"])
+            yield data_file_name(row["shard"], None, "tar")
+
+
 def export_wds(labels: str, output: str, *, shards: str | None = None, min_score: float = 0.0,
-               s3_endpoint: str | None = None) -> dict[str, int]:
+               overwrite: bool = False, s3_endpoint: str | None = None) -> dict[str, int]:
     """Write ``<output>/<shard>.tar`` for every label shard, reading the images from the input
     shards (``shards`` or the run record's input); returns counts (``missing_images``: labelled
-    images not in their shard; ``missing_shards``: shards not found, their images left out)."""
+    images not in their shard; ``missing_shards``: shards not found, their images left out).
+    Tars of the same names already there are refused unless an earlier export wrote them (see
+    :mod:`ovsam_ray.written`)."""
+    with writing(output, "export wds", _wds_names(labels, s3_endpoint), overwrite=overwrite,
+                 s3_endpoint=s3_endpoint):
+        return _export_wds(labels, output, shards=shards, min_score=min_score, s3_endpoint=s3_endpoint)
+
+
+def _export_wds(labels: str, output: str, *, shards: str | None, min_score: float,
+                s3_endpoint: str | None) -> dict[str, int]:
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint)
     stats = {"shards": 0, "samples": 0, "instances": 0, "error_rows": 0, "missing_images": 0,
              "missing_shards": 0}

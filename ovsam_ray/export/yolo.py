@@ -21,18 +21,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ovsam_ray import io
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.categories import load_categories, record_vocabulary
-from ovsam_ray.export.images import ImageCopier
+from ovsam_ray.export.images import ImageCopier, ImageExts
 from ovsam_ray.export.output import open_output, write_file
 from ovsam_ray.export.polygons import mask_to_polygons
 from ovsam_ray.labels.reader import iter_label_batches, iter_label_rows, source_shards
 from ovsam_ray.model.text_embedding import clean_class_name
+from ovsam_ray.written import writing
 
 __all__ = ["export_yolo", "yolo_classes", "yolo_lines"]
 
@@ -98,12 +99,34 @@ def _yaml(names: list[str], output: str) -> str:
     return f"{root}train: images\nval: images\nnc: {len(names)}\nnames:\n{body}\n"
 
 
+def _yolo_names(labels: str, shards: str | None, with_images: bool, s3_endpoint: str | None) -> Iterator[str]:
+    """Every file name the export writes below its folder, in one pass over the rows' names."""
+    yield from ("keys.jsonl", "data.yaml")
+    exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint) if with_images else None
+    for row in iter_label_rows(labels, columns=("shard", "key", "status"), s3_endpoint=s3_endpoint):
+        if row["status"] != "ok":
+            continue
+        yield "labels/" + data_file_name(row["shard"], row["key"], "txt")
+        ext = exts(row["shard"], row["key"]) if exts is not None else None
+        if ext is not None:
+            yield "images/" + data_file_name(row["shard"], row["key"], ext)
+
+
 def export_yolo(labels: str, output: str, *, classes: str | None = None, shards: str | None = None,
                 tolerance: float = 1.0, min_score: float = 0.0, with_images: bool = False,
-                s3_endpoint: str | None = None) -> dict[str, int]:
+                overwrite: bool = False, s3_endpoint: str | None = None) -> dict[str, int]:
     """Write YOLO segmentation labels (and, with ``with_images``, the images from the shards —
     ``shards`` or the run record's input) under ``output``; returns counts (``images_missing``:
-    images of ``with_images`` not found in their shard, logged)."""
+    images of ``with_images`` not found in their shard, logged). Files of the same names already
+    there are refused unless an earlier export wrote them (see :mod:`ovsam_ray.written`)."""
+    with writing(output, "export yolo", _yolo_names(labels, shards, with_images, s3_endpoint),
+                 overwrite=overwrite, s3_endpoint=s3_endpoint):
+        return _export_yolo(labels, output, classes=classes, shards=shards, tolerance=tolerance,
+                            min_score=min_score, with_images=with_images, s3_endpoint=s3_endpoint)
+
+
+def _export_yolo(labels: str, output: str, *, classes: str | None, shards: str | None, tolerance: float,
+                 min_score: float, with_images: bool, s3_endpoint: str | None) -> dict[str, int]:
     names, class_of = yolo_classes(labels, classes, s3_endpoint=s3_endpoint)
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint) if with_images else {}
     copier = ImageCopier(urls, io.join(output, "images"), s3_endpoint=s3_endpoint)

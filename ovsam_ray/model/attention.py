@@ -1,4 +1,4 @@
-"""SAM ViT attention through ``scaled_dot_product_attention`` (issue 8).
+"""SAM ViT attention through ``scaled_dot_product_attention``.
 
 segment_anything's ``Attention`` materialises the fp32 (B*heads, N, N) score matrix and adds
 the decomposed relative-position bias to it in place of a fused kernel: for the adapter's global

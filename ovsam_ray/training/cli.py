@@ -172,7 +172,7 @@ def _export(args: argparse.Namespace) -> int:
 
     check_disjoint([("--run", args.run)], [("--output", args.output)])
     written = export_checkpoint(args.run, args.output, train_vocab=args.train_vocab, include_clip=args.include_clip,
-                                s3_endpoint=args.s3_endpoint)
+                                overwrite=args.overwrite, s3_endpoint=args.s3_endpoint)
     for part, path in sorted(written.items()):
         print(f"{part}: {path}")
     return 0
@@ -223,6 +223,8 @@ def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--output", required=True, help="local folder for the weight files")
     p.add_argument("--train-vocab", help="name in clip2sam_<name>_<preset>.pth (default: the vocabulary's name)")
     p.add_argument("--include-clip", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the weight files of an earlier export in --output (never anyone else's files)")
     p.add_argument("--s3-endpoint")
     p.set_defaults(func=_export)
 

@@ -300,14 +300,16 @@ def pretrain_clip_regions(clip_model: nn.Module, tokenizer: Callable, *, class_n
     part first, it stays on the plateau (19% after 1,000 steps). Scenes of ``objects`` = 2-5 shapes
     (the shards have 1-4) give more regions per forward pass: 92% after 1,000 steps against 89%.
     On 394 held-out objects after the same 2,000 crop steps, 1,100 steps at lr 5e-4 reach 88%,
-    at 1e-3 92%, at 2e-3 89% (bench/RESULTS.md, session 6)."""
+    at 1e-3 92%, at 2e-3 89% (bench/RESULTS.md, "A faster optimiser step and a better stage-0
+    learning rate")."""
     t0 = time.perf_counter()
     backbone = ResNetCLIPBackbone(visual=clip_model.visual)  # shares the tower; never put in eval here
     templates = load_templates()
 
     trained, shape_head = _with_shape_head(clip_model, class_names)
     # channels_last: the tower's forward+backward on whole scenes is ~26% faster on CPU
-    # (bench/RESULTS.md, session 5); the tower goes back to the default layout afterwards.
+    # (bench/RESULTS.md, "More, smaller co-training steps"); the tower goes back to the default layout
+    # afterwards.
     clip_model.visual.to(memory_format=torch.channels_last)
 
     def loss_fn(rng: np.random.Generator) -> torch.Tensor:

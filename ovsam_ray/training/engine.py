@@ -160,7 +160,8 @@ def build_optimizer(net: nn.Module, cfg: OptimConfig, global_batch: int | None =
 def adamw(params: list, **kwargs: Any) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` with the fused kernel where every parameter allows it (floating
     point, on CPU or CUDA): one kernel for all tensors instead of a dozen ops per tensor. On the
-    tiny recipe's CPU steps the update drops from ~26 to ~4 ms (bench/RESULTS.md, session 6)."""
+    tiny recipe's CPU steps the update drops from ~26 to ~4 ms (bench/RESULTS.md, "A faster optimiser
+    step and a better stage-0 learning rate")."""
     tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     fused = bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
     return torch.optim.AdamW(params, fused=fused, **kwargs)

@@ -19,8 +19,9 @@ import tempfile
 import torch
 
 from ovsam_ray import io
-from ovsam_ray.checkpoints import export_released
+from ovsam_ray.checkpoints import export_released, standard_file_names
 from ovsam_ray.model.presets import get_preset
+from ovsam_ray.written import writing
 
 from .config import CotrainConfig
 from .engine import CotrainNet, DistillNet
@@ -47,10 +48,20 @@ def vocab_file_tag(name: str) -> str:
     return tag or "custom"
 
 
+def released_file_names(preset: str, train_vocab: str, include_clip: bool) -> list[str]:
+    """The files :func:`~ovsam_ray.checkpoints.export_released` writes (and their temporaries)."""
+    names = standard_file_names(preset, train_vocab)
+    chosen = [names["sam2clip"][0], names["clip2sam"][0], names["sam"][-1]]
+    chosen += [names["clip"][0]] if include_clip else []
+    return [n + suffix for n in chosen for suffix in ("", ".tmp")]
+
+
 def export_checkpoint(source: str, output: str, *, train_vocab: str | None = None, include_clip: bool | None = None,
-                      s3_endpoint: str | None = None) -> dict[str, str]:
+                      overwrite: bool = False, s3_endpoint: str | None = None) -> dict[str, str]:
     """Export the checkpoint at ``source`` (a run folder: its latest checkpoint; or one
-    checkpoint folder) into ``output`` (a local folder). Returns part -> written path."""
+    checkpoint folder) into ``output`` (a local folder). Returns part -> written path. A weight
+    file already in ``output`` is refused unless an earlier export wrote it and ``overwrite``
+    (see :mod:`ovsam_ray.written`)."""
     url = _checkpoint_url(source, s3_endpoint)
     with tempfile.TemporaryDirectory() as tmp:
         if io.is_remote(url):
@@ -85,7 +96,9 @@ def export_checkpoint(source: str, output: str, *, train_vocab: str | None = Non
         include_clip = not get_preset(cfg.model.preset).clip_published or "clip" not in files
     if not include_clip:
         log.info("CLIP weights not copied: place %s beside the export", files.get("clip"))
-    written = export_released(model.eval(), output, cfg.model.preset, train_vocab=tag, meta=meta,
-                              clip_model=clip_model if include_clip else None)
+    with writing(output, "train export", released_file_names(cfg.model.preset, tag, include_clip),
+                 overwrite=overwrite):
+        written = export_released(model.eval(), output, cfg.model.preset, train_vocab=tag, meta=meta,
+                                  clip_model=clip_model if include_clip else None)
     log.info("exported %s step %d to %s: %s", stage, meta["step"], output, sorted(written))
     return written

@@ -24,18 +24,18 @@ thousand small steps from scratch need it: lr 1e-3, 2 images of 12 prompts per s
 points, a milder scale jitter, gradient clipping at 1.0, a cosine schedule over a fixed number of
 steps (so the amount of training does not depend on the machine's load), and a learned classifier
 temperature starting at exp(3.0) = 20 with its own lr (the released presets keep 4.6052 fixed).
-Why these numbers (bench/RESULTS.md, sessions 3-6, on 394 held-out objects): with every class
-seen the fused label follows the recognition head (DESIGN §2.7, a = 0.1), whose RoI at inference
-is the box of the predicted mask; an undertrained mask decoder leaks into neighbouring objects
-and stretches that box, so the co-training minutes go to the masks. Twice the co-training steps
-of 8 images (1,600) lifted box mIoU 0.784 -> 0.848 and the label 83.5% -> 86.3%; the same gain
-fits in the original minutes as many small steps: 2,400-2,800 steps of 2 images reach 0.81-0.82
-and 84.5-86.0% (three runs; 8 images x 800 steps: 0.78-0.80, 83-85%). Stage 0's scene part has
-1,100 steps because the frozen tower it leaves is the head's ceiling: with 700 the same
-co-training ends at 83.5-83.8%, and a shorter crop part (1,400) costs 4-7 points. Its lr is 1e-3:
-on three stage-0 seeds the CLIP branch then names 88.3-92.4% of the held-out objects on their
-boxes, against 84.8-89.3% at 5e-4 (+1.3 to +4.3 points; 2e-3 is no better), and the co-trained
-label follows (87.1-87.3% on one such stage 0 over two co-training seeds; session 6).
+Why these numbers (bench/RESULTS.md, "The tiny recipe behind `ovsam-ray demo`", 2026-11-27, on 394
+held-out objects): with every class seen the fused label follows the recognition head (DESIGN §2.7,
+a = 0.1), whose RoI at inference is the box of the predicted mask; an undertrained mask decoder
+leaks into neighbouring objects and stretches that box, so the co-training minutes go to the masks.
+Twice the co-training steps of 8 images (1,600) lifted box mIoU 0.784 -> 0.848 and the label 83.5%
+-> 86.3%; the same gain fits in the original minutes as many small steps: 2,400-2,800 steps of 2
+images reach 0.81-0.82 and 84.5-86.0% (three runs; 8 images x 800 steps: 0.78-0.80, 83-85%). Stage
+0's scene part has 1,100 steps because the frozen tower it leaves is the head's ceiling: with 700
+the same co-training ends at 83.5-83.8%, and a shorter crop part (1,400) costs 4-7 points. Its lr is
+1e-3: on three stage-0 seeds the CLIP branch then names 88.3-92.4% of the held-out objects on their
+boxes, against 84.8-89.3% at 5e-4 (+1.3 to +4.3 points; 2e-3 is no better), and the co-trained label
+follows (87.1-87.3% on one such stage 0 over two co-training seeds).
 ``run_tiny_recipe`` returns the exported weights folder, which the label job loads with
 ``preset="ovsam_tiny"``, ``train_vocab="shapes"``.
 """
@@ -194,7 +194,8 @@ def run_tiny_recipe(work_dir: str, *, seed: int = 0, recipe: TinyRecipe | None =
         state, _ = run_local("cotrain", cfg, cotrain_setup, sample_builder(cfg), time_budget_s=remaining, clock=clock)
         log.info("stages 1+2: %d steps, %d images", state.step, state.images_seen)
     weights = os.path.join(work_dir, "weights")
-    export_checkpoint(cfg.run.run_url, weights, train_vocab=TRAIN_VOCAB)
+    # the work folder is the recipe's own: a rerun replaces its earlier export (never a user's file there)
+    export_checkpoint(cfg.run.run_url, weights, train_vocab=TRAIN_VOCAB, overwrite=True)
     log.info("tiny recipe done in %.0fs wall (%.0fs on the %s clock); weights in %s", time.perf_counter() - started,
              budget.elapsed(), clock, weights)
     return weights
