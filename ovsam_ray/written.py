@@ -76,8 +76,11 @@ class _Existing:
     def __init__(self, folder: str, s3_endpoint: str | None) -> None:
         self.folder, self.s3_endpoint = folder, s3_endpoint
         self.listed: dict[str, set[str]] = {}
+        self.linked: set[str] = set()  # local folders below ``folder`` that are symbolic links
 
     def _list(self, sub: str) -> set[str]:
+        if sub not in self.listed and not io.is_remote(self.folder):
+            self.listed[sub] = self._list_local(sub)
         if sub not in self.listed:
             url = io.join(self.folder, sub) if sub else self.folder
             fs, path = io.get_filesystem(url, s3_endpoint=self.s3_endpoint)
@@ -87,9 +90,34 @@ class _Existing:
             self.listed[sub] = {prefix + u[len(base):] for u in files if u.startswith(base)}
         return self.listed[sub]
 
+    def _list_local(self, sub: str) -> set[str]:
+        """Every entry but folders, links included (a dangling one too: writing to it would create
+        a file wherever it points); a folder that is a link is remembered, not entered (what lies
+        behind it is someone else's)."""
+        _, root = io.get_filesystem(self.folder)
+        start = os.path.join(root, sub) if sub else root
+        if os.path.islink(start) and os.path.isdir(start):
+            self.linked.add(sub)
+            return set()
+        found: set[str] = set()
+        for here, dirs, files in os.walk(start):
+            rel = os.path.relpath(here, root)
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            for d in dirs:
+                if os.path.islink(os.path.join(here, d)):
+                    self.linked.add(rel + d)
+            found.update(rel + f for f in files)
+            if not sub:
+                found.update(rel + d for d in dirs if os.path.islink(os.path.join(here, d)))
+                break
+        return found
+
     def __contains__(self, name: str) -> bool:
         top, sep, _ = name.partition("/")
-        return name in self._list(top if sep else "")
+        if name in self._list(top if sep else ""):
+            return True
+        parts = name.split("/")[:-1]  # a name below a linked folder is written through the link
+        return any("/".join(parts[: i + 1]) in self.linked for i in range(len(parts)))
 
 
 class Claim:

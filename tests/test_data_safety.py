@@ -233,6 +233,10 @@ def test_foreign_files_on_s3_are_refused_and_ours_are_not_foreign(s3_server, s3_
     ShardCommitter(f"s3://{s3_bucket}/labels", s3_endpoint=s3_server).commit("s1", rows_to_table([]))
     fs.pipe_file(f"{s3_bucket}/labels/_lease.json", b"{}")
     assert foreign_files(out, s3_endpoint=s3_server) == []
+    # ... but without a run record nothing is provably ours: markers are refused whatever the flag
+    with pytest.raises(ForeignFilesError, match="_committed/s1.json"):
+        check_output_owned(out, {"s1"}, allow_foreign_files=True, s3_endpoint=s3_server)
+    fs.rm([f"{s3_bucket}/labels/_committed/s1.json", f"{s3_bucket}/labels/s1.parquet"])
     fs.pipe_file(f"{s3_bucket}/labels/user/notes.parquet", b"mine")
     assert foreign_files(out, s3_endpoint=s3_server) == ["user/notes.parquet"]
     with pytest.raises(ForeignFilesError, match="user/notes.parquet"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import pytest
@@ -78,10 +77,13 @@ def test_a_heartbeat_in_the_future_names_the_clock_that_is_ahead(tmp_path):
     assert "fast-clock" in message and "ahead" in message and ("3600s" in message or "3599s" in message)
 
 
-def test_a_lease_file_that_is_not_an_object_is_taken_over(tmp_path):
+def test_a_lease_file_that_is_not_an_object_is_refused_and_left_alone(tmp_path):
+    """Our leases are written whole (a link of a complete file, one PUT): a file under the
+    lease's name that is not one is someone else's, and taking it over would delete it."""
     out = str(tmp_path / "out")
     os.makedirs(out)
     with open(os.path.join(out, LEASE_NAME), "w") as f:
         f.write("[1, 2]")
-    with OutputLease(out):
-        assert json.load(open(os.path.join(out, LEASE_NAME)))["host"] == socket.gethostname()
+    with pytest.raises(ValueError, match="is not a lease of ovsam-ray"):
+        OutputLease(out).acquire()
+    assert open(os.path.join(out, LEASE_NAME)).read() == "[1, 2]"

@@ -128,8 +128,7 @@ def _relabel(a: argparse.Namespace) -> int:
     from ovsam_ray.pipeline.relabel import run_relabel
 
     cfg = config_from_args(a, RelabelConfig)
-    init_ray(a.ray_address)
-    print(json.dumps(run_relabel(cfg), indent=1))
+    print(json.dumps(run_relabel(cfg, connect=lambda: init_ray(a.ray_address)), indent=1))
     return 0
 
 

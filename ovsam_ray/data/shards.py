@@ -15,6 +15,7 @@ import glob as _glob
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,20 +93,46 @@ def list_shards(spec: str | Iterable[str], *, s3_endpoint: str | None = None) ->
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ShardSpecError(
             f"no shards found for {shown}{more}; expected .tar/.tar.gz/.tgz files, a glob or a directory")
+    _refuse_special_files(found)
+    _refuse_one_file_twice(found)
     return sorted(found)
+
+
+def _refuse_special_files(urls: set[str]) -> None:
+    """A local FIFO, socket or device named like a shard would block the reader or be read once
+    and differ on the rerun: refused by name, never read and never silently left out."""
+    special = sorted(u for u in urls if not io.is_remote(u) and not stat.S_ISREG(os.stat(u).st_mode))
+    if special:
+        raise ShardSpecError(f"{io.safe_for_log(special[0], limit=200)} is not a regular file (a FIFO, socket or "
+                             "device): a shard must be a tar file" + (f" ({len(special) - 1} more)" if len(special) > 1
+                                                                    else ""))
+
+
+def _refuse_one_file_twice(urls: set[str]) -> None:
+    """One local file listed under two names (a symbolic link to another shard of the listing)
+    would be labelled twice: every image exactly once, so refuse, naming both."""
+    by_file: dict[str, list[str]] = {}
+    for url in urls:
+        if not io.is_remote(url):
+            by_file.setdefault(os.path.realpath(url), []).append(url)
+    twice = [sorted(names) for names in by_file.values() if len(names) > 1]
+    if twice:
+        shown = "; ".join(" and ".join(io.safe_for_log(u, limit=120) for u in names[:3]) for names in sorted(twice)[:3])
+        raise ShardSpecError(f"the same shard file is listed under two names (a symbolic link; its images would be "
+                             f"labelled twice): {shown}; list each shard once")
 
 
 def _resolve_piece(piece: str, *, s3_endpoint: str | None) -> list[str]:
     fs, path = io.get_filesystem(piece, s3_endpoint=s3_endpoint)
     if _GLOB_CHARS.search(path):
-        if not io.is_remote(piece):
-            return [p for p in _glob.glob(path, recursive=True) if os.path.isfile(p)]
+        if not io.is_remote(piece):  # FIFOs and devices too: list_shards refuses them by name
+            return [p for p in _glob.glob(path, recursive=True) if os.path.exists(p) and not os.path.isdir(p)]
         matches = fs.glob(path, detail=True)  # one listing, no request per match
         return [io.to_url(fs, p) for p, info in matches.items() if info.get("type") == "file"]
     if fs.isdir(path):
         files = io.list_files(piece, recursive=True, s3_endpoint=s3_endpoint)
         return [u for u in files if u.lower().endswith(SHARD_SUFFIXES)]
-    if fs.isfile(path):
+    if fs.isfile(path) or (not io.is_remote(piece) and os.path.exists(path) and not os.path.isdir(path)):
         return [io.to_url(fs, path)]
     return []
 

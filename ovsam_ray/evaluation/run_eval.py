@@ -52,6 +52,7 @@ from ovsam_ray.labels.run_record import read_run_record
 from ovsam_ray.labels.schema import RUN_RECORD_NAME
 from ovsam_ray.locations import check_disjoint
 from ovsam_ray.vocabulary import Vocabulary, clean_class_name
+from ovsam_ray.written import OutputClashError
 
 __all__ = ["EVAL_MODES", "EvalConfig", "eval_vocabulary", "run_eval"]
 
@@ -269,8 +270,30 @@ def _detector(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3: str |
             "markdown": ap_markdown(metrics)}
 
 
+def _check_metrics_ours(output: str, s3: str | None) -> None:
+    """Refuse (one line naming the file) an output whose ``metrics.json``/``metrics.md`` an
+    evaluation of ours did not write: a rerun rewrites its own metrics, never a user's file."""
+    json_url, md_url = io.join(output, "metrics.json"), io.join(output, "metrics.md")
+    for url in (json_url, md_url):
+        if not io.exists(url, s3_endpoint=s3):
+            continue
+        data = io.read_bytes(url, s3_endpoint=s3)
+        if url == md_url:
+            ours = data.startswith(b"# ovsam-ray eval")
+        else:
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                obj = None
+            ours = isinstance(obj, dict) and {"mode", "config", "metrics"} <= obj.keys()
+        if not ours:
+            raise OutputClashError(f"{io.redact(url)} was not written by ovsam-ray eval and the evaluation would overwrite "
+                             "it: move it away or choose another --output")
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation; returns what ``metrics.json`` holds (``metrics``, ``counts``, ...)."""
+    _check_metrics_ours(cfg.output, cfg.model.s3_endpoint if cfg.model else None)
     if cfg.model is None:
         cfg = dataclasses.replace(cfg, model=_model_from_run_record(cfg.labels or "", None))
     s3 = cfg.model.s3_endpoint

@@ -51,4 +51,6 @@ def write_file(url: str, data: bytes, *, s3_endpoint: str | None = None) -> None
     fs, path = io.get_filesystem(url, s3_endpoint=s3_endpoint)
     if not io.is_remote(url):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.islink(path):  # a file of ours swapped for a link: replace the link, never write through it
+            os.unlink(path)
     fs.pipe_file(path, data)

@@ -1,9 +1,11 @@
 """Stream a label job's output: committed Parquet files, batch by batch (bounded memory).
 
-Only shards with a commit marker are read (a Parquet file without one is left over from a crash);
-a folder of Parquet files without markers (written by other tools with the same schema) is read
-whole. Memory holds one record batch at a time, never the whole output. :func:`source_shards`
-finds the input shards a label output was made from.
+Only shards with a commit marker are read (a Parquet file without one is left over from a crash,
+or is being written right now); a label output with our run record but no committed shard yet is
+refused, never read as "every Parquet file"; a folder of Parquet files without markers and without
+a run record (written by other tools with the same schema) is read whole. Memory holds one
+record batch at a time, never the whole output. :func:`source_shards` finds the input shards a
+label output was made from.
 """
 
 from __future__ import annotations
@@ -17,17 +19,22 @@ from ovsam_ray import io
 from ovsam_ray.data.shards import list_shards, shard_names
 from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.labels.committer import ShardCommitter
-from ovsam_ray.labels.run_record import read_run_record
+from ovsam_ray.labels.run_record import is_own_record, read_run_record
 
 __all__ = ["iter_label_batches", "iter_label_rows", "label_files", "read_label_file", "source_shards"]
 
 
 def label_files(labels: str, *, s3_endpoint: str | None = None) -> list[str]:
-    """Parquet URLs of a label output in shard order: the committed ones, else every ``*.parquet``
-    directly below ``labels`` (or ``labels`` itself when it is one file)."""
+    """Parquet URLs of a label output in shard order: the committed ones, else (a folder without
+    our run record: another tool's output) every ``*.parquet`` directly below ``labels`` (or
+    ``labels`` itself when it is one file)."""
     committed = ShardCommitter(labels, s3_endpoint=s3_endpoint).committed_parquet_urls()
     if committed:
         return committed
+    if is_own_record(read_run_record(labels, s3_endpoint=s3_endpoint)):
+        raise FileNotFoundError(f"label output {io.redact(labels)} has no committed shard yet (its Parquet files "
+                                "without a marker are unfinished or left over from a crash): wait for the label job, "
+                                "or rerun it to finish")
     files = io.list_files(labels, suffix=".parquet", s3_endpoint=s3_endpoint)
     if not files and labels.endswith(".parquet") and io.exists(labels, s3_endpoint=s3_endpoint):
         files = [labels]

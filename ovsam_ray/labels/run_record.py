@@ -17,11 +17,17 @@ from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.schema import RUN_RECORD_NAME, timestamp
 
-__all__ = ["RunMismatchError", "RunRecord", "check_or_write_run_record", "read_run_record"]
+__all__ = ["RunMismatchError", "RunRecord", "RunRecordError", "check_or_write_run_record", "is_own_record",
+           "load_run_record", "read_run_record"]
 
 
 class RunMismatchError(OVSAMRayError, RuntimeError):
     """The output folder holds results of a different run (model, weights, vocabulary...)."""
+
+
+class RunRecordError(OVSAMRayError, ValueError):
+    """A ``_run.json`` that is not a run record: not JSON, not an object, or (for a command about to
+    write there) not one that ours write. Such a folder is never written into nor cleaned up."""
 
 
 @dataclass
@@ -83,8 +89,8 @@ def check_or_write_run_record(
     record_url = io.join(output_url, RUN_RECORD_NAME)
     committer = ShardCommitter(output_url, s3_endpoint=s3_endpoint)
     new = json.loads(json.dumps(record.to_dict(), sort_keys=True, default=str))
-    if io.exists(record_url, s3_endpoint=s3_endpoint):
-        old = json.loads(io.read_bytes(record_url, s3_endpoint=s3_endpoint))
+    old = load_run_record(output_url, s3_endpoint=s3_endpoint, own=True)
+    if old is not None:
         diff = _identity_diff(old.get("identity", {}), new["identity"])
         if not diff:
             return "resumed"
@@ -109,9 +115,40 @@ def _write_record(url: str, record: dict[str, Any], s3_endpoint: str | None) -> 
     io.atomic_write_bytes(url, payload, s3_endpoint=s3_endpoint)
 
 
-def read_run_record(labels: str, *, s3_endpoint: str | None = None) -> dict[str, Any] | None:
-    """The label output's run record (``_run.json``) as a dict, or ``None`` when it has none."""
-    url = io.join(labels, RUN_RECORD_NAME)
-    if labels.endswith(".parquet") or not io.exists(url, s3_endpoint=s3_endpoint):
+def is_own_record(obj: Any) -> bool:
+    """Whether ``obj`` (a parsed ``_run.json``) is a run record as our commands write it: an object
+    with an ``identity`` object and a ``created_at`` text."""
+    return isinstance(obj, dict) and isinstance(obj.get("identity"), dict) and isinstance(obj.get("created_at"), str)
+
+
+def load_run_record(folder: str, *, s3_endpoint: str | None = None, own: bool = False) -> dict[str, Any] | None:
+    """``<folder>/_run.json`` as a dict, ``None`` when there is none; :class:`RunRecordError` (one
+    line naming the file) when it is not a JSON object, or, with ``own``, not a record of ours
+    (:func:`is_own_record`): a command never writes into, nor deletes in, a folder whose run
+    record it cannot read as its own, ``--overwrite`` or not."""
+    url = io.join(folder, RUN_RECORD_NAME)
+    if not io.exists(url, s3_endpoint=s3_endpoint):
         return None
-    return json.loads(io.read_bytes(url, s3_endpoint=s3_endpoint))
+    data = io.read_bytes(url, s3_endpoint=s3_endpoint)
+    try:
+        obj = json.loads(data)
+    except ValueError as e:
+        problem = f"is not JSON ({e})" if data.strip() else "is empty"
+    else:
+        if own and not is_own_record(obj):
+            problem = "is not a run record of ovsam-ray (no identity/created_at)"
+        elif not isinstance(obj, dict):
+            problem = f"is not a JSON object (a {type(obj).__name__})"
+        else:
+            return obj
+    raise RunRecordError(f"{io.redact(url)} {problem}: this folder's run record was not written by ovsam-ray (or "
+                         "was damaged by hand), so nothing here is changed or deleted, --overwrite or not; choose "
+                         "another output location, or move that file away if the folder is yours to reuse")
+
+
+def read_run_record(labels: str, *, s3_endpoint: str | None = None) -> dict[str, Any] | None:
+    """The label output's run record (``_run.json``) as a dict, or ``None`` when it has none;
+    :class:`RunRecordError` naming the file when it is not a JSON object."""
+    if labels.endswith(".parquet"):
+        return None
+    return load_run_record(labels, s3_endpoint=s3_endpoint)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from ovsam_ray import __version__, io
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS
-from ovsam_ray.data.shards import list_shards, shard_names
+from ovsam_ray.data.shards import ShardSpecError, list_shards, shard_names
 from ovsam_ray.errors import ConfigError, OVSAMRayError
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.labels.committer import ShardCommitter
@@ -285,9 +285,21 @@ def _drive(cfg: LabelConfig, todo: list[str], text: dict, tracker: ShardTracker,
     lease.check()
 
 
+#: The longest shard name (UTF-8 bytes) a local output takes: the commit's temporary file
+#: ``.<shard>.parquet.tmp-<32 hex>`` must stay within a file system's 255-byte name limit.
+MAX_SHARD_NAME_BYTES = 255 - len(".parquet.tmp-") - 1 - 32
+
+
 def _list_input(cfg: LabelConfig) -> tuple[list[str], list[str]]:
     shards = list_shards(cfg.input, s3_endpoint=cfg.model.s3_endpoint)
-    return shards, shard_names(shards)
+    names = shard_names(shards)
+    if not io.is_remote(cfg.output):
+        long = [u for u, n in zip(shards, names) if len(n.encode("utf-8", "surrogateescape")) > MAX_SHARD_NAME_BYTES]
+        if long:
+            raise ShardSpecError(f"shard file names too long for the output's file names (over {MAX_SHARD_NAME_BYTES} "
+                                 f"bytes without .tar): {io.safe_for_log(io.redact(long[0]), limit=400)}"
+                                 + (f" and {len(long) - 1} more" if len(long) > 1 else "") + "; rename them")
+    return shards, names
 
 
 def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) -> LabelSummary:

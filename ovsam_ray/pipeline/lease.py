@@ -48,7 +48,7 @@ MAX_INTERVAL_S = 3600.0
 CLOCK_SKEW_S = 1.0
 
 __all__ = ["HEARTBEAT_S", "LEASE_NAME", "MAX_INTERVAL_S", "LeaseHeldError", "LeaseLostError", "OutputLease",
-           "check_interval"]
+           "check_interval", "check_not_being_written"]
 
 
 class LeaseHeldError(OVSAMRayError, RuntimeError):
@@ -116,12 +116,21 @@ class OutputLease:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            lease = json.loads(io.read_bytes(self.url, s3_endpoint=self.s3))
+            data = io.read_bytes(self.url, s3_endpoint=self.s3)
         except FileNotFoundError:
             return None
-        except ValueError:  # a torn or foreign file: treat as stale
-            return {}
-        return lease if isinstance(lease, dict) else {}
+        try:
+            lease = json.loads(data)
+        except ValueError:
+            lease = None
+        # Our leases are written whole (a link of a complete file; one PUT): anything else under
+        # this name is someone else's file, never taken over (that would delete it).
+        if not isinstance(lease, dict) or not isinstance(lease.get("job_id"), str):
+            raise LeaseValueError(
+                f"lease file {io.redact(self.url)} is not a lease of ovsam-ray (not a JSON object with a job_id): "
+                f"it is left alone; move it away if no job writes {io.redact(self.output)}, or choose another "
+                "output folder")
+        return lease
 
     def stale_reason(self, lease: dict[str, Any]) -> str | None:
         """Why ``lease`` no longer protects anything, or None while its holder is alive. A lease
@@ -299,3 +308,14 @@ class OutputLease:
             self.release()
         except Exception as e:  # noqa: BLE001 - a lease left behind goes stale; never mask the job's error
             log.warning("could not release the lease of %s: %s", io.redact(self.output), io.safe_for_log(str(e)))
+
+
+def check_not_being_written(folder: str, flag: str, *, s3_endpoint: str | None = None) -> None:
+    """Raise :class:`LeaseHeldError` (one line naming ``flag`` and the holder) when a live job holds
+    the lease of ``folder``, an input about to be read whole: its shards are not all committed yet,
+    and reading it now would silently leave out the ones still to come."""
+    lease = OutputLease(folder, s3_endpoint=s3_endpoint)
+    held = lease._read()
+    if held is not None and lease.stale_reason(held) is None:
+        raise LeaseHeldError(f"{flag} {io.redact(folder)} is being written by a label job right now "
+                             f"({lease._describe(held)}): wait for it to finish, then rerun")

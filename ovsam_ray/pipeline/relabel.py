@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from ovsam_ray.labels.schema import RUN_RECORD_NAME, rows_to_table
 from ovsam_ray.locations import check_disjoint
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.functional import labels_from_logits
-from ovsam_ray.pipeline.lease import OutputLease
+from ovsam_ray.pipeline.lease import OutputLease, check_not_being_written
 from ovsam_ray.pipeline.ownership import ALLOW_FOREIGN_FILES_HELP, check_output_owned
 from ovsam_ray.pipeline.stats import format_stats, shard_stats, write_run_stats, write_shard_stats
 from ovsam_ray.vocabulary import Vocabulary
@@ -99,15 +100,23 @@ def _relabel_shard(item: dict[str, Any], *, cfg: RelabelConfig, text_ref: Any, t
     return {"shard": name, "rows": len(rows)}
 
 
-def run_relabel(cfg: RelabelConfig) -> dict[str, Any]:
+def run_relabel(cfg: RelabelConfig, *, connect: Callable[[], None] | None = None) -> dict[str, Any]:
     """Re-score every committed shard of ``cfg.input``; returns a summary. Holds the output's
-    lease (as the label job does) from before the first file is written until the end."""
+    lease (as the label job does) from before the first file is written until the end.
+    ``connect``: called once the input and output are checked, before anything runs on Ray (a
+    refused run costs no cluster start)."""
     with OutputLease(cfg.output, s3_endpoint=cfg.s3_endpoint) as lease:
-        return _run_leased(cfg, lease)
+        return _run_leased(cfg, lease, connect)
 
 
-def _run_leased(cfg: RelabelConfig, lease: OutputLease) -> dict[str, Any]:
+def _run_leased(cfg: RelabelConfig, lease: OutputLease, connect: Callable[[], None] | None) -> dict[str, Any]:
     t0 = time.time()
+    # a source still being labelled would be relabelled in part, and the rest silently missing
+    check_not_being_written(cfg.input, "--input", s3_endpoint=cfg.s3_endpoint)
+    source_shards = ShardCommitter(cfg.input, s3_endpoint=cfg.s3_endpoint)
+    missing = source_shards.markers_without_parquet()
+    if missing:  # never a shard silently short, never a worker's traceback
+        raise source_shards.missing_file_error(missing[0])
     model_cfg, source = _source_model_config(cfg)
     loaded = load_model(model_cfg)
     embeddings, vocab = vocabulary_text(model_cfg, loaded, "cpu")
@@ -125,6 +134,8 @@ def _run_leased(cfg: RelabelConfig, lease: OutputLease) -> dict[str, Any]:
             "logit_scale": loaded.logit_scale}
     results = []
     if todo:
+        if connect is not None:
+            connect()
         ds = ray.data.from_items([{"shard": n} for n in todo], override_num_blocks=len(todo))
         ds = ds.map(_relabel_shard, fn_kwargs={"cfg": cfg, "text_ref": ray.put(text), "topk": model_cfg.topk})
         results = ds.take_all()
