@@ -287,8 +287,8 @@ def _check_metrics_ours(output: str, s3: str | None) -> None:
                 obj = None
             ours = isinstance(obj, dict) and {"mode", "config", "metrics"} <= obj.keys()
         if not ours:
-            raise OutputClashError(f"{io.redact(url)} was not written by ovsam-ray eval and the evaluation would overwrite "
-                             "it: move it away or choose another --output")
+            raise OutputClashError(f"{io.redact(url)} was not written by ovsam-ray eval and the evaluation would "
+                                   "overwrite it: move it away or choose another --output")
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
