@@ -32,7 +32,7 @@ def label_files(labels: str, *, s3_endpoint: str | None = None) -> list[str]:
     if committed:
         return committed
     if is_own_record(read_run_record(labels, s3_endpoint=s3_endpoint)):
-        raise FileNotFoundError(f"label output {io.redact(labels)} has no committed shard yet (its Parquet files "
+        raise MissingInputError(f"label output {io.redact(labels)} has no committed shard yet (its Parquet files "
                                 "without a marker are unfinished or left over from a crash): wait for the label job, "
                                 "or rerun it to finish")
     files = io.list_files(labels, suffix=".parquet", s3_endpoint=s3_endpoint)
