@@ -90,19 +90,19 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise DecodeError(f"not a recognised image format ({len(data)} bytes)") from None
     except OSError as e:
         raise DecodeError(f"truncated or corrupt image: {e}") from None
-    except Exception as e:  # Pillow plugins raise SyntaxError, ValueError, struct.error, ...
+    except Exception as e:  # noqa: BLE001 - Pillow plugins raise SyntaxError, ValueError, struct.error, ...
         raise DecodeError(f"corrupt image: {type(e).__name__}: {e}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "corrupt EXIF" warnings, once per bad image, are noise
             im = ImageOps.exif_transpose(im) or im
-    except Exception:  # malformed EXIF: keep the stored orientation rather than lose the image
+    except Exception:  # noqa: BLE001 - malformed EXIF: keep the stored orientation rather than lose the image
         pass
     try:
         return to_rgb(im)
     except DecodeError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any conversion failure is this image's error row
         raise DecodeError(f"cannot convert mode {im.mode} to RGB: {e}") from None
 
 
