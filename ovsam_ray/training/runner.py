@@ -82,9 +82,9 @@ def seed_everything(seed: int) -> None:
 def _versions() -> dict[str, str]:
     import ray
 
-    import ovsam_ray
+    from ovsam_ray import __version__
 
-    return {"ovsam_ray": ovsam_ray.__version__, "torch": torch.__version__, "ray": ray.__version__}
+    return {"ovsam_ray": __version__, "torch": torch.__version__, "ray": ray.__version__}
 
 
 def write_checkpoint(directory: str, *, stage: str, config: dict, net: nn.Module, optimizer: torch.optim.Optimizer,
