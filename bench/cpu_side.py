@@ -63,8 +63,8 @@ def bench_decode(a: argparse.Namespace) -> dict:
 
 def bench_tokens(a: argparse.Namespace) -> dict:
     from ovsam_ray.model.presets import clip_tokenizer
-    from ovsam_ray.model.text_embedding import clean_class_name, template_tokens
-    from ovsam_ray.vocabulary import load_templates, load_vocabulary
+    from ovsam_ray.model.text_embedding import template_tokens
+    from ovsam_ray.vocabulary import clean_class_name, load_templates, load_vocabulary
 
     names = [clean_class_name(n) for syn in load_vocabulary(a.vocab).synonyms for n in syn]
     templates = load_templates()

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.model.presets import clip_tokenizer, get_preset
 from ovsam_ray.model.text_embedding import Tokenizer, embed_class_names
-from ovsam_ray.vocabulary import Vocabulary, _sha256_json, load_templates
+from ovsam_ray.vocabulary import Vocabulary, load_templates, sha256_json
 
 __all__ = ["DEFAULT_CACHE_ROOT", "TextEmbeddingCache", "TextEmbeddingKey", "class_text_embeddings",
            "embed_vocabulary", "load_class_embeddings", "text_matmul_precision"]
@@ -73,7 +73,7 @@ class TextEmbeddingKey(NamedTuple):
     templates_sha256: str = ""
 
     def digest(self) -> str:
-        return _sha256_json([_CACHE_FORMAT, *self])
+        return sha256_json([_CACHE_FORMAT, *self])
 
 
 class TextEmbeddingCache:
@@ -149,7 +149,7 @@ def class_text_embeddings(
     embeddings themselves come from ``embed_class_names`` with the 14 ViLD templates.
     """
     templates = load_templates()
-    key = TextEmbeddingKey(clip_name, clip_weights_sha256, vocab.sha256, _sha256_json(templates))
+    key = TextEmbeddingKey(clip_name, clip_weights_sha256, vocab.sha256, sha256_json(templates))
     if cache is not None:
         cached = cache.get(key)
         if cached is not None and tuple(cached.shape[:2]) == (vocab.num_classes, vocab.max_synonyms):

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from ovsam_ray.errors import ConfigError, MissingInputError
-from ovsam_ray.model.class_names import clean_class_name
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["BUILTIN_VOCABULARIES", "Vocabulary", "clean_class_name", "load_templates", "load_vocabulary"]
+__all__ = ["BUILTIN_VOCABULARIES", "Vocabulary", "clean_class_name", "load_templates", "load_vocabulary",
+           "sha256_json"]
 
 _log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Vocabulary:
     @functools.cached_property
     def sha256(self) -> str:
         """Stable hex digest of everything that changes embeddings, logits or label ids (not ``name``)."""
-        return _sha256_json({f: getattr(self, f) for f in _HASHED_FIELDS})
+        return sha256_json({f: getattr(self, f) for f in _HASHED_FIELDS})
 
     def seen_tensor(self) -> Tensor:
         """(C,) bool."""
@@ -134,7 +134,21 @@ class Vocabulary:
         return _vocabulary_from_json_data(data, default_name=name)
 
 
-def _sha256_json(obj: Any) -> str:
+def clean_class_name(name: str) -> str:
+    """The text a class name contributes to a prompt (torch-free: the exporters and the evaluation
+    clean names the same way without loading a model).
+
+    Dataset names use underscores for spaces (LVIS: ``"aerosol_can"``); the reference OV-SAM label
+    preprocessing turns them into spaces and lower-cases the name (a no-op for CLIP's own BPE
+    tokenizer, which lower-cases anyway). Unlike the reference, names are not split on ``/`` or
+    ``_or_``: here synonyms are listed explicitly by the vocabulary.
+    """
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def sha256_json(obj: Any) -> str:
+    """SHA-256 of an object's canonical JSON (sorted keys, no spaces): the vocabulary's and the
+    text-embedding cache's identity."""
     blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

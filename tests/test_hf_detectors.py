@@ -339,7 +339,7 @@ def test_label_job_owlv2_plus_grid(ray_local, tmp_shards, shapes_vocab, owl_dir,
 
 def test_label_job_shard_boxes_else_grounding_dino(ray_local, shapes_vocab, gd_dir, tmp_path):
     from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
-    from ovsam_ray.model.text_embedding import clean_class_name
+    from ovsam_ray.vocabulary import clean_class_name
 
     src = str(tmp_path / "shards")
     generate_shards(src, num_images=6, images_per_shard=6, seed=3, image_size=(64, 48), min_objects=0,

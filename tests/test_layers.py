@@ -54,9 +54,7 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     ("evaluation.run_eval", "export.categories"),  # category lists -> labels/
     ("export.coco", "evaluation.coco_ap"),    # instance scoring -> labels/
     ("training.recipes", "convert.writer"),   # IMAGE_CLASSES_FILE -> data/shards, the tar writer -> data/
-    ("vocabulary", "model.class_names"),      # clean_class_name -> vocabulary
     ("show", "export._paths"),                # private module used outside export/
-    ("text_cache", "vocabulary"),             # private _sha256_json
 })
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .class_names import clean_class_name
+from ovsam_ray.vocabulary import clean_class_name
 
 __all__ = [
     "average_template_embeddings",
