@@ -51,8 +51,6 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     ("convert.coco", "evaluation.prompts"),   # ground-truth prompts -> data/
     ("convert.lvis", "evaluation.prompts"),
     ("convert.sa1b", "evaluation.prompts"),
-    ("evaluation.run_eval", "export.categories"),  # category lists -> labels/
-    ("export.coco", "evaluation.coco_ap"),    # instance scoring -> labels/
     ("training.recipes", "convert.writer"),   # IMAGE_CLASSES_FILE -> data/shards, the tar writer -> data/
     ("show", "export._paths"),                # private module used outside export/
 })

@@ -21,26 +21,20 @@ import numpy as np
 
 from ovsam_ray.data.rle import rle_area
 from ovsam_ray.errors import ConfigError
+from ovsam_ray.labels.scores import LABEL_SOURCES, SCORE_MODES, instance_score
 from ovsam_ray.vocabulary import clean_class_name
 
 __all__ = [
-    "LABEL_SOURCES",
-    "SCORE_MODES",
     "STAT_NAMES",
     "ap_markdown",
     "coco_dataset",
     "instance_results",
-    "instance_score",
     "lvis_available",
     "lvis_mask_ap",
     "mask_ap",
 ]
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-LABEL_SOURCES = ("ovsam", "detector")
-#: detector: the detector's score; label: OV-SAM's label probability; product: both multiplied;
-#: auto: detector for detector labels, product for OV-SAM labels (label alone without a detector score).
-SCORE_MODES = ("auto", "detector", "label", "product")
 
 
 @contextlib.contextmanager
@@ -136,18 +130,6 @@ def lvis_mask_ap(gt: dict[str, Any], results: list[dict[str, Any]], *, max_dets:
             ev = LVISEval(lvis_gt, LVISResults(lvis_gt, copy.deepcopy(results), max_dets=max_dets), iou_type="segm")
             ev.run()
     return {k: float(v) for k, v in ev.get_results().items()}
-
-
-def instance_score(inst: dict[str, Any], label_source: str = "ovsam", mode: str = "auto") -> float:
-    """The score an instance is ranked by (see :data:`SCORE_MODES`)."""
-    det, lab = inst.get("detector_score"), inst.get("label_score")
-    if mode == "auto":
-        mode = "detector" if label_source == "detector" else ("product" if det is not None else "label")
-    if mode == "detector":
-        return float(det if det is not None else 1.0)
-    if mode == "label":
-        return float(lab if lab is not None else 0.0)
-    return float(det if det is not None else 1.0) * float(lab if lab is not None else 0.0)
 
 
 def instance_results(instances: Iterable[dict[str, Any]], image_id: int, category_ids: dict[str, int], *,

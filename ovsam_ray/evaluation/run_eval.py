@@ -27,8 +27,6 @@ from ovsam_ray import io
 from ovsam_ray.data.shards import list_shards, shard_name, shard_names
 from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.evaluation.coco_ap import (
-    LABEL_SOURCES,
-    SCORE_MODES,
     ap_markdown,
     coco_dataset,
     instance_results,
@@ -45,11 +43,12 @@ from ovsam_ray.evaluation.table1 import (
     summarize,
     table1_markdown,
 )
-from ovsam_ray.export.categories import load_categories
 from ovsam_ray.inference import ModelConfig
+from ovsam_ray.labels.categories import load_categories
 from ovsam_ray.labels.reader import read_label_file
 from ovsam_ray.labels.run_record import read_run_record
 from ovsam_ray.labels.schema import RUN_RECORD_NAME
+from ovsam_ray.labels.scores import LABEL_SOURCES, SCORE_MODES
 from ovsam_ray.locations import check_disjoint
 from ovsam_ray.vocabulary import Vocabulary, clean_class_name
 from ovsam_ray.written import OutputClashError

@@ -28,12 +28,12 @@ from typing import IO, Any
 
 from ovsam_ray import io
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.evaluation.coco_ap import LABEL_SOURCES, SCORE_MODES, instance_score
 from ovsam_ray.export._paths import data_file_name
-from ovsam_ray.export.categories import category_index, dataset_categories, load_categories, record_vocabulary
 from ovsam_ray.export.images import ImageCopier, ImageExts, output_folder
 from ovsam_ray.export.output import open_output
+from ovsam_ray.labels.categories import category_index, dataset_categories, load_categories, record_vocabulary
 from ovsam_ray.labels.reader import iter_label_rows
+from ovsam_ray.labels.scores import LABEL_SOURCES, SCORE_MODES, instance_score
 from ovsam_ray.vocabulary import clean_class_name
 from ovsam_ray.written import file_and_folder, writing
 

@@ -27,10 +27,10 @@ from typing import Any
 from ovsam_ray import io
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.export._paths import data_file_name
-from ovsam_ray.export.categories import load_categories, record_vocabulary
 from ovsam_ray.export.images import ImageCopier, ImageExts
 from ovsam_ray.export.output import open_output, write_file
 from ovsam_ray.export.polygons import mask_to_polygons
+from ovsam_ray.labels.categories import load_categories, record_vocabulary
 from ovsam_ray.labels.reader import iter_label_batches, iter_label_rows, source_shards
 from ovsam_ray.vocabulary import clean_class_name
 from ovsam_ray.written import writing

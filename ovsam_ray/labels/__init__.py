@@ -11,4 +11,6 @@ Output layout (local directory or ``s3://`` prefix)::
 - :mod:`~ovsam_ray.labels.committer`: the atomic, marker-last commit of one shard.
 - :mod:`~ovsam_ray.labels.run_record`: what produced an output folder; the resume check.
 - :mod:`~ovsam_ray.labels.reader`: the committed files and their rows, streamed.
+- :mod:`~ovsam_ray.labels.scores`: the score an instance is ranked by (COCO export, AP).
+- :mod:`~ovsam_ray.labels.categories`: category lists (a COCO json, a vocabulary, a run record).
 """

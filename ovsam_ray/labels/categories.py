@@ -1,4 +1,4 @@
-"""Category lists for exports: from a COCO-style json (``categories``), a vocabulary, or the
+"""Category lists for exports and evaluations: from a COCO-style json (``categories``), a vocabulary, or the
 vocabulary a label output was made with (its run record)."""
 
 from __future__ import annotations
