@@ -29,9 +29,9 @@ from torchvision.ops import box_iou
 
 from bench.benchlib import machine_info, now_iso, save_json
 from ovsam_ray.data.decode import decode_image
+from ovsam_ray.data.gt_prompts import gt_prompts
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
-from ovsam_ray.evaluation.prompts import gt_prompts
 from ovsam_ray.evaluation.table1 import evaluate_predictor
 from ovsam_ray.inference import ModelConfig, build_predictor
 from ovsam_ray.model.functional import preprocess_image

@@ -14,9 +14,9 @@ import logging
 import os
 from dataclasses import dataclass
 
+from ovsam_ray.data.gt_prompts import rewrite_shard_prompts
 from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.evaluation.prompts import rewrite_shard_prompts
 from ovsam_ray.evaluation.table1 import ClassLookup, evaluate_label_output, table1_markdown
 from ovsam_ray.inference import ModelConfig
 

@@ -16,10 +16,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ovsam_ray.convert import convert_detections
+from ovsam_ray.data.gt_prompts import gt_prompts
+from ovsam_ray.data.points import distance_to_background, interior_points
 from ovsam_ray.data.synthetic import generate_shards
 from ovsam_ray.evaluation.coco_ap import coco_dataset, instance_results, mask_ap
-from ovsam_ray.evaluation.points import distance_to_background, interior_points
-from ovsam_ray.evaluation.prompts import gt_prompts
 from ovsam_ray.evaluation.run_eval import EvalConfig, run_eval
 from ovsam_ray.evaluation.table1 import ClassLookup, mask_iou, score_image, summarize, table1_markdown
 from ovsam_ray.inference import ModelConfig
@@ -210,8 +210,8 @@ class BoxFillPredictor:
 
 
 def test_label_samples_decodes_prompts_predicts_and_keeps_bad_samples_as_error_rows(tmp_path):
+    from ovsam_ray.data.gt_prompts import rewrite_shard_prompts
     from ovsam_ray.data.shards import iter_shard_samples
-    from ovsam_ray.evaluation.prompts import rewrite_shard_prompts
     from ovsam_ray.labelling import label_samples
 
     (url,) = generate_shards(str(tmp_path), num_images=3, images_per_shard=3, seed=5, image_size=(64, 48))

@@ -48,10 +48,6 @@ FORBIDDEN: tuple[tuple[str, str, str], ...] = (
 
 #: Known violations still to be moved: (importer module, imported module). Empty: keep it so.
 ALLOWED: frozenset[tuple[str, str]] = frozenset({
-    ("convert.coco", "evaluation.prompts"),   # ground-truth prompts -> data/
-    ("convert.lvis", "evaluation.prompts"),
-    ("convert.sa1b", "evaluation.prompts"),
-    ("training.recipes", "convert.writer"),   # IMAGE_CLASSES_FILE -> data/shards, the tar writer -> data/
     ("show", "export._paths"),                # private module used outside export/
 })
 

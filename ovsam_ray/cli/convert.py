@@ -23,7 +23,7 @@ def _shard_args(p: argparse.ArgumentParser, prompts: bool = True) -> None:
 
 
 #: What a converter writes in its output folder: the shards (how many is known only at the end),
-#: the summary and the image classes (see ovsam_ray.convert.writer).
+#: the summary and the image classes (see ovsam_ray.data.tar_writer).
 _SHARD_NAME = r"shard-[0-9]{6}\.tar"
 _FIXED_NAMES = ("_convert.json", "_image_classes.parquet")
 

@@ -8,7 +8,7 @@ from ovsam_ray.convert.imagenet import convert_imagenet, load_synset_map
 from ovsam_ray.convert.lvis import convert_lvis
 from ovsam_ray.convert.records import ConvertError
 from ovsam_ray.convert.sa1b import convert_sa1b
-from ovsam_ray.convert.writer import ConvertSummary, Sample, sample_key, write_shards
+from ovsam_ray.data.tar_writer import ConvertSummary, Sample, sample_key, write_shards
 from ovsam_ray.registry import Registry
 
 #: Dataset format name -> ``convert_<format>`` (its arguments are all keywords named like the flags of

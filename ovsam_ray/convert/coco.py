@@ -4,7 +4,7 @@ Each image becomes ``<key>.<ext>`` + ``<key>.json`` with ``image_id``, ``file_na
 ``height``, the ground truth as ``annotations`` (``id``, ``bbox`` xywh, ``category_id``,
 ``category_name``, ``segmentation`` kept as given — polygons or RLE —, ``area``, ``iscrowd``)
 and, unless ``prompts="none"``, prompts built from it (``boxes`` + ``labels``, and/or interior
-``points``; see :func:`ovsam_ray.evaluation.prompts.gt_prompts`). Images are written in
+``points``; see :func:`ovsam_ray.data.gt_prompts.gt_prompts`). Images are written in
 ``image_id`` order; the key is the zero-padded id (``000000397133``), so shards are reproducible.
 The categories are written next to the shards as ``_categories.json``.
 """
@@ -34,9 +34,9 @@ from ovsam_ray.convert.records import (
     shown,
     side_problem,
 )
-from ovsam_ray.convert.writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
+from ovsam_ray.data.gt_prompts import PROMPT_MODES, gt_prompts
+from ovsam_ray.data.tar_writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.evaluation.prompts import PROMPT_MODES, gt_prompts
 
 __all__ = ["CocoRecords", "coco_samples", "convert_coco", "load_json", "read_coco", "write_categories"]
 

@@ -28,8 +28,8 @@ from ovsam_ray.convert.records import (
     segmentation_problem,
     shown,
 )
-from ovsam_ray.convert.writer import ConvertSummary, write_shards
 from ovsam_ray.data.rle import annotation_rle
+from ovsam_ray.data.tar_writer import ConvertSummary, write_shards
 
 __all__ = ["convert_detections", "detections_by_image"]
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from ovsam_ray import io
 from ovsam_ray.convert.records import ConvertError, parse_json
-from ovsam_ray.convert.writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
 from ovsam_ray.data.shards import is_damage_marker, iter_shard_samples
+from ovsam_ray.data.tar_writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
 
 __all__ = ["SynsetClass", "convert_imagenet", "load_synset_map"]
 

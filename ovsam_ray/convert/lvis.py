@@ -14,9 +14,9 @@ from typing import Any
 
 from ovsam_ray.convert.coco import coco_samples, load_json, read_coco, write_categories
 from ovsam_ray.convert.records import shown
-from ovsam_ray.convert.writer import ConvertSummary, write_shards
+from ovsam_ray.data.gt_prompts import PROMPT_MODES
+from ovsam_ray.data.tar_writer import ConvertSummary, write_shards
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.evaluation.prompts import PROMPT_MODES
 
 __all__ = ["LVIS_IMAGE_FIELDS", "convert_lvis", "lvis_image_path"]
 

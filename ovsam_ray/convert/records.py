@@ -4,7 +4,7 @@ A converter reads files other tools wrote, so every field is data: a wrong type,
 beyond float range (``json`` reads ``1e400`` as ``inf``), a name that leads outside ``--images``. Each
 format validates its records in one place (``coco._image_problem``, ``sa1b._annotation_problem``...)
 with these checks, which return ``None`` for a usable value or the reason it is not. A bad record is
-skipped and counted with that reason (:meth:`~ovsam_ray.convert.writer.ConvertSummary.skip_record`);
+skipped and counted with that reason (:meth:`~ovsam_ray.data.tar_writer.ConvertSummary.skip_record`);
 a file that is unusable as a whole raises :class:`ConvertError`, one line naming the file.
 """
 

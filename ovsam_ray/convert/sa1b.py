@@ -29,10 +29,10 @@ from ovsam_ray.convert.records import (
     shown,
     side_problem,
 )
-from ovsam_ray.convert.writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
+from ovsam_ray.data.gt_prompts import PROMPT_MODES, gt_prompts
 from ovsam_ray.data.shards import is_damage_marker, iter_shard_samples, list_shards
+from ovsam_ray.data.tar_writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.evaluation.prompts import PROMPT_MODES, gt_prompts
 
 __all__ = ["convert_sa1b", "sa1b_meta"]
 

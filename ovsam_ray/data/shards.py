@@ -35,6 +35,7 @@ from ovsam_ray.data.tar_reader import (
 from ovsam_ray.errors import OVSAMRayError
 
 __all__ = [
+    "IMAGE_CLASSES_FILE",
     "IMAGE_EXTENSIONS",
     "MAX_MEMBER_BYTES",
     "SHARD_SUFFIXES",
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: File name endings of shards (case-insensitive): what a folder listing picks up, and what
 #: :func:`shard_name` removes.
+#: The converters' per-image class table beside the shards (DESIGN §5.2).
+IMAGE_CLASSES_FILE = "_image_classes.parquet"
 SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # in an output file name: undecodable bytes (as surrogates), backslashes, control characters

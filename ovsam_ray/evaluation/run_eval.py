@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ovsam_ray import io
+from ovsam_ray.data.gt_prompts import PROMPT_MODES, rewrite_shard_prompts
 from ovsam_ray.data.shards import list_shards, shard_name, shard_names
 from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.evaluation.coco_ap import (
@@ -33,7 +34,6 @@ from ovsam_ray.evaluation.coco_ap import (
     lvis_mask_ap,
     mask_ap,
 )
-from ovsam_ray.evaluation.prompts import PROMPT_MODES, rewrite_shard_prompts
 from ovsam_ray.evaluation.table1 import (
     ClassLookup,
     ObjectScore,

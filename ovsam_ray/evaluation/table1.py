@@ -2,7 +2,7 @@
 accuracy over all, seen and unseen classes, and the box-fill baseline).
 
 ``ovsam-ray eval --mode interactive``, the demo, the tiny recipe's evaluation and the bench scripts
-all score here. Every prompted object (see :mod:`ovsam_ray.evaluation.prompts`) is one ground-truth
+all score here. Every prompted object (see :mod:`ovsam_ray.data.gt_prompts`) is one ground-truth
 object and gets one record: the IoU of the mask predicted *for its prompt* with its ground-truth
 mask, and whether the top label is its class. Objects are matched by the prompt that produced
 them, never by where a mask landed: the shard JSON says which annotation each prompt came from
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from ovsam_ray import io
+from ovsam_ray.data.gt_prompts import object_mask, with_gt_prompts
 from ovsam_ray.data.rle import box_fill_mask, decode_rle
 from ovsam_ray.data.shards import iter_shard_samples, shard_names
-from ovsam_ray.evaluation.prompts import object_mask, with_gt_prompts
 from ovsam_ray.labels.reader import label_files, read_label_file
 from ovsam_ray.vocabulary import Vocabulary, clean_class_name
 
@@ -278,7 +278,7 @@ def _add_counts(total: dict[str, int], part: dict[str, int]) -> dict[str, int]:
 def evaluate_label_output(labels: str, shards: Sequence[str], lookup: ClassLookup, *,
                           s3_endpoint: str | None = None) -> dict[str, Any]:
     """Score a label output (labelled from ``shards``, which carry ground-truth prompts, see
-    :func:`~ovsam_ray.evaluation.prompts.rewrite_shard_prompts`) in this process: ``metrics``
+    :func:`~ovsam_ray.data.gt_prompts.rewrite_shard_prompts`) in this process: ``metrics``
     (:func:`summarize`) and ``counts``. ``ovsam-ray eval`` does the same with a Ray task per shard."""
     records: list[ObjectScore] = []
     counts: dict[str, int] = {}

@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ovsam_ray.convert.writer import IMAGE_CLASSES_FILE
+from ovsam_ray.data.shards import IMAGE_CLASSES_FILE
 from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.classifier import RELEASED_LOGIT_SCALE
 

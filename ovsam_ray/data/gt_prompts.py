@@ -20,11 +20,11 @@ import numpy as np
 from PIL import Image
 
 from ovsam_ray import io
+from ovsam_ray.data.points import interior_points
 from ovsam_ray.data.rle import annotation_mask, box_fill_mask
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.data.synthetic import tar_bytes
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.evaluation.points import interior_points
 
 __all__ = [
     "PROMPT_FIELDS",

@@ -28,11 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ovsam_ray import io
-from ovsam_ray.data.shards import IMAGE_EXTENSIONS
+from ovsam_ray.data.shards import IMAGE_CLASSES_FILE, IMAGE_EXTENSIONS
 from ovsam_ray.data.synthetic import tar_bytes
 from ovsam_ray.errors import ConfigError
 
-__all__ = ["IMAGE_CLASSES_FILE", "IMAGE_CLASSES_SCHEMA", "ConvertSummary", "Sample", "image_extension", "sample_key",
+__all__ = ["IMAGE_CLASSES_SCHEMA", "ConvertSummary", "Sample", "image_extension", "sample_key",
            "write_shards"]
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 #: Skipped samples listed by name in the summary (the count is always complete).
 MAX_LISTED_SKIPS = 50
-IMAGE_CLASSES_FILE = "_image_classes.parquet"
 IMAGE_CLASSES_SCHEMA = pa.schema([
     ("shard", pa.string()), ("key", pa.string()),
     ("category_names", pa.list_(pa.string())),  # aligned with category_ids; null where the annotation had none
