@@ -5,7 +5,7 @@ sampling, seeded: the same arguments give the same images). Each image is read f
 shard — ``shards``, else the ``input`` in the label output's run record — and decoded as the
 label job decoded it (EXIF orientation applied), so masks line up. Output:
 ``<output>/<shard>/<key>.png`` (a safe file name, see
-:func:`~ovsam_ray.export._paths.data_file_name`), and with ``sheet`` one
+:func:`~ovsam_ray.export.paths.data_file_name`), and with ``sheet`` one
 ``<output>/contact_sheet.png`` holding all of them as thumbnails. Text size and line widths scale
 with the image (readable on a 4000-pixel photo as on a 640-pixel one); labels are placed
 where they do not cover each other.
@@ -28,7 +28,7 @@ from ovsam_ray.data.decode import DecodeError, decode_image
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.export._paths import data_file_name
+from ovsam_ray.export.paths import data_file_name
 from ovsam_ray.labels.reader import iter_label_rows, source_shards
 from ovsam_ray.written import writing
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ovsam_ray.export._paths import NAME_BYTES, SUFFIXES, data_file_name
+from ovsam_ray.export.paths import NAME_BYTES, SUFFIXES, data_file_name
 
 # pieces that break naive joins: separators, dots, escapes, controls, surrogates, long runs
 _ATOMS = ["/", "//", ".", "..", "../", "%", "%2E", "%~", "\\", "\x00", "\n", "\x7f", "\u2028", "\udce9", "\ud800",
@@ -101,7 +101,7 @@ def test_golden_names(args, expected):
 
 def test_stable_across_processes():
     """No per-process state (``hash()`` is salted per process): another interpreter gives the same names."""
-    code = ("import json, sys; from ovsam_ray.export._paths import data_file_name as f; "
+    code = ("import json, sys; from ovsam_ray.export.paths import data_file_name as f; "
             "print(json.dumps([f(*a) for a in json.loads(sys.stdin.read())]))")
     args = [a for a, _ in GOLDEN] + [("s", "/".join(["p" * 100] * 12), "png")]
     import json

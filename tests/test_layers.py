@@ -47,9 +47,7 @@ FORBIDDEN: tuple[tuple[str, str, str], ...] = (
 )
 
 #: Known violations still to be moved: (importer module, imported module). Empty: keep it so.
-ALLOWED: frozenset[tuple[str, str]] = frozenset({
-    ("show", "export._paths"),                # private module used outside export/
-})
+ALLOWED: frozenset[tuple[str, str]] = frozenset()
 
 
 def _layer_of(module: str) -> tuple[int, str]:

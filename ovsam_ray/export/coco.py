@@ -1,7 +1,7 @@
 """Label output -> one COCO instances json (masks as RLE), or a COCO results array, streamed.
 
 ``images`` (one per ``ok`` row: ``id``, ``width``, ``height``, ``file_name`` = ``<shard>/<key>.<ext>``
-made a safe file name by :func:`~ovsam_ray.export._paths.data_file_name` with the image's own
+made a safe file name by :func:`~ovsam_ray.export.paths.data_file_name` with the image's own
 extension in its input shard, i.e. the file ``with_images`` writes below ``<output's
 folder>/images/`` — and the original ``shard`` and ``key``), ``annotations``
 (``segmentation`` RLE, ``bbox`` xywh of the mask, ``area``, ``category_id``, ``score`` and the
@@ -28,9 +28,9 @@ from typing import IO, Any
 
 from ovsam_ray import io
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.images import ImageCopier, ImageExts, output_folder
 from ovsam_ray.export.output import open_output
+from ovsam_ray.export.paths import data_file_name
 from ovsam_ray.labels.categories import category_index, dataset_categories, load_categories, record_vocabulary
 from ovsam_ray.labels.reader import iter_label_rows
 from ovsam_ray.labels.scores import LABEL_SOURCES, SCORE_MODES, instance_score

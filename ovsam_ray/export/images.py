@@ -1,5 +1,5 @@
 """The images of a label output's input shards: their file extensions, and copies of them made
-one shard at a time under the names :func:`~ovsam_ray.export._paths.data_file_name` gives."""
+one shard at a time under the names :func:`~ovsam_ray.export.paths.data_file_name` gives."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import tarfile
 
 from ovsam_ray import io
 from ovsam_ray.data.shards import IMAGE_EXTENSIONS, iter_shard_samples, split_member_name
-from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.output import write_file
+from ovsam_ray.export.paths import data_file_name
 from ovsam_ray.labels.reader import source_shards
 
 __all__ = ["ImageCopier", "ImageExts", "output_folder", "shard_image_exts"]

@@ -14,7 +14,7 @@ the top label and its probability as ``score``:
 ``from_name``/``to_name`` name the labels tag and the ``<Image>`` tag. ``image_url`` is a template
 over ``file_name`` (``<shard>/<key>.<ext>`` as a safe file name: the image's path below
 ``images/`` in a COCO or YOLO export ``with_images``, see
-:func:`~ovsam_ray.export._paths.data_file_name`), ``shard``, ``key``, ``image_id`` and ``ext`` (the
+:func:`~ovsam_ray.export.paths.data_file_name`), ``shard``, ``key``, ``image_id`` and ``ext`` (the
 image's extension in its input shard; ``jpg`` when the shards are unknown) pointing where Label
 Studio can load the image. The task's ``data`` keeps the original ``shard`` and ``key``.
 :func:`labelstudio_config` gives a labelling config for the exported labels; the export writes it
@@ -31,10 +31,10 @@ from xml.sax.saxutils import quoteattr
 
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.brush import mask_to_brush_rle
 from ovsam_ray.export.images import ImageExts
 from ovsam_ray.export.output import open_output, write_file
+from ovsam_ray.export.paths import data_file_name
 from ovsam_ray.export.polygons import mask_to_polygons
 from ovsam_ray.labels.reader import iter_label_rows
 from ovsam_ray.written import file_and_folder, writing

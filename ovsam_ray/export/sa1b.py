@@ -1,5 +1,5 @@
 """Label output -> SA-1B-style per-image json: ``<output>/<shard>/<key>.json`` (made a safe file
-name by :func:`~ovsam_ray.export._paths.data_file_name`; the record keeps the original key).
+name by :func:`~ovsam_ray.export.paths.data_file_name`; the record keeps the original key).
 
 Same layout as SA-1B's own files — ``{"image": {image_id, width, height, file_name},
 "annotations": [{id, segmentation (RLE), bbox (xywh), area, point_coords, crop_box, ...}]}`` —
@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from ovsam_ray import io
-from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.images import ImageExts
 from ovsam_ray.export.output import write_file
+from ovsam_ray.export.paths import data_file_name
 from ovsam_ray.labels.reader import iter_label_rows
 from ovsam_ray.written import writing
 

@@ -2,7 +2,7 @@
 
 ``<output>/<shard>.tar`` per label shard; each sample is the original image bytes as
 ``<key>.<ext>`` (the bytes of its member in the input shard) and ``<key>.json``, names made safe
-by :func:`~ovsam_ray.export._paths.data_file_name` (``key`` in the json is the original)::
+by :func:`~ovsam_ray.export.paths.data_file_name` (``key`` in the json is the original)::
 
     {"key", "shard", "image_id", "width", "height",
      "instances": [{"rle": {"size": [h, w], "counts"}, "bbox": [x0, y0, x1, y1], "area", "label",
@@ -28,8 +28,8 @@ from typing import IO, Any
 
 from ovsam_ray import io
 from ovsam_ray.data.shards import iter_shard_samples
-from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.output import open_output
+from ovsam_ray.export.paths import data_file_name
 from ovsam_ray.labels.reader import iter_label_rows, label_files, read_label_file, source_shards
 from ovsam_ray.written import writing
 

@@ -1,7 +1,7 @@
 """Label output -> YOLO segmentation labels (Ultralytics format), streamed.
 
 ``<output>/labels/<shard>/<key>.txt`` (made a safe file name by
-:func:`~ovsam_ray.export._paths.data_file_name`): one line per instance, ``<class> x1 y1 x2 y2 ...`` with the
+:func:`~ovsam_ray.export.paths.data_file_name`): one line per instance, ``<class> x1 y1 x2 y2 ...`` with the
 polygon normalised to [0, 1] by the image size (the outline of the mask's largest 4-connected
 part; see :mod:`ovsam_ray.export.polygons`); an image without instances gets an empty file (a
 background image). With ``with_images`` the images are extracted from the input shards
@@ -26,9 +26,9 @@ from typing import Any
 
 from ovsam_ray import io
 from ovsam_ray.data.rle import decode_rle
-from ovsam_ray.export._paths import data_file_name
 from ovsam_ray.export.images import ImageCopier, ImageExts
 from ovsam_ray.export.output import open_output, write_file
+from ovsam_ray.export.paths import data_file_name
 from ovsam_ray.export.polygons import mask_to_polygons
 from ovsam_ray.labels.categories import load_categories, record_vocabulary
 from ovsam_ray.labels.reader import iter_label_batches, iter_label_rows, source_shards
