@@ -1,13 +1,82 @@
-"""Shared fixtures: a local S3-compatible server (moto) and small synthetic shards."""
+"""Shared fixtures: a local S3-compatible server (moto) and small synthetic shards; the markers
+``ray``, ``cluster`` and ``subprocess`` put on each test by what it starts (pyproject's markers)."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import socket
+import sys
 import uuid
+import warnings
 from collections.abc import Iterator
 
 import pytest
+
+# What in a test's source (its body, the module-level helpers it calls, the fixtures it uses) says
+# it starts Ray: in this process, in a CLI subprocess (--ray-address local), or as a real cluster.
+_STARTS_RAY = re.compile(r"\bray\.init\(|--ray-address|\bLocalRayCluster\b|\binit_ray\(")
+_STARTS_SUBPROCESS = re.compile(r"\bsubprocess\.(run|Popen|check_call|check_output|call)\b")
+# Modules whose every test runs a multi-node cluster on this machine or takes S3 down mid-job.
+_CLUSTER_MODULES = {"test_real_cluster.py"}
+
+
+def _source(obj: object) -> str:
+    try:
+        return inspect.getsource(obj)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return ""
+
+
+def _sources(item: pytest.Item) -> str:
+    """The test's own source, that of the module-level functions it names, and that of every
+    fixture it uses (``item.fixturenames`` is already transitive) -- one level of helpers."""
+    func = getattr(item, "function", None)
+    if func is None:
+        return ""
+    text = _source(func)
+    module = sys.modules.get(func.__module__)
+    parts = [text]
+    for name in set(re.findall(r"\b([A-Za-z_]\w*)\(", text)):
+        helper = getattr(module, name, None)
+        if inspect.isfunction(helper) and helper.__module__ == func.__module__:
+            parts.append(_source(helper))
+    fixtureinfo = getattr(item, "_fixtureinfo", None)
+    for defs in (getattr(fixtureinfo, "name2fixturedefs", None) or {}).values():
+        for fixturedef in defs:
+            parts.append(_source(getattr(fixturedef, "func", None)))
+    return "\n".join(parts)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test ``ray`` / ``cluster`` / ``subprocess`` by what it starts, so the fast lane
+    (``dev/test.sh --fast``: ``-m "not ray and not cluster and not slow"``) never needs a mark to
+    be remembered. An explicit mark in a test file adds to these."""
+    for item in items:
+        text = _sources(item)
+        if item.path.name in _CLUSTER_MODULES:
+            item.add_marker(pytest.mark.cluster)
+            item.add_marker(pytest.mark.ray)
+        if "ray_local" in getattr(item, "fixturenames", ()) or _STARTS_RAY.search(text):
+            item.add_marker(pytest.mark.ray)
+        if _STARTS_SUBPROCESS.search(text):
+            item.add_marker(pytest.mark.subprocess)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Warn about a test that started Ray in this process without being marked ``ray``: the
+    fast lane would then start Ray after all (the rules above missed how it does)."""
+    ray = sys.modules.get("ray")
+    before = bool(ray is not None and ray.is_initialized())
+    try:
+        return (yield)
+    finally:
+        ray = sys.modules.get("ray")
+        if not before and ray is not None and ray.is_initialized() and item.get_closest_marker("ray") is None:
+            warnings.warn(f"{item.nodeid} started Ray but is not marked ray: add @pytest.mark.ray",
+                          pytest.PytestWarning, stacklevel=1)
 
 
 def _free_port() -> int:

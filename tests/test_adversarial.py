@@ -441,6 +441,7 @@ def test_overwrite_interrupted_midway_then_rerun_deletes_only_ours(tmp_path, bys
                                                               for f in os.listdir(out))
 
 
+@pytest.mark.ray  # `ovsam-ray eval` in this process starts Ray (a CLI call the conftest rules do not see)
 def test_eval_never_overwrites_a_users_metrics(tmp_path, caplog):
     out = tmp_path / "eval"
     out.mkdir()

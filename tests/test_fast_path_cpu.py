@@ -132,6 +132,7 @@ def test_cotraining_step_under_cpu_bf16(tmp_path):
         assert losses["bf16"][k] == pytest.approx(v, rel=0.05, abs=0.05), k
 
 
+@pytest.mark.slow
 def test_label_model_stage_on_the_fast_path_has_no_error_rows(tmp_path):
     import pyarrow as pa
 
@@ -196,6 +197,7 @@ def test_resize_on_the_model_device_gives_the_cpu_resize_inputs_and_labels(tmp_p
         stage.predictor.embed([image_of(shipped, 0)[:50]], original_sizes=hw[:1])
 
 
+@pytest.mark.slow
 def test_fast_path_rule_at_a_full_size_preset():
     """``tests/test_gpu.py``'s check at ``ovsam_rn50_small`` (1024 input), on the CPU: a random
     full-size decoder's logits reach ~0.2, bf16 moves them ~0.004 against a tolerance of 0.02

@@ -173,6 +173,7 @@ def test_ovsam_tiny_forward_shapes() -> None:
     torch.testing.assert_close(again.low_res_logits, out.low_res_logits)
 
 
+@pytest.mark.slow
 def test_ovsam_rn50_small_forward_shapes() -> None:
     """The one ``ovsam_rn50_small`` forward of the suite (~10 s on 2 CPU cores)."""
     torch.manual_seed(0)

@@ -248,6 +248,7 @@ def _boundary_templates(templates: list[str]) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_template_tokens_equal_the_tokenizer_over_the_whole_in21k_vocabulary(bpe):
     """Every name of the built-in in21k vocabulary (timm's ImageNet-22k, 40,737 names), in one
     template per kind of join, and a sample in all 14 templates: the spliced tokens are the

@@ -39,6 +39,7 @@ def test_sam_teacher_checkpoint_must_fit(tmp_path):
         build_sam_teacher("vit_l", None)
 
 
+@pytest.mark.slow
 def test_local_distillation_reduces_the_loss(tmp_path):
     shards = str(tmp_path / "shards")
     generate_shards(shards, num_images=4, images_per_shard=4, seed=2, image_size=(64, 48))

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from ovsam_ray.data.synthetic import shape_vocabulary_names
@@ -35,6 +36,7 @@ def _pretrained(shape_loss_weight: float) -> tuple[torch.nn.Module, object]:
     return clip, result
 
 
+@pytest.mark.slow
 def test_pretrain_runs_the_fixed_number_of_steps_and_the_shape_loss_changes_the_image_tower() -> None:
     torch.manual_seed(0)
     before = create_clip_model("ovsam_tiny").visual.state_dict()
@@ -73,6 +75,7 @@ def test_scene_batch_boxes_are_the_objects_mask_boxes_in_model_input_pixels() ->
     assert batch.kinds.max() < len(NAMES)
 
 
+@pytest.mark.slow
 def test_scene_stage_trains_the_tower_on_whole_scenes_and_refreshes_batchnorm() -> None:
     from ovsam_ray.training.clip_pretrain import pretrain_clip_regions
 
@@ -91,6 +94,7 @@ def test_scene_stage_trains_the_tower_on_whole_scenes_and_refreshes_batchnorm() 
     assert all(p.is_contiguous() for p in clip.visual.parameters())
 
 
+@pytest.mark.slow
 def test_tiny_recipe_end_to_end_at_toy_sizes_exports_weights_the_label_job_loads(tmp_path) -> None:
     from ovsam_ray.inference import ModelConfig, build_predictor
     from ovsam_ray.model.predictor import ImagePrompts

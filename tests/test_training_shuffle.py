@@ -58,6 +58,7 @@ def _worst_window_distance(labels: list[int], steps: int = 50, batch: int = 2) -
     return worst
 
 
+@pytest.mark.slow
 def test_batches_mix_class_sorted_shards_like_the_mixture(sorted_shards, tmp_path):
     shuffled = [label for _, label in _labels(sorted_shards, tmp_path)]
     assert len(shuffled) == 2 * len(CLASSES) * PER_SHARD
@@ -66,6 +67,7 @@ def test_batches_mix_class_sorted_shards_like_the_mixture(sorted_shards, tmp_pat
     assert _worst_window_distance(in_order) > 0.6, "read shard by shard, a window holds one or two classes"
 
 
+@pytest.mark.slow
 def test_order_is_deterministic_reshuffled_per_epoch_and_resumable(sorted_shards, tmp_path):
     rows = _labels(sorted_shards, tmp_path, seed=3)
     assert rows == _labels(sorted_shards, tmp_path, seed=3)
