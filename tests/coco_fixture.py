@@ -114,3 +114,16 @@ def gt_label_output(dataset: dict, out: str, *, s3_endpoint: str | None = None, 
         if name == "shard-000000":
             shard_rows.append({"key": "broken", "shard": name, "status": "error", "error": "undecodable image"})
         committer.commit(name, rows_to_table(shard_rows), {})
+
+
+def coco_label_output(root: str) -> dict[str, str]:
+    """A COCO fixture under ``root``, its shards and a label output of its ground truth: the
+    ``labels``, ``shards``, ``annotations`` and ``images`` locations."""
+    from ovsam_ray.convert import convert_coco
+
+    ann_path, images, dataset, _ = make_coco(os.path.join(root, "coco"))
+    shards = os.path.join(root, "shards")
+    convert_coco(ann_path, images, shards)
+    labels = os.path.join(root, "labels")
+    gt_label_output(dataset, labels)
+    return {"labels": labels, "shards": shards, "annotations": ann_path, "images": images}

@@ -11,11 +11,10 @@ import os
 import shutil
 
 import pytest
-from coco_fixture import gt_label_output, make_coco
+from coco_fixture import coco_label_output
 from test_overwrite import WRITERS
 
 from ovsam_ray.cli import main
-from ovsam_ray.convert import convert_coco
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
 from ovsam_ray.labels.schema import rows_to_table
@@ -25,13 +24,7 @@ from ovsam_ray.written import MANIFEST_NAME
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("adv-exports")
-    ann_path, images, dataset, _ = make_coco(str(root / "coco"))
-    shards = str(root / "shards")
-    convert_coco(ann_path, images, shards)
-    labels = str(root / "labels")
-    gt_label_output(dataset, labels)
-    return {"labels": labels, "shards": shards, "annotations": ann_path, "images": images}
+    return coco_label_output(str(tmp_path_factory.mktemp("adv-exports")))
 
 
 def _errors(caplog) -> list[str]:

@@ -6,27 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 
 import pytest
+from cli_helpers import error_lines as _errors
+from cli_helpers import run_cli as _main
 
 from ovsam_ray.data.synthetic import generate_shards
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.run_record import RunRecord, check_or_write_run_record
 from ovsam_ray.labels.schema import rows_to_table
 from ovsam_ray.locations import OverlappingLocationsError, canonical_location, check_disjoint
-
-
-def _main(*argv: str) -> int:
-    from ovsam_ray.cli import main
-
-    return main(list(argv))
-
-
-def _errors(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def _snapshot(root) -> dict[str, str]:

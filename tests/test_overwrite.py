@@ -11,22 +11,15 @@ import logging
 import os
 
 import pytest
-from coco_fixture import gt_label_output, make_coco
+from coco_fixture import coco_label_output
 
 from ovsam_ray.cli import main
-from ovsam_ray.convert import convert_coco
 from ovsam_ray.written import MANIFEST_NAME, OutputClashError, writing
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("overwrite")
-    ann_path, images, dataset, _ = make_coco(str(root / "coco"))
-    shards = str(root / "shards")
-    convert_coco(ann_path, images, shards)
-    labels = str(root / "labels")
-    gt_label_output(dataset, labels)
-    return {"labels": labels, "shards": shards, "annotations": ann_path, "images": images}
+    return coco_label_output(str(tmp_path_factory.mktemp("overwrite")))
 
 
 def _export(fmt: str, *extra: str):
