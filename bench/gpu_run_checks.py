@@ -203,13 +203,13 @@ def _validate(argv: list[str]) -> None:
         add_label_args(parser)
         label_config(parser.parse_args(args))
     elif script == "bench.train_steps" and args[0] in ("distill", "cotrain"):
-        from ovsam_ray.training import cli
+        from ovsam_ray.cli import train as train_cli
 
         train = args[args.index("--") + 1 :]
         if args[0] == "distill":
-            cli.distill_config_from_args(cli.distill_parser().parse_args(train))
+            train_cli.distill_config_from_args(train_cli.distill_parser().parse_args(train))
         else:
-            cli.cotrain_config_from_args(cli.cotrain_parser().parse_args(train))
+            train_cli.cotrain_config_from_args(train_cli.cotrain_parser().parse_args(train))
     elif script == "bench.train_steps":
         if args[:1] != ["write-sam-encoder"] or "--out" not in args:
             raise ValueError("write-sam-encoder --kind K --out FILE")

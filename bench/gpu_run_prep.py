@@ -69,7 +69,7 @@ def probe_env(out: str) -> int:
         except Exception as e:  # noqa: BLE001 - a broken install raises anything
             modules[module] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
     # the project's own heavy imports, as the stages make them
-    for module in ("ovsam_ray.pipeline.label_job", "ovsam_ray.training.runner"):
+    for module in ("ovsam_ray.pipeline.label_job", "ovsam_ray.training.trainer"):
         try:
             importlib.import_module(module)
             modules[module] = {"ok": True, "version": None}

@@ -123,12 +123,12 @@ def verify(output: str, images: int, s3: str | None) -> dict:
     import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
-    from ovsam_ray import io
+    from ovsam_ray import storage
     from ovsam_ray.labels.committer import ShardCommitter
 
     committer = ShardCommitter(output, s3_endpoint=s3)
-    fs, _ = io.get_filesystem(output, s3_endpoint=s3)
-    paths = [io.get_filesystem(u, s3_endpoint=s3)[1] for u in committer.committed_parquet_urls()]
+    fs, _ = storage.get_filesystem(output, s3_endpoint=s3)
+    paths = [storage.get_filesystem(u, s3_endpoint=s3)[1] for u in committer.committed_parquet_urls()]
     table = pds.dataset(paths, format="parquet", filesystem=fs).to_table(columns=["shard", "key", "status"])
     ids = pc.binary_join_element_wise(table["shard"], table["key"], "/")
     return {"rows": table.num_rows, "expected": images, "unique": len(pc.unique(ids)),
@@ -230,7 +230,7 @@ def _committed_output(src: str, out: str, n: int, s3: str | None, args: argparse
     never read), Parquet files, markers, per-shard statistics and a run ``_stats.json`` that counts them."""
     import json as _json
 
-    from ovsam_ray import io
+    from ovsam_ray import storage
     from ovsam_ray.data.synthetic import generate_shards
     from ovsam_ray.inference import ModelConfig
     from ovsam_ray.pipeline.label_job import LabelConfig, run_label
@@ -239,16 +239,16 @@ def _committed_output(src: str, out: str, n: int, s3: str | None, args: argparse
     generate_shards(src, num_images=2, images_per_shard=2, seed=0, image_size=(32, 24), s3_endpoint=s3)
     run_label(LabelConfig(input=src, output=out, baseline="box-fill", model=ModelConfig(
         random_init=True, vocab=args.vocab, s3_endpoint=s3)))
-    one = _json.loads(io.read_bytes(io.join(out, "_stats", "shard-000000.json"), s3_endpoint=s3))
-    fs, _ = io.get_filesystem(out, s3_endpoint=s3)
+    one = _json.loads(storage.read_bytes(storage.join(out, "_stats", "shard-000000.json"), s3_endpoint=s3))
+    fs, _ = storage.get_filesystem(out, s3_endpoint=s3)
     payloads = {}
     for i in range(1, n + 1):
         name = f"shard-{i:06d}"
-        payloads[io.join(src, f"{name}.tar")] = b""
-        payloads[io.join(out, f"{name}.parquet")] = b"PAR1"
-        payloads[io.join(out, "_committed", f"{name}.json")] = b"{}"
-        payloads[io.join(out, "_stats", f"{name}.json")] = _json.dumps(one).encode()
-    paths = {io.get_filesystem(u, s3_endpoint=s3)[1]: data for u, data in payloads.items()}
+        payloads[storage.join(src, f"{name}.tar")] = b""
+        payloads[storage.join(out, f"{name}.parquet")] = b"PAR1"
+        payloads[storage.join(out, "_committed", f"{name}.json")] = b"{}"
+        payloads[storage.join(out, "_stats", f"{name}.json")] = _json.dumps(one).encode()
+    paths = {storage.get_filesystem(u, s3_endpoint=s3)[1]: data for u, data in payloads.items()}
     if s3:
         fs.pipe(paths)  # batched PUTs
     else:
@@ -257,7 +257,7 @@ def _committed_output(src: str, out: str, n: int, s3: str | None, args: argparse
             with open(path, "wb") as f:
                 f.write(data)
     stats = merge_stats([one] * (n + 1))
-    io.atomic_write_bytes(io.join(out, "_stats.json"), _json.dumps(stats).encode(), s3_endpoint=s3)
+    storage.atomic_write_bytes(storage.join(out, "_stats.json"), _json.dumps(stats).encode(), s3_endpoint=s3)
 
 
 def listing(args: argparse.Namespace) -> dict:

@@ -30,7 +30,7 @@ from ovsam_ray.model.presets import clip_tokenizer, create_clip_model, get_prese
 from ovsam_ray.model.text_embedding import embed_class_names
 from ovsam_ray.training.clip_pretrain import pretrain_clip, pretrain_clip_regions
 from ovsam_ray.training.losses import class_logits
-from ovsam_ray.training.recipe import TinyRecipe
+from ovsam_ray.training.tiny_recipe import TinyRecipe
 from ovsam_ray.vocabulary import load_templates
 
 PRESET = "ovsam_tiny"

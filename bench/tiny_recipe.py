@@ -121,7 +121,7 @@ def main() -> None:
     result: dict = {"date": now_iso(), "machine": machine_info(), "recipe": json.loads(a.recipe), "seed": a.seed}
     weights = a.weights
     if weights is None:
-        from ovsam_ray.training.recipe import TinyRecipe, run_tiny_recipe
+        from ovsam_ray.training.tiny_recipe import TinyRecipe, run_tiny_recipe
 
         if not a.work:
             p.error("give --work (to train) or --weights (to evaluate)")

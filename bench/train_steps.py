@@ -42,13 +42,13 @@ RECIPES = {
 }
 
 
-# The training loop's log line of every report (training/runner.py: "%s step %d: %s", k=v pairs).
+# The training loop's log line of every report (training/trainer.py: "%s step %d: %s", k=v pairs).
 STEP_LINE = re.compile(r"\b(distill|cotrain) step (\d+): (.*)$")
 
 
 
 def _precision(run) -> str:
-    """What ``engine.Runtime.autocast`` runs the steps in."""
+    """What ``loop.Runtime.autocast`` runs the steps in."""
     bf16 = run.precision == "bf16" or (run.precision == "auto" and run.use_gpu)
     return ("bf16 autocast" if bf16 else "fp32") + ("" if run.use_gpu else " (CPU)")
 
@@ -95,11 +95,11 @@ def gpu_hours(stage: str, images_per_s_per_gpu: float | None) -> dict[str, Any] 
 def run_training(stage: str, train_argv: list[str], out: str, warmup_steps: int) -> int:
     """Run ``python -m ovsam_ray.cli train <stage> <train_argv>`` (its output passed through) and
     write the step times it logged to ``out``."""
-    from ovsam_ray.training import cli
+    from ovsam_ray.cli import train as train_cli
 
-    parser = cli.distill_parser() if stage == "distill" else cli.cotrain_parser()
+    parser = train_cli.distill_parser() if stage == "distill" else train_cli.cotrain_parser()
     cfg_args = parser.parse_args(train_argv)
-    cfg = cli.distill_config_from_args(cfg_args) if stage == "distill" else cli.cotrain_config_from_args(cfg_args)
+    cfg = train_cli.distill_config_from_args(cfg_args) if stage == "distill" else train_cli.cotrain_config_from_args(cfg_args)
     if cfg.run.log_every != 1:
         raise SystemExit("--log-every 1 is needed: every step must report its own time")
     command = [sys.executable, "-m", "ovsam_ray.cli", "train", stage, *train_argv]

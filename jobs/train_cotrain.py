@@ -14,7 +14,7 @@ Submitting the same --storage-path/--name again resumes from the run's latest ch
 import logging
 import sys
 
-from ovsam_ray.training.cli import cotrain_config_from_args, cotrain_parser, print_config
+from ovsam_ray.cli.train import cotrain_config_from_args, cotrain_parser, print_config
 from ovsam_ray.training.cotrain import run_cotrain
 
 if __name__ == "__main__":

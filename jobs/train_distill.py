@@ -13,7 +13,7 @@ submitted again resumes from the run's latest checkpoint.
 import logging
 import sys
 
-from ovsam_ray.training.cli import distill_config_from_args, distill_parser, print_config
+from ovsam_ray.cli.train import distill_config_from_args, distill_parser, print_config
 from ovsam_ray.training.distill import run_distill
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def run_demo(cfg: DemoConfig) -> int:
         model = ModelConfig(preset="ovsam_tiny", random_init=True, vocab=_write_vocab(os.path.join(work, "vocab.txt")))
         banner = "QUICK DEMO: random weights (untrained); masks and labels are meaningless"
     else:
-        from ovsam_ray.training.recipe import run_tiny_recipe
+        from ovsam_ray.training.tiny_recipe import run_tiny_recipe
 
         weights = run_tiny_recipe(os.path.join(work, "train"), seed=cfg.seed, time_budget_s=cfg.time_budget_s)
         model = ModelConfig(preset="ovsam_tiny", weights=weights, train_vocab="shapes")

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from ovsam_ray.checkpoints import LoadedModel, load_ovsam
 from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.predictor import OVSAMPredictor
 from ovsam_ray.model.presets import PRESETS, get_preset
 from ovsam_ray.text_cache import embed_vocabulary, load_class_embeddings
 from ovsam_ray.vocabulary import Vocabulary, load_vocabulary
+from ovsam_ray.weights.released import LoadedModel, load_ovsam
 
 # The training vocabulary of each released clip2sam file decides which classes are "seen".
 TRAIN_VOCABS = {"coco": "coco_ov", "lvis": "lvis_v1"}

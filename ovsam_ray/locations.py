@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import OVSAMRayError
 
 __all__ = ["Location", "OverlappingLocationsError", "canonical_location", "check_disjoint", "pattern_root"]
@@ -104,5 +104,5 @@ def check_disjoint(inputs: Iterable[tuple[str, str | None]], outputs: Iterable[t
             else:
                 continue
             raise OverlappingLocationsError(
-                f"{out_flag} {io.redact(out_url)} {how} {in_flag} {io.redact(in_url)}: a command never writes where "
+                f"{out_flag} {storage.redact(out_url)} {how} {in_flag} {storage.redact(in_url)}: a command never writes where "
                 "it reads; choose an output location outside the input")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.decode import parse_prompts_json, read_image
 from ovsam_ray.errors import ConfigError
 from ovsam_ray.inference import ModelConfig, build_predictor
@@ -77,10 +77,10 @@ def run_predict(cfg: PredictConfig) -> dict:
         "random_init": loaded.random_init,
         "instances": instances,
     }
-    with io.open_url(cfg.output, "w", s3_endpoint=s3) as f:
+    with storage.open_url(cfg.output, "w", s3_endpoint=s3) as f:
         json.dump(result, f)
     if cfg.save_logits:
-        with io.open_url(cfg.save_logits, "wb", s3_endpoint=s3) as f:
+        with storage.open_url(cfg.save_logits, "wb", s3_endpoint=s3) as f:
             np.savez(
                 f,
                 low_res_logits=pred.low_res_logits,
@@ -93,7 +93,7 @@ def run_predict(cfg: PredictConfig) -> dict:
 
 
 def _read_prompts(url: str, *, width: int, height: int, s3_endpoint: str | None) -> ImagePrompts:
-    raw = json.loads(io.read_bytes(url, s3_endpoint=s3_endpoint))
+    raw = json.loads(storage.read_bytes(url, s3_endpoint=s3_endpoint))
     parsed = parse_prompts_json(json.dumps(raw).encode(), width=width, height=height)
     for warning in parsed.warnings:
         log.warning("prompt dropped: %s", warning)

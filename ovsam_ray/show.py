@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.decode import DecodeError, decode_image
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.data.shards import iter_shard_samples
@@ -203,19 +203,19 @@ def _write_overlays(rows: list[dict[str, Any]], labels: str, output: str, *, sha
         for row in shard_rows:
             image = images.get(row["key"])
             if image is None or image.shape[:2] != (row["height"], row["width"]):
-                log.warning("image %s/%s not found in its shard: drawing on grey", io.safe_for_log(shard),
-                            io.safe_for_log(row["key"]))
+                log.warning("image %s/%s not found in its shard: drawing on grey", storage.safe_for_log(shard),
+                            storage.safe_for_log(row["key"]))
                 image = np.full((row["height"], row["width"], 3), 128, np.uint8)
             overlay = render_overlay(image, row["instances"] or [], min_score=min_score)
-            url = io.join(output, data_file_name(shard, row["key"], "png"))
-            io.atomic_write_bytes(url, _png(overlay), s3_endpoint=s3_endpoint)
+            url = storage.join(output, data_file_name(shard, row["key"], "png"))
+            storage.atomic_write_bytes(url, _png(overlay), s3_endpoint=s3_endpoint)
             written.append(url)
             if sheet:
                 overlay.thumbnail((384, 384))
                 thumbs.append(overlay)
-                captions.append(io.safe_for_log(f"{shard}/{row['key']}", limit=60))  # one line, fits a cell
+                captions.append(storage.safe_for_log(f"{shard}/{row['key']}", limit=60))  # one line, fits a cell
     if sheet:
-        url = io.join(output, "contact_sheet.png")
-        io.atomic_write_bytes(url, _png(contact_sheet(thumbs, captions)), s3_endpoint=s3_endpoint)
+        url = storage.join(output, "contact_sheet.png")
+        storage.atomic_write_bytes(url, _png(contact_sheet(thumbs, captions)), s3_endpoint=s3_endpoint)
         written.append(url)
     return written

@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import OVSAMRayError
 
 __all__ = ["MANIFEST_NAME", "Claim", "OutputClashError", "file_and_folder", "writing"]
@@ -50,21 +50,21 @@ class OutputClashError(OVSAMRayError, ValueError):
 
 
 def _show(names: list[str]) -> str:
-    shown = ", ".join(io.safe_for_log(n, limit=100) for n in names[:_SHOWN])
+    shown = ", ".join(storage.safe_for_log(n, limit=100) for n in names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
 
 def _read_manifest(url: str, flag: str, folder: str, s3_endpoint: str | None) -> dict[str, Any]:
     """The manifest's per-command entries; ``{}`` without one. A file of that name that we did
     not write is refused (it would be overwritten)."""
-    if not io.exists(url, s3_endpoint=s3_endpoint):
+    if not storage.exists(url, s3_endpoint=s3_endpoint):
         return {}
     try:
-        data = json.loads(io.read_bytes(url, s3_endpoint=s3_endpoint))
+        data = json.loads(storage.read_bytes(url, s3_endpoint=s3_endpoint))
     except (ValueError, UnicodeDecodeError):
         data = None
     if not isinstance(data, dict) or data.get("producer") != _PRODUCER or not isinstance(data.get("commands"), dict):
-        raise OutputClashError(f"{flag} {io.redact(folder)} holds {MANIFEST_NAME}, which no ovsam-ray command "
+        raise OutputClashError(f"{flag} {storage.redact(folder)} holds {MANIFEST_NAME}, which no ovsam-ray command "
                                "wrote: move it away or choose another output")
     return data["commands"]
 
@@ -79,13 +79,13 @@ class _Existing:
         self.linked: set[str] = set()  # local folders below ``folder`` that are symbolic links
 
     def _list(self, sub: str) -> set[str]:
-        if sub not in self.listed and not io.is_remote(self.folder):
+        if sub not in self.listed and not storage.is_remote(self.folder):
             self.listed[sub] = self._list_local(sub)
         if sub not in self.listed:
-            url = io.join(self.folder, sub) if sub else self.folder
-            fs, path = io.get_filesystem(url, s3_endpoint=self.s3_endpoint)
-            base = io.to_url(fs, path).rstrip("/") + "/"
-            files = io.list_files(url, recursive=bool(sub), s3_endpoint=self.s3_endpoint)
+            url = storage.join(self.folder, sub) if sub else self.folder
+            fs, path = storage.get_filesystem(url, s3_endpoint=self.s3_endpoint)
+            base = storage.to_url(fs, path).rstrip("/") + "/"
+            files = storage.list_files(url, recursive=bool(sub), s3_endpoint=self.s3_endpoint)
             prefix = sub + "/" if sub else ""
             self.listed[sub] = {prefix + u[len(base):] for u in files if u.startswith(base)}
         return self.listed[sub]
@@ -94,7 +94,7 @@ class _Existing:
         """Every entry but folders, links included (a dangling one too: writing to it would create
         a file wherever it points); a folder that is a link is remembered, not entered (what lies
         behind it is someone else's)."""
-        _, root = io.get_filesystem(self.folder)
+        _, root = storage.get_filesystem(self.folder)
         start = os.path.join(root, sub) if sub else root
         if os.path.islink(start) and os.path.isdir(start):
             self.linked.add(sub)
@@ -126,7 +126,7 @@ class Claim:
     def __init__(self, folder: str, command: str, *, flag: str, overwrite: bool, s3_endpoint: str | None) -> None:
         self.folder, self.command, self.flag = folder, command, flag
         self.overwrite, self.s3_endpoint = overwrite, s3_endpoint
-        self.url = io.join(folder, MANIFEST_NAME)
+        self.url = storage.join(folder, MANIFEST_NAME)
         self.entries = _read_manifest(self.url, flag, folder, s3_endpoint)
         entry = self.entries.get(command) or {}
         self.listed = set(entry.get("files") or [])
@@ -151,7 +151,7 @@ class Claim:
                 foreign.append(name)
             elif self.finished and not self.overwrite:
                 earlier.append(name)
-        where = f"{self.flag} {io.redact(self.folder)}"
+        where = f"{self.flag} {storage.redact(self.folder)}"
         if foreign:
             raise OutputClashError(
                 f"{where} holds {_show(sorted(foreign))}, which `{self.command}` would write and no earlier "
@@ -166,7 +166,7 @@ class Claim:
     def _write(self, status: str, patterns: Iterable[str] = ()) -> None:
         entry = {"status": status, "files": sorted(self.keep | self.planned), "patterns": list(patterns)}
         data = {"producer": _PRODUCER, "commands": {**self.entries, self.command: entry}}
-        io.atomic_write_bytes(self.url, json.dumps(data, indent=1).encode(), s3_endpoint=self.s3_endpoint)
+        storage.atomic_write_bytes(self.url, json.dumps(data, indent=1).encode(), s3_endpoint=self.s3_endpoint)
 
     def withdraw(self, patterns: Iterable[str]) -> None:
         """After a run that stopped before writing any file (a refusal of its input): remove the
@@ -178,8 +178,8 @@ class Claim:
         if any(n in existing for n in self.planned) or any(r.fullmatch(n) for r in regexes for n in names):
             return
         with contextlib.suppress(OSError):
-            io.remove(self.url, s3_endpoint=self.s3_endpoint)
-            if not io.is_remote(self.folder) and not os.listdir(self.folder):
+            storage.remove(self.url, s3_endpoint=self.s3_endpoint)
+            if not storage.is_remote(self.folder) and not os.listdir(self.folder):
                 os.rmdir(self.folder)
 
     def add(self, names: Iterable[str]) -> None:
@@ -197,7 +197,7 @@ def writing(folder: str, command: str, names: Iterable[str], *, overwrite: bool 
     claim = Claim(folder, command, flag=flag, overwrite=overwrite, s3_endpoint=s3_endpoint)
     claim.check(names)
     patterns = list(patterns)
-    fresh = not claim.entries and not io.exists(claim.url, s3_endpoint=s3_endpoint)
+    fresh = not claim.entries and not storage.exists(claim.url, s3_endpoint=s3_endpoint)
     claim._write("writing", patterns)
     try:
         yield claim

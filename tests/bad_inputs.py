@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.synthetic import encode_image, tar_bytes
 
 #: The decode pixel limit :func:`make_bad_input_shards`' expectations assume.
@@ -109,6 +109,6 @@ def make_bad_input_shards(output_dir_or_url: str, *, s3_endpoint: str | None = N
 
 def _write_bad(root: str, kind: str, data: bytes, statuses: list[str], expected: dict,
                s3_endpoint: str | None, damaged: bool = False) -> BadShard:
-    url = io.join(root, f"{kind}.tar")
-    io.atomic_write_bytes(url, data, s3_endpoint=s3_endpoint)
+    url = storage.join(root, f"{kind}.tar")
+    storage.atomic_write_bytes(url, data, s3_endpoint=s3_endpoint)
     return BadShard(kind=kind, url=url, expected_statuses=statuses, damaged=damaged, expected=expected)

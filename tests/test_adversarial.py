@@ -404,14 +404,14 @@ def test_huge_integers_in_a_sidecar_are_a_warning_not_a_crash():
 
 
 def test_overwrite_interrupted_midway_then_rerun_deletes_only_ours(tmp_path, bystanders, monkeypatch):
-    from ovsam_ray import io
+    from ovsam_ray import storage
 
     out = str(tmp_path / "out")
     check_or_write_run_record(out, RunRecord({"v": 1}))
     for n in ("s1", "s2", "s3"):
         ShardCommitter(out).commit(n, rows_to_table([]))
     bystanders.around(out)
-    real, calls = io.remove, []
+    real, calls = storage.remove, []
 
     def dying_remove(url, **kw):
         calls.append(url)
@@ -419,10 +419,10 @@ def test_overwrite_interrupted_midway_then_rerun_deletes_only_ours(tmp_path, bys
             raise KeyboardInterrupt  # SIGTERM's exception, midway through the deletion
         real(url, **kw)
 
-    monkeypatch.setattr(io, "remove", dying_remove)
+    monkeypatch.setattr(storage, "remove", dying_remove)
     with pytest.raises(KeyboardInterrupt):
         check_or_write_run_record(out, RunRecord({"v": 2}), overwrite=True, shards={"s1", "s2", "s3"})
-    monkeypatch.setattr(io, "remove", real)
+    monkeypatch.setattr(storage, "remove", real)
     committer = ShardCommitter(out)
     assert committer.markers_without_parquet() == []  # markers go first: none points at a deleted file
     assert json.load(open(os.path.join(out, "_run.json")))["identity"] == {"v": 1}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ovsam_ray.checkpoints import load_ovsam
 from ovsam_ray.cli import main
 from ovsam_ray.model.presets import create_clip_model
-from ovsam_ray.weights import WeightsError, is_torchscript_archive
+from ovsam_ray.weights.files import WeightsError, is_torchscript_archive
+from ovsam_ray.weights.released import load_ovsam
 
 
 def test_torchscript_clip_is_refused_then_converted(tmp_path):

@@ -224,7 +224,7 @@ def check_job_command(words: list[str]) -> str:
         label_config(parser.parse_args(words[2:]))
         return "label"
     if words[0].startswith("python") and re.search(r"jobs/train_(cotrain|distill)\.py$", words[1]):
-        training = pytest.importorskip("ovsam_ray.training.cli")
+        training = pytest.importorskip("ovsam_ray.cli.train")
         stage = "cotrain" if "cotrain" in words[1] else "distill"
         parser = getattr(training, f"{stage}_parser")()
         getattr(training, f"{stage}_config_from_args")(parser.parse_args(words[2:]))

@@ -32,7 +32,7 @@ def test_full_demo_trains_before_starting_ray(monkeypatch, tmp_path):
     import ray
 
     import ovsam_ray.pipeline.label_job as label_job
-    import ovsam_ray.training.recipe as recipe
+    import ovsam_ray.training.tiny_recipe as recipe
 
     calls: list[str] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: "ray.init" in calls)

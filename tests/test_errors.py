@@ -49,7 +49,7 @@ def test_every_error_class_derives_from_the_base(module: str, name: str) -> None
 def test_builtin_bases_are_kept_for_callers_that_catch_them() -> None:
     from ovsam_ray.locations import OverlappingLocationsError
     from ovsam_ray.model.presets import UnknownPresetError
-    from ovsam_ray.weights import WeightsError
+    from ovsam_ray.weights.files import WeightsError
 
     assert issubclass(ConfigError, ValueError) and issubclass(OverlappingLocationsError, ValueError)
     assert issubclass(UnknownPresetError, KeyError) and issubclass(UnknownPresetError, ValueError)

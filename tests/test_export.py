@@ -140,9 +140,9 @@ def test_export_coco_on_s3(coco, s3_server, s3_bucket, tmp_path):
     gt_label_output(dataset, labels, s3_endpoint=s3_server)
     out = f"s3://{s3_bucket}/export/coco.json"
     assert export_coco(labels, out, categories=ann_path, s3_endpoint=s3_server)["annotations"] == 4
-    from ovsam_ray import io
+    from ovsam_ray import storage
 
-    assert len(json.loads(io.read_bytes(out, s3_endpoint=s3_server))["images"]) == 3
+    assert len(json.loads(storage.read_bytes(out, s3_endpoint=s3_server))["images"]) == 3
 
 
 def test_round_trip_coco_label_job_export_cocoeval(ray_local, coco, tmp_path):

@@ -89,7 +89,7 @@ def test_automatic_mask_generator_on_the_fast_path():
 
 
 def test_runtime_precision():
-    from ovsam_ray.training.engine import Runtime
+    from ovsam_ray.training.loop import Runtime
 
     assert not isinstance(Runtime().autocast(), torch.autocast), "fp32 on a CPU unless asked"
     assert isinstance(Runtime(precision="bf16").autocast(), torch.autocast)
@@ -101,11 +101,11 @@ def test_cotraining_step_under_cpu_bf16(tmp_path):
     import json
 
     from ovsam_ray.data.synthetic import generate_shards
-    from ovsam_ray.training import engine
+    from ovsam_ray.training import loop
     from ovsam_ray.training.batching import unpack_sample
     from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, RunSpec
     from ovsam_ray.training.cotrain import cotrain_setup, sample_builder
-    from ovsam_ray.training.data import iter_local_rows
+    from ovsam_ray.training.stream import iter_local_rows
 
     shards = generate_shards(str(tmp_path / "seg"), num_images=2, images_per_shard=2, seed=1, image_size=(64, 48))
     (tmp_path / "c.json").write_text(json.dumps(["circle", "square", "triangle"]))
@@ -118,9 +118,9 @@ def test_cotraining_step_under_cpu_bf16(tmp_path):
     losses = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
-        runtime = engine.Runtime(precision=precision)
+        runtime = loop.Runtime(precision=precision)
         net = cotrain_setup(cfg, runtime).net
-        task = engine.CotrainTask(net=net, cfg=cfg, device=runtime.device)
+        task = loop.CotrainTask(net=net, cfg=cfg, device=runtime.device)
         with runtime.autocast():
             terms, _ = task.losses(samples, 0, 0)
         loss = sum(terms.values())

@@ -36,7 +36,7 @@ def test_bf16_fast_path_matches_fp32_labels_and_masks():
 
 
 def test_fused_adamw_on_cuda_matches_the_loop_kernel():
-    from ovsam_ray.training.engine import adamw
+    from ovsam_ray.training.optim import adamw
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8)).cuda()

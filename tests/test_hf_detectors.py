@@ -26,7 +26,7 @@ from ovsam_ray.pipeline.detectors import DetectorStage  # noqa: E402
 from ovsam_ray.pipeline.hf_detectors import GroundingDinoDetector, resolve_folder  # noqa: E402
 from ovsam_ray.pipeline.label_job import LabelConfig, run_label  # noqa: E402
 from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig, image_prompt_set, select_predictions  # noqa: E402
-from ovsam_ray.weights import WeightsError  # noqa: E402
+from ovsam_ray.weights.files import WeightsError  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -207,12 +207,12 @@ def test_weights_folder_errors_and_layouts(owl_dir, tmp_path, monkeypatch):
 
 
 def test_weights_from_s3_prefix(owl_dir, s3_bucket, s3_server, tmp_path, monkeypatch):
-    from ovsam_ray import io
+    from ovsam_ray import storage
 
     monkeypatch.setenv("OVSAM_RAY_CACHE", str(tmp_path / "cache"))
     for name in os.listdir(owl_dir):
         with open(os.path.join(owl_dir, name), "rb") as f:
-            io.atomic_write_bytes(f"s3://{s3_bucket}/detectors/owlv2/{name}", f.read(), s3_endpoint=s3_server)
+            storage.atomic_write_bytes(f"s3://{s3_bucket}/detectors/owlv2/{name}", f.read(), s3_endpoint=s3_server)
     folder = resolve_folder(f"s3://{s3_bucket}/detectors", "owlv2", s3_endpoint=s3_server)
     assert sorted(os.listdir(folder)) == sorted(os.listdir(owl_dir))
     assert resolve_folder(f"s3://{s3_bucket}/detectors", "owlv2", s3_endpoint=s3_server) == folder  # cached once

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.synthetic import generate_shards
 from ovsam_ray.inference import ModelConfig
 from ovsam_ray.pipeline import lease as lease_mod
@@ -24,7 +24,7 @@ def _foreign_lease(out: str, *, age_s: float = 0.0, host: str = "other-host", pi
                    interval_s: float = 30.0) -> dict:
     record = {"job_id": "f" * 32, "host": host, "pid": pid, "pid_ns": lease_mod._pid_namespace(),
               "heartbeat": time.time() - age_s, "heartbeat_at": "then", "interval_s": interval_s}
-    io.atomic_write_bytes(io.join(out, LEASE_NAME), json.dumps(record).encode())
+    storage.atomic_write_bytes(storage.join(out, LEASE_NAME), json.dumps(record).encode())
     return record
 
 
@@ -79,10 +79,10 @@ def test_lease_on_s3(s3_server, s3_bucket, monkeypatch):
     monkeypatch.setattr(lease_mod, "S3_SETTLE_S", 0.05)
     out = f"s3://{s3_bucket}/labels"
     with OutputLease(out, s3_endpoint=s3_server) as held:
-        assert json.loads(io.read_bytes(f"{out}/{LEASE_NAME}", s3_endpoint=s3_server))["job_id"] == held.job_id
+        assert json.loads(storage.read_bytes(f"{out}/{LEASE_NAME}", s3_endpoint=s3_server))["job_id"] == held.job_id
         with pytest.raises(LeaseHeldError):
             OutputLease(out, s3_endpoint=s3_server).acquire()
-    assert not io.exists(f"{out}/{LEASE_NAME}", s3_endpoint=s3_server)
+    assert not storage.exists(f"{out}/{LEASE_NAME}", s3_endpoint=s3_server)
 
 
 def _config(src: str, out: str, vocab: str) -> LabelConfig:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from ovsam_ray.checkpoints import LoadedModel
 from ovsam_ray.inference import ModelConfig, load_model, make_predictor, vocabulary_text
 from ovsam_ray.model.classifier import RELEASED_LOGIT_SCALE
 from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.model.predictor import ImagePrompts
 from ovsam_ray.pipeline.label_job import LabelConfig, _run_record
 from ovsam_ray.vocabulary import Vocabulary
+from ovsam_ray.weights.released import LoadedModel
 
 VOCAB = Vocabulary.from_json({"name": "two", "classes": [{"id": 0, "name": "cat"}, {"id": 1, "name": "dog"}]})
 

@@ -148,18 +148,18 @@ def test_an_interrupted_convert_claims_its_shards_until_it_completes(tmp_path):
 
 
 def test_on_s3_a_users_object_is_refused_and_our_own_is_replaced_with_overwrite(labelled, s3_server, s3_bucket):
-    from ovsam_ray import io
+    from ovsam_ray import storage
     from ovsam_ray.export import export_coco, export_sa1b
 
     out = f"s3://{s3_bucket}/export"
-    users = io.join(out, "shard-000000", "000000000005.json")
-    io.atomic_write_bytes(users, b"mine", s3_endpoint=s3_server)
+    users = storage.join(out, "shard-000000", "000000000005.json")
+    storage.atomic_write_bytes(users, b"mine", s3_endpoint=s3_server)
     with pytest.raises(OutputClashError, match="000000000005.json"):
         export_sa1b(labelled["labels"], out, overwrite=True, s3_endpoint=s3_server)
-    assert io.read_bytes(users, s3_endpoint=s3_server) == b"mine"
-    assert not io.exists(io.join(out, "shard-000000", "000000000009.json"), s3_endpoint=s3_server)
+    assert storage.read_bytes(users, s3_endpoint=s3_server) == b"mine"
+    assert not storage.exists(storage.join(out, "shard-000000", "000000000009.json"), s3_endpoint=s3_server)
 
-    coco = io.join(out, "coco.json")
+    coco = storage.join(out, "coco.json")
     assert export_coco(labelled["labels"], coco, s3_endpoint=s3_server)["images"] == 3
     with pytest.raises(OutputClashError, match="--overwrite"):
         export_coco(labelled["labels"], coco, s3_endpoint=s3_server)

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ovsam_ray.checkpoints import export_released
 from ovsam_ray.cli import main
 from ovsam_ray.data.rle import boxes_from_binary_masks
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.predictor import ImagePrompts, OVSAMPredictor
 from ovsam_ray.model.presets import build_ovsam, create_clip_model
 from ovsam_ray.vocabulary import load_vocabulary
+from ovsam_ray.weights.released import export_released
 
 H, W = 60, 90
 PROMPTS = {

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import pytest
 from local_cluster import LocalRayCluster, S3Gate, wait_for
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.synthetic import generate_shards
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.reader import iter_label_rows
@@ -259,12 +259,12 @@ def test_permanent_s3_outage_fails_clearly_and_commits_nothing_partial(cluster, 
 
     # Every marker names a complete Parquet file (sha256 and row count); at most the one shard whose
     # commit was cut between its Parquet file and its marker left a file without a marker.
-    files = {u.rsplit("/", 1)[-1] for u in io.list_files(out, s3_endpoint=s3_server)}
+    files = {u.rsplit("/", 1)[-1] for u in storage.list_files(out, s3_endpoint=s3_server)}
     done = committer.committed_shards()
     assert 1 <= len(done) < NUM_SHARDS
     for name in done:
         marker = committer.read_marker(name)
-        data = io.read_bytes(committer.parquet_url(name), s3_endpoint=s3_server)
+        data = storage.read_bytes(committer.parquet_url(name), s3_endpoint=s3_server)
         assert hashlib.sha256(data).hexdigest() == marker["sha256"]
         assert pq.read_metadata(pa.BufferReader(data)).num_rows == marker["num_rows"] == PER_SHARD
     strays = {f for f in files if f.endswith(".parquet")} - {f"{n}.parquet" for n in done}
@@ -284,7 +284,7 @@ def test_permanent_s3_outage_fails_clearly_and_commits_nothing_partial(cluster, 
     after = markers(committer)
     assert {n: after[n] for n in before} == before
     assert_exactly_once(out, s3_endpoint=s3_server)
-    assert set(io.list_files(out, suffix=".parquet", s3_endpoint=s3_server)) == {
+    assert set(storage.list_files(out, suffix=".parquet", s3_endpoint=s3_server)) == {
         committer.parquet_url(n) for n in after}
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.shards import (
     ShardSpecError,
     is_damage_marker,
@@ -20,7 +20,7 @@ from ovsam_ray.data.synthetic import generate_shards, tar_bytes
 
 
 def _write(path, members):
-    io.atomic_write_bytes(str(path), tar_bytes(members))
+    storage.atomic_write_bytes(str(path), tar_bytes(members))
     return str(path)
 
 
@@ -66,7 +66,7 @@ def test_list_shards_s3(s3_server, s3_bucket):
     urls = generate_shards(root, num_images=3, images_per_shard=1, seed=0, image_size=(32, 24),
                            s3_endpoint=s3_server)
     assert urls == [f"{root}/shard-{i:06d}.tar" for i in range(3)]
-    io.atomic_write_bytes(f"{root}/readme.txt", b"x", s3_endpoint=s3_server)
+    storage.atomic_write_bytes(f"{root}/readme.txt", b"x", s3_endpoint=s3_server)
     assert list_shards(root + "/", s3_endpoint=s3_server) == urls
     assert list_shards(root, s3_endpoint=s3_server) == urls
     assert list_shards(f"{root}/shard-*.tar", s3_endpoint=s3_server) == urls
@@ -183,10 +183,10 @@ def test_read_shard_counts(tmp_shards):
 def test_read_shard_s3(s3_server, s3_bucket):
     url = f"s3://{s3_bucket}/x/s.tar"
     full = tar_bytes([("a.jpg", b"A"), ("a.json", b"{}"), ("b.jpg", b"B" * 2000)])
-    io.atomic_write_bytes(url, full, s3_endpoint=s3_server)
+    storage.atomic_write_bytes(url, full, s3_endpoint=s3_server)
     result = read_shard(url, s3_endpoint=s3_server)
     assert [s["key"] for s in result.samples] == ["a", "b"] and result.damage is None
-    io.atomic_write_bytes(url, full[:3000], s3_endpoint=s3_server)
+    storage.atomic_write_bytes(url, full[:3000], s3_endpoint=s3_server)
     result = read_shard(url, s3_endpoint=s3_server)
     assert [s["error"] is None for s in result.samples] == [True, False] and result.damage
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from bad_inputs import BAD_INPUT_MAX_PIXELS, make_bad_input_shards
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.decode import decode_image, decode_sample
 from ovsam_ray.data.rle import boxes_from_binary_masks, decode_rle
 from ovsam_ray.data.shards import list_shards, read_shard
@@ -17,7 +17,7 @@ from ovsam_ray.data.synthetic import SHAPE_CLASSES, generate_shards, render_imag
 
 
 def _digest(urls, s3_endpoint=None):
-    return [hashlib.sha256(io.read_bytes(u, s3_endpoint=s3_endpoint)).hexdigest() for u in urls]
+    return [hashlib.sha256(storage.read_bytes(u, s3_endpoint=s3_endpoint)).hexdigest() for u in urls]
 
 
 def test_vocabulary():

@@ -6,14 +6,14 @@ import argparse
 
 import pytest
 
-from ovsam_ray.training.cli import (
+from ovsam_ray.cli.train import (
     add_train_subcommands,
     cotrain_config_from_args,
     distill_config_from_args,
     parse_dataset,
 )
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec
-from ovsam_ray.training.engine import lr_factor
+from ovsam_ray.training.optim import lr_factor
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +106,8 @@ def test_optimizer_gives_the_temperature_and_the_recognizer_their_own_lr_and_no_
     import torch
 
     from ovsam_ray.model.presets import build_ovsam
-    from ovsam_ray.training.engine import CotrainNet, build_optimizer
+    from ovsam_ray.training.networks import CotrainNet
+    from ovsam_ray.training.optim import build_optimizer
 
     text = torch.nn.functional.normalize(torch.randn(3, 1, 64), dim=-1)
     net = CotrainNet(build_ovsam("ovsam_tiny"), text_embeddings=text,
@@ -127,7 +128,7 @@ def test_optimizer_gives_the_temperature_and_the_recognizer_their_own_lr_and_no_
 def test_adamw_falls_back_to_the_unfused_kernel_when_a_parameter_cannot_be_fused():
     import torch
 
-    from ovsam_ray.training.engine import adamw
+    from ovsam_ray.training.optim import adamw
 
     floats = [torch.nn.Parameter(torch.randn(3))]
     assert adamw(floats, lr=1e-3).defaults["fused"]

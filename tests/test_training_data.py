@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.rle import annotation_mask
 from ovsam_ray.data.synthetic import encode_image, generate_shards, tar_bytes
 from ovsam_ray.model.functional import preprocess_image
@@ -21,9 +21,9 @@ from ovsam_ray.training.batching import (
 )
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, RunSpec
 from ovsam_ray.training.cotrain import sample_builder
-from ovsam_ray.training.data import dataset_items, iter_local_rows, work_items
-from ovsam_ray.training.engine import row_batches
-from ovsam_ray.training.labels import build_label_space
+from ovsam_ray.training.label_space import build_label_space
+from ovsam_ray.training.loop import row_batches
+from ovsam_ray.training.stream import dataset_items, iter_local_rows, work_items
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "ellipse", "pentagon", "cross"]
 
@@ -43,7 +43,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     for i, meta in enumerate(metas):
         members += [(f"{i:04d}.jpg", encode_image(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))),
                     (f"{i:04d}.json", json.dumps(meta).encode())]
-    io.atomic_write_bytes(str(img / "in22k-000000.tar"), tar_bytes(members))
+    storage.atomic_write_bytes(str(img / "in22k-000000.tar"), tar_bytes(members))
     return {"seg": str(seg), "img": str(img), "vocab": str(vocab)}
 
 
@@ -123,7 +123,7 @@ def test_image_level_rows_one_whole_image_box(data_root, tmp_path):
         DatasetSpec(shards=data_root["img"], kind="image", vocab=data_root["vocab"]),
     ], lsj_range=(1.0, 1.0), flip_prob=0.0)
     builder = sample_builder(cfg)
-    item = {"item": 0, "dataset": 1, "shard": io.join(data_root["img"], "in22k-000000.tar")}
+    item = {"item": 0, "dataset": 1, "shard": storage.join(data_root["img"], "in22k-000000.tar")}
     samples = [unpack_sample(r["sample"]) for r in builder(item)]
     assert len(samples) == 3, "the sample with an unknown class is skipped"
     assert [int(s["labels"][0]) for s in samples] == [3, 1, 7]
@@ -182,13 +182,13 @@ def test_predicted_rois_are_the_mask_boxes_where_they_overlap_the_ground_truth(d
 
 def test_cotrain_step_with_predicted_rois_keeps_the_mask_losses(data_root, tmp_path, monkeypatch):
     from ovsam_ray.model import functional
-    from ovsam_ray.training import engine
+    from ovsam_ray.training import loop
     from ovsam_ray.training.cotrain import cotrain_setup
 
     exact = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1)
     items = dataset_items(exact.datasets, epochs=1, seed=0)
     samples = [unpack_sample(r["sample"]) for r in list(iter_local_rows(items, sample_builder(exact)))[:2]]
-    net = cotrain_setup(exact, engine.Runtime()).net.eval()
+    net = cotrain_setup(exact, loop.Runtime()).net.eval()
     shifted = []
 
     def shift_all(low_res, gt, use, min_iou=0.1):  # stand-in: every drawn prompt gets a different RoI
@@ -201,7 +201,7 @@ def test_cotrain_step_with_predicted_rois_keeps_the_mask_losses(data_root, tmp_p
         cfg = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1,
                       roi_from_prediction=fraction)
         with torch.no_grad():
-            losses[fraction], _ = engine.CotrainTask(net=net, cfg=cfg, device=torch.device("cpu")).losses(samples, 0, 0)
+            losses[fraction], _ = loop.CotrainTask(net=net, cfg=cfg, device=torch.device("cpu")).losses(samples, 0, 0)
     assert len(shifted) == 1 and shifted[0].all() and len(shifted[0]) == 8  # only when asked; every prompt
     assert torch.equal(losses[0.0]["loss_mask"], losses[1.0]["loss_mask"])
     assert not torch.equal(losses[0.0]["loss_cls"], losses[1.0]["loss_cls"])
@@ -211,13 +211,13 @@ def test_cotrain_forward_decodes_through_the_models_own_decode(data_root, tmp_pa
     """One decode path: CotrainNet calls OVSAM.decode (with the ground-truth RoIs), so a change to
     the decoder path reaches training and inference alike."""
     from ovsam_ray.model.ovsam import OVSAM
-    from ovsam_ray.training import engine
+    from ovsam_ray.training import loop
     from ovsam_ray.training.cotrain import cotrain_setup
 
     cfg = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1)
     rows = list(iter_local_rows(dataset_items(cfg.datasets, epochs=1, seed=0), sample_builder(cfg)))[:2]
     batch = collate_cotrain([unpack_sample(r["sample"]) for r in rows], "cpu")
-    net = cotrain_setup(cfg, engine.Runtime()).net.eval()
+    net = cotrain_setup(cfg, loop.Runtime()).net.eval()
     calls = []
     original = OVSAM.decode
 

@@ -8,12 +8,12 @@ import torch
 from ovsam_ray.data.synthetic import generate_shards
 from ovsam_ray.model.presets import build_ovsam
 from ovsam_ray.training.config import DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec
-from ovsam_ray.training.data import DistillSamples
 from ovsam_ray.training.distill import distill_setup
-from ovsam_ray.training.engine import Runtime
-from ovsam_ray.training.model_setup import build_sam_teacher, copy_teacher_pos_embed
-from ovsam_ray.training.runner import run_local
-from ovsam_ray.weights import WeightsError
+from ovsam_ray.training.loop import Runtime
+from ovsam_ray.training.networks import build_sam_teacher, copy_teacher_pos_embed
+from ovsam_ray.training.stream import DistillSamples
+from ovsam_ray.training.trainer import run_local
+from ovsam_ray.weights.files import WeightsError
 
 
 def test_random_teacher_shapes_and_pos_embed_copy():

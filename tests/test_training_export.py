@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from ovsam_ray.checkpoints import load_ovsam
 from ovsam_ray.data.synthetic import generate_shards
 from ovsam_ray.inference import ModelConfig, build_predictor
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.predictor import ImagePrompts, OVSAMPredictor
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, OptimConfig, RunSpec
 from ovsam_ray.training.cotrain import cotrain_setup, sample_builder
-from ovsam_ray.training.export import export_checkpoint
-from ovsam_ray.training.runner import latest_checkpoint, run_local
+from ovsam_ray.training.release import export_checkpoint
+from ovsam_ray.training.trainer import latest_checkpoint, run_local
+from ovsam_ray.weights.released import load_ovsam
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "ellipse", "pentagon", "cross"]
 HELD_OUT = ("pentagon", "cross")
@@ -127,7 +127,7 @@ def test_local_run_started_again_resumes(trained):
 
 def test_evaluate_weights_scores_every_held_out_object_with_the_seen_flags_of_the_weights(trained):
     from ovsam_ray.evaluation.table1 import shard_metas
-    from ovsam_ray.training.evaluate import evaluate_weights
+    from ovsam_ray.training.heldout import evaluate_weights
 
     anns = [a for url in sorted(os.listdir(trained["shards"])) if url.endswith(".tar")
             for meta in shard_metas(os.path.join(trained["shards"], url)).values() for a in meta["annotations"]]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.synthetic import encode_image, tar_bytes
 from ovsam_ray.training.batching import unpack_sample
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, RunSpec
 from ovsam_ray.training.cotrain import sample_builder
-from ovsam_ray.training.data import iter_local_rows
+from ovsam_ray.training.stream import iter_local_rows
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -28,10 +28,10 @@ def shards(tmp_path) -> dict[str, str]:
              {"bbox": [1, 1, 0, 5], "category_name": "circle"}]  # zero width: dropped
     box = [("b0.jpg", encode_image(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))),
            ("b0.json", json.dumps({"annotations": boxes}).encode())]
-    io.atomic_write_bytes(str(tmp_path / "box-000000.tar"), tar_bytes(box))
+    storage.atomic_write_bytes(str(tmp_path / "box-000000.tar"), tar_bytes(box))
     wide = [("i0.jpg", encode_image(rng.integers(0, 255, (30, 90, 3), dtype=np.uint8))),
             ("i0.json", json.dumps({"label": "triangle"}).encode())]
-    io.atomic_write_bytes(str(tmp_path / "img-000000.tar"), tar_bytes(wide))
+    storage.atomic_write_bytes(str(tmp_path / "img-000000.tar"), tar_bytes(wide))
     seg = tmp_path / "seg"
     from ovsam_ray.data.synthetic import generate_shards
 
@@ -52,7 +52,7 @@ def _cfg(shards, tmp_path, **kw) -> CotrainConfig:
 
 
 def test_box_only_dataset_trains_box_prompts_and_classification_only(shards, tmp_path):
-    from ovsam_ray.training import engine
+    from ovsam_ray.training import loop
     from ovsam_ray.training.cotrain import cotrain_setup
 
     cfg = _cfg(shards, tmp_path, lsj_range=(1.0, 1.0), flip_prob=0.0)  # long side 64 -> 256: x4, no crop
@@ -63,8 +63,8 @@ def test_box_only_dataset_trains_box_prompts_and_classification_only(shards, tmp
     assert sorted(s["labels"].tolist()) == [1, 2], "square by name, triangle by id; the empty box dropped"
     boxes = {tuple(b) for b in s["prompt_boxes"].tolist()}
     assert boxes == {(16.0, 24.0, 96.0, 64.0), (120.0, 80.0, 168.0, 144.0)}, "the boxes, x4 with the image"
-    net = cotrain_setup(cfg, engine.Runtime()).net
-    terms, _ = engine.CotrainTask(net=net, cfg=cfg, device=torch.device("cpu")).losses([s], 0, 0)
+    net = cotrain_setup(cfg, loop.Runtime()).net
+    terms, _ = loop.CotrainTask(net=net, cfg=cfg, device=torch.device("cpu")).losses([s], 0, 0)
     assert terms["loss_mask"].item() == 0.0 and terms["loss_dice"].item() == 0.0
     assert terms["loss_cls"].item() > 0
     sum(terms.values()).backward()

@@ -7,7 +7,7 @@ import numpy as np
 from ovsam_ray.data.rle import boxes_from_binary_masks
 from ovsam_ray.model.functional import resized_shape
 from ovsam_ray.training.augment import large_scale_jitter, resize_and_pad
-from ovsam_ray.training.prompts import choose_instances, sample_prompts, whole_image_prompt
+from ovsam_ray.training.prompt_sampling import choose_instances, sample_prompts, whole_image_prompt
 
 
 def _masks(n: int, h: int = 40, w: int = 60) -> np.ndarray:

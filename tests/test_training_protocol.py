@@ -13,13 +13,13 @@ import json
 import numpy as np
 import pytest
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.synthetic import encode_image, tar_bytes
 from ovsam_ray.training.batching import unpack_sample
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, RunSpec
 from ovsam_ray.training.cotrain import sample_builder
-from ovsam_ray.training.data import iter_local_rows
-from ovsam_ray.training.labels import build_label_space
+from ovsam_ray.training.label_space import build_label_space
+from ovsam_ray.training.stream import iter_local_rows
 from ovsam_ray.vocabulary import load_vocabulary
 
 
@@ -41,7 +41,7 @@ def coco_shard(tmp_path) -> str:
         members += [(f"{key}.jpg", encode_image(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))),
                     (f"{key}.json", json.dumps({"annotations": anns}).encode())]
     url = str(tmp_path / "coco-000000.tar")
-    io.atomic_write_bytes(url, tar_bytes(members))
+    storage.atomic_write_bytes(url, tar_bytes(members))
     return url
 
 
@@ -91,7 +91,7 @@ def test_lvis_base_split_is_without_the_rare_classes():
 
 
 def test_split_is_validated_and_parsed_from_the_dataset_flag():
-    from ovsam_ray.training.cli import parse_dataset
+    from ovsam_ray.cli.train import parse_dataset
 
     assert parse_dataset("s3://b/coco/|vocab=coco_ov").split == "base"
     assert parse_dataset("s3://b/coco/|vocab=coco_ov|split=all").split == "all"

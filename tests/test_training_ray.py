@@ -12,8 +12,8 @@ import torch
 
 from ovsam_ray.data.synthetic import generate_shards
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec
-from ovsam_ray.training.model_setup import build_sam_teacher
-from ovsam_ray.training.runner import FAIL_ONCE_ENV, latest_checkpoint
+from ovsam_ray.training.networks import build_sam_teacher
+from ovsam_ray.training.trainer import FAIL_ONCE_ENV, latest_checkpoint
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "ellipse", "pentagon", "cross"]
 
@@ -62,7 +62,7 @@ def _losses(result) -> list[float]:
 @pytest.mark.slow
 def test_cotrain_two_workers_learns_survives_a_failure_and_resumes(ray_local, shards, tmp_path):
     from ovsam_ray.training.cotrain import run_cotrain
-    from ovsam_ray.training.export import export_checkpoint
+    from ovsam_ray.training.release import export_checkpoint
 
     storage = str(tmp_path / "runs")
     marker = tmp_path / "failed-once"
@@ -94,7 +94,7 @@ def test_cotrain_two_workers_learns_survives_a_failure_and_resumes(ray_local, sh
 @pytest.mark.slow
 def test_distill_two_workers_on_s3_storage_loss_goes_down(ray_local, s3_server, s3_bucket, shards, tmp_path):
     from ovsam_ray.training.distill import run_distill
-    from ovsam_ray.training.export import export_checkpoint
+    from ovsam_ray.training.release import export_checkpoint
 
     storage = f"s3://{s3_bucket}/runs"
     cfg = DistillConfig(
@@ -120,8 +120,8 @@ def test_dump_teacher_features_then_read_them_back(ray_local, shards, tmp_path):
     import numpy as np
 
     from ovsam_ray.training.batching import collate_distill, unpack_sample
-    from ovsam_ray.training.data import DistillSamples, dataset_items
     from ovsam_ray.training.distill import DumpTeacherConfig, TeacherShardWriter, dump_teacher
+    from ovsam_ray.training.stream import DistillSamples, dataset_items
 
     out = str(tmp_path / "teacher")
     cfg = DumpTeacherConfig(shards=shards["shards"], output=out, teacher="random_tiny", preset="ovsam_tiny")

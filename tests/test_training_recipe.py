@@ -98,7 +98,7 @@ def test_scene_stage_trains_the_tower_on_whole_scenes_and_refreshes_batchnorm() 
 def test_tiny_recipe_end_to_end_at_toy_sizes_exports_weights_the_label_job_loads(tmp_path) -> None:
     from ovsam_ray.inference import ModelConfig, build_predictor
     from ovsam_ray.model.predictor import ImagePrompts
-    from ovsam_ray.training.recipe import TinyRecipe, run_tiny_recipe
+    from ovsam_ray.training.tiny_recipe import TinyRecipe, run_tiny_recipe
 
     recipe = TinyRecipe(train_images=4, images_per_shard=4, image_size=((96, 72), (128, 96)), stage0_steps=2,
                         stage0_pool=64, stage0_colours=2, stage0_scene_steps=2, stage0_scene_batch=2,
@@ -110,7 +110,7 @@ def test_tiny_recipe_end_to_end_at_toy_sizes_exports_weights_the_label_job_loads
     assert config["run"]["max_steps"] == 2 and config["num_prompts"] == 2
     predictor, vocab, _ = build_predictor(ModelConfig(preset="ovsam_tiny", weights=weights, train_vocab="shapes"))
     assert list(vocab.class_names) == NAMES
-    from ovsam_ray.training.recipe import HELD_OUT
+    from ovsam_ray.training.tiny_recipe import HELD_OUT
 
     assert len(HELD_OUT) == 2 and set(HELD_OUT) < set(NAMES)
     assert [n for n, s in zip(vocab.class_names, vocab.seen) if not s] == list(HELD_OUT), \

@@ -12,8 +12,8 @@ import os
 import pytest
 import torch
 
+from ovsam_ray.cli.train import add_train_subcommands, cotrain_config_from_args, distill_config_from_args
 from ovsam_ray.model.presets import get_preset
-from ovsam_ray.training.cli import add_train_subcommands, cotrain_config_from_args, distill_config_from_args
 from ovsam_ray.training.config import DatasetSpec
 from ovsam_ray.training.recipes import RECIPES, build_config, dataset_images, get_recipe, resolve_steps
 
@@ -125,7 +125,7 @@ def test_recipe_equals_the_reference(recipe, path, expected, where):
 def test_every_recipe_has_rows_and_the_prompt_split_is_half_box_half_point():
     assert {r for r, *_ in TABLE} == set(RECIPES)
     # reference: {PRE}:158 (bp = arange(2).repeat_interleave(n // 2 + 1)[:n]: half box, half point)
-    from ovsam_ray.training.prompts import sample_prompts
+    from ovsam_ray.training.prompt_sampling import sample_prompts
 
     masks = torch.zeros(3, 16, 16, dtype=torch.bool).numpy()
     masks[:, 2:8, 2:8] = True
@@ -141,7 +141,8 @@ def test_frozen_parts_and_weight_decay_exemptions_follow_the_reference():
     fix=False). mmengine's norm_decay_mult covers torch's norm layers, not SAM's LayerNorm2d, and
     biases keep their decay."""
     from ovsam_ray.model.presets import build_ovsam
-    from ovsam_ray.training.engine import CotrainNet, DistillNet, build_optimizer, no_decay_names
+    from ovsam_ray.training.networks import CotrainNet, DistillNet
+    from ovsam_ray.training.optim import build_optimizer, no_decay_names
 
     distill = DistillNet(build_ovsam("ovsam_tiny"))
     assert {n.split(".")[1] for n, p in distill.named_parameters() if p.requires_grad} == {"adapter"}
@@ -192,7 +193,7 @@ def test_an_epoch_counts_only_the_images_that_keep_a_trained_class(tmp_path, cap
 
     from ovsam_ray.convert import convert_coco
     from ovsam_ray.data.synthetic import encode_image
-    from ovsam_ray.training.labels import build_label_space
+    from ovsam_ray.training.label_space import build_label_space
 
     cats = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 17, "name": "cat"}, {"id": 18, "name": "dog"}]
     # image -> (category id, iscrowd): base = person, car; novel = cat, dog

@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.synthetic import encode_image, tar_bytes
 from ovsam_ray.training.batching import unpack_sample
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, RunSpec
 from ovsam_ray.training.cotrain import sample_builder
-from ovsam_ray.training.data import dataset_items, interleave, iter_local_rows
+from ovsam_ray.training.stream import dataset_items, interleave, iter_local_rows
 
 CLASSES = ["circle", "square", "triangle", "star", "hexagon", "ellipse", "pentagon", "cross"]
 PER_SHARD = 30
@@ -30,7 +30,7 @@ def sorted_shards(tmp_path_factory) -> dict[str, str]:
         members = []
         for i in range(PER_SHARD):
             members += [(f"{c}_{i:03d}.jpg", image), (f"{c}_{i:03d}.json", json.dumps({"label": name}).encode())]
-        io.atomic_write_bytes(str(root / f"in-{c:06d}.tar"), tar_bytes(members))
+        storage.atomic_write_bytes(str(root / f"in-{c:06d}.tar"), tar_bytes(members))
     vocab = root / "classes.json"
     vocab.write_text(json.dumps(CLASSES))
     return {"shards": str(root), "vocab": str(vocab)}

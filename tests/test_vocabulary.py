@@ -452,12 +452,12 @@ def test_training_and_inference_embed_a_vocabulary_with_one_function(tmp_path):
     an entry one writes the other reads; a CLIP without a weights file is never cached."""
     from types import SimpleNamespace
 
-    from ovsam_ray.checkpoints import LoadedModel
     from ovsam_ray.inference import ModelConfig, vocabulary_text
     from ovsam_ray.model.presets import create_clip_model
     from ovsam_ray.text_cache import embed_vocabulary
     from ovsam_ray.training.cotrain import text_embeddings_for
-    from ovsam_ray.weights import file_sha256
+    from ovsam_ray.weights.files import file_sha256
+    from ovsam_ray.weights.released import LoadedModel
 
     torch.manual_seed(0)
     clip = create_clip_model("ovsam_tiny")

@@ -17,12 +17,11 @@ from segment_anything.modeling.mask_decoder import MaskDecoder as SamMaskDecoder
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
-import ovsam_ray.weights as weights_module
-from ovsam_ray.checkpoints import export_released, load_ovsam, resolve_weights_dir, standard_file_names
+import ovsam_ray.weights.files as weights_module
 from ovsam_ray.model.mask_decoder import MaskDecoder
 from ovsam_ray.model.ovsam import PromptBatch
 from ovsam_ray.model.presets import build_ovsam, create_clip_model
-from ovsam_ray.weights import (
+from ovsam_ray.weights.files import (
     CLIP2SAM,
     PROMPT_ENCODER,
     SAM2CLIP,
@@ -34,6 +33,7 @@ from ovsam_ray.weights import (
     load_part,
     read_weights,
 )
+from ovsam_ray.weights.released import export_released, load_ovsam, resolve_weights_dir, standard_file_names
 
 # Key names and shapes of the released RN50x16 files (HarborYuan/ovsam_models) and of SAM ViT-H's
 # prompt encoder, as the files store them (DESIGN §3).
@@ -235,7 +235,7 @@ def test_export_released_load_round_trip_gives_identical_outputs(tiny_export) ->
 
 
 def test_load_from_s3(tiny_export, s3_server, s3_bucket, tmp_path, monkeypatch) -> None:
-    from ovsam_ray.io import get_filesystem
+    from ovsam_ray.storage import get_filesystem
 
     model, directory, _ = tiny_export
     prefix = f"s3://{s3_bucket}/weights/tiny"
@@ -436,7 +436,7 @@ def test_training_resolves_and_loads_with_the_inference_loader(tiny_export, tmp_
     """``build_training_model`` finds the files as ``load_ovsam`` does (any vocabulary's
     clip2sam file), loads them to the same weights, and fails with the same errors."""
     from ovsam_ray.training.config import ModelSpec
-    from ovsam_ray.training.model_setup import build_training_model
+    from ovsam_ray.training.networks import build_training_model
 
     model, directory, _ = tiny_export
     trained, _, files = build_training_model(ModelSpec(preset="ovsam_tiny", weights=directory), stage="cotrain")
@@ -461,7 +461,7 @@ def test_local_dir_gives_a_local_folder_as_it_is(tmp_path) -> None:
 
 
 def test_local_dir_copies_an_s3_prefix_once_per_version(s3_server, s3_bucket, tmp_path, monkeypatch) -> None:
-    from ovsam_ray.io import get_filesystem
+    from ovsam_ray.storage import get_filesystem
 
     monkeypatch.setattr(weights_module, "_LOCAL_CACHE", tmp_path / "cache")
     prefix = f"s3://{s3_bucket}/detectors/detr"

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.rle import decode_rle, encode_masks
 from ovsam_ray.labels.committer import MissingShardFileError, ShardCommitter
 from ovsam_ray.labels.run_record import RunMismatchError, RunRecord, check_or_write_run_record
@@ -120,7 +120,7 @@ def test_marker_is_written_last_and_failures_leave_nothing_visible(tmp_path, mon
     out = str(tmp_path / "out")
     committer = ShardCommitter(out)
     written = []
-    real_write = io.atomic_write_bytes
+    real_write = storage.atomic_write_bytes
 
     def recording_write(url, data, **kw):
         written.append(url.rsplit("/", 2)[-2:])
@@ -128,7 +128,7 @@ def test_marker_is_written_last_and_failures_leave_nothing_visible(tmp_path, mon
             raise OSError("connection reset")
         real_write(url, data, **kw)
 
-    monkeypatch.setattr(io, "atomic_write_bytes", recording_write)
+    monkeypatch.setattr(storage, "atomic_write_bytes", recording_write)
     committer.commit("s1", rows_to_table(_rows("s1")))
     assert written == [["out", "s1.parquet"], ["_committed", "s1.json"]]
     with pytest.raises(OSError):
@@ -141,14 +141,14 @@ def test_uncommitted_parquet_is_ignored_overwritten_and_cleaned(tmp_path, monkey
     committer = ShardCommitter(out)
     committer.commit("s1", rows_to_table(_rows("s1")))
     # a crash between the Parquet file and its marker
-    real_write = io.atomic_write_bytes
+    real_write = storage.atomic_write_bytes
 
     def killed_before_marker(url, data, **kw):
         if url.endswith("s2.json"):
             raise OSError("killed")
         real_write(url, data, **kw)
 
-    monkeypatch.setattr(io, "atomic_write_bytes", killed_before_marker)
+    monkeypatch.setattr(storage, "atomic_write_bytes", killed_before_marker)
     with pytest.raises(OSError):
         committer.commit("s2", rows_to_table(_rows("s2")))
     monkeypatch.undo()
@@ -224,10 +224,10 @@ def test_commit_s3(s3_server, s3_bucket):
     committer.commit("shard-000001", rows_to_table(_rows("shard-000001")), {"aws_secret_access_key": "oops"})
     assert committer.committed_shards() == {"shard-000001"} and committer.is_committed("shard-000001")
     assert committer.read_marker("shard-000001")["stats"] == {"aws_secret_access_key": "***"}
-    fs, path = io.get_filesystem(committer.parquet_url("shard-000001"), s3_endpoint=s3_server)
+    fs, path = storage.get_filesystem(committer.parquet_url("shard-000001"), s3_endpoint=s3_server)
     table = pq.read_table(path, filesystem=fs)
     assert table.num_rows == 3 and table.schema.equals(OUTPUT_SCHEMA)
-    assert io.list_files(out, s3_endpoint=s3_server) == [f"s3://{s3_bucket}/labels/shard-000001.parquet"]
+    assert storage.list_files(out, s3_endpoint=s3_server) == [f"s3://{s3_bucket}/labels/shard-000001.parquet"]
 
 
 IDENTITY = {"model": "ovsam_rn50x16", "weights_sha256": {"sam": "aa", "clip": "bb"}, "vocab_sha256": "cc",
@@ -238,7 +238,7 @@ def test_run_record_create_resume_mismatch_overwrite(tmp_path):
     out = str(tmp_path / "out")
     details = {"config": {"output": out, "aws_secret_access_key": "hidden"}, "code_version": "0.1.0"}
     assert check_or_write_run_record(out, RunRecord(IDENTITY, details)) == "created"
-    stored = json.loads(io.read_bytes(os.path.join(out, "_run.json")))
+    stored = json.loads(storage.read_bytes(os.path.join(out, "_run.json")))
     assert stored["identity"] == IDENTITY and stored["details"]["config"]["aws_secret_access_key"] == "***"
     assert "hidden" not in json.dumps(stored)
     # same identity, other details: continue
@@ -255,7 +255,7 @@ def test_run_record_create_resume_mismatch_overwrite(tmp_path):
     assert check_or_write_run_record(out, RunRecord(changed), overwrite=True) == "overwritten"
     assert committer.committed_shards() == set()
     assert sorted(os.listdir(out)) == ["_committed", "_run.json", "keep.txt"]
-    assert json.loads(io.read_bytes(os.path.join(out, "_run.json")))["identity"] == changed
+    assert json.loads(storage.read_bytes(os.path.join(out, "_run.json")))["identity"] == changed
 
 
 def test_outputs_without_run_record_are_refused(tmp_path):
@@ -277,4 +277,4 @@ def test_run_record_on_s3(s3_server, s3_bucket):
         check_or_write_run_record(out, RunRecord({**IDENTITY, "random_init": True}), **kw)
     assert check_or_write_run_record(out, RunRecord({**IDENTITY, "random_init": True}), overwrite=True,
                                      **kw) == "overwritten"
-    assert io.list_files(out, recursive=True, **kw) == [f"{out}/_run.json"]
+    assert storage.list_files(out, recursive=True, **kw) == [f"{out}/_run.json"]

@@ -14,8 +14,8 @@ from ovsam_ray.cli.export import add_export
 from ovsam_ray.cli.label import add_label, add_relabel
 from ovsam_ray.cli.predict import add_predict
 from ovsam_ray.cli.show import add_show
+from ovsam_ray.cli.train import add_train_subcommands
 from ovsam_ray.errors import OVSAMRayError
-from ovsam_ray.training.cli import add_train_subcommands
 
 __all__ = ["EXIT_STOPPED", "STOP_ERRORS", "build_parser", "main", "report_stop"]
 
@@ -40,7 +40,7 @@ EXIT_STOPPED = 2
 
 def report_stop(e: BaseException, prefix: str = "") -> int:
     """Log ``e`` as one line (the traceback at DEBUG level) and return EXIT_STOPPED."""
-    from ovsam_ray.io import redact, safe_for_log
+    from ovsam_ray.storage import redact, safe_for_log
 
     log = logging.getLogger("ovsam_ray")
     log.debug("stopped by", exc_info=e)

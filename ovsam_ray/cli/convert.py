@@ -33,9 +33,9 @@ def _convert_names(output: str, s3_endpoint: str | None) -> list[str]:
     since the number of shards is not known before the samples are."""
     import re
 
-    from ovsam_ray import io
+    from ovsam_ray import storage
 
-    there = [u.rstrip("/").rsplit("/", 1)[-1] for u in io.list_files(output, s3_endpoint=s3_endpoint)]
+    there = [u.rstrip("/").rsplit("/", 1)[-1] for u in storage.list_files(output, s3_endpoint=s3_endpoint)]
     return [*_FIXED_NAMES, *(n for n in there if re.fullmatch(_SHARD_NAME, n))]
 
 
@@ -55,7 +55,7 @@ def _convert(a: argparse.Namespace) -> int:
 
 
 def _convert_clip(a: argparse.Namespace) -> int:
-    from ovsam_ray.weights import convert_torchscript_clip
+    from ovsam_ray.weights.files import convert_torchscript_clip
 
     check_locations(a, ("input",))
     print(f"{convert_torchscript_clip(a.input, a.output)} tensors -> {a.output}")

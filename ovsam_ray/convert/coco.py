@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.convert.records import (
     ConvertError,
     bbox_problem,
@@ -72,7 +72,7 @@ class CocoRecords:
 
 def _check_dataset(dataset: Any, url: str) -> None:
     """The file as a whole: an object with an ``images`` list; ``annotations``/``categories`` lists or absent."""
-    shown_url = io.safe_for_log(io.redact(url))
+    shown_url = storage.safe_for_log(storage.redact(url))
     if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
         what = kind(dataset) if not isinstance(dataset, dict) else f"'images' {kind(dataset.get('images'))}"
         raise ConvertError(f"{shown_url}: expected a COCO-style object with an 'images' list, got {what}")
@@ -263,13 +263,13 @@ def coco_samples(
                                    mode=prompts))
         if extra is not None:
             meta.update(extra(image))
-        yield Sample(key=key, image_ext=image_extension(rel) or "", meta=meta, image_url=io.safe_join(images, rel))
+        yield Sample(key=key, image_ext=image_extension(rel) or "", meta=meta, image_url=storage.safe_join(images, rel))
 
 
 def write_categories(categories: list[dict[str, Any]], output: str, *, s3_endpoint: str | None = None) -> None:
     """``<output>/_categories.json``: the dataset's usable categories (ids, names, LVIS frequency...)."""
     data = json.dumps({"categories": categories}, indent=1, allow_nan=False).encode()
-    io.atomic_write_bytes(io.join(output, "_categories.json"), data, s3_endpoint=s3_endpoint)
+    storage.atomic_write_bytes(storage.join(output, "_categories.json"), data, s3_endpoint=s3_endpoint)
 
 
 def convert_coco(

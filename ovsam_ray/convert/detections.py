@@ -15,7 +15,7 @@ from typing import Any
 
 from pycocotools import mask as mask_utils
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.convert.coco import coco_samples, load_json, read_coco, write_categories
 from ovsam_ray.convert.lvis import LVIS_IMAGE_FIELDS, lvis_image_path
 from ovsam_ray.convert.records import (
@@ -106,7 +106,7 @@ def _results_list(results: Any, url: str) -> list[Any]:
     if isinstance(results, dict) and isinstance(results.get("annotations"), list):
         return results["annotations"]
     if not isinstance(results, list):
-        raise ConvertError(f"{io.safe_for_log(io.redact(url))}: expected a COCO results list of detections, "
+        raise ConvertError(f"{storage.safe_for_log(storage.redact(url))}: expected a COCO results list of detections, "
                            f"got {kind(results)}")
     return results
 
@@ -140,7 +140,7 @@ def convert_detections(
     unknown = sum(len(v["boxes"]) for k, v in grouped.items() if k not in known)
     if dropped or unknown:
         summary.notes.append(f"dropped {dropped} detections (below min_score or over max_per_image)"
-                             f" and {unknown} on images not in {io.redact(annotations)}")
+                             f" and {unknown} on images not in {storage.redact(annotations)}")
     empty = {"boxes": [], "scores": [], "labels": []}
     samples = coco_samples(records, images, prompts="none", image_fields=LVIS_IMAGE_FIELDS, limit=limit,
                            extra=lambda image: grouped.get(id_text(image["id"]), empty))

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.convert.records import ConvertError, parse_json
 from ovsam_ray.data.shards import is_damage_marker, iter_shard_samples
 from ovsam_ray.data.tar_writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
@@ -68,13 +68,13 @@ def _split(names: list[str], synset: str) -> tuple[str, tuple[str, ...]]:
 
 def load_synset_map(url: str, *, s3_endpoint: str | None = None) -> list[SynsetClass]:
     """Classes of a synset map file, in file order (see the module docstring for the formats)."""
-    data = io.read_bytes(url, s3_endpoint=s3_endpoint)
+    data = storage.read_bytes(url, s3_endpoint=s3_endpoint)
     if data.lstrip().startswith(b"{"):
-        return _classes_from_json(parse_json(data, io.redact(url)))
+        return _classes_from_json(parse_json(data, storage.redact(url)))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConvertError(f"{io.safe_for_log(io.redact(url))} is not UTF-8 text (bad byte at offset {e.start})"
+        raise ConvertError(f"{storage.safe_for_log(storage.redact(url))} is not UTF-8 text (bad byte at offset {e.start})"
                            ) from None
     classes = []
     for line in text.splitlines():
@@ -84,7 +84,7 @@ def load_synset_map(url: str, *, s3_endpoint: str | None = None) -> list[SynsetC
         synset, _, rest = line.replace("\t", " ").partition(" ")
         classes.append(SynsetClass(synset, *_split(_names(rest), synset)))
     if not classes:
-        raise ConvertError(f"{io.redact(url)}: no classes in the synset map")
+        raise ConvertError(f"{storage.redact(url)}: no classes in the synset map")
     return classes
 
 
@@ -103,7 +103,7 @@ def _layout(root: str, s3_endpoint: str | None) -> tuple[dict[str, list[str]], d
     folders: dict[str, list[str]] = defaultdict(list)
     tars: dict[str, str] = {}
     prefix = root.rstrip("/") + "/"
-    for url in io.list_files(root, recursive=True, s3_endpoint=s3_endpoint):
+    for url in storage.list_files(root, recursive=True, s3_endpoint=s3_endpoint):
         rel = url[len(prefix):] if url.startswith(prefix) else url.rsplit("/", 1)[-1]
         parts = rel.split("/")
         if len(parts) == 1 and rel.endswith(".tar"):
@@ -154,7 +154,7 @@ def convert_imagenet(
     folders, tars = _layout(input, s3_endpoint)
     present = set(folders) | set(tars)
     if not present:
-        raise ConvertError(f"{io.redact(input)}: found neither class folders of images nor per-class .tar files")
+        raise ConvertError(f"{storage.redact(input)}: found neither class folders of images nor per-class .tar files")
     known = load_synset_map(synsets, s3_endpoint=s3_endpoint) if synsets else \
         [SynsetClass(s, s) for s in sorted(present)]
     classes = {c.synset: (i, c) for i, c in enumerate(known)}
@@ -167,6 +167,6 @@ def convert_imagenet(
     summary = write_shards(samples, output, images_per_shard=images_per_shard, workers=workers,
                            s3_endpoint=s3_endpoint, summary=summary)
     names = [{"id": i, "synset": c.synset, "name": c.name, "synonyms": list(c.synonyms)} for i, c in enumerate(known)]
-    io.atomic_write_bytes(io.join(output, "_categories.json"), json.dumps({"categories": names}, indent=1).encode(),
+    storage.atomic_write_bytes(storage.join(output, "_categories.json"), json.dumps({"categories": names}, indent=1).encode(),
                           s3_endpoint=s3_endpoint)
     return summary

@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.locations import canonical_location
 
@@ -41,13 +41,13 @@ class ConvertError(OVSAMRayError, ValueError):
 
 def load_json(url: str, *, s3_endpoint: str | None = None) -> Any:
     """Parse a JSON file from a local path or URL (:func:`parse_json`)."""
-    return parse_json(io.read_bytes(url, s3_endpoint=s3_endpoint), io.redact(url))
+    return parse_json(storage.read_bytes(url, s3_endpoint=s3_endpoint), storage.redact(url))
 
 
 def parse_json(data: bytes, where: str) -> Any:
     """Parse JSON bytes; :class:`ConvertError` names ``where`` when they are not UTF-8 JSON or nest too
     deeply to read. Integers beyond Python's digit limit read as inf (refused where they are used)."""
-    shown_where = io.safe_for_log(where)
+    shown_where = storage.safe_for_log(where)
     try:
         return _loads(data)
     except json.JSONDecodeError as e:
@@ -87,7 +87,7 @@ def shown(value: Any) -> str:
         text = repr(value)
     except RecursionError:  # a list as deep as the parser allows, repr'd from deeper in the stack
         text = f"<{kind(value)} nested too deeply>"
-    return io.safe_for_log(text, limit=60)
+    return storage.safe_for_log(text, limit=60)
 
 
 def is_number(value: Any) -> bool:
@@ -146,7 +146,7 @@ def name_problem(value: Any, what: str = "name", *, limit: int = 1000) -> str | 
         return f"{what} is empty"
     if len(value) > limit:
         return f"{what} is longer than {limit} characters"
-    if io.safe_text(value) is not value:
+    if storage.safe_text(value) is not value:
         return f"{what} {shown(value)} is not valid UTF-8 text"
     return None
 
@@ -200,11 +200,11 @@ def plain_json_problem(value: Any, what: str, depth: int = MAX_COPIED_DEPTH) -> 
     if isinstance(value, (int, float)):
         return None if is_number(value) else f"{what} holds {shown(value)}, not a finite number"
     if isinstance(value, str):
-        return None if io.safe_text(value) is value else f"{what} holds text that is not valid UTF-8"
+        return None if storage.safe_text(value) is value else f"{what} holds text that is not valid UTF-8"
     if depth <= 0 or not isinstance(value, (list, dict)):
         return f"{what} is nested too deeply"
     items = value.values() if isinstance(value, dict) else value
-    keys = [k for k in value if io.safe_text(k) is not k] if isinstance(value, dict) else []
+    keys = [k for k in value if storage.safe_text(k) is not k] if isinstance(value, dict) else []
     if keys:
         return f"{what} has a key that is not valid UTF-8"
     return next((p for v in items if (p := plain_json_problem(v, what, depth - 1))), None)
@@ -212,16 +212,16 @@ def plain_json_problem(value: Any, what: str, depth: int = MAX_COPIED_DEPTH) -> 
 
 def image_path_problem(root: str, relative: Any) -> str | None:
     """Why ``relative`` (a ``file_name`` from data) may not be read below ``root`` (``--images``), or
-    ``None``. Refused like a key that would leave the output (:func:`ovsam_ray.io.safe_join`): not text,
+    ``None``. Refused like a key that would leave the output (:func:`ovsam_ray.storage.safe_join`): not text,
     absolute, with a ``..`` component, a backslash or a NUL; locally also a path whose links lead outside
     ``root`` (a data file cannot make the converter copy files from elsewhere into the shards)."""
     if not isinstance(relative, str):
         return f"file_name must be text, not {kind(relative)}"
     try:
-        url = io.safe_join(root, relative)
-    except io.UnsafePathError as e:
+        url = storage.safe_join(root, relative)
+    except storage.UnsafePathError as e:
         return f"file_name leaves --images: {e}"
-    if io.is_remote(root):
+    if storage.is_remote(root):
         return None
     if not canonical_location(root).contains(canonical_location(url)):
         return f"file_name {shown(relative)} leads outside --images through a link"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.convert.records import (
     ConvertError,
     all_numbers,
@@ -147,7 +147,7 @@ def _folder_samples(files: list[str], prompts: str, s3_endpoint: str | None, sum
         def load(json_url: str = stem + ".json") -> dict[str, Any]:
             # read on the writer's threads: a ConvertError (a ValueError) skips the image with its reason
             return sa1b_meta(load_json(json_url, s3_endpoint=s3_endpoint), prompts=prompts, summary=summary,
-                             where=io.redact(json_url))
+                             where=storage.redact(json_url))
 
         yield Sample(key=key, image_ext=ext, image_url=url, load_meta=load)
 
@@ -160,7 +160,7 @@ def _tar_samples(tars: list[str], prompts: str, s3_endpoint: str | None, summary
             if is_damage_marker(s):
                 summary.notes.append(s["error"])
                 continue
-            where = f"{io.redact(tar)}:{s['key']}"
+            where = f"{storage.redact(tar)}:{s['key']}"
             if s["error"] or s["json_bytes"] is None:
                 summary.skip(where, s["error"] or "no per-image json")
                 continue
@@ -193,8 +193,8 @@ def convert_sa1b(
     if prompts not in PROMPT_MODES:
         raise ConfigError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
     summary = ConvertSummary()
-    fs, path = io.get_filesystem(input, s3_endpoint=s3_endpoint)
-    files = io.list_files(input, recursive=True, s3_endpoint=s3_endpoint) if fs.isdir(path) else []
+    fs, path = storage.get_filesystem(input, s3_endpoint=s3_endpoint)
+    files = storage.list_files(input, recursive=True, s3_endpoint=s3_endpoint) if fs.isdir(path) else []
     if any(image_extension(f) for f in files):
         samples = _folder_samples(sorted(files), prompts, s3_endpoint, summary, limit)
     else:

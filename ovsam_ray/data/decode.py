@@ -2,7 +2,7 @@
 
 Everything a bad input can do here ends in :class:`DecodeError` with a readable message (which the
 label job writes into the row's ``error`` column); nothing else escapes for bad data. Every string
-taken from a shard's JSON is made UTF-8-safe with :func:`ovsam_ray.io.safe_text`.
+taken from a shard's JSON is made UTF-8-safe with :func:`ovsam_ray.storage.safe_text`.
 
 Coordinates are pixels of the image *as displayed*, i.e. after its EXIF orientation is applied —
 the frame in which viewers, detectors that honour EXIF, and OpenCV's ``imread`` see the image.
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.prompt_json import DEFAULT_MAX_PROMPTS, DecodeError, Prompts, parse_prompts_json
 
 __all__ = [
@@ -109,7 +109,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 def read_image(url: str, *, s3_endpoint: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The image file at ``url`` (a path or any fsspec URL) as ``decode_image`` decodes it:
     ``(H, W, 3)`` uint8 RGB, EXIF orientation applied."""
-    return decode_image(io.read_bytes(url, s3_endpoint=s3_endpoint), max_pixels=max_pixels)
+    return decode_image(storage.read_bytes(url, s3_endpoint=s3_endpoint), max_pixels=max_pixels)
 
 
 def _refuse_truncated_loads() -> None:

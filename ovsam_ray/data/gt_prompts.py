@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.points import interior_points
 from ovsam_ray.data.rle import annotation_mask, box_fill_mask
 from ovsam_ray.data.shards import iter_shard_samples
@@ -167,5 +167,5 @@ def rewrite_shard_prompts(
             counts["prompts"] += len(meta.get("boxes") or []) + len(meta.get("points") or [])
             data = json.dumps(meta, separators=(",", ":")).encode()
         members.append((f"{s['key']}.json", data))
-    io.atomic_write_bytes(dst_url, tar_bytes(members), s3_endpoint=s3_endpoint)
+    storage.atomic_write_bytes(dst_url, tar_bytes(members), s3_endpoint=s3_endpoint)
     return counts

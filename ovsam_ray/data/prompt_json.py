@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ovsam_ray.errors import OVSAMRayError
-from ovsam_ray.io import safe_text
+from ovsam_ray.storage import safe_text
 
 __all__ = ["DEFAULT_MAX_PROMPTS", "DecodeError", "Prompts", "parse_prompts_json"]
 
@@ -83,7 +83,7 @@ def parse_prompts_json(data: bytes | None, *, width: int, height: int,
       - Not JSON / not an object, or per-prompt lists (``scores``, ``labels``, ``point_boxes``)
         whose length differs from their ``boxes``/``points``: :class:`DecodeError`.
       - Text: bytes that are not UTF-8 and lone surrogates (``"\\ud800"``) in any string are
-        escaped by :func:`ovsam_ray.io.safe_text` (``\\xNN`` / ``\\uXXXX``), with a warning for
+        escaped by :func:`ovsam_ray.storage.safe_text` (``\\xNN`` / ``\\uXXXX``), with a warning for
         the former; the image is still labelled.
       - Numbers: a coordinate must be finite and within float32 range (``1e39``, ``1e400`` and
         5000-digit integers are not); a score that is not becomes NaN with a warning.

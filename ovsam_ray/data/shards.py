@@ -22,7 +22,7 @@ from typing import Any
 
 from braceexpand import braceexpand
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.tar_reader import (
     IMAGE_EXTENSIONS,
     MAX_MEMBER_BYTES,
@@ -79,7 +79,7 @@ def list_shards(spec: str | Iterable[str], *, s3_endpoint: str | None = None) ->
     pattern that matches nothing, raises :class:`ShardSpecError` — a silently shorter dataset is
     worse than a failed start. URLs are returned as found: a local name that is not UTF-8 keeps
     Python's surrogate escapes (so it can be opened); use :func:`shard_name` for anything stored
-    or shown, or :func:`ovsam_ray.io.safe_text` / :func:`ovsam_ray.io.safe_for_log` on the URL.
+    or shown, or :func:`ovsam_ray.storage.safe_text` / :func:`ovsam_ray.storage.safe_for_log` on the URL.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
@@ -92,7 +92,7 @@ def list_shards(spec: str | Iterable[str], *, s3_endpoint: str | None = None) ->
             missing.append(piece)
         found.update(urls)
     if missing:
-        shown = ", ".join(io.redact(m) for m in missing[:5])
+        shown = ", ".join(storage.redact(m) for m in missing[:5])
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ShardSpecError(
             f"no shards found for {shown}{more}; expected .tar/.tar.gz/.tgz files, a glob or a directory")
@@ -104,9 +104,9 @@ def list_shards(spec: str | Iterable[str], *, s3_endpoint: str | None = None) ->
 def _refuse_special_files(urls: set[str]) -> None:
     """A local FIFO, socket or device named like a shard would block the reader or be read once
     and differ on the rerun: refused by name, never read and never silently left out."""
-    special = sorted(u for u in urls if not io.is_remote(u) and not stat.S_ISREG(os.stat(u).st_mode))
+    special = sorted(u for u in urls if not storage.is_remote(u) and not stat.S_ISREG(os.stat(u).st_mode))
     if special:
-        raise ShardSpecError(f"{io.safe_for_log(special[0], limit=200)} is not a regular file (a FIFO, socket or "
+        raise ShardSpecError(f"{storage.safe_for_log(special[0], limit=200)} is not a regular file (a FIFO, socket or "
                              "device): a shard must be a tar file" + (f" ({len(special) - 1} more)" if len(special) > 1
                                                                     else ""))
 
@@ -116,27 +116,27 @@ def _refuse_one_file_twice(urls: set[str]) -> None:
     would be labelled twice: every image exactly once, so refuse, naming both."""
     by_file: dict[str, list[str]] = {}
     for url in urls:
-        if not io.is_remote(url):
+        if not storage.is_remote(url):
             by_file.setdefault(os.path.realpath(url), []).append(url)
     twice = [sorted(names) for names in by_file.values() if len(names) > 1]
     if twice:
-        shown = "; ".join(" and ".join(io.safe_for_log(u, limit=120) for u in names[:3]) for names in sorted(twice)[:3])
+        shown = "; ".join(" and ".join(storage.safe_for_log(u, limit=120) for u in names[:3]) for names in sorted(twice)[:3])
         raise ShardSpecError(f"the same shard file is listed under two names (a symbolic link; its images would be "
                              f"labelled twice): {shown}; list each shard once")
 
 
 def _resolve_piece(piece: str, *, s3_endpoint: str | None) -> list[str]:
-    fs, path = io.get_filesystem(piece, s3_endpoint=s3_endpoint)
+    fs, path = storage.get_filesystem(piece, s3_endpoint=s3_endpoint)
     if _GLOB_CHARS.search(path):
-        if not io.is_remote(piece):  # FIFOs and devices too: list_shards refuses them by name
+        if not storage.is_remote(piece):  # FIFOs and devices too: list_shards refuses them by name
             return [p for p in _glob.glob(path, recursive=True) if os.path.exists(p) and not os.path.isdir(p)]
         matches = fs.glob(path, detail=True)  # one listing, no request per match
-        return [io.to_url(fs, p) for p, info in matches.items() if info.get("type") == "file"]
+        return [storage.to_url(fs, p) for p, info in matches.items() if info.get("type") == "file"]
     if fs.isdir(path):
-        files = io.list_files(piece, recursive=True, s3_endpoint=s3_endpoint)
+        files = storage.list_files(piece, recursive=True, s3_endpoint=s3_endpoint)
         return [u for u in files if u.lower().endswith(SHARD_SUFFIXES)]
-    if fs.isfile(path) or (not io.is_remote(piece) and os.path.exists(path) and not os.path.isdir(path)):
-        return [io.to_url(fs, path)]
+    if fs.isfile(path) or (not storage.is_remote(piece) and os.path.exists(path) and not os.path.isdir(path)):
+        return [storage.to_url(fs, path)]
     return []
 
 
@@ -174,7 +174,7 @@ def shard_names(urls: list[str]) -> list[str]:
         by_name.setdefault(name, []).append(url)
     clashes = [found for found in by_name.values() if len(found) > 1]
     if clashes:
-        shown = "; ".join(" and ".join(io.safe_for_log(io.redact(u), limit=120) for u in found[:3])
+        shown = "; ".join(" and ".join(storage.safe_for_log(storage.redact(u), limit=120) for u in found[:3])
                           for found in clashes[:3])
         more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
         raise ShardSpecError(f"input shards must have distinct file names (they name the output files): {shown}{more}")
@@ -198,7 +198,7 @@ def is_damage_marker(sample: dict[str, Any]) -> bool:
 
 def _read(url: str, s3_endpoint: str | None) -> tuple[str, TarRead]:
     shard = shard_name(url)
-    with io.open_url(url, "rb", s3_endpoint=s3_endpoint) as f:
+    with storage.open_url(url, "rb", s3_endpoint=s3_endpoint) as f:
         read = read_tar(f, shard)
     _log_read(shard, read)
     return shard, read
@@ -208,18 +208,18 @@ def _log_read(shard: str, read: TarRead) -> None:
     if read.skipped:
         unusual = any(reason not in ROUTINE_SKIPS for reason in read.skipped)
         details = "; ".join(
-            f"{n} {reason} (e.g. {', '.join(io.safe_for_log(m, limit=80) for m in read.skipped_examples[reason])})"
+            f"{n} {reason} (e.g. {', '.join(storage.safe_for_log(m, limit=80) for m in read.skipped_examples[reason])})"
             for reason, n in read.skipped.items()
         )
         log.log(logging.WARNING if unusual else logging.INFO, "shard %s: skipped %d members: %s",
-                io.safe_for_log(shard), sum(read.skipped.values()), details)
+                storage.safe_for_log(shard), sum(read.skipped.values()), details)
     errors = [s for s in read.samples if s["error"] is not None]
     if errors:
         first = errors[0]
-        log.warning("shard %s: %d of %d samples are errors (first: %s: %s)", io.safe_for_log(shard), len(errors),
-                    len(read.samples), io.safe_for_log(first["key"], limit=80), io.safe_for_log(first["error"]))
+        log.warning("shard %s: %d of %d samples are errors (first: %s: %s)", storage.safe_for_log(shard), len(errors),
+                    len(read.samples), storage.safe_for_log(first["key"], limit=80), storage.safe_for_log(first["error"]))
     if read.damage is not None:
-        log.warning("shard %s is damaged: %s", io.safe_for_log(shard), io.safe_for_log(read.damage))
+        log.warning("shard %s is damaged: %s", storage.safe_for_log(shard), storage.safe_for_log(read.damage))
 
 
 def iter_shard_samples(url: str, *, s3_endpoint: str | None = None) -> Iterator[dict[str, Any]]:
@@ -251,7 +251,7 @@ class ShardRead:
         skipped: how many members gave no row, per reason (directories, ``.txt`` captions,
             members without an extension, a second ``.json`` of a key...); for the shard's stats.
         skipped_examples: a few member names per reason (UTF-8-safe, not log-safe: pass them
-            through :func:`ovsam_ray.io.safe_for_log` before logging).
+            through :func:`ovsam_ray.storage.safe_for_log` before logging).
     """
 
     url: str

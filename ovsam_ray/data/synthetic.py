@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.rle import boxes_from_binary_masks, encode_masks
 from ovsam_ray.errors import ConfigError
 
@@ -202,7 +202,7 @@ def generate_shards(
             key = f"{index:09d}"
             members += [(f"{key}.{image_format}", encode_image(image, image_format)),
                         (f"{key}.json", json.dumps(meta).encode())]
-        url = io.join(output_dir_or_url, f"shard-{shard_index:06d}.tar")
-        io.atomic_write_bytes(url, tar_bytes(members), s3_endpoint=s3_endpoint)
+        url = storage.join(output_dir_or_url, f"shard-{shard_index:06d}.tar")
+        storage.atomic_write_bytes(url, tar_bytes(members), s3_endpoint=s3_endpoint)
         urls.append(url)
     return urls

@@ -3,7 +3,7 @@
 The rules, for every shard whatever its author did:
 
 - **Names.** Member names are decoded as UTF-8; undecodable bytes become ``\\xNN`` (see
-  :func:`ovsam_ray.io.safe_text`), so keys and messages always encode as UTF-8. A leading ``./``
+  :func:`ovsam_ray.storage.safe_text`), so keys and messages always encode as UTF-8. A leading ``./``
   is dropped. The key is the path up to the first dot of the basename *after its leading dots*,
   the extension is the rest, lower-cased (``a/b.c.jpg`` -> ``a/b`` + ``c.jpg``; the hidden
   ``a/.b.jpg`` -> ``a/.b`` + ``jpg``). The sample's image is the member whose extension is one of
@@ -43,7 +43,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ovsam_ray.io import safe_text
+from ovsam_ray.storage import safe_text
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.shards import IMAGE_CLASSES_FILE, IMAGE_EXTENSIONS
 from ovsam_ray.data.synthetic import tar_bytes
 from ovsam_ray.errors import ConfigError
@@ -99,7 +99,7 @@ class ConvertSummary:
         self.skipped += 1
         if len(self.skipped_examples) < MAX_LISTED_SKIPS:
             self.skipped_examples.append({"sample": what, "reason": why})
-        log.warning("skipped %s: %s", io.safe_for_log(io.redact(what)), io.safe_for_log(why))
+        log.warning("skipped %s: %s", storage.safe_for_log(storage.redact(what)), storage.safe_for_log(why))
 
     def skip_record(self, kind: str, what: str, why: str) -> None:
         """Count a malformed record that is not an image (an annotation, a category, a detection)."""
@@ -107,7 +107,7 @@ class ConvertSummary:
             self.skipped_records[kind] = self.skipped_records.get(kind, 0) + 1
             if len(self.skipped_record_examples) < MAX_LISTED_SKIPS:
                 self.skipped_record_examples.append({"record": what, "kind": kind, "reason": why})
-        log.warning("skipped %s: %s", io.safe_for_log(what), io.safe_for_log(why))
+        log.warning("skipped %s: %s", storage.safe_for_log(what), storage.safe_for_log(why))
 
     def to_dict(self) -> dict[str, Any]:
         return {"shards": len(self.shards), "images": self.images, "annotations": self.annotations,
@@ -162,7 +162,7 @@ def _build_shard(url: str, chunk: list[Sample], s3_endpoint: str | None
     annotations = 0
     for s in chunk:
         try:
-            data = s.image if s.image is not None else io.read_bytes(s.image_url or "", s3_endpoint=s3_endpoint)
+            data = s.image if s.image is not None else storage.read_bytes(s.image_url or "", s3_endpoint=s3_endpoint)
             meta = s.load_meta() if s.load_meta is not None else s.meta
         except (FileNotFoundError, OSError, ValueError) as e:
             skipped.append((s.image_url or s.key, f"not readable: {type(e).__name__}: {e}"))
@@ -177,7 +177,7 @@ def _build_shard(url: str, chunk: list[Sample], s3_endpoint: str | None
         classes.append((s.key, _image_classes(meta.get("annotations"))))
         members.append((f"{s.key}.{s.image_ext}", data))
         members.append((f"{s.key}.json", meta_bytes))
-    io.atomic_write_bytes(url, tar_bytes(members), s3_endpoint=s3_endpoint)
+    storage.atomic_write_bytes(url, tar_bytes(members), s3_endpoint=s3_endpoint)
     return len(seen), annotations, skipped, classes
 
 
@@ -216,7 +216,7 @@ def write_shards(
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for index, chunk in enumerate(_chunks(_unique_keys(samples, summary), images_per_shard)):
-            url = io.join(output, f"{prefix}-{index:06d}.tar")
+            url = storage.join(output, f"{prefix}-{index:06d}.tar")
             summary.shards.append(url)
             pending.append((url.rsplit("/", 1)[-1], pool.submit(_build_shard, url, chunk, s3_endpoint)))
             drain(2 * workers)
@@ -224,11 +224,11 @@ def write_shards(
     if any(rows["category_ids"]):  # classed annotations somewhere: training counts its epochs from this
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pydict(rows, schema=IMAGE_CLASSES_SCHEMA), sink, compression="zstd")
-        io.atomic_write_bytes(io.join(output, IMAGE_CLASSES_FILE), sink.getvalue().to_pybytes(),
+        storage.atomic_write_bytes(storage.join(output, IMAGE_CLASSES_FILE), sink.getvalue().to_pybytes(),
                               s3_endpoint=s3_endpoint)
-    io.atomic_write_bytes(io.join(output, "_convert.json"), json.dumps(summary.to_dict(), indent=1).encode(),
+    storage.atomic_write_bytes(storage.join(output, "_convert.json"), json.dumps(summary.to_dict(), indent=1).encode(),
                           s3_endpoint=s3_endpoint)
     log.info("wrote %d images (%d annotations) into %d shards under %s; %d images skipped, malformed records "
              "skipped: %s (reasons in _convert.json)", summary.images, summary.annotations, len(summary.shards),
-             io.redact(output), summary.skipped, summary.skipped_records or "none")
+             storage.redact(output), summary.skipped, summary.skipped_records or "none")
     return summary

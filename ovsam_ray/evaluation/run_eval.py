@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.gt_prompts import PROMPT_MODES, rewrite_shard_prompts
 from ovsam_ray.data.shards import list_shards, shard_name, shard_names
 from ovsam_ray.errors import ConfigError, MissingInputError
@@ -101,7 +101,7 @@ class EvalConfig:
         if self.model is None and self.labels is None:
             raise ConfigError("no model: give the model (weights or random_init) or an existing label output")
         check_disjoint([("--input", self.input), ("--labels", self.labels), ("--categories", self.categories)],
-                       [("--output", io.join(self.output, name)) for name in self.written()])
+                       [("--output", storage.join(self.output, name)) for name in self.written()])
 
     def written(self) -> list[str]:
         """What the evaluation writes below ``output``: the metrics, and without ``labels`` the
@@ -116,7 +116,7 @@ class EvalConfig:
 def _model_from_run_record(labels: str, s3_endpoint: str | None) -> ModelConfig:
     record = read_run_record(labels, s3_endpoint=s3_endpoint)
     if record is None:
-        raise MissingInputError(f"{io.redact(labels)} has no {RUN_RECORD_NAME}: give the model (--weights or "
+        raise MissingInputError(f"{storage.redact(labels)} has no {RUN_RECORD_NAME}: give the model (--weights or "
                                 "--random-init) to score a label output that has no run record")
     model = dict((record.get("details", {}).get("config") or {}).get("model") or {})
     names = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -184,21 +184,21 @@ def _label(cfg: EvalConfig, input_url: str, labels_url: str) -> dict[str, Any]:
 def _prompted_shards(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3: str | None) -> str:
     import ray
 
-    work = io.join(cfg.output, f"shards_{cfg.prompts}")
+    work = storage.join(cfg.output, f"shards_{cfg.prompts}")
     task = ray.remote(num_cpus=1)(rewrite_shard_prompts)
     todo = [u for u in shards
-            if cfg.overwrite or not io.exists(io.join(work, f"{shard_name(u)}.tar"), s3_endpoint=s3)]
-    counts = ray.get([task.remote(u, io.join(work, f"{shard_name(u)}.tar"), mode=cfg.prompts, keep=lookup.keep,
+            if cfg.overwrite or not storage.exists(storage.join(work, f"{shard_name(u)}.tar"), s3_endpoint=s3)]
+    counts = ray.get([task.remote(u, storage.join(work, f"{shard_name(u)}.tar"), mode=cfg.prompts, keep=lookup.keep,
                                   s3_endpoint=s3) for u in todo])
     log.info("eval: %d shards with ground-truth %s prompts (%d prompts) -> %s", len(todo), cfg.prompts,
-             sum(c["prompts"] for c in counts), io.redact(work))
+             sum(c["prompts"] for c in counts), storage.redact(work))
     return work
 
 
 def _interactive(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3: str | None) -> dict[str, Any]:
     if cfg.labels is None:
         work = _prompted_shards(cfg, shards, lookup, s3)
-        labels = io.join(cfg.output, f"labels_{cfg.prompts}")  # EvalConfig.written() names it
+        labels = storage.join(cfg.output, f"labels_{cfg.prompts}")  # EvalConfig.written() names it
         label_summary = _label(cfg, work, labels)
         shards = list_shards(work, s3_endpoint=s3)
     else:
@@ -241,7 +241,7 @@ def _subsets(categories: list[dict[str, Any]], lookup: ClassLookup) -> dict[str,
 
 def _detector(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3: str | None) -> dict[str, Any]:
     if cfg.labels is None:
-        labels = io.join(cfg.output, "labels_detector")
+        labels = storage.join(cfg.output, "labels_detector")
         label_summary = _label(cfg, cfg.input, labels)
     else:
         labels, label_summary = cfg.labels, None
@@ -272,11 +272,11 @@ def _detector(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3: str |
 def _check_metrics_ours(output: str, s3: str | None) -> None:
     """Refuse (one line naming the file) an output whose ``metrics.json``/``metrics.md`` an
     evaluation of ours did not write: a rerun rewrites its own metrics, never a user's file."""
-    json_url, md_url = io.join(output, "metrics.json"), io.join(output, "metrics.md")
+    json_url, md_url = storage.join(output, "metrics.json"), storage.join(output, "metrics.md")
     for url in (json_url, md_url):
-        if not io.exists(url, s3_endpoint=s3):
+        if not storage.exists(url, s3_endpoint=s3):
             continue
-        data = io.read_bytes(url, s3_endpoint=s3)
+        data = storage.read_bytes(url, s3_endpoint=s3)
         if url == md_url:
             ours = data.startswith(b"# ovsam-ray eval")
         else:
@@ -286,7 +286,7 @@ def _check_metrics_ours(output: str, s3: str | None) -> None:
                 obj = None
             ours = isinstance(obj, dict) and {"mode", "config", "metrics"} <= obj.keys()
         if not ours:
-            raise OutputClashError(f"{io.redact(url)} was not written by ovsam-ray eval and the evaluation would "
+            raise OutputClashError(f"{storage.redact(url)} was not written by ovsam-ray eval and the evaluation would "
                                    "overwrite it: move it away or choose another --output")
 
 
@@ -306,9 +306,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     warning = "\n**random weights: these numbers measure nothing**\n" if cfg.model.random_init else ""
     counts = ", ".join(f"{k}={v}" for k, v in result["counts"].items())
     report = f"{title}\n{warning}\n{markdown}\n{counts}\n"
-    record = {"mode": cfg.mode, "config": io.redact_config(dataclasses.asdict(cfg)), **result}
-    io.atomic_write_bytes(io.join(cfg.output, "metrics.json"), json.dumps(record, indent=1).encode(),
+    record = {"mode": cfg.mode, "config": storage.redact_config(dataclasses.asdict(cfg)), **result}
+    storage.atomic_write_bytes(storage.join(cfg.output, "metrics.json"), json.dumps(record, indent=1).encode(),
                           s3_endpoint=s3)
-    io.atomic_write_bytes(io.join(cfg.output, "metrics.md"), report.encode(), s3_endpoint=s3)
-    log.info("eval results -> %s (metrics.json, metrics.md)", io.redact(cfg.output))
+    storage.atomic_write_bytes(storage.join(cfg.output, "metrics.md"), report.encode(), s3_endpoint=s3)
+    log.info("eval results -> %s (metrics.json, metrics.md)", storage.redact(cfg.output))
     return {**record, "markdown": report}

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.gt_prompts import object_mask, with_gt_prompts
 from ovsam_ray.data.rle import box_fill_mask, decode_rle
 from ovsam_ray.data.shards import iter_shard_samples, shard_names
@@ -244,7 +244,7 @@ def label_shard_pairs(labels: str, shards: Sequence[str], s3_endpoint: str | Non
         if name in by_name:
             pairs.append((url, by_name[name]))
         else:
-            log.warning("label file %s has no input shard named %s: not scored", io.redact(url), name)
+            log.warning("label file %s has no input shard named %s: not scored", storage.redact(url), name)
     return pairs
 
 

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Iterator
 from typing import IO, Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import ConfigError
 from ovsam_ray.export.images import ImageCopier, ImageExts, output_folder
 from ovsam_ray.export.output import open_output
@@ -140,7 +140,7 @@ def export_coco(
              "images_written": 0, "images_missing": 0}
     policy = coco_image_ids(labels, s3_endpoint=s3_endpoint)
     exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint)
-    copier = ImageCopier(exts.urls, io.join(output_folder(output), "images"), s3_endpoint=s3_endpoint)
+    copier = ImageCopier(exts.urls, storage.join(output_folder(output), "images"), s3_endpoint=s3_endpoint)
 
     def images() -> Iterator[dict[str, Any]]:
         for image_id, row in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
@@ -189,7 +189,7 @@ def export_coco(
                 stats["annotations"] = _write_array(f, annotations())
                 f.write("\n]\n")
             else:
-                f.write('{"info": ' + json.dumps({"description": "ovsam_ray labels", "labels": io.redact(labels)}))
+                f.write('{"info": ' + json.dumps({"description": "ovsam_ray labels", "labels": storage.redact(labels)}))
                 f.write(',\n"images": [')
                 stats["images"] = _write_array(f, images())
                 f.write('],\n"annotations": [')

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import tarfile
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.shards import IMAGE_EXTENSIONS, iter_shard_samples, split_member_name
 from ovsam_ray.export.output import write_file
 from ovsam_ray.export.paths import data_file_name
@@ -43,18 +43,18 @@ class ImageCopier:
             keys = self.pending.pop(shard)
             url = self.urls.get(shard)
             if url is None:
-                log.warning("no input shard %s: its %d images are not copied", io.safe_for_log(shard), len(keys))
+                log.warning("no input shard %s: its %d images are not copied", storage.safe_for_log(shard), len(keys))
                 self.missing += len(keys)
                 continue
             for s in iter_shard_samples(url, s3_endpoint=self.s3_endpoint):
                 if s["key"] in keys and s["image_bytes"] is not None:
-                    target = io.join(self.folder, data_file_name(shard, s["key"], s["image_ext"]))
+                    target = storage.join(self.folder, data_file_name(shard, s["key"], s["image_ext"]))
                     write_file(target, s["image_bytes"], s3_endpoint=self.s3_endpoint)
                     keys.discard(s["key"])
                     self.written += 1
             if keys:
                 log.warning("shard %s: %d labelled images not found in it, not copied (first: %s)",
-                            io.safe_for_log(shard), len(keys), io.safe_for_log(min(keys), limit=80))
+                            storage.safe_for_log(shard), len(keys), storage.safe_for_log(min(keys), limit=80))
                 self.missing += len(keys)
 
 
@@ -71,17 +71,17 @@ def shard_image_exts(shard_url: str, *, s3_endpoint: str | None = None) -> dict[
     key is the one labelled), so the extension is the one of the file an export copies. A
     damaged tar gives the keys before the damage."""
     out: dict[str, str] = {}
-    with io.open_url(shard_url, "rb", s3_endpoint=s3_endpoint) as f:
+    with storage.open_url(shard_url, "rb", s3_endpoint=s3_endpoint) as f:
         try:
             with tarfile.open(fileobj=f, mode="r:*", encoding="utf-8", errors="surrogateescape") as tf:
                 for member in tf:
                     if not (member.isfile() or member.islnk() or member.issym()):
                         continue
-                    parts = split_member_name(io.safe_text(member.name))
+                    parts = split_member_name(storage.safe_text(member.name))
                     if parts is not None and parts[1] in IMAGE_EXTENSIONS:
                         out.setdefault(*parts)
         except (tarfile.TarError, EOFError) as e:
-            log.warning("%s: %s (image names after it are unknown)", io.redact(shard_url), e)
+            log.warning("%s: %s (image names after it are unknown)", storage.redact(shard_url), e)
     return out
 
 

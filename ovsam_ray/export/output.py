@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 
 __all__ = ["open_output", "write_file"]
 
@@ -20,8 +20,8 @@ def open_output(url: str, mode: str = "w", *, s3_endpoint: str | None = None) ->
     """Write a file that readers see complete or not at all: locally a hidden temporary file
     renamed over the target at the end; on S3 one upload that becomes visible when closed. An
     exception leaves no file behind (S3 multipart uploads are aborted by fsspec)."""
-    fs, path = io.get_filesystem(url, s3_endpoint=s3_endpoint)
-    if io.is_remote(url):
+    fs, path = storage.get_filesystem(url, s3_endpoint=s3_endpoint)
+    if storage.is_remote(url):
         raw = fs.open(path, "wb")
         f = raw if "b" in mode else _io.TextIOWrapper(raw, encoding="utf-8")
         try:
@@ -48,8 +48,8 @@ def open_output(url: str, mode: str = "w", *, s3_endpoint: str | None = None) ->
 
 def write_file(url: str, data: bytes, *, s3_endpoint: str | None = None) -> None:
     """Write one small output file (many per export: no fsync, no temporary name)."""
-    fs, path = io.get_filesystem(url, s3_endpoint=s3_endpoint)
-    if not io.is_remote(url):
+    fs, path = storage.get_filesystem(url, s3_endpoint=s3_endpoint)
+    if not storage.is_remote(url):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if os.path.islink(path):  # a file of ours swapped for a link: replace the link, never write through it
             os.unlink(path)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.labels.reader import label_files, source_shards
 
@@ -39,7 +39,7 @@ def join_shard(labels_url: str, shard_url: str, *, rows_per_batch: int = 64,
                s3_endpoint: str | None = None) -> Iterator[pa.Table]:
     """The ``ok`` rows of one label file that have an image in ``shard_url``, with the image's
     bytes and extension, in the shard's order, ``rows_per_batch`` rows per table."""
-    fs, path = io.get_filesystem(labels_url, s3_endpoint=s3_endpoint)
+    fs, path = storage.get_filesystem(labels_url, s3_endpoint=s3_endpoint)
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
     table = table.filter(pc.equal(table["status"], "ok"))

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.export.images import ImageExts
 from ovsam_ray.export.output import write_file
 from ovsam_ray.export.paths import data_file_name
@@ -81,7 +81,7 @@ def _export_sa1b(labels: str, output: str, *, min_score: float, shards: str | No
         if row["status"] != "ok":
             stats["error_rows"] += 1
             continue
-        target = io.join(output, data_file_name(row["shard"], row["key"], "json"))
+        target = storage.join(output, data_file_name(row["shard"], row["key"], "json"))
         record = sa1b_record(row, min_score=min_score, ext=exts(row["shard"], row["key"]) or "jpg")
         write_file(target, json.dumps(record, separators=(",", ":")).encode(), s3_endpoint=s3_endpoint)
         stats["images"] += 1

@@ -26,7 +26,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.shards import iter_shard_samples
 from ovsam_ray.export.output import open_output
 from ovsam_ray.export.paths import data_file_name
@@ -72,7 +72,7 @@ def _write_shard(f: IO[bytes], rows: dict[str, dict[str, Any]], shard_url: str, 
     if len(rows) > len(found):
         first = min(set(rows) - found)
         log.warning("%d labelled images not found in %s, left out (first: %s)", len(rows) - len(found),
-                    io.redact(shard_url), io.safe_for_log(first, limit=80))
+                    storage.redact(shard_url), storage.safe_for_log(first, limit=80))
     stats["missing_images"] += len(rows) - len(found)
 
 
@@ -113,11 +113,11 @@ def _export_wds(labels: str, output: str, *, shards: str | None, min_score: floa
         for shard in sorted(by_shard):
             rows = by_shard[shard]
             if shard not in urls:
-                log.warning("no input shard %s: its %d labelled images are left out", io.safe_for_log(shard), len(rows))
+                log.warning("no input shard %s: its %d labelled images are left out", storage.safe_for_log(shard), len(rows))
                 stats["missing_shards"] += 1
                 stats["missing_images"] += len(rows)
                 continue
-            target = io.join(output, data_file_name(shard, None, "tar"))
+            target = storage.join(output, data_file_name(shard, None, "tar"))
             with open_output(target, "wb", s3_endpoint=s3_endpoint) as f:
                 _write_shard(f, rows, urls[shard], min_score, s3_endpoint, stats)
             stats["shards"] += 1

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.export.images import ImageCopier, ImageExts
 from ovsam_ray.export.output import open_output, write_file
@@ -93,7 +93,7 @@ def _yaml(names: list[str], output: str) -> str:
     # directory: write the absolute folder for a local output (any working directory works). For
     # a remote output there is no such path: leave `path` out, and Ultralytics resolves against
     # the yaml's own folder once the export is copied to a disk.
-    root = "" if io.is_remote(output) else f"path: {json.dumps(os.path.abspath(output))}\n"
+    root = "" if storage.is_remote(output) else f"path: {json.dumps(os.path.abspath(output))}\n"
     # JSON strings are valid YAML scalars: no YAML library needed
     body = "\n".join(f"  {i}: {json.dumps(n)}" for i, n in enumerate(names))
     return f"{root}train: images\nval: images\nnc: {len(names)}\nnames:\n{body}\n"
@@ -129,9 +129,9 @@ def _export_yolo(labels: str, output: str, *, classes: str | None, shards: str |
                  min_score: float, with_images: bool, s3_endpoint: str | None) -> dict[str, int]:
     names, class_of = yolo_classes(labels, classes, s3_endpoint=s3_endpoint)
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint) if with_images else {}
-    copier = ImageCopier(urls, io.join(output, "images"), s3_endpoint=s3_endpoint)
+    copier = ImageCopier(urls, storage.join(output, "images"), s3_endpoint=s3_endpoint)
     stats = {"images": 0, "instances": 0, "dropped": 0, "error_rows": 0, "images_written": 0, "images_missing": 0}
-    with open_output(io.join(output, "keys.jsonl"), "w", s3_endpoint=s3_endpoint) as index:
+    with open_output(storage.join(output, "keys.jsonl"), "w", s3_endpoint=s3_endpoint) as index:
         for batch in iter_label_batches(labels, s3_endpoint=s3_endpoint):
             for row in batch:
                 if row["status"] != "ok":
@@ -140,7 +140,7 @@ def _export_yolo(labels: str, output: str, *, classes: str | None, shards: str |
                 name = "labels/" + data_file_name(row["shard"], row["key"], "txt")
                 lines, dropped = yolo_lines(row["instances"] or [], row["width"], row["height"], class_of,
                                             tolerance=tolerance, min_score=min_score)
-                write_file(io.join(output, name), ("\n".join(lines) + ("\n" if lines else "")).encode(),
+                write_file(storage.join(output, name), ("\n".join(lines) + ("\n" if lines else "")).encode(),
                            s3_endpoint=s3_endpoint)
                 index.write(json.dumps({"labels": name, "shard": row["shard"], "key": row["key"]}) + "\n")
                 stats["images"] += 1
@@ -150,5 +150,5 @@ def _export_yolo(labels: str, output: str, *, classes: str | None, shards: str |
                     copier.add(row["shard"], row["key"])
     stats["images_written"] = copier.close()
     stats["images_missing"] = copier.missing
-    write_file(io.join(output, "data.yaml"), _yaml(names, output).encode(), s3_endpoint=s3_endpoint)
+    write_file(storage.join(output, "data.yaml"), _yaml(names, output).encode(), s3_endpoint=s3_endpoint)
     return stats

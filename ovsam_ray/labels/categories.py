@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.vocabulary import clean_class_name
 
 __all__ = ["COCO_CATEGORY_IDS", "category_index", "dataset_categories", "load_categories", "record_vocabulary"]
@@ -25,8 +25,8 @@ COCO_CATEGORY_IDS = (
 def load_categories(spec: str, *, s3_endpoint: str | None = None) -> list[dict[str, Any]]:
     """``[{"id", "name", ...}]`` from a json holding ``categories`` (a COCO/LVIS annotation file,
     a converter's ``_categories.json``) or from a vocabulary (``coco_ov``, ``lvis_v1``, .txt/.json)."""
-    if spec.endswith(".json") and io.exists(spec, s3_endpoint=s3_endpoint):
-        data = json.loads(io.read_bytes(spec, s3_endpoint=s3_endpoint))
+    if spec.endswith(".json") and storage.exists(spec, s3_endpoint=s3_endpoint):
+        data = json.loads(storage.read_bytes(spec, s3_endpoint=s3_endpoint))
         if isinstance(data, dict) and isinstance(data.get("categories"), list):
             return [dict(c) for c in data["categories"]]
     from ovsam_ray.vocabulary import load_vocabulary

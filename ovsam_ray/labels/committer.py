@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.labels.schema import RUN_RECORD_NAME, conform_table, timestamp
 
@@ -62,30 +62,30 @@ class ShardCommitter:
         self.s3_endpoint = s3_endpoint
 
     def parquet_url(self, shard_name: str) -> str:
-        return io.join(self.output_url, f"{_check_shard_name(shard_name)}.parquet")
+        return storage.join(self.output_url, f"{_check_shard_name(shard_name)}.parquet")
 
     def marker_url(self, shard_name: str) -> str:
-        return io.join(self.output_url, "_committed", f"{_check_shard_name(shard_name)}.json")
+        return storage.join(self.output_url, "_committed", f"{_check_shard_name(shard_name)}.json")
 
     def is_committed(self, shard_name: str) -> bool:
-        return io.exists(self.marker_url(shard_name), s3_endpoint=self.s3_endpoint)
+        return storage.exists(self.marker_url(shard_name), s3_endpoint=self.s3_endpoint)
 
     def committed_shards(self) -> set[str]:
         """Names of all committed shards (one listing of ``_committed/``)."""
-        markers = io.list_files(
-            io.join(self.output_url, "_committed"), suffix=".json", s3_endpoint=self.s3_endpoint
+        markers = storage.list_files(
+            storage.join(self.output_url, "_committed"), suffix=".json", s3_endpoint=self.s3_endpoint
         )
         return {m.rsplit("/", 1)[-1][: -len(".json")] for m in markers}
 
     def read_marker(self, shard_name: str) -> dict[str, Any]:
-        return json.loads(io.read_bytes(self.marker_url(shard_name), s3_endpoint=self.s3_endpoint))
+        return json.loads(storage.read_bytes(self.marker_url(shard_name), s3_endpoint=self.s3_endpoint))
 
     def missing_file_error(self, shard_name: str) -> MissingShardFileError:
         """The error for a committed shard whose Parquet file is missing: names both files and
         what to do."""
-        where = io.redact(self.output_url)
+        where = storage.redact(self.output_url)
         return MissingShardFileError(
-            f"shard {io.safe_for_log(shard_name)} of {where} is committed (marker _committed/{shard_name}.json) but "
+            f"shard {storage.safe_for_log(shard_name)} of {where} is committed (marker _committed/{shard_name}.json) but "
             f"its Parquet file {shard_name}.parquet is missing (deleted after the commit?). Rerun the label job on "
             f"{where}: it relabels such shards; or delete that marker to drop the shard from the output.")
 
@@ -93,7 +93,7 @@ class ShardCommitter:
         """Committed shards whose Parquet file is missing (one or two listings, no per-shard
         request); ``committed``: the committed shard names, when the caller has listed them."""
         present = {u.rsplit("/", 1)[-1][: -len(".parquet")]
-                   for u in io.list_files(self.output_url, suffix=".parquet", s3_endpoint=self.s3_endpoint)}
+                   for u in storage.list_files(self.output_url, suffix=".parquet", s3_endpoint=self.s3_endpoint)}
         return sorted((self.committed_shards() if committed is None else committed) - present)
 
     def committed_parquet_urls(self) -> list[str]:
@@ -111,7 +111,7 @@ class ShardCommitter:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
-        io.atomic_write_bytes(self.parquet_url(shard_name), data, s3_endpoint=self.s3_endpoint)
+        storage.atomic_write_bytes(self.parquet_url(shard_name), data, s3_endpoint=self.s3_endpoint)
         marker = {
             "shard": shard_name,
             "parquet": f"{shard_name}.parquet",
@@ -119,10 +119,10 @@ class ShardCommitter:
             "parquet_bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "committed_at": timestamp(),
-            "stats": io.redact_config(dict(stats or {})),
+            "stats": storage.redact_config(dict(stats or {})),
         }
         payload = json.dumps(marker, indent=1, sort_keys=True, default=str).encode()
-        io.atomic_write_bytes(self.marker_url(shard_name), payload, s3_endpoint=self.s3_endpoint)
+        storage.atomic_write_bytes(self.marker_url(shard_name), payload, s3_endpoint=self.s3_endpoint)
         return marker
 
     def cleanup_temporaries(self, shards: Collection[str], committed: set[str] | None = None) -> list[str]:
@@ -138,12 +138,12 @@ class ShardCommitter:
         committed = self.committed_shards() if committed is None else committed
         strays = {f"{n}.parquet" for n in shards if n not in committed}
         removed = []
-        for folder in (self.output_url, io.join(self.output_url, "_committed")):
-            for url in io.list_files(folder, s3_endpoint=self.s3_endpoint):
+        for folder in (self.output_url, storage.join(self.output_url, "_committed")):
+            for url in storage.list_files(folder, s3_endpoint=self.s3_endpoint):
                 name = url.rsplit("/", 1)[-1]
                 if _TMP_RE.match(name) or (folder == self.output_url and name in strays):
-                    log.info("deleting %s (left behind by an interrupted run)", io.safe_for_log(io.redact(url)))
-                    io.remove(url, s3_endpoint=self.s3_endpoint)
+                    log.info("deleting %s (left behind by an interrupted run)", storage.safe_for_log(storage.redact(url)))
+                    storage.remove(url, s3_endpoint=self.s3_endpoint)
                     removed.append(url)
         return removed
 
@@ -155,13 +155,13 @@ class ShardCommitter:
         names = sorted(self.committed_shards())
         targets = [self.marker_url(n) for n in names] + [self.parquet_url(n) for n in names]
         # The label job's statistics and summary describe the deleted shards: they go too.
-        targets += io.list_files(io.join(self.output_url, "_stats"), suffix=".json", s3_endpoint=self.s3_endpoint)
-        fixed = (io.join(self.output_url, n) for n in ("_stats.json", "_summary.json", RUN_RECORD_NAME))
-        targets += [u for u in fixed if io.exists(u, s3_endpoint=self.s3_endpoint)]
+        targets += storage.list_files(storage.join(self.output_url, "_stats"), suffix=".json", s3_endpoint=self.s3_endpoint)
+        fixed = (storage.join(self.output_url, n) for n in ("_stats.json", "_summary.json", RUN_RECORD_NAME))
+        targets += [u for u in fixed if storage.exists(u, s3_endpoint=self.s3_endpoint)]
         for url in targets:
-            io.remove(url, s3_endpoint=self.s3_endpoint)
+            storage.remove(url, s3_endpoint=self.s3_endpoint)
         log.info("--overwrite: deleted %d files of the previous run in %s (%d committed shards)", len(targets),
-                 io.redact(self.output_url), len(names))
+                 storage.redact(self.output_url), len(names))
         return targets + self.cleanup_temporaries(shards, committed=set())
 
 

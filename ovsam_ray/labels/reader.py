@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.shards import list_shards, shard_names
 from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.labels.committer import ShardCommitter
@@ -32,14 +32,14 @@ def label_files(labels: str, *, s3_endpoint: str | None = None) -> list[str]:
     if committed:
         return committed
     if is_own_record(read_run_record(labels, s3_endpoint=s3_endpoint)):
-        raise MissingInputError(f"label output {io.redact(labels)} has no committed shard yet (its Parquet files "
+        raise MissingInputError(f"label output {storage.redact(labels)} has no committed shard yet (its Parquet files "
                                 "without a marker are unfinished or left over from a crash): wait for the label job, "
                                 "or rerun it to finish")
-    files = io.list_files(labels, suffix=".parquet", s3_endpoint=s3_endpoint)
-    if not files and labels.endswith(".parquet") and io.exists(labels, s3_endpoint=s3_endpoint):
+    files = storage.list_files(labels, suffix=".parquet", s3_endpoint=s3_endpoint)
+    if not files and labels.endswith(".parquet") and storage.exists(labels, s3_endpoint=s3_endpoint):
         files = [labels]
     if not files:
-        raise MissingInputError(f"no label files under {io.redact(labels)} (expected <shard>.parquet files)")
+        raise MissingInputError(f"no label files under {storage.redact(labels)} (expected <shard>.parquet files)")
     return files
 
 
@@ -51,7 +51,7 @@ def read_label_file(url: str, *, columns: Sequence[str] | None = None, s3_endpoi
 
 def _iter_file(url: str, columns: Sequence[str] | None, batch_size: int, s3_endpoint: str | None
                ) -> Iterator[list[dict[str, Any]]]:
-    fs, path = io.get_filesystem(url, s3_endpoint=s3_endpoint)
+    fs, path = storage.get_filesystem(url, s3_endpoint=s3_endpoint)
     try:
         f = fs.open(path, "rb")
     except FileNotFoundError:
@@ -86,7 +86,7 @@ def source_shards(labels: str, shards: str | None = None, *, s3_endpoint: str | 
     if shards is None:
         record = read_run_record(labels, s3_endpoint=s3_endpoint)
         if record is None:
-            raise MissingInputError(f"{io.redact(labels)} has no _run.json: say where the input shards are (--shards)")
+            raise MissingInputError(f"{storage.redact(labels)} has no _run.json: say where the input shards are (--shards)")
         shards = (record.get("details", {}).get("config") or {}).get("input")
         if not shards:
             raise ConfigError("the run record does not name the input shards: pass --shards")

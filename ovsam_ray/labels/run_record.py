@@ -12,7 +12,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.schema import RUN_RECORD_NAME, timestamp
@@ -44,7 +44,7 @@ class RunRecord:
     created_at: str = field(default_factory=timestamp)
 
     def to_dict(self) -> dict[str, Any]:
-        return io.redact_config(
+        return storage.redact_config(
             {"identity": self.identity, "details": self.details, "created_at": self.created_at}
         )
 
@@ -86,7 +86,7 @@ def check_or_write_run_record(
     Raises :class:`RunMismatchError` naming the differing identity fields, or when the folder holds
     committed shards but no run record.
     """
-    record_url = io.join(output_url, RUN_RECORD_NAME)
+    record_url = storage.join(output_url, RUN_RECORD_NAME)
     committer = ShardCommitter(output_url, s3_endpoint=s3_endpoint)
     new = json.loads(json.dumps(record.to_dict(), sort_keys=True, default=str))
     old = load_run_record(output_url, s3_endpoint=s3_endpoint, own=True)
@@ -102,7 +102,7 @@ def check_or_write_run_record(
         return "created"
     if not overwrite:
         raise RunMismatchError(
-            f"output {io.redact(output_url)} {problem}. Use a new output location, or pass "
+            f"output {storage.redact(output_url)} {problem}. Use a new output location, or pass "
             "overwrite=True (--overwrite) to delete the old results and start over."
         )
     committer.delete_all(shards)
@@ -112,7 +112,7 @@ def check_or_write_run_record(
 
 def _write_record(url: str, record: dict[str, Any], s3_endpoint: str | None) -> None:
     payload = json.dumps(record, indent=1, sort_keys=True).encode()
-    io.atomic_write_bytes(url, payload, s3_endpoint=s3_endpoint)
+    storage.atomic_write_bytes(url, payload, s3_endpoint=s3_endpoint)
 
 
 def is_own_record(obj: Any) -> bool:
@@ -126,10 +126,10 @@ def load_run_record(folder: str, *, s3_endpoint: str | None = None, own: bool = 
     line naming the file) when it is not a JSON object, or, with ``own``, not a record of ours
     (:func:`is_own_record`): a command never writes into, nor deletes in, a folder whose run
     record it cannot read as its own, ``--overwrite`` or not."""
-    url = io.join(folder, RUN_RECORD_NAME)
-    if not io.exists(url, s3_endpoint=s3_endpoint):
+    url = storage.join(folder, RUN_RECORD_NAME)
+    if not storage.exists(url, s3_endpoint=s3_endpoint):
         return None
-    data = io.read_bytes(url, s3_endpoint=s3_endpoint)
+    data = storage.read_bytes(url, s3_endpoint=s3_endpoint)
     try:
         obj = json.loads(data)
     except ValueError as e:
@@ -141,7 +141,7 @@ def load_run_record(folder: str, *, s3_endpoint: str | None = None, own: bool = 
             problem = f"is not a JSON object (a {type(obj).__name__})"
         else:
             return obj
-    raise RunRecordError(f"{io.redact(url)} {problem}: this folder's run record was not written by ovsam-ray (or "
+    raise RunRecordError(f"{storage.redact(url)} {problem}: this folder's run record was not written by ovsam-ray (or "
                          "was damaged by hand), so nothing here is changed or deleted, --overwrite or not; choose "
                          "another output location, or move that file away if the folder is yours to reuse")
 

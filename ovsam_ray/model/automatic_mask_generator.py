@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from ovsam_ray.errors import ConfigError
-
-from .amg import grid_points, mask_nms, stability_scores
-from .predictor import ImagePrediction, ImagePrompts, OVSAMPredictor
+from ovsam_ray.model.amg import grid_points, mask_nms, stability_scores
+from ovsam_ray.model.predictor import ImagePrediction, ImagePrompts, OVSAMPredictor
 
 # SAM's SamAutomaticMaskGenerator defaults, the label job's grid mode's too.
 POINTS_PER_SIDE = 32

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .functional import classify_embeddings, fuse_open_vocab_logits
+from ovsam_ray.model.functional import classify_embeddings, fuse_open_vocab_logits
 
 # The released models' logit scale: exp(4.6052) = 100.00296.
 RELEASED_LOGIT_SCALE = 4.6052

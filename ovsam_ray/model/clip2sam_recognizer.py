@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from .functional import roi_levels
+from ovsam_ray.model.functional import roi_levels
 
 
 class FPN(nn.Module):

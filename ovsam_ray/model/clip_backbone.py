@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from .functional import mask_pool
+from ovsam_ray.model.functional import mask_pool
 
 
 def _freeze(module: nn.Module) -> None:

@@ -3,7 +3,7 @@ learned label token in front (token order [label, mask, prompts]) — DESIGN §2
 
 Parameter names follow the released ``clip2sam_*.pth`` (``mask_decoder.mask_decoder.*`` for the
 SAM parts, ``mask_decoder.label_token`` / ``mask_decoder.label_mlp`` for the label path); the
-conversion lives in ``ovsam_ray.weights``.
+conversion lives in ``ovsam_ray.weights.files``.
 """
 
 from __future__ import annotations

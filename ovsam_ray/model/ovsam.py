@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from segment_anything.modeling.prompt_encoder import PromptEncoder
 from torch import nn
 
-from . import functional
-from .clip2sam_recognizer import CLIP2SAMRecognizer
-from .functional import mask_boxes_from_low_res
-from .mask_decoder import MaskDecoder
-from .sam2clip_adapter import SAM2CLIPAdapter
+from ovsam_ray.model import functional
+from ovsam_ray.model.clip2sam_recognizer import CLIP2SAMRecognizer
+from ovsam_ray.model.functional import mask_boxes_from_low_res
+from ovsam_ray.model.mask_decoder import MaskDecoder
+from ovsam_ray.model.sam2clip_adapter import SAM2CLIPAdapter
 
 
 @dataclass

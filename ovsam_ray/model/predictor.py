@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .attention import use_fast_attention
-from .classifier import OpenVocabClassifier
-from .functional import (
+from ovsam_ray.model.attention import use_fast_attention
+from ovsam_ray.model.classifier import OpenVocabClassifier
+from ovsam_ray.model.functional import (
     boxes_from_masks,
     clip_boxes,
     clip_points,
@@ -27,8 +27,8 @@ from .functional import (
     scale_coords,
     upscale_mask_logits,
 )
-from .ovsam import OVSAM, DecodeOutput, ImageFeatures, PromptBatch
-from .rle_torch import mask_run_lengths
+from ovsam_ray.model.ovsam import OVSAM, DecodeOutput, ImageFeatures, PromptBatch
+from ovsam_ray.model.rle_torch import mask_run_lengths
 
 if TYPE_CHECKING:
     from ovsam_ray.vocabulary import Vocabulary

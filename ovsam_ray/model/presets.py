@@ -21,12 +21,11 @@ from segment_anything.modeling.prompt_encoder import PromptEncoder
 from torch import nn
 
 from ovsam_ray.errors import UnknownNameError
-
-from .clip2sam_recognizer import CLIP2SAMRecognizer
-from .clip_backbone import ConvNeXtCLIPBackbone, ResNetCLIPBackbone
-from .mask_decoder import MaskDecoder
-from .ovsam import OVSAM
-from .sam2clip_adapter import SAM2CLIPAdapter
+from ovsam_ray.model.clip2sam_recognizer import CLIP2SAMRecognizer
+from ovsam_ray.model.clip_backbone import ConvNeXtCLIPBackbone, ResNetCLIPBackbone
+from ovsam_ray.model.mask_decoder import MaskDecoder
+from ovsam_ray.model.ovsam import OVSAM
+from ovsam_ray.model.sam2clip_adapter import SAM2CLIPAdapter
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def _coco_categories(name: str) -> list[str]:
 def _find_weights(location: str | None, name: str, s3_endpoint: str | None = None) -> str:
     """A local copy of detector ``name``'s weights file: ``location`` itself (a .pth/.pt file) or
     ``name.pth`` / ``name_*.pth`` (torchvision's file name) in the folder or prefix ``location``."""
-    from ovsam_ray.weights import WeightsError, find_files, local_path
+    from ovsam_ray.weights.files import WeightsError, find_files, local_path
 
     if location is None:
         raise WeightsError(f"detector {name}: pass --weights DIR holding {name}.pth (or torchvision's "

@@ -47,14 +47,14 @@ def maybe_fail(point: str) -> None:
 
 
 def install_full_disk() -> None:
-    """With ``OVSAM_RAY_FULL_DISK`` set, make ``io.atomic_write_bytes`` fail with ENOSPC for the
+    """With ``OVSAM_RAY_FULL_DISK`` set, make ``storage.atomic_write_bytes`` fail with ENOSPC for the
     matching paths (once per process; every write path of the job goes through that function)."""
     pattern = os.environ.get("OVSAM_RAY_FULL_DISK")
-    from ovsam_ray import io
+    from ovsam_ray import storage
 
-    if not pattern or getattr(io.atomic_write_bytes, "full_disk", False):
+    if not pattern or getattr(storage.atomic_write_bytes, "full_disk", False):
         return
-    write = io.atomic_write_bytes
+    write = storage.atomic_write_bytes
 
     def full_disk_write(url: str, data: bytes, **kwargs: Any) -> None:
         if fnmatch.fnmatch(url, pattern):
@@ -62,4 +62,4 @@ def install_full_disk() -> None:
         write(url, data, **kwargs)
 
     full_disk_write.full_disk = True  # type: ignore[attr-defined]
-    io.atomic_write_bytes = full_disk_write
+    storage.atomic_write_bytes = full_disk_write

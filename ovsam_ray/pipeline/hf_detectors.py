@@ -39,9 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.weights import WeightsError, local_dir
+from ovsam_ray.weights.files import WeightsError, local_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def check_available(name: str) -> None:
 
 def _expected(name: str, location: str) -> str:
     files = "; ".join(f"{what}: {' or '.join(names)}" for what, names in REQUIRED_FILES)
-    return (f"detector:{name} needs a save_pretrained folder at {io.redact(location)} (or its {name}/ subfolder) "
+    return (f"detector:{name} needs a save_pretrained folder at {storage.redact(location)} (or its {name}/ subfolder) "
             f"holding {files}. Published at {PUBLISHED[name]}; fetch it once, e.g. huggingface-cli download REPO "
             f"--local-dir DIR, and pass --detector-weights DIR (a local folder or an s3:// prefix)")
 
@@ -86,8 +86,8 @@ def resolve_folder(location: str | None, name: str, *, s3_endpoint: str | None =
     among them when ``need_weights`` is False: a random init needs only the rest)."""
     if location is None:
         raise WeightsError(_expected(name, "--detector-weights (not given)"))
-    for candidate in (location, io.join(location, name)):
-        files = {os.path.basename(u): u for u in io.list_files(candidate, s3_endpoint=s3_endpoint)}
+    for candidate in (location, storage.join(location, name)):
+        files = {os.path.basename(u): u for u in storage.list_files(candidate, s3_endpoint=s3_endpoint)}
         if "config.json" in files:
             break
     else:
@@ -128,7 +128,7 @@ class _HFDetector:
             else:
                 model = cls.from_pretrained(folder, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable folder becomes one clear error
-            raise WeightsError(f"cannot load detector:{self.name} from {io.redact(str(weights))}: {e}. "
+            raise WeightsError(f"cannot load detector:{self.name} from {storage.redact(str(weights))}: {e}. "
                                f"{_expected(self.name, str(weights))}") from e
         self.model = model.eval().to(device)
         self.device = torch.device(device)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ovsam_ray import __version__, io
+from ovsam_ray import __version__, storage
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS
 from ovsam_ray.data.shards import ShardSpecError, list_shards, shard_names
 from ovsam_ray.errors import ConfigError, OVSAMRayError
@@ -145,7 +145,7 @@ class LabelConfig:
         if not 1 <= conc[0] <= conc[1]:
             raise ConfigError(f"concurrency={self.concurrency}: need 1 <= min <= max actors")
         check_disjoint([("--input", self.input)], [("--output", self.output)])
-        io.check_endpoint(self.model.s3_endpoint)
+        storage.check_endpoint(self.model.s3_endpoint)
         if self.max_prompts < 1:
             raise ConfigError(f"max_prompts={self.max_prompts}: must be >= 1 prompt per image")
         check_interval(self.lease_heartbeat_s, "lease_heartbeat_s (--lease-heartbeat-s)")
@@ -252,7 +252,7 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
             **({"objectness_threshold": cfg.detector_objectness_threshold}
                if cfg.detector_objectness_threshold is not None else {})},
     }
-    details = {"config": io.redact_config(dataclasses.asdict(cfg)), "code_version": __version__,
+    details = {"config": storage.redact_config(dataclasses.asdict(cfg)), "code_version": __version__,
                "random_init": m.random_init and cfg.baseline is None}
     return RunRecord(identity=identity, details=details)
 
@@ -265,7 +265,7 @@ def _startup(what: str, step: Callable[[], _T]) -> _T:
     except OVSAMRayError:
         raise
     except Exception as e:  # noqa: BLE001 - any storage client error: the job cannot start
-        raise JobStartError(f"cannot {what}: {type(e).__name__}: {io.safe_for_log(io.redact(str(e)))}") from None
+        raise JobStartError(f"cannot {what}: {type(e).__name__}: {storage.safe_for_log(storage.redact(str(e)))}") from None
 
 
 def _drive(cfg: LabelConfig, todo: list[str], text: dict, tracker: ShardTracker, lease: OutputLease) -> None:
@@ -293,11 +293,11 @@ MAX_SHARD_NAME_BYTES = 255 - len(".parquet.tmp-") - 1 - 32
 def _list_input(cfg: LabelConfig) -> tuple[list[str], list[str]]:
     shards = list_shards(cfg.input, s3_endpoint=cfg.model.s3_endpoint)
     names = shard_names(shards)
-    if not io.is_remote(cfg.output):
+    if not storage.is_remote(cfg.output):
         long = [u for u, n in zip(shards, names) if len(n.encode("utf-8", "surrogateescape")) > MAX_SHARD_NAME_BYTES]
         if long:
             raise ShardSpecError(f"shard file names too long for the output's file names (over {MAX_SHARD_NAME_BYTES} "
-                                 f"bytes without .tar): {io.safe_for_log(io.redact(long[0]), limit=400)}"
+                                 f"bytes without .tar): {storage.safe_for_log(storage.redact(long[0]), limit=400)}"
                                  + (f" and {len(long) - 1} more" if len(long) > 1 else "") + "; rename them")
     return shards, names
 
@@ -311,13 +311,13 @@ def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) ->
     :class:`~ovsam_ray.errors.OVSAMRayError` that says what to do), each one line.
     """
     t0 = time.time()
-    shards, names = _startup(f"list the input shards {io.redact(cfg.input)}", lambda: _list_input(cfg))
+    shards, names = _startup(f"list the input shards {storage.redact(cfg.input)}", lambda: _list_input(cfg))
     lease = OutputLease(cfg.output, s3_endpoint=cfg.model.s3_endpoint, interval_s=cfg.lease_heartbeat_s)
-    _startup(f"take the lease of the output {io.redact(cfg.output)}", lease.acquire)
+    _startup(f"take the lease of the output {storage.redact(cfg.output)}", lease.acquire)
     lease.start()
     try:
         # whose files the output holds is known before any cluster starts (one listing)
-        _startup(f"check the files in the output {io.redact(cfg.output)}", lambda: check_output_owned(
+        _startup(f"check the files in the output {storage.redact(cfg.output)}", lambda: check_output_owned(
             cfg.output, names, allow_foreign_files=cfg.allow_foreign_files, s3_endpoint=cfg.model.s3_endpoint))
         if connect is not None:
             connect()
@@ -337,12 +337,12 @@ def _prepare_output(cfg: LabelConfig, names: list[str], identity: dict, vocab: A
     committer = ShardCommitter(cfg.output, s3_endpoint=s3)
     committed = committer.committed_shards()  # listed once: the steps below only remove from it
     committer.cleanup_temporaries(names, committed)
-    if io.exists(parts_url(cfg.output), s3_endpoint=s3):
-        log.info("deleting %s (part files of an interrupted run)", io.redact(parts_url(cfg.output)))
+    if storage.exists(parts_url(cfg.output), s3_endpoint=s3):
+        log.info("deleting %s (part files of an interrupted run)", storage.redact(parts_url(cfg.output)))
         remove_all_parts(cfg.output, s3_endpoint=s3)
     for name in committer.markers_without_parquet(committed):
         log.error("%s Relabelling it now.", committer.missing_file_error(name))
-        io.remove(committer.marker_url(name), s3_endpoint=s3)
+        storage.remove(committer.marker_url(name), s3_endpoint=s3)
         committed.discard(name)
     return state, committed
 
@@ -354,14 +354,14 @@ def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: Ou
     # Not a storage step: a failure here that is not ours (weights, vocabulary) is a bug and keeps
     # its traceback.
     text, vocab, identity, summary.text_embeddings = prepare_text(cfg.model, cfg.baseline)
-    state, committed = _startup(f"prepare the output {io.redact(cfg.output)}",
+    state, committed = _startup(f"prepare the output {storage.redact(cfg.output)}",
                                 lambda: _prepare_output(cfg, names, identity, vocab))
     todo = [u for u, n in zip(shards, names) if n not in committed]
     summary.shards_total, summary.shards_skipped = len(shards), len(shards) - len(todo)
     if cfg.limit is not None:
         todo = todo[: cfg.limit]
     log.info("label job: %d shards (%s run; %d already committed, %d to do) -> %s", len(shards), state,
-             summary.shards_skipped, len(todo), io.redact(cfg.output))
+             summary.shards_skipped, len(todo), storage.redact(cfg.output))
     if cfg.baseline is not None:
         log.warning("BASELINE %s: no model runs; each mask is its prompt box (a pipeline measurement)", cfg.baseline)
     elif cfg.model.random_init:
@@ -382,7 +382,7 @@ def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: Ou
 def _finish(cfg: LabelConfig, summary: LabelSummary, tracker: ShardTracker, committed_before: int) -> None:
     """Write the run statistics and the summary; log what the user should know."""
     s3, done = cfg.model.s3_endpoint, summary.shards_committed
-    stats_file, summary_file = (io.redact(io.join(cfg.output, n)) for n in ("_stats.json", "_summary.json"))
+    stats_file, summary_file = (storage.redact(storage.join(cfg.output, n)) for n in ("_stats.json", "_summary.json"))
     run_stats = with_storage_retries(f"write the run statistics {stats_file}", lambda: write_run_stats(
         cfg.output, s3_endpoint=s3, new=tracker.stats, committed=committed_before + done), committed=done)
     log.info(format_stats(run_stats))
@@ -394,6 +394,6 @@ def _finish(cfg: LabelConfig, summary: LabelSummary, tracker: ShardTracker, comm
     if summary.shards_failed:
         log.error("%d shards were NOT committed; rerun the same command to finish them (exit code %d)",
                   len(summary.shards_failed), EXIT_INCOMPLETE)
-    with_storage_retries(f"write the summary {summary_file}", lambda: io.atomic_write_bytes(
-        io.join(cfg.output, "_summary.json"), json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3),
+    with_storage_retries(f"write the summary {summary_file}", lambda: storage.atomic_write_bytes(
+        storage.join(cfg.output, "_summary.json"), json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3),
         committed=done)

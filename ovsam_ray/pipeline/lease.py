@@ -31,7 +31,7 @@ import time
 import uuid
 from typing import Any
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import ConfigError, OVSAMRayError
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def check_interval(value: Any, what: str) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value) if abs(value) < 1e300 else math.inf  # an int beyond float range is "huge"
     if not math.isfinite(number) or not 0 < number <= MAX_INTERVAL_S:
-        raise ConfigError(f"{what}: lease heartbeat interval {io.safe_for_log(repr(value), limit=80)} is not a "
+        raise ConfigError(f"{what}: lease heartbeat interval {storage.safe_for_log(repr(value), limit=80)} is not a "
                           f"number of seconds in (0, {MAX_INTERVAL_S:.0f}]")
     return float(number)
 
@@ -98,9 +98,9 @@ class OutputLease:
     :class:`LeaseLostError` once a heartbeat found the lease taken over."""
 
     def __init__(self, output: str, *, s3_endpoint: str | None = None, interval_s: float = HEARTBEAT_S) -> None:
-        self.url = io.join(output, LEASE_NAME)
+        self.url = storage.join(output, LEASE_NAME)
         self.output, self.s3 = output, s3_endpoint
-        self.interval_s = check_interval(interval_s, f"the lease of {io.redact(output)}")
+        self.interval_s = check_interval(interval_s, f"the lease of {storage.redact(output)}")
         self.job_id = uuid.uuid4().hex
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -116,7 +116,7 @@ class OutputLease:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            data = io.read_bytes(self.url, s3_endpoint=self.s3)
+            data = storage.read_bytes(self.url, s3_endpoint=self.s3)
         except FileNotFoundError:
             return None
         try:
@@ -127,8 +127,8 @@ class OutputLease:
         # this name is someone else's file, never taken over (that would delete it).
         if not isinstance(lease, dict) or not isinstance(lease.get("job_id"), str):
             raise LeaseValueError(
-                f"lease file {io.redact(self.url)} is not a lease of ovsam-ray (not a JSON object with a job_id): "
-                f"it is left alone; move it away if no job writes {io.redact(self.output)}, or choose another "
+                f"lease file {storage.redact(self.url)} is not a lease of ovsam-ray (not a JSON object with a job_id): "
+                f"it is left alone; move it away if no job writes {storage.redact(self.output)}, or choose another "
                 "output folder")
         return lease
 
@@ -156,19 +156,19 @@ class OutputLease:
         if lease.get("interval_s") is None:
             return HEARTBEAT_S
         try:
-            return check_interval(lease["interval_s"], f"lease file {io.redact(self.url)}")
+            return check_interval(lease["interval_s"], f"lease file {storage.redact(self.url)}")
         except ValueError:
             raise self._value_error(f"interval_s {lease['interval_s']!r} is not a number of seconds in "
                                     f"(0, {MAX_INTERVAL_S:.0f}]") from None
 
     def _value_error(self, what: str) -> LeaseValueError:
         return LeaseValueError(
-            f"lease file {io.redact(self.url)}: {io.safe_for_log(what, limit=200)}; no label job writes that, so "
+            f"lease file {storage.redact(self.url)}: {storage.safe_for_log(what, limit=200)}; no label job writes that, so "
             "this job does not guess whether its holder is alive. Delete the file once no job writes "
-            f"{io.redact(self.output)}.")
+            f"{storage.redact(self.output)}.")
 
     def _describe(self, lease: dict[str, Any]) -> str:
-        shown = io.safe_for_log(f"job {lease.get('job_id')} (host {lease.get('host')}, pid {lease.get('pid')}, "
+        shown = storage.safe_for_log(f"job {lease.get('job_id')} (host {lease.get('host')}, pid {lease.get('pid')}, "
                           f"heartbeat {lease.get('heartbeat_at')})")  # a lease file is data too
         return shown + self._clock_note(lease)
 
@@ -181,7 +181,7 @@ class OutputLease:
             return ""
         if not math.isfinite(ahead) or ahead <= CLOCK_SKEW_S:
             return ""
-        host = io.safe_for_log(str(lease.get("host")), limit=100)
+        host = storage.safe_for_log(str(lease.get("host")), limit=100)
         return (f"; its heartbeat lies {ahead:.0f}s in the future: the clock of host {host} is {ahead:.0f}s ahead "
                 "of this host's (clocks must agree to well within a minute)")
 
@@ -193,9 +193,9 @@ class OutputLease:
         if held is not None and held and self.stale_reason(held) is None:
             raise self._held_error(held)
         if held is not None:
-            log.warning("taking over the lease of %s: %s held it (%s)", io.redact(self.output), self._describe(held),
+            log.warning("taking over the lease of %s: %s held it (%s)", storage.redact(self.output), self._describe(held),
                         self.stale_reason(held) or "unreadable")
-        if io.is_remote(self.url):
+        if storage.is_remote(self.url):
             self._acquire_remote()
         else:
             self._acquire_local(held)
@@ -203,12 +203,12 @@ class OutputLease:
     def _held_error(self, held: dict[str, Any]) -> LeaseHeldError:
         stale = STALE_AFTER * self._interval(held)
         return LeaseHeldError(
-            f"output {io.redact(self.output)} is in use by another label job: {self._describe(held)}. Wait for it "
+            f"output {storage.redact(self.output)} is in use by another label job: {self._describe(held)}. Wait for it "
             f"to finish, or use another --output; a lease whose job died is taken over after {stale:.0f}s without "
             f"a heartbeat (or at once on the same host). Lease file: {LEASE_NAME}.")
 
     def _acquire_local(self, stale: dict[str, Any] | None) -> None:
-        _, path = io.get_filesystem(self.url)
+        _, path = storage.get_filesystem(self.url)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if stale is not None:
             moved = os.path.join(os.path.dirname(path), f".{LEASE_NAME}.stale-{uuid.uuid4().hex}")
@@ -245,11 +245,11 @@ class OutputLease:
         except FileExistsError:
             pass
         os.remove(moved)
-        raise LeaseHeldError(f"output {io.redact(self.output)}: another job took the stale lease over at the same "
+        raise LeaseHeldError(f"output {storage.redact(self.output)}: another job took the stale lease over at the same "
                              "moment; it holds the output now")
 
     def _acquire_remote(self) -> None:
-        io.atomic_write_bytes(self.url, json.dumps(self._record()).encode(), s3_endpoint=self.s3)
+        storage.atomic_write_bytes(self.url, json.dumps(self._record()).encode(), s3_endpoint=self.s3)
         time.sleep(S3_SETTLE_S)
         back = self._read() or {}
         if back.get("job_id") != self.job_id:
@@ -261,29 +261,29 @@ class OutputLease:
         if held is not None and held.get("job_id") != self.job_id:
             self.lost = f"the lease was taken over by {self._describe(held)}"
             return
-        io.atomic_write_bytes(self.url, json.dumps(self._record()).encode(), s3_endpoint=self.s3)
+        storage.atomic_write_bytes(self.url, json.dumps(self._record()).encode(), s3_endpoint=self.s3)
 
     def check(self) -> None:
         """Raise :class:`LeaseLostError` once the lease is lost: this job must stop writing."""
         if self.lost:
-            raise LeaseLostError(f"output {io.redact(self.output)}: {self.lost}; this job stops. Run one job per "
+            raise LeaseLostError(f"output {storage.redact(self.output)}: {self.lost}; this job stops. Run one job per "
                                  "output folder.")
 
     def release(self) -> None:
         """Delete the lease if it is still ours."""
         held = self._read()
         if held is not None and held.get("job_id") == self.job_id:
-            io.remove(self.url, s3_endpoint=self.s3)
+            storage.remove(self.url, s3_endpoint=self.s3)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self.renew()
             except Exception as e:  # noqa: BLE001 - a missed heartbeat is retried at the next one
-                log.warning("lease heartbeat of %s failed: %s: %s", io.redact(self.output), type(e).__name__,
-                            io.safe_for_log(io.redact(str(e))))
+                log.warning("lease heartbeat of %s failed: %s: %s", storage.redact(self.output), type(e).__name__,
+                            storage.safe_for_log(storage.redact(str(e))))
             if self.lost:
-                log.error("%s", io.safe_for_log(self.lost))
+                log.error("%s", storage.safe_for_log(self.lost))
                 return
 
     def start(self) -> None:
@@ -307,7 +307,7 @@ class OutputLease:
         try:
             self.release()
         except Exception as e:  # noqa: BLE001 - a lease left behind goes stale; never mask the job's error
-            log.warning("could not release the lease of %s: %s", io.redact(self.output), io.safe_for_log(str(e)))
+            log.warning("could not release the lease of %s: %s", storage.redact(self.output), storage.safe_for_log(str(e)))
 
 
 def check_not_being_written(folder: str, flag: str, *, s3_endpoint: str | None = None) -> None:
@@ -317,5 +317,5 @@ def check_not_being_written(folder: str, flag: str, *, s3_endpoint: str | None =
     lease = OutputLease(folder, s3_endpoint=s3_endpoint)
     held = lease._read()
     if held is not None and lease.stale_reason(held) is None:
-        raise LeaseHeldError(f"{flag} {io.redact(folder)} is being written by a label job right now "
+        raise LeaseHeldError(f"{flag} {storage.redact(folder)} is being written by a label job right now "
                              f"({lease._describe(held)}): wait for it to finish, then rerun")

@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Collection
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.labels.run_record import load_run_record
 from ovsam_ray.labels.schema import RUN_RECORD_NAME
@@ -85,7 +85,7 @@ def check_output_owned(output: str, shards: Collection[str], *, allow_foreign_fi
     ours_by_name = [n for n in names if _ours(n, set()) and n != LEASE_NAME and not _HIDDEN_RE.match(n)]
     if not foreign and not ours_by_name:
         return
-    where = io.redact(output)
+    where = storage.redact(output)
     wanted = {f"{s}.parquet" for s in shards}
     clashes = sorted(ours_by_name + [n for n in foreign if n in wanted])
     if clashes:
@@ -100,9 +100,9 @@ def check_output_owned(output: str, shards: Collection[str], *, allow_foreign_fi
 
 
 def _listed(output: str, s3_endpoint: str | None) -> list[str]:
-    fs, path = io.get_filesystem(output, s3_endpoint=s3_endpoint)
-    base = io.to_url(fs, path).rstrip("/") + "/"
-    return [u[len(base):] for u in io.list_files(output, recursive=True, s3_endpoint=s3_endpoint)
+    fs, path = storage.get_filesystem(output, s3_endpoint=s3_endpoint)
+    base = storage.to_url(fs, path).rstrip("/") + "/"
+    return [u[len(base):] for u in storage.list_files(output, recursive=True, s3_endpoint=s3_endpoint)
             if u.startswith(base)]
 
 
@@ -115,28 +115,28 @@ def _refuse_inside_own_folder(output: str, s3_endpoint: str | None) -> None:
             continue
         parent = "/".join(loc.parts[:i])
         parent = f"/{parent}" if loc.scheme == "file" else f"{loc.scheme}://{loc.root}/{parent}"
-        if io.exists(io.join(parent, RUN_RECORD_NAME), s3_endpoint=s3_endpoint):
-            raise ForeignFilesError(f"output {io.redact(output)} lies inside {part}/ of the label output "
-                                    f"{io.redact(parent)}, which that label job rewrites and deletes: choose an output "
+        if storage.exists(storage.join(parent, RUN_RECORD_NAME), s3_endpoint=s3_endpoint):
+            raise ForeignFilesError(f"output {storage.redact(output)} lies inside {part}/ of the label output "
+                                    f"{storage.redact(parent)}, which that label job rewrites and deletes: choose an output "
                                     "outside it")
 
 
 def _refuse_linked_names(output: str, s3_endpoint: str | None) -> None:
     """A local output whose own names (``_committed``, ``_parts``, ``_run.json``...) are symbolic
     links is refused: the job writes and deletes below those names."""
-    if io.is_remote(output):
+    if storage.is_remote(output):
         return
-    _, path = io.get_filesystem(output, s3_endpoint=s3_endpoint)
+    _, path = storage.get_filesystem(output, s3_endpoint=s3_endpoint)
     linked = sorted(n for n in OWN_FILES | OWN_FOLDERS if os.path.islink(os.path.join(path, n)))
     if linked:
-        targets = ", ".join(f"{n} -> {io.safe_for_log(os.readlink(os.path.join(path, n)), limit=100)}"
+        targets = ", ".join(f"{n} -> {storage.safe_for_log(os.readlink(os.path.join(path, n)), limit=100)}"
                             for n in linked[:_SHOWN])
         raise ForeignFilesError(
-            f"output {io.redact(output)} holds symbolic links under the job's own names ({targets}); "
+            f"output {storage.redact(output)} holds symbolic links under the job's own names ({targets}); "
             "the job writes and deletes below these names and never through a link: remove the link or choose "
             "another output folder")
 
 
 def _show(names: list[str]) -> str:
-    shown = ", ".join(io.safe_for_log(n, limit=100) for n in names[:_SHOWN])
+    shown = ", ".join(storage.safe_for_log(n, limit=100) for n in names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")

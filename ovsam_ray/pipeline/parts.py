@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.schema import OUTPUT_SCHEMA
@@ -89,7 +89,7 @@ def with_storage_retries(what: str, write: Callable[[], Any], *, committed: int 
         except (ValueError, FileNotFoundError):  # a bad table, a missing file: retrying cannot help
             raise
         except Exception as e:  # noqa: BLE001 - storage clients raise many types; all are retried
-            error = io.safe_for_log(f"{type(e).__name__}: {io.redact(str(e))}", limit=500)
+            error = storage.safe_for_log(f"{type(e).__name__}: {storage.redact(str(e))}", limit=500)
             if isinstance(e, OSError) and e.errno in _FINAL_ERRNOS:
                 raise StorageUnavailableError(f"could not {what}: {error}. {done} "
                                               + _RERUN.format("has room again")) from None
@@ -102,8 +102,8 @@ def with_storage_retries(what: str, write: Callable[[], Any], *, committed: int 
 
 
 def parts_url(output: str, shard: str | None = None) -> str:
-    root = io.join(output, PARTS_DIR)
-    return root if shard is None else io.join(root, shard)
+    root = storage.join(output, PARTS_DIR)
+    return root if shard is None else storage.join(root, shard)
 
 
 def write_parts(batch: pa.Table, *, output: str, s3_endpoint: str | None = None) -> pa.Table:
@@ -119,12 +119,12 @@ def write_parts(batch: pa.Table, *, output: str, s3_endpoint: str | None = None)
     rows = batch.filter(pc.invert(pc.is_in(status, pa.array([SHARD_FAILED, SHARD_EMPTY]))))
     for shard in pc.unique(rows.column("shard")).to_pylist():
         part = rows.filter(pc.equal(rows.column("shard"), shard))
-        url = io.join(parts_url(output, shard), f"{uuid.uuid4().hex}.parquet")
+        url = storage.join(parts_url(output, shard), f"{uuid.uuid4().hex}.parquet")
         sink = pa.BufferOutputStream()
         pq.write_table(part.select(OUTPUT_SCHEMA.names + _PART_EXTRA), sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
-        with_storage_retries(f"write the part file {io.redact(url)} of shard {io.safe_for_log(shard)}",
-                             lambda url=url, data=data: io.atomic_write_bytes(url, data, s3_endpoint=s3_endpoint))
+        with_storage_retries(f"write the part file {storage.redact(url)} of shard {storage.safe_for_log(shard)}",
+                             lambda url=url, data=data: storage.atomic_write_bytes(url, data, s3_endpoint=s3_endpoint))
         maybe_fail("part_written")
         meta.append({
             "shard": shard, "kind": "part", "part": url, "rows": part.num_rows,
@@ -137,7 +137,7 @@ def write_parts(batch: pa.Table, *, output: str, s3_endpoint: str | None = None)
 
 
 def _read_parts(urls: list[str], s3_endpoint: str | None) -> pa.Table:
-    tables = [pq.read_table(pa.BufferReader(io.read_bytes(u, s3_endpoint=s3_endpoint))) for u in urls]
+    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(u, s3_endpoint=s3_endpoint))) for u in urls]
     return pa.concat_tables(tables) if tables else _PART_FILE_SCHEMA.empty_table()
 
 
@@ -156,14 +156,14 @@ def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: 
     ``{reason: count}`` of members that gave no row (or ""). Returns counts for the job summary,
     or ``{"shard", "missing": n}`` (nothing written) when the parts do not cover every image."""
     committer = ShardCommitter(output, s3_endpoint=s3_endpoint)
-    where = io.redact(output)
+    where = storage.redact(output)
     # Reads ride out a storage blip like the writes below (a task that raised is not retried by Ray).
-    marker = with_storage_retries(f"read the marker of shard {io.safe_for_log(shard)} in {where}",
+    marker = with_storage_retries(f"read the marker of shard {storage.safe_for_log(shard)} in {where}",
                                   lambda: committer.read_marker(shard) if committer.is_committed(shard) else None)
     if marker is not None and marker.get("num_rows") == total:  # a retry of a commit that got as far as the marker
         _remove_quietly(parts_url(output, shard), s3_endpoint)
         return _result(marker, damage, [], [])
-    table = _one_row_per_index(with_storage_retries(f"read the parts of shard {io.safe_for_log(shard)} in {where}",
+    table = _one_row_per_index(with_storage_retries(f"read the parts of shard {storage.safe_for_log(shard)} in {where}",
                                                     lambda: _read_parts(parts, s3_endpoint)))
     index = table.column("index").to_numpy()
     if table.num_rows != total or (total and (index[0] != 0 or index[-1] != total - 1)):
@@ -173,22 +173,22 @@ def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: 
     marker_stats = {"damage": damage or None, "committed_by": "label_job",
                     **{k: stats[k] for k in _MARKER_STATS}}
     maybe_fail("before_commit")
-    marker = with_storage_retries(f"commit shard {io.safe_for_log(shard)} ({io.redact(committer.parquet_url(shard))}, "
-                                  f"then its marker {io.redact(committer.marker_url(shard))})",
+    marker = with_storage_retries(f"commit shard {storage.safe_for_log(shard)} ({storage.redact(committer.parquet_url(shard))}, "
+                                  f"then its marker {storage.redact(committer.marker_url(shard))})",
                                   lambda: committer.commit(shard, table, marker_stats))
-    with_storage_retries(f"write the statistics {io.redact(io.join(output, '_stats', shard + '.json'))}",
+    with_storage_retries(f"write the statistics {storage.redact(storage.join(output, '_stats', shard + '.json'))}",
                          lambda: write_shard_stats(output, shard, stats, s3_endpoint=s3_endpoint))
     maybe_fail("after_commit")
     _remove_quietly(parts_url(output, shard), s3_endpoint)
     errors = table.filter(pc.equal(table.column("status"), "error")).select(["key", "error"]).slice(0, LOGGED_ERRORS)
     for row in errors.to_pylist():
-        log.warning("error row %s/%s: %s", io.safe_for_log(shard), io.safe_for_log(row["key"], limit=120),
-                    io.safe_for_log(row["error"]))
+        log.warning("error row %s/%s: %s", storage.safe_for_log(shard), storage.safe_for_log(row["key"], limit=120),
+                    storage.safe_for_log(row["error"]))
     warned = table.filter(pc.fill_null(pc.greater(pc.list_value_length(table.column("warnings")), 0), False))
     warned = warned.select(["key", "warnings"]).slice(0, LOGGED_WARNINGS).to_pylist()
     for row in warned:
-        log.warning("prompt warnings %s/%s: %s", io.safe_for_log(shard), io.safe_for_log(row["key"], limit=120),
-                    io.safe_for_log("; ".join(row["warnings"])))
+        log.warning("prompt warnings %s/%s: %s", storage.safe_for_log(shard), storage.safe_for_log(row["key"], limit=120),
+                    storage.safe_for_log("; ".join(row["warnings"])))
     return _result(marker, damage, errors.slice(0, 3).to_pylist(), warned[:3], stats)
 
 
@@ -209,11 +209,11 @@ def _result(marker: dict[str, Any], damage: str, errors: list[dict], warned: lis
 
 def _remove_quietly(url: str, s3_endpoint: str | None) -> None:
     try:
-        io.remove_tree(url, s3_endpoint=s3_endpoint)
+        storage.remove_tree(url, s3_endpoint=s3_endpoint)
     except Exception as e:  # noqa: BLE001 - leftover parts are garbage the next run deletes
-        log.warning("could not delete the parts in %s (the next run deletes them): %s", io.redact(url), e)
+        log.warning("could not delete the parts in %s (the next run deletes them): %s", storage.redact(url), e)
 
 
 def remove_all_parts(output: str, *, s3_endpoint: str | None = None) -> None:
     """Delete every part file under ``output`` (call at start-up, before any part is written)."""
-    io.remove_tree(parts_url(output), s3_endpoint=s3_endpoint)
+    storage.remove_tree(parts_url(output), s3_endpoint=s3_endpoint)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.labels.records import InstanceColumns
 from ovsam_ray.labels.schema import INSTANCE_TYPE
 from ovsam_ray.pipeline.prompting import (
@@ -161,10 +161,10 @@ class PredictStage:
             return self._predict(batch, rows, sets)
         except Exception as e:  # noqa: BLE001 - a failing batch is retried image by image
             if len(rows) == 1:
-                log.exception("prediction failed for image %s", io.safe_for_log(batch.column("key")[rows[0]].as_py()))
+                log.exception("prediction failed for image %s", storage.safe_for_log(batch.column("key")[rows[0]].as_py()))
                 return {rows[0]: f"prediction failed: {type(e).__name__}: {e}"}
             log.warning("prediction failed for a batch of %d images (%s: %s); retrying each alone", len(rows),
-                        type(e).__name__, io.safe_for_log(str(e)))
+                        type(e).__name__, storage.safe_for_log(str(e)))
         out: dict = {}
         for i in rows:
             out.update(self._predict_or_isolate(batch, [i], sets))

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.inference import ModelConfig, load_model, vocabulary_text
 from ovsam_ray.labels.committer import ShardCommitter
@@ -58,10 +58,10 @@ class RelabelConfig:
 def _source_model_config(cfg: RelabelConfig) -> tuple[ModelConfig, dict]:
     record = read_run_record(cfg.input, s3_endpoint=cfg.s3_endpoint)
     if record is None:
-        raise MissingInputError(f"{io.redact(cfg.input)} has no {RUN_RECORD_NAME}: relabel reads a label job's output "
+        raise MissingInputError(f"{storage.redact(cfg.input)} has no {RUN_RECORD_NAME}: relabel reads a label job's output "
                                 "folder (its run record names the model)")
     if not record["identity"].get("with_embedding"):
-        raise ConfigError(f"{io.redact(cfg.input)} was labelled without --with-embedding: no embeddings to re-score")
+        raise ConfigError(f"{storage.redact(cfg.input)} was labelled without --with-embedding: no embeddings to re-score")
     model = dict(record["details"]["config"]["model"])
     model.update(vocab=cfg.vocab, class_embeddings=None, s3_endpoint=cfg.s3_endpoint or model.get("s3_endpoint"))
     return ModelConfig(**model), record
@@ -91,11 +91,11 @@ def _relabel_shard(item: dict[str, Any], *, cfg: RelabelConfig, text_ref: Any, t
     classifier = OpenVocabClassifier(text_embeddings=text["embeddings"], seen=vocab.seen_tensor(),
                                      excluded=vocab.excluded_tensor(), logit_scale=text["logit_scale"])
     name = item["shard"]
-    with io.open_url(io.join(cfg.input, f"{name}.parquet"), s3_endpoint=cfg.s3_endpoint) as f:
+    with storage.open_url(storage.join(cfg.input, f"{name}.parquet"), s3_endpoint=cfg.s3_endpoint) as f:
         rows = pq.read_table(f).to_pylist()
     rows = rescore_rows(rows, classifier, vocab, topk)
     committer = ShardCommitter(cfg.output, s3_endpoint=cfg.s3_endpoint)
-    committer.commit(name, rows_to_table(rows), {"relabelled_from": io.redact(cfg.input)})
+    committer.commit(name, rows_to_table(rows), {"relabelled_from": storage.redact(cfg.input)})
     write_shard_stats(cfg.output, name, shard_stats(rows), s3_endpoint=cfg.s3_endpoint)
     return {"shard": name, "rows": len(rows)}
 
@@ -122,8 +122,8 @@ def _run_leased(cfg: RelabelConfig, lease: OutputLease, connect: Callable[[], No
     embeddings, vocab = vocabulary_text(model_cfg, loaded, "cpu")
     identity = {**source["identity"], "vocabulary": {"name": vocab.name, "sha256": vocab.sha256,
                                                      "num_classes": vocab.num_classes}}
-    record = RunRecord(identity=identity, details={"relabel_of": io.redact(cfg.input),
-                                                   "config": io.redact_config(dataclasses.asdict(cfg))})
+    record = RunRecord(identity=identity, details={"relabel_of": storage.redact(cfg.input),
+                                                   "config": storage.redact_config(dataclasses.asdict(cfg))})
     shards = ShardCommitter(cfg.input, s3_endpoint=cfg.s3_endpoint).committed_shards()
     check_output_owned(cfg.output, shards, allow_foreign_files=cfg.allow_foreign_files, s3_endpoint=cfg.s3_endpoint)
     check_or_write_run_record(cfg.output, record, overwrite=cfg.overwrite, s3_endpoint=cfg.s3_endpoint,

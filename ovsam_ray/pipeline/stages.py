@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS, DecodedSample, decode_sample
 from ovsam_ray.data.shards import ShardRead, read_shard, shard_name
 
@@ -75,9 +75,9 @@ def _read_with_retries(url: str, s3_endpoint: str | None) -> ShardRead:
         try:
             return read_shard(url, s3_endpoint=s3_endpoint)
         except Exception as e:  # noqa: BLE001 - a shard we cannot open is reported, never fatal
-            damage = f"{type(e).__name__}: {io.redact(io.safe_text(str(e)))}"
-            log.warning("reading shard %s failed (attempt %d/%d): %s", io.safe_for_log(io.redact(url)), attempt + 1,
-                        READ_ATTEMPTS, io.safe_for_log(damage))
+            damage = f"{type(e).__name__}: {storage.redact(storage.safe_text(str(e)))}"
+            log.warning("reading shard %s failed (attempt %d/%d): %s", storage.safe_for_log(storage.redact(url)), attempt + 1,
+                        READ_ATTEMPTS, storage.safe_for_log(damage))
             if attempt + 1 < READ_ATTEMPTS:
                 time.sleep(READ_BACKOFF_S * 2**attempt)
     return ShardRead(url=url, shard=shard_name(url), damage=damage)

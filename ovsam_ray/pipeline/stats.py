@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ovsam_ray import io
+from ovsam_ray import storage
 
 SCORE_BINS = [i / 10 for i in range(11)]
 AREA_BINS = [0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, float("inf")]
@@ -101,7 +101,7 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_shard_stats(output: str, shard: str, stats: dict[str, Any], *, s3_endpoint: str | None) -> None:
-    io.atomic_write_bytes(io.join(output, "_stats", f"{shard}.json"), json.dumps(stats).encode(),
+    storage.atomic_write_bytes(storage.join(output, "_stats", f"{shard}.json"), json.dumps(stats).encode(),
                           s3_endpoint=s3_endpoint)
 
 
@@ -115,15 +115,15 @@ def write_run_stats(output: str, *, s3_endpoint: str | None, new: dict[str, Any]
     it) every shard's statistics file is read and merged."""
     merged = None
     if new is not None and committed is not None:
-        url = io.join(output, "_stats.json")
-        previous = [json.loads(io.read_bytes(url, s3_endpoint=s3_endpoint))] if io.exists(
+        url = storage.join(output, "_stats.json")
+        previous = [json.loads(storage.read_bytes(url, s3_endpoint=s3_endpoint))] if storage.exists(
             url, s3_endpoint=s3_endpoint) else []
         candidate = merge_stats(previous + [new])
         merged = candidate if candidate["shards"] == committed else None
     if merged is None:
-        urls = io.list_files(io.join(output, "_stats"), suffix=".json", s3_endpoint=s3_endpoint)
-        merged = merge_stats([json.loads(io.read_bytes(u, s3_endpoint=s3_endpoint)) for u in urls])
-    io.atomic_write_bytes(io.join(output, "_stats.json"), json.dumps(merged, indent=1).encode(),
+        urls = storage.list_files(storage.join(output, "_stats"), suffix=".json", s3_endpoint=s3_endpoint)
+        merged = merge_stats([json.loads(storage.read_bytes(u, s3_endpoint=s3_endpoint)) for u in urls])
+    storage.atomic_write_bytes(storage.join(output, "_stats.json"), json.dumps(merged, indent=1).encode(),
                           s3_endpoint=s3_endpoint)
     return merged
 
@@ -136,4 +136,4 @@ def format_stats(stats: dict[str, Any], top: int = 10) -> str:
             f"prompts; {skipped} tar members skipped), "
             f"{stats['masks']} masks, {stats['mean_masks_per_image']:.2f} per image, mean score "
             f"{stats['mean_score']:.3f}, mean area {stats['mean_area']:.0f} px; top classes: "
-            + ", ".join(f"{io.safe_for_log(k, limit=60)} {v}" for k, v in classes))  # names may come from shard JSON
+            + ", ".join(f"{storage.safe_for_log(k, limit=60)} {v}" for k, v in classes))  # names may come from shard JSON

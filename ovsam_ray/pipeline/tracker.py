@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.pipeline.faults import maybe_fail
 from ovsam_ray.pipeline.parts import StorageUnavailableError, commit_shard
 from ovsam_ray.pipeline.progress import JobProgress
@@ -39,7 +39,7 @@ class ShardTracker:
         if meta["kind"] == "failed":
             self.summary.shards_failed.append({"shard": name, "error": meta["damage"]})
             log.error("shard %s could not be read and was NOT committed (a rerun retries it): %s",
-                      io.safe_for_log(name), io.safe_for_log(meta["damage"]))
+                      storage.safe_for_log(name), storage.safe_for_log(meta["damage"]))
             return
         shard = self.pending.setdefault(name, {"parts": [], "rows": 0, "total": 0, "damage": "", "skipped": "",
                                                "submitted": False})
@@ -67,7 +67,7 @@ class ShardTracker:
                 self._finish(self.running.pop(ref), ref)
 
     def _finish(self, name: str, ref: Any) -> None:
-        shown = io.safe_for_log(name)
+        shown = storage.safe_for_log(name)
         try:
             res = ray.get(ref)
         except StorageUnavailableError as e:
@@ -75,7 +75,7 @@ class ShardTracker:
         except Exception as e:  # noqa: BLE001 - a commit task that failed for good: shard not committed
             self.pending.pop(name, None)
             self.summary.shards_failed.append({"shard": name, "error": f"commit failed: {type(e).__name__}: {e}"})
-            log.error("shard %s was NOT committed (a rerun retries it): %s", shown, io.safe_for_log(str(e)))
+            log.error("shard %s was NOT committed (a rerun retries it): %s", shown, storage.safe_for_log(str(e)))
             return
         if "missing" in res:  # a duplicate part made the count look complete: wait for the rest
             self.pending[name]["submitted"] = False
@@ -85,17 +85,17 @@ class ShardTracker:
         if res["damage"]:
             self.summary.shards_damaged.append({"shard": name, "error": res["damage"]})
             log.error("shard %s is damaged (%s): committed the %d images read before the damage", shown,
-                      io.safe_for_log(res["damage"]), res["ok"] + res["error"])
+                      storage.safe_for_log(res["damage"]), res["ok"] + res["error"])
         if res["stats"] is not None:
             self.stats = merge_stats([self.stats, res["stats"]])
         for row in res["errors_sample"]:
-            log.warning("error row %s/%s: %s", shown, io.safe_for_log(io.redact(row["key"]), limit=120),
-                        io.safe_for_log(row["error"]))
+            log.warning("error row %s/%s: %s", shown, storage.safe_for_log(storage.redact(row["key"]), limit=120),
+                        storage.safe_for_log(row["error"]))
         if res["warned"]:
             example = res["warnings_sample"][0] if res["warnings_sample"] else None
             log.warning("shard %s: %d images have prompt warnings (column `warnings`)%s", shown, res["warned"],
-                        "" if example is None else f", e.g. {io.safe_for_log(example['key'], limit=120)}: "
-                        f"{io.safe_for_log('; '.join(example['warnings']))}")
+                        "" if example is None else f", e.g. {storage.safe_for_log(example['key'], limit=120)}: "
+                        f"{storage.safe_for_log('; '.join(example['warnings']))}")
         self.progress.update(shards=1)
 
     def _count(self, res: dict[str, Any]) -> None:

@@ -28,9 +28,9 @@ from torch import nn
 from ovsam_ray.data.synthetic import render_image
 from ovsam_ray.model.clip_backbone import ResNetCLIPBackbone
 from ovsam_ray.model.functional import PIXEL_MEAN, PIXEL_STD, boxes_from_masks, preprocess_image
+from ovsam_ray.training.loop import BudgetClock
+from ovsam_ray.training.optim import adamw
 from ovsam_ray.vocabulary import load_templates
-
-from .engine import BudgetClock, adamw
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def pretrain_clip(clip_model: nn.Module, tokenizer: Callable, *, class_names: li
                   clock: str = "wall", log_every: int = 25, shape_loss_weight: float = 1.0) -> PretrainResult:
     """Train ``clip_model`` (both towers) in place with ``ClipLoss`` on rendered pairs
     (``grid_batch``: every class in ``colours_per_batch`` colours per batch), for ``steps`` or
-    until ``time_budget_s`` (on ``clock``, see ``engine.BudgetClock``); leaves it in eval mode
+    until ``time_budget_s`` (on ``clock``, see ``loop.BudgetClock``); leaves it in eval mode
     with its BatchNorm statistics updated.
 
     ``shape_loss_weight``: weight of an auxiliary cross-entropy of a linear shape classifier on

@@ -1,6 +1,6 @@
 """Training job configs: small dataclasses that validate themselves and say how to fix a bad value.
 
-CLI flags map one to one onto fields (see ``training/cli.py``); ``to_dict`` is the resolved
+CLI flags map one to one onto fields (see ``cli/train.py``); ``to_dict`` is the resolved
 config written into every checkpoint, ``from_dict`` reads it back. Lengths are in optimizer
 steps because the data streams (DESIGN §5: "12 epochs, steps at 8 and 11" becomes
 ``max_steps`` with ``lr_milestones=(8/12, 11/12)``); ``max_steps=None`` derives them from the
@@ -137,7 +137,7 @@ def distill_optim() -> OptimConfig:
     return OptimConfig(schedule="cosine", min_lr_factor=0.01, grad_clip=5.0, no_decay=("norm",))
 
 
-#: ``RunSpec.precision`` / ``engine.Runtime.precision`` values.
+#: ``RunSpec.precision`` / ``loop.Runtime.precision`` values.
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -152,10 +152,10 @@ class RunSpec:
         the global batch (``global_batch``) is num_workers x batch_size x grad_accum.
     max_steps: optimizer steps; None: the stage's ``epochs`` over its ``epoch_images`` at the
         global batch (``recipes.resolve_steps``, done before a run starts).
-    shuffle_shards/shuffle_buffer: the data order (``training.data``): shards read concurrently
+    shuffle_shards/shuffle_buffer: the data order (``training.stream``): shards read concurrently
         per work item, and the samples held in its shuffle buffer (encoded images, so ~0.2 MB each
         for COCO-sized JPEGs).
-    precision: ``engine.Runtime.precision`` ("auto": bf16 autocast on a GPU; "bf16" asks for it on a
+    precision: ``loop.Runtime.precision`` ("auto": bf16 autocast on a GPU; "bf16" asks for it on a
         CPU too, where it tests the GPU's branches; "fp32").
     """
 

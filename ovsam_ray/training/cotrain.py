@@ -20,14 +20,13 @@ import torch
 
 from ovsam_ray.model.presets import get_preset
 from ovsam_ray.text_cache import embed_vocabulary
-from ovsam_ray.weights import file_sha256, local_path
-
-from .config import CotrainConfig
-from .data import CotrainSamples, build_ray_dataset, dataset_items
-from .engine import CotrainNet, CotrainTask, Runtime
-from .labels import LabelSpace, build_label_space
-from .model_setup import build_training_model
-from .runner import StageSetup, fit, resume_item, worker_loop
+from ovsam_ray.training.config import CotrainConfig
+from ovsam_ray.training.label_space import LabelSpace, build_label_space
+from ovsam_ray.training.loop import CotrainTask, Runtime
+from ovsam_ray.training.networks import CotrainNet, build_training_model
+from ovsam_ray.training.stream import CotrainSamples, build_ray_dataset, dataset_items
+from ovsam_ray.training.trainer import StageSetup, fit, resume_item, worker_loop
+from ovsam_ray.weights.files import file_sha256, local_path
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ def cotrain_train_fn(loop_config: dict[str, Any]) -> None:
 
 def run_cotrain(cfg: CotrainConfig, *, worker_env: dict[str, str] | None = None):
     """Run or resume CLIP2SAM co-training; returns the ``ray.train.Result``."""
-    from .recipes import resolve_steps
+    from ovsam_ray.training.recipes import resolve_steps
 
     cfg = resolve_steps(cfg)
     return fit("cotrain", cfg, cotrain_train_fn, CotrainDataset(cfg.to_dict()), worker_env=worker_env)

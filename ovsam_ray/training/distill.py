@@ -25,18 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.data.shards import list_shards, shard_name
 from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.presets import get_preset
-from ovsam_ray.weights import read_weights
-
-from .batching import collate_distill, unpack_sample
-from .config import TEACHERS, DistillConfig
-from .data import DistillSamples, build_ray_dataset, dataset_items
-from .engine import DistillNet, DistillTask, Runtime
-from .model_setup import build_sam_teacher, build_training_model, copy_teacher_pos_embed
-from .runner import StageSetup, fit, resume_item, worker_loop
+from ovsam_ray.training.batching import collate_distill, unpack_sample
+from ovsam_ray.training.config import TEACHERS, DistillConfig
+from ovsam_ray.training.loop import DistillTask, Runtime
+from ovsam_ray.training.networks import DistillNet, build_sam_teacher, build_training_model, copy_teacher_pos_embed
+from ovsam_ray.training.stream import DistillSamples, build_ray_dataset, dataset_items
+from ovsam_ray.training.trainer import StageSetup, fit, resume_item, worker_loop
+from ovsam_ray.weights.files import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ def distill_train_fn(loop_config: dict[str, Any]) -> None:
 
 def run_distill(cfg: DistillConfig, *, worker_env: dict[str, str] | None = None):
     """Run or resume SAM2CLIP distillation; returns the ``ray.train.Result``."""
-    from .recipes import resolve_steps
+    from ovsam_ray.training.recipes import resolve_steps
 
     cfg = resolve_steps(cfg)
     return fit("distill", cfg, distill_train_fn, DistillDataset(cfg.to_dict()), worker_env=worker_env)
@@ -157,8 +156,8 @@ class TeacherShardWriter:
         self.builder = DistillSamples(image_size=self.size, s3_endpoint=cfg.s3_endpoint)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        target = io.join(self.cfg.output, shard_name(row["shard"]) + ".tar")
-        if io.exists(target, s3_endpoint=self.cfg.s3_endpoint):
+        target = storage.join(self.cfg.output, shard_name(row["shard"]) + ".tar")
+        if storage.exists(target, s3_endpoint=self.cfg.s3_endpoint):
             return {"shard": row["shard"], "written": 0, "skipped": True}
         item = {"item": 0, "dataset": 0, "shard": row["shard"]}
         rows = list(self.builder(item))
@@ -192,8 +191,8 @@ def _add_npy(tf: tarfile.TarFile, name: str, array: np.ndarray) -> None:
 
 
 def _upload(local: str, target: str, s3_endpoint: str | None) -> None:
-    fs, path = io.get_filesystem(target, s3_endpoint=s3_endpoint)
-    if io.is_remote(target):
+    fs, path = storage.get_filesystem(target, s3_endpoint=s3_endpoint)
+    if storage.is_remote(target):
         fs.put_file(local, path)  # an object PUT is atomic
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -29,9 +29,16 @@ import pyarrow.compute as pc
 from ovsam_ray.data.shards import IMAGE_CLASSES_FILE
 from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.classifier import RELEASED_LOGIT_SCALE
-
-from .config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec, distill_optim
-from .labels import DatasetLabels, build_label_space
+from ovsam_ray.training.config import (
+    CotrainConfig,
+    DatasetSpec,
+    DistillConfig,
+    ModelSpec,
+    OptimConfig,
+    RunSpec,
+    distill_optim,
+)
+from ovsam_ray.training.label_space import DatasetLabels, build_label_space
 
 log = logging.getLogger(__name__)
 
@@ -129,25 +136,25 @@ def dataset_images(spec: DatasetSpec, labels: DatasetLabels | None = None, *, s3
     converter's ``_image_classes.parquet`` beside the shards: the listed shards' images with a
     non-crowd annotation of a trained class (the others give no sample). Else the converter's
     ``_convert.json`` (``images`` x listed shards / ``shards``); an error naming the fix when there is none."""
-    from ovsam_ray import io
+    from ovsam_ray import storage
     from ovsam_ray.data.shards import list_shards
 
     shards = list_shards(spec.shards, s3_endpoint=s3_endpoint)
     folder = shards[0].rstrip("/").rsplit("/", 1)[0]
     if labels is not None and spec.kind != "image":
-        kept = _images_with_trained_classes(io.join(folder, IMAGE_CLASSES_FILE), shards, labels, s3_endpoint)
+        kept = _images_with_trained_classes(storage.join(folder, IMAGE_CLASSES_FILE), shards, labels, s3_endpoint)
         if kept is not None:
             return max(1, kept)
         log.warning("dataset %r: no %s beside its shards (converted before it was written?): an epoch counts every "
                     "converted image, including those without a trained class; reconvert or pass --epoch-images N",
                     spec.name, IMAGE_CLASSES_FILE)
-    summary_url = io.join(folder, "_convert.json")
+    summary_url = storage.join(folder, "_convert.json")
     try:
-        summary = json.loads(io.read_bytes(summary_url, s3_endpoint=s3_endpoint))
+        summary = json.loads(storage.read_bytes(summary_url, s3_endpoint=s3_endpoint))
         images, total_shards = int(summary["images"]), max(int(summary["shards"]), 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"cannot tell how many images one epoch of dataset {spec.name!r} holds ({type(e).__name__} "
-                          f"reading {io.redact(summary_url)}): pass --epoch-images N or --max-steps N") from e
+                          f"reading {storage.redact(summary_url)}): pass --epoch-images N or --max-steps N") from e
     return max(1, round(images * min(len(shards), total_shards) / total_shards))
 
 
@@ -156,10 +163,10 @@ def _images_with_trained_classes(url: str, shards: list[str], labels: DatasetLab
     """Images of ``shards`` in the ``_image_classes.parquet`` at ``url`` with a trained class; None without the file."""
     import pyarrow.parquet as pq
 
-    from ovsam_ray import io
+    from ovsam_ray import storage
 
     try:
-        data = io.read_bytes(url, s3_endpoint=s3_endpoint)
+        data = storage.read_bytes(url, s3_endpoint=s3_endpoint)
     except FileNotFoundError:
         return None
     table = pq.read_table(pa.BufferReader(data), columns=["shard", "category_names", "category_ids"])

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ovsam_ray.errors import ConfigError
+from ovsam_ray.training.config import DatasetSpec
 from ovsam_ray.vocabulary import Vocabulary, clean_class_name, load_vocabulary
-
-from .config import DatasetSpec
 
 # Keys an image-level JSON may carry its class in (ImageNet-22k style shards).
 IMAGE_LABEL_NAME_KEYS = ("category_name", "class_name", "label", "class", "synset")

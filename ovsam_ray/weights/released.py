@@ -2,11 +2,11 @@
 
 "Checkpoints" here are weights files in the released layout, the ones inference and the start of
 training read (``load_ovsam``, ``build_training_model``) and ``export`` writes; a training run's
-resumable state is something else and lives in ``training/runner.py``.
+resumable state is something else and lives in ``training/trainer.py``.
 
 A weights location (local folder or ``s3://`` prefix) holds the standard file names below;
 each file can also be given on its own. ``random_init=True`` builds without any file and says
-so loudly. Finding and reading single files is ``ovsam_ray.weights``'s job.
+so loudly. Finding and reading single files is ``ovsam_ray.weights.files``'s job.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from ovsam_ray.model.classifier import RELEASED_LOGIT_SCALE
 from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.model.presets import build_ovsam, create_clip_model, get_preset
-from ovsam_ray.weights import (
+from ovsam_ray.weights.files import (
     CLIP2SAM,
     PROMPT_ENCODER,
     SAM2CLIP,

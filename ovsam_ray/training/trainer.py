@@ -28,21 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ovsam_ray import io
+from ovsam_ray import storage
 from ovsam_ray.errors import ConfigError
-
-from .config import CotrainConfig, DistillConfig, OptimConfig, RunSpec
-from .engine import (
-    BudgetClock,
-    Runtime,
-    Task,
-    TrainState,
-    build_optimizer,
-    build_scheduler,
-    load_trainable_state_dict,
-    train_loop,
-    trainable_state_dict,
-)
+from ovsam_ray.training.config import CotrainConfig, DistillConfig, OptimConfig, RunSpec
+from ovsam_ray.training.loop import BudgetClock, Runtime, Task, TrainState, train_loop
+from ovsam_ray.training.networks import load_trainable_state_dict, trainable_state_dict
+from ovsam_ray.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +88,7 @@ def write_checkpoint(directory: str, *, stage: str, config: dict, net: nn.Module
     with open(os.path.join(directory, STATE_FILE), "w") as f:
         json.dump({**state.to_dict(), "stage": stage, "versions": _versions()}, f)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(io.redact_config(config), f, indent=1)
+        json.dump(storage.redact_config(config), f, indent=1)
 
 
 def read_checkpoint(directory: str, *, net: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -120,7 +111,7 @@ def read_checkpoint(directory: str, *, net: nn.Module, optimizer: torch.optim.Op
 def latest_checkpoint(run_url: str, *, s3_endpoint: str | None = None) -> tuple[str, dict] | None:
     """(URL of the run's checkpoint with the highest step, its train_state) or None. Checkpoint
     folders without a readable train_state.json (a partial upload) are ignored."""
-    fs, root = io.get_filesystem(run_url, s3_endpoint=s3_endpoint)
+    fs, root = storage.get_filesystem(run_url, s3_endpoint=s3_endpoint)
     if not fs.exists(root):
         return None
     best: tuple[str, dict] | None = None
@@ -133,7 +124,7 @@ def latest_checkpoint(run_url: str, *, s3_endpoint: str | None = None) -> tuple[
         except (OSError, ValueError):
             continue
         if best is None or int(state["step"]) > int(best[1]["step"]):
-            best = (io.to_url(fs, path.rstrip("/")), state)
+            best = (storage.to_url(fs, path.rstrip("/")), state)
     return best
 
 
@@ -229,7 +220,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def _storage(run: RunSpec) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for RunConfig: local as is; s3:// through pyarrow."""
-    if not io.is_remote(run.storage_path):
+    if not storage.is_remote(run.storage_path):
         return os.path.abspath(run.storage_path), None
     import pyarrow.fs
 
@@ -258,7 +249,7 @@ def fit(stage: str, cfg: CotrainConfig | DistillConfig, train_fn: Callable[[dict
     resources = {"CPU": run.cpus_per_worker}
     found = latest_checkpoint(run.run_url, s3_endpoint=run.s3_endpoint)
     if found:
-        log.info("run %s exists: resuming from %s (step %s)", io.redact(run.run_url), io.redact(found[0]),
+        log.info("run %s exists: resuming from %s (step %s)", storage.redact(run.run_url), storage.redact(found[0]),
                  found[1]["step"])
     trainer = TorchTrainer(
         train_fn,
@@ -289,10 +280,10 @@ def run_local(stage: str, cfg: CotrainConfig | DistillConfig, setup_fn: Callable
     checkpoints go to ``cfg.run.run_url`` (local) in the same layout, and an existing checkpoint
     there is resumed. With ``time_budget_s`` it stops when the time is up and the lr schedule
     follows elapsed time (the tiny recipe's fixed budget); ``clock`` says which time
-    (``engine.BudgetClock``: "wall" or "cpu"). ``on_report`` also gets every
+    (``loop.BudgetClock``: "wall" or "cpu"). ``on_report`` also gets every
     reported metrics dict. Returns the final state and the trained (unwrapped) network."""
-    from .data import dataset_items, iter_local_rows
-    from .recipes import resolve_steps
+    from ovsam_ray.training.recipes import resolve_steps
+    from ovsam_ray.training.stream import dataset_items, iter_local_rows
 
     cfg = resolve_steps(cfg)
     run = cfg.run

@@ -32,12 +32,11 @@ from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, decode_sample
 from ovsam_ray.data.rle import annotation_mask
 from ovsam_ray.data.shards import is_damage_marker, iter_shard_samples, list_shards
 from ovsam_ray.errors import ConfigError
-
-from .augment import large_scale_jitter, resize_and_pad
-from .batching import pack_masks, pack_sample
-from .config import DatasetSpec
-from .labels import DatasetLabels
-from .prompts import sample_prompts, whole_image_prompt
+from ovsam_ray.training.augment import large_scale_jitter, resize_and_pad
+from ovsam_ray.training.batching import pack_masks, pack_sample
+from ovsam_ray.training.config import DatasetSpec
+from ovsam_ray.training.label_space import DatasetLabels
+from ovsam_ray.training.prompt_sampling import sample_prompts, whole_image_prompt
 
 log = logging.getLogger(__name__)
 
@@ -342,9 +341,9 @@ def _rows_of_item(item: dict[str, Any], build: Callable[..., bytes | None], *, s
 
 def iter_teacher_features(url: str, *, s3_endpoint: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(key, (C, h, w) float16) pairs of a teacher-feature shard, in order (``<key>.npy`` members)."""
-    from ovsam_ray import io
+    from ovsam_ray import storage
 
-    with io.open_url(url, "rb", s3_endpoint=s3_endpoint) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+    with storage.open_url(url, "rb", s3_endpoint=s3_endpoint) as f, tarfile.open(fileobj=f, mode="r|") as tf:
         for member in tf:
             if not member.isfile() or not member.name.endswith(".npy"):
                 continue

@@ -8,8 +8,8 @@ bare state dict or an mmengine-style dict with ``state_dict``; keys outside the 
 needs are ignored. Our own exports use the same layout plus a ``meta`` dict describing
 themselves. Every failure is a ``WeightsError`` naming the file.
 
-``ovsam_ray.checkpoints`` assembles an OV-SAM model from these files (released weights);
-training checkpoints (a run's resumable state) are another thing, kept in ``training/runner.py``.
+``ovsam_ray.weights.released`` assembles an OV-SAM model from these files (released weights);
+training checkpoints (a run's resumable state) are another thing, kept in ``training/trainer.py``.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def local_path(url: str, *, s3_endpoint: str | None = None) -> str:
         if not os.path.isfile(path):
             raise WeightsError(f"weights file not found: {path}")
         return path
-    from ovsam_ray.io import get_filesystem
+    from ovsam_ray.storage import get_filesystem
 
     fs, remote = get_filesystem(url, s3_endpoint=s3_endpoint)
     try:
@@ -158,7 +158,7 @@ def local_path(url: str, *, s3_endpoint: str | None = None) -> str:
 def list_location(location: str, *, s3_endpoint: str | None = None) -> list[str]:
     """Sorted names of the entries directly inside a local folder or ``s3://`` prefix (none when
     it does not exist)."""
-    from ovsam_ray.io import get_filesystem
+    from ovsam_ray.storage import get_filesystem
 
     fs, root = get_filesystem(location, s3_endpoint=s3_endpoint)
     if not fs.exists(root):
@@ -191,7 +191,7 @@ def local_dir(location: str, *, s3_endpoint: str | None = None) -> str:
         if not os.path.isdir(path):
             raise WeightsError(f"weights folder not found: {path}")
         return path
-    from ovsam_ray.io import get_filesystem, safe_join
+    from ovsam_ray.storage import get_filesystem, safe_join
 
     fs, root = get_filesystem(location, s3_endpoint=s3_endpoint)
     root = root.rstrip("/")

@@ -1,8 +1,9 @@
-"""The training engine shared by both stages, with or without Ray: the trainable networks, their
-loss steps, AdamW and the schedules, and one optimisation loop.
+"""The optimisation loop shared by both stages, with or without Ray, and each stage's loss step
+(its ``Task``). The networks live in ``training.networks``, AdamW and the schedules in
+``training.optim``.
 
 The loop knows nothing about Ray: a ``Runtime`` gives it rank/world size and collectives, and a
-``report`` callback receives metrics (and is told when to checkpoint). ``training.runner`` plugs
+``report`` callback receives metrics (and is told when to checkpoint). ``training.trainer`` plugs
 in Ray Train; the tiny recipe runs the same loop in-process.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,179 +22,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.model.ovsam import OVSAM, ImageFeatures, PromptBatch
-
-from .batching import collate_cotrain, collate_distill, unpack_sample
-from .config import PRECISIONS, CotrainConfig, OptimConfig, RunSpec
-from .losses import class_logits, classification_loss, distillation_loss, sampled_mask_losses
+from ovsam_ray.training.batching import collate_cotrain, collate_distill, unpack_sample
+from ovsam_ray.training.config import PRECISIONS, CotrainConfig, RunSpec
+from ovsam_ray.training.losses import classification_loss, distillation_loss, sampled_mask_losses
 
 log = logging.getLogger(__name__)
 
 Samples = list[dict[str, np.ndarray]]
-
-
-# --- networks ----------------------------------------------------------------------------------------
-
-
-class CotrainNet(nn.Module):
-    """CLIP2SAM's training forward: frozen CLIP (and adapter, unless ``train_adapter``), then the
-    decoder for every prompt and the recognizer on the ground-truth RoI of each prompt (as the
-    reference trains; at inference the RoI comes from the predicted mask).
-
-    text_embeddings: (C, S, D) the training vocabulary; log_scale: the classifier temperature
-    (log), a parameter that trains only when ``learn_logit_scale``.
-    """
-
-    def __init__(self, model: OVSAM, *, text_embeddings: torch.Tensor, logit_scale: float,
-                 learn_logit_scale: bool = False, train_adapter: bool = False,
-                 logit_scale_lr: float | None = None, recognizer_lr: float | None = None) -> None:
-        super().__init__()
-        self.model = model
-        model.lock_for_cotraining()
-        if train_adapter:
-            model.adapter.requires_grad_(True)
-        self.train_adapter = train_adapter
-        self.register_buffer("text_embeddings", text_embeddings.float(), persistent=False)
-        self.log_scale = nn.Parameter(torch.tensor(float(logit_scale)), requires_grad=learn_logit_scale)
-        self.param_lrs = {"log_scale": logit_scale_lr} if logit_scale_lr else {}
-        if recognizer_lr:
-            self.param_lrs["model.recognizer."] = recognizer_lr
-        prefixes = ["model.decoder.", "model.recognizer.", "log_scale"]
-        self.checkpoint_prefixes = tuple(prefixes + (["model.adapter."] if train_adapter else []))
-
-    def forward(self, images: torch.Tensor, prompts: PromptBatch, roi_boxes: torch.Tensor,
-                predicted_roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, S, S) normalised -> low-res mask logits (N, 1, S/4, S/4), class logits (N, C + 1).
-        The prompts decode through the model's own ``OVSAM.decode`` with the ground-truth RoIs;
-        ``predicted_roi`` (N,) bool: prompts whose RoI is their predicted mask's box (see
-        ``CotrainConfig.roi_from_prediction``) where it overlaps ``roi_boxes``."""
-        m = self.model
-        with torch.no_grad():
-            clip_feats = m.backbone(images)
-        with contextlib.nullcontext() if self.train_adapter else torch.no_grad():
-            image_embeddings = m.adapter(clip_feats)
-        fpn_feats = m.recognizer.fpn(clip_feats)
-        features = ImageFeatures(clip_feats=clip_feats, image_embeddings=image_embeddings, fpn_feats=fpn_feats)
-        out = m.decode(features, prompts, roi_boxes=roi_boxes, mask_roi=predicted_roi, clip_branch=False)
-        # The FPN levels no RoI picked join the graph with weight 0, so DDP sees a gradient for every
-        # parameter each step.
-        region = out.region_embeddings + 0 * sum(f.mean() for f in fpn_feats)
-        return out.low_res_logits, class_logits(region, self.text_embeddings, self.log_scale)
-
-
-class DistillNet(nn.Module):
-    """SAM2CLIP's student: frozen CLIP, trainable adapter -> (B, C, S/16, S/16) image embedding."""
-
-    def __init__(self, model: OVSAM) -> None:
-        super().__init__()
-        self.model = model
-        model.lock_for_distillation()
-        self.checkpoint_prefixes = ("model.adapter.",)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            clip_feats = self.model.backbone(images)
-        return self.model.adapter(clip_feats)
-
-
-def unwrap(net: nn.Module) -> nn.Module:
-    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
-
-
-def trainable_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The checkpointed part of a Cotrain/DistillNet (its trainable modules, buffers included)."""
-    inner = unwrap(net)
-    return {k: v.detach().cpu() for k, v in inner.state_dict().items() if k.startswith(inner.checkpoint_prefixes)}
-
-
-def load_trainable_state_dict(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    inner = unwrap(net)
-    expected = {k for k in inner.state_dict() if k.startswith(inner.checkpoint_prefixes)}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    inner.load_state_dict(state, strict=False)
-
-
-# --- optimiser and schedules ---------------------------------------------------------------------------
-
-
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-def no_decay_names(net: nn.Module, rules: tuple[str, ...]) -> set[str]:
-    """Names of the trainable parameters exempt from weight decay under ``rules``
-    (``config.NO_DECAY_RULES``: "norm", "bias", "1d", or a substring of the name); a learned
-    classifier temperature (``log_scale``) is never decayed."""
-    out = {n for n, p in unwrap(net).named_parameters() if p.requires_grad and n.endswith("log_scale")}
-    for module_name, module in unwrap(net).named_modules():
-        for name, p in module.named_parameters(recurse=False):
-            full = f"{module_name}.{name}" if module_name else name
-            if not p.requires_grad:
-                continue
-            if (("norm" in rules and isinstance(module, _NORMS)) or ("bias" in rules and name == "bias")
-                    or ("1d" in rules and p.ndim <= 1)
-                    or any(r in full for r in rules if r not in ("norm", "bias", "1d"))):
-                out.add(full)
-    return out
-
-
-def build_optimizer(net: nn.Module, cfg: OptimConfig, global_batch: int | None = None) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; those ``cfg.no_decay`` names get no weight decay;
-    parameters named in the network's ``param_lrs`` (a name, or a prefix ending in ".") get their
-    own learning rate. Every lr is scaled by ``cfg.lr_scale(global_batch)`` (linear scaling from
-    the reference's batch 16) when ``global_batch`` is given."""
-    special = getattr(unwrap(net), "param_lrs", {})
-    scale = cfg.lr_scale(global_batch) if global_batch else 1.0
-    exempt = no_decay_names(net, cfg.no_decay)
-    buckets: dict[tuple[str | None, bool], list[nn.Parameter]] = {}
-    for name, p in unwrap(net).named_parameters():
-        if not p.requires_grad:
-            continue
-        key = next((k for k in special if name == k or (k.endswith(".") and name.startswith(k))), None)
-        buckets.setdefault((key, name in exempt), []).append(p)
-    groups = [{"params": ps, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-               **({"lr": special[key] * scale} if key else {})} for (key, no_decay), ps in buckets.items()]
-    return adamw(groups, lr=cfg.lr * scale, betas=cfg.betas, eps=cfg.eps)
-
-
-def adamw(params: list, **kwargs: Any) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` with the fused kernel where every parameter allows it (floating
-    point, on CPU or CUDA): one kernel for all tensors instead of a dozen ops per tensor. On the
-    tiny recipe's CPU steps the update drops from ~26 to ~4 ms (bench/RESULTS.md, "A faster optimiser
-    step and a better stage-0 learning rate")."""
-    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    fused = bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
-    return torch.optim.AdamW(params, fused=fused, **kwargs)
-
-
-def lr_factor(step: int, progress: float, cfg: OptimConfig) -> float:
-    """Multiplier of the base lr: linear warm-up from ``warmup_factor`` over ``warmup_steps``,
-    times cosine to ``min_lr_factor`` / x``lr_gamma`` at each milestone passed / 1 by
-    ``progress`` in [0, 1] (step / max_steps)."""
-    warm = 1.0
-    if step < cfg.warmup_steps:
-        warm = cfg.warmup_factor + (1.0 - cfg.warmup_factor) * step / cfg.warmup_steps
-    progress = min(max(progress, 0.0), 1.0)
-    if cfg.schedule == "cosine":
-        shape = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-    elif cfg.schedule == "step":
-        shape = cfg.lr_gamma ** sum(progress >= m for m in cfg.lr_milestones)
-    else:
-        shape = 1.0
-    return warm * shape
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int,
-                    progress: Callable[[int], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over ``lr_factor``; ``progress(step)`` defaults to step / max_steps."""
-    def factor(step: int) -> float:
-        return lr_factor(step, progress(step) if progress else step / max_steps, cfg)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# --- loss steps ------------------------------------------------------------------------------------
 
 
 def _step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:

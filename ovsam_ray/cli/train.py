@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Any
 
-from .config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec
+from ovsam_ray.training.config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def _add_common(parser: argparse.ArgumentParser, stage: str) -> None:
-    from .recipes import RECIPES
+    from ovsam_ray.training.recipes import RECIPES
 
     known = sorted(n for n, f in RECIPES.items() if f().stage == stage)
     parser.add_argument("--recipe", choices=known, help="start from a named recipe of the paper (every flag still "
@@ -69,7 +69,7 @@ def _add_common(parser: argparse.ArgumentParser, stage: str) -> None:
 
 
 def _config_from_args(stage: str, args: argparse.Namespace, cls: type) -> CotrainConfig | DistillConfig:
-    from .recipes import build_config
+    from ovsam_ray.training.recipes import build_config
 
     return build_config(stage, datasets=args.datasets, recipe=getattr(args, "recipe", None),
                         run=_given(args, RunSpec), model=_given(args, ModelSpec), optim=_given(args, OptimConfig),
@@ -100,7 +100,7 @@ def distill_config_from_args(args: argparse.Namespace) -> DistillConfig:
 
 def print_config(cfg: CotrainConfig | DistillConfig) -> None:
     """The resolved config as JSON (steps from epochs where the data tells its size)."""
-    from .recipes import describe, resolve_steps
+    from ovsam_ray.training.recipes import describe, resolve_steps
 
     try:
         cfg = resolve_steps(cfg)
@@ -110,7 +110,7 @@ def print_config(cfg: CotrainConfig | DistillConfig) -> None:
 
 
 def _cotrain(args: argparse.Namespace) -> int:
-    from .cotrain import run_cotrain
+    from ovsam_ray.training.cotrain import run_cotrain
 
     cfg = cotrain_config_from_args(args)
     if args.print_config:
@@ -122,7 +122,7 @@ def _cotrain(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from .distill import run_distill
+    from ovsam_ray.training.distill import run_distill
 
     cfg = distill_config_from_args(args)
     if args.print_config:
@@ -135,8 +135,7 @@ def _distill(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from ovsam_ray.locations import check_disjoint
-
-    from .export import export_checkpoint
+    from ovsam_ray.training.release import export_checkpoint
 
     check_disjoint([("--run", args.run)], [("--output", args.output)])
     written = export_checkpoint(args.run, args.output, train_vocab=args.train_vocab, include_clip=args.include_clip,
@@ -148,15 +147,14 @@ def _export(args: argparse.Namespace) -> int:
 
 def _dump_teacher(args: argparse.Namespace) -> int:
     from ovsam_ray.cli.flags import config_from_args
-
-    from .distill import DumpTeacherConfig, dump_teacher
+    from ovsam_ray.training.distill import DumpTeacherConfig, dump_teacher
 
     print(json.dumps(dump_teacher(config_from_args(args, DumpTeacherConfig))))
     return 0
 
 
 def _tiny_recipe(args: argparse.Namespace) -> int:
-    from .recipe import PRESET, TRAIN_VOCAB, run_tiny_recipe
+    from ovsam_ray.training.tiny_recipe import PRESET, TRAIN_VOCAB, run_tiny_recipe
 
     weights = run_tiny_recipe(args.work_dir, seed=args.seed, time_budget_s=args.time_budget, use_ray=args.use_ray)
     print(f"weights: {weights} (preset {PRESET}, train_vocab {TRAIN_VOCAB})")
@@ -164,8 +162,7 @@ def _tiny_recipe(args: argparse.Namespace) -> int:
         import os
 
         from ovsam_ray.data.synthetic import generate_shards
-
-        from .evaluate import evaluate_weights
+        from ovsam_ray.training.heldout import evaluate_weights
 
         held_out = os.path.join(args.work_dir, "data", f"eval-seed{args.seed + 1000}")
         generate_shards(held_out, num_images=args.eval_images, images_per_shard=50, seed=args.seed + 1000)
@@ -177,8 +174,7 @@ def _tiny_recipe(args: argparse.Namespace) -> int:
 def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``train {distill,cotrain,export,dump-teacher,tiny-recipe}`` to a CLI's subparsers."""
     from ovsam_ray.cli.flags import add_flags  # here: the cli package imports this module
-
-    from .distill import DumpTeacherConfig
+    from ovsam_ray.training.distill import DumpTeacherConfig
 
     train = subparsers.add_parser("train", help="OV-SAM training on Ray Train (distill, cotrain, export)")
     sub = train.add_subparsers(dest="train_command", required=True)

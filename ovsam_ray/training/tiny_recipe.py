@@ -52,13 +52,12 @@ import torch
 
 from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
 from ovsam_ray.model.presets import clip_tokenizer, create_clip_model, get_preset
-
-from .clip_pretrain import pretrain_clip, pretrain_clip_regions
-from .config import CotrainConfig, DatasetSpec, ModelSpec, OptimConfig, RunSpec
-from .cotrain import cotrain_setup, run_cotrain, sample_builder
-from .engine import BudgetClock
-from .export import export_checkpoint
-from .runner import run_local
+from ovsam_ray.training.clip_pretrain import pretrain_clip, pretrain_clip_regions
+from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, OptimConfig, RunSpec
+from ovsam_ray.training.cotrain import cotrain_setup, run_cotrain, sample_builder
+from ovsam_ray.training.loop import BudgetClock
+from ovsam_ray.training.release import export_checkpoint
+from ovsam_ray.training.trainer import run_local
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +168,7 @@ def run_tiny_recipe(work_dir: str, *, seed: int = 0, recipe: TinyRecipe | None =
     how much it trains does not depend on the machine's speed or load (a seed gives the same
     weights on one machine and thread count, not across them: floating-point reductions differ,
     and the training is chaotic enough that this moves box accuracy by a point or two); on an
-    idle 2-core CPU that is 10-11 minutes. ``time_budget_s`` (on ``clock``: "wall" or "cpu", see ``engine.BudgetClock``)
+    idle 2-core CPU that is 10-11 minutes. ``time_budget_s`` (on ``clock``: "wall" or "cpu", see ``loop.BudgetClock``)
     additionally caps the time, stage 0 getting ``stage0_fraction`` of it, and the lr schedules
     then follow whichever of steps and time runs out first. ``use_ray=True`` runs stage 2
     through Ray Train (one CPU worker) instead of in-process (same loop, no Ray start-up).

@@ -1,7 +1,7 @@
 """Building the model a training stage starts from, and the SAM teacher of distillation.
 
 Weights come in the released layout (DESIGN §3), found and loaded by the same functions as
-inference's (``ovsam_ray.checkpoints``): CLIP (open_clip file), SAM (prompt encoder; its mask
+inference's (``ovsam_ray.weights.released``): CLIP (open_clip file), SAM (prompt encoder; its mask
 decoder, when the file has one, initialises ours), the SAM2CLIP adapter and optionally a CLIP2SAM
 file to continue from. With ``random_init`` the parts without a file start random (logged
 loudly); without it a missing file is an error.
@@ -9,19 +9,20 @@ loudly); without it a missing file is an error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 
-from ovsam_ray.checkpoints import load_clip, load_parts, standard_file_names
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.model.ovsam import OVSAM
+from ovsam_ray.model.ovsam import OVSAM, ImageFeatures, PromptBatch
 from ovsam_ray.model.presets import build_ovsam
-from ovsam_ray.weights import WeightsError, find_files, read_weights
-
-from .config import ModelSpec
+from ovsam_ray.training.config import ModelSpec
+from ovsam_ray.training.losses import class_logits
+from ovsam_ray.weights.files import WeightsError, find_files, read_weights
+from ovsam_ray.weights.released import load_clip, load_parts, standard_file_names
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +119,89 @@ def copy_teacher_pos_embed(model: OVSAM, teacher: nn.Module) -> bool:
     with torch.no_grad():
         target.copy_(source.detach().to(target))
     return True
+
+
+# --- networks ----------------------------------------------------------------------------------------
+
+
+class CotrainNet(nn.Module):
+    """CLIP2SAM's training forward: frozen CLIP (and adapter, unless ``train_adapter``), then the
+    decoder for every prompt and the recognizer on the ground-truth RoI of each prompt (as the
+    reference trains; at inference the RoI comes from the predicted mask).
+
+    text_embeddings: (C, S, D) the training vocabulary; log_scale: the classifier temperature
+    (log), a parameter that trains only when ``learn_logit_scale``.
+    """
+
+    def __init__(self, model: OVSAM, *, text_embeddings: torch.Tensor, logit_scale: float,
+                 learn_logit_scale: bool = False, train_adapter: bool = False,
+                 logit_scale_lr: float | None = None, recognizer_lr: float | None = None) -> None:
+        super().__init__()
+        self.model = model
+        model.lock_for_cotraining()
+        if train_adapter:
+            model.adapter.requires_grad_(True)
+        self.train_adapter = train_adapter
+        self.register_buffer("text_embeddings", text_embeddings.float(), persistent=False)
+        self.log_scale = nn.Parameter(torch.tensor(float(logit_scale)), requires_grad=learn_logit_scale)
+        self.param_lrs = {"log_scale": logit_scale_lr} if logit_scale_lr else {}
+        if recognizer_lr:
+            self.param_lrs["model.recognizer."] = recognizer_lr
+        prefixes = ["model.decoder.", "model.recognizer.", "log_scale"]
+        self.checkpoint_prefixes = tuple(prefixes + (["model.adapter."] if train_adapter else []))
+
+    def forward(self, images: torch.Tensor, prompts: PromptBatch, roi_boxes: torch.Tensor,
+                predicted_roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) normalised -> low-res mask logits (N, 1, S/4, S/4), class logits (N, C + 1).
+        The prompts decode through the model's own ``OVSAM.decode`` with the ground-truth RoIs;
+        ``predicted_roi`` (N,) bool: prompts whose RoI is their predicted mask's box (see
+        ``CotrainConfig.roi_from_prediction``) where it overlaps ``roi_boxes``."""
+        m = self.model
+        with torch.no_grad():
+            clip_feats = m.backbone(images)
+        with contextlib.nullcontext() if self.train_adapter else torch.no_grad():
+            image_embeddings = m.adapter(clip_feats)
+        fpn_feats = m.recognizer.fpn(clip_feats)
+        features = ImageFeatures(clip_feats=clip_feats, image_embeddings=image_embeddings, fpn_feats=fpn_feats)
+        out = m.decode(features, prompts, roi_boxes=roi_boxes, mask_roi=predicted_roi, clip_branch=False)
+        # The FPN levels no RoI picked join the graph with weight 0, so DDP sees a gradient for every
+        # parameter each step.
+        region = out.region_embeddings + 0 * sum(f.mean() for f in fpn_feats)
+        return out.low_res_logits, class_logits(region, self.text_embeddings, self.log_scale)
+
+
+class DistillNet(nn.Module):
+    """SAM2CLIP's student: frozen CLIP, trainable adapter -> (B, C, S/16, S/16) image embedding."""
+
+    def __init__(self, model: OVSAM) -> None:
+        super().__init__()
+        self.model = model
+        model.lock_for_distillation()
+        self.checkpoint_prefixes = ("model.adapter.",)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            clip_feats = self.model.backbone(images)
+        return self.model.adapter(clip_feats)
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+
+
+def trainable_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpointed part of a Cotrain/DistillNet (its trainable modules, buffers included)."""
+    inner = unwrap(net)
+    return {k: v.detach().cpu() for k, v in inner.state_dict().items() if k.startswith(inner.checkpoint_prefixes)}
+
+
+def load_trainable_state_dict(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    inner = unwrap(net)
+    expected = {k for k in inner.state_dict() if k.startswith(inner.checkpoint_prefixes)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    inner.load_state_dict(state, strict=False)
+
+
+# --- optimiser and schedules ---------------------------------------------------------------------------

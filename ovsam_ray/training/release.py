@@ -18,27 +18,25 @@ import tempfile
 
 import torch
 
-from ovsam_ray import io
-from ovsam_ray.checkpoints import export_released, standard_file_names
+from ovsam_ray import storage
 from ovsam_ray.errors import MissingInputError
 from ovsam_ray.model.presets import get_preset
+from ovsam_ray.training.config import CotrainConfig
+from ovsam_ray.training.label_space import build_label_space
+from ovsam_ray.training.networks import CotrainNet, DistillNet, build_training_model
+from ovsam_ray.training.trainer import CONFIG_FILE, STATE_FILE, config_from_dict, latest_checkpoint, read_checkpoint
+from ovsam_ray.weights.released import export_released, standard_file_names
 from ovsam_ray.written import writing
-
-from .config import CotrainConfig
-from .engine import CotrainNet, DistillNet
-from .labels import build_label_space
-from .model_setup import build_training_model
-from .runner import CONFIG_FILE, STATE_FILE, config_from_dict, latest_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def _checkpoint_url(source: str, s3_endpoint: str | None) -> str:
-    if io.exists(io.join(source, STATE_FILE), s3_endpoint=s3_endpoint):
+    if storage.exists(storage.join(source, STATE_FILE), s3_endpoint=s3_endpoint):
         return source
     found = latest_checkpoint(source, s3_endpoint=s3_endpoint)
     if found is None:
-        raise MissingInputError(f"no checkpoint under {io.redact(source)}: give a run folder (storage_path/name) "
+        raise MissingInputError(f"no checkpoint under {storage.redact(source)}: give a run folder (storage_path/name) "
                                 "or a checkpoint_* folder")
     return found[0]
 
@@ -50,7 +48,7 @@ def vocab_file_tag(name: str) -> str:
 
 
 def released_file_names(preset: str, train_vocab: str, include_clip: bool) -> list[str]:
-    """The files :func:`~ovsam_ray.checkpoints.export_released` writes (and their temporaries)."""
+    """The files :func:`~ovsam_ray.weights.released.export_released` writes (and their temporaries)."""
     names = standard_file_names(preset, train_vocab)
     chosen = [names["sam2clip"][0], names["clip2sam"][0], names["sam"][-1]]
     chosen += [names["clip"][0]] if include_clip else []
@@ -65,8 +63,8 @@ def export_checkpoint(source: str, output: str, *, train_vocab: str | None = Non
     (see :mod:`ovsam_ray.written`)."""
     url = _checkpoint_url(source, s3_endpoint)
     with tempfile.TemporaryDirectory() as tmp:
-        if io.is_remote(url):
-            fs, path = io.get_filesystem(url, s3_endpoint=s3_endpoint)
+        if storage.is_remote(url):
+            fs, path = storage.get_filesystem(url, s3_endpoint=s3_endpoint)
             fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
             local = tmp
         else:
