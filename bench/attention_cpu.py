@@ -74,8 +74,7 @@ def _measure(variant: str, batch: int, repeats: int) -> dict:
 
 def _row(r: dict) -> str:
     return (
-        f"| {r['variant']} | {r['ms_median']:.0f} | {r['peak_mib_over_setup']:.0f} | "
-        f"{r['max_abs_diff_vs_sam']:.1e} |"
+        f"| {r['variant']} | {r['ms_median']:.0f} | {r['peak_mib_over_setup']:.0f} | {r['max_abs_diff_vs_sam']:.1e} |"
     )
 
 
@@ -99,8 +98,17 @@ def main() -> None:
     print("|---|---|---|---|")
     results = []
     for variant in variants:
-        cmd = [sys.executable, "-m", "bench.attention_cpu", "--variant", variant,
-               "--batch", str(args.batch), "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.attention_cpu",
+            "--variant",
+            variant,
+            "--batch",
+            str(args.batch),
+            "--repeats",
+            str(args.repeats),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(_row(results[-1]), flush=True)
@@ -108,8 +116,12 @@ def main() -> None:
         "benchmark": "attention_cpu",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "shape": {"dim": DIM, "heads": HEADS, "grid": GRID, "batch": args.batch, "dtype": "float32"},
         "results": results,
     }

@@ -69,12 +69,21 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "cuda": torch.version.cuda if gpu else None, "python": platform.python_version(),
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if gpu else None,
+        "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
     if gpu:  # torch's defaults, which every mode keeps (no TF32 for matmuls, TF32 for convolutions)
-        info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32,
-                        "cudnn_benchmark": torch.backends.cudnn.benchmark}
+        info["tf32"] = {
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        }
     try:
         import ray
 
@@ -107,8 +116,9 @@ def _extra_boxes(rng: np.random.Generator, n: int, width: int, height: int) -> n
     return np.stack([x0, y0, x0 + size[:, 0], y0 + size[:, 1]], axis=1).astype(np.float32)
 
 
-def _write_shard(path: str, start: int, stop: int, seed: int, size: tuple[int, int], prompts: int,
-                 objects: tuple[int, int]) -> str:
+def _write_shard(
+    path: str, start: int, stop: int, seed: int, size: tuple[int, int], prompts: int, objects: tuple[int, int]
+) -> str:
     """One shard of images ``start..stop-1``: the shapes' visible boxes first, then random boxes
     until every image has exactly ``prompts`` box prompts (real detectors give many, overlapping)."""
     from ovsam_ray.data.rle import boxes_from_binary_masks
@@ -130,14 +140,24 @@ def _write_shard(path: str, start: int, stop: int, seed: int, size: tuple[int, i
     return path
 
 
-def write_bench_shards(out_dir: str, *, num_images: int, images_per_shard: int, size: tuple[int, int],
-                       prompts: int, objects: tuple[int, int] = (3, 6), seed: int = 0,
-                       workers: int | None = None) -> list[str]:
+def write_bench_shards(
+    out_dir: str,
+    *,
+    num_images: int,
+    images_per_shard: int,
+    size: tuple[int, int],
+    prompts: int,
+    objects: tuple[int, int] = (3, 6),
+    seed: int = 0,
+    workers: int | None = None,
+) -> list[str]:
     """Write ``shard-%06d.tar`` files of ``size`` = (W, H) JPEGs with ``prompts`` boxes each; image
     ``i`` depends only on ``(seed, i)``. Returns the shard paths in order."""
     os.makedirs(out_dir, exist_ok=True)
-    jobs = [(os.path.join(out_dir, f"shard-{k:06d}.tar"), start, min(start + images_per_shard, num_images))
-            for k, start in enumerate(range(0, num_images, images_per_shard))]
+    jobs = [
+        (os.path.join(out_dir, f"shard-{k:06d}.tar"), start, min(start + images_per_shard, num_images))
+        for k, start in enumerate(range(0, num_images, images_per_shard))
+    ]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     if workers == 1:
         return [_write_shard(p, a, b, seed, size, prompts, objects) for p, a, b in jobs]
@@ -233,8 +253,12 @@ def gpu_used_mib() -> float | None:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                             capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
         return float(out.strip().splitlines()[0])
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return None
@@ -245,8 +269,14 @@ class TreeSampler:
     seconds (per pid, the last value seen, so that exited workers still count up to their last
     sample), optionally the GPU's used memory and extra fields from ``probe()``."""
 
-    def __init__(self, root: int | None = None, *, interval_s: float = 0.5, gpu: bool = False,
-                 probe: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        root: int | None = None,
+        *,
+        interval_s: float = 0.5,
+        gpu: bool = False,
+        probe: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.root = root or os.getpid()
         self.interval_s = interval_s
         self.gpu = gpu
@@ -270,10 +300,15 @@ class TreeSampler:
             if cpu is not None:
                 self._cpu[p] = cpu
         row: dict[str, Any] = {
-            "t_s": round(time.time() - self.t0, 2), "processes": len(pids), "pss_mib": round(pss, 1),
+            "t_s": round(time.time() - self.t0, 2),
+            "processes": len(pids),
+            "pss_mib": round(pss, 1),
             "pss_anon_mib": round(sum(m["anon"] for m in mem.values()) / 1024, 1),
-            "largest_process": process_name(largest), "largest_process_pss_mib": round(mem[largest]["pss"] / 1024, 1),
-            "largest_process_anon_mib": round(mem[largest]["anon"] / 1024, 1), "cpu_s": round(self.cpu_seconds, 2)}
+            "largest_process": process_name(largest),
+            "largest_process_pss_mib": round(mem[largest]["pss"] / 1024, 1),
+            "largest_process_anon_mib": round(mem[largest]["anon"] / 1024, 1),
+            "cpu_s": round(self.cpu_seconds, 2),
+        }
         if self.gpu:
             row["gpu_used_mib"] = gpu_used_mib()
             if row["gpu_used_mib"] is not None:
@@ -418,11 +453,14 @@ def compare_predictions(ref: dict[str, list], other: dict[str, list]) -> dict[st
             same += int(la == lb)
             ious.append(rle_iou(ra, rb))
     n = len(ious)
-    return {"images": len(set(ref) & set(other)) - skipped, "prompts": n,
-            "labels_equal_fraction": round(same / n, 5) if n else None,
-            "mask_iou_min": round(min(ious), 5) if n else None,
-            "mask_iou_mean": round(float(np.mean(ious)), 5) if n else None,
-            "images_with_prompt_count_mismatch": skipped}
+    return {
+        "images": len(set(ref) & set(other)) - skipped,
+        "prompts": n,
+        "labels_equal_fraction": round(same / n, 5) if n else None,
+        "mask_iou_min": round(min(ious), 5) if n else None,
+        "mask_iou_mean": round(float(np.mean(ious)), 5) if n else None,
+        "images_with_prompt_count_mismatch": skipped,
+    }
 
 
 # The fast path (bf16 autocast) against fp32 with the same weights. Random weights put most mask
@@ -442,10 +480,19 @@ def fast_vs_fp32(ref: list, fast: list, input_sizes: list[tuple[int, int]], imag
 
     from ovsam_ray.model.functional import upscale_mask_logits
 
-    out = {"images": len(ref), "prompts": 0, "decoded": 0, "logit_max_abs_diff": 0.0, "logit_tol": 0.0,
-           "mask_pixels_off": 0, "near_threshold_fraction": [], "labels_decided": 0,
-           "labels_decided_equal": 0, "labels_equal": 0,
-           "mask_iou": []}
+    out = {
+        "images": len(ref),
+        "prompts": 0,
+        "decoded": 0,
+        "logit_max_abs_diff": 0.0,
+        "logit_tol": 0.0,
+        "mask_pixels_off": 0,
+        "near_threshold_fraction": [],
+        "labels_decided": 0,
+        "labels_decided_equal": 0,
+        "labels_equal": 0,
+        "mask_iou": [],
+    }
     for r, f, inp in zip(ref, fast, input_sizes):
         n = len(r.labels)
         out["prompts"] += n
@@ -469,12 +516,18 @@ def fast_vs_fp32(ref: list, fast: list, input_sizes: list[tuple[int, int]], imag
         out["labels_decided_equal"] += int((f.labels == r.labels)[decided].sum())
         out["labels_equal"] += int((f.labels == r.labels).sum())
     ious, near = out.pop("mask_iou"), out.pop("near_threshold_fraction")
-    out.update(mask_iou_min=round(min(ious), 5) if ious else None,
-               mask_iou_mean=round(float(np.mean(ious)), 5) if ious else None,
-               near_threshold_fraction=round(float(np.mean(near)), 4) if near else None,
-               labels_equal_fraction=round(out["labels_equal"] / max(out["prompts"], 1), 5))
-    out["ok"] = bool(out["decoded"] == out["prompts"] and out.get("logits_within_tol", True)
-                     and out["mask_pixels_off"] == 0 and out["labels_decided_equal"] == out["labels_decided"])
+    out.update(
+        mask_iou_min=round(min(ious), 5) if ious else None,
+        mask_iou_mean=round(float(np.mean(ious)), 5) if ious else None,
+        near_threshold_fraction=round(float(np.mean(near)), 4) if near else None,
+        labels_equal_fraction=round(out["labels_equal"] / max(out["prompts"], 1), 5),
+    )
+    out["ok"] = bool(
+        out["decoded"] == out["prompts"]
+        and out.get("logits_within_tol", True)
+        and out["mask_pixels_off"] == 0
+        and out["labels_decided_equal"] == out["labels_decided"]
+    )
     return out
 
 

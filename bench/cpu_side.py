@@ -34,8 +34,13 @@ def _samples(n: int, width: int, height: int, boxes: int) -> list[dict]:
         xy = rng.uniform(0, [width - 40, height - 40], (boxes, 2))
         wh = rng.uniform(10, 40, (boxes, 2))
         anns = [{"bbox": [*map(float, p), *map(float, s)], "category_name": "thing"} for p, s in zip(xy, wh)]
-        out.append({"key": f"{i:06d}", "image_bytes": encode_image(image), "json_bytes": json.dumps(
-            {"annotations": anns}).encode()})
+        out.append(
+            {
+                "key": f"{i:06d}",
+                "image_bytes": encode_image(image),
+                "json_bytes": json.dumps({"annotations": anns}).encode(),
+            }
+        )
     return out
 
 
@@ -54,11 +59,19 @@ def bench_decode(a: argparse.Namespace) -> dict:
             table = _decode_chunk(samples, ("s", 0, len(samples), "", ""), a.image_size, 10**9, 1000, on_cpu)
             times.append(time.perf_counter() - t0)
         assert table.column("status").to_pylist() == ["ok"] * len(samples)
-        rows[name] = {"ms_per_image_min": round(1e3 * min(times) / len(samples), 3),
-                      "ms_per_image_all": [round(1e3 * t / len(samples), 3) for t in times],
-                      "image_bytes_per_row": table.column("image")[0].as_buffer().size}
-    return {"images": a.images, "size": [a.width, a.height], "boxes": a.boxes, "model_input": a.image_size,
-            "torch_threads": 1, "rows": rows}
+        rows[name] = {
+            "ms_per_image_min": round(1e3 * min(times) / len(samples), 3),
+            "ms_per_image_all": [round(1e3 * t / len(samples), 3) for t in times],
+            "image_bytes_per_row": table.column("image")[0].as_buffer().size,
+        }
+    return {
+        "images": a.images,
+        "size": [a.width, a.height],
+        "boxes": a.boxes,
+        "model_input": a.image_size,
+        "torch_threads": 1,
+        "rows": rows,
+    }
 
 
 def bench_tokens(a: argparse.Namespace) -> dict:
@@ -69,8 +82,10 @@ def bench_tokens(a: argparse.Namespace) -> dict:
     names = [clean_class_name(n) for syn in load_vocabulary(a.vocab).synonyms for n in syn]
     templates = load_templates()
     rows = {}
-    for name, fn in (("one text at a time (before)", lambda t: t([x.format(n) for n in names for x in templates])),
-                     ("each name once, spliced (after)", lambda t: template_tokens(t, names, templates))):
+    for name, fn in (
+        ("one text at a time (before)", lambda t: t([x.format(n) for n in names for x in templates])),
+        ("each name once, spliced (after)", lambda t: template_tokens(t, names, templates)),
+    ):
         times = []
         for _ in range(a.repeats):
             tok = clip_tokenizer(a.preset)  # a fresh tokenizer: its BPE cache starts empty, as in a job
@@ -94,9 +109,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    out = {"benchmark": f"cpu_side {a.what}", "date": now_iso(), "machine": machine_info(),
-           "load_average_start": os.getloadavg()[0], "command": " ".join(sys.argv),
-           **(bench_decode(a) if a.what == "decode" else bench_tokens(a))}
+    out = {
+        "benchmark": f"cpu_side {a.what}",
+        "date": now_iso(),
+        "machine": machine_info(),
+        "load_average_start": os.getloadavg()[0],
+        "command": " ".join(sys.argv),
+        **(bench_decode(a) if a.what == "decode" else bench_tokens(a)),
+    }
     out["load_average_end"] = os.getloadavg()[0]
     print(json.dumps(out["rows"], indent=1))
     if a.out:

@@ -43,22 +43,32 @@ def save_owlv2_base(folder: str, words: list[str]) -> None:
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 49406, 49407
     tok = CLIPTokenizer(vocab=vocab, merges=[])
     Owlv2Config(vision_config={"image_size": 960, "patch_size": 16}).save_pretrained(folder)
-    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 960, "width": 960}),
-                   tokenizer=tok).save_pretrained(folder)
+    Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": 960, "width": 960}), tokenizer=tok
+    ).save_pretrained(folder)
 
 
 def save_grounding_dino_tiny(folder: str, words: list[str]) -> None:
     from transformers import BertTokenizer, GroundingDinoConfig, GroundingDinoImageProcessor, GroundingDinoProcessor
 
     vocab = [f"[unused{i}]" for i in range(30522)]
-    for i, t in ((0, "[PAD]"), (100, "[UNK]"), (101, "[CLS]"), (102, "[SEP]"), (103, "[MASK]"), (1012, "."),
-                 (1029, "?")):
+    for i, t in (
+        (0, "[PAD]"),
+        (100, "[UNK]"),
+        (101, "[CLS]"),
+        (102, "[SEP]"),
+        (103, "[MASK]"),
+        (1012, "."),
+        (1029, "?"),
+    ):
         vocab[i] = t
     for i, w in enumerate(words):  # one token per word, as bert-base-uncased has most object names
         vocab[2000 + i] = w
     GroundingDinoConfig().save_pretrained(folder)
-    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(),
-                           tokenizer=BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})).save_pretrained(folder)
+    GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(),
+        tokenizer=BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}),
+    ).save_pretrained(folder)
 
 
 def measure(det, images: list[np.ndarray], batch: int, repeats: int, device: str) -> dict:
@@ -74,8 +84,11 @@ def measure(det, images: list[np.ndarray], batch: int, repeats: int, device: str
         det(images[:batch])
         sync()
         times.append((time.perf_counter() - t0) / batch)
-    return {"gflops_per_image": round(counter.get_total_flops() / 1e9, 1),
-            "s_per_image": [round(t, 3) for t in times], "best_s_per_image": round(min(times), 3)}
+    return {
+        "gflops_per_image": round(counter.get_total_flops() / 1e9, 1),
+        "s_per_image": [round(t, 3) for t in times],
+        "best_s_per_image": round(min(times), 3),
+    }
 
 
 def main() -> None:
@@ -91,8 +104,15 @@ def main() -> None:
     words = _words(coco + lvis)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8) for _ in range(a.batch)]
-    result = {"machine": benchlib.machine_info(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-              "image": "1024x768", "batch": a.batch, "device": a.device, "runs": {}}
+    result = {
+        "machine": benchlib.machine_info(),
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "image": "1024x768",
+        "batch": a.batch,
+        "device": a.device,
+        "runs": {},
+    }
     skip = set(a.skip.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         owl, gd = os.path.join(tmp, "owlv2"), os.path.join(tmp, "grounding-dino")

@@ -89,34 +89,122 @@ def gpu_test_files() -> list[str]:
 
 
 def _pytest(ctx: StageCtx) -> list[list[str]]:
-    return [_py(ctx, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
-                "--junitxml", ctx.path("pytest_gpu.xml"), *gpu_test_files())]
+    return [
+        _py(
+            ctx,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=-ra",
+            "--junitxml",
+            ctx.path("pytest_gpu.xml"),
+            *gpu_test_files(),
+        )
+    ]
 
 
 def _perf(ctx: StageCtx) -> list[list[str]]:
     if ctx.smoke:
-        size = ["--device", "cpu", "--preset", "ovsam_tiny", "--sam-arch", "vit_b", "--crop-clip", "RN50",
-                "--num-images", "4", "--ref-images", "2", "--baseline-images", "1", "--images-per-shard", "2",
-                "--batch-size", "2", "--prompts", "3", "--width", "160", "--height", "120",
-                "--fast", "on", "--rle-on-device", "on"]  # the GPU's branches, in CPU bf16
+        size = [
+            "--device",
+            "cpu",
+            "--preset",
+            "ovsam_tiny",
+            "--sam-arch",
+            "vit_b",
+            "--crop-clip",
+            "RN50",
+            "--num-images",
+            "4",
+            "--ref-images",
+            "2",
+            "--baseline-images",
+            "1",
+            "--images-per-shard",
+            "2",
+            "--batch-size",
+            "2",
+            "--prompts",
+            "3",
+            "--width",
+            "160",
+            "--height",
+            "120",
+            "--fast",
+            "on",
+            "--rle-on-device",
+            "on",
+        ]  # the GPU's branches, in CPU bf16
     else:
-        size = ["--device", "cuda", "--preset", "ovsam_rn50x16", "--sam-arch", "vit_h", "--crop-clip", "RN50x16",
-                "--num-images", "128", "--ref-images", "8", "--baseline-images", "16", "--stage-images", "16",
-                "--images-per-shard", "32", "--batch-size", "8"]
+        size = [
+            "--device",
+            "cuda",
+            "--preset",
+            "ovsam_rn50x16",
+            "--sam-arch",
+            "vit_h",
+            "--crop-clip",
+            "RN50x16",
+            "--num-images",
+            "128",
+            "--ref-images",
+            "8",
+            "--baseline-images",
+            "16",
+            "--stage-images",
+            "16",
+            "--images-per-shard",
+            "32",
+            "--batch-size",
+            "8",
+        ]
     # c (the fast path, with its check against fp32) and d (the label job end to end) first; the
     # baselines a and b after (b last: SAM ViT-H is the slowest to build). --work: each mode's row
     # is there as soon as the mode ends, so a stage cut short keeps the ones that finished.
-    return [_py(ctx, "-m", "bench.perf", "--modes", ctx.perf_modes, *size, "--work", ctx.path("perf_work"),
-                "--out", ctx.path("perf.json"))]
+    return [
+        _py(
+            ctx,
+            "-m",
+            "bench.perf",
+            "--modes",
+            ctx.perf_modes,
+            *size,
+            "--work",
+            ctx.path("perf_work"),
+            "--out",
+            ctx.path("perf.json"),
+        )
+    ]
 
 
 def _label(ctx: StageCtx) -> list[list[str]]:
     smoke = ["--smoke"] if ctx.smoke else []
     # the whole in21k vocabulary in the smoke run too: 570k prompt texts are what a GPU run meets
     preset, vocab = ("ovsam_tiny" if ctx.smoke else "ovsam_rn50x16"), "in21k"
-    job = ["jobs/label.py", "--input", ctx.path("label_shards"), "--output", ctx.path("labels"), "--preset", preset,
-           "--random-init", "--vocab", vocab, "--num-gpus", "0" if ctx.smoke else "1", "--concurrency", "1",
-           "--batch-size", "2" if ctx.smoke else "8", "--overwrite"]
+    job = [
+        "jobs/label.py",
+        "--input",
+        ctx.path("label_shards"),
+        "--output",
+        ctx.path("labels"),
+        "--preset",
+        preset,
+        "--random-init",
+        "--vocab",
+        vocab,
+        "--num-gpus",
+        "0" if ctx.smoke else "1",
+        "--concurrency",
+        "1",
+        "--batch-size",
+        "2" if ctx.smoke else "8",
+        "--overwrite",
+    ]
     return [_py(ctx, "-m", "bench.gpu_run_prep", "label", ctx.work, *smoke), _py(ctx, *job)]
 
 
@@ -124,20 +212,47 @@ def _train(stage: str):
     def commands(ctx: StageCtx) -> list[list[str]]:
         prep = _py(ctx, "-m", "bench.gpu_run_prep", "train", ctx.work, *(["--smoke"] if ctx.smoke else []))
         dataset = ctx.path("train_shards") + ("|vocab=" + ctx.path("shapes.json") if stage == "cotrain" else "")
-        run = ["--storage-path", ctx.path("runs"), "--name", stage, "--dataset", dataset, "--random-init",
-               "--num-workers", "1", "--batch-size", "2", "--log-every", "1", "--checkpoint-every", "1000",
-               "--max-failures", "0"]
+        run = [
+            "--storage-path",
+            ctx.path("runs"),
+            "--name",
+            stage,
+            "--dataset",
+            dataset,
+            "--random-init",
+            "--num-workers",
+            "1",
+            "--batch-size",
+            "2",
+            "--log-every",
+            "1",
+            "--checkpoint-every",
+            "1000",
+            "--max-failures",
+            "0",
+        ]
         out = []
         if ctx.smoke:
-            run += ["--preset", "ovsam_tiny", "--max-steps", "4", "--cpus-per-worker", "1", "--data-cpus", "0.5",
-                    "--precision", "bf16"]  # the GPU's autocast branch, on the CPU
+            run += [
+                "--preset",
+                "ovsam_tiny",
+                "--max-steps",
+                "4",
+                "--cpus-per-worker",
+                "1",
+                "--data-cpus",
+                "0.5",
+                "--precision",
+                "bf16",
+            ]  # the GPU's autocast branch, on the CPU
             run += ["--teacher", "random_tiny"] if stage == "distill" else ["--num-prompts", "8", "--num-points", "256"]
         else:
             run += ["--preset", "ovsam_rn50x16", "--max-steps", "12", "--use-gpu"]
             if stage == "distill":
                 teacher = ctx.path("sam_vit_h_random.pth")
-                out.append(_py(ctx, "-m", "bench.train_steps", "write-sam-encoder", "--kind", "vit_h",
-                               "--out", teacher))
+                out.append(
+                    _py(ctx, "-m", "bench.train_steps", "write-sam-encoder", "--kind", "vit_h", "--out", teacher)
+                )
                 run += ["--teacher", "vit_h", "--teacher-checkpoint", teacher]
         steps = _py(ctx, "-m", "bench.train_steps", stage, "--out", ctx.path(f"train_{stage}.json"), "--", *run)
         return [prep, *out, steps]
@@ -191,8 +306,15 @@ def run_commands(commands: list[list[str]], *, timeout_s: float, log_path: str, 
             if left <= 1:
                 rc, timed_out = 124, True
                 break
-            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             try:
                 rc = proc.wait(timeout=left)
             except subprocess.TimeoutExpired:
@@ -216,8 +338,13 @@ def run_stage(stage: Stage, ctx: StageCtx, deadline: float) -> dict[str, Any]:
     commands = stage.commands(ctx)
     record: dict[str, Any] = {"budget_s": budget, "commands": [" ".join(c) for c in commands]}
     if timeout < min(30.0, 0.25 * budget):
-        return {**record, "status": "skipped", "seconds": 0.0, "checks": [],
-                "reason": f"{max(timeout, 0):.0f} s left of the run's time budget"}
+        return {
+            **record,
+            "status": "skipped",
+            "seconds": 0.0,
+            "checks": [],
+            "reason": f"{max(timeout, 0):.0f} s left of the run's time budget",
+        }
     log_path = ctx.path(f"{stage.name}.log")
     if os.path.exists(log_path):
         os.remove(log_path)
@@ -227,12 +354,24 @@ def run_stage(stage: Stage, ctx: StageCtx, deadline: float) -> dict[str, Any]:
         checks, figures, result = CHECKS[stage.name](ctx, text)
     except Exception as e:  # noqa: BLE001 - a missing or odd result file is a failed check, not a crash
         checks, figures, result = [Check("result readable", False, f"{type(e).__name__}: {e}")], {}, None
-    checks.insert(0, Check("commands exit 0 within the budget", ran["rc"] == 0 and not ran["timed_out"],
-                           f"rc {ran['rc']}" + (" (timed out)" if ran["timed_out"] else "")))
+    checks.insert(
+        0,
+        Check(
+            "commands exit 0 within the budget",
+            ran["rc"] == 0 and not ran["timed_out"],
+            f"rc {ran['rc']}" + (" (timed out)" if ran["timed_out"] else ""),
+        ),
+    )
     ok = all(c.ok for c in checks if c.hard)
     status = "ok" if ok else ("timeout" if ran["timed_out"] else "failed")
-    out = {**record, **ran, "status": status, "checks": [dataclasses.asdict(c) for c in checks],
-           "figures": figures, "result": result}
+    out = {
+        **record,
+        **ran,
+        "status": status,
+        "checks": [dataclasses.asdict(c) for c in checks],
+        "figures": figures,
+        "result": result,
+    }
     if not ok:
         out["output_tail"] = _tail(log_path)
     return out
@@ -306,21 +445,37 @@ def main(argv: list[str] | None = None) -> int:
     main_log = os.path.join(out, "gpu_run.log")
     budget = a.time_budget or (SMOKE_BUDGET_S if a.smoke else GPU_BUDGET_S)
     deadline = t0 + budget
-    print(f"[gpu_run] {'smoke (CPU, tiny sizes)' if a.smoke else 'GPU'} run, {budget:.0f} s budget, "
-          f"work {ctx.work}, results {out}; RANDOM WEIGHTS everywhere (--random-init)", flush=True)
+    print(
+        f"[gpu_run] {'smoke (CPU, tiny sizes)' if a.smoke else 'GPU'} run, {budget:.0f} s budget, "
+        f"work {ctx.work}, results {out}; RANDOM WEIGHTS everywhere (--random-init)",
+        flush=True,
+    )
     stages: dict[str, dict] = {}
-    result = {"benchmark": "gpu_run", "mode": "smoke" if a.smoke else "gpu", "date": now_iso(),
-              "machine": machine_info(), "command": " ".join(sys.argv), "ok": False, "time_budget_s": budget,
-              "random_init": True, "weights": "random everywhere (--random-init): no real weights exist here; "
-                                              "speeds and checks are real, labels meaningless",
-              "work": ctx.work, "stages": stages}
+    result = {
+        "benchmark": "gpu_run",
+        "mode": "smoke" if a.smoke else "gpu",
+        "date": now_iso(),
+        "machine": machine_info(),
+        "command": " ".join(sys.argv),
+        "ok": False,
+        "time_budget_s": budget,
+        "random_init": True,
+        "weights": "random everywhere (--random-init): no real weights exist here; "
+        "speeds and checks are real, labels meaningless",
+        "work": ctx.work,
+        "stages": stages,
+    }
     for stage in (s for s in STAGES if s.name in wanted):
         print(f"[gpu_run] {stage.name} ... ({deadline - time.time():.0f} s left)", flush=True)
         try:
             stages[stage.name] = r = run_stage(stage, ctx, deadline)
         except Exception as e:  # noqa: BLE001 - the harness's own failure is one stage's, not the run's
-            stages[stage.name] = r = {"status": "failed", "seconds": 0.0, "budget_s": 0.0, "checks": [
-                dataclasses.asdict(Check("the stage could be run", False, f"{type(e).__name__}: {e}"))]}
+            stages[stage.name] = r = {
+                "status": "failed",
+                "seconds": 0.0,
+                "budget_s": 0.0,
+                "checks": [dataclasses.asdict(Check("the stage could be run", False, f"{type(e).__name__}: {e}"))],
+            }
         append_log(main_log, stage.name, ctx.path(f"{stage.name}.log"))
         print(f"[gpu_run] {stage.name}: {r['status']} in {r['seconds']:.0f} s", flush=True)
         if r["status"] not in ("ok", "skipped"):

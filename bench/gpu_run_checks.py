@@ -49,18 +49,33 @@ def _load(path: str) -> Any:
 def check_env(ctx: StageCtx, log: str) -> Result:
     r = _load(ctx.path("env.json"))
     missing = sorted(m for m, v in r["modules"].items() if not v["ok"])
-    off = sorted(f"{n} {p['installed']} (pinned {p['pinned']})" for n, p in (r.get("pins") or {}).items()
-                 if p["installed"] != p["pinned"])
-    checks = [Check("every module imports", not missing, missing or "all", "none missing"),
-              # reported: other versions may still work, and the run says which
-              Check("installed versions are the pinned ones (bench/gpu_kit.txt)", not off, off or "all",
-                    "all pinned", hard=False)]
+    off = sorted(
+        f"{n} {p['installed']} (pinned {p['pinned']})"
+        for n, p in (r.get("pins") or {}).items()
+        if p["installed"] != p["pinned"]
+    )
+    checks = [
+        Check("every module imports", not missing, missing or "all", "none missing"),
+        # reported: other versions may still work, and the run says which
+        Check(
+            "installed versions are the pinned ones (bench/gpu_kit.txt)",
+            not off,
+            off or "all",
+            "all pinned",
+            hard=False,
+        ),
+    ]
     if not ctx.smoke:
         checks.append(Check("a CUDA GPU is visible to torch", "gpu" in r, (r.get("gpu") or {}).get("name"), "a GPU"))
     mods = r["modules"]
-    figures = {"gpu": (r.get("gpu") or {}).get("name", "none"), "torch": mods["torch"].get("version"),
-               "ray": mods["ray"].get("version"), "pyarrow": mods["pyarrow"].get("version"),
-               "pydantic": mods["pydantic"].get("version"), "python": r["machine"].get("python")}
+    figures = {
+        "gpu": (r.get("gpu") or {}).get("name", "none"),
+        "torch": mods["torch"].get("version"),
+        "ray": mods["ray"].get("version"),
+        "pyarrow": mods["pyarrow"].get("version"),
+        "pydantic": mods["pydantic"].get("version"),
+        "python": r["machine"].get("python"),
+    }
     return checks, figures, r
 
 
@@ -68,11 +83,18 @@ def check_pytest(ctx: StageCtx, log: str) -> Result:
     suite = ET.parse(ctx.path("pytest_gpu.xml")).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    cases = [{"test": f"{c.get('classname')}::{c.get('name')}", "time_s": float(c.get("time", 0)),
-              "outcome": next((x.tag for x in c if x.tag in ("failure", "error", "skipped")), "passed")}
-             for c in suite.iter("testcase")]
-    checks = [Check("gpu tests collected", n["tests"] >= 4, n["tests"], ">= 4"),
-              Check("no failures or errors", n["failures"] + n["errors"] == 0, n["failures"] + n["errors"], 0)]
+    cases = [
+        {
+            "test": f"{c.get('classname')}::{c.get('name')}",
+            "time_s": float(c.get("time", 0)),
+            "outcome": next((x.tag for x in c if x.tag in ("failure", "error", "skipped")), "passed"),
+        }
+        for c in suite.iter("testcase")
+    ]
+    checks = [
+        Check("gpu tests collected", n["tests"] >= 4, n["tests"], ">= 4"),
+        Check("no failures or errors", n["failures"] + n["errors"] == 0, n["failures"] + n["errors"], 0),
+    ]
     if not ctx.smoke:
         checks.append(Check("none skipped (CUDA present)", n["skipped"] == 0, n["skipped"], 0))
     passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
@@ -94,8 +116,10 @@ def _partial_perf(ctx: StageCtx) -> dict[str, Any]:
 def check_perf(ctx: StageCtx, log: str) -> Result:
     r = _load(ctx.path("perf.json")) if os.path.exists(ctx.path("perf.json")) else _partial_perf(ctx)
     rows = r["rows"]
-    checks = [Check(f"mode {m} ran", m in rows and "error" not in rows[m], (rows.get(m) or {}).get("error", "ok"))
-              for m in ctx.perf_modes.split(",")]
+    checks = [
+        Check(f"mode {m} ran", m in rows and "error" not in rows[m], (rows.get(m) or {}).get("error", "ok"))
+        for m in ctx.perf_modes.split(",")
+    ]
     fast = r["checks"].get("fast_vs_reference") or {}
     exact = r["checks"].get("fast_vs_fp32") or (rows.get("c") or {}).get("fast_vs_fp32") or {}
     job = r["checks"].get("job_vs_model_alone") or {}
@@ -103,26 +127,66 @@ def check_perf(ctx: StageCtx, log: str) -> Result:
     # not a bar; the hard check is what they can show (bench/benchlib.fast_vs_fp32).
     if ctx.smoke:
         settings = (rows.get("c") or {}).get("settings") or {}
-        checks.append(Check("mode c ran the GPU's branches on the CPU (bf16 autocast, device RLE)",
-                            bool(settings.get("fast") and settings.get("rle_on_device")), settings.get("fast"), True))
+        checks.append(
+            Check(
+                "mode c ran the GPU's branches on the CPU (bf16 autocast, device RLE)",
+                bool(settings.get("fast") and settings.get("rle_on_device")),
+                settings.get("fast"),
+                True,
+            )
+        )
     checks += [
-        Check("fast path vs fp32 (same weights): logits within tolerance, masks equal away from the threshold, "
-              "labels equal where decided", bool(exact.get("ok")),
-              {k: exact.get(k) for k in ("logit_max_abs_diff", "logit_tol", "mask_pixels_off", "labels_decided",
-                                         "labels_decided_equal")}, "ok"),
-        Check("fast path vs fp32: mean mask IoU (reported)", (fast.get("mask_iou_mean") or 0) >= 0.99,
-              fast.get("mask_iou_mean"), ">= 0.99", hard=False),
-        Check("fast path vs fp32: labels equal (random weights: near-ties may flip)",
-              (fast.get("labels_equal_fraction") or 0) >= 0.8, fast.get("labels_equal_fraction"), ">= 0.8",
-              hard=False),
-        Check("label job vs model alone: every image with all its instances",
-              bool(job) and job.get("images_with_prompt_count_mismatch") == 0,
-              job.get("images_with_prompt_count_mismatch"), 0, hard="d" in ctx.perf_modes.split(",")),
-        Check("label job vs model alone: labels equal (batching may move bf16 near-ties)",
-              (job.get("labels_equal_fraction") or 0) >= 0.99, job.get("labels_equal_fraction"), ">= 0.99",
-              hard=False),
-        Check("label job vs model alone: mean mask IoU (reported)", (job.get("mask_iou_mean") or 0) >= 0.99,
-              job.get("mask_iou_mean"), ">= 0.99", hard=False),
+        Check(
+            "fast path vs fp32 (same weights): logits within tolerance, masks equal away from the threshold, "
+            "labels equal where decided",
+            bool(exact.get("ok")),
+            {
+                k: exact.get(k)
+                for k in (
+                    "logit_max_abs_diff",
+                    "logit_tol",
+                    "mask_pixels_off",
+                    "labels_decided",
+                    "labels_decided_equal",
+                )
+            },
+            "ok",
+        ),
+        Check(
+            "fast path vs fp32: mean mask IoU (reported)",
+            (fast.get("mask_iou_mean") or 0) >= 0.99,
+            fast.get("mask_iou_mean"),
+            ">= 0.99",
+            hard=False,
+        ),
+        Check(
+            "fast path vs fp32: labels equal (random weights: near-ties may flip)",
+            (fast.get("labels_equal_fraction") or 0) >= 0.8,
+            fast.get("labels_equal_fraction"),
+            ">= 0.8",
+            hard=False,
+        ),
+        Check(
+            "label job vs model alone: every image with all its instances",
+            bool(job) and job.get("images_with_prompt_count_mismatch") == 0,
+            job.get("images_with_prompt_count_mismatch"),
+            0,
+            hard="d" in ctx.perf_modes.split(","),
+        ),
+        Check(
+            "label job vs model alone: labels equal (batching may move bf16 near-ties)",
+            (job.get("labels_equal_fraction") or 0) >= 0.99,
+            job.get("labels_equal_fraction"),
+            ">= 0.99",
+            hard=False,
+        ),
+        Check(
+            "label job vs model alone: mean mask IoU (reported)",
+            (job.get("mask_iou_mean") or 0) >= 0.99,
+            job.get("mask_iou_mean"),
+            ">= 0.99",
+            hard=False,
+        ),
     ]
     figures = {f"{m} img/s": rows[m]["images_per_s"] for m in "abcd" if m in rows and "error" not in rows[m]}
     if "c" in rows and "mfu" in rows["c"]:
@@ -143,44 +207,80 @@ def check_label(ctx: StageCtx, log: str) -> Result:
     classes = IN21K_CLASSES
     device = "cpu" if ctx.smoke else "cuda"
     checks = [
-        Check("every image labelled", summary["images_ok"] == images and summary["images_error"] == 0,
-              f"{summary['images_ok']} ok, {summary['images_error']} errors", f"{images} ok"),
-        Check("text embeddings computed on the GPU" if device == "cuda" else "text embeddings on the CPU (smoke)",
-              text.get("device") == device, text.get("device"), device),
+        Check(
+            "every image labelled",
+            summary["images_ok"] == images and summary["images_error"] == 0,
+            f"{summary['images_ok']} ok, {summary['images_error']} errors",
+            f"{images} ok",
+        ),
+        Check(
+            "text embeddings computed on the GPU" if device == "cuda" else "text embeddings on the CPU (smoke)",
+            text.get("device") == device,
+            text.get("device"),
+            device,
+        ),
         Check("vocabulary size", text.get("num_classes") == classes, text.get("num_classes"), classes),
         Check("text embeddings computed once (one log line for the run)", len(lines) == 1, len(lines), 1),
         Check("random init recorded", summary.get("random_init") is True, summary.get("random_init"), True),
     ]
-    figures = {"classes": text.get("num_classes"), "names": text.get("synonyms"), "text on": text.get("device"),
-               "text s": text.get("seconds"), "job img/s": summary.get("images_per_s"),
-               "job s": round(summary.get("wall_time_s", 0), 1)}
+    figures = {
+        "classes": text.get("num_classes"),
+        "names": text.get("synonyms"),
+        "text on": text.get("device"),
+        "text s": text.get("seconds"),
+        "job img/s": summary.get("images_per_s"),
+        "job s": round(summary.get("wall_time_s", 0), 1),
+    }
     return checks, figures, {"summary": summary, "text_log_lines": lines}
 
 
 def _check_train(stage: str) -> Callable[[StageCtx, str], Result]:
     def check(ctx: StageCtx, log: str) -> Result:
         r = _load(ctx.path(f"train_{stage}.json"))
-        checks = [Check("no training error", r["error"] is None, r["error"]),
-                  Check("every step ran", r["steps_done"] == r["max_steps"], r["steps_done"], r["max_steps"]),
-                  Check("steady step time measured", bool(r.get("steady_step_s")), r.get("steady_step_s"))]
+        checks = [
+            Check("no training error", r["error"] is None, r["error"]),
+            Check("every step ran", r["steps_done"] == r["max_steps"], r["steps_done"], r["max_steps"]),
+            Check("steady step time measured", bool(r.get("steady_step_s")), r.get("steady_step_s")),
+        ]
         if not ctx.smoke:
-            checks.append(Check("on the GPU, bf16", r["use_gpu"] and r["precision"] == "bf16 autocast",
-                                r["precision"], "bf16 autocast"))
+            checks.append(
+                Check(
+                    "on the GPU, bf16",
+                    r["use_gpu"] and r["precision"] == "bf16 autocast",
+                    r["precision"],
+                    "bf16 autocast",
+                )
+            )
         else:
-            checks.append(Check("the GPU's bf16 branch, on the CPU", r["precision"] == "bf16 autocast (CPU)",
-                                r["precision"], "bf16 autocast (CPU)"))
+            checks.append(
+                Check(
+                    "the GPU's bf16 branch, on the CPU",
+                    r["precision"] == "bf16 autocast (CPU)",
+                    r["precision"],
+                    "bf16 autocast (CPU)",
+                )
+            )
         proj = r.get("recipe_projection") or {}
-        figures = {"preset": r["preset"], "batch/GPU": r["batch_size_per_worker"], "step s": r.get("steady_step_s"),
-                   "first step s": r.get("first_step_s"), "img/s/GPU": r.get("images_per_s_per_gpu"),
-                   "recipe GPU-h (projection)": proj.get("gpu_hours")}
+        figures = {
+            "preset": r["preset"],
+            "batch/GPU": r["batch_size_per_worker"],
+            "step s": r.get("steady_step_s"),
+            "first step s": r.get("first_step_s"),
+            "img/s/GPU": r.get("images_per_s_per_gpu"),
+            "recipe GPU-h (projection)": proj.get("gpu_hours"),
+        }
         return checks, figures, r
 
     return check
 
 
 CHECKS: dict[str, Callable[[StageCtx, str], Result]] = {
-    "env": check_env, "pytest_gpu": check_pytest, "perf": check_perf, "label_in21k": check_label,
-    "train_distill": _check_train("distill"), "train_cotrain": _check_train("cotrain"),
+    "env": check_env,
+    "pytest_gpu": check_pytest,
+    "perf": check_perf,
+    "label_in21k": check_label,
+    "train_distill": _check_train("distill"),
+    "train_cotrain": _check_train("cotrain"),
 }
 
 

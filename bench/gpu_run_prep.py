@@ -28,18 +28,40 @@ from bench.benchlib import machine_info, save_json, write_bench_shards
 # then what such a machine already has; the submodules are the later stages' own imports (Ray Data
 # for the label job, Ray Train for training, pydantic under Ray's APIs), so that a clash between
 # the two sets fails here, in seconds, not minutes into a stage.
-KIT_MODULES = {"ray": "ray", "ray.data": "ray", "ray.train": "ray", "ray.train.torch": "ray",
-               "open_clip": "open_clip_torch", "segment_anything": "segment-anything", "webdataset": "webdataset",
-               "pycocotools": "pycocotools", "pydantic": "pydantic", "ftfy": "ftfy"}
-IMAGE_MODULES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "pyarrow": "pyarrow",
-                 "pyarrow.parquet": "pyarrow", "pandas": "pandas", "fsspec": "fsspec", "PIL": "pillow",
-                 "numpy": "numpy", "pytest": "pytest"}
+KIT_MODULES = {
+    "ray": "ray",
+    "ray.data": "ray",
+    "ray.train": "ray",
+    "ray.train.torch": "ray",
+    "open_clip": "open_clip_torch",
+    "segment_anything": "segment-anything",
+    "webdataset": "webdataset",
+    "pycocotools": "pycocotools",
+    "pydantic": "pydantic",
+    "ftfy": "ftfy",
+}
+IMAGE_MODULES = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "timm": "timm",
+    "pyarrow": "pyarrow",
+    "pyarrow.parquet": "pyarrow",
+    "pandas": "pandas",
+    "fsspec": "fsspec",
+    "PIL": "pillow",
+    "numpy": "numpy",
+    "pytest": "pytest",
+}
 #: The pins (name==version per line).
 KIT_PINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_kit.txt")
-LABEL_SIZES = {"gpu": {"num_images": 64, "images_per_shard": 32, "size": (640, 480), "prompts": 20},
-               "smoke": {"num_images": 4, "images_per_shard": 2, "size": (160, 120), "prompts": 3}}
-TRAIN_SIZES = {"gpu": {"num_images": 24, "images_per_shard": 8, "image_size": (640, 480)},
-               "smoke": {"num_images": 8, "images_per_shard": 4, "image_size": (128, 96)}}
+LABEL_SIZES = {
+    "gpu": {"num_images": 64, "images_per_shard": 32, "size": (640, 480), "prompts": 20},
+    "smoke": {"num_images": 4, "images_per_shard": 2, "size": (160, 120), "prompts": 3},
+}
+TRAIN_SIZES = {
+    "gpu": {"num_images": 24, "images_per_shard": 8, "image_size": (640, 480)},
+    "smoke": {"num_images": 8, "images_per_shard": 4, "image_size": (128, 96)},
+}
 
 
 def pin_report() -> dict[str, dict[str, str | None]]:
@@ -75,17 +97,30 @@ def probe_env(out: str) -> int:
             modules[module] = {"ok": True, "version": None}
         except Exception as e:  # noqa: BLE001
             modules[module] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
-    info = {"machine": machine_info(), "modules": modules, "python": sys.executable,
-            "pythonpath": os.environ.get("PYTHONPATH", ""), "pins": pin_report()}
+    info = {
+        "machine": machine_info(),
+        "modules": modules,
+        "python": sys.executable,
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "pins": pin_report(),
+    }
     import torch
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-                       "capability": f"{props.major}.{props.minor}", "count": torch.cuda.device_count()}
+        info["gpu"] = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "count": torch.cuda.device_count(),
+        }
     if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.used,memory.total",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.used,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         info["nvidia_smi"] = smi.stdout.strip()
     save_json(info, out)
     missing = [m for m, r in modules.items() if not r["ok"]]
@@ -96,8 +131,13 @@ def probe_env(out: str) -> int:
 
 def prepare_label(work: str, smoke: bool) -> int:
     sizes = LABEL_SIZES["smoke" if smoke else "gpu"]
-    write_bench_shards(os.path.join(work, "label_shards"), num_images=sizes["num_images"],
-                       images_per_shard=sizes["images_per_shard"], size=sizes["size"], prompts=sizes["prompts"])
+    write_bench_shards(
+        os.path.join(work, "label_shards"),
+        num_images=sizes["num_images"],
+        images_per_shard=sizes["images_per_shard"],
+        size=sizes["size"],
+        prompts=sizes["prompts"],
+    )
     return 0
 
 
@@ -108,8 +148,13 @@ def prepare_train(work: str, smoke: bool) -> int:
     shards = os.path.join(work, "train_shards")
     if not os.path.isdir(shards):  # both training stages share them
         sizes = TRAIN_SIZES["smoke" if smoke else "gpu"]
-        generate_shards(shards + ".tmp", num_images=sizes["num_images"], images_per_shard=sizes["images_per_shard"],
-                        image_size=sizes["image_size"], seed=3)
+        generate_shards(
+            shards + ".tmp",
+            num_images=sizes["num_images"],
+            images_per_shard=sizes["images_per_shard"],
+            image_size=sizes["image_size"],
+            seed=3,
+        )
         os.replace(shards + ".tmp", shards)
     with open(os.path.join(work, "shapes.json"), "w") as f:
         json.dump(shape_vocabulary_names(), f)

@@ -60,9 +60,14 @@ class Sampler:
         committed = None
         if self.committed_dir and os.path.isdir(self.committed_dir):
             committed = len(os.listdir(self.committed_dir)) * self.per_shard
-        return {"t_s": round(time.time() - self.t0, 1), "driver_rss_mib": round(me.memory_info().rss / 2**20, 1),
-                "workers_private_mib": round(workers / 2**20, 1), "driver_cpu_s": round(cpu.user + cpu.system, 2),
-                "shm_used_mib": round(shutil.disk_usage("/dev/shm").used / 2**20, 1), "images_committed": committed}
+        return {
+            "t_s": round(time.time() - self.t0, 1),
+            "driver_rss_mib": round(me.memory_info().rss / 2**20, 1),
+            "workers_private_mib": round(workers / 2**20, 1),
+            "driver_cpu_s": round(cpu.user + cpu.system, 2),
+            "shm_used_mib": round(shutil.disk_usage("/dev/shm").used / 2**20, 1),
+            "images_committed": committed,
+        }
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -92,8 +97,10 @@ class Sampler:
             if z["images_committed"] > a["images_committed"]:
                 images = z["images_committed"] - a["images_committed"]
                 cpu_ms = 1000 * (z["driver_cpu_s"] - a["driver_cpu_s"])
-                out["steady"] = {"images_per_s": round(images / (z["t_s"] - a["t_s"]), 1),
-                                 "driver_cpu_ms_per_image": round(cpu_ms / images, 4)}
+                out["steady"] = {
+                    "images_per_s": round(images / (z["t_s"] - a["t_s"]), 1),
+                    "driver_cpu_ms_per_image": round(cpu_ms / images, 4),
+                }
         return out
 
 
@@ -102,8 +109,15 @@ def make_inputs(root: str, *, shards: int, per_shard: int, distinct: int, s3: st
     from ovsam_ray.data.synthetic import generate_shards
 
     gen = os.path.join(root, "distinct")
-    urls = generate_shards(gen, num_images=distinct * per_shard, images_per_shard=per_shard, seed=0,
-                           image_size=(128, 96), min_objects=3, max_objects=3)
+    urls = generate_shards(
+        gen,
+        num_images=distinct * per_shard,
+        images_per_shard=per_shard,
+        seed=0,
+        image_size=(128, 96),
+        min_objects=3,
+        max_objects=3,
+    )
     if s3:
         import s3fs
 
@@ -131,16 +145,37 @@ def verify(output: str, images: int, s3: str | None) -> dict:
     paths = [storage.get_filesystem(u, s3_endpoint=s3)[1] for u in committer.committed_parquet_urls()]
     table = pds.dataset(paths, format="parquet", filesystem=fs).to_table(columns=["shard", "key", "status"])
     ids = pc.binary_join_element_wise(table["shard"], table["key"], "/")
-    return {"rows": table.num_rows, "expected": images, "unique": len(pc.unique(ids)),
-            "ok": int(pc.sum(pc.equal(table["status"], "ok")).as_py()), "files": len(paths),
-            "exactly_once": table.num_rows == images == len(pc.unique(ids))}
+    return {
+        "rows": table.num_rows,
+        "expected": images,
+        "unique": len(pc.unique(ids)),
+        "ok": int(pc.sum(pc.equal(table["status"], "ok")).as_py()),
+        "files": len(paths),
+        "exactly_once": table.num_rows == images == len(pc.unique(ids)),
+    }
 
 
 def _kill_cli_at(src: str, out: str, fraction: float, total: int, args: argparse.Namespace, s3: str | None) -> dict:
     from ovsam_ray.labels.committer import ShardCommitter
 
-    cmd = [sys.executable, "-m", "ovsam_ray.cli", "label", "--input", src, "--output", out, "--baseline", "box-fill",
-           "--vocab", args.vocab, "--batch-size", str(args.batch_size), "--ray-address", "local"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ovsam_ray.cli",
+        "label",
+        "--input",
+        src,
+        "--output",
+        out,
+        "--baseline",
+        "box-fill",
+        "--vocab",
+        args.vocab,
+        "--batch-size",
+        str(args.batch_size),
+        "--ray-address",
+        "local",
+    ]
     if s3:
         cmd += ["--s3-endpoint", s3]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -168,8 +203,12 @@ def run(args: argparse.Namespace) -> dict:
 
     root = tempfile.mkdtemp(prefix="ovsam_scale_", dir=args.work)
     s3 = _start_s3() if args.s3 else None
-    result: dict = {"shards": args.shards, "per_shard": args.per_shard, "images": args.shards * args.per_shard,
-                    "storage": "s3 (moto server, 127.0.0.1)" if s3 else "local disk"}
+    result: dict = {
+        "shards": args.shards,
+        "per_shard": args.per_shard,
+        "images": args.shards * args.per_shard,
+        "storage": "s3 (moto server, 127.0.0.1)" if s3 else "local disk",
+    }
     try:
         t0 = time.time()
         src = make_inputs(root, shards=args.shards, per_shard=args.per_shard, distinct=args.distinct, s3=s3)
@@ -178,30 +217,43 @@ def run(args: argparse.Namespace) -> dict:
         if args.kill_at:
             result["kill"] = _kill_cli_at(src, out, args.kill_at, args.shards, args, s3)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-        cfg = LabelConfig(input=src, output=out, baseline="box-fill", batch_size=args.batch_size,
-                          decode_chunk=args.decode_chunk,
-                          progress_interval_s=30.0, model=ModelConfig(random_init=True, vocab=args.vocab,
-                                                                      s3_endpoint=s3))
+        cfg = LabelConfig(
+            input=src,
+            output=out,
+            baseline="box-fill",
+            batch_size=args.batch_size,
+            decode_chunk=args.decode_chunk,
+            progress_interval_s=30.0,
+            model=ModelConfig(random_init=True, vocab=args.vocab, s3_endpoint=s3),
+        )
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         committed_dir = None if s3 else os.path.join(out, "_committed")
         with Sampler(args.sample_s, committed_dir, args.per_shard) as sampler:
             summary = run_label(cfg)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         driver_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-        result.update({
-            "wall_s": round(summary.wall_time_s, 1), "images_labelled": summary.images,
-            "images_per_s": round(summary.images_per_s, 1), "driver_cpu_s": round(driver_cpu, 2),
-            "driver_cpu_ms_per_image": round(1000 * driver_cpu / max(summary.images, 1), 4),
-            "driver_parts": summary.driver_parts, "shards_committed": summary.shards_committed,
-            "shards_skipped": summary.shards_skipped, "shards_failed": len(summary.shards_failed),
-            "memory": sampler.summary(), "samples": sampler.rows,
-        })
+        result.update(
+            {
+                "wall_s": round(summary.wall_time_s, 1),
+                "images_labelled": summary.images,
+                "images_per_s": round(summary.images_per_s, 1),
+                "driver_cpu_s": round(driver_cpu, 2),
+                "driver_cpu_ms_per_image": round(1000 * driver_cpu / max(summary.images, 1), 4),
+                "driver_parts": summary.driver_parts,
+                "shards_committed": summary.shards_committed,
+                "shards_skipped": summary.shards_skipped,
+                "shards_failed": len(summary.shards_failed),
+                "memory": sampler.summary(),
+                "samples": sampler.rows,
+            }
+        )
         result["verify"] = verify(out, args.shards * args.per_shard, s3)
         if args.kill_at:
             committer = ShardCommitter(out, s3_endpoint=s3)
             before = result["kill"].pop("markers")
             result["kill"]["recomputed_after_rerun"] = sum(
-                committer.read_marker(n)["committed_at"] != t for n, t in before.items())
+                committer.read_marker(n)["committed_at"] != t for n, t in before.items()
+            )
         ray.shutdown()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -237,8 +289,14 @@ def _committed_output(src: str, out: str, n: int, s3: str | None, args: argparse
     from ovsam_ray.pipeline.stats import merge_stats
 
     generate_shards(src, num_images=2, images_per_shard=2, seed=0, image_size=(32, 24), s3_endpoint=s3)
-    run_label(LabelConfig(input=src, output=out, baseline="box-fill", model=ModelConfig(
-        random_init=True, vocab=args.vocab, s3_endpoint=s3)))
+    run_label(
+        LabelConfig(
+            input=src,
+            output=out,
+            baseline="box-fill",
+            model=ModelConfig(random_init=True, vocab=args.vocab, s3_endpoint=s3),
+        )
+    )
     one = _json.loads(storage.read_bytes(storage.join(out, "_stats", "shard-000000.json"), s3_endpoint=s3))
     fs, _ = storage.get_filesystem(out, s3_endpoint=s3)
     payloads = {}
@@ -278,10 +336,22 @@ def listing(args: argparse.Namespace) -> dict:
             _committed_output(src, out, n, s3, args)
             made = time.perf_counter() - t0
             t0 = time.perf_counter()
-            summary = run_label(LabelConfig(input=src, output=out, baseline="box-fill", model=ModelConfig(
-                random_init=True, vocab=args.vocab, s3_endpoint=s3)))
-            rows.append({"committed": n + 1, "skipped": summary.shards_skipped,
-                         "start_to_end_s": round(time.perf_counter() - t0, 3), "setup_s": round(made, 1)})
+            summary = run_label(
+                LabelConfig(
+                    input=src,
+                    output=out,
+                    baseline="box-fill",
+                    model=ModelConfig(random_init=True, vocab=args.vocab, s3_endpoint=s3),
+                )
+            )
+            rows.append(
+                {
+                    "committed": n + 1,
+                    "skipped": summary.shards_skipped,
+                    "start_to_end_s": round(time.perf_counter() - t0, 3),
+                    "setup_s": round(made, 1),
+                }
+            )
             print(rows[-1], flush=True)
         finally:
             shutil.rmtree(root, ignore_errors=True)
@@ -312,9 +382,13 @@ def main() -> None:
     args.vocab = os.path.join(tempfile.mkdtemp(), "shapes.txt")
     with open(args.vocab, "w") as f:
         f.write("\n".join(shape_vocabulary_names()))
-    result = {"benchmark": f"label_scale {args.cmd}", "date": dt.date.today().isoformat(),
-              "machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "command": " ".join(sys.argv),
-              **(run(args) if args.cmd == "run" else listing(args))}
+    result = {
+        "benchmark": f"label_scale {args.cmd}",
+        "date": dt.date.today().isoformat(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+        "command": " ".join(sys.argv),
+        **(run(args) if args.cmd == "run" else listing(args)),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

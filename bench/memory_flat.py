@@ -30,8 +30,14 @@ import numpy as np
 
 from bench.benchlib import CommitWatcher, TreeSampler, machine_info, now_iso, pss_mib, save_json, write_bench_shards
 
-MEMORY_KEYS = ("pss_mib", "pss_anon_mib", "driver_pss_mib", "largest_process_pss_mib", "largest_process_anon_mib",
-               "object_store_mib")
+MEMORY_KEYS = (
+    "pss_mib",
+    "pss_anon_mib",
+    "driver_pss_mib",
+    "largest_process_pss_mib",
+    "largest_process_anon_mib",
+    "object_store_mib",
+)
 
 
 class ObjectStoreProbe:
@@ -58,9 +64,11 @@ class ObjectStoreProbe:
             stats = get_memory_info_reply(self.state, timeout_seconds=10).store_stats
         except Exception:  # noqa: BLE001
             return empty
-        return {"object_store_mib": round(stats.object_store_bytes_used / 2**20, 1),
-                "object_store_objects": int(stats.num_local_objects),
-                "spilled_mib": round(stats.spilled_bytes_total / 2**20, 1)}
+        return {
+            "object_store_mib": round(stats.object_store_bytes_used / 2**20, 1),
+            "object_store_objects": int(stats.num_local_objects),
+            "spilled_mib": round(stats.spilled_bytes_total / 2**20, 1),
+        }
 
 
 def summarize(samples: list[dict[str, Any]], total: int) -> dict[str, Any]:
@@ -84,17 +92,24 @@ def summarize(samples: list[dict[str, Any]], total: int) -> dict[str, Any]:
 
 
 def table(summary: dict[str, Any]) -> str:
-    lines = ["| progress | time (s) | images committed | PSS, all processes (MiB) | of it private (anon) "
-             "| driver PSS | largest process: PSS / private | object store used (MiB) |", "|" + "---|" * 8]
+    lines = [
+        "| progress | time (s) | images committed | PSS, all processes (MiB) | of it private (anon) "
+        "| driver PSS | largest process: PSS / private | object store used (MiB) |",
+        "|" + "---|" * 8,
+    ]
     for pct, r in summary["at_progress"].items():
-        lines.append(f"| {pct} | {r['t_s']:.0f} | {r['images_committed']} | {r['pss_mib']:.0f} | "
-                     f"{r['pss_anon_mib']:.0f} | {r['driver_pss_mib']:.0f} | {r['largest_process_pss_mib']:.0f} / "
-                     f"{r['largest_process_anon_mib']:.0f} ({r['largest_process']}) | {r['object_store_mib']} |")
+        lines.append(
+            f"| {pct} | {r['t_s']:.0f} | {r['images_committed']} | {r['pss_mib']:.0f} | "
+            f"{r['pss_anon_mib']:.0f} | {r['driver_pss_mib']:.0f} | {r['largest_process_pss_mib']:.0f} / "
+            f"{r['largest_process_anon_mib']:.0f} ({r['largest_process']}) | {r['object_store_mib']} |"
+        )
     for window, s in summary["slope_mib_per_1000_images"].items():
-        lines.append(f"| slope {window.replace('_', ' ').replace('pct', '%')} (MiB per 1,000 images) | | | "
-                     f"{s.get('pss_mib')} | {s.get('pss_anon_mib')} | {s.get('driver_pss_mib')} | "
-                     f"{s.get('largest_process_pss_mib')} / {s.get('largest_process_anon_mib')} | "
-                     f"{s.get('object_store_mib')} |")
+        lines.append(
+            f"| slope {window.replace('_', ' ').replace('pct', '%')} (MiB per 1,000 images) | | | "
+            f"{s.get('pss_mib')} | {s.get('pss_anon_mib')} | {s.get('driver_pss_mib')} | "
+            f"{s.get('largest_process_pss_mib')} / {s.get('largest_process_anon_mib')} | "
+            f"{s.get('object_store_mib')} |"
+        )
     return "\n".join(lines)
 
 
@@ -106,17 +121,27 @@ def run(args: argparse.Namespace, work: str) -> dict[str, Any]:
     from ovsam_ray.pipeline.label_job import LabelConfig, run_label
 
     t0 = time.time()
-    write_bench_shards(os.path.join(work, "shards"), num_images=args.num_images,
-                       images_per_shard=args.images_per_shard, size=(args.width, args.height), prompts=args.prompts,
-                       objects=(1, 4))
+    write_bench_shards(
+        os.path.join(work, "shards"),
+        num_images=args.num_images,
+        images_per_shard=args.images_per_shard,
+        size=(args.width, args.height),
+        prompts=args.prompts,
+        objects=(1, 4),
+    )
     generate_s = time.time() - t0
     print(f"[memory_flat] {args.num_images} images generated in {generate_s:.0f} s", file=sys.stderr, flush=True)
     vocab = os.path.join(work, "vocab.txt")
     with open(vocab, "w") as f:
         f.write("\n".join(shape_vocabulary_names()))
     output = os.path.join(work, "labels")
-    cfg = LabelConfig(input=os.path.join(work, "shards"), output=output, batch_size=args.batch_size,
-                      model=ModelConfig(preset=args.preset, random_init=True, vocab=vocab), progress_interval_s=60.0)
+    cfg = LabelConfig(
+        input=os.path.join(work, "shards"),
+        output=output,
+        batch_size=args.batch_size,
+        model=ModelConfig(preset=args.preset, random_init=True, vocab=vocab),
+        progress_interval_s=60.0,
+    )
     store = args.object_store_mib * 2**20 if args.object_store_mib else None
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=store)
     watcher, store_probe = CommitWatcher(output), ObjectStoreProbe()
@@ -131,9 +156,13 @@ def run(args: argparse.Namespace, work: str) -> dict[str, Any]:
     finally:
         sampler.stop()
         ray.shutdown()
-    return {"generate_s": round(generate_s, 1), "job": summary.to_dict(), "samples": sampler.samples,
-            "steady_images_per_s": watcher.steady_images_per_s(), "cpu_cores": round(
-                sampler.cpu_seconds / max(summary.wall_time_s, 1e-9), 2)}
+    return {
+        "generate_s": round(generate_s, 1),
+        "job": summary.to_dict(),
+        "samples": sampler.samples,
+        "steady_images_per_s": watcher.steady_images_per_s(),
+        "cpu_cores": round(sampler.cpu_seconds / max(summary.wall_time_s, 1e-9), 2),
+    }
 
 
 def main() -> None:
@@ -164,8 +193,16 @@ def main() -> None:
     summary = summarize(samples, result["job"]["images"])
     machine = machine_info()
     machine["load_average_start"] = load_start
-    record = {"benchmark": "memory_flat", "date": now_iso(), "machine": machine, "command": " ".join(sys.argv),
-              "config": vars(args), "random_init": True, **result, **summary}
+    record = {
+        "benchmark": "memory_flat",
+        "date": now_iso(),
+        "machine": machine,
+        "command": " ".join(sys.argv),
+        "config": vars(args),
+        "random_init": True,
+        **result,
+        **summary,
+    }
     save_json(record, args.out)
     csv_path = os.path.splitext(args.out)[0] + ".csv"
     keys = list(dict.fromkeys(k for s in samples for k in s))
@@ -175,9 +212,11 @@ def main() -> None:
         writer.writerows(samples)
     job = result["job"]
     print(table(summary))
-    print(f"\n{job['images']} images ({job['images_error']} errors) in {job['wall_time_s']:.0f} s: "
-          f"{job['images_per_s']} images/s end to end, steady {result['steady_images_per_s']}; "
-          f"CPU cores used {result['cpu_cores']}")
+    print(
+        f"\n{job['images']} images ({job['images_error']} errors) in {job['wall_time_s']:.0f} s: "
+        f"{job['images_per_s']} images/s end to end, steady {result['steady_images_per_s']}; "
+        f"CPU cores used {result['cpu_cores']}"
+    )
     print(f"wrote {args.out} and {csv_path}", file=sys.stderr)
 
 

@@ -67,32 +67,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     p.add_argument("--num-images", type=int, default=None, help="images generated; c and d run all (1024 / 16)")
     p.add_argument("--ref-images", type=int, default=None, help="images for a (default min(num-images, 64))")
-    p.add_argument("--baseline-images", type=int, default=None,
-                   help="images for b (default: --ref-images on cuda, 2 on cpu)")
+    p.add_argument(
+        "--baseline-images", type=int, default=None, help="images for b (default: --ref-images on cuda, 2 on cpu)"
+    )
     p.add_argument("--stage-images", type=int, default=128, help="images of the synchronised per-stage pass (GPU)")
     p.add_argument("--prompts", type=int, default=20, help="box prompts per image")
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--images-per-shard", type=int, default=None, help="default 64 on cuda, 4 on cpu")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward for b/c/d (8 on cuda, 4 on cpu)")
-    p.add_argument("--sam-arch", default=None, choices=["vit_h", "vit_l", "vit_b"],
-                   help="SAM of the baseline (default vit_h on cuda, vit_b on cpu)")
+    p.add_argument(
+        "--sam-arch",
+        default=None,
+        choices=["vit_h", "vit_l", "vit_b"],
+        help="SAM of the baseline (default vit_h on cuda, vit_b on cpu)",
+    )
     p.add_argument("--crop-clip", default=None, help="open_clip model of the baseline (RN50x16 on cuda, RN50 on cpu)")
-    p.add_argument("--fast", choices=["auto", "on", "off"], default="auto",
-                   help="mode c's bf16 autocast + channels_last (auto: on CUDA only; on: also on a CPU, CPU bf16)")
-    p.add_argument("--rle-on-device", choices=["auto", "on", "off"], default="auto",
-                   help="c/b: masks run-length encoded on the device (auto: on cuda only, as the job does)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads in modes a-c (default: torch's, one per core); d sets its own")
-    p.add_argument("--omp-wait-policy", default=None,
-                   help="OMP_WAIT_POLICY for the children (default PASSIVE on cpu: with spinning OpenMP "
-                        "threads a niced run on shared cores slows down ~10x; '' leaves it unset)")
+    p.add_argument(
+        "--fast",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="mode c's bf16 autocast + channels_last (auto: on CUDA only; on: also on a CPU, CPU bf16)",
+    )
+    p.add_argument(
+        "--rle-on-device",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="c/b: masks run-length encoded on the device (auto: on cuda only, as the job does)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads in modes a-c (default: torch's, one per core); d sets its own",
+    )
+    p.add_argument(
+        "--omp-wait-policy",
+        default=None,
+        help="OMP_WAIT_POLICY for the children (default PASSIVE on cpu: with spinning OpenMP "
+        "threads a niced run on shared cores slows down ~10x; '' leaves it unset)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak for MFU")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/perf_<device>_<preset>.json)")
     p.add_argument("--keep-work", action="store_true", help="keep the generated shards and predictions")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
-    p.add_argument("--work", help="work folder for shards, per-mode results and predictions (default: a new "
-                                  "temporary folder, removed at the end unless --keep-work; a given one is kept)")
+    p.add_argument(
+        "--work",
+        help="work folder for shards, per-mode results and predictions (default: a new "
+        "temporary folder, removed at the end unless --keep-work; a given one is kept)",
+    )
     return p.parse_args(argv)
 
 
@@ -167,8 +190,10 @@ def _label(mode: str, cfg: dict[str, Any], row: dict[str, Any]) -> str:
 def _stage_text(row: dict[str, Any]) -> str:
     if "steady_images_per_s" in row:
         steady = row.get("steady_images_per_s")
-        return (f"end to end incl. start-up; first commit at {row.get('first_commit_s')} s; "
-                f"steady {steady if steady is not None else 'n/a'} img/s")
+        return (
+            f"end to end incl. start-up; first commit at {row.get('first_commit_s')} s; "
+            f"steady {steady if steady is not None else 'n/a'} img/s"
+        )
     return ", ".join(f"{k} {_num(v)}" for k, v in row.get("stages_ms", {}).items())
 
 
@@ -199,23 +224,29 @@ def finish_rows(rows: dict[str, dict], cfg: dict[str, Any], peak: float | None) 
 
 
 def table(rows: dict[str, dict], cfg: dict[str, Any]) -> str:
-    head = ("| mode | images | images/s | ms/image | ms per image by stage | GFLOP/image | TFLOP/s | MFU (bf16 peak) "
-            "| peak GPU MiB | peak host MiB (PSS) | CPU cores used |")
+    head = (
+        "| mode | images | images/s | ms/image | ms per image by stage | GFLOP/image | TFLOP/s | MFU (bf16 peak) "
+        "| peak GPU MiB | peak host MiB (PSS) | CPU cores used |"
+    )
     lines = [head, "|" + "---|" * 11]
     for mode, row in rows.items():
         if "error" in row:
             lines.append(f"| {mode} | failed: {row['error']} |" + " |" * 9)
             continue
         gpu = row.get("peak_gpu_mib")
-        gpu_text = "n/a" if gpu is None else (f"{gpu:.0f} (device used)" if row.get("peak_gpu_is_device_used")
-                                               else f"{gpu:.0f}")
+        gpu_text = (
+            "n/a"
+            if gpu is None
+            else (f"{gpu:.0f} (device used)" if row.get("peak_gpu_is_device_used") else f"{gpu:.0f}")
+        )
         mfu = "n/a" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"
         lines.append(
             f"| {_label(mode, cfg, row)} | {row['images']} | {_num(row['images_per_s'])} | "
             f"{_num(row['ms_per_image'])} | "
             f"{_stage_text(row)} | {_fmt(row.get('gflops_per_image'), ',.4g')} | "
             f"{_fmt(row.get('achieved_tflops'), '.3g')} | {mfu} | {gpu_text} | {row['peak_host_mib']:,.0f} | "
-            f"{row['cpu_cores']:.2f} |")
+            f"{row['cpu_cores']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -250,8 +281,11 @@ def _run_modes(cfg: dict[str, Any], work: str) -> dict[str, dict]:
             continue
         with open(path) as f:
             rows[mode] = json.load(f)
-        print(f"[perf] mode {mode}: {rows[mode]['images_per_s']} images/s ({time.time() - t0:.0f} s with set-up)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[perf] mode {mode}: {rows[mode]['images_per_s']} images/s ({time.time() - t0:.0f} s with set-up)",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -267,9 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(work, exist_ok=True)
     try:
         t0 = time.time()
-        write_bench_shards(os.path.join(work, "shards"), num_images=cfg["num_images"],
-                           images_per_shard=cfg["images_per_shard"], size=tuple(cfg["image_size"]),
-                           prompts=cfg["prompts"])
+        write_bench_shards(
+            os.path.join(work, "shards"),
+            num_images=cfg["num_images"],
+            images_per_shard=cfg["images_per_shard"],
+            size=tuple(cfg["image_size"]),
+            prompts=cfg["prompts"],
+        )
         print(f"[perf] {cfg['num_images']} images generated in {time.time() - t0:.1f} s -> {work}", file=sys.stderr)
         from ovsam_ray.data.synthetic import shape_vocabulary_names
 
@@ -299,23 +337,38 @@ def main(argv: list[str] | None = None) -> None:
     lines = [text, ""]
     for name, chk in numeric.items():
         if "ok" in chk:  # benchlib.fast_vs_fp32
-            lines.append(f"- {name}: {'ok' if chk['ok'] else 'FAILED'} on {chk['images']} images, {chk['prompts']} "
-                         f"prompts: logits max |diff| {chk['logit_max_abs_diff']:.3g} (tol {chk['logit_tol']:.3g}), "
-                         f"{chk['mask_pixels_off']} mask pixels off away from the threshold, labels "
-                         f"{chk['labels_decided_equal']}/{chk['labels_decided']} equal where decided; mask IoU "
-                         f"min {_fmt(chk['mask_iou_min'])}, mean {_fmt(chk['mask_iou_mean'])} (reported)")
+            lines.append(
+                f"- {name}: {'ok' if chk['ok'] else 'FAILED'} on {chk['images']} images, {chk['prompts']} "
+                f"prompts: logits max |diff| {chk['logit_max_abs_diff']:.3g} (tol {chk['logit_tol']:.3g}), "
+                f"{chk['mask_pixels_off']} mask pixels off away from the threshold, labels "
+                f"{chk['labels_decided_equal']}/{chk['labels_decided']} equal where decided; mask IoU "
+                f"min {_fmt(chk['mask_iou_min'])}, mean {_fmt(chk['mask_iou_mean'])} (reported)"
+            )
             continue
-        lines.append(f"- {name}: {chk['prompts']} prompts on {chk['images']} images; labels equal "
-                     f"{_fmt(chk['labels_equal_fraction'])}; mask IoU min {_fmt(chk['mask_iou_min'])}, "
-                     f"mean {_fmt(chk['mask_iou_mean'])}")
-    lines.append(f"- Ray overhead ratio d / c: {_fmt(ratio)} end to end, {_fmt(steady_ratio)} steady state "
-                 "(target >= 0.8)")
+        lines.append(
+            f"- {name}: {chk['prompts']} prompts on {chk['images']} images; labels equal "
+            f"{_fmt(chk['labels_equal_fraction'])}; mask IoU min {_fmt(chk['mask_iou_min'])}, "
+            f"mean {_fmt(chk['mask_iou_mean'])}"
+        )
+    lines.append(
+        f"- Ray overhead ratio d / c: {_fmt(ratio)} end to end, {_fmt(steady_ratio)} steady state (target >= 0.8)"
+    )
     lines.append(f"- peak for MFU: {_fmt(peak)} TFLOP/s dense bf16 ({machine.get('gpu') or 'CPU: no peak claimed'})")
     report = "\n".join(lines)
     print(report)
-    result = {"benchmark": "perf", "date": now_iso(), "machine": machine, "command": " ".join(sys.argv),
-              "config": cfg, "random_init": True, "peak_bf16_tflops": peak, "rows": rows, "checks": numeric,
-              "ray_overhead_ratio": ratio, "ray_overhead_ratio_steady": steady_ratio}
+    result = {
+        "benchmark": "perf",
+        "date": now_iso(),
+        "machine": machine,
+        "command": " ".join(sys.argv),
+        "config": cfg,
+        "random_init": True,
+        "peak_bf16_tflops": peak,
+        "rows": rows,
+        "checks": numeric,
+        "ray_overhead_ratio": ratio,
+        "ray_overhead_ratio_steady": steady_ratio,
+    }
     save_json(result, out)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         f.write(report + "\n")

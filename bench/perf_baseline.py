@@ -27,8 +27,17 @@ class CropBaseline:
     """SAM masks + CLIP crop labels for box prompts; ``__call__`` returns per image
     ``[[label, rle], ...]`` and charges its stages to a ``StageTimer``."""
 
-    def __init__(self, *, sam: torch.nn.Module, clip_visual: torch.nn.Module, text: torch.Tensor,
-                 device: torch.device, fast: bool, rle_on_device: bool, crop_chunk: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        sam: torch.nn.Module,
+        clip_visual: torch.nn.Module,
+        text: torch.Tensor,
+        device: torch.device,
+        fast: bool,
+        rle_on_device: bool,
+        crop_chunk: int = 256,
+    ) -> None:
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -83,9 +92,13 @@ class CropBaseline:
             for i, b in enumerate(boxes):
                 b = self.transform.apply_boxes_torch(torch.as_tensor(b, device=dev), pixels[i].shape[-2:])
                 sparse, dense = sam.prompt_encoder(points=None, boxes=b, masks=None)
-                low, _ = sam.mask_decoder(image_embeddings=embeddings[i : i + 1], image_pe=image_pe,
-                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                          multimask_output=False)
+                low, _ = sam.mask_decoder(
+                    image_embeddings=embeddings[i : i + 1],
+                    image_pe=image_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                )
                 lows.append(low)
         with timer.stage("post"):
             rles = []
@@ -95,7 +108,8 @@ class CropBaseline:
         with timer.stage("crop"):
             crops = torch.cat([c for p, b in zip(pixels, boxes) for c in self._crops(p, b)])
             crops = ((crops - self.mean) / self.std).contiguous(
-                memory_format=torch.channels_last if self.fast else torch.contiguous_format)
+                memory_format=torch.channels_last if self.fast else torch.contiguous_format
+            )
         with timer.stage("clip"), self._autocast():
             step = self.crop_chunk
             feats = torch.cat([self.clip(crops[j : j + step]) for j in range(0, len(crops), step)])
@@ -133,8 +147,9 @@ def build_baseline(args: dict[str, Any], work: str, device: torch.device) -> Cro
     text = F.normalize(torch.randn(num_classes, clip_visual.output_dim), dim=-1).to(device)
     cuda = device.type == "cuda"
     rle_on_device = cuda if args["rle_on_device"] is None else args["rle_on_device"]
-    return CropBaseline(sam=sam, clip_visual=clip_visual, text=text, device=device, fast=cuda,
-                        rle_on_device=rle_on_device)
+    return CropBaseline(
+        sam=sam, clip_visual=clip_visual, text=text, device=device, fast=cuda, rle_on_device=rle_on_device
+    )
 
 
 def run_baseline(args: dict[str, Any], work: str) -> dict[str, Any]:
@@ -159,9 +174,22 @@ def run_baseline(args: dict[str, Any], work: str) -> dict[str, Any]:
         timer = StageTimer(sync)
         _baseline_pass(model, samples[:stage_images], batch, timer)
     stages = {k: round(1e3 * timer.seconds.get(k, 0.0) / stage_images, 3) for k in BASELINE_STAGES}
-    settings = {"sam_arch": args["sam_arch"], "crop_clip": args["crop_clip"], "clip_input": list(model.clip_size),
-                "batch_size": batch, "bf16": model.fast and device.type == "cuda",
-                "rle_on_device": model.rle_on_device, "threads": torch.get_num_threads()}
-    return {**m, "images": len(samples), "images_per_s": round(len(samples) / m["wall_s"], 3),
-            "ms_per_image": round(1e3 * m["wall_s"] / len(samples), 2), "stages_ms": stages,
-            "stage_images": stage_images, "flops_per_image": flops, "settings": settings}
+    settings = {
+        "sam_arch": args["sam_arch"],
+        "crop_clip": args["crop_clip"],
+        "clip_input": list(model.clip_size),
+        "batch_size": batch,
+        "bf16": model.fast and device.type == "cuda",
+        "rle_on_device": model.rle_on_device,
+        "threads": torch.get_num_threads(),
+    }
+    return {
+        **m,
+        "images": len(samples),
+        "images_per_s": round(len(samples) / m["wall_s"], 3),
+        "ms_per_image": round(1e3 * m["wall_s"] / len(samples), 2),
+        "stages_ms": stages,
+        "stage_images": stage_images,
+        "flops_per_image": flops,
+        "settings": settings,
+    }

@@ -72,8 +72,12 @@ def _measure(device: torch.device, run: Any) -> dict[str, Any]:
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
     sampler.stop()
-    out = {"wall_s": round(wall, 3), "peak_host_mib": round(sampler.peak_pss_mib, 1),
-           "cpu_cores": round(sampler.cpu_seconds / wall, 2), "result": result}
+    out = {
+        "wall_s": round(wall, 3),
+        "peak_host_mib": round(sampler.peak_pss_mib, 1),
+        "cpu_cores": round(sampler.cpu_seconds / wall, 2),
+        "result": result,
+    }
     out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
     return out
 
@@ -81,8 +85,9 @@ def _measure(device: torch.device, run: Any) -> dict[str, Any]:
 # --- a and c: our predictor -----------------------------------------------------------------------
 
 
-def _build_ours(cfg: Any, mode: str, device: torch.device, rle_on_device: bool | None,
-                fast: bool | None = None) -> tuple[Any, Any]:
+def _build_ours(
+    cfg: Any, mode: str, device: torch.device, rle_on_device: bool | None, fast: bool | None = None
+) -> tuple[Any, Any]:
     from ovsam_ray.inference import load_model, make_predictor, vocabulary_text
     from ovsam_ray.model.classifier import OpenVocabClassifier
     from ovsam_ray.model.predictor import OVSAMPredictor
@@ -92,10 +97,12 @@ def _build_ours(cfg: Any, mode: str, device: torch.device, rle_on_device: bool |
     text, vocab = vocabulary_text(cfg, loaded, device)
     if mode == "c":
         return make_predictor(cfg, loaded, text, vocab, device, rle_on_device=rle_on_device, fast=fast), vocab
-    classifier = OpenVocabClassifier(text_embeddings=text, seen=vocab.seen_tensor(), excluded=vocab.excluded_tensor(),
-                                     logit_scale=loaded.logit_scale)
-    predictor = OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk, fast=False,
-                               fast_attention=False, rle_on_device=False)
+    classifier = OpenVocabClassifier(
+        text_embeddings=text, seen=vocab.seen_tensor(), excluded=vocab.excluded_tensor(), logit_scale=loaded.logit_scale
+    )
+    predictor = OVSAMPredictor(
+        loaded.model, classifier, device=device, topk=cfg.topk, fast=False, fast_attention=False, rle_on_device=False
+    )
     return predictor, vocab
 
 
@@ -156,8 +163,14 @@ def _fast_check(predictor: Any, samples: list[dict]) -> dict[str, Any]:
 
     decoded = [d for d in map(decode_sample, samples[:FAST_CHECK_IMAGES]) if d.ok]
     images, prompts = [d.image for d in decoded], [image_prompts(d) for d in decoded]
-    ref = OVSAMPredictor(predictor.model, predictor.classifier, device=predictor.device, topk=predictor.topk,
-                         fast=False, rle_on_device=False)
+    ref = OVSAMPredictor(
+        predictor.model,
+        predictor.classifier,
+        device=predictor.device,
+        topk=predictor.topk,
+        fast=False,
+        rle_on_device=False,
+    )
     embedded = ref.embed(images)
     expected = ref.predict(embedded, prompts)
     got = predictor(images, prompts)
@@ -194,12 +207,25 @@ def run_ours(mode: str, args: dict[str, Any], work: str) -> dict[str, Any]:
     with open(os.path.join(work, f"pred_{mode}.json"), "w") as f:
         json.dump(preds, f)
     stages = {k: round(1e3 * v / stage_images, 3) for k, v in _leaf_stages(timer.seconds).items()}
-    settings = {"batch_size": batch, "fast": predictor.fast, "rle_on_device": predictor.rle_on_device,
-                "fast_attention": mode == "c", "prompt_chunk": predictor.prompt_chunk,
-                "threads": torch.get_num_threads()}
-    return {**m, "images": len(samples), "images_per_s": round(len(samples) / m["wall_s"], 3),
-            "ms_per_image": round(1e3 * m["wall_s"] / len(samples), 2), "stages_ms": stages,
-            "stage_images": stage_images, "flops_per_image": flops, "settings": settings, **extra}
+    settings = {
+        "batch_size": batch,
+        "fast": predictor.fast,
+        "rle_on_device": predictor.rle_on_device,
+        "fast_attention": mode == "c",
+        "prompt_chunk": predictor.prompt_chunk,
+        "threads": torch.get_num_threads(),
+    }
+    return {
+        **m,
+        "images": len(samples),
+        "images_per_s": round(len(samples) / m["wall_s"], 3),
+        "ms_per_image": round(1e3 * m["wall_s"] / len(samples), 2),
+        "stages_ms": stages,
+        "stage_images": stage_images,
+        "flops_per_image": flops,
+        "settings": settings,
+        **extra,
+    }
 
 
 # --- d: the label job -----------------------------------------------------------------------------
@@ -224,9 +250,14 @@ def run_job(args: dict[str, Any], work: str) -> dict[str, Any]:
 
     cuda = args["device"] == "cuda"
     output = os.path.join(work, "labels")
-    cfg = LabelConfig(input=os.path.join(work, "shards"), output=output, batch_size=args["batch_size"],
-                      model=ModelConfig(preset=args["preset"], random_init=True, vocab=os.path.join(work, "vocab.txt")),
-                      num_gpus=1.0 if cuda else 0.0, progress_interval_s=30.0)
+    cfg = LabelConfig(
+        input=os.path.join(work, "shards"),
+        output=output,
+        batch_size=args["batch_size"],
+        model=ModelConfig(preset=args["preset"], random_init=True, vocab=os.path.join(work, "vocab.txt")),
+        num_gpus=1.0 if cuda else 0.0,
+        progress_interval_s=30.0,
+    )
     ray.init(num_cpus=os.cpu_count(), num_gpus=1 if cuda else 0, include_dashboard=False)
     watcher = CommitWatcher(output)
     sampler = TreeSampler(interval_s=0.5, gpu=cuda, probe=watcher.probe).start()
@@ -242,13 +273,24 @@ def run_job(args: dict[str, Any], work: str) -> dict[str, Any]:
     if sampler.peak_gpu_mib is not None:
         gpu = round(sampler.peak_gpu_mib - (sampler.samples[0].get("gpu_used_mib") or 0.0), 1)
     steady = watcher.steady_images_per_s()
-    return {"wall_s": round(wall, 3), "images": summary.images, "errors": summary.images_error,
-            "images_per_s": round(summary.images_per_s, 3),
-            "ms_per_image": round(1e3 * wall / max(summary.images, 1), 2),
-            "steady_images_per_s": round(steady, 3) if steady else None,
-            "first_commit_s": round(watcher.events[0][0] - sampler.t0, 1) if watcher.events else None,
-            "peak_host_mib": round(sampler.peak_pss_mib, 1), "peak_gpu_mib": gpu, "peak_gpu_is_device_used": True,
-            "cpu_cores": round(sampler.cpu_seconds / max(wall, 1e-9), 2), "stages_ms": {},
-            "settings": {"batch_size": args["batch_size"], "num_gpus_per_actor": cfg.num_gpus, "concurrency": 1,
-                         "shards": len(glob.glob(os.path.join(work, "shards", "shard-*.tar")))},
-            "samples": sampler.samples}
+    return {
+        "wall_s": round(wall, 3),
+        "images": summary.images,
+        "errors": summary.images_error,
+        "images_per_s": round(summary.images_per_s, 3),
+        "ms_per_image": round(1e3 * wall / max(summary.images, 1), 2),
+        "steady_images_per_s": round(steady, 3) if steady else None,
+        "first_commit_s": round(watcher.events[0][0] - sampler.t0, 1) if watcher.events else None,
+        "peak_host_mib": round(sampler.peak_pss_mib, 1),
+        "peak_gpu_mib": gpu,
+        "peak_gpu_is_device_used": True,
+        "cpu_cores": round(sampler.cpu_seconds / max(wall, 1e-9), 2),
+        "stages_ms": {},
+        "settings": {
+            "batch_size": args["batch_size"],
+            "num_gpus_per_actor": cfg.num_gpus,
+            "concurrency": 1,
+            "shards": len(glob.glob(os.path.join(work, "shards", "shard-*.tar"))),
+        },
+        "samples": sampler.samples,
+    }

@@ -43,10 +43,16 @@ def _model_alone(shards: list[str], model_cfg, batch_size: int) -> dict:
 def _job(shards_dir: str, out_dir: str, model_cfg, batch_size: int) -> dict:
     from ovsam_ray.pipeline.label_job import LabelConfig, run_label
 
-    summary = run_label(LabelConfig(input=shards_dir, output=out_dir, model=model_cfg, batch_size=batch_size,
-                                    progress_interval_s=30.0))
-    return {"images": summary.images, "masks": summary.masks, "wall_s": summary.wall_time_s,
-            "images_per_s": summary.images_per_s, "errors": summary.images_error}
+    summary = run_label(
+        LabelConfig(input=shards_dir, output=out_dir, model=model_cfg, batch_size=batch_size, progress_interval_s=30.0)
+    )
+    return {
+        "images": summary.images,
+        "masks": summary.masks,
+        "wall_s": summary.wall_time_s,
+        "images_per_s": summary.images_per_s,
+        "errors": summary.images_error,
+    }
 
 
 def overhead(args: argparse.Namespace) -> dict:
@@ -58,9 +64,15 @@ def overhead(args: argparse.Namespace) -> dict:
     work = tempfile.mkdtemp(prefix="ovsam_bench_")
     try:
         shards_dir = os.path.join(work, "shards")
-        shards = generate_shards(shards_dir, num_images=args.num_images, images_per_shard=args.images_per_shard,
-                                 seed=0, image_size=(args.width, args.height), min_objects=args.objects,
-                                 max_objects=args.objects)
+        shards = generate_shards(
+            shards_dir,
+            num_images=args.num_images,
+            images_per_shard=args.images_per_shard,
+            seed=0,
+            image_size=(args.width, args.height),
+            min_objects=args.objects,
+            max_objects=args.objects,
+        )
         vocab = os.path.join(work, "vocab.txt")
         from ovsam_ray.data.synthetic import shape_vocabulary_names
 
@@ -114,11 +126,24 @@ def classify(args: argparse.Namespace) -> dict:
                 sl = slice(start, start + args.chunk)
                 clf(region[sl], clip[sl], valid[sl])
             wall = time.time() - t0
-        rows.append({"classes": num_classes, "synonyms": args.synonyms, "dim": args.dim, "masks": args.masks,
-                     "ms_per_mask": 1000 * wall / args.masks, "text_embedding_mib": text.numel() * 4 / 2**20,
-                     "peak_mem_delta_mib": _peak_delta_mib(mem)})
-    return {"benchmark": "classify", "date": now_iso(), "machine": machine_info(),
-            "command": " ".join(sys.argv), "rows": rows}
+        rows.append(
+            {
+                "classes": num_classes,
+                "synonyms": args.synonyms,
+                "dim": args.dim,
+                "masks": args.masks,
+                "ms_per_mask": 1000 * wall / args.masks,
+                "text_embedding_mib": text.numel() * 4 / 2**20,
+                "peak_mem_delta_mib": _peak_delta_mib(mem),
+            }
+        )
+    return {
+        "benchmark": "classify",
+        "date": now_iso(),
+        "machine": machine_info(),
+        "command": " ".join(sys.argv),
+        "rows": rows,
+    }
 
 
 def main() -> None:
@@ -147,17 +172,21 @@ def main() -> None:
         print("| classes | synonyms | D | ms per mask | text emb MiB | peak mem MiB |")
         print("|---|---|---|---|---|---|")
         for r in result["rows"]:
-            print(f"| {r['classes']} | {r['synonyms']} | {r['dim']} | {r['ms_per_mask']:.3f} | "
-                  f"{r['text_embedding_mib']:.1f} | {r['peak_mem_delta_mib']} |")
+            print(
+                f"| {r['classes']} | {r['synonyms']} | {r['dim']} | {r['ms_per_mask']:.3f} | "
+                f"{r['text_embedding_mib']:.1f} | {r['peak_mem_delta_mib']} |"
+            )
         return
     result = overhead(args)
     save_json(result, args.out)
     a, j = result["model_alone"], result["job"]
     print("| date | machine | preset | images | model alone img/s | job img/s | ratio | peak mem job (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {result['date'][:10]} | {result['machine']['cpu']} x{result['machine']['cores']} | {args.preset} | "
-          f"{args.num_images} | {a['images_per_s']:.3f} | {j['images_per_s']:.3f} | {result['ray_overhead_ratio']} | "
-          f"{j['peak_mem_delta_mib']} |")
+    print(
+        f"| {result['date'][:10]} | {result['machine']['cpu']} x{result['machine']['cores']} | {args.preset} | "
+        f"{args.num_images} | {a['images_per_s']:.3f} | {j['images_per_s']:.3f} | {result['ray_overhead_ratio']} | "
+        f"{j['peak_mem_delta_mib']} |"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ def _measure(layout: str, repeats: int) -> dict:
     names = shape_vocabulary_names()
     rng = np.random.default_rng(0)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-4)
-    scenes = cp.render_scene_batch(rng, 8, class_names=names, image_size=256, scene_sizes=((224, 168), (288, 224)),
-                                   objects=(2, 5))
+    scenes = cp.render_scene_batch(
+        rng, 8, class_names=names, image_size=256, scene_sizes=((224, 168), (288, 224)), objects=(2, 5)
+    )
     scene_x = scenes.images.contiguous(memory_format=fmt)
     pool = cp.render_crop_pool(64, seed=0, class_names=names, size=64)
     crops, _, _ = cp.grid_batch(pool, rng, class_names=names, colours_per_batch=4, templates=load_templates())
@@ -85,8 +86,11 @@ def main() -> None:
     for _ in range(a.rounds):
         for layout in runs:
             cmd = [sys.executable, "-m", "bench.stage0_layout_cpu", "--child", layout, "--repeats", str(a.repeats)]
-            runs[layout].append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                                           .strip().splitlines()[-1]))
+            runs[layout].append(
+                json.loads(
+                    subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                )
+            )
     result = {"date": now_iso(), "machine": machine_info(), "command": " ".join(sys.argv), "runs": runs}
     for layout, rs in runs.items():
         for part in ("scene_step", "crop_step"):

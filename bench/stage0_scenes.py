@@ -69,29 +69,56 @@ def main() -> None:
     recipe, names, tokenizer = TinyRecipe(), shape_vocabulary_names(), clip_tokenizer(PRESET)
     shards = eval_shards(os.path.join(a.eval_dir, f"seed{a.eval_seed}-n{a.eval_images}"), a.eval_images, a.eval_seed)
     held_out = list(held_out_images(shards, get_preset(PRESET).image_size))  # read and decoded once, scored twice
-    result: dict = {"date": now_iso(), "machine": machine_info(), "seed": a.seed, "crops_file": a.crops,
-                    "crop_steps": None if os.path.exists(a.crops) else a.crop_steps, "scene_steps": a.scene_steps,
-                    "scene_lr": a.scene_lr, "objects": list(a.objects),
-                    "eval_objects": sum(len(item.labels) for item in held_out)}
+    result: dict = {
+        "date": now_iso(),
+        "machine": machine_info(),
+        "seed": a.seed,
+        "crops_file": a.crops,
+        "crop_steps": None if os.path.exists(a.crops) else a.crop_steps,
+        "scene_steps": a.scene_steps,
+        "scene_lr": a.scene_lr,
+        "objects": list(a.objects),
+        "eval_objects": sum(len(item.labels) for item in held_out),
+    }
     torch.manual_seed(a.seed)  # as run_tiny_recipe: the same seed gives the same stage 0
     if os.path.exists(a.crops):
         clip_model = create_clip_model(PRESET, a.crops)
     else:
         clip_model = create_clip_model(PRESET)
         t0 = time.perf_counter()
-        pretrain_clip(clip_model, tokenizer, class_names=names, steps=a.crop_steps,
-                      colours_per_batch=recipe.stage0_colours, lr=recipe.stage0_lr, pool_size=recipe.stage0_pool,
-                      seed=a.seed)
+        pretrain_clip(
+            clip_model,
+            tokenizer,
+            class_names=names,
+            steps=a.crop_steps,
+            colours_per_batch=recipe.stage0_colours,
+            lr=recipe.stage0_lr,
+            pool_size=recipe.stage0_pool,
+            seed=a.seed,
+        )
         result["crops_s"] = time.perf_counter() - t0
         torch.save({"state_dict": clip_model.state_dict()}, a.crops)
     result["clip_accuracy_after_crops"] = clip_branch_accuracy(clip_model, held_out, names)
     t0 = time.perf_counter()
-    run = pretrain_clip_regions(clip_model, tokenizer, class_names=names, steps=a.scene_steps,
-                                image_size=get_preset(PRESET).image_size, scene_sizes=recipe.image_size,
-                                objects=tuple(a.objects), batch_size=recipe.stage0_scene_batch, lr=a.scene_lr,
-                                seed=a.seed, log_every=100)
-    result.update(scenes_s=time.perf_counter() - t0, last_loss=run.last_loss, text_separation=run.text_separation,
-                  clip_accuracy=clip_branch_accuracy(clip_model, held_out, names))
+    run = pretrain_clip_regions(
+        clip_model,
+        tokenizer,
+        class_names=names,
+        steps=a.scene_steps,
+        image_size=get_preset(PRESET).image_size,
+        scene_sizes=recipe.image_size,
+        objects=tuple(a.objects),
+        batch_size=recipe.stage0_scene_batch,
+        lr=a.scene_lr,
+        seed=a.seed,
+        log_every=100,
+    )
+    result.update(
+        scenes_s=time.perf_counter() - t0,
+        last_loss=run.last_loss,
+        text_separation=run.text_separation,
+        clip_accuracy=clip_branch_accuracy(clip_model, held_out, names),
+    )
     if a.save:
         torch.save({"state_dict": clip_model.state_dict()}, a.save)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))

@@ -66,14 +66,20 @@ def held_out_images(shards: list[str], image_size: int) -> Iterator[HeldOutImage
     for url in shards:
         for sample in iter_shard_samples(url):
             image = decode_image(sample["image_bytes"])
-            gt = gt_prompts(json.loads(sample["json_bytes"])["annotations"], height=image.shape[0],
-                            width=image.shape[1], mode="box")
+            gt = gt_prompts(
+                json.loads(sample["json_bytes"])["annotations"], height=image.shape[0], width=image.shape[1], mode="box"
+            )
             if not gt["boxes"]:
                 continue
             boxes = np.asarray(gt["boxes"], np.float32).reshape(-1, 4)
             x, (h, _) = preprocess_image(torch.from_numpy(np.ascontiguousarray(image)), image_size)
-            yield HeldOutImage(image, boxes, x, torch.as_tensor(boxes) * (h / image.shape[0]),
-                               np.array([names.index(n) for n in gt["labels"]]))
+            yield HeldOutImage(
+                image,
+                boxes,
+                x,
+                torch.as_tensor(boxes) * (h / image.shape[0]),
+                np.array([names.index(n) for n in gt["labels"]]),
+            )
 
 
 def accuracy_split(predictor: OVSAMPredictor, shards: list[str]) -> dict:
@@ -98,11 +104,18 @@ def accuracy_split(predictor: OVSAMPredictor, shards: list[str]) -> dict:
     bins = {}
     for lo, hi in IOU_BINS:
         sel = (ious >= lo) & (ious < hi)
-        bins[f"{lo}-{min(hi, 1.0)}"] = {"n": int(sel.sum()), "head_accuracy": float(head_arr[sel].mean()) if sel.any()
-                                        else None}
-    return {"objects": len(fused), "fused_accuracy": float(np.mean(fused)), "head_accuracy": float(np.mean(head)),
-            "clip_accuracy": float(np.mean(clip)), "head_accuracy_gt_boxes": float(np.mean(head_gt)),
-            "head_by_mask_box_iou": bins}
+        bins[f"{lo}-{min(hi, 1.0)}"] = {
+            "n": int(sel.sum()),
+            "head_accuracy": float(head_arr[sel].mean()) if sel.any() else None,
+        }
+    return {
+        "objects": len(fused),
+        "fused_accuracy": float(np.mean(fused)),
+        "head_accuracy": float(np.mean(head)),
+        "clip_accuracy": float(np.mean(clip)),
+        "head_accuracy_gt_boxes": float(np.mean(head_gt)),
+        "head_by_mask_box_iou": bins,
+    }
 
 
 def main() -> None:

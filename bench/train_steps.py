@@ -35,10 +35,8 @@ from bench.benchlib import machine_info, now_iso, save_json
 # distillation 24 epochs on 1% of SA-1B (11.1M images -> ~111k); co-training 12 epochs on COCO
 # train2017 (118,287 images), without the optional ImageNet-22k mixture.
 RECIPES = {
-    "distill": {"what": "SAM2CLIP distillation, 24 epochs x 1% of SA-1B (~111,000 images)",
-                "images": 24 * 111_000},
-    "cotrain": {"what": "CLIP2SAM co-training, 12 epochs x COCO train2017 (118,287 images)",
-                "images": 12 * 118_287},
+    "distill": {"what": "SAM2CLIP distillation, 24 epochs x 1% of SA-1B (~111,000 images)", "images": 24 * 111_000},
+    "cotrain": {"what": "CLIP2SAM co-training, 12 epochs x COCO train2017 (118,287 images)", "images": 12 * 118_287},
 }
 
 
@@ -46,11 +44,11 @@ RECIPES = {
 STEP_LINE = re.compile(r"\b(distill|cotrain) step (\d+): (.*)$")
 
 
-
 def _precision(run) -> str:
     """What ``loop.Runtime.autocast`` runs the steps in."""
     bf16 = run.precision == "bf16" or (run.precision == "auto" and run.use_gpu)
     return ("bf16 autocast" if bf16 else "fp32") + ("" if run.use_gpu else " (CPU)")
+
 
 def parse_step_line(line: str) -> dict[str, float] | None:
     """The metrics of one ``<stage> step N: k=v ...`` log line (as Ray forwards a worker's log), or None."""
@@ -73,23 +71,33 @@ def step_times(rows: list[dict[str, Any]], warmup_steps: int) -> dict[str, Any]:
     counted over all workers; a step reported by several workers counts once) and the steady
     median after ``warmup_steps``."""
     by_step = {int(r["step"]): r for r in reversed(rows) if r.get("images_per_s")}
-    steps = [{"step": k, "seconds": r["images"] / r["images_per_s"], "images": int(r["images"]),
-              "loss": r.get("loss")} for k, r in sorted(by_step.items())]
+    steps = [
+        {"step": k, "seconds": r["images"] / r["images_per_s"], "images": int(r["images"]), "loss": r.get("loss")}
+        for k, r in sorted(by_step.items())
+    ]
     steady = [s for s in steps if s["step"] > warmup_steps] or steps[-1:]
     if not steady:
         return {"steps": steps, "steady_step_s": None, "steady_images_per_s": None, "first_step_s": None}
     step_s = statistics.median(s["seconds"] for s in steady)
     images = statistics.median(s["images"] for s in steady)
-    return {"steps": steps, "steady_steps": len(steady), "steady_step_s": round(step_s, 4),
-            "steady_images_per_s": round(images / step_s, 3), "first_step_s": round(steps[0]["seconds"], 3)}
+    return {
+        "steps": steps,
+        "steady_steps": len(steady),
+        "steady_step_s": round(step_s, 4),
+        "steady_images_per_s": round(images / step_s, 3),
+        "first_step_s": round(steps[0]["seconds"], 3),
+    }
 
 
 def gpu_hours(stage: str, images_per_s_per_gpu: float | None) -> dict[str, Any] | None:
     recipe = RECIPES.get(stage)
     if recipe is None or not images_per_s_per_gpu:
         return None
-    return {**recipe, "gpu_hours": round(recipe["images"] / images_per_s_per_gpu / 3600, 1),
-            "note": "projection from the steady step time of this short run (random weights, synthetic data)"}
+    return {
+        **recipe,
+        "gpu_hours": round(recipe["images"] / images_per_s_per_gpu / 3600, 1),
+        "note": "projection from the steady step time of this short run (random weights, synthetic data)",
+    }
 
 
 def run_training(stage: str, train_argv: list[str], out: str, warmup_steps: int) -> int:
@@ -99,7 +107,11 @@ def run_training(stage: str, train_argv: list[str], out: str, warmup_steps: int)
 
     parser = train_cli.distill_parser() if stage == "distill" else train_cli.cotrain_parser()
     cfg_args = parser.parse_args(train_argv)
-    cfg = train_cli.distill_config_from_args(cfg_args) if stage == "distill" else train_cli.cotrain_config_from_args(cfg_args)
+    cfg = (
+        train_cli.distill_config_from_args(cfg_args)
+        if stage == "distill"
+        else train_cli.cotrain_config_from_args(cfg_args)
+    )
     if cfg.run.log_every != 1:
         raise SystemExit("--log-every 1 is needed: every step must report its own time")
     command = [sys.executable, "-m", "ovsam_ray.cli", "train", stage, *train_argv]
@@ -118,14 +130,23 @@ def run_training(stage: str, train_argv: list[str], out: str, warmup_steps: int)
     per_gpu = times["steady_images_per_s"] / gpus if (gpus and times["steady_images_per_s"]) else None
     steps_done = max((s["step"] for s in times["steps"]), default=0)
     record = {
-        "benchmark": f"train_{stage}", "date": now_iso(), "machine": machine_info(),
+        "benchmark": f"train_{stage}",
+        "date": now_iso(),
+        "machine": machine_info(),
         "command": " ".join(["ovsam-ray", "train", stage, *train_argv]),
-        "preset": cfg.model.preset, "random_init": cfg.model.random_init, "use_gpu": cfg.run.use_gpu,
-        "num_workers": cfg.run.num_workers, "batch_size_per_worker": cfg.run.batch_size,
-        "precision": _precision(cfg.run), "max_steps": cfg.run.max_steps,
-        "steps_done": steps_done, "wall_s": round(time.time() - t0, 1), "exit_code": rc,
+        "preset": cfg.model.preset,
+        "random_init": cfg.model.random_init,
+        "use_gpu": cfg.run.use_gpu,
+        "num_workers": cfg.run.num_workers,
+        "batch_size_per_worker": cfg.run.batch_size,
+        "precision": _precision(cfg.run),
+        "max_steps": cfg.run.max_steps,
+        "steps_done": steps_done,
+        "wall_s": round(time.time() - t0, 1),
+        "exit_code": rc,
         "error": None if rc == 0 else f"ovsam-ray train {stage} exited with {rc} (its log is above)",
-        **times, "images_per_s_per_gpu": round(per_gpu, 3) if per_gpu else None,
+        **times,
+        "images_per_s_per_gpu": round(per_gpu, 3) if per_gpu else None,
         "recipe_projection": gpu_hours(stage, per_gpu),
     }
     save_json(record, out)
@@ -144,8 +165,10 @@ def write_sam_encoder(kind: str, out: str, seed: int = 0) -> None:
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in sam_model_registry[kind](checkpoint=None).image_encoder.state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
-    state = {f"image_encoder.{k}": (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-             for k, shape in shapes.items()}
+    state = {
+        f"image_encoder.{k}": (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        for k, shape in shapes.items()
+    }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(state, out + ".tmp")
     os.replace(out + ".tmp", out)

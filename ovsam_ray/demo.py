@@ -58,8 +58,9 @@ def run_demo(cfg: DemoConfig) -> int:
     os.makedirs(cfg.work_dir, exist_ok=True)
     work = os.path.abspath(cfg.work_dir)
     eval_dir = os.path.join(work, "eval_shards")
-    shards = generate_shards(eval_dir, num_images=cfg.num_images, images_per_shard=cfg.images_per_shard,
-                             seed=cfg.seed + 1000)
+    shards = generate_shards(
+        eval_dir, num_images=cfg.num_images, images_per_shard=cfg.images_per_shard, seed=cfg.seed + 1000
+    )
     for url in shards:
         add_point_prompts(url)
     quick = cfg.quick
@@ -83,17 +84,21 @@ def run_demo(cfg: DemoConfig) -> int:
         json.dump(result, f, indent=1)
     print("=" * 72)
     print(banner)
-    print(f"labelled {summary.images} images ({summary.images_error} errors), {summary.masks} masks "
-          f"in {summary.wall_time_s:.1f}s -> {labels_dir}")
+    print(
+        f"labelled {summary.images} images ({summary.images_error} errors), {summary.masks} masks "
+        f"in {summary.wall_time_s:.1f}s -> {labels_dir}"
+    )
     print(table1_markdown(result["metrics"]), end="")
-    for split, name in (() if quick else (("", "all"), ("_base", "seen"), ("_novel", "unseen"))):
+    for split, name in () if quick else (("", "all"), ("_base", "seen"), ("_novel", "unseen")):
         print(_split_line(result["metrics"], split, name))
     print(f"metrics.json: {os.path.join(work, 'metrics.json')}")
-    print("read the labels:\n"
-          "  import pandas as pd; from pycocotools import mask as M\n"
-          f"  df = pd.read_parquet('{labels_dir}')\n"
-          "  inst = df.instances[0][0]; m = M.decode({'size': list(inst['rle']['size']), "
-          "'counts': inst['rle']['counts']})")
+    print(
+        "read the labels:\n"
+        "  import pandas as pd; from pycocotools import mask as M\n"
+        f"  df = pd.read_parquet('{labels_dir}')\n"
+        "  inst = df.instances[0][0]; m = M.decode({'size': list(inst['rle']['size']), "
+        "'counts': inst['rle']['counts']})"
+    )
     print("=" * 72)
     return 0 if summary.images_error == 0 else 1
 
@@ -106,9 +111,11 @@ def _split_line(metrics: dict, split: str, name: str) -> str:
         v = entry.get(key + split)
         return "-" if v is None else (f"{100 * v:.1f}%" if percent else f"{v:.3f}")
 
-    return (f"{name} classes ({box.get('objects' + split, 0)} objects): box mIoU {num(box, 'miou')} "
-            f"(box-fill {num(box, 'box_fill_miou')}), point mIoU {num(point, 'miou')}, "
-            f"box accuracy {num(box, 'accuracy', True)}, point accuracy {num(point, 'accuracy', True)}")
+    return (
+        f"{name} classes ({box.get('objects' + split, 0)} objects): box mIoU {num(box, 'miou')} "
+        f"(box-fill {num(box, 'box_fill_miou')}), point mIoU {num(point, 'miou')}, "
+        f"box accuracy {num(box, 'accuracy', True)}, point accuracy {num(point, 'accuracy', True)}"
+    )
 
 
 def _evaluate(labels_dir: str, shards: list[str], model: ModelConfig) -> dict:

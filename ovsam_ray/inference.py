@@ -26,23 +26,29 @@ class ModelConfig:
 
     preset: str = field(default="ovsam_rn50x16", metadata={"help": "model preset: " + ", ".join(sorted(PRESETS))})
     weights: str | None = field(
-        default=None, metadata={"help": "folder or s3:// prefix holding the standard weight file names"})
+        default=None, metadata={"help": "folder or s3:// prefix holding the standard weight file names"}
+    )
     sam_checkpoint: str | None = field(
-        default=None, metadata={"help": "SAM file (only prompt_encoder.* is used for inference)"})
+        default=None, metadata={"help": "SAM file (only prompt_encoder.* is used for inference)"}
+    )
     clip_checkpoint: str | None = field(default=None, metadata={"help": "open_clip state dict or OpenAI's CLIP file"})
     sam2clip_checkpoint: str | None = field(default=None, metadata={"help": "SAM2CLIP adapter file"})
     clip2sam_checkpoint: str | None = field(default=None, metadata={"help": "CLIP2SAM decoder/recognizer file"})
     train_vocab: str = field(
-        default="coco", metadata={"help": "vocabulary the clip2sam file was trained on (coco|lvis)"})
+        default="coco", metadata={"help": "vocabulary the clip2sam file was trained on (coco|lvis)"}
+    )
     vocab: str | None = field(default=None, metadata={"help": "coco_ov, lvis_v1, or a .txt/.json file"})
     class_embeddings: str | None = field(
-        default=None, metadata={"help": "(C, S, D) text-embedding tensor file (reference format)"})
+        default=None, metadata={"help": "(C, S, D) text-embedding tensor file (reference format)"}
+    )
     random_init: bool = field(default=False, metadata={"help": "untrained weights (smoke tests, benchmarks)"})
     topk: int = field(default=5, metadata={"help": "class labels kept per instance (its topk_ids, topk_scores)"})
     text_cache: str | None = field(
-        default=None, metadata={"help": "text-embedding cache folder (default ~/.cache/ovsam_ray/text)"})
+        default=None, metadata={"help": "text-embedding cache folder (default ~/.cache/ovsam_ray/text)"}
+    )
     s3_endpoint: str | None = field(
-        default=None, metadata={"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"})
+        default=None, metadata={"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"}
+    )
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # an unknown name: UnknownPresetError (a ConfigError) listing the known ones
@@ -107,8 +113,14 @@ def vocabulary_text(
         text = load_class_embeddings(cfg.class_embeddings)
         return text, _vocab_from_embeddings(cfg, text)
     vocab = resolve_vocabulary(cfg, loaded)
-    text = embed_vocabulary(vocab, loaded.clip_model, cfg.preset, device=device, cache_root=cfg.text_cache,
-                            clip_weights_sha256=None if loaded.random_init else loaded.clip_sha256)
+    text = embed_vocabulary(
+        vocab,
+        loaded.clip_model,
+        cfg.preset,
+        device=device,
+        cache_root=cfg.text_cache,
+        clip_weights_sha256=None if loaded.random_init else loaded.clip_sha256,
+    )
     return text, vocab
 
 
@@ -130,8 +142,9 @@ def make_predictor(
         excluded=vocab.excluded_tensor(),
         logit_scale=loaded.logit_scale,
     )
-    return OVSAMPredictor(loaded.model, classifier, device=device, topk=cfg.topk, rle_on_device=rle_on_device,
-                          fast=fast, vocabulary=vocab)
+    return OVSAMPredictor(
+        loaded.model, classifier, device=device, topk=cfg.topk, rle_on_device=rle_on_device, fast=fast, vocabulary=vocab
+    )
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:

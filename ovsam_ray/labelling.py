@@ -75,5 +75,12 @@ def label_samples(
                 for i, p, pred in zip(ok, prompts, out):
                     instances[i] = prediction_to_instances(pred, p, vocab)
         for i, d in enumerate(decoded):
-            yield {"shard": d.shard, "key": d.key, "status": "ok" if d.ok else "error", "error": d.error,
-                   "width": d.width, "height": d.height, "instances": instances.get(i, [])}
+            yield {
+                "shard": d.shard,
+                "key": d.key,
+                "status": "ok" if d.ok else "error",
+                "error": d.error,
+                "width": d.width,
+                "height": d.height,
+                "instances": instances.get(i, []),
+            }

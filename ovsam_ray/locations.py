@@ -38,8 +38,7 @@ class Location(NamedTuple):
 
     def contains(self, other: Location) -> bool:
         """True when ``other`` is this location or lies below it."""
-        return (self.scheme, self.root) == (other.scheme, other.root) and \
-            other.parts[: len(self.parts)] == self.parts
+        return (self.scheme, self.root) == (other.scheme, other.root) and other.parts[: len(self.parts)] == self.parts
 
 
 def canonical_location(url: str) -> Location:
@@ -48,11 +47,11 @@ def canonical_location(url: str) -> Location:
     match = _SCHEME_RE.match(url)
     scheme = match.group(1).lower() if match else "file"
     if scheme in ("file", "local"):
-        path = url[match.end():] if match else url
+        path = url[match.end() :] if match else url
         real = os.path.realpath(os.path.expanduser(path or "."))
         return Location("file", "", tuple(p for p in real.split(os.sep) if p))
     scheme = "s3" if scheme == "s3a" else scheme
-    rest = url[match.end():] if match else url
+    rest = url[match.end() :] if match else url
     root, _, key = rest.partition("/")
     # Object keys are literal text, but the tools that write them drop empty and "." segments;
     # ".." is resolved too, which can only make two keys compare equal (a refusal), never apart.
@@ -104,5 +103,6 @@ def check_disjoint(inputs: Iterable[tuple[str, str | None]], outputs: Iterable[t
             else:
                 continue
             raise OverlappingLocationsError(
-                f"{out_flag} {storage.redact(out_url)} {how} {in_flag} {storage.redact(in_url)}: a command never writes where "
-                "it reads; choose an output location outside the input")
+                f"{out_flag} {storage.redact(out_url)} {how} {in_flag} {storage.redact(in_url)}: "
+                "a command never writes where it reads; choose an output location outside the input"
+            )

@@ -33,17 +33,27 @@ class PredictConfig:
 
     image: str = field(metadata={"help": "the image file"})
     output: str = field(metadata={"help": "the instances json to write"})
-    prompts: str | None = field(default=None, metadata={
-        "help": 'JSON: {"boxes": [...], "points": [...], "point_boxes": [...]}'})
+    prompts: str | None = field(
+        default=None, metadata={"help": 'JSON: {"boxes": [...], "points": [...], "point_boxes": [...]}'}
+    )
     model: ModelConfig = field(default_factory=lambda: ModelConfig(random_init=True), metadata={"group": "model"})
-    save_logits: str | None = field(default=None, metadata={
-        "help": "write low_res/head/clip/fused logits and labels to this .npz"})
+    save_logits: str | None = field(
+        default=None, metadata={"help": "write low_res/head/clip/fused logits and labels to this .npz"}
+    )
     device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda, cuda:1...)"})
-    with_embedding: bool = field(default=False, metadata={
-        "help": "store each instance's float16 region and CLIP embeddings"})
-    grid: int | None = field(default=None, metadata={"metavar": "N", "help": (
-        "instead of --prompts: segment everything from an N x N point grid (stability, mask NMS: "
-        "OVSAMAutomaticMaskGenerator's defaults)")})
+    with_embedding: bool = field(
+        default=False, metadata={"help": "store each instance's float16 region and CLIP embeddings"}
+    )
+    grid: int | None = field(
+        default=None,
+        metadata={
+            "metavar": "N",
+            "help": (
+                "instead of --prompts: segment everything from an N x N point grid (stability, mask NMS: "
+                "OVSAMAutomaticMaskGenerator's defaults)"
+            ),
+        },
+    )
     grid_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self) -> None:

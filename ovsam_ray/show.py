@@ -63,8 +63,7 @@ def _overlaps(a: Box, b: Box) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def place_labels(boxes: Sequence[Box], sizes: Sequence[tuple[float, float]], width: int, height: int
-                 ) -> list[Box]:
+def place_labels(boxes: Sequence[Box], sizes: Sequence[tuple[float, float]], width: int, height: int) -> list[Box]:
     """Label rectangles (x0, y0, x1, y1) for objects ``boxes`` (XYXY pixels) and label ``sizes``
     (w, h), placed greedily in order: above the box, inside its top, below it, then further down
     below the box, the first spot inside the image that covers no earlier label (if none is free,
@@ -80,8 +79,9 @@ def place_labels(boxes: Sequence[Box], sizes: Sequence[tuple[float, float]], wid
     return placed
 
 
-def render_overlay(image: np.ndarray, instances: Sequence[dict[str, Any]], *, alpha: float = 0.45,
-                   min_score: float = 0.0) -> Image.Image:
+def render_overlay(
+    image: np.ndarray, instances: Sequence[dict[str, Any]], *, alpha: float = 0.45, min_score: float = 0.0
+) -> Image.Image:
     """Draw each instance on an (H, W, 3) uint8 image: its mask blended in a colour, the mask's box,
     the point prompt (if any) and ``label score`` near the box (see :func:`place_labels`), sized
     by :func:`drawing_scale`. Returns a new RGB image."""
@@ -111,15 +111,17 @@ def render_overlay(image: np.ndarray, instances: Sequence[dict[str, Any]], *, al
         boxes.append((x0, y0, x1, y1))
         texts.append((text, top))
         sizes.append((right - left + 2 * pad, bottom - top + 2 * pad))
-    for i, ((text, top), (tx, ty, tx1, ty1)) in enumerate(zip(texts, place_labels(boxes, sizes, out.width,
-                                                                                   out.height))):
+    for i, ((text, top), (tx, ty, tx1, ty1)) in enumerate(
+        zip(texts, place_labels(boxes, sizes, out.width, out.height))
+    ):
         draw.rectangle([tx, ty, tx1 - 1, ty1 - 1], fill=colour(i))
         draw.text((tx + pad, ty + pad - top), text, fill=(0, 0, 0), font=font)
     return out
 
 
-def contact_sheet(images: Sequence[Image.Image], captions: Sequence[str] = (), *, cell: int = 384,
-                  columns: int | None = None) -> Image.Image:
+def contact_sheet(
+    images: Sequence[Image.Image], captions: Sequence[str] = (), *, cell: int = 384, columns: int | None = None
+) -> Image.Image:
     """One RGB image holding ``images`` as thumbnails (longest side ``cell``) on a grid of
     ``columns`` (default: about square), each with its caption below it."""
     columns = columns or max(1, int(np.ceil(np.sqrt(len(images)))))
@@ -175,9 +177,18 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def show(labels: str, output: str, *, n: int = 8, shards: str | None = None, seed: int = 0,
-         min_score: float = 0.0, sheet: bool = False, overwrite: bool = False,
-         s3_endpoint: str | None = None) -> list[str]:
+def show(
+    labels: str,
+    output: str,
+    *,
+    n: int = 8,
+    shards: str | None = None,
+    seed: int = 0,
+    min_score: float = 0.0,
+    sheet: bool = False,
+    overwrite: bool = False,
+    s3_endpoint: str | None = None,
+) -> list[str]:
     """Write overlay PNGs of ``n`` sampled images under ``output`` (and with ``sheet`` a contact
     sheet of them, listed last); returns their URLs. An image that cannot be read from its shard is
     drawn on grey (and logged). A PNG of the same name already there is refused unless an earlier
@@ -187,12 +198,21 @@ def show(labels: str, output: str, *, n: int = 8, shards: str | None = None, see
     rows = sample_rows(labels, n, seed=seed, s3_endpoint=s3_endpoint)
     names = [data_file_name(r["shard"], r["key"], "png") for r in rows] + (["contact_sheet.png"] if sheet else [])
     with writing(output, "show", names, overwrite=overwrite, s3_endpoint=s3_endpoint):
-        return _write_overlays(rows, labels, output, shards=shards, min_score=min_score, sheet=sheet,
-                               s3_endpoint=s3_endpoint)
+        return _write_overlays(
+            rows, labels, output, shards=shards, min_score=min_score, sheet=sheet, s3_endpoint=s3_endpoint
+        )
 
 
-def _write_overlays(rows: list[dict[str, Any]], labels: str, output: str, *, shards: str | None, min_score: float,
-                    sheet: bool, s3_endpoint: str | None) -> list[str]:
+def _write_overlays(
+    rows: list[dict[str, Any]],
+    labels: str,
+    output: str,
+    *,
+    shards: str | None,
+    min_score: float,
+    sheet: bool,
+    s3_endpoint: str | None,
+) -> list[str]:
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint)
     by_shard: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -203,8 +223,11 @@ def _write_overlays(rows: list[dict[str, Any]], labels: str, output: str, *, sha
         for row in shard_rows:
             image = images.get(row["key"])
             if image is None or image.shape[:2] != (row["height"], row["width"]):
-                log.warning("image %s/%s not found in its shard: drawing on grey", storage.safe_for_log(shard),
-                            storage.safe_for_log(row["key"]))
+                log.warning(
+                    "image %s/%s not found in its shard: drawing on grey",
+                    storage.safe_for_log(shard),
+                    storage.safe_for_log(row["key"]),
+                )
                 image = np.full((row["height"], row["width"], 3), 128, np.uint8)
             overlay = render_overlay(image, row["instances"] or [], min_score=min_score)
             url = storage.join(output, data_file_name(shard, row["key"], "png"))

@@ -71,7 +71,7 @@ def get_filesystem(url: str, *, s3_endpoint: str | None = None) -> tuple[Abstrac
     """
     protocol = _protocol(url)
     if protocol == "file":
-        path = url[len("file://"):] if url.startswith("file://") else url
+        path = url[len("file://") :] if url.startswith("file://") else url
         return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
     if protocol == "s3":
         endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -106,8 +106,10 @@ def check_endpoint(endpoint: str | None) -> None:
         parsed = parsed._replace(netloc="")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         shown = safe_for_log(redact(endpoint), limit=100)
-        raise ConfigError(f"--s3-endpoint {shown!r} is not an endpoint URL: expected http(s)://HOST[:PORT], e.g. "
-                          "http://127.0.0.1:9000 or https://s3.us-east-1.amazonaws.com")
+        raise ConfigError(
+            f"--s3-endpoint {shown!r} is not an endpoint URL: expected http(s)://HOST[:PORT], e.g. "
+            "http://127.0.0.1:9000 or https://s3.us-east-1.amazonaws.com"
+        )
 
 
 def join(url: str, *names: str) -> str:

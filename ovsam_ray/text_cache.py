@@ -24,8 +24,15 @@ from ovsam_ray.model.presets import clip_tokenizer, get_preset
 from ovsam_ray.model.text_embedding import Tokenizer, embed_class_names
 from ovsam_ray.vocabulary import Vocabulary, load_templates, sha256_json
 
-__all__ = ["DEFAULT_CACHE_ROOT", "TextEmbeddingCache", "TextEmbeddingKey", "class_text_embeddings",
-           "embed_vocabulary", "load_class_embeddings", "text_matmul_precision"]
+__all__ = [
+    "DEFAULT_CACHE_ROOT",
+    "TextEmbeddingCache",
+    "TextEmbeddingKey",
+    "class_text_embeddings",
+    "embed_vocabulary",
+    "load_class_embeddings",
+    "text_matmul_precision",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -54,13 +61,16 @@ def load_class_embeddings(path: str) -> Tensor:
         obj = tensors[0]
     if not isinstance(obj, Tensor) or obj.dim() != 3 or not obj.is_floating_point():
         what = f"shape {tuple(obj.shape)} {obj.dtype}" if isinstance(obj, Tensor) else type(obj).__name__
-        raise ConfigError(f"{path}: class embeddings must be a float (num_classes, num_synonyms, dim) tensor, "
-                          f"got {what}")
+        raise ConfigError(
+            f"{path}: class embeddings must be a float (num_classes, num_synonyms, dim) tensor, got {what}"
+        )
     emb = obj.float().contiguous()
     norms = emb.norm(dim=-1)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
-        raise ConfigError(f"{path}: class embeddings must be L2-normalised along the last dim; norms range "
-                          f"{norms.min().item():.4g}..{norms.max().item():.4g}")
+        raise ConfigError(
+            f"{path}: class embeddings must be L2-normalised along the last dim; norms range "
+            f"{norms.min().item():.4g}..{norms.max().item():.4g}"
+        )
     return emb
 
 

@@ -28,8 +28,7 @@ from ovsam_ray.errors import ConfigError, MissingInputError
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["BUILTIN_VOCABULARIES", "Vocabulary", "clean_class_name", "load_templates", "load_vocabulary",
-           "sha256_json"]
+__all__ = ["BUILTIN_VOCABULARIES", "Vocabulary", "clean_class_name", "load_templates", "load_vocabulary", "sha256_json"]
 
 _log = logging.getLogger(__name__)
 
@@ -84,8 +83,9 @@ class Vocabulary:
         blank = [i for i, syns in enumerate(self.synonyms) if not syns or not all(s.strip() for s in syns)]
         blank += [i for i, name in enumerate(self.class_names) if not name.strip()]
         if blank:
-            raise ConfigError(f"vocabulary {self.name!r}: classes at {sorted(set(blank))[:10]} have a blank "
-                              "name or no synonyms")
+            raise ConfigError(
+                f"vocabulary {self.name!r}: classes at {sorted(set(blank))[:10]} have a blank name or no synonyms"
+            )
         for field, values in (("class_ids", self.class_ids), ("class_names", self.class_names)):
             dupes = sorted((v for v, k in Counter(values).items() if k > 1), key=str)
             if dupes:
@@ -282,8 +282,9 @@ def _resolve_seen(vocab: Vocabulary, seen: str) -> tuple[bool, ...]:
     try:
         trained = _load_spec(seen)
     except ValueError as e:
-        raise ConfigError(f"seen={seen!r}: use 'all', 'none' or the vocabulary the checkpoint was trained on "
-                          f"({e})") from e
+        raise ConfigError(
+            f"seen={seen!r}: use 'all', 'none' or the vocabulary the checkpoint was trained on ({e})"
+        ) from e
     known = set().union(*(n for n, ok in zip(_names_per_class(trained), trained.seen, strict=True) if ok))
     return tuple(bool(n & known) for n in _names_per_class(vocab))
 

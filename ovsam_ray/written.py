@@ -64,8 +64,10 @@ def _read_manifest(url: str, flag: str, folder: str, s3_endpoint: str | None) ->
     except (ValueError, UnicodeDecodeError):
         data = None
     if not isinstance(data, dict) or data.get("producer") != _PRODUCER or not isinstance(data.get("commands"), dict):
-        raise OutputClashError(f"{flag} {storage.redact(folder)} holds {MANIFEST_NAME}, which no ovsam-ray command "
-                               "wrote: move it away or choose another output")
+        raise OutputClashError(
+            f"{flag} {storage.redact(folder)} holds {MANIFEST_NAME}, which no ovsam-ray command "
+            "wrote: move it away or choose another output"
+        )
     return data["commands"]
 
 
@@ -87,7 +89,7 @@ class _Existing:
             base = storage.to_url(fs, path).rstrip("/") + "/"
             files = storage.list_files(url, recursive=bool(sub), s3_endpoint=self.s3_endpoint)
             prefix = sub + "/" if sub else ""
-            self.listed[sub] = {prefix + u[len(base):] for u in files if u.startswith(base)}
+            self.listed[sub] = {prefix + u[len(base) :] for u in files if u.startswith(base)}
         return self.listed[sub]
 
     def _list_local(self, sub: str) -> set[str]:
@@ -156,10 +158,13 @@ class Claim:
             raise OutputClashError(
                 f"{where} holds {_show(sorted(foreign))}, which `{self.command}` would write and no earlier "
                 f"`{self.command}` wrote: move them away or choose another output (--overwrite replaces only "
-                "files an earlier run wrote)")
+                "files an earlier run wrote)"
+            )
         if earlier:
-            raise OutputClashError(f"{where} holds the output of an earlier `{self.command}` "
-                                   f"({_show(sorted(earlier))}): pass --overwrite to replace it")
+            raise OutputClashError(
+                f"{where} holds the output of an earlier `{self.command}` "
+                f"({_show(sorted(earlier))}): pass --overwrite to replace it"
+            )
         # files of an earlier run that this one does not write stay ours (they are still there)
         self.keep = {n for n in self.listed if n in existing}
 
@@ -188,8 +193,16 @@ class Claim:
 
 
 @contextlib.contextmanager
-def writing(folder: str, command: str, names: Iterable[str], *, overwrite: bool = False, flag: str = "--output",
-            patterns: Iterable[str] = (), s3_endpoint: str | None = None) -> Iterator[Claim]:
+def writing(
+    folder: str,
+    command: str,
+    names: Iterable[str],
+    *,
+    overwrite: bool = False,
+    flag: str = "--output",
+    patterns: Iterable[str] = (),
+    s3_endpoint: str | None = None,
+) -> Iterator[Claim]:
     """Check ``names`` (relative to ``folder``) against what exists there (see the module doc),
     record them as being written, run the body, and mark the run complete. ``patterns``
     (regular expressions over relative names): names the body may write that are not known

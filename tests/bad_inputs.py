@@ -71,14 +71,19 @@ def _bad_shard_members(rng: np.random.Generator) -> dict[str, tuple[list[tuple[s
         "undecodable_image": ([("a.jpg", rng.bytes(300))], ["error"], {}),
         "truncated_jpeg": ([("a.jpg", jpeg[: len(jpeg) // 2])], ["error"], {}),
         "odd_modes": (modes, ["ok"] * len(modes), {"shape": (48, 64, 3)}),
-        "exif_rotated": ([("a.jpg", encode_image(noisy, "jpg", exif=exif.tobytes()))], ["ok"],
-                         {"shape": (64, 48, 3)}),
+        "exif_rotated": ([("a.jpg", encode_image(noisy, "jpg", exif=exif.tobytes()))], ["ok"], {"shape": (64, 48, 3)}),
         "one_pixel": ([("a.png", encode_image(noisy[:1, :1], "png"))], ["ok"], {"shape": (1, 1, 3)}),
         "too_large": ([("a.png", encode_image(np.zeros((200, 300, 3), np.uint8), "png"))], ["error"], {}),
         "malformed_json": ([("a.jpg", jpeg), ("a.json", b'{"boxes": [[1, 2, 3')], ["error"], {}),
-        "bad_boxes": ([("a.jpg", jpeg), ("a.json", json.dumps({"boxes": boxes}).encode())], ["ok"],
-                      {"num_boxes": 4, "num_warnings": 3,  # NaN box dropped, one re-ordered, two clipped
-                       "boxes": [[10, 5, 50, 40], [0, 0, 64, 48], [20, 20, 20, 30], [64, 48, 64, 48]]}),
+        "bad_boxes": (
+            [("a.jpg", jpeg), ("a.json", json.dumps({"boxes": boxes}).encode())],
+            ["ok"],
+            {
+                "num_boxes": 4,
+                "num_warnings": 3,  # NaN box dropped, one re-ordered, two clipped
+                "boxes": [[10, 5, 50, 40], [0, 0, 64, 48], [20, 20, 20, 30], [64, 48, 64, 48]],
+            },
+        ),
         "missing_image": ([("a.jpg", jpeg), ("b.json", b"{}")], ["ok", "error"], {}),
     }
 
@@ -101,14 +106,22 @@ def make_bad_input_shards(output_dir_or_url: str, *, s3_endpoint: str | None = N
     with tarfile.open(fileobj=_io.BytesIO(full)) as tf:
         third = tf.getmember("c.jpg")
     cut = full[: third.offset_data + third.size // 2]
-    out["truncated_tar"] = _write_bad(output_dir_or_url, "truncated_tar", cut, ["ok", "ok", "error"], {},
-                                      s3_endpoint, damaged=True)
+    out["truncated_tar"] = _write_bad(
+        output_dir_or_url, "truncated_tar", cut, ["ok", "ok", "error"], {}, s3_endpoint, damaged=True
+    )
     out["empty_tar"] = _write_bad(output_dir_or_url, "empty_tar", b"", [], {}, s3_endpoint, damaged=True)
     return out
 
 
-def _write_bad(root: str, kind: str, data: bytes, statuses: list[str], expected: dict,
-               s3_endpoint: str | None, damaged: bool = False) -> BadShard:
+def _write_bad(
+    root: str,
+    kind: str,
+    data: bytes,
+    statuses: list[str],
+    expected: dict,
+    s3_endpoint: str | None,
+    damaged: bool = False,
+) -> BadShard:
     url = storage.join(root, f"{kind}.tar")
     storage.atomic_write_bytes(url, data, s3_endpoint=s3_endpoint)
     return BadShard(kind=kind, url=url, expected_statuses=statuses, damaged=damaged, expected=expected)

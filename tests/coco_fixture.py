@@ -66,7 +66,7 @@ def make_coco(root: str, *, image_dir: str = "images") -> tuple[str, str, dict[s
             x0 = 4 + 6 * n
             square = [x0, 4, x0 + 20, 4, x0 + 20, 24, x0, 24]
             objects.append((3, polygon_mask(square), [square], 0))
-            circle = (yy - 30) ** 2 + (xx - 44 + 4 * n) ** 2 < 10 ** 2
+            circle = (yy - 30) ** 2 + (xx - 44 + 4 * n) ** 2 < 10**2
             objects.append((1, circle, "rle", 0))
         if n == 0:
             tri = polygon_mask([30, 2, 46, 2, 38, 14]) & ~objects[1][1]
@@ -74,16 +74,33 @@ def make_coco(root: str, *, image_dir: str = "images") -> tuple[str, str, dict[s
         for colour, (cat, mask, segm, crowd) in zip(([230, 40, 40], [40, 230, 40], [40, 40, 230]), objects):
             pixels[mask] = colour
             ann_id += 1
-            segmentation = segm if isinstance(segm, list) else (rle_str(mask) if segm == "rle" else
-                                                                  uncompressed_rle(mask))
-            anns.append({"id": ann_id, "image_id": image_id, "category_id": cat, "segmentation": segmentation,
-                         "area": float(mask.sum()), "bbox": _bbox(mask), "iscrowd": crowd})
+            segmentation = (
+                segm if isinstance(segm, list) else (rle_str(mask) if segm == "rle" else uncompressed_rle(mask))
+            )
+            anns.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "segmentation": segmentation,
+                    "area": float(mask.sum()),
+                    "bbox": _bbox(mask),
+                    "iscrowd": crowd,
+                }
+            )
             masks[ann_id] = mask
         name = f"{image_id:012d}.png"
         with open(os.path.join(images_dir, name), "wb") as f:
             f.write(encode_image(pixels, "png"))
-        images.append({"id": image_id, "file_name": name, "width": WIDTH, "height": HEIGHT,
-                       "coco_url": f"http://images.cocodataset.org/val2017/{name}"})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": name,
+                "width": WIDTH,
+                "height": HEIGHT,
+                "coco_url": f"http://images.cocodataset.org/val2017/{name}",
+            }
+        )
     dataset = {"info": {}, "images": images, "annotations": anns, "categories": CATEGORIES}
     path = os.path.join(root, "instances.json")
     with open(path, "w") as f:
@@ -102,13 +119,31 @@ def gt_label_output(dataset: dict, out: str, *, s3_endpoint: str | None = None, 
                 continue
             rle = annotation_rle(ann, image["height"], image["width"])
             mask = decode_rle(rle)
-            insts.append({"prompt_type": "box", "prompt_box": boxes_from_binary_masks(mask[None])[0].tolist(),
-                          "bbox": boxes_from_binary_masks(mask[None])[0].tolist(), "area": int(mask.sum()),
-                          "rle": rle, "label": NAMES[ann["category_id"]], "label_id": ann["category_id"],
-                          "label_score": 0.8, "topk_labels": [NAMES[ann["category_id"]]], "topk_scores": [0.8]})
+            insts.append(
+                {
+                    "prompt_type": "box",
+                    "prompt_box": boxes_from_binary_masks(mask[None])[0].tolist(),
+                    "bbox": boxes_from_binary_masks(mask[None])[0].tolist(),
+                    "area": int(mask.sum()),
+                    "rle": rle,
+                    "label": NAMES[ann["category_id"]],
+                    "label_id": ann["category_id"],
+                    "label_score": 0.8,
+                    "topk_labels": [NAMES[ann["category_id"]]],
+                    "topk_scores": [0.8],
+                }
+            )
         rows.setdefault(shard_of(image["id"]), []).append(
-            {"key": f"{image['id']:012d}", "shard": shard_of(image["id"]), "image_id": image["id"],
-             "width": image["width"], "height": image["height"], "status": "ok", "instances": insts})
+            {
+                "key": f"{image['id']:012d}",
+                "shard": shard_of(image["id"]),
+                "image_id": image["id"],
+                "width": image["width"],
+                "height": image["height"],
+                "status": "ok",
+                "instances": insts,
+            }
+        )
     committer = ShardCommitter(out, s3_endpoint=s3_endpoint)
     for name, shard_rows in rows.items():
         if name == "shard-000000":

@@ -75,8 +75,11 @@ def pytest_runtest_call(item: pytest.Item):
     finally:
         ray = sys.modules.get("ray")
         if not before and ray is not None and ray.is_initialized() and item.get_closest_marker("ray") is None:
-            warnings.warn(f"{item.nodeid} started Ray but is not marked ray: add @pytest.mark.ray",
-                          pytest.PytestWarning, stacklevel=1)
+            warnings.warn(
+                f"{item.nodeid} started Ray but is not marked ray: add @pytest.mark.ray",
+                pytest.PytestWarning,
+                stacklevel=1,
+            )
 
 
 def _free_port() -> int:
@@ -95,11 +98,22 @@ def s3_server() -> Iterator[str]:
     pytest.importorskip("moto.server")
     from moto.server import ThreadedMotoServer
 
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                            "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL")}
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "AWS_SESSION_TOKEN",
+            "AWS_ENDPOINT_URL",
+        )
+    }
     os.environ.update(
-        {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
-         "AWS_DEFAULT_REGION": "us-east-1"}
+        {
+            "AWS_ACCESS_KEY_ID": "test-access-key",
+            "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
     )
     os.environ.pop("AWS_SESSION_TOKEN", None)
     os.environ.pop("AWS_ENDPOINT_URL", None)
@@ -146,8 +160,12 @@ def ray_local(s3_server: str) -> Iterator[None]:
         # tests/ on the workers' path: test-only user detectors are imported there by name.
         tests_dir = os.path.dirname(os.path.abspath(__file__))
         path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": path}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": path}},
+        )
     yield
     ray.shutdown()
 

@@ -91,8 +91,11 @@ def _cluster_processes(sessions: set[int], marker: bytes, temp_dir: bytes) -> li
     ``temp_dir``, and all their descendants (Ray workers rename themselves, which clobbers
     /proc/<pid>/environ, so the session and the parent links matter too)."""
     table = _proc_table()
-    found = {pid for pid, (_, sid, env, cmd) in table.items()
-             if sid in sessions or marker in env.split(b"\0") or temp_dir in cmd}
+    found = {
+        pid
+        for pid, (_, sid, env, cmd) in table.items()
+        if sid in sessions or marker in env.split(b"\0") or temp_dir in cmd
+    }
     grew = True
     while grew:
         children = {pid for pid, (ppid, *_rest) in table.items() if ppid in found} - found
@@ -153,14 +156,32 @@ class LocalRayCluster:
         self.teardown()
 
     def _ray_start(self, name: str, args: list[str], timeout: float = 120) -> None:
-        listen, grpc, metrics, runtime_env = free_ports(4, avoid=(self.gcs_port, self.dashboard_port,
-                                                                 self.client_port))
-        common = ["--disable-usage-stats", "--min-worker-port", "0", "--max-worker-port", "0",
-                  "--dashboard-agent-listen-port", str(listen), "--dashboard-agent-grpc-port", str(grpc),
-                  "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
-                  "--object-store-memory", str(self.object_store_bytes)]
-        proc = subprocess.Popen([RAY, "start", *args, *common], env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        listen, grpc, metrics, runtime_env = free_ports(4, avoid=(self.gcs_port, self.dashboard_port, self.client_port))
+        common = [
+            "--disable-usage-stats",
+            "--min-worker-port",
+            "0",
+            "--max-worker-port",
+            "0",
+            "--dashboard-agent-listen-port",
+            str(listen),
+            "--dashboard-agent-grpc-port",
+            str(grpc),
+            "--metrics-export-port",
+            str(metrics),
+            "--runtime-env-agent-port",
+            str(runtime_env),
+            "--object-store-memory",
+            str(self.object_store_bytes),
+        ]
+        proc = subprocess.Popen(
+            [RAY, "start", *args, *common],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.nodes[name] = proc.pid  # its session id: every process this node starts stays in it
         try:
             out, _ = proc.communicate(timeout=timeout)
@@ -172,17 +193,34 @@ class LocalRayCluster:
             raise RuntimeError(f"ray start ({name}) failed with {proc.returncode}:\n{out[-3000:]}")
 
     def start_head(self, *, num_cpus: float = 1, resources: dict[str, float] | None = None) -> None:
-        self._ray_start("head", [
-            "--head", "--port", str(self.gcs_port), "--temp-dir", self.temp_dir, "--num-cpus", str(num_cpus),
-            "--resources", json.dumps(resources or {}), "--include-dashboard=true",
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--ray-client-server-port", str(self.client_port)])
+        self._ray_start(
+            "head",
+            [
+                "--head",
+                "--port",
+                str(self.gcs_port),
+                "--temp-dir",
+                self.temp_dir,
+                "--num-cpus",
+                str(num_cpus),
+                "--resources",
+                json.dumps(resources or {}),
+                "--include-dashboard=true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dashboard_port),
+                "--ray-client-server-port",
+                str(self.client_port),
+            ],
+        )
         wait_for(self._dashboard_up, 60, "the dashboard (job submission API)", interval=0.5)
 
     def add_node(self, name: str, *, num_cpus: float, resources: dict[str, float] | None = None) -> None:
         before = self.alive_node_ids()
-        self._ray_start(name, ["--address", self.address, "--num-cpus", str(num_cpus),
-                               "--resources", json.dumps(resources or {})])
+        self._ray_start(
+            name, ["--address", self.address, "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {})]
+        )
         wait_for(lambda: self.alive_node_ids() - before, 60, f"node {name} to register")
 
     def worker_names(self) -> list[str]:
@@ -207,8 +245,9 @@ class LocalRayCluster:
         return [table[p][3].replace(b"\0", b" ").decode(errors="replace") for p in pids if p in table]
 
     def api(self, path: str, method: str = "GET", timeout: float = 10) -> object:
-        req = urllib.request.Request(self.dashboard_url + path, method=method,
-                                     headers={"Authorization": f"Bearer {self.token}"})
+        req = urllib.request.Request(
+            self.dashboard_url + path, method=method, headers={"Authorization": f"Bearer {self.token}"}
+        )
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read() or b"null")
 
@@ -247,17 +286,28 @@ class LocalRayCluster:
             shutil.copy2(os.path.join(REPO, "pyproject.toml"), dest)
         return dest
 
-    def submit(self, submission_id: str, entrypoint: list[str], *, working_dir: str | None = None
-               ) -> subprocess.Popen:
+    def submit(self, submission_id: str, entrypoint: list[str], *, working_dir: str | None = None) -> subprocess.Popen:
         """``ray job submit --working-dir ...`` as a user types it (the working dir defaults to
         :meth:`snapshot_code`); returns the CLI process, which streams the job's log (see
         :meth:`cli_log`) and exits with the job's outcome."""
         working_dir = working_dir or self.snapshot_code()
-        cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--submission-id", submission_id,
-               "--working-dir", working_dir, "--", *entrypoint]
+        cmd = [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            self.dashboard_url,
+            "--submission-id",
+            submission_id,
+            "--working-dir",
+            working_dir,
+            "--",
+            *entrypoint,
+        ]
         with open(self._cli_log_path(submission_id), "wb") as log:
-            return subprocess.Popen(cmd, env=self.env, cwd=working_dir, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                cmd, env=self.env, cwd=working_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def _cli_log_path(self, submission_id: str) -> str:
         return os.path.join(self.temp_dir, f"submit-{submission_id}.log")

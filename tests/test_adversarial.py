@@ -68,8 +68,9 @@ def user_folder(tmp_path):
 
 @pytest.mark.parametrize("name", ["_committed", "_stats", "_parts"])
 @pytest.mark.parametrize("owned", [False, True], ids=["fresh", "own-output"])
-def test_own_folder_that_is_a_symlink_is_refused_and_its_target_kept(name, owned, shards, tmp_path, user_folder,
-                                                                    caplog):
+def test_own_folder_that_is_a_symlink_is_refused_and_its_target_kept(
+    name, owned, shards, tmp_path, user_folder, caplog
+):
     out = tmp_path / "out"
     if owned:
         _own_output(out)
@@ -111,8 +112,9 @@ def test_shard_parquet_that_is_a_symlink_is_replaced_not_written_through(ray_loc
 # --- 5-9: what the output folder already holds --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["_summary.json", "_stats.json", "_committed/x.json", "_stats/x.json",
-                                  "_parts/x/y.parquet"])
+@pytest.mark.parametrize(
+    "name", ["_summary.json", "_stats.json", "_committed/x.json", "_stats/x.json", "_parts/x/y.parquet"]
+)
 def test_users_files_under_our_names_in_a_fresh_output_are_never_overwritten(name, shards, tmp_path, caplog):
     out = tmp_path / "out"
     os.makedirs(os.path.dirname(out / name), exist_ok=True)
@@ -148,9 +150,18 @@ def test_two_spellings_of_one_output_share_one_lease(shards, tmp_path, monkeypat
         assert sorted(os.listdir("out")) == [LEASE_NAME]
 
 
-@pytest.mark.parametrize("record", [b"", b'{"identity": {"v": 1}, "crea', b"[1, 2]", b'"text"',
-                                    b'{"tool": "someone else", "version": 3}', b'{"identity": [1]}'],
-                         ids=["empty", "truncated", "list", "string", "other-tool", "identity-not-object"])
+@pytest.mark.parametrize(
+    "record",
+    [
+        b"",
+        b'{"identity": {"v": 1}, "crea',
+        b"[1, 2]",
+        b'"text"',
+        b'{"tool": "someone else", "version": 3}',
+        b'{"identity": [1]}',
+    ],
+    ids=["empty", "truncated", "list", "string", "other-tool", "identity-not-object"],
+)
 def test_overwrite_on_a_run_record_that_is_not_ours_changes_nothing(record, shards, tmp_path, bystanders, caplog):
     out = tmp_path / "out"
     out.mkdir()
@@ -254,8 +265,12 @@ def test_one_tar_named_twice_is_labelled_once(shards, monkeypatch):
 
     monkeypatch.chdir(os.path.dirname(shards))
     first = sorted(os.listdir(shards))[0]
-    for spec in (f"shards/{{{first},{first}}}", f"shards/{{{first},./{first}}}",
-                 [f"shards/{first}", os.path.join(shards, first)], f"shards/{{{first},*.tar}}"):
+    for spec in (
+        f"shards/{{{first},{first}}}",
+        f"shards/{{{first},./{first}}}",
+        [f"shards/{first}", os.path.join(shards, first)],
+        f"shards/{{{first},*.tar}}",
+    ):
         urls = list_shards(spec)
         assert len(shard_names(urls)) == len(set(urls)) and os.path.join(shards, first) in urls
 
@@ -282,8 +297,9 @@ def test_odd_shard_names_keep_every_image(ray_local, tmp_path):
     out = tmp_path / "out"
     assert _main(*_label("--input", str(src), "--output", str(out))) == 0
     rows = list(iter_label_rows(str(out)))
-    assert sorted(r["shard"] for r in rows) == sorted(["a b", "50%", "ünï-çødé", "#hash?q", "@_run", "@_committed",
-                                                       "x.tar"])  # x.tar.tar: one suffix comes off
+    assert sorted(r["shard"] for r in rows) == sorted(
+        ["a b", "50%", "ünï-çødé", "#hash?q", "@_run", "@_committed", "x.tar"]
+    )  # x.tar.tar: one suffix comes off
     record = json.loads((out / "_run.json").read_text())
     assert "identity" in record  # the shard "_run" did not clobber the run record
 
@@ -426,10 +442,12 @@ def test_overwrite_interrupted_midway_then_rerun_deletes_only_ours(tmp_path, bys
     committer = ShardCommitter(out)
     assert committer.markers_without_parquet() == []  # markers go first: none points at a deleted file
     assert json.load(open(os.path.join(out, "_run.json")))["identity"] == {"v": 1}
-    assert check_or_write_run_record(out, RunRecord({"v": 2}), overwrite=True, shards={"s1", "s2", "s3"}) == \
-        "overwritten"
-    assert committer.committed_shards() == set() and not any(f.endswith(".parquet") and f.startswith("s")
-                                                              for f in os.listdir(out))
+    assert (
+        check_or_write_run_record(out, RunRecord({"v": 2}), overwrite=True, shards={"s1", "s2", "s3"}) == "overwritten"
+    )
+    assert committer.committed_shards() == set() and not any(
+        f.endswith(".parquet") and f.startswith("s") for f in os.listdir(out)
+    )
 
 
 @pytest.mark.ray  # `ovsam-ray eval` in this process starts Ray (a CLI call the conftest rules do not see)
@@ -439,8 +457,9 @@ def test_eval_never_overwrites_a_users_metrics(tmp_path, caplog):
     (out / "metrics.json").write_text('{"my": "numbers"}')
     labels = tmp_path / "labels"
     _own_output(labels)
-    code = _main("eval", "--input", str(tmp_path / "gt"), "--labels", str(labels), "--output", str(out),
-                 "--random-init")
+    code = _main(
+        "eval", "--input", str(tmp_path / "gt"), "--labels", str(labels), "--output", str(out), "--random-init"
+    )
     assert code == 2
     assert f"{out}/metrics.json was not written by ovsam-ray eval" in _errors(caplog)[0]
     assert (out / "metrics.json").read_text() == '{"my": "numbers"}'

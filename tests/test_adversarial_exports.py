@@ -49,8 +49,9 @@ def users_file(tmp_path):
 
 
 @pytest.mark.parametrize("writer", sorted(WRITERS))
-def test_a_written_file_swapped_for_a_link_to_a_users_file_is_never_written_through(writer, labelled, tmp_path,
-                                                                                    users_file):
+def test_a_written_file_swapped_for_a_link_to_a_users_file_is_never_written_through(
+    writer, labelled, tmp_path, users_file
+):
     """Run once, replace one file the command wrote with a symbolic link to a user's file, rerun
     with --overwrite: the link is replaced (or the run refused), the user's file is unchanged."""
     argv, sub, name = WRITERS[writer]
@@ -108,8 +109,18 @@ def test_export_of_a_label_output_with_no_committed_shard_yet_is_refused(labelle
     labels = tmp_path / "labels"
     check_or_write_run_record(str(labels), RunRecord({"v": 1}, {"config": {"input": labelled["shards"]}}))
     shutil.copy(os.path.join(labelled["labels"], "shard-000000.parquet"), labels / "shard-000000.parquet")
-    code = main(["export", "coco", "--input", str(labels), "--shards", labelled["shards"], "--output",
-                 str(tmp_path / "coco.json")])
+    code = main(
+        [
+            "export",
+            "coco",
+            "--input",
+            str(labels),
+            "--shards",
+            labelled["shards"],
+            "--output",
+            str(tmp_path / "coco.json"),
+        ]
+    )
     assert code == 2 and "no committed shard yet" in _errors(caplog)[0]
     assert not (tmp_path / "coco.json").exists()
 
@@ -126,8 +137,21 @@ def test_export_while_the_label_job_writes_exports_only_committed_shards(labelle
     ShardCommitter(str(labels)).commit("shard-zz", rows_to_table(rows))
     os.remove(labels / "_committed" / "shard-zz.json")  # its Parquet file is written, its marker not yet
     with OutputLease(str(labels)):
-        assert main(["export", "coco", "--input", str(labels), "--shards", labelled["shards"], "--output",
-                     str(tmp_path / "coco.json")]) == 0
+        assert (
+            main(
+                [
+                    "export",
+                    "coco",
+                    "--input",
+                    str(labels),
+                    "--shards",
+                    labelled["shards"],
+                    "--output",
+                    str(tmp_path / "coco.json"),
+                ]
+            )
+            == 0
+        )
     images = json.load(open(tmp_path / "coco.json"))["images"]
     assert images and "shard-zz" not in json.dumps(images)
 
@@ -137,8 +161,21 @@ def test_export_reads_only_its_own_run_records_shards_not_a_stray_parquet(labell
     shutil.copytree(labelled["labels"], labels)
     ShardCommitter(str(labels)).commit("zz-empty", rows_to_table([]))
     (labels / "user-notes.parquet").write_bytes(b"PAR1 not labels")
-    assert main(["export", "coco", "--input", str(labels), "--shards", labelled["shards"], "--output",
-                 str(tmp_path / "coco.json")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "coco",
+                "--input",
+                str(labels),
+                "--shards",
+                labelled["shards"],
+                "--output",
+                str(tmp_path / "coco.json"),
+            ]
+        )
+        == 0
+    )
     assert (labels / "user-notes.parquet").read_bytes() == b"PAR1 not labels"
 
 
@@ -146,7 +183,11 @@ def test_show_output_inside_the_label_outputs_own_folder_is_refused(labelled, tm
     labels = tmp_path / "labels"
     shutil.copytree(labelled["labels"], labels)
     before = {f: _digest(os.path.join(r, f)) for r, _, fs in os.walk(labels) for f in fs}
-    assert main(["show", "--input", str(labels), "--shards", labelled["shards"], "--output",
-                 str(labels / "_stats" / "png")]) == 2
+    assert (
+        main(
+            ["show", "--input", str(labels), "--shards", labelled["shards"], "--output", str(labels / "_stats" / "png")]
+        )
+        == 2
+    )
     assert "--output" in _errors(caplog)[0]
     assert {f: _digest(os.path.join(r, f)) for r, _, fs in os.walk(labels) for f in fs} == before

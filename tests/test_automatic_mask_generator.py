@@ -30,11 +30,24 @@ def _pred(low: np.ndarray, scores: list[float], labels: list[int]) -> ImagePredi
     masks = low > 0
     z = np.zeros((n, 3), np.float32)
     labels_arr, scores_arr = np.asarray(labels, np.int64), np.asarray(scores, np.float32)
-    return ImagePrediction(masks=masks, mask_boxes=np.zeros((n, 4), np.float32), low_res_logits=low[:, None],
-                           head_logits=z, clip_logits=z, fused_logits=z, labels=labels_arr, scores=scores_arr,
-                           head_labels=labels_arr, topk_ids=labels_arr[:, None], topk_scores=scores_arr[:, None],
-                           region_embeddings=z, clip_embeddings=z, clip_valid=np.ones(n, bool),
-                           is_point=np.ones(n, bool), areas=masks.sum(axis=(1, 2)).astype(np.int64))
+    return ImagePrediction(
+        masks=masks,
+        mask_boxes=np.zeros((n, 4), np.float32),
+        low_res_logits=low[:, None],
+        head_logits=z,
+        clip_logits=z,
+        fused_logits=z,
+        labels=labels_arr,
+        scores=scores_arr,
+        head_labels=labels_arr,
+        topk_ids=labels_arr[:, None],
+        topk_scores=scores_arr[:, None],
+        region_embeddings=z,
+        clip_embeddings=z,
+        clip_valid=np.ones(n, bool),
+        is_point=np.ones(n, bool),
+        areas=masks.sum(axis=(1, 2)).astype(np.int64),
+    )
 
 
 def _hand_made() -> ImagePrediction:
@@ -100,8 +113,11 @@ def predictor() -> OVSAMPredictor:
     torch.manual_seed(0)
     model = build_ovsam("ovsam_tiny").eval()
     text = F.normalize(torch.randn(NUM_CLASSES, 2, 64, generator=torch.Generator().manual_seed(1)), dim=-1)
-    classifier = OpenVocabClassifier(text_embeddings=text, seen=torch.ones(NUM_CLASSES, dtype=torch.bool),
-                                     excluded=torch.zeros(NUM_CLASSES, dtype=torch.bool))
+    classifier = OpenVocabClassifier(
+        text_embeddings=text,
+        seen=torch.ones(NUM_CLASSES, dtype=torch.bool),
+        excluded=torch.zeros(NUM_CLASSES, dtype=torch.bool),
+    )
     return OVSAMPredictor(model, classifier, device="cpu", fast=False)
 
 
@@ -141,8 +157,9 @@ def test_records_are_the_predictors_masks_in_original_pixels(predictor, image):
 
 def test_thresholds_filter(predictor, image):
     def run(**kw) -> GeneratedMasks:
-        return OVSAMAutomaticMaskGenerator(predictor, points_per_side=6, mask_nms_thresh=1.0,
-                                           stability_score_offset=0.01, **kw).predict(image)
+        return OVSAMAutomaticMaskGenerator(
+            predictor, points_per_side=6, mask_nms_thresh=1.0, stability_score_offset=0.01, **kw
+        ).predict(image)
 
     everything = run(stability_score_thresh=0.0)
     stability = everything.stability_scores
@@ -170,8 +187,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_mask_nms_removes_duplicates(predictor, image):
     every = OVSAMAutomaticMaskGenerator(predictor, points_per_side=6, **EVERYTHING).predict(image)
-    nms = OVSAMAutomaticMaskGenerator(predictor, points_per_side=6, stability_score_thresh=0.0,
-                                      mask_nms_thresh=0.7).predict(image)
+    nms = OVSAMAutomaticMaskGenerator(
+        predictor, points_per_side=6, stability_score_thresh=0.0, mask_nms_thresh=0.7
+    ).predict(image)
     assert 0 < len(nms) < len(every)
     low = every.prediction.low_res_logits[:, 0] > 0
     kept = [int(np.nonzero((every.points == p).all(axis=1))[0][0]) for p in nms.points]
@@ -209,8 +227,14 @@ def test_no_surviving_mask_gives_well_formed_empties(predictor, image):
         assert len(out) == 0 and out.points.shape == (0, 2) and out.stability_scores.shape == (0,)
         assert out.prediction.masks.shape == (0, h, w) and out.prediction.low_res_logits.shape[0] == 0
         names = tuple(f"c{i}" for i in range(NUM_CLASSES))
-        vocab = Vocabulary(name="t", class_names=names, synonyms=tuple((n,) for n in names), seen=(True,) * len(names),
-                           excluded=(False,) * len(names), class_ids=tuple(range(len(names))))
+        vocab = Vocabulary(
+            name="t",
+            class_names=names,
+            synonyms=tuple((n,) for n in names),
+            seen=(True,) * len(names),
+            excluded=(False,) * len(names),
+            class_ids=tuple(range(len(names))),
+        )
         assert prediction_to_instances(out.prediction, out.prompts, vocab, types=[]) == []
     with pytest.raises(ValueError, match="no pixels"):
         generator.generate(np.zeros((0, 0, 3), np.uint8))
@@ -232,14 +256,26 @@ def test_generator_and_label_job_grid_mode_give_the_same_masks(ray_local, tmp_sh
 
     model = ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab)
     out = str(tmp_path / "grid")
-    s = run_label(LabelConfig(input=os.path.dirname(tmp_shards[0]), output=out, model=model, prompts="grid",
-                              limit=1, select=SelectConfig(grid_size=4, grid_stability=0.0, grid_nms_iou=0.5)))
+    s = run_label(
+        LabelConfig(
+            input=os.path.dirname(tmp_shards[0]),
+            output=out,
+            model=model,
+            prompts="grid",
+            limit=1,
+            select=SelectConfig(grid_size=4, grid_stability=0.0, grid_nms_iou=0.5),
+        )
+    )
     assert s.images_ok > 0
-    images = {(r.shard, sample["key"]): decode_image(sample["image_bytes"])
-              for r in map(read_shard, tmp_shards) for sample in r.samples}
+    images = {
+        (r.shard, sample["key"]): decode_image(sample["image_bytes"])
+        for r in map(read_shard, tmp_shards)
+        for sample in r.samples
+    }
     predictor, vocab, _ = build_predictor(model, "cpu")
-    generator = OVSAMAutomaticMaskGenerator(predictor, points_per_side=4, stability_score_thresh=0.0,
-                                            mask_nms_thresh=0.5)
+    generator = OVSAMAutomaticMaskGenerator(
+        predictor, points_per_side=4, stability_score_thresh=0.0, mask_nms_thresh=0.5
+    )
     rows = pds.dataset(out, format="parquet").to_table().to_pylist()
     assert len(rows) == s.images_ok
     for row in rows:

@@ -19,8 +19,9 @@ def test_bench_shards_have_exact_prompt_count(tmp_path):
     from ovsam_ray.data.decode import decode_sample
     from ovsam_ray.data.shards import read_shard
 
-    urls = benchlib.write_bench_shards(str(tmp_path), num_images=5, images_per_shard=2, size=(96, 64), prompts=7,
-                                       workers=1)
+    urls = benchlib.write_bench_shards(
+        str(tmp_path), num_images=5, images_per_shard=2, size=(96, 64), prompts=7, workers=1
+    )
     assert [os.path.basename(u) for u in urls] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     samples = [s for u in urls for s in read_shard(u).samples]
     assert len(samples) == 5
@@ -56,9 +57,29 @@ def test_tree_sampler_sees_this_process():
 
 def test_perf_modes_a_c_end_to_end(tmp_path):
     out = tmp_path / "perf.json"
-    cmd = [sys.executable, "-m", "bench.perf", "--device", "cpu", "--preset", "ovsam_tiny",
-           "--modes", "a,c", "--num-images", "2", "--prompts", "3", "--width", "160", "--height", "120",
-           "--batch-size", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.perf",
+        "--device",
+        "cpu",
+        "--preset",
+        "ovsam_tiny",
+        "--modes",
+        "a,c",
+        "--num-images",
+        "2",
+        "--prompts",
+        "3",
+        "--width",
+        "160",
+        "--height",
+        "120",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -74,13 +95,43 @@ def test_perf_modes_a_c_end_to_end(tmp_path):
 
 
 def test_tiny_recipe_bench_trains_and_splits_the_accuracy(tmp_path):
-    recipe = {"train_images": 4, "images_per_shard": 4, "image_size": [[96, 72], [128, 96]], "stage0_steps": 2,
-              "stage0_pool": 64, "stage0_colours": 2, "stage0_scene_steps": 2, "stage0_scene_batch": 2,
-              "cotrain_steps": 2, "batch_size": 2, "num_prompts": 2, "num_points": 64, "warmup_steps": 1}
+    recipe = {
+        "train_images": 4,
+        "images_per_shard": 4,
+        "image_size": [[96, 72], [128, 96]],
+        "stage0_steps": 2,
+        "stage0_pool": 64,
+        "stage0_colours": 2,
+        "stage0_scene_steps": 2,
+        "stage0_scene_batch": 2,
+        "cotrain_steps": 2,
+        "batch_size": 2,
+        "num_prompts": 2,
+        "num_points": 64,
+        "warmup_steps": 1,
+    }
     out = tmp_path / "r.json"
-    subprocess.run([sys.executable, "-m", "bench.tiny_recipe", "--work", str(tmp_path / "w"),
-                    "--recipe", json.dumps(recipe), "--eval-images", "3", "--eval-dir", str(tmp_path / "eval"),
-                    "--out", str(out)], check=True, cwd=REPO, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.tiny_recipe",
+            "--work",
+            str(tmp_path / "w"),
+            "--recipe",
+            json.dumps(recipe),
+            "--eval-images",
+            "3",
+            "--eval-dir",
+            str(tmp_path / "eval"),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        timeout=600,
+    )
     r = json.loads(out.read_text())
     box = r["label_job_metrics"]["metrics"]["box"]
     assert r["objects"] == box["objects"] > 0

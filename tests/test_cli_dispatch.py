@@ -36,6 +36,7 @@ def _recording(real, calls, result):
     def fake(*args, **kwargs):
         calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)  # TypeError on a flag it lacks
         return result
+
     return fake
 
 

@@ -45,8 +45,7 @@ GENERATED: dict[tuple[str, ...], tuple[tuple[type, ...], bool]] = {
 
 #: Subcommands whose flags are still written by hand (no config dataclass of their own, or one the
 #: CLI assembles from several flags); their model flags, where they have some, are generated.
-HAND_WRITTEN = {("convert-clip",), ("demo-data",), ("demo",), ("show",), ("train", "export"),
-                ("train", "tiny-recipe")}
+HAND_WRITTEN = {("convert-clip",), ("demo-data",), ("demo",), ("show",), ("train", "export"), ("train", "tiny-recipe")}
 
 
 def _subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -72,8 +71,9 @@ def _check_parser(parser: argparse.ArgumentParser, classes: tuple[type, ...], su
             elif suppressed:
                 assert action.default is argparse.SUPPRESS and repr(default) in action.help, where
             else:
-                assert action.default == default and type(action.default) is type(default), \
+                assert action.default == default and type(action.default) is type(default), (
                     f"{where}: flag default {action.default!r}, field default {default!r}"
+                )
                 if default is not None and default is not False:
                     assert "%(default)s" in action.help, f"{where}: --help does not show the default"
             if "help" in f.metadata:
@@ -85,8 +85,9 @@ def _check_parser(parser: argparse.ArgumentParser, classes: tuple[type, ...], su
 def test_every_generated_parser_has_its_fields_defaults_and_help():
     parsers = dict(_subparsers(build_parser()))
     assert set(GENERATED) <= set(parsers)
-    leaves = {path for path, p in parsers.items()
-              if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)}
+    leaves = {
+        path for path, p in parsers.items() if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)
+    }
     convert = {path for path in leaves if path[0] == "convert"}  # flags of each converter: cli/convert.py
     assert leaves - convert - HAND_WRITTEN <= set(GENERATED), "a new subcommand: generate its flags or list it"
     for p in parsers.values():
@@ -102,8 +103,11 @@ def test_jobs_label_uses_the_same_parser():
     assert [a.option_strings for a in parser._actions] == [a.option_strings for a in label._actions]
 
 
-@pytest.mark.parametrize("cls", [LabelConfig, ModelConfig, SelectConfig, RelabelConfig, EvalConfig, PredictConfig,
-                                 *EXPORT_OPTIONS.values()], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls",
+    [LabelConfig, ModelConfig, SelectConfig, RelabelConfig, EvalConfig, PredictConfig, *EXPORT_OPTIONS.values()],
+    ids=lambda c: c.__name__,
+)
 def test_every_field_is_a_flag_or_marked_not_one(cls):
     flags = {f.name for _, f, _ in flag_fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -117,8 +121,9 @@ def test_every_field_is_a_flag_or_marked_not_one(cls):
 def test_label_flags_left_out_give_the_configs_defaults():
     args = label_parser().parse_args(["--input", "in", "--output", "out", "--random-init"])
     assert label_config(args) == LabelConfig(input="in", output="out", model=ModelConfig(random_init=True))
-    args = label_parser().parse_args(["--input", "in", "--output", "out", "--baseline", "box-fill",
-                                      "--concurrency", "1,8", "--dedup-iou", "0.5"])
+    args = label_parser().parse_args(
+        ["--input", "in", "--output", "out", "--baseline", "box-fill", "--concurrency", "1,8", "--dedup-iou", "0.5"]
+    )
     cfg = label_config(args)
     assert cfg.actors == (1, 8) and cfg.model.random_init and cfg.select.dedup_iou == 0.5
 
@@ -126,19 +131,35 @@ def test_label_flags_left_out_give_the_configs_defaults():
 def test_eval_flags_give_the_config():
     from ovsam_ray.cli.evaluate import eval_config
 
-    args = build_parser().parse_args(["eval", "--input", "gt", "--output", "ev", "--labels", "lab",
-                                      "--concurrency", "1,4", "--max-dets", "300"])
+    args = build_parser().parse_args(
+        ["eval", "--input", "gt", "--output", "ev", "--labels", "lab", "--concurrency", "1,4", "--max-dets", "300"]
+    )
     assert eval_config(args) == EvalConfig(input="gt", output="ev", labels="lab", concurrency=(1, 4), max_dets=300)
     args = build_parser().parse_args(["eval", "--input", "gt", "--output", "ev", "--random-init", "--mode", "detector"])
-    assert eval_config(args) == EvalConfig(input="gt", output="ev", mode="detector",
-                                           model=ModelConfig(random_init=True))
+    assert eval_config(args) == EvalConfig(
+        input="gt", output="ev", mode="detector", model=ModelConfig(random_init=True)
+    )
 
 
 def test_dump_teacher_flags_give_the_config():
-    args = build_parser().parse_args(["train", "dump-teacher", "--shards", "s", "--output", "o", "--teacher",
-                                      "random_tiny", "--use-gpu", "--batch-size", "2"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "dump-teacher",
+            "--shards",
+            "s",
+            "--output",
+            "o",
+            "--teacher",
+            "random_tiny",
+            "--use-gpu",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert config_from_args(args, DumpTeacherConfig) == DumpTeacherConfig(
-        shards="s", output="o", teacher="random_tiny", use_gpu=True, batch_size=2)
+        shards="s", output="o", teacher="random_tiny", use_gpu=True, batch_size=2
+    )
 
 
 def test_decode_chunk_help_names_the_numbers_the_job_uses():
@@ -160,6 +181,7 @@ def test_version(capsys):
 
 
 # -- the generator itself ---------------------------------------------------------------------------
+
 
 def _parse(text: str) -> int:
     return int(text) * 10
@@ -187,10 +209,29 @@ def test_add_flags_types_and_round_trip():
     p = argparse.ArgumentParser()
     add_flags(p, _Demo)
     assert config_from_args(p.parse_args(["--name", "n"]), _Demo) == _Demo(name="n")
-    cfg = config_from_args(p.parse_args(["--name", "n", "--ratio", "0.5", "--sizes", "3", "4", "--no-on", "--off",
-                                         "--x10", "3", "--kind", "b", "--depth", "5"]), _Demo)
-    assert cfg == _Demo(name="n", ratio=0.5, sizes=[3, 4], on=False, off=True, tens=30, kind="b",
-                        inner=_Inner(depth=5))
+    cfg = config_from_args(
+        p.parse_args(
+            [
+                "--name",
+                "n",
+                "--ratio",
+                "0.5",
+                "--sizes",
+                "3",
+                "4",
+                "--no-on",
+                "--off",
+                "--x10",
+                "3",
+                "--kind",
+                "b",
+                "--depth",
+                "5",
+            ]
+        ),
+        _Demo,
+    )
+    assert cfg == _Demo(name="n", ratio=0.5, sizes=[3, 4], on=False, off=True, tens=30, kind="b", inner=_Inner(depth=5))
     with pytest.raises(SystemExit):
         p.parse_args(["--name", "n", "--kind", "c"])
     with pytest.raises(SystemExit):
@@ -222,8 +263,11 @@ def test_export_options_are_the_exporters_keywords():
 
     assert set(EXPORT_OPTIONS) == set(EXPORTERS)
     for fmt, export in EXPORTERS.items():
-        keywords = {p.name: p.default for p in inspect.signature(export).parameters.values()
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        keywords = {
+            p.name: p.default
+            for p in inspect.signature(export).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
         assert {f.name: f.default for f in dataclasses.fields(EXPORT_OPTIONS[fmt])} == keywords, fmt
 
 

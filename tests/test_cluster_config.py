@@ -21,8 +21,9 @@ RAYJOB_YAML = os.path.join(REPO, "k8s", "rayjob.yaml")
 README = os.path.join(REPO, "README.md")
 
 # Anything that looks like a credential: an access key id, a secret, a session token, a password.
-SECRET_RE = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b|aws_secret|secret_access_key|session_token|password",
-                       re.IGNORECASE)
+SECRET_RE = re.compile(
+    r"\b(AKIA|ASIA)[A-Z0-9]{16}\b|aws_secret|secret_access_key|session_token|password", re.IGNORECASE
+)
 
 
 def load_cluster() -> dict:
@@ -93,16 +94,20 @@ _CONTAINER = {
         "resources": {
             "type": "object",
             "required": ["limits"],
-            "properties": {"limits": {"type": "object", "minProperties": 1},
-                           "requests": {"type": "object"}},
+            "properties": {"limits": {"type": "object", "minProperties": 1}, "requests": {"type": "object"}},
         },
     },
 }
 _POD_TEMPLATE = {
     "type": "object",
     "required": ["spec"],
-    "properties": {"spec": {"type": "object", "required": ["containers"],
-                            "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER}}}},
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER}},
+        }
+    },
 }
 # KubeRay passes rayStartParams to `ray start` as strings and rejects other types.
 _START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
@@ -114,8 +119,11 @@ RAYJOB_SCHEMA = {
     "properties": {
         "apiVersion": {"const": "ray.io/v1"},
         "kind": {"const": "RayJob"},
-        "metadata": {"type": "object", "required": ["name"],
-                     "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}}},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}},
+        },
         "spec": {
             "type": "object",
             "required": ["entrypoint", "rayClusterSpec"],
@@ -168,8 +176,11 @@ def test_rayjobs_match_the_schema_and_have_gpu_workers():
         jsonschema.validate(job, RAYJOB_SCHEMA)
         cluster = job["spec"]["rayClusterSpec"]
         assert cluster["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"
-        gpus = [c["resources"]["limits"].get("nvidia.com/gpu")
-                for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
+        gpus = [
+            c["resources"]["limits"].get("nvidia.com/gpu")
+            for g in cluster["workerGroupSpecs"]
+            for c in g["template"]["spec"]["containers"]
+        ]
         assert any(int(n or 0) >= 1 for n in gpus), f"{job['metadata']['name']}: no GPU worker group"
         for g in cluster["workerGroupSpecs"]:
             assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]
@@ -179,11 +190,13 @@ def test_rayjobs_match_the_schema_and_have_gpu_workers():
 
 def test_rayjob_schema_rejects_broken_manifests():
     job = next(d for d in load_rayjobs() if d.get("kind") == "RayJob")
-    for mutate in (lambda j: j.update(apiVersion="ray.io/v1alpha1"),
-                   lambda j: j["spec"].pop("entrypoint"),
-                   lambda j: j["spec"].update(entrypoint="python train.py"),
-                   lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
-                   lambda j: j["spec"]["rayClusterSpec"].update(workerGroupSpecs=[])):
+    for mutate in (
+        lambda j: j.update(apiVersion="ray.io/v1alpha1"),
+        lambda j: j["spec"].pop("entrypoint"),
+        lambda j: j["spec"].update(entrypoint="python train.py"),
+        lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+        lambda j: j["spec"]["rayClusterSpec"].update(workerGroupSpecs=[]),
+    ):
         broken = copy.deepcopy(job)
         mutate(broken)
         with pytest.raises(jsonschema.ValidationError):
@@ -239,15 +252,16 @@ def check_job_command(words: list[str]) -> str:
 
 
 def test_rayjob_entrypoints_parse():
-    kinds = [check_job_command(_shell_words(d["spec"]["entrypoint"])) for d in load_rayjobs()
-             if d.get("kind") == "RayJob"]
+    kinds = [
+        check_job_command(_shell_words(d["spec"]["entrypoint"])) for d in load_rayjobs() if d.get("kind") == "RayJob"
+    ]
     assert "label" in kinds
 
 
 def _readme_submit_commands() -> list[str]:
     with open(README) as f:
         text = f.read()
-    text = text[text.index("## Scaling"):]
+    text = text[text.index("## Scaling") :]
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
         joined = re.sub(r"\\\n\s*", " ", block)
@@ -266,7 +280,7 @@ def test_readme_ray_job_submit_commands_parse():
     for command in commands:
         words = _shell_words(command)
         assert "--" in words, command
-        kinds.add(check_job_command(words[words.index("--") + 1:]))
+        kinds.add(check_job_command(words[words.index("--") + 1 :]))
     assert {"label", "eval"} <= kinds
     if os.path.exists(os.path.join(REPO, "jobs", "train_cotrain.py")):
         assert {"cotrain", "distill"} <= kinds

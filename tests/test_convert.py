@@ -29,8 +29,12 @@ def samples(output: str, s3_endpoint: str | None = None) -> dict[str, dict]:
     for url in list_shards(output, s3_endpoint=s3_endpoint):
         for s in read_shard(url, s3_endpoint=s3_endpoint).samples:
             assert s["error"] is None
-            out[s["key"]] = {"shard": url.rsplit("/", 1)[-1], "ext": s["image_ext"], "image": s["image_bytes"],
-                             "meta": json.loads(s["json_bytes"])}
+            out[s["key"]] = {
+                "shard": url.rsplit("/", 1)[-1],
+                "ext": s["image_ext"],
+                "image": s["image_bytes"],
+                "meta": json.loads(s["json_bytes"]),
+            }
     return out
 
 
@@ -78,14 +82,34 @@ def test_convert_coco_skips_missing_image_and_cli(tmp_path, bystanders):
     os.remove(os.path.join(images, "000000000009.png"))
     out = str(tmp_path / "shards")
     bystanders.beside(out)
-    assert main(["convert", "coco", "--annotations", ann_path, "--images", images, "--output", out,
-                 "--images-per-shard", "10", "--prompts", "none"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "coco",
+                "--annotations",
+                ann_path,
+                "--images",
+                images,
+                "--output",
+                out,
+                "--images-per-shard",
+                "10",
+                "--prompts",
+                "none",
+            ]
+        )
+        == 0
+    )
     got = samples(out)
     assert list(got) == ["000000000005", "000000000012"]
     assert "boxes" not in got["000000000005"]["meta"]
     record = json.load(open(os.path.join(out, "_convert.json")))
-    assert record["images"] == 2 and record["skipped"] == 1 and "000000000009.png" in record["skipped_examples"][0][
-        "sample"]
+    assert (
+        record["images"] == 2
+        and record["skipped"] == 1
+        and "000000000009.png" in record["skipped_examples"][0]["sample"]
+    )
 
 
 def test_convert_coco_to_s3(tmp_path, s3_server, s3_bucket):
@@ -102,8 +126,9 @@ def test_convert_lvis_reads_coco_url_and_keeps_federated_fields(tmp_path):
         del image["file_name"]
         image["neg_category_ids"] = [7]
         image["not_exhaustive_category_ids"] = []
-    dataset["categories"] = [{**c, "synonyms": [c["name"]], "frequency": "rcf"[i]}
-                             for i, c in enumerate(dataset["categories"])]
+    dataset["categories"] = [
+        {**c, "synonyms": [c["name"]], "frequency": "rcf"[i]} for i, c in enumerate(dataset["categories"])
+    ]
     path = tmp_path / "lvis_v1_val.json"
     path.write_text(json.dumps(dataset))
     out = str(tmp_path / "shards")
@@ -123,9 +148,19 @@ def _sa1b_pair(i: int) -> tuple[bytes, dict]:
     image = np.zeros((40, 50, 3), np.uint8)
     for m in masks:
         image[m] = 200
-    anns = [{"id": 10 * i + j, "segmentation": rle_str(m), "bbox": [0, 0, 1, 1], "area": int(m.sum()),
-             "predicted_iou": 0.9, "point_coords": [[1.0, 2.0]], "stability_score": 0.95, "crop_box": [0, 0, 50, 40]}
-            for j, m in enumerate(masks)]
+    anns = [
+        {
+            "id": 10 * i + j,
+            "segmentation": rle_str(m),
+            "bbox": [0, 0, 1, 1],
+            "area": int(m.sum()),
+            "predicted_iou": 0.9,
+            "point_coords": [[1.0, 2.0]],
+            "stability_score": 0.95,
+            "crop_box": [0, 0, 50, 40],
+        }
+        for j, m in enumerate(masks)
+    ]
     for a, m in zip(anns, masks):
         ys, xs = np.nonzero(m)
         a["bbox"] = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
@@ -145,10 +180,16 @@ def test_convert_sa1b_folder_and_tar_agree(tmp_path):
     (tmp_path / "tars").mkdir()
     (tmp_path / "tars" / "sa_000000.tar").write_bytes(tar_bytes(members))
 
-    from_folder = samples(str(tmp_path / "out_folder")) if convert_sa1b(
-        str(folder), str(tmp_path / "out_folder"), images_per_shard=2).images == 3 else None
-    from_tar = samples(str(tmp_path / "out_tar")) if convert_sa1b(
-        str(tmp_path / "tars"), str(tmp_path / "out_tar"), images_per_shard=2).images == 3 else None
+    from_folder = (
+        samples(str(tmp_path / "out_folder"))
+        if convert_sa1b(str(folder), str(tmp_path / "out_folder"), images_per_shard=2).images == 3
+        else None
+    )
+    from_tar = (
+        samples(str(tmp_path / "out_tar"))
+        if convert_sa1b(str(tmp_path / "tars"), str(tmp_path / "out_tar"), images_per_shard=2).images == 3
+        else None
+    )
     assert from_folder is not None and from_tar is not None
     assert list(from_folder) == ["sa_1", "sa_2", "sa_3"]
     assert {k: v["meta"] for k, v in from_folder.items()} == {k: v["meta"] for k, v in from_tar.items()}
@@ -180,8 +221,13 @@ def test_convert_imagenet_folder_and_tar_per_class(tmp_path):
         got = samples(out)
         assert list(got) == ["n01440764_1", "n01440764_2", "n01443537_1", "n01443537_2"]
         meta = got["n01443537_2"]["meta"]
-        assert meta == {"image_id": "n01443537/n01443537_2", "class_name": "goldfish", "synset": "n01443537",
-                        "class_id": 1, "synonyms": ["Carassius auratus"]}
+        assert meta == {
+            "image_id": "n01443537/n01443537_2",
+            "class_name": "goldfish",
+            "synset": "n01443537",
+            "class_id": 1,
+            "synonyms": ["Carassius auratus"],
+        }
         assert got["n01440764_1"]["ext"] == "jpeg"
     # without a map, folder names are the classes; a JSON map works too
     json_map = tmp_path / "map.json"

@@ -19,22 +19,48 @@ from ovsam_ray.data.synthetic import tar_bytes
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 12), st.integers(2**63 - 2, 2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 12),
+    st.integers(2**63 - 2, 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
     st.sampled_from(["1", "5", "", "..", "\ud800", "a.png"]),
 )
-ANY = st.recursive(SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
-                   max_leaves=6)
+ANY = st.recursive(
+    SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=6
+)
 ID = st.one_of(st.integers(0, 5), st.sampled_from(["1", "2", "a.b", "a_b", "000000000003"]), ANY)
-NUMBER = st.one_of(st.floats(-5, 60), st.integers(-2, 60),
-                   st.sampled_from([math.inf, -math.inf, math.nan, 10**400, 1e9, -1e300]))
+NUMBER = st.one_of(
+    st.floats(-5, 60), st.integers(-2, 60), st.sampled_from([math.inf, -math.inf, math.nan, 10**400, 1e9, -1e300])
+)
 SIDE = st.one_of(st.integers(-1, 40), st.integers(1, 40), ANY)
-FILE_NAME = st.one_of(st.sampled_from(["a.png", "b.png", "sub/c.png", "A.PNG", "missing.png", "../a.png", "/etc/a.png",
-                                       "link/x.png", "a", "a.txt", "sub\\c.png"]), ANY)
+FILE_NAME = st.one_of(
+    st.sampled_from(
+        [
+            "a.png",
+            "b.png",
+            "sub/c.png",
+            "A.PNG",
+            "missing.png",
+            "../a.png",
+            "/etc/a.png",
+            "link/x.png",
+            "a",
+            "a.txt",
+            "sub\\c.png",
+        ]
+    ),
+    ANY,
+)
 SEGMENTATION = st.one_of(
     st.lists(st.lists(NUMBER, max_size=8), max_size=2),
-    st.fixed_dictionaries({"size": st.lists(SIDE, max_size=3),
-                           "counts": st.one_of(st.text(max_size=6), st.lists(st.integers(-1, 50)), ANY)}),
+    st.fixed_dictionaries(
+        {
+            "size": st.lists(SIDE, max_size=3),
+            "counts": st.one_of(st.text(max_size=6), st.lists(st.integers(-1, 50)), ANY),
+        }
+    ),
     ANY,
 )
 
@@ -44,26 +70,41 @@ def _or_any(strategy):
     return st.one_of(strategy, strategy, ANY)
 
 
-IMAGE = st.fixed_dictionaries({"id": ID, "file_name": FILE_NAME},
-                              optional={"width": SIDE, "height": SIDE, "coco_url": _or_any(st.just("x/val/b.png")),
-                                        "neg_category_ids": ANY})
+IMAGE = st.fixed_dictionaries(
+    {"id": ID, "file_name": FILE_NAME},
+    optional={"width": SIDE, "height": SIDE, "coco_url": _or_any(st.just("x/val/b.png")), "neg_category_ids": ANY},
+)
 ANNOTATION = st.fixed_dictionaries(
     {"image_id": ID, "category_id": ID, "bbox": _or_any(st.lists(NUMBER, min_size=4, max_size=4))},
-    optional={"id": ID, "segmentation": SEGMENTATION, "area": _or_any(NUMBER),
-              "iscrowd": _or_any(st.sampled_from([0, 1]))})
+    optional={
+        "id": ID,
+        "segmentation": SEGMENTATION,
+        "area": _or_any(NUMBER),
+        "iscrowd": _or_any(st.sampled_from([0, 1])),
+    },
+)
 CATEGORY = st.fixed_dictionaries({"id": ID, "name": _or_any(st.sampled_from(["a", "b"]))}, optional={"x": ANY})
 DATASET = st.fixed_dictionaries(
     {"images": st.lists(_or_any(IMAGE), max_size=6)},
-    optional={"annotations": _or_any(st.lists(_or_any(ANNOTATION), max_size=8)),
-              "categories": _or_any(st.lists(_or_any(CATEGORY), max_size=4))})
-DETECTION = st.fixed_dictionaries({"image_id": ID, "category_id": ID},
-                                  optional={"bbox": _or_any(st.lists(NUMBER, min_size=4, max_size=4)),
-                                            "score": _or_any(NUMBER), "segmentation": SEGMENTATION})
+    optional={
+        "annotations": _or_any(st.lists(_or_any(ANNOTATION), max_size=8)),
+        "categories": _or_any(st.lists(_or_any(CATEGORY), max_size=4)),
+    },
+)
+DETECTION = st.fixed_dictionaries(
+    {"image_id": ID, "category_id": ID},
+    optional={
+        "bbox": _or_any(st.lists(NUMBER, min_size=4, max_size=4)),
+        "score": _or_any(NUMBER),
+        "segmentation": SEGMENTATION,
+    },
+)
 
 
 def _strict(data: bytes):
     def refuse(name):
         raise AssertionError(f"non-standard JSON constant {name}")
+
     return json.loads(data, parse_constant=refuse)
 
 
@@ -111,16 +152,24 @@ def _run(convert, content: bytes, total: int | None, **kw) -> None:
 
 
 def _total(dataset) -> int | None:
-    ok = isinstance(dataset, dict) and isinstance(dataset.get("images"), list) and all(
-        dataset.get(k) is None or isinstance(dataset[k], list) for k in ("annotations", "categories"))
+    ok = (
+        isinstance(dataset, dict)
+        and isinstance(dataset.get("images"), list)
+        and all(dataset.get(k) is None or isinstance(dataset[k], list) for k in ("annotations", "categories"))
+    )
     return len(dataset["images"]) if ok else None
 
 
 @SETTINGS
 @given(dataset=st.one_of(DATASET, DATASET, DATASET, ANY), prompts=st.sampled_from(["box", "point", "both", "none"]))
 def test_coco_accounts_for_every_image_or_refuses(images, dataset, prompts):
-    _run(lambda path, **kw: convert_coco(path, images, **kw), json.dumps(dataset).encode(), _total(dataset),
-         prompts=prompts, workers=1)
+    _run(
+        lambda path, **kw: convert_coco(path, images, **kw),
+        json.dumps(dataset).encode(),
+        _total(dataset),
+        prompts=prompts,
+        workers=1,
+    )
 
 
 @SETTINGS
@@ -130,8 +179,13 @@ def test_lvis_accounts_for_every_image_or_refuses(images, dataset, prompts):
         if isinstance(image, dict) and image.get("file_name") in ("a", "a.png"):
             del image["file_name"]  # then coco_url names the file
             image.setdefault("coco_url", "http://images.cocodataset.org/val/b.png")
-    _run(lambda path, **kw: convert_lvis(path, images, **kw), json.dumps(dataset).encode(), _total(dataset),
-         prompts=prompts, workers=1)
+    _run(
+        lambda path, **kw: convert_lvis(path, images, **kw),
+        json.dumps(dataset).encode(),
+        _total(dataset),
+        prompts=prompts,
+        workers=1,
+    )
 
 
 @SETTINGS
@@ -141,23 +195,52 @@ def test_detections_account_for_every_image_or_refuse(images, dataset, results):
         annotations = os.path.join(tmp, "dataset.json")
         with open(annotations, "w") as f:
             json.dump(dataset, f)
-        total = _total(dataset) if isinstance(results, list) or (
-            isinstance(results, dict) and isinstance(results.get("annotations"), list)) else None
-        _run(lambda path, **kw: convert_detections(path, annotations, images, **kw), json.dumps(results).encode(),
-             total, workers=1)
+        total = (
+            _total(dataset)
+            if isinstance(results, list) or (isinstance(results, dict) and isinstance(results.get("annotations"), list))
+            else None
+        )
+        _run(
+            lambda path, **kw: convert_detections(path, annotations, images, **kw),
+            json.dumps(results).encode(),
+            total,
+            workers=1,
+        )
 
 
 SA1B_RECORD = st.fixed_dictionaries(
-    {"image": _or_any(st.fixed_dictionaries({}, optional={"image_id": ID, "width": SIDE, "height": SIDE,
-                                                           "file_name": FILE_NAME})),
-     "annotations": _or_any(st.lists(_or_any(st.fixed_dictionaries({}, optional={
-         "id": ID, "segmentation": SEGMENTATION, "bbox": _or_any(st.lists(NUMBER, min_size=4, max_size=4)),
-         "area": NUMBER, "predicted_iou": NUMBER, "point_coords": ANY, "crop_box": ANY})), max_size=4))})
+    {
+        "image": _or_any(
+            st.fixed_dictionaries({}, optional={"image_id": ID, "width": SIDE, "height": SIDE, "file_name": FILE_NAME})
+        ),
+        "annotations": _or_any(
+            st.lists(
+                _or_any(
+                    st.fixed_dictionaries(
+                        {},
+                        optional={
+                            "id": ID,
+                            "segmentation": SEGMENTATION,
+                            "bbox": _or_any(st.lists(NUMBER, min_size=4, max_size=4)),
+                            "area": NUMBER,
+                            "predicted_iou": NUMBER,
+                            "point_coords": ANY,
+                            "crop_box": ANY,
+                        },
+                    )
+                ),
+                max_size=4,
+            )
+        ),
+    }
+)
 
 
 @SETTINGS
-@given(records=st.lists(st.one_of(SA1B_RECORD, SA1B_RECORD, ANY, st.binary(max_size=20)), min_size=1, max_size=4),
-       prompts=st.sampled_from(["box", "point"]))
+@given(
+    records=st.lists(st.one_of(SA1B_RECORD, SA1B_RECORD, ANY, st.binary(max_size=20)), min_size=1, max_size=4),
+    prompts=st.sampled_from(["box", "point"]),
+)
 def test_sa1b_accounts_for_every_image(records, prompts):
     members = []
     for i, rec in enumerate(records):

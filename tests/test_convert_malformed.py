@@ -28,8 +28,10 @@ from ovsam_ray.data.synthetic import encode_image, tar_bytes
 
 def _strict(text: str | bytes):
     """json.loads that refuses NaN/Infinity: what every other JSON reader does."""
+
     def refuse(name):
         raise AssertionError(f"non-standard JSON constant {name}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -65,15 +67,19 @@ def _convert(tmp_path, dataset, images, name="shards", **kw):
 
 # -- the file as a whole ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content", [
-    b"[1, 2, 3]",                                  # a list, not an object
-    b'{"images": {"id": 1}}',                      # images not a list
-    b'{"images": [], "annotations": {"a": 1}}',    # annotations not a list
-    b'{"images": [], "categories": "cats"}',
-    b'{"images": [\xff\xfe]}',                     # not UTF-8
-    b"[" * 100_000 + b"]" * 100_000,               # nested too deeply for the parser
-    b'{"images": [',                               # cut short
-])
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[1, 2, 3]",  # a list, not an object
+        b'{"images": {"id": 1}}',  # images not a list
+        b'{"images": [], "annotations": {"a": 1}}',  # annotations not a list
+        b'{"images": [], "categories": "cats"}',
+        b'{"images": [\xff\xfe]}',  # not UTF-8
+        b"[" * 100_000 + b"]" * 100_000,  # nested too deeply for the parser
+        b'{"images": [',  # cut short
+    ],
+)
 def test_unusable_file_stops_with_one_line_naming_it(tmp_path, coco, content, caplog, capsys):
     _, images, _ = coco
     path = tmp_path / "bad.json"
@@ -82,8 +88,12 @@ def test_unusable_file_stops_with_one_line_naming_it(tmp_path, coco, content, ca
         convert_coco(str(path), images, str(tmp_path / "out"))
     caplog.clear()
     with caplog.at_level(logging.ERROR):
-        assert main(["convert", "coco", "--annotations", str(path), "--images", images,
-                     "--output", str(tmp_path / "out2")]) == 2
+        assert (
+            main(
+                ["convert", "coco", "--annotations", str(path), "--images", images, "--output", str(tmp_path / "out2")]
+            )
+            == 2
+        )
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "bad.json" in errors[0] and "\n" not in errors[0]
     assert not os.path.exists(tmp_path / "out2")  # refused before anything is written
@@ -91,23 +101,27 @@ def test_unusable_file_stops_with_one_line_naming_it(tmp_path, coco, content, ca
 
 # -- image records ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad, why", [
-    (None, "must be an object"),
-    ([1, 2], "must be an object"),
-    ({"id": True, "file_name": "000000000009.png"}, "id must be an integer or text"),
-    ({"id": 9.5, "file_name": "000000000009.png"}, "id must be an integer or text"),
-    ({"id": None, "file_name": "000000000009.png"}, "id must be an integer or text"),
-    ({"id": -9, "file_name": "000000000009.png"}, "outside"),
-    ({"id": 10**400, "file_name": "000000000009.png"}, "outside"),
-    ({"id": "...", "file_name": "000000000009.png"}, "no usable sample key"),
-    ({"id": 9, "file_name": None}, "file_name must be text"),
-    ({"id": 9, "file_name": ["a.png"]}, "file_name must be text"),
-    ({"id": 9, "file_name": "000000000009.png", "width": -64}, "width"),
-    ({"id": 9, "file_name": "000000000009.png", "height": 0}, "height"),
-    ({"id": 9, "file_name": "000000000009.png", "width": "64"}, "width"),
-    ({"id": 9, "file_name": "000000000009.png", "width": math.inf}, "width"),
-    ({"id": 9, "file_name": "000000000009.png", "width": True}, "width"),
-])
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (None, "must be an object"),
+        ([1, 2], "must be an object"),
+        ({"id": True, "file_name": "000000000009.png"}, "id must be an integer or text"),
+        ({"id": 9.5, "file_name": "000000000009.png"}, "id must be an integer or text"),
+        ({"id": None, "file_name": "000000000009.png"}, "id must be an integer or text"),
+        ({"id": -9, "file_name": "000000000009.png"}, "outside"),
+        ({"id": 10**400, "file_name": "000000000009.png"}, "outside"),
+        ({"id": "...", "file_name": "000000000009.png"}, "no usable sample key"),
+        ({"id": 9, "file_name": None}, "file_name must be text"),
+        ({"id": 9, "file_name": ["a.png"]}, "file_name must be text"),
+        ({"id": 9, "file_name": "000000000009.png", "width": -64}, "width"),
+        ({"id": 9, "file_name": "000000000009.png", "height": 0}, "height"),
+        ({"id": 9, "file_name": "000000000009.png", "width": "64"}, "width"),
+        ({"id": 9, "file_name": "000000000009.png", "width": math.inf}, "width"),
+        ({"id": 9, "file_name": "000000000009.png", "width": True}, "width"),
+    ],
+)
 def test_malformed_image_is_skipped_with_reason(tmp_path, coco, bad, why):
     _, images, dataset = coco
     dataset["images"][1] = bad
@@ -119,13 +133,16 @@ def test_malformed_image_is_skipped_with_reason(tmp_path, coco, bad, why):
     assert "images[1]" in rec["skipped_examples"][0]["sample"]
 
 
-@pytest.mark.parametrize("name, why", [
-    ("../coco/images/000000000009.png", "'..'"),
-    ("/etc/hostname.png", "absolute"),
-    ("a\\..\\000000000009.png", "backslash"),
-    ("000000000009\x00.png", "NUL"),
-    ("link/000000000009.png", "outside --images through a link"),
-])
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("../coco/images/000000000009.png", "'..'"),
+        ("/etc/hostname.png", "absolute"),
+        ("a\\..\\000000000009.png", "backslash"),
+        ("000000000009\x00.png", "NUL"),
+        ("link/000000000009.png", "outside --images through a link"),
+    ],
+)
 def test_file_name_leaving_images_is_refused(tmp_path, coco, name, why):
     _, images, dataset = coco
     outside = tmp_path / "elsewhere"
@@ -149,8 +166,8 @@ def test_links_inside_images_are_followed(tmp_path, coco):
 
 def test_duplicate_and_mixed_type_ids(tmp_path, coco):
     _, images, dataset = coco
-    dataset["images"].append(dict(dataset["images"][0]))           # id 5 twice: neither copy is used
-    dataset["images"][1] = {**dataset["images"][1], "id": "12"}     # "12" and 12 are one id
+    dataset["images"].append(dict(dataset["images"][0]))  # id 5 twice: neither copy is used
+    dataset["images"][1] = {**dataset["images"][1], "id": "12"}  # "12" and 12 are one id
     summary, out = _convert(tmp_path, dataset, images)
     assert summary.images == 0 and summary.skipped == 4
     assert "appears more than once" in reasons(record(out))
@@ -172,32 +189,36 @@ def test_point_prompts_without_size_skip_the_image(tmp_path, coco):
 
 # -- annotation and category records ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("change, why", [
-    (lambda a: a.update(bbox="4,4,20,20"), "bbox must be a list of 4 numbers"),
-    (lambda a: a.update(bbox=None), "bbox must be a list of 4 numbers"),
-    (lambda a: a.update(bbox={"x": 1}), "bbox must be a list of 4 numbers"),
-    (lambda a: a.update(bbox=[4, 4, math.inf, 20]), "not a finite number"),
-    (lambda a: a.update(bbox=[4, 4, math.nan, 20]), "not a finite number"),
-    (lambda a: a.update(bbox=[4, 4, 10**400, 20]), "not a finite number"),
-    (lambda a: a.update(bbox=[4, 4, -3, 20]), "negative"),
-    (lambda a: a.update(bbox=[4, True, 3, 20]), "not a finite number"),
-    (lambda a: a.update(segmentation=None), "segmentation"),
-    (lambda a: a.update(segmentation=[[1, "2", 3, 4, 5, 6]]), "polygon"),
-    (lambda a: a.update(segmentation=[[0, 0, 1e9, 0, 1e9, 1e9]]), "beyond"),  # pycocotools segfaults on it
-    (lambda a: a.update(segmentation=[[0, 0, 9, 0, 9, 9], None]), "polygons must be lists"),
-    (lambda a: a.update(bbox=[1e300, 4, 3, 20]), "beyond"),
-    (lambda a: a.update(segmentation={"counts": "abc", "size": [48]}), "RLE size"),
-    (lambda a: a.update(segmentation={"counts": {"x": 1}, "size": [48, 64]}), "RLE counts"),
-    (lambda a: a.update(segmentation={"counts": [0, 2**31, 5], "size": [48, 64]}), "add up to"),  # heap corruption
-    (lambda a: a.update(area=math.nan), "area"),
-    (lambda a: a.update(iscrowd="yes"), "iscrowd"),
-    (lambda a: a.update(category_id=None), "category_id"),
-    (lambda a: a.update(category_id=99), "names no category"),
-    (lambda a: a.update(image_id=None), "image_id"),
-    (lambda a: a.update(image_id=[5]), "image_id"),
-    (lambda a: a.update(image_id=4242), "names no image"),
-    (lambda a: a.update(id=False), "id must be"),
-])
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (lambda a: a.update(bbox="4,4,20,20"), "bbox must be a list of 4 numbers"),
+        (lambda a: a.update(bbox=None), "bbox must be a list of 4 numbers"),
+        (lambda a: a.update(bbox={"x": 1}), "bbox must be a list of 4 numbers"),
+        (lambda a: a.update(bbox=[4, 4, math.inf, 20]), "not a finite number"),
+        (lambda a: a.update(bbox=[4, 4, math.nan, 20]), "not a finite number"),
+        (lambda a: a.update(bbox=[4, 4, 10**400, 20]), "not a finite number"),
+        (lambda a: a.update(bbox=[4, 4, -3, 20]), "negative"),
+        (lambda a: a.update(bbox=[4, True, 3, 20]), "not a finite number"),
+        (lambda a: a.update(segmentation=None), "segmentation"),
+        (lambda a: a.update(segmentation=[[1, "2", 3, 4, 5, 6]]), "polygon"),
+        (lambda a: a.update(segmentation=[[0, 0, 1e9, 0, 1e9, 1e9]]), "beyond"),  # pycocotools segfaults on it
+        (lambda a: a.update(segmentation=[[0, 0, 9, 0, 9, 9], None]), "polygons must be lists"),
+        (lambda a: a.update(bbox=[1e300, 4, 3, 20]), "beyond"),
+        (lambda a: a.update(segmentation={"counts": "abc", "size": [48]}), "RLE size"),
+        (lambda a: a.update(segmentation={"counts": {"x": 1}, "size": [48, 64]}), "RLE counts"),
+        (lambda a: a.update(segmentation={"counts": [0, 2**31, 5], "size": [48, 64]}), "add up to"),  # heap corruption
+        (lambda a: a.update(area=math.nan), "area"),
+        (lambda a: a.update(iscrowd="yes"), "iscrowd"),
+        (lambda a: a.update(category_id=None), "category_id"),
+        (lambda a: a.update(category_id=99), "names no category"),
+        (lambda a: a.update(image_id=None), "image_id"),
+        (lambda a: a.update(image_id=[5]), "image_id"),
+        (lambda a: a.update(image_id=4242), "names no image"),
+        (lambda a: a.update(id=False), "id must be"),
+    ],
+)
 def test_malformed_annotation_is_skipped_with_reason(tmp_path, coco, change, why):
     _, images, dataset = coco
     change(dataset["annotations"][0])
@@ -219,14 +240,17 @@ def test_null_and_duplicate_annotations(tmp_path, coco):
     assert summary.annotations == 4  # 5 less both copies of id 104
 
 
-@pytest.mark.parametrize("bad, why", [
-    (None, "must be an object"),
-    ({"id": 1}, "name must be text"),
-    ({"id": 1, "name": ""}, "name is empty"),
-    ({"id": 1, "name": "\ud800"}, "not valid UTF-8"),
-    ({"id": 1, "name": "circle", "weight": math.nan}, "finite"),
-    ([{"id": 1, "name": "circle"}, {"id": "1", "name": "round"}], "appears more than once"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (None, "must be an object"),
+        ({"id": 1}, "name must be text"),
+        ({"id": 1, "name": ""}, "name is empty"),
+        ({"id": 1, "name": "\ud800"}, "not valid UTF-8"),
+        ({"id": 1, "name": "circle", "weight": math.nan}, "finite"),
+        ([{"id": 1, "name": "circle"}, {"id": "1", "name": "round"}], "appears more than once"),
+    ],
+)
 def test_malformed_category_is_skipped_and_its_annotations_too(tmp_path, coco, bad, why):
     _, images, dataset = coco
     dataset["categories"][0:1] = bad if isinstance(bad, list) else [bad]
@@ -252,13 +276,16 @@ def test_cli_prints_the_counts(tmp_path, coco, capsys):
     dataset["annotations"][0]["bbox"] = "x"
     path = tmp_path / "a.json"
     path.write_text(json.dumps(dataset))
-    assert main(["convert", "coco", "--annotations", str(path), "--images", images,
-                 "--output", str(tmp_path / "out")]) == 0
+    assert (
+        main(["convert", "coco", "--annotations", str(path), "--images", images, "--output", str(tmp_path / "out")])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert '"skipped": 1' in printed and '"annotations": 1' in printed
 
 
 # -- LVIS, detections, SA-1B --------------------------------------------------------------------------------------
+
 
 def test_lvis_image_without_a_path_is_skipped(tmp_path):
     _, _, dataset, _ = make_coco(str(tmp_path / "coco"), image_dir="val2017")
@@ -313,9 +340,20 @@ def _sa1b_folder(tmp_path, metas: list[bytes]) -> str:
     return str(folder)
 
 
-_GOOD_SA1B = {"image": {"image_id": 1, "width": 10, "height": 8, "file_name": "sa_1.jpg"},
-              "annotations": [{"id": 1, "bbox": [1, 1, 3, 3], "segmentation": {"size": [8, 10], "counts": "0"},
-                               "area": 9, "predicted_iou": 0.9, "point_coords": [[2, 2]], "crop_box": [0, 0, 10, 8]}]}
+_GOOD_SA1B = {
+    "image": {"image_id": 1, "width": 10, "height": 8, "file_name": "sa_1.jpg"},
+    "annotations": [
+        {
+            "id": 1,
+            "bbox": [1, 1, 3, 3],
+            "segmentation": {"size": [8, 10], "counts": "0"},
+            "area": 9,
+            "predicted_iou": 0.9,
+            "point_coords": [[2, 2]],
+            "crop_box": [0, 0, 10, 8],
+        }
+    ],
+}
 
 
 def _sa1b_variant(change) -> bytes:
@@ -337,9 +375,17 @@ SA1B_BAD_RECORDS = [
 
 
 def test_sa1b_bad_records_are_skipped_folder_and_tar(tmp_path):
-    bad_annotations = _sa1b_variant(lambda m: m["annotations"].extend(
-        [None, {"bbox": "x"}, {"segmentation": {"size": [8], "counts": "0"}}, {"predicted_iou": math.nan},
-         {"point_coords": [[1]]}]))
+    bad_annotations = _sa1b_variant(
+        lambda m: m["annotations"].extend(
+            [
+                None,
+                {"bbox": "x"},
+                {"segmentation": {"size": [8], "counts": "0"}},
+                {"predicted_iou": math.nan},
+                {"point_coords": [[1]]},
+            ]
+        )
+    )
     metas = [json.dumps(_GOOD_SA1B).encode(), bad_annotations, *SA1B_BAD_RECORDS]
     folder = _sa1b_folder(tmp_path, metas)
     summary = convert_sa1b(folder, str(tmp_path / "out"), workers=2)
@@ -375,8 +421,10 @@ def test_odd_synset_map_json_is_read(tmp_path):
 def test_sa1b_meta_needs_a_size_only_for_point_prompts():
     from ovsam_ray.convert.sa1b import sa1b_meta
 
-    one = {"image": {"image_id": 1, "width": 1, "height": 1},
-           "annotations": [{"id": 1, "bbox": [0, 0, 1, 1], "segmentation": [[0, 0, 1, 0, 1, 1, 0, 1]]}]}
+    one = {
+        "image": {"image_id": 1, "width": 1, "height": 1},
+        "annotations": [{"id": 1, "bbox": [0, 0, 1, 1], "segmentation": [[0, 0, 1, 0, 1, 1, 0, 1]]}],
+    }
     assert sa1b_meta(one, prompts="point")["points"]
     sizeless = {"image": {"image_id": 1}, "annotations": one["annotations"]}
     assert sa1b_meta(sizeless, prompts="box")["boxes"] == [[0.0, 0.0, 1.0, 1.0]]

@@ -68,7 +68,8 @@ def test_relabel_onto_its_input_is_refused_and_the_input_is_intact(spelling, tmp
     (tmp_path / "v.txt").write_text("a\nb\n")
     before = _snapshot(tmp_path / "X")
     out = {"absolute": str(tmp_path / "X"), "symlink": "link", "inside": "X/./sub", "around": "."}.get(
-        spelling, spelling)
+        spelling, spelling
+    )
     assert _main("relabel", "--input", "X", "--output", out, "--vocab", "v.txt", "--overwrite") == 2
     assert _snapshot(tmp_path / "X") == before
     [error] = _errors(caplog)
@@ -80,8 +81,17 @@ def test_relabel_on_s3_spellings_is_refused(s3_server, s3_bucket, caplog):
 
     fs = fsspec.filesystem("s3", endpoint_url=s3_server)
     fs.pipe_file(f"{s3_bucket}/x/_run.json", b"{}")
-    code = _main("relabel", "--input", f"s3://{s3_bucket}/x", "--output", f"s3://{s3_bucket}//x/./", "--vocab", "v",
-                 "--s3-endpoint", s3_server)
+    code = _main(
+        "relabel",
+        "--input",
+        f"s3://{s3_bucket}/x",
+        "--output",
+        f"s3://{s3_bucket}//x/./",
+        "--vocab",
+        "v",
+        "--s3-endpoint",
+        s3_server,
+    )
     assert code == 2 and "is the same location as --input" in _errors(caplog)[0]
     assert fs.find(s3_bucket) == [f"{s3_bucket}/x/_run.json"]
 
@@ -91,11 +101,13 @@ def test_every_writing_command_refuses_an_output_inside_its_input(tmp_path, capl
     _label_output(x)
     (tmp_path / "X" / "ann.json").write_text("{}")
     before = _snapshot(x)
-    runs = [("export", "coco", "--input", x, "--output", f"{x}/coco.json"),
-            ("export", "wds", "--input", x, "--output", f"{x}/../X/wds"),
-            ("show", "--input", x, "--output", f"{x}/png"),
-            ("convert", "coco", "--annotations", f"{x}/ann.json", "--images", x, "--output", f"{x}/shards"),
-            ("train", "export", "--run", x, "--output", f"{x}/weights")]
+    runs = [
+        ("export", "coco", "--input", x, "--output", f"{x}/coco.json"),
+        ("export", "wds", "--input", x, "--output", f"{x}/../X/wds"),
+        ("show", "--input", x, "--output", f"{x}/png"),
+        ("convert", "coco", "--annotations", f"{x}/ann.json", "--images", x, "--output", f"{x}/shards"),
+        ("train", "export", "--run", x, "--output", f"{x}/weights"),
+    ]
     for argv in runs:
         caplog.clear()
         assert _main(*argv) == 2, argv
@@ -152,8 +164,9 @@ def test_distinct_names_error_names_the_colliding_shards(shards, tmp_path, caplo
     for sub in ("a", "b"):
         os.makedirs(tmp_path / sub)
         shutil.copy(os.path.join(shards, first), tmp_path / sub / first)
-    code = _main("label", "--baseline", "box-fill", "--input", f"{tmp_path}/{{a,b}}/{first}",
-                 "--output", str(tmp_path / "out"))
+    code = _main(
+        "label", "--baseline", "box-fill", "--input", f"{tmp_path}/{{a,b}}/{first}", "--output", str(tmp_path / "out")
+    )
     assert code == 2
     [error] = _errors(caplog)
     assert f"{tmp_path}/a/{first} and {tmp_path}/b/{first}" in error
@@ -253,8 +266,18 @@ def test_relabel_takes_the_output_lease(tmp_path):
     _label_output(tmp_path / "X")
     out = tmp_path / "Y"
     out.mkdir()
-    (out / LEASE_NAME).write_text(json.dumps({"job_id": "a" * 32, "host": "elsewhere", "pid": 7,
-                                              "heartbeat": time.time(), "heartbeat_at": "now", "interval_s": 30}))
+    (out / LEASE_NAME).write_text(
+        json.dumps(
+            {
+                "job_id": "a" * 32,
+                "host": "elsewhere",
+                "pid": 7,
+                "heartbeat": time.time(),
+                "heartbeat_at": "now",
+                "interval_s": 30,
+            }
+        )
+    )
     with pytest.raises(RuntimeError, match="in use by another"):
         run_relabel(RelabelConfig(input=str(tmp_path / "X"), output=str(out), vocab="v.txt"))
     assert sorted(os.listdir(out)) == [LEASE_NAME]

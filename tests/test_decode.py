@@ -33,6 +33,7 @@ def _encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG signature + IHDR claiming a size, and no pixel data (a decompression-bomb probe)."""
+
     def chunk(tag: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
@@ -118,8 +119,10 @@ def test_one_pixel_image():
     [
         (b"", "empty image"),
         (b"\x00\x01garbage" * 20, "not a recognised image"),
-        (_encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)), "JPEG")[:900],
-         "truncated"),
+        (
+            _encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)), "JPEG")[:900],
+            "truncated",
+        ),
     ],
 )
 def test_bad_bytes_raise_decode_error(data, message):
@@ -156,11 +159,21 @@ def test_no_json_gives_empty_prompts():
 
 def test_full_json():
     anns = [{"bbox": [1, 2, 3, 4], "category_id": 3, "segmentation": [[1, 2, 3, 4, 5, 6]], "iscrowd": 0}]
-    p = parse_prompts_json(_json({
-        "boxes": [[1, 2, 30, 40], [5, 5, 6, 6]], "scores": [0.9, None], "labels": ["dog", 7],
-        "points": [[3, 4], [99, -1]], "point_boxes": [[0, 0, 10, 10], None],
-        "image_id": 42, "annotations": anns,
-    }), width=50, height=45)
+    p = parse_prompts_json(
+        _json(
+            {
+                "boxes": [[1, 2, 30, 40], [5, 5, 6, 6]],
+                "scores": [0.9, None],
+                "labels": ["dog", 7],
+                "points": [[3, 4], [99, -1]],
+                "point_boxes": [[0, 0, 10, 10], None],
+                "image_id": 42,
+                "annotations": anns,
+            }
+        ),
+        width=50,
+        height=45,
+    )
     np.testing.assert_array_equal(p.boxes, [[1, 2, 30, 40], [5, 5, 6, 6]])
     assert p.box_scores[0] == pytest.approx(0.9) and math.isnan(p.box_scores[1])
     assert p.box_labels == ["dog", "7"] and p.box_indices.tolist() == [0, 1]
@@ -175,7 +188,8 @@ def test_box_policy_reorder_clip_keep_zero_area_drop_invalid():
         b'{"boxes": [[50, 40, 10, 5], [-10, -10, 100, 100], [20, 20, 20, 30], [NaN, 1, 2, 3],'
         b' [70, 50, 80, 60], [1, 2, 3], [1, 2, 3, Infinity], [null, 1, 2, 3], ["1", 2, 3, 4], [true, 1, 2, 3]],'
         b' "labels": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]}',
-        width=64, height=48,
+        width=64,
+        height=48,
     )
     np.testing.assert_array_equal(p.boxes, [[10, 5, 50, 40], [0, 0, 64, 48], [20, 20, 20, 30], [64, 48, 64, 48]])
     assert p.box_labels == ["a", "b", "c", "e"] and p.box_indices.tolist() == [0, 1, 2, 4]
@@ -185,8 +199,11 @@ def test_box_policy_reorder_clip_keep_zero_area_drop_invalid():
 
 
 def test_invalid_points_dropped_with_their_boxes():
-    p = parse_prompts_json(_json({"points": [[1, 1], [float("nan"), 2], [2, 2, 2]],
-                                  "point_boxes": [[0, 0, 5, 5], [0, 0, 1, 1], "x"]}), width=8, height=8)
+    p = parse_prompts_json(
+        _json({"points": [[1, 1], [float("nan"), 2], [2, 2, 2]], "point_boxes": [[0, 0, 5, 5], [0, 0, 1, 1], "x"]}),
+        width=8,
+        height=8,
+    )
     assert p.points.tolist() == [[1, 1]] and p.point_indices.tolist() == [0]
     assert p.point_boxes.tolist() == [[0, 0, 5, 5]]
     assert [w.split(":")[0] for w in p.warnings] == ["point 1 dropped", "point 2 dropped"]
@@ -240,7 +257,8 @@ def test_truncated_jpeg_with_an_end_marker_is_an_error(mode):
     with pytest.raises(DecodeError, match=r"truncated image data: \d+ bytes cannot hold a 2000x1500 JPEG"):
         decode_image(cut)
     assert decode_sample({"key": "k", "shard": "s", "image_bytes": cut, "json_bytes": None}).error.startswith(
-        "truncated image data")
+        "truncated image data"
+    )
 
 
 def test_truncated_images_stay_errors_when_pillow_is_told_to_load_them(monkeypatch):
@@ -277,8 +295,10 @@ def test_truncation_floor_golden_values():
 
 
 def test_lone_surrogates_in_json_strings_are_escaped():
-    data = (b'{"image_id": "id\\ud800", "boxes": [[0, 0, 1, 1]], "labels": ["dog\\udfff"],'
-            b' "annotations": [{"category_name": "\\udcff", "\\ud800key": 1}]}')
+    data = (
+        b'{"image_id": "id\\ud800", "boxes": [[0, 0, 1, 1]], "labels": ["dog\\udfff"],'
+        b' "annotations": [{"category_name": "\\udcff", "\\ud800key": 1}]}'
+    )
     p = parse_prompts_json(data, width=4, height=4)
     assert p.image_id == "id\\ud800" and p.box_labels == ["dog\\udfff"]
     assert p.annotations == [{"category_name": "\\xff", "\\ud800key": 1}]
@@ -295,16 +315,24 @@ def test_json_bytes_not_utf8_keep_the_image():
 
 def test_numbers_too_large_drop_only_their_prompt():
     huge = "9" * 5000  # beyond Python's int/str digit limit
-    data = (f'{{"boxes": [[0, 0, 1e400, 1], [0, 0, 1e39, 1], [0, 0, {10**400}, 1], [0, 0, {huge}, 1], [1, 1, 2, 2]],'
-            f' "scores": [0.1, 0.2, 0.3, 0.4, 1e39], "labels": ["a", "b", "c", "d", {huge}],'
-            f' "points": [[1e39, 1], [1, {10**400}], [1, 1]], "image_id": {10**400}}}').encode()
+    data = (
+        f'{{"boxes": [[0, 0, 1e400, 1], [0, 0, 1e39, 1], [0, 0, {10**400}, 1], [0, 0, {huge}, 1], [1, 1, 2, 2]],'
+        f' "scores": [0.1, 0.2, 0.3, 0.4, 1e39], "labels": ["a", "b", "c", "d", {huge}],'
+        f' "points": [[1e39, 1], [1, {10**400}], [1, 1]], "image_id": {10**400}}}'
+    ).encode()
     p = parse_prompts_json(data, width=4, height=4)
     assert p.boxes.tolist() == [[1, 1, 2, 2]] and p.box_indices.tolist() == [4]
     assert math.isnan(p.box_scores[0]) and p.box_labels == ["inf"]
     assert p.points.tolist() == [[1, 1]] and p.point_indices.tolist() == [2]
     assert [w.split(":")[0] for w in p.warnings] == [
-        "box 0 dropped", "box 1 dropped", "box 2 dropped", "box 3 dropped", "score 4 ignored",
-        "point 0 dropped", "point 1 dropped"]
+        "box 0 dropped",
+        "box 1 dropped",
+        "box 2 dropped",
+        "box 3 dropped",
+        "score 4 ignored",
+        "point 0 dropped",
+        "point 1 dropped",
+    ]
     assert p.image_id == str(10**400)
     png = _encode(Image.new("RGB", (4, 4)))
     assert decode_sample({"key": "k", "shard": "s", "image_bytes": png, "json_bytes": data}).ok

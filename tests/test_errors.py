@@ -35,9 +35,19 @@ ERRORS = _error_classes()
 
 def test_the_package_defines_its_errors() -> None:
     names = {name for _, name in ERRORS}
-    assert {"OVSAMRayError", "ConfigError", "UnknownPresetError", "WeightsError", "JobStartError", "LeaseHeldError",
-            "ForeignFilesError", "OverlappingLocationsError", "ConvertError", "UnsafePathError",
-            "ShardSpecError"} <= names
+    assert {
+        "OVSAMRayError",
+        "ConfigError",
+        "UnknownPresetError",
+        "WeightsError",
+        "JobStartError",
+        "LeaseHeldError",
+        "ForeignFilesError",
+        "OverlappingLocationsError",
+        "ConvertError",
+        "UnsafePathError",
+        "ShardSpecError",
+    } <= names
 
 
 @pytest.mark.parametrize(("module", "name"), ERRORS, ids=[n for _, n in ERRORS])
@@ -65,8 +75,7 @@ def test_bad_config_values_raise_our_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="topk"):
         ModelConfig(random_init=True, topk=0)
     with pytest.raises(ConfigError, match="batch_size"):
-        LabelConfig(input=str(tmp_path), output=str(tmp_path / "o"), model=ModelConfig(random_init=True),
-                    batch_size=0)
+        LabelConfig(input=str(tmp_path), output=str(tmp_path / "o"), model=ModelConfig(random_init=True), batch_size=0)
     with pytest.raises(ConfigError, match="lr="):
         OptimConfig(lr=0)
 
@@ -78,8 +87,18 @@ def _boom(exc: BaseException):
     return run_predict
 
 
-ARGV = ["predict", "--image", "x.png", "--prompts", "p.json", "--output", "o.json", "--preset", "ovsam_tiny",
-        "--random-init"]
+ARGV = [
+    "predict",
+    "--image",
+    "x.png",
+    "--prompts",
+    "p.json",
+    "--output",
+    "o.json",
+    "--preset",
+    "ovsam_tiny",
+    "--random-init",
+]
 
 
 @pytest.mark.parametrize(("module", "name"), ERRORS, ids=[n for _, n in ERRORS])
@@ -93,8 +112,11 @@ def test_each_of_our_errors_stops_with_one_line_and_exit_2(monkeypatch, caplog, 
     assert errors[0].exc_info is None  # the traceback only at DEBUG level
 
 
-@pytest.mark.parametrize("exc", [ValueError("shape mismatch"), RuntimeError("CUDA error"), OSError("disk")],
-                         ids=["ValueError", "RuntimeError", "OSError"])
+@pytest.mark.parametrize(
+    "exc",
+    [ValueError("shape mismatch"), RuntimeError("CUDA error"), OSError("disk")],
+    ids=["ValueError", "RuntimeError", "OSError"],
+)
 def test_any_other_exception_is_not_taken_for_a_bad_flag(monkeypatch, exc: BaseException) -> None:
     monkeypatch.setattr("ovsam_ray.predict.run_predict", _boom(exc))
     with pytest.raises(type(exc), match=str(exc)):
@@ -131,10 +153,13 @@ def test_argparse_errors_still_exit_2() -> None:
     assert stop.value.code == 2
 
 
-@pytest.mark.parametrize(("flag", "name"), [("--image", "nope.png"), ("--prompts", "nope.json"),
-                                           ("--vocab", "nope.txt"), ("--class-embeddings", "nope.pt")])
-def test_a_file_named_by_a_flag_that_is_not_there_is_one_line_exit_2(tmp_path: Path, monkeypatch, caplog,
-                                                                     flag: str, name: str) -> None:
+@pytest.mark.parametrize(
+    ("flag", "name"),
+    [("--image", "nope.png"), ("--prompts", "nope.json"), ("--vocab", "nope.txt"), ("--class-embeddings", "nope.pt")],
+)
+def test_a_file_named_by_a_flag_that_is_not_there_is_one_line_exit_2(
+    tmp_path: Path, monkeypatch, caplog, flag: str, name: str
+) -> None:
     from PIL import Image
 
     Image.new("RGB", (32, 24)).save(tmp_path / "x.png")

@@ -58,11 +58,16 @@ def test_interior_points():
 
 
 def test_gt_prompts_skip_crowd_and_bad_boxes():
-    anns = [{"bbox": [0, 0, 4, 4], "category_name": "a", "segmentation": rle_str(np.pad(np.ones((4, 4)), ((0, 6),
-                                                                                                        (0, 6))))},
-            {"bbox": [1, 1, 2, 2], "iscrowd": 1, "category_name": "a"},
-            {"bbox": [1, 1, 0, 2], "category_name": "a"},
-            {"bbox": [5, 5, 4, 4], "category_name": "b", "segmentation": [[5, 5, 9, 5, 9, 9, 5, 9]]}]
+    anns = [
+        {
+            "bbox": [0, 0, 4, 4],
+            "category_name": "a",
+            "segmentation": rle_str(np.pad(np.ones((4, 4)), ((0, 6), (0, 6)))),
+        },
+        {"bbox": [1, 1, 2, 2], "iscrowd": 1, "category_name": "a"},
+        {"bbox": [1, 1, 0, 2], "category_name": "a"},
+        {"bbox": [5, 5, 4, 4], "category_name": "b", "segmentation": [[5, 5, 9, 5, 9, 9, 5, 9]]},
+    ]
     out = gt_prompts(anns, height=10, width=10, mode="both", keep=lambda a: a["category_name"] != "b")
     assert out["boxes"] == [[0.0, 0.0, 4.0, 4.0]] and out["box_annotations"] == [0] and out["labels"] == ["a"]
     assert out["points"] == [[1.0, 1.0]] and out["point_boxes"] == out["boxes"]  # 4-way tie: first in raster order
@@ -74,38 +79,80 @@ def _inst(mask: np.ndarray, label: str, prompt_type: str, box=None, point=None) 
 
 
 def test_table1_hand_made_case():
-    vocab = Vocabulary("t", ("cat", "dog", "bird"), (("cat",), ("dog", "puppy"), ("bird",)), (True, False, True),
-                       (False, False, True), (1, 2, 3))
+    vocab = Vocabulary(
+        "t",
+        ("cat", "dog", "bird"),
+        (("cat",), ("dog", "puppy"), ("bird",)),
+        (True, False, True),
+        (False, False, True),
+        (1, 2, 3),
+    )
     lookup = ClassLookup(vocab)
     a0 = np.zeros((10, 10), bool)
     a0[0:4, 0:4] = True
     a1 = np.zeros((10, 10), bool)
     a1[5:10, 5:10] = True
-    anns = [{"category_name": "cat", "bbox": [0, 0, 4, 4], "segmentation": rle_str(a0)},
-            {"category_name": "puppy", "bbox": [5, 5, 5, 5], "segmentation": [[5, 5, 10, 5, 10, 10, 5, 10]]},
-            {"category_id": 3, "bbox": [0, 5, 2, 2], "segmentation": rle_str(a0)},  # bird: excluded
-            {"category_name": "cat", "bbox": [0, 0, 1, 1], "iscrowd": 1}]
+    anns = [
+        {"category_name": "cat", "bbox": [0, 0, 4, 4], "segmentation": rle_str(a0)},
+        {"category_name": "puppy", "bbox": [5, 5, 5, 5], "segmentation": [[5, 5, 10, 5, 10, 10, 5, 10]]},
+        {"category_id": 3, "bbox": [0, 5, 2, 2], "segmentation": rle_str(a0)},  # bird: excluded
+        {"category_name": "cat", "bbox": [0, 0, 1, 1], "iscrowd": 1},
+    ]
     assert (polygon_mask([5, 5, 10, 5, 10, 10, 5, 10], 10, 10) == a1).all()
-    meta = {"annotations": anns, "box_annotations": [0, 1, 2], "point_annotations": [0, 1],
-            "boxes": [[0, 0, 4, 4], [5, 5, 10, 10], [0, 5, 2, 7]], "points": [[1, 1], [7, 7]]}
+    meta = {
+        "annotations": anns,
+        "box_annotations": [0, 1, 2],
+        "point_annotations": [0, 1],
+        "boxes": [[0, 0, 4, 4], [5, 5, 10, 10], [0, 5, 2, 7]],
+        "points": [[1, 1], [7, 7]],
+    }
     half = np.zeros((10, 10), bool)
     half[5:10, 5:7] = True  # IoU 10/25 with a1
     extra = a1.copy()
     extra[0:5, 5:10] = True  # IoU 25/50 with a1
-    row = {"width": 10, "height": 10, "instances": [
-        _inst(a0, "cat", "box", [0, 0, 4, 4]), _inst(half, "cat", "box", [5, 5, 10, 10]),
-        _inst(a0, "bird", "box", [0, 5, 2, 7]),
-        _inst(np.zeros((10, 10), bool), "dog", "point", point=[1, 1]), _inst(extra, "dog", "point", point=[7, 7])]}
+    row = {
+        "width": 10,
+        "height": 10,
+        "instances": [
+            _inst(a0, "cat", "box", [0, 0, 4, 4]),
+            _inst(half, "cat", "box", [5, 5, 10, 10]),
+            _inst(a0, "bird", "box", [0, 5, 2, 7]),
+            _inst(np.zeros((10, 10), bool), "dog", "point", point=[1, 1]),
+            _inst(extra, "dog", "point", point=[7, 7]),
+        ],
+    }
     records, missing = score_image(row, meta, lookup)
     assert missing == 0 and len(records) == 4
     m = summarize(records)
-    assert m["box"] == pytest.approx({"objects": 2, "miou": 0.7, "accuracy": 0.5, "objects_base": 1, "miou_base": 1.0,
-                                      "accuracy_base": 1.0, "objects_novel": 1, "miou_novel": 0.4,
-                                      "accuracy_novel": 0.0, "box_fill_miou": 1.0, "box_fill_miou_base": 1.0,
-                                      "box_fill_miou_novel": 1.0})
-    assert m["point"] == pytest.approx({"objects": 2, "miou": 0.25, "accuracy": 0.5, "objects_base": 1,
-                                        "miou_base": 0.0, "accuracy_base": 0.0, "objects_novel": 1,
-                                        "miou_novel": 0.5, "accuracy_novel": 1.0})
+    assert m["box"] == pytest.approx(
+        {
+            "objects": 2,
+            "miou": 0.7,
+            "accuracy": 0.5,
+            "objects_base": 1,
+            "miou_base": 1.0,
+            "accuracy_base": 1.0,
+            "objects_novel": 1,
+            "miou_novel": 0.4,
+            "accuracy_novel": 0.0,
+            "box_fill_miou": 1.0,
+            "box_fill_miou_base": 1.0,
+            "box_fill_miou_novel": 1.0,
+        }
+    )
+    assert m["point"] == pytest.approx(
+        {
+            "objects": 2,
+            "miou": 0.25,
+            "accuracy": 0.5,
+            "objects_base": 1,
+            "miou_base": 0.0,
+            "accuracy_base": 0.0,
+            "objects_novel": 1,
+            "miou_novel": 0.5,
+            "accuracy_novel": 1.0,
+        }
+    )
     md = table1_markdown(m)
     assert "| box | 2 (1/1) | 70.0 | 100.0 | 40.0 | 50.0 | 100.0 | 0.0 |" in md
     # a prompt the label job did not answer is counted, not scored, and does not shift the others
@@ -143,17 +190,39 @@ def test_scorer_splits_seen_and_unseen_with_their_own_box_fill():
     cross[0:2, 6:8] = True  # 4 pixels, prompt box exactly around it: box-fill IoU 1
     predicted_cross = np.zeros((8, 8), bool)
     predicted_cross[0:2, 4:8] = True  # IoU 4/8 with the cross
-    anns = [{"category_name": "circle", "bbox": [2, 2, 2, 4], "segmentation": rle_str(circle)},
-            {"category_name": "cross", "bbox": [6, 0, 2, 2], "segmentation": rle_str(cross)}]
+    anns = [
+        {"category_name": "circle", "bbox": [2, 2, 2, 4], "segmentation": rle_str(circle)},
+        {"category_name": "cross", "bbox": [6, 0, 2, 2], "segmentation": rle_str(cross)},
+    ]
     meta = {"annotations": anns, "boxes": [[2, 2, 6, 6], [6, 0, 8, 2]], "box_annotations": [0, 1]}
-    row = {"width": 8, "height": 8, "instances": [_inst(circle, "circle", "box", [2, 2, 6, 6]),
-                                                  _inst(predicted_cross, "circle", "box", [6, 0, 8, 2])]}
+    row = {
+        "width": 8,
+        "height": 8,
+        "instances": [
+            _inst(circle, "circle", "box", [2, 2, 6, 6]),
+            _inst(predicted_cross, "circle", "box", [6, 0, 8, 2]),
+        ],
+    }
     records, missing = score_image(row, meta, lookup)
     assert missing == 0
-    assert summarize(records) == {"box": pytest.approx({
-        "objects": 2, "miou": 0.75, "accuracy": 0.5, "box_fill_miou": 0.75,
-        "objects_base": 1, "miou_base": 1.0, "accuracy_base": 1.0, "box_fill_miou_base": 0.5,
-        "objects_novel": 1, "miou_novel": 0.5, "accuracy_novel": 0.0, "box_fill_miou_novel": 1.0})}
+    assert summarize(records) == {
+        "box": pytest.approx(
+            {
+                "objects": 2,
+                "miou": 0.75,
+                "accuracy": 0.5,
+                "box_fill_miou": 0.75,
+                "objects_base": 1,
+                "miou_base": 1.0,
+                "accuracy_base": 1.0,
+                "box_fill_miou_base": 0.5,
+                "objects_novel": 1,
+                "miou_novel": 0.5,
+                "accuracy_novel": 0.0,
+                "box_fill_miou_novel": 1.0,
+            }
+        )
+    }
 
 
 def test_scorer_on_empty_inputs():
@@ -162,16 +231,20 @@ def test_scorer_on_empty_inputs():
     assert score_image({"width": 4, "height": 4, "instances": []}, {}, lookup) == ([], 0)
     obj = np.zeros((4, 4), bool)
     obj[1:3, 1:3] = True
-    meta = {"annotations": [{"category_name": "circle", "bbox": [1, 1, 2, 2], "segmentation": rle_str(obj)}],
-            "boxes": [[1, 1, 3, 3]], "box_annotations": [0]}
+    meta = {
+        "annotations": [{"category_name": "circle", "bbox": [1, 1, 2, 2], "segmentation": rle_str(obj)}],
+        "boxes": [[1, 1, 3, 3]],
+        "box_annotations": [0],
+    }
     assert score_image({"width": 4, "height": 4, "instances": []}, meta, lookup) == ([], 1)  # unanswered prompt
     empty_pred = _inst(np.zeros((4, 4), bool), "circle", "box", [1, 1, 3, 3])
     records, _ = score_image({"width": 4, "height": 4, "instances": [empty_pred]}, meta, lookup)
     assert [(r.iou, r.correct, r.fill_iou) for r in records] == [(0.0, True, 1.0)]
     # no segmentation: the object's ground truth is its box
     no_segm = {**meta, "annotations": [{"category_name": "circle", "bbox": [1, 1, 2, 2]}]}
-    records, _ = score_image({"width": 4, "height": 4, "instances": [_inst(obj, "circle", "box", [1, 1, 3, 3])]},
-                             no_segm, lookup)
+    records, _ = score_image(
+        {"width": 4, "height": 4, "instances": [_inst(obj, "circle", "box", [1, 1, 3, 3])]}, no_segm, lookup
+    )
     assert records[0].iou == 1.0
     m = summarize(records)
     assert m["box"]["objects_novel"] == 0 and m["box"]["miou_novel"] is None and "point" not in m
@@ -199,13 +272,25 @@ class BoxFillPredictor:
             n = len(boxes)
             masks = np.stack([box_fill_mask(b, h, w) for b in boxes]) if n else np.zeros((0, h, w), bool)
             z = np.zeros((n, 3), np.float32)
-            out.append(ImagePrediction(
-                masks=masks, mask_boxes=boxes_from_binary_masks(masks), low_res_logits=np.zeros((n, 1, 4, 4)),
-                head_logits=z, clip_logits=z, fused_logits=z, labels=np.zeros(n, np.int64),
-                scores=np.ones(n, np.float32), head_labels=np.zeros(n, np.int64), topk_ids=np.zeros((n, 1), np.int64),
-                topk_scores=np.ones((n, 1), np.float32), region_embeddings=np.zeros((n, 2), np.float32),
-                clip_embeddings=np.zeros((n, 2), np.float32), clip_valid=np.ones(n, bool),
-                is_point=np.arange(n) >= len(p.boxes)))
+            out.append(
+                ImagePrediction(
+                    masks=masks,
+                    mask_boxes=boxes_from_binary_masks(masks),
+                    low_res_logits=np.zeros((n, 1, 4, 4)),
+                    head_logits=z,
+                    clip_logits=z,
+                    fused_logits=z,
+                    labels=np.zeros(n, np.int64),
+                    scores=np.ones(n, np.float32),
+                    head_labels=np.zeros(n, np.int64),
+                    topk_ids=np.zeros((n, 1), np.int64),
+                    topk_scores=np.ones((n, 1), np.float32),
+                    region_embeddings=np.zeros((n, 2), np.float32),
+                    clip_embeddings=np.zeros((n, 2), np.float32),
+                    clip_valid=np.ones(n, bool),
+                    is_point=np.arange(n) >= len(p.boxes),
+                )
+            )
         return out
 
 
@@ -237,9 +322,11 @@ def test_label_samples_decodes_prompts_predicts_and_keeps_bad_samples_as_error_r
         meta = json.loads(sample["json_bytes"])
         assert (row["width"], row["height"]) == (64, 48)
         assert [i["prompt_type"] for i in row["instances"]] == ["box"] * len(meta["boxes"]) + ["point"] * len(
-            meta["points"])
-        np.testing.assert_allclose([i["prompt_box"] for i in row["instances"][: len(meta["boxes"])]], meta["boxes"],
-                                   atol=1e-4)
+            meta["points"]
+        )
+        np.testing.assert_allclose(
+            [i["prompt_box"] for i in row["instances"][: len(meta["boxes"])]], meta["boxes"], atol=1e-4
+        )
 
 
 def test_evaluate_predictor_pairs_every_prompt_with_its_own_object(tmp_path):
@@ -251,8 +338,14 @@ def test_evaluate_predictor_pairs_every_prompt_with_its_own_object(tmp_path):
     shards = generate_shards(str(tmp_path), num_images=6, images_per_shard=3, seed=9, image_size=(80, 60))
     names = tuple(shape_vocabulary_names())
     held_out = ("pentagon", "cross")
-    vocab = Vocabulary("shapes", names, tuple((n,) for n in names), tuple(n not in held_out for n in names),
-                       (False,) * len(names), tuple(range(len(names))))
+    vocab = Vocabulary(
+        "shapes",
+        names,
+        tuple((n,) for n in names),
+        tuple(n not in held_out for n in names),
+        (False,) * len(names),
+        tuple(range(len(names))),
+    )
     out = evaluate_predictor(BoxFillPredictor(), vocab, shards, batch_size=4)
     anns = [a for url in shards for meta in shard_metas(url).values() for a in meta["annotations"]]
     box, point = out["metrics"]["box"], out["metrics"]["point"]
@@ -285,10 +378,12 @@ def test_mask_ap_equals_direct_pycocotools():
     disk = (yy - 15) ** 2 + (xx - 12) ** 2 < 64
     square = [25, 5, 38, 5, 38, 20, 25, 20]
     images = [{"id": 1, "width": w, "height": h}, {"id": 2, "width": w, "height": h}]
-    anns = [{"image_id": 1, "category_id": 4, "segmentation": rle_str(disk), "bbox": [4, 7, 16, 16]},
-            {"image_id": 1, "category_id": 6, "segmentation": [square], "bbox": [25, 5, 13, 15], "area": 195},
-            {"image_id": 2, "category_id": 4, "segmentation": rle_str(disk[:, ::-1]), "bbox": [20, 7, 16, 16]},
-            {"image_id": 2, "category_id": 6, "segmentation": rle_str(~disk), "bbox": [0, 0, 40, 30], "iscrowd": 1}]
+    anns = [
+        {"image_id": 1, "category_id": 4, "segmentation": rle_str(disk), "bbox": [4, 7, 16, 16]},
+        {"image_id": 1, "category_id": 6, "segmentation": [square], "bbox": [25, 5, 13, 15], "area": 195},
+        {"image_id": 2, "category_id": 4, "segmentation": rle_str(disk[:, ::-1]), "bbox": [20, 7, 16, 16]},
+        {"image_id": 2, "category_id": 6, "segmentation": rle_str(~disk), "bbox": [0, 0, 40, 30], "iscrowd": 1},
+    ]
     gt = coco_dataset(images, anns, [{"id": 4, "name": "disk"}, {"id": 6, "name": "square"}])
     assert [a["id"] for a in gt["annotations"]] == [1, 2, 3, 4] and gt["annotations"][0]["area"] == disk.sum()
     shifted = np.roll(disk, 3, axis=1)
@@ -310,8 +405,13 @@ def test_mask_ap_equals_direct_pycocotools():
 
 
 def test_instance_results_labels_and_scores():
-    inst = {"label": "Traffic_Light", "detector_label": "car", "label_score": 0.5, "detector_score": 0.8,
-            "rle": {"size": [2, 2], "counts": "04"}}
+    inst = {
+        "label": "Traffic_Light",
+        "detector_label": "car",
+        "label_score": 0.5,
+        "detector_score": 0.8,
+        "rle": {"size": [2, 2], "counts": "04"},
+    }
     cats = {"traffic light": 10, "car": 3}
     res, dropped = instance_results([inst, {**inst, "label": "zebra"}], 7, cats)
     assert dropped == 1 and res[0]["category_id"] == 10 and res[0]["score"] == pytest.approx(0.4)
@@ -324,16 +424,28 @@ def test_instance_results_labels_and_scores():
 @pytest.fixture
 def shapes_json_vocab(tmp_path) -> str:
     path = tmp_path / "shapes.json"
-    path.write_text(json.dumps({"name": "shapes", "classes": [
-        {"id": 0, "name": "circle", "seen": True}, {"id": 1, "name": "square", "seen": False},
-        {"id": 2, "name": "triangle", "seen": True}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "shapes",
+                "classes": [
+                    {"id": 0, "name": "circle", "seen": True},
+                    {"id": 1, "name": "square", "seen": False},
+                    {"id": 2, "name": "triangle", "seen": True},
+                ],
+            }
+        )
+    )
     return str(path)
 
 
 def test_eval_detector_mode_on_ground_truth_labels_gives_ap_1(ray_local, tmp_path, shapes_json_vocab, bystanders):
     ann_path, images, dataset, _ = make_coco(str(tmp_path / "coco"))
-    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
-               for a in dataset["annotations"] if not a["iscrowd"]]
+    results = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in dataset["annotations"]
+        if not a["iscrowd"]
+    ]
     (tmp_path / "res.json").write_text(json.dumps(results))
     shards = str(tmp_path / "shards")
     convert_detections(str(tmp_path / "res.json"), ann_path, images, shards, images_per_shard=2)
@@ -341,19 +453,40 @@ def test_eval_detector_mode_on_ground_truth_labels_gives_ap_1(ray_local, tmp_pat
     gt_label_output(dataset, labels, shard_of=lambda i: "shard-000000" if i <= 9 else "shard-000001")
     model = ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_json_vocab, train_vocab="shapes")
     bystanders.around(tmp_path / "eval")
-    out = run_eval(EvalConfig(input=shards, output=str(tmp_path / "eval"), mode="detector", labels=labels,
-                              model=model, categories=ann_path))
+    out = run_eval(
+        EvalConfig(
+            input=shards,
+            output=str(tmp_path / "eval"),
+            mode="detector",
+            labels=labels,
+            model=model,
+            categories=ann_path,
+        )
+    )
     m = out["metrics"]
     assert m["all"]["AP"] == pytest.approx(1.0) and m["base"]["AP"] == pytest.approx(1.0)
     assert m["novel"]["AP"] == pytest.approx(1.0)
-    assert out["counts"] == {"images": 4, "images_error": 1, "ground_truth": 5, "detections": 4,
-                             "dropped_unknown_label": 0}
+    assert out["counts"] == {
+        "images": 4,
+        "images_error": 1,
+        "ground_truth": 5,
+        "detections": 4,
+        "dropped_unknown_label": 0,
+    }
     assert "| all | 100.0 |" in open(tmp_path / "eval" / "metrics.md").read()
     # the same numbers straight from pycocotools on the original json
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(ann_path)
-    exported = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.9,
-                 "segmentation": rle_str(gt.annToMask(a))} for a in dataset["annotations"] if not a["iscrowd"]]
+    exported = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "score": 0.9,
+            "segmentation": rle_str(gt.annToMask(a)),
+        }
+        for a in dataset["annotations"]
+        if not a["iscrowd"]
+    ]
     direct = _direct_cocoeval(dataset, exported)
     assert direct[0] == pytest.approx(m["all"]["AP"])
 
@@ -377,13 +510,22 @@ def test_eval_interactive_and_detector_end_to_end(ray_local, tmp_path, shapes_vo
     assert "random weights" in open(os.path.join(out, "metrics.md")).read()
 
     # detector mode: the synthetic boxes/labels are the "detections"; labels from the detector
-    det = run_eval(EvalConfig(input=src, output=str(tmp_path / "det"), mode="detector", label_source="detector",
-                              model=model))
+    det = run_eval(
+        EvalConfig(input=src, output=str(tmp_path / "det"), mode="detector", label_source="detector", model=model)
+    )
     assert det["counts"]["detections"] == objects and det["counts"]["ground_truth"] == objects
     assert 0.0 <= det["metrics"]["all"]["AP"] <= 1.0
     # re-score the committed labels; the run record names the model
-    again = run_eval(EvalConfig(input=src, output=str(tmp_path / "det2"), mode="detector", label_source="detector",
-                                labels=str(tmp_path / "det" / "labels_detector"), model=None))
+    again = run_eval(
+        EvalConfig(
+            input=src,
+            output=str(tmp_path / "det2"),
+            mode="detector",
+            label_source="detector",
+            labels=str(tmp_path / "det" / "labels_detector"),
+            model=None,
+        )
+    )
     assert again["metrics"] == det["metrics"]
 
 

@@ -44,8 +44,8 @@ def test_mask_to_polygons():
     m[1:4, 2:7] = True
     assert [p.tolist() for p in mask_to_polygons(m, tolerance=0)] == [[[7, 1], [7, 4], [2, 4], [2, 1]]]
     yy, xx = np.mgrid[:60, :80]
-    disk = (yy - 30) ** 2 + (xx - 40) ** 2 < 20 ** 2
-    ring = disk & ((yy - 30) ** 2 + (xx - 40) ** 2 >= 8 ** 2)
+    disk = (yy - 30) ** 2 + (xx - 40) ** 2 < 20**2
+    ring = disk & ((yy - 30) ** 2 + (xx - 40) ** 2 >= 8**2)
     two = disk | ((yy < 5) & (xx > 70))
     for mask, n in ((disk, 1), (ring, 1), (two, 2)):
         polys = mask_to_polygons(mask)
@@ -62,8 +62,15 @@ def test_export_coco_of_ground_truth_masks_gives_ap_1(coco, tmp_path, bystanders
     out = str(tmp_path / "export" / "coco.json")
     bystanders.around(tmp_path / "export")
     stats = export_coco(labels, out, categories=ann_path)
-    assert stats == {"images": 3, "annotations": 4, "dropped": 0, "below_min_score": 0, "error_rows": 1,
-                     "images_written": 0, "images_missing": 0}
+    assert stats == {
+        "images": 3,
+        "annotations": 4,
+        "dropped": 0,
+        "below_min_score": 0,
+        "error_rows": 1,
+        "images_written": 0,
+        "images_missing": 0,
+    }
     exported = json.load(open(out))
     assert sorted(im["id"] for im in exported["images"]) == [5, 9, 12]
     assert exported["categories"] == CATEGORIES
@@ -92,8 +99,14 @@ def test_export_yolo(coco, tmp_path, bystanders):
     out = str(tmp_path / "yolo")
     bystanders.around(out)
     stats = export_yolo(labels, out, classes=coco[0], shards=shards, with_images=True)
-    assert stats == {"images": 3, "instances": 4, "dropped": 0, "error_rows": 1, "images_written": 3,
-                     "images_missing": 0}
+    assert stats == {
+        "images": 3,
+        "instances": 4,
+        "dropped": 0,
+        "error_rows": 1,
+        "images_written": 3,
+        "images_missing": 0,
+    }
     lines = open(os.path.join(out, "labels", "shard-000000", "000000000005.txt")).read().splitlines()
     assert [line.split()[0] for line in lines] == ["1", "0"]  # square, circle: positions in the category list
     coords = np.asarray(lines[0].split()[1:], float).reshape(-1, 2) * [64, 48]
@@ -111,7 +124,10 @@ def test_export_labelstudio_and_sa1b(coco, tmp_path, bystanders):
     gt_label_output(dataset, labels)
     out = str(tmp_path / "ls.json")
     assert export_labelstudio(labels, out, image_url="s3://b/{shard}/{key}.png", masks="polygon") == {
-        "tasks": 3, "results": 4, "error_rows": 1}
+        "tasks": 3,
+        "results": 4,
+        "error_rows": 1,
+    }
     tasks = json.load(open(out))
     task = tasks[0]
     assert task["data"]["image"] == "s3://b/shard-000000/000000000005.png"

@@ -42,8 +42,7 @@ def labelled(tmp_path):
     labels = str(tmp_path / "labels")
     gt_label_output(dataset, labels)
     (tmp_path / "labels" / "_run.json").write_text(json.dumps({"details": {"config": {"input": shards}}}))
-    return {"ann": ann_path, "images": images, "dataset": dataset, "masks": masks, "shards": shards,
-            "labels": labels}
+    return {"ann": ann_path, "images": images, "dataset": dataset, "masks": masks, "shards": shards, "labels": labels}
 
 
 def _quiet(fn, *args):
@@ -68,10 +67,19 @@ def test_exports_keep_odd_keys_inside_their_folder(tmp_path):
             tf.addfile(info, io.BytesIO(image))
     mask = np.zeros((48, 64), bool)
     mask[4:20, 4:20] = True
-    inst = {"prompt_type": "box", "bbox": [4, 4, 20, 20], "area": 256, "rle": rle_str(mask), "label": "square",
-            "label_id": 3, "label_score": 0.9}
-    rows = [{"key": k, "shard": "shard-000000", "width": 64, "height": 48, "status": "ok", "instances": [inst]}
-            for k in keys]
+    inst = {
+        "prompt_type": "box",
+        "bbox": [4, 4, 20, 20],
+        "area": 256,
+        "rle": rle_str(mask),
+        "label": "square",
+        "label_id": 3,
+        "label_score": 0.9,
+    }
+    rows = [
+        {"key": k, "shard": "shard-000000", "width": 64, "height": 48, "status": "ok", "instances": [inst]}
+        for k in keys
+    ]
     rows.append({"key": "k", "shard": "../up", "width": 64, "height": 48, "status": "ok", "instances": [inst]})
     labels = tmp_path / "deep" / "er" / "labels"
     labels.mkdir(parents=True)
@@ -156,19 +164,36 @@ def test_sa1b_file_name_has_the_image_extension(labelled, tmp_path):
     assert record["image"]["file_name"] == "000000000005.png"
 
 
-@pytest.mark.parametrize("vocab,labels,ids,n", [
-    ("coco_ov", (("person", 0), ("dog", 16), ("toothbrush", 79)), [1, 18, 90], 80),
-    ("lvis_v1", (("aerosol_can", 1), ("zucchini", 1203)), [1, 1203], 1203),
-])
+@pytest.mark.parametrize(
+    "vocab,labels,ids,n",
+    [
+        ("coco_ov", (("person", 0), ("dog", 16), ("toothbrush", 79)), [1, 18, 90], 80),
+        ("lvis_v1", (("aerosol_can", 1), ("zucchini", 1203)), [1, 1203], 1203),
+    ],
+)
 def test_builtin_vocabulary_labels_get_the_dataset_ids(tmp_path, vocab, labels, ids, n):
     mask = np.zeros((48, 64), bool)
     mask[4:20, 4:20] = True
-    insts = [{"prompt_type": "box", "bbox": [4, 4, 20, 20], "area": 256, "rle": rle_str(mask), "label": name,
-              "label_id": lid, "label_score": 0.9} for name, lid in labels]
+    insts = [
+        {
+            "prompt_type": "box",
+            "bbox": [4, 4, 20, 20],
+            "area": 256,
+            "rle": rle_str(mask),
+            "label": name,
+            "label_id": lid,
+            "label_score": 0.9,
+        }
+        for name, lid in labels
+    ]
     root = tmp_path / "labels"
     root.mkdir()
-    pq.write_table(rows_to_table([{"key": "a", "shard": "s", "image_id": "7", "width": 64, "height": 48,
-                                   "status": "ok", "instances": insts}]), root / "s.parquet")
+    pq.write_table(
+        rows_to_table(
+            [{"key": "a", "shard": "s", "image_id": "7", "width": 64, "height": 48, "status": "ok", "instances": insts}]
+        ),
+        root / "s.parquet",
+    )
     (root / "_run.json").write_text(json.dumps({"identity": {"vocabulary": {"name": vocab, "num_classes": n}}}))
     out = str(tmp_path / "coco.json")
     export_coco(str(root), out)
@@ -183,8 +208,22 @@ def test_coco_results_load_in_pycocotools_and_faster_coco_eval(labelled, tmp_pat
     from pycocotools.cocoeval import COCOeval
 
     out = str(tmp_path / "results.json")
-    assert main(["export", "coco", "--input", labelled["labels"], "--output", out, "--results",
-                 "--categories", labelled["ann"]]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "coco",
+                "--input",
+                labelled["labels"],
+                "--output",
+                out,
+                "--results",
+                "--categories",
+                labelled["ann"],
+            ]
+        )
+        == 0
+    )
     results = json.load(open(out))
     assert isinstance(results, list) and len(results) == 4 and "score" in results[0]
     gt = _quiet(COCO, labelled["ann"])
@@ -276,8 +315,11 @@ def test_export_wds_reads_back_with_webdataset(labelled, tmp_path):
     rows = {r["key"]: r for r in _label_rows(labelled["labels"])}
     for s in samples:
         labels = s["json"]
-        source = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(
-            os.path.join(labelled["images"], f"{s['__key__']}.png")).convert("RGB"))
+        source = np.asarray(
+            __import__("PIL.Image", fromlist=["Image"])
+            .open(os.path.join(labelled["images"], f"{s['__key__']}.png"))
+            .convert("RGB")
+        )
         assert (s["png"] == source).all() and s["png"].shape == (labels["height"], labels["width"], 3)
         expected = rows[s["__key__"]]["instances"]
         assert len(labels["instances"]) == len(expected)

@@ -17,8 +17,34 @@ from hypothesis import strategies as st
 from ovsam_ray.export.paths import NAME_BYTES, SUFFIXES, data_file_name
 
 # pieces that break naive joins: separators, dots, escapes, controls, surrogates, long runs
-_ATOMS = ["/", "//", ".", "..", "../", "%", "%2E", "%~", "\\", "\x00", "\n", "\x7f", "\u2028", "\udce9", "\ud800",
-          "d.jpg", ".jpg", ".JSON", "~", "é", "日本", "🐈", "C:", "s3://", "x" * 120, "y" * 254]
+_ATOMS = [
+    "/",
+    "//",
+    ".",
+    "..",
+    "../",
+    "%",
+    "%2E",
+    "%~",
+    "\\",
+    "\x00",
+    "\n",
+    "\x7f",
+    "\u2028",
+    "\udce9",
+    "\ud800",
+    "d.jpg",
+    ".jpg",
+    ".JSON",
+    "~",
+    "é",
+    "日本",
+    "🐈",
+    "C:",
+    "s3://",
+    "x" * 120,
+    "y" * 254,
+]
 _CHARS = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, categories=None)
 _PIECE = st.one_of(st.sampled_from(_ATOMS), st.text(_CHARS, max_size=6))
 NAMES = st.lists(_PIECE, max_size=10).map("".join)
@@ -101,14 +127,17 @@ def test_golden_names(args, expected):
 
 def test_stable_across_processes():
     """No per-process state (``hash()`` is salted per process): another interpreter gives the same names."""
-    code = ("import json, sys; from ovsam_ray.export.paths import data_file_name as f; "
-            "print(json.dumps([f(*a) for a in json.loads(sys.stdin.read())]))")
+    code = (
+        "import json, sys; from ovsam_ray.export.paths import data_file_name as f; "
+        "print(json.dumps([f(*a) for a in json.loads(sys.stdin.read())]))"
+    )
     args = [a for a, _ in GOLDEN] + [("s", "/".join(["p" * 100] * 12), "png")]
     import json
 
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(args), capture_output=True, text=True,
-                         env=env, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps(args), capture_output=True, text=True, env=env, check=True
+    ).stdout
     assert json.loads(out) == [data_file_name(*a) for a in args]
 
 

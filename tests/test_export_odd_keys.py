@@ -24,13 +24,28 @@ from ovsam_ray.show import show
 from ovsam_ray.written import MANIFEST_NAME
 
 _BYTES_KEY = b"caf\xe9-latin1"  # not UTF-8: tarfile hands it over surrogate-escaped
-KEYS = ["d", "d.jpg/x", "d/x", "p%2Fq", "p/q", "k" * 300, "/".join(["deep" * 25] * 12), "../../escaped",
-        "/abs/x", "back\\slash", "ctl\x01\x1bx", "e//f", ".hid", "tilde~%~x",
-        _BYTES_KEY.decode("utf-8", "surrogateescape")]
+KEYS = [
+    "d",
+    "d.jpg/x",
+    "d/x",
+    "p%2Fq",
+    "p/q",
+    "k" * 300,
+    "/".join(["deep" * 25] * 12),
+    "../../escaped",
+    "/abs/x",
+    "back\\slash",
+    "ctl\x01\x1bx",
+    "e//f",
+    ".hid",
+    "tilde~%~x",
+    _BYTES_KEY.decode("utf-8", "surrogateescape"),
+]
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes | None = None, *, link: str | None = None,
-         kind: bytes = tarfile.SYMTYPE) -> None:
+def _add(
+    tf: tarfile.TarFile, name: str, data: bytes | None = None, *, link: str | None = None, kind: bytes = tarfile.SYMTYPE
+) -> None:
     info = tarfile.TarInfo(name)
     if link is not None:
         info.type, info.linkname = kind, link
@@ -62,8 +77,15 @@ def odd_labels(ray_local, shapes_vocab, tmp_path_factory):
     shard = str(root / "shards" / "shard-000000.tar")
     _odd_shard(shard)
     labels = str(root / "labels")
-    run_label(LabelConfig(input=str(root / "shards"), output=labels, baseline="box-fill", batch_size=8,
-                          model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab)))
+    run_label(
+        LabelConfig(
+            input=str(root / "shards"),
+            output=labels,
+            baseline="box-fill",
+            batch_size=8,
+            model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
+        )
+    )
     rows = pds.dataset(labels, format="parquet").to_table(columns=["shard", "key", "status"]).to_pylist()
     ok = {(r["shard"], r["key"]) for r in rows if r["status"] == "ok"}
     images = {(s["shard"], s["key"]): (s["image_bytes"], s["image_ext"]) for s in iter_shard_samples(shard)}

@@ -34,8 +34,15 @@ def _randomize_rel_pos(module: nn.Module, seed: int) -> None:
 
 def _block(window_size: int, input_size: tuple[int, int]) -> Block:
     torch.manual_seed(0)
-    block = Block(dim=DIM, num_heads=HEADS, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                  use_rel_pos=True, window_size=window_size, input_size=input_size)
+    block = Block(
+        dim=DIM,
+        num_heads=HEADS,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=window_size,
+        input_size=input_size,
+    )
     _randomize_rel_pos(block, seed=1)
     return block
 

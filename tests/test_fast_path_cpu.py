@@ -30,8 +30,10 @@ def _images() -> list[np.ndarray]:
 
 
 PROMPTS = [
-    ImagePrompts(boxes=np.array([[10, 20, 100, 100], [50, 50, 150, 110], [0, 0, 160, 120]], np.float32),
-                 points=np.array([[60, 60], [120, 30]], np.float32)),
+    ImagePrompts(
+        boxes=np.array([[10, 20, 100, 100], [50, 50, 150, 110], [0, 0, 160, 120]], np.float32),
+        points=np.array([[60, 60], [120, 30]], np.float32),
+    ),
     ImagePrompts(boxes=np.array([[5, 5, 60, 80]], np.float32), points=np.array([[30, 40]], np.float32)),
 ]
 
@@ -40,8 +42,13 @@ def _predictor(fast: bool, rle_on_device: bool) -> OVSAMPredictor:
     torch.manual_seed(0)
     model = build_ovsam("ovsam_tiny").eval()
     text = F.normalize(torch.randn(12, 2, 64, generator=torch.Generator().manual_seed(1)), dim=-1)
-    return OVSAMPredictor(copy.deepcopy(model), OpenVocabClassifier(text_embeddings=text), device="cpu", fast=fast,
-                          rle_on_device=rle_on_device)
+    return OVSAMPredictor(
+        copy.deepcopy(model),
+        OpenVocabClassifier(text_embeddings=text),
+        device="cpu",
+        fast=fast,
+        rle_on_device=rle_on_device,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +89,9 @@ def test_predictor_inside_a_callers_autocast(ref):
 
 def test_automatic_mask_generator_on_the_fast_path():
     pred = _predictor(True, True)
-    records = OVSAMAutomaticMaskGenerator(pred, points_per_side=4, stability_score_thresh=0.0,
-                                          mask_nms_thresh=1.0).generate(_images()[0])
+    records = OVSAMAutomaticMaskGenerator(
+        pred, points_per_side=4, stability_score_thresh=0.0, mask_nms_thresh=1.0
+    ).generate(_images()[0])
     assert records and all(r["segmentation"].shape == (120, 160) for r in records)
     assert all(r["area"] == int(r["segmentation"].sum()) for r in records)
 
@@ -109,10 +117,14 @@ def test_cotraining_step_under_cpu_bf16(tmp_path):
 
     shards = generate_shards(str(tmp_path / "seg"), num_images=2, images_per_shard=2, seed=1, image_size=(64, 48))
     (tmp_path / "c.json").write_text(json.dumps(["circle", "square", "triangle"]))
-    cfg = CotrainConfig(run=RunSpec(storage_path=str(tmp_path / "runs"), name="k"),
-                        datasets=[DatasetSpec(shards=str(tmp_path / "seg"), vocab=str(tmp_path / "c.json"))],
-                        model=ModelSpec(preset="ovsam_tiny", random_init=True), num_prompts=6, num_points=64,
-                        min_mask_area=1)
+    cfg = CotrainConfig(
+        run=RunSpec(storage_path=str(tmp_path / "runs"), name="k"),
+        datasets=[DatasetSpec(shards=str(tmp_path / "seg"), vocab=str(tmp_path / "c.json"))],
+        model=ModelSpec(preset="ovsam_tiny", random_init=True),
+        num_prompts=6,
+        num_points=64,
+        min_mask_area=1,
+    )
     items = [{"item": 0, "dataset": 0, "shard": s} for s in shards]
     samples = [unpack_sample(r["sample"]) for r in iter_local_rows(items, sample_builder(cfg))]
     losses = {}
@@ -174,7 +186,9 @@ def test_resize_on_the_model_device_gives_the_cpu_resize_inputs_and_labels(tmp_p
     on_cpu = pa.concat_tables(read_and_decode(urls, image_size=256, resize_on_cpu=True))
     shipped = pa.concat_tables(read_and_decode(urls, image_size=256))
     assert (shipped["in_h"].to_pylist(), shipped["in_w"].to_pylist()) == (
-        shipped["height"].to_pylist(), shipped["width"].to_pylist()), "shipped as decoded"
+        shipped["height"].to_pylist(),
+        shipped["width"].to_pylist(),
+    ), "shipped as decoded"
     assert on_cpu["in_h"].to_pylist() != on_cpu["height"].to_pylist()
     capped = pa.concat_tables(read_and_decode(urls, image_size=48))  # >= 120x90 > 4 x 48 x 48 pixels
     assert DEVICE_RESIZE_MAX_FACTOR * 48**2 < 120 * 90
@@ -190,8 +204,9 @@ def test_resize_on_the_model_device_gives_the_cpu_resize_inputs_and_labels(tmp_p
     assert torch.equal(a.features.image_embeddings, b.features.image_embeddings)
     old, new = stage(on_cpu).to_pylist(), stage(shipped).to_pylist()
     assert [r["status"] for r in new] == ["ok"] * 4
-    assert [[i["label_id"] for i in r["instances"]] for r in new] == [[i["label_id"] for i in r["instances"]]
-                                                                      for r in old]
+    assert [[i["label_id"] for i in r["instances"]] for r in new] == [
+        [i["label_id"] for i in r["instances"]] for r in old
+    ]
     assert [r["instances"] for r in new] == [r["instances"] for r in old]
     with pytest.raises(ValueError, match="neither its original size"):
         stage.predictor.embed([image_of(shipped, 0)[:50]], original_sizes=hw[:1])
@@ -206,8 +221,12 @@ def test_fast_path_rule_at_a_full_size_preset():
     model = build_ovsam("ovsam_rn50_small").eval()
     text = F.normalize(torch.randn(20, 3, model.embed_dim), dim=-1)
     images = [np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)]
-    prompts = [ImagePrompts(boxes=np.array([[10, 20, 300, 400], [100, 100, 200, 220]], np.float32),
-                            points=np.array([[320, 240]], np.float32))]
+    prompts = [
+        ImagePrompts(
+            boxes=np.array([[10, 20, 300, 400], [100, 100, 200, 220]], np.float32),
+            points=np.array([[320, 240]], np.float32),
+        )
+    ]
     classifier = OpenVocabClassifier(text_embeddings=text)
     ref = OVSAMPredictor(copy.deepcopy(model), classifier, device="cpu", fast=False, rle_on_device=False)
     fast = OVSAMPredictor(model, classifier, device="cpu", fast=True, rle_on_device=True)

@@ -17,8 +17,10 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_import_and_the_exporters_and_converters_load_no_torch() -> None:
-    code = ("import sys, ovsam_ray, ovsam_ray.export, ovsam_ray.convert, ovsam_ray.errors; "
-            "print(sorted(m for m in ('torch', 'open_clip', 'segment_anything', 'ray') if m in sys.modules))")
+    code = (
+        "import sys, ovsam_ray, ovsam_ray.export, ovsam_ray.convert, ovsam_ray.errors; "
+        "print(sorted(m for m in ('torch', 'open_clip', 'segment_anything', 'ray') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -72,7 +74,8 @@ def test_readme_quickstart_runs(tmp_path: Path, monkeypatch, capsys) -> None:
         assert old in code, f"the quickstart no longer says {old}: update this test with it"
         code = code.replace(old, new)
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(
-        tmp_path / "photo.jpg")
+        tmp_path / "photo.jpg"
+    )
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(README), "exec"), {})  # noqa: S102 - our own README
     printed = capsys.readouterr().out

@@ -25,8 +25,12 @@ def test_bf16_fast_path_matches_fp32_labels_and_masks():
     text = torch.nn.functional.normalize(torch.randn(20, 3, model.embed_dim), dim=-1)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(2)]
-    prompts = [ImagePrompts(boxes=np.array([[10, 20, 300, 400], [100, 100, 200, 220]], np.float32),
-                            points=np.array([[320, 240]], np.float32))] * 2
+    prompts = [
+        ImagePrompts(
+            boxes=np.array([[10, 20, 300, 400], [100, 100, 200, 220]], np.float32),
+            points=np.array([[320, 240]], np.float32),
+        )
+    ] * 2
     classifier = OpenVocabClassifier(text_embeddings=text)
     ref = OVSAMPredictor(model, classifier, device="cuda", fast=False, rle_on_device=False)(images, prompts)
     fast = OVSAMPredictor(model, classifier, device="cuda", fast=True, rle_on_device=True)(images, prompts)

@@ -45,8 +45,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_hanging_stage_is_killed_with_its_children_and_recorded(tmp_path):
-    child = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
-             "time.sleep(120)']); print('grandchild', p.pid, flush=True); time.sleep(120)")
+    child = (
+        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+        "time.sleep(120)']); print('grandchild', p.pid, flush=True); time.sleep(120)"
+    )
     stage = gpu_run.Stage("hang", (3, 3), lambda ctx: [[ctx.python, "-c", child]])
     ctx = gpu_run.make_ctx(gpu_run.parse_args(["--work", str(tmp_path), str(tmp_path / "out")]))
     t0 = time.time()
@@ -82,10 +84,12 @@ def test_pytest_stage_reads_junit_and_fails_skips_on_a_gpu(tmp_path):
         '<testsuites><testsuite tests="4" failures="0" errors="0" skipped="1">'
         '<testcase classname="tests.test_gpu" name="test_a" time="1.5"/>'
         '<testcase classname="tests.test_gpu" name="test_b" time="0.1"><skipped message="needs CUDA"/></testcase>'
-        '</testsuite></testsuites>')
+        "</testsuite></testsuites>"
+    )
     for smoke, hard_ok in ((True, True), (False, False)):
-        ctx = gpu_run.make_ctx(gpu_run.parse_args(["--work", str(tmp_path), str(tmp_path / "out")]
-                                                  + (["--smoke"] if smoke else [])))
+        ctx = gpu_run.make_ctx(
+            gpu_run.parse_args(["--work", str(tmp_path), str(tmp_path / "out")] + (["--smoke"] if smoke else []))
+        )
         checks, figures, cases = gpu_run_checks.CHECKS["pytest_gpu"](ctx, "")
         assert all(c.ok for c in checks if c.hard) is hard_ok
         assert figures == {"passed": 3, "failed": 0, "skipped": 1}
@@ -97,9 +101,25 @@ def test_quick_smoke_runs_the_gpu_branches_on_the_cpu(tmp_path):
     and the fast path (bf16 autocast, channels_last, device RLE) on the CPU checked against fp32
     with what random weights can show. (The whole smoke run takes minutes: bench/RESULTS.md.)"""
     out = tmp_path / "gpu"
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_run", "--smoke", "--stages",
-                           "env,perf", "--perf-modes", "c", "--work", str(tmp_path / "work"), str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.gpu_run",
+            "--smoke",
+            "--stages",
+            "env,perf",
+            "--perf-modes",
+            "c",
+            "--work",
+            str(tmp_path / "work"),
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["gpu_run.json", "gpu_run.log", "gpu_run.md"]
     r = json.loads((out / "gpu_run.json").read_text())
@@ -115,13 +135,17 @@ def test_quick_smoke_runs_the_gpu_branches_on_the_cpu(tmp_path):
 
 
 def test_step_times_from_the_training_log():
-    line = ("\x1b[36m(RayTrainWorker pid=13247)\x1b[0m distill step 3: grad_norm=6.789 images=2 images_per_s=16.62 "
-            "images_seen=6 loss=2.473 lr=1.024e-07 resume_item=1 step=3")
+    line = (
+        "\x1b[36m(RayTrainWorker pid=13247)\x1b[0m distill step 3: grad_norm=6.789 images=2 images_per_s=16.62 "
+        "images_seen=6 loss=2.473 lr=1.024e-07 resume_item=1 step=3"
+    )
     row = train_steps.parse_step_line(line)
     assert row["step"] == 3 and row["images"] == 2 and row["images_per_s"] == 16.62
     assert train_steps.parse_step_line("Reporting training result 3: TrainingReport(...)") is None
-    rows = [{"step": s, "images": 2.0, "images_per_s": ips} for s, ips in [(1, 0.1), (2, 4.0), (3, 10.0),
-                                                                             (4, 8.0), (5, 10.0), (3, 10.0)]]
+    rows = [
+        {"step": s, "images": 2.0, "images_per_s": ips}
+        for s, ips in [(1, 0.1), (2, 4.0), (3, 10.0), (4, 8.0), (5, 10.0), (3, 10.0)]
+    ]
     t = train_steps.step_times(rows, warmup_steps=2)
     assert [s["step"] for s in t["steps"]] == [1, 2, 3, 4, 5]  # a step logged by two workers counts once
     assert t["first_step_s"] == 20.0 and t["steady_steps"] == 3 and t["steady_step_s"] == 0.2

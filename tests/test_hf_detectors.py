@@ -42,13 +42,17 @@ def gd_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def decoded_batch(images: list[np.ndarray], sizes: list[tuple[int, int]], status: list[str]) -> pa.Table:
     """The DECODED columns the detector stage reads: resized images, original (width, height)."""
-    return pa.table({
-        "status": status, "error": [None] * len(images),
-        "image": [im.tobytes() for im in images],
-        "in_h": pa.array([im.shape[0] for im in images], pa.int32()),
-        "in_w": pa.array([im.shape[1] for im in images], pa.int32()),
-        "width": pa.array([w for w, _ in sizes], pa.int32()), "height": pa.array([h for _, h in sizes], pa.int32()),
-    })
+    return pa.table(
+        {
+            "status": status,
+            "error": [None] * len(images),
+            "image": [im.tobytes() for im in images],
+            "in_h": pa.array([im.shape[0] for im in images], pa.int32()),
+            "in_w": pa.array([im.shape[1] for im in images], pa.int32()),
+            "width": pa.array([w for w, _ in sizes], pa.int32()),
+            "height": pa.array([h for _, h in sizes], pa.int32()),
+        }
+    )
 
 
 def noise(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -74,8 +78,11 @@ def test_owlv2_stage_objectness_boxes_in_original_pixels(owl_dir):
 
     model.box_predictor, model.objectness_predictor = boxes, objectness
     # resized 40x80 (original 160x80), 100x30 (original size), an error row, 48x48 with nothing found
-    batch = decoded_batch([noise(40, 80), noise(100, 30), noise(8, 8), noise(48, 48)],
-                          [(160, 80), (30, 100), (8, 8), (48, 48)], ["ok", "ok", "error", "ok"])
+    batch = decoded_batch(
+        [noise(40, 80), noise(100, 30), noise(8, 8), noise(48, 48)],
+        [(160, 80), (30, 100), (8, 8), (48, 48)],
+        ["ok", "ok", "error", "ok"],
+    )
     out = stage(batch)
     # the square is max(H, W) wide: 80 -> [0, 0, 40, 40] in the resized image, x2 in the original;
     # 100 -> [0, 0, 50, 50], clipped to the 30-pixel width
@@ -88,8 +95,15 @@ def test_owlv2_stage_objectness_boxes_in_original_pixels(owl_dir):
 
 
 def test_owlv2_text_queries_label_and_objectness_cut(owl_dir):
-    stage = DetectorStage(spec="owlv2", weights=owl_dir, device="cpu", queries=["cat", "traffic light"],
-                          objectness_threshold=0.5, score_threshold=0.3, max_per_image=10)
+    stage = DetectorStage(
+        spec="owlv2",
+        weights=owl_dir,
+        device="cpu",
+        queries=["cat", "traffic light"],
+        objectness_threshold=0.5,
+        score_threshold=0.3,
+        max_per_image=10,
+    )
     det = stage.detector
     assert det.query_embeds.shape[0] == 2 and det.score_threshold == 0.3
     patches = det.model.box_bias.shape[0]
@@ -119,8 +133,9 @@ def test_owlv2_text_queries_label_and_objectness_cut(owl_dir):
 
 def test_grounding_dino_chunks_merge_and_original_pixels(gd_dir):
     queries = ["cat", "dog", "traffic light", "person", "hair drier", "zebra", "kite", "..."]
-    stage = DetectorStage(spec="grounding-dino", weights=gd_dir, device="cpu", queries=queries,
-                          score_threshold=0.5, max_per_image=10)
+    stage = DetectorStage(
+        spec="grounding-dino", weights=gd_dir, device="cpu", queries=queries, score_threshold=0.5, max_per_image=10
+    )
     det = stage.detector
     assert len(det.chunks) >= 2 and all(len(ids) <= 16 for ids, _ in det.chunks)
     # every query once, but "..." (no tokens once '.', the prompt's separator, is taken out)
@@ -158,11 +173,18 @@ def test_grounding_dino_chunks_merge_and_original_pixels(gd_dir):
 
 def test_real_forwards_on_mixed_sizes(owl_dir, gd_dir):
     """Unpatched tiny models: one batch of mixed sizes, every box inside its original image."""
-    batch = decoded_batch([noise(40, 80), noise(64, 24), noise(30, 30)], [(80, 40), (48, 128), (30, 30)],
-                          ["ok", "ok", "ok"])
+    batch = decoded_batch(
+        [noise(40, 80), noise(64, 24), noise(30, 30)], [(80, 40), (48, 128), (30, 30)], ["ok", "ok", "ok"]
+    )
     for spec, kwargs in (("owlv2", {"objectness_threshold": 0.0}), ("grounding-dino", {"queries": ["cat", "dog"]})):
-        out = DetectorStage(spec=spec, weights=gd_dir if spec == "grounding-dino" else owl_dir, device="cpu",
-                            score_threshold=0.0, max_per_image=5, **kwargs)(batch)
+        out = DetectorStage(
+            spec=spec,
+            weights=gd_dir if spec == "grounding-dino" else owl_dir,
+            device="cpu",
+            score_threshold=0.0,
+            max_per_image=5,
+            **kwargs,
+        )(batch)
         for i, (w, h) in enumerate([(80, 40), (48, 128), (30, 30)]):
             b = boxes_of(out, i)
             assert 1 <= len(b) <= 5 and len(out.column("det_scores")[i].as_py()) == len(b)
@@ -197,8 +219,9 @@ def test_weights_folder_errors_and_layouts(owl_dir, tmp_path, monkeypatch):
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in os.listdir(owl_dir):
-        (broken / name).write_bytes(b"not this" if name == "model.safetensors" else open(os.path.join(owl_dir, name),
-                                                                                               "rb").read())
+        (broken / name).write_bytes(
+            b"not this" if name == "model.safetensors" else open(os.path.join(owl_dir, name), "rb").read()
+        )
     with pytest.raises(WeightsError, match="cannot load detector:owlv2"):
         DetectorStage(spec="owlv2", weights=str(broken), device="cpu")
     monkeypatch.setattr(hf_detectors.importlib.util, "find_spec", lambda name: None)
@@ -216,8 +239,9 @@ def test_weights_from_s3_prefix(owl_dir, s3_bucket, s3_server, tmp_path, monkeyp
     folder = resolve_folder(f"s3://{s3_bucket}/detectors", "owlv2", s3_endpoint=s3_server)
     assert sorted(os.listdir(folder)) == sorted(os.listdir(owl_dir))
     assert resolve_folder(f"s3://{s3_bucket}/detectors", "owlv2", s3_endpoint=s3_server) == folder  # cached once
-    det = DetectorStage(spec="owlv2", weights=f"s3://{s3_bucket}/detectors", s3_endpoint=s3_server,
-                        device="cpu").detector
+    det = DetectorStage(
+        spec="owlv2", weights=f"s3://{s3_bucket}/detectors", s3_endpoint=s3_server, device="cpu"
+    ).detector
     ref = DetectorStage(spec="owlv2", weights=owl_dir, device="cpu").detector
     for (k, a), b in zip(det.model.state_dict().items(), ref.model.state_dict().values()):
         assert torch.equal(a, b), k  # the published weights, not a random init
@@ -226,11 +250,21 @@ def test_weights_from_s3_prefix(owl_dir, s3_bucket, s3_server, tmp_path, monkeyp
 def test_options_checked_before_the_job(tmp_shards, shapes_vocab, gd_dir, tmp_path):
     src, model = os.path.dirname(tmp_shards[0]), ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab)
     with pytest.raises(ValueError, match="query list"):
-        LabelConfig(input=src, output=str(tmp_path / "a"), model=model, prompts="detector:fcos_resnet50_fpn",
-                    detector_queries="coco_ov")
+        LabelConfig(
+            input=src,
+            output=str(tmp_path / "a"),
+            model=model,
+            prompts="detector:fcos_resnet50_fpn",
+            detector_queries="coco_ov",
+        )
     with pytest.raises(ValueError, match="objectness"):
-        LabelConfig(input=src, output=str(tmp_path / "b"), model=model, prompts="detector:grounding-dino",
-                    detector_objectness_threshold=0.2)
+        LabelConfig(
+            input=src,
+            output=str(tmp_path / "b"),
+            model=model,
+            prompts="detector:grounding-dino",
+            detector_objectness_threshold=0.2,
+        )
     with pytest.raises(ValueError, match="needs a query list"):
         GroundingDinoDetector(queries=[], weights=gd_dir)
 
@@ -242,15 +276,35 @@ def test_cli_flags_map_onto_the_config(tmp_shards, shapes_vocab, tmp_path):
 
     p = argparse.ArgumentParser()
     add_label_args(p)
-    cfg = label_config(p.parse_args([
-        "--input", os.path.dirname(tmp_shards[0]), "--output", str(tmp_path / "out"), "--preset", "ovsam_tiny",
-        "--random-init", "--vocab", shapes_vocab, "--prompts", "shard|detector:owlv2+grid",
-        "--detector-queries", "coco_ov", "--detector-objectness-threshold", "0.2", "--source-dedup-iou", "0.6"]))
+    cfg = label_config(
+        p.parse_args(
+            [
+                "--input",
+                os.path.dirname(tmp_shards[0]),
+                "--output",
+                str(tmp_path / "out"),
+                "--preset",
+                "ovsam_tiny",
+                "--random-init",
+                "--vocab",
+                shapes_vocab,
+                "--prompts",
+                "shard|detector:owlv2+grid",
+                "--detector-queries",
+                "coco_ov",
+                "--detector-objectness-threshold",
+                "0.2",
+                "--source-dedup-iou",
+                "0.6",
+            ]
+        )
+    )
     assert (cfg.detector_queries, cfg.detector_objectness_threshold) == ("coco_ov", 0.2)
     assert cfg.select.source_dedup_iou == 0.6 and cfg.sources.detector_name == "owlv2"
 
 
 # -- A+B prompts: union, deduplicated across sources ------------------------------------------------
+
 
 def test_plus_prompts_parse():
     s = PromptSources.parse("detector:owlv2+grid")
@@ -269,16 +323,30 @@ def _pred(low: np.ndarray, scores: list[float]) -> ImagePrediction:
     n = len(low)
     z = np.zeros((n, 3), np.float32)
     labels = np.zeros(n, np.int64)
-    return ImagePrediction(masks=low > 0, mask_boxes=np.zeros((n, 4), np.float32), low_res_logits=low[:, None],
-                           head_logits=z, clip_logits=z, fused_logits=z, labels=labels,
-                           scores=np.asarray(scores, np.float32), head_labels=labels, topk_ids=labels[:, None],
-                           topk_scores=np.asarray(scores, np.float32)[:, None], region_embeddings=z,
-                           clip_embeddings=z, clip_valid=np.ones(n, bool), is_point=np.zeros(n, bool))
+    return ImagePrediction(
+        masks=low > 0,
+        mask_boxes=np.zeros((n, 4), np.float32),
+        low_res_logits=low[:, None],
+        head_logits=z,
+        clip_logits=z,
+        fused_logits=z,
+        labels=labels,
+        scores=np.asarray(scores, np.float32),
+        head_labels=labels,
+        topk_ids=labels[:, None],
+        topk_scores=np.asarray(scores, np.float32)[:, None],
+        region_embeddings=z,
+        clip_embeddings=z,
+        clip_valid=np.ones(n, bool),
+        is_point=np.zeros(n, bool),
+    )
 
 
 def test_plus_prompts_dedup_across_sources_keeps_the_earlier_source():
-    spec = {"boxes": [], "detector": {"boxes": [[0, 0, 4, 4], [0, 0, 4, 5]], "scores": [0.5, 0.4],
-                                      "labels": ["a", "b"]}}
+    spec = {
+        "boxes": [],
+        "detector": {"boxes": [[0, 0, 4, 4], [0, 0, 4, 5]], "scores": [0.5, 0.4], "labels": ["a", "b"]},
+    }
     ps = image_prompt_set(spec, PromptSources.parse("detector:x+grid"), width=8, height=8, grid_size=2)
     assert ps.types == ["box", "box", "grid", "grid", "grid", "grid"] and ps.tiers == [0, 0, 1, 1, 1, 1]
     low = np.full((6, 8, 8), -10.0, np.float32)
@@ -291,12 +359,13 @@ def test_plus_prompts_dedup_across_sources_keeps_the_earlier_source():
     pred = _pred(low, [0.5, 0.5, 0.99, 0.9, 0.95, 0.9])
     cfg = SelectConfig(grid_stability=0.0, grid_nms_iou=0.99)
     assert select_predictions(pred, ps.types, cfg, tiers=ps.tiers).tolist() == [0, 1, 3, 5]
-    assert select_predictions(pred, ps.types, SelectConfig(grid_stability=0.0, grid_nms_iou=0.99,
-                                                           source_dedup_iou=0.9), tiers=ps.tiers).tolist() == [0, 1, 3,
-                                                                                                                 4, 5]
+    assert select_predictions(
+        pred, ps.types, SelectConfig(grid_stability=0.0, grid_nms_iou=0.99, source_dedup_iou=0.9), tiers=ps.tiers
+    ).tolist() == [0, 1, 3, 4, 5]
     union = image_prompt_set(spec, PromptSources.parse("detector:x,grid"), width=8, height=8, grid_size=2)
     assert union.tiers == [] and select_predictions(pred, union.types, cfg, tiers=union.tiers).tolist() == list(
-        range(6))
+        range(6)
+    )
     # shard boxes where the image has some, else the detector + grid
     fallback = PromptSources.parse("shard|detector:x+grid")
     with_boxes = image_prompt_set({**spec, "boxes": [[1, 1, 3, 3]]}, fallback, width=8, height=8, grid_size=2)
@@ -306,6 +375,7 @@ def test_plus_prompts_dedup_across_sources_keeps_the_earlier_source():
 
 
 # -- label jobs end to end -----------------------------------------------------------------------------
+
 
 def _rows(out: str) -> list[dict]:
     return pds.dataset(out, format="parquet").to_table().to_pylist()
@@ -318,12 +388,19 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_label_job_owlv2_plus_grid(ray_local, tmp_shards, shapes_vocab, owl_dir, tmp_path):
     out = str(tmp_path / "owl")
-    s = run_label(LabelConfig(
-        input=os.path.dirname(tmp_shards[0]), output=out, limit=1,
-        model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
-        prompts="detector:owlv2+grid", detector_weights=owl_dir, detector_objectness_threshold=0.0,
-        detector_max_per_image=3,
-        select=SelectConfig(grid_size=3, grid_stability=0.0, grid_nms_iou=0.9, source_dedup_iou=0.5)))
+    s = run_label(
+        LabelConfig(
+            input=os.path.dirname(tmp_shards[0]),
+            output=out,
+            limit=1,
+            model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
+            prompts="detector:owlv2+grid",
+            detector_weights=owl_dir,
+            detector_objectness_threshold=0.0,
+            detector_max_per_image=3,
+            select=SelectConfig(grid_size=3, grid_stability=0.0, grid_nms_iou=0.9, source_dedup_iou=0.5),
+        )
+    )
     assert s.images_ok == 4 and s.images_error == 0
     for row in _rows(out):
         insts = row["instances"]
@@ -342,13 +419,19 @@ def test_label_job_shard_boxes_else_grounding_dino(ray_local, shapes_vocab, gd_d
     from ovsam_ray.vocabulary import clean_class_name
 
     src = str(tmp_path / "shards")
-    generate_shards(src, num_images=6, images_per_shard=6, seed=3, image_size=(64, 48), min_objects=0,
-                    max_objects=1)
+    generate_shards(src, num_images=6, images_per_shard=6, seed=3, image_size=(64, 48), min_objects=0, max_objects=1)
     out = str(tmp_path / "gd")
-    s = run_label(LabelConfig(
-        input=src, output=out, model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
-        prompts="shard|detector:grounding-dino", detector_weights=gd_dir, detector_score_threshold=0.0,
-        detector_max_per_image=2))
+    s = run_label(
+        LabelConfig(
+            input=src,
+            output=out,
+            model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
+            prompts="shard|detector:grounding-dino",
+            detector_weights=gd_dir,
+            detector_score_threshold=0.0,
+            detector_max_per_image=2,
+        )
+    )
     assert s.images_ok == 6 and s.images_error == 0
     names = {clean_class_name(n) for n in shape_vocabulary_names()}
     kinds = set()

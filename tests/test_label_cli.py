@@ -19,8 +19,14 @@ from ovsam_ray.pipeline.lease import LEASE_NAME
 
 def _label(*flags: str, env: dict | None = None, timeout: float = 300) -> tuple[int, str, str]:
     cmd = [sys.executable, "-m", "ovsam_ray.cli", "label", "--baseline", "box-fill", "--ray-address", "local", *flags]
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -72,8 +78,15 @@ def test_output_equal_to_input_in_another_spelling_is_exit_2(shards):
 def test_unreachable_storage_is_one_line_exit_2(shards):
     env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
     t0 = time.time()
-    code, _, err = _label("--input", shards, "--output", "s3://bucket/labels", "--s3-endpoint",
-                          f"http://127.0.0.1:{_free_port()}", env=env)
+    code, _, err = _label(
+        "--input",
+        shards,
+        "--output",
+        "s3://bucket/labels",
+        "--s3-endpoint",
+        f"http://127.0.0.1:{_free_port()}",
+        env=env,
+    )
     _assert_one_line_stop(code, err, "Could not connect to the endpoint URL")
     assert time.time() - t0 < 120
 
@@ -81,8 +94,18 @@ def test_unreachable_storage_is_one_line_exit_2(shards):
 def test_output_in_use_by_a_live_job_is_one_line_exit_2(shards, tmp_path):
     out = tmp_path / "labels"
     out.mkdir()
-    (out / LEASE_NAME).write_text(json.dumps({"job_id": "a" * 32, "host": "elsewhere", "pid": 7,
-                                              "heartbeat": time.time(), "heartbeat_at": "now", "interval_s": 30}))
+    (out / LEASE_NAME).write_text(
+        json.dumps(
+            {
+                "job_id": "a" * 32,
+                "host": "elsewhere",
+                "pid": 7,
+                "heartbeat": time.time(),
+                "heartbeat_at": "now",
+                "interval_s": 30,
+            }
+        )
+    )
     code, _, err = _label("--input", shards, "--output", str(out))
     _assert_one_line_stop(code, err, "in use by another label job")
     assert sorted(os.listdir(out)) == [LEASE_NAME]  # nothing written, nothing cleaned

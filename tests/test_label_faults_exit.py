@@ -20,13 +20,30 @@ from ovsam_ray.pipeline.lease import LEASE_NAME
 
 
 def _cmd(src: str, out: str, vocab: str) -> list[str]:
-    return [sys.executable, "-m", "ovsam_ray.cli", "label", "--input", src, "--output", out, "--baseline", "box-fill",
-            "--vocab", vocab, "--batch-size", "2", "--ray-address", "local"]
+    return [
+        sys.executable,
+        "-m",
+        "ovsam_ray.cli",
+        "label",
+        "--input",
+        src,
+        "--output",
+        out,
+        "--baseline",
+        "box-fill",
+        "--vocab",
+        vocab,
+        "--batch-size",
+        "2",
+        "--ray-address",
+        "local",
+    ]
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, err = proc.communicate(timeout=300)
     finally:
@@ -62,8 +79,14 @@ def test_sigterm_releases_the_lease_exits_143_and_the_rerun_resumes(ray_local, s
     src, out = str(tmp_path / "shards"), str(tmp_path / "labels")
     shards = generate_shards(src, num_images=12, images_per_shard=2, seed=4, image_size=(64, 48))
     env = {**os.environ, "OVSAM_RAY_FAULTS": "driver_before_commit:sleep=2"}  # a slow job
-    proc = subprocess.Popen(_cmd(src, out, shapes_vocab), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(src, out, shapes_vocab),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     committer = ShardCommitter(out)
     try:
         deadline = time.time() + 240
@@ -80,8 +103,14 @@ def test_sigterm_releases_the_lease_exits_143_and_the_rerun_resumes(ray_local, s
     before = committer.committed_shards()
     assert 1 <= len(before) < len(shards)
 
-    summary = run_label(LabelConfig(input=src, output=out, baseline="box-fill",
-                                    model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab)))
+    summary = run_label(
+        LabelConfig(
+            input=src,
+            output=out,
+            baseline="box-fill",
+            model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
+        )
+    )
     assert summary.shards_skipped == len(before) and summary.shards_committed == len(shards) - len(before)
     df = pds.dataset(out, format="parquet").to_table().to_pandas()
     assert len(df) == 12 and not df.duplicated(["shard", "key"]).any() and (df.status == "ok").all()
@@ -109,9 +138,11 @@ def test_a_full_disk_is_not_retried_and_its_line_names_the_file(monkeypatch):
 def test_the_storage_error_inside_ray_datas_error_text_is_the_one_line():
     from ovsam_ray.pipeline.tracker import storage_error
 
-    text = ("ray::MapBatches(write_parts)() (pid=1, ip=1.2.3.4)\n  File \"parts.py\", line 84\n"
-            "ovsam_ray.pipeline.parts.StorageUnavailableError: could not write the part file /o/_parts/s/x.parquet "
-            "of shard s: OSError: [Errno 28] No space left on device\n\nThe above exception was the direct cause")
+    text = (
+        'ray::MapBatches(write_parts)() (pid=1, ip=1.2.3.4)\n  File "parts.py", line 84\n'
+        "ovsam_ray.pipeline.parts.StorageUnavailableError: could not write the part file /o/_parts/s/x.parquet "
+        "of shard s: OSError: [Errno 28] No space left on device\n\nThe above exception was the direct cause"
+    )
     found = storage_error(RuntimeError(text))
     assert found is not None and str(found).startswith("could not write the part file /o/_parts/s/x.parquet")
     assert storage_error(RuntimeError("something else")) is None

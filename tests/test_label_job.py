@@ -81,8 +81,13 @@ def test_changed_vocabulary_is_refused_unless_overwrite(ray_local, tmp_shards, s
 def test_bad_inputs_become_error_rows(ray_local, shapes_vocab, tmp_path):
     bad = make_bad_input_shards(str(tmp_path / "bad"))
     out = str(tmp_path / "labels")
-    cfg = LabelConfig(input=str(tmp_path / "bad"), output=out, model=tiny(shapes_vocab),
-                      max_pixels=BAD_INPUT_MAX_PIXELS, max_error_fraction=1.0)
+    cfg = LabelConfig(
+        input=str(tmp_path / "bad"),
+        output=out,
+        model=tiny(shapes_vocab),
+        max_pixels=BAD_INPUT_MAX_PIXELS,
+        max_error_fraction=1.0,
+    )
     summary = run_label(cfg)
     df = read_rows(out)
     for kind, shard in bad.items():

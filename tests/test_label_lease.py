@@ -20,10 +20,18 @@ from ovsam_ray.pipeline.label_job import LabelConfig, run_label
 from ovsam_ray.pipeline.lease import LEASE_NAME, LeaseHeldError, LeaseLostError, OutputLease
 
 
-def _foreign_lease(out: str, *, age_s: float = 0.0, host: str = "other-host", pid: int = 1,
-                   interval_s: float = 30.0) -> dict:
-    record = {"job_id": "f" * 32, "host": host, "pid": pid, "pid_ns": lease_mod._pid_namespace(),
-              "heartbeat": time.time() - age_s, "heartbeat_at": "then", "interval_s": interval_s}
+def _foreign_lease(
+    out: str, *, age_s: float = 0.0, host: str = "other-host", pid: int = 1, interval_s: float = 30.0
+) -> dict:
+    record = {
+        "job_id": "f" * 32,
+        "host": host,
+        "pid": pid,
+        "pid_ns": lease_mod._pid_namespace(),
+        "heartbeat": time.time() - age_s,
+        "heartbeat_at": "then",
+        "interval_s": interval_s,
+    }
     storage.atomic_write_bytes(storage.join(out, LEASE_NAME), json.dumps(record).encode())
     return record
 
@@ -86,8 +94,12 @@ def test_lease_on_s3(s3_server, s3_bucket, monkeypatch):
 
 
 def _config(src: str, out: str, vocab: str) -> LabelConfig:
-    return LabelConfig(input=src, output=out, baseline="box-fill",
-                       model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=vocab))
+    return LabelConfig(
+        input=src,
+        output=out,
+        baseline="box-fill",
+        model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=vocab),
+    )
 
 
 def test_second_job_is_refused_before_any_cleanup(shapes_vocab, tmp_path):

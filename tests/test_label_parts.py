@@ -29,11 +29,20 @@ from ovsam_ray.pipeline.predict_stage import RESULT_SCHEMA
 def test_box_fill_rles_equal_the_drawn_masks_byte_for_byte():
     rng = np.random.default_rng(0)
     h, w = 13, 17
-    boxes = np.concatenate([
-        rng.uniform(-3, 20, (40, 4)),
-        [[0, 0, w, h], [0, 2, w, 5], [3, 0, 4, h], [5, 5, 5, 9], [w, h, w, h], [0.6, 0.6, 1.4, 1.4],
-         [16.5, 12.5, 17, 13]],
-    ]).astype(np.float32)
+    boxes = np.concatenate(
+        [
+            rng.uniform(-3, 20, (40, 4)),
+            [
+                [0, 0, w, h],
+                [0, 2, w, 5],
+                [3, 0, 4, h],
+                [5, 5, 5, 9],
+                [w, h, w, h],
+                [0.6, 0.6, 1.4, 1.4],
+                [16.5, 12.5, 17, 13],
+            ],
+        ]
+    ).astype(np.float32)
     boxes[:, [0, 2]] = np.sort(boxes[:, [0, 2]], axis=1)
     boxes[:, [1, 3]] = np.sort(boxes[:, [1, 3]], axis=1)
     rles, mask_boxes, areas = box_fill_rles(boxes, height=h, width=w)
@@ -63,11 +72,23 @@ def test_instance_columns_empty_images_and_types():
 def test_instance_columns_box_fill_labels_and_points():
     from ovsam_ray.vocabulary import Vocabulary
 
-    vocab = Vocabulary(name="v", class_names=("cat", "dog"), synonyms=(("cat",), ("dog",)), seen=(True, True),
-                       excluded=(False, False), class_ids=(7, 9))
+    vocab = Vocabulary(
+        name="v",
+        class_names=("cat", "dog"),
+        synonyms=(("cat",), ("dog",)),
+        seen=(True, True),
+        excluded=(False, False),
+        class_ids=(7, 9),
+    )
     cols = InstanceColumns(vocab)
-    cols.add_box_fill(np.array([[1, 1, 3, 4], [0, 0, 2, 2]], np.float32), points=np.array([[2.7, 1.2]]), height=6,
-                      width=5, detector_scores=[0.5, None], detector_labels=["dog", "zebra"])
+    cols.add_box_fill(
+        np.array([[1, 1, 3, 4], [0, 0, 2, 2]], np.float32),
+        points=np.array([[2.7, 1.2]]),
+        height=6,
+        width=5,
+        detector_scores=[0.5, None],
+        detector_labels=["dog", "zebra"],
+    )
     a, b, p = cols.to_arrow().to_pylist()[0]
     assert (a["label"], a["label_id"], a["label_score"], a["detector_score"]) == ("dog", 9, 0.5, 0.5)
     assert (b["label"], b["label_id"], b["label_score"]) == ("zebra", None, None)  # not in the vocabulary
@@ -81,13 +102,25 @@ def _result_rows(shard: str, indices: list[int], total: int, skipped: str = "") 
     for _ in indices:
         cols.add_box_fill(np.array([[0, 0, 2, 2]], np.float32), height=4, width=4)
     n = len(indices)
-    return pa.table({
-        "key": [f"k{i}" for i in indices], "shard": [shard] * n, "index": pa.array(indices, pa.int32()),
-        "shard_total": pa.array([total] * n, pa.int32()), "shard_damage": [""] * n, "shard_skipped": [skipped] * n,
-        "image_id": pa.array([None] * n, pa.string()), "width": pa.array([4] * n, pa.int32()),
-        "height": pa.array([4] * n, pa.int32()), "status": ["ok"] * n, "error": pa.array([None] * n, pa.string()),
-        "instances": cols.to_arrow(), "warnings": pa.array([None] * n, pa.list_(pa.string())),
-        "num_prompts": pa.array([1] * n, pa.int32())}, schema=RESULT_SCHEMA)
+    return pa.table(
+        {
+            "key": [f"k{i}" for i in indices],
+            "shard": [shard] * n,
+            "index": pa.array(indices, pa.int32()),
+            "shard_total": pa.array([total] * n, pa.int32()),
+            "shard_damage": [""] * n,
+            "shard_skipped": [skipped] * n,
+            "image_id": pa.array([None] * n, pa.string()),
+            "width": pa.array([4] * n, pa.int32()),
+            "height": pa.array([4] * n, pa.int32()),
+            "status": ["ok"] * n,
+            "error": pa.array([None] * n, pa.string()),
+            "instances": cols.to_arrow(),
+            "warnings": pa.array([None] * n, pa.list_(pa.string())),
+            "num_prompts": pa.array([1] * n, pa.int32()),
+        },
+        schema=RESULT_SCHEMA,
+    )
 
 
 def test_commit_shard_keeps_one_row_per_index_and_refuses_gaps(tmp_path):
@@ -127,10 +160,11 @@ def test_commit_shard_rides_out_a_storage_blip_on_its_reads(tmp_path, monkeypatc
                 failures[name] -= 1
                 raise ConnectionError("Could not connect to the endpoint URL")
             return real(*args, **kwargs)
+
         return call
 
     monkeypatch.setattr(ShardCommitter, "is_committed", flaky("is_committed", ShardCommitter.is_committed))
-    monkeypatch.setattr(parts.io, "read_bytes", flaky("read_bytes", parts.io.read_bytes))
+    monkeypatch.setattr(parts.storage, "read_bytes", flaky("read_bytes", parts.storage.read_bytes))
     res = parts.commit_shard(out, "s", urls, 3, "")
     assert failures == {"is_committed": 0, "read_bytes": 0} and res["ok"] == 3
     assert ShardCommitter(out).committed_shards() == {"s"}
@@ -146,8 +180,9 @@ def test_write_parts_groups_by_shard_and_passes_shard_events(tmp_path):
     batch = pa.concat_tables([_result_rows("a", [0, 1], 2), _result_rows("b", [0], 3)])
     marker = _result_rows("c", [0], 0).to_pylist()[0]
     marker.update(status="shard_failed", index=-1, shard_damage="not a tar", instances=[])
-    meta = parts.write_parts(pa.concat_tables([batch, pa.Table.from_pylist([marker], schema=RESULT_SCHEMA)]),
-                             output=out).to_pylist()
+    meta = parts.write_parts(
+        pa.concat_tables([batch, pa.Table.from_pylist([marker], schema=RESULT_SCHEMA)]), output=out
+    ).to_pylist()
     by_shard = {m["shard"]: m for m in meta}
     assert (by_shard["a"]["rows"], by_shard["a"]["total"], by_shard["b"]["rows"]) == (2, 2, 1)
     assert by_shard["c"]["kind"] == "failed" and by_shard["c"]["damage"] == "not a tar"
@@ -155,15 +190,21 @@ def test_write_parts_groups_by_shard_and_passes_shard_events(tmp_path):
 
 
 def _labelled_shards(root: str, shards: int = 3, per_shard: int = 4) -> list[str]:
-    return generate_shards(root, num_images=shards * per_shard, images_per_shard=per_shard, seed=5,
-                           image_size=(64, 48))
+    return generate_shards(root, num_images=shards * per_shard, images_per_shard=per_shard, seed=5, image_size=(64, 48))
 
 
 def test_box_fill_baseline_end_to_end(ray_local, shapes_vocab, tmp_path):
     src, out = str(tmp_path / "shards"), str(tmp_path / "labels")
     _labelled_shards(src)
-    summary = run_label(LabelConfig(input=src, output=out, baseline="box-fill", batch_size=5,
-                                    model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab)))
+    summary = run_label(
+        LabelConfig(
+            input=src,
+            output=out,
+            baseline="box-fill",
+            batch_size=5,
+            model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
+        )
+    )
     assert summary.shards_committed == 3 and summary.images_ok == 12 and not summary.random_init
     df = pds.dataset(out, format="parquet").to_table().to_pandas()
     assert len(df) == 12 and (df.status == "ok").all()
@@ -193,8 +234,15 @@ def test_driver_sees_part_metadata_never_rows(ray_local, shapes_vocab, tmp_path,
     monkeypatch.setattr(ray.data.Dataset, "iter_batches", spy)
     src, out = str(tmp_path / "shards"), str(tmp_path / "labels")
     _labelled_shards(src, shards=2, per_shard=10)
-    summary = run_label(LabelConfig(input=src, output=out, baseline="box-fill", batch_size=10,
-                                    model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab)))
+    summary = run_label(
+        LabelConfig(
+            input=src,
+            output=out,
+            baseline="box-fill",
+            batch_size=10,
+            model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
+        )
+    )
     assert summary.images_ok == 20
     assert seen and all(cols == tuple(parts.PART_SCHEMA.names) for cols, _ in seen)
     rows = sum(n for _, n in seen)
@@ -204,10 +252,27 @@ def test_driver_sees_part_metadata_never_rows(ray_local, shapes_vocab, tmp_path,
 def _cli(src: str, out: str, vocab: str, faults: str, flags_dir: str) -> tuple[int, str]:
     """The label CLI on its own local Ray with crash points armed; returns (exit code, stderr)."""
     env = {**os.environ, "OVSAM_RAY_FAULTS": faults, "OVSAM_RAY_FAULTS_DIR": flags_dir}
-    cmd = [sys.executable, "-m", "ovsam_ray.cli", "label", "--input", src, "--output", out, "--baseline", "box-fill",
-           "--vocab", vocab, "--batch-size", "3", "--ray-address", "local"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "ovsam_ray.cli",
+        "label",
+        "--input",
+        src,
+        "--output",
+        out,
+        "--baseline",
+        "box-fill",
+        "--vocab",
+        vocab,
+        "--batch-size",
+        "3",
+        "--ray-address",
+        "local",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, err = proc.communicate(timeout=300)
     finally:
@@ -243,8 +308,14 @@ def test_driver_killed_between_parts_and_marker_then_rerun(ray_local, shapes_voc
     assert code == 137, err[-3000:]
     committer = ShardCommitter(out)
     assert committer.committed_shards() == set() and os.listdir(parts.parts_url(out))  # parts, no marker
-    summary = run_label(LabelConfig(input=src, output=out, baseline="box-fill",
-                                    model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab)))
+    summary = run_label(
+        LabelConfig(
+            input=src,
+            output=out,
+            baseline="box-fill",
+            model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
+        )
+    )
     assert summary.shards_committed == 3 and summary.images_ok == 12
     _assert_exactly_once(out, 12)
 
@@ -258,10 +329,27 @@ def test_model_actor_call_runs_forwards_of_batch_size_and_isolates_a_bad_image(m
 
     rows = []
     for i in range(7):
-        rows.append({"key": f"k{i}", "shard": "s", "index": i, "shard_total": 7, "shard_damage": "", "status": "ok",
-                     "width": 4, "height": 4, "in_h": 4, "in_w": 4, "image": bytes([i]) * 48, "boxes": [0, 0, 2, 2],
-                     "box_scores": [float("nan")], "box_labels": [None], "points": [], "point_boxes": None,
-                     "prompt_warnings": []})
+        rows.append(
+            {
+                "key": f"k{i}",
+                "shard": "s",
+                "index": i,
+                "shard_total": 7,
+                "shard_damage": "",
+                "status": "ok",
+                "width": 4,
+                "height": 4,
+                "in_h": 4,
+                "in_w": 4,
+                "image": bytes([i]) * 48,
+                "boxes": [0, 0, 2, 2],
+                "box_scores": [float("nan")],
+                "box_labels": [None],
+                "points": [],
+                "point_boxes": None,
+                "prompt_warnings": [],
+            }
+        )
     batch = pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
     forwards = []
 

@@ -20,9 +20,25 @@ def test_sigkilled_driver_then_rerun_finishes_exactly_once(ray_local, shapes_voc
     src, out = str(tmp_path / "shards"), str(tmp_path / "labels")
     bystanders.beside(out)
     shards = generate_shards(src, num_images=24, images_per_shard=2, seed=11, image_size=(64, 48))
-    cmd = [sys.executable, "-m", "ovsam_ray.cli", "label", "--input", src, "--output", out,
-           "--preset", "ovsam_tiny", "--random-init", "--vocab", shapes_vocab, "--batch-size", "1",
-           "--ray-address", "local"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ovsam_ray.cli",
+        "label",
+        "--input",
+        src,
+        "--output",
+        out,
+        "--preset",
+        "ovsam_tiny",
+        "--random-init",
+        "--vocab",
+        shapes_vocab,
+        "--batch-size",
+        "1",
+        "--ray-address",
+        "local",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     committer = ShardCommitter(out)
     try:
@@ -39,8 +55,9 @@ def test_sigkilled_driver_then_rerun_finishes_exactly_once(ray_local, shapes_voc
     before = {n: committer.read_marker(n)["committed_at"] for n in committer.committed_shards()}
     assert 1 <= len(before) < len(shards), "the kill must land after >= 1 and before all shards committed"
 
-    summary = run_label(LabelConfig(input=src, output=out, model=ModelConfig(
-        preset="ovsam_tiny", random_init=True, vocab=shapes_vocab)))
+    summary = run_label(
+        LabelConfig(input=src, output=out, model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab))
+    )
     assert summary.shards_skipped == len(before)
     assert summary.shards_committed == len(shards) - len(before)
 
@@ -50,4 +67,5 @@ def test_sigkilled_driver_then_rerun_finishes_exactly_once(ray_local, shapes_voc
     leftovers = [f for f in os.listdir(out) if f.startswith(".") or ".tmp" in f]
     assert leftovers == []
     assert sorted(f for f in os.listdir(out) if f.endswith(".parquet")) == sorted(
-        f"shard-{i:06d}.parquet" for i in range(len(shards)))
+        f"shard-{i:06d}.parquet" for i in range(len(shards))
+    )

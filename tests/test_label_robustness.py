@@ -39,16 +39,28 @@ def _messy_shard(folder: str) -> str:
     skips (a caption, a name without extension)."""
     os.makedirs(folder, exist_ok=True)
     path = os.fsdecode(os.path.join(os.fsencode(folder), b"caf\xe9-0.tar"))
-    members = [("a.png", _png()), ("a.json", _boxes(5, [[None, 1, 2, 3]])), ("b.png", _png()),
-               (f"bad{FORGED}.jpg", b"not an image"), ("a.txt", b"a caption"), ("README", b"x")]
+    members = [
+        ("a.png", _png()),
+        ("a.json", _boxes(5, [[None, 1, 2, 3]])),
+        ("b.png", _png()),
+        (f"bad{FORGED}.jpg", b"not an image"),
+        ("a.txt", b"a caption"),
+        ("README", b"x"),
+    ]
     with open(path, "wb") as f:
         f.write(tar_bytes(members))
     return path
 
 
 def _config(src: str, out: str, vocab: str, **kw) -> LabelConfig:
-    return LabelConfig(input=src, output=out, baseline="box-fill", max_error_fraction=1.0,
-                       model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=vocab), **kw)
+    return LabelConfig(
+        input=src,
+        output=out,
+        baseline="box-fill",
+        max_error_fraction=1.0,
+        model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=vocab),
+        **kw,
+    )
 
 
 def test_messy_shard_warnings_caps_skips_and_safe_logs(ray_local, shapes_vocab, tmp_path, caplog, monkeypatch):
@@ -125,13 +137,25 @@ def test_commit_task_logs_cannot_be_forged(tmp_path, caplog):
     cols = InstanceColumns()
     cols.add_empty()
     cols.add_empty()
-    batch = pa.table({
-        "key": [f"k{FORGED}", "ok"], "shard": [f"s{FORGED}"] * 2, "index": pa.array([0, 1], pa.int32()),
-        "shard_total": pa.array([2, 2], pa.int32()), "shard_damage": ["", ""], "shard_skipped": ['{"x": 1}'] * 2,
-        "image_id": pa.array([None, None], pa.string()), "width": pa.array([None, 4], pa.int32()),
-        "height": pa.array([None, 4], pa.int32()), "status": ["error", "ok"], "error": [f"bad{FORGED}", None],
-        "instances": cols.to_arrow(), "warnings": pa.array([None, [f"w{FORGED}"]], pa.list_(pa.string())),
-        "num_prompts": pa.array([None, 0], pa.int32())}, schema=RESULT_SCHEMA)
+    batch = pa.table(
+        {
+            "key": [f"k{FORGED}", "ok"],
+            "shard": [f"s{FORGED}"] * 2,
+            "index": pa.array([0, 1], pa.int32()),
+            "shard_total": pa.array([2, 2], pa.int32()),
+            "shard_damage": ["", ""],
+            "shard_skipped": ['{"x": 1}'] * 2,
+            "image_id": pa.array([None, None], pa.string()),
+            "width": pa.array([None, 4], pa.int32()),
+            "height": pa.array([None, 4], pa.int32()),
+            "status": ["error", "ok"],
+            "error": [f"bad{FORGED}", None],
+            "instances": cols.to_arrow(),
+            "warnings": pa.array([None, [f"w{FORGED}"]], pa.list_(pa.string())),
+            "num_prompts": pa.array([None, 0], pa.int32()),
+        },
+        schema=RESULT_SCHEMA,
+    )
     shard = "s%0A2026-01-01 00:00:00 ERROR ovsam_ray: FORGED"  # shard_name escapes the newline itself
     batch = batch.set_column(1, "shard", pa.array([shard] * 2))
     meta = parts.write_parts(batch, output=out).to_pylist()
@@ -166,10 +190,12 @@ def test_output_must_not_be_the_input_in_any_spelling(tmp_path, output):
 def test_bad_s3_endpoint_and_max_prompts_are_refused():
     for endpoint in ("not a url", "localhost:9000", "http://", "ftp://host", "http://host:port"):
         with pytest.raises(ValueError, match="s3-endpoint"):
-            LabelConfig(input="s3://b/in", output="s3://b/out",
-                        model=ModelConfig(random_init=True, s3_endpoint=endpoint))
-    LabelConfig(input="s3://b/in", output="s3://b/out",
-                model=ModelConfig(random_init=True, s3_endpoint="http://127.0.0.1:9000"))
+            LabelConfig(
+                input="s3://b/in", output="s3://b/out", model=ModelConfig(random_init=True, s3_endpoint=endpoint)
+            )
+    LabelConfig(
+        input="s3://b/in", output="s3://b/out", model=ModelConfig(random_init=True, s3_endpoint="http://127.0.0.1:9000")
+    )
     with pytest.raises(ValueError, match="max_prompts"):
         LabelConfig(input="a", output="b", max_prompts=0, model=_UNTRAINED)
 
@@ -188,7 +214,20 @@ def test_cli_flags_reach_the_config(tmp_path):
     from ovsam_ray.cli import build_parser
     from ovsam_ray.cli.label import label_config
 
-    args = build_parser().parse_args(["label", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                                      "--baseline", "box-fill", "--max-prompts", "5", "--prompts", "shard|grid"])
+    args = build_parser().parse_args(
+        [
+            "label",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--baseline",
+            "box-fill",
+            "--max-prompts",
+            "5",
+            "--prompts",
+            "shard|grid",
+        ]
+    )
     cfg = label_config(args)
     assert cfg.max_prompts == 5 and cfg.sources.fallback == PromptSources(shard=False, grid=True)

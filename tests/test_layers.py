@@ -20,21 +20,21 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ovsam_ray"
 #: module; a tuple of prefixes is one entry); a module belongs to the longest prefix that matches
 #: it. Entries of one layer are siblings: they import lower layers only, never each other.
 LAYERS: tuple[tuple[str | tuple[str, ...], ...], ...] = (
-    ("errors",),                            # the error base classes
-    ("storage", "registry"),                # every storage path; the name registry
-    ("locations", "written"),               # canonical locations; what a command may replace
-    ("data",),                              # shards, decoding, RLE, ground-truth prompts, the tar writer
-    ("vocabulary", "weights.files"),        # class names and vocabularies; finding weights files
-    ("model",),                             # OV-SAM in plain PyTorch
-    ("weights", "text_cache"),              # released files -> a model (weights.released); class text embeddings
-    ("inference",),                         # ModelConfig -> a predictor
-    ("labels",),                            # the label format, instance scoring, category lists
-    ("labelling",),                         # decode -> prompts -> predict -> instances, in process
-    ("convert", "export"),                  # datasets -> shards; label output -> other formats
-    ("pipeline",),                          # the label job on Ray Data
-    ("evaluation",),                        # the paper's evaluations (they may run the label job)
-    ("training",),                          # the training stages on Ray Train
-    ("demo", "predict", "show"),            # the commands' code
+    ("errors",),  # the error base classes
+    ("storage", "registry"),  # every storage path; the name registry
+    ("locations", "written"),  # canonical locations; what a command may replace
+    ("data",),  # shards, decoding, RLE, ground-truth prompts, the tar writer
+    ("vocabulary", "weights.files"),  # class names and vocabularies; finding weights files
+    ("model",),  # OV-SAM in plain PyTorch
+    ("weights", "text_cache"),  # released files -> a model (weights.released); class text embeddings
+    ("inference",),  # ModelConfig -> a predictor
+    ("labels",),  # the label format, instance scoring, category lists
+    ("labelling",),  # decode -> prompts -> predict -> instances, in process
+    ("convert", "export"),  # datasets -> shards; label output -> other formats
+    ("pipeline",),  # the label job on Ray Data
+    ("evaluation",),  # the paper's evaluations (they may run the label job)
+    ("training",),  # the training stages on Ray Train
+    ("demo", "predict", "show"),  # the commands' code
     # The command line (``cli/train.py`` holds the ``train`` subcommands) and the front door
     # (``ovsam_ray/__init__.py``, ""): only its ``__version__`` may be imported from below.
     (("cli", "__main__", ""),),
@@ -129,11 +129,15 @@ def test_no_upward_or_sideways_import() -> None:
             if theirs == own:
                 continue
             if high > low:
-                problems.append(f"{_where(module, line)}: ovsam_ray.{module} (layer {own or '__init__'!r}) imports "
-                                f"ovsam_ray.{target} (higher layer {theirs!r})")
+                problems.append(
+                    f"{_where(module, line)}: ovsam_ray.{module} (layer {own or '__init__'!r}) imports "
+                    f"ovsam_ray.{target} (higher layer {theirs!r})"
+                )
             elif high == low:
-                problems.append(f"{_where(module, line)}: ovsam_ray.{module} ({own!r}) imports ovsam_ray.{target} "
-                                f"(its sibling {theirs!r})")
+                problems.append(
+                    f"{_where(module, line)}: ovsam_ray.{module} ({own!r}) imports ovsam_ray.{target} "
+                    f"(its sibling {theirs!r})"
+                )
             for importer, imported, why in FORBIDDEN:
                 if _layer_of(module)[1] == importer and _layer_of(target)[1] == imported:
                     problems.append(f"{_where(module, line)}: ovsam_ray.{module} imports ovsam_ray.{target}: {why}")
@@ -165,11 +169,12 @@ def test_no_private_name_crosses_a_module() -> None:
 
 def test_the_contract_sees_function_level_and_relative_imports(tmp_path: Path) -> None:
     found = {(m, t) for m, p in MODULES.items() for _, t, _ in _imports(m, p)}
-    assert ("data.decode", "storage") in found               # ``from ovsam_ray import storage``
+    assert ("data.decode", "storage") in found  # ``from ovsam_ray import storage``
     # The package imports absolutely; a relative or function-level import is still seen.
     module = tmp_path / "stages.py"
-    module.write_text("from .faults import maybe_fail\n"
-                      "def f():\n    from ..cli import flags\n    from ...ovsam_ray import storage\n")
+    module.write_text(
+        "from .faults import maybe_fail\ndef f():\n    from ..cli import flags\n    from ...ovsam_ray import storage\n"
+    )
     seen = {t for _, t, _ in _imports("pipeline.stages", module)}
     assert {"pipeline.faults", "cli.flags"} <= seen
     assert _layer_of("cli.train") == _layer_of("") == (len(LAYERS) - 1, "cli")
@@ -179,7 +184,9 @@ def test_the_contract_sees_function_level_and_relative_imports(tmp_path: Path) -
 
 def test_exporters_converters_and_data_import_without_torch() -> None:
     names = [f"ovsam_ray.{m}" for m in MODULES if m.split(".")[0] in ("export", "convert", "data", "vocabulary")]
-    code = (f"import importlib, sys\nfor n in {names!r}: importlib.import_module(n)\n"
-            "print(sorted(m for m in ('torch', 'open_clip', 'segment_anything') if m in sys.modules))")
+    code = (
+        f"import importlib, sys\nfor n in {names!r}: importlib.import_module(n)\n"
+        "print(sorted(m for m in ('torch', 'open_clip', 'segment_anything') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

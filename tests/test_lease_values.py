@@ -26,14 +26,30 @@ def test_constructor_refuses_a_bad_interval(tmp_path, value):
 @pytest.mark.parametrize("value", BAD)
 def test_config_refuses_a_bad_interval_naming_the_flag(tmp_path, value):
     with pytest.raises(ValueError, match="--lease-heartbeat-s"):
-        LabelConfig(input=str(tmp_path / "in.tar"), output=str(tmp_path / "out"), baseline="box-fill",
-                    model=ModelConfig(random_init=True), lease_heartbeat_s=value)
+        LabelConfig(
+            input=str(tmp_path / "in.tar"),
+            output=str(tmp_path / "out"),
+            baseline="box-fill",
+            model=ModelConfig(random_init=True),
+            lease_heartbeat_s=value,
+        )
 
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-1", "0"])
 def test_cli_flag_refuses_a_bad_interval_with_exit_2(tmp_path, caplog, text):
-    code = main(["label", "--input", str(tmp_path / "in.tar"), "--output", str(tmp_path / "out"), "--baseline",
-                 "box-fill", "--lease-heartbeat-s", text])
+    code = main(
+        [
+            "label",
+            "--input",
+            str(tmp_path / "in.tar"),
+            "--output",
+            str(tmp_path / "out"),
+            "--baseline",
+            "box-fill",
+            "--lease-heartbeat-s",
+            text,
+        ]
+    )
     assert code == 2
     assert any("--lease-heartbeat-s" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "out").exists()
@@ -41,8 +57,16 @@ def test_cli_flag_refuses_a_bad_interval_with_exit_2(tmp_path, caplog, text):
 
 def _write_lease(out: str, **fields) -> str:
     os.makedirs(out, exist_ok=True)
-    lease = {"job_id": "other", "host": "elsewhere", "pid": 1, "pid_ns": "", "heartbeat": time.time(),
-             "heartbeat_at": "now", "interval_s": 30.0, **fields}
+    lease = {
+        "job_id": "other",
+        "host": "elsewhere",
+        "pid": 1,
+        "pid_ns": "",
+        "heartbeat": time.time(),
+        "heartbeat_at": "now",
+        "interval_s": 30.0,
+        **fields,
+    }
     path = os.path.join(out, LEASE_NAME)
     with open(path, "w") as f:
         f.write(json.dumps(lease))  # json writes NaN / Infinity as Python reads them back

@@ -35,9 +35,14 @@ def test_run_record_thresholds_are_the_predictors(tiny) -> None:
     text, vocab = vocabulary_text(cfg, loaded)
     predictor = make_predictor(cfg, loaded, text, vocab)
     thresholds = _run_record(LabelConfig(input="in", output="out", model=cfg), loaded.identity(), VOCAB).identity[
-        "thresholds"]
-    assert thresholds == {"mask_logit": predictor.model.mask_threshold, "alpha": predictor.classifier.alpha,
-                          "beta": predictor.classifier.beta, "topk": predictor.topk}
+        "thresholds"
+    ]
+    assert thresholds == {
+        "mask_logit": predictor.model.mask_threshold,
+        "alpha": predictor.classifier.alpha,
+        "beta": predictor.classifier.beta,
+        "topk": predictor.topk,
+    }
     # The values a run record written before them holds, so that such runs still resume.
     assert thresholds == {"mask_logit": 0.0, "alpha": 0.1, "beta": 0.9, "topk": 3}
 

@@ -79,8 +79,9 @@ def test_preprocess_image_matches_sam_resize_normalise_and_pad(hw: tuple[int, in
     # SAM's ResizeLongestSide.apply_image_torch, written out: upstream it reads the target size
     # from shape[0], shape[1] of the BCHW tensor (batch and channels), so it cannot be called as is.
     target = ResizeLongestSide.get_preprocess_shape(*hw, size)
-    resized = F.interpolate(image.permute(2, 0, 1)[None].float(), target, mode="bilinear", align_corners=False,
-                            antialias=True)[0]
+    resized = F.interpolate(
+        image.permute(2, 0, 1)[None].float(), target, mode="bilinear", align_corners=False, antialias=True
+    )[0]
     resized = resized.round().clamp(0, 255)  # the resized image is uint8, as SAM's apply_image gives
     expected = torch.zeros(3, size, size)
     expected[:, : resized.shape[1], : resized.shape[2]] = (resized - MEAN) / STD
@@ -119,8 +120,9 @@ def test_scale_coords_golden_and_matches_sam() -> None:
     # Non-uniform rounding: SAM's apply_coords uses the rounded target size per axis.
     sam = ResizeLongestSide(1024)
     torch.testing.assert_close(scale_coords(boxes, (427, 640), (683, 1024)), sam.apply_boxes_torch(boxes, (427, 640)))
-    torch.testing.assert_close(scale_coords(points, (427, 640), (683, 1024)),
-                               sam.apply_coords_torch(points, (427, 640)))
+    torch.testing.assert_close(
+        scale_coords(points, (427, 640), (683, 1024)), sam.apply_coords_torch(points, (427, 640))
+    )
 
 
 def test_scale_coords_empty() -> None:
@@ -306,15 +308,21 @@ def test_fuse_open_vocab_logits_stays_finite_for_large_logit_gaps() -> None:
     # value is still finite: (1 - a) * log p + a * log q.
     head = torch.tensor([[200.0, 0.0, 0.0, 0.0]])
     clip = torch.zeros(1, 4)
-    out = fuse_open_vocab_logits(head, clip, torch.tensor([True]), torch.tensor([True, False, True]),
-                                 torch.zeros(3, dtype=torch.bool))
+    out = fuse_open_vocab_logits(
+        head, clip, torch.tensor([True]), torch.tensor([True, False, True]), torch.zeros(3, dtype=torch.bool)
+    )
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0, 1], torch.tensor(0.1 * -200.0 + 0.9 * math.log(0.25)), atol=1e-3, rtol=0)
 
 
 def test_fuse_open_vocab_logits_empty() -> None:
-    out = fuse_open_vocab_logits(torch.zeros((0, 4)), torch.zeros((0, 4)), torch.zeros(0, dtype=torch.bool),
-                                 torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool))
+    out = fuse_open_vocab_logits(
+        torch.zeros((0, 4)),
+        torch.zeros((0, 4)),
+        torch.zeros(0, dtype=torch.bool),
+        torch.ones(3, dtype=torch.bool),
+        torch.zeros(3, dtype=torch.bool),
+    )
     assert out.shape == (0, 4)
 
 
@@ -388,12 +396,19 @@ def test_region_embeddings_use_torchvision_roi_align_on_the_chosen_level(recogni
         out = rec.region_embeddings(fpn, boxes, image_index)
         for i, level in enumerate(levels):
             roi = torch.cat([image_index[i : i + 1, None].float(), boxes[i : i + 1]], dim=1)
-            region = roi_align(fpn[level], roi, output_size=3, spatial_scale=1 / rec.strides[level],
-                               sampling_ratio=0, aligned=True)
+            region = roi_align(
+                fpn[level], roi, output_size=3, spatial_scale=1 / rec.strides[level], sampling_ratio=0, aligned=True
+            )
             expected = F.relu(rec.roi_conv(region)).mean(dim=(-1, -2))[0]
             torch.testing.assert_close(out[i], expected, atol=1e-6, rtol=1e-5)
-            other = roi_align(fpn[(level + 1) % 4], roi, output_size=3, spatial_scale=1 / rec.strides[(level + 1) % 4],
-                              sampling_ratio=0, aligned=True)
+            other = roi_align(
+                fpn[(level + 1) % 4],
+                roi,
+                output_size=3,
+                spatial_scale=1 / rec.strides[(level + 1) % 4],
+                sampling_ratio=0,
+                aligned=True,
+            )
             assert not torch.allclose(F.relu(rec.roi_conv(other)).mean(dim=(-1, -2))[0], out[i])
 
 

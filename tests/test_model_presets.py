@@ -88,9 +88,12 @@ def test_an_unknown_preset_is_refused_by_every_config_with_the_known_names() -> 
     from ovsam_ray.training.config import ModelSpec
     from ovsam_ray.training.distill import DumpTeacherConfig
 
-    for make in (lambda: get_preset("nope"), lambda: ModelConfig(preset="nope", random_init=True),
-                 lambda: ModelSpec(preset="nope"), lambda: DumpTeacherConfig(shards="s", output="o", preset="nope",
-                                                                             teacher="random_tiny")):
+    for make in (
+        lambda: get_preset("nope"),
+        lambda: ModelConfig(preset="nope", random_init=True),
+        lambda: ModelSpec(preset="nope"),
+        lambda: DumpTeacherConfig(shards="s", output="o", preset="nope", teacher="random_tiny"),
+    ):
         with pytest.raises(UnknownPresetError) as info:
             make()
         assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
@@ -117,9 +120,13 @@ def test_no_code_outside_the_registry_tests_a_preset_name() -> None:
     package = Path(__file__).parents[1] / "ovsam_ray"
     names = "|".join(PRESETS)
     tests = re.compile(rf"""(==|!=|\bin)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=|:\s)""")
-    found = [f"{path.relative_to(package)}:{i}: {line.strip()}"
-             for path in sorted(package.rglob("*.py")) if path.name != "presets.py"
-             for i, line in enumerate(path.read_text().splitlines(), 1) if tests.search(line)]
+    found = [
+        f"{path.relative_to(package)}:{i}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "presets.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if tests.search(line)
+    ]
     assert found == []
 
 
@@ -149,11 +156,19 @@ def test_ovsam_tiny_forward_shapes() -> None:
     with torch.no_grad():
         feats = model.embed(images)
         out = model.decode(feats, _tiny_prompts())
-    assert [tuple(f.shape) for f in feats.clip_feats] == [(2, 64, 64, 64), (2, 128, 32, 32), (2, 256, 16, 16),
-                                                          (2, 512, 8, 8)]
+    assert [tuple(f.shape) for f in feats.clip_feats] == [
+        (2, 64, 64, 64),
+        (2, 128, 32, 32),
+        (2, 256, 16, 16),
+        (2, 512, 8, 8),
+    ]
     assert tuple(feats.image_embeddings.shape) == (2, 64, 16, 16)  # SAM's contract at width 64
-    assert [tuple(f.shape) for f in feats.fpn_feats] == [(2, 64, 64, 64), (2, 64, 32, 32), (2, 64, 16, 16),
-                                                         (2, 64, 8, 8)]
+    assert [tuple(f.shape) for f in feats.fpn_feats] == [
+        (2, 64, 64, 64),
+        (2, 64, 32, 32),
+        (2, 64, 16, 16),
+        (2, 64, 8, 8),
+    ]
     assert tuple(out.low_res_logits.shape) == (3, 1, 64, 64)
     assert tuple(out.region_embeddings.shape) == (3, 64)
     assert tuple(out.clip_embeddings.shape) == (3, 64)
@@ -189,8 +204,12 @@ def test_ovsam_rn50_small_forward_shapes() -> None:
         feats = model.embed(torch.randn(1, 3, 1024, 1024))
         out = model.decode(feats, prompts)
     assert tuple(feats.image_embeddings.shape) == (1, 256, 64, 64)
-    assert [tuple(f.shape[1:]) for f in feats.clip_feats] == [(256, 256, 256), (512, 128, 128), (1024, 64, 64),
-                                                              (2048, 32, 32)]
+    assert [tuple(f.shape[1:]) for f in feats.clip_feats] == [
+        (256, 256, 256),
+        (512, 128, 128),
+        (1024, 64, 64),
+        (2048, 32, 32),
+    ]
     assert tuple(out.low_res_logits.shape) == (2, 1, 256, 256)
     assert tuple(out.region_embeddings.shape) == (2, 1024)
     assert tuple(out.clip_embeddings.shape) == (2, 1024)
@@ -234,8 +253,13 @@ def test_cotraining_trains_exactly_decoder_and_recognizer(tiny: OVSAM) -> None:
     expected = _with_prefix(tiny, "decoder.", "recognizer.")
     assert {n.split(".")[0] for n in expected} == {"decoder", "recognizer"}
     assert _trainable(tiny) == expected
-    for name in ("decoder.label_token.weight", "decoder.label_mlp.layers.0.weight", "recognizer.fpn.fpn_convs.0.weight",
-                 "recognizer.roi_conv.weight", "decoder.mask_tokens.weight"):
+    for name in (
+        "decoder.label_token.weight",
+        "decoder.label_mlp.layers.0.weight",
+        "recognizer.fpn.fpn_convs.0.weight",
+        "recognizer.roi_conv.weight",
+        "decoder.mask_tokens.weight",
+    ):
         assert name in expected
     tiny.lock_for_distillation()  # and back
     assert _trainable(tiny) == _with_prefix(tiny, "adapter.")
@@ -281,5 +305,6 @@ def test_ovsam_tiny_seed0_matches_golden() -> None:
         elif key == "mask_areas":  # thresholded masks: allow a few pixels at the boundary
             np.testing.assert_allclose(value, expected, rtol=5e-3, atol=3, err_msg=f"{key}: {hint}")
         else:
-            np.testing.assert_allclose(value.astype(np.float64), expected.astype(np.float64), rtol=1e-5, atol=1e-4,
-                                       err_msg=f"{key}: {hint}")
+            np.testing.assert_allclose(
+                value.astype(np.float64), expected.astype(np.float64), rtol=1e-5, atol=1e-4, err_msg=f"{key}: {hint}"
+            )

@@ -25,6 +25,7 @@ def labelled(tmp_path_factory) -> dict[str, str]:
 def _export(fmt: str, *extra: str):
     def argv(d: dict[str, str], out: str) -> list[str]:
         return ["export", fmt, "--input", d["labels"], "--shards", d["shards"], "--output", out, *extra]
+
     return argv
 
 
@@ -66,7 +67,8 @@ def _errors(caplog) -> list[str]:
 
 @pytest.mark.parametrize("writer", sorted(WRITERS))
 def test_a_users_file_where_a_command_would_write_is_refused_and_nothing_is_written(
-        writer, labelled, tmp_path, bystanders, caplog):
+    writer, labelled, tmp_path, bystanders, caplog
+):
     argv, name, clash = WRITERS[writer]
     folder = tmp_path / "out"
     bystanders.around(folder)
@@ -85,7 +87,8 @@ def test_a_users_file_where_a_command_would_write_is_refused_and_nothing_is_writ
 
 @pytest.mark.parametrize("writer", ["coco", "labelstudio", "yolo", "sa1b", "wds", "show", "convert"])
 def test_a_rerun_over_its_own_output_needs_overwrite_and_files_it_does_not_write_never_block(
-        writer, labelled, tmp_path, bystanders, caplog):
+    writer, labelled, tmp_path, bystanders, caplog
+):
     argv, name, _ = WRITERS[writer]
     folder = tmp_path / "out"
     bystanders.around(folder)  # a user's .parquet, .json and .tar beside and inside: none has a name we write

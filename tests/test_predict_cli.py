@@ -44,8 +44,13 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     Image.fromarray(image).save(root / "image.png")
     (root / "prompts.json").write_text(json.dumps(PROMPTS))
     (root / "animals.txt").write_text("cat\ndog, puppy\n# a comment\n\nbird\n")
-    return {"root": root, "image": root / "image.png", "prompts": root / "prompts.json",
-            "txt": root / "animals.txt", "array": image}
+    return {
+        "root": root,
+        "image": root / "image.png",
+        "prompts": root / "prompts.json",
+        "txt": root / "animals.txt",
+        "array": image,
+    }
 
 
 def _embeddings_file(path: Path, num_classes: int, seed: int) -> Path:
@@ -57,8 +62,22 @@ def _embeddings_file(path: Path, num_classes: int, seed: int) -> Path:
 def _predict(inputs, tmp_path: Path, *extra: str) -> tuple[int, dict, dict[str, np.ndarray]]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     out, npz = tmp_path / "out.json", tmp_path / "logits.npz"
-    argv = ["predict", "--image", str(inputs["image"]), "--prompts", str(inputs["prompts"]), "--output", str(out),
-            "--save-logits", str(npz), "--preset", "ovsam_tiny", "--text-cache", str(tmp_path / "text"), *extra]
+    argv = [
+        "predict",
+        "--image",
+        str(inputs["image"]),
+        "--prompts",
+        str(inputs["prompts"]),
+        "--output",
+        str(out),
+        "--save-logits",
+        str(npz),
+        "--preset",
+        "ovsam_tiny",
+        "--text-cache",
+        str(tmp_path / "text"),
+        *extra,
+    ]
     rc = main(argv)
     if rc != 0:
         return rc, {}, {}
@@ -122,8 +141,9 @@ def test_class_embeddings_without_vocab(inputs, tmp_path) -> None:
 
 def test_class_embeddings_with_coco_ov_vocab(inputs, tmp_path) -> None:
     emb = _embeddings_file(tmp_path / "emb80.pt", 80, seed=2)
-    rc, result, logits = _predict(inputs, tmp_path, "--random-init", "--class-embeddings", str(emb),
-                                  "--vocab", "coco_ov")
+    rc, result, logits = _predict(
+        inputs, tmp_path, "--random-init", "--class-embeddings", str(emb), "--vocab", "coco_ov"
+    )
     assert rc == 0
     vocab = load_vocabulary("coco_ov")
     _check_output(result, logits, list(vocab.class_names))
@@ -162,16 +182,20 @@ def exported(tmp_path_factory):
 def test_weights_dir_from_export_released(inputs, tmp_path, exported) -> None:
     model, directory = exported
     emb_path = _embeddings_file(tmp_path / "emb.pt", 5, seed=4)
-    rc, result, logits = _predict(inputs, tmp_path, "--weights", str(directory), "--train-vocab", "shapes",
-                                  "--class-embeddings", str(emb_path))
+    rc, result, logits = _predict(
+        inputs, tmp_path, "--weights", str(directory), "--train-vocab", "shapes", "--class-embeddings", str(emb_path)
+    )
     assert rc == 0
     assert result["random_init"] is False
     assert set(result["model"]["weights"]) == {"sam", "clip", "sam2clip", "clip2sam"}
     _check_output(result, logits, [f"class_{i}" for i in range(5)])
     # The exported weights are what ran: the same outputs as the in-memory model.
     classifier = OpenVocabClassifier(text_embeddings=torch.load(emb_path, weights_only=True))
-    prompts = ImagePrompts(boxes=np.array(PROMPTS["boxes"], np.float32), points=np.array(PROMPTS["points"], np.float32),
-                           point_boxes=np.array([PROMPTS["point_boxes"][0], [np.nan] * 4], np.float32))
+    prompts = ImagePrompts(
+        boxes=np.array(PROMPTS["boxes"], np.float32),
+        points=np.array(PROMPTS["points"], np.float32),
+        point_boxes=np.array([PROMPTS["point_boxes"][0], [np.nan] * 4], np.float32),
+    )
     direct = OVSAMPredictor(model, classifier, fast=False)([inputs["array"]], [prompts])[0]
     np.testing.assert_allclose(logits["low_res_logits"], direct.low_res_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(logits["fused_logits"], direct.fused_logits, rtol=1e-5, atol=1e-4)
@@ -194,8 +218,19 @@ def test_no_weights_and_no_random_init_fails_clearly(inputs, tmp_path, caplog) -
 
 
 def _grid_argv(inputs, out: Path, *extra: str) -> list[str]:
-    return ["predict", "--image", str(inputs["image"]), "--output", str(out), "--preset", "ovsam_tiny",
-            "--random-init", "--vocab", str(inputs["txt"]), *extra]
+    return [
+        "predict",
+        "--image",
+        str(inputs["image"]),
+        "--output",
+        str(out),
+        "--preset",
+        "ovsam_tiny",
+        "--random-init",
+        "--vocab",
+        str(inputs["txt"]),
+        *extra,
+    ]
 
 
 def test_grid_segments_everything_with_the_generator(inputs, tmp_path) -> None:
@@ -214,11 +249,20 @@ def test_grid_segments_everything_with_the_generator(inputs, tmp_path) -> None:
 
     # With the stability filter off: the generator's masks and labels, as grid instances.
     model = ModelConfig(preset="ovsam_tiny", random_init=True, vocab=str(inputs["txt"]))
-    result = run_predict(PredictConfig(image=str(inputs["image"]), prompts=None, output=str(tmp_path / "g.json"),
-                                       model=model, grid=3, grid_options={"stability_score_thresh": 0.0}))
+    result = run_predict(
+        PredictConfig(
+            image=str(inputs["image"]),
+            prompts=None,
+            output=str(tmp_path / "g.json"),
+            model=model,
+            grid=3,
+            grid_options={"stability_score_thresh": 0.0},
+        )
+    )
     predictor, vocab, _ = build_predictor(model)
     records = OVSAMAutomaticMaskGenerator(predictor, points_per_side=3, stability_score_thresh=0.0).generate(
-        inputs["array"])
+        inputs["array"]
+    )
     instances = result["instances"]
     assert len(instances) == len(records) > 0
     grid = grid_points(3, H, W).tolist()

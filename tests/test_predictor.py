@@ -49,11 +49,15 @@ def _prompts(boxes=(), points=(), point_boxes=None) -> ImagePrompts:
 
 IMAGES = [_image(120, 200, 0), _image(300, 90, 1), _image(64, 64, 2)]
 PROMPTS = [
-    _prompts(boxes=[[20, 10, 110, 90], [120, 40, 190, 115]], points=[[60, 50], [150, 80]],
-             point_boxes=[[20, 10, 110, 90], NAN4]),
+    _prompts(
+        boxes=[[20, 10, 110, 90], [120, 40, 190, 115]],
+        points=[[60, 50], [150, 80]],
+        point_boxes=[[20, 10, 110, 90], NAN4],
+    ),
     _prompts(),  # an image without prompts
     _prompts(points=[[30, 30]]),
 ]
+
 
 @pytest.fixture(scope="module")
 def batched(predictor: OVSAMPredictor) -> list[ImagePrediction]:
@@ -66,8 +70,17 @@ def embedded0(predictor: OVSAMPredictor):
     return predictor.embed([IMAGES[0]])
 
 
-FLOAT_FIELDS = ("low_res_logits", "head_logits", "clip_logits", "fused_logits", "scores", "topk_scores",
-                "region_embeddings", "clip_embeddings", "mask_boxes")
+FLOAT_FIELDS = (
+    "low_res_logits",
+    "head_logits",
+    "clip_logits",
+    "fused_logits",
+    "scores",
+    "topk_scores",
+    "region_embeddings",
+    "clip_embeddings",
+    "mask_boxes",
+)
 EXACT_FIELDS = ("labels", "head_labels", "topk_ids", "clip_valid", "is_point")
 
 
@@ -163,8 +176,9 @@ def test_prompt_order_is_boxes_then_points(predictor: OVSAMPredictor, embedded0)
     for i, single in enumerate(singles):
         one = predictor.predict(embedded0, [single])[0]
         for name in ("low_res_logits", "head_logits", "clip_logits", "fused_logits"):
-            np.testing.assert_allclose(getattr(one, name)[0], getattr(full, name)[i], rtol=1e-4, atol=1e-3,
-                                       err_msg=f"prompt {i} {name}")
+            np.testing.assert_allclose(
+                getattr(one, name)[0], getattr(full, name)[i], rtol=1e-4, atol=1e-3, err_msg=f"prompt {i} {name}"
+            )
 
 
 def test_point_box_is_the_clip_branch_box(predictor: OVSAMPredictor, embedded0) -> None:
@@ -202,15 +216,24 @@ def test_nan_clip_box_uses_the_mask_derived_box(predictor: OVSAMPredictor) -> No
 
 def test_prompts_outside_the_image_are_clipped(predictor: OVSAMPredictor, embedded0) -> None:
     # IMAGES[0]: H = 120, W = 200
-    outside = _prompts(boxes=[[-20, -10, 50, 400], [150, 100, 60, 20]], points=[[-5, 500]],
-                       point_boxes=[[-10, -10, 300, 300]])
+    outside = _prompts(
+        boxes=[[-20, -10, 50, 400], [150, 100, 60, 20]], points=[[-5, 500]], point_boxes=[[-10, -10, 300, 300]]
+    )
     clipped = _prompts(boxes=[[0, 0, 50, 120], [60, 20, 150, 100]], points=[[0, 120]], point_boxes=[[0, 0, 200, 120]])
     _assert_same(predictor.predict(embedded0, [outside])[0], predictor.predict(embedded0, [clipped])[0], exact=True)
 
 
 def test_zero_area_boxes_give_finite_outputs(predictor: OVSAMPredictor, embedded0) -> None:
-    pred = predictor.predict(embedded0, [_prompts(boxes=[[30, 30, 30, 30], [10, 10, 10, 50], [0, 0, 0, 0]],
-                                            points=[[40, 40]], point_boxes=[[40, 40, 40, 40]])])[0]
+    pred = predictor.predict(
+        embedded0,
+        [
+            _prompts(
+                boxes=[[30, 30, 30, 30], [10, 10, 10, 50], [0, 0, 0, 0]],
+                points=[[40, 40]],
+                point_boxes=[[40, 40, 40, 40]],
+            )
+        ],
+    )[0]
     assert pred.labels.shape == (4,)
     _assert_finite(pred)
 

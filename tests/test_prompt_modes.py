@@ -31,8 +31,11 @@ def test_prompt_sources_parse():
 
 
 def test_postprocess_detections_threshold_nms_cap():
-    det = {"boxes": [[0, 0, 10, 10], [0, 0, 10, 11], [20, 20, 30, 30], [0, 0, 1, 1], [np.nan, 0, 1, 1]],
-           "scores": [0.9, 0.8, 0.7, 0.1, 0.95], "labels": ["a", "b", "a", "a", "x"]}
+    det = {
+        "boxes": [[0, 0, 10, 10], [0, 0, 10, 11], [20, 20, 30, 30], [0, 0, 1, 1], [np.nan, 0, 1, 1]],
+        "scores": [0.9, 0.8, 0.7, 0.1, 0.95],
+        "labels": ["a", "b", "a", "a", "x"],
+    }
     out = postprocess_detections(det, score_threshold=0.3, nms_iou=0.5, max_per_image=10)
     assert out["labels"] == ["a", "a"] and out["scores"] == pytest.approx([0.9, 0.7])
     aware = postprocess_detections(det, score_threshold=0.3, nms_iou=0.5, max_per_image=10, class_agnostic=False)
@@ -42,8 +45,14 @@ def test_postprocess_detections_threshold_nms_cap():
 
 
 def test_image_prompt_set_combines_shard_detector_and_grid():
-    spec = {"boxes": [[1, 1, 5, 5]], "scores": [None], "labels": ["gt"], "points": [[2, 2]],
-            "point_boxes": None, "detector": {"boxes": [[0, 0, 4, 4]], "scores": [0.5], "labels": ["det"]}}
+    spec = {
+        "boxes": [[1, 1, 5, 5]],
+        "scores": [None],
+        "labels": ["gt"],
+        "points": [[2, 2]],
+        "point_boxes": None,
+        "detector": {"boxes": [[0, 0, 4, 4]], "scores": [0.5], "labels": ["det"]},
+    }
     s = image_prompt_set(spec, PromptSources.parse("shard,detector:x,grid"), width=8, height=8, grid_size=2)
     assert s.types == ["box", "box", "point", "grid", "grid", "grid", "grid"]
     assert s.detector_labels == ["gt", "det"] and s.detector_scores == [None, 0.5]
@@ -55,11 +64,23 @@ def test_image_prompt_set_combines_shard_detector_and_grid():
 def _pred(masks: np.ndarray, low: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> ImagePrediction:
     n = len(masks)
     z = np.zeros((n, 3), np.float32)
-    return ImagePrediction(masks=masks, mask_boxes=np.zeros((n, 4), np.float32), low_res_logits=low[:, None],
-                           head_logits=z, clip_logits=z, fused_logits=z, labels=labels, scores=scores,
-                           head_labels=labels, topk_ids=labels[:, None], topk_scores=scores[:, None],
-                           region_embeddings=z, clip_embeddings=z, clip_valid=np.ones(n, bool),
-                           is_point=np.zeros(n, bool))
+    return ImagePrediction(
+        masks=masks,
+        mask_boxes=np.zeros((n, 4), np.float32),
+        low_res_logits=low[:, None],
+        head_logits=z,
+        clip_logits=z,
+        fused_logits=z,
+        labels=labels,
+        scores=scores,
+        head_labels=labels,
+        topk_ids=labels[:, None],
+        topk_scores=scores[:, None],
+        region_embeddings=z,
+        clip_embeddings=z,
+        clip_valid=np.ones(n, bool),
+        is_point=np.zeros(n, bool),
+    )
 
 
 def test_select_predictions_grid_stability_nms_and_dedup():
@@ -87,8 +108,11 @@ def test_label_job_with_user_detector_and_grid(ray_local, tmp_shards, shapes_voc
 
     src = os.path.dirname(tmp_shards[0])
     out = str(tmp_path / "det")
-    s = run_label(LabelConfig(input=src, output=out, model=tiny(shapes_vocab),
-                              prompts="detector:user_detector:HalfBoxes", limit=1))
+    s = run_label(
+        LabelConfig(
+            input=src, output=out, model=tiny(shapes_vocab), prompts="detector:user_detector:HalfBoxes", limit=1
+        )
+    )
     assert s.images_ok == 4
     for row in rows(out):
         insts = row["instances"]
@@ -97,8 +121,16 @@ def test_label_job_with_user_detector_and_grid(ray_local, tmp_shards, shapes_voc
         assert insts[0]["detector_score"] == pytest.approx(0.9)
 
     out = str(tmp_path / "grid")
-    s = run_label(LabelConfig(input=src, output=out, model=tiny(shapes_vocab), prompts="grid", limit=1,
-                              select=SelectConfig(grid_size=4, grid_stability=0.0, grid_nms_iou=0.5)))
+    s = run_label(
+        LabelConfig(
+            input=src,
+            output=out,
+            model=tiny(shapes_vocab),
+            prompts="grid",
+            limit=1,
+            select=SelectConfig(grid_size=4, grid_stability=0.0, grid_nms_iou=0.5),
+        )
+    )
     assert s.images_ok == 4
     for row in rows(out):
         insts = row["instances"]
@@ -115,9 +147,16 @@ def test_torchvision_detector_random_init(ray_local, tmp_shards, shapes_vocab, t
     import os
 
     out = str(tmp_path / "tv")
-    s = run_label(LabelConfig(input=os.path.dirname(tmp_shards[0]), output=out, model=tiny(shapes_vocab),
-                              prompts="shard,detector:fasterrcnn_mobilenet_v3_large_320_fpn", limit=1,
-                              detector_score_threshold=0.0))
+    s = run_label(
+        LabelConfig(
+            input=os.path.dirname(tmp_shards[0]),
+            output=out,
+            model=tiny(shapes_vocab),
+            prompts="shard,detector:fasterrcnn_mobilenet_v3_large_320_fpn",
+            limit=1,
+            detector_score_threshold=0.0,
+        )
+    )
     assert s.images_ok == 4 and s.images_error == 0
     for row in rows(out):
         shard_boxes = [i for i in row["instances"] if i["detector_score"] is None]

@@ -68,8 +68,22 @@ def local_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def label_entrypoint(src: str, out: str, vocab: str, *extra: str) -> list[str]:
-    return ["python", "jobs/label.py", "--input", src, "--output", out, "--preset", "ovsam_tiny", "--random-init",
-            "--vocab", vocab, "--batch-size", "1", *extra]
+    return [
+        "python",
+        "jobs/label.py",
+        "--input",
+        src,
+        "--output",
+        out,
+        "--preset",
+        "ovsam_tiny",
+        "--random-init",
+        "--vocab",
+        vocab,
+        "--batch-size",
+        "1",
+        *extra,
+    ]
 
 
 def finish(cluster: LocalRayCluster, proc: subprocess.Popen, submission_id: str) -> tuple[int, str]:
@@ -77,19 +91,27 @@ def finish(cluster: LocalRayCluster, proc: subprocess.Popen, submission_id: str)
     try:
         proc.wait(timeout=JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"job did not finish in {JOB_TIMEOUT_S}s:\n{cluster.cli_log(submission_id)[-4000:]}"
-                             ) from None
+        raise AssertionError(
+            f"job did not finish in {JOB_TIMEOUT_S}s:\n{cluster.cli_log(submission_id)[-4000:]}"
+        ) from None
     return proc.returncode, cluster.cli_log(submission_id)
 
 
-def wait_during_job(cluster: LocalRayCluster, proc: subprocess.Popen, submission_id: str, predicate,
-                    what: str = "the first committed shard", poll_s: float = 0.05) -> None:
+def wait_during_job(
+    cluster: LocalRayCluster,
+    proc: subprocess.Popen,
+    submission_id: str,
+    predicate,
+    what: str = "the first committed shard",
+    poll_s: float = 0.05,
+) -> None:
     """Wait until ``predicate()`` is truthy while the job runs; fail with its log if it ends first."""
 
     def check() -> bool:
         if proc.poll() is not None:
-            raise AssertionError(f"job ended ({proc.returncode}) before {what}:\n"
-                                 f"{cluster.cli_log(submission_id)[-4000:]}")
+            raise AssertionError(
+                f"job ended ({proc.returncode}) before {what}:\n{cluster.cli_log(submission_id)[-4000:]}"
+            )
         return bool(predicate())
 
     try:
@@ -120,8 +142,9 @@ def assert_exactly_once(out: str, *, s3_endpoint: str | None = None) -> None:
 
 
 def markers(committer: ShardCommitter) -> dict[str, tuple[str, str]]:
-    return {n: (m["committed_at"], m["sha256"]) for n in committer.committed_shards()
-            for m in [committer.read_marker(n)]}
+    return {
+        n: (m["committed_at"], m["sha256"]) for n in committer.committed_shards() for m in [committer.read_marker(n)]
+    }
 
 
 def test_worker_node_killed_mid_job_finishes_exactly_once(cluster, local_shards, shapes_vocab, tmp_path):
@@ -142,8 +165,10 @@ def test_worker_node_killed_mid_job_finishes_exactly_once(cluster, local_shards,
         stop_job(cluster, proc, "label-node-kill")
     assert_exactly_once(out)
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporaries
-    print(f"node kill: {committed_at_kill}/{NUM_SHARDS} shards committed at the kill, "
-          f"job done in {time.monotonic() - t0:.0f}s")
+    print(
+        f"node kill: {committed_at_kill}/{NUM_SHARDS} shards committed at the kill, "
+        f"job done in {time.monotonic() - t0:.0f}s"
+    )
 
 
 def find_driver(cluster: LocalRayCluster) -> int | None:
@@ -194,8 +219,9 @@ def test_killed_driver_then_resubmit_resumes_without_duplicates(cluster, local_s
 @pytest.fixture
 def s3_shards(s3_server: str, s3_bucket: str) -> str:
     src = f"s3://{s3_bucket}/shards"
-    generate_shards(src, num_images=NUM_IMAGES, images_per_shard=PER_SHARD, seed=5, image_size=(320, 240),
-                    s3_endpoint=s3_server)
+    generate_shards(
+        src, num_images=NUM_IMAGES, images_per_shard=PER_SHARD, seed=5, image_size=(320, 240), s3_endpoint=s3_server
+    )
     return src
 
 
@@ -203,8 +229,9 @@ def test_s3_outage_of_a_few_seconds_is_retried(cluster, s3_server, s3_bucket, s3
     out = f"s3://{s3_bucket}/labels"
     committer = ShardCommitter(out, s3_endpoint=s3_server)  # the test itself talks to S3 directly
     with S3Gate(s3_server) as gate:
-        proc = cluster.submit("label-s3-blip", label_entrypoint(s3_shards, out, shapes_vocab,
-                                                                "--s3-endpoint", gate.endpoint))
+        proc = cluster.submit(
+            "label-s3-blip", label_entrypoint(s3_shards, out, shapes_vocab, "--s3-endpoint", gate.endpoint)
+        )
         try:
             wait_during_job(cluster, proc, "label-s3-blip", committer.committed_shards, poll_s=0.1)
             gate.close()
@@ -233,8 +260,9 @@ def test_s3_outage_of_a_few_seconds_is_retried(cluster, s3_server, s3_bucket, s3
     assert_exactly_once(out, s3_endpoint=s3_server)
 
 
-def test_permanent_s3_outage_fails_clearly_and_commits_nothing_partial(cluster, s3_server, s3_bucket, s3_shards,
-                                                                       shapes_vocab):
+def test_permanent_s3_outage_fails_clearly_and_commits_nothing_partial(
+    cluster, s3_server, s3_bucket, s3_shards, shapes_vocab
+):
     out = f"s3://{s3_bucket}/labels"
     committer = ShardCommitter(out, s3_endpoint=s3_server)
     gate = S3Gate(s3_server)
@@ -285,7 +313,8 @@ def test_permanent_s3_outage_fails_clearly_and_commits_nothing_partial(cluster, 
     assert {n: after[n] for n in before} == before
     assert_exactly_once(out, s3_endpoint=s3_server)
     assert set(storage.list_files(out, suffix=".parquet", s3_endpoint=s3_server)) == {
-        committer.parquet_url(n) for n in after}
+        committer.parquet_url(n) for n in after
+    }
 
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "ellipse", "pentagon", "cross"]
@@ -298,12 +327,47 @@ def test_cotrain_worker_node_killed_resumes_from_last_checkpoint(cluster, tmp_pa
     generate_shards(str(tmp_path / "shards"), num_images=8, images_per_shard=4, seed=5, image_size=(64, 48))
     (tmp_path / "shapes.json").write_text(json.dumps(SHAPES))
     runs, max_steps = tmp_path / "runs", 16
-    entry = ["python", "jobs/train_cotrain.py", "--storage-path", str(runs), "--name", "cotrain",
-             "--num-workers", "2", "--cpus-per-worker", "0.5", "--data-cpus", "0.5", "--batch-size", "1",
-             "--max-steps", str(max_steps), "--checkpoint-every", "4", "--log-every", "4", "--keep-checkpoints", "20",
-             "--max-failures", "2", "--dataset", f"{tmp_path / 'shards'}|vocab={tmp_path / 'shapes.json'}",
-             "--preset", "ovsam_tiny", "--random-init", "--num-prompts", "8", "--num-points", "256",
-             "--lr", "2e-3", "--schedule", "constant", "--warmup-steps", "0"]
+    entry = [
+        "python",
+        "jobs/train_cotrain.py",
+        "--storage-path",
+        str(runs),
+        "--name",
+        "cotrain",
+        "--num-workers",
+        "2",
+        "--cpus-per-worker",
+        "0.5",
+        "--data-cpus",
+        "0.5",
+        "--batch-size",
+        "1",
+        "--max-steps",
+        str(max_steps),
+        "--checkpoint-every",
+        "4",
+        "--log-every",
+        "4",
+        "--keep-checkpoints",
+        "20",
+        "--max-failures",
+        "2",
+        "--dataset",
+        f"{tmp_path / 'shards'}|vocab={tmp_path / 'shapes.json'}",
+        "--preset",
+        "ovsam_tiny",
+        "--random-init",
+        "--num-prompts",
+        "8",
+        "--num-points",
+        "256",
+        "--lr",
+        "2e-3",
+        "--schedule",
+        "constant",
+        "--warmup-steps",
+        "0",
+    ]
     snapshot = runs / "cotrain" / "checkpoint_manager_snapshot.json"
 
     def registered() -> list[int]:  # steps of the checkpoints Ray Train has registered (not just written)
@@ -330,8 +394,10 @@ def test_cotrain_worker_node_killed_resumes_from_last_checkpoint(cluster, tmp_pa
     # workers' own log files.
     pattern = r"rank 0 resumed at step (\d+)"
     resumed = [int(s) for s in re.findall(pattern, log)] or [
-        int(s) for path in glob.glob(os.path.join(cluster.temp_dir, "session_2*", "logs", "worker-*"))
-        for s in re.findall(pattern, open(path, errors="replace").read())]
+        int(s)
+        for path in glob.glob(os.path.join(cluster.temp_dir, "session_2*", "logs", "worker-*"))
+        for s in re.findall(pattern, open(path, errors="replace").read())
+    ]
     assert resumed and min(resumed) >= last, (last, resumed)  # from a checkpoint, not from step 0
     state = json.loads((runs / "cotrain" / f"checkpoint_{max_steps:09d}" / "train_state.json").read_text())
     assert state["step"] == max_steps and state["stage"] == "cotrain"
@@ -357,8 +423,10 @@ def test_driver_storage_writes_retry_then_fail_with_a_clear_error(monkeypatch):
     def down() -> None:
         raise OSError("Could not connect to the endpoint URL: http://user:hunter2@127.0.0.1:9/b/k")
 
-    with pytest.raises(label_job.StorageUnavailableError,
-                       match=r"could not commit shard s \(3 attempts .*The 2 shards committed .*Rerun the same") as e:
+    with pytest.raises(
+        label_job.StorageUnavailableError,
+        match=r"could not commit shard s \(3 attempts .*The 2 shards committed .*Rerun the same",
+    ) as e:
         label_job.with_storage_retries("commit shard s", down, committed=2)
     assert "hunter2" not in str(e.value)
 

@@ -27,8 +27,15 @@ def test_relabel_equals_label_job_with_the_new_vocabulary(ray_local, tmp_shards,
     bystanders.beside(relabelled)
 
     def job(vocab: str, out: str) -> None:
-        run_label(LabelConfig(input=src, output=out, with_embedding=True, limit=2,
-                              model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=vocab)))
+        run_label(
+            LabelConfig(
+                input=src,
+                output=out,
+                with_embedding=True,
+                limit=2,
+                model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=vocab),
+            )
+        )
 
     job(shapes_vocab, first)
     job(str(other), direct)
@@ -50,8 +57,14 @@ def test_relabel_equals_label_job_with_the_new_vocabulary(ray_local, tmp_shards,
 
 def test_relabel_refuses_output_without_embeddings(ray_local, tmp_shards, shapes_vocab, tmp_path):
     out = str(tmp_path / "plain")
-    run_label(LabelConfig(input=os.path.dirname(tmp_shards[0]), output=out, limit=1,
-                          model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab)))
+    run_label(
+        LabelConfig(
+            input=os.path.dirname(tmp_shards[0]),
+            output=out,
+            limit=1,
+            model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
+        )
+    )
     with pytest.raises(ValueError, match="with-embedding"):
         run_relabel(RelabelConfig(input=out, output=str(tmp_path / "x"), vocab=shapes_vocab))
     stats = json.load(open(os.path.join(out, "_stats.json")))
@@ -62,8 +75,13 @@ def test_relabel_refuses_output_without_embeddings(ray_local, tmp_shards, shapes
 
 def test_shard_stats_golden_and_empty():
     rows = [
-        {"status": "ok", "instances": [{"label": "a", "label_score": 0.95, "area": 10},
-                                       {"label": "b", "label_score": 0.15, "area": 300}]},
+        {
+            "status": "ok",
+            "instances": [
+                {"label": "a", "label_score": 0.95, "area": 10},
+                {"label": "b", "label_score": 0.15, "area": 300},
+            ],
+        },
         {"status": "ok", "instances": []},
         {"status": "error", "instances": []},
     ]

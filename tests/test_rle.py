@@ -26,8 +26,11 @@ def test_encode_golden():
 
 def test_decode_compressed_and_uncompressed_golden():
     expected = _golden_mask()
-    for rle in ({"size": [3, 4], "counts": "322O2"}, {"size": [3, 4], "counts": b"322O2"},
-                {"size": [3, 4], "counts": [3, 2, 2, 1, 4]}):
+    for rle in (
+        {"size": [3, 4], "counts": "322O2"},
+        {"size": [3, 4], "counts": b"322O2"},
+        {"size": [3, 4], "counts": [3, 2, 2, 1, 4]},
+    ):
         out = decode_rle(rle)
         assert out.dtype == bool and out.shape == (3, 4)
         np.testing.assert_array_equal(out, expected)

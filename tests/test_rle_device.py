@@ -124,8 +124,9 @@ def predictors(tiny_predictor: OVSAMPredictor) -> tuple[OVSAMPredictor, OVSAMPre
 def test_rle_mode_ships_no_masks_and_gives_the_same_rows(predictors) -> None:
     masks_mode, rle_mode = predictors
     embedded = masks_mode.embed(IMAGES)
-    for image, prompts, old, new in zip(IMAGES, PROMPTS, masks_mode.predict(embedded, PROMPTS),
-                                        rle_mode.predict(embedded, PROMPTS)):
+    for image, prompts, old, new in zip(
+        IMAGES, PROMPTS, masks_mode.predict(embedded, PROMPTS), rle_mode.predict(embedded, PROMPTS)
+    ):
         h, w = image.shape[:2]
         assert old.rles is None and old.masks.shape == (len(prompts), h, w)
         assert new.masks is None and len(new.rles) == len(prompts)

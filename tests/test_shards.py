@@ -63,8 +63,7 @@ def test_list_shards_errors_name_what_is_missing(shard_dir):
 
 def test_list_shards_s3(s3_server, s3_bucket):
     root = f"s3://{s3_bucket}/data"
-    urls = generate_shards(root, num_images=3, images_per_shard=1, seed=0, image_size=(32, 24),
-                           s3_endpoint=s3_server)
+    urls = generate_shards(root, num_images=3, images_per_shard=1, seed=0, image_size=(32, 24), s3_endpoint=s3_server)
     assert urls == [f"{root}/shard-{i:06d}.tar" for i in range(3)]
     storage.atomic_write_bytes(f"{root}/readme.txt", b"x", s3_endpoint=s3_server)
     assert list_shards(root + "/", s3_endpoint=s3_server) == urls
@@ -100,18 +99,23 @@ def test_split_member_name(name, expected):
 
 
 def test_samples_grouped_by_key(tmp_path):
-    url = _write(tmp_path / "s.tar", [
-        ("__meta__.json", b"{}"),
-        ("a.jpg", b"A"), ("a.json", b"{}"), ("a.txt", b"caption"),
-        ("dir/b.seg.png", b"ignored"), ("dir/b.PNG", b"B"),
-        ("c.json", b"{}"),
-        ("d.webp", b"D"),
-    ])
+    url = _write(
+        tmp_path / "s.tar",
+        [
+            ("__meta__.json", b"{}"),
+            ("a.jpg", b"A"),
+            ("a.json", b"{}"),
+            ("a.txt", b"caption"),
+            ("dir/b.seg.png", b"ignored"),
+            ("dir/b.PNG", b"B"),
+            ("c.json", b"{}"),
+            ("d.webp", b"D"),
+        ],
+    )
     samples = list(iter_shard_samples(url))
     assert [s["key"] for s in samples] == ["a", "dir/b", "c", "d"]
     a, b, c, d = samples
-    assert a == {"key": "a", "shard": "s", "image_bytes": b"A", "image_ext": "jpg", "json_bytes": b"{}",
-                 "error": None}
+    assert a == {"key": "a", "shard": "s", "image_bytes": b"A", "image_ext": "jpg", "json_bytes": b"{}", "error": None}
     assert (b["image_bytes"], b["image_ext"], b["json_bytes"]) == (b"B", "png", None)
     assert c["image_bytes"] is None and "no image member" in c["error"] and c["json_bytes"] == b"{}"
     assert d["image_ext"] == "webp" and d["error"] is None

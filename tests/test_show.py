@@ -55,10 +55,15 @@ def test_show_writes_one_png_per_sampled_image(tmp_path, bystanders):
     # without --shards the run record's input is used; the CLI writes the same files
     (tmp_path / "labels" / "_run.json").write_text(json.dumps({"details": {"config": {"input": shards}}}))
     assert main(["show", "--input", labels, "--output", str(tmp_path / "show2"), "-n", "3"]) == 0
-    found = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "show2")
-                   for d, _, fs in os.walk(tmp_path / "show2") for f in fs)
-    assert found == ["_ovsam_written.json", "shard-000000/000000000005.png", "shard-000000/000000000009.png",
-                     "shard-000001/000000000012.png"]  # and the list of what show wrote
+    found = sorted(
+        os.path.relpath(os.path.join(d, f), tmp_path / "show2") for d, _, fs in os.walk(tmp_path / "show2") for f in fs
+    )
+    assert found == [
+        "_ovsam_written.json",
+        "shard-000000/000000000005.png",
+        "shard-000000/000000000009.png",
+        "shard-000001/000000000012.png",
+    ]  # and the list of what show wrote
 
 
 def test_drawing_scales_with_the_image_and_labels_do_not_pile_up():

@@ -76,8 +76,16 @@ def test_occlusion_and_colours():
 
 
 def test_size_range_and_png(tmp_path):
-    urls = generate_shards(str(tmp_path), num_images=4, images_per_shard=4, seed=0,
-                           image_size=((40, 30), (80, 60)), image_format="png", min_objects=0, max_objects=1)
+    urls = generate_shards(
+        str(tmp_path),
+        num_images=4,
+        images_per_shard=4,
+        seed=0,
+        image_size=((40, 30), (80, 60)),
+        image_format="png",
+        min_objects=0,
+        max_objects=1,
+    )
     shapes = {decode_image(s["image_bytes"]).shape for s in read_shard(urls[0]).samples}
     assert all(40 <= w <= 80 and 30 <= h <= 60 for h, w, _ in shapes) and len(shapes) > 1
     with pytest.raises(ValueError):
@@ -86,8 +94,7 @@ def test_size_range_and_png(tmp_path):
 
 def test_generate_on_s3(s3_server, s3_bucket):
     root = f"s3://{s3_bucket}/synthetic"
-    urls = generate_shards(root, num_images=3, images_per_shard=2, seed=0, image_size=(32, 24),
-                           s3_endpoint=s3_server)
+    urls = generate_shards(root, num_images=3, images_per_shard=2, seed=0, image_size=(32, 24), s3_endpoint=s3_server)
     assert list_shards(root, s3_endpoint=s3_server) == urls
     assert read_shard(urls[1], s3_endpoint=s3_server).num_samples == 1
 
@@ -98,8 +105,18 @@ def bad_shards(tmp_path_factory):
 
 
 EXPECTED_KINDS = {
-    "zero_byte_image", "undecodable_image", "truncated_jpeg", "odd_modes", "exif_rotated", "one_pixel",
-    "too_large", "malformed_json", "bad_boxes", "missing_image", "truncated_tar", "empty_tar",
+    "zero_byte_image",
+    "undecodable_image",
+    "truncated_jpeg",
+    "odd_modes",
+    "exif_rotated",
+    "one_pixel",
+    "too_large",
+    "malformed_json",
+    "bad_boxes",
+    "missing_image",
+    "truncated_tar",
+    "empty_tar",
 }
 
 

@@ -145,16 +145,19 @@ def test_hard_link_member_is_its_own_row(tmp_path):
 
 def test_symbolic_links_are_followed_inside_the_tar_only(tmp_path):
     png = _png()
-    result = _read(tmp_path, [
-        ("dir/a.png", png),
-        _link("dir/b.png", "a.png", tarfile.SYMTYPE),
-        _link("dir/c.png", "../dir/a.png", tarfile.SYMTYPE),
-        _link("evil.png", "/etc/passwd", tarfile.SYMTYPE),
-        _link("up.png", "../../../etc/passwd", tarfile.SYMTYPE),
-        _link("dangling.png", "nowhere.png", tarfile.SYMTYPE),
-        _link("loop1.png", "loop2.png", tarfile.SYMTYPE),
-        _link("loop2.png", "loop1.png", tarfile.SYMTYPE),
-    ])
+    result = _read(
+        tmp_path,
+        [
+            ("dir/a.png", png),
+            _link("dir/b.png", "a.png", tarfile.SYMTYPE),
+            _link("dir/c.png", "../dir/a.png", tarfile.SYMTYPE),
+            _link("evil.png", "/etc/passwd", tarfile.SYMTYPE),
+            _link("up.png", "../../../etc/passwd", tarfile.SYMTYPE),
+            _link("dangling.png", "nowhere.png", tarfile.SYMTYPE),
+            _link("loop1.png", "loop2.png", tarfile.SYMTYPE),
+            _link("loop2.png", "loop1.png", tarfile.SYMTYPE),
+        ],
+    )
     _assert_clean(result)
     rows = {s["key"]: s for s in result.samples}
     assert [rows[k]["image_bytes"] for k in ("dir/a", "dir/b", "dir/c")] == [png] * 3
@@ -181,26 +184,39 @@ def test_duplicated_member_keeps_the_first_image(tmp_path):
 
 
 def test_reserved_and_hidden_names(tmp_path):
-    result = _read(tmp_path, [
-        ("__key__.jpg", b"K"),  # an image whose key looks reserved is still an image
-        ("__meta__.json", b"{}"),  # WebDataset metadata: skipped, counted
-        ("b.jpg", b"B"), ("b.__key__", b"x"), ("b.__url__", b"x"),
-        ("dir/.hidden.jpg", b"H"),  # a hidden image member is a row
-        ("dir/._b.jpg", b"\x00\x05\x16\x07\x00\x02"),  # macOS resource fork beside b.jpg: skipped
-        ("._c.jpg", b"C"),  # named like one, but not one: an image row
-        ("noext", b"N"), (".profile", b"x"),
-    ])
+    result = _read(
+        tmp_path,
+        [
+            ("__key__.jpg", b"K"),  # an image whose key looks reserved is still an image
+            ("__meta__.json", b"{}"),  # WebDataset metadata: skipped, counted
+            ("b.jpg", b"B"),
+            ("b.__key__", b"x"),
+            ("b.__url__", b"x"),
+            ("dir/.hidden.jpg", b"H"),  # a hidden image member is a row
+            ("dir/._b.jpg", b"\x00\x05\x16\x07\x00\x02"),  # macOS resource fork beside b.jpg: skipped
+            ("._c.jpg", b"C"),  # named like one, but not one: an image row
+            ("noext", b"N"),
+            (".profile", b"x"),
+        ],
+    )
     assert [(s["key"], s["image_bytes"], s["error"]) for s in result.samples] == [
-        ("__key__", b"K", None), ("b", b"B", None), ("dir/.hidden", b"H", None), ("._c", b"C", None)]
+        ("__key__", b"K", None),
+        ("b", b"B", None),
+        ("dir/.hidden", b"H", None),
+        ("._c", b"C", None),
+    ]
     assert result.skipped == {SKIP_METADATA: 1, SKIP_OTHER_EXTENSION: 2, SKIP_NO_EXTENSION: 2, SKIP_APPLEDOUBLE: 1}
     assert result.num_skipped == 6 and result.skipped_examples[SKIP_NO_EXTENSION] == ["noext", ".profile"]
 
 
 def test_json_far_from_its_image_joins_it(tmp_path):
-    result = _read(tmp_path, [("a.jpg", b"A"), ("b.jpg", b"B"), ("a.json", b'{"x": 1}'), ("b.json", b"{}"),
-                              ("a.json", b"{}")])
+    result = _read(
+        tmp_path, [("a.jpg", b"A"), ("b.jpg", b"B"), ("a.json", b'{"x": 1}'), ("b.json", b"{}"), ("a.json", b"{}")]
+    )
     assert [(s["key"], s["json_bytes"], s["error"]) for s in result.samples] == [
-        ("a", b'{"x": 1}', None), ("b", b"{}", None)]
+        ("a", b'{"x": 1}', None),
+        ("b", b"{}", None),
+    ]
     assert result.skipped == {SKIP_DUPLICATE_JSON: 1}
 
 
@@ -221,11 +237,28 @@ def test_directories_fifos_and_skips_are_reported_in_a_safe_log(tmp_path, caplog
 
 def test_hostile_shard_contract(tmp_path):
     bad = os.fsdecode(b"\xff\xfe")
-    result = _read(tmp_path, [
-        (f"{bad}.jpg", b"1"), (f"{bad}.png", b"2"), (f"{bad}.jpg", b"3"), ("k\nnew.jpg", b"4"),
-        ("k.json", b"{}"), _link("h.jpg", f"{bad}.jpg"), ("./k.jpg", b"5"), ("k.jpg", b"6"),
-    ], fmt=tarfile.PAX_FORMAT)
+    result = _read(
+        tmp_path,
+        [
+            (f"{bad}.jpg", b"1"),
+            (f"{bad}.png", b"2"),
+            (f"{bad}.jpg", b"3"),
+            ("k\nnew.jpg", b"4"),
+            ("k.json", b"{}"),
+            _link("h.jpg", f"{bad}.jpg"),
+            ("./k.jpg", b"5"),
+            ("k.jpg", b"6"),
+        ],
+        fmt=tarfile.PAX_FORMAT,
+    )
     _assert_clean(result)
-    assert [s["key"] for s in result.samples] == ["\\xff\\xfe", "\\xff\\xfe.png", "\\xff\\xfe.jpg", "k\nnew", "k",
-                                                   "h", "k.jpg"]
+    assert [s["key"] for s in result.samples] == [
+        "\\xff\\xfe",
+        "\\xff\\xfe.png",
+        "\\xff\\xfe.jpg",
+        "k\nnew",
+        "k",
+        "h",
+        "k.jpg",
+    ]
     assert result.samples[5]["image_bytes"] == b"1"

@@ -81,8 +81,12 @@ def test_a_shard_with_a_rejected_header_commits_its_images_and_stays_committed(r
     src, out = tmp_path / "shards", str(tmp_path / "labels")
     src.mkdir()
     (src / "bad.tar").write_bytes(_shard(BAD_HEADERS["pax_size_far_past_the_file"][0]))
-    cfg = LabelConfig(input=str(src), output=out, baseline="box-fill",
-                      model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab))
+    cfg = LabelConfig(
+        input=str(src),
+        output=out,
+        baseline="box-fill",
+        model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
+    )
     summary = run_label(cfg)
     assert summary.shards_failed == [] and summary.shards_committed == 1
     assert [d["shard"] for d in summary.shards_damaged] == ["bad"]

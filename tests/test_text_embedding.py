@@ -204,9 +204,7 @@ def tiny_clip():
     model = open_clip.model.CLIP(
         embed_dim=32,
         vision_cfg=open_clip.model.CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, image_size=64),
-        text_cfg=open_clip.model.CLIPTextCfg(
-            context_length=77, vocab_size=49408, width=32, heads=2, layers=1
-        ),
+        text_cfg=open_clip.model.CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
     ).eval()
     return model, open_clip.get_tokenizer("RN50")
 
@@ -267,10 +265,28 @@ def test_template_tokens_equal_the_tokenizer_over_the_whole_in21k_vocabulary(bpe
     assert torch.equal(template_tokens(bpe, sample, templates), bpe([t.format(n) for n in sample for t in templates]))
 
 
-@pytest.mark.parametrize("name", [
-    "u.s.a.", "it's", "rock 'n' roll", "o'", "b&amp;w", "fish & chips", "r2-d2", "3", "x 10", "(n12345)",
-    "cafe\u0301", "naïve", "\u4e2d\u6587", "Upper Case", "two  spaces", "a-" * 60, "word " * 80,
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "u.s.a.",
+        "it's",
+        "rock 'n' roll",
+        "o'",
+        "b&amp;w",
+        "fish & chips",
+        "r2-d2",
+        "3",
+        "x 10",
+        "(n12345)",
+        "cafe\u0301",
+        "naïve",
+        "\u4e2d\u6587",
+        "Upper Case",
+        "two  spaces",
+        "a-" * 60,
+        "word " * 80,
+    ],
+)
 def test_template_tokens_edge_names(bpe, name):
     from ovsam_ray.model.text_embedding import template_tokens
 

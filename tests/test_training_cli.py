@@ -23,18 +23,58 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def test_cotrain_flags_map_onto_the_config():
-    args = _parser().parse_args([
-        "train", "cotrain", "--storage-path", "s3://b/runs", "--name", "c1", "--num-workers", "4", "--use-gpu",
-        "--batch-size", "2", "--grad-accum", "3", "--max-steps", "900", "--max-failures", "2",
-        "--dataset", "s3://b/coco/{000000..000009}.tar|vocab=coco_ov",
-        "--dataset", "s3://b/in22k/|kind=image|ratio=0.25",
-        "--preset", "ovsam_rn50x16", "--weights", "s3://b/w", "--lr", "2e-4", "--lr-milestones", "0.5", "0.9",
-        "--num-prompts", "20", "--lsj-range", "0.5", "1.5", "--learn-logit-scale",
-    ])
+    args = _parser().parse_args(
+        [
+            "train",
+            "cotrain",
+            "--storage-path",
+            "s3://b/runs",
+            "--name",
+            "c1",
+            "--num-workers",
+            "4",
+            "--use-gpu",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "3",
+            "--max-steps",
+            "900",
+            "--max-failures",
+            "2",
+            "--dataset",
+            "s3://b/coco/{000000..000009}.tar|vocab=coco_ov",
+            "--dataset",
+            "s3://b/in22k/|kind=image|ratio=0.25",
+            "--preset",
+            "ovsam_rn50x16",
+            "--weights",
+            "s3://b/w",
+            "--lr",
+            "2e-4",
+            "--lr-milestones",
+            "0.5",
+            "0.9",
+            "--num-prompts",
+            "20",
+            "--lsj-range",
+            "0.5",
+            "1.5",
+            "--learn-logit-scale",
+        ]
+    )
     cfg = cotrain_config_from_args(args)
     assert args.func.__name__ == "_cotrain"
-    assert cfg.run == RunSpec(storage_path="s3://b/runs", name="c1", num_workers=4, use_gpu=True, batch_size=2,
-                              grad_accum=3, max_steps=900, max_failures=2)
+    assert cfg.run == RunSpec(
+        storage_path="s3://b/runs",
+        name="c1",
+        num_workers=4,
+        use_gpu=True,
+        batch_size=2,
+        grad_accum=3,
+        max_steps=900,
+        max_failures=2,
+    )
     assert cfg.datasets[0] == DatasetSpec(shards="s3://b/coco/{000000..000009}.tar", vocab="coco_ov")
     assert cfg.datasets[1].kind == "image" and cfg.datasets[1].ratio == 0.25
     assert cfg.model == ModelSpec(preset="ovsam_rn50x16", weights="s3://b/w")
@@ -44,15 +84,32 @@ def test_cotrain_flags_map_onto_the_config():
 
 
 def test_distill_flags_and_defaults():
-    args = _parser().parse_args([
-        "train", "distill", "--storage-path", "/tmp/r", "--name", "d", "--dataset", "/data/sa1b",
-        "--teacher", "vit_b", "--teacher-checkpoint", "/w/sam_vit_b.pth", "--clip", "/w/RN50x16.pt",
-    ])
+    args = _parser().parse_args(
+        [
+            "train",
+            "distill",
+            "--storage-path",
+            "/tmp/r",
+            "--name",
+            "d",
+            "--dataset",
+            "/data/sa1b",
+            "--teacher",
+            "vit_b",
+            "--teacher-checkpoint",
+            "/w/sam_vit_b.pth",
+            "--clip",
+            "/w/RN50x16.pt",
+        ]
+    )
     cfg = distill_config_from_args(args)
     assert cfg.teacher == "vit_b" and cfg.optim.schedule == "cosine" and cfg.model.clip == "/w/RN50x16.pt"
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg
-    for sub in (["export", "--run", "r", "--output", "o"], ["tiny-recipe", "--work-dir", "w"],
-                ["dump-teacher", "--shards", "s", "--output", "o", "--teacher", "random_tiny"]):
+    for sub in (
+        ["export", "--run", "r", "--output", "o"],
+        ["tiny-recipe", "--work-dir", "w"],
+        ["dump-teacher", "--shards", "s", "--output", "o", "--teacher", "random_tiny"],
+    ):
         assert callable(_parser().parse_args(["train", *sub]).func)
 
 
@@ -64,12 +121,15 @@ def test_dataset_spec_parsing_and_errors():
         parse_dataset("x|kind=video")
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"name": "a/b"}, "name"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"max_failures": -2}, "max_failures"),
-    ({"cpus_per_worker": 0}, "cpus_per_worker"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"name": "a/b"}, "name"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_failures": -2}, "max_failures"),
+        ({"cpus_per_worker": 0}, "cpus_per_worker"),
+    ],
+)
 def test_run_spec_validation(bad, match):
     with pytest.raises(ValueError, match=match):
         RunSpec(**{"storage_path": "/tmp/x", "name": "n", **bad})
@@ -110,8 +170,14 @@ def test_optimizer_gives_the_temperature_and_the_recognizer_their_own_lr_and_no_
     from ovsam_ray.training.optim import build_optimizer
 
     text = torch.nn.functional.normalize(torch.randn(3, 1, 64), dim=-1)
-    net = CotrainNet(build_ovsam("ovsam_tiny"), text_embeddings=text,
-                     logit_scale=4.6, learn_logit_scale=True, logit_scale_lr=0.01, recognizer_lr=3e-3)
+    net = CotrainNet(
+        build_ovsam("ovsam_tiny"),
+        text_embeddings=text,
+        logit_scale=4.6,
+        learn_logit_scale=True,
+        logit_scale_lr=0.01,
+        recognizer_lr=3e-3,
+    )
     opt = build_optimizer(net, OptimConfig(lr=1e-4, weight_decay=0.05, no_decay=("1d",)))
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}

@@ -41,8 +41,10 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     members = []
     metas = [{"label": "star"}, {"category_id": 1}, {"label": "unknown thing"}, {"class_name": "Cross"}]
     for i, meta in enumerate(metas):
-        members += [(f"{i:04d}.jpg", encode_image(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))),
-                    (f"{i:04d}.json", json.dumps(meta).encode())]
+        members += [
+            (f"{i:04d}.jpg", encode_image(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))),
+            (f"{i:04d}.json", json.dumps(meta).encode()),
+        ]
     storage.atomic_write_bytes(str(img / "in22k-000000.tar"), tar_bytes(members))
     return {"seg": str(seg), "img": str(img), "vocab": str(vocab)}
 
@@ -50,8 +52,10 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def _config(data_root: dict[str, str], tmp_path, **kw) -> CotrainConfig:
     datasets = kw.pop("datasets", [DatasetSpec(shards=data_root["seg"], vocab=data_root["vocab"])])
     return CotrainConfig(
-        run=RunSpec(storage_path=str(tmp_path), name="t"), datasets=datasets,
-        model=ModelSpec(preset="ovsam_tiny", random_init=True), **kw,
+        run=RunSpec(storage_path=str(tmp_path), name="t"),
+        datasets=datasets,
+        model=ModelSpec(preset="ovsam_tiny", random_init=True),
+        **kw,
     )
 
 
@@ -70,11 +74,14 @@ def test_work_items_follow_ratios_and_cover_every_shard():
 
 
 def test_label_space_union_and_mapping(tmp_path):
-    (tmp_path / "a.json").write_text(json.dumps({"name": "a", "classes": [{"id": 7, "name": "Star"},
-                                                                           {"id": 9, "name": "circle"}]}))
+    (tmp_path / "a.json").write_text(
+        json.dumps({"name": "a", "classes": [{"id": 7, "name": "Star"}, {"id": 9, "name": "circle"}]})
+    )
     (tmp_path / "b.txt").write_text("circle, round thing\nhexagon\n")
-    specs = [DatasetSpec(shards="x", vocab=str(tmp_path / "a.json")),
-             DatasetSpec(shards="y", vocab=str(tmp_path / "b.txt"))]
+    specs = [
+        DatasetSpec(shards="x", vocab=str(tmp_path / "a.json")),
+        DatasetSpec(shards="y", vocab=str(tmp_path / "b.txt")),
+    ]
     space = build_label_space(specs)
     assert list(space.vocab.class_names) == ["Star", "circle", "hexagon"]
     assert space.seen_classes == ["Star", "circle", "hexagon"]
@@ -118,10 +125,16 @@ def test_cotrain_rows_from_segmentation_shards(data_root, tmp_path):
 
 
 def test_image_level_rows_one_whole_image_box(data_root, tmp_path):
-    cfg = _config(data_root, tmp_path, datasets=[
-        DatasetSpec(shards=data_root["seg"], vocab=data_root["vocab"]),
-        DatasetSpec(shards=data_root["img"], kind="image", vocab=data_root["vocab"]),
-    ], lsj_range=(1.0, 1.0), flip_prob=0.0)
+    cfg = _config(
+        data_root,
+        tmp_path,
+        datasets=[
+            DatasetSpec(shards=data_root["seg"], vocab=data_root["vocab"]),
+            DatasetSpec(shards=data_root["img"], kind="image", vocab=data_root["vocab"]),
+        ],
+        lsj_range=(1.0, 1.0),
+        flip_prob=0.0,
+    )
     builder = sample_builder(cfg)
     item = {"item": 0, "dataset": 1, "shard": storage.join(data_root["img"], "in22k-000000.tar")}
     samples = [unpack_sample(r["sample"]) for r in builder(item)]
@@ -198,8 +211,7 @@ def test_cotrain_step_with_predicted_rois_keeps_the_mask_losses(data_root, tmp_p
     monkeypatch.setattr(functional, "predicted_rois", shift_all)  # OVSAM.decode calls it
     losses = {}
     for fraction in (0.0, 1.0):
-        cfg = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1,
-                      roi_from_prediction=fraction)
+        cfg = _config(data_root, tmp_path, num_prompts=4, num_points=64, min_mask_area=1, roi_from_prediction=fraction)
         with torch.no_grad():
             losses[fraction], _ = loop.CotrainTask(net=net, cfg=cfg, device=torch.device("cpu")).losses(samples, 0, 0)
     assert len(shifted) == 1 and shifted[0].all() and len(shifted[0]) == 8  # only when asked; every prompt

@@ -44,15 +44,18 @@ def test_local_distillation_reduces_the_loss(tmp_path):
     shards = str(tmp_path / "shards")
     generate_shards(shards, num_images=4, images_per_shard=4, seed=2, image_size=(64, 48))
     cfg = DistillConfig(
-        run=RunSpec(storage_path=str(tmp_path / "runs"), name="d", batch_size=2, max_steps=8, checkpoint_every=8,
-                    log_every=1),
-        datasets=[DatasetSpec(shards=shards)], model=ModelSpec(preset="ovsam_tiny", random_init=True),
+        run=RunSpec(
+            storage_path=str(tmp_path / "runs"), name="d", batch_size=2, max_steps=8, checkpoint_every=8, log_every=1
+        ),
+        datasets=[DatasetSpec(shards=shards)],
+        model=ModelSpec(preset="ovsam_tiny", random_init=True),
         optim=OptimConfig(lr=3e-3, schedule="constant", warmup_steps=0, grad_clip=1.0, base_batch_size=None),
         teacher="random_tiny",
     )
     losses = []
-    state, net = run_local("distill", cfg, distill_setup, DistillSamples(image_size=256),
-                           on_report=lambda m: losses.append(m["loss"]))
+    state, net = run_local(
+        "distill", cfg, distill_setup, DistillSamples(image_size=256), on_report=lambda m: losses.append(m["loss"])
+    )
     assert state.step == 8 and len(losses) == 8
     assert losses[-1] < losses[0]
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}

@@ -40,13 +40,24 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
         datasets=[DatasetSpec(shards=shards, vocab=str(vocab))],
         model=ModelSpec(preset="ovsam_tiny", random_init=True),
         optim=OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=1.0, base_batch_size=None),
-        num_prompts=4, num_points=64, learn_logit_scale=True, logit_scale=2.0, train_adapter=True,
+        num_prompts=4,
+        num_points=64,
+        learn_logit_scale=True,
+        logit_scale=2.0,
+        train_adapter=True,
     )
     state, net = run_local("cotrain", cfg, cotrain_setup, sample_builder(cfg))
     weights = str(root / "weights")
     written = export_checkpoint(cfg.run.run_url, weights)
-    return {"cfg": cfg, "state": state, "net": net, "weights": weights, "written": written, "shards": shards,
-            "root": root}
+    return {
+        "cfg": cfg,
+        "state": state,
+        "net": net,
+        "weights": weights,
+        "written": written,
+        "shards": shards,
+        "root": root,
+    }
 
 
 def test_local_run_checkpoints_and_exports_the_released_layout(trained):
@@ -54,8 +65,12 @@ def test_local_run_checkpoints_and_exports_the_released_layout(trained):
     found = latest_checkpoint(trained["cfg"].run.run_url)
     assert found is not None and found[1]["step"] == 2
     names = sorted(os.path.basename(p) for p in trained["written"].values())
-    assert names == ["clip2sam_shapes_tiny.pth", "clip_tiny.pth", "sam2clip_vith_tiny.pth",
-                     "sam_prompt_encoder_tiny.pth"]
+    assert names == [
+        "clip2sam_shapes_tiny.pth",
+        "clip_tiny.pth",
+        "sam2clip_vith_tiny.pth",
+        "sam_prompt_encoder_tiny.pth",
+    ]
     meta = torch.load(trained["written"]["clip2sam"], weights_only=True)["meta"]
     assert json.loads(meta["vocabulary"])["name"] == "shapes"
     assert meta["seen_classes"] == SHAPES[:6], "the trained classes, not the held-out ones"
@@ -75,8 +90,9 @@ def test_cli_export_writes_beside_a_users_files_and_never_into_the_run(trained, 
     assert main(["train", "export", "--run", run, "--output", os.path.join(run, "..", "local", "w")]) == 2
 
 
-def test_cli_export_never_replaces_a_users_weight_file_and_replaces_its_own_with_overwrite(trained, tmp_path,
-                                                                                          bystanders):
+def test_cli_export_never_replaces_a_users_weight_file_and_replaces_its_own_with_overwrite(
+    trained, tmp_path, bystanders
+):
     from ovsam_ray.cli import main
 
     run = trained["cfg"].run.run_url
@@ -102,13 +118,15 @@ def test_export_then_load_gives_the_in_memory_outputs(trained):
     for (k, a), (k2, b) in zip(net.model.state_dict().items(), loaded.model.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
 
-    cfg = ModelConfig(preset="ovsam_tiny", weights=trained["weights"], train_vocab="shapes",
-                      text_cache=str(trained["root"] / "text"))
+    cfg = ModelConfig(
+        preset="ovsam_tiny", weights=trained["weights"], train_vocab="shapes", text_cache=str(trained["root"] / "text")
+    )
     from_files, vocab, _ = build_predictor(cfg)
     assert list(vocab.class_names) == SHAPES
     assert vocab.seen == (True,) * 6 + (False,) * 2, "inference fuses the held-out classes with beta"
-    in_memory = OVSAMPredictor(net.model, OpenVocabClassifier(text_embeddings=net.text_embeddings,
-                                                              logit_scale=float(net.log_scale.detach())))
+    in_memory = OVSAMPredictor(
+        net.model, OpenVocabClassifier(text_embeddings=net.text_embeddings, logit_scale=float(net.log_scale.detach()))
+    )
     image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     prompts = ImagePrompts(boxes=np.array([[5, 5, 40, 30]], np.float32), points=np.array([[20, 20]], np.float32))
     a, b = in_memory([image], [prompts])[0], from_files([image], [prompts])[0]
@@ -129,8 +147,13 @@ def test_evaluate_weights_scores_every_held_out_object_with_the_seen_flags_of_th
     from ovsam_ray.evaluation.table1 import shard_metas
     from ovsam_ray.training.heldout import evaluate_weights
 
-    anns = [a for url in sorted(os.listdir(trained["shards"])) if url.endswith(".tar")
-            for meta in shard_metas(os.path.join(trained["shards"], url)).values() for a in meta["annotations"]]
+    anns = [
+        a
+        for url in sorted(os.listdir(trained["shards"]))
+        if url.endswith(".tar")
+        for meta in shard_metas(os.path.join(trained["shards"], url)).values()
+        for a in meta["annotations"]
+    ]
     held_out = sum(a["category_name"] in HELD_OUT for a in anns)
     out = evaluate_weights(trained["weights"], trained["shards"])
     assert out["counts"] == {"images": 4, "images_error": 0, "prompts_without_instance": 0}

@@ -23,14 +23,20 @@ CLASSES = ["circle", "square", "triangle"]
 @pytest.fixture()
 def shards(tmp_path) -> dict[str, str]:
     rng = np.random.default_rng(0)
-    boxes = [{"bbox": [4, 6, 20, 10], "category_name": "square", "iscrowd": 0},
-             {"bbox": [30, 20, 12, 16], "category_id": 2, "iscrowd": 0},
-             {"bbox": [1, 1, 0, 5], "category_name": "circle"}]  # zero width: dropped
-    box = [("b0.jpg", encode_image(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))),
-           ("b0.json", json.dumps({"annotations": boxes}).encode())]
+    boxes = [
+        {"bbox": [4, 6, 20, 10], "category_name": "square", "iscrowd": 0},
+        {"bbox": [30, 20, 12, 16], "category_id": 2, "iscrowd": 0},
+        {"bbox": [1, 1, 0, 5], "category_name": "circle"},
+    ]  # zero width: dropped
+    box = [
+        ("b0.jpg", encode_image(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))),
+        ("b0.json", json.dumps({"annotations": boxes}).encode()),
+    ]
     storage.atomic_write_bytes(str(tmp_path / "box-000000.tar"), tar_bytes(box))
-    wide = [("i0.jpg", encode_image(rng.integers(0, 255, (30, 90, 3), dtype=np.uint8))),
-            ("i0.json", json.dumps({"label": "triangle"}).encode())]
+    wide = [
+        ("i0.jpg", encode_image(rng.integers(0, 255, (30, 90, 3), dtype=np.uint8))),
+        ("i0.json", json.dumps({"label": "triangle"}).encode()),
+    ]
     storage.atomic_write_bytes(str(tmp_path / "img-000000.tar"), tar_bytes(wide))
     seg = tmp_path / "seg"
     from ovsam_ray.data.synthetic import generate_shards
@@ -38,17 +44,28 @@ def shards(tmp_path) -> dict[str, str]:
     generate_shards(str(seg), num_images=2, images_per_shard=2, seed=1, image_size=(64, 48))
     vocab = tmp_path / "classes.json"
     vocab.write_text(json.dumps(CLASSES))
-    return {"box": str(tmp_path / "box-000000.tar"), "img": str(tmp_path / "img-000000.tar"), "seg": str(seg),
-            "vocab": str(vocab)}
+    return {
+        "box": str(tmp_path / "box-000000.tar"),
+        "img": str(tmp_path / "img-000000.tar"),
+        "seg": str(seg),
+        "vocab": str(vocab),
+    }
 
 
 def _cfg(shards, tmp_path, **kw) -> CotrainConfig:
     return CotrainConfig(
         run=RunSpec(storage_path=str(tmp_path / "runs"), name="k"),
-        datasets=[DatasetSpec(shards=shards["seg"], vocab=shards["vocab"]),
-                  DatasetSpec(shards=shards["box"], kind="box", vocab=shards["vocab"]),
-                  DatasetSpec(shards=shards["img"], kind="image", vocab=shards["vocab"])],
-        model=ModelSpec(preset="ovsam_tiny", random_init=True), num_prompts=6, num_points=64, min_mask_area=1, **kw)
+        datasets=[
+            DatasetSpec(shards=shards["seg"], vocab=shards["vocab"]),
+            DatasetSpec(shards=shards["box"], kind="box", vocab=shards["vocab"]),
+            DatasetSpec(shards=shards["img"], kind="image", vocab=shards["vocab"]),
+        ],
+        model=ModelSpec(preset="ovsam_tiny", random_init=True),
+        num_prompts=6,
+        num_points=64,
+        min_mask_area=1,
+        **kw,
+    )
 
 
 def test_box_only_dataset_trains_box_prompts_and_classification_only(shards, tmp_path):

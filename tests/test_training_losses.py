@@ -74,8 +74,7 @@ def test_uncertain_points_prefer_the_boundary():
     xs = torch.linspace(0, 1, 64)
     logits = (xs[None, :].expand(64, 64) - 0.5)[None, None] * 20
     g = torch.Generator().manual_seed(0)
-    pts = uncertain_point_coords(logits, num_points=100, oversample_ratio=3.0, importance_sample_ratio=1.0,
-                                 generator=g)
+    pts = uncertain_point_coords(logits, num_points=100, oversample_ratio=3.0, importance_sample_ratio=1.0, generator=g)
     rnd = torch.rand(1, 100, 2, generator=g)
     assert pts.shape == (1, 100, 2) and pts.min() >= 0 and pts.max() <= 1
     assert (pts[..., 0] - 0.5).abs().mean() < (rnd[..., 0] - 0.5).abs().mean() / 2

@@ -75,8 +75,9 @@ def test_lsj_flip_moves_masks_with_pixels():
     image[:, :8] = 255  # a white band on the left
     masks = np.zeros((1, 32, 32), bool)
     masks[0, :, :8] = True
-    t = large_scale_jitter(image, masks, np.random.default_rng(0), size=32, ratio_range=(1.0, 1.0), flip_prob=1.0,
-                           min_mask_area=1)
+    t = large_scale_jitter(
+        image, masks, np.random.default_rng(0), size=32, ratio_range=(1.0, 1.0), flip_prob=1.0, min_mask_area=1
+    )
     assert t.masks[0, :, -8:].all() and not t.masks[0, :, :-8].any()
     assert (t.image[t.masks[0]] == 255).all()
 
@@ -85,4 +86,4 @@ def test_resize_and_pad_is_inference_geometry():
     image = np.random.default_rng(0).integers(0, 255, (30, 80, 3), dtype=np.uint8)
     t = resize_and_pad(image, size=64)
     assert t.input_hw == resized_shape(30, 80, 64) and t.image.shape == (64, 64, 3)
-    assert (t.image[t.input_hw[0]:] == 0).all()
+    assert (t.image[t.input_hw[0] :] == 0).all()

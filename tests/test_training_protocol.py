@@ -24,8 +24,13 @@ from ovsam_ray.vocabulary import load_vocabulary
 
 
 def _ann(name: str, cid: int, x0: int) -> dict:
-    return {"category_name": name, "category_id": cid, "iscrowd": 0, "bbox": [x0, 4, 16, 16],
-            "segmentation": [[x0, 4, x0 + 16, 4, x0 + 16, 20, x0, 20]]}
+    return {
+        "category_name": name,
+        "category_id": cid,
+        "iscrowd": 0,
+        "bbox": [x0, 4, 16, 16],
+        "segmentation": [[x0, 4, x0 + 16, 4, x0 + 16, 20, x0, 20]],
+    }
 
 
 @pytest.fixture()
@@ -38,18 +43,25 @@ def coco_shard(tmp_path) -> str:
     }
     members = []
     for key, anns in images.items():
-        members += [(f"{key}.jpg", encode_image(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))),
-                    (f"{key}.json", json.dumps({"annotations": anns}).encode())]
+        members += [
+            (f"{key}.jpg", encode_image(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))),
+            (f"{key}.json", json.dumps({"annotations": anns}).encode()),
+        ]
     url = str(tmp_path / "coco-000000.tar")
     storage.atomic_write_bytes(url, tar_bytes(members))
     return url
 
 
 def _rows(shard: str, tmp_path, split: str) -> list[tuple[str, dict]]:
-    cfg = CotrainConfig(run=RunSpec(storage_path=str(tmp_path), name="t"),
-                        datasets=[DatasetSpec(shards=shard, vocab="coco_ov", split=split)],
-                        model=ModelSpec(preset="ovsam_tiny", random_init=True), num_prompts=4,
-                        lsj_range=(1.0, 1.0), flip_prob=0.0, min_mask_area=1)
+    cfg = CotrainConfig(
+        run=RunSpec(storage_path=str(tmp_path), name="t"),
+        datasets=[DatasetSpec(shards=shard, vocab="coco_ov", split=split)],
+        model=ModelSpec(preset="ovsam_tiny", random_init=True),
+        num_prompts=4,
+        lsj_range=(1.0, 1.0),
+        flip_prob=0.0,
+        min_mask_area=1,
+    )
     item = {"item": 0, "dataset": 0, "shard": shard}
     return [(r["key"], unpack_sample(r["sample"])) for r in iter_local_rows([item], sample_builder(cfg))]
 

@@ -39,8 +39,19 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _run(storage: str, name: str, max_steps: int, **kw) -> RunSpec:
-    return RunSpec(storage_path=storage, name=name, num_workers=2, cpus_per_worker=0.5, data_cpus=0.5, batch_size=1,
-                   max_steps=max_steps, checkpoint_every=4, log_every=4, keep_checkpoints=20, **kw)
+    return RunSpec(
+        storage_path=storage,
+        name=name,
+        num_workers=2,
+        cpus_per_worker=0.5,
+        data_cpus=0.5,
+        batch_size=1,
+        max_steps=max_steps,
+        checkpoint_every=4,
+        log_every=4,
+        keep_checkpoints=20,
+        **kw,
+    )
 
 
 def _cotrain_config(shards: dict[str, str], storage: str, max_steps: int) -> CotrainConfig:
@@ -49,8 +60,13 @@ def _cotrain_config(shards: dict[str, str], storage: str, max_steps: int) -> Cot
         datasets=[DatasetSpec(shards=shards["shards"], vocab=shards["vocab"])],
         model=ModelSpec(preset="ovsam_tiny", random_init=True),
         optim=OptimConfig(lr=2e-3, schedule="constant", warmup_steps=0, grad_clip=1.0, base_batch_size=None),
-        num_prompts=8, num_points=256, lsj_range=(0.9, 1.1), min_mask_area=4, logit_scale=2.3,
-        learn_logit_scale=True, train_adapter=True,
+        num_prompts=8,
+        num_points=256,
+        lsj_range=(0.9, 1.1),
+        min_mask_area=4,
+        logit_scale=2.3,
+        learn_logit_scale=True,
+        train_adapter=True,
     )
 
 

@@ -20,8 +20,9 @@ NAMES = shape_vocabulary_names()
 
 def test_grid_batch_labels_every_crop_with_the_shape_its_caption_names() -> None:
     pool = render_crop_pool(48, seed=0, class_names=NAMES, size=32)
-    images, captions, kinds = grid_batch(pool, np.random.default_rng(0), class_names=NAMES, colours_per_batch=2,
-                                         templates=load_templates())
+    images, captions, kinds = grid_batch(
+        pool, np.random.default_rng(0), class_names=NAMES, colours_per_batch=2, templates=load_templates()
+    )
     assert images.shape == (2 * len(NAMES), 32, 32, 3) and len(captions) == len(kinds) == 2 * len(NAMES)
     assert sorted(kinds.tolist()) == sorted(list(range(len(NAMES))) * 2)
     for caption, k in zip(captions, kinds):
@@ -31,8 +32,15 @@ def test_grid_batch_labels_every_crop_with_the_shape_its_caption_names() -> None
 def _pretrained(shape_loss_weight: float) -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)
     clip = create_clip_model("ovsam_tiny")
-    result = pretrain_clip(clip, clip_tokenizer("ovsam_tiny"), class_names=NAMES, steps=4, pool_size=24, seed=0,
-                           shape_loss_weight=shape_loss_weight)
+    result = pretrain_clip(
+        clip,
+        clip_tokenizer("ovsam_tiny"),
+        class_names=NAMES,
+        steps=4,
+        pool_size=24,
+        seed=0,
+        shape_loss_weight=shape_loss_weight,
+    )
     return clip, result
 
 
@@ -56,8 +64,9 @@ def test_scene_batch_boxes_are_the_objects_mask_boxes_in_model_input_pixels() ->
     from ovsam_ray.data.synthetic import render_image
     from ovsam_ray.training.clip_pretrain import render_scene_batch
 
-    batch = render_scene_batch(np.random.default_rng(3), 3, class_names=NAMES, image_size=128,
-                               scene_sizes=((96, 64), (160, 120)))
+    batch = render_scene_batch(
+        np.random.default_rng(3), 3, class_names=NAMES, image_size=128, scene_sizes=((96, 64), (160, 120))
+    )
     assert batch.images.shape == (3, 3, 128, 128)
     assert len(batch.boxes) == len(batch.image_index) == len(batch.kinds) > 0
     assert sorted(set(batch.image_index.tolist())) == [0, 1, 2]
@@ -82,8 +91,16 @@ def test_scene_stage_trains_the_tower_on_whole_scenes_and_refreshes_batchnorm() 
     torch.manual_seed(0)
     clip = create_clip_model("ovsam_tiny")
     before = {k: v.clone() for k, v in clip.visual.state_dict().items()}
-    result = pretrain_clip_regions(clip, clip_tokenizer("ovsam_tiny"), class_names=NAMES, steps=3, image_size=128,
-                                   scene_sizes=((96, 64), (128, 96)), batch_size=2, seed=0)
+    result = pretrain_clip_regions(
+        clip,
+        clip_tokenizer("ovsam_tiny"),
+        class_names=NAMES,
+        steps=3,
+        image_size=128,
+        scene_sizes=((96, 64), (128, 96)),
+        batch_size=2,
+        seed=0,
+    )
     assert result.steps == 3 and np.isfinite(result.last_loss)
     after = clip.visual.state_dict()
     assert not torch.equal(after["attnpool.c_proj.weight"], before["attnpool.c_proj.weight"])  # the CLIP branch head
@@ -100,9 +117,21 @@ def test_tiny_recipe_end_to_end_at_toy_sizes_exports_weights_the_label_job_loads
     from ovsam_ray.model.predictor import ImagePrompts
     from ovsam_ray.training.tiny_recipe import TinyRecipe, run_tiny_recipe
 
-    recipe = TinyRecipe(train_images=4, images_per_shard=4, image_size=((96, 72), (128, 96)), stage0_steps=2,
-                        stage0_pool=64, stage0_colours=2, stage0_scene_steps=2, stage0_scene_batch=2,
-                        cotrain_steps=2, batch_size=2, num_prompts=2, num_points=64, warmup_steps=1)
+    recipe = TinyRecipe(
+        train_images=4,
+        images_per_shard=4,
+        image_size=((96, 72), (128, 96)),
+        stage0_steps=2,
+        stage0_pool=64,
+        stage0_colours=2,
+        stage0_scene_steps=2,
+        stage0_scene_batch=2,
+        cotrain_steps=2,
+        batch_size=2,
+        num_prompts=2,
+        num_points=64,
+        warmup_steps=1,
+    )
     weights = run_tiny_recipe(str(tmp_path), seed=3, recipe=recipe)
     (checkpoint,) = (tmp_path / "runs" / "tiny-cotrain-seed3").glob("checkpoint_*")
     with open(checkpoint / "config.json") as f:
@@ -113,8 +142,9 @@ def test_tiny_recipe_end_to_end_at_toy_sizes_exports_weights_the_label_job_loads
     from ovsam_ray.training.tiny_recipe import HELD_OUT
 
     assert len(HELD_OUT) == 2 and set(HELD_OUT) < set(NAMES)
-    assert [n for n, s in zip(vocab.class_names, vocab.seen) if not s] == list(HELD_OUT), \
+    assert [n for n, s in zip(vocab.class_names, vocab.seen) if not s] == list(HELD_OUT), (
         "the held-out shapes are unseen: co-training never trains them, inference fuses them with beta"
+    )
     image = np.random.default_rng(0).integers(0, 255, (72, 96, 3), dtype=np.uint8)
     out = predictor([image], [ImagePrompts(boxes=np.array([[4, 4, 50, 40]], np.float32))])[0]
     assert out.labels.shape == (1,) and 0 <= int(out.labels[0]) < len(NAMES)

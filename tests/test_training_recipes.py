@@ -81,14 +81,16 @@ _COTRAIN = [
     ("model.preset", "ovsam_rn50x16", f"{C2S_COCO}:40"),
 ]
 COTRAIN = {
-    "clip2sam_coco_rn50x16": _COTRAIN + [
+    "clip2sam_coco_rn50x16": _COTRAIN
+    + [
         ("train_vocab", "coco_ov", f"{C2S_COCO}:81 (RN50x16_CocoOVDataset)"),
         ("lsj_range", (0.9, 2.0), f"{COCO}:34"),
         ("flip_prob", 0.5, f"{COCO}:29"),
         ("min_mask_area", 32, f"{COCO}:46"),
         ("run.batch_size", 2, f"{COCO}:52"),
     ],
-    "clip2sam_lvis_rn50x16": _COTRAIN + [
+    "clip2sam_lvis_rn50x16": _COTRAIN
+    + [
         ("train_vocab", "lvis_v1", f"{C2S_LVIS}:81 (RN50x16_LVISV1Dataset)"),
         ("lsj_range", (0.1, 2.0), f"{LVIS}:33"),
         ("flip_prob", 0.5, f"{LVIS}:28"),
@@ -97,7 +99,8 @@ COTRAIN = {
     ],
 }
 TABLE = [("sam2clip_vith_rn50x16", *row) for row in DISTILL] + [
-    (name, *row) for name, rows in COTRAIN.items() for row in rows]
+    (name, *row) for name, rows in COTRAIN.items() for row in rows
+]
 
 
 def _value(cfg, path: str):
@@ -113,8 +116,9 @@ def _value(cfg, path: str):
 def test_recipe_equals_the_reference(recipe, path, expected, where):
     stage = get_recipe(recipe).stage
     extra = {"teacher_checkpoint": "sam_vit_h.pth"} if stage == "distill" else {}
-    cfg = build_config(stage, recipe=recipe, datasets=[DatasetSpec(shards="s")],
-                       run={"storage_path": "/tmp/r", "name": "n"}, **extra)
+    cfg = build_config(
+        stage, recipe=recipe, datasets=[DatasetSpec(shards="s")], run={"storage_path": "/tmp/r", "name": "n"}, **extra
+    )
     value = _value(cfg, path)
     if isinstance(expected, tuple):
         assert value == pytest.approx(expected), f"{recipe} {path}: reference {where}"
@@ -156,8 +160,15 @@ def test_frozen_parts_and_weight_decay_exemptions_follow_the_reference():
     assert not any("output_upscaling" in n for n in exempt), "SAM's LayerNorm2d decays in the reference"
     biases = [n for n, p in cotrain.named_parameters() if p.requires_grad and n.endswith(".bias")]
     assert any(n not in exempt for n in biases), "biases decay in the reference"
-    opt = build_optimizer(cotrain, build_config("cotrain", recipe=recipe.name, datasets=[DatasetSpec(shards="s")],
-                                                run={"storage_path": "/tmp/r", "name": "n"}).optim)
+    opt = build_optimizer(
+        cotrain,
+        build_config(
+            "cotrain",
+            recipe=recipe.name,
+            datasets=[DatasetSpec(shards="s")],
+            run={"storage_path": "/tmp/r", "name": "n"},
+        ).optim,
+    )
     assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.05}
     assert all(g["eps"] == 1e-8 and g["betas"] == (0.9, 0.999) for g in opt.param_groups)
 
@@ -168,22 +179,40 @@ def test_epochs_become_steps_and_the_lr_scales_with_the_global_batch(tmp_path):
     (tmp_path / "_convert.json").write_text(json.dumps({"shards": 4, "images": 4000}))
     ds = DatasetSpec(shards=str(tmp_path / "shard-{000000..000001}.tar"))
     assert dataset_images(ds) == 2000, "counted for the shards listed"
-    cfg = build_config("cotrain", recipe="clip2sam_coco_rn50x16", datasets=[ds],
-                       run={"storage_path": "/tmp/r", "name": "n", "num_workers": 2})
+    cfg = build_config(
+        "cotrain",
+        recipe="clip2sam_coco_rn50x16",
+        datasets=[ds],
+        run={"storage_path": "/tmp/r", "name": "n", "num_workers": 2},
+    )
     resolved = resolve_steps(cfg)
     assert resolved.run.max_steps == 12 * 500 and resolved.epoch_images == 2000  # 2 workers x 2 images
     assert cfg.optim.scaled_lr(resolved.run.global_batch) == pytest.approx(1e-4 * 4 / 16)
-    given = build_config("cotrain", recipe="clip2sam_coco_rn50x16", datasets=[ds], epoch_images=107761,
-                         run={"storage_path": "/tmp/r", "name": "n"})
+    given = build_config(
+        "cotrain",
+        recipe="clip2sam_coco_rn50x16",
+        datasets=[ds],
+        epoch_images=107761,
+        run={"storage_path": "/tmp/r", "name": "n"},
+    )
     assert resolve_steps(given).run.max_steps == 12 * 6736  # ceil(107761 / 16): ~80k, as the reference
-    explicit = build_config("cotrain", recipe="clip2sam_coco_rn50x16", datasets=[ds],
-                            run={"storage_path": "/tmp/r", "name": "n", "max_steps": 7})
+    explicit = build_config(
+        "cotrain",
+        recipe="clip2sam_coco_rn50x16",
+        datasets=[ds],
+        run={"storage_path": "/tmp/r", "name": "n", "max_steps": 7},
+    )
     assert resolve_steps(explicit).run.max_steps == 7
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "s-000000.tar").write_bytes(b"")  # no _convert.json beside it
     with pytest.raises(ValueError, match="--epoch-images"):
-        resolve_steps(build_config("cotrain", datasets=[DatasetSpec(shards=str(tmp_path / "bare"))],
-                                   run={"storage_path": "/tmp/r", "name": "n"}))
+        resolve_steps(
+            build_config(
+                "cotrain",
+                datasets=[DatasetSpec(shards=str(tmp_path / "bare"))],
+                run={"storage_path": "/tmp/r", "name": "n"},
+            )
+        )
 
 
 def test_an_epoch_counts_only_the_images_that_keep_a_trained_class(tmp_path, caplog):
@@ -205,8 +234,17 @@ def test_an_epoch_counts_only_the_images_that_keep_a_trained_class(tmp_path, cap
         (tmp_path / "images" / name).write_bytes(encode_image(np.zeros((8, 8, 3), np.uint8), "png"))
         images.append({"id": image_id, "file_name": name, "width": 8, "height": 8})
         for cat, crowd in objs:
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "iscrowd": crowd,
-                         "bbox": [1, 1, 4, 4], "area": 16.0, "segmentation": [[1, 1, 5, 1, 5, 5, 1, 5]]})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "iscrowd": crowd,
+                    "bbox": [1, 1, 4, 4],
+                    "area": 16.0,
+                    "segmentation": [[1, 1, 5, 1, 5, 5, 1, 5]],
+                }
+            )
     (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     out = str(tmp_path / "shards")
     convert_coco(str(tmp_path / "ann.json"), str(tmp_path / "images"), out, images_per_shard=2)
@@ -224,8 +262,12 @@ def test_an_epoch_counts_only_the_images_that_keep_a_trained_class(tmp_path, cap
         assert count("base") == 6, "shards converted before the file existed: every image, with a warning"
     assert "reconvert or pass --epoch-images" in caplog.text
     os.rename(str(tmp_path / "moved.parquet"), os.path.join(out, "_image_classes.parquet"))
-    cfg = build_config("cotrain", recipe="clip2sam_coco_rn50x16", datasets=[DatasetSpec(shards=out, vocab="coco_ov")],
-                       run={"storage_path": "/tmp/r", "name": "n", "num_workers": 1, "batch_size": 1})
+    cfg = build_config(
+        "cotrain",
+        recipe="clip2sam_coco_rn50x16",
+        datasets=[DatasetSpec(shards=out, vocab="coco_ov")],
+        run={"storage_path": "/tmp/r", "name": "n", "num_workers": 1, "batch_size": 1},
+    )
     resolved = resolve_steps(cfg)
     assert resolved.epoch_images == 2 and resolved.run.max_steps == 12 * 2
 
@@ -237,11 +279,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def test_flags_override_the_recipe_and_print_config_shows_the_resolved_config(capsys):
-    args = _parser().parse_args([
-        "train", "cotrain", "--recipe", "clip2sam_lvis_rn50x16", "--storage-path", "/tmp/r", "--name", "n",
-        "--dataset", "s3://b/lvis/|vocab=lvis_v1", "--lsj-range", "0.5", "2.0", "--num-workers", "4",
-        "--grad-clip", "none", "--epoch-images", "1600", "--print-config",
-    ])
+    args = _parser().parse_args(
+        [
+            "train",
+            "cotrain",
+            "--recipe",
+            "clip2sam_lvis_rn50x16",
+            "--storage-path",
+            "/tmp/r",
+            "--name",
+            "n",
+            "--dataset",
+            "s3://b/lvis/|vocab=lvis_v1",
+            "--lsj-range",
+            "0.5",
+            "2.0",
+            "--num-workers",
+            "4",
+            "--grad-clip",
+            "none",
+            "--epoch-images",
+            "1600",
+            "--print-config",
+        ]
+    )
     cfg = cotrain_config_from_args(args)
     assert cfg.lsj_range == (0.5, 2.0) and cfg.run.num_workers == 4 and cfg.optim.grad_clip is None
     assert cfg.num_prompts == 40 and cfg.train_vocab == "lvis_v1", "the rest is the recipe's"
@@ -249,12 +310,40 @@ def test_flags_override_the_recipe_and_print_config_shows_the_resolved_config(ca
     printed = json.loads(capsys.readouterr().out)
     assert printed["config"]["run"]["max_steps"] == 12 * 1600 // 8 and printed["derived"]["global_batch"] == 8
     assert printed["derived"]["lr"] == pytest.approx(1e-4 * 8 / 16)
-    args = _parser().parse_args(["train", "distill", "--recipe", "sam2clip_vith_rn50x16", "--storage-path", "/r",
-                                 "--name", "n", "--dataset", "s", "--teacher-checkpoint", "t.pth", "--epochs", "6"])
+    args = _parser().parse_args(
+        [
+            "train",
+            "distill",
+            "--recipe",
+            "sam2clip_vith_rn50x16",
+            "--storage-path",
+            "/r",
+            "--name",
+            "n",
+            "--dataset",
+            "s",
+            "--teacher-checkpoint",
+            "t.pth",
+            "--epochs",
+            "6",
+        ]
+    )
     cfg = distill_config_from_args(args)
     assert cfg.epochs == 6 and cfg.optim.grad_clip == 5.0 and cfg.optim.min_lr_factor == 0.01
     with pytest.raises(SystemExit):
-        _parser().parse_args(["train", "distill", "--recipe", "clip2sam_coco_rn50x16", "--storage-path", "/r",
-                              "--name", "n", "--dataset", "s"])
+        _parser().parse_args(
+            [
+                "train",
+                "distill",
+                "--recipe",
+                "clip2sam_coco_rn50x16",
+                "--storage-path",
+                "/r",
+                "--name",
+                "n",
+                "--dataset",
+                "s",
+            ]
+        )
     with pytest.raises(ValueError, match="known"):
         get_recipe("nope")

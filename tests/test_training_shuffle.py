@@ -39,9 +39,13 @@ def sorted_shards(tmp_path_factory) -> dict[str, str]:
 def _labels(data, tmp_path, *, seed=0, shards=8, buffer=64, start=0) -> list[tuple[int, int]]:
     cfg = CotrainConfig(
         run=RunSpec(storage_path=str(tmp_path), name="t", seed=seed, shuffle_shards=shards, shuffle_buffer=buffer),
-        datasets=[DatasetSpec(shards=data["shards"], kind="image", vocab=data["vocab"]),
-                  DatasetSpec(shards=data["shards"], kind="segmentation", vocab=data["vocab"], ratio=1e-9)],
-        model=ModelSpec(preset="ovsam_tiny", random_init=True), flip_prob=0.0)
+        datasets=[
+            DatasetSpec(shards=data["shards"], kind="image", vocab=data["vocab"]),
+            DatasetSpec(shards=data["shards"], kind="segmentation", vocab=data["vocab"], ratio=1e-9),
+        ],
+        model=ModelSpec(preset="ovsam_tiny", random_init=True),
+        flip_prob=0.0,
+    )
     items = dataset_items(cfg.datasets[:1], epochs=2, seed=seed, shards_per_item=shards)
     builder = sample_builder(cfg)
     return [(r["item"], int(unpack_sample(r["sample"])["labels"][0])) for r in iter_local_rows(items[start:], builder)]

@@ -19,8 +19,54 @@ from ovsam_ray.vocabulary import BUILTIN_VOCABULARIES, Vocabulary, load_template
 
 # The reference OV-SAM COCO 48/17 split (contiguous ids), ext/class_names/coco_4817_ids.py.
 COCO_BASE_IDS = {
-    0, 1, 2, 3, 7, 8, 13, 14, 17, 18, 22, 23, 24, 26, 30, 33, 37, 39, 44, 45, 46, 47, 49, 50, 51, 53,
-    54, 56, 59, 62, 63, 65, 68, 69, 72, 73, 74, 75, 79, 6, 21, 28, 29, 42, 48, 61, 64, 70,
+    0,
+    1,
+    2,
+    3,
+    7,
+    8,
+    13,
+    14,
+    17,
+    18,
+    22,
+    23,
+    24,
+    26,
+    30,
+    33,
+    37,
+    39,
+    44,
+    45,
+    46,
+    47,
+    49,
+    50,
+    51,
+    53,
+    54,
+    56,
+    59,
+    62,
+    63,
+    65,
+    68,
+    69,
+    72,
+    73,
+    74,
+    75,
+    79,
+    6,
+    21,
+    28,
+    29,
+    42,
+    48,
+    61,
+    64,
+    70,
 }
 COCO_NOVEL_IDS = {5, 16, 19, 20, 25, 27, 36, 41, 43, 55, 57, 66, 71, 76, 4, 15, 31}
 
@@ -101,12 +147,7 @@ def test_unknown_spec_lists_builtins():
 def test_txt_vocabulary(tmp_path):
     path = tmp_path / "kitchen.txt"
     path.write_text(
-        "\ufeff# my classes\n"
-        "\n"
-        "cup, mug ,teacup\n"
-        "  kettle   # an inline comment\n"
-        "fork,fork, table fork\n"
-        "   \n",
+        "\ufeff# my classes\n\ncup, mug ,teacup\n  kettle   # an inline comment\nfork,fork, table fork\n   \n",
         encoding="utf-8",
     )
     vocab = load_vocabulary(str(path))
@@ -261,7 +302,11 @@ def test_vocabulary_json_round_trip():
     vocab = tiny_vocab()
     data = json.loads(vocab.to_json())
     assert data["sha256"] == vocab.sha256 and data["classes"][1] == {
-        "id": 2, "name": "dog", "synonyms": ["dog"], "seen": False, "excluded": False,
+        "id": 2,
+        "name": "dog",
+        "synonyms": ["dog"],
+        "seen": False,
+        "excluded": False,
     }
     assert Vocabulary.from_json(vocab.to_json()) == vocab
     assert Vocabulary.from_json(data) == vocab
@@ -464,14 +509,20 @@ def test_training_and_inference_embed_a_vocabulary_with_one_function(tmp_path):
     clip_file = tmp_path / "clip_tiny.pth"
     torch.save(clip.state_dict(), clip_file)
     vocab, root = tiny_vocab(seen=(True, True)), tmp_path / "text"
-    cfg = SimpleNamespace(model=SimpleNamespace(preset="ovsam_tiny"), run=SimpleNamespace(s3_endpoint=None),
-                          text_cache=str(root))
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(preset="ovsam_tiny"), run=SimpleNamespace(s3_endpoint=None), text_cache=str(root)
+    )
     trained = text_embeddings_for(SimpleNamespace(vocab=vocab), clip, cfg, {"clip": str(clip_file)})
     assert trained.shape == (2, 2, 64) and len(os.listdir(root)) == 1
 
-    loaded = LoadedModel("ovsam_tiny", nn.Identity(), FailingClip(), False,
-                         files={"clip": {"path": str(clip_file), "sha256": file_sha256(str(clip_file))}},
-                         meta={"vocabulary": vocab.to_json(), "seen_classes": ["cat", "dog"]})
+    loaded = LoadedModel(
+        "ovsam_tiny",
+        nn.Identity(),
+        FailingClip(),
+        False,
+        files={"clip": {"path": str(clip_file), "sha256": file_sha256(str(clip_file))}},
+        meta={"vocabulary": vocab.to_json(), "seen_classes": ["cat", "dog"]},
+    )
     text, resolved = vocabulary_text(ModelConfig(preset="ovsam_tiny", random_init=True, text_cache=str(root)), loaded)
     assert resolved.sha256 == vocab.sha256
     torch.testing.assert_close(text, trained)

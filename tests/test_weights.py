@@ -132,8 +132,11 @@ def rn50_small_files(layout, tmp_path_factory):
     os.symlink(paths["clip"], mm / names["clip"][0])  # clip_rn50.pth
     sam_full = {**parts["sam"], "mask_decoder.iou_token.weight": torch.ones(1, 256), **UNRELATED}
     for name, sd in (("sam", sam_full), ("sam2clip", parts["sam2clip"]), ("clip2sam", parts["clip2sam"])):
-        payload = {"state_dict": {**sd, **UNRELATED}, "meta": {"epoch": 12, "note": "mmengine"},
-                   "optimizer": {"param_groups": [{"lr": 1e-4}]}}
+        payload = {
+            "state_dict": {**sd, **UNRELATED},
+            "meta": {"epoch": 12, "note": "mmengine"},
+            "optimizer": {"param_groups": [{"lr": 1e-4}]},
+        }
         torch.save(payload, mm / names[name][0])
 
     expected = {}
@@ -156,8 +159,9 @@ def _assert_state_equal(model: nn.Module, expected: dict[str, torch.Tensor]) -> 
 
 def test_rn50_small_loads_released_layout_bare_files(rn50_small_files) -> None:
     paths, _, expected = rn50_small_files
-    loaded = load_ovsam("ovsam_rn50_small", sam=paths["sam"], clip=paths["clip"], sam2clip=paths["sam2clip"],
-                        clip2sam=paths["clip2sam"])
+    loaded = load_ovsam(
+        "ovsam_rn50_small", sam=paths["sam"], clip=paths["clip"], sam2clip=paths["sam2clip"], clip2sam=paths["clip2sam"]
+    )
     assert not loaded.random_init
     assert set(loaded.files) == {"sam", "clip", "sam2clip", "clip2sam"}
     assert all(len(f["sha256"]) == 64 for f in loaded.files.values())
@@ -170,7 +174,9 @@ def test_rn50_small_loads_mmengine_files_from_a_weights_dir(rn50_small_files) ->
     _, directory, expected = rn50_small_files
     resolved = resolve_weights_dir(directory, "ovsam_rn50_small")
     assert {k: os.path.basename(v) for k, v in resolved.items()} == {
-        "sam": "sam_vit_h_4b8939.pth", "clip": "clip_rn50.pth", "sam2clip": "sam2clip_vith_rn50.pth",
+        "sam": "sam_vit_h_4b8939.pth",
+        "clip": "clip_rn50.pth",
+        "sam2clip": "sam2clip_vith_rn50.pth",
         "clip2sam": "clip2sam_coco_rn50.pth",
     }
     loaded = load_ovsam("ovsam_rn50_small", weights=directory)
@@ -192,8 +198,9 @@ def tiny_export(tmp_path_factory):
             p.add_(0.01 * torch.randn_like(p))
         model.adapter.pos_embed.normal_()
     directory = tmp_path_factory.mktemp("tiny_export")
-    written = export_released(model, str(directory), "ovsam_tiny", train_vocab="shapes",
-                              meta={"step": 7, "vocabulary": None}, clip_model=clip)
+    written = export_released(
+        model, str(directory), "ovsam_tiny", train_vocab="shapes", meta={"step": 7, "vocabulary": None}, clip_model=clip
+    )
     return model, str(directory), written
 
 
@@ -212,8 +219,10 @@ def _tiny_inputs() -> tuple[torch.Tensor, PromptBatch]:
 def test_export_released_writes_the_standard_names(tiny_export) -> None:
     _, directory, written = tiny_export
     assert {k: os.path.basename(v) for k, v in written.items()} == {
-        "sam2clip": "sam2clip_vith_tiny.pth", "clip2sam": "clip2sam_shapes_tiny.pth",
-        "sam": "sam_prompt_encoder_tiny.pth", "clip": "clip_tiny.pth",
+        "sam2clip": "sam2clip_vith_tiny.pth",
+        "clip2sam": "clip2sam_shapes_tiny.pth",
+        "sam": "sam_prompt_encoder_tiny.pth",
+        "clip": "clip_tiny.pth",
     }
     f = read_weights(written["sam2clip"])
     assert all(k.startswith("neck_student.") for k in f.state_dict)
@@ -313,19 +322,28 @@ def test_missing_file_in_weights_dir(tiny_export, tmp_path) -> None:
 def test_explicit_file_overrides_the_weights_dir(tiny_export, tmp_path) -> None:
     d = _copy_dir(tiny_export[1], tmp_path / "w")
     _edit(d / "sam2clip_vith_tiny.pth", lambda sd: sd["neck_student.level_encoding.weight"].fill_(3.0))
-    loaded = load_ovsam("ovsam_tiny", weights=tiny_export[1], sam2clip=str(d / "sam2clip_vith_tiny.pth"),
-                        train_vocab="shapes")
+    loaded = load_ovsam(
+        "ovsam_tiny", weights=tiny_export[1], sam2clip=str(d / "sam2clip_vith_tiny.pth"), train_vocab="shapes"
+    )
     assert torch.equal(loaded.model.adapter.level_encoding.weight, torch.full((4, 64), 3.0))
 
 
 def test_resolve_weights_dir_prefers_the_first_standard_name(tmp_path) -> None:
-    for name in ("sam_prompt_encoder_tiny.pth", "sam_vit_h_4b8939.pth", "clip_tiny.pth", "sam2clip_vith_tiny.pth",
-                 "clip2sam_lvis_tiny.pth", "unrelated.txt"):
+    for name in (
+        "sam_prompt_encoder_tiny.pth",
+        "sam_vit_h_4b8939.pth",
+        "clip_tiny.pth",
+        "sam2clip_vith_tiny.pth",
+        "clip2sam_lvis_tiny.pth",
+        "unrelated.txt",
+    ):
         (tmp_path / name).write_bytes(b"")
     found = resolve_weights_dir(str(tmp_path), "ovsam_tiny", train_vocab="lvis")
     assert found == {
-        "sam": f"{tmp_path}/sam_vit_h_4b8939.pth", "clip": f"{tmp_path}/clip_tiny.pth",
-        "sam2clip": f"{tmp_path}/sam2clip_vith_tiny.pth", "clip2sam": f"{tmp_path}/clip2sam_lvis_tiny.pth",
+        "sam": f"{tmp_path}/sam_vit_h_4b8939.pth",
+        "clip": f"{tmp_path}/clip_tiny.pth",
+        "sam2clip": f"{tmp_path}/sam2clip_vith_tiny.pth",
+        "clip2sam": f"{tmp_path}/clip2sam_lvis_tiny.pth",
     }
     assert standard_file_names("ovsam_rn50x16")["clip"][:2] == ["clip_rn50x16.pth", "RN50x16.pth"]
 
@@ -400,8 +418,10 @@ def test_sam_vit_h_mask_decoder_converts_to_the_first_mask_token_without_iou() -
     assert torch.equal(converted["decoder.mask_tokens.weight"][0], sam["mask_decoder.mask_tokens.weight"][0])
     for k, v in converted.items():
         assert v.shape == ours[k.removeprefix("decoder.")].shape, k
-    assert torch.equal(converted["decoder.output_hypernetworks_mlps.0.layers.0.weight"],
-                       sam["mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"])
+    assert torch.equal(
+        converted["decoder.output_hypernetworks_mlps.0.layers.0.weight"],
+        sam["mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"],
+    )
 
 
 def test_sam_decoder_init_loads_strictly_into_the_model() -> None:
@@ -411,13 +431,14 @@ def test_sam_decoder_init_loads_strictly_into_the_model() -> None:
     sam = _fake_sam_state(64, 256, 4)  # the tiny decoder's dims
     load_part(model, WeightsFile(path="sam_vit_tiny.pth", state_dict=sam), SAM_DECODER_INIT)
     assert torch.equal(model.decoder.mask_tokens.weight, sam["mask_decoder.mask_tokens.weight"][:1])
-    assert torch.equal(model.decoder.transformer.layers[0].self_attn.q_proj.weight,
-                       sam["mask_decoder.transformer.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(
+        model.decoder.transformer.layers[0].self_attn.q_proj.weight,
+        sam["mask_decoder.transformer.layers.0.self_attn.q_proj.weight"],
+    )
     assert torch.equal(model.decoder.label_token.weight, label_token)  # not part of SAM: untouched
     sam.pop("mask_decoder.transformer.final_attn_token_to_image.out_proj.bias")
     with pytest.raises(WeightsError, match="mask_decoder.transformer.final_attn_token_to_image.out_proj.bias"):
         load_part(model, WeightsFile(path="sam_vit_tiny.pth", state_dict=sam), SAM_DECODER_INIT)
-
 
 
 # ------------------------------------------------------------------ one resolver and loader for every stack
@@ -427,7 +448,8 @@ def test_find_files_takes_the_first_candidate_present_and_globs(tmp_path) -> Non
     for name in ("b.pth", "clip2sam_lvis_tiny.pth", "clip2sam_coco_tiny.pth", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     found = weights_module.find_files(
-        str(tmp_path) + "/", {"x": ["a.pth", "b.pth"], "c2s": ["clip2sam_*.pth"], "none": ["z.pth"]})
+        str(tmp_path) + "/", {"x": ["a.pth", "b.pth"], "c2s": ["clip2sam_*.pth"], "none": ["z.pth"]}
+    )
     assert found == {"x": f"{tmp_path}/b.pth", "c2s": f"{tmp_path}/clip2sam_coco_tiny.pth"}  # sorted: coco first
     assert weights_module.find_files(str(tmp_path / "absent"), {"x": ["b.pth"]}) == {}
 

@@ -42,8 +42,12 @@ def test_pins_are_exact_versions():
 
 
 def test_bad_arguments_exit_2_with_the_usage(tmp_path):
-    for args in (["download"], ["fetch", str(tmp_path)], ["download", "--dry-run"],
-                 ["download", str(tmp_path), "--bogus"]):
+    for args in (
+        ["download"],
+        ["fetch", str(tmp_path)],
+        ["download", "--dry-run"],
+        ["download", str(tmp_path), "--bogus"],
+    ):
         proc = _run(*args)
         assert proc.returncode == 2 and "usage: dev/wheelhouse.sh" in proc.stderr, args
     proc = _run("install", str(tmp_path / "missing"))

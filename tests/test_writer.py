@@ -40,26 +40,62 @@ def _rows(shard: str = "shard-000000") -> list[dict]:
     mask = np.zeros((5, 6), bool)
     mask[1:3, 1:4] = True
     return [
-        {"key": "a", "shard": shard, "image_id": 7, "width": 6, "height": 5, "status": "ok", "error": None,
-         "instances": [
-             _instance("box", mask, detector_score=np.float32(0.9), detector_label="ball",
-                       embedding=np.arange(8, dtype=np.float16)),
-             _instance("point", mask, detector_score=float("nan")),
-         ]},
+        {
+            "key": "a",
+            "shard": shard,
+            "image_id": 7,
+            "width": 6,
+            "height": 5,
+            "status": "ok",
+            "error": None,
+            "instances": [
+                _instance(
+                    "box",
+                    mask,
+                    detector_score=np.float32(0.9),
+                    detector_label="ball",
+                    embedding=np.arange(8, dtype=np.float16),
+                ),
+                _instance("point", mask, detector_score=float("nan")),
+            ],
+        },
         {"key": "b", "shard": shard, "status": "error", "error": "truncated or corrupt image"},
         {"key": "c", "shard": shard, "width": 6, "height": 5, "status": "ok", "instances": []},
     ]
 
 
 def test_schema_matches_design():
-    assert OUTPUT_SCHEMA.names == ["key", "shard", "image_id", "width", "height", "status", "error", "instances",
-                                   "warnings"]
+    assert OUTPUT_SCHEMA.names == [
+        "key",
+        "shard",
+        "image_id",
+        "width",
+        "height",
+        "status",
+        "error",
+        "instances",
+        "warnings",
+    ]
     assert OUTPUT_SCHEMA.field("warnings").type == pa.list_(pa.string()) and OUTPUT_SCHEMA.field("warnings").nullable
     assert OUTPUT_SCHEMA.metadata[b"ovsam_ray.schema_version"] == b"2"
     inst = OUTPUT_SCHEMA.field("instances").type.value_type
     assert [inst.field(i).name for i in range(inst.num_fields)] == [
-        "prompt_type", "prompt_box", "point", "detector_score", "detector_label", "bbox", "area", "rle",
-        "label", "label_id", "label_score", "topk_labels", "topk_scores", "embedding", "clip_embedding", "clip_valid",
+        "prompt_type",
+        "prompt_box",
+        "point",
+        "detector_score",
+        "detector_label",
+        "bbox",
+        "area",
+        "rle",
+        "label",
+        "label_id",
+        "label_score",
+        "topk_labels",
+        "topk_scores",
+        "embedding",
+        "clip_embedding",
+        "clip_valid",
     ]
     assert inst.field("prompt_box").type == pa.list_(pa.float32(), 4)
     assert inst.field("point").type == pa.list_(pa.float32(), 2)
@@ -100,7 +136,11 @@ def test_commit_local_and_read_back(tmp_path):
     assert not committer.is_committed("shard-000000") and committer.committed_shards() == set()
     marker = committer.commit("shard-000000", rows_to_table(_rows()), {"seconds": 1.5, "damage": None})
     assert {k: marker[k] for k in ("shard", "parquet", "num_rows", "num_ok", "num_error", "num_instances")} == {
-        "shard": "shard-000000", "parquet": "shard-000000.parquet", "num_rows": 3, "num_ok": 2, "num_error": 1,
+        "shard": "shard-000000",
+        "parquet": "shard-000000.parquet",
+        "num_rows": 3,
+        "num_ok": 2,
+        "num_error": 1,
         "num_instances": 2,
     }
     assert marker["stats"] == {"seconds": 1.5, "damage": None} and len(marker["sha256"]) == 64
@@ -230,8 +270,13 @@ def test_commit_s3(s3_server, s3_bucket):
     assert storage.list_files(out, s3_endpoint=s3_server) == [f"s3://{s3_bucket}/labels/shard-000001.parquet"]
 
 
-IDENTITY = {"model": "ovsam_rn50x16", "weights_sha256": {"sam": "aa", "clip": "bb"}, "vocab_sha256": "cc",
-            "thresholds": {"mask": 0.0}, "random_init": False}
+IDENTITY = {
+    "model": "ovsam_rn50x16",
+    "weights_sha256": {"sam": "aa", "clip": "bb"},
+    "vocab_sha256": "cc",
+    "thresholds": {"mask": 0.0},
+    "random_init": False,
+}
 
 
 def test_run_record_create_resume_mismatch_overwrite(tmp_path):
@@ -275,6 +320,8 @@ def test_run_record_on_s3(s3_server, s3_bucket):
     assert check_or_write_run_record(out, RunRecord(IDENTITY), **kw) == "resumed"
     with pytest.raises(RunMismatchError, match="random_init"):
         check_or_write_run_record(out, RunRecord({**IDENTITY, "random_init": True}), **kw)
-    assert check_or_write_run_record(out, RunRecord({**IDENTITY, "random_init": True}), overwrite=True,
-                                     **kw) == "overwritten"
+    assert (
+        check_or_write_run_record(out, RunRecord({**IDENTITY, "random_init": True}), overwrite=True, **kw)
+        == "overwritten"
+    )
     assert storage.list_files(out, recursive=True, **kw) == [f"{out}/_run.json"]

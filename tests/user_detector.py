@@ -17,7 +17,11 @@ class HalfBoxes:
         for im in images:
             h, w = im.shape[:2]
             left, right = [0, 0, w / 2, h], [w / 2, 0, w, h]
-            out.append({"boxes": np.array([left, left, right, right, [0, 0, 2, 2]], np.float32),
-                        "scores": np.array([0.9, 0.8, 0.7, 0.6, 0.01], np.float32),
-                        "labels": ["left", "left", "right", "right", "tiny"]})
+            out.append(
+                {
+                    "boxes": np.array([left, left, right, right, [0, 0, 2, 2]], np.float32),
+                    "scores": np.array([0.9, 0.8, 0.7, 0.6, 0.01], np.float32),
+                    "labels": ["left", "left", "right", "right", "tiny"],
+                }
+            )
         return out

@@ -24,8 +24,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovsam-ray", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_predict, add_label, add_relabel, add_convert_clip, add_demo_data, add_demo, add_convert, add_eval,
-                add_export, add_show, add_train_subcommands):
+    for add in (
+        add_predict,
+        add_label,
+        add_relabel,
+        add_convert_clip,
+        add_demo_data,
+        add_demo,
+        add_convert,
+        add_eval,
+        add_export,
+        add_show,
+        add_train_subcommands,
+    ):
         add(sub)
     return parser
 

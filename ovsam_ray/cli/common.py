@@ -46,8 +46,9 @@ def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1, default=str))
 
 
-def check_locations(a: argparse.Namespace, inputs: tuple[str, ...], outputs: tuple[str, ...] = ("output",),
-                    *, labels: str | None = None) -> None:
+def check_locations(
+    a: argparse.Namespace, inputs: tuple[str, ...], outputs: tuple[str, ...] = ("output",), *, labels: str | None = None
+) -> None:
     """Refuse (one line, exit 2) an output flag of ``a`` that is, holds or lies inside one of its
     input flags (given by their ``dest`` names; absent or unset flags are skipped). ``labels``: a
     label output whose run record's input shards are read too (``--shards`` defaults to them)."""

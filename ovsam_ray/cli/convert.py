@@ -15,11 +15,18 @@ def _shard_args(p: argparse.ArgumentParser, prompts: bool = True) -> None:
     p.add_argument("--limit", type=int, help="convert only the first N images")
     p.add_argument("--workers", type=int, default=4, help="shards built in parallel (threads)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the shards of an earlier convert in --output (never anyone else's files)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the shards of an earlier convert in --output (never anyone else's files)",
+    )
     if prompts:
-        p.add_argument("--prompts", default="box", choices=("box", "point", "both", "none"),
-                       help="prompts written from the ground truth (boxes; interior points; both; none)")
+        p.add_argument(
+            "--prompts",
+            default="box",
+            choices=("box", "point", "both", "none"),
+            help="prompts written from the ground truth (boxes; interior points; both; none)",
+        )
 
 
 #: What a converter writes in its output folder: the shards (how many is known only at the end),
@@ -46,8 +53,14 @@ def _convert(a: argparse.Namespace) -> int:
     check_locations(a, ("input", "annotations", "images", "synsets", "results"))
     # The flags of ``convert <format>`` are its converter's keyword arguments.
     options = {k: v for k, v in vars(a).items() if k not in ("command", "format", "func", "overwrite")}
-    with writing(a.output, "convert", _convert_names(a.output, a.s3_endpoint), overwrite=a.overwrite,
-                 patterns=[_SHARD_NAME], s3_endpoint=a.s3_endpoint) as claim:
+    with writing(
+        a.output,
+        "convert",
+        _convert_names(a.output, a.s3_endpoint),
+        overwrite=a.overwrite,
+        patterns=[_SHARD_NAME],
+        s3_endpoint=a.s3_endpoint,
+    ) as claim:
         summary = CONVERTERS[a.format](**options)
         claim.add(url.rstrip("/").rsplit("/", 1)[-1] for url in summary.shards)
     print_json(summary.to_dict())
@@ -86,8 +99,9 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--images", required=True, help="the image folder (COCO root for LVIS)")
     q.add_argument("--min-score", type=float, default=0.0)
     q.add_argument("--max-per-image", type=int, default=100)
-    q.add_argument("--no-ground-truth", dest="keep_ground_truth", action="store_false",
-                   help="do not copy the json's annotations")
+    q.add_argument(
+        "--no-ground-truth", dest="keep_ground_truth", action="store_false", help="do not copy the json's annotations"
+    )
     _shard_args(q, prompts=False)
     p.set_defaults(func=_convert)
 

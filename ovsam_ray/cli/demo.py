@@ -10,8 +10,9 @@ __all__ = ["add_demo", "add_demo_data"]
 def _demo_data(a: argparse.Namespace) -> int:
     from ovsam_ray.data.synthetic import generate_shards
 
-    urls = generate_shards(a.output, num_images=a.num_images, images_per_shard=a.images_per_shard, seed=a.seed,
-                           s3_endpoint=a.s3_endpoint)
+    urls = generate_shards(
+        a.output, num_images=a.num_images, images_per_shard=a.images_per_shard, seed=a.seed, s3_endpoint=a.s3_endpoint
+    )
     print(f"{len(urls)} shards, {a.num_images} images -> {a.output}")
     return 0
 
@@ -36,7 +37,11 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="generate data, (train the tiny model,) label it on a local Ray")
     p.add_argument("--work-dir", default="demo_out")
     p.add_argument("--quick", action="store_true", help="skip training: random weights, about a minute")
-    p.add_argument("--num-images", type=int, default=176,
-                   help="held-out images to label and score (176: 426 objects, 323 of the seen shapes)")
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=176,
+        help="held-out images to label and score (176: 426 objects, 323 of the seen shapes)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)

@@ -32,11 +32,15 @@ def _export_args(p: argparse.ArgumentParser, fmt: str, output_help: str) -> None
 _FORMATS = {
     "coco": ("one COCO instances json (RLE masks, scores), or --results", "the .json file to write"),
     "yolo": ("YOLO segmentation txt per image + data.yaml", "folder for labels/, images/ and data.yaml"),
-    "labelstudio": ("Label Studio tasks with mask predictions (brush RLE or polygons)",
-                    "the .json file to write (its labelling config goes to <name>.config.xml)"),
+    "labelstudio": (
+        "Label Studio tasks with mask predictions (brush RLE or polygons)",
+        "the .json file to write (its labelling config goes to <name>.config.xml)",
+    ),
     "sa1b": ("SA-1B-style json per image", "folder for <shard>/<key>.json"),
-    "wds": ("labelled WebDataset shards: image + <key>.json with the instances",
-            "folder or s3:// prefix for <shard>.tar"),
+    "wds": (
+        "labelled WebDataset shards: image + <key>.json with the instances",
+        "folder or s3:// prefix for <shard>.tar",
+    ),
 }
 
 

@@ -51,8 +51,9 @@ def _nested(hint: Any) -> type | None:
     return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
 
 
-def flag_fields(cls: type, skip: tuple[str, ...] = (), group: str | None = None
-                ) -> Iterator[tuple[type, dataclasses.Field, str | None]]:
+def flag_fields(
+    cls: type, skip: tuple[str, ...] = (), group: str | None = None
+) -> Iterator[tuple[type, dataclasses.Field, str | None]]:
     """(dataclass, field, group) for every field of ``cls`` that is a flag, nested dataclasses'
     fields included (in the nesting field's group unless they name their own), in order; fields
     marked ``cli: False`` and those named in ``skip`` are left out."""
@@ -98,8 +99,12 @@ def _kind(hint: Any) -> tuple[Callable[[str], Any] | None, bool, bool]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         optional = len(rest) < len(args)
-        if len(rest) == 2 and rest[0] in (int, float) and typing.get_origin(rest[1]) is tuple \
-                and set(typing.get_args(rest[1])) <= {rest[0], Ellipsis}:
+        if (
+            len(rest) == 2
+            and rest[0] in (int, float)
+            and typing.get_origin(rest[1]) is tuple
+            and set(typing.get_args(rest[1])) <= {rest[0], Ellipsis}
+        ):
             several = typing.get_args(rest[1])
             return _one_or_several(rest[0], None if Ellipsis in several else len(several)), optional, False
         if len(rest) != 1:
@@ -113,9 +118,16 @@ def _kind(hint: Any) -> tuple[Callable[[str], Any] | None, bool, bool]:
     return None, optional, False
 
 
-def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *, skip: tuple[str, ...] = (),
-              title: str | None = None, suppress: bool = False, none_word: bool = False,
-              negatable: bool = False) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    skip: tuple[str, ...] = (),
+    title: str | None = None,
+    suppress: bool = False,
+    none_word: bool = False,
+    negatable: bool = False,
+) -> None:
     """One flag per field of ``cls`` (see the module doc).
 
     ``title``: the section of the flags without a ``group`` of their own; ``suppress``: a flag not
@@ -129,16 +141,18 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
     for owner, f, group_name in flag_fields(cls, skip):
         if group_name and root is not None:
             if group_name not in groups:
-                groups[group_name] = next((g for g in root._action_groups if g.title == group_name), None) \
-                    or root.add_argument_group(group_name)
+                groups[group_name] = next(
+                    (g for g in root._action_groups if g.title == group_name), None
+                ) or root.add_argument_group(group_name)
             target = groups[group_name]
         else:
             target = container
         _add_flag(target, owner, f, suppress=suppress, none_word=none_word, negatable=negatable)
 
 
-def _add_flag(target: Any, owner: type, f: dataclasses.Field, *, suppress: bool, none_word: bool,
-              negatable: bool) -> None:
+def _add_flag(
+    target: Any, owner: type, f: dataclasses.Field, *, suppress: bool, none_word: bool, negatable: bool
+) -> None:
     text = str(f.metadata.get("help", "")).replace("%", "%%")
     default = field_default(f)
     kwargs: dict[str, Any] = {"dest": f.name}
@@ -150,8 +164,10 @@ def _add_flag(target: Any, owner: type, f: dataclasses.Field, *, suppress: bool,
     kind, optional, many = _kind(hint)
     convert = f.metadata.get("parse") or kind
     if convert is None:
-        raise TypeError(f"{owner.__name__}.{f.name}: no flag type for {hint!r}; give the field metadata a "
-                        "'parse' function or mark it 'cli': False")
+        raise TypeError(
+            f"{owner.__name__}.{f.name}: no flag type for {hint!r}; give the field metadata a "
+            "'parse' function or mark it 'cli': False"
+        )
     if default is dataclasses.MISSING:
         kwargs.update(required=True, default=argparse.SUPPRESS if suppress else None)
         shown = ""
@@ -176,9 +192,14 @@ def _add_flag(target: Any, owner: type, f: dataclasses.Field, *, suppress: bool,
 def given_fields(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The values of ``cls``'s own flag fields present in ``args`` (nested dataclasses left out)."""
     hints = _hints(cls)
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-            if f.name not in skip and f.metadata.get("cli", True) is not False and _nested(hints[f.name]) is None
-            and hasattr(args, f.name)}
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if f.name not in skip
+        and f.metadata.get("cli", True) is not False
+        and _nested(hints[f.name]) is None
+        and hasattr(args, f.name)
+    }
 
 
 def config_from_args(args: argparse.Namespace, cls: type, **given: Any) -> Any:

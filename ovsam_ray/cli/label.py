@@ -16,8 +16,16 @@ from ovsam_ray.cli.flags import add_flags, config_from_args
 from ovsam_ray.pipeline.label_job import LabelConfig
 from ovsam_ray.pipeline.relabel import RelabelConfig
 
-__all__ = ["EXIT_TERMINATED", "JobTerminated", "add_label", "add_label_args", "add_relabel", "label_config",
-           "label_parser", "run_label_cli"]
+__all__ = [
+    "EXIT_TERMINATED",
+    "JobTerminated",
+    "add_label",
+    "add_label_args",
+    "add_relabel",
+    "label_config",
+    "label_parser",
+    "run_label_cli",
+]
 
 #: Exit code of a label job stopped by SIGTERM (``ray job stop``, Kubernetes) or Ctrl-C: the
 #: shell's 128 + signal number (143, 130). Committed shards are kept and the lease is released;
@@ -73,9 +81,12 @@ def run_label_cli(a: argparse.Namespace) -> int:
             if signum is None:
                 raise
             log.debug("stopped by", exc_info=e)
-            log.error("label job stopped by %s (exit code %d): the shards committed so far are kept and the "
-                      "output's lease is released; rerun the same command to finish the rest",
-                      signal.Signals(signum).name, 128 + signum)
+            log.error(
+                "label job stopped by %s (exit code %d): the shards committed so far are kept and the "
+                "output's lease is released; rerun the same command to finish the rest",
+                signal.Signals(signum).name,
+                128 + signum,
+            )
             return 128 + signum
     print(json.dumps(summary.to_dict(), indent=1))
     return summary.exit_code(cfg.max_error_fraction)

@@ -13,8 +13,17 @@ def _show(a: argparse.Namespace) -> int:
     from ovsam_ray.show import show
 
     check_locations(a, ("input", "shards"), labels=a.input)
-    written = show(a.input, a.output, n=a.n, shards=a.shards, seed=a.seed, min_score=a.min_score,
-                   sheet=a.sheet, overwrite=a.overwrite, s3_endpoint=a.s3_endpoint)
+    written = show(
+        a.input,
+        a.output,
+        n=a.n,
+        shards=a.shards,
+        seed=a.seed,
+        min_score=a.min_score,
+        sheet=a.sheet,
+        overwrite=a.overwrite,
+        s3_endpoint=a.s3_endpoint,
+    )
     print("\n".join(written))
     return 0
 
@@ -28,7 +37,10 @@ def add_show(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-score", type=float, default=0.0)
     p.add_argument("--sheet", action="store_true", help="also one contact_sheet.png of all N overlays")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the PNGs of an earlier show in --output (never anyone else's files)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the PNGs of an earlier show in --output (never anyone else's files)",
+    )
     p.add_argument("--s3-endpoint")
     p.set_defaults(func=_show)

@@ -56,13 +56,25 @@ def _add_common(parser: argparse.ArgumentParser, stage: str) -> None:
     from ovsam_ray.training.recipes import RECIPES
 
     known = sorted(n for n, f in RECIPES.items() if f().stage == stage)
-    parser.add_argument("--recipe", choices=known, help="start from a named recipe of the paper (every flag still "
-                        "overrides); see README 'Training'")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (recipe + flags, steps from epochs) and exit")
-    parser.add_argument("--dataset", dest="datasets", action="append", type=parse_dataset, required=True,
-                        help="SHARDS[|kind=segmentation|box|image][|split=base|all][|ratio=R][|vocab=V][|name=N]"
-                             "[|teacher_features=DIR]; repeatable")
+    parser.add_argument(
+        "--recipe",
+        choices=known,
+        help="start from a named recipe of the paper (every flag still overrides); see README 'Training'",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (recipe + flags, steps from epochs) and exit",
+    )
+    parser.add_argument(
+        "--dataset",
+        dest="datasets",
+        action="append",
+        type=parse_dataset,
+        required=True,
+        help="SHARDS[|kind=segmentation|box|image][|split=base|all][|ratio=R][|vocab=V][|name=N]"
+        "[|teacher_features=DIR]; repeatable",
+    )
     _add_fields(parser, RunSpec, title="run (Ray Train)")
     _add_fields(parser, ModelSpec, title="model and starting weights")
     _add_fields(parser, OptimConfig, title="optimiser")
@@ -71,9 +83,15 @@ def _add_common(parser: argparse.ArgumentParser, stage: str) -> None:
 def _config_from_args(stage: str, args: argparse.Namespace, cls: type) -> CotrainConfig | DistillConfig:
     from ovsam_ray.training.recipes import build_config
 
-    return build_config(stage, datasets=args.datasets, recipe=getattr(args, "recipe", None),
-                        run=_given(args, RunSpec), model=_given(args, ModelSpec), optim=_given(args, OptimConfig),
-                        **_given(args, cls))
+    return build_config(
+        stage,
+        datasets=args.datasets,
+        recipe=getattr(args, "recipe", None),
+        run=_given(args, RunSpec),
+        model=_given(args, ModelSpec),
+        optim=_given(args, OptimConfig),
+        **_given(args, cls),
+    )
 
 
 def cotrain_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -138,8 +156,14 @@ def _export(args: argparse.Namespace) -> int:
     from ovsam_ray.training.release import export_checkpoint
 
     check_disjoint([("--run", args.run)], [("--output", args.output)])
-    written = export_checkpoint(args.run, args.output, train_vocab=args.train_vocab, include_clip=args.include_clip,
-                                overwrite=args.overwrite, s3_endpoint=args.s3_endpoint)
+    written = export_checkpoint(
+        args.run,
+        args.output,
+        train_vocab=args.train_vocab,
+        include_clip=args.include_clip,
+        overwrite=args.overwrite,
+        s3_endpoint=args.s3_endpoint,
+    )
     for part, path in sorted(written.items()):
         print(f"{part}: {path}")
     return 0
@@ -190,8 +214,11 @@ def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--output", required=True, help="local folder for the weight files")
     p.add_argument("--train-vocab", help="name in clip2sam_<name>_<preset>.pth (default: the vocabulary's name)")
     p.add_argument("--include-clip", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the weight files of an earlier export in --output (never anyone else's files)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the weight files of an earlier export in --output (never anyone else's files)",
+    )
     p.add_argument("--s3-endpoint")
     p.set_defaults(func=_export)
 
@@ -202,8 +229,12 @@ def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p = sub.add_parser("tiny-recipe", help="train ovsam_tiny from nothing on generated shapes (CPU minutes)")
     p.add_argument("--work-dir", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="cap on the seconds for stages 0-2 (default: none; the recipe runs fixed step counts)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="cap on the seconds for stages 0-2 (default: none; the recipe runs fixed step counts)",
+    )
     p.add_argument("--use-ray", action="store_true", help="run stage 2 through Ray Train (slower start)")
     p.add_argument("--eval-images", type=int, default=0, help="then evaluate on this many held-out images")
     p.set_defaults(func=_tiny_recipe)

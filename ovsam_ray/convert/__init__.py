@@ -13,8 +13,16 @@ from ovsam_ray.registry import Registry
 
 #: Dataset format name -> ``convert_<format>`` (its arguments are all keywords named like the flags of
 #: ``ovsam-ray convert <format>``).
-CONVERTERS = Registry("dataset format", {"coco": convert_coco, "lvis": convert_lvis, "sa1b": convert_sa1b,
-                                         "imagenet": convert_imagenet, "detections": convert_detections})
+CONVERTERS = Registry(
+    "dataset format",
+    {
+        "coco": convert_coco,
+        "lvis": convert_lvis,
+        "sa1b": convert_sa1b,
+        "imagenet": convert_imagenet,
+        "detections": convert_detections,
+    },
+)
 
 __all__ = [
     "CONVERTERS",

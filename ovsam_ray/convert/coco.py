@@ -84,12 +84,16 @@ def _check_dataset(dataset: Any, url: str) -> None:
 def _category_problem(cat: Any) -> str | None:
     if not isinstance(cat, dict):
         return f"a category must be an object, not {kind(cat)}"
-    return (id_problem(cat.get("id"), "id") or name_problem(cat.get("name"), "name")
-            or plain_json_problem(cat, "the category"))
+    return (
+        id_problem(cat.get("id"), "id")
+        or name_problem(cat.get("name"), "name")
+        or plain_json_problem(cat, "the category")
+    )
 
 
-def _image_problem(image: Any, root: str, image_path: Callable[[dict[str, Any]], Any],
-                   fields: tuple[str, ...], need_size: bool) -> str | None:
+def _image_problem(
+    image: Any, root: str, image_path: Callable[[dict[str, Any]], Any], fields: tuple[str, ...], need_size: bool
+) -> str | None:
     if not isinstance(image, dict):
         return f"an image record must be an object, not {kind(image)}"
     problem = id_problem(image.get("id"), "id")
@@ -160,9 +164,14 @@ def _read_categories(raw: list[Any], summary: ConvertSummary) -> tuple[list[dict
     return kept, {id_text(c["id"]): c["name"] for c in kept}
 
 
-def _read_images(raw: list[Any], root: str, image_path: Callable[[dict[str, Any]], Any],
-                 fields: tuple[str, ...], need_size: bool, summary: ConvertSummary
-                 ) -> list[tuple[dict[str, Any], str, str]]:
+def _read_images(
+    raw: list[Any],
+    root: str,
+    image_path: Callable[[dict[str, Any]], Any],
+    fields: tuple[str, ...],
+    need_size: bool,
+    summary: ConvertSummary,
+) -> list[tuple[dict[str, Any], str, str]]:
     good = []
     for i, image in enumerate(raw):
         problem = _image_problem(image, root, image_path, fields, need_size)
@@ -190,8 +199,9 @@ def _key_or_none(image: dict[str, Any]) -> str | None:
         return None
 
 
-def _read_annotations(raw: list[Any], image_ids: set[str], names: dict[str, str] | None,
-                      summary: ConvertSummary) -> dict[str, list[dict[str, Any]]]:
+def _read_annotations(
+    raw: list[Any], image_ids: set[str], names: dict[str, str] | None, summary: ConvertSummary
+) -> dict[str, list[dict[str, Any]]]:
     good = []
     for i, ann in enumerate(raw):
         problem = _annotation_problem(ann, image_ids, names)
@@ -252,15 +262,18 @@ def coco_samples(
     image; ``limit``: the first N usable images by id."""
     if prompts not in PROMPT_MODES:
         raise ConfigError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
-    for image, rel, key in records.images if limit is None else records.images[:max(limit, 0)]:
+    for image, rel, key in records.images if limit is None else records.images[: max(limit, 0)]:
         anns = records.annotations.get(id_text(image["id"]), [])
-        meta: dict[str, Any] = {"image_id": image["id"], "file_name": rel, "width": image.get("width"),
-                                "height": image.get("height")}
+        meta: dict[str, Any] = {
+            "image_id": image["id"],
+            "file_name": rel,
+            "width": image.get("width"),
+            "height": image.get("height"),
+        }
         meta.update({k: image[k] for k in image_fields if k in image})
         meta["annotations"] = anns
         if prompts != "none" and anns:
-            meta.update(gt_prompts(anns, height=image.get("height") or 1, width=image.get("width") or 1,
-                                   mode=prompts))
+            meta.update(gt_prompts(anns, height=image.get("height") or 1, width=image.get("width") or 1, mode=prompts))
         if extra is not None:
             meta.update(extra(image))
         yield Sample(key=key, image_ext=image_extension(rel) or "", meta=meta, image_url=storage.safe_join(images, rel))
@@ -290,10 +303,16 @@ def convert_coco(
     if prompts not in PROMPT_MODES:
         raise ConfigError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
     summary = ConvertSummary()
-    records = read_coco(load_json(annotations, s3_endpoint=s3_endpoint), annotations, images, summary,
-                        need_size=prompts in ("point", "both"))
+    records = read_coco(
+        load_json(annotations, s3_endpoint=s3_endpoint),
+        annotations,
+        images,
+        summary,
+        need_size=prompts in ("point", "both"),
+    )
     samples = coco_samples(records, images, prompts=prompts, limit=limit)
-    summary = write_shards(samples, output, images_per_shard=images_per_shard, workers=workers,
-                           s3_endpoint=s3_endpoint, summary=summary)
+    summary = write_shards(
+        samples, output, images_per_shard=images_per_shard, workers=workers, s3_endpoint=s3_endpoint, summary=summary
+    )
     write_categories(records.categories, output, s3_endpoint=s3_endpoint)
     return summary

@@ -97,8 +97,7 @@ def detections_by_image(
         if max_per_image is not None and len(dets) > max_per_image:
             dropped += len(dets) - max_per_image
             dets = dets[:max_per_image]
-        out[image_id] = {"boxes": [d[1] for d in dets], "scores": [d[0] for d in dets],
-                         "labels": [d[2] for d in dets]}
+        out[image_id] = {"boxes": [d[1] for d in dets], "scores": [d[0] for d in dets], "labels": [d[2] for d in dets]}
     return out, dropped
 
 
@@ -106,8 +105,10 @@ def _results_list(results: Any, url: str) -> list[Any]:
     if isinstance(results, dict) and isinstance(results.get("annotations"), list):
         return results["annotations"]
     if not isinstance(results, list):
-        raise ConvertError(f"{storage.safe_for_log(storage.redact(url))}: expected a COCO results list of detections, "
-                           f"got {kind(results)}")
+        raise ConvertError(
+            f"{storage.safe_for_log(storage.redact(url))}: expected a COCO results list of detections, "
+            f"got {kind(results)}"
+        )
     return results
 
 
@@ -132,19 +133,30 @@ def convert_detections(
     if not keep_ground_truth and isinstance(dataset, dict):
         dataset = {**dataset, "annotations": []}
     summary = ConvertSummary()
-    records = read_coco(dataset, annotations, images, summary, image_path=lvis_image_path,
-                        image_fields=LVIS_IMAGE_FIELDS)
-    grouped, dropped = detections_by_image(dets, records.names, min_score=min_score, max_per_image=max_per_image,
-                                           summary=summary)
+    records = read_coco(
+        dataset, annotations, images, summary, image_path=lvis_image_path, image_fields=LVIS_IMAGE_FIELDS
+    )
+    grouped, dropped = detections_by_image(
+        dets, records.names, min_score=min_score, max_per_image=max_per_image, summary=summary
+    )
     known = {id_text(im["id"]) for im in dataset["images"] if isinstance(im, dict) and not id_problem(im.get("id"))}
     unknown = sum(len(v["boxes"]) for k, v in grouped.items() if k not in known)
     if dropped or unknown:
-        summary.notes.append(f"dropped {dropped} detections (below min_score or over max_per_image)"
-                             f" and {unknown} on images not in {storage.redact(annotations)}")
+        summary.notes.append(
+            f"dropped {dropped} detections (below min_score or over max_per_image)"
+            f" and {unknown} on images not in {storage.redact(annotations)}"
+        )
     empty = {"boxes": [], "scores": [], "labels": []}
-    samples = coco_samples(records, images, prompts="none", image_fields=LVIS_IMAGE_FIELDS, limit=limit,
-                           extra=lambda image: grouped.get(id_text(image["id"]), empty))
-    summary = write_shards(samples, output, images_per_shard=images_per_shard, workers=workers,
-                           s3_endpoint=s3_endpoint, summary=summary)
+    samples = coco_samples(
+        records,
+        images,
+        prompts="none",
+        image_fields=LVIS_IMAGE_FIELDS,
+        limit=limit,
+        extra=lambda image: grouped.get(id_text(image["id"]), empty),
+    )
+    summary = write_shards(
+        samples, output, images_per_shard=images_per_shard, workers=workers, s3_endpoint=s3_endpoint, summary=summary
+    )
     write_categories(records.categories, output, s3_endpoint=s3_endpoint)
     return summary

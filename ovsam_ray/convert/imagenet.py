@@ -36,8 +36,13 @@ class SynsetClass:
 
 def _names(value: Any) -> list[str]:
     """Comma-separated names from text or a list of texts (one level: anything else is not a name)."""
-    texts = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] \
-        if isinstance(value, (list, tuple)) else []
+    texts = (
+        [value]
+        if isinstance(value, str)
+        else [v for v in value if isinstance(v, str)]
+        if isinstance(value, (list, tuple))
+        else []
+    )
     return [n.strip() for t in texts for n in t.split(",") if n.strip()]
 
 
@@ -74,8 +79,9 @@ def load_synset_map(url: str, *, s3_endpoint: str | None = None) -> list[SynsetC
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConvertError(f"{storage.safe_for_log(storage.redact(url))} is not UTF-8 text (bad byte at offset {e.start})"
-                           ) from None
+        raise ConvertError(
+            f"{storage.safe_for_log(storage.redact(url))} is not UTF-8 text (bad byte at offset {e.start})"
+        ) from None
     classes = []
     for line in text.splitlines():
         line = line.strip()
@@ -90,8 +96,13 @@ def load_synset_map(url: str, *, s3_endpoint: str | None = None) -> list[SynsetC
 
 def _meta(synset: str, stem: str, classes: dict[str, tuple[int, SynsetClass]]) -> dict[str, Any]:
     class_id, cls = classes[synset]
-    return {"image_id": f"{synset}/{stem}", "class_name": cls.name, "synset": synset, "class_id": class_id,
-            "synonyms": list(cls.synonyms)}
+    return {
+        "image_id": f"{synset}/{stem}",
+        "class_name": cls.name,
+        "synset": synset,
+        "class_id": class_id,
+        "synonyms": list(cls.synonyms),
+    }
 
 
 def _key(synset: str, stem: str) -> str:
@@ -104,7 +115,7 @@ def _layout(root: str, s3_endpoint: str | None) -> tuple[dict[str, list[str]], d
     tars: dict[str, str] = {}
     prefix = root.rstrip("/") + "/"
     for url in storage.list_files(root, recursive=True, s3_endpoint=s3_endpoint):
-        rel = url[len(prefix):] if url.startswith(prefix) else url.rsplit("/", 1)[-1]
+        rel = url[len(prefix) :] if url.startswith(prefix) else url.rsplit("/", 1)[-1]
         parts = rel.split("/")
         if len(parts) == 1 and rel.endswith(".tar"):
             tars[rel[: -len(".tar")]] = url
@@ -113,9 +124,15 @@ def _layout(root: str, s3_endpoint: str | None) -> tuple[dict[str, list[str]], d
     return folders, tars
 
 
-def _samples(root_folders: dict[str, list[str]], tars: dict[str, str], order: list[str],
-             classes: dict[str, tuple[int, SynsetClass]], summary: ConvertSummary, limit: int | None,
-             s3_endpoint: str | None) -> Iterator[Sample]:
+def _samples(
+    root_folders: dict[str, list[str]],
+    tars: dict[str, str],
+    order: list[str],
+    classes: dict[str, tuple[int, SynsetClass]],
+    summary: ConvertSummary,
+    limit: int | None,
+    s3_endpoint: str | None,
+) -> Iterator[Sample]:
     n = 0
     for synset in order:
         if synset in tars:
@@ -127,14 +144,22 @@ def _samples(root_folders: dict[str, list[str]], tars: dict[str, str], order: li
             if limit is not None and n >= limit:
                 return
             if isinstance(item, str):
-                sample = Sample(key=_key(synset, stem), image_ext=image_extension(item) or "jpg", image_url=item,
-                                meta=_meta(synset, stem, classes))
+                sample = Sample(
+                    key=_key(synset, stem),
+                    image_ext=image_extension(item) or "jpg",
+                    image_url=item,
+                    meta=_meta(synset, stem, classes),
+                )
             elif is_damage_marker(item) or item["error"]:
                 summary.skip(f"{tars[synset]}:{item['key']}", item["error"])
                 continue
             else:
-                sample = Sample(key=_key(synset, stem), image_ext=item["image_ext"], image=item["image_bytes"],
-                                meta=_meta(synset, stem, classes))
+                sample = Sample(
+                    key=_key(synset, stem),
+                    image_ext=item["image_ext"],
+                    image=item["image_bytes"],
+                    meta=_meta(synset, stem, classes),
+                )
             n += 1
             yield sample
 
@@ -155,8 +180,9 @@ def convert_imagenet(
     present = set(folders) | set(tars)
     if not present:
         raise ConvertError(f"{storage.redact(input)}: found neither class folders of images nor per-class .tar files")
-    known = load_synset_map(synsets, s3_endpoint=s3_endpoint) if synsets else \
-        [SynsetClass(s, s) for s in sorted(present)]
+    known = (
+        load_synset_map(synsets, s3_endpoint=s3_endpoint) if synsets else [SynsetClass(s, s) for s in sorted(present)]
+    )
     classes = {c.synset: (i, c) for i, c in enumerate(known)}
     summary = ConvertSummary()
     missing = sorted(present - set(classes))
@@ -164,9 +190,13 @@ def convert_imagenet(
         summary.notes.append(f"{len(missing)} class folders/tars not in the synset map were skipped: {missing[:10]}")
     order = [c.synset for c in known if c.synset in present]
     samples = _samples(folders, tars, order, classes, summary, limit, s3_endpoint)
-    summary = write_shards(samples, output, images_per_shard=images_per_shard, workers=workers,
-                           s3_endpoint=s3_endpoint, summary=summary)
+    summary = write_shards(
+        samples, output, images_per_shard=images_per_shard, workers=workers, s3_endpoint=s3_endpoint, summary=summary
+    )
     names = [{"id": i, "synset": c.synset, "name": c.name, "synonyms": list(c.synonyms)} for i, c in enumerate(known)]
-    storage.atomic_write_bytes(storage.join(output, "_categories.json"), json.dumps({"categories": names}, indent=1).encode(),
-                          s3_endpoint=s3_endpoint)
+    storage.atomic_write_bytes(
+        storage.join(output, "_categories.json"),
+        json.dumps({"categories": names}, indent=1).encode(),
+        s3_endpoint=s3_endpoint,
+    )
     return summary

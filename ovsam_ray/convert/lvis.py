@@ -51,11 +51,18 @@ def convert_lvis(
     if prompts not in PROMPT_MODES:
         raise ConfigError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
     summary = ConvertSummary()
-    records = read_coco(load_json(annotations, s3_endpoint=s3_endpoint), annotations, images, summary,
-                        image_path=lvis_image_path, image_fields=LVIS_IMAGE_FIELDS,
-                        need_size=prompts in ("point", "both"))
+    records = read_coco(
+        load_json(annotations, s3_endpoint=s3_endpoint),
+        annotations,
+        images,
+        summary,
+        image_path=lvis_image_path,
+        image_fields=LVIS_IMAGE_FIELDS,
+        need_size=prompts in ("point", "both"),
+    )
     samples = coco_samples(records, images, prompts=prompts, image_fields=LVIS_IMAGE_FIELDS, limit=limit)
-    summary = write_shards(samples, output, images_per_shard=images_per_shard, workers=workers,
-                           s3_endpoint=s3_endpoint, summary=summary)
+    summary = write_shards(
+        samples, output, images_per_shard=images_per_shard, workers=workers, s3_endpoint=s3_endpoint, summary=summary
+    )
     write_categories(records.categories, output, s3_endpoint=s3_endpoint)
     return summary

@@ -18,9 +18,25 @@ from ovsam_ray import storage
 from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.locations import canonical_location
 
-__all__ = ["MAX_ID", "ConvertError", "all_numbers", "bbox_problem", "coordinates_problem", "id_problem", "id_text",
-           "image_path_problem", "is_number", "kind", "load_json", "name_problem", "parse_json", "plain_json_problem",
-           "segmentation_problem", "shown", "side_problem"]
+__all__ = [
+    "MAX_ID",
+    "ConvertError",
+    "all_numbers",
+    "bbox_problem",
+    "coordinates_problem",
+    "id_problem",
+    "id_text",
+    "image_path_problem",
+    "is_number",
+    "kind",
+    "load_json",
+    "name_problem",
+    "parse_json",
+    "plain_json_problem",
+    "segmentation_problem",
+    "shown",
+    "side_problem",
+]
 
 #: Integer ids are stored as int64 downstream (``_image_classes.parquet``).
 MAX_ID = 2**63 - 1
@@ -76,8 +92,15 @@ def _int_or_inf(text: str) -> int | float:
 
 def kind(value: Any) -> str:
     """``null``, ``bool``, ``text``... : how a JSON value is named in a reason."""
-    names = {type(None): "null", bool: "a bool", int: "an integer", float: "a number", str: "text", list: "a list",
-             dict: "an object"}
+    names = {
+        type(None): "null",
+        bool: "a bool",
+        int: "an integer",
+        float: "a number",
+        str: "text",
+        list: "a list",
+        dict: "an object",
+    }
     return names.get(type(value), f"a {type(value).__name__}")
 
 

@@ -89,8 +89,9 @@ def _size(image: dict[str, Any], anns: list[dict[str, Any]]) -> tuple[int, int] 
     return None
 
 
-def sa1b_meta(record: Any, *, prompts: str = "box", summary: ConvertSummary | None = None,
-              where: str = "") -> dict[str, Any]:
+def sa1b_meta(
+    record: Any, *, prompts: str = "box", summary: ConvertSummary | None = None, where: str = ""
+) -> dict[str, Any]:
     """DESIGN §4 JSON from one SA-1B per-image json (``{"image": ..., "annotations": [...]}``).
     A malformed annotation is left out (counted in ``summary`` as ``where: annotations[i]``); an
     unusable record raises :class:`ConvertError`."""
@@ -106,8 +107,13 @@ def sa1b_meta(record: Any, *, prompts: str = "box", summary: ConvertSummary | No
             summary.skip_record("annotations", f"{where}: annotations[{i}]", problem)
         else:
             raise ConvertError(f"{where}: annotations[{i}]: {problem}")
-    meta = {"image_id": image.get("image_id"), "file_name": image.get("file_name"), "width": image.get("width"),
-            "height": image.get("height"), "annotations": anns}
+    meta = {
+        "image_id": image.get("image_id"),
+        "file_name": image.get("file_name"),
+        "width": image.get("width"),
+        "height": image.get("height"),
+        "annotations": anns,
+    }
     if prompts != "none" and anns:
         size = _size(image, anns)
         if size is None and prompts != "box":
@@ -124,8 +130,9 @@ def _key(path: str) -> str | None:
         return None
 
 
-def _folder_samples(files: list[str], prompts: str, s3_endpoint: str | None, summary: ConvertSummary,
-                    limit: int | None) -> Iterator[Sample]:
+def _folder_samples(
+    files: list[str], prompts: str, s3_endpoint: str | None, summary: ConvertSummary, limit: int | None
+) -> Iterator[Sample]:
     jsons = {f[: -len(".json")] for f in files if f.endswith(".json")}
     n = 0
     for url in files:
@@ -146,14 +153,19 @@ def _folder_samples(files: list[str], prompts: str, s3_endpoint: str | None, sum
 
         def load(json_url: str = stem + ".json") -> dict[str, Any]:
             # read on the writer's threads: a ConvertError (a ValueError) skips the image with its reason
-            return sa1b_meta(load_json(json_url, s3_endpoint=s3_endpoint), prompts=prompts, summary=summary,
-                             where=storage.redact(json_url))
+            return sa1b_meta(
+                load_json(json_url, s3_endpoint=s3_endpoint),
+                prompts=prompts,
+                summary=summary,
+                where=storage.redact(json_url),
+            )
 
         yield Sample(key=key, image_ext=ext, image_url=url, load_meta=load)
 
 
-def _tar_samples(tars: list[str], prompts: str, s3_endpoint: str | None, summary: ConvertSummary,
-                 limit: int | None) -> Iterator[Sample]:
+def _tar_samples(
+    tars: list[str], prompts: str, s3_endpoint: str | None, summary: ConvertSummary, limit: int | None
+) -> Iterator[Sample]:
     n = 0
     for tar in tars:
         for s in iter_shard_samples(tar, s3_endpoint=s3_endpoint):
@@ -199,5 +211,6 @@ def convert_sa1b(
         samples = _folder_samples(sorted(files), prompts, s3_endpoint, summary, limit)
     else:
         samples = _tar_samples(list_shards(input, s3_endpoint=s3_endpoint), prompts, s3_endpoint, summary, limit)
-    return write_shards(samples, output, images_per_shard=images_per_shard, workers=workers,
-                        s3_endpoint=s3_endpoint, summary=summary)
+    return write_shards(
+        samples, output, images_per_shard=images_per_shard, workers=workers, s3_endpoint=s3_endpoint, summary=summary
+    )

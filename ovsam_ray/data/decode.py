@@ -79,8 +79,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                 raise DecodeError(f"image has no pixels ({width}x{height})")
             needed = min_encoded_bytes(im.format, width, height, data)
             if len(data) < needed:
-                raise DecodeError(f"truncated image data: {len(data)} bytes cannot hold a {width}x{height} "
-                                  f"{im.format} (at least {needed} bytes)")
+                raise DecodeError(
+                    f"truncated image data: {len(data)} bytes cannot hold a {width}x{height} "
+                    f"{im.format} (at least {needed} bytes)"
+                )
             im.load()
     except DecodeError:
         raise
@@ -116,8 +118,10 @@ def _refuse_truncated_loads() -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # A process-wide Pillow switch: with it, truncated data decodes to grey and looks fine.
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True; set back to False so that truncated "
-                    "images are reported as errors")
+        log.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True; set back to False so that truncated "
+            "images are reported as errors"
+        )
 
 
 def min_encoded_bytes(image_format: str | None, width: int, height: int, data: bytes = b"") -> int:
@@ -233,8 +237,9 @@ class DecodedSample:
         return None if self.image is None else int(self.image.shape[0])
 
 
-def decode_sample(sample: dict[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  max_prompts: int = DEFAULT_MAX_PROMPTS) -> DecodedSample:
+def decode_sample(
+    sample: dict[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXELS, max_prompts: int = DEFAULT_MAX_PROMPTS
+) -> DecodedSample:
     """Decode one sample from :func:`~ovsam_ray.data.shards.iter_shard_samples`; never raises for
     bad data (a reader error, an undecodable image or malformed JSON become ``error``; dropped or
     clipped prompts become ``prompts.warnings``). ``max_prompts``: see :func:`parse_prompts_json`."""
@@ -244,8 +249,9 @@ def decode_sample(sample: dict[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXEL
         return out
     try:
         image = decode_image(sample.get("image_bytes") or b"", max_pixels=max_pixels)
-        prompts = parse_prompts_json(sample.get("json_bytes"), width=image.shape[1], height=image.shape[0],
-                                     max_prompts=max_prompts)
+        prompts = parse_prompts_json(
+            sample.get("json_bytes"), width=image.shape[1], height=image.shape[0], max_prompts=max_prompts
+        )
     except DecodeError as e:
         out.error = str(e)
         return out

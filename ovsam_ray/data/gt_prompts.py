@@ -93,8 +93,11 @@ def gt_prompts(
         out["labels"] = [_category_name(annotations[i]) for i in chosen]
         out["box_annotations"] = chosen
     if mode in ("point", "both"):
-        masks = np.stack([object_mask(annotations[i], height, width) for i in chosen]) if chosen else \
-            np.zeros((0, height, width), bool)
+        masks = (
+            np.stack([object_mask(annotations[i], height, width) for i in chosen])
+            if chosen
+            else np.zeros((0, height, width), bool)
+        )
         points = interior_points(masks)
         has_point = [j for j in range(len(chosen)) if points[j, 0] >= 0]
         out["points"] = [[float(v) for v in points[j]] for j in has_point]
@@ -122,8 +125,13 @@ def _image_size(meta: dict[str, Any], image_bytes: bytes | None) -> tuple[int, i
         return im.height, im.width
 
 
-def with_gt_prompts(meta: dict[str, Any], image_bytes: bytes | None = None, *, mode: str = "box",
-                    keep: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+def with_gt_prompts(
+    meta: dict[str, Any],
+    image_bytes: bytes | None = None,
+    *,
+    mode: str = "box",
+    keep: Callable[[dict[str, Any]], bool] | None = None,
+) -> dict[str, Any]:
     """A copy of a sample's JSON whose prompts are replaced by ground-truth prompts (see :func:`gt_prompts`)."""
     out = {k: v for k, v in meta.items() if k not in PROMPT_FIELDS}
     anns = meta.get("annotations") or []

@@ -73,8 +73,9 @@ class Prompts:
         return int(self.points.shape[0])
 
 
-def parse_prompts_json(data: bytes | None, *, width: int, height: int,
-                       max_prompts: int = DEFAULT_MAX_PROMPTS) -> Prompts:
+def parse_prompts_json(
+    data: bytes | None, *, width: int, height: int, max_prompts: int = DEFAULT_MAX_PROMPTS
+) -> Prompts:
     """Parse a sample's JSON (DESIGN §4: ``boxes``, ``scores``, ``labels``, ``points``,
     ``point_boxes``, ``image_id``, ``annotations``; all optional) for a ``width`` x ``height`` image.
 
@@ -105,8 +106,9 @@ def parse_prompts_json(data: bytes | None, *, width: int, height: int,
         return Prompts()
     notes: list[str] = []
     obj = _load_json_object(data, notes)
-    out = Prompts(image_id=_image_id(obj.get("image_id")), annotations=_annotations(obj.get("annotations")),
-                  warnings=notes)
+    out = Prompts(
+        image_id=_image_id(obj.get("image_id")), annotations=_annotations(obj.get("annotations")), warnings=notes
+    )
     _parse_boxes(obj, width, height, max_prompts, out)
     _parse_points(obj, width, height, max_prompts, out)
     return out
@@ -231,8 +233,7 @@ def _score(scores: list[Any] | None, i: int, out: Prompts) -> float:
 
 def _clip_box(xyxy: list[float], width: int, height: int) -> list[float]:
     x0, y0, x1, y1 = xyxy
-    return [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width),
-            min(max(y1, 0.0), height)]
+    return [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
 
 
 def _parse_points(obj: dict[str, Any], width: int, height: int, max_prompts: int, out: Prompts) -> None:

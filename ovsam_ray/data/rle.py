@@ -52,10 +52,7 @@ def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
         return []
     fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))
     encoded = mask_utils.encode(fortran)
-    return [
-        {"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
-        for r in encoded
-    ]
+    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in encoded]
 
 
 def compress_rles(rles: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -133,8 +130,10 @@ def annotation_rle(ann: dict[str, Any], height: int, width: int) -> dict[str, An
     except (ValueError, TypeError, KeyError, OverflowError):
         return None
     counts = rle["counts"]
-    return {"size": [int(v) for v in rle["size"]],
-            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+    return {
+        "size": [int(v) for v in rle["size"]],
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+    }
 
 
 def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray | None:

@@ -95,7 +95,8 @@ def list_shards(spec: str | Iterable[str], *, s3_endpoint: str | None = None) ->
         shown = ", ".join(storage.redact(m) for m in missing[:5])
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ShardSpecError(
-            f"no shards found for {shown}{more}; expected .tar/.tar.gz/.tgz files, a glob or a directory")
+            f"no shards found for {shown}{more}; expected .tar/.tar.gz/.tgz files, a glob or a directory"
+        )
     _refuse_special_files(found)
     _refuse_one_file_twice(found)
     return sorted(found)
@@ -106,9 +107,10 @@ def _refuse_special_files(urls: set[str]) -> None:
     and differ on the rerun: refused by name, never read and never silently left out."""
     special = sorted(u for u in urls if not storage.is_remote(u) and not stat.S_ISREG(os.stat(u).st_mode))
     if special:
-        raise ShardSpecError(f"{storage.safe_for_log(special[0], limit=200)} is not a regular file (a FIFO, socket or "
-                             "device): a shard must be a tar file" + (f" ({len(special) - 1} more)" if len(special) > 1
-                                                                    else ""))
+        raise ShardSpecError(
+            f"{storage.safe_for_log(special[0], limit=200)} is not a regular file (a FIFO, socket or "
+            "device): a shard must be a tar file" + (f" ({len(special) - 1} more)" if len(special) > 1 else "")
+        )
 
 
 def _refuse_one_file_twice(urls: set[str]) -> None:
@@ -120,9 +122,13 @@ def _refuse_one_file_twice(urls: set[str]) -> None:
             by_file.setdefault(os.path.realpath(url), []).append(url)
     twice = [sorted(names) for names in by_file.values() if len(names) > 1]
     if twice:
-        shown = "; ".join(" and ".join(storage.safe_for_log(u, limit=120) for u in names[:3]) for names in sorted(twice)[:3])
-        raise ShardSpecError(f"the same shard file is listed under two names (a symbolic link; its images would be "
-                             f"labelled twice): {shown}; list each shard once")
+        shown = "; ".join(
+            " and ".join(storage.safe_for_log(u, limit=120) for u in names[:3]) for names in sorted(twice)[:3]
+        )
+        raise ShardSpecError(
+            f"the same shard file is listed under two names (a symbolic link; its images would be "
+            f"labelled twice): {shown}; list each shard once"
+        )
 
 
 def _resolve_piece(piece: str, *, s3_endpoint: str | None) -> list[str]:
@@ -174,8 +180,9 @@ def shard_names(urls: list[str]) -> list[str]:
         by_name.setdefault(name, []).append(url)
     clashes = [found for found in by_name.values() if len(found) > 1]
     if clashes:
-        shown = "; ".join(" and ".join(storage.safe_for_log(storage.redact(u), limit=120) for u in found[:3])
-                          for found in clashes[:3])
+        shown = "; ".join(
+            " and ".join(storage.safe_for_log(storage.redact(u), limit=120) for u in found[:3]) for found in clashes[:3]
+        )
         more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
         raise ShardSpecError(f"input shards must have distinct file names (they name the output files): {shown}{more}")
     return names
@@ -211,13 +218,24 @@ def _log_read(shard: str, read: TarRead) -> None:
             f"{n} {reason} (e.g. {', '.join(storage.safe_for_log(m, limit=80) for m in read.skipped_examples[reason])})"
             for reason, n in read.skipped.items()
         )
-        log.log(logging.WARNING if unusual else logging.INFO, "shard %s: skipped %d members: %s",
-                storage.safe_for_log(shard), sum(read.skipped.values()), details)
+        log.log(
+            logging.WARNING if unusual else logging.INFO,
+            "shard %s: skipped %d members: %s",
+            storage.safe_for_log(shard),
+            sum(read.skipped.values()),
+            details,
+        )
     errors = [s for s in read.samples if s["error"] is not None]
     if errors:
         first = errors[0]
-        log.warning("shard %s: %d of %d samples are errors (first: %s: %s)", storage.safe_for_log(shard), len(errors),
-                    len(read.samples), storage.safe_for_log(first["key"], limit=80), storage.safe_for_log(first["error"]))
+        log.warning(
+            "shard %s: %d of %d samples are errors (first: %s: %s)",
+            storage.safe_for_log(shard),
+            len(errors),
+            len(read.samples),
+            storage.safe_for_log(first["key"], limit=80),
+            storage.safe_for_log(first["error"]),
+        )
     if read.damage is not None:
         log.warning("shard %s is damaged: %s", storage.safe_for_log(shard), storage.safe_for_log(read.damage))
 
@@ -278,5 +296,11 @@ def read_shard(url: str, *, s3_endpoint: str | None = None) -> ShardRead:
     """Read a whole shard; ``damage`` is the damage marker's message, or ``None`` for a sound tar."""
     shard, read = _read(url, s3_endpoint)
     damage = None if read.damage is None else f"damaged shard {shard}: {read.damage}"
-    return ShardRead(url=url, shard=shard, samples=read.samples, damage=damage, skipped=read.skipped,
-                     skipped_examples=read.skipped_examples)
+    return ShardRead(
+        url=url,
+        shard=shard,
+        samples=read.samples,
+        damage=damage,
+        skipped=read.skipped,
+        skipped_examples=read.skipped_examples,
+    )

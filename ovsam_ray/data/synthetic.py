@@ -33,7 +33,14 @@ __all__ = [
 ]
 
 SHAPE_CLASSES: tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "hexagon", "ellipse", "pentagon", "cross",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "hexagon",
+    "ellipse",
+    "pentagon",
+    "cross",
 )
 _MIN_VISIBLE_PIXELS = 40
 _MIN_VISIBLE_FRACTION = 0.5
@@ -48,8 +55,10 @@ def shape_vocabulary_names() -> list[str]:
 
 
 def _regular(n: int, radius: float, start: float) -> list[tuple[float, float]]:
-    return [(radius * math.cos(start + 2 * math.pi * k / n), radius * math.sin(start + 2 * math.pi * k / n))
-            for k in range(n)]
+    return [
+        (radius * math.cos(start + 2 * math.pi * k / n), radius * math.sin(start + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
 
 
 def _outline(kind: str, radius: float, aspect: float) -> list[tuple[float, float]]:
@@ -71,16 +80,28 @@ def _outline(kind: str, radius: float, aspect: float) -> list[tuple[float, float
         return [p for pair in zip(outer, inner) for p in pair]
     if kind == "cross":
         a, b = radius, radius * 0.35
-        return [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b),
-                (-a, -b), (-b, -b)]
+        return [
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+        ]
     raise ValueError(f"unknown shape {kind!r}; known: {SHAPE_CLASSES}")
 
 
-def _shape_mask(kind: str, size: tuple[int, int], center: tuple[float, float], radius: float,
-                angle: float, aspect: float) -> np.ndarray:
+def _shape_mask(
+    kind: str, size: tuple[int, int], center: tuple[float, float], radius: float, angle: float, aspect: float
+) -> np.ndarray:
     cos, sin = math.cos(angle), math.sin(angle)
-    pts = [(center[0] + x * cos - y * sin, center[1] + x * sin + y * cos)
-           for x, y in _outline(kind, radius, aspect)]
+    pts = [(center[0] + x * cos - y * sin, center[1] + x * sin + y * cos) for x, y in _outline(kind, radius, aspect)]
     canvas = Image.new("L", size, 0)
     ImageDraw.Draw(canvas).polygon(pts, fill=1)
     return np.asarray(canvas, dtype=bool)
@@ -111,8 +132,9 @@ def render_image(
         kind = SHAPE_CLASSES[int(rng.integers(len(SHAPE_CLASSES)))]
         radius = float(rng.uniform(0.1, 0.28)) * short * (0.6 if len(visible) > 2 else 1.0)
         center = (float(rng.uniform(0, width)), float(rng.uniform(0, height)))
-        mask = _shape_mask(kind, (width, height), center, radius, float(rng.uniform(0, 2 * math.pi)),
-                           float(rng.uniform(0.4, 0.7)))
+        mask = _shape_mask(
+            kind, (width, height), center, radius, float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0.4, 0.7))
+        )
         covered = [v & ~mask for v in visible]
         if mask.sum() < _MIN_VISIBLE_PIXELS or any(
             c.sum() < max(_MIN_VISIBLE_PIXELS, _MIN_VISIBLE_FRACTION * v.sum()) for c, v in zip(covered, visible)
@@ -132,15 +154,17 @@ def _annotations(kinds: list[str], masks: np.ndarray) -> tuple[np.ndarray, list[
     anns = []
     for j, (kind, box, rle, mask) in enumerate(zip(kinds, boxes, encode_masks(masks), masks)):
         x0, y0, x1, y1 = (float(v) for v in box)
-        anns.append({
-            "id": j,
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "category_id": SHAPE_CLASSES.index(kind),
-            "category_name": kind,
-            "segmentation": rle,
-            "area": int(mask.sum()),
-            "iscrowd": 0,
-        })
+        anns.append(
+            {
+                "id": j,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "category_id": SHAPE_CLASSES.index(kind),
+                "category_name": kind,
+                "segmentation": rle,
+                "area": int(mask.sum()),
+                "iscrowd": 0,
+            }
+        )
     return boxes, anns
 
 
@@ -200,8 +224,10 @@ def generate_shards(
             boxes, anns = _annotations(kinds, masks)
             meta = {"image_id": index, "boxes": boxes.tolist(), "labels": kinds, "annotations": anns}
             key = f"{index:09d}"
-            members += [(f"{key}.{image_format}", encode_image(image, image_format)),
-                        (f"{key}.json", json.dumps(meta).encode())]
+            members += [
+                (f"{key}.{image_format}", encode_image(image, image_format)),
+                (f"{key}.json", json.dumps(meta).encode()),
+            ]
         url = storage.join(output_dir_or_url, f"shard-{shard_index:06d}.tar")
         storage.atomic_write_bytes(url, tar_bytes(members), s3_endpoint=s3_endpoint)
         urls.append(url)

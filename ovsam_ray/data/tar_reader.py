@@ -99,11 +99,24 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-def make_sample(key: str | None, shard: str, error: str | None = None, *, image_bytes: bytes | None = None,
-                image_ext: str | None = None, json_bytes: bytes | None = None) -> dict[str, Any]:
+def make_sample(
+    key: str | None,
+    shard: str,
+    error: str | None = None,
+    *,
+    image_bytes: bytes | None = None,
+    image_ext: str | None = None,
+    json_bytes: bytes | None = None,
+) -> dict[str, Any]:
     """A sample dict: ``{"key", "shard", "image_bytes", "image_ext", "json_bytes", "error"}``."""
-    return {"key": key, "shard": shard, "image_bytes": image_bytes, "image_ext": image_ext,
-            "json_bytes": json_bytes, "error": error}
+    return {
+        "key": key,
+        "shard": shard,
+        "image_bytes": image_bytes,
+        "image_ext": image_ext,
+        "json_bytes": json_bytes,
+        "error": error,
+    }
 
 
 @dataclass
@@ -140,8 +153,14 @@ class _Group:
         if self.image_member is None and not errors:
             found = self.json_member or "nothing"
             errors.append(f"no image member (expected one of {'/'.join(IMAGE_EXTENSIONS[:4])}; found {found})")
-        return make_sample(self.key, shard, "; ".join(errors) or None, image_bytes=self.image_bytes,
-                           image_ext=self.image_ext, json_bytes=self.json_bytes)
+        return make_sample(
+            self.key,
+            shard,
+            "; ".join(errors) or None,
+            image_bytes=self.image_bytes,
+            image_ext=self.image_ext,
+            json_bytes=self.json_bytes,
+        )
 
 
 class _Collector:
@@ -191,8 +210,9 @@ class _Collector:
         self.last = group
         return group
 
-    def _add_image(self, tf: tarfile.TarFile, member: tarfile.TarInfo, name: str, key: str, ext: str,
-                   data: bytes | None) -> None:
+    def _add_image(
+        self, tf: tarfile.TarFile, member: tarfile.TarInfo, name: str, key: str, ext: str, data: bytes | None
+    ) -> None:
         group = self._group(key)
         if group.image_member is None:
             group.image_member, group.image_ext = name, ext
@@ -303,8 +323,7 @@ def read_tar(fileobj: IO[bytes], shard: str) -> TarRead:
     size = None if gzipped else fileobj.seek(0, 2)  # a member may not claim bytes past the end
     fileobj.seek(0)
     try:
-        tf = tarfile.open(fileobj=fileobj, mode="r:gz" if gzipped else "r:", encoding="utf-8",
-                          errors="surrogateescape")
+        tf = tarfile.open(fileobj=fileobj, mode="r:gz" if gzipped else "r:", encoding="utf-8", errors="surrogateescape")
     except _DAMAGE_ERRORS as e:
         return TarRead(damage=f"not a readable tar ({safe_text(str(e))})")
     try:

@@ -32,19 +32,21 @@ from ovsam_ray.data.shards import IMAGE_CLASSES_FILE, IMAGE_EXTENSIONS
 from ovsam_ray.data.synthetic import tar_bytes
 from ovsam_ray.errors import ConfigError
 
-__all__ = ["IMAGE_CLASSES_SCHEMA", "ConvertSummary", "Sample", "image_extension", "sample_key",
-           "write_shards"]
+__all__ = ["IMAGE_CLASSES_SCHEMA", "ConvertSummary", "Sample", "image_extension", "sample_key", "write_shards"]
 
 log = logging.getLogger(__name__)
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 #: Skipped samples listed by name in the summary (the count is always complete).
 MAX_LISTED_SKIPS = 50
-IMAGE_CLASSES_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("key", pa.string()),
-    ("category_names", pa.list_(pa.string())),  # aligned with category_ids; null where the annotation had none
-    ("category_ids", pa.list_(pa.int64())),
-])
+IMAGE_CLASSES_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("category_names", pa.list_(pa.string())),  # aligned with category_ids; null where the annotation had none
+        ("category_ids", pa.list_(pa.int64())),
+    ]
+)
 
 
 def sample_key(*parts: Any) -> str:
@@ -110,11 +112,17 @@ class ConvertSummary:
         log.warning("skipped %s: %s", storage.safe_for_log(what), storage.safe_for_log(why))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shards": len(self.shards), "images": self.images, "annotations": self.annotations,
-                "skipped": self.skipped, "skipped_examples": self.skipped_examples,
-                "skipped_records": dict(sorted(self.skipped_records.items())),
-                "skipped_record_examples": self.skipped_record_examples, "notes": self.notes,
-                "first_shard": self.shards[0] if self.shards else None}
+        return {
+            "shards": len(self.shards),
+            "images": self.images,
+            "annotations": self.annotations,
+            "skipped": self.skipped,
+            "skipped_examples": self.skipped_examples,
+            "skipped_records": dict(sorted(self.skipped_records.items())),
+            "skipped_record_examples": self.skipped_record_examples,
+            "notes": self.notes,
+            "first_shard": self.shards[0] if self.shards else None,
+        }
 
 
 def _chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
@@ -153,8 +161,9 @@ def _image_classes(annotations: Any) -> list[tuple[str | None, int | None]]:
     return list(pairs)
 
 
-def _build_shard(url: str, chunk: list[Sample], s3_endpoint: str | None
-                 ) -> tuple[int, int, list[tuple[str, str]], list[tuple[str, list]]]:
+def _build_shard(
+    url: str, chunk: list[Sample], s3_endpoint: str | None
+) -> tuple[int, int, list[tuple[str, str]], list[tuple[str, list]]]:
     members: list[tuple[str, bytes]] = []
     seen: set[str] = set()
     skipped: list[tuple[str, str]] = []
@@ -224,11 +233,20 @@ def write_shards(
     if any(rows["category_ids"]):  # classed annotations somewhere: training counts its epochs from this
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pydict(rows, schema=IMAGE_CLASSES_SCHEMA), sink, compression="zstd")
-        storage.atomic_write_bytes(storage.join(output, IMAGE_CLASSES_FILE), sink.getvalue().to_pybytes(),
-                              s3_endpoint=s3_endpoint)
-    storage.atomic_write_bytes(storage.join(output, "_convert.json"), json.dumps(summary.to_dict(), indent=1).encode(),
-                          s3_endpoint=s3_endpoint)
-    log.info("wrote %d images (%d annotations) into %d shards under %s; %d images skipped, malformed records "
-             "skipped: %s (reasons in _convert.json)", summary.images, summary.annotations, len(summary.shards),
-             storage.redact(output), summary.skipped, summary.skipped_records or "none")
+        storage.atomic_write_bytes(
+            storage.join(output, IMAGE_CLASSES_FILE), sink.getvalue().to_pybytes(), s3_endpoint=s3_endpoint
+        )
+    storage.atomic_write_bytes(
+        storage.join(output, "_convert.json"), json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3_endpoint
+    )
+    log.info(
+        "wrote %d images (%d annotations) into %d shards under %s; %d images skipped, malformed records "
+        "skipped: %s (reasons in _convert.json)",
+        summary.images,
+        summary.annotations,
+        len(summary.shards),
+        storage.redact(output),
+        summary.skipped,
+        summary.skipped_records or "none",
+    )
     return summary

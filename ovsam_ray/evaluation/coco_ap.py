@@ -45,8 +45,9 @@ def _quiet() -> Any:
         yield
 
 
-def coco_dataset(images: list[dict[str, Any]], annotations: list[dict[str, Any]],
-                 categories: list[dict[str, Any]]) -> dict[str, Any]:
+def coco_dataset(
+    images: list[dict[str, Any]], annotations: list[dict[str, Any]], categories: list[dict[str, Any]]
+) -> dict[str, Any]:
     """A COCO ground-truth dict. Annotation ids are renumbered 1..N (COCOeval treats id 0 as
     "unmatched", and ids from different shards collide); missing ``iscrowd`` is 0, missing
     ``area`` the mask's area (RLE) or the box's."""
@@ -78,8 +79,9 @@ def _load_results(gt: Any, results: list[dict[str, Any]]) -> Any:
     return _coco({"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []})
 
 
-def mask_ap(gt: dict[str, Any], results: list[dict[str, Any]], *, cat_ids: Iterable[int] | None = None,
-            max_dets: int = 100) -> dict[str, float | None]:
+def mask_ap(
+    gt: dict[str, Any], results: list[dict[str, Any]], *, cat_ids: Iterable[int] | None = None, max_dets: int = 100
+) -> dict[str, float | None]:
     """COCOeval ``segm`` stats (:data:`STAT_NAMES`; AR over 1, 10 and ``max_dets`` detections)
     for ``results`` (COCO results: ``image_id``, ``category_id``, ``segmentation`` RLE, ``score``)
     against ``gt`` (:func:`coco_dataset`), optionally on a subset of categories. A stat that
@@ -109,8 +111,7 @@ def lvis_available() -> bool:
     return True
 
 
-def lvis_mask_ap(gt: dict[str, Any], results: list[dict[str, Any]], *, max_dets: int = 300
-                 ) -> dict[str, float] | None:
+def lvis_mask_ap(gt: dict[str, Any], results: list[dict[str, Any]], *, max_dets: int = 300) -> dict[str, float] | None:
     """LVIS mask AP (AP, AP50, AP75, APs/m/l, APr/c/f) with the ``lvis`` package, or ``None``
     when it is not installed or ``gt`` lacks what LVIS needs (category ``frequency``)."""
     if not lvis_available() or not all("frequency" in c for c in gt.get("categories", [])):
@@ -132,8 +133,14 @@ def lvis_mask_ap(gt: dict[str, Any], results: list[dict[str, Any]], *, max_dets:
     return {k: float(v) for k, v in ev.get_results().items()}
 
 
-def instance_results(instances: Iterable[dict[str, Any]], image_id: int, category_ids: dict[str, int], *,
-                     label_source: str = "ovsam", score: str = "auto") -> tuple[list[dict[str, Any]], int]:
+def instance_results(
+    instances: Iterable[dict[str, Any]],
+    image_id: int,
+    category_ids: dict[str, int],
+    *,
+    label_source: str = "ovsam",
+    score: str = "auto",
+) -> tuple[list[dict[str, Any]], int]:
     """COCO results for one image's label instances. ``category_ids`` maps class names (any case,
     ``_`` = space) to dataset category ids; an instance whose label is not there is dropped and
     counted. Returns the results and the number dropped."""
@@ -147,8 +154,14 @@ def instance_results(instances: Iterable[dict[str, Any]], image_id: int, categor
             dropped += 1
             continue
         rle = inst["rle"]
-        out.append({"image_id": image_id, "category_id": cat, "score": instance_score(inst, label_source, score),
-                    "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]}})
+        out.append(
+            {
+                "image_id": image_id,
+                "category_id": cat,
+                "score": instance_score(inst, label_source, score),
+                "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
+            }
+        )
     return out, dropped
 
 

@@ -70,22 +70,31 @@ class EvalConfig:
 
     input: str = field(metadata={"help": "shards with ground-truth annotations (detector: and boxes)"})
     output: str = field(metadata={"help": "folder or s3:// prefix: prompted shards, labels, metrics"})
-    mode: str = field(default="interactive", metadata={
-        "choices": EVAL_MODES, "help": "interactive (ground-truth prompts) or detector-box mask AP"})
-    prompts: str = field(default="both", metadata={
-        "choices": ("box", "point", "both"), "help": "interactive prompts"})
+    mode: str = field(
+        default="interactive",
+        metadata={"choices": EVAL_MODES, "help": "interactive (ground-truth prompts) or detector-box mask AP"},
+    )
+    prompts: str = field(default="both", metadata={"choices": ("box", "point", "both"), "help": "interactive prompts"})
     label_source: str = field(default="ovsam", metadata={"choices": LABEL_SOURCES, "help": "detector mode labels"})
     score: str = field(default="auto", metadata={"choices": SCORE_MODES, "help": "detector mode scores"})
-    categories: str | None = field(default=None, metadata={"help": (
-        "COCO/LVIS json (or _categories.json) with the full category list (default: the categories seen in "
-        "the ground truth)")})
+    categories: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "COCO/LVIS json (or _categories.json) with the full category list (default: the categories seen in "
+                "the ground truth)"
+            )
+        },
+    )
     max_dets: int = field(default=100, metadata={"help": "detections per image for AP (LVIS: 300)"})
-    labels: str | None = field(default=None, metadata={
-        "help": "score this existing label output instead of running the label job"})
+    labels: str | None = field(
+        default=None, metadata={"help": "score this existing label output instead of running the label job"}
+    )
     model: ModelConfig | None = field(default=None, metadata={"cli": False})
     batch_size: int = field(default=4, metadata={"help": "images per model forward"})
-    concurrency: int | tuple[int, int] = field(default=1, metadata={
-        "help": "model actors: N (a fixed pool) or MIN,MAX (an autoscaling one)"})
+    concurrency: int | tuple[int, int] = field(
+        default=1, metadata={"help": "model actors: N (a fixed pool) or MIN,MAX (an autoscaling one)"}
+    )
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: run on CPUs)"})
     overwrite: bool = field(default=False, metadata={"help": "redo prompted shards and labels"})
 
@@ -100,24 +109,31 @@ class EvalConfig:
             raise ConfigError(f"max_dets={self.max_dets}: must be >= 1")
         if self.model is None and self.labels is None:
             raise ConfigError("no model: give the model (weights or random_init) or an existing label output")
-        check_disjoint([("--input", self.input), ("--labels", self.labels), ("--categories", self.categories)],
-                       [("--output", storage.join(self.output, name)) for name in self.written()])
+        check_disjoint(
+            [("--input", self.input), ("--labels", self.labels), ("--categories", self.categories)],
+            [("--output", storage.join(self.output, name)) for name in self.written()],
+        )
 
     def written(self) -> list[str]:
         """What the evaluation writes below ``output``: the metrics, and without ``labels`` the
         label job's output (and, interactive, the prompted shards it labels)."""
         names = ["metrics.json", "metrics.md"]
         if self.labels is None:
-            names += [f"shards_{self.prompts}", f"labels_{self.prompts}"] if self.mode == "interactive" else [
-                "labels_detector"]
+            names += (
+                [f"shards_{self.prompts}", f"labels_{self.prompts}"]
+                if self.mode == "interactive"
+                else ["labels_detector"]
+            )
         return names
 
 
 def _model_from_run_record(labels: str, s3_endpoint: str | None) -> ModelConfig:
     record = read_run_record(labels, s3_endpoint=s3_endpoint)
     if record is None:
-        raise MissingInputError(f"{storage.redact(labels)} has no {RUN_RECORD_NAME}: give the model (--weights or "
-                                "--random-init) to score a label output that has no run record")
+        raise MissingInputError(
+            f"{storage.redact(labels)} has no {RUN_RECORD_NAME}: give the model (--weights or "
+            "--random-init) to score a label output that has no run record"
+        )
     model = dict((record.get("details", {}).get("config") or {}).get("model") or {})
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in model.items() if k in names})
@@ -139,8 +155,9 @@ def eval_vocabulary(model: ModelConfig) -> Vocabulary:
 # --- Ray tasks (one per shard) -------------------------------------------------------------------
 
 
-def _score_interactive_shard(label_url: str, shard_url: str, lookup: ClassLookup, s3_endpoint: str | None
-                             ) -> dict[str, Any]:
+def _score_interactive_shard(
+    label_url: str, shard_url: str, lookup: ClassLookup, s3_endpoint: str | None
+) -> dict[str, Any]:
     records, counts = score_label_shard(label_url, shard_url, lookup, s3_endpoint)
     return {"records": [dataclasses.astuple(r) for r in records], **counts}
 
@@ -151,13 +168,18 @@ def _detector_shard(label_url: str, shard_url: str, s3_endpoint: str | None) -> 
     out = []
     for row in read_label_file(label_url, s3_endpoint=s3_endpoint):
         meta = metas.get(row["key"], {})
-        out.append({
-            "shard": row["shard"], "key": row["key"], "status": row["status"],
-            "width": row["width"] or meta.get("width"), "height": row["height"] or meta.get("height"),
-            "annotations": meta.get("annotations") or [],
-            "image_fields": {k: meta[k] for k in _IMAGE_FIELDS if k in meta},
-            "instances": [{k: inst.get(k) for k in keep} for inst in row["instances"] or []],
-        })
+        out.append(
+            {
+                "shard": row["shard"],
+                "key": row["key"],
+                "status": row["status"],
+                "width": row["width"] or meta.get("width"),
+                "height": row["height"] or meta.get("height"),
+                "annotations": meta.get("annotations") or [],
+                "image_fields": {k: meta[k] for k in _IMAGE_FIELDS if k in meta},
+                "instances": [{k: inst.get(k) for k in keep} for inst in row["instances"] or []],
+            }
+        )
     return out
 
 
@@ -175,9 +197,18 @@ def _map_shards(fn: Any, pairs: list[tuple[str, str]], *args: Any) -> list[Any]:
 def _label(cfg: EvalConfig, input_url: str, labels_url: str) -> dict[str, Any]:
     from ovsam_ray.pipeline.label_job import LabelConfig, run_label
 
-    summary = run_label(LabelConfig(input=input_url, output=labels_url, model=cfg.model, batch_size=cfg.batch_size,
-                                    concurrency=cfg.concurrency, num_gpus=cfg.num_gpus, overwrite=cfg.overwrite,
-                                    max_error_fraction=1.0))
+    summary = run_label(
+        LabelConfig(
+            input=input_url,
+            output=labels_url,
+            model=cfg.model,
+            batch_size=cfg.batch_size,
+            concurrency=cfg.concurrency,
+            num_gpus=cfg.num_gpus,
+            overwrite=cfg.overwrite,
+            max_error_fraction=1.0,
+        )
+    )
     return summary.to_dict()
 
 
@@ -186,12 +217,26 @@ def _prompted_shards(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3
 
     work = storage.join(cfg.output, f"shards_{cfg.prompts}")
     task = ray.remote(num_cpus=1)(rewrite_shard_prompts)
-    todo = [u for u in shards
-            if cfg.overwrite or not storage.exists(storage.join(work, f"{shard_name(u)}.tar"), s3_endpoint=s3)]
-    counts = ray.get([task.remote(u, storage.join(work, f"{shard_name(u)}.tar"), mode=cfg.prompts, keep=lookup.keep,
-                                  s3_endpoint=s3) for u in todo])
-    log.info("eval: %d shards with ground-truth %s prompts (%d prompts) -> %s", len(todo), cfg.prompts,
-             sum(c["prompts"] for c in counts), storage.redact(work))
+    todo = [
+        u
+        for u in shards
+        if cfg.overwrite or not storage.exists(storage.join(work, f"{shard_name(u)}.tar"), s3_endpoint=s3)
+    ]
+    counts = ray.get(
+        [
+            task.remote(
+                u, storage.join(work, f"{shard_name(u)}.tar"), mode=cfg.prompts, keep=lookup.keep, s3_endpoint=s3
+            )
+            for u in todo
+        ]
+    )
+    log.info(
+        "eval: %d shards with ground-truth %s prompts (%d prompts) -> %s",
+        len(todo),
+        cfg.prompts,
+        sum(c["prompts"] for c in counts),
+        storage.redact(work),
+    )
     return work
 
 
@@ -207,8 +252,13 @@ def _interactive(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3: st
     records = [ObjectScore(*r) for p in parts for r in p["records"]]
     counts = {k: sum(p[k] for p in parts) for k in ("images", "images_error", "prompts_without_instance")}
     metrics = summarize(records)
-    return {"metrics": metrics, "counts": counts, "labels": labels, "label_job": label_summary,
-            "markdown": table1_markdown(metrics)}
+    return {
+        "metrics": metrics,
+        "counts": counts,
+        "labels": labels,
+        "label_job": label_summary,
+        "markdown": table1_markdown(metrics),
+    }
 
 
 def _categories(cfg: EvalConfig, images: list[dict[str, Any]], s3: str | None) -> list[dict[str, Any]]:
@@ -250,23 +300,41 @@ def _detector(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3: str |
     cat_ids = {clean_class_name(str(c["name"])): int(c["id"]) for c in categories}
     gt_images, gt_anns, results, dropped = [], [], [], 0
     for image_id, image in enumerate(images, start=1):
-        gt_images.append({"id": image_id, "width": image["width"], "height": image["height"],
-                          "file_name": f"{image['shard']}/{image['key']}", **image["image_fields"]})
+        gt_images.append(
+            {
+                "id": image_id,
+                "width": image["width"],
+                "height": image["height"],
+                "file_name": f"{image['shard']}/{image['key']}",
+                **image["image_fields"],
+            }
+        )
         gt_anns += [{**a, "image_id": image_id} for a in image["annotations"] if a.get("category_id") is not None]
-        res, n = instance_results(image["instances"], image_id, cat_ids, label_source=cfg.label_source,
-                                  score=cfg.score)
+        res, n = instance_results(image["instances"], image_id, cat_ids, label_source=cfg.label_source, score=cfg.score)
         results += res
         dropped += n
     gt = coco_dataset(gt_images, gt_anns, categories)
-    metrics = {name: mask_ap(gt, results, cat_ids=ids, max_dets=cfg.max_dets)
-               for name, ids in _subsets(categories, lookup).items()}
+    metrics = {
+        name: mask_ap(gt, results, cat_ids=ids, max_dets=cfg.max_dets)
+        for name, ids in _subsets(categories, lookup).items()
+    }
     lvis = lvis_mask_ap(gt, results)
     if lvis is not None:
         metrics["lvis"] = lvis
-    counts = {"images": len(gt_images), "images_error": sum(i["status"] != "ok" for i in images),
-              "ground_truth": len(gt_anns), "detections": len(results), "dropped_unknown_label": dropped}
-    return {"metrics": metrics, "counts": counts, "labels": labels, "label_job": label_summary,
-            "markdown": ap_markdown(metrics)}
+    counts = {
+        "images": len(gt_images),
+        "images_error": sum(i["status"] != "ok" for i in images),
+        "ground_truth": len(gt_anns),
+        "detections": len(results),
+        "dropped_unknown_label": dropped,
+    }
+    return {
+        "metrics": metrics,
+        "counts": counts,
+        "labels": labels,
+        "label_job": label_summary,
+        "markdown": ap_markdown(metrics),
+    }
 
 
 def _check_metrics_ours(output: str, s3: str | None) -> None:
@@ -286,8 +354,10 @@ def _check_metrics_ours(output: str, s3: str | None) -> None:
                 obj = None
             ours = isinstance(obj, dict) and {"mode", "config", "metrics"} <= obj.keys()
         if not ours:
-            raise OutputClashError(f"{storage.redact(url)} was not written by ovsam-ray eval and the evaluation would "
-                                   "overwrite it: move it away or choose another --output")
+            raise OutputClashError(
+                f"{storage.redact(url)} was not written by ovsam-ray eval and the evaluation would "
+                "overwrite it: move it away or choose another --output"
+            )
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
@@ -301,14 +371,16 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     shard_names(shards)  # the prompted shards and label files are named after them: refuse a clash
     result = (_interactive if cfg.mode == "interactive" else _detector)(cfg, shards, lookup, s3)
     markdown = result.pop("markdown")
-    title = f"# ovsam-ray eval: {cfg.mode}" + (f" ({cfg.prompts} prompts)" if cfg.mode == "interactive" else
-                                               f" (labels from {cfg.label_source})")
+    title = f"# ovsam-ray eval: {cfg.mode}" + (
+        f" ({cfg.prompts} prompts)" if cfg.mode == "interactive" else f" (labels from {cfg.label_source})"
+    )
     warning = "\n**random weights: these numbers measure nothing**\n" if cfg.model.random_init else ""
     counts = ", ".join(f"{k}={v}" for k, v in result["counts"].items())
     report = f"{title}\n{warning}\n{markdown}\n{counts}\n"
     record = {"mode": cfg.mode, "config": storage.redact_config(dataclasses.asdict(cfg)), **result}
-    storage.atomic_write_bytes(storage.join(cfg.output, "metrics.json"), json.dumps(record, indent=1).encode(),
-                          s3_endpoint=s3)
+    storage.atomic_write_bytes(
+        storage.join(cfg.output, "metrics.json"), json.dumps(record, indent=1).encode(), s3_endpoint=s3
+    )
     storage.atomic_write_bytes(storage.join(cfg.output, "metrics.md"), report.encode(), s3_endpoint=s3)
     log.info("eval results -> %s (metrics.json, metrics.md)", storage.redact(cfg.output))
     return {**record, "markdown": report}

@@ -132,9 +132,7 @@ def _matches(inst: dict[str, Any], prompt_type: str, coords: np.ndarray) -> bool
     return got is not None and bool(np.allclose(np.asarray(got, np.float64), coords, atol=1e-2))
 
 
-def score_image(
-    row: dict[str, Any], meta: dict[str, Any], lookup: ClassLookup
-) -> tuple[list[ObjectScore], int]:
+def score_image(row: dict[str, Any], meta: dict[str, Any], lookup: ClassLookup) -> tuple[list[ObjectScore], int]:
     """Score one label row against its shard JSON (``annotations`` + ``box_annotations`` /
     ``point_annotations``). Instances are matched to prompts in prompt order by their prompt box
     or point, so a prompt the label job dropped is counted, not mis-paired. Returns the records
@@ -163,10 +161,21 @@ def score_image(
             if ann_index not in masks:
                 masks[ann_index] = object_mask(ann, height, width)
             target = masks[ann_index]
-            fill = mask_iou(box_fill_mask(inst["prompt_box"], height, width), target) if prompt_type == "box" \
+            fill = (
+                mask_iou(box_fill_mask(inst["prompt_box"], height, width), target)
+                if prompt_type == "box"
                 else float("nan")
-            out.append(ObjectScore(prompt_type, cls, lookup.seen[cls], mask_iou(decode_rle(inst["rle"]), target),
-                                   lookup.label_index(inst.get("label")) == cls, fill))
+            )
+            out.append(
+                ObjectScore(
+                    prompt_type,
+                    cls,
+                    lookup.seen[cls],
+                    mask_iou(decode_rle(inst["rle"]), target),
+                    lookup.label_index(inst.get("label")) == cls,
+                    fill,
+                )
+            )
     return out, missing
 
 
@@ -185,8 +194,11 @@ def summarize(records: Iterable[ObjectScore]) -> dict[str, dict[str, Any]]:
     for prompt_type in sorted(groups, key=lambda t: (t != "box", t)):
         recs = groups[prompt_type]
         entry: dict[str, Any] = {}
-        for split, chosen in (("", recs), ("_base", [r for r in recs if r.seen]),
-                              ("_novel", [r for r in recs if not r.seen])):
+        for split, chosen in (
+            ("", recs),
+            ("_base", [r for r in recs if r.seen]),
+            ("_novel", [r for r in recs if not r.seen]),
+        ):
             entry[f"objects{split}"] = len(chosen)
             entry[f"miou{split}"] = _mean([r.iou for r in chosen])
             entry[f"accuracy{split}"] = _mean([float(r.correct) for r in chosen])
@@ -204,13 +216,16 @@ def _fmt(value: Any, percent: bool = True) -> str:
 
 def table1_markdown(metrics: dict[str, dict[str, Any]]) -> str:
     """The metrics of :func:`summarize` as a markdown table (IoU and accuracy in %)."""
-    lines = ["| prompt | objects (base/novel) | mIoU | mIoU base | mIoU novel | acc | acc base | acc novel |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| prompt | objects (base/novel) | mIoU | mIoU base | mIoU novel | acc | acc base | acc novel |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for prompt_type, m in metrics.items():
         lines.append(
             f"| {prompt_type} | {m['objects']} ({m['objects_base']}/{m['objects_novel']}) | {_fmt(m['miou'])} | "
             f"{_fmt(m['miou_base'])} | {_fmt(m['miou_novel'])} | {_fmt(m['accuracy'])} | "
-            f"{_fmt(m['accuracy_base'])} | {_fmt(m['accuracy_novel'])} |")
+            f"{_fmt(m['accuracy_base'])} | {_fmt(m['accuracy_novel'])} |"
+        )
     if "box" in metrics and metrics["box"].get("box_fill_miou") is not None:
         lines.append("")
         lines.append(f"Box-fill baseline (the prompt box as the mask): mIoU {_fmt(metrics['box']['box_fill_miou'])}")
@@ -248,8 +263,9 @@ def label_shard_pairs(labels: str, shards: Sequence[str], s3_endpoint: str | Non
     return pairs
 
 
-def _score_rows(rows: Iterable[dict[str, Any]], metas: dict[str, dict[str, Any]], lookup: ClassLookup
-                ) -> tuple[list[ObjectScore], dict[str, int]]:
+def _score_rows(
+    rows: Iterable[dict[str, Any]], metas: dict[str, dict[str, Any]], lookup: ClassLookup
+) -> tuple[list[ObjectScore], dict[str, int]]:
     records: list[ObjectScore] = []
     counts = {"images": 0, "images_error": 0, "prompts_without_instance": 0}
     for row in rows:
@@ -263,20 +279,21 @@ def _score_rows(rows: Iterable[dict[str, Any]], metas: dict[str, dict[str, Any]]
     return records, counts
 
 
-def score_label_shard(label_url: str, shard_url: str, lookup: ClassLookup, s3_endpoint: str | None = None
-                      ) -> tuple[list[ObjectScore], dict[str, int]]:
+def score_label_shard(
+    label_url: str, shard_url: str, lookup: ClassLookup, s3_endpoint: str | None = None
+) -> tuple[list[ObjectScore], dict[str, int]]:
     """The records of one label file against the prompted shard it was labelled from, and counts
     (``images``, ``images_error``, ``prompts_without_instance``)."""
-    return _score_rows(read_label_file(label_url, s3_endpoint=s3_endpoint), shard_metas(shard_url, s3_endpoint),
-                       lookup)
+    return _score_rows(read_label_file(label_url, s3_endpoint=s3_endpoint), shard_metas(shard_url, s3_endpoint), lookup)
 
 
 def _add_counts(total: dict[str, int], part: dict[str, int]) -> dict[str, int]:
     return {k: total.get(k, 0) + v for k, v in part.items()}
 
 
-def evaluate_label_output(labels: str, shards: Sequence[str], lookup: ClassLookup, *,
-                          s3_endpoint: str | None = None) -> dict[str, Any]:
+def evaluate_label_output(
+    labels: str, shards: Sequence[str], lookup: ClassLookup, *, s3_endpoint: str | None = None
+) -> dict[str, Any]:
     """Score a label output (labelled from ``shards``, which carry ground-truth prompts, see
     :func:`~ovsam_ray.data.gt_prompts.rewrite_shard_prompts`) in this process: ``metrics``
     (:func:`summarize`) and ``counts``. ``ovsam-ray eval`` does the same with a Ray task per shard."""
@@ -289,8 +306,15 @@ def evaluate_label_output(labels: str, shards: Sequence[str], lookup: ClassLooku
     return {"metrics": summarize(records), "counts": counts}
 
 
-def evaluate_predictor(predictor: Any, vocab: Vocabulary, shards: Sequence[str], *, prompts: str = "both",
-                       batch_size: int = 8, s3_endpoint: str | None = None) -> dict[str, Any]:
+def evaluate_predictor(
+    predictor: Any,
+    vocab: Vocabulary,
+    shards: Sequence[str],
+    *,
+    prompts: str = "both",
+    batch_size: int = 8,
+    s3_endpoint: str | None = None,
+) -> dict[str, Any]:
     """Table 1 of a predictor run in this process on shards with ground truth (``annotations``):
     each object's box and/or interior point as prompts (as ``eval`` writes them), labelled by
     :func:`~ovsam_ray.labelling.label_samples`; returns ``metrics`` and ``counts`` as

@@ -14,8 +14,16 @@ from ovsam_ray.export.yolo import export_yolo
 from ovsam_ray.registry import Registry
 
 #: Format name -> ``export_<format>(labels, output, **options)``; ``ovsam-ray export <format>``.
-EXPORTERS = Registry("export format", {"coco": export_coco, "yolo": export_yolo, "labelstudio": export_labelstudio,
-                                       "sa1b": export_sa1b, "wds": export_wds})
+EXPORTERS = Registry(
+    "export format",
+    {
+        "coco": export_coco,
+        "yolo": export_yolo,
+        "labelstudio": export_labelstudio,
+        "sa1b": export_sa1b,
+        "wds": export_wds,
+    },
+)
 
 __all__ = [
     "EXPORTERS",

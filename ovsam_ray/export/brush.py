@@ -55,7 +55,7 @@ def brush_rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
 
     def read(n: int) -> int:
         nonlocal pos
-        value = int("".join(map(str, bits[pos:pos + n])) or "0", 2)
+        value = int("".join(map(str, bits[pos : pos + n])) or "0", 2)
         pos += n
         return value
 

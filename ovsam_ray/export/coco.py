@@ -59,8 +59,9 @@ def coco_image_ids(labels: str, *, s3_endpoint: str | None = None) -> str:
     return "source"
 
 
-def _ok_rows(labels: str, columns: tuple[str, ...] | None, policy: str, s3_endpoint: str | None
-             ) -> Iterator[tuple[int, dict[str, Any]]]:
+def _ok_rows(
+    labels: str, columns: tuple[str, ...] | None, policy: str, s3_endpoint: str | None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     n = 0
     for row in iter_label_rows(labels, columns=columns, s3_endpoint=s3_endpoint):
         if row["status"] != "ok":
@@ -81,18 +82,26 @@ def _annotation(inst: dict[str, Any], image_id: int, category_id: int, score: fl
     x0, y0, x1, y1 = (float(v) for v in inst["bbox"])
     rle = inst["rle"]
     return {
-        "image_id": image_id, "category_id": category_id, "iscrowd": 0,
+        "image_id": image_id,
+        "category_id": category_id,
+        "iscrowd": 0,
         "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
-        "area": int(inst["area"]), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score,
-        "label": inst.get("label"), "label_score": inst.get("label_score"),
-        "topk_labels": inst.get("topk_labels"), "topk_scores": inst.get("topk_scores"),
-        "prompt_type": inst.get("prompt_type"), "detector_score": inst.get("detector_score"),
+        "area": int(inst["area"]),
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "score": score,
+        "label": inst.get("label"),
+        "label_score": inst.get("label_score"),
+        "topk_labels": inst.get("topk_labels"),
+        "topk_scores": inst.get("topk_scores"),
+        "prompt_type": inst.get("prompt_type"),
+        "detector_score": inst.get("detector_score"),
         "detector_label": inst.get("detector_label"),
     }
 
 
-def _coco_names(name: str, labels: str, shards: str | None, with_images: bool, s3_endpoint: str | None
-                ) -> Iterator[str]:
+def _coco_names(
+    name: str, labels: str, shards: str | None, with_images: bool, s3_endpoint: str | None
+) -> Iterator[str]:
     """The json's name and, ``with_images``, the images' names below its folder."""
     yield name
     if not with_images:
@@ -130,14 +139,24 @@ def export_coco(
         raise ConfigError(f"label_source must be one of {LABEL_SOURCES}, score one of {SCORE_MODES}")
     fixed = load_categories(categories, s3_endpoint=s3_endpoint) if categories else None
     index = category_index(fixed) if fixed else None
-    builtin = None if fixed or label_source != "ovsam" else dataset_categories(
-        record_vocabulary(labels, s3_endpoint=s3_endpoint))
+    builtin = (
+        None
+        if fixed or label_source != "ovsam"
+        else dataset_categories(record_vocabulary(labels, s3_endpoint=s3_endpoint))
+    )
     if builtin is not None:
         fixed, id_map = builtin
     seen: dict[int, str] = {}
     by_name: dict[str, int] = {}
-    stats = {"images": 0, "annotations": 0, "dropped": 0, "below_min_score": 0, "error_rows": 0,
-             "images_written": 0, "images_missing": 0}
+    stats = {
+        "images": 0,
+        "annotations": 0,
+        "dropped": 0,
+        "below_min_score": 0,
+        "error_rows": 0,
+        "images_written": 0,
+        "images_missing": 0,
+    }
     policy = coco_image_ids(labels, s3_endpoint=s3_endpoint)
     exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint)
     copier = ImageCopier(exts.urls, storage.join(output_folder(output), "images"), s3_endpoint=s3_endpoint)
@@ -148,8 +167,14 @@ def export_coco(
             name = data_file_name(row["shard"], row["key"], ext)
             if with_images:
                 copier.add(row["shard"], row["key"])
-            yield {"id": image_id, "width": row["width"], "height": row["height"],
-                   "file_name": name, "shard": row["shard"], "key": row["key"]}
+            yield {
+                "id": image_id,
+                "width": row["width"],
+                "height": row["height"],
+                "file_name": name,
+                "shard": row["shard"],
+                "key": row["key"],
+            }
 
     def category(inst: dict[str, Any], name: Any) -> int | None:
         if index is not None:
@@ -180,8 +205,13 @@ def export_coco(
                 yield {k: ann[k] for k in _RESULT_FIELDS} if results else {"id": n, **ann}
 
     folder, name = file_and_folder(output)
-    with writing(folder, "export coco", _coco_names(name, labels, shards, with_images, s3_endpoint),
-                 overwrite=overwrite, s3_endpoint=s3_endpoint):
+    with writing(
+        folder,
+        "export coco",
+        _coco_names(name, labels, shards, with_images, s3_endpoint),
+        overwrite=overwrite,
+        s3_endpoint=s3_endpoint,
+    ):
         with open_output(output, "w", s3_endpoint=s3_endpoint) as f:
             if results:
                 f.write("[")

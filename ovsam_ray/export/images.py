@@ -53,8 +53,12 @@ class ImageCopier:
                     keys.discard(s["key"])
                     self.written += 1
             if keys:
-                log.warning("shard %s: %d labelled images not found in it, not copied (first: %s)",
-                            storage.safe_for_log(shard), len(keys), storage.safe_for_log(min(keys), limit=80))
+                log.warning(
+                    "shard %s: %d labelled images not found in it, not copied (first: %s)",
+                    storage.safe_for_log(shard),
+                    len(keys),
+                    storage.safe_for_log(min(keys), limit=80),
+                )
                 self.missing += len(keys)
 
 

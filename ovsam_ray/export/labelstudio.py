@@ -57,9 +57,18 @@ def _value(mask: Any, masks: str, label: Any, width: int, height: int, tolerance
     return {"points": points, "closed": True, "polygonlabels": [label]}
 
 
-def labelstudio_task(row: dict[str, Any], *, image_url: str = "{file_name}", ext: str = "jpg",
-                     masks: str = "brush", from_name: str = "label", to_name: str = "image",
-                     model_version: str = "ovsam", tolerance: float = 1.0, min_score: float = 0.0) -> dict[str, Any]:
+def labelstudio_task(
+    row: dict[str, Any],
+    *,
+    image_url: str = "{file_name}",
+    ext: str = "jpg",
+    masks: str = "brush",
+    from_name: str = "label",
+    to_name: str = "image",
+    model_version: str = "ovsam",
+    tolerance: float = 1.0,
+    min_score: float = 0.0,
+) -> dict[str, Any]:
     """One Label Studio task (with its prediction) for an ``ok`` label row."""
     if masks not in MASK_FORMATS:
         raise ConfigError(f"masks={masks!r}: use one of {MASK_FORMATS}")
@@ -72,31 +81,55 @@ def labelstudio_task(row: dict[str, Any], *, image_url: str = "{file_name}", ext
         value = _value(decode_rle(inst["rle"]), masks, inst.get("label"), width, height, tolerance)
         if value is None:
             continue
-        results.append({
-            "id": f"{row['key']}_{i}", "type": _TAGS[masks][1], "from_name": from_name, "to_name": to_name,
-            "original_width": width, "original_height": height, "image_rotation": 0, "score": score,
-            "value": value,
-        })
+        results.append(
+            {
+                "id": f"{row['key']}_{i}",
+                "type": _TAGS[masks][1],
+                "from_name": from_name,
+                "to_name": to_name,
+                "original_width": width,
+                "original_height": height,
+                "image_rotation": 0,
+                "score": score,
+                "value": value,
+            }
+        )
     fields = {"shard": row["shard"], "key": row["key"], "image_id": row.get("image_id") or ""}
     mean = sum(r["score"] for r in results) / len(results) if results else 0.0
     url = image_url.format(**fields, ext=ext, file_name=data_file_name(row["shard"], row["key"], ext))
-    return {"data": {"image": url, **fields},
-            "predictions": [{"model_version": model_version, "score": mean, "result": results}]}
+    return {
+        "data": {"image": url, **fields},
+        "predictions": [{"model_version": model_version, "score": mean, "result": results}],
+    }
 
 
-def labelstudio_config(labels: list[str], *, masks: str = "brush", from_name: str = "label",
-                       to_name: str = "image") -> str:
+def labelstudio_config(
+    labels: list[str], *, masks: str = "brush", from_name: str = "label", to_name: str = "image"
+) -> str:
     """A labelling config (XML) with an ``<Image>`` and the ``masks`` labels tag holding ``labels``."""
     tag = _TAGS[masks][0]
     items = "\n".join(f"    <Label value={quoteattr(str(n))}/>" for n in labels)
-    return (f"<View>\n  <Image name={quoteattr(to_name)} value=\"$image\"/>\n"
-            f"  <{tag} name={quoteattr(from_name)} toName={quoteattr(to_name)}>\n{items}\n  </{tag}>\n</View>\n")
+    return (
+        f'<View>\n  <Image name={quoteattr(to_name)} value="$image"/>\n'
+        f"  <{tag} name={quoteattr(from_name)} toName={quoteattr(to_name)}>\n{items}\n  </{tag}>\n</View>\n"
+    )
 
 
-def export_labelstudio(labels: str, output: str, *, image_url: str = "{file_name}", masks: str = "brush",
-                       shards: str | None = None, from_name: str = "label", to_name: str = "image",
-                       model_version: str = "ovsam", tolerance: float = 1.0, min_score: float = 0.0,
-                       overwrite: bool = False, s3_endpoint: str | None = None) -> dict[str, int]:
+def export_labelstudio(
+    labels: str,
+    output: str,
+    *,
+    image_url: str = "{file_name}",
+    masks: str = "brush",
+    shards: str | None = None,
+    from_name: str = "label",
+    to_name: str = "image",
+    model_version: str = "ovsam",
+    tolerance: float = 1.0,
+    min_score: float = 0.0,
+    overwrite: bool = False,
+    s3_endpoint: str | None = None,
+) -> dict[str, int]:
     """Write the tasks json ``output`` (a JSON list, streamed) and its labelling config; returns counts.
     Either file already there is refused unless an earlier export wrote it (see :mod:`ovsam_ray.written`)."""
     if masks not in MASK_FORMATS:
@@ -112,17 +145,30 @@ def export_labelstudio(labels: str, output: str, *, image_url: str = "{file_name
                 stats["error_rows"] += 1
                 continue
             ext = (exts(row["shard"], row["key"]) if exts else None) or "jpg"
-            task = labelstudio_task(row, image_url=image_url, ext=ext, masks=masks, from_name=from_name,
-                                    to_name=to_name, model_version=model_version, tolerance=tolerance,
-                                    min_score=min_score)
+            task = labelstudio_task(
+                row,
+                image_url=image_url,
+                ext=ext,
+                masks=masks,
+                from_name=from_name,
+                to_name=to_name,
+                model_version=model_version,
+                tolerance=tolerance,
+                min_score=min_score,
+            )
             for r in task["predictions"][0]["result"]:
                 names.update(dict.fromkeys(r["value"][_TAGS[masks][1]]))
             stats["results"] += len(task["predictions"][0]["result"])
             yield task
 
     folder, name = file_and_folder(output)
-    with writing(folder, "export labelstudio", [name, file_and_folder(_config_url(output))[1]],
-                 overwrite=overwrite, s3_endpoint=s3_endpoint):
+    with writing(
+        folder,
+        "export labelstudio",
+        [name, file_and_folder(_config_url(output))[1]],
+        overwrite=overwrite,
+        s3_endpoint=s3_endpoint,
+    ):
         with open_output(output, "w", s3_endpoint=s3_endpoint) as f:
             f.write("[")
             for task in tasks():

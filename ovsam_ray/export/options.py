@@ -21,17 +21,24 @@ OPTION_FIELDS: dict[str, dict[str, Any]] = {
     "min_score": {"help": "leave out instances scoring below this"},
     "shards": {"help": "input shards (default: the label run record's input)"},
     "s3_endpoint": {"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"},
-    "categories": {"help": "COCO json / _categories.json / vocabulary giving the category ids (default: "
-                           "coco_ov/lvis_v1 labels get COCO's/LVIS's own ids)"},
+    "categories": {
+        "help": "COCO json / _categories.json / vocabulary giving the category ids (default: "
+        "coco_ov/lvis_v1 labels get COCO's/LVIS's own ids)"
+    },
     "label_source": {"choices": LABEL_SOURCES, "help": "each instance's label: OV-SAM's, or its prompt's detector's"},
-    "score": {"choices": SCORE_MODES, "help": "each instance's score (auto: the detector's for detector labels, "
-                                              "else label x detector score, or the label's without a detector)"},
+    "score": {
+        "choices": SCORE_MODES,
+        "help": "each instance's score (auto: the detector's for detector labels, "
+        "else label x detector score, or the label's without a detector)",
+    },
     "results": {"help": "a COCO results array (COCO.loadRes) instead"},
     "with_images": {"help": "also copy the images out of the shards, to <output folder>/images/"},
     "classes": {"help": "vocabulary or COCO json fixing the class order (default: the labels' vocabulary)"},
     "tolerance": {"help": "polygon simplification, pixels"},
-    "image_url": {"help": "template over {file_name} (<shard>/<key>.<ext> as written under images/ by "
-                          "coco/yolo --with-images), {shard}, {key}, {image_id}, {ext}"},
+    "image_url": {
+        "help": "template over {file_name} (<shard>/<key>.<ext> as written under images/ by "
+        "coco/yolo --with-images), {shard}, {key}, {image_id}, {ext}"
+    },
     "masks": {"choices": MASK_FORMATS, "help": "Label Studio's brush RLE or polygons"},
     "from_name": {"help": "the labelling config's control name"},
     "to_name": {"help": "the labelling config's image name"},

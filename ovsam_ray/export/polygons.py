@@ -24,8 +24,9 @@ def _boundary_edges(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inside = p[1:-1, 1:-1]
     starts, dirs = [], []
     # neighbour outside above/right/below/left -> top/right/bottom/left edge of the pixel
-    for d, (neighbour, dx, dy) in enumerate(((p[:-2, 1:-1], 0, 0), (p[1:-1, 2:], 1, 0),
-                                             (p[2:, 1:-1], 1, 1), (p[1:-1, :-2], 0, 1))):
+    for d, (neighbour, dx, dy) in enumerate(
+        ((p[:-2, 1:-1], 0, 0), (p[1:-1, 2:], 1, 0), (p[2:, 1:-1], 1, 1), (p[1:-1, :-2], 0, 1))
+    ):
         ys, xs = np.nonzero(inside & ~neighbour)
         starts.append(np.stack([xs + dx, ys + dy], axis=1))
         dirs.append(np.full(len(xs), d))
@@ -52,7 +53,7 @@ def _loops(mask: np.ndarray) -> list[np.ndarray]:
                 corners.append(end)
                 break
             # prefer turning toward the mask (right), then straight, then left
-            nxt = min(candidates, key=lambda e: ((int(dirs[e]) - d - 1) % 4))
+            nxt = min(candidates, key=lambda e: (int(dirs[e]) - d - 1) % 4)
             if int(dirs[nxt]) != d:
                 corners.append(end)
             edge = nxt
@@ -77,7 +78,7 @@ def _rdp(points: np.ndarray, tolerance: float) -> np.ndarray:
         if b - a < 2:
             continue
         seg = points[b] - points[a]
-        rel = points[a + 1:b] - points[a]
+        rel = points[a + 1 : b] - points[a]
         norm = np.hypot(*seg)
         dist = np.abs(seg[0] * rel[:, 1] - seg[1] * rel[:, 0]) / norm if norm > 0 else np.hypot(rel[:, 0], rel[:, 1])
         j = int(np.argmax(dist))

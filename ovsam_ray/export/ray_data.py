@@ -35,8 +35,9 @@ def _take(table: pa.Table, rows: list[int], images: list[bytes], exts: list[str]
     return out.append_column("image", pa.array(images, pa.binary())).append_column("image_ext", pa.array(exts))
 
 
-def join_shard(labels_url: str, shard_url: str, *, rows_per_batch: int = 64,
-               s3_endpoint: str | None = None) -> Iterator[pa.Table]:
+def join_shard(
+    labels_url: str, shard_url: str, *, rows_per_batch: int = 64, s3_endpoint: str | None = None
+) -> Iterator[pa.Table]:
     """The ``ok`` rows of one label file that have an image in ``shard_url``, with the image's
     bytes and extension, in the shard's order, ``rows_per_batch`` rows per table."""
     fs, path = storage.get_filesystem(labels_url, s3_endpoint=s3_endpoint)
@@ -61,21 +62,25 @@ def join_shard(labels_url: str, shard_url: str, *, rows_per_batch: int = 64,
         yield _take(table, rows, images, exts)
 
 
-def read_labelled_images(labels: str, shards: str | None = None, *, rows_per_batch: int = 64,
-                         s3_endpoint: str | None = None) -> Any:
+def read_labelled_images(
+    labels: str, shards: str | None = None, *, rows_per_batch: int = 64, s3_endpoint: str | None = None
+) -> Any:
     """A ``ray.data.Dataset`` of the labelled images: the label rows joined with their images
     (see the module doc); ``shards`` defaults to the run record's input."""
     import ray
 
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint)
-    pairs = [{"labels_url": u, "shard_url": urls[name]}
-             for u in label_files(labels, s3_endpoint=s3_endpoint)
-             if (name := u.rsplit("/", 1)[-1][: -len(".parquet")]) in urls]
+    pairs = [
+        {"labels_url": u, "shard_url": urls[name]}
+        for u in label_files(labels, s3_endpoint=s3_endpoint)
+        if (name := u.rsplit("/", 1)[-1][: -len(".parquet")]) in urls
+    ]
 
     def join(batch: dict[str, Any]) -> Iterator[pa.Table]:
         for labels_url, shard_url in zip(batch["labels_url"], batch["shard_url"]):
-            yield from join_shard(str(labels_url), str(shard_url), rows_per_batch=rows_per_batch,
-                                  s3_endpoint=s3_endpoint)
+            yield from join_shard(
+                str(labels_url), str(shard_url), rows_per_batch=rows_per_batch, s3_endpoint=s3_endpoint
+            )
 
     ds = ray.data.from_items(pairs, override_num_blocks=max(1, len(pairs)))
     return ds.map_batches(join, batch_size=1)

@@ -44,16 +44,31 @@ def sa1b_record(row: dict[str, Any], *, min_score: float = 0.0, ext: str = "jpg"
         if (inst.get("label_score") or 0.0) < min_score:
             continue
         x0, y0, x1, y1 = (float(v) for v in inst["bbox"])
-        anns.append({
-            "id": i, "segmentation": {"size": [int(v) for v in inst["rle"]["size"]], "counts": inst["rle"]["counts"]},
-            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(inst["area"]), "point_coords": _point(inst),
-            "crop_box": [0, 0, width, height], "label": inst.get("label"), "label_id": inst.get("label_id"),
-            "label_score": inst.get("label_score"), "topk_labels": inst.get("topk_labels"),
-            "topk_scores": inst.get("topk_scores"), "prompt_type": inst.get("prompt_type"),
-            "prompt_box": inst.get("prompt_box"),
-        })
-    image = {"image_id": row.get("image_id") or row["key"], "width": width, "height": height,
-             "file_name": data_file_name(None, row["key"], ext), "shard": row["shard"], "key": row["key"]}
+        anns.append(
+            {
+                "id": i,
+                "segmentation": {"size": [int(v) for v in inst["rle"]["size"]], "counts": inst["rle"]["counts"]},
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": int(inst["area"]),
+                "point_coords": _point(inst),
+                "crop_box": [0, 0, width, height],
+                "label": inst.get("label"),
+                "label_id": inst.get("label_id"),
+                "label_score": inst.get("label_score"),
+                "topk_labels": inst.get("topk_labels"),
+                "topk_scores": inst.get("topk_scores"),
+                "prompt_type": inst.get("prompt_type"),
+                "prompt_box": inst.get("prompt_box"),
+            }
+        )
+    image = {
+        "image_id": row.get("image_id") or row["key"],
+        "width": width,
+        "height": height,
+        "file_name": data_file_name(None, row["key"], ext),
+        "shard": row["shard"],
+        "key": row["key"],
+    }
     return {"image": image, "annotations": anns}
 
 
@@ -63,18 +78,25 @@ def _sa1b_names(labels: str, s3_endpoint: str | None) -> Iterator[str]:
             yield data_file_name(row["shard"], row["key"], "json")
 
 
-def export_sa1b(labels: str, output: str, *, min_score: float = 0.0, shards: str | None = None,
-                overwrite: bool = False, s3_endpoint: str | None = None) -> dict[str, int]:
+def export_sa1b(
+    labels: str,
+    output: str,
+    *,
+    min_score: float = 0.0,
+    shards: str | None = None,
+    overwrite: bool = False,
+    s3_endpoint: str | None = None,
+) -> dict[str, int]:
     """Write one json per ``ok`` row under ``output``; returns counts. ``file_name`` takes the image's extension in its
     input shard (``shards`` or the run record's input; ``jpg`` when they are unknown). Files of the same names
     already there are refused unless an earlier export wrote them (see :mod:`ovsam_ray.written`)."""
-    with writing(output, "export sa1b", _sa1b_names(labels, s3_endpoint), overwrite=overwrite,
-                 s3_endpoint=s3_endpoint):
+    with writing(output, "export sa1b", _sa1b_names(labels, s3_endpoint), overwrite=overwrite, s3_endpoint=s3_endpoint):
         return _export_sa1b(labels, output, min_score=min_score, shards=shards, s3_endpoint=s3_endpoint)
 
 
-def _export_sa1b(labels: str, output: str, *, min_score: float, shards: str | None,
-                 s3_endpoint: str | None) -> dict[str, int]:
+def _export_sa1b(
+    labels: str, output: str, *, min_score: float, shards: str | None, s3_endpoint: str | None
+) -> dict[str, int]:
     stats = {"images": 0, "annotations": 0, "error_rows": 0}
     exts = ImageExts(labels, shards, s3_endpoint=s3_endpoint)
     for row in iter_label_rows(labels, s3_endpoint=s3_endpoint):

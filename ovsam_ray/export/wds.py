@@ -37,16 +37,38 @@ __all__ = ["export_wds", "wds_labels"]
 
 log = logging.getLogger(__name__)
 
-_FIELDS = ("rle", "bbox", "area", "label", "label_id", "label_score", "topk_labels", "topk_scores",
-           "prompt_type", "prompt_box", "point", "detector_label", "detector_score")
+_FIELDS = (
+    "rle",
+    "bbox",
+    "area",
+    "label",
+    "label_id",
+    "label_score",
+    "topk_labels",
+    "topk_scores",
+    "prompt_type",
+    "prompt_box",
+    "point",
+    "detector_label",
+    "detector_score",
+)
 
 
 def wds_labels(row: dict[str, Any], *, min_score: float = 0.0) -> dict[str, Any]:
     """The ``<key>.json`` of one ``ok`` label row."""
-    instances = [{k: inst.get(k) for k in _FIELDS} for inst in row["instances"] or []
-                 if (inst.get("label_score") or 0.0) >= min_score]
-    return {"key": row["key"], "shard": row["shard"], "image_id": row.get("image_id"), "width": row["width"],
-            "height": row["height"], "instances": instances}
+    instances = [
+        {k: inst.get(k) for k in _FIELDS}
+        for inst in row["instances"] or []
+        if (inst.get("label_score") or 0.0) >= min_score
+    ]
+    return {
+        "key": row["key"],
+        "shard": row["shard"],
+        "image_id": row.get("image_id"),
+        "width": row["width"],
+        "height": row["height"],
+        "instances": instances,
+    }
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -55,8 +77,14 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, _io.BytesIO(data))
 
 
-def _write_shard(f: IO[bytes], rows: dict[str, dict[str, Any]], shard_url: str, min_score: float,
-                 s3_endpoint: str | None, stats: dict[str, int]) -> None:
+def _write_shard(
+    f: IO[bytes],
+    rows: dict[str, dict[str, Any]],
+    shard_url: str,
+    min_score: float,
+    s3_endpoint: str | None,
+    stats: dict[str, int],
+) -> None:
     found = set()
     with tarfile.open(fileobj=f, mode="w|") as tf:
         for s in iter_shard_samples(shard_url, s3_endpoint=s3_endpoint):
@@ -71,8 +99,12 @@ def _write_shard(f: IO[bytes], rows: dict[str, dict[str, Any]], shard_url: str, 
             stats["instances"] += len(labels["instances"])
     if len(rows) > len(found):
         first = min(set(rows) - found)
-        log.warning("%d labelled images not found in %s, left out (first: %s)", len(rows) - len(found),
-                    storage.redact(shard_url), storage.safe_for_log(first, limit=80))
+        log.warning(
+            "%d labelled images not found in %s, left out (first: %s)",
+            len(rows) - len(found),
+            storage.redact(shard_url),
+            storage.safe_for_log(first, limit=80),
+        )
     stats["missing_images"] += len(rows) - len(found)
 
 
@@ -86,23 +118,29 @@ def _wds_names(labels: str, s3_endpoint: str | None) -> Iterator[str]:
             yield data_file_name(row["shard"], None, "tar")
 
 
-def export_wds(labels: str, output: str, *, shards: str | None = None, min_score: float = 0.0,
-               overwrite: bool = False, s3_endpoint: str | None = None) -> dict[str, int]:
+def export_wds(
+    labels: str,
+    output: str,
+    *,
+    shards: str | None = None,
+    min_score: float = 0.0,
+    overwrite: bool = False,
+    s3_endpoint: str | None = None,
+) -> dict[str, int]:
     """Write ``<output>/<shard>.tar`` for every label shard, reading the images from the input
     shards (``shards`` or the run record's input); returns counts (``missing_images``: labelled
     images not in their shard; ``missing_shards``: shards not found, their images left out).
     Tars of the same names already there are refused unless an earlier export wrote them (see
     :mod:`ovsam_ray.written`)."""
-    with writing(output, "export wds", _wds_names(labels, s3_endpoint), overwrite=overwrite,
-                 s3_endpoint=s3_endpoint):
+    with writing(output, "export wds", _wds_names(labels, s3_endpoint), overwrite=overwrite, s3_endpoint=s3_endpoint):
         return _export_wds(labels, output, shards=shards, min_score=min_score, s3_endpoint=s3_endpoint)
 
 
-def _export_wds(labels: str, output: str, *, shards: str | None, min_score: float,
-                s3_endpoint: str | None) -> dict[str, int]:
+def _export_wds(
+    labels: str, output: str, *, shards: str | None, min_score: float, s3_endpoint: str | None
+) -> dict[str, int]:
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint)
-    stats = {"shards": 0, "samples": 0, "instances": 0, "error_rows": 0, "missing_images": 0,
-             "missing_shards": 0}
+    stats = {"shards": 0, "samples": 0, "instances": 0, "error_rows": 0, "missing_images": 0, "missing_shards": 0}
     for url in label_files(labels, s3_endpoint=s3_endpoint):
         by_shard: dict[str, dict[str, dict[str, Any]]] = {}
         for row in read_label_file(url, s3_endpoint=s3_endpoint):
@@ -113,7 +151,9 @@ def _export_wds(labels: str, output: str, *, shards: str | None, min_score: floa
         for shard in sorted(by_shard):
             rows = by_shard[shard]
             if shard not in urls:
-                log.warning("no input shard %s: its %d labelled images are left out", storage.safe_for_log(shard), len(rows))
+                log.warning(
+                    "no input shard %s: its %d labelled images are left out", storage.safe_for_log(shard), len(rows)
+                )
                 stats["missing_shards"] += 1
                 stats["missing_images"] += len(rows)
                 continue

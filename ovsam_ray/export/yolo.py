@@ -42,8 +42,15 @@ log = logging.getLogger(__name__)
 ClassOf = Callable[[dict[str, Any]], "int | None"]
 
 
-def yolo_lines(instances: list[dict[str, Any]], width: int, height: int, class_of: ClassOf, *,
-               tolerance: float = 1.0, min_score: float = 0.0) -> tuple[list[str], int]:
+def yolo_lines(
+    instances: list[dict[str, Any]],
+    width: int,
+    height: int,
+    class_of: ClassOf,
+    *,
+    tolerance: float = 1.0,
+    min_score: float = 0.0,
+) -> tuple[list[str], int]:
     """YOLO segmentation lines for one image; ``class_of(instance)`` gives the class index or
     ``None`` (dropped). Returns the lines and how many instances were dropped (no class, below
     ``min_score``, or an empty/degenerate mask)."""
@@ -62,8 +69,9 @@ def yolo_lines(instances: list[dict[str, Any]], width: int, height: int, class_o
     return lines, dropped
 
 
-def yolo_classes(labels: str, classes: str | None = None, *, s3_endpoint: str | None = None
-                 ) -> tuple[list[str], ClassOf]:
+def yolo_classes(
+    labels: str, classes: str | None = None, *, s3_endpoint: str | None = None
+) -> tuple[list[str], ClassOf]:
     """The class names (index = YOLO class, 0..N-1) and ``class_of(instance)`` (see module doc)."""
     if classes:
         names = [str(c["name"]) for c in load_categories(classes, s3_endpoint=s3_endpoint)]
@@ -112,21 +120,52 @@ def _yolo_names(labels: str, shards: str | None, with_images: bool, s3_endpoint:
             yield "images/" + data_file_name(row["shard"], row["key"], ext)
 
 
-def export_yolo(labels: str, output: str, *, classes: str | None = None, shards: str | None = None,
-                tolerance: float = 1.0, min_score: float = 0.0, with_images: bool = False,
-                overwrite: bool = False, s3_endpoint: str | None = None) -> dict[str, int]:
+def export_yolo(
+    labels: str,
+    output: str,
+    *,
+    classes: str | None = None,
+    shards: str | None = None,
+    tolerance: float = 1.0,
+    min_score: float = 0.0,
+    with_images: bool = False,
+    overwrite: bool = False,
+    s3_endpoint: str | None = None,
+) -> dict[str, int]:
     """Write YOLO segmentation labels (and, with ``with_images``, the images from the shards —
     ``shards`` or the run record's input) under ``output``; returns counts (``images_missing``:
     images of ``with_images`` not found in their shard, logged). Files of the same names already
     there are refused unless an earlier export wrote them (see :mod:`ovsam_ray.written`)."""
-    with writing(output, "export yolo", _yolo_names(labels, shards, with_images, s3_endpoint),
-                 overwrite=overwrite, s3_endpoint=s3_endpoint):
-        return _export_yolo(labels, output, classes=classes, shards=shards, tolerance=tolerance,
-                            min_score=min_score, with_images=with_images, s3_endpoint=s3_endpoint)
+    with writing(
+        output,
+        "export yolo",
+        _yolo_names(labels, shards, with_images, s3_endpoint),
+        overwrite=overwrite,
+        s3_endpoint=s3_endpoint,
+    ):
+        return _export_yolo(
+            labels,
+            output,
+            classes=classes,
+            shards=shards,
+            tolerance=tolerance,
+            min_score=min_score,
+            with_images=with_images,
+            s3_endpoint=s3_endpoint,
+        )
 
 
-def _export_yolo(labels: str, output: str, *, classes: str | None, shards: str | None, tolerance: float,
-                 min_score: float, with_images: bool, s3_endpoint: str | None) -> dict[str, int]:
+def _export_yolo(
+    labels: str,
+    output: str,
+    *,
+    classes: str | None,
+    shards: str | None,
+    tolerance: float,
+    min_score: float,
+    with_images: bool,
+    s3_endpoint: str | None,
+) -> dict[str, int]:
     names, class_of = yolo_classes(labels, classes, s3_endpoint=s3_endpoint)
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint) if with_images else {}
     copier = ImageCopier(urls, storage.join(output, "images"), s3_endpoint=s3_endpoint)
@@ -138,10 +177,19 @@ def _export_yolo(labels: str, output: str, *, classes: str | None, shards: str |
                     stats["error_rows"] += 1
                     continue
                 name = "labels/" + data_file_name(row["shard"], row["key"], "txt")
-                lines, dropped = yolo_lines(row["instances"] or [], row["width"], row["height"], class_of,
-                                            tolerance=tolerance, min_score=min_score)
-                write_file(storage.join(output, name), ("\n".join(lines) + ("\n" if lines else "")).encode(),
-                           s3_endpoint=s3_endpoint)
+                lines, dropped = yolo_lines(
+                    row["instances"] or [],
+                    row["width"],
+                    row["height"],
+                    class_of,
+                    tolerance=tolerance,
+                    min_score=min_score,
+                )
+                write_file(
+                    storage.join(output, name),
+                    ("\n".join(lines) + ("\n" if lines else "")).encode(),
+                    s3_endpoint=s3_endpoint,
+                )
                 index.write(json.dumps({"labels": name, "shard": row["shard"], "key": row["key"]}) + "\n")
                 stats["images"] += 1
                 stats["instances"] += len(lines)

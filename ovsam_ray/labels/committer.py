@@ -85,15 +85,19 @@ class ShardCommitter:
         what to do."""
         where = storage.redact(self.output_url)
         return MissingShardFileError(
-            f"shard {storage.safe_for_log(shard_name)} of {where} is committed (marker _committed/{shard_name}.json) but "
-            f"its Parquet file {shard_name}.parquet is missing (deleted after the commit?). Rerun the label job on "
-            f"{where}: it relabels such shards; or delete that marker to drop the shard from the output.")
+            f"shard {storage.safe_for_log(shard_name)} of {where} is committed "
+            f"(marker _committed/{shard_name}.json) but its Parquet file {shard_name}.parquet is missing "
+            "(deleted after the commit?). Rerun the label job on "
+            f"{where}: it relabels such shards; or delete that marker to drop the shard from the output."
+        )
 
     def markers_without_parquet(self, committed: set[str] | None = None) -> list[str]:
         """Committed shards whose Parquet file is missing (one or two listings, no per-shard
         request); ``committed``: the committed shard names, when the caller has listed them."""
-        present = {u.rsplit("/", 1)[-1][: -len(".parquet")]
-                   for u in storage.list_files(self.output_url, suffix=".parquet", s3_endpoint=self.s3_endpoint)}
+        present = {
+            u.rsplit("/", 1)[-1][: -len(".parquet")]
+            for u in storage.list_files(self.output_url, suffix=".parquet", s3_endpoint=self.s3_endpoint)
+        }
         return sorted((self.committed_shards() if committed is None else committed) - present)
 
     def committed_parquet_urls(self) -> list[str]:
@@ -142,7 +146,9 @@ class ShardCommitter:
             for url in storage.list_files(folder, s3_endpoint=self.s3_endpoint):
                 name = url.rsplit("/", 1)[-1]
                 if _TMP_RE.match(name) or (folder == self.output_url and name in strays):
-                    log.info("deleting %s (left behind by an interrupted run)", storage.safe_for_log(storage.redact(url)))
+                    log.info(
+                        "deleting %s (left behind by an interrupted run)", storage.safe_for_log(storage.redact(url))
+                    )
                     storage.remove(url, s3_endpoint=self.s3_endpoint)
                     removed.append(url)
         return removed
@@ -155,13 +161,19 @@ class ShardCommitter:
         names = sorted(self.committed_shards())
         targets = [self.marker_url(n) for n in names] + [self.parquet_url(n) for n in names]
         # The label job's statistics and summary describe the deleted shards: they go too.
-        targets += storage.list_files(storage.join(self.output_url, "_stats"), suffix=".json", s3_endpoint=self.s3_endpoint)
+        targets += storage.list_files(
+            storage.join(self.output_url, "_stats"), suffix=".json", s3_endpoint=self.s3_endpoint
+        )
         fixed = (storage.join(self.output_url, n) for n in ("_stats.json", "_summary.json", RUN_RECORD_NAME))
         targets += [u for u in fixed if storage.exists(u, s3_endpoint=self.s3_endpoint)]
         for url in targets:
             storage.remove(url, s3_endpoint=self.s3_endpoint)
-        log.info("--overwrite: deleted %d files of the previous run in %s (%d committed shards)", len(targets),
-                 storage.redact(self.output_url), len(names))
+        log.info(
+            "--overwrite: deleted %d files of the previous run in %s (%d committed shards)",
+            len(targets),
+            storage.redact(self.output_url),
+            len(names),
+        )
         return targets + self.cleanup_temporaries(shards, committed=set())
 
 

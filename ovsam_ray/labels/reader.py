@@ -32,9 +32,11 @@ def label_files(labels: str, *, s3_endpoint: str | None = None) -> list[str]:
     if committed:
         return committed
     if is_own_record(read_run_record(labels, s3_endpoint=s3_endpoint)):
-        raise MissingInputError(f"label output {storage.redact(labels)} has no committed shard yet (its Parquet files "
-                                "without a marker are unfinished or left over from a crash): wait for the label job, "
-                                "or rerun it to finish")
+        raise MissingInputError(
+            f"label output {storage.redact(labels)} has no committed shard yet (its Parquet files "
+            "without a marker are unfinished or left over from a crash): wait for the label job, "
+            "or rerun it to finish"
+        )
     files = storage.list_files(labels, suffix=".parquet", s3_endpoint=s3_endpoint)
     if not files and labels.endswith(".parquet") and storage.exists(labels, s3_endpoint=s3_endpoint):
         files = [labels]
@@ -43,14 +45,16 @@ def label_files(labels: str, *, s3_endpoint: str | None = None) -> list[str]:
     return files
 
 
-def read_label_file(url: str, *, columns: Sequence[str] | None = None, s3_endpoint: str | None = None
-                    ) -> list[dict[str, Any]]:
+def read_label_file(
+    url: str, *, columns: Sequence[str] | None = None, s3_endpoint: str | None = None
+) -> list[dict[str, Any]]:
     """All rows of one label file (one shard) as dicts."""
     return [row for batch in _iter_file(url, columns, 1024, s3_endpoint) for row in batch]
 
 
-def _iter_file(url: str, columns: Sequence[str] | None, batch_size: int, s3_endpoint: str | None
-               ) -> Iterator[list[dict[str, Any]]]:
+def _iter_file(
+    url: str, columns: Sequence[str] | None, batch_size: int, s3_endpoint: str | None
+) -> Iterator[list[dict[str, Any]]]:
     fs, path = storage.get_filesystem(url, s3_endpoint=s3_endpoint)
     try:
         f = fs.open(path, "rb")
@@ -66,15 +70,17 @@ def _iter_file(url: str, columns: Sequence[str] | None, batch_size: int, s3_endp
             yield batch.to_pylist()
 
 
-def iter_label_batches(labels: str, *, columns: Sequence[str] | None = None, batch_size: int = 256,
-                       s3_endpoint: str | None = None) -> Iterator[list[dict[str, Any]]]:
+def iter_label_batches(
+    labels: str, *, columns: Sequence[str] | None = None, batch_size: int = 256, s3_endpoint: str | None = None
+) -> Iterator[list[dict[str, Any]]]:
     """Rows of every label file, ``batch_size`` at a time, in shard and row order."""
     for url in label_files(labels, s3_endpoint=s3_endpoint):
         yield from _iter_file(url, columns, batch_size, s3_endpoint)
 
 
-def iter_label_rows(labels: str, *, columns: Sequence[str] | None = None, batch_size: int = 256,
-                    s3_endpoint: str | None = None) -> Iterator[dict[str, Any]]:
+def iter_label_rows(
+    labels: str, *, columns: Sequence[str] | None = None, batch_size: int = 256, s3_endpoint: str | None = None
+) -> Iterator[dict[str, Any]]:
     """Rows of every label file, one at a time (see :func:`iter_label_batches`)."""
     for batch in iter_label_batches(labels, columns=columns, batch_size=batch_size, s3_endpoint=s3_endpoint):
         yield from batch
@@ -86,7 +92,9 @@ def source_shards(labels: str, shards: str | None = None, *, s3_endpoint: str | 
     if shards is None:
         record = read_run_record(labels, s3_endpoint=s3_endpoint)
         if record is None:
-            raise MissingInputError(f"{storage.redact(labels)} has no _run.json: say where the input shards are (--shards)")
+            raise MissingInputError(
+                f"{storage.redact(labels)} has no _run.json: say where the input shards are (--shards)"
+            )
         shards = (record.get("details", {}).get("config") or {}).get("input")
         if not shards:
             raise ConfigError("the run record does not name the input shards: pass --shards")

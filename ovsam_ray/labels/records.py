@@ -41,9 +41,16 @@ class InstanceColumns:
     def add_empty(self) -> None:
         self.counts.append(0)
 
-    def add_prediction(self, pred: ImagePrediction, prompts: ImagePrompts, *, types: list[str] | None = None,
-                       keep: np.ndarray | None = None, detector_scores: list[float | None] | None = None,
-                       detector_labels: list[str | None] | None = None) -> None:
+    def add_prediction(
+        self,
+        pred: ImagePrediction,
+        prompts: ImagePrompts,
+        *,
+        types: list[str] | None = None,
+        keep: np.ndarray | None = None,
+        detector_scores: list[float | None] | None = None,
+        detector_labels: list[str | None] | None = None,
+    ) -> None:
         """One image's kept prompts (all by default), in prompt order (boxes, then points).
 
         ``types`` names each prompt ("box", "point", "grid"; default: boxes then points). The mask
@@ -84,9 +91,17 @@ class InstanceColumns:
             p["clip_valid"].append(np.asarray(pred.clip_valid, bool)[keep])
         self.counts.append(len(keep))
 
-    def add_box_fill(self, boxes: np.ndarray, *, height: int, width: int, points: np.ndarray | None = None,
-                     types: list[str] | None = None, detector_scores: list[float | None] | None = None,
-                     detector_labels: list[str | None] | None = None) -> None:
+    def add_box_fill(
+        self,
+        boxes: np.ndarray,
+        *,
+        height: int,
+        width: int,
+        points: np.ndarray | None = None,
+        types: list[str] | None = None,
+        detector_scores: list[float | None] | None = None,
+        detector_labels: list[str | None] | None = None,
+    ) -> None:
         """The zero-cost baseline for one image: each box prompt's mask is the box itself (the
         pixels whose centres lie inside it), each point prompt's mask its one pixel; the label is
         the prompt's own (shard or detector) label, ``label_id`` its vocabulary id when the
@@ -138,22 +153,36 @@ class InstanceColumns:
             "bbox": _fixed(cat["bbox"], 4),
             "area": pa.array(cat["area"].astype(np.int64) if n else [], pa.int64()),
             "rle": pa.StructArray.from_arrays(
-                [pa.FixedSizeListArray.from_arrays(pa.array(sizes, pa.int32()), 2),
-                 pa.array([r["counts"] for r in self.rles], pa.string())], fields=rle_fields),
+                [
+                    pa.FixedSizeListArray.from_arrays(pa.array(sizes, pa.int32()), 2),
+                    pa.array([r["counts"] for r in self.rles], pa.string()),
+                ],
+                fields=rle_fields,
+            ),
             "label": pa.array(cat["label"].tolist() if n else [], pa.string()),
             "label_id": pa.array(label_id, pa.int32(), mask=label_id < 0),
-            "label_score": pa.array(cat["label_score"].astype(np.float32) if n else [], pa.float32(),
-                                    mask=np.isnan(cat["label_score"].astype(np.float32)) if n else None),
+            "label_score": pa.array(
+                cat["label_score"].astype(np.float32) if n else [],
+                pa.float32(),
+                mask=np.isnan(cat["label_score"].astype(np.float32)) if n else None,
+            ),
             "topk_labels": _lists(cat["topk_n"], pa.array(cat["topk_labels"].tolist() if n else [], pa.string())),
-            "topk_scores": _lists(cat["topk_n"], pa.array(cat["topk_scores"].astype(np.float32) if n else [],
-                                                          pa.float32())),
+            "topk_scores": _lists(
+                cat["topk_n"], pa.array(cat["topk_scores"].astype(np.float32) if n else [], pa.float32())
+            ),
         }
         for name, dim_type in (("embedding", pa.float16()), ("clip_embedding", pa.float16())):
             values = cat[name] if self.with_embedding and n else None
-            arrays[name] = pa.nulls(n, pa.list_(dim_type)) if values is None else _lists(
-                np.full(n, values.shape[1], np.int64), pa.array(values.reshape(-1), dim_type))
-        arrays["clip_valid"] = (pa.array(cat["clip_valid"].astype(bool), pa.bool_()) if self.with_embedding and n
-                                else pa.nulls(n, pa.bool_()))
+            arrays[name] = (
+                pa.nulls(n, pa.list_(dim_type))
+                if values is None
+                else _lists(np.full(n, values.shape[1], np.int64), pa.array(values.reshape(-1), dim_type))
+            )
+        arrays["clip_valid"] = (
+            pa.array(cat["clip_valid"].astype(bool), pa.bool_())
+            if self.with_embedding and n
+            else pa.nulls(n, pa.bool_())
+        )
         struct = pa.StructArray.from_arrays([arrays[f] for f in _FIELDS], fields=list(INSTANCE_TYPE))
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct)
 
@@ -202,6 +231,7 @@ def prediction_to_instances(
 ) -> list[dict[str, Any]]:
     """One image's instance records as dicts (see :meth:`InstanceColumns.add_prediction`)."""
     cols = InstanceColumns(vocab, with_embedding=with_embedding)
-    cols.add_prediction(pred, prompts, types=types, keep=keep, detector_scores=detector_scores,
-                        detector_labels=detector_labels)
+    cols.add_prediction(
+        pred, prompts, types=types, keep=keep, detector_scores=detector_scores, detector_labels=detector_labels
+    )
     return cols.to_arrow()[0].as_py()

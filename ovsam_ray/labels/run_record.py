@@ -17,8 +17,15 @@ from ovsam_ray.errors import OVSAMRayError
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.schema import RUN_RECORD_NAME, timestamp
 
-__all__ = ["RunMismatchError", "RunRecord", "RunRecordError", "check_or_write_run_record", "is_own_record",
-           "load_run_record", "read_run_record"]
+__all__ = [
+    "RunMismatchError",
+    "RunRecord",
+    "RunRecordError",
+    "check_or_write_run_record",
+    "is_own_record",
+    "load_run_record",
+    "read_run_record",
+]
 
 
 class RunMismatchError(OVSAMRayError, RuntimeError):
@@ -50,8 +57,9 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> RunRecord:
-        return cls(identity=obj.get("identity", {}), details=obj.get("details", {}),
-                   created_at=obj.get("created_at", ""))
+        return cls(
+            identity=obj.get("identity", {}), details=obj.get("details", {}), created_at=obj.get("created_at", "")
+        )
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -74,7 +82,11 @@ def _identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def check_or_write_run_record(
-    output_url: str, record: RunRecord, *, overwrite: bool = False, s3_endpoint: str | None = None,
+    output_url: str,
+    record: RunRecord,
+    *,
+    overwrite: bool = False,
+    s3_endpoint: str | None = None,
     shards: Collection[str] = (),
 ) -> str:
     """Check ``record`` against ``<output>/_run.json`` before a label job writes anything.
@@ -141,9 +153,11 @@ def load_run_record(folder: str, *, s3_endpoint: str | None = None, own: bool = 
             problem = f"is not a JSON object (a {type(obj).__name__})"
         else:
             return obj
-    raise RunRecordError(f"{storage.redact(url)} {problem}: this folder's run record was not written by ovsam-ray (or "
-                         "was damaged by hand), so nothing here is changed or deleted, --overwrite or not; choose "
-                         "another output location, or move that file away if the folder is yours to reuse")
+    raise RunRecordError(
+        f"{storage.redact(url)} {problem}: this folder's run record was not written by ovsam-ray (or "
+        "was damaged by hand), so nothing here is changed or deleted, --overwrite or not; choose "
+        "another output location, or move that file away if the folder is yours to reuse"
+    )
 
 
 def read_run_record(labels: str, *, s3_endpoint: str | None = None) -> dict[str, Any] | None:

@@ -87,9 +87,13 @@ def remove_duplicates(
     if dedup_iou is not None or dedup_containment is not None:
         idx = np.nonzero(keep)[0]
         labels = torch.from_numpy(pred.labels[idx]) if dedup_class_aware else None
-        kept = mask_nms(low[idx] > 0, torch.from_numpy(pred.scores[idx]),
-                        iou_threshold=1.0 if dedup_iou is None else dedup_iou,
-                        containment_threshold=dedup_containment, labels=labels)
+        kept = mask_nms(
+            low[idx] > 0,
+            torch.from_numpy(pred.scores[idx]),
+            iou_threshold=1.0 if dedup_iou is None else dedup_iou,
+            containment_threshold=dedup_containment,
+            labels=labels,
+        )
         keep[:] = False
         keep[idx[kept.numpy()]] = True
     return keep
@@ -156,10 +160,18 @@ class OVSAMAutomaticMaskGenerator:
         self.predictor = predictor
         self.points_per_side = points_per_side
         self.points_per_batch = points_per_batch
-        self.quality = {"min_area": min_mask_area, "stability_thresh": stability_score_thresh,
-                        "stability_offset": stability_score_offset, "score_thresh": score_thresh}
-        self.duplicates = {"nms_iou": mask_nms_thresh, "dedup_iou": dedup_iou,
-                           "dedup_containment": dedup_containment, "dedup_class_aware": dedup_class_aware}
+        self.quality = {
+            "min_area": min_mask_area,
+            "stability_thresh": stability_score_thresh,
+            "stability_offset": stability_score_offset,
+            "score_thresh": score_thresh,
+        }
+        self.duplicates = {
+            "nms_iou": mask_nms_thresh,
+            "dedup_iou": dedup_iou,
+            "dedup_containment": dedup_containment,
+            "dedup_class_aware": dedup_class_aware,
+        }
 
     def predict(self, image: np.ndarray) -> GeneratedMasks:
         """image: (H, W, 3) uint8 RGB (grayscale and RGBA are converted) -> the kept masks."""
@@ -174,8 +186,9 @@ class OVSAMAutomaticMaskGenerator:
             parts.append(_take(pred, good))
             part_points.append(batch[good])
         pred = _concat(parts)
-        keep = np.nonzero(remove_duplicates(pred, np.ones(len(pred.labels), bool), np.ones(len(pred.labels), bool),
-                                            **self.duplicates))[0]
+        keep = np.nonzero(
+            remove_duplicates(pred, np.ones(len(pred.labels), bool), np.ones(len(pred.labels), bool), **self.duplicates)
+        )[0]
         pred = _take(pred, keep)
         low = torch.from_numpy(pred.low_res_logits[:, 0])
         stability = stability_scores(low, self.quality["stability_offset"]).numpy().astype(np.float32)

@@ -132,8 +132,7 @@ def mask_boxes_from_low_res(low_res: torch.Tensor, threshold: float = 0.5) -> to
     return boxes_from_masks(low_res[:, 0].sigmoid() > threshold) * stride
 
 
-def predicted_rois(low_res: torch.Tensor, boxes: torch.Tensor, use: torch.Tensor, min_iou: float = 0.1
-                   ) -> torch.Tensor:
+def predicted_rois(low_res: torch.Tensor, boxes: torch.Tensor, use: torch.Tensor, min_iou: float = 0.1) -> torch.Tensor:
     """(N, 4) RoIs: the box of each predicted mask (``mask_boxes_from_low_res``, as at inference)
     where ``use`` (N,) and it overlaps ``boxes`` (N, 4) by IoU > ``min_iou``, else ``boxes``."""
     from torchvision.ops import box_iou
@@ -143,9 +142,7 @@ def predicted_rois(low_res: torch.Tensor, boxes: torch.Tensor, use: torch.Tensor
     return torch.where(ok[:, None], pred, boxes)
 
 
-def classify_embeddings(
-    embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float
-) -> torch.Tensor:
+def classify_embeddings(embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """Open-vocabulary logits with a background column.
 
     embeddings: (N, D) region or CLIP embeddings (any norm); text_embeddings: (C, S, D) unit

@@ -139,8 +139,15 @@ class OVSAM(nn.Module):
             sparse[is_point] = pe._embed_points(pts, labels, pad=True).to(sparse.dtype)
         return sparse
 
-    def decode(self, features: ImageFeatures, prompts: PromptBatch, *, roi_boxes: torch.Tensor | None = None,
-               mask_roi: torch.Tensor | None = None, clip_branch: bool = True) -> DecodeOutput:
+    def decode(
+        self,
+        features: ImageFeatures,
+        prompts: PromptBatch,
+        *,
+        roi_boxes: torch.Tensor | None = None,
+        mask_roi: torch.Tensor | None = None,
+        clip_branch: bool = True,
+    ) -> DecodeOutput:
         """Masks, region embeddings and CLIP embeddings for N prompts.
 
         Inference leaves the keywords alone. Training passes ``roi_boxes`` (N, 4): the RoIs of the

@@ -161,8 +161,10 @@ class OVSAMPredictor:
         vocabulary: Vocabulary | None = None,
     ) -> None:
         if vocabulary is not None and vocabulary.num_classes != classifier.num_classes:
-            raise ValueError(f"vocabulary {vocabulary.name!r} has {vocabulary.num_classes} classes, the "
-                             f"classifier's text embeddings {classifier.num_classes}")
+            raise ValueError(
+                f"vocabulary {vocabulary.name!r} has {vocabulary.num_classes} classes, the "
+                f"classifier's text embeddings {classifier.num_classes}"
+            )
         self.vocabulary = vocabulary
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
@@ -201,9 +203,7 @@ class OVSAMPredictor:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def embed(
-        self, images: list[np.ndarray], original_sizes: list[tuple[int, int]] | None = None
-    ) -> EmbeddedImages:
+    def embed(self, images: list[np.ndarray], original_sizes: list[tuple[int, int]] | None = None) -> EmbeddedImages:
         """images: (H, W, 3) uint8 RGB (grayscale and RGBA are converted) -> features.
 
         Each image is resized here, on the model's device, unless it already is (``resize_image``,
@@ -222,8 +222,10 @@ class OVSAMPredictor:
             elif own == orig:
                 resized = resize_image(rgb, size)  # the float antialiased resize, on the device
             else:
-                raise ValueError(f"image {i} is {own[0]}x{own[1]}: neither its original size {orig} nor that "
-                                 f"resized to {size}, {target}")
+                raise ValueError(
+                    f"image {i} is {own[0]}x{own[1]}: neither its original size {orig} nor that "
+                    f"resized to {size}, {target}"
+                )
             batch.append(normalize_pad(resized, size))
             input_sizes.append((int(resized.shape[0]), int(resized.shape[1])))
             sizes.append(orig)
@@ -304,11 +306,18 @@ class OVSAMPredictor:
             labels, topk_ids, topk_scores = labels_from_logits(cls.fused_logits, self.topk)
             head_labels, _, _ = labels_from_logits(cls.head_logits, 1)
         return {
-            "low_res_logits": out.low_res_logits.float(), "head_logits": cls.head_logits,
-            "clip_logits": cls.clip_logits, "fused_logits": cls.fused_logits, "labels": labels,
-            "scores": topk_scores[:, 0], "head_labels": head_labels, "topk_ids": topk_ids,
-            "topk_scores": topk_scores, "region_embeddings": out.region_embeddings.float(),
-            "clip_embeddings": out.clip_embeddings.float(), "clip_valid": out.clip_valid,
+            "low_res_logits": out.low_res_logits.float(),
+            "head_logits": cls.head_logits,
+            "clip_logits": cls.clip_logits,
+            "fused_logits": cls.fused_logits,
+            "labels": labels,
+            "scores": topk_scores[:, 0],
+            "head_labels": head_labels,
+            "topk_ids": topk_ids,
+            "topk_scores": topk_scores,
+            "region_embeddings": out.region_embeddings.float(),
+            "clip_embeddings": out.clip_embeddings.float(),
+            "clip_valid": out.clip_valid,
             "is_point": batch.is_point,
         }
 
@@ -344,14 +353,22 @@ class OVSAMPredictor:
         f = np.float32
         return ImagePrediction(
             masks=None if self.rle_on_device else np.zeros((0, *hw), bool),
-            areas=np.zeros(0, np.int64), rles=[] if self.rle_on_device else None,
+            areas=np.zeros(0, np.int64),
+            rles=[] if self.rle_on_device else None,
             mask_boxes=np.zeros((0, 4), f),
             low_res_logits=np.zeros((0, 1, low, low), f),
-            head_logits=np.zeros((0, c1), f), clip_logits=np.zeros((0, c1), f), fused_logits=np.zeros((0, c1), f),
-            labels=np.zeros(0, np.int64), scores=np.zeros(0, f), head_labels=np.zeros(0, np.int64),
-            topk_ids=np.zeros((0, k), np.int64), topk_scores=np.zeros((0, k), f),
-            region_embeddings=np.zeros((0, d), f), clip_embeddings=np.zeros((0, d), f),
-            clip_valid=np.zeros(0, bool), is_point=np.zeros(0, bool),
+            head_logits=np.zeros((0, c1), f),
+            clip_logits=np.zeros((0, c1), f),
+            fused_logits=np.zeros((0, c1), f),
+            labels=np.zeros(0, np.int64),
+            scores=np.zeros(0, f),
+            head_labels=np.zeros(0, np.int64),
+            topk_ids=np.zeros((0, k), np.int64),
+            topk_scores=np.zeros((0, k), f),
+            region_embeddings=np.zeros((0, d), f),
+            clip_embeddings=np.zeros((0, d), f),
+            clip_valid=np.zeros(0, bool),
+            is_point=np.zeros(0, bool),
         )
 
     def __call__(self, images: list[np.ndarray], prompts: list[ImagePrompts]) -> list[ImagePrediction]:

@@ -158,7 +158,8 @@ def template_tokens(tokenizer: Tokenizer, names: Sequence[str], templates: Seque
     row = 0
     for name in names:
         splice = _spliceable(name) and all(
-            _splits_between(pre, name) and _splits_between(name, post) for pre, post in parts)
+            _splits_between(pre, name) and _splits_between(name, post) for pre, post in parts
+        )
         name_ids = bpe.encode(name) if splice else None
         for template, (pre, post) in zip(templates, encoded):
             body = pre + name_ids + post if splice else bpe.encode(template.format(name))

@@ -31,14 +31,22 @@ DECODE_CHUNK, DECODE_CHUNK_NO_PIXELS = 16, 1000
 def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], float]:
     """The model stage's callable class, its constructor arguments and CPUs per actor."""
     if cfg.baseline == "box-fill":  # nearly free: leave the CPUs to decoding
-        return BoxFillStage, {"vocabulary": text["vocabulary"], "prompts": cfg.prompts,
-                              "grid_size": cfg.select.grid_size}, 0.25
+        return (
+            BoxFillStage,
+            {"vocabulary": text["vocabulary"], "prompts": cfg.prompts, "grid_size": cfg.select.grid_size},
+            0.25,
+        )
     # As numpy, the object store hands every actor on a node the same read-only copy.
     shared = ray.put({**text, "embeddings": text["embeddings"].numpy()})
-    kwargs = {"model_config": dataclasses.asdict(cfg.model), "text": shared, "with_embedding": cfg.with_embedding,
-              "forward_batch": cfg.batch_size,
-              "prompts": cfg.prompts, "select": dataclasses.asdict(cfg.select),
-              "cpu_threads": None if cfg.num_gpus else max(1, (os.cpu_count() or 1) // cfg.actors[1])}
+    kwargs = {
+        "model_config": dataclasses.asdict(cfg.model),
+        "text": shared,
+        "with_embedding": cfg.with_embedding,
+        "forward_batch": cfg.batch_size,
+        "prompts": cfg.prompts,
+        "select": dataclasses.asdict(cfg.select),
+        "cpu_threads": None if cfg.num_gpus else max(1, (os.cpu_count() or 1) // cfg.actors[1]),
+    }
     return PredictStage, kwargs, cfg.num_cpus_per_actor
 
 
@@ -64,20 +72,35 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.da
     ds = ray.data.from_items([{"url": encode_url(u)} for u in shard_urls], override_num_blocks=max(1, len(shard_urls)))
     # Reading is I/O and decoding light next to the model: half a CPU each keeps them schedulable
     # beside the actors on small machines (the actors hold their CPUs for the whole job).
-    ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="pyarrow", num_cpus=0.5, fn_kwargs={
-        "image_size": image_size, "max_pixels": cfg.max_pixels, "max_prompts": cfg.max_prompts, "chunk": chunk,
-        "s3_endpoint": cfg.model.s3_endpoint,
-        # the model's device resizes, except for a detector, which sees the model's input pixels
-        "resize_on_cpu": bool(cfg.sources.detector_name)})
+    ds = ds.map_batches(
+        read_and_decode,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.5,
+        fn_kwargs={
+            "image_size": image_size,
+            "max_pixels": cfg.max_pixels,
+            "max_prompts": cfg.max_prompts,
+            "chunk": chunk,
+            "s3_endpoint": cfg.model.s3_endpoint,
+            # the model's device resizes, except for a detector, which sees the model's input pixels
+            "resize_on_cpu": bool(cfg.sources.detector_name),
+        },
+    )
     if cfg.sources.detector_name:
         ds = ds.map_batches(
             DetectorStage,
             fn_constructor_kwargs={
-                "spec": cfg.sources.detector_name, "weights": cfg.detector_weights or cfg.model.weights,
-                "random_init": cfg.model.random_init, "score_threshold": cfg.detector_score_threshold,
-                "nms_iou": cfg.detector_nms_iou, "max_per_image": cfg.detector_max_per_image,
-                "queries": _detector_queries(cfg, text), "objectness_threshold": cfg.detector_objectness_threshold,
-                "s3_endpoint": cfg.model.s3_endpoint},
+                "spec": cfg.sources.detector_name,
+                "weights": cfg.detector_weights or cfg.model.weights,
+                "random_init": cfg.model.random_init,
+                "score_threshold": cfg.detector_score_threshold,
+                "nms_iou": cfg.detector_nms_iou,
+                "max_per_image": cfg.detector_max_per_image,
+                "queries": _detector_queries(cfg, text),
+                "objectness_threshold": cfg.detector_objectness_threshold,
+                "s3_endpoint": cfg.model.s3_endpoint,
+            },
             batch_size=cfg.detector_batch_size,
             batch_format="pyarrow",
             num_gpus=cfg.detector_num_gpus or None,
@@ -96,5 +119,10 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.da
         compute=ray.data.ActorPoolStrategy(min_size=conc[0], max_size=conc[1]),
     )
     # Parts of up to PART_ROWS images, whatever the model's batch: fewer tasks and files per image.
-    return ds.map_batches(write_parts, batch_size=max(PART_ROWS, cfg.batch_size), batch_format="pyarrow",
-                          num_cpus=0.25, fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.model.s3_endpoint})
+    return ds.map_batches(
+        write_parts,
+        batch_size=max(PART_ROWS, cfg.batch_size),
+        batch_format="pyarrow",
+        num_cpus=0.25,
+        fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.model.s3_endpoint},
+    )

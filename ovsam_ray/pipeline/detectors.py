@@ -37,15 +37,24 @@ log = logging.getLogger(__name__)
 class TorchvisionDetector:
     """A torchvision detection model as a class-agnostic box proposer."""
 
-    def __init__(self, *, name: str, device: str = "cpu", weights: str | None = None, random_init: bool = False,
-                 score_threshold: float = 0.3, s3_endpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        device: str = "cpu",
+        weights: str | None = None,
+        random_init: bool = False,
+        score_threshold: float = 0.3,
+        s3_endpoint: str | None = None,
+    ) -> None:
         builders = torchvision.models.detection.__dict__
         if name not in builders or not callable(builders[name]):
             known = sorted(k for k, v in builders.items() if callable(v) and k[0].islower() and "_" in k)
             raise ConfigError(f"unknown torchvision detector {name!r}; known: {', '.join(known)}")
         self.categories = _coco_categories(name)
-        model = builders[name](weights=None, weights_backbone=None, num_classes=len(self.categories),
-                               box_score_thresh=score_threshold)
+        model = builders[name](
+            weights=None, weights_backbone=None, num_classes=len(self.categories), box_score_thresh=score_threshold
+        )
         if not random_init:
             path = _find_weights(weights, name, s3_endpoint)
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
@@ -57,8 +66,11 @@ class TorchvisionDetector:
         tensors = [torch.from_numpy(im).to(self.device).permute(2, 0, 1).float() / 255.0 for im in images]
         outputs = self.model(tensors) if tensors else []
         return [
-            {"boxes": o["boxes"].cpu().numpy(), "scores": o["scores"].cpu().numpy(),
-             "labels": [self.categories[int(i)] for i in o["labels"].cpu()]}
+            {
+                "boxes": o["boxes"].cpu().numpy(),
+                "scores": o["scores"].cpu().numpy(),
+                "labels": [self.categories[int(i)] for i in o["labels"].cpu()],
+            }
             for o in outputs
         ]
 
@@ -75,8 +87,9 @@ def _find_weights(location: str | None, name: str, s3_endpoint: str | None = Non
     from ovsam_ray.weights.files import WeightsError, find_files, local_path
 
     if location is None:
-        raise WeightsError(f"detector {name}: pass --weights DIR holding {name}.pth (or torchvision's "
-                           f"{name}_*.pth), or --random-init")
+        raise WeightsError(
+            f"detector {name}: pass --weights DIR holding {name}.pth (or torchvision's {name}_*.pth), or --random-init"
+        )
     if location.endswith((".pth", ".pt")):
         return local_path(location, s3_endpoint=s3_endpoint)
     found = find_files(location, {name: [f"{name}.pth", f"{name}_*.pth"]}, s3_endpoint=s3_endpoint)
@@ -85,18 +98,27 @@ def _find_weights(location: str | None, name: str, s3_endpoint: str | None = Non
     return local_path(found[name], s3_endpoint=s3_endpoint)
 
 
-def load_detector(spec: str, *, queries: list[str] | None = None, objectness_threshold: float | None = None,
-                  s3_endpoint: str | None = None, **kwargs: Any) -> Any:
+def load_detector(
+    spec: str,
+    *,
+    queries: list[str] | None = None,
+    objectness_threshold: float | None = None,
+    s3_endpoint: str | None = None,
+    **kwargs: Any,
+) -> Any:
     """``module.path:ClassName`` -> a user detector instance; ``owlv2`` / ``grounding-dino`` -> a
     Hugging Face detector; another plain name -> TorchvisionDetector."""
     from ovsam_ray.pipeline.hf_detectors import HF_DETECTORS, load_hf_detector
 
     if spec in HF_DETECTORS:
-        return load_hf_detector(spec, queries=queries, objectness_threshold=objectness_threshold,
-                                s3_endpoint=s3_endpoint, **kwargs)
+        return load_hf_detector(
+            spec, queries=queries, objectness_threshold=objectness_threshold, s3_endpoint=s3_endpoint, **kwargs
+        )
     if queries or objectness_threshold is not None:
-        raise ConfigError(f"detector:{spec} takes no query list or objectness threshold (detector:owlv2 and "
-                          "detector:grounding-dino do)")
+        raise ConfigError(
+            f"detector:{spec} takes no query list or objectness threshold (detector:owlv2 and "
+            "detector:grounding-dino do)"
+        )
     if ":" in spec:
         module, _, cls = spec.partition(":")
         factory = getattr(importlib.import_module(module), cls)
@@ -104,8 +126,9 @@ def load_detector(spec: str, *, queries: list[str] | None = None, objectness_thr
     return TorchvisionDetector(name=spec, s3_endpoint=s3_endpoint, **kwargs)
 
 
-def postprocess_detections(det: dict[str, Any], *, score_threshold: float, nms_iou: float, max_per_image: int,
-                           class_agnostic: bool = True) -> dict[str, Any]:
+def postprocess_detections(
+    det: dict[str, Any], *, score_threshold: float, nms_iou: float, max_per_image: int, class_agnostic: bool = True
+) -> dict[str, Any]:
     """Threshold, NMS (class-agnostic by default) and cap one image's detections."""
     boxes = torch.as_tensor(np.asarray(det.get("boxes", []), np.float32)).reshape(-1, 4)
     scores = torch.as_tensor(np.asarray(det.get("scores", []), np.float32)).reshape(-1)
@@ -129,14 +152,25 @@ class DetectorStage:
     objectness cut. A detector with a ``score_threshold`` attribute sets the cut its own scores
     are thresholded at (OWLv2 without queries: the objectness threshold)."""
 
-    def __init__(self, *, spec: str, weights: str | None = None, random_init: bool = False,
-                 score_threshold: float = 0.3, nms_iou: float = 0.5, max_per_image: int = 100,
-                 device: str | None = None, queries: list[str] | None = None,
-                 objectness_threshold: float | None = None, s3_endpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        spec: str,
+        weights: str | None = None,
+        random_init: bool = False,
+        score_threshold: float = 0.3,
+        nms_iou: float = 0.5,
+        max_per_image: int = 100,
+        device: str | None = None,
+        queries: list[str] | None = None,
+        objectness_threshold: float | None = None,
+        s3_endpoint: str | None = None,
+    ) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         extra = {"queries": queries, "objectness_threshold": objectness_threshold, "s3_endpoint": s3_endpoint}
-        self.detector = load_detector(spec, device=self.device, weights=weights, random_init=random_init,
-                                      score_threshold=score_threshold, **extra)
+        self.detector = load_detector(
+            spec, device=self.device, weights=weights, random_init=random_init, score_threshold=score_threshold, **extra
+        )
         score_threshold = getattr(self.detector, "score_threshold", score_threshold)
         self.post = {"score_threshold": score_threshold, "nms_iou": nms_iou, "max_per_image": max_per_image}
 
@@ -158,8 +192,9 @@ class DetectorStage:
                 sizes = {c: batch.column(c).to_pylist() for c in ("width", "height", "in_w", "in_h")}
                 for i, det in zip(ok, detections):
                     det = postprocess_detections(det, **self.post)
-                    scale = np.array([sizes["width"][i] / sizes["in_w"][i], sizes["height"][i] / sizes["in_h"][i]] * 2,
-                                     np.float32)
+                    scale = np.array(
+                        [sizes["width"][i] / sizes["in_w"][i], sizes["height"][i] / sizes["in_h"][i]] * 2, np.float32
+                    )
                     det["boxes"] = (np.asarray(det["boxes"], np.float32).reshape(-1, 4) * scale).reshape(-1)
                     dets[i] = det
         empty = {"boxes": np.zeros(0, np.float32), "scores": [], "labels": []}

@@ -45,8 +45,16 @@ from ovsam_ray.weights.files import WeightsError, local_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HF_DETECTORS", "PUBLISHED", "GroundingDinoDetector", "Owlv2Detector", "check_available",
-           "load_hf_detector", "query_names", "resolve_folder"]
+__all__ = [
+    "HF_DETECTORS",
+    "PUBLISHED",
+    "GroundingDinoDetector",
+    "Owlv2Detector",
+    "check_available",
+    "load_hf_detector",
+    "query_names",
+    "resolve_folder",
+]
 
 PUBLISHED = {
     "owlv2": "https://huggingface.co/google/owlv2-base-patch16-ensemble (or google/owlv2-large-patch14-ensemble)",
@@ -73,13 +81,16 @@ def check_available(name: str) -> None:
 
 def _expected(name: str, location: str) -> str:
     files = "; ".join(f"{what}: {' or '.join(names)}" for what, names in REQUIRED_FILES)
-    return (f"detector:{name} needs a save_pretrained folder at {storage.redact(location)} (or its {name}/ subfolder) "
-            f"holding {files}. Published at {PUBLISHED[name]}; fetch it once, e.g. huggingface-cli download REPO "
-            f"--local-dir DIR, and pass --detector-weights DIR (a local folder or an s3:// prefix)")
+    return (
+        f"detector:{name} needs a save_pretrained folder at {storage.redact(location)} (or its {name}/ subfolder) "
+        f"holding {files}. Published at {PUBLISHED[name]}; fetch it once, e.g. huggingface-cli download REPO "
+        f"--local-dir DIR, and pass --detector-weights DIR (a local folder or an s3:// prefix)"
+    )
 
 
-def resolve_folder(location: str | None, name: str, *, s3_endpoint: str | None = None,
-                   need_weights: bool = True) -> str:
+def resolve_folder(
+    location: str | None, name: str, *, s3_endpoint: str | None = None, need_weights: bool = True
+) -> str:
     """A local folder in save_pretrained layout for detector ``name``: ``location`` itself or its
     ``name/`` subfolder; under ``s3://`` the folder is copied to the local cache once per version
     (``weights.local_dir``). Raises WeightsError naming the expected files (the weights file not
@@ -113,8 +124,15 @@ class _HFDetector:
     name = ""
     model_class = ""
 
-    def __init__(self, *, weights: str | None, device: str = "cpu", random_init: bool = False,
-                 s3_endpoint: str | None = None, bf16: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        weights: str | None,
+        device: str = "cpu",
+        random_init: bool = False,
+        s3_endpoint: str | None = None,
+        bf16: bool = True,
+    ) -> None:
         check_available(self.name)
         import transformers
 
@@ -128,8 +146,10 @@ class _HFDetector:
             else:
                 model = cls.from_pretrained(folder, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable folder becomes one clear error
-            raise WeightsError(f"cannot load detector:{self.name} from {storage.redact(str(weights))}: {e}. "
-                               f"{_expected(self.name, str(weights))}") from e
+            raise WeightsError(
+                f"cannot load detector:{self.name} from {storage.redact(str(weights))}: {e}. "
+                f"{_expected(self.name, str(weights))}"
+            ) from e
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.mean = torch.tensor(self.processor.image_mean, device=self.device).view(3, 1, 1)
@@ -160,8 +180,14 @@ class Owlv2Detector(_HFDetector):
     name = "owlv2"
     model_class = "Owlv2ForObjectDetection"
 
-    def __init__(self, *, queries: Sequence[str] | None = None, objectness_threshold: float | None = None,
-                 score_threshold: float = 0.3, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        queries: Sequence[str] | None = None,
+        objectness_threshold: float | None = None,
+        score_threshold: float = 0.3,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.side = int(self.model.config.vision_config.image_size)
         self.queries = list(queries or [])
@@ -177,11 +203,12 @@ class Owlv2Detector(_HFDetector):
         max_len = int(self.model.config.text_config.max_position_embeddings)
         out = []
         for start in range(0, len(queries), chunk):
-            texts = [OWL_TEMPLATE.format(q) for q in queries[start: start + chunk]]
+            texts = [OWL_TEMPLATE.format(q) for q in queries[start : start + chunk]]
             tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
             with self._autocast():
-                emb = self.model.owlv2.get_text_features(input_ids=tok["input_ids"].to(self.device),
-                                                         attention_mask=tok["attention_mask"].to(self.device))
+                emb = self.model.owlv2.get_text_features(
+                    input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+                )
             out.append((emb if isinstance(emb, torch.Tensor) else emb.pooler_output).float())
         return torch.cat(out)
 
@@ -193,8 +220,9 @@ class Owlv2Detector(_HFDetector):
             h, w = im.shape[:2]
             scale = self.side / max(h, w)
             nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            x = F.interpolate(self._pixels(im)[None], size=(nh, nw), mode="bilinear", antialias=True,
-                              align_corners=False)[0]
+            x = F.interpolate(
+                self._pixels(im)[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
+            )[0]
             batch[k, :, :nh, :nw] = self._normalise(x.clamp_(0, 1))
         return batch
 
@@ -218,14 +246,20 @@ class Owlv2Detector(_HFDetector):
         for k, im in enumerate(images):
             h, w = im.shape[:2]
             xyxy = _cxcywh_to_xyxy(boxes[k]) * max(h, w)  # normalised to the padded square
-            xyxy = torch.stack([xyxy[:, 0].clamp(0, w), xyxy[:, 1].clamp(0, h), xyxy[:, 2].clamp(0, w),
-                                xyxy[:, 3].clamp(0, h)], dim=-1)
+            xyxy = torch.stack(
+                [xyxy[:, 0].clamp(0, w), xyxy[:, 1].clamp(0, h), xyxy[:, 2].clamp(0, w), xyxy[:, 3].clamp(0, h)], dim=-1
+            )
             keep = torch.ones_like(scores[k], dtype=torch.bool)
             if self.queries and self.objectness_threshold is not None:
                 keep &= objectness[k] >= self.objectness_threshold
             idx = torch.nonzero(keep).flatten()
-            out.append({"boxes": xyxy[idx].cpu().numpy(), "scores": scores[k][idx].cpu().numpy(),
-                        "labels": None if labels is None else [self.queries[int(j)] for j in labels[k][idx].cpu()]})
+            out.append(
+                {
+                    "boxes": xyxy[idx].cpu().numpy(),
+                    "scores": scores[k][idx].cpu().numpy(),
+                    "labels": None if labels is None else [self.queries[int(j)] for j in labels[k][idx].cpu()],
+                }
+            )
         return out
 
 
@@ -270,8 +304,12 @@ class GroundingDinoDetector(_HFDetector):
             ids += words + [dot]
         flush()
         if len(chunks) > 1:
-            log.info("grounding-dino: %d queries in %d prompts of <= %d tokens (one forward each)",
-                     len(self.queries), len(chunks), max_len)
+            log.info(
+                "grounding-dino: %d queries in %d prompts of <= %d tokens (one forward each)",
+                len(self.queries),
+                len(chunks),
+                max_len,
+            )
         return chunks
 
     def _preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,8 +320,9 @@ class GroundingDinoDetector(_HFDetector):
             h, w = im.shape[:2]
             scale = min(self.shortest / min(h, w), self.longest / max(h, w))
             nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            x = F.interpolate(self._pixels(im)[None], size=(nh, nw), mode="bilinear", antialias=True,
-                              align_corners=False)[0]
+            x = F.interpolate(
+                self._pixels(im)[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
+            )[0]
             resized.append(self._normalise(x.clamp_(0, 1)))
         hmax, wmax = max(x.shape[1] for x in resized), max(x.shape[2] for x in resized)
         pixels = torch.zeros((len(images), 3, hmax, wmax), device=self.device)
@@ -303,8 +342,13 @@ class GroundingDinoDetector(_HFDetector):
         for ids, spans in self.chunks:
             input_ids = ids.to(self.device)[None].expand(b, -1)
             with self._autocast():
-                out = self.model(pixel_values=pixels, pixel_mask=mask, input_ids=input_ids,
-                                 attention_mask=torch.ones_like(input_ids), token_type_ids=torch.zeros_like(input_ids))
+                out = self.model(
+                    pixel_values=pixels,
+                    pixel_mask=mask,
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    token_type_ids=torch.zeros_like(input_ids),
+                )
             probs = out.logits.float().sigmoid()  # (B, queries, max_text_len); -inf (0) past the prompt
             per_query = torch.stack([probs[..., s:e].amax(dim=-1) for _, s, e in spans], dim=-1)
             scores, best = per_query.max(dim=-1)
@@ -318,20 +362,39 @@ class GroundingDinoDetector(_HFDetector):
             boxes, scores, names = (torch.cat(x) for x in zip(*parts[k]))
             xyxy = (_cxcywh_to_xyxy(boxes) * torch.tensor([w, h, w, h], device=boxes.device)).clamp(min=0)
             xyxy = torch.minimum(xyxy, torch.tensor([w, h, w, h], device=boxes.device, dtype=xyxy.dtype))
-            results.append({"boxes": xyxy.cpu().numpy(), "scores": scores.cpu().numpy(),
-                            "labels": [self.queries[int(i)] for i in names.cpu()]})
+            results.append(
+                {
+                    "boxes": xyxy.cpu().numpy(),
+                    "scores": scores.cpu().numpy(),
+                    "labels": [self.queries[int(i)] for i in names.cpu()],
+                }
+            )
         return results
 
 
 HF_DETECTORS = {"owlv2": Owlv2Detector, "grounding-dino": GroundingDinoDetector}
 
 
-def load_hf_detector(name: str, *, weights: str | None, device: str = "cpu", random_init: bool = False,
-                     score_threshold: float = 0.3, queries: Sequence[str] | None = None,
-                     objectness_threshold: float | None = None, s3_endpoint: str | None = None,
-                     bf16: bool = True) -> _HFDetector:
-    common = {"weights": weights, "device": device, "random_init": random_init, "s3_endpoint": s3_endpoint,
-              "bf16": bf16, "score_threshold": score_threshold}
+def load_hf_detector(
+    name: str,
+    *,
+    weights: str | None,
+    device: str = "cpu",
+    random_init: bool = False,
+    score_threshold: float = 0.3,
+    queries: Sequence[str] | None = None,
+    objectness_threshold: float | None = None,
+    s3_endpoint: str | None = None,
+    bf16: bool = True,
+) -> _HFDetector:
+    common = {
+        "weights": weights,
+        "device": device,
+        "random_init": random_init,
+        "s3_endpoint": s3_endpoint,
+        "bf16": bf16,
+        "score_threshold": score_threshold,
+    }
     if name == "owlv2":
         return Owlv2Detector(queries=queries, objectness_threshold=objectness_threshold, **common)
     if objectness_threshold is not None:

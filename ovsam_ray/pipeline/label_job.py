@@ -51,8 +51,19 @@ from ovsam_ray.pipeline.tracker import ShardTracker, storage_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COMMIT_ATTEMPTS", "COMMIT_BACKOFF_S", "EXIT_FAILED", "EXIT_INCOMPLETE", "EXIT_OK", "JobStartError",
-           "LabelConfig", "LabelSummary", "StorageUnavailableError", "build_dataset", "run_label"]
+__all__ = [
+    "COMMIT_ATTEMPTS",
+    "COMMIT_BACKOFF_S",
+    "EXIT_FAILED",
+    "EXIT_INCOMPLETE",
+    "EXIT_OK",
+    "JobStartError",
+    "LabelConfig",
+    "LabelSummary",
+    "StorageUnavailableError",
+    "build_dataset",
+    "run_label",
+]
 
 #: Exit codes of ``ovsam-ray label`` / ``jobs/label.py`` (2: the job could not start or go on).
 EXIT_OK, EXIT_FAILED, EXIT_INCOMPLETE = 0, 1, 3
@@ -82,52 +93,101 @@ class LabelConfig:
     output: str = field(metadata={"help": "output folder or s3:// prefix (one Parquet per shard)"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"group": "model"})
     batch_size: int = field(default=4, metadata={"help": "images per model forward"})
-    images_per_call: int | None = field(default=None, metadata={
-        "help": "images per model-actor call, run as forwards of --batch-size (default max(64, batch))"})
-    concurrency: int | tuple[int, int] = field(default=1, metadata={
-        "help": "model actors: N (a fixed pool) or MIN,MAX (an autoscaling one)"})
+    images_per_call: int | None = field(
+        default=None,
+        metadata={"help": "images per model-actor call, run as forwards of --batch-size (default max(64, batch))"},
+    )
+    concurrency: int | tuple[int, int] = field(
+        default=1, metadata={"help": "model actors: N (a fixed pool) or MIN,MAX (an autoscaling one)"}
+    )
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: run on CPUs)"})
     num_cpus_per_actor: float = field(default=1.0, metadata=_NOT_A_FLAG)
-    decode_chunk: int | None = field(default=None, metadata={
-        "help": f"images per decoded block (default {DECODE_CHUNK}, or {DECODE_CHUNK_NO_PIXELS} with --baseline, "
-                "whose model takes no pixels)"})
+    decode_chunk: int | None = field(
+        default=None,
+        metadata={
+            "help": f"images per decoded block (default {DECODE_CHUNK}, or {DECODE_CHUNK_NO_PIXELS} with --baseline, "
+            "whose model takes no pixels)"
+        },
+    )
     overwrite: bool = field(default=False, metadata={"help": "delete a different run's outputs and start over"})
-    max_error_fraction: float = field(default=0.0, metadata={
-        "help": "error rows / images above which the job exits 1"})
+    max_error_fraction: float = field(default=0.0, metadata={"help": "error rows / images above which the job exits 1"})
     limit: int | None = field(default=None, metadata={"help": "label at most N not-yet-committed shards"})
-    with_embedding: bool = field(default=False, metadata={
-        "help": "store float16 region embeddings (re-scoring, ovsam-ray relabel)"})
+    with_embedding: bool = field(
+        default=False, metadata={"help": "store float16 region embeddings (re-scoring, ovsam-ray relabel)"}
+    )
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata=_NOT_A_FLAG)
     progress_interval_s: float = field(default=10.0, metadata=_NOT_A_FLAG)
-    prompts: str = field(default="shard", metadata={"group": _PROMPTS, "help": (
-        "shard | detector:NAME (torchvision name, owlv2, grounding-dino) | grid, several joined by commas; A+B: "
-        "both, deduplicated across sources by mask IoU (detector:owlv2+grid); A|B: B's prompts for the images A "
-        "gives none (shard|grid, shard|detector:NAME)")})
+    prompts: str = field(
+        default="shard",
+        metadata={
+            "group": _PROMPTS,
+            "help": (
+                "shard | detector:NAME (torchvision name, owlv2, grounding-dino) | grid, several joined by commas; "
+                "A+B: both, deduplicated across sources by mask IoU (detector:owlv2+grid); A|B: B's prompts for the "
+                "images A gives none (shard|grid, shard|detector:NAME)"
+            ),
+        },
+    )
     select: SelectConfig = field(default_factory=SelectConfig, metadata={"group": _PROMPTS})
-    detector_weights: str | None = field(default=None, metadata={
-        "group": _PROMPTS, "help": "detector weights file or folder (default: --weights)"})
-    detector_score_threshold: float = field(default=0.3, metadata={
-        "group": _PROMPTS, "help": "detector boxes scoring below this are dropped"})
-    detector_nms_iou: float = field(default=0.5, metadata={
-        "group": _PROMPTS, "help": "detector boxes: NMS at this IoU (per class where the detector names one)"})
-    detector_max_per_image: int = field(default=100, metadata={
-        "group": _PROMPTS, "help": "detector boxes kept per image (the best scoring)"})
-    detector_num_gpus: float = field(default=0.0, metadata={
-        "group": _PROMPTS, "help": "GPU fraction per detector actor"})
+    detector_weights: str | None = field(
+        default=None, metadata={"group": _PROMPTS, "help": "detector weights file or folder (default: --weights)"}
+    )
+    detector_score_threshold: float = field(
+        default=0.3, metadata={"group": _PROMPTS, "help": "detector boxes scoring below this are dropped"}
+    )
+    detector_nms_iou: float = field(
+        default=0.5,
+        metadata={
+            "group": _PROMPTS,
+            "help": "detector boxes: NMS at this IoU (per class where the detector names one)",
+        },
+    )
+    detector_max_per_image: int = field(
+        default=100, metadata={"group": _PROMPTS, "help": "detector boxes kept per image (the best scoring)"}
+    )
+    detector_num_gpus: float = field(
+        default=0.0, metadata={"group": _PROMPTS, "help": "GPU fraction per detector actor"}
+    )
     detector_concurrency: int = field(default=1, metadata={"group": _PROMPTS, "help": "detector actors"})
     detector_batch_size: int = field(default=4, metadata=_NOT_A_FLAG)
-    detector_queries: str | None = field(default=None, metadata={"group": _PROMPTS, "help": (
-        "owlv2 / grounding-dino query list: a vocabulary name (coco_ov, lvis_v1) or .txt/.json file (default: "
-        "owlv2 class-agnostic objectness boxes; grounding-dino the --vocab)")})
-    detector_objectness_threshold: float | None = field(default=None, metadata={"group": _PROMPTS, "help": (
-        "owlv2: objectness cut (without queries the boxes' score; default 0.1 there, off with queries)")})
-    baseline: str | None = field(default=None, metadata={"choices": BASELINES, "help": (
-        "run a zero-cost baseline instead of OV-SAM (box-fill: each mask is its prompt box; no weights needed) to "
-        "measure the pipeline alone")})
-    max_prompts: int = field(default=DEFAULT_MAX_PROMPTS, metadata={"group": _PROMPTS, "help": (
-        "prompts kept per image from its JSON (the first N, boxes first; the row's warnings say so)")})
-    lease_heartbeat_s: float = field(default=HEARTBEAT_S, metadata={
-        "help": "seconds between renewals of the output's lease (a dead job's lease is taken over after 3)"})
+    detector_queries: str | None = field(
+        default=None,
+        metadata={
+            "group": _PROMPTS,
+            "help": (
+                "owlv2 / grounding-dino query list: a vocabulary name (coco_ov, lvis_v1) or .txt/.json file (default: "
+                "owlv2 class-agnostic objectness boxes; grounding-dino the --vocab)"
+            ),
+        },
+    )
+    detector_objectness_threshold: float | None = field(
+        default=None,
+        metadata={
+            "group": _PROMPTS,
+            "help": ("owlv2: objectness cut (without queries the boxes' score; default 0.1 there, off with queries)"),
+        },
+    )
+    baseline: str | None = field(
+        default=None,
+        metadata={
+            "choices": BASELINES,
+            "help": (
+                "run a zero-cost baseline instead of OV-SAM (box-fill: each mask is its prompt box; no weights needed) "
+                "to measure the pipeline alone"
+            ),
+        },
+    )
+    max_prompts: int = field(
+        default=DEFAULT_MAX_PROMPTS,
+        metadata={
+            "group": _PROMPTS,
+            "help": ("prompts kept per image from its JSON (the first N, boxes first; the row's warnings say so)"),
+        },
+    )
+    lease_heartbeat_s: float = field(
+        default=HEARTBEAT_S,
+        metadata={"help": "seconds between renewals of the output's lease (a dead job's lease is taken over after 3)"},
+    )
     allow_foreign_files: bool = field(default=False, metadata={"help": ALLOW_FOREIGN_FILES_HELP})
 
     def __post_init__(self) -> None:
@@ -172,11 +232,14 @@ def _check_detector_options(cfg: LabelConfig) -> None:
     if name in HF_DETECTORS:
         check_available(name)
     if cfg.detector_queries is not None and name not in HF_DETECTORS:
-        raise ConfigError(f"detector_queries={cfg.detector_queries!r}: only detector:owlv2 and detector:grounding-dino "
-                          f"take a query list (--prompts {cfg.prompts!r})")
+        raise ConfigError(
+            f"detector_queries={cfg.detector_queries!r}: only detector:owlv2 and detector:grounding-dino "
+            f"take a query list (--prompts {cfg.prompts!r})"
+        )
     if cfg.detector_objectness_threshold is not None and name != "owlv2":
-        raise ConfigError("detector_objectness_threshold: only detector:owlv2 has an objectness head "
-                          f"(--prompts {cfg.prompts!r})")
+        raise ConfigError(
+            f"detector_objectness_threshold: only detector:owlv2 has an objectness head (--prompts {cfg.prompts!r})"
+        )
 
 
 @dataclass
@@ -238,22 +301,31 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
         "model": identity_model,
         "vocabulary": {"name": vocab.name, "sha256": vocab.sha256, "num_classes": vocab.num_classes},
         "class_embeddings": m.class_embeddings,
-        "thresholds": {"mask_logit": OVSAM.mask_threshold, "alpha": FUSION_ALPHA, "beta": FUSION_BETA,
-                       "topk": m.topk},
+        "thresholds": {"mask_logit": OVSAM.mask_threshold, "alpha": FUSION_ALPHA, "beta": FUSION_BETA, "topk": m.topk},
         "with_embedding": cfg.with_embedding,
         "prompts": cfg.prompts,
         "max_prompts": cfg.max_prompts,
         "select": _select_identity(cfg),
-        "detector": None if not cfg.sources.detector_name else {
-            "score_threshold": cfg.detector_score_threshold, "nms_iou": cfg.detector_nms_iou,
+        "detector": None
+        if not cfg.sources.detector_name
+        else {
+            "score_threshold": cfg.detector_score_threshold,
+            "nms_iou": cfg.detector_nms_iou,
             "max_per_image": cfg.detector_max_per_image,
             # only when set, so that the records of runs without them stay as they were
             **({"queries": cfg.detector_queries} if cfg.detector_queries is not None else {}),
-            **({"objectness_threshold": cfg.detector_objectness_threshold}
-               if cfg.detector_objectness_threshold is not None else {})},
+            **(
+                {"objectness_threshold": cfg.detector_objectness_threshold}
+                if cfg.detector_objectness_threshold is not None
+                else {}
+            ),
+        },
     }
-    details = {"config": storage.redact_config(dataclasses.asdict(cfg)), "code_version": __version__,
-               "random_init": m.random_init and cfg.baseline is None}
+    details = {
+        "config": storage.redact_config(dataclasses.asdict(cfg)),
+        "code_version": __version__,
+        "random_init": m.random_init and cfg.baseline is None,
+    }
     return RunRecord(identity=identity, details=details)
 
 
@@ -265,7 +337,9 @@ def _startup(what: str, step: Callable[[], _T]) -> _T:
     except OVSAMRayError:
         raise
     except Exception as e:  # noqa: BLE001 - any storage client error: the job cannot start
-        raise JobStartError(f"cannot {what}: {type(e).__name__}: {storage.safe_for_log(storage.redact(str(e)))}") from None
+        raise JobStartError(
+            f"cannot {what}: {type(e).__name__}: {storage.safe_for_log(storage.redact(str(e)))}"
+        ) from None
 
 
 def _drive(cfg: LabelConfig, todo: list[str], text: dict, tracker: ShardTracker, lease: OutputLease) -> None:
@@ -296,9 +370,12 @@ def _list_input(cfg: LabelConfig) -> tuple[list[str], list[str]]:
     if not storage.is_remote(cfg.output):
         long = [u for u, n in zip(shards, names) if len(n.encode("utf-8", "surrogateescape")) > MAX_SHARD_NAME_BYTES]
         if long:
-            raise ShardSpecError(f"shard file names too long for the output's file names (over {MAX_SHARD_NAME_BYTES} "
-                                 f"bytes without .tar): {storage.safe_for_log(storage.redact(long[0]), limit=400)}"
-                                 + (f" and {len(long) - 1} more" if len(long) > 1 else "") + "; rename them")
+            raise ShardSpecError(
+                f"shard file names too long for the output's file names (over {MAX_SHARD_NAME_BYTES} "
+                f"bytes without .tar): {storage.safe_for_log(storage.redact(long[0]), limit=400)}"
+                + (f" and {len(long) - 1} more" if len(long) > 1 else "")
+                + "; rename them"
+            )
     return shards, names
 
 
@@ -317,8 +394,12 @@ def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) ->
     lease.start()
     try:
         # whose files the output holds is known before any cluster starts (one listing)
-        _startup(f"check the files in the output {storage.redact(cfg.output)}", lambda: check_output_owned(
-            cfg.output, names, allow_foreign_files=cfg.allow_foreign_files, s3_endpoint=cfg.model.s3_endpoint))
+        _startup(
+            f"check the files in the output {storage.redact(cfg.output)}",
+            lambda: check_output_owned(
+                cfg.output, names, allow_foreign_files=cfg.allow_foreign_files, s3_endpoint=cfg.model.s3_endpoint
+            ),
+        )
         if connect is not None:
             connect()
         return _run_leased(cfg, shards, names, lease, t0)
@@ -332,8 +413,9 @@ def _prepare_output(cfg: LabelConfig, names: list[str], identity: dict, vocab: A
     files are never deleted; only names this job generates), relabel committed shards whose
     Parquet file is gone; returns the run's state and the committed shards."""
     s3 = cfg.model.s3_endpoint
-    state = check_or_write_run_record(cfg.output, _run_record(cfg, identity, vocab), overwrite=cfg.overwrite,
-                                      s3_endpoint=s3, shards=names)
+    state = check_or_write_run_record(
+        cfg.output, _run_record(cfg, identity, vocab), overwrite=cfg.overwrite, s3_endpoint=s3, shards=names
+    )
     committer = ShardCommitter(cfg.output, s3_endpoint=s3)
     committed = committer.committed_shards()  # listed once: the steps below only remove from it
     committer.cleanup_temporaries(names, committed)
@@ -347,21 +429,27 @@ def _prepare_output(cfg: LabelConfig, names: list[str], identity: dict, vocab: A
     return state, committed
 
 
-def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: OutputLease, t0: float
-                ) -> LabelSummary:
+def _run_leased(cfg: LabelConfig, shards: list[str], names: list[str], lease: OutputLease, t0: float) -> LabelSummary:
     s3 = cfg.model.s3_endpoint
     summary = LabelSummary(random_init=cfg.model.random_init and cfg.baseline is None)
     # Not a storage step: a failure here that is not ours (weights, vocabulary) is a bug and keeps
     # its traceback.
     text, vocab, identity, summary.text_embeddings = prepare_text(cfg.model, cfg.baseline)
-    state, committed = _startup(f"prepare the output {storage.redact(cfg.output)}",
-                                lambda: _prepare_output(cfg, names, identity, vocab))
+    state, committed = _startup(
+        f"prepare the output {storage.redact(cfg.output)}", lambda: _prepare_output(cfg, names, identity, vocab)
+    )
     todo = [u for u, n in zip(shards, names) if n not in committed]
     summary.shards_total, summary.shards_skipped = len(shards), len(shards) - len(todo)
     if cfg.limit is not None:
         todo = todo[: cfg.limit]
-    log.info("label job: %d shards (%s run; %d already committed, %d to do) -> %s", len(shards), state,
-             summary.shards_skipped, len(todo), storage.redact(cfg.output))
+    log.info(
+        "label job: %d shards (%s run; %d already committed, %d to do) -> %s",
+        len(shards),
+        state,
+        summary.shards_skipped,
+        len(todo),
+        storage.redact(cfg.output),
+    )
     if cfg.baseline is not None:
         log.warning("BASELINE %s: no model runs; each mask is its prompt box (a pipeline measurement)", cfg.baseline)
     elif cfg.model.random_init:
@@ -383,17 +471,30 @@ def _finish(cfg: LabelConfig, summary: LabelSummary, tracker: ShardTracker, comm
     """Write the run statistics and the summary; log what the user should know."""
     s3, done = cfg.model.s3_endpoint, summary.shards_committed
     stats_file, summary_file = (storage.redact(storage.join(cfg.output, n)) for n in ("_stats.json", "_summary.json"))
-    run_stats = with_storage_retries(f"write the run statistics {stats_file}", lambda: write_run_stats(
-        cfg.output, s3_endpoint=s3, new=tracker.stats, committed=committed_before + done), committed=done)
+    run_stats = with_storage_retries(
+        f"write the run statistics {stats_file}",
+        lambda: write_run_stats(cfg.output, s3_endpoint=s3, new=tracker.stats, committed=committed_before + done),
+        committed=done,
+    )
     log.info(format_stats(run_stats))
     if summary.images_no_prompts:
-        log.warning("%d images had no prompts (empty rows); use --prompts grid or detector:NAME (or shard|grid, "
-                    "shard|detector:NAME to keep the shard's boxes where there are some)", summary.images_no_prompts)
+        log.warning(
+            "%d images had no prompts (empty rows); use --prompts grid or detector:NAME (or shard|grid, "
+            "shard|detector:NAME to keep the shard's boxes where there are some)",
+            summary.images_no_prompts,
+        )
     if summary.members_skipped:
         log.info("tar members without a row: %s", ", ".join(f"{n} {r}" for r, n in summary.members_skipped.items()))
     if summary.shards_failed:
-        log.error("%d shards were NOT committed; rerun the same command to finish them (exit code %d)",
-                  len(summary.shards_failed), EXIT_INCOMPLETE)
-    with_storage_retries(f"write the summary {summary_file}", lambda: storage.atomic_write_bytes(
-        storage.join(cfg.output, "_summary.json"), json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3),
-        committed=done)
+        log.error(
+            "%d shards were NOT committed; rerun the same command to finish them (exit code %d)",
+            len(summary.shards_failed),
+            EXIT_INCOMPLETE,
+        )
+    with_storage_retries(
+        f"write the summary {summary_file}",
+        lambda: storage.atomic_write_bytes(
+            storage.join(cfg.output, "_summary.json"), json.dumps(summary.to_dict(), indent=1).encode(), s3_endpoint=s3
+        ),
+        committed=done,
+    )

@@ -47,8 +47,16 @@ MAX_INTERVAL_S = 3600.0
 #: A heartbeat this far in this host's future is a clock disagreement worth naming.
 CLOCK_SKEW_S = 1.0
 
-__all__ = ["HEARTBEAT_S", "LEASE_NAME", "MAX_INTERVAL_S", "LeaseHeldError", "LeaseLostError", "OutputLease",
-           "check_interval", "check_not_being_written"]
+__all__ = [
+    "HEARTBEAT_S",
+    "LEASE_NAME",
+    "MAX_INTERVAL_S",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "OutputLease",
+    "check_interval",
+    "check_not_being_written",
+]
 
 
 class LeaseHeldError(OVSAMRayError, RuntimeError):
@@ -83,8 +91,10 @@ def check_interval(value: Any, what: str) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value) if abs(value) < 1e300 else math.inf  # an int beyond float range is "huge"
     if not math.isfinite(number) or not 0 < number <= MAX_INTERVAL_S:
-        raise ConfigError(f"{what}: lease heartbeat interval {storage.safe_for_log(repr(value), limit=80)} is not a "
-                          f"number of seconds in (0, {MAX_INTERVAL_S:.0f}]")
+        raise ConfigError(
+            f"{what}: lease heartbeat interval {storage.safe_for_log(repr(value), limit=80)} is not a "
+            f"number of seconds in (0, {MAX_INTERVAL_S:.0f}]"
+        )
     return float(number)
 
 
@@ -110,9 +120,15 @@ class OutputLease:
 
     def _record(self) -> dict[str, Any]:
         now = time.time()
-        return {"job_id": self.job_id, "host": socket.gethostname(), "pid": os.getpid(), "pid_ns": _pid_namespace(),
-                "heartbeat": now, "heartbeat_at": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(
-                    timespec="seconds"), "interval_s": self.interval_s}
+        return {
+            "job_id": self.job_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_ns": _pid_namespace(),
+            "heartbeat": now,
+            "heartbeat_at": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="seconds"),
+            "interval_s": self.interval_s,
+        }
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -129,7 +145,8 @@ class OutputLease:
             raise LeaseValueError(
                 f"lease file {storage.redact(self.url)} is not a lease of ovsam-ray (not a JSON object with a job_id): "
                 f"it is left alone; move it away if no job writes {storage.redact(self.output)}, or choose another "
-                "output folder")
+                "output folder"
+            )
         return lease
 
     def stale_reason(self, lease: dict[str, Any]) -> str | None:
@@ -158,18 +175,23 @@ class OutputLease:
         try:
             return check_interval(lease["interval_s"], f"lease file {storage.redact(self.url)}")
         except ValueError:
-            raise self._value_error(f"interval_s {lease['interval_s']!r} is not a number of seconds in "
-                                    f"(0, {MAX_INTERVAL_S:.0f}]") from None
+            raise self._value_error(
+                f"interval_s {lease['interval_s']!r} is not a number of seconds in (0, {MAX_INTERVAL_S:.0f}]"
+            ) from None
 
     def _value_error(self, what: str) -> LeaseValueError:
         return LeaseValueError(
-            f"lease file {storage.redact(self.url)}: {storage.safe_for_log(what, limit=200)}; no label job writes that, so "
-            "this job does not guess whether its holder is alive. Delete the file once no job writes "
-            f"{storage.redact(self.output)}.")
+            f"lease file {storage.redact(self.url)}: {storage.safe_for_log(what, limit=200)}; "
+            "no label job writes that, so this job does not guess whether its holder is alive. "
+            "Delete the file once no job writes "
+            f"{storage.redact(self.output)}."
+        )
 
     def _describe(self, lease: dict[str, Any]) -> str:
-        shown = storage.safe_for_log(f"job {lease.get('job_id')} (host {lease.get('host')}, pid {lease.get('pid')}, "
-                          f"heartbeat {lease.get('heartbeat_at')})")  # a lease file is data too
+        shown = storage.safe_for_log(
+            f"job {lease.get('job_id')} (host {lease.get('host')}, pid {lease.get('pid')}, "
+            f"heartbeat {lease.get('heartbeat_at')})"
+        )  # a lease file is data too
         return shown + self._clock_note(lease)
 
     def _clock_note(self, lease: dict[str, Any]) -> str:
@@ -182,8 +204,10 @@ class OutputLease:
         if not math.isfinite(ahead) or ahead <= CLOCK_SKEW_S:
             return ""
         host = storage.safe_for_log(str(lease.get("host")), limit=100)
-        return (f"; its heartbeat lies {ahead:.0f}s in the future: the clock of host {host} is {ahead:.0f}s ahead "
-                "of this host's (clocks must agree to well within a minute)")
+        return (
+            f"; its heartbeat lies {ahead:.0f}s in the future: the clock of host {host} is {ahead:.0f}s ahead "
+            "of this host's (clocks must agree to well within a minute)"
+        )
 
     # --- acquire / renew / release ---
 
@@ -193,8 +217,12 @@ class OutputLease:
         if held is not None and held and self.stale_reason(held) is None:
             raise self._held_error(held)
         if held is not None:
-            log.warning("taking over the lease of %s: %s held it (%s)", storage.redact(self.output), self._describe(held),
-                        self.stale_reason(held) or "unreadable")
+            log.warning(
+                "taking over the lease of %s: %s held it (%s)",
+                storage.redact(self.output),
+                self._describe(held),
+                self.stale_reason(held) or "unreadable",
+            )
         if storage.is_remote(self.url):
             self._acquire_remote()
         else:
@@ -205,7 +233,8 @@ class OutputLease:
         return LeaseHeldError(
             f"output {storage.redact(self.output)} is in use by another label job: {self._describe(held)}. Wait for it "
             f"to finish, or use another --output; a lease whose job died is taken over after {stale:.0f}s without "
-            f"a heartbeat (or at once on the same host). Lease file: {LEASE_NAME}.")
+            f"a heartbeat (or at once on the same host). Lease file: {LEASE_NAME}."
+        )
 
     def _acquire_local(self, stale: dict[str, Any] | None) -> None:
         _, path = storage.get_filesystem(self.url)
@@ -245,8 +274,10 @@ class OutputLease:
         except FileExistsError:
             pass
         os.remove(moved)
-        raise LeaseHeldError(f"output {storage.redact(self.output)}: another job took the stale lease over at the same "
-                             "moment; it holds the output now")
+        raise LeaseHeldError(
+            f"output {storage.redact(self.output)}: another job took the stale lease over at the same "
+            "moment; it holds the output now"
+        )
 
     def _acquire_remote(self) -> None:
         storage.atomic_write_bytes(self.url, json.dumps(self._record()).encode(), s3_endpoint=self.s3)
@@ -266,8 +297,9 @@ class OutputLease:
     def check(self) -> None:
         """Raise :class:`LeaseLostError` once the lease is lost: this job must stop writing."""
         if self.lost:
-            raise LeaseLostError(f"output {storage.redact(self.output)}: {self.lost}; this job stops. Run one job per "
-                                 "output folder.")
+            raise LeaseLostError(
+                f"output {storage.redact(self.output)}: {self.lost}; this job stops. Run one job per output folder."
+            )
 
     def release(self) -> None:
         """Delete the lease if it is still ours."""
@@ -280,8 +312,12 @@ class OutputLease:
             try:
                 self.renew()
             except Exception as e:  # noqa: BLE001 - a missed heartbeat is retried at the next one
-                log.warning("lease heartbeat of %s failed: %s: %s", storage.redact(self.output), type(e).__name__,
-                            storage.safe_for_log(storage.redact(str(e))))
+                log.warning(
+                    "lease heartbeat of %s failed: %s: %s",
+                    storage.redact(self.output),
+                    type(e).__name__,
+                    storage.safe_for_log(storage.redact(str(e))),
+                )
             if self.lost:
                 log.error("%s", storage.safe_for_log(self.lost))
                 return
@@ -307,7 +343,9 @@ class OutputLease:
         try:
             self.release()
         except Exception as e:  # noqa: BLE001 - a lease left behind goes stale; never mask the job's error
-            log.warning("could not release the lease of %s: %s", storage.redact(self.output), storage.safe_for_log(str(e)))
+            log.warning(
+                "could not release the lease of %s: %s", storage.redact(self.output), storage.safe_for_log(str(e))
+            )
 
 
 def check_not_being_written(folder: str, flag: str, *, s3_endpoint: str | None = None) -> None:
@@ -317,5 +355,7 @@ def check_not_being_written(folder: str, flag: str, *, s3_endpoint: str | None =
     lease = OutputLease(folder, s3_endpoint=s3_endpoint)
     held = lease._read()
     if held is not None and lease.stale_reason(held) is None:
-        raise LeaseHeldError(f"{flag} {storage.redact(folder)} is being written by a label job right now "
-                             f"({lease._describe(held)}): wait for it to finish, then rerun")
+        raise LeaseHeldError(
+            f"{flag} {storage.redact(folder)} is being written by a label job right now "
+            f"({lease._describe(held)}): wait for it to finish, then rerun"
+        )

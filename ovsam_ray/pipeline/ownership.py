@@ -38,8 +38,10 @@ OWN_FOLDERS = frozenset(("_committed", "_stats", PARTS_DIR))
 _HIDDEN_RE = re.compile(r"^\..+\.(tmp|stale)-[0-9a-f]{32}$")
 _SHOWN = 5
 #: What ``allow_foreign_files`` (``--allow-foreign-files``) does, for every job that takes it.
-ALLOW_FOREIGN_FILES_HELP = ("write into an output folder that holds files no ovsam-ray command wrote (they are left "
-                            "alone; without this flag such a folder is refused)")
+ALLOW_FOREIGN_FILES_HELP = (
+    "write into an output folder that holds files no ovsam-ray command wrote (they are left "
+    "alone; without this flag such a folder is refused)"
+)
 
 
 class ForeignFilesError(OVSAMRayError, ValueError):
@@ -54,7 +56,7 @@ def foreign_files(output: str, *, s3_endpoint: str | None = None) -> list[str]:
 
 
 def _foreign(names: list[str]) -> list[str]:
-    markers = {n[len("_committed/"):-len(".json")] for n in names if n.startswith("_committed/")}
+    markers = {n[len("_committed/") : -len(".json")] for n in names if n.startswith("_committed/")}
     return sorted(n for n in names if not _ours(n, markers))
 
 
@@ -62,12 +64,16 @@ def _ours(name: str, markers: set[str]) -> bool:
     top, _, rest = name.partition("/")
     if rest:
         return top in OWN_FOLDERS
-    return name in OWN_FILES or bool(_HIDDEN_RE.match(name)) or (
-        name.endswith(".parquet") and name[: -len(".parquet")] in markers)
+    return (
+        name in OWN_FILES
+        or bool(_HIDDEN_RE.match(name))
+        or (name.endswith(".parquet") and name[: -len(".parquet")] in markers)
+    )
 
 
-def check_output_owned(output: str, shards: Collection[str], *, allow_foreign_files: bool,
-                       s3_endpoint: str | None = None) -> None:
+def check_output_owned(
+    output: str, shards: Collection[str], *, allow_foreign_files: bool, s3_endpoint: str | None = None
+) -> None:
     """Refuse (:class:`ForeignFilesError`, one line naming a few files) an output folder without
     our run record that holds others' files, unless ``allow_foreign_files``; refuse in any case
     one that holds ``<shard>.parquet`` for a shard in ``shards`` that no marker of ours covers, or
@@ -89,21 +95,28 @@ def check_output_owned(output: str, shards: Collection[str], *, allow_foreign_fi
     wanted = {f"{s}.parquet" for s in shards}
     clashes = sorted(ours_by_name + [n for n in foreign if n in wanted])
     if clashes:
-        raise ForeignFilesError(f"output {where} holds {_show(clashes)}, which no run of ours wrote (no run record) "
-                                "and this job would overwrite or delete: move them away or choose another output "
-                                "folder")
+        raise ForeignFilesError(
+            f"output {where} holds {_show(clashes)}, which no run of ours wrote (no run record) "
+            "and this job would overwrite or delete: move them away or choose another output "
+            "folder"
+        )
     if not allow_foreign_files:
-        raise ForeignFilesError(f"output {where} holds files that no ovsam-ray command wrote and no run record "
-                                f"({_show(foreign)}): choose a new or empty output folder, or pass "
-                                "--allow-foreign-files to write beside them (they are left alone)")
+        raise ForeignFilesError(
+            f"output {where} holds files that no ovsam-ray command wrote and no run record "
+            f"({_show(foreign)}): choose a new or empty output folder, or pass "
+            "--allow-foreign-files to write beside them (they are left alone)"
+        )
     log.warning("output %s holds %d files of others (%s): they are left alone", where, len(foreign), _show(foreign))
 
 
 def _listed(output: str, s3_endpoint: str | None) -> list[str]:
     fs, path = storage.get_filesystem(output, s3_endpoint=s3_endpoint)
     base = storage.to_url(fs, path).rstrip("/") + "/"
-    return [u[len(base):] for u in storage.list_files(output, recursive=True, s3_endpoint=s3_endpoint)
-            if u.startswith(base)]
+    return [
+        u[len(base) :]
+        for u in storage.list_files(output, recursive=True, s3_endpoint=s3_endpoint)
+        if u.startswith(base)
+    ]
 
 
 def _refuse_inside_own_folder(output: str, s3_endpoint: str | None) -> None:
@@ -116,9 +129,11 @@ def _refuse_inside_own_folder(output: str, s3_endpoint: str | None) -> None:
         parent = "/".join(loc.parts[:i])
         parent = f"/{parent}" if loc.scheme == "file" else f"{loc.scheme}://{loc.root}/{parent}"
         if storage.exists(storage.join(parent, RUN_RECORD_NAME), s3_endpoint=s3_endpoint):
-            raise ForeignFilesError(f"output {storage.redact(output)} lies inside {part}/ of the label output "
-                                    f"{storage.redact(parent)}, which that label job rewrites and deletes: choose an output "
-                                    "outside it")
+            raise ForeignFilesError(
+                f"output {storage.redact(output)} lies inside {part}/ of the label output "
+                f"{storage.redact(parent)}, which that label job rewrites and deletes: choose an output "
+                "outside it"
+            )
 
 
 def _refuse_linked_names(output: str, s3_endpoint: str | None) -> None:
@@ -129,12 +144,14 @@ def _refuse_linked_names(output: str, s3_endpoint: str | None) -> None:
     _, path = storage.get_filesystem(output, s3_endpoint=s3_endpoint)
     linked = sorted(n for n in OWN_FILES | OWN_FOLDERS if os.path.islink(os.path.join(path, n)))
     if linked:
-        targets = ", ".join(f"{n} -> {storage.safe_for_log(os.readlink(os.path.join(path, n)), limit=100)}"
-                            for n in linked[:_SHOWN])
+        targets = ", ".join(
+            f"{n} -> {storage.safe_for_log(os.readlink(os.path.join(path, n)), limit=100)}" for n in linked[:_SHOWN]
+        )
         raise ForeignFilesError(
             f"output {storage.redact(output)} holds symbolic links under the job's own names ({targets}); "
             "the job writes and deletes below these names and never through a link: remove the link or choose "
-            "another output folder")
+            "another output folder"
+        )
 
 
 def _show(names: list[str]) -> str:

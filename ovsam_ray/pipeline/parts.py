@@ -52,16 +52,25 @@ LOGGED_ERRORS = 20
 
 #: One row per part (or per whole-shard event) — all the driver ever sees of the rows. ``damage``
 #: and ``skipped`` are the shard's (see stages.DECODED_SCHEMA), passed on to its commit task.
-PART_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("kind", pa.string()), ("part", pa.string()), ("rows", pa.int64()),
-    ("total", pa.int64()), ("damage", pa.string()), ("skipped", pa.string()), ("errors", pa.int64()),
-    ("masks", pa.int64()),
-])
+PART_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("kind", pa.string()),
+        ("part", pa.string()),
+        ("rows", pa.int64()),
+        ("total", pa.int64()),
+        ("damage", pa.string()),
+        ("skipped", pa.string()),
+        ("errors", pa.int64()),
+        ("masks", pa.int64()),
+    ]
+)
 
 # A part file: output rows plus their shard index and prompt count (for the statistics).
 _PART_EXTRA = ["index", "num_prompts"]
-_PART_FILE_SCHEMA = pa.schema(list(OUTPUT_SCHEMA) + [pa.field("index", pa.int32()),
-                                                     pa.field("num_prompts", pa.int32())])
+_PART_FILE_SCHEMA = pa.schema(
+    list(OUTPUT_SCHEMA) + [pa.field("index", pa.int32()), pa.field("num_prompts", pa.int32())]
+)
 # Rows whose warnings the commit task logs per shard (all are in the Parquet file).
 LOGGED_WARNINGS = 5
 
@@ -72,9 +81,11 @@ class StorageUnavailableError(OVSAMRayError, RuntimeError):
 
 # Storage errors no retry can mend within seconds: a full disk, a quota, a read-only filesystem.
 _FINAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-_RERUN = ("shards committed by this run (and any before it) are complete and kept; a shard is committed only "
-          "once its marker is written. Rerun the same command when the storage {}: it skips the committed shards "
-          "and labels the rest.")
+_RERUN = (
+    "shards committed by this run (and any before it) are complete and kept; a shard is committed only "
+    "once its marker is written. Rerun the same command when the storage {}: it skips the committed shards "
+    "and labels the rest."
+)
 
 
 def with_storage_retries(what: str, write: Callable[[], Any], *, committed: int | None = None) -> Any:
@@ -91,13 +102,15 @@ def with_storage_retries(what: str, write: Callable[[], Any], *, committed: int 
         except Exception as e:  # noqa: BLE001 - storage clients raise many types; all are retried
             error = storage.safe_for_log(f"{type(e).__name__}: {storage.redact(str(e))}", limit=500)
             if isinstance(e, OSError) and e.errno in _FINAL_ERRNOS:
-                raise StorageUnavailableError(f"could not {what}: {error}. {done} "
-                                              + _RERUN.format("has room again")) from None
+                raise StorageUnavailableError(
+                    f"could not {what}: {error}. {done} " + _RERUN.format("has room again")
+                ) from None
             log.warning("%s failed (attempt %d/%d): %s", what, attempt + 1, COMMIT_ATTEMPTS, error)
             if attempt + 1 == COMMIT_ATTEMPTS:
                 raise StorageUnavailableError(
                     f"could not {what} ({COMMIT_ATTEMPTS} attempts in {time.time() - t0:.0f}s; last error {error}). "
-                    f"{done} " + _RERUN.format("is reachable again")) from None
+                    f"{done} " + _RERUN.format("is reachable again")
+                ) from None
             time.sleep(COMMIT_BACKOFF_S * 2**attempt)
 
 
@@ -113,9 +126,19 @@ def write_parts(batch: pa.Table, *, output: str, s3_endpoint: str | None = None)
     status = batch.column("status")
     for kind in (SHARD_FAILED, SHARD_EMPTY):
         for row in batch.filter(pc.equal(status, kind)).select(["shard", "shard_damage", "shard_skipped"]).to_pylist():
-            meta.append({"shard": row["shard"], "kind": kind.removeprefix("shard_"), "part": "", "rows": 0,
-                         "total": 0, "damage": row["shard_damage"], "skipped": row["shard_skipped"] or "",
-                         "errors": 0, "masks": 0})
+            meta.append(
+                {
+                    "shard": row["shard"],
+                    "kind": kind.removeprefix("shard_"),
+                    "part": "",
+                    "rows": 0,
+                    "total": 0,
+                    "damage": row["shard_damage"],
+                    "skipped": row["shard_skipped"] or "",
+                    "errors": 0,
+                    "masks": 0,
+                }
+            )
     rows = batch.filter(pc.invert(pc.is_in(status, pa.array([SHARD_FAILED, SHARD_EMPTY]))))
     for shard in pc.unique(rows.column("shard")).to_pylist():
         part = rows.filter(pc.equal(rows.column("shard"), shard))
@@ -123,16 +146,24 @@ def write_parts(batch: pa.Table, *, output: str, s3_endpoint: str | None = None)
         sink = pa.BufferOutputStream()
         pq.write_table(part.select(OUTPUT_SCHEMA.names + _PART_EXTRA), sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
-        with_storage_retries(f"write the part file {storage.redact(url)} of shard {storage.safe_for_log(shard)}",
-                             lambda url=url, data=data: storage.atomic_write_bytes(url, data, s3_endpoint=s3_endpoint))
+        with_storage_retries(
+            f"write the part file {storage.redact(url)} of shard {storage.safe_for_log(shard)}",
+            lambda url=url, data=data: storage.atomic_write_bytes(url, data, s3_endpoint=s3_endpoint),
+        )
         maybe_fail("part_written")
-        meta.append({
-            "shard": shard, "kind": "part", "part": url, "rows": part.num_rows,
-            "total": part.column("shard_total")[0].as_py(), "damage": part.column("shard_damage")[0].as_py() or "",
-            "skipped": part.column("shard_skipped")[0].as_py() or "",
-            "errors": int(pc.sum(pc.equal(part.column("status"), "error")).as_py() or 0),
-            "masks": int(pc.sum(pc.list_value_length(part.column("instances"))).as_py() or 0),
-        })
+        meta.append(
+            {
+                "shard": shard,
+                "kind": "part",
+                "part": url,
+                "rows": part.num_rows,
+                "total": part.column("shard_total")[0].as_py(),
+                "damage": part.column("shard_damage")[0].as_py() or "",
+                "skipped": part.column("shard_skipped")[0].as_py() or "",
+                "errors": int(pc.sum(pc.equal(part.column("status"), "error")).as_py() or 0),
+                "masks": int(pc.sum(pc.list_value_length(part.column("instances"))).as_py() or 0),
+            }
+        )
     return pa.Table.from_pylist(meta, schema=PART_SCHEMA)
 
 
@@ -149,8 +180,16 @@ def _one_row_per_index(table: pa.Table) -> pa.Table:
     return table.take(pa.array(order[first]))
 
 
-def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: str, *, skipped: str = "",
-                 s3_endpoint: str | None = None) -> dict[str, Any]:
+def commit_shard(
+    output: str,
+    shard: str,
+    parts: list[str],
+    total: int,
+    damage: str,
+    *,
+    skipped: str = "",
+    s3_endpoint: str | None = None,
+) -> dict[str, Any]:
     """Ray task: compact ``parts`` into the committed ``<output>/<shard>.parquet`` (rows in shard
     order), its marker and statistics; delete the parts. ``skipped``: the reader's JSON
     ``{reason: count}`` of members that gave no row (or ""). Returns counts for the job summary,
@@ -158,37 +197,53 @@ def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: 
     committer = ShardCommitter(output, s3_endpoint=s3_endpoint)
     where = storage.redact(output)
     # Reads ride out a storage blip like the writes below (a task that raised is not retried by Ray).
-    marker = with_storage_retries(f"read the marker of shard {storage.safe_for_log(shard)} in {where}",
-                                  lambda: committer.read_marker(shard) if committer.is_committed(shard) else None)
+    marker = with_storage_retries(
+        f"read the marker of shard {storage.safe_for_log(shard)} in {where}",
+        lambda: committer.read_marker(shard) if committer.is_committed(shard) else None,
+    )
     if marker is not None and marker.get("num_rows") == total:  # a retry of a commit that got as far as the marker
         _remove_quietly(parts_url(output, shard), s3_endpoint)
         return _result(marker, damage, [], [])
-    table = _one_row_per_index(with_storage_retries(f"read the parts of shard {storage.safe_for_log(shard)} in {where}",
-                                                    lambda: _read_parts(parts, s3_endpoint)))
+    table = _one_row_per_index(
+        with_storage_retries(
+            f"read the parts of shard {storage.safe_for_log(shard)} in {where}", lambda: _read_parts(parts, s3_endpoint)
+        )
+    )
     index = table.column("index").to_numpy()
     if table.num_rows != total or (total and (index[0] != 0 or index[-1] != total - 1)):
         return {"shard": shard, "missing": total - table.num_rows}
     stats = table_stats(table, members_skipped=json.loads(skipped) if skipped else {})
     table = table.select(OUTPUT_SCHEMA.names)
-    marker_stats = {"damage": damage or None, "committed_by": "label_job",
-                    **{k: stats[k] for k in _MARKER_STATS}}
+    marker_stats = {"damage": damage or None, "committed_by": "label_job", **{k: stats[k] for k in _MARKER_STATS}}
     maybe_fail("before_commit")
-    marker = with_storage_retries(f"commit shard {storage.safe_for_log(shard)} ({storage.redact(committer.parquet_url(shard))}, "
-                                  f"then its marker {storage.redact(committer.marker_url(shard))})",
-                                  lambda: committer.commit(shard, table, marker_stats))
-    with_storage_retries(f"write the statistics {storage.redact(storage.join(output, '_stats', shard + '.json'))}",
-                         lambda: write_shard_stats(output, shard, stats, s3_endpoint=s3_endpoint))
+    marker = with_storage_retries(
+        f"commit shard {storage.safe_for_log(shard)} ({storage.redact(committer.parquet_url(shard))}, "
+        f"then its marker {storage.redact(committer.marker_url(shard))})",
+        lambda: committer.commit(shard, table, marker_stats),
+    )
+    with_storage_retries(
+        f"write the statistics {storage.redact(storage.join(output, '_stats', shard + '.json'))}",
+        lambda: write_shard_stats(output, shard, stats, s3_endpoint=s3_endpoint),
+    )
     maybe_fail("after_commit")
     _remove_quietly(parts_url(output, shard), s3_endpoint)
     errors = table.filter(pc.equal(table.column("status"), "error")).select(["key", "error"]).slice(0, LOGGED_ERRORS)
     for row in errors.to_pylist():
-        log.warning("error row %s/%s: %s", storage.safe_for_log(shard), storage.safe_for_log(row["key"], limit=120),
-                    storage.safe_for_log(row["error"]))
+        log.warning(
+            "error row %s/%s: %s",
+            storage.safe_for_log(shard),
+            storage.safe_for_log(row["key"], limit=120),
+            storage.safe_for_log(row["error"]),
+        )
     warned = table.filter(pc.fill_null(pc.greater(pc.list_value_length(table.column("warnings")), 0), False))
     warned = warned.select(["key", "warnings"]).slice(0, LOGGED_WARNINGS).to_pylist()
     for row in warned:
-        log.warning("prompt warnings %s/%s: %s", storage.safe_for_log(shard), storage.safe_for_log(row["key"], limit=120),
-                    storage.safe_for_log("; ".join(row["warnings"])))
+        log.warning(
+            "prompt warnings %s/%s: %s",
+            storage.safe_for_log(shard),
+            storage.safe_for_log(row["key"], limit=120),
+            storage.safe_for_log("; ".join(row["warnings"])),
+        )
     return _result(marker, damage, errors.slice(0, 3).to_pylist(), warned[:3], stats)
 
 
@@ -196,15 +251,25 @@ def commit_shard(output: str, shard: str, parts: list[str], total: int, damage: 
 _MARKER_STATS = ("images_with_warnings", "images_no_prompts", "members_skipped")
 
 
-def _result(marker: dict[str, Any], damage: str, errors: list[dict], warned: list[dict],
-            stats: dict[str, Any] | None = None) -> dict[str, Any]:
+def _result(
+    marker: dict[str, Any], damage: str, errors: list[dict], warned: list[dict], stats: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What the driver learns of a committed shard: counts, a few error and warning rows, the
     shard's statistics (None when a retried commit found it done: the run statistics re-read them)."""
     extra = marker.get("stats") or {}
-    return {"shard": marker["shard"], "ok": marker["num_ok"], "error": marker["num_error"],
-            "masks": marker["num_instances"], "damage": damage, "errors_sample": errors, "warnings_sample": warned,
-            "warned": extra.get("images_with_warnings", 0), "no_prompts": extra.get("images_no_prompts", 0),
-            "skipped": extra.get("members_skipped") or {}, "stats": stats}
+    return {
+        "shard": marker["shard"],
+        "ok": marker["num_ok"],
+        "error": marker["num_error"],
+        "masks": marker["num_instances"],
+        "damage": damage,
+        "errors_sample": errors,
+        "warnings_sample": warned,
+        "warned": extra.get("images_with_warnings", 0),
+        "no_prompts": extra.get("images_no_prompts", 0),
+        "skipped": extra.get("members_skipped") or {},
+        "stats": stats,
+    }
 
 
 def _remove_quietly(url: str, s3_endpoint: str | None) -> None:

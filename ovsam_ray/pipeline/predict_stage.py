@@ -35,15 +35,29 @@ BASELINES = ("box-fill",)
 #: What the model stage emits: the decoded row's identity + status + typed instances, the prompt
 #: warnings of the decode stage (plus one when an image had no prompt at all; null for none) and
 #: how many prompts the image had (null for error rows; for the statistics).
-RESULT_SCHEMA = pa.schema([
-    ("key", pa.string()), ("shard", pa.string()), ("index", pa.int32()), ("shard_total", pa.int32()),
-    ("shard_damage", pa.string()), ("shard_skipped", pa.string()), ("image_id", pa.string()), ("width", pa.int32()),
-    ("height", pa.int32()), ("status", pa.string()), ("error", pa.string()), ("instances", pa.list_(INSTANCE_TYPE)),
-    ("warnings", pa.list_(pa.string())), ("num_prompts", pa.int32()),
-])
+RESULT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("index", pa.int32()),
+        ("shard_total", pa.int32()),
+        ("shard_damage", pa.string()),
+        ("shard_skipped", pa.string()),
+        ("image_id", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("instances", pa.list_(INSTANCE_TYPE)),
+        ("warnings", pa.list_(pa.string())),
+        ("num_prompts", pa.int32()),
+    ]
+)
 #: The row warning of an image that had no prompt (its row has no instances).
-NO_PROMPTS_WARNING = ("no prompts: the prompt sources gave none for this image (--prompts grid, detector:NAME or "
-                      "shard|grid label such images)")
+NO_PROMPTS_WARNING = (
+    "no prompts: the prompt sources gave none for this image (--prompts grid, detector:NAME or "
+    "shard|grid label such images)"
+)
 
 
 def _reshape(values: list[float] | None, dim: int) -> list[list[float]]:
@@ -54,10 +68,15 @@ def _reshape(values: list[float] | None, dim: int) -> list[list[float]]:
 
 def prompt_sets(batch: pa.Table, rows: list[int], sources: PromptSources, grid_size: int) -> list[ImagePromptSet]:
     """The prompts of ``rows`` of a DECODED batch (plus the detector's columns when present)."""
-    cols = {name: batch.column(name).to_pylist() for name in ("boxes", "box_scores", "box_labels", "points",
-                                                              "point_boxes", "width", "height")}
-    det = {name: batch.column(name).to_pylist() for name in ("det_boxes", "det_scores", "det_labels")
-           if name in batch.column_names}
+    cols = {
+        name: batch.column(name).to_pylist()
+        for name in ("boxes", "box_scores", "box_labels", "points", "point_boxes", "width", "height")
+    }
+    det = {
+        name: batch.column(name).to_pylist()
+        for name in ("det_boxes", "det_scores", "det_labels")
+        if name in batch.column_names
+    }
     out = []
     for i in rows:
         spec: dict[str, Any] = {
@@ -68,15 +87,20 @@ def prompt_sets(batch: pa.Table, rows: list[int], sources: PromptSources, grid_s
             "point_boxes": _reshape(cols["point_boxes"][i], 4) if cols["point_boxes"][i] is not None else None,
         }
         if det:
-            spec["detector"] = {"boxes": _reshape(det["det_boxes"][i], 4), "scores": det["det_scores"][i] or [],
-                                "labels": det["det_labels"][i] or []}
-        out.append(image_prompt_set(spec, sources, width=cols["width"][i], height=cols["height"][i],
-                                    grid_size=grid_size))
+            spec["detector"] = {
+                "boxes": _reshape(det["det_boxes"][i], 4),
+                "scores": det["det_scores"][i] or [],
+                "labels": det["det_labels"][i] or [],
+            }
+        out.append(
+            image_prompt_set(spec, sources, width=cols["width"][i], height=cols["height"][i], grid_size=grid_size)
+        )
     return out
 
 
-def result_table(batch: pa.Table, status: list[str], error: list[str | None], instances: pa.Array,
-                 sets: dict[int, ImagePromptSet]) -> pa.Table:
+def result_table(
+    batch: pa.Table, status: list[str], error: list[str | None], instances: pa.Array, sets: dict[int, ImagePromptSet]
+) -> pa.Table:
     """RESULT_SCHEMA rows: ``batch``'s identity columns with the stage's status, error, instances;
     warnings and prompt counts from the decoded rows and ``sets`` (prompts of the ok rows)."""
     warned = batch.column("prompt_warnings").to_pylist()
@@ -87,9 +111,16 @@ def result_table(batch: pa.Table, status: list[str], error: list[str | None], in
             if not ps.types:
                 warned[i] = (warned[i] or []) + [NO_PROMPTS_WARNING]
     arrays = [batch.column(c) for c in PASS_COLUMNS]
-    arrays += [pa.chunked_array([a]) for a in (
-        pa.array(status, pa.string()), pa.array(error, pa.string()), instances,
-        pa.array([w or None for w in warned], pa.list_(pa.string())), pa.array(num_prompts, pa.int32()))]
+    arrays += [
+        pa.chunked_array([a])
+        for a in (
+            pa.array(status, pa.string()),
+            pa.array(error, pa.string()),
+            instances,
+            pa.array([w or None for w in warned], pa.list_(pa.string())),
+            pa.array(num_prompts, pa.int32()),
+        )
+    ]
     names = list(PASS_COLUMNS) + ["status", "error", "instances", "warnings", "num_prompts"]
     return pa.Table.from_arrays(arrays, names=names).select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
 
@@ -97,9 +128,19 @@ def result_table(batch: pa.Table, status: list[str], error: list[str | None], in
 class PredictStage:
     """map_batches actor running OV-SAM on DECODED_SCHEMA batches (pyarrow batch format)."""
 
-    def __init__(self, *, model_config: dict[str, Any], text: Any, with_embedding: bool = False,
-                 prompts: str = "shard", select: dict[str, Any] | None = None, device: str | None = None,
-                 cpu_threads: int | None = None, forward_batch: int = 8, fast: bool | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        model_config: dict[str, Any],
+        text: Any,
+        with_embedding: bool = False,
+        prompts: str = "shard",
+        select: dict[str, Any] | None = None,
+        device: str | None = None,
+        cpu_threads: int | None = None,
+        forward_batch: int = 8,
+        fast: bool | None = None,
+    ) -> None:
         import ray
 
         from ovsam_ray.inference import ModelConfig, load_model, make_predictor
@@ -121,8 +162,9 @@ class PredictStage:
         # On CUDA (rle_on_device's default) masks leave the GPU as run lengths, never full size; a
         # CPU actor keeps full masks, as pycocotools' C encoder beats torch's CPU kernels there.
         # ``fast`` (bf16 autocast, channels_last, device RLE) defaults to CUDA; True runs it on a CPU.
-        self.predictor = make_predictor(cfg, load_model(cfg), embeddings, self.vocab, self.device, fast=fast,
-                                        rle_on_device=True if fast else None)
+        self.predictor = make_predictor(
+            cfg, load_model(cfg), embeddings, self.vocab, self.device, fast=fast, rle_on_device=True if fast else None
+        )
         self.predictor.half_embeddings = with_embedding
         self.with_embedding = with_embedding
         self.sources = PromptSources.parse(prompts)
@@ -137,7 +179,7 @@ class PredictStage:
         sets = dict(zip(ok, prompt_sets(batch, ok, self.sources, self.select.grid_size)))
         results: dict = {}
         for start in range(0, len(ok), self.forward_batch):  # one forward per forward_batch images
-            results.update(self._predict_or_isolate(batch, ok[start: start + self.forward_batch], sets))
+            results.update(self._predict_or_isolate(batch, ok[start : start + self.forward_batch], sets))
         cols = InstanceColumns(self.vocab, with_embedding=self.with_embedding)
         for i in range(batch.num_rows):
             res = results.get(i)
@@ -148,8 +190,14 @@ class PredictStage:
                 continue
             pred, keep = res
             ps = sets[i]
-            cols.add_prediction(pred, ps.prompts, types=ps.types, keep=keep, detector_scores=ps.detector_scores,
-                                detector_labels=ps.detector_labels)
+            cols.add_prediction(
+                pred,
+                ps.prompts,
+                types=ps.types,
+                keep=keep,
+                detector_scores=ps.detector_scores,
+                detector_labels=ps.detector_labels,
+            )
         return result_table(batch, status, error, cols.to_arrow(), sets)
 
     def _predict_or_isolate(self, batch: pa.Table, rows: list[int], sets: dict[int, ImagePromptSet]) -> dict:
@@ -161,10 +209,16 @@ class PredictStage:
             return self._predict(batch, rows, sets)
         except Exception as e:  # noqa: BLE001 - a failing batch is retried image by image
             if len(rows) == 1:
-                log.exception("prediction failed for image %s", storage.safe_for_log(batch.column("key")[rows[0]].as_py()))
+                log.exception(
+                    "prediction failed for image %s", storage.safe_for_log(batch.column("key")[rows[0]].as_py())
+                )
                 return {rows[0]: f"prediction failed: {type(e).__name__}: {e}"}
-            log.warning("prediction failed for a batch of %d images (%s: %s); retrying each alone", len(rows),
-                        type(e).__name__, storage.safe_for_log(str(e)))
+            log.warning(
+                "prediction failed for a batch of %d images (%s: %s); retrying each alone",
+                len(rows),
+                type(e).__name__,
+                storage.safe_for_log(str(e)),
+            )
         out: dict = {}
         for i in rows:
             out.update(self._predict_or_isolate(batch, [i], sets))
@@ -173,10 +227,13 @@ class PredictStage:
     def _predict(self, batch: pa.Table, rows: list[int], sets: dict[int, ImagePromptSet]) -> dict:
         images = [image_of(batch, i) for i in rows]
         sizes = [(batch.column("height")[i].as_py(), batch.column("width")[i].as_py()) for i in rows]
-        preds = self.predictor.predict(self.predictor.embed(images, original_sizes=sizes),
-                                       [sets[i].prompts for i in rows])
-        return {i: (pred, select_predictions(pred, sets[i].types, self.select, tiers=sets[i].tiers))
-                for i, pred in zip(rows, preds)}
+        preds = self.predictor.predict(
+            self.predictor.embed(images, original_sizes=sizes), [sets[i].prompts for i in rows]
+        )
+        return {
+            i: (pred, select_predictions(pred, sets[i].types, self.select, tiers=sets[i].tiers))
+            for i, pred in zip(rows, preds)
+        }
 
 
 class BoxFillStage:
@@ -202,6 +259,13 @@ class BoxFillStage:
             if ps is None:
                 cols.add_empty()
                 continue
-            cols.add_box_fill(ps.prompts.boxes, points=ps.prompts.points, height=heights[i], width=widths[i],
-                              types=ps.types, detector_scores=ps.detector_scores, detector_labels=ps.detector_labels)
+            cols.add_box_fill(
+                ps.prompts.boxes,
+                points=ps.prompts.points,
+                height=heights[i],
+                width=widths[i],
+                types=ps.types,
+                detector_scores=ps.detector_scores,
+                detector_labels=ps.detector_labels,
+            )
         return result_table(batch, status, batch.column("error").to_pylist(), cols.to_arrow(), sets)

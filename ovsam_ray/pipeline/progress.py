@@ -34,16 +34,27 @@ class JobProgress:
 
     def line(self) -> str:
         elapsed = max(time.time() - self.start, 1e-9)
-        return (f"progress: shards {self.shards}/{self.total_shards}, images {self.images} "
-                f"({self.images / elapsed:.2f} images/s), errors {self.errors}, masks {self.masks}, "
-                f"elapsed {elapsed:.0f}s")
+        return (
+            f"progress: shards {self.shards}/{self.total_shards}, images {self.images} "
+            f"({self.images / elapsed:.2f} images/s), errors {self.errors}, masks {self.masks}, "
+            f"elapsed {elapsed:.0f}s"
+        )
 
     def finish(self, summary: Any) -> None:
         s = summary
         log.info(
             "summary: shards committed %d, skipped %d, failed %d, damaged %d | images ok %d, error %d, with prompt "
             "warnings %d, without prompts %d | masks %d | wall %.1fs | %.2f images/s%s",
-            s.shards_committed, s.shards_skipped, len(s.shards_failed), len(s.shards_damaged), s.images_ok,
-            s.images_error, s.images_with_warnings, s.images_no_prompts, s.masks, s.wall_time_s, s.images_per_s,
+            s.shards_committed,
+            s.shards_skipped,
+            len(s.shards_failed),
+            len(s.shards_damaged),
+            s.images_ok,
+            s.images_error,
+            s.images_with_warnings,
+            s.images_no_prompts,
+            s.masks,
+            s.wall_time_s,
+            s.images_per_s,
             " | RANDOM INIT (untrained weights)" if s.random_init else "",
         )

@@ -68,11 +68,13 @@ class PromptSources:
             elif part == "grid":
                 grid = True
             elif part.startswith("detector:") and len(part) > len("detector:"):
-                detector = part[len("detector:"):]
+                detector = part[len("detector:") :]
             else:
-                raise ConfigError(f"--prompts {spec!r}: use shard, grid, detector:NAME (torchvision name, owlv2, "
-                                  "grounding-dino or my_pkg.module:MyDetector), several joined by commas, A+B (both, "
-                                  "deduplicated across sources) or A|B (B where A gives an image no prompt)")
+                raise ConfigError(
+                    f"--prompts {spec!r}: use shard, grid, detector:NAME (torchvision name, owlv2, "
+                    "grounding-dino or my_pkg.module:MyDetector), several joined by commas, A+B (both, "
+                    "deduplicated across sources) or A|B (B where A gives an image no prompt)"
+                )
         if not (shard or detector or grid):
             raise ConfigError(f"--prompts {spec!r} names no prompt source")
         return cls(shard=shard, detector=detector, grid=grid)
@@ -82,15 +84,21 @@ class PromptSources:
         parts = [cls.parse(p) if p.strip() else None for p in spec.split("+")]
         if None in parts:
             raise ConfigError(f"--prompts {spec!r}: A+B needs a source on each side of '+' (e.g. detector:owlv2+grid)")
-        tiers = tuple(frozenset(k for k, on in (("shard", p.shard), ("detector", p.detector), ("grid", p.grid)) if on)
-                      for p in parts)
+        tiers = tuple(
+            frozenset(k for k, on in (("shard", p.shard), ("detector", p.detector), ("grid", p.grid)) if on)
+            for p in parts
+        )
         seen: set[str] = set()
         for tier in tiers:
             if tier & seen:
                 raise ConfigError(f"--prompts {spec!r}: each source may appear once in A+B")
             seen |= tier
-        return cls(shard="shard" in seen, detector=next((p.detector for p in parts if p.detector), None),
-                   grid="grid" in seen, tiers=tiers)
+        return cls(
+            shard="shard" in seen,
+            detector=next((p.detector for p in parts if p.detector), None),
+            grid="grid" in seen,
+            tiers=tiers,
+        )
 
 
 @dataclass
@@ -102,18 +110,24 @@ class SelectConfig:
     an earlier one exceeds source_dedup_iou is dropped (before dedup_iou)."""
 
     grid_size: int = field(default=POINTS_PER_SIDE, metadata={"help": "points per side of the segment-everything grid"})
-    grid_stability: float = field(default=STABILITY_THRESH, metadata={
-        "help": "grid prompts: keep masks whose stability score is at least this"})
+    grid_stability: float = field(
+        default=STABILITY_THRESH, metadata={"help": "grid prompts: keep masks whose stability score is at least this"}
+    )
     grid_nms_iou: float = field(default=MASK_NMS_IOU, metadata={"help": "grid prompts: mask NMS at this IoU"})
     min_mask_area: int = field(default=0, metadata={"help": "drop masks smaller than this many pixels"})
-    dedup_iou: float | None = field(default=None, metadata={
-        "help": "drop masks overlapping a better one above this IoU"})
-    dedup_containment: float | None = field(default=None, metadata={
-        "help": "drop masks lying this much inside a better one"})
-    dedup_class_aware: bool = field(default=False, metadata={
-        "help": "--dedup-iou / --dedup-containment only among masks of one class"})
-    source_dedup_iou: float = field(default=0.7, metadata={
-        "help": "A+B prompts: drop a mask of B overlapping a kept mask of A above this IoU (any class)"})
+    dedup_iou: float | None = field(
+        default=None, metadata={"help": "drop masks overlapping a better one above this IoU"}
+    )
+    dedup_containment: float | None = field(
+        default=None, metadata={"help": "drop masks lying this much inside a better one"}
+    )
+    dedup_class_aware: bool = field(
+        default=False, metadata={"help": "--dedup-iou / --dedup-containment only among masks of one class"}
+    )
+    source_dedup_iou: float = field(
+        default=0.7,
+        metadata={"help": "A+B prompts: drop a mask of B overlapping a kept mask of A above this IoU (any class)"},
+    )
 
 
 @dataclass
@@ -129,8 +143,9 @@ class ImagePromptSet:
     tiers: list[int] = field(default_factory=list)
 
 
-def image_prompt_set(spec: dict[str, Any], sources: PromptSources, *, width: int, height: int,
-                     grid_size: int) -> ImagePromptSet:
+def image_prompt_set(
+    spec: dict[str, Any], sources: PromptSources, *, width: int, height: int, grid_size: int
+) -> ImagePromptSet:
     """Combine the JSON's prompts (shard and/or detector boxes) and grid points for one image;
     when they are none and ``sources`` has a fallback, the fallback's prompts."""
     out = _combine(spec, sources, width=width, height=height, grid_size=grid_size)
@@ -139,8 +154,9 @@ def image_prompt_set(spec: dict[str, Any], sources: PromptSources, *, width: int
     return out
 
 
-def _combine(spec: dict[str, Any], sources: PromptSources, *, width: int, height: int,
-             grid_size: int) -> ImagePromptSet:
+def _combine(
+    spec: dict[str, Any], sources: PromptSources, *, width: int, height: int, grid_size: int
+) -> ImagePromptSet:
     boxes, scores, labels = [], [], []
     if sources.shard:
         boxes += spec.get("boxes") or []
@@ -166,28 +182,37 @@ def _combine(spec: dict[str, Any], sources: PromptSources, *, width: int, height
     )
     n_shard_boxes = len(boxes) - len(det.get("boxes") or []) if sources.detector else len(boxes)
     types = ["box"] * len(boxes) + ["point"] * n_user_points + ["grid"] * (len(points) - n_user_points)
-    origin = (["shard"] * n_shard_boxes + ["detector"] * (len(boxes) - n_shard_boxes) + ["shard"] * n_user_points
-              + ["grid"] * (len(points) - n_user_points))
+    origin = (
+        ["shard"] * n_shard_boxes
+        + ["detector"] * (len(boxes) - n_shard_boxes)
+        + ["shard"] * n_user_points
+        + ["grid"] * (len(points) - n_user_points)
+    )
     tier_of = {kind: t for t, tier in enumerate(sources.tiers) for kind in tier}
     tiers = [tier_of[o] for o in origin] if sources.tiers else []
     return ImagePromptSet(prompts, types, scores, labels, tiers)
 
 
-def select_predictions(pred: ImagePrediction, types: list[str], cfg: SelectConfig,
-                       tiers: list[int] | None = None) -> np.ndarray:
+def select_predictions(
+    pred: ImagePrediction, types: list[str], cfg: SelectConfig, tiers: list[int] | None = None
+) -> np.ndarray:
     """Indices of the predictions to keep, in prompt order: the automatic mask generator's rule
     (``mask_quality``, ``remove_duplicates``) with grid prompts as its grid. ``tiers``: each
     prompt's part of an ``A+B`` spec (ImagePromptSet.tiers): after the grid's NMS and before the
     dedup, a mask that repeats one of an earlier part is dropped (class-agnostic)."""
     is_grid = np.array([t == "grid" for t in types], bool)
     keep = mask_quality(pred, is_grid, min_area=cfg.min_mask_area, stability_thresh=cfg.grid_stability)
-    dedup = {"dedup_iou": cfg.dedup_iou, "dedup_containment": cfg.dedup_containment,
-             "dedup_class_aware": cfg.dedup_class_aware}
+    dedup = {
+        "dedup_iou": cfg.dedup_iou,
+        "dedup_containment": cfg.dedup_containment,
+        "dedup_class_aware": cfg.dedup_class_aware,
+    }
     if not tiers:
         return np.nonzero(remove_duplicates(pred, keep, is_grid, nms_iou=cfg.grid_nms_iou, **dedup))[0]
     keep = remove_duplicates(pred, keep, is_grid, nms_iou=cfg.grid_nms_iou)
-    keep = _across_sources(torch.from_numpy(pred.low_res_logits[:, 0]) > 0, np.asarray(tiers), keep,
-                           cfg.source_dedup_iou)
+    keep = _across_sources(
+        torch.from_numpy(pred.low_res_logits[:, 0]) > 0, np.asarray(tiers), keep, cfg.source_dedup_iou
+    )
     keep = remove_duplicates(pred, keep, np.zeros_like(is_grid), **dedup)
     return np.nonzero(keep)[0]
 

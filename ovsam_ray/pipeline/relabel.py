@@ -46,8 +46,9 @@ class RelabelConfig:
     output: str = field(metadata={"help": "output folder or s3:// prefix (one Parquet per shard)"})
     vocab: str = field(metadata={"help": "the new vocabulary: coco_ov, lvis_v1, or a .txt/.json file"})
     overwrite: bool = field(default=False, metadata={"help": "delete a different run's outputs and start over"})
-    s3_endpoint: str | None = field(default=None, metadata={
-        "help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"})
+    s3_endpoint: str | None = field(
+        default=None, metadata={"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"}
+    )
     allow_foreign_files: bool = field(default=False, metadata={"help": ALLOW_FOREIGN_FILES_HELP})
 
     def __post_init__(self) -> None:
@@ -58,17 +59,22 @@ class RelabelConfig:
 def _source_model_config(cfg: RelabelConfig) -> tuple[ModelConfig, dict]:
     record = read_run_record(cfg.input, s3_endpoint=cfg.s3_endpoint)
     if record is None:
-        raise MissingInputError(f"{storage.redact(cfg.input)} has no {RUN_RECORD_NAME}: relabel reads a label job's output "
-                                "folder (its run record names the model)")
+        raise MissingInputError(
+            f"{storage.redact(cfg.input)} has no {RUN_RECORD_NAME}: relabel reads a label job's output "
+            "folder (its run record names the model)"
+        )
     if not record["identity"].get("with_embedding"):
-        raise ConfigError(f"{storage.redact(cfg.input)} was labelled without --with-embedding: no embeddings to re-score")
+        raise ConfigError(
+            f"{storage.redact(cfg.input)} was labelled without --with-embedding: no embeddings to re-score"
+        )
     model = dict(record["details"]["config"]["model"])
     model.update(vocab=cfg.vocab, class_embeddings=None, s3_endpoint=cfg.s3_endpoint or model.get("s3_endpoint"))
     return ModelConfig(**model), record
 
 
-def rescore_rows(rows: list[dict[str, Any]], classifier: OpenVocabClassifier, vocab: Vocabulary,
-                 topk: int) -> list[dict[str, Any]]:
+def rescore_rows(
+    rows: list[dict[str, Any]], classifier: OpenVocabClassifier, vocab: Vocabulary, topk: int
+) -> list[dict[str, Any]]:
     """New labels for every instance of ``rows`` from its stored embeddings."""
     for row in rows:
         insts = row["instances"] or []
@@ -80,16 +86,25 @@ def rescore_rows(rows: list[dict[str, Any]], classifier: OpenVocabClassifier, vo
         fused = classifier(region, clip, valid).fused_logits
         labels, ids, scores = labels_from_logits(fused, topk)
         for inst, lab, top_ids, top_scores in zip(insts, labels.tolist(), ids.tolist(), scores.tolist()):
-            inst.update(label=vocab.class_names[lab], label_id=int(vocab.class_ids[lab]), label_score=top_scores[0],
-                        topk_labels=[vocab.class_names[k] for k in top_ids], topk_scores=top_scores)
+            inst.update(
+                label=vocab.class_names[lab],
+                label_id=int(vocab.class_ids[lab]),
+                label_score=top_scores[0],
+                topk_labels=[vocab.class_names[k] for k in top_ids],
+                topk_scores=top_scores,
+            )
     return rows
 
 
 def _relabel_shard(item: dict[str, Any], *, cfg: RelabelConfig, text_ref: Any, topk: int) -> dict[str, Any]:
     text = ray.get(text_ref) if isinstance(text_ref, ray.ObjectRef) else text_ref
     vocab = Vocabulary.from_json(text["vocabulary"])
-    classifier = OpenVocabClassifier(text_embeddings=text["embeddings"], seen=vocab.seen_tensor(),
-                                     excluded=vocab.excluded_tensor(), logit_scale=text["logit_scale"])
+    classifier = OpenVocabClassifier(
+        text_embeddings=text["embeddings"],
+        seen=vocab.seen_tensor(),
+        excluded=vocab.excluded_tensor(),
+        logit_scale=text["logit_scale"],
+    )
     name = item["shard"]
     with storage.open_url(storage.join(cfg.input, f"{name}.parquet"), s3_endpoint=cfg.s3_endpoint) as f:
         rows = pq.read_table(f).to_pylist()
@@ -120,18 +135,20 @@ def _run_leased(cfg: RelabelConfig, lease: OutputLease, connect: Callable[[], No
     model_cfg, source = _source_model_config(cfg)
     loaded = load_model(model_cfg)
     embeddings, vocab = vocabulary_text(model_cfg, loaded, "cpu")
-    identity = {**source["identity"], "vocabulary": {"name": vocab.name, "sha256": vocab.sha256,
-                                                     "num_classes": vocab.num_classes}}
-    record = RunRecord(identity=identity, details={"relabel_of": storage.redact(cfg.input),
-                                                   "config": storage.redact_config(dataclasses.asdict(cfg))})
+    identity = {
+        **source["identity"],
+        "vocabulary": {"name": vocab.name, "sha256": vocab.sha256, "num_classes": vocab.num_classes},
+    }
+    record = RunRecord(
+        identity=identity,
+        details={"relabel_of": storage.redact(cfg.input), "config": storage.redact_config(dataclasses.asdict(cfg))},
+    )
     shards = ShardCommitter(cfg.input, s3_endpoint=cfg.s3_endpoint).committed_shards()
     check_output_owned(cfg.output, shards, allow_foreign_files=cfg.allow_foreign_files, s3_endpoint=cfg.s3_endpoint)
-    check_or_write_run_record(cfg.output, record, overwrite=cfg.overwrite, s3_endpoint=cfg.s3_endpoint,
-                              shards=shards)
+    check_or_write_run_record(cfg.output, record, overwrite=cfg.overwrite, s3_endpoint=cfg.s3_endpoint, shards=shards)
     done = ShardCommitter(cfg.output, s3_endpoint=cfg.s3_endpoint).committed_shards()
     todo = sorted(shards - done)
-    text = {"embeddings": embeddings, "vocabulary": vocab.to_json(),
-            "logit_scale": loaded.logit_scale}
+    text = {"embeddings": embeddings, "vocabulary": vocab.to_json(), "logit_scale": loaded.logit_scale}
     results = []
     if todo:
         if connect is not None:
@@ -142,5 +159,10 @@ def _run_leased(cfg: RelabelConfig, lease: OutputLease, connect: Callable[[], No
     lease.check()
     stats = write_run_stats(cfg.output, s3_endpoint=cfg.s3_endpoint)
     log.info(format_stats(stats))
-    return {"shards_relabelled": len(results), "shards_skipped": len(done), "rows": sum(r["rows"] for r in results),
-            "wall_time_s": time.time() - t0, "vocabulary": vocab.name}
+    return {
+        "shards_relabelled": len(results),
+        "shards_skipped": len(done),
+        "rows": sum(r["rows"] for r in results),
+        "wall_time_s": time.time() - t0,
+        "vocabulary": vocab.name,
+    }

@@ -40,22 +40,37 @@ _FLOATS = pa.list_(pa.float32())
 #: image above ``DEVICE_RESIZE_MAX_FACTOR`` x the model input's pixels). Per shard (the
 #: same on each of its rows, a few bytes): ``shard_damage`` (why the tar ended early, or "") and
 #: ``shard_skipped`` (JSON ``{reason: count}`` of the members that gave no row, or "").
-DECODED_SCHEMA = pa.schema([
-    ("key", pa.string()), ("shard", pa.string()), ("index", pa.int32()), ("shard_total", pa.int32()),
-    ("shard_damage", pa.string()), ("shard_skipped", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("image_id", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("in_h", pa.int32()), ("in_w", pa.int32()),
-    ("image", pa.binary()), ("boxes", _FLOATS), ("box_scores", _FLOATS), ("box_labels", pa.list_(pa.string())),
-    ("points", _FLOATS), ("point_boxes", _FLOATS), ("prompt_warnings", pa.list_(pa.string())),
-])
+DECODED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("index", pa.int32()),
+        ("shard_total", pa.int32()),
+        ("shard_damage", pa.string()),
+        ("shard_skipped", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("image_id", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("in_h", pa.int32()),
+        ("in_w", pa.int32()),
+        ("image", pa.binary()),
+        ("boxes", _FLOATS),
+        ("box_scores", _FLOATS),
+        ("box_labels", pa.list_(pa.string())),
+        ("points", _FLOATS),
+        ("point_boxes", _FLOATS),
+        ("prompt_warnings", pa.list_(pa.string())),
+    ]
+)
 #: Images up to this many times the model input's pixels travel as decoded and are resized on the
 #: model's device (an antialiased float resize costs ~18 ms of CPU per 640x480 image, next to
 #: nothing on a GPU); larger ones are resized here, so a row's image stays within 4 x S x S x 3
 #: bytes in the object store.
 DEVICE_RESIZE_MAX_FACTOR = 4
 #: The columns every stage carries through unchanged.
-PASS_COLUMNS = ("key", "shard", "index", "shard_total", "shard_damage", "shard_skipped", "image_id", "width",
-                "height")
+PASS_COLUMNS = ("key", "shard", "index", "shard_total", "shard_damage", "shard_skipped", "image_id", "width", "height")
 
 
 def encode_url(url: str) -> bytes:
@@ -76,16 +91,28 @@ def _read_with_retries(url: str, s3_endpoint: str | None) -> ShardRead:
             return read_shard(url, s3_endpoint=s3_endpoint)
         except Exception as e:  # noqa: BLE001 - a shard we cannot open is reported, never fatal
             damage = f"{type(e).__name__}: {storage.redact(storage.safe_text(str(e)))}"
-            log.warning("reading shard %s failed (attempt %d/%d): %s", storage.safe_for_log(storage.redact(url)), attempt + 1,
-                        READ_ATTEMPTS, storage.safe_for_log(damage))
+            log.warning(
+                "reading shard %s failed (attempt %d/%d): %s",
+                storage.safe_for_log(storage.redact(url)),
+                attempt + 1,
+                READ_ATTEMPTS,
+                storage.safe_for_log(damage),
+            )
             if attempt + 1 < READ_ATTEMPTS:
                 time.sleep(READ_BACKOFF_S * 2**attempt)
     return ShardRead(url=url, shard=shard_name(url), damage=damage)
 
 
-def read_and_decode(batch: pa.Table, *, image_size: int | None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    max_prompts: int = DEFAULT_MAX_PROMPTS, chunk: int = 64, s3_endpoint: str | None = None,
-                    resize_on_cpu: bool = False) -> Iterator[pa.Table]:
+def read_and_decode(
+    batch: pa.Table,
+    *,
+    image_size: int | None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_prompts: int = DEFAULT_MAX_PROMPTS,
+    chunk: int = 64,
+    s3_endpoint: str | None = None,
+    resize_on_cpu: bool = False,
+) -> Iterator[pa.Table]:
     """map_batches (CPU task, one shard URL per batch, as :func:`encode_url` bytes): read the
     shard, decode and resize its images, yield DECODED_SCHEMA tables of ``chunk`` rows, numbered
     in shard order. ``max_prompts``: prompts kept per image (the rest dropped with a warning).
@@ -104,20 +131,35 @@ def read_and_decode(batch: pa.Table, *, image_size: int | None, max_pixels: int 
             yield _marker_table(name, SHARD_FAILED if damage else SHARD_EMPTY, damage, skipped)
             continue
         for start in range(0, len(samples), chunk):
-            part = samples[start: start + chunk]
-            yield _decode_chunk(part, (name, start, len(samples), damage, skipped), image_size, max_pixels,
-                                max_prompts, resize_on_cpu)
+            part = samples[start : start + chunk]
+            yield _decode_chunk(
+                part, (name, start, len(samples), damage, skipped), image_size, max_pixels, max_prompts, resize_on_cpu
+            )
 
 
 def _marker_table(name: str, kind: str, message: str, skipped: str) -> pa.Table:
     row = {f.name: None for f in DECODED_SCHEMA}
-    row.update(key="", shard=name, index=-1, shard_total=0, shard_damage=message, shard_skipped=skipped, status=kind,
-               error=message)
+    row.update(
+        key="",
+        shard=name,
+        index=-1,
+        shard_total=0,
+        shard_damage=message,
+        shard_skipped=skipped,
+        status=kind,
+        error=message,
+    )
     return pa.Table.from_pylist([row], schema=DECODED_SCHEMA)
 
 
-def _decode_chunk(samples: list[dict[str, Any]], shard: tuple[str, int, int, str, str], image_size: int | None,
-                  max_pixels: int, max_prompts: int, resize_on_cpu: bool = False) -> pa.Table:
+def _decode_chunk(
+    samples: list[dict[str, Any]],
+    shard: tuple[str, int, int, str, str],
+    image_size: int | None,
+    max_pixels: int,
+    max_prompts: int,
+    resize_on_cpu: bool = False,
+) -> pa.Table:
     """``shard``: (name, index of the first sample, samples in the shard, damage, skipped)."""
     name, start, total, damage, skipped = shard
     cols: dict[str, list[Any]] = {f.name: [] for f in DECODED_SCHEMA}
@@ -133,12 +175,25 @@ def _decode_chunk(samples: list[dict[str, Any]], shard: tuple[str, int, int, str
     return pa.Table.from_pydict(cols, schema=DECODED_SCHEMA)
 
 
-def _append_decoded(cols: dict[str, list[Any]], d: DecodedSample, image_size: int | None,
-                    resize_on_cpu: bool = False) -> None:
+def _append_decoded(
+    cols: dict[str, list[Any]], d: DecodedSample, image_size: int | None, resize_on_cpu: bool = False
+) -> None:
     cols["key"].append(d.key)
     if not d.ok:
-        for k in ("image_id", "width", "height", "in_h", "in_w", "image", "boxes", "box_scores", "box_labels",
-                  "points", "point_boxes", "prompt_warnings"):
+        for k in (
+            "image_id",
+            "width",
+            "height",
+            "in_h",
+            "in_w",
+            "image",
+            "boxes",
+            "box_scores",
+            "box_labels",
+            "points",
+            "point_boxes",
+            "prompt_warnings",
+        ):
             cols[k].append(None)
         cols["status"].append("error")
         cols["error"].append(d.error or "unknown error")

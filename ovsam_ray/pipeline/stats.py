@@ -25,8 +25,19 @@ def _histogram(values: np.ndarray, bins: list[float]) -> list[int]:
 def shard_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Statistics of one shard's output rows (``instances`` as lists of dicts); see :func:`table_stats`."""
     if not rows:
-        return table_stats(pa.table({"status": pa.array([], pa.string()), "instances": pa.array([], pa.list_(
-            pa.struct([("label", pa.string()), ("label_score", pa.float32()), ("area", pa.int64())])))}))
+        return table_stats(
+            pa.table(
+                {
+                    "status": pa.array([], pa.string()),
+                    "instances": pa.array(
+                        [],
+                        pa.list_(
+                            pa.struct([("label", pa.string()), ("label_score", pa.float32()), ("area", pa.int64())])
+                        ),
+                    ),
+                }
+            )
+        )
     return table_stats(pa.Table.from_pylist([{"status": r["status"], "instances": r["instances"] or []} for r in rows]))
 
 
@@ -77,8 +88,17 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum shard statistics (or already merged ones, which count their ``shards``) into run
     statistics (means derived from the sums)."""
     out: dict[str, Any] = {"shards": sum(p.get("shards", 1) for p in parts)}
-    for key in ("images", "images_ok", "images_error", "images_empty", "images_with_warnings", "images_no_prompts",
-                "masks", "score_sum", "area_sum"):
+    for key in (
+        "images",
+        "images_ok",
+        "images_error",
+        "images_empty",
+        "images_with_warnings",
+        "images_no_prompts",
+        "masks",
+        "score_sum",
+        "area_sum",
+    ):
         out[key] = sum(p.get(key, 0) for p in parts)
     for key in ("masks_per_image", "classes", "members_skipped"):
         total: Counter = Counter()
@@ -101,12 +121,14 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_shard_stats(output: str, shard: str, stats: dict[str, Any], *, s3_endpoint: str | None) -> None:
-    storage.atomic_write_bytes(storage.join(output, "_stats", f"{shard}.json"), json.dumps(stats).encode(),
-                          s3_endpoint=s3_endpoint)
+    storage.atomic_write_bytes(
+        storage.join(output, "_stats", f"{shard}.json"), json.dumps(stats).encode(), s3_endpoint=s3_endpoint
+    )
 
 
-def write_run_stats(output: str, *, s3_endpoint: str | None, new: dict[str, Any] | None = None,
-                    committed: int | None = None) -> dict[str, Any]:
+def write_run_stats(
+    output: str, *, s3_endpoint: str | None, new: dict[str, Any] | None = None, committed: int | None = None
+) -> dict[str, Any]:
     """Write ``_stats.json``: the statistics of every committed shard under ``output``.
 
     With ``new`` (this run's shards, merged) and ``committed`` (the shards committed in all), the
@@ -116,24 +138,30 @@ def write_run_stats(output: str, *, s3_endpoint: str | None, new: dict[str, Any]
     merged = None
     if new is not None and committed is not None:
         url = storage.join(output, "_stats.json")
-        previous = [json.loads(storage.read_bytes(url, s3_endpoint=s3_endpoint))] if storage.exists(
-            url, s3_endpoint=s3_endpoint) else []
+        previous = (
+            [json.loads(storage.read_bytes(url, s3_endpoint=s3_endpoint))]
+            if storage.exists(url, s3_endpoint=s3_endpoint)
+            else []
+        )
         candidate = merge_stats(previous + [new])
         merged = candidate if candidate["shards"] == committed else None
     if merged is None:
         urls = storage.list_files(storage.join(output, "_stats"), suffix=".json", s3_endpoint=s3_endpoint)
         merged = merge_stats([json.loads(storage.read_bytes(u, s3_endpoint=s3_endpoint)) for u in urls])
-    storage.atomic_write_bytes(storage.join(output, "_stats.json"), json.dumps(merged, indent=1).encode(),
-                          s3_endpoint=s3_endpoint)
+    storage.atomic_write_bytes(
+        storage.join(output, "_stats.json"), json.dumps(merged, indent=1).encode(), s3_endpoint=s3_endpoint
+    )
     return merged
 
 
 def format_stats(stats: dict[str, Any], top: int = 10) -> str:
     classes = list(stats.get("classes", {}).items())[:top]
     skipped = sum(stats.get("members_skipped", {}).values())
-    return (f"label stats: {stats['images']} images ({stats['images_empty']} empty, {stats['images_error']} errors, "
-            f"{stats.get('images_with_warnings', 0)} with prompt warnings, {stats.get('images_no_prompts', 0)} without "
-            f"prompts; {skipped} tar members skipped), "
-            f"{stats['masks']} masks, {stats['mean_masks_per_image']:.2f} per image, mean score "
-            f"{stats['mean_score']:.3f}, mean area {stats['mean_area']:.0f} px; top classes: "
-            + ", ".join(f"{storage.safe_for_log(k, limit=60)} {v}" for k, v in classes))  # names may come from shard JSON
+    return (
+        f"label stats: {stats['images']} images ({stats['images_empty']} empty, {stats['images_error']} errors, "
+        f"{stats.get('images_with_warnings', 0)} with prompt warnings, {stats.get('images_no_prompts', 0)} without "
+        f"prompts; {skipped} tar members skipped), "
+        f"{stats['masks']} masks, {stats['mean_masks_per_image']:.2f} per image, mean score "
+        f"{stats['mean_score']:.3f}, mean area {stats['mean_area']:.0f} px; top classes: "
+        + ", ".join(f"{storage.safe_for_log(k, limit=60)} {v}" for k, v in classes)
+    )  # names may come from shard JSON

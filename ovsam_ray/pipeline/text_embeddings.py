@@ -28,9 +28,14 @@ def text_task(model_cfg: ModelConfig, device: str) -> tuple[dict, Any, dict, dic
     loaded = load_model(model_cfg)
     t0 = time.perf_counter()
     text, vocab = vocabulary_text(model_cfg, loaded, device)
-    info = {"device": device, "seconds": round(time.perf_counter() - t0, 3), "num_classes": vocab.num_classes,
-            "max_synonyms": vocab.max_synonyms, "synonyms": sum(len(s) for s in vocab.synonyms),
-            "source": _text_source(model_cfg, loaded.random_init)}
+    info = {
+        "device": device,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "num_classes": vocab.num_classes,
+        "max_synonyms": vocab.max_synonyms,
+        "synonyms": sum(len(s) for s in vocab.synonyms),
+        "source": _text_source(model_cfg, loaded.random_init),
+    }
     return {"embeddings": text, "vocabulary": vocab.to_json()}, vocab, loaded.identity(), info
 
 
@@ -52,6 +57,13 @@ def prepare_text(model: ModelConfig, baseline: str | None = None) -> tuple[dict,
     else:
         out = text_task(model, "cpu")
     info = out[3]
-    log.info("text embeddings of %s: %d classes, %d names, on %s in %.1fs (%s), once for the whole run",
-             out[1].name, info["num_classes"], info["synonyms"], info["device"], info["seconds"], info["source"])
+    log.info(
+        "text embeddings of %s: %d classes, %d names, on %s in %.1fs (%s), once for the whole run",
+        out[1].name,
+        info["num_classes"],
+        info["synonyms"],
+        info["device"],
+        info["seconds"],
+        info["source"],
+    )
     return out

@@ -38,11 +38,15 @@ class ShardTracker:
         name = meta["shard"]
         if meta["kind"] == "failed":
             self.summary.shards_failed.append({"shard": name, "error": meta["damage"]})
-            log.error("shard %s could not be read and was NOT committed (a rerun retries it): %s",
-                      storage.safe_for_log(name), storage.safe_for_log(meta["damage"]))
+            log.error(
+                "shard %s could not be read and was NOT committed (a rerun retries it): %s",
+                storage.safe_for_log(name),
+                storage.safe_for_log(meta["damage"]),
+            )
             return
-        shard = self.pending.setdefault(name, {"parts": [], "rows": 0, "total": 0, "damage": "", "skipped": "",
-                                               "submitted": False})
+        shard = self.pending.setdefault(
+            name, {"parts": [], "rows": 0, "total": 0, "damage": "", "skipped": "", "submitted": False}
+        )
         shard["skipped"] = meta["skipped"] or shard["skipped"]
         if meta["kind"] == "part":
             shard["parts"].append(meta["part"])
@@ -52,15 +56,23 @@ class ShardTracker:
         if shard["rows"] >= shard["total"] and not shard["submitted"]:
             maybe_fail("driver_before_commit")
             shard["submitted"] = True
-            ref = self.commit.remote(self.output, name, list(shard["parts"]), shard["total"], shard["damage"],
-                                     skipped=shard["skipped"], s3_endpoint=self.s3)
+            ref = self.commit.remote(
+                self.output,
+                name,
+                list(shard["parts"]),
+                shard["total"],
+                shard["damage"],
+                skipped=shard["skipped"],
+                s3_endpoint=self.s3,
+            )
             self.running[ref] = name
 
     def collect(self, *, wait: bool) -> None:
         """Take the results of finished commit tasks (all of them with ``wait``)."""
         while self.running:
-            ready, _ = ray.wait(list(self.running), num_returns=len(self.running) if wait else 1, timeout=0 if not
-                                wait else None)
+            ready, _ = ray.wait(
+                list(self.running), num_returns=len(self.running) if wait else 1, timeout=0 if not wait else None
+            )
             if not ready:
                 return
             for ref in ready:
@@ -84,18 +96,32 @@ class ShardTracker:
         self._count(res)
         if res["damage"]:
             self.summary.shards_damaged.append({"shard": name, "error": res["damage"]})
-            log.error("shard %s is damaged (%s): committed the %d images read before the damage", shown,
-                      storage.safe_for_log(res["damage"]), res["ok"] + res["error"])
+            log.error(
+                "shard %s is damaged (%s): committed the %d images read before the damage",
+                shown,
+                storage.safe_for_log(res["damage"]),
+                res["ok"] + res["error"],
+            )
         if res["stats"] is not None:
             self.stats = merge_stats([self.stats, res["stats"]])
         for row in res["errors_sample"]:
-            log.warning("error row %s/%s: %s", shown, storage.safe_for_log(storage.redact(row["key"]), limit=120),
-                        storage.safe_for_log(row["error"]))
+            log.warning(
+                "error row %s/%s: %s",
+                shown,
+                storage.safe_for_log(storage.redact(row["key"]), limit=120),
+                storage.safe_for_log(row["error"]),
+            )
         if res["warned"]:
             example = res["warnings_sample"][0] if res["warnings_sample"] else None
-            log.warning("shard %s: %d images have prompt warnings (column `warnings`)%s", shown, res["warned"],
-                        "" if example is None else f", e.g. {storage.safe_for_log(example['key'], limit=120)}: "
-                        f"{storage.safe_for_log('; '.join(example['warnings']))}")
+            log.warning(
+                "shard %s: %d images have prompt warnings (column `warnings`)%s",
+                shown,
+                res["warned"],
+                ""
+                if example is None
+                else f", e.g. {storage.safe_for_log(example['key'], limit=120)}: "
+                f"{storage.safe_for_log('; '.join(example['warnings']))}",
+            )
         self.progress.update(shards=1)
 
     def _count(self, res: dict[str, Any]) -> None:

@@ -35,9 +35,18 @@ from ovsam_ray.vocabulary import load_templates
 log = logging.getLogger(__name__)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (210, 40, 40), "green": (50, 170, 60), "blue": (40, 70, 210), "yellow": (230, 215, 50),
-    "orange": (240, 140, 30), "purple": (130, 50, 170), "pink": (240, 140, 190), "cyan": (60, 200, 215),
-    "brown": (120, 75, 35), "white": (240, 240, 240), "black": (20, 20, 20), "grey": (128, 128, 128),
+    "red": (210, 40, 40),
+    "green": (50, 170, 60),
+    "blue": (40, 70, 210),
+    "yellow": (230, 215, 50),
+    "orange": (240, 140, 30),
+    "purple": (130, 50, 170),
+    "pink": (240, 140, 190),
+    "cyan": (60, 200, 215),
+    "brown": (120, 75, 35),
+    "white": (240, 240, 240),
+    "black": (20, 20, 20),
+    "grey": (128, 128, 128),
 }
 
 
@@ -67,8 +76,9 @@ class CropPool:
     backgrounds: np.ndarray
 
 
-def render_crop_pool(num: int, *, seed: int, class_names: list[str], size: int = 128, scene: int = 192,
-                     max_objects: int = 3) -> CropPool:
+def render_crop_pool(
+    num: int, *, seed: int, class_names: list[str], size: int = 128, scene: int = 192, max_objects: int = 3
+) -> CropPool:
     """``num`` crops, each around one shape of a rendered scene (1-3 shapes, so neighbours and
     occluders show at the edges): what the recognition head and the CLIP branch see, one object
     per region."""
@@ -93,9 +103,16 @@ def render_crop_pool(num: int, *, seed: int, class_names: list[str], size: int =
     return CropPool(images, masks, kinds, sizes, backgrounds)
 
 
-def grid_batch(pool: CropPool, rng: np.random.Generator, *, class_names: list[str], colours_per_batch: int,
-               templates: list[str], bare_fraction: float = 0.2, size_fraction: float = 0.3
-               ) -> tuple[np.ndarray, list[str], np.ndarray]:
+def grid_batch(
+    pool: CropPool,
+    rng: np.random.Generator,
+    *,
+    class_names: list[str],
+    colours_per_batch: int,
+    templates: list[str],
+    bare_fraction: float = 0.2,
+    size_fraction: float = 0.3,
+) -> tuple[np.ndarray, list[str], np.ndarray]:
     """A batch of every class in ``colours_per_batch`` named colours: each crop's object is
     repainted in its colour (plus pixel noise) and captioned "<colour> <shape>" in a random ViLD
     template (sometimes with its size word, sometimes only the shape). Pairs that differ only in
@@ -145,9 +162,20 @@ class PretrainResult:
 LossFn = Callable[[np.random.Generator], torch.Tensor]
 
 
-def _train_steps(trained: nn.Module, loss_fn: LossFn, *, stage: str, steps: int, lr: float, weight_decay: float,
-                 warmup: int, seed: int, time_budget_s: float | None, clock: str, log_every: int
-                 ) -> tuple[int, float, float]:
+def _train_steps(
+    trained: nn.Module,
+    loss_fn: LossFn,
+    *,
+    stage: str,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    warmup: int,
+    seed: int,
+    time_budget_s: float | None,
+    clock: str,
+    log_every: int,
+) -> tuple[int, float, float]:
     """The loop of the tiny recipe's pre-stages: AdamW on every parameter of ``trained`` (in train
     mode), ``loss_fn(rng)`` per step, linear warm-up then cosine over ``steps`` (or the time
     budget on ``clock``, whichever runs out first), gradient clipping at 1.0; leaves ``trained``
@@ -191,20 +219,46 @@ def _with_shape_head(clip_model: nn.Module, class_names: list[str]) -> tuple[nn.
     return nn.ModuleDict({"clip": clip_model, "shape_head": shape_head}), shape_head
 
 
-def _result(clip_model: nn.Module, tokenizer: Callable, class_names: list[str], stage: str, t0: float,
-            run: tuple[int, float, float]) -> PretrainResult:
+def _result(
+    clip_model: nn.Module,
+    tokenizer: Callable,
+    class_names: list[str],
+    stage: str,
+    t0: float,
+    run: tuple[int, float, float],
+) -> PretrainResult:
     step, first, last = run
     separation = class_name_separation(clip_model, tokenizer, class_names)
     seconds = time.perf_counter() - t0
-    log.info("%s done: %d steps in %.0fs, loss %.3f -> %.3f, max class-name cosine %.3f",
-             stage, step, seconds, first, last, separation)
+    log.info(
+        "%s done: %d steps in %.0fs, loss %.3f -> %.3f, max class-name cosine %.3f",
+        stage,
+        step,
+        seconds,
+        first,
+        last,
+        separation,
+    )
     return PretrainResult(step, first, last, seconds, separation)
 
 
-def pretrain_clip(clip_model: nn.Module, tokenizer: Callable, *, class_names: list[str], steps: int = 300,
-                  colours_per_batch: int = 4, lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 25,
-                  pool_size: int = 1024, seed: int = 0, time_budget_s: float | None = None,
-                  clock: str = "wall", log_every: int = 25, shape_loss_weight: float = 1.0) -> PretrainResult:
+def pretrain_clip(
+    clip_model: nn.Module,
+    tokenizer: Callable,
+    *,
+    class_names: list[str],
+    steps: int = 300,
+    colours_per_batch: int = 4,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    warmup: int = 25,
+    pool_size: int = 1024,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    clock: str = "wall",
+    log_every: int = 25,
+    shape_loss_weight: float = 1.0,
+) -> PretrainResult:
     """Train ``clip_model`` (both towers) in place with ``ClipLoss`` on rendered pairs
     (``grid_batch``: every class in ``colours_per_batch`` colours per batch), for ``steps`` or
     until ``time_budget_s`` (on ``clock``, see ``loop.BudgetClock``); leaves it in eval mode
@@ -227,8 +281,9 @@ def pretrain_clip(clip_model: nn.Module, tokenizer: Callable, *, class_names: li
     trained, shape_head = _with_shape_head(clip_model, class_names)
 
     def loss_fn(rng: np.random.Generator) -> torch.Tensor:
-        images, captions, kinds = grid_batch(pool, rng, class_names=class_names,
-                                             colours_per_batch=colours_per_batch, templates=templates)
+        images, captions, kinds = grid_batch(
+            pool, rng, class_names=class_names, colours_per_batch=colours_per_batch, templates=templates
+        )
         x = torch.from_numpy(images)
         if rng.random() < 0.5:
             x = x.flip(2)
@@ -240,8 +295,19 @@ def pretrain_clip(clip_model: nn.Module, tokenizer: Callable, *, class_names: li
             loss = loss + shape_loss_weight * F.cross_entropy(shape_logits, torch.from_numpy(kinds))
         return loss
 
-    run = _train_steps(trained, loss_fn, stage="stage 0 (crops)", steps=steps, lr=lr, weight_decay=weight_decay,
-                       warmup=warmup, seed=seed, time_budget_s=time_budget_s, clock=clock, log_every=log_every)
+    run = _train_steps(
+        trained,
+        loss_fn,
+        stage="stage 0 (crops)",
+        steps=steps,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        seed=seed,
+        time_budget_s=time_budget_s,
+        clock=clock,
+        log_every=log_every,
+    )
     return _result(clip_model, tokenizer, class_names, "stage 0 (crops)", t0, run)
 
 
@@ -257,9 +323,15 @@ class SceneBatch:
     kinds: torch.Tensor
 
 
-def render_scene_batch(rng: np.random.Generator, batch_size: int, *, class_names: list[str], image_size: int,
-                       scene_sizes: tuple[tuple[int, int], tuple[int, int]], objects: tuple[int, int] = (1, 4)
-                       ) -> SceneBatch:
+def render_scene_batch(
+    rng: np.random.Generator,
+    batch_size: int,
+    *,
+    class_names: list[str],
+    image_size: int,
+    scene_sizes: tuple[tuple[int, int], tuple[int, int]],
+    objects: tuple[int, int] = (1, 4),
+) -> SceneBatch:
     """``batch_size`` scenes of ``objects`` (min, max) shapes (``data.synthetic.render_image``, the
     generator of the training shards), sizes drawn from ``scene_sizes`` ((W_min, H_min), (W_max,
     H_max)), half of them mirrored, with each visible object's mask box."""
@@ -275,17 +347,33 @@ def render_scene_batch(rng: np.random.Generator, batch_size: int, *, class_names
         boxes.append(boxes_from_masks(torch.from_numpy(np.ascontiguousarray(masks))) * (h / height))
         index += [b] * len(names)
         kinds += [class_names.index(n) for n in names]
-    return SceneBatch(torch.stack(images), torch.cat(boxes), torch.tensor(index, dtype=torch.long),
-                      torch.tensor(kinds, dtype=torch.long))
+    return SceneBatch(
+        torch.stack(images),
+        torch.cat(boxes),
+        torch.tensor(index, dtype=torch.long),
+        torch.tensor(kinds, dtype=torch.long),
+    )
 
 
-def pretrain_clip_regions(clip_model: nn.Module, tokenizer: Callable, *, class_names: list[str], steps: int = 300,
-                          image_size: int = 256,
-                          scene_sizes: tuple[tuple[int, int], tuple[int, int]] = ((224, 168), (288, 224)),
-                          objects: tuple[int, int] = (2, 5), batch_size: int = 8, lr: float = 1e-3,
-                          weight_decay: float = 0.05, warmup: int = 25, seed: int = 0,
-                          time_budget_s: float | None = None, clock: str = "wall", log_every: int = 25,
-                          shape_loss_weight: float = 1.0) -> PretrainResult:
+def pretrain_clip_regions(
+    clip_model: nn.Module,
+    tokenizer: Callable,
+    *,
+    class_names: list[str],
+    steps: int = 300,
+    image_size: int = 256,
+    scene_sizes: tuple[tuple[int, int], tuple[int, int]] = ((224, 168), (288, 224)),
+    objects: tuple[int, int] = (2, 5),
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    warmup: int = 25,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    clock: str = "wall",
+    log_every: int = 25,
+    shape_loss_weight: float = 1.0,
+) -> PretrainResult:
     """The second part of stage 0: teach a crop-pretrained tiny CLIP (``pretrain_clip``) to name
     objects *in whole scenes*, the way OV-SAM's CLIP branch uses it (DESIGN §2.7).
 
@@ -313,8 +401,9 @@ def pretrain_clip_regions(clip_model: nn.Module, tokenizer: Callable, *, class_n
     clip_model.visual.to(memory_format=torch.channels_last)
 
     def loss_fn(rng: np.random.Generator) -> torch.Tensor:
-        batch = render_scene_batch(rng, batch_size, class_names=class_names, image_size=image_size,
-                                   scene_sizes=scene_sizes, objects=objects)
+        batch = render_scene_batch(
+            rng, batch_size, class_names=class_names, image_size=image_size, scene_sizes=scene_sizes, objects=objects
+        )
         captions = [templates[int(rng.integers(len(templates)))].format(n) for n in class_names]
         text = F.normalize(clip_model.encode_text(tokenizer(captions)), dim=-1)
         feats = backbone(batch.images.contiguous(memory_format=torch.channels_last))
@@ -326,9 +415,19 @@ def pretrain_clip_regions(clip_model: nn.Module, tokenizer: Callable, *, class_n
         return loss
 
     try:
-        run = _train_steps(trained, loss_fn, stage="stage 0 (scenes)", steps=steps, lr=lr, weight_decay=weight_decay,
-                           warmup=warmup, seed=seed + 1, time_budget_s=time_budget_s, clock=clock,
-                           log_every=log_every)
+        run = _train_steps(
+            trained,
+            loss_fn,
+            stage="stage 0 (scenes)",
+            steps=steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            seed=seed + 1,
+            time_budget_s=time_budget_s,
+            clock=clock,
+            log_every=log_every,
+        )
     finally:
         clip_model.visual.to(memory_format=torch.contiguous_format)
     return _result(clip_model, tokenizer, class_names, "stage 0 (scenes)", t0, run)

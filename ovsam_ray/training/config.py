@@ -58,8 +58,9 @@ class DatasetSpec:
         if self.kind not in DATASET_KINDS:
             raise ConfigError(f"DatasetSpec.kind={self.kind!r}: use one of {DATASET_KINDS}")
         if self.split not in SPLITS:
-            raise ConfigError(f"DatasetSpec.split={self.split!r}: use 'base' (the paper's protocol: seen classes "
-                              "only) or 'all'")
+            raise ConfigError(
+                f"DatasetSpec.split={self.split!r}: use 'base' (the paper's protocol: seen classes only) or 'all'"
+            )
         if not self.ratio > 0:
             raise ConfigError(f"DatasetSpec.ratio={self.ratio}: sampling ratios must be > 0")
         if not self.name:
@@ -119,8 +120,10 @@ class OptimConfig:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"grad_clip={self.grad_clip}: use a positive max norm or None to disable")
         if self.base_batch_size is not None and self.base_batch_size < 1:
-            raise ConfigError(f"base_batch_size={self.base_batch_size}: the batch the lr is given for "
-                              "(reference: 16), or None for no lr scaling")
+            raise ConfigError(
+                f"base_batch_size={self.base_batch_size}: the batch the lr is given for "
+                "(reference: 16), or None for no lr scaling"
+            )
 
     def scaled_lr(self, global_batch: int) -> float:
         """The lr for ``global_batch`` images per step: linear scaling from ``base_batch_size``
@@ -180,14 +183,24 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)} (auto: bf16 autocast "
-                              "on a GPU, fp32 on a CPU; bf16: autocast on a CPU too)")
+            raise ConfigError(
+                f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)} (auto: bf16 autocast "
+                "on a GPU, fp32 on a CPU; bf16: autocast on a CPU too)"
+            )
         if not self.storage_path:
             raise ConfigError("storage_path is required: a local folder or s3://bucket/prefix for checkpoints")
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r}: give a run name without '/' (the folder under storage_path)")
-        for attr in ("num_workers", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every",
-                     "shuffle_shards", "shuffle_buffer"):
+        for attr in (
+            "num_workers",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "checkpoint_every",
+            "log_every",
+            "shuffle_shards",
+            "shuffle_buffer",
+        ):
             if getattr(self, attr) is not None and getattr(self, attr) < 1:
                 raise ConfigError(f"{attr}={getattr(self, attr)} must be >= 1")
         if self.keep_checkpoints < 1:
@@ -273,8 +286,13 @@ class DistillConfig:
                 "distillation needs a teacher: teacher_checkpoint=<sam_vit_*.pth> (online teacher) or "
                 "teacher_features on every dataset (from `ovsam-ray train dump-teacher`)"
             )
-        if (self.teacher != "random_tiny" and precomputed and not self.teacher_checkpoint
-                and not self.teacher_pos_embed and not self.model.sam2clip):
+        if (
+            self.teacher != "random_tiny"
+            and precomputed
+            and not self.teacher_checkpoint
+            and not self.teacher_pos_embed
+            and not self.model.sam2clip
+        ):
             raise ConfigError(
                 "distilling from precomputed teacher features leaves the adapter's position embedding "
                 "(SAM's image_encoder.pos_embed) unset: pass --teacher-checkpoint sam_vit_h_4b8939.pth (only its "
@@ -341,13 +359,15 @@ class CotrainConfig:
         if self.num_prompts < 1:
             raise ConfigError(f"num_prompts={self.num_prompts} must be >= 1 (the paper uses 40)")
         if not 0 <= self.roi_from_prediction <= 1:
-            raise ConfigError(f"roi_from_prediction={self.roi_from_prediction} must be in [0, 1] "
-                              "(0: ground-truth RoIs)")
+            raise ConfigError(
+                f"roi_from_prediction={self.roi_from_prediction} must be in [0, 1] (0: ground-truth RoIs)"
+            )
         if self.num_points < 1 or self.oversample_ratio < 1 or not 0 <= self.importance_sample_ratio <= 1:
             raise ConfigError("need num_points >= 1, oversample_ratio >= 1 and importance_sample_ratio in [0, 1]")
         if not any(d.kind == "segmentation" for d in self.datasets):
-            raise ConfigError("co-training needs at least one segmentation dataset (image-level data only "
-                              "trains classification)")
+            raise ConfigError(
+                "co-training needs at least one segmentation dataset (image-level data only trains classification)"
+            )
 
     def to_dict(self) -> dict:
         return _to_dict(self)

@@ -30,27 +30,46 @@ from ovsam_ray.weights.files import file_sha256, local_path
 
 log = logging.getLogger(__name__)
 
-def text_embeddings_for(space: LabelSpace, clip_model: torch.nn.Module, cfg: CotrainConfig, files: dict[str, str],
-                        device: torch.device | str = "cpu") -> torch.Tensor:
+
+def text_embeddings_for(
+    space: LabelSpace,
+    clip_model: torch.nn.Module,
+    cfg: CotrainConfig,
+    files: dict[str, str],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """(C, S, D) class text embeddings of the training vocabulary from the CLIP text tower
     (cached by CLIP weights + vocabulary when the CLIP came from a file)."""
     sha = file_sha256(local_path(files["clip"], s3_endpoint=cfg.run.s3_endpoint)) if "clip" in files else None
-    return embed_vocabulary(space.vocab, clip_model, cfg.model.preset, clip_weights_sha256=sha,
-                            cache_root=cfg.text_cache, device=device)
+    return embed_vocabulary(
+        space.vocab, clip_model, cfg.model.preset, clip_weights_sha256=sha, cache_root=cfg.text_cache, device=device
+    )
 
 
 def cotrain_setup(cfg: CotrainConfig, runtime: Runtime) -> StageSetup:
     """The co-training network (model from ``cfg.model``, text embeddings of the training vocabulary)."""
-    model, clip_model, files = build_training_model(cfg.model, stage="cotrain", seed=cfg.run.seed,
-                                                    s3_endpoint=cfg.run.s3_endpoint)
+    model, clip_model, files = build_training_model(
+        cfg.model, stage="cotrain", seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint
+    )
     space = build_label_space(cfg.datasets, cfg.train_vocab)
     text = text_embeddings_for(space, clip_model, cfg, files, runtime.device)
-    net = CotrainNet(model, text_embeddings=text, logit_scale=cfg.logit_scale,
-                     learn_logit_scale=cfg.learn_logit_scale, train_adapter=cfg.train_adapter,
-                     logit_scale_lr=cfg.logit_scale_lr, recognizer_lr=cfg.recognizer_lr)
+    net = CotrainNet(
+        model,
+        text_embeddings=text,
+        logit_scale=cfg.logit_scale,
+        learn_logit_scale=cfg.learn_logit_scale,
+        train_adapter=cfg.train_adapter,
+        logit_scale_lr=cfg.logit_scale_lr,
+        recognizer_lr=cfg.recognizer_lr,
+    )
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    log.info("co-training %s on %d classes (%d seen); %d trainable parameters", cfg.model.preset,
-             space.vocab.num_classes, len(space.seen_classes), trainable)
+    log.info(
+        "co-training %s on %d classes (%d seen); %d trainable parameters",
+        cfg.model.preset,
+        space.vocab.num_classes,
+        len(space.seen_classes),
+        trainable,
+    )
 
     def make_task(wrapped: torch.nn.Module) -> CotrainTask:
         return CotrainTask(net=wrapped, cfg=cfg, device=runtime.device, rank=runtime.rank)
@@ -62,9 +81,15 @@ def sample_builder(cfg: CotrainConfig, space: LabelSpace | None = None) -> Cotra
     """The shard -> rows callable of a co-training config."""
     space = space or build_label_space(cfg.datasets, cfg.train_vocab)
     return CotrainSamples(
-        image_size=get_preset(cfg.model.preset).image_size, labels=space.datasets, kinds=[d.kind for d in cfg.datasets],
-        num_prompts=cfg.num_prompts, lsj_range=cfg.lsj_range, flip_prob=cfg.flip_prob,
-        min_mask_area=cfg.min_mask_area, seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint,
+        image_size=get_preset(cfg.model.preset).image_size,
+        labels=space.datasets,
+        kinds=[d.kind for d in cfg.datasets],
+        num_prompts=cfg.num_prompts,
+        lsj_range=cfg.lsj_range,
+        flip_prob=cfg.flip_prob,
+        min_mask_area=cfg.min_mask_area,
+        seed=cfg.run.seed,
+        s3_endpoint=cfg.run.s3_endpoint,
         shuffle_buffer=cfg.run.shuffle_buffer,
     )
 
@@ -79,8 +104,13 @@ class CotrainDataset:
     def __call__(self):
         cfg = CotrainConfig.from_dict(self.config)
         start = resume_item(cfg.run)
-        items = dataset_items(cfg.datasets, epochs=cfg.epochs, seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint,
-                              shards_per_item=cfg.run.shuffle_shards)
+        items = dataset_items(
+            cfg.datasets,
+            epochs=cfg.epochs,
+            seed=cfg.run.seed,
+            s3_endpoint=cfg.run.s3_endpoint,
+            shards_per_item=cfg.run.shuffle_shards,
+        )
         log.info("co-training stream: items %d..%d", start, len(items))
         return build_ray_dataset(items[start:], sample_builder(cfg), num_cpus=cfg.run.data_cpus)
 

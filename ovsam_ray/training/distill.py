@@ -56,28 +56,40 @@ def _copy_pos_embed_from_file(model: torch.nn.Module, checkpoint: str, s3_endpoi
     holder.pos_embed = state[key] if key else None
     if not copy_teacher_pos_embed(model, holder):
         found = None if key is None else tuple(state[key].shape)
-        raise ConfigError(f"{checkpoint}: no position embedding of shape {tuple(model.adapter.pos_embed.shape)} "
-                          f"under {POS_EMBED_KEYS} (found {found}); give the SAM checkpoint of the teacher")
+        raise ConfigError(
+            f"{checkpoint}: no position embedding of shape {tuple(model.adapter.pos_embed.shape)} "
+            f"under {POS_EMBED_KEYS} (found {found}); give the SAM checkpoint of the teacher"
+        )
 
 
 def distill_setup(cfg: DistillConfig, runtime: Runtime) -> StageSetup:
     """Student network and (unless every dataset has precomputed features) the online teacher."""
-    model, _, files = build_training_model(cfg.model, stage="distill", seed=cfg.run.seed,
-                                           s3_endpoint=cfg.run.s3_endpoint)
+    model, _, files = build_training_model(
+        cfg.model, stage="distill", seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint
+    )
     teacher = None
     if _needs_online_teacher(cfg):
         teacher = build_sam_teacher(
-            cfg.teacher, cfg.teacher_checkpoint, image_size=model.image_size, out_chans=model.prompt_encoder.embed_dim,
-            embed_dim=model.adapter.pos_embed.shape[-1], s3_endpoint=cfg.run.s3_endpoint, seed=cfg.run.seed,
+            cfg.teacher,
+            cfg.teacher_checkpoint,
+            image_size=model.image_size,
+            out_chans=model.prompt_encoder.embed_dim,
+            embed_dim=model.adapter.pos_embed.shape[-1],
+            s3_endpoint=cfg.run.s3_endpoint,
+            seed=cfg.run.seed,
         ).to(runtime.device)
         if not copy_teacher_pos_embed(model, teacher) and cfg.teacher != "random_tiny":
-            raise ConfigError(f"the {cfg.teacher} teacher's pos_embed does not fit the {cfg.model.preset} adapter "
-                              f"{tuple(model.adapter.pos_embed.shape)}: distil with the teacher of the preset")
+            raise ConfigError(
+                f"the {cfg.teacher} teacher's pos_embed does not fit the {cfg.model.preset} adapter "
+                f"{tuple(model.adapter.pos_embed.shape)}: distil with the teacher of the preset"
+            )
     elif cfg.teacher_checkpoint or cfg.teacher_pos_embed:
         _copy_pos_embed_from_file(model, cfg.teacher_pos_embed or cfg.teacher_checkpoint, cfg.run.s3_endpoint)
     elif "sam2clip" not in files and cfg.teacher != "random_tiny":
-        raise ConfigError("precomputed teacher features without --teacher-checkpoint, --teacher-pos-embed or a "
-                          "sam2clip file would train with a zero position embedding; pass one of them")
+        raise ConfigError(
+            "precomputed teacher features without --teacher-checkpoint, --teacher-pos-embed or a "
+            "sam2clip file would train with a zero position embedding; pass one of them"
+        )
     net = DistillNet(model)
 
     def make_task(wrapped: torch.nn.Module) -> DistillTask:
@@ -95,11 +107,20 @@ class DistillDataset:
     def __call__(self):
         cfg = DistillConfig.from_dict(self.config)
         start = resume_item(cfg.run)
-        items = dataset_items(cfg.datasets, epochs=cfg.epochs, seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint,
-                              shards_per_item=cfg.run.shuffle_shards)
-        builder = DistillSamples(image_size=get_preset(cfg.model.preset).image_size, flip_prob=cfg.flip_prob,
-                                 seed=cfg.run.seed, s3_endpoint=cfg.run.s3_endpoint,
-                                 shuffle_buffer=cfg.run.shuffle_buffer)
+        items = dataset_items(
+            cfg.datasets,
+            epochs=cfg.epochs,
+            seed=cfg.run.seed,
+            s3_endpoint=cfg.run.s3_endpoint,
+            shards_per_item=cfg.run.shuffle_shards,
+        )
+        builder = DistillSamples(
+            image_size=get_preset(cfg.model.preset).image_size,
+            flip_prob=cfg.flip_prob,
+            seed=cfg.run.seed,
+            s3_endpoint=cfg.run.s3_endpoint,
+            shuffle_buffer=cfg.run.shuffle_buffer,
+        )
         return build_ray_dataset(items[start:], builder, num_cpus=cfg.run.data_cpus)
 
 
@@ -127,13 +148,15 @@ class DumpTeacherConfig:
     output: str = field(metadata={"help": "folder or s3:// prefix for <shard>.tar of <key>.npy"})
     teacher: str = field(default="vit_h", metadata={"help": "SAM image encoder: " + ", ".join(TEACHERS)})
     teacher_checkpoint: str | None = field(default=None, metadata={"help": "its sam_<teacher>_*.pth"})
-    preset: str = field(default="ovsam_rn50x16", metadata={
-        "help": "the student's preset (it gives the image size and feature width)"})
+    preset: str = field(
+        default="ovsam_rn50x16", metadata={"help": "the student's preset (it gives the image size and feature width)"}
+    )
     use_gpu: bool = field(default=False, metadata={"help": "run the teacher on a GPU"})
     concurrency: int = field(default=1, metadata={"help": "teacher actors"})
     batch_size: int = field(default=4, metadata={"help": "images per teacher forward"})
-    s3_endpoint: str | None = field(default=None, metadata={
-        "help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"})
+    s3_endpoint: str | None = field(
+        default=None, metadata={"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"}
+    )
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # an unknown name: a ValueError listing the known ones
@@ -151,8 +174,13 @@ class TeacherShardWriter:
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
         preset = get_preset(cfg.preset)
         self.size = preset.image_size
-        self.teacher = build_sam_teacher(cfg.teacher, cfg.teacher_checkpoint, image_size=self.size,
-                                         out_chans=preset.prompt_dim, s3_endpoint=cfg.s3_endpoint).to(self.device)
+        self.teacher = build_sam_teacher(
+            cfg.teacher,
+            cfg.teacher_checkpoint,
+            image_size=self.size,
+            out_chans=preset.prompt_dim,
+            s3_endpoint=cfg.s3_endpoint,
+        ).to(self.device)
         self.builder = DistillSamples(image_size=self.size, s3_endpoint=cfg.s3_endpoint)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -210,8 +238,9 @@ def dump_teacher(cfg: DumpTeacherConfig) -> dict[str, int]:
         ray.init()
     shards = list_shards(cfg.shards, s3_endpoint=cfg.s3_endpoint)
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map(TeacherShardWriter, fn_constructor_args=(cfg,), concurrency=cfg.concurrency,
-                num_gpus=1 if cfg.use_gpu else 0)
+    ds = ds.map(
+        TeacherShardWriter, fn_constructor_args=(cfg,), concurrency=cfg.concurrency, num_gpus=1 if cfg.use_gpu else 0
+    )
     results = ds.take_all()
     written = sum(r["written"] for r in results)
     skipped = sum(1 for r in results if r["skipped"])

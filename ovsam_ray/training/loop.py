@@ -59,12 +59,19 @@ class CotrainTask:
         loss_cls = classification_loss(logits, batch.labels, background_weight=cfg.background_weight)
         sel = torch.nonzero(batch.has_mask).flatten()
         bce, dice = sampled_mask_losses(
-            low_res[sel], batch.target_masks, batch.target_index[sel], num_points=cfg.num_points,
-            oversample_ratio=cfg.oversample_ratio, importance_sample_ratio=cfg.importance_sample_ratio,
+            low_res[sel],
+            batch.target_masks,
+            batch.target_index[sel],
+            num_points=cfg.num_points,
+            oversample_ratio=cfg.oversample_ratio,
+            importance_sample_ratio=cfg.importance_sample_ratio,
             generator=_step_generator(cfg.run.seed, step, self.rank, micro),
         )
-        terms = {"loss_cls": cfg.cls_weight * loss_cls, "loss_mask": cfg.mask_weight * bce,
-                 "loss_dice": cfg.dice_weight * dice}
+        terms = {
+            "loss_cls": cfg.cls_weight * loss_cls,
+            "loss_mask": cfg.mask_weight * bce,
+            "loss_dice": cfg.dice_weight * dice,
+        }
         return terms, batch.num_images
 
 
@@ -79,8 +86,9 @@ class DistillTask:
         target = batch.teacher
         if target is None:
             if self.teacher is None:
-                raise ConfigError("no teacher: these samples carry no precomputed features and no SAM teacher "
-                                  "is loaded")
+                raise ConfigError(
+                    "no teacher: these samples carry no precomputed features and no SAM teacher is loaded"
+                )
             with torch.no_grad():
                 target = self.teacher(batch.images).float()
         student = self.net(batch.images)
@@ -155,8 +163,9 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def row_batches(rows: Iterator[dict[str, Any]], batch_size: int, *, min_item: int = 0
-                ) -> Iterator[tuple[list[dict[str, np.ndarray]], int]]:
+def row_batches(
+    rows: Iterator[dict[str, Any]], batch_size: int, *, min_item: int = 0
+) -> Iterator[tuple[list[dict[str, np.ndarray]], int]]:
     """(decoded samples, largest item among them) per ``batch_size`` rows; rows of items before
     ``min_item`` (already consumed before a resume) are dropped."""
     batch, top = [], -1
@@ -174,10 +183,20 @@ def row_batches(rows: Iterator[dict[str, Any]], batch_size: int, *, min_item: in
 Report = Callable[[dict[str, float], bool], None]
 
 
-def train_loop(*, task: Task, net: nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, rows: Iterator[dict[str, Any]], run: RunSpec,
-               state: TrainState, runtime: Runtime, report: Report, grad_clip: float | None,
-               should_stop: Callable[[], bool] | None = None) -> TrainState:
+def train_loop(
+    *,
+    task: Task,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rows: Iterator[dict[str, Any]],
+    run: RunSpec,
+    state: TrainState,
+    runtime: Runtime,
+    report: Report,
+    grad_clip: float | None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainState:
     """Optimise until ``run.max_steps``, the end of the data or ``should_stop()`` (all workers
     agree on each). ``report(metrics, checkpoint)`` is called on every worker at the same steps."""
     batches = row_batches(rows, run.batch_size, min_item=state.resume_item)
@@ -227,8 +246,9 @@ def train_loop(*, task: Task, net: nn.Module, optimizer: torch.optim.Optimizer,
     return state
 
 
-def _metrics(sums: dict[str, float], steps: int, images: int, seconds: float, optimizer: torch.optim.Optimizer,
-             runtime: Runtime) -> dict[str, float]:
+def _metrics(
+    sums: dict[str, float], steps: int, images: int, seconds: float, optimizer: torch.optim.Optimizer, runtime: Runtime
+) -> dict[str, float]:
     keys = sorted(sums)
     reduced = runtime.all_reduce([sums[k] for k in keys] + [float(images)], "sum")
     out = {k: v / steps / runtime.world_size for k, v in zip(keys, reduced[:-1])}

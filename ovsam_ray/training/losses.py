@@ -36,9 +36,7 @@ def class_logits(
     return torch.cat([logits, logits.new_zeros((n, 1))], dim=1)
 
 
-def classification_loss(
-    logits: torch.Tensor, labels: torch.Tensor, *, background_weight: float = 0.1
-) -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, *, background_weight: float = 0.1) -> torch.Tensor:
     """Weighted-mean cross-entropy. logits: (N, C + 1) with background last; labels: (N,) in
     [0, C] (C = background). Class weights are 1 for the classes and ``background_weight`` for
     background; the mean divides by the summed weights of the targets (mmdet's avg_factor)."""

@@ -49,8 +49,9 @@ def resolve_files(spec: ModelSpec, *, s3_endpoint: str | None = None) -> dict[st
     return found
 
 
-def build_training_model(spec: ModelSpec, *, stage: str, seed: int = 0, s3_endpoint: str | None = None
-                         ) -> tuple[OVSAM, nn.Module, dict[str, str]]:
+def build_training_model(
+    spec: ModelSpec, *, stage: str, seed: int = 0, s3_endpoint: str | None = None
+) -> tuple[OVSAM, nn.Module, dict[str, str]]:
     """(model, its open_clip model, part -> file used) for ``stage`` in ('distill', 'cotrain')."""
     files = resolve_files(spec, s3_endpoint=s3_endpoint)
     missing = [p for p in REQUIRED[stage] if p not in files]
@@ -70,8 +71,16 @@ def build_training_model(spec: ModelSpec, *, stage: str, seed: int = 0, s3_endpo
     return model, clip_model, files
 
 
-def build_sam_teacher(kind: str, checkpoint: str | None = None, *, image_size: int = 1024, out_chans: int = 256,
-                      embed_dim: int = 32, s3_endpoint: str | None = None, seed: int = 0) -> nn.Module:
+def build_sam_teacher(
+    kind: str,
+    checkpoint: str | None = None,
+    *,
+    image_size: int = 1024,
+    out_chans: int = 256,
+    embed_dim: int = 32,
+    s3_endpoint: str | None = None,
+    seed: int = 0,
+) -> nn.Module:
     """SAM's image encoder (frozen, eval) of ``kind`` ('vit_h'|'vit_l'|'vit_b') with the weights
     of a SAM checkpoint (``image_encoder.*``, strict, weights_only), or 'random_tiny': a 1-block
     random ViT ``embed_dim`` wide for tests, ``out_chans`` out at ``image_size``."""
@@ -80,8 +89,16 @@ def build_sam_teacher(kind: str, checkpoint: str | None = None, *, image_size: i
     if kind == "random_tiny":
         torch.manual_seed(seed)
         encoder = ImageEncoderViT(
-            img_size=image_size, patch_size=16, embed_dim=embed_dim, depth=1, num_heads=2, out_chans=out_chans,
-            qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=0,
+            img_size=image_size,
+            patch_size=16,
+            embed_dim=embed_dim,
+            depth=1,
+            num_heads=2,
+            out_chans=out_chans,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=0,
         )
         nn.init.normal_(encoder.pos_embed, std=0.02)  # SAM starts it at zero; a trained one is not
     else:
@@ -91,12 +108,22 @@ def build_sam_teacher(kind: str, checkpoint: str | None = None, *, image_size: i
             raise WeightsError(f"the {kind} teacher needs a SAM checkpoint (sam_{kind}_*.pth)")
         dim, depth, heads, global_attn = SAM_ENCODERS[kind]
         encoder = ImageEncoderViT(
-            img_size=1024, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0,
-            out_chans=256, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-            rel_pos_zero_init=True, window_size=14, global_attn_indexes=global_attn,
+            img_size=1024,
+            patch_size=16,
+            embed_dim=dim,
+            depth=depth,
+            num_heads=heads,
+            mlp_ratio=4.0,
+            out_chans=256,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            rel_pos_zero_init=True,
+            window_size=14,
+            global_attn_indexes=global_attn,
         )
         wf = read_weights(checkpoint, s3_endpoint=s3_endpoint, what="sam")
-        state = {k[len("image_encoder."):]: v for k, v in wf.state_dict.items() if k.startswith("image_encoder.")}
+        state = {k[len("image_encoder.") :]: v for k, v in wf.state_dict.items() if k.startswith("image_encoder.")}
         result = encoder.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise WeightsError(
@@ -113,8 +140,11 @@ def copy_teacher_pos_embed(model: OVSAM, teacher: nn.Module) -> bool:
     source = getattr(teacher, "pos_embed", None)
     target = model.adapter.pos_embed
     if source is None or tuple(source.shape) != tuple(target.shape):
-        log.info("adapter.pos_embed %s kept: teacher pos_embed is %s", tuple(target.shape),
-                 None if source is None else tuple(source.shape))
+        log.info(
+            "adapter.pos_embed %s kept: teacher pos_embed is %s",
+            tuple(target.shape),
+            None if source is None else tuple(source.shape),
+        )
         return False
     with torch.no_grad():
         target.copy_(source.detach().to(target))
@@ -133,9 +163,17 @@ class CotrainNet(nn.Module):
     (log), a parameter that trains only when ``learn_logit_scale``.
     """
 
-    def __init__(self, model: OVSAM, *, text_embeddings: torch.Tensor, logit_scale: float,
-                 learn_logit_scale: bool = False, train_adapter: bool = False,
-                 logit_scale_lr: float | None = None, recognizer_lr: float | None = None) -> None:
+    def __init__(
+        self,
+        model: OVSAM,
+        *,
+        text_embeddings: torch.Tensor,
+        logit_scale: float,
+        learn_logit_scale: bool = False,
+        train_adapter: bool = False,
+        logit_scale_lr: float | None = None,
+        recognizer_lr: float | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         model.lock_for_cotraining()
@@ -150,8 +188,13 @@ class CotrainNet(nn.Module):
         prefixes = ["model.decoder.", "model.recognizer.", "log_scale"]
         self.checkpoint_prefixes = tuple(prefixes + (["model.adapter."] if train_adapter else []))
 
-    def forward(self, images: torch.Tensor, prompts: PromptBatch, roi_boxes: torch.Tensor,
-                predicted_roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        prompts: PromptBatch,
+        roi_boxes: torch.Tensor,
+        predicted_roi: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, S, S) normalised -> low-res mask logits (N, 1, S/4, S/4), class logits (N, C + 1).
         The prompts decode through the model's own ``OVSAM.decode`` with the ground-truth RoIs;
         ``predicted_roi`` (N,) bool: prompts whose RoI is their predicted mask's box (see

@@ -30,9 +30,12 @@ def no_decay_names(net: nn.Module, rules: tuple[str, ...]) -> set[str]:
             full = f"{module_name}.{name}" if module_name else name
             if not p.requires_grad:
                 continue
-            if (("norm" in rules and isinstance(module, _NORMS)) or ("bias" in rules and name == "bias")
-                    or ("1d" in rules and p.ndim <= 1)
-                    or any(r in full for r in rules if r not in ("norm", "bias", "1d"))):
+            if (
+                ("norm" in rules and isinstance(module, _NORMS))
+                or ("bias" in rules and name == "bias")
+                or ("1d" in rules and p.ndim <= 1)
+                or any(r in full for r in rules if r not in ("norm", "bias", "1d"))
+            ):
                 out.add(full)
     return out
 
@@ -51,8 +54,14 @@ def build_optimizer(net: nn.Module, cfg: OptimConfig, global_batch: int | None =
             continue
         key = next((k for k in special if name == k or (k.endswith(".") and name.startswith(k))), None)
         buckets.setdefault((key, name in exempt), []).append(p)
-    groups = [{"params": ps, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-               **({"lr": special[key] * scale} if key else {})} for (key, no_decay), ps in buckets.items()]
+    groups = [
+        {
+            "params": ps,
+            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+            **({"lr": special[key] * scale} if key else {}),
+        }
+        for (key, no_decay), ps in buckets.items()
+    ]
     return adamw(groups, lr=cfg.lr * scale, betas=cfg.betas, eps=cfg.eps)
 
 
@@ -83,9 +92,11 @@ def lr_factor(step: int, progress: float, cfg: OptimConfig) -> float:
     return warm * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int,
-                    progress: Callable[[int], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int, progress: Callable[[int], float] | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over ``lr_factor``; ``progress(step)`` defaults to step / max_steps."""
+
     def factor(step: int) -> float:
         return lr_factor(step, progress(step) if progress else step / max_steps, cfg)
 

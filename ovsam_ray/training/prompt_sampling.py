@@ -64,8 +64,9 @@ def random_points_in_masks(masks: np.ndarray, instance: np.ndarray, rng: np.rand
     return points
 
 
-def sample_prompts(masks: np.ndarray, rng: np.random.Generator, num_prompts: int = 40, *, points: bool = True
-                   ) -> PromptSample:
+def sample_prompts(
+    masks: np.ndarray, rng: np.random.Generator, num_prompts: int = 40, *, points: bool = True
+) -> PromptSample:
     """masks: (N, H, W) bool instance masks (input pixels) -> ``num_prompts`` prompts (or none for
     N = 0); ``points=False``: box prompts only (box-only datasets, whose "masks" are their boxes)."""
     masks = np.asarray(masks, bool)

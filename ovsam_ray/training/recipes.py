@@ -64,9 +64,11 @@ class Recipe:
 def sam2clip_vith_rn50x16() -> Recipe:
     """SAM2CLIP distillation of SAM ViT-H into the RN50x16 adapter (configs/sam2clip/sam2clip_vith_rn50x16.py)."""
     return Recipe(
-        name="sam2clip_vith_rn50x16", stage="distill",
+        name="sam2clip_vith_rn50x16",
+        stage="distill",
         reproduces="the released sam2clip_vith_rn50x16.pth: 24 epochs of SA-1B 1% (the adapter of every table)",
-        run=dict(_REFERENCE_RUN), model={"preset": "ovsam_rn50x16"},
+        run=dict(_REFERENCE_RUN),
+        model={"preset": "ovsam_rn50x16"},
         optim=dataclasses.asdict(distill_optim()),
         fields={"teacher": "vit_h", "epochs": 24, "flip_prob": 0.0},
     )
@@ -74,28 +76,52 @@ def sam2clip_vith_rn50x16() -> Recipe:
 
 def _clip2sam(name: str, reproduces: str, train_vocab: str, lsj_range: tuple[float, float]) -> Recipe:
     return Recipe(
-        name=name, stage="cotrain", reproduces=reproduces,
-        run=dict(_REFERENCE_RUN), model={"preset": "ovsam_rn50x16"}, optim=dataclasses.asdict(OptimConfig()),
-        fields={"train_vocab": train_vocab, "epochs": 12, "num_prompts": 40, "lsj_range": lsj_range,
-                "flip_prob": 0.5, "min_mask_area": 32, "num_points": 12544, "oversample_ratio": 3.0,
-                "importance_sample_ratio": 0.75, "cls_weight": 2.0, "mask_weight": 5.0, "dice_weight": 5.0,
-                "background_weight": 0.1, "logit_scale": RELEASED_LOGIT_SCALE, "learn_logit_scale": False,
-                "train_adapter": False, "roi_from_prediction": 0.0},
+        name=name,
+        stage="cotrain",
+        reproduces=reproduces,
+        run=dict(_REFERENCE_RUN),
+        model={"preset": "ovsam_rn50x16"},
+        optim=dataclasses.asdict(OptimConfig()),
+        fields={
+            "train_vocab": train_vocab,
+            "epochs": 12,
+            "num_prompts": 40,
+            "lsj_range": lsj_range,
+            "flip_prob": 0.5,
+            "min_mask_area": 32,
+            "num_points": 12544,
+            "oversample_ratio": 3.0,
+            "importance_sample_ratio": 0.75,
+            "cls_weight": 2.0,
+            "mask_weight": 5.0,
+            "dice_weight": 5.0,
+            "background_weight": 0.1,
+            "logit_scale": RELEASED_LOGIT_SCALE,
+            "learn_logit_scale": False,
+            "train_adapter": False,
+            "roi_from_prediction": 0.0,
+        },
     )
 
 
 def clip2sam_coco_rn50x16() -> Recipe:
     """CLIP2SAM on COCO's 48 base classes (configs/clip2sam/clip2sam_coco_rn50x16.py)."""
-    return _clip2sam("clip2sam_coco_rn50x16",
-                     "the released clip2sam_coco_rn50x16.pth: the COCO open-vocabulary rows (base/novel) of the "
-                     "paper's Table 1", "coco_ov", (0.9, 2.0))
+    return _clip2sam(
+        "clip2sam_coco_rn50x16",
+        "the released clip2sam_coco_rn50x16.pth: the COCO open-vocabulary rows (base/novel) of the paper's Table 1",
+        "coco_ov",
+        (0.9, 2.0),
+    )
 
 
 def clip2sam_lvis_rn50x16() -> Recipe:
     """CLIP2SAM on LVIS v1 without the rare classes (configs/clip2sam/clip2sam_lvis_rn50x16.py)."""
-    return _clip2sam("clip2sam_lvis_rn50x16",
-                     "the released clip2sam_lvis_rn50x16.pth: the LVIS rows (all/rare) of the paper's Table 1",
-                     "lvis_v1", (0.1, 2.0))
+    return _clip2sam(
+        "clip2sam_lvis_rn50x16",
+        "the released clip2sam_lvis_rn50x16.pth: the LVIS rows (all/rare) of the paper's Table 1",
+        "lvis_v1",
+        (0.1, 2.0),
+    )
 
 
 RECIPES = {
@@ -113,9 +139,16 @@ def get_recipe(name: str, stage: str | None = None) -> Recipe:
     return RECIPES[name]()
 
 
-def build_config(stage: str, *, datasets: list[DatasetSpec], recipe: str | None = None,
-                 run: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
-                 optim: dict[str, Any] | None = None, **fields: Any) -> CotrainConfig | DistillConfig:
+def build_config(
+    stage: str,
+    *,
+    datasets: list[DatasetSpec],
+    recipe: str | None = None,
+    run: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    optim: dict[str, Any] | None = None,
+    **fields: Any,
+) -> CotrainConfig | DistillConfig:
     """The stage's defaults, overridden by the recipe, overridden by the given fields (the flags)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; known: {STAGES}")
@@ -123,8 +156,11 @@ def build_config(stage: str, *, datasets: list[DatasetSpec], recipe: str | None 
     base_optim = dataclasses.asdict(distill_optim() if stage == "distill" else OptimConfig())
     cls = DistillConfig if stage == "distill" else CotrainConfig
     return cls(
-        run=RunSpec(**{**r.run, **(run or {})}), datasets=datasets, model=ModelSpec(**{**r.model, **(model or {})}),
-        optim=OptimConfig(**{**base_optim, **r.optim, **(optim or {})}), **{**r.fields, **fields},
+        run=RunSpec(**{**r.run, **(run or {})}),
+        datasets=datasets,
+        model=ModelSpec(**{**r.model, **(model or {})}),
+        optim=OptimConfig(**{**base_optim, **r.optim, **(optim or {})}),
+        **{**r.fields, **fields},
     )
 
 
@@ -145,21 +181,27 @@ def dataset_images(spec: DatasetSpec, labels: DatasetLabels | None = None, *, s3
         kept = _images_with_trained_classes(storage.join(folder, IMAGE_CLASSES_FILE), shards, labels, s3_endpoint)
         if kept is not None:
             return max(1, kept)
-        log.warning("dataset %r: no %s beside its shards (converted before it was written?): an epoch counts every "
-                    "converted image, including those without a trained class; reconvert or pass --epoch-images N",
-                    spec.name, IMAGE_CLASSES_FILE)
+        log.warning(
+            "dataset %r: no %s beside its shards (converted before it was written?): an epoch counts every "
+            "converted image, including those without a trained class; reconvert or pass --epoch-images N",
+            spec.name,
+            IMAGE_CLASSES_FILE,
+        )
     summary_url = storage.join(folder, "_convert.json")
     try:
         summary = json.loads(storage.read_bytes(summary_url, s3_endpoint=s3_endpoint))
         images, total_shards = int(summary["images"]), max(int(summary["shards"]), 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"cannot tell how many images one epoch of dataset {spec.name!r} holds ({type(e).__name__} "
-                          f"reading {storage.redact(summary_url)}): pass --epoch-images N or --max-steps N") from e
+        raise ConfigError(
+            f"cannot tell how many images one epoch of dataset {spec.name!r} holds ({type(e).__name__} "
+            f"reading {storage.redact(summary_url)}): pass --epoch-images N or --max-steps N"
+        ) from e
     return max(1, round(images * min(len(shards), total_shards) / total_shards))
 
 
-def _images_with_trained_classes(url: str, shards: list[str], labels: DatasetLabels,
-                                 s3_endpoint: str | None) -> int | None:
+def _images_with_trained_classes(
+    url: str, shards: list[str], labels: DatasetLabels, s3_endpoint: str | None
+) -> int | None:
     """Images of ``shards`` in the ``_image_classes.parquet`` at ``url`` with a trained class; None without the file."""
     import pyarrow.parquet as pq
 
@@ -192,21 +234,31 @@ def resolve_steps(cfg: CotrainConfig | DistillConfig) -> CotrainConfig | Distill
     if cfg.run.max_steps is not None:
         return cfg
     lookups: list[DatasetLabels | None] = [None] * len(cfg.datasets)
-    if isinstance(cfg, CotrainConfig) and not cfg.epoch_images and (cfg.train_vocab or any(d.vocab for d in
-                                                                                           cfg.datasets)):
+    if (
+        isinstance(cfg, CotrainConfig)
+        and not cfg.epoch_images
+        and (cfg.train_vocab or any(d.vocab for d in cfg.datasets))
+    ):
         lookups = list(build_label_space(cfg.datasets, cfg.train_vocab).datasets)
-    images = cfg.epoch_images or sum(dataset_images(d, lab, s3_endpoint=cfg.run.s3_endpoint)
-                                     for d, lab in zip(cfg.datasets, lookups))
+    images = cfg.epoch_images or sum(
+        dataset_images(d, lab, s3_endpoint=cfg.run.s3_endpoint) for d, lab in zip(cfg.datasets, lookups)
+    )
     steps = cfg.epochs * math.ceil(images / cfg.run.global_batch)
-    log.info("%d epochs of %d images at a global batch of %d: %d steps", cfg.epochs, images, cfg.run.global_batch,
-             steps)
+    log.info(
+        "%d epochs of %d images at a global batch of %d: %d steps", cfg.epochs, images, cfg.run.global_batch, steps
+    )
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=steps), epoch_images=images)
 
 
 def describe(cfg: CotrainConfig | DistillConfig) -> dict[str, Any]:
     """What ``--print-config`` prints: the resolved config and the numbers derived from it."""
     run = cfg.run
-    return {"config": cfg.to_dict(), "derived": {
-        "global_batch": run.global_batch, "lr": cfg.optim.scaled_lr(run.global_batch),
-        "steps_per_epoch": None if cfg.epoch_images is None else math.ceil(cfg.epoch_images / run.global_batch),
-        "max_steps": run.max_steps}}
+    return {
+        "config": cfg.to_dict(),
+        "derived": {
+            "global_batch": run.global_batch,
+            "lr": cfg.optim.scaled_lr(run.global_batch),
+            "steps_per_epoch": None if cfg.epoch_images is None else math.ceil(cfg.epoch_images / run.global_batch),
+            "max_steps": run.max_steps,
+        },
+    }

@@ -36,8 +36,10 @@ def _checkpoint_url(source: str, s3_endpoint: str | None) -> str:
         return source
     found = latest_checkpoint(source, s3_endpoint=s3_endpoint)
     if found is None:
-        raise MissingInputError(f"no checkpoint under {storage.redact(source)}: give a run folder (storage_path/name) "
-                                "or a checkpoint_* folder")
+        raise MissingInputError(
+            f"no checkpoint under {storage.redact(source)}: give a run folder (storage_path/name) "
+            "or a checkpoint_* folder"
+        )
     return found[0]
 
 
@@ -55,8 +57,15 @@ def released_file_names(preset: str, train_vocab: str, include_clip: bool) -> li
     return [n + suffix for n in chosen for suffix in ("", ".tmp")]
 
 
-def export_checkpoint(source: str, output: str, *, train_vocab: str | None = None, include_clip: bool | None = None,
-                      overwrite: bool = False, s3_endpoint: str | None = None) -> dict[str, str]:
+def export_checkpoint(
+    source: str,
+    output: str,
+    *,
+    train_vocab: str | None = None,
+    include_clip: bool | None = None,
+    overwrite: bool = False,
+    s3_endpoint: str | None = None,
+) -> dict[str, str]:
     """Export the checkpoint at ``source`` (a run folder: its latest checkpoint; or one
     checkpoint folder) into ``output`` (a local folder). Returns part -> written path. A weight
     file already in ``output`` is refused unless an earlier export wrote it and ``overwrite``
@@ -75,17 +84,27 @@ def export_checkpoint(source: str, output: str, *, train_vocab: str | None = Non
             config = json.load(f)
         stage = state["stage"]
         cfg = config_from_dict(stage, config)
-        model, clip_model, files = build_training_model(cfg.model, stage=stage, seed=cfg.run.seed,
-                                                        s3_endpoint=s3_endpoint or cfg.run.s3_endpoint)
+        model, clip_model, files = build_training_model(
+            cfg.model, stage=stage, seed=cfg.run.seed, s3_endpoint=s3_endpoint or cfg.run.s3_endpoint
+        )
         meta = {"stage": stage, "step": int(state["step"]), "versions": state.get("versions", {}), "config": config}
         if isinstance(cfg, CotrainConfig):
-            net = CotrainNet(model, text_embeddings=torch.zeros(1, 1, model.embed_dim), logit_scale=cfg.logit_scale,
-                             learn_logit_scale=cfg.learn_logit_scale, train_adapter=cfg.train_adapter,
-                     logit_scale_lr=cfg.logit_scale_lr, recognizer_lr=cfg.recognizer_lr)
+            net = CotrainNet(
+                model,
+                text_embeddings=torch.zeros(1, 1, model.embed_dim),
+                logit_scale=cfg.logit_scale,
+                learn_logit_scale=cfg.learn_logit_scale,
+                train_adapter=cfg.train_adapter,
+                logit_scale_lr=cfg.logit_scale_lr,
+                recognizer_lr=cfg.recognizer_lr,
+            )
             read_checkpoint(local, net=net)
             space = build_label_space(cfg.datasets, cfg.train_vocab)
-            meta.update(vocabulary=space.vocab.to_json(), seen_classes=space.seen_classes,
-                        logit_scale=float(net.log_scale.detach()))
+            meta.update(
+                vocabulary=space.vocab.to_json(),
+                seen_classes=space.seen_classes,
+                logit_scale=float(net.log_scale.detach()),
+            )
             tag = train_vocab or vocab_file_tag(space.vocab.name)
         else:
             net = DistillNet(model)
@@ -95,9 +114,14 @@ def export_checkpoint(source: str, output: str, *, train_vocab: str | None = Non
         include_clip = not get_preset(cfg.model.preset).clip_published or "clip" not in files
     if not include_clip:
         log.info("CLIP weights not copied: place %s beside the export", files.get("clip"))
-    with writing(output, "train export", released_file_names(cfg.model.preset, tag, include_clip),
-                 overwrite=overwrite):
-        written = export_released(model.eval(), output, cfg.model.preset, train_vocab=tag, meta=meta,
-                                  clip_model=clip_model if include_clip else None)
+    with writing(output, "train export", released_file_names(cfg.model.preset, tag, include_clip), overwrite=overwrite):
+        written = export_released(
+            model.eval(),
+            output,
+            cfg.model.preset,
+            train_vocab=tag,
+            meta=meta,
+            clip_model=clip_model if include_clip else None,
+        )
     log.info("exported %s step %d to %s: %s", stage, meta["step"], output, sorted(written))
     return written

@@ -73,12 +73,15 @@ def group_items(slots: list[dict[str, Any]], shards_per_item: int) -> list[dict[
     if shards_per_item < 1:
         raise ConfigError(f"shards_per_item={shards_per_item} must be >= 1")
     parts = [{k: v for k, v in slot.items() if k != "item"} for slot in slots]
-    return [{"item": i, "parts": parts[start : start + shards_per_item]}
-            for i, start in enumerate(range(0, len(parts), shards_per_item))]
+    return [
+        {"item": i, "parts": parts[start : start + shards_per_item]}
+        for i, start in enumerate(range(0, len(parts), shards_per_item))
+    ]
 
 
-def dataset_items(datasets: Sequence[DatasetSpec], *, epochs: int, seed: int, s3_endpoint: str | None = None,
-                  shards_per_item: int = 1) -> list[dict[str, Any]]:
+def dataset_items(
+    datasets: Sequence[DatasetSpec], *, epochs: int, seed: int, s3_endpoint: str | None = None, shards_per_item: int = 1
+) -> list[dict[str, Any]]:
     """Work items of a mixture (shards listed with ``list_shards``, ``shards_per_item`` per item);
     teacher-feature shards are attached to a part as ``teacher`` when its dataset has them."""
     shard_lists = [list_shards(d.shards, s3_endpoint=s3_endpoint) for d in datasets]
@@ -144,8 +147,9 @@ def instances_from_annotations(
 # --- sample builders (run inside Ray Data tasks) ----------------------------------------------------
 
 
-def box_instances(annotations: list[dict[str, Any]], labels: DatasetLabels, height: int, width: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def box_instances(
+    annotations: list[dict[str, Any]], labels: DatasetLabels, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) filled-box masks and (N,) labels of the usable, non-crowd ``bbox`` (xywh)
     annotations of a box-only dataset (the masks only carry the boxes through the augmentation)."""
     masks, out = [], []
@@ -194,11 +198,24 @@ class CotrainSamples:
     shuffle_buffer: int = 1
 
     def __call__(self, item: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        yield from _rows_of_item(item, self.sample_row, seed=self.seed, buffer=self.shuffle_buffer,
-                                 s3_endpoint=self.s3_endpoint, max_pixels=self.max_pixels)
+        yield from _rows_of_item(
+            item,
+            self.sample_row,
+            seed=self.seed,
+            buffer=self.shuffle_buffer,
+            s3_endpoint=self.s3_endpoint,
+            max_pixels=self.max_pixels,
+        )
 
-    def sample_row(self, item: dict[str, Any], part: dict[str, Any], index: list[int], image: np.ndarray,
-                   meta: Any, teacher: np.ndarray | None = None) -> bytes | None:
+    def sample_row(
+        self,
+        item: dict[str, Any],
+        part: dict[str, Any],
+        index: list[int],
+        image: np.ndarray,
+        meta: Any,
+        teacher: np.ndarray | None = None,
+    ) -> bytes | None:
         rng = np.random.default_rng([self.seed, int(item["item"]), *index])
         d = int(part["dataset"])
         if self.kinds[d] == "image":
@@ -211,8 +228,15 @@ class CotrainSamples:
         if masks.shape[0] == 0:
             return None
         for _ in range(self.crop_tries):
-            t = large_scale_jitter(image, masks, rng, size=self.image_size, ratio_range=self.lsj_range,
-                                   flip_prob=self.flip_prob, min_mask_area=self.min_mask_area)
+            t = large_scale_jitter(
+                image,
+                masks,
+                rng,
+                size=self.image_size,
+                ratio_range=self.lsj_range,
+                flip_prob=self.flip_prob,
+                min_mask_area=self.min_mask_area,
+            )
             if t.keep.any():
                 break
         else:
@@ -221,15 +245,22 @@ class CotrainSamples:
         with_masks = self.kinds[d] == "segmentation"
         prompts = sample_prompts(kept_masks, rng, self.num_prompts, points=with_masks)
         used, inverse = np.unique(prompts.instance, return_inverse=True)
-        packed = pack_masks(kept_masks[used]) if with_masks else np.zeros((0, -(-self.image_size ** 2 // 8)), np.uint8)
+        packed = pack_masks(kept_masks[used]) if with_masks else np.zeros((0, -(-(self.image_size**2) // 8)), np.uint8)
         return pack_sample(
-            image=t.image, input_hw=np.asarray(t.input_hw, np.int32), masks=packed,
-            labels=kept_labels[used], prompt_instance=inverse.astype(np.int64), prompt_is_point=prompts.is_point,
-            prompt_boxes=prompts.boxes, prompt_points=prompts.points, has_masks=np.asarray(with_masks),
+            image=t.image,
+            input_hw=np.asarray(t.input_hw, np.int32),
+            masks=packed,
+            labels=kept_labels[used],
+            prompt_instance=inverse.astype(np.int64),
+            prompt_is_point=prompts.is_point,
+            prompt_boxes=prompts.boxes,
+            prompt_points=prompts.points,
+            has_masks=np.asarray(with_masks),
         )
 
-    def _image_level(self, image: np.ndarray, meta: Any, labels: DatasetLabels, rng: np.random.Generator
-                     ) -> bytes | None:
+    def _image_level(
+        self, image: np.ndarray, meta: Any, labels: DatasetLabels, rng: np.random.Generator
+    ) -> bytes | None:
         label = labels.image_label(meta.raw)
         if label < 0:
             return None
@@ -239,10 +270,15 @@ class CotrainSamples:
         prompts = whole_image_prompt(*t.input_hw)
         size = self.image_size
         return pack_sample(
-            image=t.image, input_hw=np.asarray(t.input_hw, np.int32),
-            masks=np.zeros((0, -(-size * size // 8)), np.uint8), labels=np.asarray([label], np.int64),
-            prompt_instance=prompts.instance, prompt_is_point=prompts.is_point, prompt_boxes=prompts.boxes,
-            prompt_points=prompts.points, has_masks=np.asarray(False),
+            image=t.image,
+            input_hw=np.asarray(t.input_hw, np.int32),
+            masks=np.zeros((0, -(-size * size // 8)), np.uint8),
+            labels=np.asarray([label], np.int64),
+            prompt_instance=prompts.instance,
+            prompt_is_point=prompts.is_point,
+            prompt_boxes=prompts.boxes,
+            prompt_points=prompts.points,
+            has_masks=np.asarray(False),
         )
 
 
@@ -259,11 +295,24 @@ class DistillSamples:
     shuffle_buffer: int = 1
 
     def __call__(self, item: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        yield from _rows_of_item(item, self.sample_row, seed=self.seed, buffer=self.shuffle_buffer,
-                                 s3_endpoint=self.s3_endpoint, max_pixels=self.max_pixels)
+        yield from _rows_of_item(
+            item,
+            self.sample_row,
+            seed=self.seed,
+            buffer=self.shuffle_buffer,
+            s3_endpoint=self.s3_endpoint,
+            max_pixels=self.max_pixels,
+        )
 
-    def sample_row(self, item: dict[str, Any], part: dict[str, Any], index: list[int], image: np.ndarray,
-                   meta: Any, teacher: np.ndarray | None = None) -> bytes | None:
+    def sample_row(
+        self,
+        item: dict[str, Any],
+        part: dict[str, Any],
+        index: list[int],
+        image: np.ndarray,
+        meta: Any,
+        teacher: np.ndarray | None = None,
+    ) -> bytes | None:
         if part.get("teacher") and teacher is None:
             return None  # no features for this image (the dump skipped it)
         rng = np.random.default_rng([self.seed, int(item["item"]), *index])
@@ -301,8 +350,15 @@ def _part_samples(part: dict[str, Any], number: int, s3_endpoint: str | None) ->
         log.error("skipping the rest of shard %s: %s: %s", part["shard"], type(e).__name__, e)
 
 
-def _rows_of_item(item: dict[str, Any], build: Callable[..., bytes | None], *, seed: int, buffer: int,
-                  s3_endpoint: str | None, max_pixels: int) -> Iterator[dict[str, Any]]:
+def _rows_of_item(
+    item: dict[str, Any],
+    build: Callable[..., bytes | None],
+    *,
+    seed: int,
+    buffer: int,
+    s3_endpoint: str | None,
+    max_pixels: int,
+) -> Iterator[dict[str, Any]]:
     """The rows of a work item's shards, read concurrently through ``interleave``; every bad
     sample is skipped and counted."""
     import json
@@ -354,8 +410,13 @@ def iter_teacher_features(url: str, *, s3_endpoint: str | None = None) -> Iterat
 # --- the Ray dataset --------------------------------------------------------------------------------
 
 
-def build_ray_dataset(items: list[dict[str, Any]], builder: Callable[[dict[str, Any]], Iterator[dict]], *,
-                      num_cpus: float = 1.0, max_blocks: int = 20_000):
+def build_ray_dataset(
+    items: list[dict[str, Any]],
+    builder: Callable[[dict[str, Any]], Iterator[dict]],
+    *,
+    num_cpus: float = 1.0,
+    max_blocks: int = 20_000,
+):
     """A lazy Ray dataset: the items (one per block up to ``max_blocks``) flat-mapped by ``builder``."""
     import ray.data
 
@@ -365,8 +426,9 @@ def build_ray_dataset(items: list[dict[str, Any]], builder: Callable[[dict[str, 
     return ds.flat_map(builder, num_cpus=num_cpus)
 
 
-def iter_local_rows(items: list[dict[str, Any]], builder: Callable[[dict[str, Any]], Iterator[dict]]
-                    ) -> Iterator[dict[str, Any]]:
+def iter_local_rows(
+    items: list[dict[str, Any]], builder: Callable[[dict[str, Any]], Iterator[dict]]
+) -> Iterator[dict[str, Any]]:
     """The same rows without Ray (in-process training of the tiny recipe, tests)."""
     for item in items:
         yield from builder(item)

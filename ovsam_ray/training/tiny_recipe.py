@@ -104,8 +104,13 @@ class TinyRecipe:
 def _write_vocab(work_dir: str) -> str:
     path = os.path.join(work_dir, f"{TRAIN_VOCAB}.json")
     with open(path, "w") as f:
-        json.dump({"name": TRAIN_VOCAB, "classes": [{"name": n, "seen": n not in HELD_OUT}
-                                                     for n in shape_vocabulary_names()]}, f)
+        json.dump(
+            {
+                "name": TRAIN_VOCAB,
+                "classes": [{"name": n, "seen": n not in HELD_OUT} for n in shape_vocabulary_names()],
+            },
+            f,
+        )
     return path
 
 
@@ -113,8 +118,13 @@ def _train_shards(work_dir: str, recipe: TinyRecipe, seed: int) -> str:
     root = os.path.join(work_dir, "data", f"train-seed{seed}-n{recipe.train_images}")
     marker = os.path.join(root, "_done")
     if not os.path.exists(marker):
-        generate_shards(root, num_images=recipe.train_images, images_per_shard=recipe.images_per_shard, seed=seed,
-                        image_size=recipe.image_size)
+        generate_shards(
+            root,
+            num_images=recipe.train_images,
+            images_per_shard=recipe.images_per_shard,
+            seed=seed,
+            image_size=recipe.image_size,
+        )
         open(marker, "w").close()
     return root
 
@@ -129,39 +139,95 @@ def _stage0(work_dir: str, recipe: TinyRecipe, seed: int, budget_s: float | None
     tokenizer, names = clip_tokenizer(PRESET), shape_vocabulary_names()
     started = BudgetClock(0.0, clock)
     crops_budget = budget_s * _CROP_SHARE if budget_s else None
-    pretrain_clip(clip_model, tokenizer, class_names=names, steps=recipe.stage0_steps,
-                  colours_per_batch=recipe.stage0_colours, lr=recipe.stage0_lr, pool_size=recipe.stage0_pool,
-                  seed=seed, time_budget_s=crops_budget, clock=clock)
+    pretrain_clip(
+        clip_model,
+        tokenizer,
+        class_names=names,
+        steps=recipe.stage0_steps,
+        colours_per_batch=recipe.stage0_colours,
+        lr=recipe.stage0_lr,
+        pool_size=recipe.stage0_pool,
+        seed=seed,
+        time_budget_s=crops_budget,
+        clock=clock,
+    )
     scenes_budget = max(budget_s - started.elapsed(), 10.0) if budget_s else None
-    pretrain_clip_regions(clip_model, tokenizer, class_names=names, steps=recipe.stage0_scene_steps,
-                          image_size=get_preset(PRESET).image_size, scene_sizes=recipe.image_size,
-                          objects=recipe.stage0_scene_objects,
-                          batch_size=recipe.stage0_scene_batch, lr=recipe.stage0_scene_lr, seed=seed,
-                          time_budget_s=scenes_budget, clock=clock)
+    pretrain_clip_regions(
+        clip_model,
+        tokenizer,
+        class_names=names,
+        steps=recipe.stage0_scene_steps,
+        image_size=get_preset(PRESET).image_size,
+        scene_sizes=recipe.image_size,
+        objects=recipe.stage0_scene_objects,
+        batch_size=recipe.stage0_scene_batch,
+        lr=recipe.stage0_scene_lr,
+        seed=seed,
+        time_budget_s=scenes_budget,
+        clock=clock,
+    )
     torch.save({"state_dict": clip_model.state_dict()}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
 
 
-def tiny_cotrain_config(work_dir: str, *, clip_file: str, shards: str, vocab_file: str, seed: int,
-                        recipe: TinyRecipe, max_steps: int = 1_000_000) -> CotrainConfig:
+def tiny_cotrain_config(
+    work_dir: str,
+    *,
+    clip_file: str,
+    shards: str,
+    vocab_file: str,
+    seed: int,
+    recipe: TinyRecipe,
+    max_steps: int = 1_000_000,
+) -> CotrainConfig:
     """The co-training config of stages 1+2 of the tiny recipe."""
     return CotrainConfig(
-        run=RunSpec(storage_path=os.path.join(work_dir, "runs"), name=f"tiny-cotrain-seed{seed}",
-                    batch_size=recipe.batch_size, max_steps=max_steps, checkpoint_every=max(max_steps, 1),
-                    log_every=25, seed=seed, shuffle_shards=1, shuffle_buffer=1),
+        run=RunSpec(
+            storage_path=os.path.join(work_dir, "runs"),
+            name=f"tiny-cotrain-seed{seed}",
+            batch_size=recipe.batch_size,
+            max_steps=max_steps,
+            checkpoint_every=max(max_steps, 1),
+            log_every=25,
+            seed=seed,
+            shuffle_shards=1,
+            shuffle_buffer=1,
+        ),
         datasets=[DatasetSpec(shards=shards, vocab=vocab_file, name=TRAIN_VOCAB)],
         model=ModelSpec(preset=PRESET, clip=clip_file, random_init=True),
-        optim=OptimConfig(lr=recipe.lr, schedule="cosine", warmup_steps=recipe.warmup_steps, min_lr_factor=0.02,
-                          grad_clip=recipe.grad_clip, no_decay=("1d",), base_batch_size=None),
-        train_vocab=vocab_file, epochs=50, num_prompts=recipe.num_prompts, lsj_range=recipe.lsj_range,
-        min_mask_area=recipe.min_mask_area, num_points=recipe.num_points, logit_scale=recipe.init_logit_scale,
-        learn_logit_scale=True, logit_scale_lr=recipe.logit_scale_lr, train_adapter=True, **recipe.extra,
+        optim=OptimConfig(
+            lr=recipe.lr,
+            schedule="cosine",
+            warmup_steps=recipe.warmup_steps,
+            min_lr_factor=0.02,
+            grad_clip=recipe.grad_clip,
+            no_decay=("1d",),
+            base_batch_size=None,
+        ),
+        train_vocab=vocab_file,
+        epochs=50,
+        num_prompts=recipe.num_prompts,
+        lsj_range=recipe.lsj_range,
+        min_mask_area=recipe.min_mask_area,
+        num_points=recipe.num_points,
+        logit_scale=recipe.init_logit_scale,
+        learn_logit_scale=True,
+        logit_scale_lr=recipe.logit_scale_lr,
+        train_adapter=True,
+        **recipe.extra,
     )
 
 
-def run_tiny_recipe(work_dir: str, *, seed: int = 0, recipe: TinyRecipe | None = None,
-                    time_budget_s: float | None = None, clock: str = "wall", use_ray: bool = False) -> str:
+def run_tiny_recipe(
+    work_dir: str,
+    *,
+    seed: int = 0,
+    recipe: TinyRecipe | None = None,
+    time_budget_s: float | None = None,
+    clock: str = "wall",
+    use_ray: bool = False,
+) -> str:
     """Stages 0-2 of the tiny recipe; returns the exported weights folder (``<work_dir>/weights``).
 
     Training runs a fixed number of steps (``recipe.stage0_steps``, ``recipe.cotrain_steps``), so
@@ -182,8 +248,15 @@ def run_tiny_recipe(work_dir: str, *, seed: int = 0, recipe: TinyRecipe | None =
     log.info("tiny recipe: %d training images ready after %.0fs", recipe.train_images, budget.elapsed())
     stage0_budget = recipe.stage0_fraction * time_budget_s if time_budget_s else None
     clip_file = _stage0(work_dir, recipe, seed, stage0_budget, clock)
-    cfg = tiny_cotrain_config(work_dir, clip_file=clip_file, shards=shards, vocab_file=vocab_file, seed=seed,
-                              recipe=recipe, max_steps=recipe.cotrain_steps)
+    cfg = tiny_cotrain_config(
+        work_dir,
+        clip_file=clip_file,
+        shards=shards,
+        vocab_file=vocab_file,
+        seed=seed,
+        recipe=recipe,
+        max_steps=recipe.cotrain_steps,
+    )
     if use_ray:
         run_cotrain(cfg)
     else:
@@ -195,6 +268,11 @@ def run_tiny_recipe(work_dir: str, *, seed: int = 0, recipe: TinyRecipe | None =
     weights = os.path.join(work_dir, "weights")
     # the work folder is the recipe's own: a rerun replaces its earlier export (never a user's file there)
     export_checkpoint(cfg.run.run_url, weights, train_vocab=TRAIN_VOCAB, overwrite=True)
-    log.info("tiny recipe done in %.0fs wall (%.0fs on the %s clock); weights in %s", time.perf_counter() - started,
-             budget.elapsed(), clock, weights)
+    log.info(
+        "tiny recipe done in %.0fs wall (%.0fs on the %s clock); weights in %s",
+        time.perf_counter() - started,
+        budget.elapsed(),
+        clock,
+        weights,
+    )
     return weights

@@ -78,8 +78,16 @@ def _versions() -> dict[str, str]:
     return {"ovsam_ray": __version__, "torch": torch.__version__, "ray": ray.__version__}
 
 
-def write_checkpoint(directory: str, *, stage: str, config: dict, net: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, state: TrainState) -> None:
+def write_checkpoint(
+    directory: str,
+    *,
+    stage: str,
+    config: dict,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+) -> None:
     """Write one checkpoint directory (see the module docstring)."""
     os.makedirs(directory, exist_ok=True)
     torch.save(trainable_state_dict(net), os.path.join(directory, "model.pt"))
@@ -91,9 +99,16 @@ def write_checkpoint(directory: str, *, stage: str, config: dict, net: nn.Module
         json.dump(storage.redact_config(config), f, indent=1)
 
 
-def read_checkpoint(directory: str, *, net: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None, device: torch.device | str = "cpu") -> TrainState:
+def read_checkpoint(
+    directory: str,
+    *,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    device: torch.device | str = "cpu",
+) -> TrainState:
     """Restore what ``write_checkpoint`` wrote (optimizer/scheduler only when given)."""
+
     def load(name: str) -> Any:
         return torch.load(os.path.join(directory, name), map_location=device, weights_only=True)
 
@@ -104,8 +119,9 @@ def read_checkpoint(directory: str, *, net: nn.Module, optimizer: torch.optim.Op
         scheduler.load_state_dict(load("scheduler.pt"))
     with open(os.path.join(directory, STATE_FILE)) as f:
         data = json.load(f)
-    return TrainState(step=int(data["step"]), resume_item=int(data["resume_item"]),
-                      images_seen=int(data.get("images_seen", 0)))
+    return TrainState(
+        step=int(data["step"]), resume_item=int(data["resume_item"]), images_seen=int(data.get("images_seen", 0))
+    )
 
 
 def latest_checkpoint(run_url: str, *, s3_endpoint: str | None = None) -> tuple[str, dict] | None:
@@ -180,8 +196,7 @@ def worker_loop(stage: str, config: dict, setup_fn: Callable[[Any, Runtime], Sta
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = read_checkpoint(directory, net=net, optimizer=optimizer, scheduler=scheduler,
-                                    device=runtime.device)
+            state = read_checkpoint(directory, net=net, optimizer=optimizer, scheduler=scheduler, device=runtime.device)
         log.info("rank %d resumed at step %d (data item %d)", runtime.rank, state.step, state.resume_item)
     seed_everything(run.seed * 1000 + runtime.rank + state.step)
     wrapped = net
@@ -201,14 +216,25 @@ def worker_loop(stage: str, config: dict, setup_fn: Callable[[Any, Runtime], Sta
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if runtime.rank == 0:
-                write_checkpoint(tmp, stage=stage, config=config, net=net, optimizer=optimizer,
-                                 scheduler=scheduler, state=state)
+                write_checkpoint(
+                    tmp, stage=stage, config=config, net=net, optimizer=optimizer, scheduler=scheduler, state=state
+                )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{state.step:09d}")
 
     net.train()
-    train_loop(task=task, net=wrapped, optimizer=optimizer, scheduler=scheduler, rows=iter(rows), run=run,
-               state=state, runtime=runtime, report=report, grad_clip=setup.optim.grad_clip)
+    train_loop(
+        task=task,
+        net=wrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        rows=iter(rows),
+        run=run,
+        state=state,
+        runtime=runtime,
+        report=report,
+        grad_clip=setup.optim.grad_clip,
+    )
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -234,8 +260,14 @@ def _storage(run: RunSpec) -> tuple[str, Any]:
     return path, pyarrow.fs.S3FileSystem(**kwargs)
 
 
-def fit(stage: str, cfg: CotrainConfig | DistillConfig, train_fn: Callable[[dict], None],
-        dataset_factory: Callable[[], Any], *, worker_env: dict[str, str] | None = None):
+def fit(
+    stage: str,
+    cfg: CotrainConfig | DistillConfig,
+    train_fn: Callable[[dict], None],
+    dataset_factory: Callable[[], Any],
+    *,
+    worker_env: dict[str, str] | None = None,
+):
     """Run (or resume) the training run ``cfg.run`` on Ray Train; returns ``ray.train.Result``."""
     import ray
     import ray.train
@@ -249,13 +281,18 @@ def fit(stage: str, cfg: CotrainConfig | DistillConfig, train_fn: Callable[[dict
     resources = {"CPU": run.cpus_per_worker}
     found = latest_checkpoint(run.run_url, s3_endpoint=run.s3_endpoint)
     if found:
-        log.info("run %s exists: resuming from %s (step %s)", storage.redact(run.run_url), storage.redact(found[0]),
-                 found[1]["step"])
+        log.info(
+            "run %s exists: resuming from %s (step %s)",
+            storage.redact(run.run_url),
+            storage.redact(found[0]),
+            found[1]["step"],
+        )
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"stage": stage, "config": cfg.to_dict()},
-        scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
             name=run.name,
             storage_path=storage_path,
@@ -273,9 +310,16 @@ def fit(stage: str, cfg: CotrainConfig | DistillConfig, train_fn: Callable[[dict
 # --- in-process runs (no Ray) ------------------------------------------------------------------------------
 
 
-def run_local(stage: str, cfg: CotrainConfig | DistillConfig, setup_fn: Callable[[Any, Runtime], StageSetup],
-              builder: Callable[[dict], Any], *, time_budget_s: float | None = None, clock: str = "wall",
-              on_report: Callable[[dict[str, float]], None] | None = None) -> tuple[TrainState, nn.Module]:
+def run_local(
+    stage: str,
+    cfg: CotrainConfig | DistillConfig,
+    setup_fn: Callable[[Any, Runtime], StageSetup],
+    builder: Callable[[dict], Any],
+    *,
+    time_budget_s: float | None = None,
+    clock: str = "wall",
+    on_report: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[TrainState, nn.Module]:
     """The same loop in this process, one worker, no Ray: rows come straight from the shards,
     checkpoints go to ``cfg.run.run_url`` (local) in the same layout, and an existing checkpoint
     there is resumed. With ``time_budget_s`` it stops when the time is up and the lr schedule
@@ -303,8 +347,9 @@ def run_local(stage: str, cfg: CotrainConfig | DistillConfig, setup_fn: Callable
     if found is not None:
         state = read_checkpoint(found[0], net=net, optimizer=optimizer, scheduler=scheduler)
         log.info("resumed %s at step %d", found[0], state.step)
-    items = dataset_items(cfg.datasets, epochs=cfg.epochs, seed=run.seed, s3_endpoint=run.s3_endpoint,
-                          shards_per_item=run.shuffle_shards)
+    items = dataset_items(
+        cfg.datasets, epochs=cfg.epochs, seed=run.seed, s3_endpoint=run.s3_endpoint, shards_per_item=run.shuffle_shards
+    )
     rows = iter_local_rows(items[state.resume_item :], builder)
     config = cfg.to_dict()
 
@@ -314,14 +359,25 @@ def run_local(stage: str, cfg: CotrainConfig | DistillConfig, setup_fn: Callable
             on_report(metrics)
         if with_checkpoint:
             directory = os.path.join(run.run_url, f"{CHECKPOINT_PREFIX}{state.step:09d}")
-            write_checkpoint(directory, stage=stage, config=config, net=net, optimizer=optimizer,
-                             scheduler=scheduler, state=state)
+            write_checkpoint(
+                directory, stage=stage, config=config, net=net, optimizer=optimizer, scheduler=scheduler, state=state
+            )
 
     def out_of_time() -> bool:
         return time_budget_s is not None and budget.expired()
 
     net.train()
-    state = train_loop(task=setup.make_task(net), net=net, optimizer=optimizer, scheduler=scheduler, rows=rows,
-                       run=run, state=state, runtime=runtime, report=report, grad_clip=setup.optim.grad_clip,
-                       should_stop=out_of_time)
+    state = train_loop(
+        task=setup.make_task(net),
+        net=net,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        rows=rows,
+        run=run,
+        state=state,
+        runtime=runtime,
+        report=report,
+        grad_clip=setup.optim.grad_clip,
+        should_stop=out_of_time,
+    )
     return state, net.eval()

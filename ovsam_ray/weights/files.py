@@ -35,8 +35,7 @@ PUBLISHED = {
     "(e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth)",
     "sam2clip": "https://huggingface.co/HarborYuan/ovsam_models (sam2clip_vith_rn50x16.pth)",
     "clip2sam": "https://huggingface.co/HarborYuan/ovsam_models (clip2sam_coco_rn50x16.pth, clip2sam_lvis_rn50x16.pth)",
-    "clip": "open_clip's pretrained registry (open_clip.get_pretrained_url(name, tag)), "
-    "e.g. OpenAI's RN50x16.pt",
+    "clip": "open_clip's pretrained registry (open_clip.get_pretrained_url(name, tag)), e.g. OpenAI's RN50x16.pt",
 }
 
 
@@ -93,8 +92,12 @@ PROMPT_ENCODER = Part(
 # SAM's own mask decoder as the initialisation of ours: the first mask token only, no IoU head.
 SAM_DECODER_INIT = Part(
     name="sam mask decoder",
-    model_prefixes=("decoder.transformer.", "decoder.mask_tokens.", "decoder.output_upscaling.",
-                    "decoder.output_hypernetworks_mlps."),
+    model_prefixes=(
+        "decoder.transformer.",
+        "decoder.mask_tokens.",
+        "decoder.output_upscaling.",
+        "decoder.output_hypernetworks_mlps.",
+    ),
     file_to_model=((r"^mask_decoder\.(?!iou_)(?!output_hypernetworks_mlps\.[1-9])", "decoder."),),
     model_to_file=((r"^decoder\.", "mask_decoder."),),
     published=PUBLISHED["sam"],
@@ -199,7 +202,7 @@ def local_dir(location: str, *, s3_endpoint: str | None = None) -> str:
         listing = fs.find(root, detail=True)
     except FileNotFoundError:
         listing = {}
-    files = sorted((p[len(root):].lstrip("/"), info) for p, info in listing.items() if p.startswith(root + "/"))
+    files = sorted((p[len(root) :].lstrip("/"), info) for p, info in listing.items() if p.startswith(root + "/"))
     if not files:
         raise WeightsError(f"weights location {location} holds no files")
     stamps = [(rel, info.get("size"), str(info.get("ETag", info.get("mtime", "")))) for rel, info in files]
@@ -261,8 +264,9 @@ def convert_torchscript_clip(src: str, dst: str) -> int:
     """One-time conversion of OpenAI's TorchScript CLIP file into a plain state dict that loads
     with ``weights_only=True``. Runs ``torch.jit.load`` on ``src``: use it on files you trust."""
     module = torch.jit.load(src, map_location="cpu")
-    state = {k: v for k, v in module.state_dict().items() if k not in ("input_resolution", "context_length",
-                                                                       "vocab_size")}
+    state = {
+        k: v for k, v in module.state_dict().items() if k not in ("input_resolution", "context_length", "vocab_size")
+    }
     tmp = dst + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, dst)
@@ -305,6 +309,7 @@ def load_part(model: nn.Module, weights: WeightsFile, part: Part) -> None:
         if got[k].shape != expected[k].shape
     )
     if missing or unexpected or shapes:
+
         def _show(keys: list[str]) -> str:
             inverse = [_rename(k, part.model_to_file) or k for k in keys]
             more = f" ... (+{len(inverse) - 12} more)" if len(inverse) > 12 else ""

@@ -42,8 +42,9 @@ def synthetic_prompts():
     from ovsam_ray.model.predictor import ImagePrompts
 
     return ImagePrompts(
-        boxes=np.array([[40.0, 30.0, 120.0, 100.0], [140.0, 80.0, 225.0, 165.0], [10.0, 150.0, 10.0, 170.0]],
-                       np.float32),
+        boxes=np.array(
+            [[40.0, 30.0, 120.0, 100.0], [140.0, 80.0, 225.0, 165.0], [10.0, 150.0, 10.0, 170.0]], np.float32
+        ),
         points=np.array([[80.0, 60.0], [180.0, 120.0]], np.float32),
         point_boxes=np.array([[40.0, 30.0, 120.0, 100.0], [np.nan] * 4], np.float32),
     )
@@ -84,8 +85,9 @@ def golden_outputs() -> dict[str, np.ndarray]:
     # The random model's masks are large, so its mask-derived RoI boxes look alike: also pin the
     # recognizer and the CLIP branch on fixed boxes, one per FPN level (tiny: finest scale 14).
     feats = embedded.features
-    boxes = torch.tensor([[8.0, 8.0, 18.0, 18.0], [20.0, 30.0, 50.0, 60.0], [10.0, 10.0, 70.0, 80.0],
-                          [0.0, 0.0, 256.0, 192.0]])
+    boxes = torch.tensor(
+        [[8.0, 8.0, 18.0, 18.0], [20.0, 30.0, 50.0, 60.0], [10.0, 10.0, 70.0, 80.0], [0.0, 0.0, 256.0, 192.0]]
+    )
     index = torch.zeros(len(boxes), dtype=torch.long)
     with torch.no_grad():
         region_fixed = model.recognizer.region_embeddings(feats.fpn_feats, boxes, index)
