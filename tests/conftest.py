@@ -157,8 +157,8 @@ def ray_local(s3_server: str) -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        # tests/ on the workers' path: test-only user detectors are imported there by name.
-        tests_dir = os.path.dirname(os.path.abspath(__file__))
+        # tests/helpers on the workers' path: test-only user detectors are imported there by name.
+        tests_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
         path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
         ray.init(
             num_cpus=2,

@@ -12,7 +12,7 @@ A field's ``metadata`` (a plain dict, so configs need not import the CLI) may ho
 - ``cli: False``: the field has no flag (the help text says who sets it).
 
 A field whose type is a dataclass (``LabelConfig.model``) gets the flags of that dataclass's fields;
-:func:`config_from_args` builds the nested configs back. ``tests/test_cli_flags.py`` walks every
+:func:`config_from_args` builds the nested configs back. ``tests/cli/test_cli_flags.py`` walks every
 parser of ``ovsam-ray`` and checks each flag's default against its field's.
 """
 

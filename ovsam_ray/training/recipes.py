@@ -2,7 +2,7 @@
 
 ``ovsam-ray train distill --recipe sam2clip_vith_rn50x16`` and ``ovsam-ray train cotrain --recipe
 clip2sam_coco_rn50x16 | clip2sam_lvis_rn50x16`` start from a recipe; every flag still overrides
-one field. A recipe holds the reference's numbers (``tests/test_training_recipes.py`` checks each
+one field. A recipe holds the reference's numbers (``tests/training/test_training_recipes.py`` checks each
 against the reference file and line); what it cannot hold is the data: the user's shards of SA-1B
 1%, COCO train2017 or LVIS v1 train.
 

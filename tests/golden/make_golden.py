@@ -1,6 +1,6 @@
 """Golden outputs of a fixed-seed ``ovsam_tiny`` on a fixed synthetic image and prompts.
 
-``tests/test_model_presets.py::test_ovsam_tiny_seed0_matches_golden`` recomputes
+``tests/model/test_model_presets.py::test_ovsam_tiny_seed0_matches_golden`` recomputes
 ``golden_outputs()`` and compares it with the stored ``ovsam_tiny_seed0.npz``. The model is
 ``torch.manual_seed(0); build_ovsam("ovsam_tiny")`` (random init), the classifier a seeded
 random (5, 2, 64) vocabulary; everything runs in float32 on the CPU and is compared in float64

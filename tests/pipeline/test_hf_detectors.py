@@ -1,6 +1,6 @@
 """Open-vocabulary detectors (OWLv2, Grounding DINO from transformers) as prompt sources: the
 stage's contract, the weights loader, ``A+B`` prompts, label jobs end to end. Tiny random models
-built here from small configs (tests/hf_detector_fixture.py); nothing is downloaded."""
+built here from small configs (tests/helpers/hf_detector_fixture.py); nothing is downloaded."""
 
 from __future__ import annotations
 

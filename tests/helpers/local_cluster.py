@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 MARKER_VAR = "OVSAM_TEST_CLUSTER"
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def free_ports(n: int, avoid: tuple[int, ...] = ()) -> list[int]:

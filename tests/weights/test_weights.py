@@ -37,7 +37,7 @@ from ovsam_ray.weights.released import export_released, load_ovsam, resolve_weig
 
 # Key names and shapes of the released RN50x16 files (HarborYuan/ovsam_models) and of SAM ViT-H's
 # prompt encoder, as the files store them (DESIGN §3).
-LAYOUT_PATH = Path(__file__).parent / "golden" / "ovsam_checkpoint_layout.json"
+LAYOUT_PATH = Path(__file__).parents[1] / "golden" / "ovsam_checkpoint_layout.json"
 SAM2CLIP_FILE = "sam2clip_vith_rn50x16.pth"
 CLIP2SAM_FILE = "clip2sam_coco_rn50x16.pth"
 HF = "huggingface.co/HarborYuan/ovsam_models"

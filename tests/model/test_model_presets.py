@@ -19,7 +19,7 @@ from ovsam_ray.model.clip_backbone import ConvNeXtCLIPBackbone, ResNetCLIPBackbo
 from ovsam_ray.model.ovsam import OVSAM, PromptBatch
 from ovsam_ray.model.presets import PRESETS, Preset, UnknownPresetError, build_ovsam, create_clip_model, get_preset
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN_DIR = Path(__file__).parents[1] / "golden"
 
 # preset -> (CLIP stage channels, CLIP embedding dim D, adapter width, input size, backbone type)
 EXPECTED = {
@@ -117,7 +117,7 @@ def test_preset_records_are_frozen_and_match_the_models_they_build() -> None:
 def test_no_code_outside_the_registry_tests_a_preset_name() -> None:
     """Per-preset facts live in the records: code asks ``get_preset(name).<fact>``, never
     ``name == "ovsam_tiny"`` or a table keyed by preset names."""
-    package = Path(__file__).parents[1] / "ovsam_ray"
+    package = Path(__file__).parents[2] / "ovsam_ray"
     names = "|".join(PRESETS)
     tests = re.compile(rf"""(==|!=|\bin)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=|:\s)""")
     found = [

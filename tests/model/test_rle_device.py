@@ -106,7 +106,7 @@ def test_empty_inputs() -> None:
 # ------------------------------------------------------------------ the predictor
 
 
-# tests/test_predictor.py's ``predictor`` fixture: the tiny preset on a CPU, full masks to the host.
+# tests/model/test_predictor.py's ``predictor`` fixture: the tiny preset on a CPU, full masks to the host.
 tiny_predictor = test_predictor.predictor
 NUM_CLASSES = test_predictor.NUM_CLASSES
 VOCAB = Vocabulary.from_json({"name": "six", "classes": [{"id": 10 + i, "name": f"c{i}"} for i in range(NUM_CLASSES)]})

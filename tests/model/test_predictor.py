@@ -87,7 +87,7 @@ EXACT_FIELDS = ("labels", "head_labels", "topk_ids", "clip_valid", "is_point")
 def _assert_same(a: ImagePrediction, b: ImagePrediction, *, exact: bool = False) -> None:
     for f in dataclasses.fields(ImagePrediction):
         x, y = getattr(a, f.name), getattr(b, f.name)
-        if x is None or y is None or f.name == "rles":  # the mask outputs of one mode (tests/test_rle_device.py)
+        if x is None or y is None or f.name == "rles":  # the mask outputs of one mode (tests/model/test_rle_device.py)
             assert (x is None) == (y is None), f.name
             continue
         assert x.shape == y.shape, f.name
