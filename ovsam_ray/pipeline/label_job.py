@@ -44,7 +44,7 @@ from ovsam_ray.pipeline.parts import (
     with_storage_retries,
 )
 from ovsam_ray.pipeline.predict_stage import BASELINES
-from ovsam_ray.pipeline.progress import JobProgress
+from ovsam_ray.pipeline.progress import JobProgress, quiet_ray_data_progress
 from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig
 from ovsam_ray.pipeline.stats import format_stats, write_run_stats
 from ovsam_ray.pipeline.text_embeddings import prepare_text
@@ -387,6 +387,7 @@ def _startup(what: str, step: Callable[[], _T]) -> _T:
 
 def _drive(cfg: LabelConfig, todo: list[str], text: dict, tracker: ShardTracker, lease: OutputLease) -> None:
     """Stream the dataset's part rows into the tracker; commit tasks run meanwhile."""
+    quiet_ray_data_progress()
     try:
         for batch in build_dataset(cfg, todo, text).iter_batches(batch_size=None, batch_format="pyarrow"):
             lease.check()
