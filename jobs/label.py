@@ -19,14 +19,13 @@ Same flags and exit codes as `ovsam-ray label`:
 """
 
 import argparse
-import logging
 import sys
 
-from ovsam_ray.cli import STOP_ERRORS, report_stop
+from ovsam_ray.cli import STOP_ERRORS, configure_logging, report_stop
 from ovsam_ray.cli.label import label_parser, run_label_cli
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     args = label_parser(parser).parse_args()
     try:

@@ -11,14 +11,14 @@ mixture; ``--print-config`` prints the resolved config (recipe + flags, steps) a
 Submitting the same --storage-path/--name again resumes from the run's latest checkpoint.
 """
 
-import logging
 import sys
 
+from ovsam_ray.cli import configure_logging
 from ovsam_ray.cli.train import cotrain_config_from_args, cotrain_parser, print_config
 from ovsam_ray.training.cotrain import run_cotrain
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = cotrain_parser().parse_args()
     cfg = cotrain_config_from_args(args)
     if args.print_config:

@@ -10,14 +10,14 @@ With precomputed teacher features (``ovsam-ray train dump-teacher``) add
 submitted again resumes from the run's latest checkpoint.
 """
 
-import logging
 import sys
 
+from ovsam_ray.cli import configure_logging
 from ovsam_ray.cli.train import distill_config_from_args, distill_parser, print_config
 from ovsam_ray.training.distill import run_distill
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = distill_parser().parse_args()
     cfg = distill_config_from_args(args)
     if args.print_config:

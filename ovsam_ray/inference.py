@@ -13,8 +13,8 @@ from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.predictor import OVSAMPredictor
 from ovsam_ray.model.presets import PRESETS, get_preset
 from ovsam_ray.text_cache import embed_vocabulary, load_class_embeddings
-from ovsam_ray.vocabulary import Vocabulary, load_vocabulary
-from ovsam_ray.weights.released import LoadedModel, load_ovsam
+from ovsam_ray.vocabulary import BUILTIN_VOCABULARIES, Vocabulary, load_vocabulary
+from ovsam_ray.weights.released import LoadedModel, load_ovsam, weight_files
 
 # The training vocabulary of each released clip2sam file decides which classes are "seen".
 TRAIN_VOCABS = {"coco": "coco_ov", "lvis": "lvis_v1"}
@@ -37,7 +37,12 @@ class ModelConfig:
     train_vocab: str = field(
         default="coco", metadata={"help": "vocabulary the clip2sam file was trained on (coco|lvis)"}
     )
-    vocab: str | None = field(default=None, metadata={"help": "coco_ov, lvis_v1, or a .txt/.json file"})
+    vocab: str | None = field(
+        default=None,
+        metadata={
+            "help": f"{', '.join(BUILTIN_VOCABULARIES)}, or a .txt/.json file (default: the weights' own vocabulary)"
+        },
+    )
     class_embeddings: str | None = field(
         default=None, metadata={"help": "(C, S, D) text-embedding tensor file (reference format)"}
     )
@@ -144,6 +149,35 @@ def make_predictor(
     )
     return OVSAMPredictor(
         loaded.model, classifier, device=device, topk=cfg.topk, rle_on_device=rle_on_device, fast=fast, vocabulary=vocab
+    )
+
+
+def check_model_files(cfg: ModelConfig) -> dict[str, str]:
+    """part -> the weights file :func:`load_model` would read, found by listing (nothing is read);
+    {} for a random init. Raises the WeightsError loading would, and ConfigError for a vocabulary
+    or class-embeddings file that is not there."""
+    if cfg.vocab is not None:
+        load_vocabulary(cfg.vocab)
+    if cfg.class_embeddings is not None:
+        from ovsam_ray import storage
+
+        if not storage.exists(cfg.class_embeddings, s3_endpoint=cfg.s3_endpoint):
+            raise ConfigError(f"class_embeddings file not found: {storage.redact(cfg.class_embeddings)}")
+    if cfg.random_init:
+        return {}
+    explicit = {
+        "sam": cfg.sam_checkpoint,
+        "clip": cfg.clip_checkpoint,
+        "sam2clip": cfg.sam2clip_checkpoint,
+        "clip2sam": cfg.clip2sam_checkpoint,
+    }
+    return weight_files(
+        cfg.preset,
+        weights=cfg.weights,
+        explicit=explicit,
+        train_vocab=cfg.train_vocab,
+        s3_endpoint=cfg.s3_endpoint,
+        check_exists=True,
     )
 
 

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 class PredictConfig:
     """``prompts`` (a prompts JSON) or ``grid`` (points per side of a segment-everything grid),
     not both; ``grid_options``: further keyword arguments of ``OVSAMAutomaticMaskGenerator``
-    (thresholds; its defaults otherwise)."""
+    (thresholds; its defaults otherwise). ``overlay``: drawn by the command (``show.write_overlay``)
+    from what :func:`run_predict` returns."""
 
     image: str = field(metadata={"help": "the image file"})
     output: str = field(metadata={"help": "the instances json to write"})
@@ -55,6 +56,13 @@ class PredictConfig:
         },
     )
     grid_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
+    overlay: str | None = field(
+        default=None,
+        metadata={
+            "metavar": "PNG",
+            "help": "also draw the prediction on the image into this PNG (masks, boxes, labels, as ovsam-ray show)",
+        },
+    )
 
     def __post_init__(self) -> None:
         if (self.prompts is None) == (self.grid is None):

@@ -119,6 +119,20 @@ def render_overlay(
     return out
 
 
+def write_overlay(
+    image_url: str, instances: Sequence[dict[str, Any]], output: str, *, s3_endpoint: str | None = None
+) -> str:
+    """Draw ``instances`` (``predict``'s, or a label row's) on the image at ``image_url`` with
+    :func:`render_overlay` and write it as a PNG to ``output``; returns ``output``."""
+    from ovsam_ray.data.decode import read_image
+
+    if not output.lower().endswith(".png"):
+        raise ConfigError(f"--overlay {output}: give a .png file name")
+    image = read_image(image_url, s3_endpoint=s3_endpoint)
+    storage.atomic_write_bytes(output, _png(render_overlay(image, instances)), s3_endpoint=s3_endpoint)
+    return output
+
+
 def contact_sheet(
     images: Sequence[Image.Image], captions: Sequence[str] = (), *, cell: int = 384, columns: int | None = None
 ) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -80,3 +81,37 @@ def test_readme_quickstart_runs(tmp_path: Path, monkeypatch, capsys) -> None:
     exec(compile(code, str(README), "exec"), {})  # noqa: S102 - our own README
     printed = capsys.readouterr().out
     assert "(1, 240, 320)" in printed
+
+
+def _shell_quickstart() -> list[str]:
+    """The commands of the README's first shell block (the quickstart), continuation lines joined,
+    comments dropped."""
+    head = README.read_text().split("## Quickstart", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", head, re.S).group(1).replace("\\\n", " ")
+    return [line.split("  #")[0].split(" # ")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_shell_quickstart_runs_as_written(tmp_path: Path) -> None:
+    """Every quickstart command that is cheap runs as written in a fresh clone: the activation, the
+    version, the dry run over the demo's shards. The demo and the test suite themselves take
+    minutes (``dev/demo.sh`` is what CI's demo step runs); their shards are generated here."""
+    commands = _shell_quickstart()
+    slow = ["bash dev/demo.sh", "bash dev/test.sh"]
+    assert commands[:2] == slow, commands
+    assert "source .venv/bin/activate" in commands and "ovsam-ray --version" in commands
+    repo = README.parent
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(repo), str(clone)], check=True)
+    (clone / ".venv").symlink_to(sys.prefix)  # what dev/setup.sh would have made
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("VIRTUAL_ENV", "RAY_"))}
+    env["PYTHONPATH"] = str(clone)  # the clone's package, not the one the venv was installed from
+    generate = "python -m ovsam_ray.cli demo-data --output demo_out/eval_shards --num-images 6 --images-per-shard 2"
+    script = "\n".join(["set -euo pipefail", generate.replace("python", f"'{sys.executable}'", 1), *commands[2:]])
+    proc = subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"ovsam-ray {ovsam_ray.__version__}" in proc.stdout
+    plan = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert plan["dry_run"] is True and plan["shards"]["count"] == 3 and plan["output"]["state"] == "new"
+    assert not (clone / "demo_out" / "labels2").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 
 from ovsam_ray import __version__
@@ -17,7 +18,7 @@ from ovsam_ray.cli.show import add_show
 from ovsam_ray.cli.train import add_train_subcommands
 from ovsam_ray.errors import OVSAMRayError
 
-__all__ = ["EXIT_STOPPED", "STOP_ERRORS", "build_parser", "main", "report_stop"]
+__all__ = ["EXIT_STOPPED", "STOP_ERRORS", "build_parser", "configure_logging", "main", "report_stop"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +60,28 @@ def report_stop(e: BaseException, prefix: str = "") -> int:
     return EXIT_STOPPED
 
 
+class _LibraryChatter(logging.Filter):
+    """Drops open_clip's INFO lines: it logs them on the root logger ("INFO root: Parsing tokenizer
+    identifier...", "Loaded ... model config"), which the job's log would show as ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno < logging.WARNING
+            and record.name == "root"
+            and f"{os.sep}open_clip{os.sep}" in (record.pathname or "")
+        )
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The command line's log format, on stderr, without libraries' root-logger chatter."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _LibraryChatter) for f in handler.filters):
+            handler.addFilter(_LibraryChatter())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -10,7 +10,16 @@ from typing import Any
 from ovsam_ray.cli.flags import add_flags, config_from_args
 from ovsam_ray.inference import ModelConfig
 
-__all__ = ["add_model_args", "check_locations", "init_ray", "model_config", "print_json"]
+__all__ = [
+    "SUBMITTED_JOB_ENV",
+    "add_model_args",
+    "check_locations",
+    "check_submitted_output",
+    "init_ray",
+    "model_config",
+    "print_json",
+    "submitted_job",
+]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -40,6 +49,44 @@ def init_ray(address: str | None = None) -> None:
             raise JobStartError(f"cannot join the Ray cluster at {address}: {type(e).__name__}: {e}") from e
     else:
         ray.init(include_dashboard=False)
+
+
+#: Set by Ray's job supervisor in the environment of every ``ray job submit`` entry point (the
+#: job's runtime env and metadata, as JSON); Ray strips its internal RAY_JOB_ID from that
+#: environment, so this is how a command knows it runs as a submitted job.
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def submitted_job() -> dict[str, Any] | None:
+    """The submitted job's config (``runtime_env``, ``metadata``) when this process is a ``ray job
+    submit`` entry point, else None."""
+    raw = os.environ.get(SUBMITTED_JOB_ENV)
+    if not raw:
+        return None
+    try:
+        job = json.loads(raw)
+    except ValueError:
+        return {}
+    return job if isinstance(job, dict) else {}
+
+
+def check_submitted_output(flag: str, value: str | None) -> None:
+    """In a submitted job, refuse (ConfigError, exit 2) a relative local path for ``flag``: the
+    entry point runs in Ray's temporary copy of ``--working-dir`` (or the job server's folder),
+    which is deleted when the job ends, and the other nodes do not see it."""
+    from ovsam_ray.errors import ConfigError
+    from ovsam_ray.storage import is_remote
+
+    job = submitted_job()
+    if job is None or not value or is_remote(value) or value.startswith(("/", "~", "file:///")):
+        return
+    runtime_env = job.get("runtime_env") if isinstance(job.get("runtime_env"), dict) else {}
+    where = "Ray's temporary copy of --working-dir" if runtime_env.get("working_dir") else "the job server's folder"
+    raise ConfigError(
+        f"{flag} {value}: a relative path in a job submitted with `ray job submit` would be written in {where} "
+        f"({os.getcwd()}), deleted when the job ends: give shared storage every node reaches (s3://bucket/... "
+        "or an absolute path on a shared file system)"
+    )
 
 
 def print_json(obj: Any) -> None:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ovsam_ray.cli.common import init_ray
+from ovsam_ray.cli.common import check_submitted_output, init_ray, print_json
 from ovsam_ray.cli.flags import add_flags, config_from_args
 from ovsam_ray.pipeline.label_job import LabelConfig
 from ovsam_ray.pipeline.relabel import RelabelConfig
@@ -31,6 +31,8 @@ __all__ = [
 #: shell's 128 + signal number (143, 130). Committed shards are kept and the lease is released;
 #: rerunning the same command finishes the rest.
 EXIT_TERMINATED = 128 + signal.SIGTERM
+#: Exit code of a job that cannot start (``ovsam_ray.cli.EXIT_STOPPED``).
+EXIT_STOPPED = 2
 log = logging.getLogger("ovsam_ray.pipeline.label_job")
 
 
@@ -68,9 +70,18 @@ def label_config(a: argparse.Namespace) -> LabelConfig:
 
 
 def run_label_cli(a: argparse.Namespace) -> int:
-    from ovsam_ray.pipeline.label_job import run_label
+    from ovsam_ray.pipeline.label_job import plan_label, run_label
 
     cfg = label_config(a)
+    check_submitted_output("--output", cfg.output)
+    if cfg.dry_run:
+        plan = plan_label(cfg)
+        print_json(plan)
+        if plan["output"]["state"] == "refused":
+            log.error("dry run: the job would stop (exit code 2): %s", plan["output"]["reason"])
+            return EXIT_STOPPED
+        log.info("dry run: nothing was written and no Ray was started")
+        return 0
     with _stop_on_sigterm() as stop:
         try:
             # Ray starts only once the input is listed and the output's lease is held; ray.init
@@ -139,6 +150,7 @@ def _relabel(a: argparse.Namespace) -> int:
     from ovsam_ray.pipeline.relabel import run_relabel
 
     cfg = config_from_args(a, RelabelConfig)
+    check_submitted_output("--output", cfg.output)
     print(json.dumps(run_relabel(cfg, connect=lambda: init_ray(a.ray_address)), indent=1))
     return 0
 

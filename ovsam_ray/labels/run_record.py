@@ -22,6 +22,7 @@ __all__ = [
     "RunRecord",
     "RunRecordError",
     "check_or_write_run_record",
+    "identity_diff",
     "is_own_record",
     "load_run_record",
     "read_run_record",
@@ -79,6 +80,14 @@ def _identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for k in sorted(set(a) | set(b))
         if a.get(k, missing) != b.get(k, missing)
     ]
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any], *, skip: Collection[str] = ()) -> list[str]:
+    """The identity fields (dotted names) that differ between two run records' identities, as
+    ``name: old -> new``; top-level fields in ``skip`` are left out."""
+    return _identity_diff(
+        {k: v for k, v in old.items() if k not in skip}, {k: v for k, v in new.items() if k not in skip}
+    )
 
 
 def check_or_write_run_record(

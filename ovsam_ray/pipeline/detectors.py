@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 import torchvision
 from torchvision.ops import batched_nms, nms
 
+from ovsam_ray import storage
 from ovsam_ray.errors import ConfigError
 from ovsam_ray.pipeline.stages import image_of
 
@@ -47,12 +49,9 @@ class TorchvisionDetector:
         score_threshold: float = 0.3,
         s3_endpoint: str | None = None,
     ) -> None:
-        builders = torchvision.models.detection.__dict__
-        if name not in builders or not callable(builders[name]):
-            known = sorted(k for k, v in builders.items() if callable(v) and k[0].islower() and "_" in k)
-            raise ConfigError(f"unknown torchvision detector {name!r}; known: {', '.join(known)}")
+        builder = torchvision_builder(name)
         self.categories = _coco_categories(name)
-        model = builders[name](
+        model = builder(
             weights=None, weights_backbone=None, num_classes=len(self.categories), box_score_thresh=score_threshold
         )
         if not random_init:
@@ -75,6 +74,38 @@ class TorchvisionDetector:
         ]
 
 
+def torchvision_builder(name: str) -> Callable[..., Any]:
+    """torchvision's builder of detection model ``name``; ConfigError listing the known ones."""
+    builders = torchvision.models.detection.__dict__
+    if name in builders and callable(builders[name]) and not isinstance(builders[name], type):
+        try:
+            torchvision.models.get_model_weights(name)
+        except (ValueError, KeyError):
+            pass
+        else:
+            return builders[name]
+    known = sorted(k for k in _TORCHVISION_NAMES if k in builders)
+    raise ConfigError(
+        f"unknown detector {name!r}: use a torchvision detection model ({', '.join(known)}), owlv2, grounding-dino "
+        "or your own as my_pkg.module:MyDetector"
+    )
+
+
+_TORCHVISION_NAMES = (
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "fcos_resnet50_fpn",
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2",
+    "retinanet_resnet50_fpn",
+    "retinanet_resnet50_fpn_v2",
+    "ssd300_vgg16",
+    "ssdlite320_mobilenet_v3_large",
+)
+
+
 def _coco_categories(name: str) -> list[str]:
     """Category names of torchvision's COCO weights for ``name`` (offline metadata)."""
     weights_enum = torchvision.models.get_model_weights(name)
@@ -82,20 +113,75 @@ def _coco_categories(name: str) -> list[str]:
 
 
 def _find_weights(location: str | None, name: str, s3_endpoint: str | None = None) -> str:
-    """A local copy of detector ``name``'s weights file: ``location`` itself (a .pth/.pt file) or
-    ``name.pth`` / ``name_*.pth`` (torchvision's file name) in the folder or prefix ``location``."""
-    from ovsam_ray.weights.files import WeightsError, find_files, local_path
+    """A local copy of detector ``name``'s weights file (see :func:`torchvision_weights_url`)."""
+    from ovsam_ray.weights.files import local_path
+
+    return local_path(torchvision_weights_url(location, name, s3_endpoint), s3_endpoint=s3_endpoint)
+
+
+def torchvision_weights_url(location: str | None, name: str, s3_endpoint: str | None = None) -> str:
+    """Where detector ``name``'s weights file is, found by listing (nothing is read): ``location``
+    itself (a .pth/.pt file) or ``name.pth`` / ``name_*.pth`` (torchvision's file name) in the
+    folder or prefix ``location``. WeightsError naming what is missing."""
+    from ovsam_ray.weights.files import WeightsError, find_files
 
     if location is None:
         raise WeightsError(
-            f"detector {name}: pass --weights DIR holding {name}.pth (or torchvision's {name}_*.pth), or --random-init"
+            f"detector {name}: pass --detector-weights (or --weights) DIR holding {name}.pth (or torchvision's "
+            f"{name}_*.pth), or --random-init"
         )
     if location.endswith((".pth", ".pt")):
-        return local_path(location, s3_endpoint=s3_endpoint)
+        if not storage.exists(location, s3_endpoint=s3_endpoint):
+            raise WeightsError(f"detector {name}: weights file not found: {storage.redact(location)}")
+        return location
     found = find_files(location, {name: [f"{name}.pth", f"{name}_*.pth"]}, s3_endpoint=s3_endpoint)
     if name not in found:
-        raise WeightsError(f"detector {name}: no {name}.pth or {name}_*.pth in {location}")
-    return local_path(found[name], s3_endpoint=s3_endpoint)
+        raise WeightsError(f"detector {name}: no {name}.pth or {name}_*.pth in {storage.redact(location)}")
+    return found[name]
+
+
+def user_detector_class(spec: str) -> Callable[..., Any]:
+    """The class named by ``my_pkg.module:MyDetector``; ConfigError when it cannot be imported."""
+    module, _, cls = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"detector:{spec}: cannot import {cls!r} from {module!r}: {type(e).__name__}: {e}") from e
+    if not callable(factory):
+        raise ConfigError(f"detector:{spec}: {cls!r} in {module!r} is not a class")
+    return factory
+
+
+def check_detector(
+    spec: str,
+    *,
+    weights: str | None,
+    random_init: bool = False,
+    queries: list[str] | None = None,
+    objectness_threshold: float | None = None,
+    s3_endpoint: str | None = None,
+) -> dict[str, Any]:
+    """What :func:`load_detector` checks before it loads anything, without loading: the spec names
+    a detector, its weights are where it will look (listing only), the options fit it. Raises the
+    same ConfigError / WeightsError the detector actors would; returns what was found."""
+    from ovsam_ray.pipeline.hf_detectors import HF_DETECTORS, check_folder
+
+    if spec in HF_DETECTORS:
+        folder = check_folder(weights, spec, s3_endpoint=s3_endpoint, need_weights=not random_init)
+        if spec != "owlv2" and objectness_threshold is not None:
+            raise ConfigError(f"--detector-objectness-threshold is OWLv2's (objectness head); detector:{spec} has none")
+        return {"detector": spec, "weights": storage.redact(folder), "random_init": random_init}
+    if queries or objectness_threshold is not None:
+        raise ConfigError(
+            f"detector:{spec} takes no query list or objectness threshold (detector:owlv2 and "
+            "detector:grounding-dino do)"
+        )
+    if ":" in spec:
+        user_detector_class(spec)
+        return {"detector": spec, "weights": storage.redact(weights) if weights else None, "user": True}
+    torchvision_builder(spec)
+    url = None if random_init else torchvision_weights_url(weights, spec, s3_endpoint)
+    return {"detector": spec, "weights": storage.redact(url) if url else None, "random_init": random_init}
 
 
 def load_detector(
@@ -120,8 +206,7 @@ def load_detector(
             "detector:grounding-dino do)"
         )
     if ":" in spec:
-        module, _, cls = spec.partition(":")
-        factory = getattr(importlib.import_module(module), cls)
+        factory = user_detector_class(spec)
         return factory(**{k: v for k, v in kwargs.items() if k in ("device", "weights", "random_init")})
     return TorchvisionDetector(name=spec, s3_endpoint=s3_endpoint, **kwargs)
 

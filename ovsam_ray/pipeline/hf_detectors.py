@@ -52,6 +52,7 @@ __all__ = [
     "Owlv2Detector",
     "check_available",
     "load_hf_detector",
+    "check_folder",
     "query_names",
     "resolve_folder",
 ]
@@ -83,7 +84,7 @@ def _expected(name: str, location: str) -> str:
     files = "; ".join(f"{what}: {' or '.join(names)}" for what, names in REQUIRED_FILES)
     return (
         f"detector:{name} needs a save_pretrained folder at {storage.redact(location)} (or its {name}/ subfolder) "
-        f"holding {files}. Published at {PUBLISHED[name]}; fetch it once, e.g. huggingface-cli download REPO "
+        f"holding {files}. Published at {PUBLISHED[name]}; fetch it once, e.g. hf download REPO "
         f"--local-dir DIR, and pass --detector-weights DIR (a local folder or an s3:// prefix)"
     )
 
@@ -95,6 +96,14 @@ def resolve_folder(
     ``name/`` subfolder; under ``s3://`` the folder is copied to the local cache once per version
     (``weights.local_dir``). Raises WeightsError naming the expected files (the weights file not
     among them when ``need_weights`` is False: a random init needs only the rest)."""
+    return local_dir(
+        check_folder(location, name, s3_endpoint=s3_endpoint, need_weights=need_weights), s3_endpoint=s3_endpoint
+    )
+
+
+def check_folder(location: str | None, name: str, *, s3_endpoint: str | None = None, need_weights: bool = True) -> str:
+    """The folder (``location`` or its ``name/`` subfolder) that holds detector ``name``'s files,
+    found by listing (nothing is read or copied); WeightsError naming the files it lacks."""
     if location is None:
         raise WeightsError(_expected(name, "--detector-weights (not given)"))
     for candidate in (location, storage.join(location, name)):
@@ -107,7 +116,7 @@ def resolve_folder(
     missing = [f"{what} ({' or '.join(names)})" for what, names in required if not set(names) & set(files)]
     if missing:
         raise WeightsError(f"{_expected(name, candidate)}; missing: {', '.join(missing)}")
-    return local_dir(candidate, s3_endpoint=s3_endpoint)
+    return candidate
 
 
 def query_names(spec: str) -> list[str]:

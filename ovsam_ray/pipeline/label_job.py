@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -43,7 +44,7 @@ from ovsam_ray.pipeline.parts import (
     with_storage_retries,
 )
 from ovsam_ray.pipeline.predict_stage import BASELINES
-from ovsam_ray.pipeline.progress import JobProgress
+from ovsam_ray.pipeline.progress import JobProgress, quiet_ray_data_progress
 from ovsam_ray.pipeline.prompting import PromptSources, SelectConfig
 from ovsam_ray.pipeline.stats import format_stats, write_run_stats
 from ovsam_ray.pipeline.text_embeddings import prepare_text
@@ -62,6 +63,8 @@ __all__ = [
     "LabelSummary",
     "StorageUnavailableError",
     "build_dataset",
+    "check_before_start",
+    "plan_label",
     "run_label",
 ]
 
@@ -189,6 +192,15 @@ class LabelConfig:
         metadata={"help": "seconds between renewals of the output's lease (a dead job's lease is taken over after 3)"},
     )
     allow_foreign_files: bool = field(default=False, metadata={"help": ALLOW_FOREIGN_FILES_HELP})
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "check everything and start nothing: list the shards, check the weights, detector and output, print "
+                "them and the resolved config as JSON, write nothing (exit 0; 2 when the job would be refused)"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -221,6 +233,37 @@ class LabelConfig:
         """(min, max) model actors."""
         c = self.concurrency
         return c if isinstance(c, tuple) else (c, c)
+
+
+def check_before_start(cfg: LabelConfig) -> dict[str, Any]:
+    """What the job checks before it lists, writes or starts anything: the model's weight files,
+    the vocabulary and the detector (its name, its weights folder, its query list), by the same
+    code that loads them in the actors, but listing only. Raises the one-line error the actors
+    would (a :class:`~ovsam_ray.errors.OVSAMRayError`); returns what it found."""
+    from ovsam_ray.inference import check_model_files
+    from ovsam_ray.pipeline.detectors import check_detector
+    from ovsam_ray.pipeline.hf_detectors import query_names
+
+    m = cfg.model
+    checked: dict[str, Any] = {}
+    if cfg.baseline is None:
+        files = check_model_files(m)
+        checked["weights"] = {k: storage.redact(v) for k, v in files.items()} or "random init (untrained)"
+    checked["vocabulary"] = m.vocab or f"the weights' training vocabulary ({m.train_vocab})"
+    name = cfg.sources.detector_name
+    if name:
+        queries = query_names(cfg.detector_queries) if cfg.detector_queries is not None else None
+        checked["detector"] = check_detector(
+            name,
+            weights=cfg.detector_weights or m.weights,
+            random_init=m.random_init,
+            queries=queries,
+            objectness_threshold=cfg.detector_objectness_threshold,
+            s3_endpoint=m.s3_endpoint,
+        )
+        if queries is not None:
+            checked["detector"]["queries"] = len(queries)
+    return checked
 
 
 def _check_detector_options(cfg: LabelConfig) -> None:
@@ -344,6 +387,7 @@ def _startup(what: str, step: Callable[[], _T]) -> _T:
 
 def _drive(cfg: LabelConfig, todo: list[str], text: dict, tracker: ShardTracker, lease: OutputLease) -> None:
     """Stream the dataset's part rows into the tracker; commit tasks run meanwhile."""
+    quiet_ray_data_progress()
     try:
         for batch in build_dataset(cfg, todo, text).iter_batches(batch_size=None, batch_format="pyarrow"):
             lease.check()
@@ -387,7 +431,10 @@ def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) ->
     no cluster start). Start-up failures raise :class:`JobStartError` (or another
     :class:`~ovsam_ray.errors.OVSAMRayError` that says what to do), each one line.
     """
+    if cfg.dry_run:
+        raise ConfigError("dry_run=True: call plan_label(cfg), which checks everything and runs nothing")
     t0 = time.time()
+    check_before_start(cfg)
     shards, names = _startup(f"list the input shards {storage.redact(cfg.input)}", lambda: _list_input(cfg))
     lease = OutputLease(cfg.output, s3_endpoint=cfg.model.s3_endpoint, interval_s=cfg.lease_heartbeat_s)
     _startup(f"take the lease of the output {storage.redact(cfg.output)}", lease.acquire)
@@ -405,6 +452,74 @@ def run_label(cfg: LabelConfig, *, connect: Callable[[], None] | None = None) ->
         return _run_leased(cfg, shards, names, lease, t0)
     finally:
         lease.close()
+
+
+#: Shard names a dry run prints (then "... and N more").
+DRY_RUN_SHARDS_SHOWN = 5
+
+
+def plan_label(cfg: LabelConfig) -> dict[str, Any]:
+    """``--dry-run``: what :func:`run_label` would do, found without writing anything or starting
+    Ray: the flags, weights and detector checked (:func:`check_before_start`; its errors raise),
+    the shards listed, the output's state and the resolved config. ``output.state``: ``new``,
+    ``resumable`` (same run: its committed shards are skipped), ``overwrite`` (a different run,
+    deleted with ``--overwrite``) or ``refused`` (with ``reason``: the job would stop, exit 2).
+    The model and the vocabulary are compared with the output's run record when the job starts
+    (that needs the weights' hashes); every other identity field is compared here."""
+    checked = check_before_start(cfg)
+    shards, names = _startup(f"list the input shards {storage.redact(cfg.input)}", lambda: _list_input(cfg))
+    output = _startup(f"check the output {storage.redact(cfg.output)}", lambda: _output_state(cfg, names))
+    shown = [storage.redact(u) for u in shards[:DRY_RUN_SHARDS_SHOWN]]
+    if len(shards) > DRY_RUN_SHARDS_SHOWN:
+        shown.append(f"... and {len(shards) - DRY_RUN_SHARDS_SHOWN} more")
+    todo = len(shards) - output.get("committed", 0)
+    return {
+        "dry_run": True,
+        "shards": {"count": len(shards), "first": shown, "to_do": todo if cfg.limit is None else min(todo, cfg.limit)},
+        **checked,
+        "output": output,
+        "config": storage.redact_config(dataclasses.asdict(cfg)),
+    }
+
+
+def _output_state(cfg: LabelConfig, names: list[str]) -> dict[str, Any]:
+    """The output's state for :func:`plan_label`, read only (the checks run_label makes before it
+    writes, in the same order)."""
+    from ovsam_ray.labels.run_record import identity_diff, load_run_record
+    from ovsam_ray.pipeline.lease import check_not_being_written
+
+    s3, where = cfg.model.s3_endpoint, storage.redact(cfg.output)
+    try:
+        check_not_being_written(cfg.output, "--output", s3_endpoint=s3)
+        check_output_owned(cfg.output, names, allow_foreign_files=cfg.allow_foreign_files, s3_endpoint=s3)
+    except OVSAMRayError as e:
+        return {"url": where, "state": "refused", "reason": str(e)}
+    old = load_run_record(cfg.output, s3_endpoint=s3, own=True)
+    if old is None:
+        return {"url": where, "state": "new", "committed": 0}
+    in_run = set(names)
+    committed = len(ShardCommitter(cfg.output, s3_endpoint=s3).committed_shards() & in_run)
+    unknown_yet = types.SimpleNamespace(name=None, sha256=None, num_classes=None)  # compared at start
+    new = _run_record(cfg, {}, unknown_yet).to_dict()
+    diff = identity_diff(
+        old.get("identity", {}), json.loads(json.dumps(new["identity"], default=str)), skip=("model", "vocabulary")
+    )
+    state = {"url": where, "committed": committed, "checked_at_start": "the model and the vocabulary"}
+    if not diff:
+        return {**state, "state": "resumable"}
+    if cfg.overwrite:
+        return {
+            **state,
+            "state": "overwrite",
+            "differs": diff,
+            "note": f"--overwrite deletes its {committed} committed shards",
+        }
+    return {
+        **state,
+        "state": "refused",
+        "differs": diff,
+        "reason": f"output {where} holds a different run ({'; '.join(diff)}): use a new output location or --overwrite",
+    }
 
 
 def _prepare_output(cfg: LabelConfig, names: list[str], identity: dict, vocab: Any) -> tuple[str, set[str]]:

@@ -33,7 +33,7 @@ from ovsam_ray.model.functional import labels_from_logits
 from ovsam_ray.pipeline.lease import OutputLease, check_not_being_written
 from ovsam_ray.pipeline.ownership import ALLOW_FOREIGN_FILES_HELP, check_output_owned
 from ovsam_ray.pipeline.stats import format_stats, shard_stats, write_run_stats, write_shard_stats
-from ovsam_ray.vocabulary import Vocabulary
+from ovsam_ray.vocabulary import BUILTIN_VOCABULARIES, Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ class RelabelConfig:
 
     input: str = field(metadata={"help": "a label output written with --with-embedding"})
     output: str = field(metadata={"help": "output folder or s3:// prefix (one Parquet per shard)"})
-    vocab: str = field(metadata={"help": "the new vocabulary: coco_ov, lvis_v1, or a .txt/.json file"})
+    vocab: str = field(
+        metadata={"help": f"the new vocabulary: {', '.join(BUILTIN_VOCABULARIES)}, or a .txt/.json file"}
+    )
     overwrite: bool = field(default=False, metadata={"help": "delete a different run's outputs and start over"})
     s3_endpoint: str | None = field(
         default=None, metadata={"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"}

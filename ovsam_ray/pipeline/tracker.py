@@ -52,6 +52,7 @@ class ShardTracker:
             shard["parts"].append(meta["part"])
             shard["rows"] += meta["rows"]
             shard["total"], shard["damage"] = meta["total"], meta["damage"]
+            self.progress.shard_size(name, meta["total"])
             self.progress.update(images=meta["rows"], errors=meta["errors"], masks=meta["masks"])
         if shard["rows"] >= shard["total"] and not shard["submitted"]:
             maybe_fail("driver_before_commit")

@@ -69,6 +69,32 @@ def resolve_weights_dir(
     return found
 
 
+def weight_files(
+    preset: str,
+    *,
+    weights: str | None,
+    explicit: dict[str, str | None],
+    train_vocab: str = "coco",
+    s3_endpoint: str | None = None,
+    check_exists: bool = False,
+) -> dict[str, str]:
+    """part -> file URL: the standard names found in ``weights`` (by listing), overridden by the
+    ``explicit`` files given. WeightsError for a part with no file (with ``check_exists``, also
+    for an explicit file that is not there: what a job checks before it starts)."""
+    paths = resolve_weights_dir(weights, preset, train_vocab=train_vocab, s3_endpoint=s3_endpoint) if weights else {}
+    paths.update({k: v for k, v in explicit.items() if v})
+    lacking = [k for k in explicit if k not in paths]
+    if lacking:
+        raise WeightsError(f"no weights given for {lacking}: pass --weights DIR or the files, or --random-init")
+    if check_exists:
+        from ovsam_ray import storage
+
+        for part, url in explicit.items():
+            if url and not storage.exists(url, s3_endpoint=s3_endpoint):
+                raise WeightsError(f"weights file not found: {storage.redact(url)} (the {part} file)")
+    return paths
+
+
 def load_clip(preset: str, url: str | None, *, s3_endpoint: str | None = None) -> tuple[nn.Module, str | None]:
     """(the open_clip model of ``preset``, the sha256 of its file): from ``url``, or random
     (sha None) without one. OpenAI's TorchScript archive and unloadable files are WeightsErrors."""
@@ -166,13 +192,13 @@ def load_ovsam(
         clip_model = create_clip_model(preset)
         return LoadedModel(preset, build_ovsam(preset, clip_model).eval(), clip_model, True, train_vocab=train_vocab)
 
-    paths = resolve_weights_dir(weights, preset, train_vocab=train_vocab, s3_endpoint=s3_endpoint) if weights else {}
-    explicit = {"sam": sam, "clip": clip, "sam2clip": sam2clip, "clip2sam": clip2sam}
-    paths.update({k: v for k, v in explicit.items() if v})
-    lacking = [k for k in explicit if k not in paths]
-    if lacking:
-        raise WeightsError(f"no weights given for {lacking}: pass --weights DIR or the files, or --random-init")
-
+    paths = weight_files(
+        preset,
+        weights=weights,
+        explicit={"sam": sam, "clip": clip, "sam2clip": sam2clip, "clip2sam": clip2sam},
+        train_vocab=train_vocab,
+        s3_endpoint=s3_endpoint,
+    )
     clip_model, clip_sha = load_clip(preset, paths["clip"], s3_endpoint=s3_endpoint)
     model = build_ovsam(preset, clip_model)
     parts, meta = load_parts(model, paths, s3_endpoint=s3_endpoint)

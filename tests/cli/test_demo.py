@@ -47,3 +47,16 @@ def test_full_demo_trains_before_starting_ray(monkeypatch, tmp_path):
     with pytest.raises(_Stop):
         run_demo(DemoConfig(work_dir=str(tmp_path / "demo"), num_images=2, images_per_shard=2))
     assert calls == ["train", "ray.init", "label"]
+
+
+def test_quick_demo_table_says_why_every_object_is_novel() -> None:
+    from ovsam_ray.demo import QUICK_NOTE, metrics_report
+
+    m = {
+        "objects": 5, "objects_base": 0, "objects_novel": 5, "miou": 0.4, "miou_base": None, "miou_novel": 0.4,
+        "accuracy": 0.2, "accuracy_base": None, "accuracy_novel": 0.2, "box_fill_miou": 0.5,
+    }  # fmt: skip
+    quick = metrics_report({"box": m}, quick=True)
+    assert quick.rstrip().endswith(QUICK_NOTE) and "random weights" in QUICK_NOTE and "novel" in QUICK_NOTE
+    trained = metrics_report({"box": m}, quick=False)
+    assert QUICK_NOTE not in trained and "seen classes (0 objects)" in trained and "unseen classes (5" in trained

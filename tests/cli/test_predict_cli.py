@@ -282,3 +282,24 @@ def test_grid_or_prompts_one_of_them(inputs, tmp_path, caplog) -> None:
         assert main(_grid_argv(inputs, tmp_path / "zero.json", "--grid", "0")) == 2
     assert "--prompts FILE or --grid N" in caplog.text and "--grid 0" in caplog.text
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_overlay_draws_the_prediction_on_the_image(inputs, tmp_path, capsys) -> None:
+    from ovsam_ray.show import render_overlay
+
+    out, png = tmp_path / "out.json", tmp_path / "out.png"
+    common = ["predict", "--image", str(inputs["image"]), "--prompts", str(inputs["prompts"]), "--output", str(out)]
+    assert main([*common, "--preset", "ovsam_tiny", "--random-init", "--overlay", str(png)]) == 0
+    assert f"overlay -> {png}" in capsys.readouterr().out
+    drawn = np.asarray(Image.open(png).convert("RGB"))
+    instances = json.loads(out.read_text())["instances"]
+    assert drawn.shape == (H, W, 3) and len(instances) == N
+    np.testing.assert_array_equal(drawn, np.asarray(render_overlay(inputs["array"], instances)))
+    assert not np.array_equal(drawn, inputs["array"])  # something was drawn
+
+
+def test_overlay_must_be_a_png_checked_before_the_model_runs(inputs, tmp_path, caplog) -> None:
+    out = tmp_path / "out.json"
+    common = ["predict", "--image", str(inputs["image"]), "--prompts", str(inputs["prompts"]), "--output", str(out)]
+    assert main([*common, "--preset", "ovsam_tiny", "--random-init", "--overlay", str(tmp_path / "o.jpg")]) == 2
+    assert "give a .png file name" in caplog.text and not out.exists()
