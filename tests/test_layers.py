@@ -31,7 +31,9 @@ LAYERS: tuple[tuple[str | tuple[str, ...], ...], ...] = (
     ("labels",),  # the label format, instance scoring, category lists
     ("labelling",),  # decode -> prompts -> predict -> instances, in process
     ("convert", "export"),  # datasets -> shards; label output -> other formats
-    ("pipeline",),  # the label job on Ray Data
+    # the label job on Ray Data; the review loop (picks instances from label outputs, writes
+    # review tasks with the exporters' writers, reads reviewed exports into overlays)
+    ("pipeline", "review"),
     ("evaluation",),  # the paper's evaluations (they may run the label job)
     ("training",),  # the training stages on Ray Train
     ("demo", "predict", "show"),  # the commands' code

@@ -14,6 +14,7 @@ from ovsam_ray.cli.evaluate import add_eval
 from ovsam_ray.cli.export import add_export
 from ovsam_ray.cli.label import add_label, add_relabel
 from ovsam_ray.cli.predict import add_predict
+from ovsam_ray.cli.review import add_review
 from ovsam_ray.cli.show import add_show
 from ovsam_ray.cli.train import add_train_subcommands
 from ovsam_ray.errors import OVSAMRayError
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_eval,
         add_export,
         add_show,
+        add_review,
         add_train_subcommands,
     ):
         add(sub)

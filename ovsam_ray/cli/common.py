@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from typing import Any
@@ -11,6 +12,7 @@ from ovsam_ray.cli.flags import add_flags, config_from_args
 from ovsam_ray.inference import ModelConfig
 
 __all__ = [
+    "RAW_HELP",
     "SUBMITTED_JOB_ENV",
     "add_model_args",
     "check_locations",
@@ -18,6 +20,7 @@ __all__ = [
     "init_ray",
     "model_config",
     "print_json",
+    "reading",
     "submitted_job",
 ]
 
@@ -111,3 +114,13 @@ def check_locations(
         shards = ((record.get("details") or {}).get("config") or {}).get("input")
         extra = [(f"the shards of {labels} (its run record's input)", shards)] if isinstance(shards, str) else []
     check_disjoint(flags(inputs) + extra, flags(outputs))
+
+
+RAW_HELP = "read the label output as the label job wrote it, without the review corrections (review import)"
+
+
+def reading(raw: bool) -> contextlib.AbstractContextManager[None]:
+    """Readers of label outputs inside it apply the review corrections, or, ``raw``, do not."""
+    from ovsam_ray.labels.reader import raw_output
+
+    return raw_output() if raw else contextlib.nullcontext()

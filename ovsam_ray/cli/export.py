@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ovsam_ray.cli.common import check_locations, print_json
+from ovsam_ray.cli.common import RAW_HELP, check_locations, print_json, reading
 from ovsam_ray.cli.flags import add_flags
 from ovsam_ray.export import EXPORTERS
 from ovsam_ray.export.options import EXPORT_OPTIONS
@@ -16,8 +16,9 @@ __all__ = ["add_export"]
 def _export(a: argparse.Namespace) -> int:
     check_locations(a, ("input", "shards", "categories", "classes"), labels=a.input)
     # The flags of ``export <format>`` other than --input/--output are its exporter's keyword arguments.
-    options = {k: v for k, v in vars(a).items() if k not in ("command", "format", "func", "input", "output")}
-    print_json(EXPORTERS[a.format](a.input, a.output, **options))
+    options = {k: v for k, v in vars(a).items() if k not in ("command", "format", "func", "input", "output", "raw")}
+    with reading(a.raw):
+        print_json(EXPORTERS[a.format](a.input, a.output, **options))
     return 0
 
 
@@ -26,6 +27,7 @@ def _export_args(p: argparse.ArgumentParser, fmt: str, output_help: str) -> None
     p.add_argument("--input", required=True, help="label output (folder or s3:// prefix)")
     p.add_argument("--output", required=True, help=output_help)
     add_flags(p, EXPORT_OPTIONS[fmt])
+    p.add_argument("--raw", action="store_true", help=RAW_HELP)
 
 
 #: Format -> (its help, what --output names).

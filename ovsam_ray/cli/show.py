@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import argparse
 
-from ovsam_ray.cli.common import check_locations
+from ovsam_ray.cli.common import RAW_HELP, check_locations
 
 __all__ = ["add_show"]
 
 
 def _show(a: argparse.Namespace) -> int:
+    from ovsam_ray.cli.common import reading
     from ovsam_ray.show import show
 
     check_locations(a, ("input", "shards"), labels=a.input)
-    written = show(
-        a.input,
-        a.output,
-        n=a.n,
-        shards=a.shards,
-        seed=a.seed,
-        min_score=a.min_score,
-        sheet=a.sheet,
-        overwrite=a.overwrite,
-        s3_endpoint=a.s3_endpoint,
-    )
+    with reading(a.raw):
+        written = show(
+            a.input,
+            a.output,
+            n=a.n,
+            shards=a.shards,
+            seed=a.seed,
+            min_score=a.min_score,
+            sheet=a.sheet,
+            overwrite=a.overwrite,
+            s3_endpoint=a.s3_endpoint,
+        )
     print("\n".join(written))
     return 0
 
@@ -43,4 +45,5 @@ def add_show(sub: argparse._SubParsersAction) -> None:
         help="replace the PNGs of an earlier show in --output (never anyone else's files)",
     )
     p.add_argument("--s3-endpoint")
+    p.add_argument("--raw", action="store_true", help=RAW_HELP)
     p.set_defaults(func=_show)

@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 
 from ovsam_ray import storage
 from ovsam_ray.data.shards import iter_shard_samples
-from ovsam_ray.labels.reader import label_files, source_shards
+from ovsam_ray.labels.overlays import Corrections, apply_corrections
+from ovsam_ray.labels.reader import corrections_of, label_files, source_shards
+from ovsam_ray.labels.schema import rows_to_table
 
 __all__ = ["join_shard", "read_labelled_images"]
 
@@ -36,13 +38,22 @@ def _take(table: pa.Table, rows: list[int], images: list[bytes], exts: list[str]
 
 
 def join_shard(
-    labels_url: str, shard_url: str, *, rows_per_batch: int = 64, s3_endpoint: str | None = None
+    labels_url: str,
+    shard_url: str,
+    *,
+    rows_per_batch: int = 64,
+    s3_endpoint: str | None = None,
+    corrections: Corrections | None = None,
 ) -> Iterator[pa.Table]:
     """The ``ok`` rows of one label file that have an image in ``shard_url``, with the image's
-    bytes and extension, in the shard's order, ``rows_per_batch`` rows per table."""
+    bytes and extension, in the shard's order, ``rows_per_batch`` rows per table; ``corrections``
+    (review overlays, :func:`~ovsam_ray.labels.reader.corrections_of`) applied to its rows."""
     fs, path = storage.get_filesystem(labels_url, s3_endpoint=s3_endpoint)
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
+    if corrections and any((s, k) in corrections for s, k in zip(table["shard"].to_pylist(), table["key"].to_pylist())):
+        rows = [apply_corrections(r, corrections.get((r["shard"], r["key"]))) for r in table.to_pylist()]
+        table = rows_to_table(rows)
     table = table.filter(pc.equal(table["status"], "ok"))
     index = {k: i for i, k in enumerate(table["key"].to_pylist())}
     rows: list[int] = []
@@ -63,11 +74,19 @@ def join_shard(
 
 
 def read_labelled_images(
-    labels: str, shards: str | None = None, *, rows_per_batch: int = 64, s3_endpoint: str | None = None
+    labels: str,
+    shards: str | None = None,
+    *,
+    rows_per_batch: int = 64,
+    s3_endpoint: str | None = None,
+    corrections: bool = True,
 ) -> Any:
     """A ``ray.data.Dataset`` of the labelled images: the label rows joined with their images
-    (see the module doc); ``shards`` defaults to the run record's input."""
+    (see the module doc); ``shards`` defaults to the run record's input; review corrections are
+    applied unless ``corrections=False``."""
     import ray
+
+    fixes = corrections_of(labels, corrections, s3_endpoint=s3_endpoint)
 
     urls = source_shards(labels, shards, s3_endpoint=s3_endpoint)
     pairs = [
@@ -79,7 +98,11 @@ def read_labelled_images(
     def join(batch: dict[str, Any]) -> Iterator[pa.Table]:
         for labels_url, shard_url in zip(batch["labels_url"], batch["shard_url"]):
             yield from join_shard(
-                str(labels_url), str(shard_url), rows_per_batch=rows_per_batch, s3_endpoint=s3_endpoint
+                str(labels_url),
+                str(shard_url),
+                rows_per_batch=rows_per_batch,
+                s3_endpoint=s3_endpoint,
+                corrections=fixes,
             )
 
     ds = ray.data.from_items(pairs, override_num_blocks=max(1, len(pairs)))

@@ -17,7 +17,7 @@ from ovsam_ray.labels.schema import INSTANCE_TYPE
 from ovsam_ray.model.predictor import ImagePrediction, ImagePrompts
 from ovsam_ray.vocabulary import Vocabulary
 
-__all__ = ["InstanceColumns", "prediction_to_instances"]
+__all__ = ["InstanceColumns", "box_iou", "prediction_to_instances"]
 
 _FIELDS = [f.name for f in INSTANCE_TYPE]
 
@@ -85,6 +85,13 @@ class InstanceColumns:
         p["topk_labels"].append(self.names[topk.reshape(-1)])
         p["topk_scores"].append(np.asarray(pred.topk_scores, np.float32)[keep].reshape(-1))
         p["topk_n"].append(np.full(len(keep), topk.shape[1] if topk.ndim == 2 else 0, np.int64))
+        top = np.asarray(pred.topk_scores, np.float32)
+        top = top.reshape(len(top), -1)[keep] if top.size else np.zeros((len(keep), 0), np.float32)
+        p["label_margin"].append(top[:, 0] - top[:, 1] if top.shape[1] >= 2 else np.full(len(keep), np.nan, np.float32))
+        stability = pred.stability
+        p["stability_score"].append(
+            np.full(len(keep), np.nan, np.float32) if stability is None else np.asarray(stability, np.float32)[keep]
+        )
         if self.with_embedding:
             p["embedding"].append(np.asarray(pred.region_embeddings, np.float16)[keep])
             p["clip_embedding"].append(np.asarray(pred.clip_embeddings, np.float16)[keep])
@@ -132,6 +139,8 @@ class InstanceColumns:
         p["topk_labels"].append(np.zeros(0, object))
         p["topk_scores"].append(np.zeros(0, np.float32))
         p["topk_n"].append(np.zeros(n, np.int64))
+        p["label_margin"].append(np.full(n, np.nan, np.float32))
+        p["stability_score"].append(np.full(n, np.nan, np.float32))
         self.counts.append(n)
 
     def to_arrow(self) -> pa.ListArray:
@@ -183,8 +192,46 @@ class InstanceColumns:
             if self.with_embedding and n
             else pa.nulls(n, pa.bool_())
         )
+        arrays.update(self._signals(cat, n, is_box))
         struct = pa.StructArray.from_arrays([arrays[f] for f in _FIELDS], fields=list(INSTANCE_TYPE))
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct)
+
+    @staticmethod
+    def _signals(cat: dict[str, np.ndarray], n: int, is_box: np.ndarray) -> dict[str, pa.Array]:
+        """The quality signals (schema version 3): margin and stability as the model gave them,
+        the mask box's IoU with its prompt box, whether the detector label agrees; no review."""
+        if not n:
+            return {
+                "label_margin": pa.array([], pa.float32()),
+                "stability_score": pa.array([], pa.float32()),
+                "box_iou": pa.array([], pa.float32()),
+                "label_agrees": pa.array([], pa.bool_()),
+                "review": pa.array([], pa.string()),
+            }
+        margin = cat["label_margin"].astype(np.float32)
+        stability = cat["stability_score"].astype(np.float32)
+        iou = box_iou(cat["prompt_box"].reshape(-1, 4), cat["bbox"].reshape(-1, 4))
+        det = cat["detector_label"]
+        has_det = np.asarray([d is not None for d in det.tolist()], bool)
+        agrees = np.asarray([d == lab for d, lab in zip(det.tolist(), cat["label"].tolist())], bool)
+        return {
+            "label_margin": pa.array(margin, pa.float32(), mask=np.isnan(margin)),
+            "stability_score": pa.array(stability, pa.float32(), mask=np.isnan(stability)),
+            "box_iou": pa.array(iou, pa.float32(), mask=~is_box),
+            "label_agrees": pa.array(agrees, pa.bool_(), mask=~has_det),
+            "review": pa.nulls(n, pa.string()),
+        }
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise IoU of two (N, 4) XYXY box arrays (0 where both are empty)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
+    union = area(a) + area(b) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0).astype(np.float32)
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:

@@ -17,6 +17,8 @@ __all__ = [
     "OUTPUT_SCHEMA",
     "RLE_TYPE",
     "RUN_RECORD_NAME",
+    "V3_INSTANCE_FIELDS",
+    "conform_instances",
     "conform_table",
     "rows_to_table",
     "timestamp",
@@ -30,6 +32,13 @@ RLE_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())
 #: original-image pixels (bbox = the mask's [x_first, y_first, x_last+1, y_last+1]); point is xy;
 #: rle is COCO RLE of the mask at original size; embedding / clip_embedding / clip_valid are the
 #: optional float16 region and CLIP embeddings and CLIP-validity flag (re-scoring, ``relabel``).
+#: Schema version 3 adds, last and nullable (older files read with them null), the quality signals
+#: a reviewer's queue is built from (``ovsam-ray review select``): ``label_margin`` (top-1 minus
+#: top-2 label probability), ``stability_score`` (IoU of the mask at logit +1 and -1, SAM's),
+#: ``box_iou`` (IoU of the mask's box with its prompt box; null for point prompts) and
+#: ``label_agrees`` (the prompt's detector label is OV-SAM's label; null without a detector label);
+#: and ``review``, the reviewer's verdict set when corrections are applied (:mod:`.overlays`:
+#: "accepted", "relabelled", "mask_edited", "added"; null for an unreviewed instance).
 INSTANCE_TYPE = pa.struct(
     [
         ("prompt_type", pa.string()),
@@ -48,8 +57,16 @@ INSTANCE_TYPE = pa.struct(
         ("embedding", pa.list_(pa.float16())),
         ("clip_embedding", pa.list_(pa.float16())),
         ("clip_valid", pa.bool_()),
+        ("label_margin", pa.float32()),
+        ("stability_score", pa.float32()),
+        ("box_iou", pa.float32()),
+        ("label_agrees", pa.bool_()),
+        ("review", pa.string()),
     ]
 )
+
+#: The instance fields each schema version added (a file of an older version lacks them).
+V3_INSTANCE_FIELDS = ("label_margin", "stability_score", "box_iou", "label_agrees", "review")
 
 #: One row per input image (DESIGN §4). Error rows have status "error", a message in ``error``,
 #: width/height when the image could be decoded, and no instances. ``warnings`` (schema version
@@ -68,7 +85,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("instances", pa.list_(INSTANCE_TYPE)),
         pa.field("warnings", pa.list_(pa.string())),
     ],
-    metadata={"ovsam_ray.schema_version": "2"},
+    metadata={"ovsam_ray.schema_version": "3"},
 )
 
 _STATUSES = ("ok", "error")
@@ -114,15 +131,38 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 def conform_table(table: pa.Table) -> pa.Table:
     """``table`` with exactly OUTPUT_SCHEMA (same columns and types; nullability and metadata may
     differ, as they do after a trip through Ray Data). A table of an older schema version (no
-    ``warnings`` column) gets a null one."""
+    ``warnings`` column, instances without the version-3 fields) gets null ones."""
     if table.schema.equals(OUTPUT_SCHEMA):
         return table
     if "warnings" not in table.column_names:
         table = table.append_column("warnings", pa.nulls(table.num_rows, OUTPUT_SCHEMA.field("warnings").type))
+    if "instances" in table.column_names:
+        index = table.column_names.index("instances")
+        table = table.set_column(index, "instances", conform_instances(table.column("instances")))
     try:
         return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
     except (KeyError, ValueError, pa.ArrowException) as e:
         raise ValueError(f"table does not match OUTPUT_SCHEMA ({e}); build it with rows_to_table()") from None
+
+
+def conform_instances(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
+    """A ``list<instance>`` column of any schema version as ``list<INSTANCE_TYPE>``: instance
+    fields it lacks (an older version's) become null; fields INSTANCE_TYPE does not know raise."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    return pa.chunked_array([_conform_list(c) for c in chunks], pa.list_(INSTANCE_TYPE))
+
+
+def _conform_list(arr: pa.Array) -> pa.Array:
+    if arr.type == pa.list_(INSTANCE_TYPE):
+        return arr
+    struct_type = arr.type.value_type
+    have = {struct_type.field(i).name for i in range(struct_type.num_fields)}
+    if not have - set(INSTANCE_TYPE.names) and have != set(INSTANCE_TYPE.names):
+        values = arr.values  # offsets kept below; the struct's children are rebuilt in order
+        children = [values.field(f.name) if f.name in have else pa.nulls(len(values), f.type) for f in INSTANCE_TYPE]
+        struct = pa.StructArray.from_arrays(children, fields=list(INSTANCE_TYPE), mask=values.is_null())
+        arr = pa.ListArray.from_arrays(arr.offsets, struct, mask=arr.is_null())
+    return arr.cast(pa.list_(INSTANCE_TYPE))
 
 
 def timestamp() -> str:

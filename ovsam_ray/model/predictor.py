@@ -66,7 +66,10 @@ class ImagePrediction:
     head_labels (N,) head-only label; topk_ids / topk_scores (N, k); region / clip embeddings
     (N, D); clip_valid (N,); is_point (N,) the prompt type; areas (N,) int64 mask pixel counts;
     rles: N uncompressed COCO RLEs ``{"size": [H, W], "counts": int array}`` (column-major run
-    lengths, zeros first) computed where the masks were, or None when ``masks`` is set.
+    lengths, zeros first) computed where the masks were, or None when ``masks`` is set;
+    stability (N,) float32 the stability score of each mask (SAM's automatic mask generator's: the
+    IoU of the mask logits at original size thresholded at ``mask_threshold`` + 1 and - 1), None
+    when not computed.
     """
 
     masks: np.ndarray | None
@@ -86,6 +89,7 @@ class ImagePrediction:
     is_point: np.ndarray
     areas: np.ndarray | None = None
     rles: list[dict[str, Any]] | None = None
+    stability: np.ndarray | None = None
 
     def mask_areas(self) -> np.ndarray:
         """(N,) int64 mask pixel counts, from ``areas`` or else counted on ``masks``."""
@@ -107,6 +111,16 @@ def _as_rgb_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     if t.shape[2] != 3:
         raise ValueError(f"expected 1, 3 or 4 channels, got {t.shape[2]}")
     return t
+
+
+def stability_scores(logits: torch.Tensor, threshold: float = 0.0, offset: float = 1.0) -> torch.Tensor:
+    """(N, H, W) mask logits -> (N,) float32 stability scores, where the logits are (on their
+    device): the IoU of the masks thresholded at ``threshold + offset`` and ``threshold - offset``
+    (SAM's ``calculate_stability_score``; 0 for a mask empty at both)."""
+    flat = logits.flatten(1)
+    inter = (flat > threshold + offset).sum(dim=1, dtype=torch.int32).float()
+    union = (flat > threshold - offset).sum(dim=1, dtype=torch.int32).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -270,15 +284,18 @@ class OVSAMPredictor:
         per_prompt = self._decode_and_classify(embedded, batch)
         # Prompts are grouped by image (``_prompt_batch``), so each image owns a contiguous slice.
         bounds = np.cumsum([0, *torch.bincount(batch.image_index, minlength=len(prompts)).tolist()])
-        packed, full_masks = [], []
+        packed, full_masks, stability = [], [], []
         for i, (orig, inp) in enumerate(zip(embedded.original_sizes, embedded.input_sizes)):
             low_res = per_prompt["low_res_logits"][bounds[i] : bounds[i + 1]]
-            masks = upscale_mask_logits(low_res, self.model.image_size, inp, orig)[:, 0] > self.model.mask_threshold
+            logits = upscale_mask_logits(low_res, self.model.image_size, inp, orig)[:, 0]
+            masks = logits > self.model.mask_threshold
+            stability.append(stability_scores(logits, self.model.mask_threshold))
             packed.append(self._summarize_masks(masks))
             if not self.rle_on_device:
                 full_masks.append(_to_host(masks))
         # Every device -> host copy is queued first (pinned, non-blocking on CUDA), then one wait.
         host = {name: _to_host(t) for name, t in per_prompt.items()}
+        host["stability"] = _to_host(torch.cat(stability))
         host_packed = _to_host(torch.cat(packed))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
@@ -369,6 +386,7 @@ class OVSAMPredictor:
             clip_embeddings=np.zeros((0, d), f),
             clip_valid=np.zeros(0, bool),
             is_point=np.zeros(0, bool),
+            stability=np.zeros(0, f),
         )
 
     def __call__(self, images: list[np.ndarray], prompts: list[ImagePrompts]) -> list[ImagePrediction]:

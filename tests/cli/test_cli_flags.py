@@ -31,6 +31,8 @@ _TRAIN_SKIP = ("run", "datasets", "model", "optim")
 
 #: Subcommand path -> the configs its flags are generated from (and whether the defaults are left to
 #: a recipe: argparse.SUPPRESS, the field's default shown in the help).
+from ovsam_ray.review import ImportConfig, ReviewSelectConfig  # noqa: E402
+
 GENERATED: dict[tuple[str, ...], tuple[tuple[type, ...], bool]] = {
     ("label",): ((LabelConfig,), False),
     ("relabel",): ((RelabelConfig,), False),
@@ -40,6 +42,8 @@ GENERATED: dict[tuple[str, ...], tuple[tuple[type, ...], bool]] = {
     ("train", "cotrain"): ((*_TRAIN, CotrainConfig), True),
     ("train", "distill"): ((*_TRAIN, DistillConfig), True),
     ("train", "dump-teacher"): ((DumpTeacherConfig,), False),
+    ("review", "select"): ((ReviewSelectConfig,), False),
+    ("review", "import"): ((ImportConfig,), False),
 }
 
 

@@ -15,7 +15,7 @@ from ovsam_ray import storage
 from ovsam_ray.data.rle import decode_rle, encode_masks
 from ovsam_ray.labels.committer import MissingShardFileError, ShardCommitter
 from ovsam_ray.labels.run_record import RunMismatchError, RunRecord, check_or_write_run_record
-from ovsam_ray.labels.schema import OUTPUT_SCHEMA, rows_to_table
+from ovsam_ray.labels.schema import INSTANCE_TYPE, OUTPUT_SCHEMA, V3_INSTANCE_FIELDS, rows_to_table
 
 
 def _instance(prompt_type: str, mask: np.ndarray, **extra) -> dict:
@@ -77,7 +77,7 @@ def test_schema_matches_design():
         "warnings",
     ]
     assert OUTPUT_SCHEMA.field("warnings").type == pa.list_(pa.string()) and OUTPUT_SCHEMA.field("warnings").nullable
-    assert OUTPUT_SCHEMA.metadata[b"ovsam_ray.schema_version"] == b"2"
+    assert OUTPUT_SCHEMA.metadata[b"ovsam_ray.schema_version"] == b"3"
     inst = OUTPUT_SCHEMA.field("instances").type.value_type
     assert [inst.field(i).name for i in range(inst.num_fields)] == [
         "prompt_type",
@@ -96,7 +96,14 @@ def test_schema_matches_design():
         "embedding",
         "clip_embedding",
         "clip_valid",
+        "label_margin",
+        "stability_score",
+        "box_iou",
+        "label_agrees",
+        "review",
     ]
+    for name in V3_INSTANCE_FIELDS:  # version 3's additions: nullable, so older files read them as null
+        assert inst.field(name).nullable
     assert inst.field("prompt_box").type == pa.list_(pa.float32(), 4)
     assert inst.field("point").type == pa.list_(pa.float32(), 2)
     assert inst.field("embedding").type == pa.list_(pa.float16()) and inst.field("embedding").nullable
@@ -240,6 +247,36 @@ def test_version_1_files_still_read_and_recommit(tmp_path):
     assert table.schema.equals(OUTPUT_SCHEMA) and table.column("warnings").to_pylist() == [None] * 3
     with_warnings = rows_to_table([{**_rows("u")[0], "warnings": ["box 3 dropped: NaN"]}])
     assert with_warnings.column("warnings").to_pylist() == [["box 3 dropped: NaN"]]
+
+
+def _version_2(table: pa.Table) -> pa.Table:
+    """``table`` as schema version 2 wrote it (instances without the version-3 fields)."""
+    old_inst = pa.struct([f for f in INSTANCE_TYPE if f.name not in V3_INSTANCE_FIELDS])
+    fields = [pa.field("instances", pa.list_(old_inst)) if f.name == "instances" else f for f in OUTPUT_SCHEMA]
+    old = pa.schema(fields, metadata={"ovsam_ray.schema_version": "2"})
+    rows = table.to_pylist()
+    for row in rows:
+        for inst in row["instances"] or []:
+            for name in V3_INSTANCE_FIELDS:
+                del inst[name]
+    return pa.Table.from_pylist(rows, schema=old)
+
+
+def test_version_2_files_read_as_they_are_and_recommit_as_version_3(tmp_path):
+    from ovsam_ray.labels.reader import iter_label_rows
+
+    out = str(tmp_path / "v2")
+    committer = ShardCommitter(out)
+    committer.commit("s", rows_to_table(_rows("s")))
+    pq.write_table(_version_2(rows_to_table(_rows("s"))), committer.parquet_url("s"))
+    rows = list(iter_label_rows(out))
+    assert rows[0]["instances"] and "label_margin" not in rows[0]["instances"][0]  # read as written
+    committer.commit("t", _version_2(rows_to_table(_rows("t"))))  # a relabel of a version-2 output
+    table = pq.read_table(committer.parquet_url("t"))
+    assert table.schema.equals(OUTPUT_SCHEMA)
+    inst = table.column("instances").to_pylist()[0][0]
+    assert all(inst[name] is None for name in V3_INSTANCE_FIELDS)
+    assert inst["label"] == _rows("t")[0]["instances"][0]["label"]
 
 
 def test_marker_without_parquet_is_a_clear_error(tmp_path):

@@ -290,3 +290,21 @@ def test_clip_invalid_fused_equals_head_log_softmax(predictor: OVSAMPredictor, b
     assert not torch.allclose(on.fused_logits[:, keep], off.fused_logits[:, keep])
     as_predicted = predictor.classifier(region, clip, torch.from_numpy(pred.clip_valid))
     torch.testing.assert_close(as_predicted.fused_logits, torch.from_numpy(pred.fused_logits))
+
+
+def test_stability_score_is_sams_on_the_full_size_logits(predictor: OVSAMPredictor, batched) -> None:
+    from ovsam_ray.model.predictor import stability_scores
+
+    logits = torch.tensor([[[3.0, 0.5, -0.5, -3.0]], [[-3.0, -3.0, -3.0, -3.0]], [[2.0, 2.0, 0.5, -2.0]]])
+    # at +1: {3}, {}, {2, 2}; at -1: {3, 0.5, -0.5}, {}, {2, 2, 0.5}
+    np.testing.assert_allclose(stability_scores(logits).numpy(), [1 / 3, 0.0, 2 / 3], rtol=1e-6)
+    pred, empty = batched[0], batched[1]
+    assert pred.stability.shape == (4,) and pred.stability.dtype == np.float32
+    assert ((pred.stability >= 0) & (pred.stability <= 1)).all()
+    assert empty.stability.shape == (0,)
+    # the same as thresholding the upscaled logits by hand
+    emb = predictor.embed([IMAGES[0]])
+    low = torch.as_tensor(pred.low_res_logits)
+    up = upscale_mask_logits(low, predictor.model.image_size, emb.input_sizes[0], emb.original_sizes[0])[:, 0]
+    hand = ((up > 1).flatten(1).sum(1).float() / (up > -1).flatten(1).sum(1).clamp(min=1).float()).numpy()
+    np.testing.assert_allclose(pred.stability, hand, atol=1e-5)
