@@ -97,6 +97,9 @@ class TinyRecipe:
     init_logit_scale: float = 3.0
     logit_scale_lr: float = 0.01
     grad_clip: float = 1.0
+    precision: str = "fp32"
+    crop_tries: int = 3
+    instance_selection: str = "first"
     export_reserve_s: float = 15.0
     extra: dict = field(default_factory=dict)
 
@@ -193,6 +196,7 @@ def tiny_cotrain_config(
             seed=seed,
             shuffle_shards=1,
             shuffle_buffer=1,
+            precision=recipe.precision,
         ),
         datasets=[DatasetSpec(shards=shards, vocab=vocab_file, name=TRAIN_VOCAB)],
         model=ModelSpec(preset=PRESET, clip=clip_file, random_init=True),
@@ -215,6 +219,8 @@ def tiny_cotrain_config(
         learn_logit_scale=True,
         logit_scale_lr=recipe.logit_scale_lr,
         train_adapter=True,
+        crop_tries=recipe.crop_tries,
+        instance_selection=recipe.instance_selection,
         **recipe.extra,
     )
 
