@@ -104,7 +104,7 @@ class TinyRecipe:
     extra: dict = field(default_factory=dict)
 
 
-def _write_vocab(work_dir: str) -> str:
+def write_vocab(work_dir: str) -> str:
     path = os.path.join(work_dir, f"{TRAIN_VOCAB}.json")
     with open(path, "w") as f:
         json.dump(
@@ -177,7 +177,7 @@ def _stage0(work_dir: str, recipe: TinyRecipe, seed: int, budget_s: float | None
 def tiny_cotrain_config(
     work_dir: str,
     *,
-    clip_file: str,
+    clip_file: str | None,
     shards: str,
     vocab_file: str,
     seed: int,
@@ -249,7 +249,7 @@ def run_tiny_recipe(
     started = time.perf_counter()
     budget = BudgetClock(time_budget_s or 0.0, clock)
     os.makedirs(work_dir, exist_ok=True)
-    vocab_file = _write_vocab(work_dir)
+    vocab_file = write_vocab(work_dir)
     shards = _train_shards(work_dir, recipe, seed)
     log.info("tiny recipe: %d training images ready after %.0fs", recipe.train_images, budget.elapsed())
     stage0_budget = recipe.stage0_fraction * time_budget_s if time_budget_s else None
