@@ -274,7 +274,31 @@ def _check_train(stage: str) -> Callable[[StageCtx, str], Result]:
     return check
 
 
+def check_precision(ctx: StageCtx, log: str) -> Result:
+    r = _load(os.path.join(ctx.path("train_precision"), "train_precision.json"))
+    runs, comp = r["runs"], r["comparison"]
+    checks = [
+        Check(f"{p}: every step ran", runs[p]["steps"] == r["steps"], runs[p]["steps"], r["steps"])
+        for p in ("fp32", "bf16")
+    ]
+    checks.append(Check("both loss curves recorded", all(runs[p]["curve"] for p in ("fp32", "bf16"))))
+    checks.append(
+        Check("on the GPU" if not ctx.smoke else "on the CPU", r["device"] == ("cpu" if ctx.smoke else "cuda"))
+    )
+    box = {p: ((comp[p].get("metrics") or {}).get("box") or {}) for p in ("fp32", "bf16")}
+    figures = {
+        "steps": r["steps"],
+        "loss fp32": comp["fp32"]["last_loss"],
+        "loss bf16": comp["bf16"]["last_loss"],
+        "mean |gap|": comp.get("mean_abs_loss_gap"),
+        "box acc seen fp32": box["fp32"].get("accuracy_base"),
+        "box acc seen bf16": box["bf16"].get("accuracy_base"),
+    }
+    return checks, figures, r
+
+
 CHECKS: dict[str, Callable[[StageCtx, str], Result]] = {
+    "train_precision": check_precision,
     "env": check_env,
     "pytest_gpu": check_pytest,
     "perf": check_perf,
@@ -313,6 +337,10 @@ def _validate(argv: list[str]) -> None:
     elif script == "bench.train_steps":
         if args[:1] != ["write-sam-encoder"] or "--out" not in args:
             raise ValueError("write-sam-encoder --kind K --out FILE")
+    elif script == "bench.train_precision":
+        from bench import train_precision
+
+        train_precision.parse_args(args)
     elif script == "bench.gpu_run_prep":
         if args[0] not in ("env", "label", "train") or len([a for a in args if not a.startswith("--")]) != 2:
             raise ValueError("gpu_run_prep.py {env,label,train} PATH [--smoke]")

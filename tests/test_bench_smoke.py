@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from bench import benchlib
 
@@ -140,3 +141,23 @@ def test_tiny_recipe_bench_trains_and_splits_the_accuracy(tmp_path):
     assert r["fused_accuracy"] == box["accuracy"]  # same labels as the one scorer's
     assert sum(b["n"] for b in r["head_by_mask_box_iou"].values()) == r["objects"]
     assert r["train_wall_s"] > 0 and r["machine"]["cpu"]
+
+
+@pytest.mark.slow
+def test_train_precision_compares_fp32_with_bf16(tmp_path):
+    """bench/train_precision.py (the GPU run's train_precision stage) at CPU smoke size: both
+    precisions train the same steps on the same data and seed, and the check reads the result."""
+    from bench import train_precision
+    from bench.gpu_run_checks import StageCtx, check_precision
+
+    out = tmp_path / "train_precision"
+    argv = ["--out", str(out), "--steps", "2", "--device", "cpu", "--train-images", "20", "--eval-images", "4"]
+    assert train_precision.main([*argv, "--log-every", "1"]) == 0
+    record = json.loads((out / "train_precision.json").read_text())
+    runs = record["runs"]
+    assert [r["loss"] is not None for r in runs["fp32"]["curve"]] == [True, True]
+    assert len(runs["bf16"]["curve"]) == 2 and runs["fp32"]["curve"] != runs["bf16"]["curve"], "bf16 ran"
+    assert record["comparison"]["mean_abs_loss_gap"] is not None
+    assert "box" in record["comparison"]["fp32"]["metrics"]
+    checks, figures, _ = check_precision(StageCtx(smoke=True, work=str(tmp_path), python="", env={}), "")
+    assert all(c.ok for c in checks) and figures["steps"] == 2

@@ -1,5 +1,9 @@
 """CLIP2SAM recognition: an FPN over the CLIP stages, RoIAlign on the level chosen by box scale,
-a 1x1 conv + ReLU to the CLIP dimension and a spatial mean -> region embedding (DESIGN §2.5)."""
+a 1x1 conv + ReLU to the CLIP dimension and a spatial mean -> region embedding (DESIGN §2.5).
+
+New modules start as the reference's (``INIT_RULE``): the FPN's convs Xavier-uniform with zero
+bias (mmdet ``FPN``'s ``init_cfg``), the RoI conv Kaiming-normal, fan_out, ReLU gain (mmcv
+``ConvModule``'s default init, seg/models/heads/ovsam_head.py:133-135)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ from torchvision.ops import roi_align
 
 from ovsam_ray.model.functional import roi_levels
 
+#: What ``--print-config`` states about the recognizer's initialisation.
+INIT_RULE = "FPN convs Xavier-uniform, zero bias (mmdet FPN); RoI conv Kaiming-normal, fan_out, relu (mmcv ConvModule)"
+
 
 class FPN(nn.Module):
     """Per level a 1x1 lateral conv (bias), top-down nearest-upsample-and-add, then a 3x3
@@ -23,6 +30,14 @@ class FPN(nn.Module):
         self.fpn_convs = nn.ModuleList(
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1) for _ in in_channels
         )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights (gain 1), zero biases: mmdet's FPN
+        ``init_cfg=dict(type='Xavier', layer='Conv2d', distribution='uniform')``."""
+        for conv in [*self.lateral_convs, *self.fpn_convs]:
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
@@ -57,6 +72,8 @@ class CLIP2SAMRecognizer(nn.Module):
         self.finest_scale = finest_scale
         self.fpn = FPN(in_channels=in_channels, out_channels=fpn_channels)
         self.roi_conv = nn.Conv2d(fpn_channels, embed_dim, kernel_size=1, bias=False)
+        # mmcv ConvModule's init (kaiming_init(conv, a=0, nonlinearity="relu"): mode fan_out, normal)
+        nn.init.kaiming_normal_(self.roi_conv.weight, a=0, mode="fan_out", nonlinearity="relu")
 
     def region_embeddings(
         self, fpn_feats: Sequence[torch.Tensor], boxes: torch.Tensor, image_index: torch.Tensor

@@ -2,9 +2,12 @@
 resize-and-pad of inference, both on uint8 images with their instance masks.
 
 LSJ as the reference's COCO pipeline: random horizontal flip; resize so the long side is
-``size * r`` with r ~ U(ratio_range) (bilinear with antialiasing, as SAM's resize; masks
-nearest); random crop of at most ``size`` x ``size``; zero-pad bottom/right to ``size`` x ``size``.
-Normalisation happens on the training worker (``training.batching``), so rows stay uint8.
+``size * r`` with r ~ U(ratio_range); random crop of at most ``size`` x ``size``; zero-pad
+bottom/right to ``size`` x ``size``. Both transforms resize as the reference's mmcv ``Resize``
+(``RESIZE_FILTER``): cv2's bilinear (``INTER_LINEAR``: half-pixel centres, no antialiasing, also
+on strong downscales such as LVIS's ratio 0.1) on float32 pixels; masks nearest. Normalisation
+happens on the training worker (``training.batching``), so rows stay uint8: the resized pixels are
+rounded, at most half a grey level from the reference's float32 values.
 """
 
 from __future__ import annotations
@@ -30,13 +33,27 @@ class Transformed:
     scale: float
 
 
+#: What ``--print-config`` states about the training resize (``resize_image``).
+RESIZE_FILTER = (
+    "bilinear without antialiasing on float32 pixels (cv2 INTER_LINEAR, as mmcv Resize), rounded to uint8; "
+    "masks nearest"
+)
+
+
+def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8: cv2's ``INTER_LINEAR`` on float32 pixels (half-pixel
+    centres, edge samples clamped, no antialiasing: each output pixel blends its 2x2 nearest
+    source pixels however far it downscales), as the reference's mmcv ``Resize``, then rounded."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, hw, mode="bilinear", align_corners=False, antialias=False)
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
 def _resize(image: np.ndarray, masks: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     h, w = hw
     if (h, w) == image.shape[:2]:
         return image, masks
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
-    image = x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    image = resize_image(image, (h, w))
     if masks.shape[0]:
         m = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8))[None]
         masks = F.interpolate(m, (h, w), mode="nearest")[0].numpy().astype(bool)
@@ -86,7 +103,8 @@ def large_scale_jitter(
 
 
 def resize_and_pad(image: np.ndarray, masks: np.ndarray | None = None, *, size: int) -> Transformed:
-    """Inference geometry: long side to ``size`` (SAM's ResizeLongestSide), zero-pad to square."""
+    """Inference geometry: long side to ``size``, zero-pad to square (the reference's distillation
+    pipeline: ``ResizeSAM``, an mmdet ``Resize``, so the same filter as LSJ)."""
     masks = np.zeros((0, *image.shape[:2]), bool) if masks is None else np.asarray(masks, bool)
     hw = resized_shape(image.shape[0], image.shape[1], size)
     resized, resized_masks = _resize(image, masks, hw)

@@ -6,7 +6,8 @@ plain binary columns. Co-training samples hold ``image`` (S, S, 3) uint8 zero-pa
 ``input_hw``, ``masks`` (M, S*S/8) packed bits of the instances the prompts use, ``labels``
 (M,), the prompts (``prompt_instance``, ``prompt_is_point``, ``prompt_boxes``,
 ``prompt_points``) and ``has_masks``; distillation samples hold ``image``, ``input_hw`` and
-optionally ``teacher`` (C, h, w) float16. The collate functions normalise images on the worker.
+optionally ``teacher`` (C, h, w) float32 or float16 (``DistillConfig.teacher_feature_dtype``).
+The collate functions normalise images on the worker.
 """
 
 from __future__ import annotations

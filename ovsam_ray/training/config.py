@@ -140,8 +140,16 @@ def distill_optim() -> OptimConfig:
     return OptimConfig(schedule="cosine", min_lr_factor=0.01, grad_clip=5.0, no_decay=("norm",))
 
 
-#: ``RunSpec.precision`` / ``loop.Runtime.precision`` values.
-PRECISIONS = ("auto", "bf16", "fp32")
+#: ``RunSpec.precision`` / ``loop.Runtime.precision`` values: "fp32" (the reference trains in
+#: fp32, and so do the named recipes), "bf16" (bf16 autocast on any device; its effect on training
+#: is yet to be measured on a GPU: ``bench/train_precision.py``), "auto" (bf16 autocast on CUDA,
+#: fp32 on a CPU).
+PRECISIONS = ("fp32", "bf16", "auto")
+#: ``DistillConfig.teacher_feature_dtype`` / ``DumpTeacherConfig.feature_dtype``: how precomputed
+#: teacher features are stored (the reference caches float32).
+FEATURE_DTYPES = ("float32", "float16")
+#: ``CotrainConfig.instance_selection`` (``prompt_sampling.INSTANCE_SELECTIONS``).
+INSTANCE_SELECTIONS = ("first", "random")
 
 
 @dataclass
@@ -158,8 +166,9 @@ class RunSpec:
     shuffle_shards/shuffle_buffer: the data order (``training.stream``): shards read concurrently
         per work item, and the samples held in its shuffle buffer (encoded images, so ~0.2 MB each
         for COCO-sized JPEGs).
-    precision: ``loop.Runtime.precision`` ("auto": bf16 autocast on a GPU; "bf16" asks for it on a
-        CPU too, where it tests the GPU's branches; "fp32").
+    precision: ``loop.Runtime.precision``: "fp32" (default; the reference's precision), "bf16"
+        (bf16 autocast, on a CPU too, where it tests the GPU's branches; not yet measured against
+        fp32 on a GPU), "auto" (bf16 autocast on a GPU, fp32 on a CPU).
     """
 
     storage_path: str
@@ -179,13 +188,13 @@ class RunSpec:
     shuffle_shards: int = 8
     shuffle_buffer: int = 256
     s3_endpoint: str | None = None
-    precision: str = "auto"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(
-                f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)} (auto: bf16 autocast "
-                "on a GPU, fp32 on a CPU; bf16: autocast on a CPU too)"
+                f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)} (fp32: the reference; bf16: "
+                "bf16 autocast, on a CPU too; auto: bf16 autocast on a GPU, fp32 on a CPU)"
             )
         if not self.storage_path:
             raise ConfigError("storage_path is required: a local folder or s3://bucket/prefix for checkpoints")
@@ -263,6 +272,10 @@ class DistillConfig:
     the reference's ``embedding_path='sam_vit_h'``): from ``teacher_checkpoint``, or, with
     precomputed features and no SAM file at hand, from ``teacher_pos_embed`` (a file holding
     ``image_encoder.pos_embed`` or ``pos_embed``) or the ``model.sam2clip`` the run starts from.
+
+    teacher_feature_dtype: the dtype of the teacher's features: precomputed ones must be stored in
+        it (``dump-teacher --feature-dtype``; another dtype stops the run), an online teacher's
+        output is rounded to it. "float32": the reference (its cached features are fp32).
     """
 
     run: RunSpec
@@ -275,11 +288,17 @@ class DistillConfig:
     epochs: int = 24
     epoch_images: int | None = None
     flip_prob: float = 0.0
+    teacher_feature_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _common_post_init(self)
         if self.teacher not in TEACHERS:
             raise ConfigError(f"teacher={self.teacher!r}: use one of {TEACHERS}")
+        if self.teacher_feature_dtype not in FEATURE_DTYPES:
+            raise ConfigError(
+                f"teacher_feature_dtype={self.teacher_feature_dtype!r}: use one of {FEATURE_DTYPES} "
+                "(float32: the reference)"
+            )
         precomputed = all(d.teacher_features for d in self.datasets)
         if self.teacher != "random_tiny" and not precomputed and not self.teacher_checkpoint:
             raise ConfigError(
@@ -312,14 +331,21 @@ class CotrainConfig:
     """CLIP2SAM co-training (DESIGN §5).
 
     train_vocab: the training vocabulary (built-in or file); default: the union of the datasets'
-        vocabularies in order. num_prompts: instances per image (repeated when fewer), half box,
-        half point prompts. lsj_range: large-scale-jitter ratio range of the long side.
+        vocabularies in order. num_prompts: instances per image (repeated when fewer), ``n // 2 + 1``
+        box prompts and the rest point prompts (``prompt_sampling.prompt_kinds``).
+        lsj_range: large-scale-jitter ratio range of the long side.
     logit_scale / learn_logit_scale: classifier temperature (log); the released presets keep
         ``RELEASED_LOGIT_SCALE`` (4.6052) fixed, the tiny recipe learns it (exported as
         ``meta["logit_scale"]``), with its own learning rate ``logit_scale_lr`` (default: the model's).
     recognizer_lr: the CLIP2SAM recognizer's (FPN + RoI conv) own learning rate (default: the
         model's).
     train_adapter: also train the SAM2CLIP adapter (the tiny recipe, which has no SAM teacher).
+    instance_selection: an image with more than ``num_prompts`` instances trains the first
+        ``num_prompts`` in annotation order ("first", the reference) or a random subset ("random",
+        a deviation).
+    crop_tries: LSJ draws per image until the crop keeps an instance; an image whose crops keep
+        none is dropped and the stream's next image is drawn. 1: the reference (its dataset draws
+        another image at once); the tiny recipe re-jitters up to 3 times.
     roi_from_prediction: the fraction of prompts whose recognizer RoI is the box of the mask the
         decoder just predicted (detached; as at inference, DESIGN §2.5) instead of the ground-truth
         box (the reference, 0), wherever that box overlaps the ground truth (IoU > 0.1).
@@ -350,9 +376,18 @@ class CotrainConfig:
     train_adapter: bool = False
     roi_from_prediction: float = 0.0
     text_cache: str | None = None
+    instance_selection: str = "first"
+    crop_tries: int = 1
 
     def __post_init__(self) -> None:
         _common_post_init(self)
+        if self.instance_selection not in INSTANCE_SELECTIONS:
+            raise ConfigError(
+                f"instance_selection={self.instance_selection!r}: use 'first' (the reference: the first "
+                "num_prompts instances in annotation order) or 'random' (a random subset)"
+            )
+        if self.crop_tries < 1:
+            raise ConfigError(f"crop_tries={self.crop_tries} must be >= 1 (1: the reference)")
         self.lsj_range = tuple(float(r) for r in self.lsj_range)
         if len(self.lsj_range) != 2 or not 0 < self.lsj_range[0] <= self.lsj_range[1]:
             raise ConfigError(f"lsj_range={self.lsj_range}: give (low, high) with 0 < low <= high, e.g. (0.9, 2.0)")

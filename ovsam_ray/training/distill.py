@@ -1,13 +1,15 @@
 """SAM2CLIP distillation on Ray Train (DESIGN §5), and the ``dump-teacher`` mode.
 
 Student: frozen CLIP + trainable adapter; teacher: SAM's image encoder, frozen, run online under
-no_grad (bf16 autocast on GPU) or replaced by precomputed features; loss: per-pixel MSE on the
+no_grad in the run's precision (fp32, as the reference, unless ``--precision`` says otherwise) or
+replaced by precomputed features; loss: per-pixel MSE on the
 image embedding; AdamW 1e-4, wd 0.05, cosine schedule. SAM's ``image_encoder.pos_embed`` is
 copied into ``adapter.pos_embed`` when the shapes match, as the reference does.
 
 ``dump_teacher(...)`` runs the teacher once over image shards (a Ray Data actor pool, one GPU
 each when asked) and writes one teacher-feature shard ``<out>/<shard>.tar`` of ``<key>.npy``
-(float16, (C, S/16, S/16)) per input shard, atomically; existing outputs are skipped on rerun.
+(``--feature-dtype``, float32 as the reference's cache, (C, S/16, S/16)) per input
+shard, atomically; existing outputs are skipped on rerun.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ovsam_ray.data.shards import list_shards, shard_name
 from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.presets import get_preset
 from ovsam_ray.training.batching import collate_distill, unpack_sample
-from ovsam_ray.training.config import TEACHERS, DistillConfig
+from ovsam_ray.training.config import FEATURE_DTYPES, TEACHERS, DistillConfig
 from ovsam_ray.training.loop import DistillTask, Runtime
 from ovsam_ray.training.networks import DistillNet, build_sam_teacher, build_training_model, copy_teacher_pos_embed
 from ovsam_ray.training.stream import DistillSamples, build_ray_dataset, dataset_items
@@ -93,7 +95,9 @@ def distill_setup(cfg: DistillConfig, runtime: Runtime) -> StageSetup:
     net = DistillNet(model)
 
     def make_task(wrapped: torch.nn.Module) -> DistillTask:
-        return DistillTask(net=wrapped, teacher=teacher, device=runtime.device)
+        return DistillTask(
+            net=wrapped, teacher=teacher, device=runtime.device, feature_dtype=getattr(torch, cfg.teacher_feature_dtype)
+        )
 
     return StageSetup(net=net, make_task=make_task, optim=cfg.optim)
 
@@ -117,6 +121,7 @@ class DistillDataset:
         builder = DistillSamples(
             image_size=get_preset(cfg.model.preset).image_size,
             flip_prob=cfg.flip_prob,
+            teacher_dtype=cfg.teacher_feature_dtype,
             seed=cfg.run.seed,
             s3_endpoint=cfg.run.s3_endpoint,
             shuffle_buffer=cfg.run.shuffle_buffer,
@@ -142,7 +147,8 @@ def run_distill(cfg: DistillConfig, *, worker_env: dict[str, str] | None = None)
 
 @dataclass
 class DumpTeacherConfig:
-    """Precompute teacher features: shards -> ``output``/<shard>.tar of ``<key>.npy`` float16."""
+    """Precompute teacher features: shards -> ``output``/<shard>.tar of ``<key>.npy`` in
+    ``feature_dtype`` (float32: the reference's cache), the teacher run in ``precision``."""
 
     shards: str | list[str] = field(metadata={"parse": str, "help": "input shards (a spec as for --dataset)"})
     output: str = field(metadata={"help": "folder or s3:// prefix for <shard>.tar of <key>.npy"})
@@ -154,6 +160,17 @@ class DumpTeacherConfig:
     use_gpu: bool = field(default=False, metadata={"help": "run the teacher on a GPU"})
     concurrency: int = field(default=1, metadata={"help": "teacher actors"})
     batch_size: int = field(default=4, metadata={"help": "images per teacher forward"})
+    precision: str = field(
+        default="fp32",
+        metadata={"help": "the teacher's precision: fp32 (the reference's) or bf16 (autocast; not yet measured)"},
+    )
+    feature_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "stored feature dtype: float32 (the reference's) or float16 (half the size); "
+            "distil with the same --teacher-feature-dtype"
+        },
+    )
     s3_endpoint: str | None = field(
         default=None, metadata={"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"}
     )
@@ -164,6 +181,10 @@ class DumpTeacherConfig:
             raise ConfigError(f"dump-teacher with {self.teacher} needs teacher_checkpoint=<sam_{self.teacher}_*.pth>")
         if self.concurrency < 1 or self.batch_size < 1:
             raise ConfigError("concurrency and batch_size must be >= 1")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision={self.precision!r}: use fp32 (the reference's) or bf16")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ConfigError(f"feature_dtype={self.feature_dtype!r}: use one of {FEATURE_DTYPES}")
 
 
 class TeacherShardWriter:
@@ -203,10 +224,10 @@ class TeacherShardWriter:
     @torch.no_grad()
     def _features(self, samples: list[dict[str, np.ndarray]]) -> np.ndarray:
         images = collate_distill(samples, self.device).images
-        bf16 = self.device.type == "cuda"
+        bf16 = self.cfg.precision == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             out = self.teacher(images)
-        return out.float().cpu().numpy().astype(np.float16)
+        return out.float().cpu().numpy().astype(self.cfg.feature_dtype)
 
 
 def _add_npy(tf: tarfile.TarFile, name: str, array: np.ndarray) -> None:

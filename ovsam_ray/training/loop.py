@@ -80,6 +80,7 @@ class DistillTask:
     net: nn.Module
     teacher: nn.Module | None
     device: torch.device
+    feature_dtype: torch.dtype = torch.float32  # an online teacher's output is rounded to it, as if stored
 
     def losses(self, samples: Samples, step: int, micro: int) -> tuple[dict[str, torch.Tensor], int]:
         batch = collate_distill(samples, self.device)
@@ -90,7 +91,7 @@ class DistillTask:
                     "no teacher: these samples carry no precomputed features and no SAM teacher is loaded"
                 )
             with torch.no_grad():
-                target = self.teacher(batch.images).float()
+                target = self.teacher(batch.images).to(self.feature_dtype).float()
         student = self.net(batch.images)
         return {"loss_distill": distillation_loss(student, target)}, batch.num_images
 
@@ -139,13 +140,13 @@ class TrainState:
 class Runtime:
     """Rank, world size and device of this worker; collectives are no-ops for one worker.
 
-    precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" (bf16 autocast on any
-    device: the CPU run of the GPU path) or "fp32"."""
+    precision: "fp32" (the reference's), "bf16" (bf16 autocast on any device: the CPU run of the
+    GPU path) or "auto" (bf16 autocast on CUDA, fp32 elsewhere)."""
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    precision: str = "auto"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

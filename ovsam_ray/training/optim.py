@@ -76,12 +76,16 @@ def adamw(params: list, **kwargs: Any) -> torch.optim.AdamW:
 
 
 def lr_factor(step: int, progress: float, cfg: OptimConfig) -> float:
-    """Multiplier of the base lr: linear warm-up from ``warmup_factor`` over ``warmup_steps``,
-    times cosine to ``min_lr_factor`` / x``lr_gamma`` at each milestone passed / 1 by
-    ``progress`` in [0, 1] (step / max_steps)."""
+    """Multiplier of the base lr: linear warm-up from ``warmup_factor`` at step 0 to 1 at step
+    ``warmup_steps - 1`` (mmengine's ``LinearLR(begin=0, end=warmup_steps)``, whose ``total_iters``
+    is ``end - begin - 1``: the reference's warm-up ends at iteration 499 of 500), times cosine to
+    ``min_lr_factor`` / x``lr_gamma`` at each milestone passed / 1 by ``progress`` in [0, 1]
+    (step / max_steps)."""
     warm = 1.0
-    if step < cfg.warmup_steps:
-        warm = cfg.warmup_factor + (1.0 - cfg.warmup_factor) * step / cfg.warmup_steps
+    if step < cfg.warmup_steps - 1:
+        warm = cfg.warmup_factor + (1.0 - cfg.warmup_factor) * step / (cfg.warmup_steps - 1)
+    elif cfg.warmup_steps == 1 and step == 0:
+        warm = cfg.warmup_factor  # one step at the factor
     progress = min(max(progress, 0.0), 1.0)
     if cfg.schedule == "cosine":
         shape = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,7 +1,11 @@
 """Prompt sampling for CLIP2SAM co-training (DESIGN §5).
 
-Per image up to ``num_prompts`` (40) instances, repeated when there are fewer; the list is
-shuffled and split half box / half point prompts (points are the second half). A box prompt is
+Per image ``num_prompts`` (40) instances, as the reference's preprocessor
+(seg/models/data_preprocessor/ovsam_preprocessor.py:149-160): the first ``num_prompts`` in
+annotation order (``config.INSTANCE_SELECTIONS``: "first"; "random" draws them at random instead, a
+deviation), the list repeated when there are fewer, shuffled, and split by position into
+``n // 2 + 1`` box prompts then the rest as points (``prompt_kinds``: 21 boxes + 19 points of 40).
+A box prompt is
 the instance's mask box ``[x_first, y_first, x_last + 1, y_last + 1]``; a point prompt is a
 random pixel ``(x, y)`` inside the mask (integer pixel coordinates, as the reference; the prompt
 encoder adds the +0.5). Image-level samples get one whole-image box.
@@ -14,6 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ovsam_ray.data.rle import boxes_from_binary_masks
+from ovsam_ray.training.config import INSTANCE_SELECTIONS
+
+# ``selection`` (``CotrainConfig.instance_selection``): which instances an image with more than
+# ``num_prompts`` trains. "first": the first ``num_prompts`` in annotation order (the reference,
+# ovsam_preprocessor.py:152 ``gt_instances[:num_proposals]``); "random": a random subset (a
+# deviation: every instance of a crowded image gets its turn over the epochs).
 
 
 @dataclass
@@ -37,12 +47,29 @@ def empty_prompts() -> PromptSample:
     )
 
 
-def choose_instances(num_instances: int, num_prompts: int, rng: np.random.Generator) -> np.ndarray:
-    """Instance index per prompt: a random subset when there are more than ``num_prompts``,
-    else the instances repeated (each ``floor`` or ``ceil`` of num_prompts / N times); shuffled."""
+#: What ``--print-config`` states about the prompt kinds (``prompt_kinds``).
+PROMPT_KINDS_RULE = "n // 2 + 1 box prompts, then the rest point prompts (40: 21 boxes + 19 points; reference)"
+
+
+def prompt_kinds(n: int) -> np.ndarray:
+    """(n,) bool, True for a point prompt: the reference's
+    ``torch.arange(2).repeat_interleave(n // 2 + 1)[:n]`` (ovsam_preprocessor.py:158), i.e.
+    ``min(n, n // 2 + 1)`` boxes first, then points (40: 21 + 19; 2: two boxes, no point)."""
+    return np.repeat(np.array([False, True]), n // 2 + 1)[:n]
+
+
+def choose_instances(
+    num_instances: int, num_prompts: int, rng: np.random.Generator, selection: str = "first"
+) -> np.ndarray:
+    """Instance index per prompt: with more than ``num_prompts`` instances the first
+    ``num_prompts`` (``selection="first"``, the reference) or a random subset ("random"); with
+    fewer, the instances repeated in order (each ``floor`` or ``ceil`` of num_prompts / N times,
+    the reference's ``InstanceData.cat`` of copies); then shuffled."""
+    if selection not in INSTANCE_SELECTIONS:
+        raise ValueError(f"instance selection {selection!r}: use one of {INSTANCE_SELECTIONS}")
     if num_instances == 0:
         return np.zeros(0, np.int64)
-    if num_instances >= num_prompts:
+    if num_instances > num_prompts and selection == "random":
         chosen = rng.choice(num_instances, size=num_prompts, replace=False)
     else:
         chosen = np.tile(np.arange(num_instances), -(-num_prompts // num_instances))[:num_prompts]
@@ -65,17 +92,21 @@ def random_points_in_masks(masks: np.ndarray, instance: np.ndarray, rng: np.rand
 
 
 def sample_prompts(
-    masks: np.ndarray, rng: np.random.Generator, num_prompts: int = 40, *, points: bool = True
+    masks: np.ndarray,
+    rng: np.random.Generator,
+    num_prompts: int = 40,
+    *,
+    points: bool = True,
+    selection: str = "first",
 ) -> PromptSample:
-    """masks: (N, H, W) bool instance masks (input pixels) -> ``num_prompts`` prompts (or none for
-    N = 0); ``points=False``: box prompts only (box-only datasets, whose "masks" are their boxes)."""
+    """masks: (N, H, W) bool instance masks (input pixels, annotation order) -> ``num_prompts``
+    prompts (or none for N = 0); ``points=False``: box prompts only (box-only datasets, whose
+    "masks" are their boxes); ``selection``: see ``choose_instances``."""
     masks = np.asarray(masks, bool)
-    instance = choose_instances(masks.shape[0], num_prompts, rng)
+    instance = choose_instances(masks.shape[0], num_prompts, rng, selection)
     if len(instance) == 0:
         return empty_prompts()
-    is_point = np.zeros(len(instance), bool)
-    if points:
-        is_point[len(instance) - len(instance) // 2 :] = True
+    is_point = prompt_kinds(len(instance)) if points else np.zeros(len(instance), bool)
     boxes = boxes_from_binary_masks(masks)[instance]
     points = np.zeros((len(instance), 2), np.float32)
     points[is_point] = random_points_in_masks(masks, instance[is_point], rng)

@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("distill", "cotrain")
 # The reference trains on 8 GPUs x 2 images (schedule_*.py: "base_batch_size = (8 GPUs) x (2 samples per GPU)").
-_REFERENCE_RUN = {"num_workers": 8, "use_gpu": True, "batch_size": 2, "grad_accum": 1}
+# It trains in fp32 (no AmpOptimWrapper in schedule_*.py's optim_wrapper).
+_REFERENCE_RUN = {"num_workers": 8, "use_gpu": True, "batch_size": 2, "grad_accum": 1, "precision": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def sam2clip_vith_rn50x16() -> Recipe:
         run=dict(_REFERENCE_RUN),
         model={"preset": "ovsam_rn50x16"},
         optim=dataclasses.asdict(distill_optim()),
-        fields={"teacher": "vit_h", "epochs": 24, "flip_prob": 0.0},
+        fields={"teacher": "vit_h", "epochs": 24, "flip_prob": 0.0, "teacher_feature_dtype": "float32"},
     )
 
 
@@ -100,6 +101,8 @@ def _clip2sam(name: str, reproduces: str, train_vocab: str, lsj_range: tuple[flo
             "learn_logit_scale": False,
             "train_adapter": False,
             "roi_from_prediction": 0.0,
+            "instance_selection": "first",
+            "crop_tries": 1,
         },
     )
 
@@ -250,11 +253,61 @@ def resolve_steps(cfg: CotrainConfig | DistillConfig) -> CotrainConfig | Distill
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=steps), epoch_images=images)
 
 
+def _precision_text(run: RunSpec) -> str:
+    if run.precision == "fp32":
+        return "fp32 (the reference's)"
+    if run.precision == "bf16":
+        return "bf16 autocast (not the reference's fp32; its effect is yet to be measured on a GPU)"
+    return "auto: " + ("bf16 autocast (on the GPU)" if run.use_gpu else "fp32 (on a CPU)")
+
+
+def behaviour(cfg: CotrainConfig | DistillConfig) -> dict[str, str]:
+    """The facts of a run that no single field holds: how prompts, crops, precision, resizing,
+    initialisation and warm-up behave under ``cfg`` (``--print-config``'s ``behaviour``)."""
+    from ovsam_ray.model.clip2sam_recognizer import INIT_RULE
+    from ovsam_ray.training.augment import RESIZE_FILTER
+    from ovsam_ray.training.prompt_sampling import PROMPT_KINDS_RULE
+
+    warm = cfg.optim.warmup_steps
+    out = {
+        "precision": _precision_text(cfg.run),
+        "resize_filter": RESIZE_FILTER,
+        "warmup": (
+            f"linear from {cfg.optim.warmup_factor}x at step 0 to the full lr at step {warm - 1} "
+            f"(mmengine LinearLR end={warm})"
+            if warm > 1
+            else ("none" if warm == 0 else "one step at the warm-up factor")
+        ),
+    }
+    if isinstance(cfg, CotrainConfig):
+        out["prompt_kinds"] = PROMPT_KINDS_RULE
+        out["instance_selection"] = (
+            f"the first {cfg.num_prompts} instances in annotation order (the reference's)"
+            if cfg.instance_selection == "first"
+            else f"a random {cfg.num_prompts} of the instances (a deviation: the reference trains the first)"
+        )
+        out["empty_crop"] = (
+            "the image is dropped and the stream's next image is drawn (the reference's)"
+            if cfg.crop_tries == 1
+            else f"the same image is re-jittered up to {cfg.crop_tries} times, then dropped (a deviation)"
+        )
+        out["recognizer_init"] = INIT_RULE
+    else:
+        out["teacher_features"] = (
+            f"{cfg.teacher_feature_dtype} (precomputed features must be stored so; an online teacher's "
+            "output is rounded to it)"
+            + (" (the reference's)" if cfg.teacher_feature_dtype == "float32" else " (the reference caches float32)")
+        )
+    return out
+
+
 def describe(cfg: CotrainConfig | DistillConfig) -> dict[str, Any]:
-    """What ``--print-config`` prints: the resolved config and the numbers derived from it."""
+    """What ``--print-config`` prints: the resolved config, the numbers derived from it and the
+    behaviour it implies (``behaviour``)."""
     run = cfg.run
     return {
         "config": cfg.to_dict(),
+        "behaviour": behaviour(cfg),
         "derived": {
             "global_batch": run.global_batch,
             "lr": cfg.optim.scaled_lr(run.global_batch),

@@ -179,7 +179,7 @@ def box_instances(
 class CotrainSamples:
     """Callable for ``Dataset.flat_map``: one work item -> co-training rows of its shards.
 
-    Per dataset kind: ``segmentation`` — LSJ, half box / half point prompts, every loss;
+    Per dataset kind: ``segmentation`` — LSJ, box then point prompts (``prompt_kinds``), every loss;
     ``box`` — LSJ with the boxes, box prompts only, classification loss only (no masks);
     ``image`` — the whole image (flipped, resized, never cropped, so the labelled object stays
     in view) with one whole-image box, classification loss only."""
@@ -194,7 +194,8 @@ class CotrainSamples:
     seed: int = 0
     s3_endpoint: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
-    crop_tries: int = 3
+    crop_tries: int = 1
+    instance_selection: str = "first"
     shuffle_buffer: int = 1
 
     def __call__(self, item: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -243,7 +244,9 @@ class CotrainSamples:
             return None
         kept_masks, kept_labels = t.masks[t.keep], labels[t.keep]
         with_masks = self.kinds[d] == "segmentation"
-        prompts = sample_prompts(kept_masks, rng, self.num_prompts, points=with_masks)
+        prompts = sample_prompts(
+            kept_masks, rng, self.num_prompts, points=with_masks, selection=self.instance_selection
+        )
         used, inverse = np.unique(prompts.instance, return_inverse=True)
         packed = pack_masks(kept_masks[used]) if with_masks else np.zeros((0, -(-(self.image_size**2) // 8)), np.uint8)
         return pack_sample(
@@ -285,10 +288,12 @@ class CotrainSamples:
 @dataclass
 class DistillSamples:
     """Callable for ``Dataset.flat_map``: one work item -> distillation rows (image resized and
-    padded as at inference, plus the precomputed teacher features when its shard has them)."""
+    padded as at inference, plus the precomputed teacher features when its shard has them;
+    ``teacher_dtype``: the dtype they must be stored in, None: any)."""
 
     image_size: int
     flip_prob: float = 0.0
+    teacher_dtype: str | None = None
     seed: int = 0
     s3_endpoint: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -321,6 +326,12 @@ class DistillSamples:
         t = resize_and_pad(image, size=self.image_size)
         arrays = {"image": t.image, "input_hw": np.asarray(t.input_hw, np.int32)}
         if teacher is not None:
+            if self.teacher_dtype is not None and teacher.dtype != np.dtype(self.teacher_dtype):
+                raise ConfigError(
+                    f"teacher features of {part.get('teacher')} are {teacher.dtype}, the run expects "
+                    f"{self.teacher_dtype}: pass --teacher-feature-dtype {teacher.dtype} or dump them again with "
+                    f"--feature-dtype {self.teacher_dtype}"
+                )
             arrays["teacher"] = teacher
         return pack_sample(**arrays)
 

@@ -97,11 +97,14 @@ class TinyRecipe:
     init_logit_scale: float = 3.0
     logit_scale_lr: float = 0.01
     grad_clip: float = 1.0
+    precision: str = "fp32"
+    crop_tries: int = 3
+    instance_selection: str = "first"
     export_reserve_s: float = 15.0
     extra: dict = field(default_factory=dict)
 
 
-def _write_vocab(work_dir: str) -> str:
+def write_vocab(work_dir: str) -> str:
     path = os.path.join(work_dir, f"{TRAIN_VOCAB}.json")
     with open(path, "w") as f:
         json.dump(
@@ -174,7 +177,7 @@ def _stage0(work_dir: str, recipe: TinyRecipe, seed: int, budget_s: float | None
 def tiny_cotrain_config(
     work_dir: str,
     *,
-    clip_file: str,
+    clip_file: str | None,
     shards: str,
     vocab_file: str,
     seed: int,
@@ -193,6 +196,7 @@ def tiny_cotrain_config(
             seed=seed,
             shuffle_shards=1,
             shuffle_buffer=1,
+            precision=recipe.precision,
         ),
         datasets=[DatasetSpec(shards=shards, vocab=vocab_file, name=TRAIN_VOCAB)],
         model=ModelSpec(preset=PRESET, clip=clip_file, random_init=True),
@@ -215,6 +219,8 @@ def tiny_cotrain_config(
         learn_logit_scale=True,
         logit_scale_lr=recipe.logit_scale_lr,
         train_adapter=True,
+        crop_tries=recipe.crop_tries,
+        instance_selection=recipe.instance_selection,
         **recipe.extra,
     )
 
@@ -243,7 +249,7 @@ def run_tiny_recipe(
     started = time.perf_counter()
     budget = BudgetClock(time_budget_s or 0.0, clock)
     os.makedirs(work_dir, exist_ok=True)
-    vocab_file = _write_vocab(work_dir)
+    vocab_file = write_vocab(work_dir)
     shards = _train_shards(work_dir, recipe, seed)
     log.info("tiny recipe: %d training images ready after %.0fs", recipe.train_images, budget.elapsed())
     stage0_budget = recipe.stage0_fraction * time_budget_s if time_budget_s else None

@@ -320,7 +320,8 @@ def run_local(
     clock: str = "wall",
     on_report: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[TrainState, nn.Module]:
-    """The same loop in this process, one worker, no Ray: rows come straight from the shards,
+    """The same loop in this process, one worker, no Ray (on the GPU with ``run.use_gpu`` where
+    there is one, in ``run.precision``): rows come straight from the shards,
     checkpoints go to ``cfg.run.run_url`` (local) in the same layout, and an existing checkpoint
     there is resumed. With ``time_budget_s`` it stops when the time is up and the lr schedule
     follows elapsed time (the tiny recipe's fixed budget); ``clock`` says which time
@@ -331,11 +332,12 @@ def run_local(
 
     cfg = resolve_steps(cfg)
     run = cfg.run
-    runtime = Runtime()
+    device = torch.device("cuda" if run.use_gpu and torch.cuda.is_available() else "cpu")
+    runtime = Runtime(device=device, precision=run.precision)
     budget = BudgetClock(time_budget_s or 0.0, clock)
     seed_everything(run.seed)
     setup = setup_fn(cfg, runtime)
-    net = setup.net
+    net = setup.net.to(device)
     optimizer = build_optimizer(net, setup.optim, run.global_batch)
 
     def progress(step: int) -> float:

@@ -113,7 +113,8 @@ def test_cotrain_rows_from_segmentation_shards(data_root, tmp_path):
     assert len(rows) == 6 and {r["item"] for r in rows} == {0, 1}
     s = unpack_sample(rows[0]["sample"])
     assert s["image"].shape == (256, 256, 3) and s["has_masks"]
-    assert len(s["prompt_instance"]) == 8 and s["prompt_is_point"].sum() == 4
+    # 8 prompts: 5 boxes then 3 points (ovsam_preprocessor.py:158: n // 2 + 1 boxes)
+    assert len(s["prompt_instance"]) == 8 and s["prompt_is_point"].sum() == 3
     masks = unpack_masks(s["masks"], 256)
     assert masks.shape[0] == len(s["labels"]) and set(s["prompt_instance"]) == set(range(masks.shape[0]))
     for inst, (x, y), is_point in zip(s["prompt_instance"], s["prompt_points"], s["prompt_is_point"]):

@@ -147,9 +147,9 @@ def test_dump_teacher_features_then_read_them_back(ray_local, shards, tmp_path):
     item = dataset_items([spec], epochs=1, seed=0)[0]
     samples = [unpack_sample(r["sample"]) for r in DistillSamples(image_size=256)(item)]
     assert len(samples) == 4 and samples[0]["teacher"].shape == (64, 16, 16)
-    assert samples[0]["teacher"].dtype == np.float16
+    assert samples[0]["teacher"].dtype == np.float32, "the reference caches fp32 features"
     writer = TeacherShardWriter(cfg)
     batch = collate_distill(samples[:2])
     with torch.no_grad():
         expected = writer.teacher(batch.images)
-    assert torch.allclose(batch.teacher, expected, atol=2e-2 * expected.abs().max().item())
+    assert torch.allclose(batch.teacher, expected, atol=1e-5 * expected.abs().max().item())

@@ -27,6 +27,8 @@ C2S_COCO = "seg/configs/clip2sam/clip2sam_coco_rn50x16.py"
 C2S_LVIS = "seg/configs/clip2sam/clip2sam_lvis_rn50x16.py"
 HEAD = "seg/models/heads/ovsam_head.py"
 PRE = "seg/models/data_preprocessor/ovsam_preprocessor.py"
+LOADING = "seg/datasets/pipeliens/loading.py"
+DUMP = "seg/models/detectors/sam_dump.py"
 
 # (field, reference value, where the reference sets it)
 DISTILL = [
@@ -48,6 +50,8 @@ DISTILL = [
     ("flip_prob", 0.0, f"{SAM_IMG}:17-25 (no RandomFlip)"),
     ("teacher", "vit_h", f"{S2C}:46"),
     ("model.preset", "ovsam_rn50x16", f"{S2C}:55"),
+    ("run.precision", "fp32", f"{SD}:34-35 (OptimWrapper, not AmpOptimWrapper: fp32)"),
+    ("teacher_feature_dtype", "float32", f"{DUMP}:59-60 (torch.save of the fp32 feature)"),
 ]
 
 _COTRAIN = [
@@ -79,6 +83,9 @@ _COTRAIN = [
     ("train_adapter", False, f"{C2S_COCO}:55 (neck fix=True)"),
     ("roi_from_prediction", 0.0, f"{HEAD}:43 (gen_box=False: ground-truth RoIs in training)"),
     ("model.preset", "ovsam_rn50x16", f"{C2S_COCO}:40"),
+    ("run.precision", "fp32", f"{S12}:34-35 (OptimWrapper, not AmpOptimWrapper: fp32)"),
+    ("instance_selection", "first", f"{PRE}:152 (gt_instances[:num_proposals])"),
+    ("crop_tries", 1, f"{LOADING}:299-300 (None: mmengine's BaseDataset draws another image)"),
 ]
 COTRAIN = {
     "clip2sam_coco_rn50x16": _COTRAIN
@@ -126,17 +133,84 @@ def test_recipe_equals_the_reference(recipe, path, expected, where):
         assert value == expected, f"{recipe} {path}: reference {where}"
 
 
-def test_every_recipe_has_rows_and_the_prompt_split_is_half_box_half_point():
+def test_every_recipe_has_rows_and_the_prompt_split_is_the_references():
     assert {r for r, *_ in TABLE} == set(RECIPES)
-    # reference: {PRE}:158 (bp = arange(2).repeat_interleave(n // 2 + 1)[:n]: half box, half point)
+    # reference: {PRE}:158 bp = arange(2).repeat_interleave(n // 2 + 1)[:n]: 0 = box, 1 = point,
+    # so 40 prompts are 21 boxes then 19 points (not half and half)
+    import numpy as np
+
     from ovsam_ray.training.prompt_sampling import sample_prompts
 
     masks = torch.zeros(3, 16, 16, dtype=torch.bool).numpy()
     masks[:, 2:8, 2:8] = True
-    import numpy as np
-
     p = sample_prompts(masks, np.random.default_rng(0), 40)
-    assert len(p) == 40 and int(p.is_point.sum()) == 20
+    reference = torch.arange(2).repeat_interleave(40 // 2 + 1)[:40].numpy().astype(bool)
+    assert len(p) == 40 and int(p.is_point.sum()) == 19 == int(reference.sum()), f"{PRE}:158"
+    np.testing.assert_array_equal(p.is_point, reference)
+
+
+def _mmengine_linear_lr(start_factor: float, end: int, steps: int) -> list[float]:
+    """mmengine's LinearLR(begin=0, end=end) factors, its chained form as written there
+    (total_iters = end - begin - 1; the lr changes only while last_step < end)."""
+    total = end - 1
+    out, factor = [start_factor], start_factor
+    for step in range(1, steps):
+        if step <= total:
+            factor *= 1.0 + (1.0 - start_factor) / (total * start_factor + (step - 1) * (1.0 - start_factor))
+        out.append(factor)
+    return out
+
+
+def test_warmup_ends_at_iteration_499_as_mmengine_linear_lr():
+    """{S12}:16-22 and {SD}:16-22: LinearLR(start_factor=0.001, begin=0, end=500, by_epoch=False);
+    mmengine sets total_iters = end - begin - 1, so the lr is full at iteration 499, not 500."""
+    from ovsam_ray.training.optim import lr_factor
+
+    for name in ("clip2sam_coco_rn50x16", "sam2clip_vith_rn50x16"):
+        stage = get_recipe(name).stage
+        extra = {"teacher_checkpoint": "t.pth"} if stage == "distill" else {}
+        cfg = build_config(
+            stage, recipe=name, datasets=[DatasetSpec(shards="s")], run={"storage_path": "/r", "name": "n"}, **extra
+        ).optim
+        reference = _mmengine_linear_lr(cfg.warmup_factor, cfg.warmup_steps, 600)
+        ours = [lr_factor(step, 0.0, cfg) for step in range(600)]
+        assert ours == pytest.approx(reference, rel=1e-9), f"{name}: {S12}:16-22"
+        assert ours[498] < 1.0 and ours[499] == 1.0
+
+
+def test_print_config_states_every_fact_a_recipe_run_depends_on(capsys):
+    """--print-config's ``behaviour``: prompt kinds ({PRE}:158), instance selection ({PRE}:152),
+    precision ({S12}:34-35), teacher features ({DUMP}:59-60), recognizer init ({HEAD}:133-135,
+    mmdet FPN), resize filter ({COCO}:30-36), empty crops ({LOADING}:299-300), warm-up end."""
+    args = _parser().parse_args(
+        ["train", "cotrain", "--recipe", "clip2sam_coco_rn50x16", "--storage-path", "/r", "--name", "n"]
+        + ["--dataset", "s|vocab=coco_ov", "--epoch-images", "160", "--print-config"]
+    )
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    said = printed["behaviour"]
+    assert "21 boxes + 19 points" in said["prompt_kinds"]
+    assert said["instance_selection"].startswith("the first 40 instances in annotation order")
+    assert said["precision"].startswith("fp32") and printed["config"]["run"]["precision"] == "fp32"
+    assert "Xavier-uniform" in said["recognizer_init"] and "Kaiming-normal, fan_out" in said["recognizer_init"]
+    assert "without antialiasing" in said["resize_filter"] and "cv2 INTER_LINEAR" in said["resize_filter"]
+    assert "next image" in said["empty_crop"] and "step 499" in said["warmup"]
+    args = _parser().parse_args(
+        ["train", "cotrain", "--recipe", "clip2sam_coco_rn50x16", "--storage-path", "/r", "--name", "n"]
+        + ["--dataset", "s|vocab=coco_ov", "--epoch-images", "160", "--print-config"]
+        + ["--precision", "bf16", "--instance-selection", "random", "--crop-tries", "3"]
+    )
+    assert args.func(args) == 0
+    said = json.loads(capsys.readouterr().out)["behaviour"]
+    assert "deviation" in said["instance_selection"] and "deviation" in said["empty_crop"]
+    assert "not the reference's" in said["precision"]
+    args = _parser().parse_args(
+        ["train", "distill", "--recipe", "sam2clip_vith_rn50x16", "--storage-path", "/r", "--name", "n"]
+        + ["--dataset", "s", "--teacher-checkpoint", "t.pth", "--epoch-images", "160", "--print-config"]
+    )
+    assert args.func(args) == 0
+    said = json.loads(capsys.readouterr().out)["behaviour"]
+    assert said["teacher_features"].startswith("float32") and said["precision"].startswith("fp32")
 
 
 def test_frozen_parts_and_weight_decay_exemptions_follow_the_reference():
