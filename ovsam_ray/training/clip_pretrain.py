@@ -14,7 +14,6 @@ SAM's mean/std, exactly what the frozen tower sees inside OV-SAM.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ from torch import nn
 from ovsam_ray.data.synthetic import render_image
 from ovsam_ray.model.clip_backbone import ResNetCLIPBackbone
 from ovsam_ray.model.functional import PIXEL_MEAN, PIXEL_STD, boxes_from_masks, preprocess_image
+from ovsam_ray.training.config import OptimConfig
 from ovsam_ray.training.loop import BudgetClock
-from ovsam_ray.training.optim import adamw
+from ovsam_ray.training.optim import adamw, build_scheduler
 from ovsam_ray.vocabulary import load_templates
 
 log = logging.getLogger(__name__)
@@ -187,11 +187,17 @@ def _train_steps(
     params = list(trained.parameters())
     optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
 
-    def factor(step: int) -> float:
-        progress = min(max(step / steps, budget.fraction() if time_budget_s else 0.0), 1.0)
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # The engine's one schedule (``optim.lr_factor``): linear warm-up from 1/warmup to 1 at step
+    # ``warmup - 1``, i.e. (step + 1) / warmup, then cosine to 0 over the steps or the time budget.
+    schedule = OptimConfig(
+        lr=lr, weight_decay=weight_decay, schedule="cosine", warmup_steps=warmup, warmup_factor=1.0 / warmup
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        schedule,
+        steps,
+        progress=lambda step: max(step / steps, budget.fraction() if time_budget_s else 0.0),
+    )
     rng = np.random.default_rng([seed, 99])
     first = last = float("nan")
     step = 0
