@@ -29,7 +29,9 @@ RLE_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())
 #: One prompt's result. prompt_type is "box", "point" or "grid"; prompt_box/bbox are XYXY in
 #: original-image pixels (bbox = the mask's [x_first, y_first, x_last+1, y_last+1]); point is xy;
 #: rle is COCO RLE of the mask at original size; embedding / clip_embedding / clip_valid are the
-#: optional float16 region and CLIP embeddings and CLIP-validity flag (re-scoring, ``relabel``).
+#: optional float16 region and CLIP embeddings and CLIP-validity flag (re-scoring, ``relabel``);
+#: detector_rle is the detector's own mask of a box prompt (COCO RLE at original size; SAM 3 with
+#: ``--keep-source-masks``), null otherwise and in outputs written before it (``conform_table``).
 INSTANCE_TYPE = pa.struct(
     [
         ("prompt_type", pa.string()),
@@ -48,6 +50,7 @@ INSTANCE_TYPE = pa.struct(
         ("embedding", pa.list_(pa.float16())),
         ("clip_embedding", pa.list_(pa.float16())),
         ("clip_valid", pa.bool_()),
+        ("detector_rle", RLE_TYPE),
     ]
 )
 
@@ -114,15 +117,40 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 def conform_table(table: pa.Table) -> pa.Table:
     """``table`` with exactly OUTPUT_SCHEMA (same columns and types; nullability and metadata may
     differ, as they do after a trip through Ray Data). A table of an older schema version (no
-    ``warnings`` column) gets a null one."""
+    ``warnings`` column) gets a null one; instances written before a field of INSTANCE_TYPE was
+    added (``detector_rle``) get it null."""
     if table.schema.equals(OUTPUT_SCHEMA):
         return table
     if "warnings" not in table.column_names:
         table = table.append_column("warnings", pa.nulls(table.num_rows, OUTPUT_SCHEMA.field("warnings").type))
+    if "instances" in table.column_names:
+        i = table.column_names.index("instances")
+        table = table.set_column(i, "instances", _with_instance_fields(table.column("instances")))
     try:
         return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
     except (KeyError, ValueError, pa.ArrowException) as e:
         raise ValueError(f"table does not match OUTPUT_SCHEMA ({e}); build it with rows_to_table()") from None
+
+
+def _with_instance_fields(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``list<struct>`` instances with the fields of INSTANCE_TYPE they lack added as nulls."""
+    have = column.type.value_type if pa.types.is_list(column.type) else None
+    if have is None or not pa.types.is_struct(have):
+        return column
+    names = {have.field(k).name for k in range(have.num_fields)}
+    if all(f.name in names for f in INSTANCE_TYPE):
+        return column
+    chunks = []
+    for chunk in column.chunks:
+        values = chunk.values
+        children = [values.field(f.name) if f.name in names else pa.nulls(len(values), f.type) for f in INSTANCE_TYPE]
+        struct = pa.StructArray.from_arrays(
+            children, fields=list(INSTANCE_TYPE), mask=values.is_null() if values.null_count else None
+        )
+        chunks.append(
+            pa.ListArray.from_arrays(chunk.offsets, struct, mask=chunk.is_null() if chunk.null_count else None)
+        )
+    return pa.chunked_array(chunks, pa.list_(INSTANCE_TYPE))
 
 
 def timestamp() -> str:
