@@ -157,7 +157,12 @@ class _HFDetector:
         import transformers
 
         folder = resolve_folder(weights, self.name, s3_endpoint=s3_endpoint, need_weights=not random_init)
-        cls = getattr(transformers, self.model_class)
+        cls = getattr(transformers, self.model_class, None)
+        if cls is None:
+            raise ImportError(
+                f"detector:{self.name} needs a transformers with {self.model_class} (installed: "
+                f"{transformers.__version__}): pip install -U 'ovsam_ray[detectors]'"
+            )
         try:
             self.processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -217,6 +217,12 @@ def test_flops_are_linear_in_concepts(sam3_dir):
     assert per_of_three == pytest.approx(one, rel=1e-6)
 
 
+def test_transformers_without_sam3_is_one_clear_error(sam3_dir, monkeypatch):
+    monkeypatch.setattr(Sam3Detector, "model_class", "Sam3ModelOfAnotherRelease")
+    with pytest.raises(ImportError, match=r"needs a transformers with Sam3ModelOfAnotherRelease.*pip install -U"):
+        Sam3Detector(queries=["cat"], weights=sam3_dir)
+
+
 def test_weights_errors_and_s3(sam3_dir, s3_bucket, s3_server, tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match=r"detector:sam3.*config\.json.*facebook/sam3.*SAM License"):
         resolve_folder(None, "sam3")
