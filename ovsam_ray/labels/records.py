@@ -50,6 +50,7 @@ class InstanceColumns:
         keep: np.ndarray | None = None,
         detector_scores: list[float | None] | None = None,
         detector_labels: list[str | None] | None = None,
+        detector_masks: list[dict[str, Any] | None] | None = None,
     ) -> None:
         """One image's kept prompts (all by default), in prompt order (boxes, then points).
 
@@ -57,7 +58,8 @@ class InstanceColumns:
         is COCO RLE at the original size (compressed from ``pred.rles`` when the predictor made
         them, else encoded from ``pred.masks``: the same strings); ``bbox`` is the mask's box;
         labels are names from the vocabulary with the fused probability; with ``with_embedding``
-        the float16 region and CLIP embeddings and the CLIP-validity flag are stored.
+        the float16 region and CLIP embeddings and the CLIP-validity flag are stored;
+        ``detector_masks``: the detector's own mask per box prompt (COCO RLE, ``detector_rle``).
         """
         n_boxes, n = len(prompts.boxes), len(pred.labels)
         keep = np.arange(n) if keep is None else np.asarray(keep, np.int64)
@@ -76,6 +78,7 @@ class InstanceColumns:
         p["point"].append(_rows(prompts.points, point_idx, 2))
         p["detector_score"].append(_per_box(detector_scores, keep, is_box, np.nan, np.float32))
         p["detector_label"].append(_per_box(detector_labels, keep, is_box, None, object))
+        p["detector_rle"].append(_per_box(detector_masks, keep, is_box, None, object))
         p["bbox"].append(np.asarray(pred.mask_boxes, np.float32)[keep].reshape(-1, 4))
         p["area"].append(np.asarray(pred.mask_areas(), np.int64)[keep])
         p["label"].append(self.names[labels])
@@ -108,6 +111,7 @@ class InstanceColumns:
         types: list[str] | None = None,
         detector_scores: list[float | None] | None = None,
         detector_labels: list[str | None] | None = None,
+        detector_masks: list[dict[str, Any] | None] | None = None,
     ) -> None:
         """The zero-cost baseline for one image: each box prompt's mask is the box itself (the
         pixels whose centres lie inside it), each point prompt's mask its one pixel; the label is
@@ -131,6 +135,7 @@ class InstanceColumns:
         scores = _per_box(detector_scores, keep, is_box, np.nan, np.float32)
         p["detector_score"].append(scores)
         p["detector_label"].append(labels)
+        p["detector_rle"].append(_per_box(detector_masks, keep, is_box, None, object))
         p["bbox"].append(bbox)
         p["area"].append(areas)
         p["label"].append(labels)
@@ -193,6 +198,7 @@ class InstanceColumns:
             else pa.nulls(n, pa.bool_())
         )
         arrays.update(self._signals(cat, n, is_box))
+        arrays["detector_rle"] = pa.array(cat["detector_rle"].tolist() if n else [], INSTANCE_TYPE.field("rle").type)
         struct = pa.StructArray.from_arrays([arrays[f] for f in _FIELDS], fields=list(INSTANCE_TYPE))
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct)
 
@@ -274,11 +280,18 @@ def prediction_to_instances(
     keep: np.ndarray | None = None,
     detector_scores: list[float | None] | None = None,
     detector_labels: list[str | None] | None = None,
+    detector_masks: list[dict[str, Any] | None] | None = None,
     with_embedding: bool = False,
 ) -> list[dict[str, Any]]:
     """One image's instance records as dicts (see :meth:`InstanceColumns.add_prediction`)."""
     cols = InstanceColumns(vocab, with_embedding=with_embedding)
     cols.add_prediction(
-        pred, prompts, types=types, keep=keep, detector_scores=detector_scores, detector_labels=detector_labels
+        pred,
+        prompts,
+        types=types,
+        keep=keep,
+        detector_scores=detector_scores,
+        detector_labels=detector_labels,
+        detector_masks=detector_masks,
     )
     return cols.to_arrow()[0].as_py()

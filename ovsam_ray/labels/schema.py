@@ -39,6 +39,8 @@ RLE_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())
 #: ``label_agrees`` (the prompt's detector label is OV-SAM's label; null without a detector label);
 #: and ``review``, the reviewer's verdict set when corrections are applied (:mod:`.overlays`:
 #: "accepted", "relabelled", "mask_edited", "added"; null for an unreviewed instance).
+#: ``detector_rle`` is the detector's own mask of a box prompt (COCO RLE at original size; SAM 3 with
+#: ``--keep-source-masks``), null otherwise.
 INSTANCE_TYPE = pa.struct(
     [
         ("prompt_type", pa.string()),
@@ -62,11 +64,12 @@ INSTANCE_TYPE = pa.struct(
         ("box_iou", pa.float32()),
         ("label_agrees", pa.bool_()),
         ("review", pa.string()),
+        ("detector_rle", RLE_TYPE),
     ]
 )
 
 #: The instance fields each schema version added (a file of an older version lacks them).
-V3_INSTANCE_FIELDS = ("label_margin", "stability_score", "box_iou", "label_agrees", "review")
+V3_INSTANCE_FIELDS = ("label_margin", "stability_score", "box_iou", "label_agrees", "review", "detector_rle")
 
 #: One row per input image (DESIGN §4). Error rows have status "error", a message in ``error``,
 #: width/height when the image could be decoded, and no instances. ``warnings`` (schema version

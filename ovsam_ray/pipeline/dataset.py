@@ -51,17 +51,22 @@ def _model_stage(cfg: LabelConfig, text: dict) -> tuple[Any, dict[str, Any], flo
 
 
 def _detector_queries(cfg: LabelConfig, text: dict) -> list[str] | None:
-    """The open-vocabulary detector's query list: --detector-queries, else for Grounding DINO (which
-    needs text) the job's vocabulary; None for the other detectors (OWLv2: objectness proposals)."""
-    from ovsam_ray.pipeline.hf_detectors import query_names
+    """The open-vocabulary detector's query list: --detector-queries, else for Grounding DINO and
+    SAM 3 (which need text) the job's vocabulary; None for the other detectors (OWLv2: objectness
+    proposals). SAM 3's list is checked against --detector-max-concepts here, before any actor."""
+    from ovsam_ray.pipeline.hf_detectors import check_concept_count, query_names
     from ovsam_ray.vocabulary import Vocabulary, clean_class_name
 
+    name = cfg.sources.detector_name
+    queries = None
     if cfg.detector_queries is not None:
-        return query_names(cfg.detector_queries)
-    if cfg.sources.detector_name == "grounding-dino":
+        queries = query_names(cfg.detector_queries)
+    elif name in ("grounding-dino", "sam3"):
         names = Vocabulary.from_json(text["vocabulary"]).class_names
-        return list(dict.fromkeys(clean_class_name(n) for n in names))
-    return None
+        queries = list(dict.fromkeys(clean_class_name(n) for n in names))
+    if name == "sam3" and queries is not None:
+        check_concept_count(len(queries), cfg.detector_max_concepts)
+    return queries
 
 
 def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.data.Dataset:
@@ -100,6 +105,17 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.da
                 "queries": _detector_queries(cfg, text),
                 "objectness_threshold": cfg.detector_objectness_threshold,
                 "s3_endpoint": cfg.model.s3_endpoint,
+                **(
+                    {
+                        "concepts": {
+                            "concept_batch": cfg.detector_concept_batch,
+                            "max_concepts": cfg.detector_max_concepts,
+                        },
+                        "keep_masks": cfg.keep_source_masks,
+                    }
+                    if cfg.sources.detector_name == "sam3"
+                    else {}
+                ),
             },
             batch_size=cfg.detector_batch_size,
             batch_format="pyarrow",

@@ -6,8 +6,11 @@ Built in: torchvision detection models by name (``fasterrcnn_resnet50_fpn_v2``,
 or random init. Boxes become class-agnostic prompts after a score threshold, NMS and a per-image
 cap; each keeps its detector label and score.
 
-Open-vocabulary: ``detector:owlv2`` and ``detector:grounding-dino`` (Hugging Face ``transformers``,
-see ``pipeline/hf_detectors.py``): weights a ``save_pretrained`` folder, optionally a query list.
+Open-vocabulary: ``detector:owlv2``, ``detector:grounding-dino`` and ``detector:sam3`` (Hugging Face
+``transformers``, see ``pipeline/hf_detectors.py``): weights a ``save_pretrained`` folder, optionally
+a query list (SAM 3: a concept list, required). A detector may return each box's own mask
+(``"masks"``: (N, h, w) logits over the whole image it was given, any h, w); with
+``keep_masks`` the stage stores them as COCO RLE at the original size (``det_masks``).
 
 User detectors: ``detector:my_pkg.module:MyDetector`` — a class whose constructor takes keyword
 arguments (``device``, ``weights``, ``random_init``) and whose instances are called with a list of
@@ -31,6 +34,7 @@ from torchvision.ops import batched_nms, nms
 
 from ovsam_ray import storage
 from ovsam_ray.errors import ConfigError
+from ovsam_ray.labels.schema import RLE_TYPE
 from ovsam_ray.pipeline.stages import image_of
 
 log = logging.getLogger(__name__)
@@ -190,20 +194,23 @@ def load_detector(
     queries: list[str] | None = None,
     objectness_threshold: float | None = None,
     s3_endpoint: str | None = None,
+    concepts: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
-    """``module.path:ClassName`` -> a user detector instance; ``owlv2`` / ``grounding-dino`` -> a
-    Hugging Face detector; another plain name -> TorchvisionDetector."""
+    """``module.path:ClassName`` -> a user detector instance; ``owlv2`` / ``grounding-dino`` /
+    ``sam3`` -> a Hugging Face detector (``concepts``: SAM 3's ``concept_batch``,
+    ``max_concepts``, ``keep_masks``); another plain name -> TorchvisionDetector."""
     from ovsam_ray.pipeline.hf_detectors import HF_DETECTORS, load_hf_detector
 
     if spec in HF_DETECTORS:
+        extra = (concepts or {}) if spec == "sam3" else {}
         return load_hf_detector(
-            spec, queries=queries, objectness_threshold=objectness_threshold, s3_endpoint=s3_endpoint, **kwargs
+            spec, queries=queries, objectness_threshold=objectness_threshold, s3_endpoint=s3_endpoint, **extra, **kwargs
         )
     if queries or objectness_threshold is not None:
         raise ConfigError(
-            f"detector:{spec} takes no query list or objectness threshold (detector:owlv2 and "
-            "detector:grounding-dino do)"
+            f"detector:{spec} takes no query list or objectness threshold (detector:owlv2, "
+            "detector:grounding-dino and detector:sam3 do)"
         )
     if ":" in spec:
         factory = user_detector_class(spec)
@@ -214,7 +221,8 @@ def load_detector(
 def postprocess_detections(
     det: dict[str, Any], *, score_threshold: float, nms_iou: float, max_per_image: int, class_agnostic: bool = True
 ) -> dict[str, Any]:
-    """Threshold, NMS (class-agnostic by default) and cap one image's detections."""
+    """Threshold, NMS (class-agnostic by default) and cap one image's detections; ``index``: the
+    kept detections' positions in ``det`` (to pick their masks)."""
     boxes = torch.as_tensor(np.asarray(det.get("boxes", []), np.float32)).reshape(-1, 4)
     scores = torch.as_tensor(np.asarray(det.get("scores", []), np.float32)).reshape(-1)
     labels = list(det.get("labels") or [None] * len(boxes))
@@ -227,14 +235,32 @@ def postprocess_detections(
         ids = {name: i for i, name in enumerate(dict.fromkeys(labels))}
         keep = batched_nms(boxes, scores, torch.tensor([ids[x] for x in labels], dtype=torch.long), nms_iou)
     keep = keep[:max_per_image].tolist()
-    return {"boxes": boxes[keep].tolist(), "scores": scores[keep].tolist(), "labels": [labels[i] for i in keep]}
+    return {
+        "boxes": boxes[keep].tolist(),
+        "scores": scores[keep].tolist(),
+        "labels": [labels[i] for i in keep],
+        "index": idx[keep].tolist(),
+    }
+
+
+def masks_to_rles(logits: np.ndarray, *, height: int, width: int) -> list[dict[str, Any]]:
+    """(N, h, w) mask logits over a whole image -> N COCO RLEs at (height, width) (bilinear, > 0)."""
+    from ovsam_ray.data.rle import encode_masks
+
+    x = torch.as_tensor(np.asarray(logits, np.float32))
+    if len(x) == 0:
+        return []
+    up = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return encode_masks((up > 0).numpy())
 
 
 class DetectorStage:
     """map_batches actor: adds each ok row's detector boxes (original pixels), scores and labels.
 
     ``queries`` / ``objectness_threshold``: the Hugging Face detectors' query list and OWLv2's
-    objectness cut. A detector with a ``score_threshold`` attribute sets the cut its own scores
+    objectness cut; ``concepts``: SAM 3's settings (``concept_batch``, ``max_concepts``);
+    ``keep_masks``: also the detector's own masks (``det_masks``, COCO RLE at original size;
+    SAM 3 only). A detector with a ``score_threshold`` attribute sets the cut its own scores
     are thresholded at (OWLv2 without queries: the objectness threshold)."""
 
     def __init__(
@@ -250,9 +276,20 @@ class DetectorStage:
         queries: list[str] | None = None,
         objectness_threshold: float | None = None,
         s3_endpoint: str | None = None,
+        concepts: dict[str, Any] | None = None,
+        keep_masks: bool = False,
     ) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        extra = {"queries": queries, "objectness_threshold": objectness_threshold, "s3_endpoint": s3_endpoint}
+        if keep_masks and spec != "sam3":
+            raise ConfigError(f"keep_masks: detector:{spec} returns no masks of its own (detector:sam3 does)")
+        concepts = {**(concepts or {}), **({"keep_masks": True} if keep_masks else {})}
+        extra = {
+            "queries": queries,
+            "objectness_threshold": objectness_threshold,
+            "s3_endpoint": s3_endpoint,
+            "concepts": concepts,
+        }
+        self.keep_masks = keep_masks
         self.detector = load_detector(
             spec, device=self.device, weights=weights, random_init=random_init, score_threshold=score_threshold, **extra
         )
@@ -261,7 +298,8 @@ class DetectorStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """DECODED rows in; the same rows plus ``det_boxes`` (flat XYXY, original pixels),
-        ``det_scores`` and ``det_labels`` out (empty lists for rows that are not ok)."""
+        ``det_scores`` and ``det_labels`` out (empty lists for rows that are not ok); with
+        ``keep_masks`` also ``det_masks`` (one COCO RLE per box, original size)."""
         status = batch.column("status").to_pylist()
         error = batch.column("error").to_pylist()
         ok = [i for i, s in enumerate(status) if s == "ok"]
@@ -275,17 +313,24 @@ class DetectorStage:
                     status[i], error[i] = "error", f"detector failed: {type(e).__name__}: {e}"
             else:
                 sizes = {c: batch.column(c).to_pylist() for c in ("width", "height", "in_w", "in_h")}
-                for i, det in zip(ok, detections):
-                    det = postprocess_detections(det, **self.post)
+                for i, raw in zip(ok, detections):
+                    det = postprocess_detections(raw, **self.post)
                     scale = np.array(
                         [sizes["width"][i] / sizes["in_w"][i], sizes["height"][i] / sizes["in_h"][i]] * 2, np.float32
                     )
                     det["boxes"] = (np.asarray(det["boxes"], np.float32).reshape(-1, 4) * scale).reshape(-1)
+                    if self.keep_masks:
+                        det["masks"] = masks_to_rles(
+                            np.asarray(raw["masks"])[det["index"]], height=sizes["height"][i], width=sizes["width"][i]
+                        )
                     dets[i] = det
-        empty = {"boxes": np.zeros(0, np.float32), "scores": [], "labels": []}
+        empty = {"boxes": np.zeros(0, np.float32), "scores": [], "labels": [], "masks": []}
         rows = [dets.get(i, empty) for i in range(batch.num_rows)]
         out = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
         out = out.set_column(out.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
         out = out.append_column("det_boxes", pa.array([r["boxes"] for r in rows], pa.list_(pa.float32())))
         out = out.append_column("det_scores", pa.array([r["scores"] for r in rows], pa.list_(pa.float32())))
-        return out.append_column("det_labels", pa.array([r["labels"] for r in rows], pa.list_(pa.string())))
+        out = out.append_column("det_labels", pa.array([r["labels"] for r in rows], pa.list_(pa.string())))
+        if self.keep_masks:
+            out = out.append_column("det_masks", pa.array([r["masks"] for r in rows], pa.list_(RLE_TYPE)))
+        return out

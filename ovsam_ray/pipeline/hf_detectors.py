@@ -1,5 +1,6 @@
 """Open-vocabulary detectors from Hugging Face ``transformers`` as prompt sources
-(``--prompts detector:owlv2`` / ``detector:grounding-dino``; ``pip install ovsam_ray[detectors]``).
+(``--prompts detector:owlv2`` / ``detector:grounding-dino`` / ``detector:sam3``; ``pip install
+ovsam_ray[detectors]``).
 
 Weights are a folder in ``save_pretrained`` layout, local or under an ``s3://`` prefix (copied to
 the local cache once); nothing is downloaded at run time. The folder holds ``config.json``, the
@@ -7,10 +8,10 @@ weights (``model.safetensors`` or ``pytorch_model.bin``), the image processor's 
 (``preprocessor_config.json`` or ``processor_config.json``) and the tokenizer's files
 (``tokenizer.json``, or ``vocab.json`` + ``merges.txt`` for OWLv2 / ``vocab.txt`` for Grounding
 DINO) — what ``huggingface-cli download REPO --local-dir DIR`` fetches from the repos in
-``PUBLISHED``. ``--detector-weights`` names that folder or one holding it as ``owlv2/`` or
-``grounding-dino/``.
+``PUBLISHED``. ``--detector-weights`` names that folder or one holding it as ``owlv2/``,
+``grounding-dino/`` or ``sam3/``.
 
-Both detectors take the stage's (H, W, 3) uint8 images, preprocess them on the model's device with
+The detectors take the stage's (H, W, 3) uint8 images, preprocess them on the model's device with
 the processor's settings (sizes, mean, std), run one forward per batch (bfloat16 autocast on CUDA)
 and return boxes in the pixels of the images they were given:
 
@@ -24,6 +25,16 @@ and return boxes in the pixels of the images they were given:
   boxes of all are merged (the stage's NMS removes duplicates). A box's score for a query is the
   best of its tokens' scores; its label is the best query. Boxes are relative to the unpadded
   resized image: pixels = box * (W, H).
+- ``sam3`` (SAM 3, "Segment Anything with Concepts") finds every instance of one concept (a
+  short noun phrase) per forward. The image is resized to the model's square (1008, no padding)
+  and encoded once (ViT + FPN); the concepts' text features are computed once at start; each
+  batch of ``concept_batch`` concepts then runs the DETR encoder, decoder and mask decoder against
+  the stored image encoding, so the cost is linear in the number of concepts
+  (``sam3_flops`` counts it; a list above ``max_concepts`` is refused with the figure). A
+  box's score is its query's score times the image's presence score for the concept; its label is
+  the concept. Boxes are relative to the resized image: pixels = box * (W, H). With
+  ``keep_masks`` each box also carries SAM 3's own mask (low-resolution logits over the whole
+  image; the stage scales them to the original image).
 """
 
 from __future__ import annotations
@@ -50,16 +61,20 @@ __all__ = [
     "PUBLISHED",
     "GroundingDinoDetector",
     "Owlv2Detector",
+    "Sam3Detector",
     "check_available",
+    "check_concept_count",
     "load_hf_detector",
     "check_folder",
     "query_names",
     "resolve_folder",
+    "sam3_flops",
 ]
 
 PUBLISHED = {
     "owlv2": "https://huggingface.co/google/owlv2-base-patch16-ensemble (or google/owlv2-large-patch14-ensemble)",
     "grounding-dino": "https://huggingface.co/IDEA-Research/grounding-dino-tiny (or IDEA-Research/grounding-dino-base)",
+    "sam3": "https://huggingface.co/facebook/sam3 (gated: accept the SAM License on that page first, then log in)",
 }
 #: Which files a save_pretrained folder needs: (what, any one of these names).
 REQUIRED_FILES = (
@@ -72,6 +87,11 @@ REQUIRED_FILES = (
 OWL_TEMPLATE = "a photo of a {}"
 #: OWLv2's objectness cut when no query list is given and none is set.
 DEFAULT_OBJECTNESS_THRESHOLD = 0.1
+#: SAM 3: the most concepts accepted unless raised (--detector-max-concepts): each one is a pass
+#: of the DETR encoder, decoder and mask decoder per image
+DEFAULT_MAX_CONCEPTS = 100
+#: SAM 3: concepts run together against one image encoding (--detector-concept-batch)
+DEFAULT_CONCEPT_BATCH = 16
 
 
 def check_available(name: str) -> None:
@@ -146,7 +166,12 @@ class _HFDetector:
         import transformers
 
         folder = resolve_folder(weights, self.name, s3_endpoint=s3_endpoint, need_weights=not random_init)
-        cls = getattr(transformers, self.model_class)
+        cls = getattr(transformers, self.model_class, None)
+        if cls is None:
+            raise ImportError(
+                f"detector:{self.name} needs a transformers with {self.model_class} (installed: "
+                f"{transformers.__version__}): pip install -U 'ovsam_ray[detectors]'"
+            )
         try:
             self.processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -381,7 +406,185 @@ class GroundingDinoDetector(_HFDetector):
         return results
 
 
-HF_DETECTORS = {"owlv2": Owlv2Detector, "grounding-dino": GroundingDinoDetector}
+def sam3_flops(config: Any = None, *, concepts: int = 1) -> tuple[float, float]:
+    """(FLOPs of encoding one image, FLOPs per concept per image) of a SAM 3 of ``config``
+    (default: the published size), counted by ``torch.utils.flop_counter``: the image's ViT + FPN
+    on the meta device (no memory, no weights); the per-concept part (DETR encoder, decoder, mask
+    decoder) runs for real on the CPU (its code reads feature sizes from tensors), against an
+    image encoding of the right shapes from a one-layer stand-in backbone (random weights). Text
+    features are excluded: they are computed once per job."""
+    import copy
+
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = config if config is not None else transformers.Sam3Config()
+    backbone = config.vision_config.backbone_config
+    side = backbone.image_size if isinstance(backbone.image_size, int) else backbone.image_size[0]
+    with torch.device("meta"):
+        vision_model = transformers.Sam3Model(config).vision_encoder.eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            vision_model(torch.zeros(1, 3, side, side))
+    image = float(counter.get_total_flops())
+    small = copy.deepcopy(config)
+    small.vision_config.backbone_config.hidden_size = 16
+    small.vision_config.backbone_config.intermediate_size = 16
+    small.vision_config.backbone_config.num_hidden_layers = 1
+    small.vision_config.backbone_config.num_attention_heads = 1
+    small.vision_config.backbone_config.global_attn_indexes = [0]
+    small.text_config.num_hidden_layers = 1
+    model = transformers.Sam3Model(small).eval()
+    length = int(config.text_config.max_position_embeddings)
+    text = torch.zeros(concepts, length, config.detr_encoder_config.hidden_size)
+    with torch.no_grad():
+        vision = model.get_vision_features(pixel_values=torch.zeros(1, 3, side, side))
+        vision = _repeat_vision(vision, torch.zeros(concepts, dtype=torch.long))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(vision_embeds=vision, text_embeds=_text_output(text))
+    return image, float(counter.get_total_flops()) / concepts
+
+
+def check_concept_count(count: int, limit: int, *, flops: tuple[float, float] | None = None) -> None:
+    """ConfigError when ``count`` concepts exceed ``limit``, with what they would cost: the
+    FLOPs per concept per image (``flops``, default: counted for the published size)."""
+    if count <= limit:
+        return
+    image, per_concept = flops if flops is not None else sam3_flops()
+    raise ConfigError(
+        f"detector:sam3 with {count} concepts: above the limit of {limit} (--detector-max-concepts). SAM 3 runs "
+        f"one pass per concept: {per_concept / 1e9:.0f} GFLOPs per concept per image at the published size, "
+        f"{count} concepts {count * per_concept / 1e12:.1f} TFLOPs per image on top of {image / 1e12:.1f} for "
+        "encoding it (linear in the number of concepts). Shorten the list or raise --detector-max-concepts"
+    )
+
+
+def _text_output(features: torch.Tensor) -> Any:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return BaseModelOutputWithPooling(pooler_output=features)
+
+
+def _repeat_vision(vision: Any, index: torch.Tensor) -> Any:
+    """The image encoding of images ``index`` (one per concept of a batch)."""
+    from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+    return Sam3VisionEncoderOutput(
+        fpn_hidden_states=tuple(x[index] for x in vision.fpn_hidden_states),
+        fpn_position_encoding=tuple(x[index] for x in vision.fpn_position_encoding),
+    )
+
+
+class Sam3Detector(_HFDetector):
+    """SAM 3: every instance of each concept; the image encoded once, concepts in batches."""
+
+    name = "sam3"
+    model_class = "Sam3Model"
+
+    def __init__(
+        self,
+        *,
+        queries: Sequence[str],
+        score_threshold: float = 0.3,
+        concept_batch: int = DEFAULT_CONCEPT_BATCH,
+        max_concepts: int = DEFAULT_MAX_CONCEPTS,
+        keep_masks: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if not queries:
+            raise ConfigError("detector:sam3 needs a concept list (--detector-queries FILE|vocab-name)")
+        if concept_batch < 1:
+            raise ConfigError(f"detector:sam3: concept_batch={concept_batch}, must be >= 1")
+        check_concept_count(len(queries), max_concepts)
+        super().__init__(**kwargs)
+        self.queries = list(queries)
+        self.score_threshold = score_threshold
+        self.concept_batch = concept_batch
+        self.keep_masks = keep_masks
+        size = self.processor.size
+        self.side = (int(size["height"]), int(size["width"]))
+        self.text, self.text_mask = self._embed_concepts()
+
+    @torch.no_grad()
+    def _embed_concepts(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each concept's projected text features (K, tokens, d) and attention mask (K, tokens):
+        the processor's padding (to the text encoder's 32 positions), computed once."""
+        length = int(self.model.config.text_config.max_position_embeddings)
+        feats, masks = [], []
+        for start in range(0, len(self.queries), chunk):
+            tok = self.tokenizer(
+                self.queries[start : start + chunk],
+                padding="max_length",
+                truncation=True,
+                max_length=length,
+                return_tensors="pt",
+            )
+            ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+            with self._autocast():
+                feats.append(self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output)
+            masks.append(mask)
+        return torch.cat(feats), torch.cat(masks)
+
+    def _preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Each image resized to the model's square (the processor's plain resize), normalised."""
+        batch = torch.empty((len(images), 3, *self.side), device=self.device)
+        for k, im in enumerate(images):
+            x = F.interpolate(
+                self._pixels(im)[None], size=self.side, mode="bilinear", antialias=True, align_corners=False
+            )
+            batch[k] = self._normalise(x[0].clamp_(0, 1))
+        return batch
+
+    @torch.no_grad()
+    def __call__(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        if not images:
+            return []
+        b = len(images)
+        with self._autocast():
+            vision = self.model.get_vision_features(pixel_values=self._preprocess(images))
+        parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in images]
+        for start in range(0, len(self.queries), self.concept_batch):
+            concepts = torch.arange(start, min(start + self.concept_batch, len(self.queries)), device=self.device)
+            c = len(concepts)
+            image_of_pair = torch.arange(b, device=self.device).repeat_interleave(c)  # image-major pairs
+            concept_of_pair = concepts.repeat(b)
+            with self._autocast():
+                out = self.model(
+                    vision_embeds=_repeat_vision(vision, image_of_pair),
+                    text_embeds=_text_output(self.text[concept_of_pair]),
+                    attention_mask=self.text_mask[concept_of_pair],
+                )
+            scores = out.pred_logits.float().sigmoid() * out.presence_logits.float().sigmoid()  # (b*c, queries)
+            for p in range(b * c):
+                keep = torch.nonzero(scores[p] >= self.score_threshold).flatten()
+                if len(keep) == 0:
+                    continue
+                part = [out.pred_boxes[p][keep].float(), scores[p][keep], concept_of_pair[p].expand(len(keep))]
+                if self.keep_masks:
+                    part.append(out.pred_masks[p][keep].float().cpu())
+                parts[p // c].append(tuple(part))
+        results = []
+        for k, im in enumerate(images):
+            h, w = im.shape[:2]
+            scale = torch.tensor([w, h, w, h], device=self.device, dtype=torch.float32)
+            if parts[k]:
+                cols = [torch.cat(x) for x in zip(*parts[k])]
+            else:
+                cols = [torch.zeros((0, 4), device=self.device), torch.zeros(0), torch.zeros(0, dtype=torch.long)]
+            xyxy = torch.minimum((cols[0] * scale).clamp(min=0), scale)  # normalised to the resized image
+            det = {
+                "boxes": xyxy.cpu().numpy(),
+                "scores": cols[1].cpu().numpy(),
+                "labels": [self.queries[int(i)] for i in cols[2].cpu()],
+            }
+            if self.keep_masks:
+                det["masks"] = cols[3].numpy() if parts[k] else np.zeros((0, 1, 1), np.float32)
+            results.append(det)
+        return results
+
+
+HF_DETECTORS = {"owlv2": Owlv2Detector, "grounding-dino": GroundingDinoDetector, "sam3": Sam3Detector}
 
 
 def load_hf_detector(
@@ -395,6 +598,9 @@ def load_hf_detector(
     objectness_threshold: float | None = None,
     s3_endpoint: str | None = None,
     bf16: bool = True,
+    concept_batch: int = DEFAULT_CONCEPT_BATCH,
+    max_concepts: int = DEFAULT_MAX_CONCEPTS,
+    keep_masks: bool = False,
 ) -> _HFDetector:
     common = {
         "weights": weights,
@@ -408,4 +614,12 @@ def load_hf_detector(
         return Owlv2Detector(queries=queries, objectness_threshold=objectness_threshold, **common)
     if objectness_threshold is not None:
         raise ConfigError(f"--detector-objectness-threshold is OWLv2's (objectness head); detector:{name} has none")
+    if name == "sam3":
+        return Sam3Detector(
+            queries=queries or [],
+            concept_batch=concept_batch,
+            max_concepts=max_concepts,
+            keep_masks=keep_masks,
+            **common,
+        )
     return HF_DETECTORS[name](queries=queries or [], **common)

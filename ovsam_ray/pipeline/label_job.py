@@ -33,6 +33,7 @@ from ovsam_ray.locations import check_disjoint
 from ovsam_ray.model.classifier import FUSION_ALPHA, FUSION_BETA
 from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.pipeline.dataset import DECODE_CHUNK, DECODE_CHUNK_NO_PIXELS, build_dataset
+from ovsam_ray.pipeline.hf_detectors import DEFAULT_CONCEPT_BATCH, DEFAULT_MAX_CONCEPTS
 from ovsam_ray.pipeline.lease import HEARTBEAT_S, OutputLease, check_interval
 from ovsam_ray.pipeline.ownership import ALLOW_FOREIGN_FILES_HELP, check_output_owned
 from ovsam_ray.pipeline.parts import (
@@ -125,9 +126,9 @@ class LabelConfig:
         metadata={
             "group": _PROMPTS,
             "help": (
-                "shard | detector:NAME (torchvision name, owlv2, grounding-dino) | grid, several joined by commas; "
-                "A+B: both, deduplicated across sources by mask IoU (detector:owlv2+grid); A|B: B's prompts for the "
-                "images A gives none (shard|grid, shard|detector:NAME)"
+                "shard | detector:NAME (torchvision name, owlv2, grounding-dino, sam3) | grid, several joined by "
+                "commas; A+B: both, deduplicated across sources by mask IoU (detector:owlv2+grid); A|B: B's "
+                "prompts for the images A gives none (shard|grid, shard|detector:NAME)"
             ),
         },
     )
@@ -158,8 +159,8 @@ class LabelConfig:
         metadata={
             "group": _PROMPTS,
             "help": (
-                "owlv2 / grounding-dino query list: a vocabulary name (coco_ov, lvis_v1) or .txt/.json file (default: "
-                "owlv2 class-agnostic objectness boxes; grounding-dino the --vocab)"
+                "owlv2 / grounding-dino query list, sam3 concept list: a vocabulary name (coco_ov, lvis_v1) or "
+                ".txt/.json file (default: owlv2 class-agnostic objectness boxes; grounding-dino and sam3 the --vocab)"
             ),
         },
     )
@@ -168,6 +169,24 @@ class LabelConfig:
         metadata={
             "group": _PROMPTS,
             "help": ("owlv2: objectness cut (without queries the boxes' score; default 0.1 there, off with queries)"),
+        },
+    )
+    detector_max_concepts: int = field(
+        default=DEFAULT_MAX_CONCEPTS,
+        metadata={
+            "group": _PROMPTS,
+            "help": "sam3: refuse a concept list longer than this (its cost is one pass per concept per image)",
+        },
+    )
+    detector_concept_batch: int = field(
+        default=DEFAULT_CONCEPT_BATCH,
+        metadata={"group": _PROMPTS, "help": "sam3: concepts run together against one image encoding"},
+    )
+    keep_source_masks: bool = field(
+        default=False,
+        metadata={
+            "group": _PROMPTS,
+            "help": "sam3: also store the detector's own mask of each box (instances' detector_rle, COCO RLE)",
         },
     )
     baseline: str | None = field(
@@ -269,20 +288,29 @@ def check_before_start(cfg: LabelConfig) -> dict[str, Any]:
 def _check_detector_options(cfg: LabelConfig) -> None:
     """Query list / objectness threshold only for the detectors that take them; transformers
     installed for the Hugging Face ones (before any Ray actor tries to import it)."""
-    from ovsam_ray.pipeline.hf_detectors import HF_DETECTORS, check_available
+    from ovsam_ray.pipeline.hf_detectors import HF_DETECTORS, check_available, check_concept_count, query_names
 
     name = cfg.sources.detector_name
     if name in HF_DETECTORS:
         check_available(name)
     if cfg.detector_queries is not None and name not in HF_DETECTORS:
         raise ConfigError(
-            f"detector_queries={cfg.detector_queries!r}: only detector:owlv2 and detector:grounding-dino "
-            f"take a query list (--prompts {cfg.prompts!r})"
+            f"detector_queries={cfg.detector_queries!r}: only detector:owlv2, detector:grounding-dino and "
+            f"detector:sam3 take a query list (--prompts {cfg.prompts!r})"
         )
     if cfg.detector_objectness_threshold is not None and name != "owlv2":
         raise ConfigError(
             f"detector_objectness_threshold: only detector:owlv2 has an objectness head (--prompts {cfg.prompts!r})"
         )
+    if cfg.keep_source_masks and name != "sam3":
+        raise ConfigError(f"keep_source_masks: only detector:sam3 returns masks of its own (--prompts {cfg.prompts!r})")
+    if cfg.detector_concept_batch < 1 or cfg.detector_max_concepts < 1:
+        raise ConfigError(
+            f"detector_concept_batch={cfg.detector_concept_batch}, detector_max_concepts="
+            f"{cfg.detector_max_concepts}: both must be >= 1"
+        )
+    if name == "sam3" and cfg.detector_queries is not None:
+        check_concept_count(len(query_names(cfg.detector_queries)), cfg.detector_max_concepts)
 
 
 @dataclass
@@ -362,6 +390,7 @@ def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord
                 if cfg.detector_objectness_threshold is not None
                 else {}
             ),
+            **({"keep_source_masks": True} if cfg.keep_source_masks else {}),
         },
     }
     details = {

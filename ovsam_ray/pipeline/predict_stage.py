@@ -74,7 +74,7 @@ def prompt_sets(batch: pa.Table, rows: list[int], sources: PromptSources, grid_s
     }
     det = {
         name: batch.column(name).to_pylist()
-        for name in ("det_boxes", "det_scores", "det_labels")
+        for name in ("det_boxes", "det_scores", "det_labels", "det_masks")
         if name in batch.column_names
     }
     out = []
@@ -91,6 +91,7 @@ def prompt_sets(batch: pa.Table, rows: list[int], sources: PromptSources, grid_s
                 "boxes": _reshape(det["det_boxes"][i], 4),
                 "scores": det["det_scores"][i] or [],
                 "labels": det["det_labels"][i] or [],
+                **({"masks": det["det_masks"][i] or []} if "det_masks" in det else {}),
             }
         out.append(
             image_prompt_set(spec, sources, width=cols["width"][i], height=cols["height"][i], grid_size=grid_size)
@@ -197,6 +198,7 @@ class PredictStage:
                 keep=keep,
                 detector_scores=ps.detector_scores,
                 detector_labels=ps.detector_labels,
+                detector_masks=ps.detector_masks,
             )
         return result_table(batch, status, error, cols.to_arrow(), sets)
 
@@ -267,5 +269,6 @@ class BoxFillStage:
                 types=ps.types,
                 detector_scores=ps.detector_scores,
                 detector_labels=ps.detector_labels,
+                detector_masks=ps.detector_masks,
             )
         return result_table(batch, status, batch.column("error").to_pylist(), cols.to_arrow(), sets)

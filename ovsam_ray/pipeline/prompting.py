@@ -72,7 +72,7 @@ class PromptSources:
             else:
                 raise ConfigError(
                     f"--prompts {spec!r}: use shard, grid, detector:NAME (torchvision name, owlv2, "
-                    "grounding-dino or my_pkg.module:MyDetector), several joined by commas, A+B (both, "
+                    "grounding-dino, sam3 or my_pkg.module:MyDetector), several joined by commas, A+B (both, "
                     "deduplicated across sources) or A|B (B where A gives an image no prompt)"
                 )
         if not (shard or detector or grid):
@@ -133,7 +133,8 @@ class SelectConfig:
 @dataclass
 class ImagePromptSet:
     """One image's prompts plus what each one is: prompt types ("box", "point", "grid") in
-    prompt order, and detector score/label per box (None for shard boxes)."""
+    prompt order, and detector score/label per box (None for shard boxes) and, when the detector
+    stage keeps them (``--keep-source-masks``), the detector's own mask per box (COCO RLE)."""
 
     prompts: ImagePrompts
     types: list[str]
@@ -141,6 +142,7 @@ class ImagePromptSet:
     detector_labels: list[str | None] = field(default_factory=list)
     #: ``A+B``: each prompt's part (0 for A, 1 for B...); empty without ``+``
     tiers: list[int] = field(default_factory=list)
+    detector_masks: list[dict[str, Any] | None] = field(default_factory=list)
 
 
 def image_prompt_set(
@@ -157,16 +159,18 @@ def image_prompt_set(
 def _combine(
     spec: dict[str, Any], sources: PromptSources, *, width: int, height: int, grid_size: int
 ) -> ImagePromptSet:
-    boxes, scores, labels = [], [], []
+    boxes, scores, labels, masks = [], [], [], []
     if sources.shard:
         boxes += spec.get("boxes") or []
         scores += spec.get("scores") or [None] * len(spec.get("boxes") or [])
         labels += spec.get("labels") or [None] * len(spec.get("boxes") or [])
+        masks += [None] * len(spec.get("boxes") or [])
     det = spec.get("detector") or {}
     if sources.detector:
         boxes += det.get("boxes") or []
         scores += det.get("scores") or []
         labels += det.get("labels") or []
+        masks += det.get("masks") or [None] * len(det.get("boxes") or [])
     points = list(spec.get("points") or []) if sources.shard else []
     pb = spec.get("point_boxes") if sources.shard else None
     point_boxes = [[np.nan if v is None else v for v in row] for row in pb] if pb else [[np.nan] * 4] * len(points)
@@ -190,7 +194,7 @@ def _combine(
     )
     tier_of = {kind: t for t, tier in enumerate(sources.tiers) for kind in tier}
     tiers = [tier_of[o] for o in origin] if sources.tiers else []
-    return ImagePromptSet(prompts, types, scores, labels, tiers)
+    return ImagePromptSet(prompts, types, scores, labels, tiers, masks if any(m is not None for m in masks) else [])
 
 
 def select_predictions(

@@ -129,3 +129,68 @@ def save_tiny_grounding_dino(
     image_processor = GroundingDinoImageProcessor(size={"shortest_edge": shortest_edge, "longest_edge": longest_edge})
     GroundingDinoProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
     return folder
+
+
+def save_tiny_sam3(folder: str, *, image_size: int = 56, seed: int = 0) -> str:
+    """A random SAM 3 (``Sam3Model``) a few hundred kilobytes large: a one-layer ViT on 14-pixel
+    patches of a ``image_size`` square, a one-layer CLIP text encoder (the character tokenizer
+    above, 32 tokens as the published processor pads to), one-layer DETR encoder and decoder
+    with 8 queries, the mask decoder at hidden size 16."""
+    from transformers import CLIPTokenizer, Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+    torch.manual_seed(seed)
+    tok = _clip_tokenizer()
+    grid = image_size // 14
+    hidden = 16
+    cfg = Sam3Config(
+        vision_config={
+            "backbone_config": {
+                "model_type": "sam3_vit_model",
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": image_size,
+                "patch_size": 14,
+                "window_size": grid,
+                "global_attn_indexes": [0],
+                "pretrain_image_size": image_size,
+            },
+            "fpn_hidden_size": hidden,
+            "backbone_feature_sizes": [[grid * 4, grid * 4], [grid * 2, grid * 2], [grid, grid]],
+        },
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "projection_dim": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 32,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.eos_token_id,
+        },
+        geometry_encoder_config={
+            "hidden_size": hidden,
+            "num_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+        },
+        detr_encoder_config={"hidden_size": hidden, "num_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+        detr_decoder_config={
+            "hidden_size": hidden,
+            "num_layers": 1,
+            "num_queries": 8,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+        },
+        mask_decoder_config={"hidden_size": hidden, "num_attention_heads": 2},
+    )
+    Sam3Model(cfg).eval().save_pretrained(folder)
+    image_processor = Sam3ImageProcessor(
+        size={"height": image_size, "width": image_size}, mask_size={"height": grid * 4, "width": grid * 4}
+    )
+    assert isinstance(tok, CLIPTokenizer)
+    Sam3Processor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
+    return folder

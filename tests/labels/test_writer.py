@@ -101,9 +101,11 @@ def test_schema_matches_design():
         "box_iou",
         "label_agrees",
         "review",
+        "detector_rle",
     ]
     for name in V3_INSTANCE_FIELDS:  # version 3's additions: nullable, so older files read them as null
         assert inst.field(name).nullable
+    assert inst.field("detector_rle").type == inst.field("rle").type and inst.field("detector_rle").nullable
     assert inst.field("prompt_box").type == pa.list_(pa.float32(), 4)
     assert inst.field("point").type == pa.list_(pa.float32(), 2)
     assert inst.field("embedding").type == pa.list_(pa.float16()) and inst.field("embedding").nullable
@@ -277,6 +279,39 @@ def test_version_2_files_read_as_they_are_and_recommit_as_version_3(tmp_path):
     inst = table.column("instances").to_pylist()[0][0]
     assert all(inst[name] is None for name in V3_INSTANCE_FIELDS)
     assert inst["label"] == _rows("t")[0]["instances"][0]["label"]
+
+
+def _without_detector_rle(table: pa.Table) -> pa.Table:
+    """``table`` as written before instances had ``detector_rle``."""
+    inst = OUTPUT_SCHEMA.field("instances").type.value_type
+    old = pa.struct([inst.field(i) for i in range(inst.num_fields) if inst.field(i).name != "detector_rle"])
+    col = table.column("instances").combine_chunks()
+    values = pa.StructArray.from_arrays([col.values.field(f.name) for f in old], fields=list(old))
+    return table.set_column(
+        table.column_names.index("instances"), "instances", pa.ListArray.from_arrays(col.offsets, values)
+    )
+
+
+def test_files_without_detector_rle_still_read_and_recommit(tmp_path):
+    from ovsam_ray.labels.reader import iter_label_rows
+
+    out = str(tmp_path / "old")
+    committer = ShardCommitter(out)
+    old = _without_detector_rle(rows_to_table(_rows("s")))
+    assert "detector_rle" not in str(old.schema.field("instances").type)
+    committer.commit("s", rows_to_table(_rows("s")))
+    pq.write_table(old, committer.parquet_url("s"))  # as a run before the field left it
+    rows = list(iter_label_rows(out))
+    assert [len(r["instances"] or []) for r in rows] == [len(x.get("instances") or []) for x in _rows("s")]
+    # recommitted (a resumed job's parts, a relabel) with the field null
+    committer.commit("t", old)
+    table = pq.read_table(committer.parquet_url("t"))
+    assert table.schema.equals(OUTPUT_SCHEMA)
+    insts = [i for r in table.to_pylist() for i in r["instances"] or []]
+    assert insts and all(i["detector_rle"] is None for i in insts)
+    assert [i["rle"] for i in insts] == [i["rle"] for r in old.to_pylist() for i in r["instances"] or []]
+    # and a row dict written without the key gets it null
+    assert all(i["detector_rle"] is None for r in rows_to_table(rows).to_pylist() for i in r["instances"] or [])
 
 
 def test_marker_without_parquet_is_a_clear_error(tmp_path):
