@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 
 from ovsam_ray import __version__
-from ovsam_ray.cli.convert import add_convert, add_convert_clip
+from ovsam_ray.cli.convert import add_convert, add_convert_clip, add_reshard
 from ovsam_ray.cli.demo import add_demo, add_demo_data
 from ovsam_ray.cli.evaluate import add_eval
 from ovsam_ray.cli.export import add_export
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_demo_data,
         add_demo,
         add_convert,
+        add_reshard,
         add_eval,
         add_export,
         add_show,

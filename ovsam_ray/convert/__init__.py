@@ -6,7 +6,9 @@ from ovsam_ray.convert.coco import convert_coco
 from ovsam_ray.convert.detections import convert_detections
 from ovsam_ray.convert.imagenet import convert_imagenet, load_synset_map
 from ovsam_ray.convert.lvis import convert_lvis
+from ovsam_ray.convert.mixed import write_mixed
 from ovsam_ray.convert.records import ConvertError
+from ovsam_ray.convert.reshard import reshard
 from ovsam_ray.convert.sa1b import convert_sa1b
 from ovsam_ray.data.tar_writer import ConvertSummary, Sample, sample_key, write_shards
 from ovsam_ray.registry import Registry
@@ -35,6 +37,8 @@ __all__ = [
     "convert_lvis",
     "convert_sa1b",
     "load_synset_map",
+    "reshard",
     "sample_key",
+    "write_mixed",
     "write_shards",
 ]

@@ -4,8 +4,9 @@ Each image becomes ``<key>.<ext>`` + ``<key>.json`` with ``image_id``, ``file_na
 ``height``, the ground truth as ``annotations`` (``id``, ``bbox`` xywh, ``category_id``,
 ``category_name``, ``segmentation`` kept as given — polygons or RLE —, ``area``, ``iscrowd``)
 and, unless ``prompts="none"``, prompts built from it (``boxes`` + ``labels``, and/or interior
-``points``; see :func:`ovsam_ray.data.gt_prompts.gt_prompts`). Images are written in
-``image_id`` order; the key is the zero-padded id (``000000397133``), so shards are reproducible.
+``points``; see :func:`ovsam_ray.data.gt_prompts.gt_prompts`). Shards are mixed (a seeded random
+order, DESIGN §4.8; ``order="source"``: ``image_id`` order); the key is the zero-padded id
+(``000000397133``), so shards are reproducible.
 The categories are written next to the shards as ``_categories.json``.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ovsam_ray import storage
+from ovsam_ray.convert.mixed import TASK_IMAGES, check_order, sample_units, write_mixed
 from ovsam_ray.convert.records import (
     ConvertError,
     bbox_problem,
@@ -38,7 +40,15 @@ from ovsam_ray.data.gt_prompts import PROMPT_MODES, gt_prompts
 from ovsam_ray.data.tar_writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
 from ovsam_ray.errors import ConfigError
 
-__all__ = ["CocoRecords", "coco_samples", "convert_coco", "load_json", "read_coco", "write_categories"]
+__all__ = [
+    "CocoRecords",
+    "coco_samples",
+    "convert_coco",
+    "load_json",
+    "read_coco",
+    "write_categories",
+    "write_samples",
+]
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +295,45 @@ def write_categories(categories: list[dict[str, Any]], output: str, *, s3_endpoi
     storage.atomic_write_bytes(storage.join(output, "_categories.json"), data, s3_endpoint=s3_endpoint)
 
 
+def write_samples(
+    samples: Iterator[Sample],
+    output: str,
+    summary: ConvertSummary,
+    *,
+    images_per_shard: int,
+    workers: int,
+    order: str,
+    seed: int,
+    ray_address: str | None,
+    task_images: int,
+    options: dict[str, Any],
+    s3_endpoint: str | None,
+) -> ConvertSummary:
+    """Samples built on the driver -> shards: mixed (``order="shuffled"``) or in the given order."""
+    check_order(order)
+    if order == "source":
+        return write_shards(
+            samples,
+            output,
+            images_per_shard=images_per_shard,
+            workers=workers,
+            s3_endpoint=s3_endpoint,
+            summary=summary,
+        )
+    return write_mixed(
+        sample_units(samples, summary),
+        output,
+        images_per_shard=images_per_shard,
+        seed=seed,
+        workers=workers,
+        ray_address=ray_address,
+        task_images=task_images,
+        options=options,
+        s3_endpoint=s3_endpoint,
+        summary=summary,
+    )
+
+
 def convert_coco(
     annotations: str,
     images: str,
@@ -294,12 +343,18 @@ def convert_coco(
     prompts: str = "box",
     limit: int | None = None,
     workers: int = 4,
+    order: str = "shuffled",
+    seed: int = 0,
+    ray_address: str | None = None,
+    task_images: int = TASK_IMAGES,
     s3_endpoint: str | None = None,
 ) -> ConvertSummary:
     """COCO instances json (``annotations``) + image folder (``images``, local or ``s3://``) ->
     shards under ``output``. ``prompts``: box | point | both | none (prompts from the ground truth);
     ``limit``: the first N images (by id) only. Malformed records are skipped and counted
-    (:func:`read_coco`)."""
+    (:func:`read_coco`). ``order``: ``shuffled`` (mixed shards; ``seed``, ``ray_address``,
+    ``task_images``: :func:`~ovsam_ray.convert.mixed.write_mixed`) or ``source`` (id order)."""
+    check_order(order)
     if prompts not in PROMPT_MODES:
         raise ConfigError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
     summary = ConvertSummary()
@@ -311,8 +366,18 @@ def convert_coco(
         need_size=prompts in ("point", "both"),
     )
     samples = coco_samples(records, images, prompts=prompts, limit=limit)
-    summary = write_shards(
-        samples, output, images_per_shard=images_per_shard, workers=workers, s3_endpoint=s3_endpoint, summary=summary
+    summary = write_samples(
+        samples,
+        output,
+        summary,
+        images_per_shard=images_per_shard,
+        workers=workers,
+        order=order,
+        seed=seed,
+        ray_address=ray_address,
+        task_images=task_images,
+        options={"format": "coco", "annotations": annotations, "images": images, "prompts": prompts, "limit": limit},
+        s3_endpoint=s3_endpoint,
     )
     write_categories(records.categories, output, s3_endpoint=s3_endpoint)
     return summary

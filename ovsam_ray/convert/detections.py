@@ -16,8 +16,9 @@ from typing import Any
 from pycocotools import mask as mask_utils
 
 from ovsam_ray import storage
-from ovsam_ray.convert.coco import coco_samples, load_json, read_coco, write_categories
+from ovsam_ray.convert.coco import coco_samples, load_json, read_coco, write_categories, write_samples
 from ovsam_ray.convert.lvis import LVIS_IMAGE_FIELDS, lvis_image_path
+from ovsam_ray.convert.mixed import TASK_IMAGES
 from ovsam_ray.convert.records import (
     ConvertError,
     bbox_problem,
@@ -29,7 +30,7 @@ from ovsam_ray.convert.records import (
     shown,
 )
 from ovsam_ray.data.rle import annotation_rle
-from ovsam_ray.data.tar_writer import ConvertSummary, write_shards
+from ovsam_ray.data.tar_writer import ConvertSummary
 
 __all__ = ["convert_detections", "detections_by_image"]
 
@@ -124,6 +125,10 @@ def convert_detections(
     images_per_shard: int = 1000,
     limit: int | None = None,
     workers: int = 4,
+    order: str = "shuffled",
+    seed: int = 0,
+    ray_address: str | None = None,
+    task_images: int = TASK_IMAGES,
     s3_endpoint: str | None = None,
 ) -> ConvertSummary:
     """COCO results json + the COCO/LVIS json naming its images + image folder -> shards. Malformed
@@ -155,8 +160,27 @@ def convert_detections(
         limit=limit,
         extra=lambda image: grouped.get(id_text(image["id"]), empty),
     )
-    summary = write_shards(
-        samples, output, images_per_shard=images_per_shard, workers=workers, s3_endpoint=s3_endpoint, summary=summary
+    summary = write_samples(
+        samples,
+        output,
+        summary,
+        images_per_shard=images_per_shard,
+        workers=workers,
+        order=order,
+        seed=seed,
+        ray_address=ray_address,
+        task_images=task_images,
+        options={
+            "format": "detections",
+            "results": results,
+            "annotations": annotations,
+            "images": images,
+            "min_score": min_score,
+            "max_per_image": max_per_image,
+            "keep_ground_truth": keep_ground_truth,
+            "limit": limit,
+        },
+        s3_endpoint=s3_endpoint,
     )
     write_categories(records.categories, output, s3_endpoint=s3_endpoint)
     return summary

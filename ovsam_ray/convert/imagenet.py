@@ -8,7 +8,8 @@ or JSON (``{"n01440764": "tench"}``, ``{"n01440764": ["tench", "Tinca tinca"]}``
 ``{"0": ["n01440764", "tench"]}``). The first name is the class name, the others its synonyms.
 Each image's JSON: ``image_id`` (``<synset>/<file stem>``), ``class_name``, ``synset``,
 ``class_id`` (position of the synset in the map, else in sorted folder order) — what CLIP2SAM
-co-training reads as image-level labels. Classes are written in ``class_id`` order, files sorted.
+co-training reads as image-level labels. Shards are mixed across classes (a seeded random order,
+DESIGN §4.8); ``order="source"`` writes classes in ``class_id`` order, files sorted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ovsam_ray import storage
+from ovsam_ray.convert.mixed import TASK_IMAGES, Unit, check_order, file_sizes, unit, write_mixed
 from ovsam_ray.convert.records import ConvertError, parse_json
 from ovsam_ray.data.shards import is_damage_marker, iter_shard_samples
 from ovsam_ray.data.tar_writer import ConvertSummary, Sample, image_extension, sample_key, write_shards
@@ -124,6 +126,39 @@ def _layout(root: str, s3_endpoint: str | None) -> tuple[dict[str, list[str]], d
     return folders, tars
 
 
+def _class_samples(
+    synset: str,
+    tar: str | None,
+    files: list[str],
+    classes: dict[str, tuple[int, SynsetClass]],
+    s3_endpoint: str | None,
+    summary: ConvertSummary,
+) -> Iterator[Sample]:
+    """One class's samples: its tar's images in tar order, else its folder's files (given sorted)."""
+    if tar is not None:
+        read = iter_shard_samples(tar, s3_endpoint=s3_endpoint)
+        source = (((s["key"] or "").rsplit("/", 1)[-1], s) for s in read)
+    else:
+        source = ((u.rsplit("/", 1)[-1].rsplit(".", 1)[0], u) for u in files)
+    for stem, item in source:
+        if isinstance(item, str):
+            yield Sample(
+                key=_key(synset, stem),
+                image_ext=image_extension(item) or "jpg",
+                image_url=item,
+                meta=_meta(synset, stem, classes),
+            )
+        elif is_damage_marker(item) or item["error"]:
+            summary.skip(f"{tar}:{item['key']}", item["error"])
+        else:
+            yield Sample(
+                key=_key(synset, stem),
+                image_ext=item["image_ext"],
+                image=item["image_bytes"],
+                meta=_meta(synset, stem, classes),
+            )
+
+
 def _samples(
     root_folders: dict[str, list[str]],
     tars: dict[str, str],
@@ -135,33 +170,43 @@ def _samples(
 ) -> Iterator[Sample]:
     n = 0
     for synset in order:
-        if synset in tars:
-            read = iter_shard_samples(tars[synset], s3_endpoint=s3_endpoint)
-            source = (((s["key"] or "").rsplit("/", 1)[-1], s) for s in read)
-        else:
-            source = ((u.rsplit("/", 1)[-1].rsplit(".", 1)[0], u) for u in sorted(root_folders[synset]))
-        for stem, item in source:
+        files = sorted(root_folders.get(synset, []))
+        for sample in _class_samples(synset, tars.get(synset), files, classes, s3_endpoint, summary):
             if limit is not None and n >= limit:
                 return
-            if isinstance(item, str):
-                sample = Sample(
-                    key=_key(synset, stem),
-                    image_ext=image_extension(item) or "jpg",
-                    image_url=item,
-                    meta=_meta(synset, stem, classes),
-                )
-            elif is_damage_marker(item) or item["error"]:
-                summary.skip(f"{tars[synset]}:{item['key']}", item["error"])
-                continue
-            else:
-                sample = Sample(
-                    key=_key(synset, stem),
-                    image_ext=item["image_ext"],
-                    image=item["image_bytes"],
-                    meta=_meta(synset, stem, classes),
-                )
             n += 1
             yield sample
+
+
+def _units(
+    root: str,
+    folders: dict[str, list[str]],
+    tars: dict[str, str],
+    order: list[str],
+    classes: dict[str, tuple[int, SynsetClass]],
+    summary: ConvertSummary,
+    s3_endpoint: str | None,
+) -> list[Unit]:
+    """One unit per class; a folder's files whose key an earlier file had are skipped here."""
+    sizes = file_sizes(root, s3_endpoint=s3_endpoint) if tars else {}
+    seen: set[str] = set()
+    units = []
+    for synset in order:
+        own = {synset: classes[synset]}
+        if synset in tars:
+            url = tars[synset]
+            units.append(unit(synset, _class_samples, synset, url, [], own, s3_endpoint, size=sizes.get(url, 0)))
+            continue
+        files = []
+        for url in sorted(folders[synset]):
+            key = _key(synset, url.rsplit("/", 1)[-1].rsplit(".", 1)[0])
+            if key in seen:
+                summary.skip(url, f"sample key {key} is also an earlier image's")
+            else:
+                seen.add(key)
+                files.append(url)
+        units.append(unit(synset, _class_samples, synset, None, files, own, s3_endpoint, count=len(files)))
+    return units
 
 
 def convert_imagenet(
@@ -172,10 +217,17 @@ def convert_imagenet(
     images_per_shard: int = 1000,
     limit: int | None = None,
     workers: int = 4,
+    order: str = "shuffled",
+    seed: int = 0,
+    ray_address: str | None = None,
+    task_images: int = TASK_IMAGES,
     s3_endpoint: str | None = None,
 ) -> ConvertSummary:
     """Folder-per-class or tar-per-class images under ``input`` -> shards under ``output``.
-    ``synsets``: the synset map file (without it the folder/tar names are the class names)."""
+    ``synsets``: the synset map file (without it the folder/tar names are the class names).
+    ``order``: ``shuffled`` (mixed shards, :func:`~ovsam_ray.convert.mixed.write_mixed`; ``seed``,
+    ``ray_address``, ``task_images`` as there) or ``source`` (classes in ``class_id`` order)."""
+    check_order(order)
     folders, tars = _layout(input, s3_endpoint)
     present = set(folders) | set(tars)
     if not present:
@@ -188,11 +240,31 @@ def convert_imagenet(
     missing = sorted(present - set(classes))
     if missing:
         summary.notes.append(f"{len(missing)} class folders/tars not in the synset map were skipped: {missing[:10]}")
-    order = [c.synset for c in known if c.synset in present]
-    samples = _samples(folders, tars, order, classes, summary, limit, s3_endpoint)
-    summary = write_shards(
-        samples, output, images_per_shard=images_per_shard, workers=workers, s3_endpoint=s3_endpoint, summary=summary
-    )
+    synset_order = [c.synset for c in known if c.synset in present]
+    if order == "source":
+        samples = _samples(folders, tars, synset_order, classes, summary, limit, s3_endpoint)
+        summary = write_shards(
+            samples,
+            output,
+            images_per_shard=images_per_shard,
+            workers=workers,
+            s3_endpoint=s3_endpoint,
+            summary=summary,
+        )
+    else:
+        summary = write_mixed(
+            _units(input, folders, tars, synset_order, classes, summary, s3_endpoint),
+            output,
+            images_per_shard=images_per_shard,
+            seed=seed,
+            limit=limit,
+            workers=workers,
+            ray_address=ray_address,
+            task_images=task_images,
+            options={"format": "imagenet", "synsets": synsets},
+            s3_endpoint=s3_endpoint,
+            summary=summary,
+        )
     names = [{"id": i, "synset": c.synset, "name": c.name, "synonyms": list(c.synonyms)} for i, c in enumerate(known)]
     storage.atomic_write_bytes(
         storage.join(output, "_categories.json"),

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ovsam_ray.convert.coco import coco_samples, load_json, read_coco, write_categories
+from ovsam_ray.convert.coco import coco_samples, load_json, read_coco, write_categories, write_samples
+from ovsam_ray.convert.mixed import TASK_IMAGES
 from ovsam_ray.convert.records import shown
 from ovsam_ray.data.gt_prompts import PROMPT_MODES
-from ovsam_ray.data.tar_writer import ConvertSummary, write_shards
+from ovsam_ray.data.tar_writer import ConvertSummary
 from ovsam_ray.errors import ConfigError
 
 __all__ = ["LVIS_IMAGE_FIELDS", "convert_lvis", "lvis_image_path"]
@@ -44,6 +45,10 @@ def convert_lvis(
     prompts: str = "box",
     limit: int | None = None,
     workers: int = 4,
+    order: str = "shuffled",
+    seed: int = 0,
+    ray_address: str | None = None,
+    task_images: int = TASK_IMAGES,
     s3_endpoint: str | None = None,
 ) -> ConvertSummary:
     """LVIS v1 json + COCO root folder (``train2017/``, ``val2017/``) -> shards under ``output``
@@ -61,8 +66,18 @@ def convert_lvis(
         need_size=prompts in ("point", "both"),
     )
     samples = coco_samples(records, images, prompts=prompts, image_fields=LVIS_IMAGE_FIELDS, limit=limit)
-    summary = write_shards(
-        samples, output, images_per_shard=images_per_shard, workers=workers, s3_endpoint=s3_endpoint, summary=summary
+    summary = write_samples(
+        samples,
+        output,
+        summary,
+        images_per_shard=images_per_shard,
+        workers=workers,
+        order=order,
+        seed=seed,
+        ray_address=ray_address,
+        task_images=task_images,
+        options={"format": "lvis", "annotations": annotations, "images": images, "prompts": prompts, "limit": limit},
+        s3_endpoint=s3_endpoint,
     )
     write_categories(records.categories, output, s3_endpoint=s3_endpoint)
     return summary

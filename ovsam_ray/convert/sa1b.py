@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ovsam_ray import storage
+from ovsam_ray.convert.mixed import TASK_IMAGES, check_order, unit, write_mixed
 from ovsam_ray.convert.records import (
     ConvertError,
     all_numbers,
@@ -130,11 +131,10 @@ def _key(path: str) -> str | None:
         return None
 
 
-def _folder_samples(
-    files: list[str], prompts: str, s3_endpoint: str | None, summary: ConvertSummary, limit: int | None
-) -> Iterator[Sample]:
+def _pairs(files: list[str], summary: ConvertSummary) -> list[tuple[str, str, str]]:
+    """(image URL, its json's URL, key) of every image with a per-image json beside it, in name order."""
     jsons = {f[: -len(".json")] for f in files if f.endswith(".json")}
-    n = 0
+    out = []
     for url in files:
         ext = image_extension(url)
         if ext is None:
@@ -147,12 +147,17 @@ def _folder_samples(
         if key is None:
             summary.skip(url, "its name gives no usable sample key")
             continue
-        if limit is not None and n >= limit:
-            return
-        n += 1
+        out.append((url, stem + ".json", key))
+    return out
 
-        def load(json_url: str = stem + ".json") -> dict[str, Any]:
-            # read on the writer's threads: a ConvertError (a ValueError) skips the image with its reason
+
+def _pair_samples(
+    pairs: list[tuple[str, str, str]], prompts: str, s3_endpoint: str | None, summary: ConvertSummary
+) -> Iterator[Sample]:
+    for url, json_url, key in pairs:
+
+        def load(json_url: str = json_url) -> dict[str, Any]:
+            # read where the image is written: a ConvertError (a ValueError) skips the image with its reason
             return sa1b_meta(
                 load_json(json_url, s3_endpoint=s3_endpoint),
                 prompts=prompts,
@@ -160,35 +165,46 @@ def _folder_samples(
                 where=storage.redact(json_url),
             )
 
-        yield Sample(key=key, image_ext=ext, image_url=url, load_meta=load)
+        yield Sample(key=key, image_ext=image_extension(url) or "jpg", image_url=url, load_meta=load)
+
+
+def _one_tar(tar: str, prompts: str, s3_endpoint: str | None, summary: ConvertSummary) -> Iterator[Sample]:
+    for s in iter_shard_samples(tar, s3_endpoint=s3_endpoint):
+        if is_damage_marker(s):
+            summary.notes.append(s["error"])
+            continue
+        where = f"{storage.redact(tar)}:{s['key']}"
+        if s["error"] or s["json_bytes"] is None:
+            summary.skip(where, s["error"] or "no per-image json")
+            continue
+        key = _key(s["key"])
+        if key is None:
+            summary.skip(where, "its name gives no usable sample key")
+            continue
+        try:
+            meta = sa1b_meta(parse_json(s["json_bytes"], where), prompts=prompts, summary=summary, where=where)
+        except ConvertError as e:
+            summary.skip(where, str(e))
+            continue
+        yield Sample(key=key, image_ext=s["image_ext"], image=s["image_bytes"], meta=meta)
+
+
+def _limited(samples: Iterator[Sample], limit: int | None) -> Iterator[Sample]:
+    for n, sample in enumerate(samples):
+        if limit is not None and n >= limit:
+            return
+        yield sample
 
 
 def _tar_samples(
     tars: list[str], prompts: str, s3_endpoint: str | None, summary: ConvertSummary, limit: int | None
 ) -> Iterator[Sample]:
-    n = 0
-    for tar in tars:
-        for s in iter_shard_samples(tar, s3_endpoint=s3_endpoint):
-            if is_damage_marker(s):
-                summary.notes.append(s["error"])
-                continue
-            where = f"{storage.redact(tar)}:{s['key']}"
-            if s["error"] or s["json_bytes"] is None:
-                summary.skip(where, s["error"] or "no per-image json")
-                continue
-            key = _key(s["key"])
-            if key is None:
-                summary.skip(where, "its name gives no usable sample key")
-                continue
-            if limit is not None and n >= limit:
-                return
-            try:
-                meta = sa1b_meta(parse_json(s["json_bytes"], where), prompts=prompts, summary=summary, where=where)
-            except ConvertError as e:
-                summary.skip(where, str(e))
-                continue
-            n += 1
-            yield Sample(key=key, image_ext=s["image_ext"], image=s["image_bytes"], meta=meta)
+    return _limited((s for tar in tars for s in _one_tar(tar, prompts, s3_endpoint, summary)), limit)
+
+
+def _file_size(url: str, s3_endpoint: str | None) -> int:
+    fs, path = storage.get_filesystem(url, s3_endpoint=s3_endpoint)
+    return int(fs.size(path) or 0)
 
 
 def convert_sa1b(
@@ -199,18 +215,55 @@ def convert_sa1b(
     prompts: str = "box",
     limit: int | None = None,
     workers: int = 4,
+    order: str = "shuffled",
+    seed: int = 0,
+    ray_address: str | None = None,
+    task_images: int = TASK_IMAGES,
     s3_endpoint: str | None = None,
 ) -> ConvertSummary:
-    """SA-1B folder of ``sa_*.jpg`` + ``sa_*.json`` (or tars of them) -> shards under ``output``."""
+    """SA-1B folder of ``sa_*.jpg`` + ``sa_*.json`` (or tars of them) -> shards under ``output``.
+    ``order``: ``shuffled`` (mixed shards; ``seed``, ``ray_address``, ``task_images``:
+    :func:`~ovsam_ray.convert.mixed.write_mixed`) or ``source`` (name order)."""
+    check_order(order)
     if prompts not in PROMPT_MODES:
         raise ConfigError(f"prompts={prompts!r}: choose one of {PROMPT_MODES}")
     summary = ConvertSummary()
     fs, path = storage.get_filesystem(input, s3_endpoint=s3_endpoint)
     files = storage.list_files(input, recursive=True, s3_endpoint=s3_endpoint) if fs.isdir(path) else []
-    if any(image_extension(f) for f in files):
-        samples = _folder_samples(sorted(files), prompts, s3_endpoint, summary, limit)
+    folder = any(image_extension(f) for f in files)
+    pairs = _pairs(sorted(files), summary) if folder else []
+    tars = [] if folder else list_shards(input, s3_endpoint=s3_endpoint)
+    if order == "source":
+        samples = (
+            _limited(_pair_samples(pairs, prompts, s3_endpoint, summary), limit)
+            if folder
+            else _tar_samples(tars, prompts, s3_endpoint, summary, limit)
+        )
+        return write_shards(
+            samples,
+            output,
+            images_per_shard=images_per_shard,
+            workers=workers,
+            s3_endpoint=s3_endpoint,
+            summary=summary,
+        )
+    if folder:
+        chunks = [pairs[i : i + 1000] for i in range(0, len(pairs), 1000)]
+        units = [
+            unit(f"pairs-{i:06d}", _pair_samples, c, prompts, s3_endpoint, count=len(c)) for i, c in enumerate(chunks)
+        ]
     else:
-        samples = _tar_samples(list_shards(input, s3_endpoint=s3_endpoint), prompts, s3_endpoint, summary, limit)
-    return write_shards(
-        samples, output, images_per_shard=images_per_shard, workers=workers, s3_endpoint=s3_endpoint, summary=summary
+        units = [unit(t, _one_tar, t, prompts, s3_endpoint, size=_file_size(t, s3_endpoint)) for t in tars]
+    return write_mixed(
+        units,
+        output,
+        images_per_shard=images_per_shard,
+        seed=seed,
+        limit=limit,
+        workers=workers,
+        ray_address=ray_address,
+        task_images=task_images,
+        options={"format": "sa1b", "input": input, "prompts": prompts},
+        s3_endpoint=s3_endpoint,
+        summary=summary,
     )

@@ -32,7 +32,16 @@ from ovsam_ray.data.shards import IMAGE_CLASSES_FILE, IMAGE_EXTENSIONS
 from ovsam_ray.data.synthetic import tar_bytes
 from ovsam_ray.errors import ConfigError
 
-__all__ = ["IMAGE_CLASSES_SCHEMA", "ConvertSummary", "Sample", "image_extension", "sample_key", "write_shards"]
+__all__ = [
+    "IMAGE_CLASSES_SCHEMA",
+    "MAX_LISTED_SKIPS",
+    "ConvertSummary",
+    "Sample",
+    "image_classes",
+    "image_extension",
+    "sample_key",
+    "write_shards",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +78,8 @@ def image_extension(name: str) -> str | None:
 @dataclass
 class Sample:
     """One image to write: ``image`` is its bytes or ``None`` with ``image_url`` to read later;
-    ``meta`` is the JSON, or ``load_meta`` builds it later (on the writer's threads)."""
+    ``meta`` is the JSON, or ``load_meta`` builds it later (on the writer's threads), or
+    ``meta_bytes`` is the JSON as stored in an input shard (copied as it is by ``reshard``)."""
 
     key: str
     image_ext: str
@@ -77,6 +87,7 @@ class Sample:
     image: bytes | None = None
     image_url: str | None = None
     load_meta: Callable[[], dict[str, Any]] | None = None
+    meta_bytes: bytes | None = None
 
 
 @dataclass
@@ -147,7 +158,7 @@ def _unique_keys(samples: Iterable[Sample], summary: ConvertSummary) -> Iterator
         yield s
 
 
-def _image_classes(annotations: Any) -> list[tuple[str | None, int | None]]:
+def image_classes(annotations: Any) -> list[tuple[str | None, int | None]]:
     """The distinct (category_name, category_id) pairs of the non-crowd annotations, in first-seen order."""
     pairs: dict[tuple[str | None, int | None], None] = {}
     for ann in annotations if isinstance(annotations, list) else []:
@@ -183,7 +194,7 @@ def _build_shard(
             continue
         seen.add(s.key)
         annotations += len(meta.get("annotations") or [])
-        classes.append((s.key, _image_classes(meta.get("annotations"))))
+        classes.append((s.key, image_classes(meta.get("annotations"))))
         members.append((f"{s.key}.{s.image_ext}", data))
         members.append((f"{s.key}.json", meta_bytes))
     storage.atomic_write_bytes(url, tar_bytes(members), s3_endpoint=s3_endpoint)

@@ -216,10 +216,16 @@ def test_convert_imagenet_folder_and_tar_per_class(tmp_path):
 
     for src in (folders, tars):
         out = str(tmp_path / f"out_{src.name}")
-        summary = convert_imagenet(str(src), out, synsets=str(synsets), images_per_shard=3)
+        summary = convert_imagenet(str(src), out, synsets=str(synsets), images_per_shard=3, order="source")
         assert summary.images == 4 and len(summary.shards) == 2
         got = samples(out)
         assert list(got) == ["n01440764_1", "n01440764_2", "n01443537_1", "n01443537_2"]
+        mixed = convert_imagenet(str(src), out + "_mixed", synsets=str(synsets), images_per_shard=3)
+
+        def strip(found: dict) -> dict:
+            return {k: {f: v for f, v in d.items() if f != "shard"} for k, d in found.items()}
+
+        assert mixed.images == 4 and strip(samples(out + "_mixed")) == strip(got), "the same samples, mixed"
         meta = got["n01443537_2"]["meta"]
         assert meta == {
             "image_id": "n01443537/n01443537_2",
