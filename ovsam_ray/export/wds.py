@@ -7,7 +7,8 @@ by :func:`~ovsam_ray.export.paths.data_file_name` (``key`` in the json is the or
     {"key", "shard", "image_id", "width", "height",
      "instances": [{"rle": {"size": [h, w], "counts"}, "bbox": [x0, y0, x1, y1], "area", "label",
                     "label_id", "label_score", "topk_labels", "topk_scores", "prompt_type",
-                    "prompt_box", "point", "detector_label", "detector_score"}]}
+                    "prompt_box", "point", "detector_label", "detector_score", "source",
+                    "shard_label"}]}
 
 (``bbox`` is XYXY in original-image pixels, the label output's convention; ``rle`` is COCO RLE,
 ``pycocotools.mask.decode`` reads it). Written shard by shard in the input shard's sample order:
@@ -51,6 +52,8 @@ _FIELDS = (
     "point",
     "detector_label",
     "detector_score",
+    "source",
+    "shard_label",
 )
 
 

@@ -30,6 +30,9 @@ RLE_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())
 #: original-image pixels (bbox = the mask's [x_first, y_first, x_last+1, y_last+1]); point is xy;
 #: rle is COCO RLE of the mask at original size; embedding / clip_embedding / clip_valid are the
 #: optional float16 region and CLIP embeddings and CLIP-validity flag (re-scoring, ``relabel``).
+#: ``source`` says where the prompt came from ("shard", "detector:NAME", "grid"); ``shard_label`` is
+#: the shard's own label of a shard prompt (``detector_label`` is a detector's). Both are nullable
+#: additions: files written before them read with nulls there.
 INSTANCE_TYPE = pa.struct(
     [
         ("prompt_type", pa.string()),
@@ -48,6 +51,8 @@ INSTANCE_TYPE = pa.struct(
         ("embedding", pa.list_(pa.float16())),
         ("clip_embedding", pa.list_(pa.float16())),
         ("clip_valid", pa.bool_()),
+        ("source", pa.string()),
+        ("shard_label", pa.string()),
     ]
 )
 

@@ -18,8 +18,10 @@ resized for OV-SAM and maps the boxes back to original-image pixels.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,18 @@ from ovsam_ray.errors import ConfigError
 from ovsam_ray.pipeline.stages import image_of
 
 log = logging.getLogger(__name__)
+
+#: The seed of a detector's random initialisation (``--random-init``).
+INIT_SEED = 0
+
+
+@contextlib.contextmanager
+def seeded(seed: int = INIT_SEED) -> Iterator[None]:
+    """Torch's CPU random generator seeded with ``seed`` inside, restored after: a model built
+    inside gets the same random weights in every process and run (the caller's stream is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class TorchvisionDetector:
@@ -52,9 +66,10 @@ class TorchvisionDetector:
             known = sorted(k for k, v in builders.items() if callable(v) and k[0].islower() and "_" in k)
             raise ConfigError(f"unknown torchvision detector {name!r}; known: {', '.join(known)}")
         self.categories = _coco_categories(name)
-        model = builders[name](
-            weights=None, weights_backbone=None, num_classes=len(self.categories), box_score_thresh=score_threshold
-        )
+        with seeded():  # random init: the same weights in every actor and every run
+            model = builders[name](
+                weights=None, weights_backbone=None, num_classes=len(self.categories), box_score_thresh=score_threshold
+            )
         if not random_init:
             path = _find_weights(weights, name, s3_endpoint)
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)

@@ -96,6 +96,8 @@ def test_schema_matches_design():
         "embedding",
         "clip_embedding",
         "clip_valid",
+        "source",
+        "shard_label",
     ]
     assert inst.field("prompt_box").type == pa.list_(pa.float32(), 4)
     assert inst.field("point").type == pa.list_(pa.float32(), 2)
