@@ -336,3 +336,39 @@ def test_ray_data_joins_labels_and_images_by_shard_and_key(ray_local, labelled, 
         assert r["image_ext"] == "png" and r["status"] == "ok"
     assert [len(r["instances"]) for r in rows] == [2, 2, 0]
     assert {c["name"] for c in CATEGORIES} >= {i["label"] for r in rows for i in r["instances"]}
+
+
+def test_export_wds_of_a_shard_mixing_jpeg_and_png_reads_in_ray_data(ray_local, tmp_path):
+    """Ray Data's read_webdataset needs one image column per tar: a shard mixing JPEG and PNG is
+    written all PNG, each image's pixels unchanged."""
+    import PIL.Image
+    import ray
+
+    rng = np.random.default_rng(0)
+    pixels = {k: rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for k in ("a", "b")}
+    shard = tmp_path / "in" / "shard-000000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tf:
+        for key, fmt in (("a", "JPEG"), ("b", "PNG")):
+            buf = io.BytesIO()
+            PIL.Image.fromarray(pixels[key]).save(buf, format=fmt)
+            info = tarfile.TarInfo(f"{key}.{'jpg' if fmt == 'JPEG' else 'png'}")
+            info.size = len(buf.getvalue())
+            tf.addfile(info, io.BytesIO(buf.getvalue()))
+    rows = [{"key": k, "shard": "shard-000000", "width": 32, "height": 24, "status": "ok"} for k in pixels]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    pq.write_table(rows_to_table(rows), labels / "shard-000000.parquet")
+    out = tmp_path / "wds"
+    stats = export_wds(str(labels), str(out), shards=str(shard))
+    assert stats["samples"] == 2 and stats["transcoded"] == 1
+    got = {r["__key__"]: r for r in ray.data.read_webdataset(str(out / "shard-000000.tar")).take_all()}
+    assert set(got) == {"a", "b"}
+    jpeg = np.asarray(PIL.Image.open(io.BytesIO(_member(shard, "a.jpg"))).convert("RGB"))
+    assert (np.asarray(got["a"]["png"]) == jpeg).all()  # the JPEG's decoded pixels, losslessly
+    assert (np.asarray(got["b"]["png"]) == pixels["b"]).all()
+
+
+def _member(tar: object, name: str) -> bytes:
+    with tarfile.open(tar) as tf:
+        return tf.extractfile(name).read()
