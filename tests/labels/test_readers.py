@@ -11,8 +11,8 @@ import re
 
 import numpy as np
 import pytest
-
 from coco_fixture import rle_str
+
 from ovsam_ray.labels.committer import ShardCommitter
 from ovsam_ray.labels.schema import rows_to_table
 
