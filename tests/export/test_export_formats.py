@@ -7,7 +7,9 @@ import contextlib
 import io
 import json
 import os
+import re
 import tarfile
+import urllib.parse
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -263,7 +265,8 @@ def test_labelstudio_brush_decodes_in_the_sdk_and_validates(labelled, tmp_path):
     stats = export_labelstudio(labelled["labels"], out)
     assert stats == {"tasks": 3, "results": 4, "error_rows": 1}
     tasks = json.load(open(out))
-    assert tasks[0]["data"]["image"] == "shard-000000/000000000005.png"  # the image's own extension
+    # Label Studio's local-files URL of the image --with-images writes, with its own extension
+    assert tasks[0]["data"]["image"] == "/data/local-files/?d=images/shard-000000/000000000005.png"
     config = open(str(tmp_path / "tasks.config.xml")).read()
     assert "<BrushLabels" in config and '<Label value="circle"/>' in config
     results = [(t, r) for t in tasks for r in t["predictions"][0]["result"]]
@@ -283,6 +286,34 @@ def test_labelstudio_brush_decodes_in_the_sdk_and_validates(labelled, tmp_path):
     for task in tasks:  # (validate_task itself cannot take predictions: it calls validate_prediction())
         assert li.validate_task({"data": task["data"]})
         assert li.validate_prediction(task["predictions"][0], return_errors=True) == []
+
+
+def test_labelstudio_config_lists_every_class_and_images_are_written(labelled, tmp_path):
+    run = json.loads(open(os.path.join(labelled["labels"], "_run.json")).read())
+    vocab = tmp_path / "shapes.txt"
+    vocab.write_text("star\ncircle\ntriangle\nsquare\n")
+    run["details"]["config"]["model"] = {"vocab": str(vocab)}
+    run["identity"] = {"vocabulary": {"name": "shapes", "num_classes": 4}}
+    open(os.path.join(labelled["labels"], "_run.json"), "w").write(json.dumps(run))
+    out = tmp_path / "ls" / "tasks.json"
+    stats = export_labelstudio(labelled["labels"], str(out), with_images=True)
+    assert stats["images_written"] == 3 and stats["images_missing"] == 0
+    config = (tmp_path / "ls" / "tasks.config.xml").read_text()
+    # the whole vocabulary, in its order: a reviewer can pick a class no prediction has
+    assert re.findall(r'<Label value="([^"]+)"/>', config) == ["star", "circle", "triangle", "square"]
+    for task in json.load(open(out)):  # each URL names a file the export wrote, below the document root
+        path = urllib.parse.unquote(task["data"]["image"].removeprefix("/data/local-files/?d="))
+        assert (tmp_path / "ls" / path).is_file()
+    assert (tmp_path / "ls" / "images" / "shard-000000" / "000000000005.png").read_bytes() == open(
+        os.path.join(labelled["images"], "000000000005.png"), "rb"
+    ).read()
+    # --classes: a COCO json's categories (here without "star")
+    export_labelstudio(labelled["labels"], str(tmp_path / "c.json"), classes=labelled["ann"], image_url="{key}")
+    config = (tmp_path / "c.config.xml").read_text()
+    assert re.findall(r'<Label value="([^"]+)"/>', config) == ["circle", "square", "triangle"]
+    li_mod = pytest.importorskip("label_studio_sdk.label_interface", reason=_NO_LS)
+    li = li_mod.LabelInterface((tmp_path / "ls" / "tasks.config.xml").read_text())
+    assert all(li.validate_prediction(t["predictions"][0], return_errors=True) == [] for t in json.load(open(out)))
 
 
 def test_labelstudio_polygons_validate(labelled, tmp_path):
