@@ -403,3 +403,22 @@ def test_export_wds_of_a_shard_mixing_jpeg_and_png_reads_in_ray_data(ray_local, 
 def _member(tar: object, name: str) -> bytes:
     with tarfile.open(tar) as tf:
         return tf.extractfile(name).read()
+
+
+def test_readme_export_commands_run_as_written(labelled, tmp_path, monkeypatch):
+    """Each ``ovsam-ray export`` line of the README (optional ``[...]`` flags included) on a label
+    output at ``labels/``: exit 0 and the files the README's table loads."""
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    lines = [line.split("  #")[0].strip() for line in readme.splitlines() if line.startswith("ovsam-ray export ")]
+    lines = list(dict.fromkeys(lines))  # a command shown twice is run once
+    assert {shlex.split(line)[2] for line in lines} == {"coco", "yolo", "labelstudio", "sa1b", "wds"}
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        args = shlex.split(line.replace("[", "").replace("]", ""))
+        assert _quiet(main, args[1:]) == 0, line
+    assert {"images", "annotations", "categories"} <= set(json.load(open("coco/labels.json")))
+    assert os.path.isfile("yolo/data.yaml") and os.path.isfile("ls/tasks.config.xml")
+    assert os.path.isfile("ls/images/shard-000000/000000000005.png")
+    assert os.path.isfile("labelled_shards/shard-000000.tar") and os.listdir("sa1b_style")

@@ -236,3 +236,28 @@ def test_stats_count_rows_whose_masks_a_filter_removed():
     assert (stats["images_all_filtered"], stats["images_no_prompts"], stats["images_empty"]) == (1, 1, 2)
     merged = merge_stats([stats, stats])
     assert merged["images_all_filtered"] == 2 and "2 with every mask filtered out" in format_stats(merged)
+
+
+def test_label_job_rows_emptied_by_the_grid_filter_say_so(ray_local, tmp_shards, shapes_vocab, tmp_path):
+    import json
+    import os
+
+    from ovsam_ray.pipeline.prompting import FILTERED_WARNING
+
+    out = str(tmp_path / "strict")
+    s = run_label(
+        LabelConfig(
+            input=os.path.dirname(tmp_shards[0]),
+            output=out,
+            model=tiny(shapes_vocab),
+            prompts="grid",
+            limit=1,
+            select=SelectConfig(grid_size=2, grid_stability=1.01),  # no mask is ever that stable
+        )
+    )
+    assert s.images_ok == 4 and s.images_all_filtered == 4 and s.masks == 0
+    for row in rows(out):
+        assert row["instances"] == [] and len(row["warnings"]) == 1
+        assert row["warnings"][0].startswith(FILTERED_WARNING) and "--grid-stability 1.01" in row["warnings"][0]
+    stats = json.load(open(os.path.join(out, "_stats.json")))
+    assert stats["images_all_filtered"] == 4 and stats["images_empty"] == 4
