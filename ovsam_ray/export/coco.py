@@ -97,8 +97,8 @@ def _annotation(inst: dict[str, Any], image_id: int, category_id: int, score: fl
         "prompt_type": inst.get("prompt_type"),
         "detector_score": inst.get("detector_score"),
         "detector_label": inst.get("detector_label"),
-        "source": inst.get("source"),
-        "shard_label": inst.get("shard_label"),
+        # only when known: the export of an output written before these fields stays as it was
+        **{k: inst[k] for k in ("source", "shard_label") if inst.get(k) is not None},
     }
 
 

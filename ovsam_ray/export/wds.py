@@ -8,7 +8,7 @@ by :func:`~ovsam_ray.export.paths.data_file_name` (``key`` in the json is the or
      "instances": [{"rle": {"size": [h, w], "counts"}, "bbox": [x0, y0, x1, y1], "area", "label",
                     "label_id", "label_score", "topk_labels", "topk_scores", "prompt_type",
                     "prompt_box", "point", "detector_label", "detector_score", "source",
-                    "shard_label"}]}
+                    "shard_label" (these two when known)}]}
 
 (``bbox`` is XYXY in original-image pixels, the label output's convention; ``rle`` is COCO RLE,
 ``pycocotools.mask.decode`` reads it). Written shard by shard in the input shard's sample order:
@@ -56,15 +56,15 @@ _FIELDS = (
     "point",
     "detector_label",
     "detector_score",
-    "source",
-    "shard_label",
 )
+#: Written only when not null: the export of an output written before these fields stays as it was.
+_NEWER_FIELDS = ("source", "shard_label")
 
 
 def wds_labels(row: dict[str, Any], *, min_score: float = 0.0) -> dict[str, Any]:
     """The ``<key>.json`` of one ``ok`` label row."""
     instances = [
-        {k: inst.get(k) for k in _FIELDS}
+        {k: inst.get(k) for k in _FIELDS} | {k: inst[k] for k in _NEWER_FIELDS if inst.get(k) is not None}
         for inst in row["instances"] or []
         if (inst.get("label_score") or 0.0) >= min_score
     ]

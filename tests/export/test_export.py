@@ -218,3 +218,20 @@ def test_yolo_line_keeps_every_part_of_a_multi_part_mask():
     raster = mask_utils.decode(mask_utils.frPyObjects([xy.ravel().tolist()], 40, 60))[..., 0].astype(bool)
     assert dropped == 0 and (raster & m).sum() / (raster | m).sum() > 0.9  # every part, not the largest alone
     assert raster[25, 40] and raster[5, 5] and raster[10, 45]
+
+
+def test_prompt_source_fields_are_exported_only_when_known(coco, tmp_path):
+    """Outputs written before ``source``/``shard_label`` export as they did; newer ones carry them."""
+    from ovsam_ray.export.wds import wds_labels
+
+    _, _, dataset, _ = coco
+    labels = str(tmp_path / "labels")
+    gt_label_output(dataset, labels)  # rows without the fields: null
+    export_coco(labels, str(tmp_path / "c.json"))
+    anns = json.load(open(tmp_path / "c.json"))["annotations"]
+    assert anns and not any({"source", "shard_label"} & set(a) for a in anns)
+    row = {"key": "k", "shard": "s", "width": 4, "height": 4, "instances": [{"label_score": 1.0}]}
+    assert "source" not in wds_labels(row)["instances"][0]
+    row["instances"][0].update(source="shard", shard_label="cat")
+    got = wds_labels(row)["instances"][0]
+    assert (got["source"], got["shard_label"]) == ("shard", "cat")

@@ -106,3 +106,31 @@ def test_readme_names_the_tested_forms():
         'pyarrow.dataset.dataset("labels/", format="parquet")',
     ):
         assert form in text
+
+
+def test_readme_mixed_schema_snippet_reads_older_shards_with_nulls(label_folder):
+    """A shard written before ``source``/``shard_label`` beside one written after: the README's
+    forms give every row, the older one's new fields null."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ovsam_ray.labels.schema import INSTANCE_TYPE, OUTPUT_SCHEMA
+
+    pytest.importorskip("polars")
+    new = pq.read_table(label_folder / "shard-000001.parquet")
+    older = pa.struct([f for f in INSTANCE_TYPE if f.name not in ("source", "shard_label")])
+    schema = pa.schema([f.with_type(pa.list_(older)) if f.name == "instances" else f for f in OUTPUT_SCHEMA])
+    old = pa.Table.from_pylist(
+        [
+            dict(r, instances=[{k: v for k, v in i.items() if k in older.names} for i in r["instances"] or []])
+            for r in pq.read_table(label_folder / "shard-000000.parquet").to_pylist()
+        ],
+        schema=schema,
+    )
+    pq.write_table(old, label_folder / "shard-000000.parquet")
+    rows = new.num_rows + old.num_rows
+    scope: dict = {}
+    exec(compile(_readme_snippet("import polars as pl\nimport pyarrow.dataset"), "README.md", "exec"), scope)
+    assert scope["table"].num_rows == scope["df"].height == rows
+    assert scope["table"].schema.field("instances").type == OUTPUT_SCHEMA.field("instances").type
+    assert "source" in scope["df"]["instances"].explode().struct.fields
