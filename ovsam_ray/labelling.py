@@ -73,7 +73,8 @@ def label_samples(
                 out = predictor.predict(embedded, prompts)
             with stage("records"):
                 for i, p, pred in zip(ok, prompts, out):
-                    instances[i] = prediction_to_instances(pred, p, vocab)
+                    sources = ["shard"] * (len(p.boxes) + len(p.points))
+                    instances[i] = prediction_to_instances(pred, p, vocab, sources=sources)
         for i, d in enumerate(decoded):
             yield {
                 "shard": d.shard,

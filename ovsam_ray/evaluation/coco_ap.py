@@ -21,7 +21,7 @@ import numpy as np
 
 from ovsam_ray.data.rle import rle_area
 from ovsam_ray.errors import ConfigError
-from ovsam_ray.labels.scores import LABEL_SOURCES, SCORE_MODES, instance_score
+from ovsam_ray.labels.scores import LABEL_SOURCES, SCORE_MODES, instance_label, instance_score
 from ovsam_ray.vocabulary import clean_class_name
 
 __all__ = [
@@ -148,7 +148,7 @@ def instance_results(
         raise ConfigError(f"label_source must be one of {LABEL_SOURCES} and score one of {SCORE_MODES}")
     out, dropped = [], 0
     for inst in instances:
-        name = inst.get("detector_label") if label_source == "detector" else inst.get("label")
+        name = instance_label(inst, label_source)
         cat = category_ids.get(clean_class_name(str(name))) if name is not None else None
         if cat is None:
             dropped += 1

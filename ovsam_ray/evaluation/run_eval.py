@@ -164,7 +164,7 @@ def _score_interactive_shard(
 
 def _detector_shard(label_url: str, shard_url: str, s3_endpoint: str | None) -> list[dict[str, Any]]:
     metas = shard_metas(shard_url, s3_endpoint)
-    keep = ("label", "detector_label", "label_score", "detector_score", "rle")
+    keep = ("label", "detector_label", "shard_label", "label_score", "detector_score", "rle")
     out = []
     for row in read_label_file(label_url, s3_endpoint=s3_endpoint):
         meta = metas.get(row["key"], {})

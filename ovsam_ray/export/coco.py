@@ -33,11 +33,11 @@ from ovsam_ray.export.output import open_output
 from ovsam_ray.export.paths import data_file_name
 from ovsam_ray.labels.categories import category_index, dataset_categories, load_categories, record_vocabulary
 from ovsam_ray.labels.reader import iter_label_rows
-from ovsam_ray.labels.scores import LABEL_SOURCES, SCORE_MODES, instance_score
+from ovsam_ray.labels.scores import LABEL_SOURCES, SCORE_MODES, instance_label, instance_score
 from ovsam_ray.vocabulary import clean_class_name
 from ovsam_ray.written import file_and_folder, writing
 
-__all__ = ["coco_image_ids", "export_coco"]
+__all__ = ["coco_image_ids", "export_coco", "ok_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ def coco_image_ids(labels: str, *, s3_endpoint: str | None = None) -> str:
     return "source"
 
 
-def _ok_rows(
+def ok_rows(
     labels: str, columns: tuple[str, ...] | None, policy: str, s3_endpoint: str | None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(integer image id, row) of every ``ok`` row; ids as :func:`coco_image_ids`' ``policy`` says."""
     n = 0
     for row in iter_label_rows(labels, columns=columns, s3_endpoint=s3_endpoint):
         if row["status"] != "ok":
@@ -96,6 +97,8 @@ def _annotation(inst: dict[str, Any], image_id: int, category_id: int, score: fl
         "prompt_type": inst.get("prompt_type"),
         "detector_score": inst.get("detector_score"),
         "detector_label": inst.get("detector_label"),
+        # only when known: the export of an output written before these fields stays as it was
+        **{k: inst[k] for k in ("source", "shard_label") if inst.get(k) is not None},
     }
 
 
@@ -162,7 +165,7 @@ def export_coco(
     copier = ImageCopier(exts.urls, storage.join(output_folder(output), "images"), s3_endpoint=s3_endpoint)
 
     def images() -> Iterator[dict[str, Any]]:
-        for image_id, row in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
+        for image_id, row in ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
             ext = exts(row["shard"], row["key"])
             name = data_file_name(row["shard"], row["key"], ext)
             if with_images:
@@ -188,9 +191,9 @@ def export_coco(
 
     def annotations() -> Iterator[dict[str, Any]]:
         n = 0
-        for image_id, row in _ok_rows(labels, None, policy, s3_endpoint):
+        for image_id, row in ok_rows(labels, None, policy, s3_endpoint):
             for inst in row["instances"] or []:
-                name = inst.get("detector_label") if label_source == "detector" else inst.get("label")
+                name = instance_label(inst, label_source)
                 cat = category(inst, name)
                 if cat is None:
                     stats["dropped"] += 1
@@ -215,7 +218,7 @@ def export_coco(
         with open_output(output, "w", s3_endpoint=s3_endpoint) as f:
             if results:
                 f.write("[")
-                stats["images"] = sum(1 for _ in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint))
+                stats["images"] = sum(1 for _ in ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint))
                 stats["annotations"] = _write_array(f, annotations())
                 f.write("\n]\n")
             else:
@@ -227,7 +230,7 @@ def export_coco(
                 cats = fixed if fixed is not None else [{"id": k, "name": v} for k, v in sorted(seen.items())]
                 f.write('],\n"categories": ' + json.dumps(cats) + "}\n")
         if with_images and results:
-            for _, row in _ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
+            for _, row in ok_rows(labels, _IMAGE_COLUMNS, policy, s3_endpoint):
                 copier.add(row["shard"], row["key"])
         stats["images_written"] = copier.close()
         stats["images_missing"] = copier.missing

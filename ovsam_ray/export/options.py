@@ -37,7 +37,8 @@ OPTION_FIELDS: dict[str, dict[str, Any]] = {
     "tolerance": {"help": "polygon simplification, pixels"},
     "image_url": {
         "help": "template over {file_name} (<shard>/<key>.<ext> as written under images/ by "
-        "coco/yolo --with-images), {shard}, {key}, {image_id}, {ext}"
+        "--with-images), {file_url} (the same, URL-quoted), {shard}, {key}, {image_id}, {ext}; the default is "
+        "Label Studio's local-files URL of the images --with-images writes (README: Label Studio)"
     },
     "masks": {"choices": MASK_FORMATS, "help": "Label Studio's brush RLE or polygons"},
     "from_name": {"help": "the labelling config's control name"},

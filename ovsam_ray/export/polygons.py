@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["mask_to_polygons", "polygon_area", "simplify_polygon"]
+__all__ = ["join_polygons", "mask_to_polygons", "polygon_area", "simplify_polygon"]
 
 # direction d: 0 right, 1 down, 2 left, 3 up (image coordinates, y down)
 _STEP = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]])
@@ -110,3 +110,37 @@ def mask_to_polygons(mask: np.ndarray, *, tolerance: float = 1.0, min_area: floa
     outer = [(a, loop) for a, loop in outer if a >= min_area]
     outer.sort(key=lambda p: -p[0])
     return [simplify_polygon(loop, tolerance) for _, loop in outer]
+
+
+def _nearest(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """Indices of the closest pair of vertices, one of ``a`` and one of ``b``."""
+    d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+    return int(i), int(j)
+
+
+def join_polygons(polygons: list[np.ndarray]) -> np.ndarray:
+    """One (N, 2) outline through every part of a multi-part mask, as Ultralytics' own COCO
+    converter writes a YOLO line (``merge_multi_segment``): consecutive parts are linked at their
+    closest vertices by a zero-width bridge walked there and back, so the filled outline covers
+    every part and its area is the parts' sum. One polygon comes back as it is; ``[]`` gives an
+    empty array."""
+    segs = [np.asarray(p, np.float64).reshape(-1, 2) for p in polygons]
+    if len(segs) <= 1:
+        return segs[0] if segs else np.zeros((0, 2), np.float64)
+    n = len(segs)
+    entry, leave = [0] * n, [0] * n
+    for i in range(1, n):
+        leave[i - 1], entry[i] = _nearest(segs[i - 1], segs[i])
+    forward, back = [], []
+    for i, seg in enumerate(segs):
+        start = leave[i] if i == 0 else entry[i]
+        ring = np.roll(seg, -start, axis=0)
+        ring = np.concatenate([ring, ring[:1]])  # closed, from the vertex the path arrives at
+        if i in (0, n - 1):
+            forward.append(ring)
+        else:  # there: entry -> exit; and back: exit -> entry
+            k = (leave[i] - entry[i]) % len(seg)
+            forward.append(ring[: k + 1])
+            back.append(ring[k:])
+    return np.concatenate(forward + back[::-1])

@@ -2,8 +2,9 @@
 
 ``<output>/labels/<shard>/<key>.txt`` (made a safe file name by
 :func:`~ovsam_ray.export.paths.data_file_name`): one line per instance, ``<class> x1 y1 x2 y2 ...`` with the
-polygon normalised to [0, 1] by the image size (the outline of the mask's largest 4-connected
-part; see :mod:`ovsam_ray.export.polygons`); an image without instances gets an empty file (a
+polygon normalised to [0, 1] by the image size (the outline of the mask; a mask of several
+4-connected parts gets one line through all of them, joined as Ultralytics' own converter joins
+them: :func:`~ovsam_ray.export.polygons.join_polygons`); an image without instances gets an empty file (a
 background image). With ``with_images`` the images are extracted from the input shards
 (``<output>/images/<shard>/<key>.<ext>``, the same name: Ultralytics finds labels by replacing
 ``/images/`` with ``/labels/``). ``<output>/keys.jsonl`` has one line per label file,
@@ -29,7 +30,7 @@ from ovsam_ray.data.rle import decode_rle
 from ovsam_ray.export.images import ImageCopier, ImageExts
 from ovsam_ray.export.output import open_output, write_file
 from ovsam_ray.export.paths import data_file_name
-from ovsam_ray.export.polygons import mask_to_polygons
+from ovsam_ray.export.polygons import join_polygons, mask_to_polygons
 from ovsam_ray.labels.categories import load_categories, record_vocabulary
 from ovsam_ray.labels.reader import iter_label_batches, iter_label_rows, source_shards
 from ovsam_ray.vocabulary import clean_class_name
@@ -64,7 +65,7 @@ def yolo_lines(
         if not polys:
             dropped += 1
             continue
-        coords = " ".join(f"{x / width:.6f} {y / height:.6f}" for x, y in polys[0])
+        coords = " ".join(f"{x / width:.6f} {y / height:.6f}" for x, y in join_polygons(polys))
         lines.append(f"{cls} {coords}")
     return lines, dropped
 

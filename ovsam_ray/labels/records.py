@@ -51,6 +51,7 @@ class InstanceColumns:
         detector_scores: list[float | None] | None = None,
         detector_labels: list[str | None] | None = None,
         detector_masks: list[dict[str, Any] | None] | None = None,
+        sources: list[str] | None = None,
     ) -> None:
         """One image's kept prompts (all by default), in prompt order (boxes, then points).
 
@@ -59,7 +60,10 @@ class InstanceColumns:
         them, else encoded from ``pred.masks``: the same strings); ``bbox`` is the mask's box;
         labels are names from the vocabulary with the fused probability; with ``with_embedding``
         the float16 region and CLIP embeddings and the CLIP-validity flag are stored;
-        ``detector_masks``: the detector's own mask per box prompt (COCO RLE, ``detector_rle``).
+        ``detector_masks``: the detector's own mask per box prompt (COCO RLE, ``detector_rle``). ``sources``
+        names each prompt's source ("shard", "detector:NAME", "grid"): a shard prompt's label
+        (``detector_labels``) is stored as ``shard_label``, a detector's as ``detector_label``;
+        without it every label is a ``detector_label`` and ``source`` is null.
         """
         n_boxes, n = len(prompts.boxes), len(pred.labels)
         keep = np.arange(n) if keep is None else np.asarray(keep, np.int64)
@@ -77,7 +81,7 @@ class InstanceColumns:
         p["prompt_box"].append(_rows(prompts.boxes, np.where(is_box, keep, 0), 4))
         p["point"].append(_rows(prompts.points, point_idx, 2))
         p["detector_score"].append(_per_box(detector_scores, keep, is_box, np.nan, np.float32))
-        p["detector_label"].append(_per_box(detector_labels, keep, is_box, None, object))
+        self._prompt_labels(_per_box(detector_labels, keep, is_box, None, object), sources, keep)
         p["detector_rle"].append(_per_box(detector_masks, keep, is_box, None, object))
         p["bbox"].append(np.asarray(pred.mask_boxes, np.float32)[keep].reshape(-1, 4))
         p["area"].append(np.asarray(pred.mask_areas(), np.int64)[keep])
@@ -112,6 +116,7 @@ class InstanceColumns:
         detector_scores: list[float | None] | None = None,
         detector_labels: list[str | None] | None = None,
         detector_masks: list[dict[str, Any] | None] | None = None,
+        sources: list[str] | None = None,
     ) -> None:
         """The zero-cost baseline for one image: each box prompt's mask is the box itself (the
         pixels whose centres lie inside it), each point prompt's mask its one pixel; the label is
@@ -134,7 +139,7 @@ class InstanceColumns:
         p["point"].append(np.concatenate([np.zeros((nb, 2), np.float32), points]))
         scores = _per_box(detector_scores, keep, is_box, np.nan, np.float32)
         p["detector_score"].append(scores)
-        p["detector_label"].append(labels)
+        self._prompt_labels(labels, sources, keep)
         p["detector_rle"].append(_per_box(detector_masks, keep, is_box, None, object))
         p["bbox"].append(bbox)
         p["area"].append(areas)
@@ -147,6 +152,20 @@ class InstanceColumns:
         p["label_margin"].append(np.full(n, np.nan, np.float32))
         p["stability_score"].append(np.full(n, np.nan, np.float32))
         self.counts.append(n)
+
+    def _prompt_labels(self, labels: np.ndarray, sources: list[str] | None, keep: np.ndarray) -> None:
+        """Each kept prompt's own label as ``detector_label`` or ``shard_label`` by its source."""
+        p = self.parts
+        if sources is None:
+            p["detector_label"].append(labels)
+            p["shard_label"].append(np.full(len(keep), None, object))
+            p["source"].append(np.full(len(keep), None, object))
+            return
+        src = np.asarray(sources, dtype=object)[keep] if len(keep) else np.zeros(0, object)
+        from_shard = src == "shard"
+        p["detector_label"].append(np.where(from_shard, None, labels).astype(object))
+        p["shard_label"].append(np.where(from_shard, labels, None).astype(object))
+        p["source"].append(src)
 
     def to_arrow(self) -> pa.ListArray:
         """``list<INSTANCE_TYPE>``, one (possibly empty) list per added image."""
@@ -164,6 +183,8 @@ class InstanceColumns:
             "point": _fixed(cat["point"], 2, valid=~is_box),
             "detector_score": pa.array(det_score, pa.float32(), mask=np.isnan(det_score)),
             "detector_label": pa.array(cat["detector_label"].tolist() if n else [], pa.string()),
+            "source": pa.array(cat["source"].tolist() if n else [], pa.string()),
+            "shard_label": pa.array(cat["shard_label"].tolist() if n else [], pa.string()),
             "bbox": _fixed(cat["bbox"], 4),
             "area": pa.array(cat["area"].astype(np.int64) if n else [], pa.int64()),
             "rle": pa.StructArray.from_arrays(
@@ -281,6 +302,7 @@ def prediction_to_instances(
     detector_scores: list[float | None] | None = None,
     detector_labels: list[str | None] | None = None,
     detector_masks: list[dict[str, Any] | None] | None = None,
+    sources: list[str] | None = None,
     with_embedding: bool = False,
 ) -> list[dict[str, Any]]:
     """One image's instance records as dicts (see :meth:`InstanceColumns.add_prediction`)."""
@@ -293,5 +315,6 @@ def prediction_to_instances(
         detector_scores=detector_scores,
         detector_labels=detector_labels,
         detector_masks=detector_masks,
+        sources=sources,
     )
     return cols.to_arrow()[0].as_py()

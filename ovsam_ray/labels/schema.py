@@ -41,6 +41,9 @@ RLE_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())
 #: "accepted", "relabelled", "mask_edited", "added"; null for an unreviewed instance).
 #: ``detector_rle`` is the detector's own mask of a box prompt (COCO RLE at original size; SAM 3 with
 #: ``--keep-source-masks``), null otherwise.
+#: ``source`` says where the prompt came from ("shard", "detector:NAME", "grid"); ``shard_label`` is
+#: the shard's own label of a shard prompt (``detector_label`` is a detector's). Both are nullable
+#: additions: files written before them read with nulls there.
 INSTANCE_TYPE = pa.struct(
     [
         ("prompt_type", pa.string()),
@@ -65,11 +68,22 @@ INSTANCE_TYPE = pa.struct(
         ("label_agrees", pa.bool_()),
         ("review", pa.string()),
         ("detector_rle", RLE_TYPE),
+        ("source", pa.string()),
+        ("shard_label", pa.string()),
     ]
 )
 
 #: The instance fields each schema version added (a file of an older version lacks them).
-V3_INSTANCE_FIELDS = ("label_margin", "stability_score", "box_iou", "label_agrees", "review", "detector_rle")
+V3_INSTANCE_FIELDS = (
+    "label_margin",
+    "stability_score",
+    "box_iou",
+    "label_agrees",
+    "review",
+    "detector_rle",
+    "source",
+    "shard_label",
+)
 
 #: One row per input image (DESIGN §4). Error rows have status "error", a message in ``error``,
 #: width/height when the image could be decoded, and no instances. ``warnings`` (schema version

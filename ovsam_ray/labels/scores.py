@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LABEL_SOURCES", "SCORE_MODES", "instance_score"]
+__all__ = ["LABEL_SOURCES", "SCORE_MODES", "instance_label", "instance_score"]
 
 #: Where an instance's label comes from: OV-SAM's classifier or the detector that prompted it.
 LABEL_SOURCES = ("ovsam", "detector")
@@ -23,3 +23,13 @@ def instance_score(inst: dict[str, Any], label_source: str = "ovsam", mode: str 
     if mode == "label":
         return float(lab if lab is not None else 0.0)
     return float(det if det is not None else 1.0) * float(lab if lab is not None else 0.0)
+
+
+def instance_label(inst: dict[str, Any], label_source: str = "ovsam") -> str | None:
+    """The class name an instance is counted as: OV-SAM's ``label``, or (``label_source="detector"``)
+    its prompt's own label: the detector's, else the shard's (``shard_label``; outputs written
+    before that field hold a shard prompt's label in ``detector_label``)."""
+    if label_source != "detector":
+        return inst.get("label")
+    det = inst.get("detector_label")
+    return det if det is not None else inst.get("shard_label")

@@ -21,9 +21,10 @@ resized for OV-SAM and maps the boxes back to original-image pixels.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,18 @@ from ovsam_ray.labels.schema import RLE_TYPE
 from ovsam_ray.pipeline.stages import image_of
 
 log = logging.getLogger(__name__)
+
+#: The seed of a detector's random initialisation (``--random-init``).
+INIT_SEED = 0
+
+
+@contextlib.contextmanager
+def seeded(seed: int = INIT_SEED) -> Iterator[None]:
+    """Torch's CPU random generator seeded with ``seed`` inside, restored after: a model built
+    inside gets the same random weights in every process and run (the caller's stream is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class TorchvisionDetector:
@@ -55,9 +68,10 @@ class TorchvisionDetector:
     ) -> None:
         builder = torchvision_builder(name)
         self.categories = _coco_categories(name)
-        model = builder(
-            weights=None, weights_backbone=None, num_classes=len(self.categories), box_score_thresh=score_threshold
-        )
+        with seeded():  # random init: the same weights in every actor and every run
+            model = builder(
+                weights=None, weights_backbone=None, num_classes=len(self.categories), box_score_thresh=score_threshold
+            )
         if not random_init:
             path = _find_weights(weights, name, s3_endpoint)
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from ovsam_ray import storage
 from ovsam_ray.errors import ConfigError
+from ovsam_ray.pipeline.detectors import seeded
 from ovsam_ray.weights.files import WeightsError, local_dir
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ class _HFDetector:
             self.processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
             if random_init:
-                model = cls(transformers.AutoConfig.from_pretrained(folder, local_files_only=True))
+                with seeded():  # every actor and every run: the same untrained weights
+                    model = cls(transformers.AutoConfig.from_pretrained(folder, local_files_only=True))
             else:
                 model = cls.from_pretrained(folder, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable folder becomes one clear error

@@ -325,6 +325,7 @@ class LabelSummary:
     masks: int = 0
     images_with_warnings: int = 0  # rows whose `warnings` name dropped/clipped/capped prompts
     images_no_prompts: int = 0  # ok images that had no prompt at all (empty rows)
+    images_all_filtered: int = 0  # ok images with prompts whose every mask a filter removed (empty rows)
     members_skipped: dict[str, int] = field(default_factory=dict)  # tar members without a row, per reason
     wall_time_s: float = 0.0
     random_init: bool = False
@@ -626,6 +627,12 @@ def _finish(cfg: LabelConfig, summary: LabelSummary, tracker: ShardTracker, comm
             "%d images had no prompts (empty rows); use --prompts grid or detector:NAME (or shard|grid, "
             "shard|detector:NAME to keep the shard's boxes where there are some)",
             summary.images_no_prompts,
+        )
+    if summary.images_all_filtered:
+        log.warning(
+            "%d images had every mask filtered out (empty rows; each row's warnings say by which filter): "
+            "for --prompts grid, lower --grid-stability",
+            summary.images_all_filtered,
         )
     if summary.members_skipped:
         log.info("tar members without a row: %s", ", ".join(f"{n} {r}" for r, n in summary.members_skipped.items()))

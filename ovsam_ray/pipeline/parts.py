@@ -248,7 +248,7 @@ def commit_shard(
 
 
 # Counts a shard's marker keeps (so a retried commit task can report them without the table).
-_MARKER_STATS = ("images_with_warnings", "images_no_prompts", "members_skipped")
+_MARKER_STATS = ("images_with_warnings", "images_no_prompts", "images_all_filtered", "members_skipped")
 
 
 def _result(
@@ -267,6 +267,7 @@ def _result(
         "warnings_sample": warned,
         "warned": extra.get("images_with_warnings", 0),
         "no_prompts": extra.get("images_no_prompts", 0),
+        "all_filtered": extra.get("images_all_filtered", 0),
         "skipped": extra.get("members_skipped") or {},
         "stats": stats,
     }

@@ -24,7 +24,7 @@ from ovsam_ray.pipeline.prompting import (
     PromptSources,
     SelectConfig,
     image_prompt_set,
-    select_predictions,
+    select_with_reason,
 )
 from ovsam_ray.pipeline.stages import PASS_COLUMNS, image_of
 
@@ -100,11 +100,20 @@ def prompt_sets(batch: pa.Table, rows: list[int], sources: PromptSources, grid_s
 
 
 def result_table(
-    batch: pa.Table, status: list[str], error: list[str | None], instances: pa.Array, sets: dict[int, ImagePromptSet]
+    batch: pa.Table,
+    status: list[str],
+    error: list[str | None],
+    instances: pa.Array,
+    sets: dict[int, ImagePromptSet],
+    filtered: dict[int, str] | None = None,
 ) -> pa.Table:
     """RESULT_SCHEMA rows: ``batch``'s identity columns with the stage's status, error, instances;
-    warnings and prompt counts from the decoded rows and ``sets`` (prompts of the ok rows)."""
+    warnings and prompt counts from the decoded rows and ``sets`` (prompts of the ok rows), plus
+    ``filtered``: the warning of each row whose masks a filter removed, by row."""
     warned = batch.column("prompt_warnings").to_pylist()
+    for i, text in (filtered or {}).items():
+        if status[i] == "ok":
+            warned[i] = (warned[i] or []) + [text]
     num_prompts: list[int | None] = [None] * batch.num_rows
     for i, ps in sets.items():
         if status[i] == "ok":
@@ -182,6 +191,7 @@ class PredictStage:
         for start in range(0, len(ok), self.forward_batch):  # one forward per forward_batch images
             results.update(self._predict_or_isolate(batch, ok[start : start + self.forward_batch], sets))
         cols = InstanceColumns(self.vocab, with_embedding=self.with_embedding)
+        filtered: dict[int, str] = {}
         for i in range(batch.num_rows):
             res = results.get(i)
             if isinstance(res, str):
@@ -189,7 +199,9 @@ class PredictStage:
             if res is None or isinstance(res, str):
                 cols.add_empty()
                 continue
-            pred, keep = res
+            pred, (keep, why) = res
+            if why is not None:
+                filtered[i] = why
             ps = sets[i]
             cols.add_prediction(
                 pred,
@@ -199,8 +211,9 @@ class PredictStage:
                 detector_scores=ps.detector_scores,
                 detector_labels=ps.detector_labels,
                 detector_masks=ps.detector_masks,
+                sources=ps.sources,
             )
-        return result_table(batch, status, error, cols.to_arrow(), sets)
+        return result_table(batch, status, error, cols.to_arrow(), sets, filtered)
 
     def _predict_or_isolate(self, batch: pa.Table, rows: list[int], sets: dict[int, ImagePromptSet]) -> dict:
         """Predict ``rows`` together; if that fails, each image alone, so that one bad image
@@ -233,7 +246,7 @@ class PredictStage:
             self.predictor.embed(images, original_sizes=sizes), [sets[i].prompts for i in rows]
         )
         return {
-            i: (pred, select_predictions(pred, sets[i].types, self.select, tiers=sets[i].tiers))
+            i: (pred, select_with_reason(pred, sets[i].types, self.select, tiers=sets[i].tiers))
             for i, pred in zip(rows, preds)
         }
 
@@ -270,5 +283,6 @@ class BoxFillStage:
                 detector_scores=ps.detector_scores,
                 detector_labels=ps.detector_labels,
                 detector_masks=ps.detector_masks,
+                sources=ps.sources,
             )
         return result_table(batch, status, batch.column("error").to_pylist(), cols.to_arrow(), sets)

@@ -143,6 +143,8 @@ class ImagePromptSet:
     #: ``A+B``: each prompt's part (0 for A, 1 for B...); empty without ``+``
     tiers: list[int] = field(default_factory=list)
     detector_masks: list[dict[str, Any] | None] = field(default_factory=list)
+    #: each prompt's source: "shard", "detector:NAME" or "grid" (the instances' ``source``)
+    sources: list[str] = field(default_factory=list)
 
 
 def image_prompt_set(
@@ -194,7 +196,16 @@ def _combine(
     )
     tier_of = {kind: t for t, tier in enumerate(sources.tiers) for kind in tier}
     tiers = [tier_of[o] for o in origin] if sources.tiers else []
-    return ImagePromptSet(prompts, types, scores, labels, tiers, masks if any(m is not None for m in masks) else [])
+    named = [f"detector:{sources.detector}" if o == "detector" else o for o in origin]
+    return ImagePromptSet(
+        prompts,
+        types,
+        scores,
+        labels,
+        tiers,
+        detector_masks=masks if any(m is not None for m in masks) else [],
+        sources=named,
+    )
 
 
 def select_predictions(
@@ -204,21 +215,62 @@ def select_predictions(
     (``mask_quality``, ``remove_duplicates``) with grid prompts as its grid. ``tiers``: each
     prompt's part of an ``A+B`` spec (ImagePromptSet.tiers): after the grid's NMS and before the
     dedup, a mask that repeats one of an earlier part is dropped (class-agnostic)."""
+    return select_with_reason(pred, types, cfg, tiers)[0]
+
+
+def select_with_reason(
+    pred: ImagePrediction, types: list[str], cfg: SelectConfig, tiers: list[int] | None = None
+) -> tuple[np.ndarray, str | None]:
+    """:func:`select_predictions` and, when prompts there were but no mask survived, the row
+    warning saying which filter removed how many (None otherwise)."""
     is_grid = np.array([t == "grid" for t in types], bool)
+    big = pred.mask_areas() >= cfg.min_mask_area if len(types) else np.zeros(0, bool)
     keep = mask_quality(pred, is_grid, min_area=cfg.min_mask_area, stability_thresh=cfg.grid_stability)
+    counts = {"area": int((~big).sum()), "stability": int((big & ~keep).sum())}
     dedup = {
         "dedup_iou": cfg.dedup_iou,
         "dedup_containment": cfg.dedup_containment,
         "dedup_class_aware": cfg.dedup_class_aware,
     }
+    before = int(keep.sum())
     if not tiers:
-        return np.nonzero(remove_duplicates(pred, keep, is_grid, nms_iou=cfg.grid_nms_iou, **dedup))[0]
-    keep = remove_duplicates(pred, keep, is_grid, nms_iou=cfg.grid_nms_iou)
-    keep = _across_sources(
-        torch.from_numpy(pred.low_res_logits[:, 0]) > 0, np.asarray(tiers), keep, cfg.source_dedup_iou
-    )
-    keep = remove_duplicates(pred, keep, np.zeros_like(is_grid), **dedup)
-    return np.nonzero(keep)[0]
+        keep = remove_duplicates(pred, keep, is_grid, nms_iou=cfg.grid_nms_iou, **dedup)
+        counts["duplicates"] = before - int(keep.sum())
+    else:
+        keep = remove_duplicates(pred, keep, is_grid, nms_iou=cfg.grid_nms_iou)
+        nms_kept = int(keep.sum())
+        keep = _across_sources(
+            torch.from_numpy(pred.low_res_logits[:, 0]) > 0, np.asarray(tiers), keep, cfg.source_dedup_iou
+        )
+        counts["sources"] = nms_kept - int(keep.sum())
+        across = int(keep.sum())
+        keep = remove_duplicates(pred, keep, np.zeros_like(is_grid), **dedup)
+        counts["duplicates"] = before - nms_kept + across - int(keep.sum())
+    kept = np.nonzero(keep)[0]
+    if len(kept) or not len(types):
+        return kept, None
+    return kept, filtered_warning(len(types), counts, cfg)
+
+
+#: The start of the row warning of an image whose every mask a filter removed.
+FILTERED_WARNING = "no masks kept"
+
+
+def filtered_warning(n: int, counts: dict[str, int], cfg: SelectConfig) -> str:
+    """The row warning of an image whose ``n`` masks were all removed, ``counts`` per filter."""
+    why = []
+    if counts.get("area"):
+        why.append(f"{counts['area']} smaller than --min-mask-area {cfg.min_mask_area}")
+    if counts.get("stability"):
+        why.append(
+            f"{counts['stability']} grid masks empty or less stable than --grid-stability {cfg.grid_stability:g} "
+            "(lower it to keep more)"
+        )
+    if counts.get("duplicates"):
+        why.append(f"{counts['duplicates']} duplicates (--grid-nms-iou, --dedup-iou, --dedup-containment)")
+    if counts.get("sources"):
+        why.append(f"{counts['sources']} repeating an earlier source's mask (--source-dedup-iou)")
+    return f"{FILTERED_WARNING}: all {n} masks filtered out ({'; '.join(why)})"
 
 
 def _across_sources(masks: torch.Tensor, tiers: np.ndarray, keep: np.ndarray, iou_threshold: float) -> np.ndarray:

@@ -44,15 +44,20 @@ def shard_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def table_stats(table: pa.Table, *, members_skipped: dict[str, int] | None = None) -> dict[str, Any]:
     """Statistics of one shard's output table (``status``, ``instances`` columns; ``warnings`` and
     ``num_prompts`` when present), computed on the Arrow columns: image/error/empty counts,
-    images with prompt warnings and without any prompt, masks per image, class histogram
+    images with prompt warnings, without any prompt and with prompts whose every mask a filter
+    removed (``images_all_filtered``), masks per image, class histogram
     (labelled instances), label-score and mask-area histograms and sums; ``members_skipped``:
     the reader's count of tar members that gave no row, per reason."""
     ok = table.filter(pc.equal(table["status"], "ok"))
-    warned = no_prompts = 0
+    warned = no_prompts = filtered = 0
     if "warnings" in table.column_names:
         warned = int(pc.sum(pc.fill_null(pc.greater(pc.list_value_length(table["warnings"]), 0), False)).as_py() or 0)
     if "num_prompts" in table.column_names:
         no_prompts = int(pc.sum(pc.fill_null(pc.equal(ok["num_prompts"], 0), False)).as_py() or 0)
+        emptied = pc.and_(
+            pc.greater(ok["num_prompts"], 0), pc.equal(pc.list_value_length(ok["instances"]).fill_null(0), 0)
+        )
+        filtered = int(pc.sum(pc.fill_null(emptied, False)).as_py() or 0)
     per_image = pc.list_value_length(ok["instances"]).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     inst = pc.list_flatten(ok["instances"])
     n = len(inst)
@@ -67,6 +72,7 @@ def table_stats(table: pa.Table, *, members_skipped: dict[str, int] | None = Non
         "images_empty": int((per_image == 0).sum()),
         "images_with_warnings": warned,
         "images_no_prompts": no_prompts,
+        "images_all_filtered": filtered,
         "members_skipped": dict(sorted((members_skipped or {}).items())),
         "masks": n,
         "masks_per_image": {int(k): int(v) for k, v in enumerate(counts) if v},
@@ -95,6 +101,7 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "images_empty",
         "images_with_warnings",
         "images_no_prompts",
+        "images_all_filtered",
         "masks",
         "score_sum",
         "area_sum",
@@ -160,7 +167,8 @@ def format_stats(stats: dict[str, Any], top: int = 10) -> str:
     return (
         f"label stats: {stats['images']} images ({stats['images_empty']} empty, {stats['images_error']} errors, "
         f"{stats.get('images_with_warnings', 0)} with prompt warnings, {stats.get('images_no_prompts', 0)} without "
-        f"prompts; {skipped} tar members skipped), "
+        f"prompts, {stats.get('images_all_filtered', 0)} with every mask filtered out; {skipped} tar members "
+        "skipped), "
         f"{stats['masks']} masks, {stats['mean_masks_per_image']:.2f} per image, mean score "
         f"{stats['mean_score']:.3f}, mean area {stats['mean_area']:.0f} px; top classes: "
         + ", ".join(f"{storage.safe_for_log(k, limit=60)} {v}" for k, v in classes)

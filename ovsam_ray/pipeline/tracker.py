@@ -133,6 +133,7 @@ class ShardTracker:
         s.masks += res["masks"]
         s.images_with_warnings += res["warned"]
         s.images_no_prompts += res["no_prompts"]
+        s.images_all_filtered += res.get("all_filtered", 0)
         s.members_skipped = dict(sorted((Counter(s.members_skipped) + Counter(res["skipped"])).items()))
 
 

@@ -324,6 +324,7 @@ def test_label_samples_decodes_prompts_predicts_and_keeps_bad_samples_as_error_r
         assert [i["prompt_type"] for i in row["instances"]] == ["box"] * len(meta["boxes"]) + ["point"] * len(
             meta["points"]
         )
+        assert {i["source"] for i in row["instances"]} <= {"shard"}  # every prompt is the shard's
         np.testing.assert_allclose(
             [i["prompt_box"] for i in row["instances"][: len(meta["boxes"])]], meta["boxes"], atol=1e-4
         )

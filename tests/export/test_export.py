@@ -3,6 +3,7 @@ label job."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -142,7 +143,13 @@ def test_export_labelstudio_and_sa1b(coco, tmp_path, bystanders):
     bystanders.around(out)
     assert export_sa1b(labels, out) == {"images": 3, "annotations": 4, "error_rows": 1}
     record = json.load(open(os.path.join(out, "shard-000000", "000000000005.json")))
-    assert record["image"]["width"] == 64 and record["image"]["image_id"] == "5"
+    assert record["image"]["width"] == 64 and record["image"]["image_id"] == 5  # SA-1B's integer
+    sa1b_fields = {"id", "segmentation", "bbox", "area", "predicted_iou", "point_coords", "crop_box", "stability_score"}
+    assert all(sa1b_fields <= set(a) for a in record["annotations"])
+    ids = [
+        a["id"] for f in sorted(glob.glob(os.path.join(out, "*", "*.json"))) for a in json.load(open(f))["annotations"]
+    ]
+    assert sorted(ids) == list(range(1, 5))  # unique over the export, as in SA-1B
     ann = record["annotations"][1]
     assert (decode_rle(ann["segmentation"]) == masks[102]).all() and ann["label"] == "circle"
     x0, y0, x1, y1 = boxes_from_binary_masks(masks[102][None])[0]
@@ -193,3 +200,38 @@ def test_round_trip_coco_label_job_export_cocoeval(ray_local, coco, tmp_path):
     yaml = open(tmp_path / "yolo" / "data.yaml").read()
     assert 'nc: 3\nnames:\n  0: "circle"\n  1: "square"\n  2: "triangle"\n' in yaml
     assert export_wds(labels, str(tmp_path / "wds"))["samples"] == 3
+
+
+def test_yolo_line_keeps_every_part_of_a_multi_part_mask():
+    from pycocotools import mask as mask_utils
+
+    from ovsam_ray.data.rle import encode_masks
+    from ovsam_ray.export.polygons import join_polygons, polygon_area
+    from ovsam_ray.export.yolo import yolo_lines
+
+    m = np.zeros((40, 60), bool)
+    m[2:10, 3:12] = m[20:35, 30:50] = m[5:15, 40:55] = True  # three parts
+    parts = mask_to_polygons(m, tolerance=0)
+    assert len(parts) == 3 and polygon_area(join_polygons(parts)) == m.sum()  # bridges add no area
+    (line,), dropped = yolo_lines([{"rle": encode_masks(m[None])[0], "label_id": 0}], 60, 40, lambda i: 0, tolerance=0)
+    xy = np.asarray(line.split()[1:], float).reshape(-1, 2) * [60, 40]
+    raster = mask_utils.decode(mask_utils.frPyObjects([xy.ravel().tolist()], 40, 60))[..., 0].astype(bool)
+    assert dropped == 0 and (raster & m).sum() / (raster | m).sum() > 0.9  # every part, not the largest alone
+    assert raster[25, 40] and raster[5, 5] and raster[10, 45]
+
+
+def test_prompt_source_fields_are_exported_only_when_known(coco, tmp_path):
+    """Outputs written before ``source``/``shard_label`` export as they did; newer ones carry them."""
+    from ovsam_ray.export.wds import wds_labels
+
+    _, _, dataset, _ = coco
+    labels = str(tmp_path / "labels")
+    gt_label_output(dataset, labels)  # rows without the fields: null
+    export_coco(labels, str(tmp_path / "c.json"))
+    anns = json.load(open(tmp_path / "c.json"))["annotations"]
+    assert anns and not any({"source", "shard_label"} & set(a) for a in anns)
+    row = {"key": "k", "shard": "s", "width": 4, "height": 4, "instances": [{"label_score": 1.0}]}
+    assert "source" not in wds_labels(row)["instances"][0]
+    row["instances"][0].update(source="shard", shard_label="cat")
+    got = wds_labels(row)["instances"][0]
+    assert (got["source"], got["shard_label"]) == ("shard", "cat")

@@ -7,7 +7,9 @@ import contextlib
 import io
 import json
 import os
+import re
 import tarfile
+import urllib.parse
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -263,7 +265,8 @@ def test_labelstudio_brush_decodes_in_the_sdk_and_validates(labelled, tmp_path):
     stats = export_labelstudio(labelled["labels"], out)
     assert stats == {"tasks": 3, "results": 4, "error_rows": 1}
     tasks = json.load(open(out))
-    assert tasks[0]["data"]["image"] == "shard-000000/000000000005.png"  # the image's own extension
+    # Label Studio's local-files URL of the image --with-images writes, with its own extension
+    assert tasks[0]["data"]["image"] == "/data/local-files/?d=images/shard-000000/000000000005.png"
     config = open(str(tmp_path / "tasks.config.xml")).read()
     assert "<BrushLabels" in config and '<Label value="circle"/>' in config
     results = [(t, r) for t in tasks for r in t["predictions"][0]["result"]]
@@ -283,6 +286,34 @@ def test_labelstudio_brush_decodes_in_the_sdk_and_validates(labelled, tmp_path):
     for task in tasks:  # (validate_task itself cannot take predictions: it calls validate_prediction())
         assert li.validate_task({"data": task["data"]})
         assert li.validate_prediction(task["predictions"][0], return_errors=True) == []
+
+
+def test_labelstudio_config_lists_every_class_and_images_are_written(labelled, tmp_path):
+    run = json.loads(open(os.path.join(labelled["labels"], "_run.json")).read())
+    vocab = tmp_path / "shapes.txt"
+    vocab.write_text("star\ncircle\ntriangle\nsquare\n")
+    run["details"]["config"]["model"] = {"vocab": str(vocab)}
+    run["identity"] = {"vocabulary": {"name": "shapes", "num_classes": 4}}
+    open(os.path.join(labelled["labels"], "_run.json"), "w").write(json.dumps(run))
+    out = tmp_path / "ls" / "tasks.json"
+    stats = export_labelstudio(labelled["labels"], str(out), with_images=True)
+    assert stats["images_written"] == 3 and stats["images_missing"] == 0
+    config = (tmp_path / "ls" / "tasks.config.xml").read_text()
+    # the whole vocabulary, in its order: a reviewer can pick a class no prediction has
+    assert re.findall(r'<Label value="([^"]+)"/>', config) == ["star", "circle", "triangle", "square"]
+    for task in json.load(open(out)):  # each URL names a file the export wrote, below the document root
+        path = urllib.parse.unquote(task["data"]["image"].removeprefix("/data/local-files/?d="))
+        assert (tmp_path / "ls" / path).is_file()
+    assert (tmp_path / "ls" / "images" / "shard-000000" / "000000000005.png").read_bytes() == open(
+        os.path.join(labelled["images"], "000000000005.png"), "rb"
+    ).read()
+    # --classes: a COCO json's categories (here without "star")
+    export_labelstudio(labelled["labels"], str(tmp_path / "c.json"), classes=labelled["ann"], image_url="{key}")
+    config = (tmp_path / "c.config.xml").read_text()
+    assert re.findall(r'<Label value="([^"]+)"/>', config) == ["circle", "square", "triangle"]
+    li_mod = pytest.importorskip("label_studio_sdk.label_interface", reason=_NO_LS)
+    li = li_mod.LabelInterface((tmp_path / "ls" / "tasks.config.xml").read_text())
+    assert all(li.validate_prediction(t["predictions"][0], return_errors=True) == [] for t in json.load(open(out)))
 
 
 def test_labelstudio_polygons_validate(labelled, tmp_path):
@@ -336,3 +367,58 @@ def test_ray_data_joins_labels_and_images_by_shard_and_key(ray_local, labelled, 
         assert r["image_ext"] == "png" and r["status"] == "ok"
     assert [len(r["instances"]) for r in rows] == [2, 2, 0]
     assert {c["name"] for c in CATEGORIES} >= {i["label"] for r in rows for i in r["instances"]}
+
+
+def test_export_wds_of_a_shard_mixing_jpeg_and_png_reads_in_ray_data(ray_local, tmp_path):
+    """Ray Data's read_webdataset needs one image column per tar: a shard mixing JPEG and PNG is
+    written all PNG, each image's pixels unchanged."""
+    import PIL.Image
+    import ray
+
+    rng = np.random.default_rng(0)
+    pixels = {k: rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for k in ("a", "b")}
+    shard = tmp_path / "in" / "shard-000000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tf:
+        for key, fmt in (("a", "JPEG"), ("b", "PNG")):
+            buf = io.BytesIO()
+            PIL.Image.fromarray(pixels[key]).save(buf, format=fmt)
+            info = tarfile.TarInfo(f"{key}.{'jpg' if fmt == 'JPEG' else 'png'}")
+            info.size = len(buf.getvalue())
+            tf.addfile(info, io.BytesIO(buf.getvalue()))
+    rows = [{"key": k, "shard": "shard-000000", "width": 32, "height": 24, "status": "ok"} for k in pixels]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    pq.write_table(rows_to_table(rows), labels / "shard-000000.parquet")
+    out = tmp_path / "wds"
+    stats = export_wds(str(labels), str(out), shards=str(shard))
+    assert stats["samples"] == 2 and stats["transcoded"] == 1
+    got = {r["__key__"]: r for r in ray.data.read_webdataset(str(out / "shard-000000.tar")).take_all()}
+    assert set(got) == {"a", "b"}
+    jpeg = np.asarray(PIL.Image.open(io.BytesIO(_member(shard, "a.jpg"))).convert("RGB"))
+    assert (np.asarray(got["a"]["png"]) == jpeg).all()  # the JPEG's decoded pixels, losslessly
+    assert (np.asarray(got["b"]["png"]) == pixels["b"]).all()
+
+
+def _member(tar: object, name: str) -> bytes:
+    with tarfile.open(tar) as tf:
+        return tf.extractfile(name).read()
+
+
+def test_readme_export_commands_run_as_written(labelled, tmp_path, monkeypatch):
+    """Each ``ovsam-ray export`` line of the README (optional ``[...]`` flags included) on a label
+    output at ``labels/``: exit 0 and the files the README's table loads."""
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    lines = [line.split("  #")[0].strip() for line in readme.splitlines() if line.startswith("ovsam-ray export ")]
+    lines = list(dict.fromkeys(lines))  # a command shown twice is run once
+    assert {shlex.split(line)[2] for line in lines} == {"coco", "yolo", "labelstudio", "sa1b", "wds"}
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        args = shlex.split(line.replace("[", "").replace("]", ""))
+        assert _quiet(main, args[1:]) == 0, line
+    assert {"images", "annotations", "categories"} <= set(json.load(open("coco/labels.json")))
+    assert os.path.isfile("yolo/data.yaml") and os.path.isfile("ls/tasks.config.xml")
+    assert os.path.isfile("ls/images/shard-000000/000000000005.png")
+    assert os.path.isfile("labelled_shards/shard-000000.tar") and os.listdir("sa1b_style")

@@ -10,6 +10,7 @@ import io as _io
 import json
 import os
 import tarfile
+import urllib.parse
 
 import numpy as np
 import pyarrow.dataset as pds
@@ -142,13 +143,20 @@ def test_yolo_labels_and_images_pair_up(odd_labels, tmp_path):
 
 def test_labelstudio_urls_name_the_copied_images(odd_labels, tmp_path):
     out = str(tmp_path / "tasks.json")
-    stats = export_labelstudio(odd_labels["labels"], out, shards=odd_labels["shards"])
+    stats = export_labelstudio(odd_labels["labels"], out, shards=odd_labels["shards"], with_images=True)
     tasks = json.load(open(out))
-    assert stats["tasks"] == len(tasks) == len(odd_labels["ok"])
+    assert stats["tasks"] == len(tasks) == len(odd_labels["ok"]) == stats["images_written"]
     assert {(t["data"]["shard"], t["data"]["key"]) for t in tasks} == odd_labels["ok"]
-    export_coco(odd_labels["labels"], str(tmp_path / "coco.json"), shards=odd_labels["shards"], with_images=True)
-    for t in tasks:  # the default URL is the image's file below images/ of an export with images
-        assert os.path.isfile(os.path.join(tmp_path, "images", t["data"]["image"]))
+    for t in tasks:  # the default URL: Label Studio's local-files URL (quoted) of the file --with-images wrote
+        path = urllib.parse.unquote(t["data"]["image"].removeprefix("/data/local-files/?d="))
+        assert os.path.isfile(os.path.join(tmp_path, path))
+    plain = str(tmp_path / "t2.json")
+    export_labelstudio(odd_labels["labels"], plain, shards=odd_labels["shards"], image_url="images/{file_name}")
+    tasks = json.load(open(plain))
+    coco = tmp_path / "coco"
+    export_coco(odd_labels["labels"], str(coco / "coco.json"), shards=odd_labels["shards"], with_images=True)
+    for t in tasks:  # {file_name}: the image's file below images/ of a COCO export with images
+        assert os.path.isfile(os.path.join(coco, t["data"]["image"]))
 
 
 def test_sa1b_one_record_per_image(odd_labels, tmp_path):
@@ -176,8 +184,17 @@ def test_wds_holds_every_image_once(odd_labels, tmp_path):
     assert {(r["shard"], r["key"]) for r in labels} == odd_labels["ok"]
     for name, data in members.items():
         if not name.endswith(".json"):
-            assert data in {b for b, _ in odd_labels["images"].values()}
-            assert json.loads(members[name.rsplit(".", 1)[0] + ".json"])["key"]
+            record = json.loads(members[name.rsplit(".", 1)[0] + ".json"])
+            original = odd_labels["images"][(record["shard"], record["key"])][0]
+            if data != original:  # the shard mixes formats: re-encoded as PNG, the same pixels
+                assert name.endswith(".png") and stats["transcoded"] > 0
+                assert (_pixels(data) == _pixels(original)).all()
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    import PIL.Image
+
+    return np.asarray(PIL.Image.open(_io.BytesIO(data)).convert("RGB"))
 
 
 def test_show_draws_every_sampled_image(odd_labels, tmp_path):

@@ -102,6 +102,8 @@ def test_schema_matches_design():
         "label_agrees",
         "review",
         "detector_rle",
+        "source",
+        "shard_label",
     ]
     for name in V3_INSTANCE_FIELDS:  # version 3's additions: nullable, so older files read them as null
         assert inst.field(name).nullable

@@ -442,3 +442,49 @@ def test_label_job_shard_boxes_else_grounding_dino(ray_local, shapes_vocab, gd_d
         if scores == {False}:  # the job's vocabulary is the default query list
             assert {i["detector_label"] for i in row["instances"]} <= names
     assert kinds == {True, False}  # the seed gives images with and without shard boxes
+
+
+def test_random_init_detectors_are_the_same_in_every_run(owl_dir):
+    """--random-init builds the detector from a fixed seed: two actors (or two runs) find the same
+    boxes whatever torch's global random state, and that state is left as it was."""
+    images = [noise(48, 64, seed=1)]
+    batch = decoded_batch(images, [(64, 48)], ["ok"])
+    outs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        stage = DetectorStage(spec="owlv2", weights=owl_dir, random_init=True, score_threshold=0.0)
+        after = torch.rand(1)
+        torch.manual_seed(seed)
+        assert torch.equal(after, torch.rand(1))  # the caller's random stream is untouched
+        outs.append(stage(batch))
+    assert outs[0].column("det_boxes").to_pylist() == outs[1].column("det_boxes").to_pylist()
+    assert outs[0].column("det_scores").to_pylist() == outs[1].column("det_scores").to_pylist()
+    assert len(outs[0].column("det_scores")[0]) > 0
+
+
+@pytest.mark.slow
+def test_two_label_runs_with_a_random_init_detector_write_the_same_table(
+    ray_local, tmp_shards, shapes_vocab, owl_dir, tmp_path
+):
+    src = os.path.dirname(tmp_shards[0])
+    tables = []
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        run_label(
+            LabelConfig(
+                input=src,
+                output=out,
+                limit=1,
+                model=ModelConfig(preset="ovsam_tiny", random_init=True, vocab=shapes_vocab),
+                prompts="detector:owlv2",
+                detector_weights=owl_dir,
+                detector_objectness_threshold=0.0,
+                detector_max_per_image=5,
+            )
+        )
+        tables.append(
+            pds.dataset(out, format="parquet").to_table().sort_by([("shard", "ascending"), ("key", "ascending")])
+        )
+    assert tables[0].num_rows == 4 and sum(len(r["instances"]) for r in tables[0].to_pylist()) > 0
+    assert tables[0].equals(tables[1])
+    assert {i["source"] for r in tables[0].to_pylist() for i in r["instances"]} == {"detector:owlv2"}

@@ -161,3 +161,103 @@ def test_torchvision_detector_random_init(ray_local, tmp_shards, shapes_vocab, t
     for row in rows(out):
         shard_boxes = [i for i in row["instances"] if i["detector_score"] is None]
         assert len(shard_boxes) >= 1  # the shard's own boxes are still there
+
+
+def test_select_with_reason_names_the_filter_that_emptied_a_row():
+    from ovsam_ray.pipeline.prompting import FILTERED_WARNING, select_with_reason
+
+    low = np.full((2, 8, 8), 0.5, np.float32)  # both unstable: inside +-1 everywhere
+    pred = _pred(low > 0, low, np.array([0.5, 0.9], np.float32), np.array([0, 1]))
+    keep, why = select_with_reason(pred, ["grid"] * 2, SelectConfig())
+    assert keep.size == 0 and why.startswith(FILTERED_WARNING)
+    assert "2 grid masks empty or less stable than --grid-stability" in why and "all 2 masks" in why
+    keep, why = select_with_reason(pred, ["box"] * 2, SelectConfig(min_mask_area=65))
+    assert keep.size == 0 and "2 smaller than --min-mask-area 65" in why
+    keep, why = select_with_reason(pred, ["box"] * 2, SelectConfig())
+    assert keep.tolist() == [0, 1] and why is None  # something kept: no warning
+    empty = _pred(low[:0] > 0, low[:0], np.zeros(0, np.float32), np.zeros(0, int))
+    assert select_with_reason(empty, [], SelectConfig())[1] is None  # no prompts: the decode stage says so
+
+
+def test_prompt_sets_name_each_prompt_source():
+    spec = {
+        "boxes": [[0, 0, 2, 2]],
+        "labels": ["gt"],
+        "detector": {"boxes": [[0, 0, 4, 4]], "scores": [0.5], "labels": ["det"]},
+    }
+    s = image_prompt_set(spec, PromptSources.parse("shard,detector:owlv2,grid"), width=8, height=8, grid_size=2)
+    assert s.sources == ["shard", "detector:owlv2"] + ["grid"] * 4
+    fallback = image_prompt_set({"boxes": []}, PromptSources.parse("shard|grid"), width=8, height=8, grid_size=2)
+    assert fallback.sources == ["grid"] * 4
+
+
+def test_instances_store_source_and_the_shard_label_apart():
+    from ovsam_ray.labels.records import prediction_to_instances
+    from ovsam_ray.model.predictor import ImagePrompts
+    from ovsam_ray.vocabulary import Vocabulary
+
+    low = np.full((3, 8, 8), -10.0, np.float32)
+    low[:, :4, :4] = 10
+    pred = _pred(low > 0, low, np.array([0.5, 0.9, 0.7], np.float32), np.array([0, 1, 0]))
+    prompts = ImagePrompts(boxes=np.zeros((2, 4), np.float32), points=np.ones((1, 2), np.float32))
+    vocab = Vocabulary(
+        name="v", class_names=("a", "b"), synonyms=(("a",), ("b",)), seen=(1, 1), excluded=(0, 0), class_ids=(0, 1)
+    )
+    insts = prediction_to_instances(
+        pred,
+        prompts,
+        vocab,
+        types=["box", "box", "grid"],
+        detector_scores=[None, 0.5],
+        detector_labels=["gt", "det"],
+        sources=["shard", "detector:owlv2", "grid"],
+    )
+    assert [i["source"] for i in insts] == ["shard", "detector:owlv2", "grid"]
+    assert [i["shard_label"] for i in insts] == ["gt", None, None]
+    assert [i["detector_label"] for i in insts] == [None, "det", None]
+    legacy = prediction_to_instances(pred, prompts, vocab, detector_labels=["gt", "det"])
+    assert [i["detector_label"] for i in legacy] == ["gt", "det", None] and legacy[0]["source"] is None
+
+
+def test_stats_count_rows_whose_masks_a_filter_removed():
+    import pyarrow as pa
+
+    from ovsam_ray.pipeline.stats import format_stats, merge_stats, table_stats
+
+    inst = pa.struct([("label", pa.string()), ("label_score", pa.float32()), ("area", pa.int64())])
+    table = pa.table(
+        {
+            "status": ["ok", "ok", "ok", "error"],
+            "instances": pa.array([[], [{"label": "a", "label_score": 0.5, "area": 4}], [], []], pa.list_(inst)),
+            "num_prompts": pa.array([1024, 3, 0, None], pa.int32()),
+        }
+    )
+    stats = table_stats(table)
+    assert (stats["images_all_filtered"], stats["images_no_prompts"], stats["images_empty"]) == (1, 1, 2)
+    merged = merge_stats([stats, stats])
+    assert merged["images_all_filtered"] == 2 and "2 with every mask filtered out" in format_stats(merged)
+
+
+def test_label_job_rows_emptied_by_the_grid_filter_say_so(ray_local, tmp_shards, shapes_vocab, tmp_path):
+    import json
+    import os
+
+    from ovsam_ray.pipeline.prompting import FILTERED_WARNING
+
+    out = str(tmp_path / "strict")
+    s = run_label(
+        LabelConfig(
+            input=os.path.dirname(tmp_shards[0]),
+            output=out,
+            model=tiny(shapes_vocab),
+            prompts="grid",
+            limit=1,
+            select=SelectConfig(grid_size=2, grid_stability=1.01),  # no mask is ever that stable
+        )
+    )
+    assert s.images_ok == 4 and s.images_all_filtered == 4 and s.masks == 0
+    for row in rows(out):
+        assert row["instances"] == [] and len(row["warnings"]) == 1
+        assert row["warnings"][0].startswith(FILTERED_WARNING) and "--grid-stability 1.01" in row["warnings"][0]
+    stats = json.load(open(os.path.join(out, "_stats.json")))
+    assert stats["images_all_filtered"] == 4 and stats["images_empty"] == 4
