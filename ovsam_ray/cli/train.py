@@ -73,7 +73,8 @@ def _add_common(parser: argparse.ArgumentParser, stage: str) -> None:
         type=parse_dataset,
         required=True,
         help="SHARDS[|kind=segmentation|box|image][|split=base|all][|ratio=R][|vocab=V][|name=N]"
-        "[|teacher_features=DIR]; repeatable",
+        "[|teacher_features=DIR]; repeatable. A label output with its review corrections: "
+        "LABELS[|corrections=only|all][|images=SHARDS]",
     )
     _add_fields(parser, RunSpec, title="run (Ray Train)")
     _add_fields(parser, ModelSpec, title="model and starting weights")

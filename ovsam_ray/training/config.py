@@ -22,6 +22,8 @@ SCHEDULES = ("cosine", "step", "constant")
 DATASET_KINDS = ("segmentation", "box", "image")
 SPLITS = ("base", "all")
 TEACHERS = ("vit_h", "vit_l", "vit_b", "random_tiny")
+#: ``DatasetSpec.corrections``: which instances of a label output train.
+CORRECTIONS_MODES = ("only", "all")
 
 
 @dataclass
@@ -42,6 +44,14 @@ class DatasetSpec:
         every class. Vocabularies without such flags (plain .txt files) are all seen.
     teacher_features: distillation only: folder of precomputed teacher-feature shards
         (``dump-teacher`` output), one ``<shard>.tar`` per input shard.
+    corrections: ``shards`` is a label output (``ovsam-ray label``), not shards: its images come
+        from the shards its run record names (or ``images``) and its instances (RLE masks and
+        class names, review corrections applied) are the targets (``training.label_source``);
+        ``only``: the instances a reviewer accepted, relabelled, edited or added (images without
+        one give no sample); ``all``: every instance of the output as reviewed. Every class of the
+        training vocabulary trains (``split`` does not apply: a reviewer's label is ground truth).
+    images: with ``corrections``: the label output's input shards, where its run record does not
+        name them (or they moved).
     """
 
     shards: str | list[str]
@@ -51,8 +61,19 @@ class DatasetSpec:
     name: str = ""
     split: str = "base"
     teacher_features: str | None = None
+    corrections: str | None = None
+    images: str | None = None
 
     def __post_init__(self) -> None:
+        if self.corrections is not None and self.corrections not in CORRECTIONS_MODES:
+            raise ConfigError(
+                f"DatasetSpec.corrections={self.corrections!r}: use 'only' (the reviewed instances) or 'all' "
+                "(the whole label output, corrections applied)"
+            )
+        if self.images is not None and self.corrections is None:
+            raise ConfigError("DatasetSpec.images is the input shards of a label output: set corrections=only|all")
+        if self.corrections is not None and self.kind != "segmentation":
+            raise ConfigError("a label-output dataset (corrections=...) is kind=segmentation: its instances are masks")
         if not self.shards:
             raise ConfigError("DatasetSpec.shards is empty: give a shard file, glob, brace range or folder")
         if self.kind not in DATASET_KINDS:

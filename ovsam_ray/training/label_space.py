@@ -13,7 +13,8 @@ frequent and common classes — as the paper trains (the reference's ``sub_split
 and an image left without any is dropped by the sample builder. ``split="all"`` trains every
 class. The classes some dataset trains are the training vocabulary's ``seen`` classes
 (``seen_classes``, in the exported checkpoint's metadata), so inference fuses the others with the
-unseen-class weight.
+unseen-class weight. A label output (``DatasetSpec.corrections``) trains every class it names:
+its labels are a reviewer's (or the model's own), not a benchmark's protocol.
 """
 
 from __future__ import annotations
@@ -139,14 +140,15 @@ def build_label_space(datasets: Sequence[DatasetSpec], train_vocab: str | None =
     lookups = []
     for spec, dv in zip(datasets, dataset_vocabs):
         labels = DatasetLabels()
+        split = "all" if getattr(spec, "corrections", None) else spec.split  # a label output: every class
         if dv is None:  # names resolve directly against the training vocabulary
-            trained = set(_trained_classes(vocab, spec.split))
+            trained = set(_trained_classes(vocab, split))
             labels.by_name = {n: i for n, i in train_index.items() if i in trained}
             labels.known_names = set(train_index)
             seen.update(trained)
         else:
             labels.known_names = set().union(*(_names(n, syn) for n, syn in zip(dv.class_names, dv.synonyms)))
-            for k in _trained_classes(dv, spec.split):
+            for k in _trained_classes(dv, split):
                 names = _names(dv.class_names[k], dv.synonyms[k])
                 hit = next((train_index[n] for n in sorted(names) if n in train_index), -1)
                 if hit >= 0:

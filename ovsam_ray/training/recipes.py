@@ -178,6 +178,10 @@ def dataset_images(spec: DatasetSpec, labels: DatasetLabels | None = None, *, s3
     from ovsam_ray import storage
     from ovsam_ray.data.shards import list_shards
 
+    if spec.corrections:  # a label output: its reviewed (or ok) images
+        from ovsam_ray.training.label_source import label_dataset_images
+
+        return label_dataset_images(spec, s3_endpoint=s3_endpoint)
     shards = list_shards(spec.shards, s3_endpoint=s3_endpoint)
     folder = shards[0].rstrip("/").rsplit("/", 1)[0]
     if labels is not None and spec.kind != "image":

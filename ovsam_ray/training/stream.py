@@ -35,6 +35,7 @@ from ovsam_ray.errors import ConfigError
 from ovsam_ray.training.augment import large_scale_jitter, resize_and_pad
 from ovsam_ray.training.batching import pack_masks, pack_sample
 from ovsam_ray.training.config import DatasetSpec
+from ovsam_ray.training.label_source import label_annotations, label_dataset_shards
 from ovsam_ray.training.label_space import DatasetLabels
 from ovsam_ray.training.prompt_sampling import sample_prompts, whole_image_prompt
 
@@ -83,10 +84,18 @@ def dataset_items(
     datasets: Sequence[DatasetSpec], *, epochs: int, seed: int, s3_endpoint: str | None = None, shards_per_item: int = 1
 ) -> list[dict[str, Any]]:
     """Work items of a mixture (shards listed with ``list_shards``, ``shards_per_item`` per item);
-    teacher-feature shards are attached to a part as ``teacher`` when its dataset has them."""
-    shard_lists = [list_shards(d.shards, s3_endpoint=s3_endpoint) for d in datasets]
+    teacher-feature shards are attached to a part as ``teacher`` when its dataset has them, and a
+    label-output dataset's label Parquet file as ``labels`` (``training.label_source``)."""
+    shard_lists, label_of = [], []
+    for d in datasets:
+        pairs = label_dataset_shards(d, s3_endpoint=s3_endpoint) if d.corrections else []
+        shard_lists.append([p[0] for p in pairs] if d.corrections else list_shards(d.shards, s3_endpoint=s3_endpoint))
+        label_of.append(dict(pairs))
     slots = work_items(shard_lists, [d.ratio for d in datasets], epochs=epochs, seed=seed)
     for slot in slots:
+        if label_of[slot["dataset"]]:  # a label output: the part's targets are its label shard's instances
+            slot["labels"] = label_of[slot["dataset"]][slot["shard"]]
+            slot["corrections"] = datasets[slot["dataset"]].corrections
         features = datasets[slot["dataset"]].teacher_features
         if features:
             slot["teacher"] = features.rstrip("/") + "/" + slot["shard"].rstrip("/").rsplit("/", 1)[-1]
@@ -336,6 +345,10 @@ class DistillSamples:
         return pack_sample(**arrays)
 
 
+#: The raw-sample field holding a label output's annotations of it (they replace the shard JSON's).
+LABEL_ANNOTATIONS = "label_annotations"
+
+
 @dataclass
 class _Meta:
     key: str
@@ -349,10 +362,17 @@ def _part_samples(part: dict[str, Any], number: int, s3_endpoint: str | None) ->
     features = iter_teacher_features(part["teacher"], s3_endpoint=s3_endpoint) if part.get("teacher") else None
     pending = next(features, None) if features is not None else None
     try:
+        labelled = None
+        if part.get("labels"):  # a label output's shard: its label file first, then the images with targets
+            labelled = label_annotations(part["labels"], part.get("corrections") or "all", s3_endpoint=s3_endpoint)
         for index, raw in enumerate(iter_shard_samples(part["shard"], s3_endpoint=s3_endpoint)):
             if is_damage_marker(raw):
                 log.warning("shard %s: %s", part["shard"], raw["error"])
                 continue
+            if labelled is not None:
+                if raw.get("key") not in labelled:
+                    continue
+                raw = {**raw, LABEL_ANNOTATIONS: labelled[raw["key"]]}
             teacher = None
             if pending is not None and pending[0] == raw.get("key"):
                 teacher, pending = pending[1], next(features, None)
@@ -388,7 +408,8 @@ def _rows_of_item(
             meta_json = json.loads(raw["json_bytes"]) if raw.get("json_bytes") else {}
         except ValueError:
             meta_json = {}
-        meta = _Meta(decoded.key, decoded.prompts.annotations, meta_json if isinstance(meta_json, dict) else {})
+        annotations = raw.get(LABEL_ANNOTATIONS, decoded.prompts.annotations)
+        meta = _Meta(decoded.key, annotations, meta_json if isinstance(meta_json, dict) else {})
         # the part number joins the seed only after the first, so one-shard items keep their old draws
         try:
             sample = build(item, part, [index] + ([number] if number else []), decoded.image, meta, teacher)
