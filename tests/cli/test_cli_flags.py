@@ -49,7 +49,15 @@ GENERATED: dict[tuple[str, ...], tuple[tuple[type, ...], bool]] = {
 
 #: Subcommands whose flags are still written by hand (no config dataclass of their own, or one the
 #: CLI assembles from several flags); their model flags, where they have some, are generated.
-HAND_WRITTEN = {("convert-clip",), ("demo-data",), ("demo",), ("show",), ("train", "export"), ("train", "tiny-recipe")}
+HAND_WRITTEN = {
+    ("convert-clip",),
+    ("demo-data",),
+    ("demo",),
+    ("show",),
+    ("train", "export"),
+    ("train", "tiny-recipe"),
+    ("reshard",),
+}
 
 
 def _subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -84,7 +85,11 @@ def test_tasks_load_in_the_tools_own_readers(world):
             mask = brush_rle_to_mask(r["value"]["rle"], r["original_height"], r["original_width"])
             np.testing.assert_array_equal(mask, decode_rle(row["instances"][i]["rle"]))
             assert r["value"]["brushlabels"] == [row["instances"][i]["label"]] and r["score"] == pytest.approx(0.8)
-        assert os.path.exists(os.path.join(world["review"], "images", task["data"]["image"]))
+        # Label Studio's local-files URL, served from the review folder (README, "Review")
+        url = task["data"]["image"]
+        assert url.startswith("/data/local-files/?d=images/"), url
+        local = urllib.parse.unquote(url.removeprefix("/data/local-files/?d="))
+        assert os.path.exists(os.path.join(world["review"], local))
     coco = COCO(os.path.join(world["review"], CVAT_NAME))  # the COCO form CVAT's import reads
     assert len(coco.getAnnIds()) == 4
     for ann in coco.loadAnns(coco.getAnnIds()):
