@@ -94,7 +94,7 @@ def test_duckdb_reads_the_parquet_pattern(label_folder):
         pytest.skip("duckdb is not installed")
     import duckdb
 
-    _table_rows(duckdb.sql("SELECT count(*) FROM 'labels/*.parquet'").fetchone()[0])
+    _table_rows(duckdb.sql("SELECT count(*) FROM 'labels/*.parquet'").fetchall()[0][0])
 
 
 def test_readme_names_the_tested_forms():
