@@ -102,7 +102,9 @@ def cotrain_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
 
 
 def cotrain_config_from_args(args: argparse.Namespace) -> CotrainConfig:
-    return _config_from_args("cotrain", args, CotrainConfig)
+    cfg = _config_from_args("cotrain", args, CotrainConfig)
+    assert isinstance(cfg, CotrainConfig)
+    return cfg
 
 
 def distill_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -113,7 +115,9 @@ def distill_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
 
 
 def distill_config_from_args(args: argparse.Namespace) -> DistillConfig:
-    return _config_from_args("distill", args, DistillConfig)
+    cfg = _config_from_args("distill", args, DistillConfig)
+    assert isinstance(cfg, DistillConfig)
+    return cfg
 
 
 def print_config(cfg: CotrainConfig | DistillConfig) -> None:

@@ -52,7 +52,7 @@ def _class_index(key: str) -> int | None:
 
 
 def _classes_from_json(obj: Any) -> list[SynsetClass]:
-    out = []
+    out: list[tuple[int, SynsetClass]] = []
     if isinstance(obj, dict):
         for key, value in obj.items():
             index = _class_index(key)
@@ -135,6 +135,7 @@ def _samples(
 ) -> Iterator[Sample]:
     n = 0
     for synset in order:
+        source: Iterator[tuple[str, Any]]
         if synset in tars:
             read = iter_shard_samples(tars[synset], s3_endpoint=s3_endpoint)
             source = (((s["key"] or "").rsplit("/", 1)[-1], s) for s in read)

@@ -61,7 +61,7 @@ def coco_image_ids(labels: str, *, s3_endpoint: str | None = None) -> str:
 
 def _ok_rows(
     labels: str, columns: tuple[str, ...] | None, policy: str, s3_endpoint: str | None
-) -> Iterator[tuple[int, dict[str, Any]]]:
+) -> Iterator[tuple[int | None, dict[str, Any]]]:
     n = 0
     for row in iter_label_rows(labels, columns=columns, s3_endpoint=s3_endpoint):
         if row["status"] != "ok":
@@ -78,7 +78,7 @@ def _write_array(f: IO[str], items: Iterator[dict[str, Any]]) -> int:
     return count
 
 
-def _annotation(inst: dict[str, Any], image_id: int, category_id: int, score: float) -> dict[str, Any]:
+def _annotation(inst: dict[str, Any], image_id: int | None, category_id: int, score: float) -> dict[str, Any]:
     x0, y0, x1, y1 = (float(v) for v in inst["bbox"])
     rle = inst["rle"]
     return {

@@ -22,7 +22,7 @@ from torch import nn
 
 from ovsam_ray.errors import UnknownNameError
 from ovsam_ray.model.clip2sam_recognizer import CLIP2SAMRecognizer
-from ovsam_ray.model.clip_backbone import ConvNeXtCLIPBackbone, ResNetCLIPBackbone
+from ovsam_ray.model.clip_backbone import CLIPBackbone, ConvNeXtCLIPBackbone, ResNetCLIPBackbone
 from ovsam_ray.model.mask_decoder import MaskDecoder
 from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.model.sam2clip_adapter import SAM2CLIPAdapter
@@ -189,10 +189,10 @@ def clip_tokenizer(preset: str) -> Callable:
     return open_clip.get_tokenizer(arch)
 
 
-def _build_ovsam(p: Preset, clip_model: nn.Module) -> OVSAM:
+def _build_ovsam(p: Preset, clip_model: Any) -> OVSAM:
     visual = clip_model.visual
     if hasattr(visual, "trunk"):
-        backbone: nn.Module = ConvNeXtCLIPBackbone(visual=visual)
+        backbone: CLIPBackbone = ConvNeXtCLIPBackbone(visual=visual)
     else:
         backbone = ResNetCLIPBackbone(visual=visual)
     backbone.lock()

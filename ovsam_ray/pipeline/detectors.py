@@ -167,12 +167,20 @@ class DetectorStage:
         s3_endpoint: str | None = None,
     ) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        extra = {"queries": queries, "objectness_threshold": objectness_threshold, "s3_endpoint": s3_endpoint}
+        extra: dict[str, Any] = {
+            "queries": queries,
+            "objectness_threshold": objectness_threshold,
+            "s3_endpoint": s3_endpoint,
+        }
         self.detector = load_detector(
             spec, device=self.device, weights=weights, random_init=random_init, score_threshold=score_threshold, **extra
         )
         score_threshold = getattr(self.detector, "score_threshold", score_threshold)
-        self.post = {"score_threshold": score_threshold, "nms_iou": nms_iou, "max_per_image": max_per_image}
+        self.post: dict[str, Any] = {
+            "score_threshold": score_threshold,
+            "nms_iou": nms_iou,
+            "max_per_image": max_per_image,
+        }
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """DECODED rows in; the same rows plus ``det_boxes`` (flat XYXY, original pixels),
