@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ovsam_ray.data.gt_prompts import rewrite_shard_prompts
 from ovsam_ray.data.synthetic import generate_shards, shape_vocabulary_names
@@ -25,16 +25,36 @@ log = logging.getLogger("ovsam_ray.demo")
 
 @dataclass
 class DemoConfig:
-    work_dir: str = "demo_out"
-    quick: bool = False
-    num_images: int = 176  # 426 objects, 323 of the six seen shapes (seed 1000): accuracy to about +-2 points
-    images_per_shard: int = 16
-    seed: int = 0
-    time_budget_s: float | None = None  # training runs fixed step counts; this only caps the time
+    """``ovsam-ray demo``; ``images_per_shard`` and ``time_budget_s`` are set by tests only."""
+
+    work_dir: str = field(default="demo_out", metadata={"help": "folder for the data, weights and labels"})
+    quick: bool = field(default=False, metadata={"help": "skip training: random weights, about a minute"})
+    # 426 objects, 323 of the six seen shapes (seed 1000): accuracy to about +-2 points
+    num_images: int = field(
+        default=176,
+        metadata={"help": "held-out images to label and score (176: 426 objects, 323 of the seen shapes)"},
+    )
+    images_per_shard: int = field(default=16, metadata={"cli": False})
+    seed: int = field(default=0, metadata={"help": "seed of the data and the training"})
+    # training runs fixed step counts; this only caps the time
+    time_budget_s: float | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         if self.num_images < 1 or self.images_per_shard < 1:
             raise ConfigError("num_images and images_per_shard must be >= 1")
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    """``ovsam-ray demo-data``: synthetic named-shape shards (:func:`generate_shards`)."""
+
+    output: str = field(metadata={"help": "folder or s3:// prefix for the shards"})
+    num_images: int = field(default=64, metadata={"help": "images to generate"})
+    images_per_shard: int = field(default=16, metadata={"help": "images per shard"})
+    seed: int = field(default=0, metadata={"help": "seed of the images"})
+    s3_endpoint: str | None = field(
+        default=None, metadata={"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"}
+    )
 
 
 def add_point_prompts(shard_url: str) -> None:

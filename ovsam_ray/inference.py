@@ -14,7 +14,7 @@ from ovsam_ray.model.predictor import OVSAMPredictor
 from ovsam_ray.model.presets import PRESETS, get_preset
 from ovsam_ray.text_cache import embed_vocabulary, load_class_embeddings
 from ovsam_ray.vocabulary import BUILTIN_VOCABULARIES, Vocabulary, load_vocabulary
-from ovsam_ray.weights.released import LoadedModel, load_ovsam, weight_files
+from ovsam_ray.weights.released import LoadedModel, load_ovsam, resolve_files
 
 # The training vocabulary of each released clip2sam file decides which classes are "seen".
 TRAIN_VOCABS = {"coco": "coco_ov", "lvis": "lvis_v1"}
@@ -171,7 +171,7 @@ def check_model_files(cfg: ModelConfig) -> dict[str, str]:
         "sam2clip": cfg.sam2clip_checkpoint,
         "clip2sam": cfg.clip2sam_checkpoint,
     }
-    return weight_files(
+    return resolve_files(
         cfg.preset,
         weights=cfg.weights,
         explicit=explicit,

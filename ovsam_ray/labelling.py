@@ -18,7 +18,9 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from itertools import islice
-from typing import Any
+from typing import Any, cast
+
+import numpy as np
 
 from ovsam_ray.data.decode import DecodedSample, decode_sample
 from ovsam_ray.errors import ConfigError
@@ -33,6 +35,7 @@ def image_prompts(decoded: DecodedSample) -> ImagePrompts:
     """The predictor's prompts of a decoded sample: its JSON's boxes, points and the points'
     CLIP boxes, boxes first (the order of the instances)."""
     p = decoded.prompts
+    assert p is not None, "a decoded (ok) sample has prompts"
     return ImagePrompts(boxes=p.boxes, points=p.points, point_boxes=p.point_boxes)
 
 
@@ -68,7 +71,7 @@ def label_samples(
         if ok:
             prompts = [image_prompts(decoded[i]) for i in ok]
             with stage("embed"):
-                embedded = predictor.embed([decoded[i].image for i in ok])
+                embedded = predictor.embed([cast(np.ndarray, decoded[i].image) for i in ok])  # ok: decoded
             with stage("predict"):
                 out = predictor.predict(embedded, prompts)
             with stage("records"):

@@ -81,6 +81,7 @@ def run_predict(cfg: PredictConfig) -> dict:
     predictor, vocab, loaded = build_predictor(cfg.model, cfg.device)
     types = None
     if prompts is None:
+        assert cfg.grid is not None, "PredictConfig asks for --prompts or --grid"
         generated = OVSAMAutomaticMaskGenerator(predictor, points_per_side=cfg.grid, **cfg.grid_options).predict(image)
         pred, prompts, types = generated.prediction, generated.prompts, ["grid"] * len(generated)
     else:

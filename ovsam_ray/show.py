@@ -18,6 +18,7 @@ import io as _io
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -189,6 +190,26 @@ def _png(image: Image.Image) -> bytes:
     buf = _io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class ShowConfig:
+    """``ovsam-ray show``: the arguments of :func:`show` (``input`` is its ``labels``)."""
+
+    input: str = field(metadata={"help": "label output"})
+    output: str = field(metadata={"help": "folder for the PNGs"})
+    n: int = field(default=8, metadata={"flag": "-n", "help": "number of images"})
+    shards: str | None = field(default=None, metadata={"help": "input shards (default: the label run record's input)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sample of images"})
+    min_score: float = field(default=0.0, metadata={"help": "draw only the instances scored at least this"})
+    sheet: bool = field(default=False, metadata={"help": "also one contact_sheet.png of all N overlays"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace the PNGs of an earlier show in --output (never anyone else's files)"},
+    )
+    s3_endpoint: str | None = field(
+        default=None, metadata={"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"}
+    )
 
 
 def show(

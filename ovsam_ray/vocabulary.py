@@ -213,7 +213,7 @@ def _vocabulary_from_json_data(data: Any, *, default_name: str) -> Vocabulary:
 
 def _vocabulary_from_txt(text: str, *, name: str) -> Vocabulary:
     """One class per line, comma-separated synonyms (the first is the class name); '#' starts a comment."""
-    rows = []
+    rows: list[tuple[int, str, list[str], bool, bool]] = []
     for line in text.splitlines():
         synonyms = _dedupe([s.strip() for s in line.split("#", 1)[0].split(",")])
         if synonyms:
@@ -228,7 +228,7 @@ def _names_per_class(vocab: Vocabulary) -> list[set[str]]:
 
 
 def _read_resource(filename: str) -> Any:
-    resource = resources.files("ovsam_ray").joinpath("resources", "vocab", filename)
+    resource = resources.files("ovsam_ray") / "resources" / "vocab" / filename
     return json.loads(resource.read_text("utf-8"))
 
 

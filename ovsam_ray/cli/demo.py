@@ -4,44 +4,40 @@ from __future__ import annotations
 
 import argparse
 
+from ovsam_ray.cli.flags import add_flags, config_from_args
+from ovsam_ray.demo import DemoConfig, DemoDataConfig
+
 __all__ = ["add_demo", "add_demo_data"]
 
 
 def _demo_data(a: argparse.Namespace) -> int:
     from ovsam_ray.data.synthetic import generate_shards
 
+    cfg = config_from_args(a, DemoDataConfig)
     urls = generate_shards(
-        a.output, num_images=a.num_images, images_per_shard=a.images_per_shard, seed=a.seed, s3_endpoint=a.s3_endpoint
+        cfg.output,
+        num_images=cfg.num_images,
+        images_per_shard=cfg.images_per_shard,
+        seed=cfg.seed,
+        s3_endpoint=cfg.s3_endpoint,
     )
-    print(f"{len(urls)} shards, {a.num_images} images -> {a.output}")
+    print(f"{len(urls)} shards, {cfg.num_images} images -> {cfg.output}")
     return 0
 
 
 def _demo(a: argparse.Namespace) -> int:
-    from ovsam_ray.demo import DemoConfig, run_demo
+    from ovsam_ray.demo import run_demo
 
-    return run_demo(DemoConfig(work_dir=a.work_dir, quick=a.quick, num_images=a.num_images, seed=a.seed))
+    return run_demo(config_from_args(a, DemoConfig))
 
 
 def add_demo_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="generate synthetic named-shape shards (with ground truth)")
-    p.add_argument("--output", required=True)
-    p.add_argument("--num-images", type=int, default=64)
-    p.add_argument("--images-per-shard", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--s3-endpoint")
+    add_flags(p, DemoDataConfig)
     p.set_defaults(func=_demo_data)
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="generate data, (train the tiny model,) label it on a local Ray")
-    p.add_argument("--work-dir", default="demo_out")
-    p.add_argument("--quick", action="store_true", help="skip training: random weights, about a minute")
-    p.add_argument(
-        "--num-images",
-        type=int,
-        default=176,
-        help="held-out images to label and score (176: 426 objects, 323 of the seen shapes)",
-    )
-    p.add_argument("--seed", type=int, default=0)
+    add_flags(p, DemoConfig)
     p.set_defaults(func=_demo)

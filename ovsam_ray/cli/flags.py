@@ -7,7 +7,8 @@ A field's ``metadata`` (a plain dict, so configs need not import the CLI) may ho
 - ``choices``, ``metavar``; ``parse``: the function from the flag's text to the value (default: from the
   field's type: ``int``, ``float``, ``str``, ``X | None``, ``tuple[X, ...]`` -> ``nargs="+"``,
   ``X | tuple[X, ...]`` -> ``N`` or ``A,B``;
-  ``bool`` -> ``--flag``, with ``--no-flag`` too where the default is True);
+  ``bool`` -> ``--flag``, with ``--no-flag`` too where the default is True or the field is ``bool | None``
+  (None: decided later, e.g. by what a run holds));
 - ``group``: the ``--help`` section the flag is listed under;
 - ``cli: False``: the field has no flag (the help text says who sets it).
 
@@ -179,7 +180,7 @@ def _add_flag(
         shown = "" if default is None or default is False else "(default: %(default)s)"
     kwargs["help"] = " ".join(t for t in (text, shown) if t) or None
     if convert is bool:
-        action = argparse.BooleanOptionalAction if (negatable or default is True) else "store_true"
+        action = argparse.BooleanOptionalAction if (negatable or default is True or optional) else "store_true"
         target.add_argument(flag_name(f), action=action, **kwargs)
         return
     if optional and none_word:

@@ -86,7 +86,11 @@ def run_label_cli(a: argparse.Namespace) -> int:
         try:
             # Ray starts only once the input is listed and the output's lease is held; ray.init
             # sets its own SIGTERM handler (exit 15), so ours goes back on after it.
-            summary = run_label(cfg, connect=lambda: (init_ray(a.ray_address), stop.install()))
+            def connect() -> None:
+                init_ray(a.ray_address)
+                stop.install()
+
+            summary = run_label(cfg, connect=connect)
         except BaseException as e:
             signum = stop.signum or (signal.SIGINT if _caused_by(e, KeyboardInterrupt) else None)
             if signum is None:

@@ -9,8 +9,10 @@ is ``--dataset SHARDS`` with optional ``|key=value`` fields of ``DatasetSpec``, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec
@@ -103,7 +105,9 @@ def cotrain_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
 
 
 def cotrain_config_from_args(args: argparse.Namespace) -> CotrainConfig:
-    return _config_from_args("cotrain", args, CotrainConfig)
+    cfg = _config_from_args("cotrain", args, CotrainConfig)
+    assert isinstance(cfg, CotrainConfig)
+    return cfg
 
 
 def distill_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -114,7 +118,9 @@ def distill_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
 
 
 def distill_config_from_args(args: argparse.Namespace) -> DistillConfig:
-    return _config_from_args("distill", args, DistillConfig)
+    cfg = _config_from_args("distill", args, DistillConfig)
+    assert isinstance(cfg, DistillConfig)
+    return cfg
 
 
 def print_config(cfg: CotrainConfig | DistillConfig) -> None:
@@ -152,19 +158,51 @@ def _distill(args: argparse.Namespace) -> int:
     return 0 if result.error is None else 1
 
 
+@dataclass(frozen=True)
+class ExportRunConfig:
+    """``train export``: the arguments of ``training.release.export_checkpoint`` (``run`` is its ``source``)."""
+
+    run: str = field(metadata={"help": "storage_path/name of the run, or one checkpoint_* folder"})
+    output: str = field(metadata={"help": "local folder for the weight files"})
+    train_vocab: str | None = field(
+        default=None, metadata={"help": "name in clip2sam_<name>_<preset>.pth (default: the vocabulary's name)"}
+    )
+    include_clip: bool | None = field(
+        default=None,
+        metadata={"help": "copy the CLIP weights beside the export (default: unless the preset's CLIP is published)"},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace the weight files of an earlier export in --output (never anyone else's files)"},
+    )
+    s3_endpoint: str | None = field(
+        default=None, metadata={"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"}
+    )
+
+
+@dataclass(frozen=True)
+class TinyRecipeConfig:
+    """``train tiny-recipe``: ``training.tiny_recipe.run_tiny_recipe`` and, with ``eval_images``, a held-out score."""
+
+    work_dir: str = field(metadata={"help": "folder for the generated data, the runs and the weights"})
+    seed: int = field(default=0, metadata={"help": "seed of the data and the training"})
+    time_budget: float | None = field(
+        default=None,
+        metadata={"help": "cap on the seconds for stages 0-2 (default: none; the recipe runs fixed step counts)"},
+    )
+    use_ray: bool = field(default=False, metadata={"help": "run stage 2 through Ray Train (slower start)"})
+    eval_images: int = field(default=0, metadata={"help": "then evaluate on this many held-out images"})
+
+
 def _export(args: argparse.Namespace) -> int:
+    from ovsam_ray.cli.flags import config_from_args
     from ovsam_ray.locations import check_disjoint
     from ovsam_ray.training.release import export_checkpoint
 
-    check_disjoint([("--run", args.run)], [("--output", args.output)])
-    written = export_checkpoint(
-        args.run,
-        args.output,
-        train_vocab=args.train_vocab,
-        include_clip=args.include_clip,
-        overwrite=args.overwrite,
-        s3_endpoint=args.s3_endpoint,
-    )
+    options = dataclasses.asdict(config_from_args(args, ExportRunConfig))
+    run, output = options.pop("run"), options.pop("output")
+    check_disjoint([("--run", run)], [("--output", output)])
+    written = export_checkpoint(run, output, **options)
     for part, path in sorted(written.items()):
         print(f"{part}: {path}")
     return 0
@@ -179,18 +217,20 @@ def _dump_teacher(args: argparse.Namespace) -> int:
 
 
 def _tiny_recipe(args: argparse.Namespace) -> int:
+    from ovsam_ray.cli.flags import config_from_args
     from ovsam_ray.training.tiny_recipe import PRESET, TRAIN_VOCAB, run_tiny_recipe
 
-    weights = run_tiny_recipe(args.work_dir, seed=args.seed, time_budget_s=args.time_budget, use_ray=args.use_ray)
+    cfg = config_from_args(args, TinyRecipeConfig)
+    weights = run_tiny_recipe(cfg.work_dir, seed=cfg.seed, time_budget_s=cfg.time_budget, use_ray=cfg.use_ray)
     print(f"weights: {weights} (preset {PRESET}, train_vocab {TRAIN_VOCAB})")
-    if args.eval_images:
+    if cfg.eval_images:
         import os
 
         from ovsam_ray.data.synthetic import generate_shards
         from ovsam_ray.training.heldout import evaluate_weights
 
-        held_out = os.path.join(args.work_dir, "data", f"eval-seed{args.seed + 1000}")
-        generate_shards(held_out, num_images=args.eval_images, images_per_shard=50, seed=args.seed + 1000)
+        held_out = os.path.join(cfg.work_dir, "data", f"eval-seed{cfg.seed + 1000}")
+        generate_shards(held_out, num_images=cfg.eval_images, images_per_shard=50, seed=cfg.seed + 1000)
         metrics = evaluate_weights(weights, held_out, preset=PRESET, train_vocab=TRAIN_VOCAB)
         print(json.dumps(metrics, indent=1))
     return 0
@@ -211,16 +251,7 @@ def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     distill_parser(p).set_defaults(func=_distill)
 
     p = sub.add_parser("export", help="a run's latest checkpoint -> the released weights layout")
-    p.add_argument("--run", required=True, help="storage_path/name of the run, or one checkpoint_* folder")
-    p.add_argument("--output", required=True, help="local folder for the weight files")
-    p.add_argument("--train-vocab", help="name in clip2sam_<name>_<preset>.pth (default: the vocabulary's name)")
-    p.add_argument("--include-clip", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the weight files of an earlier export in --output (never anyone else's files)",
-    )
-    p.add_argument("--s3-endpoint")
+    add_flags(p, ExportRunConfig)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("dump-teacher", help="precompute SAM teacher features for distillation")
@@ -228,15 +259,6 @@ def add_train_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.set_defaults(func=_dump_teacher)
 
     p = sub.add_parser("tiny-recipe", help="train ovsam_tiny from nothing on generated shapes (CPU minutes)")
-    p.add_argument("--work-dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--time-budget",
-        type=float,
-        default=None,
-        help="cap on the seconds for stages 0-2 (default: none; the recipe runs fixed step counts)",
-    )
-    p.add_argument("--use-ray", action="store_true", help="run stage 2 through Ray Train (slower start)")
-    p.add_argument("--eval-images", type=int, default=0, help="then evaluate on this many held-out images")
+    add_flags(p, TinyRecipeConfig)
     p.set_defaults(func=_tiny_recipe)
     return train

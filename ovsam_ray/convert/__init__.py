@@ -2,6 +2,9 @@
 and detector results. Every converter writes ``<output>/shard-%06d.tar`` with N images each,
 deterministic keys, and a ``_convert.json`` summary."""
 
+from collections.abc import Callable
+from typing import Any
+
 from ovsam_ray.convert.coco import convert_coco
 from ovsam_ray.convert.detections import convert_detections
 from ovsam_ray.convert.imagenet import convert_imagenet, load_synset_map
@@ -15,7 +18,7 @@ from ovsam_ray.registry import Registry
 
 #: Dataset format name -> ``convert_<format>`` (its arguments are all keywords named like the flags of
 #: ``ovsam-ray convert <format>``).
-CONVERTERS = Registry(
+CONVERTERS: Registry[Callable[..., Any]] = Registry(
     "dataset format",
     {
         "coco": convert_coco,

@@ -92,7 +92,7 @@ def detections_by_image(
         x, y, w, h = xywh
         label = names.get(id_text(det["category_id"]), str(det["category_id"]))
         grouped[id_text(det["image_id"])].append((score, [x, y, x + w, y + h], label))
-    out = {}
+    out: dict[str, dict[str, list[Any]]] = {}
     for image_id, dets in grouped.items():
         dets.sort(key=lambda d: -d[0])  # stable: equal scores keep file order
         if max_per_image is not None and len(dets) > max_per_image:
@@ -151,7 +151,7 @@ def convert_detections(
             f"dropped {dropped} detections (below min_score or over max_per_image)"
             f" and {unknown} on images not in {storage.redact(annotations)}"
         )
-    empty = {"boxes": [], "scores": [], "labels": []}
+    empty: dict[str, list[Any]] = {"boxes": [], "scores": [], "labels": []}
     samples = coco_samples(
         records,
         images,

@@ -54,7 +54,7 @@ def _class_index(key: str) -> int | None:
 
 
 def _classes_from_json(obj: Any) -> list[SynsetClass]:
-    out = []
+    out: list[tuple[int, SynsetClass]] = []
     if isinstance(obj, dict):
         for key, value in obj.items():
             index = _class_index(key)

@@ -71,7 +71,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(_io.BytesIO(data))
+            im: Image.Image = Image.open(_io.BytesIO(data))
             width, height = im.size
             if width * height > max_pixels:
                 raise DecodeError(f"image too large: {width}x{height} = {width * height} pixels > {max_pixels}")

@@ -194,7 +194,8 @@ def _parse_boxes(obj: dict[str, Any], width: int, height: int, max_prompts: int,
     raw = _list_field(obj, "boxes") or []
     scores = _list_field(obj, "scores", len(raw))
     labels = _list_field(obj, "labels", len(raw))
-    boxes, kept_scores, kept_labels, kept, reordered, clipped = [], [], [], [], [], []
+    boxes, kept_scores, kept_labels, reordered, clipped = [], [], [], [], []
+    kept: list[int] = []
     for i, box in enumerate(raw):
         if len(kept) == max_prompts:
             out.warnings.append(_over_limit("boxes", len(raw) - i, i, max_prompts))
@@ -239,7 +240,8 @@ def _clip_box(xyxy: list[float], width: int, height: int) -> list[float]:
 def _parse_points(obj: dict[str, Any], width: int, height: int, max_prompts: int, out: Prompts) -> None:
     raw = _list_field(obj, "points") or []
     raw_boxes = _list_field(obj, "point_boxes", len(raw))
-    points, point_boxes, kept, clipped = [], [], [], []
+    points, point_boxes, clipped = [], [], []
+    kept: list[int] = []
     room = max_prompts - out.num_boxes
     for i, point in enumerate(raw):
         if len(kept) >= room:

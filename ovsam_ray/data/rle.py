@@ -156,8 +156,8 @@ def boxes_from_binary_masks(masks: np.ndarray) -> np.ndarray:
     boxes = np.zeros((n, 4), np.float32)
     if n == 0 or h == 0 or w == 0:
         return boxes
-    cols = masks.any(axis=1)  # (N, W)
-    rows = masks.any(axis=2)  # (N, H)
+    cols = np.any(masks, axis=1)  # (N, W)
+    rows = np.any(masks, axis=2)  # (N, H)
     nonempty = cols.any(axis=1)
     x_first = cols.argmax(axis=1)
     x_last = w - 1 - cols[:, ::-1].argmax(axis=1)

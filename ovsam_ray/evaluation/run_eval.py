@@ -197,6 +197,7 @@ def _map_shards(fn: Any, pairs: list[tuple[str, str]], *args: Any) -> list[Any]:
 def _label(cfg: EvalConfig, input_url: str, labels_url: str) -> dict[str, Any]:
     from ovsam_ray.pipeline.label_job import LabelConfig, run_label
 
+    assert cfg.model is not None, "run_eval fills it in from the run record"
     summary = run_label(
         LabelConfig(
             input=input_url,
@@ -224,7 +225,7 @@ def _prompted_shards(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3
     ]
     counts = ray.get(
         [
-            task.remote(
+            task.remote(  # type: ignore[call-arg]  # Ray's stubs type .remote() with the positional arguments only
                 u, storage.join(work, f"{shard_name(u)}.tar"), mode=cfg.prompts, keep=lookup.keep, s3_endpoint=s3
             )
             for u in todo
@@ -274,7 +275,9 @@ def _categories(cfg: EvalConfig, images: list[dict[str, Any]], s3: str | None) -
 
 
 def _subsets(categories: list[dict[str, Any]], lookup: ClassLookup) -> dict[str, list[int]]:
-    kept, base, novel = [], [], []
+    kept: list[int] = []
+    base: list[int] = []
+    novel: list[int] = []
     for c in categories:
         i = lookup.index({"category_name": c["name"]})
         if i >= 0 and lookup.excluded[i]:
@@ -314,13 +317,13 @@ def _detector(cfg: EvalConfig, shards: list[str], lookup: ClassLookup, s3: str |
         results += res
         dropped += n
     gt = coco_dataset(gt_images, gt_anns, categories)
-    metrics = {
+    metrics: dict[str, dict[str, float | None]] = {
         name: mask_ap(gt, results, cat_ids=ids, max_dets=cfg.max_dets)
         for name, ids in _subsets(categories, lookup).items()
     }
     lvis = lvis_mask_ap(gt, results)
     if lvis is not None:
-        metrics["lvis"] = lvis
+        metrics["lvis"] = {**lvis}
     counts = {
         "images": len(gt_images),
         "images_error": sum(i["status"] != "ok" for i in images),
@@ -365,8 +368,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     _check_metrics_ours(cfg.output, cfg.model.s3_endpoint if cfg.model else None)
     if cfg.model is None:
         cfg = dataclasses.replace(cfg, model=_model_from_run_record(cfg.labels or "", None))
-    s3 = cfg.model.s3_endpoint
-    lookup = ClassLookup(eval_vocabulary(cfg.model))
+    model = cfg.model
+    assert model is not None
+    s3 = model.s3_endpoint
+    lookup = ClassLookup(eval_vocabulary(model))
     shards = list_shards(cfg.input, s3_endpoint=s3)
     shard_names(shards)  # the prompted shards and label files are named after them: refuse a clash
     result = (_interactive if cfg.mode == "interactive" else _detector)(cfg, shards, lookup, s3)
@@ -374,7 +379,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     title = f"# ovsam-ray eval: {cfg.mode}" + (
         f" ({cfg.prompts} prompts)" if cfg.mode == "interactive" else f" (labels from {cfg.label_source})"
     )
-    warning = "\n**random weights: these numbers measure nothing**\n" if cfg.model.random_init else ""
+    warning = "\n**random weights: these numbers measure nothing**\n" if model.random_init else ""
     counts = ", ".join(f"{k}={v}" for k, v in result["counts"].items())
     report = f"{title}\n{warning}\n{markdown}\n{counts}\n"
     record = {"mode": cfg.mode, "config": storage.redact_config(dataclasses.asdict(cfg)), **result}

@@ -3,6 +3,9 @@
 SA-1B-style per-image json, labelled WebDataset shards; and a Ray Data join of labels and images.
 Every exporter streams the Parquet files batch by batch: memory does not grow with the output."""
 
+from collections.abc import Callable
+from typing import Any
+
 from ovsam_ray.export.brush import brush_rle_to_mask, mask_to_brush_rle
 from ovsam_ray.export.coco import export_coco
 from ovsam_ray.export.labelstudio import export_labelstudio, labelstudio_config
@@ -14,7 +17,7 @@ from ovsam_ray.export.yolo import export_yolo
 from ovsam_ray.registry import Registry
 
 #: Format name -> ``export_<format>(labels, output, **options)``; ``ovsam-ray export <format>``.
-EXPORTERS = Registry(
+EXPORTERS: Registry[Callable[..., Any]] = Registry(
     "export format",
     {
         "coco": export_coco,

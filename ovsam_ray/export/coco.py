@@ -79,7 +79,7 @@ def _write_array(f: IO[str], items: Iterator[dict[str, Any]]) -> int:
     return count
 
 
-def _annotation(inst: dict[str, Any], image_id: int, category_id: int, score: float) -> dict[str, Any]:
+def _annotation(inst: dict[str, Any], image_id: int | None, category_id: int, score: float) -> dict[str, Any]:
     x0, y0, x1, y1 = (float(v) for v in inst["bbox"])
     rle = inst["rle"]
     return {

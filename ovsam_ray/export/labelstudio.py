@@ -87,7 +87,7 @@ def labelstudio_task(
     if masks not in MASK_FORMATS:
         raise ConfigError(f"masks={masks!r}: use one of {MASK_FORMATS}")
     width, height = int(row["width"]), int(row["height"])
-    results = []
+    results: list[dict[str, Any]] = []
     for i, inst in enumerate(row["instances"] or []):
         score = float(inst.get("label_score") or 0.0)
         if score < min_score:

@@ -94,6 +94,6 @@ def data_file_name(shard: str | None, key: str | None, ext: str | None) -> str:
     names.append(_fit(_escape(parts[-1], folder=False), parts[-1]))
     # decided on the key alone, so that <key> in a tar and <shard>/<key> on disk share one stem
     key_names = names[len(parts) - len(key.split("/")) :] if key is not None else []
-    if len("/".join(key_names).encode("utf-8")) > _KEY_PATH_BYTES:
+    if key is not None and len("/".join(key_names).encode("utf-8")) > _KEY_PATH_BYTES:
         names = names[: len(names) - len(key_names)] + [_fit(_escape(key, folder=False), key)]
     return "/".join(names) + (f".{ext}" if ext else "")

@@ -71,6 +71,7 @@ class InstanceColumns:
         if pred.rles is not None:  # run lengths computed on the model's device: only compress them
             self.rles += compress_rles([pred.rles[i] for i in keep.tolist()])
         else:
+            assert pred.masks is not None, "a prediction carries masks or run lengths"
             self.rles += encode_masks(pred.masks[keep])
         is_box = keep < n_boxes
         point_idx = np.where(is_box, 0, keep - n_boxes)

@@ -74,6 +74,7 @@ class FastAttention(nn.Module):
         """A segment_anything ``Attention`` sharing this module's tensors."""
         input_size = None
         if self.use_rel_pos:
+            assert self.rel_pos_h is not None and self.rel_pos_w is not None
             input_size = ((self.rel_pos_h.shape[0] + 1) // 2, (self.rel_pos_w.shape[0] + 1) // 2)
         attn = SamAttention(
             self.qkv.in_features,
@@ -122,6 +123,7 @@ class FastAttention(nn.Module):
         """Attention of query rows [start, stop) over all keys: (B, heads, stop - start, head_dim)."""
         mask = None
         if rel_h is not None:
+            assert rel_w is not None
             # Key index = key_row * W + key_col, as segment_anything's view(B, qh, qw, kh, kw).
             bias = rel_h[:, :, start:stop, :, None] + rel_w[:, :, start:stop, None, :]
             mask = bias.flatten(3).to(q.dtype)

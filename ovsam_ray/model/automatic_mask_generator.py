@@ -160,13 +160,13 @@ class OVSAMAutomaticMaskGenerator:
         self.predictor = predictor
         self.points_per_side = points_per_side
         self.points_per_batch = points_per_batch
-        self.quality = {
+        self.quality: dict[str, Any] = {
             "min_area": min_mask_area,
             "stability_thresh": stability_score_thresh,
             "stability_offset": stability_score_offset,
             "score_thresh": score_thresh,
         }
-        self.duplicates = {
+        self.duplicates: dict[str, Any] = {
             "nms_iou": mask_nms_thresh,
             "dedup_iou": dedup_iou,
             "dedup_containment": dedup_containment,
@@ -204,7 +204,7 @@ class OVSAMAutomaticMaskGenerator:
         """
         out = self.predict(image)
         pred = out.prediction
-        masks = pred.masks if pred.masks is not None else [_rle_to_mask(r) for r in pred.rles]
+        masks = pred.masks if pred.masks is not None else [_rle_to_mask(r) for r in pred.rles or []]
         areas = pred.mask_areas()
         return [
             {
@@ -224,7 +224,7 @@ class OVSAMAutomaticMaskGenerator:
 
 def _take(pred: ImagePrediction, idx: np.ndarray) -> ImagePrediction:
     """The predictions ``idx`` of ``pred``."""
-    values = {}
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(ImagePrediction):
         v = getattr(pred, f.name)
         values[f.name] = None if v is None else [v[i] for i in idx.tolist()] if f.name == "rles" else v[idx]
@@ -235,7 +235,7 @@ def _concat(preds: list[ImagePrediction]) -> ImagePrediction:
     """One prediction of all of ``preds`` (one image's batches), in order."""
     if len(preds) == 1:
         return preds[0]
-    values = {}
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(ImagePrediction):
         vs = [getattr(p, f.name) for p in preds]
         values[f.name] = None if vs[0] is None else sum(vs, []) if f.name == "rles" else np.concatenate(vs)

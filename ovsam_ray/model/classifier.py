@@ -26,6 +26,11 @@ class ClassifierOutput:
 
 
 class OpenVocabClassifier(nn.Module):
+    # Buffers registered in __init__.
+    text_embeddings: torch.Tensor
+    seen: torch.Tensor
+    excluded: torch.Tensor
+
     """Scores region and CLIP embeddings against a vocabulary.
 
     Args:

@@ -8,6 +8,8 @@ Both return stage outputs at strides 4/8/16/32 and embed regions with the CLIP i
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision.ops import roi_align
@@ -30,9 +32,10 @@ class ResNetCLIPBackbone(nn.Module):
 
     strides = (4, 8, 16, 32)
 
-    def __init__(self, *, visual: nn.Module) -> None:
+    def __init__(self, *, visual: Any) -> None:
         super().__init__()
-        self.visual = visual
+        # open_clip's visual tower: untyped, its submodules are read by name.
+        self.visual: Any = visual
         width = visual.conv3.out_channels
         self.channels = [width * 4, width * 8, width * 16, width * 32]
         self.roi_size = visual.image_size // 32 if isinstance(visual.image_size, int) else visual.image_size[0] // 32
@@ -61,7 +64,7 @@ class ResNetCLIPBackbone(nn.Module):
         feats: list[torch.Tensor],
         boxes: torch.Tensor,
         image_index: torch.Tensor,
-        mask_logits: torch.Tensor,
+        mask_logits: torch.Tensor | None,
     ) -> torch.Tensor:
         """CLIP embeddings (N, D) of (N, 4) XYXY boxes in input pixels on image ``image_index``."""
         if boxes.shape[0] == 0:
@@ -83,9 +86,10 @@ class ConvNeXtCLIPBackbone(nn.Module):
 
     strides = (4, 8, 16, 32)
 
-    def __init__(self, *, visual: nn.Module) -> None:
+    def __init__(self, *, visual: Any) -> None:
         super().__init__()
-        self.visual = visual
+        # open_clip's visual tower: untyped, its submodules are read by name.
+        self.visual: Any = visual
         trunk = visual.trunk
         self.channels = [stage.blocks[-1].mlp.fc2.out_features for stage in trunk.stages]
         head = visual.head
@@ -121,3 +125,7 @@ class ConvNeXtCLIPBackbone(nn.Module):
         pooled = mask_pool(feats[-1], mask_logits, image_index)
         x = self.visual.trunk.forward_head(pooled[:, :, None, None])
         return self.visual.head(x)
+
+
+# The two towers OV-SAM runs on (presets choose by the open_clip model's visual tower).
+CLIPBackbone = ResNetCLIPBackbone | ConvNeXtCLIPBackbone

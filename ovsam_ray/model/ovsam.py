@@ -18,6 +18,7 @@ from torch import nn
 
 from ovsam_ray.model import functional
 from ovsam_ray.model.clip2sam_recognizer import CLIP2SAMRecognizer
+from ovsam_ray.model.clip_backbone import CLIPBackbone
 from ovsam_ray.model.functional import mask_boxes_from_low_res
 from ovsam_ray.model.mask_decoder import MaskDecoder
 from ovsam_ray.model.sam2clip_adapter import SAM2CLIPAdapter
@@ -79,7 +80,7 @@ class OVSAM(nn.Module):
     def __init__(
         self,
         *,
-        backbone: nn.Module,
+        backbone: CLIPBackbone,
         adapter: SAM2CLIPAdapter,
         prompt_encoder: PromptEncoder,
         decoder: MaskDecoder,

@@ -95,6 +95,7 @@ class ImagePrediction:
         """(N,) int64 mask pixel counts, from ``areas`` or else counted on ``masks``."""
         if self.areas is not None:
             return self.areas
+        assert self.masks is not None, "a prediction has masks, areas or both"
         return self.masks.reshape(len(self.masks), -1).sum(axis=1, dtype=np.int64)
 
 
@@ -211,7 +212,7 @@ class OVSAMPredictor:
             raise ValueError("this predictor was built without a vocabulary: pass vocabulary=... to name labels")
         return [self.vocabulary.class_names[i] for i in prediction.labels.tolist()]
 
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.fast:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -229,7 +230,7 @@ class OVSAMPredictor:
         for i, image in enumerate(images):
             rgb = _as_rgb_tensor(image).to(self.device)
             own = (int(rgb.shape[0]), int(rgb.shape[1]))
-            orig = tuple(original_sizes[i]) if original_sizes is not None else own
+            orig = (original_sizes[i][0], original_sizes[i][1]) if original_sizes is not None else own
             target = resized_shape(*orig, size)
             if own == target:
                 resized = rgb
@@ -255,8 +256,12 @@ class OVSAMPredictor:
         for i, (p, orig, inp) in enumerate(zip(prompts, embedded.original_sizes, embedded.input_sizes)):
             b = clip_boxes(torch.as_tensor(np.asarray(p.boxes, np.float32)).reshape(-1, 4), *orig)
             pt = clip_points(torch.as_tensor(np.asarray(p.points, np.float32)).reshape(-1, 2), *orig)
-            pb = p.point_boxes
-            pb = torch.full((len(pt), 4), float("nan")) if pb is None else torch.as_tensor(np.asarray(pb, np.float32))
+            pb_given = p.point_boxes
+            pb = (
+                torch.full((len(pt), 4), float("nan"))
+                if pb_given is None
+                else torch.as_tensor(np.asarray(pb_given, np.float32))
+            )
             pb = pb.reshape(-1, 4)
             pb = torch.where(torch.isnan(pb), pb, clip_boxes(torch.nan_to_num(pb), *orig))
             b_in, pt_in, pb_in = scale_coords(b, orig, inp), scale_coords(pt, orig, inp), scale_coords(pb, orig, inp)
@@ -305,14 +310,15 @@ class OVSAMPredictor:
         for i, hw in enumerate(embedded.original_sizes):
             a, b = bounds[i], bounds[i + 1]
             areas, boxes, rles = _unpack_summary(summaries[i], b - a, hw, self.rle_on_device)
-            masks = full_masks[i].numpy() if full_masks else None
+            host_masks = full_masks[i].numpy() if full_masks else None
             fields = {name: v[a:b] for name, v in arrays.items()}
-            results.append(ImagePrediction(masks=masks, mask_boxes=boxes, areas=areas, rles=rles, **fields))
+            results.append(ImagePrediction(masks=host_masks, mask_boxes=boxes, areas=areas, rles=rles, **fields))
         return results
 
     def _decode_and_classify(self, embedded: EmbeddedImages, batch: PromptBatch) -> dict[str, torch.Tensor]:
         """Decoder and classifier outputs of every prompt, named as ``ImagePrediction``'s fields."""
         out = self._decode_chunked(embedded, batch)
+        assert out.clip_embeddings is not None and out.clip_valid is not None  # decoded with the CLIP branch
         if self.half_embeddings:
             out.region_embeddings = out.region_embeddings.half().float()
             out.clip_embeddings = out.clip_embeddings.half().float()

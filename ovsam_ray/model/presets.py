@@ -22,7 +22,7 @@ from torch import nn
 
 from ovsam_ray.errors import UnknownNameError
 from ovsam_ray.model.clip2sam_recognizer import CLIP2SAMRecognizer
-from ovsam_ray.model.clip_backbone import ConvNeXtCLIPBackbone, ResNetCLIPBackbone
+from ovsam_ray.model.clip_backbone import CLIPBackbone, ConvNeXtCLIPBackbone, ResNetCLIPBackbone
 from ovsam_ray.model.mask_decoder import MaskDecoder
 from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.model.sam2clip_adapter import SAM2CLIPAdapter
@@ -148,8 +148,11 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def get_preset(name: str) -> Preset:
-    """The record of preset ``name``; an unknown name raises UnknownPresetError listing the known ones."""
+def get_preset(name: str | Preset) -> Preset:
+    """The record of preset ``name`` (a record is returned as is: a caller that looked it up once
+    passes it on); an unknown name raises UnknownPresetError listing the known ones."""
+    if isinstance(name, Preset):
+        return name
     if name not in PRESETS:
         raise UnknownPresetError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
@@ -169,7 +172,7 @@ def _tiny_clip(cfg: dict[str, Any]) -> CLIP:
     return model
 
 
-def create_clip_model(preset: str, checkpoint: str | None = None) -> nn.Module:
+def create_clip_model(preset: str | Preset, checkpoint: str | None = None) -> nn.Module:
     """The open_clip model of ``preset``: random weights, or loaded by open_clip from a local
     file (an open_clip state dict or OpenAI's released file)."""
     arch = get_preset(preset).clip_arch
@@ -182,17 +185,17 @@ def create_clip_model(preset: str, checkpoint: str | None = None) -> nn.Module:
     return open_clip.create_model(arch, pretrained=checkpoint).eval()
 
 
-def clip_tokenizer(preset: str) -> Callable:
+def clip_tokenizer(preset: str | Preset) -> Callable:
     arch = get_preset(preset).clip_arch
     if isinstance(arch, dict):
         return open_clip.get_tokenizer("RN50", context_length=arch["text_cfg"]["context_length"])
     return open_clip.get_tokenizer(arch)
 
 
-def _build_ovsam(p: Preset, clip_model: nn.Module) -> OVSAM:
+def _build_ovsam(p: Preset, clip_model: Any) -> OVSAM:
     visual = clip_model.visual
     if hasattr(visual, "trunk"):
-        backbone: nn.Module = ConvNeXtCLIPBackbone(visual=visual)
+        backbone: CLIPBackbone = ConvNeXtCLIPBackbone(visual=visual)
     else:
         backbone = ResNetCLIPBackbone(visual=visual)
     backbone.lock()
@@ -234,8 +237,8 @@ def _build_ovsam(p: Preset, clip_model: nn.Module) -> OVSAM:
     )
 
 
-def build_ovsam(name: str, clip_model: nn.Module | None = None) -> OVSAM:
-    """Build preset ``name`` around ``clip_model`` (default: a random one of the preset's CLIP);
-    unknown names raise UnknownPresetError (a KeyError) listing the known presets."""
+def build_ovsam(name: str | Preset, clip_model: nn.Module | None = None) -> OVSAM:
+    """Build preset ``name`` (or its record) around ``clip_model`` (default: a random one of the
+    preset's CLIP); unknown names raise UnknownPresetError (a KeyError) listing the known presets."""
     preset = get_preset(name)
-    return _build_ovsam(preset, clip_model or create_clip_model(name))
+    return _build_ovsam(preset, clip_model or create_clip_model(preset))

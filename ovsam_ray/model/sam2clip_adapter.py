@@ -48,6 +48,8 @@ class SAM2CLIPAdapter(nn.Module):
         out_channels: neck width (256 = SAM's prompt embedding dim).
     """
 
+    pos_embed: torch.Tensor  # a buffer (registered in __init__)
+
     def __init__(
         self,
         *,

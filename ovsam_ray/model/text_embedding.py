@@ -10,6 +10,7 @@ Pure torch + open_clip: no file system, no logging.
 
 import unicodedata
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,8 +92,7 @@ def pad_synonyms(per_class: Sequence[Tensor], *, dim: int = 0) -> Tensor:
         return torch.zeros(0, 0, dim)
     shapes = {tuple(t.shape[1:]) for t in per_class}
     if any(t.dim() != 2 for t in per_class) or len(shapes) != 1:
-        shapes = [tuple(t.shape) for t in per_class]
-        raise ValueError(f"expected (S_i, D) tensors sharing one D, got shapes {shapes}")
+        raise ValueError(f"expected (S_i, D) tensors sharing one D, got shapes {[tuple(t.shape) for t in per_class]}")
     counts = [int(t.shape[0]) for t in per_class]
     return _gather_padded(torch.cat(list(per_class), dim=0), counts)
 
@@ -130,7 +130,7 @@ def _spliceable(name: str) -> bool:
     return "&" not in name and ";" not in name and name == " ".join(name.split()) and name == name.lower()
 
 
-def _splice_tokenizer(tokenizer: Tokenizer):
+def _splice_tokenizer(tokenizer: Tokenizer) -> Any:
     """open_clip's BPE ``SimpleTokenizer`` (whose ``encode`` maps a string to token ids without
     start/end tokens) behind ``tokenizer``, or None for any other tokenizer."""
     inner = getattr(tokenizer, "tokenizer", tokenizer)
@@ -173,7 +173,7 @@ def template_tokens(tokenizer: Tokenizer, names: Sequence[str], templates: Seque
 
 
 def _encode_chunk(
-    clip_model: nn.Module,
+    clip_model: Any,
     tokenizer: Tokenizer,
     names: Sequence[str],
     templates: Sequence[str],

@@ -74,11 +74,13 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.da
     image_size = None if cfg.baseline else get_preset(cfg.model.preset).image_size
     chunk = cfg.decode_chunk or (DECODE_CHUNK_NO_PIXELS if image_size is None else DECODE_CHUNK)
     # As bytes: a local file name need not be UTF-8, and Arrow strings must be.
-    ds = ray.data.from_items([{"url": encode_url(u)} for u in shard_urls], override_num_blocks=max(1, len(shard_urls)))
+    ds: ray.data.Dataset = ray.data.from_items(
+        [{"url": encode_url(u)} for u in shard_urls], override_num_blocks=max(1, len(shard_urls))
+    )
     # Reading is I/O and decoding light next to the model: half a CPU each keeps them schedulable
     # beside the actors on small machines (the actors hold their CPUs for the whole job).
     ds = ds.map_batches(
-        read_and_decode,
+        read_and_decode,  # type: ignore[arg-type]  # keyword-only arguments come from fn_kwargs, unseen by Ray's stubs
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.5,
@@ -136,7 +138,7 @@ def build_dataset(cfg: LabelConfig, shard_urls: list[str], text: dict) -> ray.da
     )
     # Parts of up to PART_ROWS images, whatever the model's batch: fewer tasks and files per image.
     return ds.map_batches(
-        write_parts,
+        write_parts,  # type: ignore[arg-type]  # keyword-only arguments come from fn_kwargs, unseen by Ray's stubs
         batch_size=max(PART_ROWS, cfg.batch_size),
         batch_format="pyarrow",
         num_cpus=0.25,

@@ -297,7 +297,7 @@ class DetectorStage:
         if keep_masks and spec != "sam3":
             raise ConfigError(f"keep_masks: detector:{spec} returns no masks of its own (detector:sam3 does)")
         concepts = {**(concepts or {}), **({"keep_masks": True} if keep_masks else {})}
-        extra = {
+        extra: dict[str, Any] = {
             "queries": queries,
             "objectness_threshold": objectness_threshold,
             "s3_endpoint": s3_endpoint,
@@ -308,7 +308,11 @@ class DetectorStage:
             spec, device=self.device, weights=weights, random_init=random_init, score_threshold=score_threshold, **extra
         )
         score_threshold = getattr(self.detector, "score_threshold", score_threshold)
-        self.post = {"score_threshold": score_threshold, "nms_iou": nms_iou, "max_per_image": max_per_image}
+        self.post: dict[str, Any] = {
+            "score_threshold": score_threshold,
+            "nms_iou": nms_iou,
+            "max_per_image": max_per_image,
+        }
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """DECODED rows in; the same rows plus ``det_boxes`` (flat XYXY, original pixels),

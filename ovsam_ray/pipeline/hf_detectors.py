@@ -321,7 +321,8 @@ class GroundingDinoDetector(_HFDetector):
         (query index, first token, end token))."""
         tok = self.tokenizer
         dot = tok.convert_tokens_to_ids(".")
-        chunks, ids, spans = [], [tok.cls_token_id], []
+        chunks, ids = [], [tok.cls_token_id]
+        spans: list[Any] = []
 
         def flush() -> None:
             if spans:
@@ -604,7 +605,7 @@ def load_hf_detector(
     max_concepts: int = DEFAULT_MAX_CONCEPTS,
     keep_masks: bool = False,
 ) -> _HFDetector:
-    common = {
+    common: dict[str, Any] = {
         "weights": weights,
         "device": device,
         "random_init": random_init,

@@ -20,7 +20,9 @@ import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+import pyarrow as pa
 
 from ovsam_ray import __version__, storage
 from ovsam_ray.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS
@@ -369,7 +371,7 @@ def _select_identity(cfg: LabelConfig) -> dict[str, Any]:
 
 def _run_record(cfg: LabelConfig, identity_model: dict, vocab: Any) -> RunRecord:
     m = cfg.model
-    identity = {
+    identity: dict[str, Any] = {
         "model": identity_model,
         "vocabulary": {"name": vocab.name, "sha256": vocab.sha256, "num_classes": vocab.num_classes},
         "class_embeddings": m.class_embeddings,
@@ -421,7 +423,7 @@ def _drive(cfg: LabelConfig, todo: list[str], text: dict, tracker: ShardTracker,
     try:
         for batch in build_dataset(cfg, todo, text).iter_batches(batch_size=None, batch_format="pyarrow"):
             lease.check()
-            for meta in batch.to_pylist():
+            for meta in cast(pa.Table, batch).to_pylist():  # batch_format="pyarrow"
                 tracker.add(meta)
             tracker.collect(wait=False)
     except Exception as e:

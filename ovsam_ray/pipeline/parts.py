@@ -19,6 +19,7 @@ still written last); a driver killed before a marker leaves parts that the next 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import time
@@ -148,7 +149,7 @@ def write_parts(batch: pa.Table, *, output: str, s3_endpoint: str | None = None)
         data = sink.getvalue().to_pybytes()
         with_storage_retries(
             f"write the part file {storage.redact(url)} of shard {storage.safe_for_log(shard)}",
-            lambda url=url, data=data: storage.atomic_write_bytes(url, data, s3_endpoint=s3_endpoint),
+            functools.partial(storage.atomic_write_bytes, url, data, s3_endpoint=s3_endpoint),
         )
         maybe_fail("part_written")
         meta.append(

@@ -81,8 +81,9 @@ class PromptSources:
 
     @classmethod
     def _parse_tiers(cls, spec: str) -> PromptSources:
-        parts = [cls.parse(p) if p.strip() else None for p in spec.split("+")]
-        if None in parts:
+        given = [cls.parse(p) if p.strip() else None for p in spec.split("+")]
+        parts = [p for p in given if p is not None]
+        if len(parts) < len(given):
             raise ConfigError(f"--prompts {spec!r}: A+B needs a source on each side of '+' (e.g. detector:owlv2+grid)")
         tiers = tuple(
             frozenset(k for k, on in (("shard", p.shard), ("detector", p.detector), ("grid", p.grid)) if on)
@@ -161,7 +162,10 @@ def image_prompt_set(
 def _combine(
     spec: dict[str, Any], sources: PromptSources, *, width: int, height: int, grid_size: int
 ) -> ImagePromptSet:
-    boxes, scores, labels, masks = [], [], [], []
+    boxes: list[Any] = []
+    scores: list[Any] = []
+    labels: list[Any] = []
+    masks: list[Any] = []
     if sources.shard:
         boxes += spec.get("boxes") or []
         scores += spec.get("scores") or [None] * len(spec.get("boxes") or [])
@@ -227,7 +231,7 @@ def select_with_reason(
     big = pred.mask_areas() >= cfg.min_mask_area if len(types) else np.zeros(0, bool)
     keep = mask_quality(pred, is_grid, min_area=cfg.min_mask_area, stability_thresh=cfg.grid_stability)
     counts = {"area": int((~big).sum()), "stability": int((big & ~keep).sum())}
-    dedup = {
+    dedup: dict[str, Any] = {
         "dedup_iou": cfg.dedup_iou,
         "dedup_containment": cfg.dedup_containment,
         "dedup_class_aware": cfg.dedup_class_aware,

@@ -155,8 +155,9 @@ def _run_leased(cfg: RelabelConfig, lease: OutputLease, connect: Callable[[], No
     if todo:
         if connect is not None:
             connect()
-        ds = ray.data.from_items([{"shard": n} for n in todo], override_num_blocks=len(todo))
-        ds = ds.map(_relabel_shard, fn_kwargs={"cfg": cfg, "text_ref": ray.put(text), "topk": model_cfg.topk})
+        ds: ray.data.Dataset = ray.data.from_items([{"shard": n} for n in todo], override_num_blocks=len(todo))
+        # keyword-only arguments come from fn_kwargs, unseen by Ray's stubs
+        ds = ds.map(_relabel_shard, fn_kwargs={"cfg": cfg, "text_ref": ray.put(text), "topk": model_cfg.topk})  # type: ignore[arg-type]
         results = ds.take_all()
     lease.check()
     stats = write_run_stats(cfg.output, s3_endpoint=cfg.s3_endpoint)

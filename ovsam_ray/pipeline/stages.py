@@ -138,7 +138,7 @@ def read_and_decode(
 
 
 def _marker_table(name: str, kind: str, message: str, skipped: str) -> pa.Table:
-    row = {f.name: None for f in DECODED_SCHEMA}
+    row: dict[str, Any] = {f.name: None for f in DECODED_SCHEMA}
     row.update(
         key="",
         shard=name,
@@ -199,6 +199,7 @@ def _append_decoded(
         cols["error"].append(d.error or "unknown error")
         return
     image = d.image
+    assert image is not None and d.prompts is not None, "a decoded (ok) sample has an image and prompts"
     large = image.shape[0] * image.shape[1] > DEVICE_RESIZE_MAX_FACTOR * image_size**2 if image_size else False
     if image_size is not None and (resize_on_cpu or large):
         import torch  # only where pixels are resized: the other workers of the job never load torch
@@ -215,7 +216,11 @@ def _append_decoded(
     cols["in_h"].append(int(image.shape[0]))
     cols["in_w"].append(int(image.shape[1]))
     # a view, not bytes: Arrow copies the pixels once into the column
-    cols["image"].append(memoryview(np.ascontiguousarray(image)).cast("B") if image_size is not None else b"")
+    if image_size is not None:
+        # numpy's stubs make an ndarray a Buffer only from Python 3.12 on
+        cols["image"].append(memoryview(np.ascontiguousarray(image)).cast("B"))  # type: ignore[arg-type]
+    else:
+        cols["image"].append(b"")
     cols["boxes"].append(p.boxes.reshape(-1))
     cols["box_scores"].append(p.box_scores)
     cols["box_labels"].append(p.box_labels)

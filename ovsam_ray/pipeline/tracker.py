@@ -57,7 +57,8 @@ class ShardTracker:
         if shard["rows"] >= shard["total"] and not shard["submitted"]:
             maybe_fail("driver_before_commit")
             shard["submitted"] = True
-            ref = self.commit.remote(
+            # Ray's stubs type .remote() with the positional arguments only
+            ref = self.commit.remote(  # type: ignore[call-arg]
                 self.output,
                 name,
                 list(shard["parts"]),
@@ -141,14 +142,14 @@ def storage_error(e: BaseException) -> StorageUnavailableError | None:
     """The StorageUnavailableError behind a task's or Ray Data's wrapped exception, unwrapped
     (its message alone: the job's one-line reason), or None."""
     seen = set()
-    chain = e
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(e, StorageUnavailableError) and not isinstance(cause, StorageUnavailableError):
-            return StorageUnavailableError(str(e).splitlines()[-1] if "Traceback" in str(e) else str(e))
-        e = cause or e.__cause__ or e.__context__
-    return _storage_error_in_text(chain)
+    link: BaseException | None = e
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        cause = getattr(link, "cause", None)
+        if isinstance(link, StorageUnavailableError) and not isinstance(cause, StorageUnavailableError):
+            return StorageUnavailableError(str(link).splitlines()[-1] if "Traceback" in str(link) else str(link))
+        link = cause or link.__cause__ or link.__context__
+    return _storage_error_in_text(e)
 
 
 _STORAGE_ERROR = f"{StorageUnavailableError.__module__}.{StorageUnavailableError.__qualname__}: "

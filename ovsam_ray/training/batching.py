@@ -25,7 +25,8 @@ from ovsam_ray.model.ovsam import PromptBatch
 
 def pack_sample(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    named: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
+    np.savez(buf, **named)
     return buf.getvalue()
 
 

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ def render_crop_pool(
         j = int(rng.integers(len(names)))
         x0, y0, w, h = _crop_box(scene_masks[j], rng)
         box = (x0, y0, x0 + w, y0 + h)
-        images[i] = np.asarray(Image.fromarray(image).crop(box).resize((size, size), Image.BILINEAR))
+        images[i] = np.asarray(Image.fromarray(image).crop(box).resize((size, size), Image.Resampling.BILINEAR))
         crop_mask = Image.fromarray(scene_masks[j].astype(np.uint8) * 255).crop(box).resize((size, size))
         masks[i] = np.asarray(crop_mask) > 127
         kinds[i] = class_names.index(names[j])
@@ -218,7 +219,7 @@ def _train_steps(
     return step, first, last
 
 
-def _with_shape_head(clip_model: nn.Module, class_names: list[str]) -> tuple[nn.Module, nn.Module]:
+def _with_shape_head(clip_model: Any, class_names: list[str]) -> tuple[nn.Module, nn.Module]:
     """(the module both stage-0 parts train: CLIP + a linear shape head, the head). The head is
     dropped after its part."""
     shape_head = nn.Linear(int(clip_model.visual.output_dim), len(class_names))
@@ -226,7 +227,7 @@ def _with_shape_head(clip_model: nn.Module, class_names: list[str]) -> tuple[nn.
 
 
 def _result(
-    clip_model: nn.Module,
+    clip_model: Any,
     tokenizer: Callable,
     class_names: list[str],
     stage: str,
@@ -249,7 +250,7 @@ def _result(
 
 
 def pretrain_clip(
-    clip_model: nn.Module,
+    clip_model: Any,
     tokenizer: Callable,
     *,
     class_names: list[str],
@@ -362,7 +363,7 @@ def render_scene_batch(
 
 
 def pretrain_clip_regions(
-    clip_model: nn.Module,
+    clip_model: Any,
     tokenizer: Callable,
     *,
     class_names: list[str],
@@ -440,7 +441,7 @@ def pretrain_clip_regions(
 
 
 @torch.no_grad()
-def class_name_separation(clip_model: nn.Module, tokenizer: Callable, class_names: list[str]) -> float:
+def class_name_separation(clip_model: Any, tokenizer: Callable, class_names: list[str]) -> float:
     """Max cosine similarity between the template-averaged text embeddings of two classes."""
     from ovsam_ray.model.text_embedding import embed_class_names
 

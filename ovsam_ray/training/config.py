@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.classifier import RELEASED_LOGIT_SCALE
@@ -123,7 +123,7 @@ class OptimConfig:
     base_batch_size: int | None = 16
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        self.betas = cast(tuple[float, float], tuple(self.betas))
         self.no_decay = tuple(str(r) for r in self.no_decay)
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
         if not self.lr > 0:
@@ -409,7 +409,7 @@ class CotrainConfig:
             )
         if self.crop_tries < 1:
             raise ConfigError(f"crop_tries={self.crop_tries} must be >= 1 (1: the reference)")
-        self.lsj_range = tuple(float(r) for r in self.lsj_range)
+        self.lsj_range = cast(tuple[float, float], tuple(float(r) for r in self.lsj_range))
         if len(self.lsj_range) != 2 or not 0 < self.lsj_range[0] <= self.lsj_range[1]:
             raise ConfigError(f"lsj_range={self.lsj_range}: give (low, high) with 0 < low <= high, e.g. (0.9, 2.0)")
         if self.num_prompts < 1:

@@ -20,6 +20,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 from ovsam_ray import storage
 from ovsam_ray.data.shards import list_shards, shard_name
 from ovsam_ray.errors import ConfigError
+from ovsam_ray.model.ovsam import OVSAM
 from ovsam_ray.model.presets import get_preset
 from ovsam_ray.training.batching import collate_distill, unpack_sample
 from ovsam_ray.training.config import FEATURE_DTYPES, TEACHERS, DistillConfig
@@ -49,13 +51,12 @@ def _needs_online_teacher(cfg: DistillConfig) -> bool:
 POS_EMBED_KEYS = ("image_encoder.pos_embed", "pos_embed", "adapter.pos_embed")
 
 
-def _copy_pos_embed_from_file(model: torch.nn.Module, checkpoint: str, s3_endpoint: str | None) -> None:
+def _copy_pos_embed_from_file(model: OVSAM, checkpoint: str, s3_endpoint: str | None) -> None:
     """SAM's position embedding from a SAM checkpoint or any state dict holding one of
     ``POS_EMBED_KEYS``; an error naming the file when it has none or of another shape."""
     state = read_weights(checkpoint, s3_endpoint=s3_endpoint, what="sam").state_dict
     key = next((k for k in POS_EMBED_KEYS if k in state), None)
-    holder = torch.nn.Module()
-    holder.pos_embed = state[key] if key else None
+    holder = types.SimpleNamespace(pos_embed=state[key] if key else None)
     if not copy_teacher_pos_embed(model, holder):
         found = None if key is None else tuple(state[key].shape)
         raise ConfigError(
@@ -85,8 +86,8 @@ def distill_setup(cfg: DistillConfig, runtime: Runtime) -> StageSetup:
                 f"the {cfg.teacher} teacher's pos_embed does not fit the {cfg.model.preset} adapter "
                 f"{tuple(model.adapter.pos_embed.shape)}: distil with the teacher of the preset"
             )
-    elif cfg.teacher_checkpoint or cfg.teacher_pos_embed:
-        _copy_pos_embed_from_file(model, cfg.teacher_pos_embed or cfg.teacher_checkpoint, cfg.run.s3_endpoint)
+    elif source := cfg.teacher_pos_embed or cfg.teacher_checkpoint:
+        _copy_pos_embed_from_file(model, source, cfg.run.s3_endpoint)
     elif "sam2clip" not in files and cfg.teacher != "random_tiny":
         raise ConfigError(
             "precomputed teacher features without --teacher-checkpoint, --teacher-pos-embed or a "
@@ -258,9 +259,9 @@ def dump_teacher(cfg: DumpTeacherConfig) -> dict[str, int]:
     if not ray.is_initialized():
         ray.init()
     shards = list_shards(cfg.shards, s3_endpoint=cfg.s3_endpoint)
-    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    ds: ray.data.Dataset = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ds = ds.map(
-        TeacherShardWriter, fn_constructor_args=(cfg,), concurrency=cfg.concurrency, num_gpus=1 if cfg.use_gpu else 0
+        TeacherShardWriter,  # type: ignore[arg-type]  # a callable class, its arguments from fn_constructor_args fn_constructor_args=(cfg,), concurrency=cfg.concurrency, num_gpus=1 if cfg.use_gpu else 0
     )
     results = ds.take_all()
     written = sum(r["written"] for r in results)

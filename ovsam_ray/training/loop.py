@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -200,24 +200,27 @@ def train_loop(
 ) -> TrainState:
     """Optimise until ``run.max_steps``, the end of the data or ``should_stop()`` (all workers
     agree on each). ``report(metrics, checkpoint)`` is called on every worker at the same steps."""
+    max_steps = run.max_steps
+    assert max_steps is not None, "max_steps is resolved before a run starts (recipes.resolve_steps)"
     batches = row_batches(rows, run.batch_size, min_item=state.resume_item)
     params = [p for p in net.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
     steps_since, images_since, last_item, t0 = 0, 0, state.resume_item - 1, time.perf_counter()
     last_checkpoint = state.step
-    while state.step < run.max_steps:
+    while state.step < max_steps:
         micro = [next(batches, None) for _ in range(run.grad_accum)]
         go = all(m is not None for m in micro) and not (should_stop and should_stop())
         if runtime.all_reduce([float(go)], "min")[0] < 1:
             break
         optimizer.zero_grad(set_to_none=True)
-        for i, (samples, top) in enumerate(micro):
+        for i, (samples, top) in enumerate(m for m in micro if m is not None):
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+            no_sync = getattr(net, "no_sync", None)  # DistributedDataParallel's
+            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
             with sync:
                 with runtime.autocast():
                     terms, images = task.losses(samples, state.step, i)
-                (sum(terms.values()) / len(micro)).backward()
+                (cast(torch.Tensor, sum(terms.values())) / len(micro)).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
             images_since += images
@@ -229,7 +232,7 @@ def train_loop(
         scheduler.step()
         state.step += 1
         steps_since += 1
-        checkpoint = state.step % run.checkpoint_every == 0 or state.step == run.max_steps
+        checkpoint = state.step % run.checkpoint_every == 0 or state.step == max_steps
         if checkpoint or state.step % run.log_every == 0:
             metrics = _metrics(sums, steps_since, images_since, time.perf_counter() - t0, optimizer, runtime)
             state.images_seen += int(metrics["images"])

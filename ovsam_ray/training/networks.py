@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import torch
 from segment_anything.modeling.image_encoder import ImageEncoderViT
@@ -134,7 +135,7 @@ def build_sam_teacher(
     return encoder.eval()
 
 
-def copy_teacher_pos_embed(model: OVSAM, teacher: nn.Module) -> bool:
+def copy_teacher_pos_embed(model: OVSAM, teacher: object) -> bool:
     """Copy SAM's ``image_encoder.pos_embed`` into ``adapter.pos_embed`` (a buffer) when the
     shapes match (as the reference distillation does); returns whether it was copied."""
     source = getattr(teacher, "pos_embed", None)
@@ -162,6 +163,8 @@ class CotrainNet(nn.Module):
     text_embeddings: (C, S, D) the training vocabulary; log_scale: the classifier temperature
     (log), a parameter that trains only when ``learn_logit_scale``.
     """
+
+    text_embeddings: torch.Tensor  # a buffer (registered in __init__)
 
     def __init__(
         self,
@@ -228,7 +231,8 @@ class DistillNet(nn.Module):
         return self.model.adapter(clip_feats)
 
 
-def unwrap(net: nn.Module) -> nn.Module:
+def unwrap(net: nn.Module) -> Any:
+    """The Cotrain/DistillNet inside ``net`` (a DistributedDataParallel wrapper or the net itself)."""
     return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
 

@@ -80,7 +80,7 @@ def random_points_in_masks(masks: np.ndarray, instance: np.ndarray, rng: np.rand
     """One random (x, y) pixel inside ``masks[i]`` for each ``i`` in ``instance`` -> (P, 2) float32.
     An empty mask gives its (0, 0)."""
     points = np.zeros((len(instance), 2), np.float32)
-    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    cache: dict[int, tuple[np.ndarray, ...]] = {}
     for j, i in enumerate(instance):
         if int(i) not in cache:
             cache[int(i)] = np.nonzero(masks[i])
@@ -108,9 +108,9 @@ def sample_prompts(
         return empty_prompts()
     is_point = prompt_kinds(len(instance)) if points else np.zeros(len(instance), bool)
     boxes = boxes_from_binary_masks(masks)[instance]
-    points = np.zeros((len(instance), 2), np.float32)
-    points[is_point] = random_points_in_masks(masks, instance[is_point], rng)
-    return PromptSample(instance, is_point, boxes.astype(np.float32), points)
+    point_xy = np.zeros((len(instance), 2), np.float32)
+    point_xy[is_point] = random_points_in_masks(masks, instance[is_point], rng)
+    return PromptSample(instance, is_point, boxes.astype(np.float32), point_xy)
 
 
 def whole_image_prompt(height: int, width: int) -> PromptSample:

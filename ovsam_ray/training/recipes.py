@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -234,7 +234,10 @@ def _images_with_trained_classes(
     return kept
 
 
-def resolve_steps(cfg: CotrainConfig | DistillConfig) -> CotrainConfig | DistillConfig:
+_Stage = TypeVar("_Stage", bound=CotrainConfig | DistillConfig)
+
+
+def resolve_steps(cfg: _Stage) -> _Stage:
     """``cfg`` with ``run.max_steps`` set: as given, else ``epochs x ceil(epoch_images / global
     batch)`` (``epoch_images`` given, else counted by ``dataset_images`` over the datasets, after
     co-training's class filter)."""

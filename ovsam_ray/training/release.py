@@ -88,6 +88,7 @@ def export_checkpoint(
             cfg.model, stage=stage, seed=cfg.run.seed, s3_endpoint=s3_endpoint or cfg.run.s3_endpoint
         )
         meta = {"stage": stage, "step": int(state["step"]), "versions": state.get("versions", {}), "config": config}
+        net: CotrainNet | DistillNet
         if isinstance(cfg, CotrainConfig):
             net = CotrainNet(
                 model,

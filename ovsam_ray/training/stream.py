@@ -375,6 +375,7 @@ def _part_samples(part: dict[str, Any], number: int, s3_endpoint: str | None) ->
                 raw = {**raw, LABEL_ANNOTATIONS: labelled[raw["key"]]}
             teacher = None
             if pending is not None and pending[0] == raw.get("key"):
+                assert features is not None  # pending comes from it
                 teacher, pending = pending[1], next(features, None)
             yield number, index, raw, teacher
     except Exception as e:  # noqa: BLE001 - a bad shard must not stop training
@@ -408,6 +409,7 @@ def _rows_of_item(
             meta_json = json.loads(raw["json_bytes"]) if raw.get("json_bytes") else {}
         except ValueError:
             meta_json = {}
+        assert decoded.prompts is not None  # parsed for every decoded (ok) sample
         annotations = raw.get(LABEL_ANNOTATIONS, decoded.prompts.annotations)
         meta = _Meta(decoded.key, annotations, meta_json if isinstance(meta_json, dict) else {})
         # the part number joins the seed only after the first, so one-shard items keep their old draws
@@ -435,7 +437,9 @@ def iter_teacher_features(url: str, *, s3_endpoint: str | None = None) -> Iterat
         for member in tf:
             if not member.isfile() or not member.name.endswith(".npy"):
                 continue
-            data = tf.extractfile(member).read()
+            member_file = tf.extractfile(member)
+            assert member_file is not None  # a regular file
+            data = member_file.read()
             yield member.name[: -len(".npy")], np.load(_io.BytesIO(data), allow_pickle=False)
 
 

@@ -191,6 +191,7 @@ def worker_loop(stage: str, config: dict, setup_fn: Callable[[Any, Runtime], Sta
     setup = setup_fn(cfg, runtime)
     net = setup.net.to(runtime.device)
     optimizer = build_optimizer(net, setup.optim, run.global_batch)
+    assert run.max_steps is not None, "max_steps is resolved before a run starts (recipes.resolve_steps)"
     scheduler = build_scheduler(optimizer, setup.optim, run.max_steps)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -299,7 +300,8 @@ def fit(
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+            # Train v2's RunConfig at run time (RAY_TRAIN_V2_ENABLED); the stubs show Train v1's.
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,  # type: ignore[call-arg]
         ),
         datasets={"train": dataset_factory},
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
@@ -339,11 +341,13 @@ def run_local(
     setup = setup_fn(cfg, runtime)
     net = setup.net.to(device)
     optimizer = build_optimizer(net, setup.optim, run.global_batch)
+    max_steps = run.max_steps
+    assert max_steps is not None, "max_steps is resolved before a run starts (recipes.resolve_steps)"
 
     def progress(step: int) -> float:
-        return max(step / run.max_steps, budget.fraction() if time_budget_s else 0.0)
+        return max(step / max_steps, budget.fraction() if time_budget_s else 0.0)
 
-    scheduler = build_scheduler(optimizer, setup.optim, run.max_steps, progress)
+    scheduler = build_scheduler(optimizer, setup.optim, max_steps, progress)
     state = TrainState()
     found = latest_checkpoint(run.run_url)
     if found is not None:

@@ -290,10 +290,12 @@ def convert_part(state_dict: dict[str, torch.Tensor], part: Part) -> dict[str, t
 
 def export_part(model_state: dict[str, torch.Tensor], part: Part) -> dict[str, torch.Tensor]:
     """Model keys -> the released file layout for one part."""
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for key, value in model_state.items():
         if key.startswith(part.model_prefixes):
-            out[_rename(key, part.model_to_file)] = value.detach().cpu().contiguous()
+            name = _rename(key, part.model_to_file)
+            assert name is not None, f"{key}: the {part.name} rules rename every key under its prefixes"
+            out[name] = value.detach().cpu().contiguous()
     return out
 
 

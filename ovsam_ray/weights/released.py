@@ -21,7 +21,7 @@ from torch import nn
 
 from ovsam_ray.model.classifier import RELEASED_LOGIT_SCALE
 from ovsam_ray.model.ovsam import OVSAM
-from ovsam_ray.model.presets import build_ovsam, create_clip_model, get_preset
+from ovsam_ray.model.presets import Preset, build_ovsam, create_clip_model, get_preset
 from ovsam_ray.weights.files import (
     CLIP2SAM,
     PROMPT_ENCODER,
@@ -40,7 +40,7 @@ from ovsam_ray.weights.files import (
 log = logging.getLogger(__name__)
 
 
-def standard_file_names(preset: str, train_vocab: str = "coco") -> dict[str, list[str]]:
+def standard_file_names(preset: str | Preset, train_vocab: str = "coco") -> dict[str, list[str]]:
     """Candidate file names per part inside a weights location, first match wins."""
     p = get_preset(preset)
     short = p.short_name
@@ -58,32 +58,35 @@ def standard_file_names(preset: str, train_vocab: str = "coco") -> dict[str, lis
 
 
 def resolve_weights_dir(
-    location: str, preset: str, *, train_vocab: str = "coco", s3_endpoint: str | None = None
+    location: str, preset: str | Preset, *, train_vocab: str = "coco", s3_endpoint: str | None = None
 ) -> dict[str, str]:
     """Map each part to the first standard file present in ``location``; missing -> error."""
     names = standard_file_names(preset, train_vocab)
     found = find_files(location, names, s3_endpoint=s3_endpoint)
     missing = [f"{part}: one of {candidates}" for part, candidates in names.items() if part not in found]
     if missing:
-        raise WeightsError(f"weights location {location} lacks files for preset {preset}: " + "; ".join(missing))
+        name = preset.name if isinstance(preset, Preset) else preset
+        raise WeightsError(f"weights location {location} lacks files for preset {name}: " + "; ".join(missing))
     return found
 
 
-def weight_files(
-    preset: str,
+def resolve_files(
+    preset: str | Preset,
     *,
-    weights: str | None,
-    explicit: dict[str, str | None],
+    weights: str | None = None,
+    explicit: Mapping[str, str | None] | None = None,
     train_vocab: str = "coco",
     s3_endpoint: str | None = None,
     check_exists: bool = False,
 ) -> dict[str, str]:
-    """part -> file URL: the standard names found in ``weights`` (by listing), overridden by the
-    ``explicit`` files given. WeightsError for a part with no file (with ``check_exists``, also
-    for an explicit file that is not there: what a job checks before it starts)."""
+    """Part (``sam``, ``clip``, ``sam2clip``, ``clip2sam``) -> the one file to load it from: the
+    standard names found in ``weights`` (one listing), overridden by the ``explicit`` files given.
+    Every part must end up with a file (WeightsError otherwise); with ``check_exists``, an explicit
+    file that is not there is a WeightsError too (what a job checks before it starts)."""
     paths = resolve_weights_dir(weights, preset, train_vocab=train_vocab, s3_endpoint=s3_endpoint) if weights else {}
+    explicit = explicit or {}
     paths.update({k: v for k, v in explicit.items() if v})
-    lacking = [k for k in explicit if k not in paths]
+    lacking = [k for k in ("sam", "clip", "sam2clip", "clip2sam") if k not in paths]
     if lacking:
         raise WeightsError(f"no weights given for {lacking}: pass --weights DIR or the files, or --random-init")
     if check_exists:
@@ -95,13 +98,13 @@ def weight_files(
     return paths
 
 
-def load_clip(preset: str, url: str | None, *, s3_endpoint: str | None = None) -> tuple[nn.Module, str | None]:
+def load_clip(preset: str | Preset, url: str | None, *, s3_endpoint: str | None = None) -> tuple[nn.Module, str | None]:
     """(the open_clip model of ``preset``, the sha256 of its file): from ``url``, or random
     (sha None) without one. OpenAI's TorchScript archive and unloadable files are WeightsErrors."""
-    if url is None:
-        return create_clip_model(preset), None
-    path = local_path(url, s3_endpoint=s3_endpoint)
     p = get_preset(preset)
+    if url is None:
+        return create_clip_model(p), None
+    path = local_path(url, s3_endpoint=s3_endpoint)
     if is_torchscript_archive(path):
         raise WeightsError(
             f"{url} is OpenAI's TorchScript CLIP archive, which cannot load with weights_only=True. "
@@ -109,9 +112,9 @@ def load_clip(preset: str, url: str | None, *, s3_endpoint: str | None = None) -
             "(and use that file)"
         )
     try:
-        clip_model = create_clip_model(preset, checkpoint=path)
+        clip_model = create_clip_model(p, checkpoint=path)
     except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"cannot load CLIP weights {url} for {preset} ({p.clip_arch}): {e}") from e
+        raise WeightsError(f"cannot load CLIP weights {url} for {p.name} ({p.clip_arch}): {e}") from e
     return clip_model, file_sha256(path)
 
 
@@ -183,24 +186,23 @@ def load_ovsam(
     seed: int = 0,
 ) -> LoadedModel:
     """Build ``preset`` and load its weights: from ``weights`` (a location with the standard
-    names) and/or explicit files. For inference only ``prompt_encoder.*`` of the SAM file is used."""
+    names) and/or explicit files. For inference only ``prompt_encoder.*`` of the SAM file is used.
+
+    The preset is looked up once and the files resolved once (:func:`resolve_files`), before
+    anything is built; then the CLIP model and OV-SAM around it are built once and each file read once."""
+    p = get_preset(preset)
     if random_init:
         log.warning("=" * 72)
         log.warning("RANDOM INIT: %s runs with untrained weights; its labels are meaningless.", preset)
         log.warning("=" * 72)
         torch.manual_seed(seed)
-        clip_model = create_clip_model(preset)
-        return LoadedModel(preset, build_ovsam(preset, clip_model).eval(), clip_model, True, train_vocab=train_vocab)
+        clip_model = create_clip_model(p)
+        return LoadedModel(preset, build_ovsam(p, clip_model).eval(), clip_model, True, train_vocab=train_vocab)
 
-    paths = weight_files(
-        preset,
-        weights=weights,
-        explicit={"sam": sam, "clip": clip, "sam2clip": sam2clip, "clip2sam": clip2sam},
-        train_vocab=train_vocab,
-        s3_endpoint=s3_endpoint,
-    )
-    clip_model, clip_sha = load_clip(preset, paths["clip"], s3_endpoint=s3_endpoint)
-    model = build_ovsam(preset, clip_model)
+    explicit = {"sam": sam, "clip": clip, "sam2clip": sam2clip, "clip2sam": clip2sam}
+    paths = resolve_files(p, weights=weights, explicit=explicit, train_vocab=train_vocab, s3_endpoint=s3_endpoint)
+    clip_model, clip_sha = load_clip(p, paths["clip"], s3_endpoint=s3_endpoint)
+    model = build_ovsam(p, clip_model)
     parts, meta = load_parts(model, paths, s3_endpoint=s3_endpoint)
     files = {"clip": {"path": paths["clip"], "sha256": clip_sha}, **parts}
     return LoadedModel(preset, model.eval(), clip_model, False, files=files, meta=meta, train_vocab=train_vocab)
