@@ -83,7 +83,8 @@ def check_submitted_output(flag: str, value: str | None) -> None:
     job = submitted_job()
     if job is None or not value or is_remote(value) or value.startswith(("/", "~", "file:///")):
         return
-    runtime_env = job.get("runtime_env") if isinstance(job.get("runtime_env"), dict) else {}
+    runtime_env = job.get("runtime_env")
+    runtime_env = runtime_env if isinstance(runtime_env, dict) else {}
     where = "Ray's temporary copy of --working-dir" if runtime_env.get("working_dir") else "the job server's folder"
     raise ConfigError(
         f"{flag} {value}: a relative path in a job submitted with `ray job submit` would be written in {where} "

@@ -135,6 +135,7 @@ def _class_samples(
     summary: ConvertSummary,
 ) -> Iterator[Sample]:
     """One class's samples: its tar's images in tar order, else its folder's files (given sorted)."""
+    source: Iterator[tuple[str, Any]]
     if tar is not None:
         read = iter_shard_samples(tar, s3_endpoint=s3_endpoint)
         source = (((s["key"] or "").rsplit("/", 1)[-1], s) for s in read)

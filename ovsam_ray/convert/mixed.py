@@ -398,8 +398,9 @@ def _cap_units(units: list[Unit], limit: int | None) -> list[int | None]:
     left = max(limit, 0)
     for unit in units:
         n = unit.count if unit.count is not None else sum(1 for _ in unit.read(ConvertSummary()))
-        caps.append(min(n, left))
-        left -= caps[-1]
+        cap = min(n, left)
+        caps.append(cap)
+        left -= cap
     return caps
 
 
@@ -465,7 +466,7 @@ def _plan(
     exact = all(u.count is not None for u in units) or None not in caps
     if exact:
         counts = [c if c is not None else u.count for u, c in zip(units, caps)]
-        total = sum(counts)
+        total = sum(c or 0 for c in counts)
     else:
         total = _estimate_count([u for u, c in zip(units, caps) if c != 0])
     plan = {
@@ -533,7 +534,7 @@ def write_mixed(
     if exact:
         taken = [i for g in groups for i in g]
         counts = [caps[i] if caps[i] is not None else units[i].count for i in taken]
-        for i, b in zip(taken, _exact_buckets(counts, seed, images_per_shard)):
+        for i, b in zip(taken, _exact_buckets([c or 0 for c in counts], seed, images_per_shard)):
             buckets[i] = b
     log.info(
         "converting %d units in %d tasks into %d %s shards under %s",

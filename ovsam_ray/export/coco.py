@@ -61,8 +61,9 @@ def coco_image_ids(labels: str, *, s3_endpoint: str | None = None) -> str:
 
 def ok_rows(
     labels: str, columns: tuple[str, ...] | None, policy: str, s3_endpoint: str | None
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(integer image id, row) of every ``ok`` row; ids as :func:`coco_image_ids`' ``policy`` says."""
+) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    """(integer image id, row) of every ``ok`` row; ids as :func:`coco_image_ids`' ``policy`` says
+    (None: a source id that is not an integer)."""
     n = 0
     for row in iter_label_rows(labels, columns=columns, s3_endpoint=s3_endpoint):
         if row["status"] != "ok":

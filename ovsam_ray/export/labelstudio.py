@@ -190,7 +190,7 @@ def export_labelstudio(
     with writing(
         folder,
         "export labelstudio",
-        itertools.chain(own, _image_names(labels, exts) if with_images else []),
+        itertools.chain(own, _image_names(labels, exts) if with_images and exts is not None else []),
         overwrite=overwrite,
         s3_endpoint=s3_endpoint,
     ):

@@ -52,8 +52,8 @@ def join_shard(
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
     if corrections and any((s, k) in corrections for s, k in zip(table["shard"].to_pylist(), table["key"].to_pylist())):
-        rows = [apply_corrections(r, corrections.get((r["shard"], r["key"]))) for r in table.to_pylist()]
-        table = rows_to_table(rows)
+        corrected = [apply_corrections(r, corrections.get((r["shard"], r["key"]))) for r in table.to_pylist()]
+        table = rows_to_table(corrected)
     table = table.filter(pc.equal(table["status"], "ok"))
     index = {k: i for i, k in enumerate(table["key"].to_pylist())}
     rows: list[int] = []

@@ -47,7 +47,7 @@ def sa1b_record(
     ``image_id``: its integer id (default: the row's, when an integer); annotation ids count from
     ``first_id``."""
     width, height = int(row["width"]), int(row["height"])
-    anns = []
+    anns: list[dict[str, Any]] = []
     for inst in row["instances"] or []:
         if (inst.get("label_score") or 0.0) < min_score:
             continue

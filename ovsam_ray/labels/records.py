@@ -164,8 +164,9 @@ class InstanceColumns:
             return
         src = np.asarray(sources, dtype=object)[keep] if len(keep) else np.zeros(0, object)
         from_shard = src == "shard"
-        p["detector_label"].append(np.where(from_shard, None, labels).astype(object))
-        p["shard_label"].append(np.where(from_shard, labels, None).astype(object))
+        none = np.full(len(src), None, object)
+        p["detector_label"].append(np.where(from_shard, none, np.asarray(labels, object)))
+        p["shard_label"].append(np.where(from_shard, np.asarray(labels, object), none))
         p["source"].append(src)
 
     def to_arrow(self) -> pa.ListArray:
@@ -257,7 +258,10 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
     ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
     inter = iw * ih
-    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
+
+    def area(x: np.ndarray) -> np.ndarray:
+        return np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
+
     union = area(a) + area(b) - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0).astype(np.float32)
 

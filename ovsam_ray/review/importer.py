@@ -87,6 +87,7 @@ def read_labelstudio(data: Any) -> tuple[dict[tuple[str, str], list[ReviewedItem
         for r in done[-1].get("result") or []:
             value, kind = r.get("value") or {}, r.get("type")
             h, w = int(r.get("original_height") or 0), int(r.get("original_width") or 0)
+            mask: np.ndarray | None
             if kind == "brushlabels" and value.get("format") == "rle":
                 mask = brush_rle_to_mask(value["rle"], h, w)
             elif kind == "polygonlabels" and value.get("points"):
@@ -168,14 +169,14 @@ def match_image(
         used.add(n)
     out = []
     for i, inst in sorted(picked.items()):
-        item = matched.get(i)
-        if item is None:
+        found = matched.get(i)
+        if found is None:
             out.append({"kind": "deleted", "instance": i, "label": None, "mask": None, "mask_changed": None})
             continue
-        mask_changed = item.mask.shape != inst["mask"].shape or _iou(item.mask, inst["mask"]) < same_mask_iou
-        label = item.label if item.label is not None else inst.get("label")
+        mask_changed = found.mask.shape != inst["mask"].shape or _iou(found.mask, inst["mask"]) < same_mask_iou
+        label = found.label if found.label is not None else inst.get("label")
         kind = "relabelled" if label != inst.get("label") else "mask_edited" if mask_changed else "accepted"
-        out.append({"kind": kind, "instance": i, "label": label, "mask": item.mask, "mask_changed": mask_changed})
+        out.append({"kind": kind, "instance": i, "label": label, "mask": found.mask, "mask_changed": mask_changed})
     for n, item in enumerate(rest):
         if n not in used:
             out.append(

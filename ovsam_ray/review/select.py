@@ -230,7 +230,9 @@ def _write_tasks(
         urls = {}
     exts = ImageExts(cfg.input, cfg.shards, s3_endpoint=cfg.s3_endpoint)
     copier = ImageCopier(urls, storage.join(out, "images"), s3_endpoint=cfg.s3_endpoint) if cfg.with_images else None
-    ls_tasks, images, annotations = [], [], []
+    ls_tasks: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     categories = {name: n + 1 for n, name in enumerate(class_names)}
     shards = {s for s, _ in by_image}
     for row in iter_label_rows(cfg.input, s3_endpoint=cfg.s3_endpoint, shards=shards, corrections=False):
