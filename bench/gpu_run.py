@@ -26,6 +26,12 @@ is 1 when any check failed.
   train_cotrain  12 steps of ``train cotrain`` / ``train distill`` at ``ovsam_rn50x16`` (``--precision bf16``, batch 2
   train_distill  per GPU, Ray Train, one worker; distillation with a random ViT-H teacher): the
                  steady step time and the GPU-hours it projects for the paper's recipes
+  sam3           ``detector:sam3`` (``bench/sam3_cost.py --full``): the label job's ``Sam3Detector``
+                 at the published size (random weights, or ``--sam3-weights DIR``) on 4 images of
+                 1024x768, seconds per image at 1, 16 and 80 concepts (16 per call): the encoding's
+                 and each concept's seconds; the OV-SAM pool (``ovsam_rn50x16``) on the same images
+                 with SAM 3's boxes; and the GPU split rule between the two pools (each pool's
+                 share of the GPUs, actors per GPU and the label job's flags) at 1-100 concepts
 
 Only when named (``--stages env,train_precision``): ``train_precision``, fp32 against bf16 training
 (``bench/train_precision.py``: 300 steps of the tiny co-training each, same data and seed; loss
@@ -266,6 +272,21 @@ def _train(stage: str):
     return commands
 
 
+def _sam3(ctx: StageCtx) -> list[list[str]]:
+    """SAM 3 (``detector:sam3``) end to end at 1, 16 and 80 concepts and the OV-SAM pool on the
+    same images, then the split rule between the two pools (``bench/sam3_cost.py``)."""
+    if ctx.smoke:
+        size = ["--size", "tiny", "--device", "cpu", "--batch", "2", "--concepts", "1,4", "--concept-batch", "2"]
+        size += ["--repeats", "1", "--width", "160", "--height", "120", "--ovsam-preset", "ovsam_tiny"]
+        size += ["--ovsam-prompts", "20"]
+    else:
+        size = ["--device", "cuda", "--batch", "4", "--concepts", "1,16,80", "--concept-batch", "16"]
+        size += ["--repeats", "3", "--ovsam-preset", "ovsam_rn50x16"]
+    weights = ["--weights", ctx.sam3_weights] if ctx.sam3_weights else []
+    run = ["-m", "bench.sam3_cost", "--full", "--skip-flops", *size, *weights, "--out", ctx.path("sam3.json")]
+    return [_py(ctx, *run)]
+
+
 def _precision_compare(ctx: StageCtx) -> list[list[str]]:
     size = ["--steps", "4", "--device", "cpu", "--train-images", "40", "--eval-images", "8", "--log-every", "2"]
     gpu = ["--steps", "300", "--device", "cuda"]
@@ -290,7 +311,9 @@ def _precision_compare(ctx: StageCtx) -> list[list[str]]:
 # deadline caps each stage too, so time a stage leaves goes to the later ones, and a late stage
 # squeezed below a quarter of its cap is skipped and recorded. Expected use on an H200 (docs/DESIGN.md
 # Appendix A plus process and model start-up): 10 env, 150 perf, 40 pytest, 60 label
-# (text tokens ~7 s of one core now, ~40 s before), 75 + 75 training: ~410 s of the 560, ~150 s spare.
+# (text tokens ~7 s of one core now, ~40 s before), 75 + 75 training: ~410 s of the 560, ~150 s spare,
+# which sam3 uses last (published-size SAM 3 and OV-SAM built with random weights, then 3 x 3 timed
+# calls: an estimate of ~100 s, not a measurement).
 STAGES = [
     Stage("env", (25, 90), _env),
     Stage("perf", (200, 420), _perf),
@@ -298,6 +321,7 @@ STAGES = [
     Stage("label_in21k", (100, 600), _label),  # smoke: ~5 min of tiny text tower on 2 busy cores
     Stage("train_cotrain", (90, 240), _train("cotrain")),
     Stage("train_distill", (85, 240), _train("distill")),
+    Stage("sam3", (120, 300), _sam3),
 ]
 
 # Not in the default run (its budget would not fit): ``--stages env,train_precision`` compares fp32
@@ -441,6 +465,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (560 GPU / 1800 smoke)")
     p.add_argument("--started-at", type=float, default=None, help="epoch seconds the run began (gpu_run.sh passes it)")
     p.add_argument("--dry-run", action="store_true", help="only check every stage's arguments with the real parsers")
+    p.add_argument("--sam3-weights", default=None, help="sam3 stage: a SAM 3 save_pretrained folder (default: random)")
     return p.parse_args(argv)
 
 
@@ -453,7 +478,9 @@ def make_ctx(a: argparse.Namespace) -> StageCtx:
     env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # progress bars would fill the log
     if a.smoke:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return StageCtx(smoke=a.smoke, work=work, python=sys.executable, env=env, perf_modes=a.perf_modes)
+    return StageCtx(
+        smoke=a.smoke, work=work, python=sys.executable, env=env, perf_modes=a.perf_modes, sam3_weights=a.sam3_weights
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ class StageCtx:
     python: str
     env: dict[str, str]
     perf_modes: str = "c,d,a,b"
+    sam3_weights: str | None = None
 
     def path(self, name: str) -> str:
         return os.path.join(self.work, name)
@@ -297,7 +298,43 @@ def check_precision(ctx: StageCtx, log: str) -> Result:
     return checks, figures, r
 
 
+def check_sam3(ctx: StageCtx, log: str) -> Result:
+    r = _load(ctx.path("sam3.json"))
+    full, ovsam, split = r.get("full") or {}, r.get("ovsam") or {}, r.get("split") or {}
+    device = "cpu" if ctx.smoke else "cuda"
+    rows = split.get("rows") or []
+    checks = [
+        Check("on the GPU" if device == "cuda" else "on the CPU (smoke)", r["device"] == device, r["device"], device),
+        Check(
+            "SAM 3 timed at every concept count",
+            len(full.get("rows") or []) >= 2 and all(x["s_per_image"] for x in full["rows"]),
+            [x["concepts"] for x in full.get("rows") or []],
+        ),
+        Check("OV-SAM timed on the same images", bool(ovsam.get("s_per_image")), ovsam.get("s_per_image")),
+        Check(
+            "split rule printed",
+            bool(rows) and "GPU split between the SAM 3 and the OV-SAM pools" in log,
+            len(rows),
+        ),
+    ]
+    figures: dict[str, Any] = {
+        "SAM 3 encode s/img": full.get("t_image_s"),
+        "s/concept/img": full.get("t_concept_s"),
+        "OV-SAM s/img": min(ovsam["s_per_image"]) if ovsam.get("s_per_image") else None,
+    }
+    if "peak_gpu_mib" in full:
+        figures["SAM 3 peak MiB"] = full["peak_gpu_mib"]
+    for row in rows:
+        if row["concepts"] in (10, 80):
+            a = row["actors_per_gpu"]
+            figures[f"{row['concepts']} concepts: SAM 3 share (actors)"] = (
+                f"{row['sam3_share']} ({a['sam3']}:{a['ovsam']})"
+            )
+    return checks, figures, r
+
+
 CHECKS: dict[str, Callable[[StageCtx, str], Result]] = {
+    "sam3": check_sam3,
     "train_precision": check_precision,
     "env": check_env,
     "pytest_gpu": check_pytest,
@@ -337,6 +374,10 @@ def _validate(argv: list[str]) -> None:
     elif script == "bench.train_steps":
         if args[:1] != ["write-sam-encoder"] or "--out" not in args:
             raise ValueError("write-sam-encoder --kind K --out FILE")
+    elif script == "bench.sam3_cost":
+        from bench import sam3_cost
+
+        sam3_cost.parse_args(args)
     elif script == "bench.train_precision":
         from bench import train_precision
 

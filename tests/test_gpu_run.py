@@ -25,6 +25,12 @@ def test_every_stage_command_parses_at_gpu_and_smoke_sizes(tmp_path, capsys):
     ctx = gpu_run.make_ctx(gpu_run.parse_args(["--work", str(tmp_path), str(tmp_path / "out")]))
     label = gpu_run._label(ctx)[1]
     assert label[label.index("--vocab") + 1] == "in21k" and label[label.index("--preset") + 1] == "ovsam_rn50x16"
+    sam3 = gpu_run._sam3(ctx)[0]
+    assert sam3[sam3.index("--device") + 1] == "cuda" and sam3[sam3.index("--concepts") + 1] == "1,16,80"
+    assert "--size" not in sam3 and "--weights" not in sam3
+    weighted = gpu_run.make_ctx(gpu_run.parse_args(["--sam3-weights", "/w/sam3", str(tmp_path / "out")]))
+    sam3 = gpu_run._sam3(weighted)[0]
+    assert sam3[sam3.index("--weights") + 1] == "/w/sam3"
     distill = gpu_run._train("distill")(ctx)
     assert any("write-sam-encoder" in c for c in distill)
     steps = distill[-1]
@@ -108,7 +114,7 @@ def test_quick_smoke_runs_the_gpu_branches_on_the_cpu(tmp_path):
             "bench.gpu_run",
             "--smoke",
             "--stages",
-            "env,perf",
+            "env,perf,sam3",
             "--perf-modes",
             "c",
             "--work",
@@ -124,13 +130,20 @@ def test_quick_smoke_runs_the_gpu_branches_on_the_cpu(tmp_path):
     assert sorted(os.listdir(out)) == ["gpu_run.json", "gpu_run.log", "gpu_run.md"]
     r = json.loads((out / "gpu_run.json").read_text())
     assert r["ok"] and r["mode"] == "smoke" and r["random_init"] is True
-    assert list(r["stages"]) == ["env", "perf"] and r["stages"]["env"]["figures"]["torch"]
+    assert list(r["stages"]) == ["env", "perf", "sam3"] and r["stages"]["env"]["figures"]["torch"]
     env = r["stages"]["env"]["result"]["modules"]
     assert all(env[m]["ok"] for m in ("ray.data", "ray.train", "pydantic", "pyarrow", "ovsam_ray.pipeline.label_job"))
     perf = r["stages"]["perf"]["result"]
     c = perf["rows"]["c"]
     assert c["settings"]["fast"] and c["settings"]["rle_on_device"]
     assert c["fast_vs_fp32"]["ok"] and c["fast_vs_fp32"]["decoded"] == c["fast_vs_fp32"]["prompts"] > 0
+    sam3 = r["stages"]["sam3"]
+    assert [c["concepts"] for c in sam3["result"]["full"]["rows"]] == [1, 4]
+    assert sam3["result"]["ovsam"]["preset"] == "ovsam_tiny" and sam3["figures"]["OV-SAM s/img"] > 0
+    split = sam3["result"]["split"]["rows"]
+    assert [x["concepts"] for x in split] == [1, 10, 20, 80, 100] and all(0 < x["sam3_share"] < 1 for x in split)
+    assert "| stage |" in (out / "gpu_run.md").read_text() and "sam3 | ok" in (out / "gpu_run.md").read_text()
+    assert "GPU split between the SAM 3 and the OV-SAM pools" in (out / "gpu_run.log").read_text()
     assert proc.stdout.rstrip().splitlines()[-1].startswith("[gpu_run] ALL OK")
 
 
