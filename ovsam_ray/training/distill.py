@@ -261,7 +261,10 @@ def dump_teacher(cfg: DumpTeacherConfig) -> dict[str, int]:
     shards = list_shards(cfg.shards, s3_endpoint=cfg.s3_endpoint)
     ds: ray.data.Dataset = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ds = ds.map(
-        TeacherShardWriter,  # type: ignore[arg-type]  # a callable class, its arguments from fn_constructor_args fn_constructor_args=(cfg,), concurrency=cfg.concurrency, num_gpus=1 if cfg.use_gpu else 0
+        TeacherShardWriter,  # type: ignore[arg-type]  # a callable class, its arguments from fn_constructor_args
+        fn_constructor_args=(cfg,),
+        concurrency=cfg.concurrency,
+        num_gpus=1 if cfg.use_gpu else 0,
     )
     results = ds.take_all()
     written = sum(r["written"] for r in results)

@@ -1,7 +1,10 @@
 """Every exporter writes, from a label output of an earlier schema version, the very bytes it wrote
 when that output was new (``tests/golden/label_output_v*``, made by ``make_label_output.py``; the
 digests were taken then). The fixture is read, never regenerated: a reader of a newer schema must
-still read it as it was."""
+still read it as it was. A digest changes only with an exporter's output format, on purpose and
+named in CHANGELOG.md: since the fixture was made, Label Studio's config lists the whole vocabulary
+and its default image URL is Label Studio's local-files URL, SA-1B's ``image_id`` is an integer with
+its per-annotation fields, and a YOLO line keeps every part of a multi-part mask."""
 
 from __future__ import annotations
 

@@ -147,7 +147,6 @@ def test_cli_bad_prompts_or_detector_exit_2_one_line_nothing_written(
 
 
 def test_dry_run_new_output_prints_the_plan_writes_nothing_starts_no_ray(shards, tmp_path, capsys, monkeypatch) -> None:
-    import ray
 
     _no_ray(monkeypatch)
     out = tmp_path / "labels"
@@ -157,7 +156,7 @@ def test_dry_run_new_output_prints_the_plan_writes_nothing_starts_no_ray(shards,
     assert len(plan["shards"]["first"]) == 6 and plan["shards"]["first"][-1] == "... and 2 more"
     assert plan["output"]["state"] == "new" and plan["weights"] == "random init (untrained)"
     assert plan["config"]["model"]["preset"] == "ovsam_tiny" and plan["config"]["limit"] == 2
-    assert not out.exists() and not ray.is_initialized()
+    assert not out.exists()  # and ray.init was never called (_no_ray)
 
 
 def test_dry_run_refused_output_exit_2_and_the_folder_unchanged(shards, tmp_path, capsys, caplog) -> None:
