@@ -50,8 +50,11 @@ def test_review_loop_bench_end_to_end(tmp_path):
     assert r["import"]["corrections"]["accepted"] == 6 - r["uncertain"]["errors_found"]
     assert r["finetune"]["steps"] == 2 and r["finetune"]["images_seen"] == 4
     assert "corrections=only" in " ".join(r["finetune"]["flags"])
-    for when in ("before", "after"):
+    for when in ("before", "after", "after_seen"):
         box = r[when]["box"]
         assert box["objects_base"] + box["objects_novel"] > 0
+    # the default export keeps the held-out shapes the corrections trained unseen; "seen" keeps none
+    kept = r["finetune"]["kept_unseen"]
+    assert set(kept["unseen"]) <= {"pentagon", "cross"} and kept["seen"] == []
     assert os.path.isdir(tmp_path / "w" / "labels" / "_corrections")
     assert "per 100 reviewed" in proc.stdout

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, DistillConfig, ModelSpec, OptimConfig, RunSpec
+from ovsam_ray.training.label_space import CORRECTED_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,14 @@ class ExportRunConfig:
     include_clip: bool | None = field(
         default=None,
         metadata={"help": "copy the CLIP weights beside the export (default: unless the preset's CLIP is published)"},
+    )
+    corrected_classes: str = field(
+        default="unseen",
+        metadata={
+            "help": "a class only review corrections trained: 'unseen' keeps the training vocabulary's unseen flag "
+            "(inference fuses it mostly with CLIP, as before the fine-tune), 'seen' marks it seen (the head decides)",
+            "choices": CORRECTED_CLASSES,
+        },
     )
     overwrite: bool = field(
         default=False,

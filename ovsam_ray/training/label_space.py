@@ -15,6 +15,12 @@ class. The classes some dataset trains are the training vocabulary's ``seen`` cl
 (``seen_classes``, in the exported checkpoint's metadata), so inference fuses the others with the
 unseen-class weight. A label output (``DatasetSpec.corrections``) trains every class it names:
 its labels are a reviewer's (or the model's own), not a benchmark's protocol.
+
+A class that only label outputs train (a fine-tune on a reviewer's corrections, typically tens of
+examples of it) is not made seen by them: ``exported_seen_classes`` keeps it as the training
+vocabulary marks it (``corrected_classes="unseen"``, the default of ``train export``), so inference
+goes on fusing it with the unseen-class weight (mostly the CLIP branch) rather than trusting a head
+that saw it a few dozen times; ``corrected_classes="seen"`` marks every trained class seen.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from ovsam_ray.vocabulary import Vocabulary, clean_class_name, load_vocabulary
 # Keys an image-level JSON may carry its class in (ImageNet-22k style shards).
 IMAGE_LABEL_NAME_KEYS = ("category_name", "class_name", "label", "class", "synset")
 IMAGE_LABEL_ID_KEYS = ("category_id", "class_id", "label_id", "label", "cls")
+# How the export marks a class that only label outputs (corrections) train; see the module docstring.
+CORRECTED_CLASSES = ("unseen", "seen")
 
 
 def _names(name: str, synonyms: Sequence[str]) -> set[str]:
@@ -91,6 +99,24 @@ class LabelSpace:
     vocab: Vocabulary
     seen_classes: list[str]
     datasets: list[DatasetLabels]
+    # Trained classes that only label outputs train and the training vocabulary does not mark seen.
+    corrected_unseen: list[str] = field(default_factory=list)
+
+
+def exported_seen_classes(space: LabelSpace, corrected_classes: str = "unseen") -> list[str]:
+    """The seen classes an export records (inference fuses the others with the unseen-class
+    weight): every trained class with ``corrected_classes="seen"``; with ``"unseen"`` (the default)
+    less ``space.corrected_unseen``, the classes only corrections trained that the training
+    vocabulary did not mark seen."""
+    if corrected_classes not in CORRECTED_CLASSES:
+        raise ConfigError(
+            f"corrected_classes={corrected_classes!r}: use 'unseen' (classes only corrections trained stay "
+            "on the unseen-class fusion) or 'seen'"
+        )
+    if corrected_classes == "seen":
+        return list(space.seen_classes)
+    kept = set(space.corrected_unseen)
+    return [n for n in space.seen_classes if n not in kept]
 
 
 def _union(vocabs: list[Vocabulary]) -> Vocabulary:
@@ -137,15 +163,19 @@ def build_label_space(datasets: Sequence[DatasetSpec], train_vocab: str | None =
             train_index.setdefault(n, i)
 
     seen: set[int] = set()
+    by_corrections: set[int] = set()  # trained by a label output
+    by_others: set[int] = set()  # trained by any other dataset
     lookups = []
     for spec, dv in zip(datasets, dataset_vocabs):
         labels = DatasetLabels()
-        split = "all" if getattr(spec, "corrections", None) else spec.split  # a label output: every class
+        corrections = bool(getattr(spec, "corrections", None))
+        split = "all" if corrections else spec.split  # a label output: every class
         if dv is None:  # names resolve directly against the training vocabulary
             trained = set(_trained_classes(vocab, split))
             labels.by_name = {n: i for n, i in train_index.items() if i in trained}
             labels.known_names = set(train_index)
             seen.update(trained)
+            (by_corrections if corrections else by_others).update(trained)
         else:
             labels.known_names = set().union(*(_names(n, syn) for n, syn in zip(dv.class_names, dv.synonyms)))
             for k in _trained_classes(dv, split):
@@ -157,13 +187,15 @@ def build_label_space(datasets: Sequence[DatasetSpec], train_vocab: str | None =
                         labels.by_name.setdefault(n, hit)
                     labels.by_name.setdefault(clean_class_name(vocab.class_names[hit]), hit)
                     seen.add(hit)
+                    (by_corrections if corrections else by_others).add(hit)
         lookups.append(labels)
     for labels in lookups:  # a name the dataset's vocabulary lacks resolves against the trained classes
         for n, i in train_index.items():
             if i in seen and n not in labels.known_names:
                 labels.by_name.setdefault(n, i)
+    corrected_unseen = [vocab.class_names[i] for i in sorted(by_corrections - by_others) if not vocab.seen[i]]
     flags = tuple(i in seen for i in range(vocab.num_classes))
     excluded = tuple(e and not s for e, s in zip(vocab.excluded, flags))
     vocab = dataclasses.replace(vocab, seen=flags, excluded=excluded)
     seen_names = [vocab.class_names[i] for i in sorted(seen)]
-    return LabelSpace(vocab=vocab, seen_classes=seen_names, datasets=lookups)
+    return LabelSpace(vocab=vocab, seen_classes=seen_names, datasets=lookups, corrected_unseen=corrected_unseen)

@@ -5,11 +5,15 @@ trainable part and writes ``sam2clip_vith_<short>.pth``, ``clip2sam_<vocab>_<sho
 prompt encoder as ``sam_prompt_encoder_<short>.pth`` and, for a preset whose CLIP has no
 released weights or a CLIP that started random, the CLIP model. The clip2sam file's ``meta``
 carries the training vocabulary, the seen classes and the classifier's ``logit_scale``, which
-``load_ovsam`` / the label job read.
+``load_ovsam`` / the label job read. A class that only a label output's corrections trained is
+recorded unseen where the training vocabulary has it unseen (``corrected_classes="unseen"``, the
+default; ``"seen"``: every trained class), so inference keeps fusing it with the unseen-class
+weight (``training.label_space.exported_seen_classes``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,10 +23,10 @@ import tempfile
 import torch
 
 from ovsam_ray import storage
-from ovsam_ray.errors import MissingInputError
+from ovsam_ray.errors import ConfigError, MissingInputError
 from ovsam_ray.model.presets import get_preset
 from ovsam_ray.training.config import CotrainConfig
-from ovsam_ray.training.label_space import build_label_space
+from ovsam_ray.training.label_space import CORRECTED_CLASSES, build_label_space, exported_seen_classes
 from ovsam_ray.training.networks import CotrainNet, DistillNet, build_training_model
 from ovsam_ray.training.trainer import CONFIG_FILE, STATE_FILE, config_from_dict, latest_checkpoint, read_checkpoint
 from ovsam_ray.weights.released import export_released, standard_file_names
@@ -63,13 +67,17 @@ def export_checkpoint(
     *,
     train_vocab: str | None = None,
     include_clip: bool | None = None,
+    corrected_classes: str = "unseen",
     overwrite: bool = False,
     s3_endpoint: str | None = None,
 ) -> dict[str, str]:
     """Export the checkpoint at ``source`` (a run folder: its latest checkpoint; or one
     checkpoint folder) into ``output`` (a local folder). Returns part -> written path. A weight
     file already in ``output`` is refused unless an earlier export wrote it and ``overwrite``
-    (see :mod:`ovsam_ray.written`)."""
+    (see :mod:`ovsam_ray.written`). ``corrected_classes``: how a class that only corrections
+    trained is recorded (module docstring)."""
+    if corrected_classes not in CORRECTED_CLASSES:
+        raise ConfigError(f"corrected_classes={corrected_classes!r}: use one of {', '.join(CORRECTED_CLASSES)}")
     url = _checkpoint_url(source, s3_endpoint)
     with tempfile.TemporaryDirectory() as tmp:
         if storage.is_remote(url):
@@ -101,9 +109,13 @@ def export_checkpoint(
             )
             read_checkpoint(local, net=net)
             space = build_label_space(cfg.datasets, cfg.train_vocab)
+            seen = exported_seen_classes(space, corrected_classes)
+            kept_unseen = [n for n in space.seen_classes if n not in seen]
+            flags = tuple(n in seen for n in space.vocab.class_names)
             meta.update(
-                vocabulary=space.vocab.to_json(),
-                seen_classes=space.seen_classes,
+                vocabulary=dataclasses.replace(space.vocab, seen=flags).to_json(),
+                seen_classes=seen,
+                corrected_classes={"mode": corrected_classes, "kept_unseen": kept_unseen},
                 logit_scale=float(net.log_scale.detach()),
             )
             tag = train_vocab or vocab_file_tag(space.vocab.name)

@@ -87,6 +87,7 @@ WERE_HAND_WRITTEN = {
         ("--output", None),
         ("--train-vocab", None),
         (("--include-clip", "--no-include-clip"), None),
+        ("--corrected-classes", "unseen"),
         ("--overwrite", False),
         ("--s3-endpoint", None),
     ],

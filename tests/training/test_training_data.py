@@ -11,6 +11,7 @@ import torch
 from ovsam_ray import storage
 from ovsam_ray.data.rle import annotation_mask
 from ovsam_ray.data.synthetic import encode_image, generate_shards, tar_bytes
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.model.functional import preprocess_image
 from ovsam_ray.training.batching import (
     collate_cotrain,
@@ -21,7 +22,7 @@ from ovsam_ray.training.batching import (
 )
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, RunSpec
 from ovsam_ray.training.cotrain import sample_builder
-from ovsam_ray.training.label_space import build_label_space
+from ovsam_ray.training.label_space import build_label_space, exported_seen_classes
 from ovsam_ray.training.loop import row_batches
 from ovsam_ray.training.stream import dataset_items, iter_local_rows, work_items
 
@@ -95,6 +96,27 @@ def test_label_space_union_and_mapping(tmp_path):
     (tmp_path / "t.txt").write_text("star\ncircle\nhexagon\ntriangle\n")
     space = build_label_space(specs, str(tmp_path / "t.txt"))
     assert space.seen_classes == ["star", "circle", "hexagon"]
+
+
+def test_classes_only_corrections_train_stay_unseen_in_the_export(tmp_path):
+    vocab = tmp_path / "shapes.json"
+    classes = [{"name": n, "seen": i < 6} for i, n in enumerate(SHAPES)]
+    vocab.write_text(json.dumps({"name": "shapes", "classes": classes}))
+    replay = DatasetSpec(shards="replay", vocab=str(vocab))  # split=base: the six seen shapes
+    corrections = DatasetSpec(shards="labels", corrections="only")  # every class it names
+    space = build_label_space([replay, corrections], str(vocab))
+    assert space.seen_classes == SHAPES, "every class trains"
+    assert space.corrected_unseen == ["pentagon", "cross"]
+    assert exported_seen_classes(space) == SHAPES[:6], "default: corrections alone keep a class unseen"
+    assert exported_seen_classes(space, "seen") == SHAPES
+    # corrections only: the six the vocabulary marks seen stay seen, the two others unseen
+    alone = build_label_space([corrections], str(vocab))
+    assert alone.corrected_unseen == ["pentagon", "cross"] and exported_seen_classes(alone) == SHAPES[:6]
+    # a class another dataset trains is seen whatever the corrections do
+    everything = DatasetSpec(shards="all", vocab=str(vocab), split="all")
+    assert exported_seen_classes(build_label_space([everything, corrections], str(vocab))) == SHAPES
+    with pytest.raises(ConfigError, match="corrected_classes"):
+        exported_seen_classes(space, "maybe")
 
 
 def test_annotation_mask_polygon_rle_and_bad():

@@ -7,19 +7,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from ovsam_ray.data.synthetic import generate_shards
+from ovsam_ray.errors import ConfigError
 from ovsam_ray.inference import ModelConfig, build_predictor
 from ovsam_ray.model.classifier import OpenVocabClassifier
 from ovsam_ray.model.predictor import ImagePrompts, OVSAMPredictor
 from ovsam_ray.training.config import CotrainConfig, DatasetSpec, ModelSpec, OptimConfig, RunSpec
 from ovsam_ray.training.cotrain import cotrain_setup, sample_builder
 from ovsam_ray.training.release import export_checkpoint
-from ovsam_ray.training.trainer import latest_checkpoint, run_local
+from ovsam_ray.training.trainer import CONFIG_FILE, latest_checkpoint, run_local
 from ovsam_ray.weights.released import load_ovsam
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "ellipse", "pentagon", "cross"]
@@ -110,6 +112,37 @@ def test_cli_export_never_replaces_a_users_weight_file_and_replaces_its_own_with
     assert main(["train", "export", "--run", run, "--output", str(ours)]) == 0
     assert main(["train", "export", "--run", run, "--output", str(ours)]) == 2  # a finished export: --overwrite
     assert main(["train", "export", "--run", run, "--output", str(ours), "--overwrite"]) == 0
+
+
+def test_a_class_only_corrections_trained_is_exported_unseen_unless_asked(trained, tmp_path):
+    """A fine-tune whose datasets are replay shards (the six seen shapes) and a label output's
+    corrections (every shape): by default pentagon and cross stay unseen, so inference keeps
+    fusing them with the unseen-class weight; ``--corrected-classes seen`` marks them seen."""
+    from ovsam_ray.cli import main
+
+    found = latest_checkpoint(trained["cfg"].run.run_url)
+    assert found is not None
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(found[0], checkpoint)
+    config = json.loads((checkpoint / CONFIG_FILE).read_text())
+    vocab = config["datasets"][0]["vocab"]
+    labels = {**config["datasets"][0], "shards": str(tmp_path / "labels"), "vocab": None, "corrections": "only"}
+    config |= {"datasets": [config["datasets"][0], {**labels, "name": "labels"}], "train_vocab": vocab}
+    (checkpoint / CONFIG_FILE).write_text(json.dumps(config))
+    seen_flags = {}
+    for mode in ("unseen", "seen"):
+        out = tmp_path / mode
+        flags = [] if mode == "unseen" else ["--corrected-classes", "seen"]
+        assert main(["train", "export", "--run", str(checkpoint), "--output", str(out), *flags]) == 0
+        meta = torch.load(out / "clip2sam_shapes_tiny.pth", weights_only=True)["meta"]
+        assert meta["corrected_classes"]["mode"] == mode
+        _, vocab_, _ = build_predictor(ModelConfig(preset="ovsam_tiny", weights=str(out), train_vocab="shapes"))
+        seen_flags[mode] = dict(zip(vocab_.class_names, vocab_.seen))
+        assert meta["seen_classes"] == [n for n in SHAPES if seen_flags[mode][n]]
+    assert [n for n in SHAPES if not seen_flags["unseen"][n]] == list(HELD_OUT)
+    assert all(seen_flags["seen"].values())
+    with pytest.raises(ConfigError, match="corrected_classes"):
+        export_checkpoint(str(checkpoint), str(tmp_path / "x"), corrected_classes="maybe")
 
 
 def test_export_then_load_gives_the_in_memory_outputs(trained):
