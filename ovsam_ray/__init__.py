@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ovsam_ray.errors import ConfigError, OVSAMRayError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # name -> the module that defines it, imported on first access (PEP 562).
 _LAZY = {
