@@ -114,8 +114,8 @@ def run_demo(cfg: DemoConfig) -> int:
         "read the labels:\n"
         "  import pandas as pd; from pycocotools import mask as M\n"
         f"  df = pd.read_parquet('{labels_dir}')\n"
-        "  inst = df.instances[0][0]; m = M.decode({'size': list(inst['rle']['size']), "
-        "'counts': inst['rle']['counts']})"
+        "  row = df[df.instances.map(len) > 0].iloc[0]; inst = row.instances[0]\n"
+        "  m = M.decode({'size': list(inst['rle']['size']), 'counts': inst['rle']['counts']})"
     )
     print("=" * 72)
     return 0 if summary.images_error == 0 else 1

@@ -10,9 +10,15 @@ import pytest
 from ovsam_ray.demo import DemoConfig, run_demo
 
 
-def test_quick_demo_labels_the_held_out_images_and_writes_its_metrics(ray_local, tmp_path):
+def test_quick_demo_labels_the_held_out_images_and_writes_its_metrics(ray_local, tmp_path, capsys):
     work = tmp_path / "demo"
     assert run_demo(DemoConfig(work_dir=str(work), quick=True, num_images=4, images_per_shard=2)) == 0
+    # The snippet it prints to read the labels runs as printed.
+    out = capsys.readouterr().out
+    snippet = out.split("read the labels:\n", 1)[1].split("=" * 72, 1)[0]
+    namespace: dict = {}
+    exec("\n".join(line.strip() for line in snippet.strip().splitlines()), namespace)
+    assert namespace["m"].shape[:2] == tuple(namespace["inst"]["rle"]["size"])
     result = json.loads((work / "metrics.json").read_text())
     assert result["random_init"] is True
     assert result["counts"] == {"images": 4, "images_error": 0, "prompts_without_instance": 0}
