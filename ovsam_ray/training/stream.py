@@ -184,8 +184,39 @@ def box_instances(
     return np.stack(masks), np.asarray(out, np.int64)
 
 
+class _SampleBuilder:
+    """What both stages' sample builders share: called on a work item, they stream its rows
+    (``_rows_of_item``) through their own ``sample_row``."""
+
+    seed: int
+    shuffle_buffer: int
+    s3_endpoint: str | None
+    max_pixels: int
+
+    def sample_row(
+        self,
+        item: dict[str, Any],
+        part: dict[str, Any],
+        index: list[int],
+        image: np.ndarray,
+        meta: Any,
+        teacher: np.ndarray | None = None,
+    ) -> bytes | None:
+        raise NotImplementedError
+
+    def __call__(self, item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        yield from _rows_of_item(
+            item,
+            self.sample_row,
+            seed=self.seed,
+            buffer=self.shuffle_buffer,
+            s3_endpoint=self.s3_endpoint,
+            max_pixels=self.max_pixels,
+        )
+
+
 @dataclass
-class CotrainSamples:
+class CotrainSamples(_SampleBuilder):
     """Callable for ``Dataset.flat_map``: one work item -> co-training rows of its shards.
 
     Per dataset kind: ``segmentation`` — LSJ, box then point prompts (``prompt_kinds``), every loss;
@@ -206,16 +237,6 @@ class CotrainSamples:
     crop_tries: int = 1
     instance_selection: str = "first"
     shuffle_buffer: int = 1
-
-    def __call__(self, item: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        yield from _rows_of_item(
-            item,
-            self.sample_row,
-            seed=self.seed,
-            buffer=self.shuffle_buffer,
-            s3_endpoint=self.s3_endpoint,
-            max_pixels=self.max_pixels,
-        )
 
     def sample_row(
         self,
@@ -295,7 +316,7 @@ class CotrainSamples:
 
 
 @dataclass
-class DistillSamples:
+class DistillSamples(_SampleBuilder):
     """Callable for ``Dataset.flat_map``: one work item -> distillation rows (image resized and
     padded as at inference, plus the precomputed teacher features when its shard has them;
     ``teacher_dtype``: the dtype they must be stored in, None: any)."""
@@ -307,16 +328,6 @@ class DistillSamples:
     s3_endpoint: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     shuffle_buffer: int = 1
-
-    def __call__(self, item: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        yield from _rows_of_item(
-            item,
-            self.sample_row,
-            seed=self.seed,
-            buffer=self.shuffle_buffer,
-            s3_endpoint=self.s3_endpoint,
-            max_pixels=self.max_pixels,
-        )
 
     def sample_row(
         self,

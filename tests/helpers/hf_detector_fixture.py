@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import string
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 
@@ -194,3 +196,29 @@ def save_tiny_sam3(folder: str, *, image_size: int = 56, seed: int = 0) -> str:
     assert isinstance(tok, CLIPTokenizer)
     Sam3Processor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
     return folder
+
+
+# --- the detector stage's input and output, for tests of any detector ---------------------------
+
+
+def decoded_batch(images: list[np.ndarray], sizes: list[tuple[int, int]], status: list[str]) -> pa.Table:
+    """The DECODED columns the detector stage reads: resized images, original (width, height)."""
+    return pa.table(
+        {
+            "status": status,
+            "error": [None] * len(images),
+            "image": [im.tobytes() for im in images],
+            "in_h": pa.array([im.shape[0] for im in images], pa.int32()),
+            "in_w": pa.array([im.shape[1] for im in images], pa.int32()),
+            "width": pa.array([w for w, _ in sizes], pa.int32()),
+            "height": pa.array([h for _, h in sizes], pa.int32()),
+        }
+    )
+
+
+def noise(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def boxes_of(out: pa.Table, i: int) -> np.ndarray:
+    return np.asarray(out.column("det_boxes")[i].as_py(), np.float32).reshape(-1, 4)

@@ -9,14 +9,13 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as pds
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from hf_detector_fixture import save_tiny_grounding_dino, save_tiny_owlv2  # noqa: E402
+from hf_detector_fixture import boxes_of, decoded_batch, noise, save_tiny_grounding_dino, save_tiny_owlv2  # noqa: E402
 
 from ovsam_ray.data.rle import decode_rle  # noqa: E402
 from ovsam_ray.inference import ModelConfig  # noqa: E402
@@ -38,29 +37,6 @@ def owl_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def gd_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     # max_text_len 16: a handful of queries already needs several prompts
     return save_tiny_grounding_dino(str(tmp_path_factory.mktemp("gdino")), max_text_len=16)
-
-
-def decoded_batch(images: list[np.ndarray], sizes: list[tuple[int, int]], status: list[str]) -> pa.Table:
-    """The DECODED columns the detector stage reads: resized images, original (width, height)."""
-    return pa.table(
-        {
-            "status": status,
-            "error": [None] * len(images),
-            "image": [im.tobytes() for im in images],
-            "in_h": pa.array([im.shape[0] for im in images], pa.int32()),
-            "in_w": pa.array([im.shape[1] for im in images], pa.int32()),
-            "width": pa.array([w for w, _ in sizes], pa.int32()),
-            "height": pa.array([h for _, h in sizes], pa.int32()),
-        }
-    )
-
-
-def noise(h: int, w: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def boxes_of(out: pa.Table, i: int) -> np.ndarray:
-    return np.asarray(out.column("det_boxes")[i].as_py(), np.float32).reshape(-1, 4)
 
 
 def test_owlv2_stage_objectness_boxes_in_original_pixels(owl_dir):

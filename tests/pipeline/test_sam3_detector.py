@@ -9,14 +9,13 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as pds
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from hf_detector_fixture import save_tiny_sam3  # noqa: E402
+from hf_detector_fixture import boxes_of, decoded_batch, noise, save_tiny_sam3  # noqa: E402
 
 from ovsam_ray.data.rle import decode_rle  # noqa: E402
 from ovsam_ray.errors import ConfigError  # noqa: E402
@@ -34,29 +33,6 @@ CONCEPTS = ["cat", "dog", "traffic light", "zebra", "kite"]
 @pytest.fixture(scope="session")
 def sam3_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return save_tiny_sam3(str(tmp_path_factory.mktemp("sam3")))
-
-
-def decoded_batch(images: list[np.ndarray], sizes: list[tuple[int, int]], status: list[str]) -> pa.Table:
-    """The DECODED columns the detector stage reads: resized images, original (width, height)."""
-    return pa.table(
-        {
-            "status": status,
-            "error": [None] * len(images),
-            "image": [im.tobytes() for im in images],
-            "in_h": pa.array([im.shape[0] for im in images], pa.int32()),
-            "in_w": pa.array([im.shape[1] for im in images], pa.int32()),
-            "width": pa.array([w for w, _ in sizes], pa.int32()),
-            "height": pa.array([h for _, h in sizes], pa.int32()),
-        }
-    )
-
-
-def noise(h: int, w: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def boxes_of(out: pa.Table, i: int) -> np.ndarray:
-    return np.asarray(out.column("det_boxes")[i].as_py(), np.float32).reshape(-1, 4)
 
 
 class ScriptedModel:
